@@ -1,0 +1,19 @@
+//! hotfleet's contracts: the gRPC services between CLI, coordinator and agents
+//! (`hotfleet/v1/*.proto`), and the messages of the local agent <-> runtime
+//! protocol, which travel as length-prefixed proto3 JSON (see [`local`]).
+
+pub mod local;
+
+/// Generated code for package `hotfleet.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/hotfleet.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/hotfleet.v1.serde.rs"));
+}
+
+/// Encoded `FileDescriptorSet` of every hotfleet proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hotfleet_descriptor.bin"));
+
+/// Version of the local runtime protocol (`runtime.proto`). A runtime that says
+/// another version in its `hello` is refused with a clear error.
+pub const RUNTIME_PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# hotfleet's one test command: installs what the tests need when it is missing,
+# then runs every check CI runs: formatting, clippy, the Rust tests (unit,
+# loopback gRPC and process-level with real zone servers) and the Python suites
+# on every CPython 3.9-3.13 this machine has.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# ---- Pythons -----------------------------------------------------------------
+# Every CPython 3.9-3.13 found (pyenv installs first, then the PATH), deduplicated.
+PYTHONS=()
+declare -A seen=()
+for v in 3.9 3.10 3.11 3.12 3.13; do
+  for cand in /root/.pyenv/versions/"$v".*/bin/python"$v" "$(command -v "python$v" 2>/dev/null || true)"; do
+    [ -x "$cand" ] || continue
+    "$cand" -c 'import sys' 2>/dev/null || continue
+    real=$(readlink -f "$cand")
+    [ -n "${seen[$real]:-}" ] && continue
+    seen[$real]=1
+    PYTHONS+=("$cand")
+    break
+  done
+done
+if [ ${#PYTHONS[@]} -eq 0 ]; then
+  echo "no CPython 3.9-3.13 found: install python3 (Debian: apt-get install python3 python3-venv)" >&2
+  exit 1
+fi
+# The interpreter the Rust process tests start zone servers with.
+export HOTFLEET_PYTHON=${HOTFLEET_PYTHON:-${PYTHONS[-1]}}
+
+step "installing Python test packages where missing"
+for py in "${PYTHONS[@]}"; do
+  if ! "$py" -c 'import pytest' 2>/dev/null; then
+    "$py" -m pip install --quiet --disable-pip-version-check 'pytest>=7' \
+      || "$py" -m pip install --quiet --disable-pip-version-check --break-system-packages 'pytest>=7'
+  fi
+done
+
+# ---- Rust --------------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "Rust tests"
+cargo build --workspace --bins --locked
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+# ---- Python ------------------------------------------------------------------
+for py in "${PYTHONS[@]}"; do
+  step "Python suites on $("$py" -c 'import platform; print(platform.python_version())')"
+  "$py" -m pytest -q -p no:cacheprovider runtime/python/tests
+  if [ -d examples/zone_server/tests ]; then
+    PYTHONPATH="$ROOT/runtime/python:$ROOT/examples/zone_server" \
+      "$py" -m pytest -q -p no:cacheprovider examples/zone_server/tests
+  fi
+done
+
+if [ -f bench/runtime_pause.py ]; then
+  step "runtime benchmark smoke run (figures: see README, full run is separate)"
+  "${PYTHONS[0]}" bench/runtime_pause.py --quick
+fi
+
+step "all checks passed"

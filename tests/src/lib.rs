@@ -1,0 +1,1 @@
+//! Shared harness for hotfleet process-level tests.
