@@ -1,0 +1,254 @@
+//! `hotfleet keygen` and `hotfleet patch build|sign|verify|show`: offline patch tooling.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Subcommand};
+use hotfleet_patch::{source_tree, Bundle, Limits, Manifest, SigningKeyFile, TrustedKeys, MANIFEST_FORMAT};
+use serde::Serialize;
+
+use crate::{
+    exit::{CliResult, Failure},
+    output::{print_json, Output},
+};
+
+#[derive(Debug, Subcommand)]
+pub enum PatchCommand {
+    /// Build a patch bundle from the changed modules of a source tree.
+    Build(Box<BuildArgs>),
+    /// Sign a bundle with an ed25519 key (made by `hotfleet keygen`).
+    Sign {
+        /// The bundle to sign (rewritten in place unless --out is given).
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check a bundle's structure, digests and signature against trusted keys.
+    Verify {
+        bundle: PathBuf,
+        /// Public key file or directory of *.pub files. Repeatable.
+        #[arg(long = "trusted-key", required = true)]
+        trusted_keys: Vec<PathBuf>,
+    },
+    /// Show a bundle's manifest.
+    Show {
+        bundle: PathBuf,
+        /// Also print each module's source.
+        #[arg(long)]
+        sources: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Source root holding the package directories (e.g. examples/zone_server).
+    #[arg(long)]
+    root: PathBuf,
+    /// Top-level package the patch may change. Repeatable.
+    #[arg(long = "package", required = true)]
+    packages: Vec<String>,
+    /// Ship the modules that differ from this older copy of the source root.
+    #[arg(long, conflicts_with_all = ["git", "modules"])]
+    base: Option<PathBuf>,
+    /// Ship the modules changed in this git range (FROM..TO, TO defaults to HEAD).
+    #[arg(long, conflicts_with_all = ["base", "modules"])]
+    git: Option<String>,
+    /// Ship exactly these modules. Repeatable.
+    #[arg(long = "module")]
+    modules: Vec<String>,
+    /// Build id of the game servers this patch targets.
+    #[arg(long)]
+    target_build: String,
+    /// Patch id this one builds on (patch stacks).
+    #[arg(long)]
+    parent: Option<String>,
+    #[arg(long, env = "HOTFLEET_AUTHOR")]
+    author: Option<String>,
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Sign with this key right away.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn keygen(dir: &Path, output: Output) -> CliResult {
+    let key = SigningKeyFile::generate().map_err(anyhow::Error::from)?;
+    let (secret, public) = key.write_pair(dir).map_err(Failure::refused)?;
+    let key_id = hotfleet_patch::key_id(&key.public());
+    if output == Output::Json {
+        print_json(&serde_json::json!({"secret_key": secret, "public_key": public, "key_id": key_id}));
+    } else {
+        println!("signing key  {} (keep it secret; owner-only)", secret.display());
+        println!("public key   {} (give it to agents and the coordinator: --trusted-key)", public.display());
+        println!("key id       {key_id}");
+    }
+    Ok(())
+}
+
+pub fn run(cmd: PatchCommand, output: Output) -> CliResult {
+    match cmd {
+        PatchCommand::Build(args) => build(*args, output),
+        PatchCommand::Sign { bundle, key, out } => sign(&bundle, &key, out.as_deref(), output),
+        PatchCommand::Verify { bundle, trusted_keys } => verify(&bundle, &trusted_keys, output),
+        PatchCommand::Show { bundle, sources } => show(&bundle, sources, output),
+    }
+}
+
+/// Reads and structurally checks a bundle file.
+pub fn read_bundle(path: &Path) -> Result<Bundle, Failure> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Bundle::decode(&bytes, &Limits::default())
+        .map_err(|err| Failure::refused(anyhow!(err).context(format!("{} is not a valid patch", path.display()))))
+}
+
+fn write_bundle(path: &Path, bundle: &Bundle) -> anyhow::Result<()> {
+    let tmp = path.with_extension("hfpatch.tmp");
+    fs::write(&tmp, bundle.encode()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn build(args: BuildArgs, output: Output) -> CliResult {
+    let picked = if let Some(base) = &args.base {
+        source_tree::changed_against_dir(&args.root, base, &args.packages)
+    } else if let Some(range) = &args.git {
+        source_tree::changed_in_git(&args.root, range, &args.packages)
+    } else if !args.modules.is_empty() {
+        source_tree::named(&args.root, &args.modules, &args.packages)
+    } else {
+        return Err(Failure::refused(anyhow!(
+            "say which modules to ship: --base OLD_DIR, --git FROM..TO or --module NAME"
+        )));
+    }
+    .map_err(Failure::refused)?;
+    for removed in &picked.removed {
+        eprintln!("warning: module {removed} was removed; a hot patch cannot delete a module, it stays loaded");
+    }
+    if picked.modules.is_empty() {
+        return Err(Failure::refused(anyhow!("no module changed: nothing to patch")));
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.to_string(),
+        target_build: args.target_build,
+        parent: args.parent,
+        packages: args.packages,
+        modules: vec![],
+        author: args.author.unwrap_or_else(default_author),
+        created_at: now_rfc3339(),
+        description: args.description,
+    };
+    let mut bundle = Bundle::create(manifest, picked.modules).map_err(Failure::refused)?;
+    if let Some(key) = &args.key {
+        bundle.sign(&SigningKeyFile::load(key).map_err(Failure::refused)?);
+    }
+    write_bundle(&args.out, &bundle)?;
+    if output == Output::Json {
+        print_json(&describe(&bundle, false));
+    } else {
+        println!("built {} -> {}", bundle.id(), args.out.display());
+        for entry in &bundle.manifest.modules {
+            println!("  {:<40} {} bytes", entry.name, entry.size);
+        }
+        if !bundle.is_signed() {
+            println!("unsigned: run `hotfleet patch sign {} --key KEY`", args.out.display());
+        }
+    }
+    Ok(())
+}
+
+fn sign(path: &Path, key: &Path, out: Option<&Path>, output: Output) -> CliResult {
+    let mut bundle = read_bundle(path)?;
+    let key = SigningKeyFile::load(key).map_err(Failure::refused)?;
+    bundle.sign(&key);
+    let target = out.unwrap_or(path);
+    write_bundle(target, &bundle)?;
+    if output == Output::Json {
+        print_json(&describe(&bundle, false));
+    } else {
+        println!("signed {} with key {} -> {}", bundle.id(), bundle.signer_id().unwrap_or_default(), target.display());
+    }
+    Ok(())
+}
+
+fn verify(path: &Path, trusted: &[PathBuf], output: Output) -> CliResult {
+    let bundle = read_bundle(path)?;
+    let trusted = TrustedKeys::load(trusted).map_err(Failure::refused)?;
+    bundle.verify(&trusted).map_err(Failure::refused)?;
+    if output == Output::Json {
+        print_json(&describe(&bundle, false));
+    } else {
+        println!("ok: patch {} signed by trusted key {}", bundle.id(), bundle.signer_id().unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn show(path: &Path, sources: bool, output: Output) -> CliResult {
+    let bundle = read_bundle(path)?;
+    let described = describe(&bundle, sources);
+    if output == Output::Json {
+        print_json(&described);
+        return Ok(());
+    }
+    let m = &bundle.manifest;
+    println!("patch        {}", described.id);
+    println!("target build {}", m.target_build);
+    println!("parent       {}", m.parent.as_deref().unwrap_or("(none)"));
+    println!("author       {}", m.author);
+    println!("created at   {}", m.created_at);
+    println!("signed by    {}", described.signer.as_deref().unwrap_or("(unsigned)"));
+    if !m.description.is_empty() {
+        println!("description  {}", m.description);
+    }
+    println!("modules:");
+    for entry in &m.modules {
+        println!("  {:<40} {:>8} bytes  sha256 {}", entry.name, entry.size, &entry.sha256[..16]);
+    }
+    if sources {
+        for (name, source) in &bundle.modules {
+            println!("\n# ---- {name}\n{source}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Described {
+    id: String,
+    signer: Option<String>,
+    manifest: Manifest,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sources: Option<std::collections::BTreeMap<String, String>>,
+}
+
+fn describe(bundle: &Bundle, sources: bool) -> Described {
+    Described {
+        id: bundle.id(),
+        signer: bundle.signer_id(),
+        manifest: bundle.manifest.clone(),
+        sources: sources.then(|| bundle.modules.iter().cloned().collect()),
+    }
+}
+
+fn default_author() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    if host.is_empty() {
+        user
+    } else {
+        format!("{user}@{host}")
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}

@@ -1,0 +1,116 @@
+//! Agent configuration: flags and environment, validated before anything starts.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+/// `hotfleet-agent`: serves the game processes of one host to the coordinator.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "hotfleet-agent", version, about)]
+pub struct AgentConfig {
+    /// Address the agent's gRPC service listens on (the coordinator calls it).
+    #[arg(long, env = "HOTFLEET_AGENT_LISTEN", default_value = "127.0.0.1:7701")]
+    pub listen: SocketAddr,
+
+    /// Address the coordinator should call back on (default: the bound listen address).
+    #[arg(long, env = "HOTFLEET_AGENT_ADVERTISE")]
+    pub advertise_addr: Option<String>,
+
+    /// Coordinator URL, e.g. http://127.0.0.1:7700. Without it the agent runs
+    /// standalone (useful for tests and local debugging).
+    #[arg(long, env = "HOTFLEET_COORDINATOR")]
+    pub coordinator: Option<String>,
+
+    /// This node's id (default: the host name).
+    #[arg(long, env = "HOTFLEET_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Labels the coordinator selects nodes by, e.g. --label region=eu --label zone=z1.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    /// Unix socket the game processes' runtimes connect to (owner-only permissions).
+    #[arg(long, env = "HOTFLEET_AGENT_SOCKET", default_value = "/run/hotfleet/agent.sock")]
+    pub runtime_socket: PathBuf,
+
+    /// Directory for the patch cache and the persisted fencing epoch.
+    #[arg(long, env = "HOTFLEET_AGENT_DATA_DIR", default_value = "/var/lib/hotfleet-agent")]
+    pub data_dir: PathBuf,
+
+    /// Public key file (or directory of *.pub files) whose signatures are trusted. Repeatable.
+    #[arg(long = "trusted-key", env = "HOTFLEET_TRUSTED_KEYS", value_delimiter = ',', required = true)]
+    pub trusted_keys: Vec<PathBuf>,
+
+    /// How long a prepared patch waits for commit or abort before the agent presumes abort.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub prepare_ttl: Duration,
+
+    /// Seconds between heartbeats to the coordinator.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// How long a runtime may take to answer a prepare/commit/rollback.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub runtime_timeout: Duration,
+}
+
+impl AgentConfig {
+    pub fn labels_map(&self) -> BTreeMap<String, String> {
+        self.labels.iter().cloned().collect()
+    }
+
+    pub fn resolved_node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "hotfleet-node".to_string())
+        })
+    }
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("label {text:?} must be KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("label {text:?} has an empty key"));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Parses `250ms`, `10s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(pos) => text.split_at(pos),
+        None => (text, "s"),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 10s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{text:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_labels_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+        assert_eq!(parse_label("region=eu"), Ok(("region".into(), "eu".into())));
+        assert!(parse_label("region").is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! hotfleet node agent: stands between the coordinator and the game processes
+//! of one host (or pod).
+//!
+//! - [`sessions`]: runtime sessions over the local Unix socket (one per game process);
+//! - [`participant`]: the agent's side of the two-phase commit: epoch fencing,
+//!   idempotent commands, prepared patches with a TTL (presumed abort);
+//! - [`patches`]: patch download from the coordinator, verification, on-disk cache by digest;
+//! - [`service`]: the gRPC `Agent` service (adapters only);
+//! - [`coordinator_link`]: registration and heartbeats;
+//! - [`server`]: wires it all together under one shutdown signal.
+
+pub mod config;
+pub mod coordinator_link;
+pub mod epoch;
+pub mod participant;
+pub mod patches;
+pub mod server;
+pub mod service;
+pub mod sessions;
+
+pub use config::AgentConfig;

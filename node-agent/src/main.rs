@@ -1,0 +1,46 @@
+//! `hotfleet-agent`: config -> bind -> serve until SIGINT/SIGTERM -> drain.
+
+use anyhow::Context;
+use clap::Parser;
+use hotfleet_agent::{server, AgentConfig};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_target(false)
+        .init();
+    let config = AgentConfig::parse();
+    let grpc = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is another agent running? use --listen)", config.listen))?;
+    let runtime = server::bind_runtime_socket(&config.runtime_socket).with_context(|| {
+        format!("cannot create the runtime socket {} (use --runtime-socket)", config.runtime_socket.display())
+    })?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    let socket_path = config.runtime_socket.clone();
+    let result = server::serve(config, grpc, runtime, shutdown).await;
+    let _ = std::fs::remove_file(&socket_path);
+    result.context("hotfleet-agent failed")
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,140 @@
+//! Wires the agent together: gRPC service (with reflection and the standard
+//! health service), the runtime socket, heartbeats, and the presumed-abort
+//! sweeper, all under one cancellation token.
+
+use std::{sync::Arc, time::Duration};
+
+use hotfleet_patch::TrustedKeys;
+use hotfleet_proto::v1::{agent_gateway_client::AgentGatewayClient, agent_server::AgentServer};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Server};
+
+use crate::{
+    coordinator_link,
+    epoch::EpochFence,
+    participant::{CoordinatorStacks, Participant},
+    patches::PatchSource,
+    service::{AgentService, NodeIdentity},
+    sessions::{self, Sessions},
+    AgentConfig,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Epoch(#[from] crate::epoch::EpochError),
+    #[error(transparent)]
+    Fetch(#[from] crate::patches::FetchError),
+    #[error(transparent)]
+    Keys(#[from] hotfleet_patch::PatchError),
+    #[error("no trusted keys: pass --trusted-key with the public key patches are signed with")]
+    NoTrustedKeys,
+    #[error("coordinator address {addr:?} is invalid: {reason}")]
+    BadCoordinator { addr: String, reason: String },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn serve(
+    config: AgentConfig,
+    grpc_listener: TcpListener,
+    runtime_listener: UnixListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let trusted = TrustedKeys::load(&config.trusted_keys)?;
+    if trusted.is_empty() {
+        return Err(ServeError::NoTrustedKeys);
+    }
+    let node_id = config.resolved_node_id();
+    let advertise_addr = match &config.advertise_addr {
+        Some(addr) => addr.clone(),
+        None => grpc_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+    };
+    let gateway = config.coordinator.as_deref().map(coordinator_client).transpose()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| crate::patches::FetchError::Cache { path: config.data_dir.clone(), source })?;
+    let fence = EpochFence::load(&config.data_dir)?;
+    let patches = PatchSource::new(&config.data_dir, trusted.clone(), gateway.clone())?;
+    let sessions = Sessions::default();
+    let participant = Arc::new(Participant::new(
+        node_id.clone(),
+        sessions.clone(),
+        patches.clone(),
+        fence,
+        config.runtime_timeout,
+        config.prepare_ttl,
+    ));
+    let identity = NodeIdentity { node_id: node_id.clone(), labels: config.labels_map(), advertise_addr };
+    tracing::info!(node = %node_id, grpc = %identity.advertise_addr, socket = %config.runtime_socket.display(), trusted_keys = ?trusted.ids(), "hotfleet-agent serving");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(sessions::serve(
+        runtime_listener,
+        sessions,
+        node_id,
+        Arc::new(CoordinatorStacks { patches }),
+        shutdown.clone(),
+    ));
+    if let Some(client) = gateway {
+        tasks.spawn(coordinator_link::run(
+            client,
+            participant.clone(),
+            identity.clone(),
+            config.heartbeat_interval,
+            shutdown.clone(),
+        ));
+    } else {
+        tracing::warn!("no --coordinator given: running standalone (no registration, no patch downloads)");
+    }
+    let sweeper = participant.clone();
+    let sweep_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => sweeper.expire_prepared().await,
+                _ = sweep_shutdown.cancelled() => return,
+            }
+        }
+    });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AgentServer<AgentService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hotfleet_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hotfleet_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let result = Server::builder()
+        .timeout(Duration::from_secs(120))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AgentServer::new(AgentService::new(participant, identity)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    result.map_err(ServeError::from)
+}
+
+fn coordinator_client(addr: &str) -> Result<AgentGatewayClient<Channel>, ServeError> {
+    let bad = |reason: String| ServeError::BadCoordinator { addr: addr.to_string(), reason };
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let endpoint = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
+    let channel = endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy();
+    Ok(AgentGatewayClient::new(channel))
+}
+
+/// Binds the runtime socket (see [`sessions::bind_runtime_socket`]).
+pub fn bind_runtime_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    sessions::bind_runtime_socket(path)
+}
