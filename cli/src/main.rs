@@ -1,16 +1,17 @@
 //! `hotfleet`: the operator's CLI. Patch tooling works offline; every other
 //! command talks gRPC to the coordinator (`--coordinator` or
-//! `HOTFLEET_COORDINATOR`).
-//!
-//! Exit codes a runbook can branch on are in [`exit`].
+//! `HOTFLEET_COORDINATOR`). Exit codes a runbook can branch on are in [`exit`].
 
+mod client;
 mod exit;
+mod fleet_cmd;
 mod output;
 mod patch_cmd;
+mod rollout_cmd;
 
 use clap::{Parser, Subcommand};
 
-use crate::output::Output;
+use crate::{client::Target, exit::CliResult, output::Output};
 
 #[derive(Debug, Parser)]
 #[command(name = "hotfleet", version, about = "Hot-patch a live game server fleet", propagate_version = true)]
@@ -18,6 +19,8 @@ struct Cli {
     /// Output format of read commands.
     #[arg(long, global = true, value_enum, default_value = "text")]
     output: Output,
+    #[command(flatten)]
+    target: Target,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,18 +32,62 @@ enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
     },
-    /// Build, sign, verify and inspect patch bundles.
+    /// Build, sign, verify, inspect, push and list patch bundles.
     #[command(subcommand)]
     Patch(patch_cmd::PatchCommand),
+    /// Registered nodes and what they run.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// Start, follow and steer rollouts.
+    #[command(subcommand)]
+    Rollout(rollout_cmd::RolloutCommand),
+    /// Stop every rollout from starting a new step (rollbacks still run).
+    Freeze {
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a freeze.
+    Unfreeze,
+    /// The audit log of operator actions, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// Nodes with labels, processes, patch stacks and health.
+    List {
+        /// "all" or k=v[,k=v].
+        #[arg(long, default_value = "all")]
+        selector: String,
+    },
+}
+
+async fn dispatch(cli: Cli) -> CliResult {
+    let (target, output) = (&cli.target, cli.output);
+    match cli.command {
+        Command::Keygen { out } => patch_cmd::keygen(&out, output),
+        Command::Patch(cmd) => patch_cmd::run(cmd, target, output).await,
+        Command::Nodes(NodesCommand::List { selector }) => fleet_cmd::nodes_list(target, selector, output).await,
+        Command::Rollout(cmd) => rollout_cmd::run(target, cmd, output).await,
+        Command::Freeze { reason } => fleet_cmd::freeze(target, reason, output).await,
+        Command::Unfreeze => fleet_cmd::unfreeze(target, output).await,
+        Command::Audit { limit } => fleet_cmd::audit(target, limit, output).await,
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Keygen { out } => patch_cmd::keygen(&out, cli.output),
-        Command::Patch(cmd) => patch_cmd::run(cmd, cli.output),
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            std::process::exit(exit::FAILED);
+        }
     };
-    if let Err(failure) = result {
+    if let Err(failure) = runtime.block_on(dispatch(cli)) {
         std::process::exit(failure.report());
     }
 }

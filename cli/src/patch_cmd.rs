@@ -11,9 +11,11 @@ use hotfleet_patch::{source_tree, Bundle, Limits, Manifest, SigningKeyFile, Trus
 use serde::Serialize;
 
 use crate::{
+    client::{failure, Target},
     exit::{CliResult, Failure},
-    output::{print_json, Output},
+    output::{format_ms, print_json, Output},
 };
+use hotfleet_proto::v1::{ListPatchesRequest, PushPatchRequest};
 
 #[derive(Debug, Subcommand)]
 pub enum PatchCommand {
@@ -34,6 +36,14 @@ pub enum PatchCommand {
         /// Public key file or directory of *.pub files. Repeatable.
         #[arg(long = "trusted-key", required = true)]
         trusted_keys: Vec<PathBuf>,
+    },
+    /// Upload a signed bundle to the coordinator (verified there before it is stored).
+    Push { bundle: PathBuf },
+    /// Patches the coordinator holds.
+    List {
+        /// Only patches for this build.
+        #[arg(long, default_value = "")]
+        build: String,
     },
     /// Show a bundle's manifest.
     Show {
@@ -92,8 +102,10 @@ pub fn keygen(dir: &Path, output: Output) -> CliResult {
     Ok(())
 }
 
-pub fn run(cmd: PatchCommand, output: Output) -> CliResult {
+pub async fn run(cmd: PatchCommand, target: &Target, output: Output) -> CliResult {
     match cmd {
+        PatchCommand::Push { bundle } => push_file(target, &bundle, output, true).await.map(|_| ()),
+        PatchCommand::List { build } => list(target, build, output).await,
         PatchCommand::Build(args) => build(*args, output),
         PatchCommand::Sign { bundle, key, out } => sign(&bundle, &key, out.as_deref(), output),
         PatchCommand::Verify { bundle, trusted_keys } => verify(&bundle, &trusted_keys, output),
@@ -112,6 +124,50 @@ fn write_bundle(path: &Path, bundle: &Bundle) -> anyhow::Result<()> {
     let tmp = path.with_extension("hfpatch.tmp");
     fs::write(&tmp, bundle.encode()).with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Pushes a bundle file; returns its patch id.
+pub async fn push_file(target: &Target, path: &Path, output: Output, report: bool) -> Result<String, Failure> {
+    let bundle = read_bundle(path)?;
+    let mut client = target.connect().await?;
+    let response = client
+        .push_patch(target.request(PushPatchRequest { bundle: bundle.encode() }))
+        .await
+        .map_err(|s| failure(&format!("the coordinator refused {}", path.display()), s))?
+        .into_inner();
+    if output == Output::Json && report {
+        print_json(&response);
+    } else if report {
+        let verb = if response.created { "staged" } else { "already staged" };
+        println!("{verb}: patch {} (build {})", bundle.id(), bundle.manifest.target_build);
+    }
+    Ok(bundle.id())
+}
+
+async fn list(target: &Target, target_build: String, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let patches = client
+        .list_patches(target.request(ListPatchesRequest { target_build }))
+        .await
+        .map_err(|s| failure("listing patches failed", s))?
+        .into_inner()
+        .patches;
+    if output == Output::Json {
+        print_json(&patches);
+        return Ok(());
+    }
+    for p in &patches {
+        println!(
+            "{}  build {:<12} {} by {:<16} {} module(s)  {}",
+            p.patch_id,
+            p.target_build,
+            format_ms(p.pushed_at_ms),
+            p.pushed_by,
+            p.modules.len(),
+            p.description
+        );
+    }
+    Ok(())
 }
 
 fn build(args: BuildArgs, output: Output) -> CliResult {

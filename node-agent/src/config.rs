@@ -3,6 +3,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+use hotfleet_proto::duration::parse_duration;
 
 /// `hotfleet-agent`: serves the game processes of one host to the coordinator.
 #[derive(Debug, Clone, Parser)]
@@ -49,6 +50,11 @@ pub struct AgentConfig {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
+    /// Once listening, write {"grpc": ADDR, "socket": PATH, "pid": PID} here
+    /// (for supervisors and tests that start the agent on port 0).
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+
     /// How long a runtime may take to answer a prepare/commit/rollback.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub runtime_timeout: Duration,
@@ -78,38 +84,12 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
-/// Parses `250ms`, `10s`, `2m`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(pos) => text.split_at(pos),
-        None => (text, "s"),
-    };
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 10s or 2m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("{text:?} is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_labels_parse() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("10 parsecs").is_err());
+    fn labels_parse() {
         assert_eq!(parse_label("region=eu"), Ok(("region".into(), "eu".into())));
         assert!(parse_label("region").is_err());
     }

@@ -18,6 +18,18 @@ async fn main() -> anyhow::Result<()> {
     let runtime = server::bind_runtime_socket(&config.runtime_socket).with_context(|| {
         format!("cannot create the runtime socket {} (use --runtime-socket)", config.runtime_socket.display())
     })?;
+    if let Some(path) = &config.ready_file {
+        let ready = format!(
+            "{{\"grpc\": \"{}\", \"socket\": {:?}, \"pid\": {}}}\n",
+            grpc.local_addr()?,
+            config.runtime_socket.display().to_string(),
+            std::process::id()
+        );
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, ready)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cannot write the ready file {}", path.display()))?;
+    }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {

@@ -1,0 +1,115 @@
+//! `hotfleet nodes list`, `freeze`, `unfreeze`, `audit`.
+
+use hotfleet_proto::v1::{FreezeRequest, ListAuditRequest, ListNodesRequest, UnfreezeRequest};
+
+use crate::{
+    client::{failure, Target},
+    exit::CliResult,
+    output::{format_ms, print_json, Output},
+};
+
+pub async fn nodes_list(target: &Target, selector: String, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let nodes = client
+        .list_nodes(target.request(ListNodesRequest { selector }))
+        .await
+        .map_err(|s| failure("listing nodes failed", s))?
+        .into_inner()
+        .nodes;
+    if output == Output::Json {
+        print_json(&nodes);
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        println!("no nodes registered (start hotfleet-agent with --coordinator pointing here)");
+    }
+    for node in &nodes {
+        let Some(status) = &node.status else { continue };
+        let mut labels: Vec<String> = status.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        println!(
+            "{:<16} {:<6} {:<22} {}{}",
+            status.node_id,
+            node.liveness,
+            status.advertise_addr,
+            labels.join(","),
+            if node.active_rollout_id.is_empty() {
+                String::new()
+            } else {
+                format!("  rollout {}", node.active_rollout_id)
+            }
+        );
+        for p in &status.processes {
+            let health = p.health.clone().unwrap_or_default();
+            let stack: Vec<&str> = p.patch_stack.iter().map(|id| id.get(..12).unwrap_or(id)).collect();
+            println!(
+                "    pid {:<7} build {:<12} ticks {:<8} p99 {:>7.2} ms  exceptions {:<3} game {:<4} stack [{}]",
+                p.pid,
+                p.build,
+                health.ticks,
+                health.tick_p99_ms,
+                health.exceptions_since,
+                if health.game_ok { "ok" } else { "FAIL" },
+                stack.join(" ")
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn freeze(target: &Target, reason: String, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let status = client
+        .freeze(target.request(FreezeRequest { reason }))
+        .await
+        .map_err(|s| failure("freeze failed", s))?
+        .into_inner();
+    if output == Output::Json {
+        print_json(&status);
+    } else {
+        println!("fleet frozen: no rollout starts a new step until `hotfleet unfreeze` (rollbacks still run)");
+    }
+    Ok(())
+}
+
+pub async fn unfreeze(target: &Target, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let status = client
+        .unfreeze(target.request(UnfreezeRequest {}))
+        .await
+        .map_err(|s| failure("unfreeze failed", s))?
+        .into_inner();
+    if output == Output::Json {
+        print_json(&status);
+    } else {
+        println!("fleet unfrozen");
+    }
+    Ok(())
+}
+
+pub async fn audit(target: &Target, limit: u32, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let records = client
+        .list_audit(target.request(ListAuditRequest { limit }))
+        .await
+        .map_err(|s| failure("reading the audit log failed", s))?
+        .into_inner()
+        .records;
+    if output == Output::Json {
+        print_json(&records);
+        return Ok(());
+    }
+    for r in &records {
+        println!(
+            "{:>5} {} {:<12} {:<18} {:<5} {} {}",
+            r.seq,
+            format_ms(r.at_ms),
+            r.actor,
+            r.action,
+            if r.ok { "ok" } else { "REFUSED" },
+            r.target.get(..12).unwrap_or(&r.target),
+            r.detail
+        );
+    }
+    Ok(())
+}

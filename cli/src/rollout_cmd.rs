@@ -1,0 +1,337 @@
+//! `hotfleet rollout start|list|status|watch|pause|resume|promote|abort`.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use anyhow::anyhow;
+use clap::{Args, Subcommand};
+use hotfleet_proto::{
+    duration::parse_duration,
+    v1::{
+        GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutActionRequest, RolloutPhase, RolloutSpec,
+        StartRolloutRequest, WatchRolloutRequest,
+    },
+};
+
+use crate::{
+    client::{failure, Target},
+    exit::{CliResult, Failure, ROLLED_BACK},
+    output::{format_ms, print_json, Output},
+    patch_cmd,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a rollout of a staged patch (an id, or a bundle file to push first).
+    Start(Box<StartArgs>),
+    /// Rollouts, newest first.
+    List {
+        /// Only rollouts still running.
+        #[arg(long)]
+        active: bool,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One rollout: steps, per-node state, events.
+    Status { id: String },
+    /// Follow a rollout live until it ends (exit 0 completed, 3 rolled back).
+    Watch { id: String },
+    /// Hold before the next step.
+    Pause(Action),
+    /// Continue after a pause.
+    Resume(Action),
+    /// Open the manual gate the rollout waits at.
+    Promote(Action),
+    /// Roll everything back now.
+    Abort(Action),
+}
+
+#[derive(Debug, Args)]
+pub struct Action {
+    id: String,
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Patch id, or a path to a .hfpatch bundle (pushed first).
+    patch: String,
+    /// Canary size: a count or a percent of the targets.
+    #[arg(long, default_value = "1")]
+    canary: String,
+    /// Waves after the canary: counts or cumulative percents, e.g. 25%,50%,100%.
+    #[arg(long, value_delimiter = ',', default_value = "100%")]
+    waves: Vec<String>,
+    /// Health window after each step.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    health_window: Duration,
+    /// Deadline of each step's prepare or commit.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    step_deadline: Duration,
+    /// Target nodes: "all" or k=v[,k=v].
+    #[arg(long, default_value = "all")]
+    selector: String,
+    /// Pause before these steps until `rollout promote`, e.g. wave-2. Repeatable.
+    #[arg(long = "pause-before", value_delimiter = ',')]
+    pause_before: Vec<String>,
+    /// Unhealthy or lost nodes tolerated before rolling back.
+    #[arg(long, default_value_t = 0)]
+    max_unhealthy: u32,
+    /// Fail the health gate when tick p99 exceeds this multiple of the baseline.
+    #[arg(long, default_value_t = 3.0)]
+    tick_p99_factor: f64,
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Show the plan without starting anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Follow the rollout until it ends, like `rollout watch`.
+    #[arg(long)]
+    watch: bool,
+}
+
+pub async fn run(target: &Target, cmd: RolloutCommand, output: Output) -> CliResult {
+    match cmd {
+        RolloutCommand::Start(args) => start(target, *args, output).await,
+        RolloutCommand::List { active, limit } => list(target, active, limit, output).await,
+        RolloutCommand::Status { id } => status(target, id, output).await,
+        RolloutCommand::Watch { id } => watch(target, id, output).await,
+        RolloutCommand::Pause(a) => action(target, "pause", a, output).await,
+        RolloutCommand::Resume(a) => action(target, "resume", a, output).await,
+        RolloutCommand::Promote(a) => action(target, "promote", a, output).await,
+        RolloutCommand::Abort(a) => action(target, "abort", a, output).await,
+    }
+}
+
+async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
+    let patch_id = if Path::new(&args.patch).is_file() {
+        patch_cmd::push_file(target, Path::new(&args.patch), Output::Text, output == Output::Text).await?
+    } else if hotfleet_patch::is_patch_id(&args.patch) {
+        args.patch.clone()
+    } else {
+        return Err(Failure::refused(anyhow!("{:?} is neither a patch id nor a bundle file", args.patch)));
+    };
+    let spec = RolloutSpec {
+        patch_id,
+        selector: args.selector,
+        canary: args.canary,
+        waves: args.waves,
+        health_window_ms: args.health_window.as_millis() as u64,
+        step_deadline_ms: args.step_deadline.as_millis() as u64,
+        max_unhealthy: args.max_unhealthy,
+        pause_before: args.pause_before,
+        tick_p99_factor: args.tick_p99_factor,
+        description: args.description,
+        ..Default::default()
+    };
+    let mut client = target.connect().await?;
+    let rollout = client
+        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run }))
+        .await
+        .map_err(|s| failure("the coordinator refused the rollout", s))?
+        .into_inner()
+        .rollout
+        .ok_or_else(|| anyhow!("coordinator answered without a rollout"))?;
+    if args.watch && !args.dry_run {
+        if output == Output::Text {
+            println!("rollout {} started", rollout.rollout_id);
+            print_plan(&rollout);
+        }
+        return watch(target, rollout.rollout_id, output).await;
+    }
+    if output == Output::Json {
+        print_json(&rollout);
+    } else {
+        println!("{} {}", if args.dry_run { "plan for" } else { "started rollout" }, rollout.rollout_id);
+        print_plan(&rollout);
+        if !args.dry_run {
+            println!("follow it: hotfleet rollout watch {}", rollout.rollout_id);
+        }
+    }
+    Ok(())
+}
+
+async fn list(target: &Target, active_only: bool, limit: u32, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let rollouts = client
+        .list_rollouts(target.request(ListRolloutsRequest { active_only, limit }))
+        .await
+        .map_err(|s| failure("listing rollouts failed", s))?
+        .into_inner()
+        .rollouts;
+    if output == Output::Json {
+        print_json(&rollouts);
+        return Ok(());
+    }
+    for r in &rollouts {
+        let patch =
+            r.spec.as_ref().map(|s| s.patch_id.get(..12).unwrap_or(&s.patch_id).to_string()).unwrap_or_default();
+        println!(
+            "{:<28} {:<13} patch {} nodes {:<4} {} {}",
+            r.rollout_id,
+            phase_name(r.phase),
+            patch,
+            r.nodes.len(),
+            format_ms(r.created_at_ms),
+            r.reason
+        );
+    }
+    Ok(())
+}
+
+async fn get(target: &Target, id: String) -> Result<Rollout, Failure> {
+    let mut client = target.connect().await?;
+    client
+        .get_rollout(target.request(GetRolloutRequest { rollout_id: id.clone() }))
+        .await
+        .map_err(|s| failure(&format!("rollout {id}"), s))?
+        .into_inner()
+        .rollout
+        .ok_or_else(|| anyhow!("coordinator answered without a rollout").into())
+}
+
+async fn status(target: &Target, id: String, output: Output) -> CliResult {
+    let rollout = get(target, id).await?;
+    if output == Output::Json {
+        print_json(&rollout);
+    } else {
+        print_summary(&rollout);
+    }
+    Ok(())
+}
+
+async fn action(target: &Target, what: &str, action: Action, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let request = target.request(RolloutActionRequest { rollout_id: action.id.clone(), reason: action.reason });
+    let result = match what {
+        "pause" => client.pause_rollout(request).await,
+        "resume" => client.resume_rollout(request).await,
+        "promote" => client.promote_rollout(request).await,
+        _ => client.abort_rollout(request).await,
+    };
+    let rollout =
+        result.map_err(|s| failure(&format!("{what} of rollout {} refused", action.id), s))?.into_inner().rollout;
+    if output == Output::Json {
+        print_json(&rollout);
+    } else if let Some(r) = rollout {
+        println!("rollout {}: {what} accepted; now {}", r.rollout_id, phase_name(r.phase));
+    }
+    Ok(())
+}
+
+/// Follows a rollout until it is terminal; exit code from how it ended.
+pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let mut stream = client
+        .watch_rollout(target.request(WatchRolloutRequest { rollout_id: id.clone() }))
+        .await
+        .map_err(|s| failure(&format!("watching rollout {id}"), s))?
+        .into_inner();
+    let mut printed_events = 0;
+    let mut last_line = String::new();
+    let mut last: Option<Rollout> = None;
+    while let Some(rollout) = stream.message().await.map_err(|s| failure(&format!("watching rollout {id}"), s))? {
+        if output == Output::Json {
+            // One JSON document per line: easy to stream into jq.
+            println!("{}", serde_json::to_string(&rollout).unwrap_or_default());
+        } else {
+            for event in rollout.events.iter().skip(printed_events) {
+                println!("  {} {}", format_ms(event.at_ms), event.message);
+            }
+            printed_events = rollout.events.len();
+            let line = progress_line(&rollout);
+            if line != last_line {
+                println!("{line}");
+                last_line = line;
+            }
+        }
+        let terminal = rollout.terminal;
+        last = Some(rollout);
+        if terminal {
+            break;
+        }
+    }
+    let rollout = last.ok_or_else(|| anyhow!("the coordinator closed the watch without a snapshot"))?;
+    if output == Output::Text {
+        println!();
+        print_summary(&rollout);
+    }
+    finished(&rollout)
+}
+
+/// Exit status of a finished (or abandoned) rollout.
+pub fn finished(rollout: &Rollout) -> CliResult {
+    match RolloutPhase::try_from(rollout.phase) {
+        Ok(RolloutPhase::Completed) => Ok(()),
+        Ok(RolloutPhase::RolledBack) => Err(Failure {
+            code: ROLLED_BACK,
+            error: anyhow!("rollout {} rolled back: {}", rollout.rollout_id, rollout.reason),
+        }),
+        _ => {
+            Err(anyhow!("rollout {} did not finish (watch ended in {})", rollout.rollout_id, phase_name(rollout.phase))
+                .into())
+        }
+    }
+}
+
+pub fn phase_name(phase: i32) -> &'static str {
+    match RolloutPhase::try_from(phase) {
+        Ok(RolloutPhase::Staged) => "staged",
+        Ok(RolloutPhase::Preparing) => "preparing",
+        Ok(RolloutPhase::Committing) => "committing",
+        Ok(RolloutPhase::Watching) => "watching",
+        Ok(RolloutPhase::Waiting) => "waiting",
+        Ok(RolloutPhase::Completed) => "completed",
+        Ok(RolloutPhase::RollingBack) => "rolling-back",
+        Ok(RolloutPhase::RolledBack) => "rolled-back",
+        _ => "unknown",
+    }
+}
+
+fn progress_line(r: &Rollout) -> String {
+    let step = r.steps.get(r.current_step as usize).map(|s| s.name.as_str()).unwrap_or("-");
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for node in &r.nodes {
+        *counts.entry(node.observed.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(state, n)| format!("{state} {n}")).collect();
+    let mut line = format!("[{}] {:<8} {}", phase_name(r.phase), step, counts.join(", "));
+    if !r.waiting_reason.is_empty() {
+        line.push_str(&format!("  (waiting: {})", r.waiting_reason));
+    }
+    line
+}
+
+fn print_plan(r: &Rollout) {
+    for step in &r.steps {
+        println!(
+            "  {:<8} {}{}",
+            step.name,
+            step.node_ids.join(" "),
+            if step.pause_before { "  [manual gate]" } else { "" }
+        );
+    }
+    for skipped in &r.skipped {
+        println!("  skipped  {}: {}", skipped.node_id, skipped.reason);
+    }
+}
+
+fn print_summary(r: &Rollout) {
+    let patch = r.spec.as_ref().map(|s| s.patch_id.clone()).unwrap_or_default();
+    println!("rollout  {}  {}", r.rollout_id, phase_name(r.phase).to_uppercase());
+    println!("patch    {patch}  (build {})", r.target_build);
+    if !r.reason.is_empty() {
+        println!("reason   {}", r.reason);
+    }
+    if !r.faulty_nodes.is_empty() {
+        println!("at fault {}", r.faulty_nodes.join(", "));
+    }
+    for step in &r.steps {
+        println!("  {:<8} {:<12} {}", step.name, step.state, step.node_ids.join(" "));
+    }
+    println!("  {:<16} {:<8} {:<10} {:<14} health / error", "node", "step", "desired", "observed");
+    for n in &r.nodes {
+        let detail = if n.error.is_empty() { n.health.as_str() } else { n.error.as_str() };
+        println!("  {:<16} {:<8} {:<10} {:<14} {}", n.node_id, n.step, n.desired, n.observed, detail);
+    }
+}

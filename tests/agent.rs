@@ -1,0 +1,331 @@
+//! The node agent, driven over gRPC the way the coordinator drives it, with
+//! real zone server processes connected to it and real players connected to
+//! those. Patches come from a real coordinator (its `FetchPatch` stream).
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    time::Duration,
+};
+
+use hotfleet_proto::v1::{
+    agent_client::AgentClient, coordinator_client::CoordinatorClient, AbortRequest, CommandHeader, CommitRequest,
+    PrepareRequest, PushPatchRequest, RollbackRequest, StatusRequest,
+};
+use hotfleet_tests::*;
+use serde_json::json;
+use tonic::transport::Channel;
+
+const BUILD: &str = "zone-1.0";
+
+fn header(rollout: &str, patch: &str, epoch: u64) -> Option<CommandHeader> {
+    Some(CommandHeader { rollout_id: rollout.into(), patch_id: patch.into(), epoch })
+}
+
+async fn agent_client(agent: &AgentProc) -> AgentClient<Channel> {
+    AgentClient::connect(agent.url()).await.expect("connect to agent")
+}
+
+/// One node: a coordinator (patch source), an agent, `zones` zone servers, a player on each.
+struct Node {
+    dir: TempDir,
+    keys: Keys,
+    coordinator: CoordinatorProc,
+    agent: AgentProc,
+    zones: Vec<ZoneProc>,
+    players: Vec<Player>,
+}
+
+impl Node {
+    fn start(zones: usize) -> Node {
+        let dir = tempfile::tempdir().expect("tmp");
+        let keys = keygen(dir.path());
+        let coordinator = CoordinatorProc::start(dir.path(), &keys, &[]);
+        let agent = AgentProc::start(dir.path(), "node-a", Some(&coordinator.url()), &keys, &[("region", "test")]);
+        let zones: Vec<ZoneProc> =
+            (0..zones).map(|i| ZoneProc::start(dir.path(), &format!("zone{i}"), Some(&agent.socket), BUILD)).collect();
+        let players = zones.iter().map(|z| Player::connect(z.port, &format!("hero_{}", z.name))).collect();
+        let node = Node { dir, keys, coordinator, agent, zones, players };
+        node.wait_processes(zones_len(&node));
+        node
+    }
+
+    fn wait_processes(&self, n: usize) {
+        let url = self.agent.url();
+        wait_for(&format!("{n} processes on the agent"), Duration::from_secs(20), || {
+            let count = block_on(async {
+                let mut client = AgentClient::connect(url.clone()).await.ok()?;
+                let status = client.status(StatusRequest {}).await.ok()?.into_inner();
+                Some(status.node?.processes.len())
+            });
+            (count == Some(n)).then_some(())
+        });
+    }
+
+    /// Builds a signed (or unsigned) patch from examples/patches/NAME and stages it on the coordinator.
+    async fn push(&self, name: &str, signed: bool) -> String {
+        let (path, id) = build_patch(self.dir.path(), name, BUILD, signed.then_some(&self.keys));
+        let bundle = std::fs::read(path).expect("bundle");
+        let mut client = CoordinatorClient::connect(self.coordinator.url()).await.expect("coordinator");
+        let pushed = client.push_patch(PushPatchRequest { bundle }).await;
+        if signed {
+            pushed.expect("push patch");
+        }
+        id
+    }
+}
+
+fn zones_len(node: &Node) -> usize {
+    node.zones.len()
+}
+
+fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(fut)
+}
+
+fn damage(player: &mut Player) -> i64 {
+    let reply = player.attack("dummy");
+    assert_eq!(reply["ok"], true, "attack failed: {reply}");
+    reply["damage"].as_i64().expect("damage in attack reply")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_commit_rollback_changes_what_players_see_without_dropping_them() {
+    let mut node = Node::start(2);
+    let before: Vec<i64> = node.players.iter_mut().map(damage).collect();
+    let stats_before: Vec<_> = node.players.iter_mut().map(|p| p.stats()).collect();
+    let patch = node.push("hotfix-damage", true).await;
+    let mut agent = agent_client(&node.agent).await;
+
+    let prepared = agent
+        .prepare(PrepareRequest { header: header("r1", &patch, 1), ttl_seconds: 0 })
+        .await
+        .expect("prepare")
+        .into_inner();
+    assert!(prepared.vote_yes, "prepare voted no: {}", prepared.reason);
+    assert_eq!(prepared.processes.len(), 2);
+    // Prepared but not committed: nothing live changed.
+    let still: Vec<i64> = node.players.iter_mut().map(damage).collect();
+    assert_eq!(still, before);
+
+    let committed = agent.commit(CommitRequest { header: header("r1", &patch, 1) }).await.expect("commit").into_inner();
+    assert!(committed.ok, "commit failed: {}", committed.reason);
+    for outcome in &committed.processes {
+        assert!(outcome.ok && outcome.pause_ms > 0.0 && outcome.pause_ms < 50.0, "bad outcome {outcome:?}");
+    }
+    // A repeated commit (lost reply, retry) answers the first answer and applies nothing twice.
+    let again = agent.commit(CommitRequest { header: header("r1", &patch, 1) }).await.expect("commit").into_inner();
+    assert_eq!(again.processes, committed.processes);
+
+    let after: Vec<i64> = node.players.iter_mut().map(damage).collect();
+    for (b, a) in before.iter().zip(&after) {
+        assert!(a < b, "the hotfix must lower damage against the armored dummy: before {b}, after {a}");
+    }
+    // Same process, same connection, same player state (level, inventory, position).
+    for (player, old) in node.players.iter_mut().zip(&stats_before) {
+        let now = player.stats();
+        assert_eq!(now["pid"], old["pid"]);
+        for key in ["name", "level", "inventory", "x", "y", "xp"] {
+            assert_eq!(now["player"][key], old["player"][key], "{key} changed");
+        }
+    }
+    let status = agent.status(StatusRequest {}).await.expect("status").into_inner().node.expect("node");
+    for process in &status.processes {
+        assert_eq!(process.patch_stack, vec![patch.clone()]);
+    }
+
+    let rolled =
+        agent.rollback(RollbackRequest { header: header("r1", &patch, 1) }).await.expect("rollback").into_inner();
+    assert!(rolled.ok, "rollback failed: {}", rolled.reason);
+    let back: Vec<i64> = node.players.iter_mut().map(damage).collect();
+    assert_eq!(back, before, "rollback restores the old formula");
+    for player in &mut node.players {
+        assert!(player.connected());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_prepare_leaves_every_process_untouched() {
+    let mut node = Node::start(2);
+    let before: Vec<i64> = node.players.iter_mut().map(damage).collect();
+    let patch = node.push("syntax-error", true).await;
+    let mut agent = agent_client(&node.agent).await;
+    let answer = agent
+        .prepare(PrepareRequest { header: header("r-syntax", &patch, 1), ttl_seconds: 0 })
+        .await
+        .expect("prepare")
+        .into_inner();
+    assert!(!answer.vote_yes, "a patch with a syntax error must get a no vote");
+    assert!(
+        answer.reason.contains("SyntaxError") || answer.reason.to_lowercase().contains("syntax"),
+        "{}",
+        answer.reason
+    );
+    // Commit of a patch that did not prepare is refused, and nothing changed.
+    let commit =
+        agent.commit(CommitRequest { header: header("r-syntax", &patch, 1) }).await.expect("commit").into_inner();
+    assert!(!commit.ok);
+    let after: Vec<i64> = node.players.iter_mut().map(damage).collect();
+    assert_eq!(after, before);
+    let status = agent.status(StatusRequest {}).await.expect("status").into_inner().node.expect("node");
+    assert!(status.processes.iter().all(|p| p.patch_stack.is_empty()));
+    assert!(status.prepared.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
+    let mut node = Node::start(1);
+    let before = damage(&mut node.players[0]);
+    let mut agent = agent_client(&node.agent).await;
+
+    // Unsigned: the coordinator refuses the upload, so the agent cannot fetch it.
+    let unsigned = node.push("hotfix-damage", false).await;
+    let answer = agent
+        .prepare(PrepareRequest { header: header("r-unsigned", &unsigned, 1), ttl_seconds: 0 })
+        .await
+        .expect("prepare")
+        .into_inner();
+    assert!(!answer.vote_yes && answer.processes.is_empty(), "{answer:?}");
+
+    // Tampered copy in the agent's cache under the real id: re-verified, refused, refetched.
+    let signed = node.push("hotfix-damage", true).await;
+    let (path, _) = build_patch(node.dir.path(), "hotfix-damage", BUILD, Some(&node.keys));
+    let mut bytes = std::fs::read(path).expect("bundle");
+    let pos = bytes.windows(6).position(|w| w == b"armor ").expect("source text in bundle");
+    bytes[pos] = b'A';
+    let cache = node.agent.data_dir.join("patches").join(format!("{signed}.hfpatch"));
+    std::fs::create_dir_all(cache.parent().expect("dir")).expect("cache dir");
+    std::fs::write(&cache, &bytes).expect("plant tampered bundle");
+    let answer = agent
+        .prepare(PrepareRequest { header: header("r-tampered", &signed, 1), ttl_seconds: 0 })
+        .await
+        .expect("prepare")
+        .into_inner();
+    assert!(
+        answer.vote_yes,
+        "the agent must drop the tampered cache entry and fetch the real bundle: {}",
+        answer.reason
+    );
+    assert!(node.agent.proc.log_text().contains("cached bundle failed verification"));
+    agent.abort(AbortRequest { header: header("r-tampered", &signed, 1) }).await.expect("abort");
+
+    // A patch id the coordinator does not have.
+    let unknown = "ab".repeat(32);
+    let answer = agent
+        .prepare(PrepareRequest { header: header("r-unknown", &unknown, 1), ttl_seconds: 0 })
+        .await
+        .expect("prepare")
+        .into_inner();
+    assert!(!answer.vote_yes);
+    assert_eq!(damage(&mut node.players[0]), before, "nothing applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epochs_are_refused_even_after_an_agent_restart() {
+    let mut node = Node::start(1);
+    let patch = node.push("hotfix-damage", true).await;
+    let mut agent = agent_client(&node.agent).await;
+    agent.abort(AbortRequest { header: header("r-e", &patch, 7) }).await.expect("epoch 7 accepted");
+    let err = agent
+        .prepare(PrepareRequest { header: header("r-e", &patch, 6), ttl_seconds: 0 })
+        .await
+        .expect_err("epoch 6 after 7 must be refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("stale epoch"), "{}", err.message());
+
+    // Restart the agent on the same data dir: the fence survives.
+    node.agent.proc.kill();
+    let node_dir = node.agent.data_dir.parent().expect("node dir").to_path_buf();
+    node.agent = AgentProc::start_in(&node_dir, "node-a", Some(&node.coordinator.url()), &node.keys, &[]);
+    let mut agent = agent_client(&node.agent).await;
+    let err =
+        agent.commit(CommitRequest { header: header("r-e2", &patch, 3) }).await.expect_err("old epoch after restart");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(node.players[0].connected(), "the zone server does not care that its agent restarted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_killed_mid_commit_is_reported_and_the_others_commit() {
+    let mut node = Node::start(3);
+    let before = damage(&mut node.players[0]);
+    let patch = node.push("hotfix-damage", true).await;
+    let mut agent = agent_client(&node.agent).await;
+    let prepared = agent
+        .prepare(PrepareRequest { header: header("r-kill", &patch, 1), ttl_seconds: 0 })
+        .await
+        .expect("prepare")
+        .into_inner();
+    assert!(prepared.vote_yes, "{}", prepared.reason);
+
+    // Freeze zone2's game thread so its commit waits for a safe point that never comes, then kill it.
+    let victim_pid = node.zones[2].proc.pid();
+    node.zones[2].proc.signal("STOP");
+    let url = node.agent.url();
+    let commit = tokio::spawn(async move {
+        let mut agent = AgentClient::connect(url).await.expect("agent");
+        agent.commit(CommitRequest { header: header("r-kill", &patch, 1) }).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.zones[2].proc.kill();
+    let answer = commit.await.expect("join").expect("commit answered").into_inner();
+    assert!(!answer.ok, "a process died mid-commit: the node must report failure");
+    let failed: Vec<_> = answer.processes.iter().filter(|p| !p.ok).collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].pid, victim_pid);
+    assert!(failed[0].error.contains("disconnected"), "{}", failed[0].error);
+    assert_eq!(answer.processes.iter().filter(|p| p.ok).count(), 2);
+    // The survivors committed and keep serving.
+    assert!(damage(&mut node.players[0]) < before);
+    assert!(node.players[1].connected());
+    assert!(node.agent.proc.alive(), "the agent survives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_wrong_versions_on_the_runtime_socket_change_nothing() {
+    let mut node = Node::start(1);
+    // Garbage instead of a hello: refused with an error frame, connection closed.
+    let mut raw = UnixStream::connect(&node.agent.socket).expect("connect");
+    raw.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    raw.write_all(b"\x00\x00\x00\x05GET /").expect("write");
+    let mut reply = Vec::new();
+    let _ = raw.read_to_end(&mut reply);
+    assert!(String::from_utf8_lossy(&reply).contains("malformed"), "{:?}", String::from_utf8_lossy(&reply));
+
+    // An absurd length prefix: closed without reading 4 GiB.
+    let mut raw = UnixStream::connect(&node.agent.socket).expect("connect");
+    raw.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    raw.write_all(&[0xff, 0xff, 0xff, 0xff]).expect("write");
+    let mut reply = Vec::new();
+    let _ = raw.read_to_end(&mut reply);
+
+    // A runtime from the future: refused, told why.
+    let hello = json!({"id": 1, "hello": {"protocolVersion": 99, "processId": "1-x", "pid": 1, "build": BUILD}});
+    let body = hello.to_string().into_bytes();
+    let mut raw = UnixStream::connect(&node.agent.socket).expect("connect");
+    raw.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    raw.write_all(&(body.len() as u32).to_be_bytes()).expect("write");
+    raw.write_all(&body).expect("write");
+    let mut reply = Vec::new();
+    let _ = raw.read_to_end(&mut reply);
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("\"version\"") && text.contains("99"), "{text}");
+
+    // The real process is still served, and nothing else got registered.
+    node.wait_processes(1);
+    assert!(node.players[0].connected());
+    assert!(node.agent.proc.alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_connects_later_is_listed_at_once() {
+    let node = Node::start(1);
+    let late = ZoneProc::start(node.dir.path(), "late", Some(&node.agent.socket), BUILD);
+    node.wait_processes(2);
+    let mut agent = agent_client(&node.agent).await;
+    let status = agent.status(StatusRequest {}).await.expect("status").into_inner().node.expect("node");
+    let late_status = status.processes.iter().find(|p| p.pid == late.proc.pid()).expect("late process listed");
+    assert_eq!(late_status.build, BUILD);
+    assert!(late_status.live_digests.contains_key("zone.combat"), "{:?}", late_status.live_digests);
+    assert!(late_status.health.as_ref().is_some_and(|h| h.alive));
+    assert_eq!(status.labels.get("region").map(String::as_str), Some("test"));
+}
