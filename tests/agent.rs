@@ -12,7 +12,7 @@ use hotfleet_proto::v1::{
     agent_client::AgentClient, coordinator_client::CoordinatorClient, AbortRequest, CommandHeader, CommitRequest,
     PrepareRequest, PushPatchRequest, RollbackRequest, StatusRequest,
 };
-use hotfleet_tests::*;
+use hotfleet_localfleet::*;
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -28,6 +28,7 @@ async fn agent_client(agent: &AgentProc) -> AgentClient<Channel> {
 
 /// One node: a coordinator (patch source), an agent, `zones` zone servers, a player on each.
 struct Node {
+    layout: Layout,
     dir: TempDir,
     keys: Keys,
     coordinator: CoordinatorProc,
@@ -38,33 +39,48 @@ struct Node {
 
 impl Node {
     fn start(zones: usize) -> Node {
+        let layout = Layout::for_workspace();
         let dir = tempfile::tempdir().expect("tmp");
-        let keys = keygen(dir.path());
-        let coordinator = CoordinatorProc::start(dir.path(), &keys, &[]);
-        let agent = AgentProc::start(dir.path(), "node-a", Some(&coordinator.url()), &keys, &[("region", "test")]);
-        let zones: Vec<ZoneProc> =
-            (0..zones).map(|i| ZoneProc::start(dir.path(), &format!("zone{i}"), Some(&agent.socket), BUILD)).collect();
-        let players = zones.iter().map(|z| Player::connect(z.port, &format!("hero_{}", z.name))).collect();
-        let node = Node { dir, keys, coordinator, agent, zones, players };
-        node.wait_processes(zones_len(&node));
+        let keys = Keys::generate(&layout, dir.path()).expect("keygen");
+        let port = free_port().expect("port");
+        let coordinator = CoordinatorProc::start(&layout, dir.path(), &keys, port, &[]).expect("coordinator");
+        let agent =
+            AgentProc::start(&layout, dir.path(), "node-a", Some(&coordinator.url()), &keys, &[("region", "test")])
+                .expect("agent");
+        let zones: Vec<ZoneProc> = (0..zones)
+            .map(|i| {
+                ZoneProc::start(&layout, dir.path(), &format!("zone{i}"), Some(&agent.socket), BUILD, &[]).expect("zone")
+            })
+            .collect();
+        let players =
+            zones.iter().map(|z| Player::connect(z.port, &format!("hero_{}", z.name)).expect("player")).collect();
+        let node = Node { layout, dir, keys, coordinator, agent, zones, players };
+        node.wait_processes(node.zones.len());
         node
     }
 
     fn wait_processes(&self, n: usize) {
         let url = self.agent.url();
-        wait_for(&format!("{n} processes on the agent"), Duration::from_secs(20), || {
+        wait_for(&format!("{n} processes on the agent"), Duration::from_secs(20), None, || {
             let count = block_on(async {
                 let mut client = AgentClient::connect(url.clone()).await.ok()?;
                 let status = client.status(StatusRequest {}).await.ok()?.into_inner();
                 Some(status.node?.processes.len())
             });
             (count == Some(n)).then_some(())
-        });
+        })
+        .expect("processes registered");
     }
 
     /// Builds a signed (or unsigned) patch from examples/patches/NAME and stages it on the coordinator.
+    fn build(&self, name: &str, signed: bool) -> (std::path::PathBuf, String) {
+        let source = self.layout.repo.join("examples/patches").join(name);
+        let out = self.dir.path().join(format!("{name}-{signed}.hfpatch"));
+        build_patch(&self.layout, &source, &out, BUILD, name, signed.then_some(&self.keys)).expect("build patch")
+    }
+
     async fn push(&self, name: &str, signed: bool) -> String {
-        let (path, id) = build_patch(self.dir.path(), name, BUILD, signed.then_some(&self.keys));
+        let (path, id) = self.build(name, signed);
         let bundle = std::fs::read(path).expect("bundle");
         let mut client = CoordinatorClient::connect(self.coordinator.url()).await.expect("coordinator");
         let pushed = client.push_patch(PushPatchRequest { bundle }).await;
@@ -75,25 +91,19 @@ impl Node {
     }
 }
 
-fn zones_len(node: &Node) -> usize {
-    node.zones.len()
-}
-
 fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(fut)
 }
 
 fn damage(player: &mut Player) -> i64 {
-    let reply = player.attack("dummy");
-    assert_eq!(reply["ok"], true, "attack failed: {reply}");
-    reply["damage"].as_i64().expect("damage in attack reply")
+    player.hit_dummy().expect("attack the dummy")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepare_commit_rollback_changes_what_players_see_without_dropping_them() {
     let mut node = Node::start(2);
     let before: Vec<i64> = node.players.iter_mut().map(damage).collect();
-    let stats_before: Vec<_> = node.players.iter_mut().map(|p| p.stats()).collect();
+    let stats_before: Vec<_> = node.players.iter_mut().map(|p| p.stats().expect("stats")).collect();
     let patch = node.push("hotfix-damage", true).await;
     let mut agent = agent_client(&node.agent).await;
 
@@ -123,7 +133,7 @@ async fn prepare_commit_rollback_changes_what_players_see_without_dropping_them(
     }
     // Same process, same connection, same player state (level, inventory, position).
     for (player, old) in node.players.iter_mut().zip(&stats_before) {
-        let now = player.stats();
+        let now = player.stats().expect("stats");
         assert_eq!(now["pid"], old["pid"]);
         for key in ["name", "level", "inventory", "x", "y", "xp"] {
             assert_eq!(now["player"][key], old["player"][key], "{key} changed");
@@ -189,8 +199,8 @@ async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
 
     // Tampered copy in the agent's cache under the real id: re-verified, refused, refetched.
     let signed = node.push("hotfix-damage", true).await;
-    let (path, _) = build_patch(node.dir.path(), "hotfix-damage", BUILD, Some(&node.keys));
-    let mut bytes = std::fs::read(path).expect("bundle");
+    // The very bundle just pushed (same id), with one byte of a module changed.
+    let mut bytes = std::fs::read(node.dir.path().join("hotfix-damage-true.hfpatch")).expect("bundle");
     let pos = bytes.windows(6).position(|w| w == b"armor ").expect("source text in bundle");
     bytes[pos] = b'A';
     let cache = node.agent.data_dir.join("patches").join(format!("{signed}.hfpatch"));
@@ -235,8 +245,8 @@ async fn stale_epochs_are_refused_even_after_an_agent_restart() {
 
     // Restart the agent on the same data dir: the fence survives.
     node.agent.proc.kill();
-    let node_dir = node.agent.data_dir.parent().expect("node dir").to_path_buf();
-    node.agent = AgentProc::start_in(&node_dir, "node-a", Some(&node.coordinator.url()), &node.keys, &[]);
+    node.agent = AgentProc::start(&node.layout, node.dir.path(), "node-a", Some(&node.coordinator.url()), &node.keys, &[])
+        .expect("agent restart");
     let mut agent = agent_client(&node.agent).await;
     let err =
         agent.commit(CommitRequest { header: header("r-e2", &patch, 3) }).await.expect_err("old epoch after restart");
@@ -259,7 +269,7 @@ async fn runtime_killed_mid_commit_is_reported_and_the_others_commit() {
 
     // Freeze zone2's game thread so its commit waits for a safe point that never comes, then kill it.
     let victim_pid = node.zones[2].proc.pid();
-    node.zones[2].proc.signal("STOP");
+    node.zones[2].proc.signal("STOP").expect("SIGSTOP");
     let url = node.agent.url();
     let commit = tokio::spawn(async move {
         let mut agent = AgentClient::connect(url).await.expect("agent");
@@ -319,7 +329,7 @@ async fn garbage_and_wrong_versions_on_the_runtime_socket_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_that_connects_later_is_listed_at_once() {
     let node = Node::start(1);
-    let late = ZoneProc::start(node.dir.path(), "late", Some(&node.agent.socket), BUILD);
+    let late = ZoneProc::start(&node.layout, node.dir.path(), "late", Some(&node.agent.socket), BUILD, &[]).expect("zone");
     node.wait_processes(2);
     let mut agent = agent_client(&node.agent).await;
     let status = agent.status(StatusRequest {}).await.expect("status").into_inner().node.expect("node");

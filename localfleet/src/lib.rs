@@ -1,0 +1,483 @@
+//! A local fleet of real processes: `hotfleet-coordinator`, `hotfleet-agent`s,
+//! Python zone servers from `examples/`, and TCP player clients. `hotfleet demo`
+//! and the process-level tests both stand their fleets up with it.
+//!
+//! Every process is killed when its handle is dropped, so nothing outlives a
+//! demo or a test, even one that fails half-way.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+
+pub use tempfile::TempDir;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{0} not found: build the workspace first (cargo build --workspace --bins)")]
+    MissingBinary(PathBuf),
+    #[error("cannot find the hotfleet repository (examples/zone_server): run from inside it")]
+    NoRepository,
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out after {after:?} waiting for {what}{}", log.as_ref().map(|l| format!(" (see {})", l.display())).unwrap_or_default())]
+    Timeout { what: String, after: Duration, log: Option<PathBuf> },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`hotfleet {args}` failed ({status}): {stderr}")]
+    Cli { args: String, status: String, stderr: String },
+    #[error("player {name}: {message}")]
+    Player { name: String, message: String },
+}
+
+pub type Result<T, E = FleetError> = std::result::Result<T, E>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FleetError {
+    let what = what.into();
+    move |source| FleetError::Io { what, source }
+}
+
+/// Where the binaries, the repository files and Python are.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub bin_dir: PathBuf,
+    /// Repository root (holds `examples/` and `runtime/python/`).
+    pub repo: PathBuf,
+    pub python: String,
+}
+
+impl Layout {
+    /// The workspace this crate was built in, with its debug binaries (tests).
+    pub fn for_workspace() -> Layout {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
+        Layout { bin_dir: target.join("debug"), repo, python: default_python() }
+    }
+
+    /// Binaries beside the running executable; the repository found from the
+    /// current directory upwards (or `repo` if given).
+    pub fn beside_current_exe(repo: Option<PathBuf>, python: Option<String>) -> Result<Layout> {
+        let exe = std::env::current_exe().map_err(io("locating the hotfleet executable"))?;
+        let bin_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        let repo = match repo {
+            Some(repo) => repo,
+            None => find_repo().ok_or(FleetError::NoRepository)?,
+        };
+        if !repo.join("examples/zone_server/server.py").is_file() {
+            return Err(FleetError::NoRepository);
+        }
+        Ok(Layout { bin_dir, repo, python: python.unwrap_or_else(default_python) })
+    }
+
+    pub fn bin(&self, name: &str) -> Result<PathBuf> {
+        let path = self.bin_dir.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(FleetError::MissingBinary(path))
+        }
+    }
+
+    /// Runs the `hotfleet` CLI; a non-zero exit is an error carrying its stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli_raw(args)?;
+        if !out.status.success() {
+            return Err(FleetError::Cli {
+                args: args.join(" "),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs the `hotfleet` CLI and returns its raw output, whatever the exit code.
+    pub fn cli_raw(&self, args: &[&str]) -> Result<Output> {
+        Command::new(self.bin("hotfleet")?).args(args).output().map_err(io("running the hotfleet CLI"))
+    }
+}
+
+fn default_python() -> String {
+    std::env::var("HOTFLEET_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn find_repo() -> Option<PathBuf> {
+    let mut dir = std::env::current_dir().ok()?;
+    loop {
+        if dir.join("examples/zone_server/server.py").is_file() {
+            return Some(dir);
+        }
+        if !dir.pop() {
+            let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+            return built_in.join("examples/zone_server/server.py").is_file().then(|| built_in.to_path_buf());
+        }
+    }
+}
+
+/// Polls `check` until it yields a value or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, log: Option<&Path>, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(FleetError::Timeout { what: what.to_string(), after: timeout, log: log.map(Path::to_path_buf) });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process, killed (SIGKILL) when dropped; its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Proc> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
+        let err = file.try_clone().map_err(io("duplicating a log file handle"))?;
+        cmd.stdout(file).stderr(err).stdin(Stdio::null());
+        let child = cmd.spawn().map_err(|source| FleetError::Spawn { what: name.to_string(), source })?;
+        Ok(Proc { name: name.to_string(), child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal by name ("STOP", "CONT", "TERM", ...).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .map_err(io(format!("kill -{sig}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(FleetError::Io { what: format!("kill -{sig} {}", self.pid()), source: std::io::Error::other("kill failed") })
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// A free loopback port (bound, then released: a tiny race, fine locally).
+pub fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io("finding a free port"))
+}
+
+/// A signing key pair made by `hotfleet keygen`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub secret: PathBuf,
+    pub public: PathBuf,
+}
+
+impl Keys {
+    pub fn generate(layout: &Layout, dir: &Path) -> Result<Keys> {
+        let keys = dir.join("keys");
+        layout.cli(&["keygen", "--out", &keys.display().to_string()])?;
+        Ok(Keys { secret: keys.join("hotfleet.key"), public: keys.join("hotfleet.pub") })
+    }
+}
+
+/// Builds a patch with `hotfleet patch build` from a source tree holding a
+/// `zone` package, shipping every module in it. Returns (bundle path, patch id).
+pub fn build_patch(
+    layout: &Layout,
+    source_root: &Path,
+    out: &Path,
+    target_build: &str,
+    description: &str,
+    keys: Option<&Keys>,
+) -> Result<(PathBuf, String)> {
+    let mut args = vec![
+        "--output".to_string(),
+        "json".into(),
+        "patch".into(),
+        "build".into(),
+        "--root".into(),
+        source_root.display().to_string(),
+        "--package".into(),
+        "zone".into(),
+        "--target-build".into(),
+        target_build.into(),
+        "--out".into(),
+        out.display().to_string(),
+        "--description".into(),
+        description.into(),
+    ];
+    for module in modules_under(&source_root.join("zone"), "zone") {
+        args.push("--module".into());
+        args.push(module);
+    }
+    if let Some(keys) = keys {
+        args.push("--key".into());
+        args.push(keys.secret.display().to_string());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let built: Value = serde_json::from_str(&layout.cli(&refs)?)
+        .map_err(|e| FleetError::Io { what: "reading patch build output".into(), source: std::io::Error::other(e) })?;
+    let id = built["id"].as_str().unwrap_or_default().to_string();
+    Ok((out.to_path_buf(), id))
+}
+
+fn modules_under(dir: &Path, dotted: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_dir() && name != "__pycache__" {
+            out.extend(modules_under(&path, &format!("{dotted}.{name}")));
+        } else if let Some(stem) = name.strip_suffix(".py") {
+            out.push(if stem == "__init__" { dotted.to_string() } else { format!("{dotted}.{stem}") });
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A running `hotfleet-coordinator` on the embedded store.
+pub struct CoordinatorProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl CoordinatorProc {
+    /// Starts a coordinator on `port` with its store in `dir/coordinator-data`
+    /// (the same call on the same `dir` restarts it on the same store).
+    pub fn start(layout: &Layout, dir: &Path, keys: &Keys, port: u16, extra: &[&str]) -> Result<Self> {
+        let data_dir = dir.join("coordinator-data");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut cmd = Command::new(layout.bin("hotfleet-coordinator")?);
+        cmd.args(["--listen", &addr.to_string()])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--trusted-key")
+            .arg(&keys.public)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        let proc = Proc::spawn(&format!("coordinator-{port}"), cmd, dir)?;
+        wait_for("the coordinator to listen", Duration::from_secs(20), Some(&proc.log), || TcpStream::connect(addr).ok())?;
+        Ok(CoordinatorProc { proc, addr, data_dir })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A running `hotfleet-agent`.
+pub struct AgentProc {
+    pub proc: Proc,
+    pub node_id: String,
+    pub grpc: SocketAddr,
+    pub socket: PathBuf,
+    pub node_dir: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+impl AgentProc {
+    /// Starts (or restarts) an agent on 127.0.0.1:0 whose files live in `dir/<node_id>`.
+    pub fn start(
+        layout: &Layout,
+        dir: &Path,
+        node_id: &str,
+        coordinator: Option<&str>,
+        keys: &Keys,
+        labels: &[(&str, &str)],
+    ) -> Result<Self> {
+        let node_dir = dir.join(node_id);
+        std::fs::create_dir_all(&node_dir).map_err(io(format!("creating {}", node_dir.display())))?;
+        let socket = node_dir.join("agent.sock");
+        let ready = node_dir.join("agent.ready");
+        let _ = std::fs::remove_file(&ready);
+        let data_dir = node_dir.join("data");
+        let mut cmd = Command::new(layout.bin("hotfleet-agent")?);
+        cmd.args(["--listen", "127.0.0.1:0", "--node-id", node_id])
+            .arg("--runtime-socket")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--trusted-key")
+            .arg(&keys.public)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(["--heartbeat-interval", "300ms", "--runtime-timeout", "10s"])
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        if let Some(addr) = coordinator {
+            cmd.args(["--coordinator", addr]);
+        }
+        for (k, v) in labels {
+            cmd.args(["--label", &format!("{k}={v}")]);
+        }
+        let proc = Proc::spawn(&format!("agent-{node_id}"), cmd, &node_dir)?;
+        let info: Value = wait_for("the agent's ready file", Duration::from_secs(20), Some(&proc.log), || {
+            std::fs::read_to_string(&ready).ok().and_then(|t| serde_json::from_str(&t).ok())
+        })?;
+        let grpc = info["grpc"].as_str().and_then(|a| a.parse().ok()).ok_or_else(|| FleetError::Io {
+            what: format!("reading {}", ready.display()),
+            source: std::io::Error::other("no grpc address"),
+        })?;
+        Ok(AgentProc { proc, node_id: node_id.to_string(), grpc, socket, node_dir, data_dir })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+}
+
+/// A running example zone server (`examples/zone_server/server.py`).
+pub struct ZoneProc {
+    pub proc: Proc,
+    pub name: String,
+    pub port: u16,
+}
+
+impl ZoneProc {
+    /// Starts a zone server, connected to the agent at `agent_socket` if given.
+    pub fn start(
+        layout: &Layout,
+        dir: &Path,
+        name: &str,
+        agent_socket: Option<&Path>,
+        build: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let port_file = dir.join(format!("{name}.port"));
+        let _ = std::fs::remove_file(&port_file);
+        let repo = &layout.repo;
+        let mut cmd = Command::new(&layout.python);
+        cmd.arg(repo.join("examples/zone_server/server.py"))
+            .args(["--zone", name, "--port", "0"])
+            .arg("--port-file")
+            .arg(&port_file)
+            .env(
+                "PYTHONPATH",
+                format!("{}:{}", repo.join("runtime/python").display(), repo.join("examples/zone_server").display()),
+            )
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("HOTFLEET_BUILD", build)
+            .env_remove("HOTFLEET_AGENT_SOCKET")
+            .envs(env.iter().copied());
+        if let Some(socket) = agent_socket {
+            cmd.env("HOTFLEET_AGENT_SOCKET", socket);
+        }
+        let proc = Proc::spawn(&format!("zone-{name}"), cmd, dir)?;
+        let port = wait_for(&format!("zone {name} to listen"), Duration::from_secs(30), Some(&proc.log), || {
+            std::fs::read_to_string(&port_file).ok().and_then(|t| t.trim().parse().ok())
+        })?;
+        Ok(ZoneProc { proc, name: name.to_string(), port })
+    }
+}
+
+/// A player connected to a zone server over TCP (newline-delimited JSON).
+pub struct Player {
+    pub name: String,
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    seq: u64,
+}
+
+impl Player {
+    /// Connects and logs in.
+    pub fn connect(port: u16, name: &str) -> Result<Self> {
+        let fail = |message: String| FleetError::Player { name: name.to_string(), message };
+        let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| fail(format!("cannot connect: {e}")))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| fail(e.to_string()))?;
+        let writer = stream.try_clone().map_err(|e| fail(e.to_string()))?;
+        let mut player = Player { name: name.to_string(), reader: BufReader::new(stream), writer, seq: 0 };
+        let reply = player.request(json!({"type": "login", "name": name}))?;
+        if reply["ok"] != true {
+            return Err(fail(format!("login refused: {reply}")));
+        }
+        Ok(player)
+    }
+
+    /// Sends one request and returns its reply; a dropped connection is an error.
+    pub fn request(&mut self, mut msg: Value) -> Result<Value> {
+        let fail = |message: String| FleetError::Player { name: self.name.clone(), message };
+        self.seq += 1;
+        msg["seq"] = json!(self.seq);
+        self.writer.write_all(format!("{msg}\n").as_bytes()).map_err(|e| fail(format!("connection lost: {e}")))?;
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).map_err(|e| fail(format!("connection lost: {e}")))?;
+            if n == 0 {
+                return Err(fail("connection closed by the server".into()));
+            }
+            let reply: Value = serde_json::from_str(&line).map_err(|e| fail(format!("bad reply {line:?}: {e}")))?;
+            if reply.get("seq") == Some(&json!(self.seq)) {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Whether the connection still answers a ping.
+    pub fn connected(&mut self) -> bool {
+        self.request(json!({"type": "ping"})).is_ok_and(|r| r["ok"] == true)
+    }
+
+    /// The player's full state and the serving process's pid.
+    pub fn stats(&mut self) -> Result<Value> {
+        self.request(json!({"type": "stats"}))
+    }
+
+    /// Hits the training dummy once; returns the damage dealt.
+    pub fn hit_dummy(&mut self) -> Result<i64> {
+        let reply = self.request(json!({"type": "attack", "target": "dummy"}))?;
+        reply["damage"].as_i64().ok_or_else(|| FleetError::Player {
+            name: self.name.clone(),
+            message: format!("attack reply without damage: {reply}"),
+        })
+    }
+}
