@@ -8,11 +8,11 @@ use std::{
     time::Duration,
 };
 
+use hotfleet_localfleet::*;
 use hotfleet_proto::v1::{
     agent_client::AgentClient, coordinator_client::CoordinatorClient, AbortRequest, CommandHeader, CommitRequest,
     PrepareRequest, PushPatchRequest, RollbackRequest, StatusRequest,
 };
-use hotfleet_localfleet::*;
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -38,7 +38,7 @@ struct Node {
 }
 
 impl Node {
-    fn start(zones: usize) -> Node {
+    async fn start(zones: usize) -> Node {
         let layout = Layout::for_workspace();
         let dir = tempfile::tempdir().expect("tmp");
         let keys = Keys::generate(&layout, dir.path()).expect("keygen");
@@ -49,30 +49,31 @@ impl Node {
                 .expect("agent");
         let zones: Vec<ZoneProc> = (0..zones)
             .map(|i| {
-                ZoneProc::start(&layout, dir.path(), &format!("zone{i}"), Some(&agent.socket), BUILD, &[]).expect("zone")
+                ZoneProc::start(&layout, dir.path(), &format!("zone{i}"), Some(&agent.socket), BUILD, &[])
+                    .expect("zone")
             })
             .collect();
         let players =
             zones.iter().map(|z| Player::connect(z.port, &format!("hero_{}", z.name)).expect("player")).collect();
         let node = Node { layout, dir, keys, coordinator, agent, zones, players };
-        node.wait_processes(node.zones.len());
+        node.wait_processes(node.zones.len()).await;
         node
     }
 
-    fn wait_processes(&self, n: usize) {
-        let url = self.agent.url();
-        wait_for(&format!("{n} processes on the agent"), Duration::from_secs(20), None, || {
-            let count = block_on(async {
-                let mut client = AgentClient::connect(url.clone()).await.ok()?;
-                let status = client.status(StatusRequest {}).await.ok()?.into_inner();
-                Some(status.node?.processes.len())
-            });
-            (count == Some(n)).then_some(())
-        })
-        .expect("processes registered");
+    async fn wait_processes(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut client = agent_client(&self.agent).await;
+            let status = client.status(StatusRequest {}).await.expect("status").into_inner();
+            let count = status.node.map(|node| node.processes.len()).unwrap_or(0);
+            if count == n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{count} processes on the agent, expected {n}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
-    /// Builds a signed (or unsigned) patch from examples/patches/NAME and stages it on the coordinator.
     fn build(&self, name: &str, signed: bool) -> (std::path::PathBuf, String) {
         let source = self.layout.repo.join("examples/patches").join(name);
         let out = self.dir.path().join(format!("{name}-{signed}.hfpatch"));
@@ -91,17 +92,13 @@ impl Node {
     }
 }
 
-fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(fut)
-}
-
 fn damage(player: &mut Player) -> i64 {
     player.hit_dummy().expect("attack the dummy")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepare_commit_rollback_changes_what_players_see_without_dropping_them() {
-    let mut node = Node::start(2);
+    let mut node = Node::start(2).await;
     let before: Vec<i64> = node.players.iter_mut().map(damage).collect();
     let stats_before: Vec<_> = node.players.iter_mut().map(|p| p.stats().expect("stats")).collect();
     let patch = node.push("hotfix-damage", true).await;
@@ -156,7 +153,7 @@ async fn prepare_commit_rollback_changes_what_players_see_without_dropping_them(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_prepare_leaves_every_process_untouched() {
-    let mut node = Node::start(2);
+    let mut node = Node::start(2).await;
     let before: Vec<i64> = node.players.iter_mut().map(damage).collect();
     let patch = node.push("syntax-error", true).await;
     let mut agent = agent_client(&node.agent).await;
@@ -184,7 +181,7 @@ async fn failed_prepare_leaves_every_process_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
-    let mut node = Node::start(1);
+    let mut node = Node::start(1).await;
     let before = damage(&mut node.players[0]);
     let mut agent = agent_client(&node.agent).await;
 
@@ -232,7 +229,7 @@ async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_epochs_are_refused_even_after_an_agent_restart() {
-    let mut node = Node::start(1);
+    let mut node = Node::start(1).await;
     let patch = node.push("hotfix-damage", true).await;
     let mut agent = agent_client(&node.agent).await;
     agent.abort(AbortRequest { header: header("r-e", &patch, 7) }).await.expect("epoch 7 accepted");
@@ -245,8 +242,9 @@ async fn stale_epochs_are_refused_even_after_an_agent_restart() {
 
     // Restart the agent on the same data dir: the fence survives.
     node.agent.proc.kill();
-    node.agent = AgentProc::start(&node.layout, node.dir.path(), "node-a", Some(&node.coordinator.url()), &node.keys, &[])
-        .expect("agent restart");
+    node.agent =
+        AgentProc::start(&node.layout, node.dir.path(), "node-a", Some(&node.coordinator.url()), &node.keys, &[])
+            .expect("agent restart");
     let mut agent = agent_client(&node.agent).await;
     let err =
         agent.commit(CommitRequest { header: header("r-e2", &patch, 3) }).await.expect_err("old epoch after restart");
@@ -256,7 +254,7 @@ async fn stale_epochs_are_refused_even_after_an_agent_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_killed_mid_commit_is_reported_and_the_others_commit() {
-    let mut node = Node::start(3);
+    let mut node = Node::start(3).await;
     let before = damage(&mut node.players[0]);
     let patch = node.push("hotfix-damage", true).await;
     let mut agent = agent_client(&node.agent).await;
@@ -292,7 +290,7 @@ async fn runtime_killed_mid_commit_is_reported_and_the_others_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_wrong_versions_on_the_runtime_socket_change_nothing() {
-    let mut node = Node::start(1);
+    let mut node = Node::start(1).await;
     // Garbage instead of a hello: refused with an error frame, connection closed.
     let mut raw = UnixStream::connect(&node.agent.socket).expect("connect");
     raw.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
@@ -321,16 +319,17 @@ async fn garbage_and_wrong_versions_on_the_runtime_socket_change_nothing() {
     assert!(text.contains("\"version\"") && text.contains("99"), "{text}");
 
     // The real process is still served, and nothing else got registered.
-    node.wait_processes(1);
+    node.wait_processes(1).await;
     assert!(node.players[0].connected());
     assert!(node.agent.proc.alive());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_that_connects_later_is_listed_at_once() {
-    let node = Node::start(1);
-    let late = ZoneProc::start(&node.layout, node.dir.path(), "late", Some(&node.agent.socket), BUILD, &[]).expect("zone");
-    node.wait_processes(2);
+    let node = Node::start(1).await;
+    let late =
+        ZoneProc::start(&node.layout, node.dir.path(), "late", Some(&node.agent.socket), BUILD, &[]).expect("zone");
+    node.wait_processes(2).await;
     let mut agent = agent_client(&node.agent).await;
     let status = agent.status(StatusRequest {}).await.expect("status").into_inner().node.expect("node");
     let late_status = status.processes.iter().find(|p| p.pid == late.proc.pid()).expect("late process listed");

@@ -3,6 +3,7 @@
 //! `HOTFLEET_COORDINATOR`). Exit codes a runbook can branch on are in [`exit`].
 
 mod client;
+mod demo;
 mod exit;
 mod fleet_cmd;
 mod output;
@@ -48,6 +49,9 @@ enum Command {
     },
     /// Lift a freeze.
     Unfreeze,
+    /// Run a whole fleet on this machine and patch it live: a hotfix rolled out
+    /// in waves, then a bad patch rolled back automatically.
+    Demo(demo::DemoArgs),
     /// The audit log of operator actions, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -74,6 +78,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Rollout(cmd) => rollout_cmd::run(target, cmd, output).await,
         Command::Freeze { reason } => fleet_cmd::freeze(target, reason, output).await,
         Command::Unfreeze => fleet_cmd::unfreeze(target, output).await,
+        Command::Demo(args) => demo::run(args, output).await,
         Command::Audit { limit } => fleet_cmd::audit(target, limit, output).await,
     }
 }

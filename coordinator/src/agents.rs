@@ -1,0 +1,269 @@
+//! How the coordinator talks to agents.
+//!
+//! [`AgentClient`] is the seam between the rollout engine and the network:
+//! the engine only sees domain answers ([`Vote`], [`Outcome`], health
+//! [`Sample`]s), so it is tested with an in-memory double. [`GrpcAgents`] is
+//! the real thing: one lazily connected tonic channel per agent address,
+//! every call under a deadline (sent as `grpc-timeout` *and* enforced here,
+//! so a silent agent costs at most its deadline) and a global bound on calls
+//! in flight (a semaphore), so a rollout over thousands of nodes never opens
+//! thousands of requests at once.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use hotfleet_proto::v1::{
+    agent_client::AgentClient as ProtoAgentClient, AbortRequest, CommandHeader, CommitRequest, HealthRequest,
+    PrepareRequest, RollbackRequest,
+};
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::rollout::health::Sample;
+
+/// Identity of one command: agents key idempotency on (rollout, patch, kind)
+/// and refuse an epoch older than the newest they have seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub rollout_id: String,
+    pub patch_id: String,
+    pub epoch: u64,
+}
+
+/// Where an agent is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub node_id: String,
+    pub addr: String,
+}
+
+/// A prepare vote, or a commit/abort/rollback outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    pub ok: bool,
+    /// Why not (agent's reason plus failing processes).
+    pub reason: String,
+}
+
+/// The agent could not be asked (network, deadline, refusal).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent {node} unreachable at {addr}: {reason}")]
+    Unreachable { node: String, addr: String, reason: String },
+    #[error("agent {node} did not answer within {ms} ms")]
+    Deadline { node: String, ms: u64 },
+    #[error("agent {node} refused: {reason}")]
+    Refused { node: String, reason: String },
+}
+
+/// Commands and queries the engine sends to agents.
+#[async_trait]
+pub trait AgentClient: Send + Sync + 'static {
+    async fn prepare(
+        &self,
+        to: &Target,
+        cmd: &Command,
+        ttl_seconds: u32,
+        deadline: Duration,
+    ) -> Result<Outcome, AgentError>;
+    async fn commit(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError>;
+    async fn abort(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError>;
+    async fn rollback(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError>;
+    /// Health of every process, counted from the given per-process marks
+    /// (empty map: since ever; the answer carries the current marks).
+    async fn health(
+        &self,
+        to: &Target,
+        since: &BTreeMap<String, u64>,
+        deadline: Duration,
+    ) -> Result<Vec<HealthSample>, AgentError>;
+}
+
+/// A health sample plus what a baseline needs from it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HealthSample {
+    pub sample: Sample,
+    pub mark: u64,
+}
+
+/// The real [`AgentClient`] over gRPC.
+pub struct GrpcAgents {
+    channels: Mutex<HashMap<String, Channel>>,
+    call_timeout: Duration,
+    in_flight: Arc<Semaphore>,
+}
+
+impl GrpcAgents {
+    pub fn new(call_timeout: Duration, max_in_flight: usize) -> Self {
+        Self {
+            channels: Mutex::new(HashMap::new()),
+            call_timeout,
+            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+        }
+    }
+
+    fn channel(&self, to: &Target) -> Result<Channel, AgentError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ch) = channels.get(&to.addr) {
+            return Ok(ch.clone());
+        }
+        let uri = if to.addr.contains("://") { to.addr.clone() } else { format!("http://{}", to.addr) };
+        let endpoint = Endpoint::from_shared(uri).map_err(|e| AgentError::Unreachable {
+            node: to.node_id.clone(),
+            addr: to.addr.clone(),
+            reason: format!("bad advertise_addr: {e}"),
+        })?;
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .connect_lazy();
+        channels.insert(to.addr.clone(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Runs one call under the concurrency bound and the deadline.
+    async fn call<T, F, Fut>(&self, to: &Target, deadline: Duration, f: F) -> Result<T, AgentError>
+    where
+        F: FnOnce(ProtoAgentClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = deadline.min(self.call_timeout).max(Duration::from_millis(1));
+        let client = ProtoAgentClient::new(self.channel(to)?);
+        let work = async {
+            // The wait for a permit counts against the deadline too: a
+            // saturated coordinator must not stall a step past it.
+            let _permit = self.in_flight.acquire().await.map_err(|_| AgentError::Unreachable {
+                node: to.node_id.clone(),
+                addr: to.addr.clone(),
+                reason: "coordinator shutting down".into(),
+            })?;
+            f(client, deadline).await.map(|r| r.into_inner()).map_err(|status| status_error(to, deadline, status))
+        };
+        match tokio::time::timeout(deadline, work).await {
+            Ok(result) => result,
+            Err(_) => Err(AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 }),
+        }
+    }
+}
+
+fn status_error(to: &Target, deadline: Duration, status: tonic::Status) -> AgentError {
+    use tonic::Code;
+    match status.code() {
+        // tonic's client enforces the grpc-timeout it sends and reports it so.
+        Code::Cancelled if status.message().contains("Timeout expired") => {
+            AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 }
+        }
+        Code::Unavailable | Code::Unknown | Code::Cancelled => AgentError::Unreachable {
+            node: to.node_id.clone(),
+            addr: to.addr.clone(),
+            reason: status.message().to_string(),
+        },
+        Code::DeadlineExceeded => AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 },
+        code => AgentError::Refused { node: to.node_id.clone(), reason: format!("{code:?}: {}", status.message()) },
+    }
+}
+
+fn header(cmd: &Command) -> Option<CommandHeader> {
+    Some(CommandHeader { rollout_id: cmd.rollout_id.clone(), patch_id: cmd.patch_id.clone(), epoch: cmd.epoch })
+}
+
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// The agent's reason plus each failing process's error, in one line.
+fn outcome(ok: bool, reason: String, processes: &[hotfleet_proto::v1::ProcessOutcome]) -> Outcome {
+    let mut parts = Vec::new();
+    if !reason.is_empty() {
+        parts.push(reason);
+    }
+    for p in processes.iter().filter(|p| !p.ok) {
+        parts.push(format!("process {} (pid {}): {}", p.process_id, p.pid, p.error));
+    }
+    Outcome { ok, reason: parts.join("; ") }
+}
+
+#[async_trait]
+impl AgentClient for GrpcAgents {
+    async fn prepare(
+        &self,
+        to: &Target,
+        cmd: &Command,
+        ttl_seconds: u32,
+        deadline: Duration,
+    ) -> Result<Outcome, AgentError> {
+        let r = self
+            .call(to, deadline, |mut c, d| async move {
+                c.prepare(with_deadline(PrepareRequest { header: header(cmd), ttl_seconds }, d)).await
+            })
+            .await?;
+        Ok(outcome(r.vote_yes, r.reason, &r.processes))
+    }
+
+    async fn commit(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
+        let r = self
+            .call(to, deadline, |mut c, d| async move {
+                c.commit(with_deadline(CommitRequest { header: header(cmd) }, d)).await
+            })
+            .await?;
+        Ok(outcome(r.ok, r.reason, &r.processes))
+    }
+
+    async fn abort(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
+        let r = self
+            .call(to, deadline, |mut c, d| async move {
+                c.abort(with_deadline(AbortRequest { header: header(cmd) }, d)).await
+            })
+            .await?;
+        Ok(outcome(r.ok, r.reason, &r.processes))
+    }
+
+    async fn rollback(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
+        let r = self
+            .call(to, deadline, |mut c, d| async move {
+                c.rollback(with_deadline(RollbackRequest { header: header(cmd) }, d)).await
+            })
+            .await?;
+        Ok(outcome(r.ok, r.reason, &r.processes))
+    }
+
+    async fn health(
+        &self,
+        to: &Target,
+        since: &BTreeMap<String, u64>,
+        deadline: Duration,
+    ) -> Result<Vec<HealthSample>, AgentError> {
+        let since: HashMap<String, u64> = since.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let r = self
+            .call(to, deadline, |mut c, d| async move { c.health(with_deadline(HealthRequest { since }, d)).await })
+            .await?;
+        Ok(r.processes
+            .into_iter()
+            .map(|p| {
+                let h = p.health.unwrap_or_default();
+                HealthSample {
+                    mark: h.mark,
+                    sample: Sample {
+                        process_id: p.process_id,
+                        pid: p.pid,
+                        reachable: p.reachable,
+                        alive: h.alive,
+                        ticks_since: h.ticks_since,
+                        tick_p99_ms: h.tick_p99_ms,
+                        exceptions_since: h.exceptions_since,
+                        game_ok: h.game_ok,
+                        game_detail: h.game_detail,
+                        error: p.error,
+                    },
+                }
+            })
+            .collect())
+    }
+}

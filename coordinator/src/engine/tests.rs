@@ -1,0 +1,589 @@
+//! Engine tests with an in-memory [`AgentClient`] double: ordering of the two
+//! phases, every failure path, deadlines, abort, freeze, blast radius, and
+//! resume after a crash. (The gRPC path is covered by `tests/rollout.rs`.)
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use hotfleet_proto::v1::{NodeStatus, ProcessStatus};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::{
+    agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
+    registry::Registry,
+    rollout::{health::Sample, Observed, Phase, RolloutState},
+    store::{embedded::EmbeddedStore, Batch, PatchRecord, Store, Write},
+};
+
+const PATCH: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const BUILD: &str = "b1";
+
+#[derive(Debug, Clone, Default)]
+struct Behaviour {
+    prepare_no: bool,
+    commit_fail: bool,
+    exceptions_after_commit: u64,
+    p99_after_commit: Option<f64>,
+    no_ticks: bool,
+    slow_prepare: Option<Duration>,
+    slow_commit: Option<Duration>,
+}
+
+#[derive(Default)]
+struct FakeAgents {
+    behaviour: Mutex<HashMap<String, Behaviour>>,
+    /// (kind, node, epoch) in send order.
+    log: Mutex<Vec<(String, String, u64)>>,
+    committed: Mutex<HashSet<String>>,
+    ticks: AtomicU64,
+}
+
+impl FakeAgents {
+    fn set(&self, node: &str, b: Behaviour) {
+        self.behaviour.lock().expect("lock").insert(node.into(), b);
+    }
+
+    fn behaviour(&self, node: &str) -> Behaviour {
+        self.behaviour.lock().expect("lock").get(node).cloned().unwrap_or_default()
+    }
+
+    fn record(&self, kind: &str, to: &Target, cmd: &Command) {
+        self.log.lock().expect("lock").push((kind.into(), to.node_id.clone(), cmd.epoch));
+    }
+
+    fn sent(&self, kind: &str) -> Vec<String> {
+        self.log.lock().expect("lock").iter().filter(|(k, _, _)| k == kind).map(|(_, n, _)| n.clone()).collect()
+    }
+
+    fn log(&self) -> Vec<(String, String, u64)> {
+        self.log.lock().expect("lock").clone()
+    }
+}
+
+fn yes() -> Result<Outcome, AgentError> {
+    Ok(Outcome { ok: true, reason: String::new() })
+}
+
+#[async_trait]
+impl AgentClient for FakeAgents {
+    async fn prepare(&self, to: &Target, cmd: &Command, _ttl: u32, _d: Duration) -> Result<Outcome, AgentError> {
+        self.record("prepare", to, cmd);
+        let b = self.behaviour(&to.node_id);
+        if let Some(delay) = b.slow_prepare {
+            tokio::time::sleep(delay).await;
+        }
+        if b.prepare_no {
+            return Ok(Outcome { ok: false, reason: "SyntaxError: invalid syntax (zone/combat.py, line 3)".into() });
+        }
+        yes()
+    }
+
+    async fn commit(&self, to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
+        self.record("commit", to, cmd);
+        let b = self.behaviour(&to.node_id);
+        if let Some(delay) = b.slow_commit {
+            tokio::time::sleep(delay).await;
+        }
+        if b.commit_fail {
+            return Ok(Outcome { ok: false, reason: "__reload_instance__ raised KeyError".into() });
+        }
+        self.committed.lock().expect("lock").insert(to.node_id.clone());
+        yes()
+    }
+
+    async fn abort(&self, to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
+        self.record("abort", to, cmd);
+        yes()
+    }
+
+    async fn rollback(&self, to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
+        self.record("rollback", to, cmd);
+        self.committed.lock().expect("lock").remove(&to.node_id);
+        yes()
+    }
+
+    async fn health(
+        &self,
+        to: &Target,
+        _since: &BTreeMap<String, u64>,
+        _d: Duration,
+    ) -> Result<Vec<HealthSample>, AgentError> {
+        let b = self.behaviour(&to.node_id);
+        let committed = self.committed.lock().expect("lock").contains(&to.node_id);
+        let ticks = if b.no_ticks { 5 } else { self.ticks.fetch_add(1, Ordering::Relaxed) + 1 };
+        Ok(vec![HealthSample {
+            mark: 1,
+            sample: Sample {
+                process_id: format!("{}-p", to.node_id),
+                pid: 100,
+                reachable: true,
+                alive: true,
+                ticks_since: ticks,
+                tick_p99_ms: if committed { b.p99_after_commit.unwrap_or(2.0) } else { 2.0 },
+                exceptions_since: if committed { b.exceptions_after_commit } else { 0 },
+                game_ok: true,
+                game_detail: String::new(),
+                error: String::new(),
+            },
+        }])
+    }
+}
+
+struct Fixture {
+    _dir: Option<tempfile::TempDir>,
+    engine: Engine,
+    agents: Arc<FakeAgents>,
+    registry: Registry,
+    cancel: CancellationToken,
+}
+
+fn node(id: &str, zone: &str) -> NodeStatus {
+    NodeStatus {
+        node_id: id.into(),
+        labels: [("zone".to_string(), zone.to_string())].into(),
+        advertise_addr: format!("{id}:1"),
+        processes: vec![ProcessStatus {
+            process_id: format!("{id}-p"),
+            pid: 100,
+            build: BUILD.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn fixture_at(
+    dir: Option<tempfile::TempDir>,
+    path: std::path::PathBuf,
+    agents: Arc<FakeAgents>,
+    nodes: usize,
+) -> Fixture {
+    // A "crashed" predecessor's tasks drop their store handle asynchronously;
+    // redb refuses a second open meanwhile.
+    let until = Instant::now() + Duration::from_secs(5);
+    let store: Arc<dyn Store> = loop {
+        match EmbeddedStore::open(&path) {
+            Ok(store) => break Arc::new(store),
+            Err(err) if Instant::now() > until => panic!("{err}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let fence = store.acquire_epoch().await.expect("epoch");
+    let registry = Registry::load(store.clone(), fence, Duration::from_millis(50), Duration::from_millis(200))
+        .await
+        .expect("registry");
+    for i in 1..=nodes {
+        registry.register(node(&format!("n{i}"), if i % 2 == 0 { "b" } else { "a" })).await.expect("register");
+    }
+    let record = PatchRecord {
+        patch_id: PATCH.into(),
+        target_build: BUILD.into(),
+        parent_patch_id: String::new(),
+        description: "fix damage".into(),
+        author: String::new(),
+        created_at: String::new(),
+        modules: vec![],
+        size_bytes: 1,
+        signer_key_id: String::new(),
+        pushed_by: String::new(),
+        pushed_at_ms: 0,
+    };
+    store.write(fence, Batch::new().with(Write::PutPatch { record, bundle: vec![1] })).await.expect("patch");
+    let cancel = CancellationToken::new();
+    let engine = Engine::new(
+        store,
+        fence,
+        registry.clone(),
+        agents.clone(),
+        EngineConfig {
+            max_poll_interval: Duration::from_millis(50),
+            revert_attempts: 2,
+            store_retry: Duration::from_millis(20),
+        },
+        cancel.clone(),
+    );
+    engine.resume().await.expect("resume");
+    Fixture { _dir: dir, engine, agents, registry, cancel }
+}
+
+async fn fixture(nodes: usize) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    fixture_at(Some(dir), path, Arc::new(FakeAgents::default()), nodes).await
+}
+
+fn request() -> StartRequest {
+    StartRequest {
+        patch_id: PATCH.into(),
+        selector: "all".into(),
+        canary: "1".into(),
+        waves: vec!["50%".into(), "100%".into()],
+        health_window_ms: 150,
+        step_deadline_ms: 1000,
+        ..Default::default()
+    }
+}
+
+async fn wait_for(engine: &Engine, id: &str, timeout: Duration, pred: impl Fn(&RolloutState) -> bool) -> RolloutState {
+    let until = Instant::now() + timeout;
+    loop {
+        let s = engine.get(id).await.expect("get");
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < until, "timed out; rollout is {:?}\nevents: {:#?}", s.rollout.phase, s.rollout.events);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn finish(engine: &Engine, id: &str) -> RolloutState {
+    wait_for(engine, id, Duration::from_secs(10), |s| s.rollout.phase.is_terminal()).await
+}
+
+fn rolled_back(s: &RolloutState) -> (String, Vec<String>) {
+    match &s.rollout.phase {
+        Phase::RolledBack { reason, faulty } => (reason.clone(), faulty.clone()),
+        other => panic!("expected rolled back, got {other:?}; events {:#?}", s.rollout.events),
+    }
+}
+
+#[tokio::test]
+async fn good_rollout_prepares_everywhere_then_commits_canary_then_waves() {
+    let f = fixture(5).await;
+    let state = f.engine.start(request(), "alice", false).await.expect("start");
+    let steps: Vec<(String, usize)> = state.rollout.steps.iter().map(|s| (s.name.clone(), s.nodes.len())).collect();
+    assert_eq!(steps, [("canary".to_string(), 1), ("wave-1".to_string(), 2), ("wave-2".to_string(), 2)]);
+    let done = finish(&f.engine, &state.rollout.id).await;
+    assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
+    assert!(done.nodes.values().all(|n| n.observed == Observed::Committed));
+
+    let log = f.agents.log();
+    let first_commit = log.iter().position(|(k, _, _)| k == "commit").expect("commits");
+    let last_prepare = log.iter().rposition(|(k, _, _)| k == "prepare").expect("prepares");
+    assert!(last_prepare < first_commit, "phase 1 completes before any commit");
+    assert_eq!(f.agents.sent("commit")[0], "n1", "canary first");
+    assert_eq!(f.agents.sent("prepare").len(), 5);
+    assert!(log.iter().all(|(_, _, epoch)| *epoch == f.engine.epoch()), "every command carries the epoch");
+
+    // The patch joined the build's stack, once.
+    let stack = f.engine.inner.store.patch_stack(BUILD).await.expect("stack");
+    assert_eq!(stack.len(), 1);
+    assert_eq!(stack[0].patch_id, PATCH);
+    assert_eq!(stack[0].rollout_id, state.rollout.id);
+    // And the start is audited.
+    let audit = f.engine.inner.store.audit(10).await.expect("audit");
+    assert!(audit.iter().any(|a| a.action == "rollout.start" && a.actor == "alice"));
+}
+
+#[tokio::test]
+async fn a_prepare_no_aborts_everywhere_and_commits_nothing() {
+    let f = fixture(4).await;
+    f.agents.set("n3", Behaviour { prepare_no: true, ..Default::default() });
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    let done = finish(&f.engine, &id).await;
+    let (reason, faulty) = rolled_back(&done);
+    assert!(reason.contains("prepare failed on n3") && reason.contains("SyntaxError"), "{reason}");
+    assert_eq!(faulty, ["n3"]);
+    assert!(f.agents.sent("commit").is_empty(), "nothing committed anywhere");
+    assert!(f.agents.sent("rollback").is_empty());
+    let mut aborted = f.agents.sent("abort");
+    aborted.sort();
+    assert_eq!(aborted, ["n1", "n2", "n3", "n4"]);
+    assert!(f.engine.inner.store.patch_stack(BUILD).await.expect("stack").is_empty());
+}
+
+#[tokio::test]
+async fn a_commit_failure_in_wave_two_rolls_back_canary_and_wave_one() {
+    let f = fixture(5).await;
+    // Plan: canary n1, wave-1 n2,n3, wave-2 n4,n5.
+    f.agents.set("n5", Behaviour { commit_fail: true, ..Default::default() });
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    let done = finish(&f.engine, &id).await;
+    let (reason, faulty) = rolled_back(&done);
+    assert!(reason.contains("wave-2: commit failed on n5") && reason.contains("KeyError"), "{reason}");
+    assert_eq!(faulty, ["n5"]);
+    let mut rolled = f.agents.sent("rollback");
+    rolled.sort();
+    assert_eq!(rolled, ["n1", "n2", "n3", "n4", "n5"]);
+    assert!(f.agents.committed.lock().expect("lock").is_empty(), "nothing left committed");
+    assert!(done.nodes.values().all(|n| n.observed == Observed::RolledBack));
+}
+
+#[tokio::test]
+async fn new_exceptions_fail_the_gate() {
+    let f = fixture(3).await;
+    f.agents.set("n1", Behaviour { exceptions_after_commit: 2, ..Default::default() });
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    let (reason, faulty) = rolled_back(&finish(&f.engine, &id).await);
+    assert!(reason.contains("2 new unhandled exception"), "{reason}");
+    assert_eq!(faulty, ["n1"]);
+    assert_eq!(f.agents.sent("commit"), ["n1"], "waves never started");
+}
+
+#[tokio::test]
+async fn slow_ticks_fail_the_gate() {
+    let f = fixture(3).await;
+    f.agents.set("n2", Behaviour { p99_after_commit: Some(250.0), ..Default::default() });
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    let (reason, faulty) = rolled_back(&finish(&f.engine, &id).await);
+    assert!(reason.contains("tick p99 250.0 ms"), "{reason}");
+    assert_eq!(faulty, ["n2"]);
+}
+
+#[tokio::test]
+async fn no_health_data_fails_the_gate() {
+    let f = fixture(2).await;
+    f.agents.set("n1", Behaviour { no_ticks: true, ..Default::default() });
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    let (reason, _) = rolled_back(&finish(&f.engine, &id).await);
+    assert!(reason.contains("no health data"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_slow_node_cannot_stall_prepare_past_the_deadline() {
+    let f = fixture(3).await;
+    f.agents.set("n2", Behaviour { slow_prepare: Some(Duration::from_secs(30)), ..Default::default() });
+    let mut req = request();
+    req.step_deadline_ms = 300;
+    let started = Instant::now();
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    let (reason, faulty) = rolled_back(&finish(&f.engine, &id).await);
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(reason.contains("n2") && reason.contains("deadline"), "{reason}");
+    assert_eq!(faulty, ["n2"]);
+    assert!(f.agents.sent("commit").is_empty());
+}
+
+#[tokio::test]
+async fn abort_during_a_health_window_rolls_back_at_once_and_commits_nothing_new() {
+    let f = fixture(5).await;
+    let mut req = request();
+    req.health_window_ms = 60_000;
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Watching { .. })).await;
+    let started = Instant::now();
+    let acked = f.engine.abort(&id, "bob", "players report lag").await.expect("abort");
+    assert!(matches!(acked.rollout.phase, Phase::RollingBack { .. }), "acknowledged as rolling back");
+    let commits_at_ack = f.agents.sent("commit").len();
+    let done = finish(&f.engine, &id).await;
+    assert!(started.elapsed() < Duration::from_secs(3), "rollback skipped the 60 s window");
+    let (reason, _) = rolled_back(&done);
+    assert_eq!(reason, "aborted by bob: players report lag");
+    assert_eq!(f.agents.sent("commit").len(), commits_at_ack, "no commit after the abort was acknowledged");
+    assert_eq!(f.agents.sent("rollback"), ["n1"]);
+    let audit = f.engine.inner.store.audit(10).await.expect("audit");
+    assert!(audit.iter().any(|a| a.action == "rollout.abort" && a.actor == "bob" && a.ok));
+    // Refused once finished, and the refusal is audited.
+    assert!(f.engine.abort(&id, "bob", "").await.is_err());
+}
+
+#[tokio::test]
+async fn abort_while_prepares_are_in_flight_never_commits() {
+    let f = fixture(3).await;
+    f.agents.set("n3", Behaviour { slow_prepare: Some(Duration::from_secs(5)), ..Default::default() });
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.rollout.phase == Phase::Preparing).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    f.engine.abort(&id, "bob", "").await.expect("abort");
+    let done = finish(&f.engine, &id).await;
+    rolled_back(&done);
+    assert!(f.agents.sent("commit").is_empty());
+    let mut aborted = f.agents.sent("abort");
+    aborted.sort();
+    assert_eq!(aborted, ["n1", "n2", "n3"], "in-flight prepares are aborted too");
+}
+
+#[tokio::test]
+async fn abort_while_committing_reverts_the_nodes_a_commit_may_have_reached() {
+    let f = fixture(3).await;
+    f.agents.set("n1", Behaviour { slow_commit: Some(Duration::from_secs(5)), ..Default::default() });
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Committing { .. })).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    f.engine.abort(&id, "bob", "").await.expect("abort");
+    rolled_back(&finish(&f.engine, &id).await);
+    assert_eq!(f.agents.sent("rollback"), ["n1"]);
+    assert_eq!(f.agents.sent("commit"), ["n1"]);
+}
+
+#[tokio::test]
+async fn manual_gate_pauses_until_promote() {
+    let f = fixture(3).await;
+    let mut req = request();
+    req.pause_before = vec!["wave-1".into()];
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    let held = wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.waiting_reason(false).is_some()).await;
+    assert_eq!(held.rollout.phase, Phase::Waiting { next_step: 1 });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(f.agents.sent("commit"), ["n1"], "held at the gate");
+    f.engine.promote(&id, "carol", "canary looks fine").await.expect("promote");
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+}
+
+#[tokio::test]
+async fn pause_and_resume() {
+    let f = fixture(3).await;
+    let mut req = request();
+    req.health_window_ms = 300;
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Watching { step: 0, .. }))
+        .await;
+    f.engine.pause(&id, "a", "").await.expect("pause");
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.rollout.phase == Phase::Waiting { next_step: 1 }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(f.agents.sent("commit").len(), 1);
+    f.engine.resume_rollout(&id, "a", "").await.expect("resume");
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+}
+
+#[tokio::test]
+async fn freeze_refuses_new_rollouts_and_holds_running_ones() {
+    let f = fixture(3).await;
+    let mut req = request();
+    req.health_window_ms = 300;
+    let id = f.engine.start(req.clone(), "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Watching { step: 0, .. }))
+        .await;
+    f.engine.set_freeze(Some("incident".into()), "sre").await.expect("freeze");
+    let err = f.engine.start(req.clone(), "a", false).await.expect_err("frozen");
+    assert!(err.to_string().contains("frozen by sre (incident)"), "{err}");
+    let held = wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.waiting_reason(true).is_some()).await;
+    assert_eq!(held.rollout.phase, Phase::Waiting { next_step: 1 });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(f.agents.sent("commit").len(), 1, "no new step while frozen");
+    // An abort still goes through while frozen.
+    f.engine.set_freeze(None, "sre").await.expect("unfreeze");
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+}
+
+#[tokio::test]
+async fn a_second_rollout_on_the_same_nodes_is_refused_naming_the_first() {
+    let f = fixture(4).await;
+    let mut req = request();
+    req.pause_before = vec!["canary".into()];
+    let first = f.engine.start(req.clone(), "a", false).await.expect("start").rollout.id;
+    let mut second = request();
+    second.selector = "zone=b".into();
+    let err = f.engine.start(second, "a", false).await.expect_err("conflict");
+    assert!(err.to_string().contains(&first) && err.to_string().contains("n2"), "{err}");
+    f.engine.abort(&first, "a", "").await.expect("abort");
+    finish(&f.engine, &first).await;
+    let mut third = request();
+    third.selector = "zone=b".into();
+    f.engine.start(third, "a", false).await.expect("nodes free again");
+}
+
+#[tokio::test]
+async fn a_lost_node_rolls_back_under_the_default_policy() {
+    let f = fixture(3).await;
+    let mut req = request();
+    req.health_window_ms = 2_000;
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Watching { step: 0, .. }))
+        .await;
+    // n1 (the canary) stops heartbeating; the others keep beating.
+    let until = Instant::now() + Duration::from_secs(5);
+    while !f.registry.is_lost("n1") && Instant::now() < until {
+        for n in ["n2", "n3"] {
+            f.registry.heartbeat(node(n, "a")).await.expect("hb");
+        }
+        f.registry.sweep();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (reason, faulty) = rolled_back(&finish(&f.engine, &id).await);
+    assert!(reason.contains("lost"), "{reason}");
+    assert_eq!(faulty, ["n1"]);
+}
+
+#[tokio::test]
+async fn bad_specs_are_refused_clearly() {
+    let f = fixture(2).await;
+    let cases: Vec<(StartRequest, &str)> = vec![
+        (StartRequest { patch_id: "nope".into(), ..request() }, "not a patch id"),
+        (StartRequest { patch_id: "b".repeat(64), ..request() }, "not found"),
+        (StartRequest { selector: "zone".into(), ..request() }, "invalid selector"),
+        (StartRequest { selector: "zone=z".into(), ..request() }, "matches no live node"),
+        (StartRequest { waves: vec!["150%".into()], ..request() }, "invalid size"),
+        (StartRequest { pause_before: vec!["wave-9".into()], ..request() }, "unknown step"),
+        (StartRequest { tick_p99_factor: 0.5, ..request() }, "must be >= 1.0"),
+    ];
+    for (req, expected) in cases {
+        let err = f.engine.start(req, "a", false).await.expect_err(expected);
+        assert!(err.to_string().contains(expected), "{err} (expected {expected})");
+    }
+    let dry = f.engine.start(request(), "a", true).await.expect("dry run");
+    assert!(f.engine.get(&dry.rollout.id).await.is_err(), "a dry run stores nothing");
+}
+
+#[tokio::test]
+async fn a_crash_mid_wave_resumes_and_finishes_under_a_new_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    let agents = Arc::new(FakeAgents::default());
+    let (id, old_epoch) = {
+        let f = fixture_at(None, path.clone(), agents.clone(), 5).await;
+        let mut req = request();
+        req.health_window_ms = 400;
+        let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+        wait_for(&f.engine, &id, Duration::from_secs(5), |s| {
+            matches!(s.rollout.phase, Phase::Watching { step: 1, .. })
+        })
+        .await;
+        // kill -9: tasks dropped mid-window, nothing drained.
+        f.cancel.cancel();
+        f.engine.abort_all();
+        (id, f.engine.epoch())
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let f = fixture_at(Some(dir), path, agents.clone(), 0).await;
+    assert!(f.engine.epoch() > old_epoch);
+    for i in 1..=5 {
+        f.registry.register(node(&format!("n{i}"), "a")).await.expect("re-register");
+    }
+    let done = finish(&f.engine, &id).await;
+    assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
+    assert_eq!(done.rollout.epoch, f.engine.epoch(), "the new incarnation wrote the end");
+    // Each node committed exactly once overall; commands after the restart
+    // carry the new epoch.
+    let commits = agents.sent("commit");
+    let unique: HashSet<&String> = commits.iter().collect();
+    assert_eq!(unique.len(), 5);
+    let after: Vec<_> = agents.log().into_iter().filter(|(k, _, e)| k == "commit" && *e == f.engine.epoch()).collect();
+    assert_eq!(after.len(), 2, "only wave-2 was committed by the new incarnation: {after:?}");
+}
+
+#[tokio::test]
+async fn a_crash_while_rolling_back_resumes_the_rollback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    let agents = Arc::new(FakeAgents::default());
+    let id = {
+        let f = fixture_at(None, path.clone(), agents.clone(), 3).await;
+        let mut req = request();
+        req.pause_before = vec!["wave-1".into()];
+        let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+        wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.rollout.phase == Phase::Waiting { next_step: 1 }).await;
+        // Record RollingBack, then die before any revert is sent.
+        f.cancel.cancel();
+        f.engine.abort_all();
+        let handle = f.engine.handle(&id).expect("handle");
+        f.engine
+            .transact(&handle, Vec::new(), |s| Ok(((), s.fail("simulated".into(), vec![], 1))))
+            .await
+            .expect("record");
+        id
+    };
+    assert!(agents.sent("rollback").is_empty());
+    let f = fixture_at(Some(dir), path, agents.clone(), 3).await;
+    let (reason, _) = rolled_back(&finish(&f.engine, &id).await);
+    assert_eq!(reason, "simulated");
+    assert_eq!(agents.sent("rollback"), ["n1"]);
+}

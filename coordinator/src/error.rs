@@ -1,0 +1,35 @@
+//! The coordinator's domain error: what operators and agents can be told.
+//! The gRPC adapters turn it into a `Status` in exactly one place
+//! (`grpc::status`), so every code and message is decided here.
+
+use hotfleet_patch::PatchError;
+
+use crate::{planner::PlanError, registry::RegistryError, rollout::TransitionError, store::StoreError};
+
+/// `Result` with the coordinator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An uploaded bundle failed verification.
+    #[error("patch refused: {0}")]
+    Patch(#[from] PatchError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("refused: node(s) {nodes} are already in active rollout {rollout}; wait for it to finish, abort it, or narrow --selector")]
+    Conflict { rollout: String, nodes: String },
+    #[error("refused: the fleet is frozen by {by} ({reason}); run `hotfleet unfreeze` first")]
+    Frozen { by: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the coordinator is shutting down; retry against the new instance")]
+    ShuttingDown,
+}

@@ -1,0 +1,82 @@
+//! `AgentGateway`: what agents call (register, heartbeat, fetch a patch, get
+//! the fleet's patch stack).
+
+use std::pin::Pin;
+
+use futures::Stream;
+use hotfleet_proto::v1::{
+    agent_gateway_server::AgentGateway, FetchPatchRequest, GetPatchStackRequest, GetPatchStackResponse,
+    HeartbeatRequest, HeartbeatResponse, PatchChunk, PatchRef, RegisterRequest, RegisterResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{patches::Patches, registry::Registry, store::Store};
+
+/// Bytes per `PatchChunk`: small enough for any default message limit.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// The `AgentGateway` service.
+#[derive(Clone)]
+pub struct GatewayService {
+    pub registry: Registry,
+    pub patches: Patches,
+    pub store: std::sync::Arc<dyn Store>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<PatchChunk, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AgentGateway for GatewayService {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let node =
+            request.into_inner().node.ok_or_else(|| Status::invalid_argument("RegisterRequest.node is missing"))?;
+        self.registry.register(node).await?;
+        Ok(Response::new(RegisterResponse {
+            heartbeat_interval_seconds: self.registry.heartbeat_interval_seconds(),
+            epoch: self.registry.epoch(),
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let node =
+            request.into_inner().node.ok_or_else(|| Status::invalid_argument("HeartbeatRequest.node is missing"))?;
+        let known = self.registry.heartbeat(node).await?;
+        Ok(Response::new(HeartbeatResponse { known, epoch: self.registry.epoch() }))
+    }
+
+    type FetchPatchStream = ChunkStream;
+
+    async fn fetch_patch(&self, request: Request<FetchPatchRequest>) -> Result<Response<ChunkStream>, Status> {
+        let patch_id = request.into_inner().patch_id;
+        let bytes = self.patches.bundle(&patch_id).await?;
+        let total_size = bytes.len() as u64;
+        let chunks: Vec<Result<PatchChunk, Status>> = bytes
+            .chunks(CHUNK_BYTES)
+            .enumerate()
+            .map(|(i, data)| Ok(PatchChunk { total_size, offset: (i * CHUNK_BYTES) as u64, data: data.to_vec() }))
+            .collect();
+        tracing::debug!(patch = %patch_id, bytes = total_size, chunks = chunks.len(), "serving patch");
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn get_patch_stack(
+        &self,
+        request: Request<GetPatchStackRequest>,
+    ) -> Result<Response<GetPatchStackResponse>, Status> {
+        let build = request.into_inner().target_build;
+        if build.trim().is_empty() {
+            return Err(Status::invalid_argument("target_build is empty"));
+        }
+        let stack = self.store.patch_stack(&build).await.map_err(crate::error::Error::from)?;
+        let patches = stack
+            .into_iter()
+            .map(|e| PatchRef {
+                patch_id: e.patch_id,
+                target_build: e.target_build,
+                parent_patch_id: e.parent_patch_id,
+                description: e.description,
+            })
+            .collect();
+        Ok(Response::new(GetPatchStackResponse { patches }))
+    }
+}

@@ -1,0 +1,59 @@
+//! gRPC adapters: decode the request, call the domain, encode the answer.
+//! Nothing here decides anything; the one mapping from domain errors to
+//! gRPC status codes lives here too.
+
+pub mod convert;
+pub mod gateway;
+pub mod operator;
+
+use hotfleet_patch::PatchError;
+use tonic::{Code, Status};
+
+use crate::{error::Error, planner::PlanError, registry::RegistryError, store::StoreError};
+
+/// Metadata key naming who performs an operator action.
+pub const ACTOR_HEADER: &str = "x-hotfleet-actor";
+
+/// The actor of a request: `x-hotfleet-actor`, or "anonymous".
+pub fn actor<T>(request: &tonic::Request<T>) -> String {
+    request
+        .metadata()
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        // Bounded and printable: the value lands in the audit log verbatim.
+        .map(|s| s.chars().filter(|c| !c.is_control()).take(128).collect())
+        .unwrap_or_else(|| "anonymous".to_string())
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let code = match &err {
+            Error::NotFound { .. } => Code::NotFound,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Patch(p) => match p {
+                PatchError::Unsigned { .. } | PatchError::UntrustedSigner { .. } | PatchError::BadSignature { .. } => {
+                    Code::PermissionDenied
+                }
+                PatchError::Key { .. } => Code::FailedPrecondition,
+                _ => Code::InvalidArgument,
+            },
+            Error::Plan(PlanError::NoTargets { .. }) => Code::FailedPrecondition,
+            Error::Plan(_) => Code::InvalidArgument,
+            Error::Transition(_) | Error::Conflict { .. } | Error::Frozen { .. } => Code::FailedPrecondition,
+            Error::Registry(RegistryError::Invalid(_)) => Code::InvalidArgument,
+            Error::Registry(RegistryError::Store(_)) | Error::Store(_) | Error::ShuttingDown => Code::Unavailable,
+        };
+        if matches!(&err, Error::Store(StoreError::Corrupt { .. })) {
+            tracing::error!(error = %err, "state store returned a corrupt record");
+        }
+        Status::new(code, err.to_string())
+    }
+}
+
+impl From<RegistryError> for Status {
+    fn from(err: RegistryError) -> Self {
+        Error::from(err).into()
+    }
+}

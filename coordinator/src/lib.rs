@@ -1,0 +1,31 @@
+//! hotfleet coordinator: stages signed patches and rolls them out across a
+//! fleet of game servers (two-phase commit, canary, waves, health gates,
+//! automatic fleet-wide rollback).
+//!
+//! Where things live:
+//! - [`store`]: everything persisted, behind the [`store::Store`] trait (embedded redb today, etcd next).
+//! - [`registry`]: agents, their addresses, what they run, liveness.
+//! - [`patches`]: verified patch uploads, stored by digest.
+//! - [`planner`]: selector → canary and waves (pure).
+//! - [`rollout`]: the rollout state machine and the health gate (pure).
+//! - [`engine`]: drives rollouts through [`agents::AgentClient`].
+//! - [`agents`]: the gRPC client side towards agents.
+//! - [`grpc`]: adapters for the `AgentGateway` and operator `Coordinator` services.
+//! - [`server`]: assembles all of it and serves on a bound listener.
+
+pub mod agents;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod grpc;
+pub mod patches;
+pub mod planner;
+pub mod registry;
+pub mod rollout;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use server::Coordinator;

@@ -1,0 +1,330 @@
+//! The planner (pure): which nodes a rollout targets and in which steps.
+//!
+//! Input: the registered nodes, a selector, the patch's target build, the
+//! canary size and the wave sizes. Output: ordered steps (`canary`, `wave-1`,
+//! ...) and the nodes the selector matched but the plan left out, with why.
+//! Same input, same plan: nodes are ordered by id, so a re-plan after a restart
+//! or a dry run shows exactly what will happen.
+
+use std::{collections::BTreeMap, fmt};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a spec cannot be planned; the message says what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("invalid selector {selector:?}: {reason} (use \"all\" or \"key=value[,key=value]\")")]
+    Selector { selector: String, reason: String },
+    #[error("invalid size {text:?}: {reason} (use a count like \"2\" or a percent like \"25%\")")]
+    Size { text: String, reason: String },
+    #[error("the selector {selector:?} matches no live node running build {build} (check `hotfleet nodes list`)")]
+    NoTargets { selector: String, build: String },
+    #[error("unknown step {name:?} in pause-before; this plan's steps are: {steps}")]
+    UnknownStep { name: String, steps: String },
+}
+
+/// Label selector: every `k=v` must match; empty means all nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Selector {
+    /// Parses `"all"`, `""` or `"k=v,k2=v2"`.
+    pub fn parse(text: &str) -> Result<Self, PlanError> {
+        let trimmed = text.trim();
+        let mut labels = BTreeMap::new();
+        if trimmed.is_empty() || trimmed == "all" || trimmed == "*" {
+            return Ok(Self { labels });
+        }
+        let err = |reason: &str| PlanError::Selector { selector: text.to_string(), reason: reason.to_string() };
+        for part in trimmed.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| err(&format!("{part:?} is not key=value")))?;
+            let (key, value) = (key.trim(), value.trim());
+            if key.is_empty() {
+                return Err(err("empty label key"));
+            }
+            if labels.insert(key.to_string(), value.to_string()).is_some() {
+                return Err(err(&format!("label {key:?} given twice")));
+            }
+        }
+        Ok(Self { labels })
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.labels.is_empty() {
+            return f.write_str("all");
+        }
+        let parts: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// A step size: an absolute count or a percent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Size {
+    Count(u32),
+    Percent(f64),
+}
+
+impl Size {
+    pub fn parse(text: &str) -> Result<Self, PlanError> {
+        let t = text.trim();
+        let err = |reason: &str| PlanError::Size { text: text.to_string(), reason: reason.to_string() };
+        if let Some(pct) = t.strip_suffix('%') {
+            let value: f64 = pct.trim().parse().map_err(|_| err("not a number"))?;
+            if !(value.is_finite() && value > 0.0 && value <= 100.0) {
+                return Err(err("a percent must be in (0, 100]"));
+            }
+            Ok(Size::Percent(value))
+        } else {
+            let value: u32 = t.parse().map_err(|_| err("not a whole number"))?;
+            Ok(Size::Count(value))
+        }
+    }
+
+    /// Nodes out of `total`: percents round up, so "1%" of a small fleet is
+    /// still one node rather than zero.
+    fn of(self, total: usize) -> usize {
+        match self {
+            Size::Count(n) => (n as usize).min(total),
+            Size::Percent(p) => (((total as f64) * p / 100.0).ceil() as usize).min(total),
+        }
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Size::Count(n) => write!(f, "{n}"),
+            Size::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// What the planner needs to know about a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub node_id: String,
+    pub labels: BTreeMap<String, String>,
+    /// Builds the node's processes run (plus its `build` label, if any).
+    pub builds: Vec<String>,
+    pub alive: bool,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedStep {
+    pub name: String,
+    pub nodes: Vec<String>,
+}
+
+/// The planner's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub steps: Vec<PlannedStep>,
+    /// (node id, reason) for matched nodes left out.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Plan {
+    pub fn targets(&self) -> impl Iterator<Item = &String> {
+        self.steps.iter().flat_map(|s| s.nodes.iter())
+    }
+
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+}
+
+/// Plans a rollout.
+///
+/// Targets: nodes matching `selector`, alive, and running `build` (a node
+/// whose build is unknown, e.g. no process attached yet, is included: its
+/// agent refuses a wrong build at prepare, which aborts safely). Canary: the
+/// first `canary` targets. Waves cover the rest: a count is "that many more
+/// nodes", a percent is "up to that share of the non-canary targets"
+/// (cumulative, so `25%,50%,100%` are three growing stages); nodes left after
+/// the last entry form one final wave. Empty steps are dropped.
+pub fn plan(
+    candidates: &[Candidate],
+    selector: &Selector,
+    build: &str,
+    canary: Size,
+    waves: &[Size],
+) -> Result<Plan, PlanError> {
+    let mut sorted: Vec<&Candidate> = candidates.iter().filter(|c| selector.matches(&c.labels)).collect();
+    sorted.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    let mut targets = Vec::new();
+    let mut skipped = Vec::new();
+    for c in sorted {
+        if !c.alive {
+            skipped.push((c.node_id.clone(), "lost (missed heartbeats)".to_string()));
+        } else if !c.builds.is_empty() && !c.builds.iter().any(|b| b == build) {
+            skipped.push((c.node_id.clone(), format!("runs build {}, not {build}", c.builds.join(","))));
+        } else {
+            targets.push(c.node_id.clone());
+        }
+    }
+    if targets.is_empty() {
+        return Err(PlanError::NoTargets { selector: selector.to_string(), build: build.to_string() });
+    }
+
+    let mut steps = Vec::new();
+    let canary_n = canary.of(targets.len());
+    let rest = targets.split_off(canary_n);
+    if !targets.is_empty() {
+        steps.push(PlannedStep { name: "canary".into(), nodes: targets });
+    }
+
+    let mut done = 0usize;
+    let mut wave_sizes = Vec::new();
+    for size in waves {
+        let upto = match size {
+            Size::Count(n) => done + (*n as usize),
+            Size::Percent(_) => size.of(rest.len()),
+        }
+        .min(rest.len());
+        if upto > done {
+            wave_sizes.push(upto - done);
+            done = upto;
+        }
+    }
+    if done < rest.len() {
+        wave_sizes.push(rest.len() - done);
+    }
+    let mut iter = rest.into_iter();
+    for (i, n) in wave_sizes.into_iter().enumerate() {
+        steps.push(PlannedStep { name: format!("wave-{}", i + 1), nodes: iter.by_ref().take(n).collect() });
+    }
+    Ok(Plan { steps, skipped })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, labels: &[(&str, &str)], build: &str) -> Candidate {
+        Candidate {
+            node_id: id.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            builds: if build.is_empty() { vec![] } else { vec![build.into()] },
+            alive: true,
+        }
+    }
+
+    fn fleet(n: usize) -> Vec<Candidate> {
+        // Out of order on purpose: the plan must not depend on input order.
+        (0..n).rev().map(|i| node(&format!("n{i:02}"), &[("zone", if i % 2 == 0 { "a" } else { "b" })], "b1")).collect()
+    }
+
+    fn sizes(steps: &Plan) -> Vec<(String, usize)> {
+        steps.steps.iter().map(|s| (s.name.clone(), s.nodes.len())).collect()
+    }
+
+    fn all() -> Selector {
+        Selector::parse("all").expect("all")
+    }
+
+    fn waves(list: &[&str]) -> Vec<Size> {
+        list.iter().map(|s| Size::parse(s).expect("size")).collect()
+    }
+
+    #[test]
+    fn selector_parses_and_matches() {
+        let s = Selector::parse("zone=a, region=eu").expect("parse");
+        assert_eq!(s.to_string(), "region=eu,zone=a");
+        let labels: BTreeMap<String, String> =
+            [("zone".to_string(), "a".to_string()), ("region".to_string(), "eu".to_string())].into();
+        assert!(s.matches(&labels));
+        assert!(!Selector::parse("zone=b").expect("parse").matches(&labels));
+        assert!(Selector::parse("").expect("empty").matches(&labels));
+        assert!(Selector::parse("all").expect("all").labels.is_empty());
+        for bad in ["zone", "=a", "zone=a,zone=b"] {
+            assert!(Selector::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(Size::parse("3").expect("count"), Size::Count(3));
+        assert_eq!(Size::parse("25%").expect("pct"), Size::Percent(25.0));
+        for bad in ["", "x", "-1", "0%", "101%", "1.5", "nan%"] {
+            assert!(Size::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn canary_then_cumulative_percent_waves() {
+        let plan = plan(&fleet(9), &all(), "b1", Size::Count(1), &waves(&["25%", "50%", "100%"])).expect("plan");
+        // 8 after the canary: up to 2, up to 4, up to 8.
+        assert_eq!(
+            sizes(&plan),
+            [("canary".into(), 1), ("wave-1".into(), 2), ("wave-2".into(), 2), ("wave-3".into(), 4)]
+        );
+        let order: Vec<&String> = plan.targets().collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "deterministic id order");
+        assert_eq!(plan.steps[0].nodes, ["n00"]);
+    }
+
+    #[test]
+    fn counts_are_per_wave_and_leftovers_form_a_final_wave() {
+        let plan = plan(&fleet(6), &all(), "b1", Size::Count(1), &waves(&["1", "2"])).expect("plan");
+        assert_eq!(
+            sizes(&plan),
+            [("canary".into(), 1), ("wave-1".into(), 1), ("wave-2".into(), 2), ("wave-3".into(), 2)]
+        );
+    }
+
+    #[test]
+    fn percent_canary_rounds_up_and_zero_canary_is_none() {
+        let p = plan(&fleet(6), &all(), "b1", Size::Percent(10.0), &[]).expect("plan");
+        assert_eq!(sizes(&p), [("canary".into(), 1), ("wave-1".into(), 5)]);
+        let p = plan(&fleet(6), &all(), "b1", Size::Count(0), &waves(&["50%"])).expect("plan");
+        assert_eq!(sizes(&p), [("wave-1".into(), 3), ("wave-2".into(), 3)]);
+    }
+
+    #[test]
+    fn canary_larger_than_fleet_takes_everyone() {
+        let p = plan(&fleet(2), &all(), "b1", Size::Count(5), &waves(&["100%"])).expect("plan");
+        assert_eq!(sizes(&p), [("canary".into(), 2)]);
+    }
+
+    #[test]
+    fn empty_waves_are_dropped() {
+        // 2 non-canary nodes: 10% -> 1, 20% -> still 1 (dropped), 100% -> 2.
+        let p = plan(&fleet(3), &all(), "b1", Size::Count(1), &waves(&["10%", "20%", "100%"])).expect("plan");
+        assert_eq!(sizes(&p), [("canary".into(), 1), ("wave-1".into(), 1), ("wave-2".into(), 1)]);
+    }
+
+    #[test]
+    fn selector_build_and_liveness_filter_targets() {
+        let mut nodes = fleet(4);
+        nodes.push(node("x-other", &[("zone", "a")], "b0"));
+        nodes.push(Candidate { alive: false, ..node("x-lost", &[("zone", "a")], "b1") });
+        nodes.push(node("x-nobuild", &[("zone", "a")], ""));
+        let sel = Selector::parse("zone=a").expect("sel");
+        let p = plan(&nodes, &sel, "b1", Size::Count(1), &[]).expect("plan");
+        let targets: Vec<&String> = p.targets().collect();
+        assert_eq!(targets, ["n00", "n02", "x-nobuild"]);
+        assert_eq!(p.skipped.len(), 2);
+        assert!(p.skipped.iter().any(|(id, why)| id == "x-other" && why.contains("b0")));
+        assert!(p.skipped.iter().any(|(id, why)| id == "x-lost" && why.contains("lost")));
+    }
+
+    #[test]
+    fn no_targets_is_an_error_naming_the_selector() {
+        let err = plan(&fleet(3), &Selector::parse("zone=z").expect("sel"), "b1", Size::Count(1), &[])
+            .expect_err("no targets");
+        assert!(err.to_string().contains("zone=z"), "{err}");
+        assert!(plan(&fleet(3), &all(), "b9", Size::Count(1), &[]).is_err());
+    }
+}

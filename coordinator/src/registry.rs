@@ -1,0 +1,342 @@
+//! The node registry: which agents exist, where to reach them, what they run,
+//! and whether they are alive.
+//!
+//! Registration is persisted (so a restarted coordinator still knows its
+//! fleet); heartbeats are not (thousands of nodes every few seconds would be a
+//! write storm) and only refresh the in-memory view. A node that misses
+//! `lost_after` heartbeats is marked lost: the planner skips it and a rollout
+//! holding it counts it against its failure policy. After a coordinator
+//! restart every stored node gets a fresh grace period. The interval agents
+//! are told is whole seconds (the protocol's unit), so loss is judged on
+//! that rounded-up interval.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use hotfleet_proto::v1::NodeStatus;
+
+use crate::{
+    clock::now_ms,
+    planner::Candidate,
+    store::{Batch, Fence, NodeRecord, Store, StoreError, Write},
+};
+
+/// Why a registration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid node registration: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Liveness of a node as the coordinator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Lost,
+}
+
+impl Liveness {
+    pub fn name(self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::Lost => "lost",
+        }
+    }
+}
+
+/// A node as seen now.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub status: NodeStatus,
+    pub liveness: Liveness,
+    pub registered_at_ms: u64,
+    pub last_heartbeat_ms: u64,
+}
+
+impl NodeView {
+    /// What the planner needs.
+    pub fn candidate(&self) -> Candidate {
+        let mut builds: Vec<String> =
+            self.status.processes.iter().map(|p| p.build.clone()).filter(|b| !b.is_empty()).collect();
+        if let Some(b) = self.status.labels.get("build") {
+            builds.push(b.clone());
+        }
+        builds.sort();
+        builds.dedup();
+        Candidate {
+            node_id: self.status.node_id.clone(),
+            labels: self.status.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
+            builds,
+            alive: self.liveness == Liveness::Alive,
+        }
+    }
+}
+
+struct Entry {
+    status: NodeStatus,
+    registered_at_ms: u64,
+    last_heartbeat_ms: u64,
+    last_seen: Instant,
+    lost: bool,
+}
+
+/// Shared, cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<RwLock<HashMap<String, Entry>>>,
+    store: Arc<dyn Store>,
+    fence: Fence,
+    heartbeat_interval: Duration,
+    lost_timeout: Duration,
+}
+
+fn validate(status: &NodeStatus) -> Result<(), RegistryError> {
+    let id = &status.node_id;
+    if id.is_empty() || id.len() > 128 {
+        return Err(RegistryError::Invalid("node_id must be 1-128 characters".into()));
+    }
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+        return Err(RegistryError::Invalid(format!("node_id {id:?} may only hold letters, digits and - _ . :")));
+    }
+    if status.advertise_addr.trim().is_empty() {
+        return Err(RegistryError::Invalid(format!(
+            "node {id} has no advertise_addr: the coordinator cannot reach its agent"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a status change is worth a store write (identity, not figures).
+fn identity_changed(old: &NodeStatus, new: &NodeStatus) -> bool {
+    old.labels != new.labels
+        || old.advertise_addr != new.advertise_addr
+        || old.processes.len() != new.processes.len()
+        || old
+            .processes
+            .iter()
+            .zip(&new.processes)
+            .any(|(a, b)| a.process_id != b.process_id || a.build != b.build || a.patch_stack != b.patch_stack)
+}
+
+impl Registry {
+    /// Loads the persisted fleet; every node starts alive with a fresh grace period.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        fence: Fence,
+        heartbeat_interval: Duration,
+        lost_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let now = Instant::now();
+        let mut map = HashMap::new();
+        for record in store.nodes().await? {
+            map.insert(
+                record.status.node_id.clone(),
+                Entry {
+                    registered_at_ms: record.registered_at_ms,
+                    last_heartbeat_ms: record.last_heartbeat_ms,
+                    status: record.status,
+                    last_seen: now,
+                    lost: false,
+                },
+            );
+        }
+        Ok(Self { inner: Arc::new(RwLock::new(map)), store, fence, heartbeat_interval, lost_timeout })
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
+
+    /// The interval agents are told, in the protocol's whole seconds.
+    pub fn heartbeat_interval_seconds(&self) -> u32 {
+        advertised_seconds(self.heartbeat_interval)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.fence.epoch
+    }
+
+    fn lock_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock cannot leave the map inconsistent
+        // (every update is a single insert), so a poisoned lock is still usable.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register (or re-register) a node. Persisted before it is acknowledged.
+    pub async fn register(&self, status: NodeStatus) -> Result<(), RegistryError> {
+        validate(&status)?;
+        let now = now_ms();
+        let registered_at_ms = self.lock_read().get(&status.node_id).map(|e| e.registered_at_ms).unwrap_or(now);
+        let record = NodeRecord { status: status.clone(), registered_at_ms, last_heartbeat_ms: now };
+        self.store.write(self.fence, Batch::new().with(Write::PutNode(record))).await?;
+        let was_lost = self.lock_write().insert(
+            status.node_id.clone(),
+            Entry {
+                status: status.clone(),
+                registered_at_ms,
+                last_heartbeat_ms: now,
+                last_seen: Instant::now(),
+                lost: false,
+            },
+        );
+        tracing::info!(
+            node = %status.node_id,
+            addr = %status.advertise_addr,
+            processes = status.processes.len(),
+            rejoined = was_lost.is_some_and(|e| e.lost),
+            "node registered"
+        );
+        Ok(())
+    }
+
+    /// A heartbeat. `Ok(false)`: unknown node (it must re-register).
+    pub async fn heartbeat(&self, status: NodeStatus) -> Result<bool, RegistryError> {
+        validate(&status)?;
+        let now = now_ms();
+        let persist = {
+            let mut map = self.lock_write();
+            let Some(entry) = map.get_mut(&status.node_id) else {
+                return Ok(false);
+            };
+            let persist = identity_changed(&entry.status, &status);
+            if entry.lost {
+                tracing::info!(node = %status.node_id, "lost node is back");
+            }
+            entry.status = status.clone();
+            entry.last_heartbeat_ms = now;
+            entry.last_seen = Instant::now();
+            entry.lost = false;
+            persist.then_some(NodeRecord { status, registered_at_ms: entry.registered_at_ms, last_heartbeat_ms: now })
+        };
+        if let Some(record) = persist {
+            self.store.write(self.fence, Batch::new().with(Write::PutNode(record))).await?;
+        }
+        Ok(true)
+    }
+
+    /// Marks nodes lost that were silent longer than the lost timeout;
+    /// returns the newly lost.
+    pub fn sweep(&self) -> Vec<String> {
+        let limit = self.lost_timeout;
+        let mut newly = Vec::new();
+        for (id, entry) in self.lock_write().iter_mut() {
+            if !entry.lost && entry.last_seen.elapsed() > limit {
+                entry.lost = true;
+                newly.push(id.clone());
+            }
+        }
+        for id in &newly {
+            tracing::warn!(node = %id, missed_for = ?limit, "node lost: no heartbeat");
+        }
+        newly
+    }
+
+    pub fn get(&self, node_id: &str) -> Option<NodeView> {
+        self.lock_read().get(node_id).map(view)
+    }
+
+    pub fn is_lost(&self, node_id: &str) -> bool {
+        self.lock_read().get(node_id).is_none_or(|e| e.lost)
+    }
+
+    /// Every node, sorted by id.
+    pub fn list(&self) -> Vec<NodeView> {
+        let mut nodes: Vec<NodeView> = self.lock_read().values().map(view).collect();
+        nodes.sort_by(|a, b| a.status.node_id.cmp(&b.status.node_id));
+        nodes
+    }
+
+    /// Runs [`sweep`](Self::sweep) every heartbeat interval until `cancel`.
+    pub async fn run_sweeper(self, cancel: tokio_util::sync::CancellationToken) {
+        let mut tick =
+            tokio::time::interval((self.lost_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => { self.sweep(); }
+            }
+        }
+    }
+}
+
+/// `interval` rounded up to whole seconds, at least 1.
+pub fn advertised_seconds(interval: Duration) -> u32 {
+    (interval.as_secs_f64().ceil() as u32).max(1)
+}
+
+fn view(entry: &Entry) -> NodeView {
+    NodeView {
+        status: entry.status.clone(),
+        liveness: if entry.lost { Liveness::Lost } else { Liveness::Alive },
+        registered_at_ms: entry.registered_at_ms,
+        last_heartbeat_ms: entry.last_heartbeat_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn status(id: &str) -> NodeStatus {
+        NodeStatus { node_id: id.into(), advertise_addr: "127.0.0.1:1".into(), ..Default::default() }
+    }
+
+    async fn registry(dir: &std::path::Path, interval_ms: u64) -> Registry {
+        let store = Arc::new(EmbeddedStore::open(dir).expect("open"));
+        let fence = store.acquire_epoch().await.expect("epoch");
+        Registry::load(store, fence, Duration::from_millis(interval_ms), Duration::from_millis(interval_ms * 3))
+            .await
+            .expect("load")
+    }
+
+    #[tokio::test]
+    async fn register_heartbeat_and_lose() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path(), 20).await;
+        assert!(!reg.heartbeat(status("n1")).await.expect("hb"), "unknown node must re-register");
+        reg.register(status("n1")).await.expect("register");
+        assert!(reg.heartbeat(status("n1")).await.expect("hb"));
+        assert!(!reg.is_lost("n1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(reg.sweep(), ["n1"]);
+        assert!(reg.is_lost("n1"));
+        assert!(reg.sweep().is_empty(), "reported once");
+        assert!(reg.heartbeat(status("n1")).await.expect("hb"));
+        assert!(!reg.is_lost("n1"), "a heartbeat revives a lost node");
+    }
+
+    #[tokio::test]
+    async fn registrations_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let reg = registry(dir.path(), 1000).await;
+            let mut s = status("n2");
+            s.labels.insert("zone".into(), "a".into());
+            reg.register(s).await.expect("register");
+        }
+        let reg = registry(dir.path(), 1000).await;
+        let node = reg.get("n2").expect("remembered");
+        assert_eq!(node.status.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(node.liveness, Liveness::Alive);
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_registrations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path(), 1000).await;
+        for bad in [status(""), status("a b"), NodeStatus { advertise_addr: String::new(), ..status("n") }] {
+            assert!(matches!(reg.register(bad).await, Err(RegistryError::Invalid(_))));
+        }
+    }
+}

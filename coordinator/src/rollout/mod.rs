@@ -1,0 +1,817 @@
+//! The rollout domain (pure: no gRPC, no store, no clock): the spec, the
+//! persisted records and the state machine of DESIGN.md "Rollout lifecycle".
+//!
+//! ```text
+//!   Staged ──► Preparing ──all yes──► Waiting(0) ──► Committing(0) ──ok──► Watching(0) ──pass──► Waiting(1) ─► … ─► Completed
+//!     │            │ any no/timeout        ▲ held by gate,      │ any failure          │ gate failed beyond
+//!     │            │                       │ pause or freeze    │                      │ policy / node lost
+//!     ▼            ▼                                            ▼                      ▼
+//!   (abort in any non-terminal state) ─────────────────────► RollingBack ─all reverted/attempted─► RolledBack{reason, faulty}
+//! ```
+//!
+//! Step 0 is the canary when the plan has one. Each node carries **desired**
+//! (what the coordinator wants it to hold) and **observed** (what it last
+//! answered). Desired is written before the command is sent, so after a crash
+//! the store always over-approximates what any node may hold: resuming
+//! re-sends the (idempotent) command of the current phase, and a rollback
+//! reverts every node whose desired state ever went past `None`.
+
+pub mod health;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::planner::{Plan, Selector, Size};
+use health::{Baseline, GateConfig, Verdict};
+
+/// Events kept per rollout (oldest dropped first).
+const MAX_EVENTS: usize = 256;
+
+/// What an operator asked for, with defaults applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub patch_id: String,
+    pub selector: Selector,
+    pub canary: Size,
+    pub waves: Vec<Size>,
+    pub health_window_ms: u64,
+    pub step_deadline_ms: u64,
+    pub max_unhealthy: u32,
+    pub pause_before: Vec<String>,
+    pub gate: GateConfig,
+    pub prepare_ttl_seconds: u32,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl RolloutSpec {
+    pub const DEFAULT_HEALTH_WINDOW_MS: u64 = 10_000;
+    pub const DEFAULT_STEP_DEADLINE_MS: u64 = 60_000;
+}
+
+/// One step of a rollout: the canary or a wave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub nodes: Vec<String>,
+    /// Manual gate: hold before this step until promoted.
+    pub pause_before: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub node_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub at_ms: u64,
+    pub message: String,
+}
+
+/// Where a rollout is. Serialized into the store as-is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Staged,
+    Preparing,
+    /// Between steps: `next_step` starts unless a gate, pause or freeze holds it.
+    Waiting {
+        next_step: usize,
+    },
+    Committing {
+        step: usize,
+    },
+    Watching {
+        step: usize,
+        started_at_ms: u64,
+        ends_at_ms: u64,
+    },
+    Completed,
+    RollingBack {
+        reason: String,
+        faulty: Vec<String>,
+    },
+    RolledBack {
+        reason: String,
+        faulty: Vec<String>,
+    },
+}
+
+impl Phase {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Phase::Completed | Phase::RolledBack { .. })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Staged => "staged",
+            Phase::Preparing => "preparing",
+            Phase::Waiting { .. } => "waiting",
+            Phase::Committing { .. } => "committing",
+            Phase::Watching { .. } => "watching",
+            Phase::Completed => "completed",
+            Phase::RollingBack { .. } => "rolling-back",
+            Phase::RolledBack { .. } => "rolled-back",
+        }
+    }
+}
+
+/// What the coordinator wants a node to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Desired {
+    None,
+    Prepared,
+    Committed,
+    /// Rolled back (if a commit was ever sent) and aborted.
+    Reverted,
+}
+
+/// What a node last answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Observed {
+    Pending,
+    Prepared,
+    PrepareFailed,
+    Committed,
+    CommitFailed,
+    Unhealthy,
+    Lost,
+    Aborted,
+    RolledBack,
+    RevertFailed,
+}
+
+impl Desired {
+    pub fn name(self) -> &'static str {
+        match self {
+            Desired::None => "none",
+            Desired::Prepared => "prepared",
+            Desired::Committed => "committed",
+            Desired::Reverted => "reverted",
+        }
+    }
+}
+
+impl Observed {
+    pub fn name(self) -> &'static str {
+        match self {
+            Observed::Pending => "pending",
+            Observed::Prepared => "prepared",
+            Observed::PrepareFailed => "prepare-failed",
+            Observed::Committed => "committed",
+            Observed::CommitFailed => "commit-failed",
+            Observed::Unhealthy => "unhealthy",
+            Observed::Lost => "lost",
+            Observed::Aborted => "aborted",
+            Observed::RolledBack => "rolled-back",
+            Observed::RevertFailed => "revert-failed",
+        }
+    }
+}
+
+/// Per-node state of one rollout (stored under the rollout, one key per node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub node_id: String,
+    pub step: usize,
+    pub desired: Desired,
+    pub observed: Observed,
+    /// True once a commit may have been sent: reverting then needs a rollback,
+    /// not only an abort.
+    #[serde(default)]
+    pub commit_sent: bool,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub health: String,
+    /// Per process, taken just before commit.
+    #[serde(default)]
+    pub baselines: BTreeMap<String, Baseline>,
+    /// Per process `ticks_since` (from the baseline mark) at the start of the
+    /// running health window.
+    #[serde(default)]
+    pub window_start: BTreeMap<String, u64>,
+    pub updated_at_ms: u64,
+}
+
+/// The persisted rollout record (node states live beside it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub patch_id: String,
+    pub target_build: String,
+    pub spec: RolloutSpec,
+    pub steps: Vec<Step>,
+    #[serde(default)]
+    pub skipped: Vec<Skipped>,
+    pub phase: Phase,
+    #[serde(default)]
+    pub paused: bool,
+    /// Steps whose manual gate an operator opened.
+    #[serde(default)]
+    pub promoted: Vec<usize>,
+    pub created_by: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// Epoch of the coordinator that last wrote this record.
+    pub epoch: u64,
+    /// Bumped on every stored change.
+    pub generation: u64,
+    #[serde(default)]
+    pub events: Vec<Event>,
+}
+
+impl Rollout {
+    pub fn all_nodes(&self) -> impl Iterator<Item = &String> {
+        self.steps.iter().flat_map(|s| s.nodes.iter())
+    }
+
+    /// The step in progress, or next to start (for display).
+    pub fn current_step(&self) -> usize {
+        match &self.phase {
+            Phase::Staged | Phase::Preparing => 0,
+            Phase::Waiting { next_step } => *next_step,
+            Phase::Committing { step } | Phase::Watching { step, .. } => *step,
+            Phase::Completed => self.steps.len().saturating_sub(1),
+            Phase::RollingBack { .. } | Phase::RolledBack { .. } => 0,
+        }
+    }
+
+    fn event(&mut self, now_ms: u64, message: impl Into<String>) {
+        self.events.push(Event { at_ms: now_ms, message: message.into() });
+        if self.events.len() > MAX_EVENTS {
+            let excess = self.events.len() - MAX_EVENTS;
+            self.events.drain(..excess);
+        }
+    }
+}
+
+/// What the driver should do next (see [`RolloutState::next_action`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Staged and free to go: record Preparing, then prepare every target.
+    BeginPrepare,
+    /// (Re-)send prepare to these nodes.
+    Prepare(Vec<String>),
+    /// Waiting and free to go: take baselines, record Committing, commit.
+    BeginStep(usize),
+    /// (Re-)send commit to these nodes of `step`.
+    Commit { step: usize, nodes: Vec<String> },
+    /// Run or continue the health window of `step`.
+    Watch { step: usize, ends_at_ms: u64 },
+    /// Held: by a manual gate, a pause or the fleet freeze.
+    Hold(String),
+    /// Roll back `rollback` (and abort them after), abort `abort`.
+    Revert { rollback: Vec<String>, abort: Vec<String> },
+    /// Terminal.
+    Finished,
+}
+
+/// An operator command the rollout's state refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("rollout {id} already finished ({outcome}); start a new rollout instead")]
+    Finished { id: String, outcome: String },
+    #[error("rollout {id} has no manual gate left to promote (it is {phase})")]
+    NoGate { id: String, phase: String },
+    #[error("rollout {id} is rolling back; only abort is accepted now")]
+    RollingBack { id: String },
+}
+
+/// Outcome of one command to one node: `Err` carries the agent's reason.
+pub type NodeResult = (String, Result<(), String>);
+
+/// A rollout with its node states: the unit every transition works on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutState {
+    pub rollout: Rollout,
+    pub nodes: BTreeMap<String, NodeState>,
+}
+
+/// The node ids a transition changed (the driver persists exactly those).
+pub type Changed = Vec<String>;
+
+#[allow(clippy::too_many_arguments)]
+impl RolloutState {
+    /// A new, staged rollout from a plan.
+    pub fn new(
+        id: String,
+        spec: RolloutSpec,
+        target_build: String,
+        plan: Plan,
+        created_by: String,
+        epoch: u64,
+        now_ms: u64,
+    ) -> Self {
+        let steps: Vec<Step> = plan
+            .steps
+            .into_iter()
+            .map(|s| Step { pause_before: spec.pause_before.contains(&s.name), name: s.name, nodes: s.nodes })
+            .collect();
+        let mut nodes = BTreeMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            for node in &step.nodes {
+                nodes.insert(
+                    node.clone(),
+                    NodeState {
+                        node_id: node.clone(),
+                        step: i,
+                        desired: Desired::None,
+                        observed: Observed::Pending,
+                        commit_sent: false,
+                        error: String::new(),
+                        health: String::new(),
+                        baselines: BTreeMap::new(),
+                        window_start: BTreeMap::new(),
+                        updated_at_ms: now_ms,
+                    },
+                );
+            }
+        }
+        let mut rollout = Rollout {
+            id,
+            patch_id: spec.patch_id.clone(),
+            target_build,
+            steps,
+            skipped: plan.skipped.into_iter().map(|(node_id, reason)| Skipped { node_id, reason }).collect(),
+            spec,
+            phase: Phase::Staged,
+            paused: false,
+            promoted: Vec::new(),
+            created_by: created_by.clone(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            epoch,
+            generation: 0,
+            events: Vec::new(),
+        };
+        let plan_text: Vec<String> =
+            rollout.steps.iter().map(|s| format!("{}: {}", s.name, s.nodes.join(","))).collect();
+        rollout.event(now_ms, format!("staged by {created_by}: {}", plan_text.join(" | ")));
+        Self { rollout, nodes }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.rollout.id
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.rollout.phase
+    }
+
+    fn set_phase(&mut self, phase: Phase, now_ms: u64, message: impl Into<String>) {
+        self.rollout.phase = phase;
+        self.rollout.updated_at_ms = now_ms;
+        self.rollout.event(now_ms, message);
+    }
+
+    fn step_nodes(&self, step: usize) -> Vec<String> {
+        self.rollout.steps.get(step).map(|s| s.nodes.clone()).unwrap_or_default()
+    }
+
+    fn held(&self, next_step: Option<usize>, frozen: bool) -> Option<String> {
+        if frozen {
+            return Some("fleet is frozen (hotfleet unfreeze)".into());
+        }
+        if self.rollout.paused {
+            return Some("paused by an operator (hotfleet rollout resume)".into());
+        }
+        if let Some(step) = next_step {
+            if let Some(s) = self.rollout.steps.get(step) {
+                if s.pause_before && !self.rollout.promoted.contains(&step) {
+                    return Some(format!("manual gate before {} (hotfleet rollout promote)", s.name));
+                }
+            }
+        }
+        None
+    }
+
+    /// Why the rollout is held, if it is.
+    pub fn waiting_reason(&self, frozen: bool) -> Option<String> {
+        match self.next_action(frozen) {
+            Action::Hold(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The next thing to do, from the persisted state alone (this is also how
+    /// a restarted coordinator resumes).
+    pub fn next_action(&self, frozen: bool) -> Action {
+        match &self.rollout.phase {
+            Phase::Staged => match self.held(None, frozen) {
+                Some(reason) => Action::Hold(reason),
+                None => Action::BeginPrepare,
+            },
+            Phase::Preparing => Action::Prepare(
+                self.nodes
+                    .values()
+                    .filter(|n| n.desired == Desired::Prepared && n.observed == Observed::Pending)
+                    .map(|n| n.node_id.clone())
+                    .collect(),
+            ),
+            Phase::Waiting { next_step } => match self.held(Some(*next_step), frozen) {
+                Some(reason) => Action::Hold(reason),
+                None => Action::BeginStep(*next_step),
+            },
+            Phase::Committing { step } => Action::Commit {
+                step: *step,
+                nodes: self
+                    .step_nodes(*step)
+                    .into_iter()
+                    .filter(|id| self.nodes.get(id).is_some_and(|n| n.observed == Observed::Prepared))
+                    .collect(),
+            },
+            Phase::Watching { step, ends_at_ms, .. } => Action::Watch { step: *step, ends_at_ms: *ends_at_ms },
+            Phase::RollingBack { .. } => {
+                let mut rollback = Vec::new();
+                let mut abort = Vec::new();
+                for n in self.nodes.values() {
+                    if n.desired != Desired::Reverted || matches!(n.observed, Observed::RolledBack | Observed::Aborted)
+                    {
+                        continue;
+                    }
+                    if n.commit_sent {
+                        rollback.push(n.node_id.clone());
+                    } else {
+                        abort.push(n.node_id.clone());
+                    }
+                }
+                Action::Revert { rollback, abort }
+            }
+            Phase::Completed | Phase::RolledBack { .. } => Action::Finished,
+        }
+    }
+
+    /// Staged -> Preparing: every target's desired becomes Prepared.
+    pub fn begin_prepare(&mut self, now_ms: u64) -> Changed {
+        if self.rollout.phase != Phase::Staged {
+            return Vec::new();
+        }
+        let changed: Changed = self.nodes.keys().cloned().collect();
+        for n in self.nodes.values_mut() {
+            n.desired = Desired::Prepared;
+            n.updated_at_ms = now_ms;
+        }
+        let count = changed.len();
+        self.set_phase(Phase::Preparing, now_ms, format!("preparing on {count} node(s)"));
+        changed
+    }
+
+    /// Prepare votes. Any no (or timeout): roll back; all yes: wait for step 0.
+    pub fn record_prepare(&mut self, results: Vec<NodeResult>, now_ms: u64) -> Changed {
+        let mut changed = Vec::new();
+        let mut failed = Vec::new();
+        for (id, result) in results {
+            let Some(n) = self.nodes.get_mut(&id) else { continue };
+            // An abort may have overtaken this answer; a reverted node keeps
+            // its revert state.
+            if n.desired != Desired::Prepared {
+                continue;
+            }
+            match result {
+                Ok(()) => {
+                    n.observed = Observed::Prepared;
+                    n.error.clear();
+                }
+                Err(err) => {
+                    n.observed = Observed::PrepareFailed;
+                    failed.push(format!("{id}: {err}"));
+                    n.error = err;
+                }
+            }
+            n.updated_at_ms = now_ms;
+            changed.push(id);
+        }
+        if self.rollout.phase != Phase::Preparing {
+            return changed;
+        }
+        let faulty: Vec<String> =
+            self.nodes.values().filter(|n| n.observed == Observed::PrepareFailed).map(|n| n.node_id.clone()).collect();
+        if !faulty.is_empty() {
+            failed.sort();
+            let reason = format!("prepare failed on {}", failed.join("; "));
+            changed.extend(self.start_revert(reason, faulty, now_ms));
+        } else if self.nodes.values().all(|n| n.observed == Observed::Prepared) {
+            self.set_phase(Phase::Waiting { next_step: 0 }, now_ms, "every target prepared (phase 1 complete)");
+        }
+        dedup(changed)
+    }
+
+    /// Waiting -> Committing(step) with the baselines taken just before.
+    pub fn begin_step(
+        &mut self,
+        step: usize,
+        baselines: BTreeMap<String, BTreeMap<String, Baseline>>,
+        now_ms: u64,
+    ) -> Changed {
+        if self.rollout.phase != (Phase::Waiting { next_step: step }) {
+            return Vec::new();
+        }
+        let nodes = self.step_nodes(step);
+        for id in &nodes {
+            if let Some(n) = self.nodes.get_mut(id) {
+                n.desired = Desired::Committed;
+                n.commit_sent = true;
+                n.baselines = baselines.get(id).cloned().unwrap_or_default();
+                n.updated_at_ms = now_ms;
+            }
+        }
+        let name = self.rollout.steps.get(step).map(|s| s.name.clone()).unwrap_or_default();
+        self.set_phase(Phase::Committing { step }, now_ms, format!("{name}: committing on {} node(s)", nodes.len()));
+        nodes
+    }
+
+    /// Commit outcomes of `step`. Any failure rolls back; else the window opens.
+    pub fn record_commit(
+        &mut self,
+        step: usize,
+        results: Vec<NodeResult>,
+        window_start: BTreeMap<String, BTreeMap<String, u64>>,
+        now_ms: u64,
+    ) -> Changed {
+        let mut changed = Vec::new();
+        let mut failed = Vec::new();
+        for (id, result) in results {
+            let Some(n) = self.nodes.get_mut(&id) else { continue };
+            if n.desired != Desired::Committed {
+                continue;
+            }
+            match result {
+                Ok(()) => {
+                    n.observed = Observed::Committed;
+                    n.error.clear();
+                }
+                Err(err) => {
+                    n.observed = Observed::CommitFailed;
+                    failed.push(format!("{id}: {err}"));
+                    n.error = err;
+                }
+            }
+            n.updated_at_ms = now_ms;
+            changed.push(id);
+        }
+        for (id, ticks) in window_start {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.window_start = ticks;
+                changed.push(id);
+            }
+        }
+        if self.rollout.phase != (Phase::Committing { step }) {
+            return dedup(changed);
+        }
+        let faulty: Vec<String> = self
+            .step_nodes(step)
+            .into_iter()
+            .filter(|id| self.nodes.get(id).is_some_and(|n| n.observed == Observed::CommitFailed))
+            .collect();
+        if !faulty.is_empty() {
+            failed.sort();
+            let name = self.rollout.steps.get(step).map(|s| s.name.clone()).unwrap_or_default();
+            let reason = format!("{name}: commit failed on {}", failed.join("; "));
+            changed.extend(self.start_revert(reason, faulty, now_ms));
+        } else if self
+            .step_nodes(step)
+            .iter()
+            // Lost (tolerated) nodes were not sent a commit; the step is done
+            // when no node still waits for one.
+            .all(|id| self.nodes.get(id).is_some_and(|n| n.observed != Observed::Prepared))
+        {
+            let ends = now_ms + self.rollout.spec.health_window_ms;
+            let name = self.rollout.steps.get(step).map(|s| s.name.clone()).unwrap_or_default();
+            self.set_phase(
+                Phase::Watching { step, started_at_ms: now_ms, ends_at_ms: ends },
+                now_ms,
+                format!("{name}: committed; health window {} ms", self.rollout.spec.health_window_ms),
+            );
+        }
+        dedup(changed)
+    }
+
+    /// Nodes a health window watches: every node committed so far that is not
+    /// already counted unhealthy or lost.
+    pub fn watched_nodes(&self) -> Vec<String> {
+        self.nodes.values().filter(|n| n.observed == Observed::Committed).map(|n| n.node_id.clone()).collect()
+    }
+
+    /// Health verdicts (and nodes the registry reports lost). Beyond the
+    /// failure policy: roll back.
+    pub fn record_health(&mut self, verdicts: Vec<(String, Verdict)>, lost: Vec<String>, now_ms: u64) -> Changed {
+        let mut changed = Vec::new();
+        for (id, verdict) in verdicts {
+            let Some(n) = self.nodes.get_mut(&id) else { continue };
+            if n.observed != Observed::Committed {
+                continue;
+            }
+            let summary = verdict.summary();
+            if n.health != summary {
+                n.health = summary;
+                n.updated_at_ms = now_ms;
+                changed.push(id.clone());
+            }
+            if !verdict.healthy() {
+                n.observed = Observed::Unhealthy;
+                n.error = n.health.clone();
+                changed.push(id);
+            }
+        }
+        for id in lost {
+            let Some(n) = self.nodes.get_mut(&id) else { continue };
+            if matches!(n.observed, Observed::Committed | Observed::Prepared | Observed::Pending)
+                && n.desired != Desired::Reverted
+            {
+                n.observed = Observed::Lost;
+                n.error = "node lost (missed heartbeats)".into();
+                n.updated_at_ms = now_ms;
+                changed.push(id);
+            }
+        }
+        if self.rollout.phase.is_terminal() || matches!(self.rollout.phase, Phase::RollingBack { .. }) {
+            return dedup(changed);
+        }
+        let bad: Vec<&NodeState> =
+            self.nodes.values().filter(|n| matches!(n.observed, Observed::Unhealthy | Observed::Lost)).collect();
+        if bad.len() > self.rollout.spec.max_unhealthy as usize {
+            let faulty: Vec<String> = bad.iter().map(|n| n.node_id.clone()).collect();
+            let detail: Vec<String> = bad.iter().map(|n| format!("{}: {}", n.node_id, n.error)).collect();
+            let reason = format!(
+                "health gate failed ({} unhealthy or lost, policy allows {}): {}",
+                bad.len(),
+                self.rollout.spec.max_unhealthy,
+                detail.join("; ")
+            );
+            changed.extend(self.start_revert(reason, faulty, now_ms));
+        } else if !changed.is_empty() && !bad.is_empty() {
+            let names: Vec<String> = bad.iter().map(|n| n.node_id.clone()).collect();
+            self.rollout.event(
+                now_ms,
+                format!(
+                    "tolerating unhealthy/lost node(s) {} (max-unhealthy {})",
+                    names.join(","),
+                    self.rollout.spec.max_unhealthy
+                ),
+            );
+        }
+        dedup(changed)
+    }
+
+    /// The window of `step` passed: next step, or complete.
+    pub fn window_passed(&mut self, step: usize, now_ms: u64) -> bool {
+        if !matches!(self.rollout.phase, Phase::Watching { step: s, .. } if s == step) {
+            return false;
+        }
+        let name = self.rollout.steps.get(step).map(|s| s.name.clone()).unwrap_or_default();
+        if step + 1 < self.rollout.steps.len() {
+            self.set_phase(Phase::Waiting { next_step: step + 1 }, now_ms, format!("{name}: health window passed"));
+        } else {
+            self.set_phase(Phase::Completed, now_ms, format!("{name}: health window passed; rollout completed"));
+        }
+        true
+    }
+
+    /// Any failure the driver detects itself (baseline unavailable, deadline).
+    pub fn fail(&mut self, reason: String, faulty: Vec<String>, now_ms: u64) -> Changed {
+        if self.rollout.phase.is_terminal() || matches!(self.rollout.phase, Phase::RollingBack { .. }) {
+            return Vec::new();
+        }
+        self.start_revert(reason, faulty, now_ms)
+    }
+
+    fn start_revert(&mut self, reason: String, faulty: Vec<String>, now_ms: u64) -> Changed {
+        let mut changed = Vec::new();
+        for n in self.nodes.values_mut() {
+            if n.desired != Desired::None && n.desired != Desired::Reverted {
+                n.desired = Desired::Reverted;
+                n.updated_at_ms = now_ms;
+                changed.push(n.node_id.clone());
+            }
+        }
+        let message = format!("rolling back: {reason}");
+        self.set_phase(Phase::RollingBack { reason, faulty }, now_ms, message);
+        changed
+    }
+
+    /// Operator abort: accepted in every non-terminal state, idempotent while
+    /// rolling back.
+    pub fn abort(&mut self, actor: &str, note: &str, now_ms: u64) -> Result<Changed, TransitionError> {
+        match &self.rollout.phase {
+            Phase::RollingBack { .. } => Ok(Vec::new()),
+            phase if phase.is_terminal() => {
+                Err(TransitionError::Finished { id: self.rollout.id.clone(), outcome: phase.name().into() })
+            }
+            _ => {
+                let reason =
+                    if note.is_empty() { format!("aborted by {actor}") } else { format!("aborted by {actor}: {note}") };
+                Ok(self.start_revert(reason, Vec::new(), now_ms))
+            }
+        }
+    }
+
+    fn operator_check(&self) -> Result<(), TransitionError> {
+        match &self.rollout.phase {
+            Phase::RollingBack { .. } => Err(TransitionError::RollingBack { id: self.rollout.id.clone() }),
+            phase if phase.is_terminal() => {
+                Err(TransitionError::Finished { id: self.rollout.id.clone(), outcome: phase.name().into() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn pause(&mut self, actor: &str, now_ms: u64) -> Result<(), TransitionError> {
+        self.operator_check()?;
+        if !self.rollout.paused {
+            self.rollout.paused = true;
+            self.rollout.updated_at_ms = now_ms;
+            self.rollout.event(now_ms, format!("paused by {actor}"));
+        }
+        Ok(())
+    }
+
+    pub fn resume(&mut self, actor: &str, now_ms: u64) -> Result<(), TransitionError> {
+        self.operator_check()?;
+        if self.rollout.paused {
+            self.rollout.paused = false;
+            self.rollout.updated_at_ms = now_ms;
+            self.rollout.event(now_ms, format!("resumed by {actor}"));
+        }
+        Ok(())
+    }
+
+    /// Opens the next closed manual gate (the one the rollout waits at, or
+    /// the next one ahead, so a runbook may promote early).
+    pub fn promote(&mut self, actor: &str, now_ms: u64) -> Result<String, TransitionError> {
+        self.operator_check()?;
+        let from = match &self.rollout.phase {
+            Phase::Staged | Phase::Preparing => 0,
+            Phase::Waiting { next_step } => *next_step,
+            Phase::Committing { step } | Phase::Watching { step, .. } => step + 1,
+            _ => usize::MAX,
+        };
+        let gate = (from..self.rollout.steps.len())
+            .find(|i| self.rollout.steps[*i].pause_before && !self.rollout.promoted.contains(i));
+        match gate {
+            Some(step) => {
+                self.rollout.promoted.push(step);
+                let name = self.rollout.steps[step].name.clone();
+                self.rollout.updated_at_ms = now_ms;
+                self.rollout.event(now_ms, format!("gate before {name} promoted by {actor}"));
+                Ok(name)
+            }
+            None => {
+                Err(TransitionError::NoGate { id: self.rollout.id.clone(), phase: self.rollout.phase.name().into() })
+            }
+        }
+    }
+
+    /// Revert outcomes. `last_attempt`: nodes still failing are given up on
+    /// (recorded revert-failed) and the rollout ends.
+    pub fn record_revert(&mut self, results: Vec<NodeResult>, last_attempt: bool, now_ms: u64) -> Changed {
+        let mut changed = Vec::new();
+        for (id, result) in results {
+            let Some(n) = self.nodes.get_mut(&id) else { continue };
+            match result {
+                Ok(()) => {
+                    n.observed = if n.commit_sent { Observed::RolledBack } else { Observed::Aborted };
+                }
+                Err(err) => {
+                    n.observed = Observed::RevertFailed;
+                    n.error = err;
+                }
+            }
+            n.updated_at_ms = now_ms;
+            changed.push(id);
+        }
+        let Phase::RollingBack { reason, faulty } = self.rollout.phase.clone() else {
+            return changed;
+        };
+        let pending: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.desired == Desired::Reverted && !matches!(n.observed, Observed::RolledBack | Observed::Aborted)
+            })
+            .map(|n| n.node_id.clone())
+            .collect();
+        if pending.is_empty() {
+            self.set_phase(
+                Phase::RolledBack { reason: reason.clone(), faulty: faulty.clone() },
+                now_ms,
+                format!("rolled back: {reason}"),
+            );
+        } else if last_attempt {
+            let message = format!("rolled back, but {} could not be reverted (their prepared patch expires by TTL; committed code stays until they are reachable and rolled back)", pending.join(","));
+            self.set_phase(Phase::RolledBack { reason, faulty }, now_ms, message);
+        }
+        changed
+    }
+}
+
+fn dedup(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,394 @@
+//! State machine tests: every transition, abort from every state, and resume
+//! (next_action) from every persisted state.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::planner::{Plan, PlannedStep, Selector, Size};
+
+fn spec(pause_before: &[&str], max_unhealthy: u32) -> RolloutSpec {
+    RolloutSpec {
+        patch_id: "p".repeat(64),
+        selector: Selector::default(),
+        canary: Size::Count(1),
+        waves: vec![Size::Percent(50.0), Size::Percent(100.0)],
+        health_window_ms: 1000,
+        step_deadline_ms: 5000,
+        max_unhealthy,
+        pause_before: pause_before.iter().map(|s| s.to_string()).collect(),
+        gate: GateConfig::default(),
+        prepare_ttl_seconds: 0,
+        description: String::new(),
+    }
+}
+
+fn plan() -> Plan {
+    let step = |name: &str, nodes: &[&str]| PlannedStep {
+        name: name.into(),
+        nodes: nodes.iter().map(|s| s.to_string()).collect(),
+    };
+    Plan {
+        steps: vec![step("canary", &["n1"]), step("wave-1", &["n2", "n3"]), step("wave-2", &["n4", "n5"])],
+        skipped: vec![],
+    }
+}
+
+fn new_state(pause_before: &[&str], max_unhealthy: u32) -> RolloutState {
+    RolloutState::new("ro-1-1".into(), spec(pause_before, max_unhealthy), "b1".into(), plan(), "alice".into(), 1, 0)
+}
+
+fn ok(nodes: &[&str]) -> Vec<NodeResult> {
+    nodes.iter().map(|n| (n.to_string(), Ok(()))).collect()
+}
+
+fn all_nodes() -> Vec<&'static str> {
+    vec!["n1", "n2", "n3", "n4", "n5"]
+}
+
+fn healthy(nodes: &[String]) -> Vec<(String, Verdict)> {
+    nodes.iter().map(|n| (n.clone(), Verdict::default())).collect()
+}
+
+fn sick(node: &str, why: &str) -> (String, Verdict) {
+    (node.to_string(), Verdict { problems: vec![why.to_string()] })
+}
+
+/// Drives a fresh rollout to the named point.
+fn at(point: &str) -> RolloutState {
+    let mut s = new_state(&[], 0);
+    if point == "staged" {
+        return s;
+    }
+    s.begin_prepare(1);
+    if point == "preparing" {
+        return s;
+    }
+    s.record_prepare(ok(&all_nodes()), 2);
+    if point == "waiting" {
+        return s;
+    }
+    s.begin_step(0, BTreeMap::new(), 3);
+    if point == "committing" {
+        return s;
+    }
+    s.record_commit(0, ok(&["n1"]), BTreeMap::new(), 4);
+    if point == "watching" {
+        return s;
+    }
+    s.window_passed(0, 5);
+    s.begin_step(1, BTreeMap::new(), 6);
+    if point == "mid-wave" {
+        return s;
+    }
+    panic!("unknown point {point}");
+}
+
+fn complete(s: &mut RolloutState) {
+    let mut t = 10;
+    loop {
+        t += 1;
+        match s.next_action(false) {
+            Action::BeginPrepare => {
+                s.begin_prepare(t);
+            }
+            Action::Prepare(nodes) => {
+                let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+                s.record_prepare(ok(&nodes), t);
+            }
+            Action::BeginStep(step) => {
+                s.begin_step(step, BTreeMap::new(), t);
+            }
+            Action::Commit { step, nodes } => {
+                let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+                s.record_commit(step, ok(&nodes), BTreeMap::new(), t);
+            }
+            Action::Watch { step, .. } => {
+                let watched = s.watched_nodes();
+                s.record_health(healthy(&watched), vec![], t);
+                s.window_passed(step, t);
+            }
+            Action::Finished => return,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn happy_path_goes_canary_then_waves_then_completed() {
+    let mut s = new_state(&[], 0);
+    assert_eq!(s.next_action(false), Action::BeginPrepare);
+    let changed = s.begin_prepare(1);
+    assert_eq!(changed.len(), 5, "desired=prepared written for every target before any prepare");
+    assert!(s.nodes.values().all(|n| n.desired == Desired::Prepared));
+    assert_eq!(s.next_action(false), Action::Prepare(all_nodes().iter().map(|s| s.to_string()).collect()));
+    s.record_prepare(ok(&all_nodes()), 2);
+    assert_eq!(s.rollout.phase, Phase::Waiting { next_step: 0 });
+    assert_eq!(s.next_action(false), Action::BeginStep(0));
+    s.begin_step(0, BTreeMap::new(), 3);
+    assert_eq!(s.nodes["n1"].desired, Desired::Committed);
+    assert!(s.nodes["n1"].commit_sent);
+    assert_eq!(s.nodes["n2"].desired, Desired::Prepared, "wave nodes untouched by the canary");
+    assert_eq!(s.next_action(false), Action::Commit { step: 0, nodes: vec!["n1".into()] });
+    s.record_commit(0, ok(&["n1"]), BTreeMap::new(), 4);
+    assert_eq!(s.next_action(false), Action::Watch { step: 0, ends_at_ms: 1004 });
+    complete(&mut s);
+    assert_eq!(s.rollout.phase, Phase::Completed);
+    assert!(s.nodes.values().all(|n| n.observed == Observed::Committed && n.desired == Desired::Committed));
+    assert!(s.rollout.events.iter().any(|e| e.message.contains("completed")));
+}
+
+#[test]
+fn any_prepare_no_aborts_everywhere_and_commits_nothing() {
+    let mut s = at("preparing");
+    let mut results = ok(&["n1", "n2", "n4", "n5"]);
+    results.push(("n3".into(), Err("SyntaxError in zone/combat.py line 3".into())));
+    s.record_prepare(results, 5);
+    let Phase::RollingBack { reason, faulty } = &s.rollout.phase else { panic!("{:?}", s.rollout.phase) };
+    assert!(reason.contains("n3") && reason.contains("SyntaxError"), "{reason}");
+    assert_eq!(faulty, &["n3"]);
+    let Action::Revert { rollback, abort } = s.next_action(false) else { panic!() };
+    assert!(rollback.is_empty(), "nothing was committed");
+    assert_eq!(abort.len(), 5, "every prepared node aborts (the failing one too: idempotent)");
+    s.record_revert(ok(&all_nodes()), false, 6);
+    let Phase::RolledBack { faulty, .. } = &s.rollout.phase else { panic!() };
+    assert_eq!(faulty, &["n3"]);
+    assert!(s.nodes.values().all(|n| n.observed == Observed::Aborted));
+    assert!(s.nodes.values().all(|n| !n.commit_sent));
+}
+
+#[test]
+fn commit_failure_in_wave_rolls_back_committed_and_aborts_prepared() {
+    let mut s = at("mid-wave");
+    s.record_commit(1, vec![("n2".into(), Ok(())), ("n3".into(), Err("hook raised".into()))], BTreeMap::new(), 7);
+    let Phase::RollingBack { reason, faulty } = &s.rollout.phase else { panic!() };
+    assert!(reason.starts_with("wave-1: commit failed on n3"), "{reason}");
+    assert_eq!(faulty, &["n3"]);
+    let Action::Revert { rollback, abort } = s.next_action(false) else { panic!() };
+    assert_eq!(rollback, ["n1", "n2", "n3"], "canary and wave-1 (the failed node may be half-applied)");
+    assert_eq!(abort, ["n4", "n5"]);
+    s.record_revert(ok(&["n1", "n2", "n3", "n4", "n5"]), false, 8);
+    assert!(matches!(s.rollout.phase, Phase::RolledBack { .. }));
+    assert_eq!(s.nodes["n1"].observed, Observed::RolledBack);
+    assert_eq!(s.nodes["n4"].observed, Observed::Aborted);
+}
+
+#[test]
+fn health_failure_beyond_policy_rolls_back() {
+    let mut s = at("watching");
+    s.record_health(vec![sick("n1", "tick p99 80 ms")], vec![], 5);
+    let Phase::RollingBack { reason, faulty } = &s.rollout.phase else { panic!() };
+    assert!(reason.contains("health gate failed") && reason.contains("tick p99"), "{reason}");
+    assert_eq!(faulty, &["n1"]);
+}
+
+#[test]
+fn policy_tolerates_up_to_max_unhealthy() {
+    let mut s = new_state(&[], 1);
+    s.begin_prepare(1);
+    s.record_prepare(ok(&all_nodes()), 2);
+    s.begin_step(0, BTreeMap::new(), 3);
+    s.record_commit(0, ok(&["n1"]), BTreeMap::new(), 4);
+    s.record_health(vec![sick("n1", "slow")], vec![], 5);
+    assert!(matches!(s.rollout.phase, Phase::Watching { .. }), "one tolerated");
+    assert_eq!(s.nodes["n1"].observed, Observed::Unhealthy);
+    s.window_passed(0, 6);
+    s.begin_step(1, BTreeMap::new(), 7);
+    s.record_commit(1, ok(&["n2", "n3"]), BTreeMap::new(), 8);
+    s.record_health(vec![], vec!["n2".into()], 9);
+    assert!(matches!(s.rollout.phase, Phase::RollingBack { .. }), "a second bad node exceeds the policy");
+}
+
+#[test]
+fn a_tolerated_lost_node_is_skipped_by_its_wave() {
+    let mut s = new_state(&[], 1);
+    s.begin_prepare(1);
+    s.record_prepare(ok(&all_nodes()), 2);
+    s.begin_step(0, BTreeMap::new(), 3);
+    s.record_commit(0, ok(&["n1"]), BTreeMap::new(), 4);
+    s.record_health(healthy(&["n1".to_string()]), vec!["n3".into()], 5);
+    assert_eq!(s.nodes["n3"].observed, Observed::Lost);
+    s.window_passed(0, 6);
+    s.begin_step(1, BTreeMap::new(), 7);
+    assert_eq!(s.next_action(false), Action::Commit { step: 1, nodes: vec!["n2".into()] });
+    s.record_commit(1, ok(&["n2"]), BTreeMap::new(), 8);
+    assert!(matches!(s.rollout.phase, Phase::Watching { step: 1, .. }));
+}
+
+#[test]
+fn abort_is_accepted_in_every_non_terminal_state() {
+    for point in ["staged", "preparing", "waiting", "committing", "watching", "mid-wave"] {
+        let mut s = at(point);
+        s.abort("bob", "incident 42", 100).expect("abort accepted");
+        let Phase::RollingBack { reason, .. } = &s.rollout.phase else { panic!("{point}: {:?}", s.rollout.phase) };
+        assert_eq!(reason, "aborted by bob: incident 42");
+        // Nothing new is prepared or committed: the only action is revert.
+        assert!(matches!(s.next_action(false), Action::Revert { .. }), "{point}");
+        assert!(matches!(s.next_action(true), Action::Revert { .. }), "{point}: freeze never holds a rollback");
+        // Idempotent while rolling back.
+        assert_eq!(s.abort("bob", "again", 101), Ok(vec![]));
+    }
+    // While held at a gate and while paused too.
+    let mut s = new_state(&["wave-1"], 0);
+    s.begin_prepare(1);
+    s.record_prepare(ok(&all_nodes()), 2);
+    s.pause("a", 3).expect("pause");
+    assert!(matches!(s.next_action(false), Action::Hold(_)));
+    s.abort("a", "", 4).expect("abort while paused");
+    assert_eq!(s.rollout.phase, Phase::RollingBack { reason: "aborted by a".into(), faulty: vec![] });
+}
+
+#[test]
+fn abort_after_the_end_is_refused() {
+    let mut s = new_state(&[], 0);
+    complete(&mut s);
+    let err = s.abort("bob", "", 1).expect_err("finished");
+    assert!(err.to_string().contains("already finished (completed)"), "{err}");
+    let mut s = at("preparing");
+    s.abort("bob", "", 1).expect("abort");
+    s.record_revert(ok(&all_nodes()), false, 2);
+    assert!(matches!(s.abort("bob", "", 3), Err(TransitionError::Finished { .. })));
+}
+
+#[test]
+fn abort_staged_touches_no_node() {
+    let mut s = at("staged");
+    s.abort("a", "", 1).expect("abort");
+    assert_eq!(s.next_action(false), Action::Revert { rollback: vec![], abort: vec![] });
+    s.record_revert(vec![], false, 2);
+    assert!(matches!(s.rollout.phase, Phase::RolledBack { .. }));
+}
+
+#[test]
+fn late_answers_after_abort_do_not_resurrect_the_rollout() {
+    let mut s = at("committing");
+    s.abort("a", "", 5).expect("abort");
+    s.record_commit(0, ok(&["n1"]), BTreeMap::new(), 6);
+    assert!(matches!(s.rollout.phase, Phase::RollingBack { .. }));
+    let mut s = at("preparing");
+    s.abort("a", "", 5).expect("abort");
+    s.record_prepare(ok(&all_nodes()), 6);
+    assert!(matches!(s.rollout.phase, Phase::RollingBack { .. }));
+    assert!(s.nodes.values().all(|n| n.desired == Desired::Reverted));
+}
+
+#[test]
+fn manual_gate_holds_until_promoted_and_promote_can_be_early() {
+    let mut s = new_state(&["wave-1"], 0);
+    s.begin_prepare(1);
+    s.record_prepare(ok(&all_nodes()), 2);
+    assert_eq!(s.next_action(false), Action::BeginStep(0), "no gate before the canary");
+    s.begin_step(0, BTreeMap::new(), 3);
+    s.record_commit(0, ok(&["n1"]), BTreeMap::new(), 4);
+    s.window_passed(0, 5);
+    let Action::Hold(reason) = s.next_action(false) else { panic!() };
+    assert!(reason.contains("gate before wave-1"), "{reason}");
+    assert_eq!(s.promote("carol", 6), Ok("wave-1".to_string()));
+    assert_eq!(s.next_action(false), Action::BeginStep(1));
+    assert!(matches!(s.promote("carol", 7), Err(TransitionError::NoGate { .. })));
+
+    // Promoting while the canary watches opens the gate ahead.
+    let mut s = new_state(&["wave-1"], 0);
+    s.begin_prepare(1);
+    s.record_prepare(ok(&all_nodes()), 2);
+    s.begin_step(0, BTreeMap::new(), 3);
+    s.record_commit(0, ok(&["n1"]), BTreeMap::new(), 4);
+    s.promote("carol", 5).expect("early promote");
+    s.window_passed(0, 6);
+    assert_eq!(s.next_action(false), Action::BeginStep(1));
+}
+
+#[test]
+fn pause_and_freeze_hold_new_steps_only() {
+    let mut s = at("waiting");
+    s.pause("a", 1).expect("pause");
+    assert!(matches!(s.next_action(false), Action::Hold(r) if r.contains("paused")));
+    s.resume("a", 2).expect("resume");
+    assert_eq!(s.next_action(false), Action::BeginStep(0));
+    assert!(matches!(s.next_action(true), Action::Hold(r) if r.contains("frozen")));
+    assert!(matches!(at("staged").next_action(true), Action::Hold(_)), "freeze holds the prepare too");
+    // A running window is not interrupted by a pause.
+    let mut s = at("watching");
+    s.pause("a", 1).expect("pause");
+    assert!(matches!(s.next_action(true), Action::Watch { .. }));
+    s.window_passed(0, 2);
+    assert!(matches!(s.next_action(false), Action::Hold(_)));
+}
+
+#[test]
+fn operator_commands_refused_while_rolling_back() {
+    let mut s = at("watching");
+    s.abort("a", "", 1).expect("abort");
+    assert!(matches!(s.pause("a", 2), Err(TransitionError::RollingBack { .. })));
+    assert!(matches!(s.promote("a", 2), Err(TransitionError::RollingBack { .. })));
+}
+
+#[test]
+fn resume_from_every_persisted_state_picks_the_right_action() {
+    // A restarted coordinator only has what the store has: next_action on a
+    // deserialized copy must say what to do, and re-sent commands are the
+    // (idempotent) ones of the current phase.
+    let roundtrip = |s: &RolloutState| {
+        let rollout: Rollout = serde_json::from_slice(&serde_json::to_vec(&s.rollout).expect("ser")).expect("de");
+        let nodes: BTreeMap<String, NodeState> =
+            serde_json::from_slice(&serde_json::to_vec(&s.nodes).expect("ser")).expect("de");
+        RolloutState { rollout, nodes }
+    };
+    assert_eq!(roundtrip(&at("staged")).next_action(false), Action::BeginPrepare);
+    assert_eq!(
+        roundtrip(&at("preparing")).next_action(false),
+        Action::Prepare(all_nodes().iter().map(|s| s.to_string()).collect())
+    );
+    // Crash after some prepare answers were recorded: only the rest are asked.
+    let mut partial = at("preparing");
+    partial.record_prepare(ok(&["n1", "n2"]), 2);
+    assert_eq!(roundtrip(&partial).next_action(false), Action::Prepare(vec!["n3".into(), "n4".into(), "n5".into()]));
+    assert_eq!(roundtrip(&at("waiting")).next_action(false), Action::BeginStep(0));
+    assert_eq!(roundtrip(&at("committing")).next_action(false), Action::Commit { step: 0, nodes: vec!["n1".into()] });
+    assert!(matches!(roundtrip(&at("watching")).next_action(false), Action::Watch { step: 0, ends_at_ms: 1004 }));
+    assert_eq!(
+        roundtrip(&at("mid-wave")).next_action(false),
+        Action::Commit { step: 1, nodes: vec!["n2".into(), "n3".into()] }
+    );
+    // Mid-wave with one node's commit recorded: only the other is re-sent.
+    let mut half = at("mid-wave");
+    half.record_commit(1, ok(&["n2"]), BTreeMap::new(), 7);
+    assert_eq!(roundtrip(&half).next_action(false), Action::Commit { step: 1, nodes: vec!["n3".into()] });
+    // Rolling back, half reverted: only the rest.
+    let mut rb = at("mid-wave");
+    rb.abort("a", "", 8).expect("abort");
+    rb.record_revert(
+        vec![("n1".into(), Ok(())), ("n4".into(), Ok(())), ("n2".into(), Err("timeout".into()))],
+        false,
+        9,
+    );
+    assert_eq!(
+        roundtrip(&rb).next_action(false),
+        Action::Revert { rollback: vec!["n2".into(), "n3".into()], abort: vec!["n5".into()] }
+    );
+    let mut done = new_state(&[], 0);
+    complete(&mut done);
+    assert_eq!(roundtrip(&done).next_action(false), Action::Finished);
+}
+
+#[test]
+fn revert_gives_up_after_the_last_attempt_and_records_who() {
+    let mut s = at("mid-wave");
+    s.fail("deadline".into(), vec!["n2".into()], 1);
+    let failing = vec![("n2".to_string(), Err("unreachable".to_string()))];
+    let mut rest = ok(&["n1", "n3", "n4", "n5"]);
+    rest.extend(failing.clone());
+    s.record_revert(rest, false, 2);
+    assert!(matches!(s.rollout.phase, Phase::RollingBack { .. }), "retry pending");
+    s.record_revert(failing, true, 3);
+    assert!(matches!(s.rollout.phase, Phase::RolledBack { .. }));
+    assert_eq!(s.nodes["n2"].observed, Observed::RevertFailed);
+    assert!(s.rollout.events.last().is_some_and(|e| e.message.contains("n2 could not be reverted")));
+}
+
+#[test]
+fn stale_window_and_step_signals_are_ignored() {
+    let mut s = at("watching");
+    assert!(!s.window_passed(3, 5), "wrong step");
+    assert!(s.begin_step(2, BTreeMap::new(), 5).is_empty(), "not waiting for step 2");
+    assert!(matches!(s.rollout.phase, Phase::Watching { step: 0, .. }));
+}

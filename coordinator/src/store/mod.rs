@@ -1,0 +1,230 @@
+//! Everything the coordinator persists, behind one trait.
+//!
+//! The [`Store`] trait is shaped for two backends: the embedded redb file
+//! ([`embedded::EmbeddedStore`], the default) and etcd (next step). That shapes
+//! three rules every caller follows:
+//!
+//! - **All writes are batches.** [`Store::write`] applies a [`Batch`] atomically
+//!   (one redb transaction, one etcd `Txn`). The engine writes one batch per
+//!   transition of a rollout step, never one per node.
+//! - **All writes are fenced.** A writer first [`Store::acquire_epoch`]s a
+//!   [`Fence`]; every batch carries it and the store refuses it
+//!   ([`StoreError::Fenced`]) once a newer writer exists. For the embedded store
+//!   that is the epoch counter in the same file (a restarted coordinator
+//!   out-ranks its previous incarnation); for etcd it will be a comparison on
+//!   the leader key's revision inside the same transaction.
+//! - **Values are self-describing JSON** of the record types below, so a
+//!   backend only moves bytes under keys and the records can grow fields
+//!   (`#[serde(default)]`) without a migration.
+
+pub mod embedded;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use hotfleet_proto::v1::NodeStatus;
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::{NodeState, Rollout};
+
+/// Proof of write authority: the epoch this writer acquired.
+///
+/// Agents receive the same number in every command's `CommandHeader` and
+/// refuse commands from an older epoch, so a deposed coordinator can neither
+/// write state nor move nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Fence {
+    pub epoch: u64,
+}
+
+/// What can go wrong talking to the store. Every variant names the store and,
+/// where it helps, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store is fenced: this coordinator holds epoch {ours} but epoch {current} now owns the store (another coordinator took over; this one must stop writing)")]
+    Fenced { ours: u64, current: u64 },
+    #[error("state store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("state store I/O failed: {0}")]
+    Backend(String),
+    #[error("state store holds a record it cannot read ({key}): {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// A registered node as persisted: its last reported status (labels, address,
+/// processes) and when it registered. Liveness is not persisted: a restarted
+/// coordinator gives every known node a fresh grace period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub status: NodeStatus,
+    pub registered_at_ms: u64,
+    #[serde(default)]
+    pub last_heartbeat_ms: u64,
+}
+
+impl NodeRecord {
+    pub fn node_id(&self) -> &str {
+        &self.status.node_id
+    }
+}
+
+/// A stored patch's metadata (the bundle bytes are stored beside it, by id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchRecord {
+    pub patch_id: String,
+    pub target_build: String,
+    #[serde(default)]
+    pub parent_patch_id: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub author: String,
+    #[serde(default)]
+    pub created_at: String,
+    #[serde(default)]
+    pub modules: Vec<String>,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub signer_key_id: String,
+    #[serde(default)]
+    pub pushed_by: String,
+    pub pushed_at_ms: u64,
+}
+
+/// One committed patch on a fleet's patch stack (per target build).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackEntry {
+    pub patch_id: String,
+    pub target_build: String,
+    #[serde(default)]
+    pub parent_patch_id: String,
+    #[serde(default)]
+    pub description: String,
+    /// The rollout that completed it.
+    #[serde(default)]
+    pub rollout_id: String,
+    pub committed_at_ms: u64,
+}
+
+/// One operator action, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Assigned by the store when the batch commits (0 before that).
+    #[serde(default)]
+    pub seq: u64,
+    pub at_ms: u64,
+    pub actor: String,
+    pub action: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub detail: String,
+    pub ok: bool,
+}
+
+/// The fleet-wide freeze flag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeRecord {
+    pub reason: String,
+    pub by: String,
+    pub since_ms: u64,
+}
+
+/// One write inside a [`Batch`].
+#[derive(Debug, Clone)]
+pub enum Write {
+    PutNode(NodeRecord),
+    RemoveNode(String),
+    /// Stores a patch and its bundle. Put-if-absent: a patch id is a content
+    /// digest, so an existing record is already the same patch and is kept.
+    PutPatch {
+        record: PatchRecord,
+        bundle: Vec<u8>,
+    },
+    PutRollout(Box<Rollout>),
+    /// Per-node state of one rollout; only the nodes listed are replaced.
+    PutRolloutNodes {
+        rollout_id: String,
+        nodes: Vec<NodeState>,
+    },
+    /// Appends to the build's patch stack unless the patch is already on it
+    /// (so a resumed completion cannot push twice).
+    PushStack(StackEntry),
+    /// Appended with the next sequence number.
+    Audit(AuditEntry),
+    /// `None` unfreezes.
+    SetFreeze(Option<FreezeRecord>),
+}
+
+/// Writes applied atomically, all or nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub writes: Vec<Write>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, write: Write) -> Self {
+        self.writes.push(write);
+        self
+    }
+
+    pub fn push(&mut self, write: Write) {
+        self.writes.push(write);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// The rollout record and the given node states, as one batch.
+    pub fn rollout(rollout: &Rollout, nodes: Vec<NodeState>) -> Self {
+        let mut batch = Self::new().with(Write::PutRollout(Box::new(rollout.clone())));
+        if !nodes.is_empty() {
+            batch.push(Write::PutRolloutNodes { rollout_id: rollout.id.clone(), nodes });
+        }
+        batch
+    }
+}
+
+/// Persistent state of the coordinator. Implementations are cheap to share
+/// (`Arc<dyn Store>`) and safe to call concurrently.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short name for logs ("embedded", "etcd").
+    fn backend(&self) -> &'static str;
+
+    /// Becomes the store's writer: bumps and persists the epoch and returns
+    /// the fence every later write must carry. Called once per coordinator
+    /// start (embedded) or per won election (etcd).
+    async fn acquire_epoch(&self) -> Result<Fence, StoreError>;
+
+    /// The epoch that currently owns the store.
+    async fn current_epoch(&self) -> Result<u64, StoreError>;
+
+    /// Applies every write of `batch` atomically, if `fence` still owns the
+    /// store. Returns the sequence numbers given to the batch's audit entries.
+    async fn write(&self, fence: Fence, batch: Batch) -> Result<Vec<u64>, StoreError>;
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+
+    async fn patch(&self, patch_id: &str) -> Result<Option<PatchRecord>, StoreError>;
+    async fn patch_bundle(&self, patch_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn patches(&self) -> Result<Vec<PatchRecord>, StoreError>;
+
+    async fn rollout(&self, rollout_id: &str) -> Result<Option<Rollout>, StoreError>;
+    async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    /// Node states of one rollout, keyed by node id.
+    async fn rollout_nodes(&self, rollout_id: &str) -> Result<BTreeMap<String, NodeState>, StoreError>;
+
+    /// The build's committed patch stack, oldest first.
+    async fn patch_stack(&self, target_build: &str) -> Result<Vec<StackEntry>, StoreError>;
+
+    /// Newest first, at most `limit`.
+    async fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+
+    async fn freeze(&self) -> Result<Option<FreezeRecord>, StoreError>;
+}

@@ -1,0 +1,264 @@
+//! Loopback gRPC tests of the AgentGateway and the patch store: a real
+//! coordinator on 127.0.0.1:0, spoken to with the generated clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hotfleet_proto::v1::{
+    FetchPatchRequest, GetPatchRequest, GetPatchStackRequest, HeartbeatRequest, ListAuditRequest, ListNodesRequest,
+    ListPatchesRequest, NodeStatus, ProcessStatus, PushPatchRequest, RegisterRequest,
+};
+use tonic::{Code, Request};
+
+fn node(id: &str, zone: &str) -> NodeStatus {
+    NodeStatus {
+        node_id: id.into(),
+        labels: [("zone".to_string(), zone.to_string())].into(),
+        advertise_addr: "127.0.0.1:1".into(),
+        processes: vec![ProcessStatus {
+            process_id: format!("{id}-p1"),
+            pid: 4242,
+            build: BUILD.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn push(bytes: Vec<u8>, actor: &str) -> Request<PushPatchRequest> {
+    let mut r = Request::new(PushPatchRequest { bundle: bytes });
+    r.metadata_mut().insert("x-hotfleet-actor", actor.parse().expect("ascii"));
+    r
+}
+
+#[tokio::test]
+async fn push_good_patch_then_fetch_it_in_chunks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = key_in(&dir.path().join("keys"));
+    let running = start(config(&dir.path().join("data"), vec![public])).await;
+    let mut op = running.operator().await;
+
+    // A big module so the download spans several 256 KiB chunks.
+    let mut big = bundle("big", None);
+    big = hotfleet_patch::Bundle::create(
+        big.manifest.clone(),
+        vec![("zone.combat".into(), format!("DATA = {:?}\n", "x".repeat(600 * 1024)))],
+    )
+    .expect("bundle");
+    big.sign(&key);
+    let bytes = big.encode();
+
+    let first = op.push_patch(push(bytes.clone(), "alice")).await.expect("push").into_inner();
+    assert!(first.created);
+    let info = first.patch.expect("info");
+    assert_eq!(info.patch_id, big.id());
+    assert_eq!(info.target_build, BUILD);
+    assert_eq!(info.pushed_by, "alice");
+    assert_eq!(info.modules, ["zone.combat"]);
+
+    // Idempotent by id.
+    let again = op.push_patch(push(bytes.clone(), "bob")).await.expect("push again").into_inner();
+    assert!(!again.created);
+    assert_eq!(again.patch.expect("info").pushed_by, "alice");
+
+    let got = op.get_patch(GetPatchRequest { patch_id: big.id() }).await.expect("get").into_inner();
+    assert_eq!(got.patch.expect("info").size_bytes, bytes.len() as u64);
+    let listed = op.list_patches(ListPatchesRequest { target_build: BUILD.into() }).await.expect("list").into_inner();
+    assert_eq!(listed.patches.len(), 1);
+    let other = op.list_patches(ListPatchesRequest { target_build: "other".into() }).await.expect("list").into_inner();
+    assert!(other.patches.is_empty());
+
+    let mut gw = running.gateway().await;
+    let mut stream = gw.fetch_patch(FetchPatchRequest { patch_id: big.id() }).await.expect("fetch").into_inner();
+    let mut got = Vec::new();
+    let mut chunks = 0;
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        assert_eq!(chunk.total_size, bytes.len() as u64);
+        assert_eq!(chunk.offset, got.len() as u64);
+        assert!(chunk.data.len() <= 256 * 1024);
+        got.extend_from_slice(&chunk.data);
+        chunks += 1;
+    }
+    assert_eq!(got, bytes, "fetched bytes are the uploaded bundle");
+    assert!(chunks >= 3, "{chunks} chunks");
+
+    let missing = gw.fetch_patch(FetchPatchRequest { patch_id: "0".repeat(64) }).await.expect_err("missing");
+    assert_eq!(missing.code(), Code::NotFound);
+    let garbage = gw.fetch_patch(FetchPatchRequest { patch_id: "../etc/passwd".into() }).await.expect_err("bad id");
+    assert_eq!(garbage.code(), Code::InvalidArgument);
+
+    let audit = op.list_audit(ListAuditRequest { limit: 10 }).await.expect("audit").into_inner().records;
+    assert_eq!(audit.len(), 2);
+    assert_eq!(audit[0].actor, "bob", "newest first");
+    assert_eq!(audit[1].action, "patch.push");
+    assert!(audit.iter().all(|a| a.ok));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_tampered_unsigned_untrusted_oversized_and_garbage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = key_in(&dir.path().join("keys"));
+    let (stranger, _) = key_in(&dir.path().join("stranger"));
+    let mut cfg = config(&dir.path().join("data"), vec![public]);
+    cfg.max_patch_bytes = 64 * 1024;
+    let running = start(cfg).await;
+    let mut op = running.operator().await;
+
+    // Tampered: one byte of a module source changed after signing.
+    let mut bytes = bundle("t", Some(&key)).encode();
+    let pos = bytes.windows(6).position(|w| w == b"return").expect("source in bundle");
+    bytes[pos] = b'R';
+    let err = op.push_patch(push(bytes, "mallory")).await.expect_err("tampered");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("sha256"), "{}", err.message());
+
+    let err = op.push_patch(push(bundle("u", None).encode(), "mallory")).await.expect_err("unsigned");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("not signed"), "{}", err.message());
+
+    let err = op.push_patch(push(bundle("s", Some(&stranger)).encode(), "mallory")).await.expect_err("untrusted");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("not trusted"), "{}", err.message());
+
+    let mut big = hotfleet_patch::Bundle::create(
+        manifest("big"),
+        vec![("zone.combat".into(), format!("DATA = {:?}\n", "x".repeat(100 * 1024)))],
+    )
+    .expect("bundle");
+    big.sign(&key);
+    let err = op.push_patch(push(big.encode(), "mallory")).await.expect_err("oversized");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("limit"), "{}", err.message());
+
+    // Way past the transport limit too: still refused, never stored.
+    let huge = vec![7u8; 2 * 1024 * 1024];
+    let err = op.push_patch(push(huge, "mallory")).await.expect_err("huge");
+    assert_ne!(err.code(), Code::Ok);
+
+    let err = op.push_patch(push(b"garbage".to_vec(), "mallory")).await.expect_err("garbage");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let listed = op.list_patches(ListPatchesRequest::default()).await.expect("list").into_inner();
+    assert!(listed.patches.is_empty(), "nothing refused was stored");
+
+    // Refusals are audited, with the actor.
+    let audit = op.list_audit(ListAuditRequest { limit: 0 }).await.expect("audit").into_inner().records;
+    assert!(audit.len() >= 5, "{audit:?}");
+    assert!(audit.iter().all(|a| !a.ok && a.actor == "mallory" && a.detail.starts_with("refused")));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn without_trusted_keys_pushes_are_refused_with_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, _) = key_in(&dir.path().join("keys"));
+    let running = start(config(&dir.path().join("data"), vec![])).await;
+    let mut op = running.operator().await;
+    let err = op.push_patch(push(bundle("x", Some(&key)).encode(), "a")).await.expect_err("no keys");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("--trusted-key"), "{}", err.message());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn register_heartbeat_lose_and_rejoin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(config(dir.path(), vec![])).await;
+    let mut gw = running.gateway().await;
+    let mut op = running.operator().await;
+
+    let hb = gw.heartbeat(HeartbeatRequest { node: Some(node("n1", "a")) }).await.expect("hb").into_inner();
+    assert!(!hb.known, "unknown node is told to register");
+
+    let reg = gw.register(RegisterRequest { node: Some(node("n1", "a")) }).await.expect("register").into_inner();
+    assert!(reg.epoch >= 1);
+    assert!(reg.heartbeat_interval_seconds >= 1);
+    gw.register(RegisterRequest { node: Some(node("n2", "b")) }).await.expect("register");
+    let hb = gw.heartbeat(HeartbeatRequest { node: Some(node("n1", "a")) }).await.expect("hb").into_inner();
+    assert!(hb.known);
+    assert_eq!(hb.epoch, reg.epoch);
+
+    let nodes = op.list_nodes(ListNodesRequest { selector: "zone=a".into() }).await.expect("list").into_inner().nodes;
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].status.as_ref().expect("status").node_id, "n1");
+    assert_eq!(nodes[0].liveness, "alive");
+
+    // Keep n1 beating; n2 goes silent and must be marked lost (3 x 100 ms).
+    let lost = eventually(Duration::from_secs(5), || {
+        let mut gw = gw.clone();
+        let mut op = op.clone();
+        async move {
+            gw.heartbeat(HeartbeatRequest { node: Some(node("n1", "a")) }).await.expect("hb");
+            let nodes = op.list_nodes(ListNodesRequest::default()).await.expect("list").into_inner().nodes;
+            let by_id = |id: &str| {
+                nodes.iter().find(|n| n.status.as_ref().is_some_and(|s| s.node_id == id)).map(|n| n.liveness.clone())
+            };
+            by_id("n2").as_deref() == Some("lost") && by_id("n1").as_deref() == Some("alive")
+        }
+    })
+    .await;
+    assert!(lost, "n2 was not marked lost while n1 stayed alive");
+
+    // A heartbeat brings it back.
+    gw.heartbeat(HeartbeatRequest { node: Some(node("n2", "b")) }).await.expect("hb");
+    let nodes = op.list_nodes(ListNodesRequest { selector: "zone=b".into() }).await.expect("list").into_inner().nodes;
+    assert_eq!(nodes[0].liveness, "alive");
+
+    // Garbage registrations are refused clearly.
+    let err = gw.register(RegisterRequest { node: None }).await.expect_err("no node");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = gw
+        .register(RegisterRequest { node: Some(NodeStatus { node_id: "x".into(), ..Default::default() }) })
+        .await
+        .expect_err("no addr");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("advertise_addr"), "{}", err.message());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn registrations_and_patches_survive_a_restart_with_a_higher_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = key_in(&dir.path().join("keys"));
+    let data = dir.path().join("data");
+    let b = bundle("persist", Some(&key));
+    let first_epoch = {
+        let running = start(config(&data, vec![public.clone()])).await;
+        let mut gw = running.gateway().await;
+        let epoch = gw.register(RegisterRequest { node: Some(node("n1", "a")) }).await.expect("reg").into_inner().epoch;
+        running.operator().await.push_patch(push(b.encode(), "a")).await.expect("push");
+        running.stop().await;
+        epoch
+    };
+    let running = start(config(&data, vec![public])).await;
+    let mut gw = running.gateway().await;
+    let hb = gw.heartbeat(HeartbeatRequest { node: Some(node("n1", "a")) }).await.expect("hb").into_inner();
+    assert!(hb.known, "registration survived");
+    assert!(hb.epoch > first_epoch, "restart bumps the epoch: {} -> {}", first_epoch, hb.epoch);
+    let mut stream = gw.fetch_patch(FetchPatchRequest { patch_id: b.id() }).await.expect("fetch").into_inner();
+    let chunk = stream.message().await.expect("chunk").expect("one chunk");
+    assert_eq!(chunk.data, b.encode());
+    let stack =
+        gw.get_patch_stack(GetPatchStackRequest { target_build: BUILD.into() }).await.expect("stack").into_inner();
+    assert!(stack.patches.is_empty());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn serves_standard_health() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(config(dir.path(), vec![])).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(running.channel_uri()).expect("uri").connect().await.expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "hotfleet.v1.AgentGateway".into() })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    running.stop().await;
+}
