@@ -163,10 +163,11 @@ async fn failed_prepare_leaves_every_process_untouched() {
         .expect("prepare")
         .into_inner();
     assert!(!answer.vote_yes, "a patch with a syntax error must get a no vote");
+    let errors: Vec<&str> = answer.processes.iter().map(|p| p.error.as_str()).collect();
     assert!(
-        answer.reason.contains("SyntaxError") || answer.reason.to_lowercase().contains("syntax"),
-        "{}",
-        answer.reason
+        errors.len() == 2
+            && errors.iter().all(|e| e.to_lowercase().contains("syntax error") && e.contains("zone.combat")),
+        "{errors:?}"
     );
     // Commit of a patch that did not prepare is refused, and nothing changed.
     let commit =

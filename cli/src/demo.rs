@@ -16,9 +16,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context};
-use hotfleet_localfleet::{
-    build_patch, free_port, AgentProc, CoordinatorProc, Keys, Layout, Player, Proc, TempDir, ZoneProc,
-};
+use hotfleet_localfleet::{build_patch, Fleet, FleetNode, Layout, Proc, TempDir};
 use hotfleet_proto::v1::{ListNodesRequest, RolloutSpec, StartRolloutRequest};
 use serde_json::Value;
 
@@ -46,12 +44,6 @@ pub struct DemoArgs {
     /// Keep the work directory (logs, store, keys) instead of deleting it.
     #[arg(long)]
     keep: bool,
-}
-
-struct Node {
-    agent: AgentProc,
-    zone: ZoneProc,
-    probe: Player,
 }
 
 /// What a probe player saw of one zone before a rollout.
@@ -87,40 +79,27 @@ pub async fn run(args: DemoArgs, output: Output) -> CliResult {
 async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant) -> anyhow::Result<()> {
     let work = dir.path();
     step("1/5", &format!("starting a local fleet of {} nodes in {}", args.nodes, work.display()));
-    let keys = Keys::generate(layout, work)?;
-    let coordinator = CoordinatorProc::start(layout, work, &keys, free_port()?, &["--heartbeat-interval", "500ms"])?;
-    let target = Target { coordinator: coordinator.url(), actor: Some("demo".into()) };
-    println!("  coordinator  {}  (embedded store {})", coordinator.url(), coordinator.data_dir.display());
-
-    let mut nodes = Vec::new();
-    for i in 1..=args.nodes {
-        let node_id = format!("node-{i}");
-        let region = if i % 2 == 1 { "eu" } else { "us" };
-        let zone_name = format!("zone-{i}");
-        let agent = AgentProc::start(
-            layout,
-            work,
-            &node_id,
-            Some(&coordinator.url()),
-            &keys,
-            &[("region", region), ("zone", &zone_name)],
-        )?;
-        let zone = ZoneProc::start(layout, work, &zone_name, Some(&agent.socket), BUILD, &[])?;
-        let probe = Player::connect(zone.port, &format!("probe_{i}"))?;
+    let mut fleet = Fleet::start(layout, work, args.nodes, BUILD, &["--heartbeat-interval", "500ms"], |_| Vec::new())?;
+    let target = Target { coordinator: fleet.coordinator.url(), actor: Some("demo".into()) };
+    println!("  coordinator  {}  (embedded store {})", fleet.coordinator.url(), fleet.coordinator.data_dir.display());
+    for node in &fleet.nodes {
         println!(
-            "  {node_id}  agent {}  zone server {zone_name} pid {} on 127.0.0.1:{}",
-            agent.grpc,
-            zone.proc.pid(),
-            zone.port
+            "  {}  agent {}  zone server {} pid {} on 127.0.0.1:{}",
+            node.agent.node_id,
+            node.agent.grpc,
+            node.zone.name,
+            node.zone.proc.pid(),
+            node.zone.port
         );
-        nodes.push(Node { agent, zone, probe });
     }
-    wait_for_fleet(&target, args.nodes).await?;
+    fleet.wait_registered()?;
     println!("  all {} nodes registered, each serving one zone server with players connected", args.nodes);
+    let keys = fleet.keys.clone();
+    let nodes = &mut fleet.nodes;
 
     // ---- 2: the hotfix --------------------------------------------------------------------
     step("2/5", "rolling out the damage-formula hotfix: canary 1, then waves 25%, 50%, 100%");
-    let before = observe(&mut nodes)?;
+    let before = observe(nodes)?;
     println!(
         "  before: a level-1 hero hits the training dummy (armor 4) for {} — the bug adds armor instead of absorbing it",
         before[0].damage
@@ -130,11 +109,11 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
         build_patch(layout, &hotfix_src, &work.join("hotfix.hfpatch"), BUILD, "armor absorbs damage", Some(&keys))?;
     crate::patch_cmd::push_file(&target, &hotfix_path, Output::Text, true).await.map_err(|f| f.error)?;
     let spec = rollout_spec(&hotfix_id, args.health_window);
-    let bots = start_bots(layout, work, &nodes, args.players, bot_seconds(&spec, args.health_window))?;
+    let bots = start_bots(layout, work, nodes, args.players, bot_seconds(&spec, args.health_window))?;
     let hotfix = start_rollout(&target, spec.clone()).await?;
     let outcome = rollout_cmd::watch(&target, hotfix.clone(), Output::Text).await;
     outcome.map_err(|f| anyhow!("the hotfix rollout did not complete: {:#}", f.error))?;
-    let after = observe(&mut nodes)?;
+    let after = observe(nodes)?;
     let bot_report = finish_bots(bots)?;
     prove_hotfix_landed(&before, &after)?;
     println!(
@@ -162,12 +141,12 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
     let (bad_path, bad_id) =
         build_patch(layout, &bad_src, &work.join("bad-hook.hfpatch"), BUILD, "titles for everyone", Some(&keys))?;
     crate::patch_cmd::push_file(&target, &bad_path, Output::Text, true).await.map_err(|f| f.error)?;
-    let before_bad = observe(&mut nodes)?;
+    let before_bad = observe(nodes)?;
     let bad_spec = rollout_spec(&bad_id, args.health_window);
-    let bots = start_bots(layout, work, &nodes, args.players, bot_seconds(&bad_spec, args.health_window))?;
+    let bots = start_bots(layout, work, nodes, args.players, bot_seconds(&bad_spec, args.health_window))?;
     let bad = start_rollout(&target, bad_spec).await?;
     let bad_outcome = rollout_cmd::watch(&target, bad.clone(), Output::Text).await;
-    let after_bad = observe(&mut nodes)?;
+    let after_bad = observe(nodes)?;
     let bot_report_bad = finish_bots(bots)?;
     match bad_outcome {
         Err(failure) if failure.code == crate::exit::ROLLED_BACK => {}
@@ -215,8 +194,7 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
     );
     println!("  rollouts  {hotfix} and {bad}: `hotfleet rollout status ID` shows every step");
     println!("  took {:.1} s; stopping every process the demo started", started.elapsed().as_secs_f64());
-    drop(nodes);
-    drop(coordinator);
+    drop(fleet);
     Ok(())
 }
 
@@ -276,25 +254,6 @@ async fn plan(target: &Target, spec: &RolloutSpec) -> anyhow::Result<Vec<Vec<Str
     Ok(rollout.steps.into_iter().map(|s| s.node_ids).collect())
 }
 
-async fn wait_for_fleet(target: &Target, n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut client = target.connect().await.map_err(|f| f.error)?;
-    loop {
-        let nodes = client.list_nodes(ListNodesRequest { selector: String::new() }).await?.into_inner().nodes;
-        let ready = nodes
-            .iter()
-            .filter(|node| node.liveness == "alive" && node.status.as_ref().is_some_and(|s| s.processes.len() == 1))
-            .count();
-        if ready == n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("only {ready} of {n} nodes registered with a zone server after 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn fleet_stacks(target: &Target) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let mut client = target.connect().await.map_err(|f| f.error)?;
     // Heartbeats carry what each process reports; give them a beat to catch up.
@@ -310,7 +269,7 @@ async fn fleet_stacks(target: &Target) -> anyhow::Result<BTreeMap<String, Vec<St
     Ok(stacks)
 }
 
-fn observe(nodes: &mut [Node]) -> anyhow::Result<Vec<Before>> {
+fn observe(nodes: &mut [FleetNode]) -> anyhow::Result<Vec<Before>> {
     nodes
         .iter_mut()
         .map(|node| {
@@ -354,7 +313,13 @@ fn bad_patch_source(layout: &Layout, work: &Path, zone: &str) -> anyhow::Result<
 
 struct Bots(Vec<Proc>);
 
-fn start_bots(layout: &Layout, work: &Path, nodes: &[Node], per_zone: usize, seconds: f64) -> anyhow::Result<Bots> {
+fn start_bots(
+    layout: &Layout,
+    work: &Path,
+    nodes: &[FleetNode],
+    per_zone: usize,
+    seconds: f64,
+) -> anyhow::Result<Bots> {
     let mut bots = Vec::new();
     if per_zone == 0 {
         return Ok(Bots(bots));

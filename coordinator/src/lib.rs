@@ -21,6 +21,7 @@ pub mod error;
 pub mod grpc;
 pub mod patches;
 pub mod planner;
+pub mod reconcile;
 pub mod registry;
 pub mod rollout;
 pub mod server;

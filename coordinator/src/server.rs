@@ -18,6 +18,7 @@ use crate::{
     engine::{Engine, EngineConfig},
     grpc::{gateway::GatewayService, operator::OperatorService},
     patches::Patches,
+    reconcile::Reconciler,
     registry::Registry,
     store::{embedded::EmbeddedStore, Fence, Store, StoreError},
 };
@@ -74,9 +75,26 @@ impl Coordinator {
         let registry = Registry::load(store.clone(), fence, config.heartbeat_interval, config.lost_timeout()).await?;
         let patches = Patches::new(store.clone(), fence, trusted.clone(), limits);
         let cancel = CancellationToken::new();
-        let engine =
-            Engine::new(store.clone(), fence, registry.clone(), agents, EngineConfig::default(), cancel.child_token());
-        let tasks = vec![tokio::spawn(registry.clone().run_sweeper(cancel.child_token()))];
+        let engine = Engine::new(
+            store.clone(),
+            fence,
+            registry.clone(),
+            agents.clone(),
+            EngineConfig::default(),
+            cancel.child_token(),
+        );
+        let reconciler = Reconciler {
+            store: store.clone(),
+            fence,
+            registry: registry.clone(),
+            engine: engine.clone(),
+            agents,
+            deadline: config.agent_timeout,
+        };
+        let tasks = vec![
+            tokio::spawn(registry.clone().run_sweeper(cancel.child_token())),
+            tokio::spawn(reconciler.run(cancel.child_token())),
+        ];
         let resumed = engine.resume().await?;
         tracing::info!(
             store = store.backend(),

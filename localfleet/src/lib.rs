@@ -128,14 +128,23 @@ fn find_repo() -> Option<PathBuf> {
 }
 
 /// Polls `check` until it yields a value or `timeout` passes.
-pub fn wait_for<T>(what: &str, timeout: Duration, log: Option<&Path>, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    log: Option<&Path>,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
             return Ok(value);
         }
         if Instant::now() >= deadline {
-            return Err(FleetError::Timeout { what: what.to_string(), after: timeout, log: log.map(Path::to_path_buf) });
+            return Err(FleetError::Timeout {
+                what: what.to_string(),
+                after: timeout,
+                log: log.map(Path::to_path_buf),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -182,7 +191,10 @@ impl Proc {
         if status.success() {
             Ok(())
         } else {
-            Err(FleetError::Io { what: format!("kill -{sig} {}", self.pid()), source: std::io::Error::other("kill failed") })
+            Err(FleetError::Io {
+                what: format!("kill -{sig} {}", self.pid()),
+                source: std::io::Error::other("kill failed"),
+            })
         }
     }
 
@@ -307,7 +319,9 @@ impl CoordinatorProc {
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let proc = Proc::spawn(&format!("coordinator-{port}"), cmd, dir)?;
-        wait_for("the coordinator to listen", Duration::from_secs(20), Some(&proc.log), || TcpStream::connect(addr).ok())?;
+        wait_for("the coordinator to listen", Duration::from_secs(20), Some(&proc.log), || {
+            TcpStream::connect(addr).ok()
+        })?;
         Ok(CoordinatorProc { proc, addr, data_dir })
     }
 
@@ -479,5 +493,102 @@ impl Player {
             name: self.name.clone(),
             message: format!("attack reply without damage: {reply}"),
         })
+    }
+}
+
+/// One node of a local fleet: its agent, its zone server, and a probe player
+/// connected to that server.
+pub struct FleetNode {
+    pub agent: AgentProc,
+    pub zone: ZoneProc,
+    pub probe: Player,
+}
+
+/// A coordinator plus `n` nodes `node-1..node-n` (labels `region` eu/us
+/// alternating and `zone`), each serving one zone server `zone-i` of `build`.
+pub struct Fleet {
+    pub layout: Layout,
+    pub keys: Keys,
+    pub coordinator: CoordinatorProc,
+    pub nodes: Vec<FleetNode>,
+    /// Flags the coordinator was started with (reused by [`Fleet::restart_coordinator`]).
+    pub coordinator_flags: Vec<String>,
+    pub build: String,
+}
+
+impl Fleet {
+    /// Starts the fleet in `dir`. `zone_env(i)` adds environment to zone server `i` (1-based).
+    pub fn start(
+        layout: &Layout,
+        dir: &Path,
+        n: usize,
+        build: &str,
+        coordinator_flags: &[&str],
+        zone_env: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> Result<Fleet> {
+        let keys = Keys::generate(layout, dir)?;
+        let coordinator = CoordinatorProc::start(layout, dir, &keys, free_port()?, coordinator_flags)?;
+        let mut nodes = Vec::with_capacity(n);
+        for i in 1..=n {
+            let node_id = format!("node-{i}");
+            let zone_name = format!("zone-{i}");
+            let region = if i % 2 == 1 { "eu" } else { "us" };
+            let agent = AgentProc::start(
+                layout,
+                dir,
+                &node_id,
+                Some(&coordinator.url()),
+                &keys,
+                &[("region", region), ("zone", &zone_name)],
+            )?;
+            let env = zone_env(i);
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let zone = ZoneProc::start(layout, dir, &zone_name, Some(&agent.socket), build, &env)?;
+            let probe = Player::connect(zone.port, &format!("probe_{i}"))?;
+            nodes.push(FleetNode { agent, zone, probe });
+        }
+        Ok(Fleet {
+            layout: layout.clone(),
+            keys,
+            coordinator,
+            nodes,
+            coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
+            build: build.to_string(),
+        })
+    }
+
+    /// Waits until every node is registered, alive, with its one zone process.
+    pub fn wait_registered(&self) -> Result<()> {
+        let n = self.nodes.len();
+        let url = self.coordinator.url();
+        wait_for(&format!("{n} nodes registered with their zone servers"), Duration::from_secs(30), None, || {
+            let out = self.layout.cli(&["--output", "json", "--coordinator", &url, "nodes", "list"]).ok()?;
+            let nodes: Value = serde_json::from_str(&out).ok()?;
+            let ready = nodes
+                .as_array()?
+                .iter()
+                .filter(|node| {
+                    node["liveness"] == "alive" && node["status"]["processes"].as_array().is_some_and(|p| p.len() == 1)
+                })
+                .count();
+            (ready == n).then_some(())
+        })
+    }
+
+    /// Kills the coordinator (SIGKILL) and starts a new one on the same port and store.
+    pub fn restart_coordinator(&mut self, dir: &Path) -> Result<()> {
+        self.coordinator.proc.kill();
+        let port = self.coordinator.addr.port();
+        let flags: Vec<&str> = self.coordinator_flags.iter().map(String::as_str).collect();
+        self.coordinator = CoordinatorProc::start(&self.layout, dir, &self.keys, port, &flags)?;
+        Ok(())
+    }
+
+    /// `hotfleet --coordinator URL ARGS...`, raw output.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let url = self.coordinator.url();
+        let mut full = vec!["--coordinator", url.as_str()];
+        full.extend_from_slice(args);
+        self.layout.cli_raw(&full)
     }
 }

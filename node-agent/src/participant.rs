@@ -175,7 +175,7 @@ impl Participant {
                 .cloned()
                 .collect();
             self.ask_all(&prepared, Body::Abort(RuntimeAbort { patch_id: header.patch_id.clone() }), "abort").await;
-            Answer { ok, reason: first_failure(&outcomes), processes: outcomes }
+            Answer { ok, reason: failure_summary(&outcomes), processes: outcomes }
         }
     }
 
@@ -217,7 +217,7 @@ impl Participant {
                 let body = Body::Commit(RuntimeCommit { patch_id: header.patch_id.clone() });
                 outcomes.extend(self.ask_all(&live, body, "commit").await);
                 let ok = outcomes.iter().all(|o| o.ok);
-                let reason = if ok { String::new() } else { first_failure(&outcomes) };
+                let reason = if ok { String::new() } else { failure_summary(&outcomes) };
                 Answer { ok, reason, processes: outcomes }
             }
         };
@@ -287,7 +287,7 @@ impl Participant {
         outcomes.extend(self.ask_all(&targets, body, "rollback").await);
         let ok = outcomes.iter().all(|o| o.ok);
         let answer =
-            Answer { ok, reason: if ok { String::new() } else { first_failure(&outcomes) }, processes: outcomes };
+            Answer { ok, reason: if ok { String::new() } else { failure_summary(&outcomes) }, processes: outcomes };
         tracing::info!(rollout = %header.rollout_id, patch = %short(&header.patch_id), ok = answer.ok, "rollback");
         state.remember(key, answer.clone());
         Ok(answer)
@@ -407,7 +407,12 @@ impl Participant {
 
 fn fill_outcome(outcome: &mut ProcessOutcome, session: &Session, result: RuntimeResult, what: &str) {
     outcome.ok = result.ok;
-    outcome.error = if result.ok { String::new() } else { format!("{} failed: {}", result.error_kind, result.error) };
+    outcome.error = match (result.ok, result.error.is_empty()) {
+        (true, _) => String::new(),
+        (false, true) => format!("{what} failed ({})", result.error_kind),
+        // The runtime's message names the module, object and line already.
+        (false, false) => result.error,
+    };
     outcome.pause_ms = result.pause_ms;
     if what == "prepare" {
         outcome.prepare_ms = result.elapsed_ms;
@@ -435,12 +440,10 @@ fn refused(err: &FetchError) -> Answer {
     Answer { ok: false, reason: err.to_string(), processes: vec![] }
 }
 
-fn first_failure(outcomes: &[ProcessOutcome]) -> String {
-    outcomes
-        .iter()
-        .find(|o| !o.ok)
-        .map(|o| format!("process {} (pid {}): {}", o.process_id, o.pid, o.error))
-        .unwrap_or_default()
+/// A one-line summary; each failing process's own error travels in its outcome.
+fn failure_summary(outcomes: &[ProcessOutcome]) -> String {
+    let failed = outcomes.iter().filter(|o| !o.ok).count();
+    format!("{failed} of {} process(es) failed", outcomes.len())
 }
 
 fn to_process_health(h: RuntimeHealth) -> ProcessHealth {
