@@ -77,7 +77,7 @@ impl Scenario {
 
     /// Starts a rollout (canary 1, waves 25%,50%,100%) and returns its id.
     fn start_rollout(&self, patch: &str, health_window: &str) -> String {
-        let mut args = vec![
+        let args = vec![
             "--output",
             "json",
             "rollout",
