@@ -1,0 +1,977 @@
+"""The runtime's side of the local protocol: a link from this game process to hotfleet-agent.
+
+``rt.connect()`` starts an :class:`AgentLink`: a daemon thread that connects to the agent's
+Unix socket (``socket_path`` or ``$HOTFLEET_AGENT_SOCKET``), introduces the process with a
+``hello`` and then serves the agent's requests. The wire format is defined in
+``proto/hotfleet/v1/runtime.proto``: each frame is a 4-byte big-endian length followed by
+that many bytes of UTF-8 JSON holding one ``RuntimeFrame`` in the proto3 JSON mapping
+(lowerCamelCase names, the oneof body as a field, 64-bit integers as numbers or strings).
+
+Who runs what, and why:
+
+* The link thread reads frames, runs ``rt.prepare`` (compiling and staging touch nothing
+  live, so they may run off the game thread), answers health and status queries, and
+  writes every frame. It never touches game state.
+* Commits and rollbacks go through ``rt.request_commit`` / ``rt.request_rollback``: the
+  game thread applies them at its next ``safe_point()``. The link does not wait for them
+  on its own thread: the future's done-callback (which runs on the game thread) only
+  queues the result and wakes the link thread, so the game never writes to a socket and
+  a slow or stuck agent can never block a tick. Meanwhile the link keeps answering
+  health queries, so the agent can watch a commit that takes a while to reach a tick.
+* The link survives anything the agent does: an absent agent, a restart, garbage, a
+  closed socket. It reconnects with capped exponential backoff and says so in the log
+  (``hotfleet.agent_link``), throttled so a missing agent does not flood it. The one
+  thing it does not retry is a refusal of its protocol version: that will not get better.
+* ``sync_patch_stack()`` is the exception to "the link thread does the work": it runs on
+  the calling thread, because it commits (``txn.commit()``), and commits belong to the
+  game's thread. Call it before the game loop serves players.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import secrets
+import selectors
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
+
+from . import CommitError, HotfleetError, RollbackError
+
+if TYPE_CHECKING:  # annotations only: the runtime imports this module lazily
+    from . import Runtime
+
+__all__ = [
+    "AgentLink",
+    "PROTOCOL_VERSION",
+    "MAX_FRAME",
+    "ENV_SOCKET",
+    "ENV_BUILD",
+    "FrameError",
+    "FramingError",
+    "FrameReader",
+    "encode_frame",
+    "decode_frame",
+]
+
+log = logging.getLogger("hotfleet.agent_link")
+
+#: RUNTIME_PROTOCOL_VERSION in runtime.proto.
+PROTOCOL_VERSION = 1
+#: Frames larger than this are a protocol error and close the connection (runtime.proto).
+MAX_FRAME = 16 * 1024 * 1024
+#: Environment variable naming the agent's socket.
+ENV_SOCKET = "HOTFLEET_AGENT_SOCKET"
+#: Environment variable naming this game server's build (the patch target).
+ENV_BUILD = "HOTFLEET_BUILD"
+#: Largest ``detailJson`` the link sends; a bigger plan is replaced by a summary so a
+#: reply can never exceed the frame limit and cost the connection.
+MAX_DETAIL = 1024 * 1024
+
+_UINT64_MAX = 2**64 - 1
+_LEN = 4
+
+#: The oneof ``body`` of RuntimeFrame, in JSON (lowerCamelCase) spelling.
+BODY_NAMES = frozenset({
+    "hello", "welcome", "prepare", "prepareResult", "commit", "commitResult", "abort",
+    "abortResult", "rollback", "rollbackResult", "healthQuery", "health", "statusQuery",
+    "status", "stackQuery", "stackReply", "error",
+})
+
+
+# --------------------------------------------------------------------------------------
+# codec
+
+
+class FrameError(Exception):
+    """A frame whose framing was fine but whose content is not a valid request.
+
+    The connection survives: the link answers with a ``ProtocolError`` carrying ``code``
+    and, when the frame's id could be read, ``reply_to`` set to it.
+    """
+
+    def __init__(self, code: str, message: str, frame_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.frame_id = frame_id
+
+
+class FramingError(Exception):
+    """The byte stream itself is broken (oversized length): the connection must close."""
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+def _field(msg: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    """Field ``name`` (lowerCamelCase) of a decoded message; proto3 JSON parsers must also
+    accept the original snake_case name, so this does too."""
+    if name in msg:
+        return msg[name]
+    return msg.get(_snake(name), default)
+
+
+def parse_uint(value: Any, what: str, frame_id: int = 0) -> int:
+    """A proto3 JSON unsigned integer: a number or a decimal string (64-bit ints often are)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise FrameError("malformed", f"{what} must be an unsigned integer, not a boolean", frame_id)
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, float) and value.is_integer():
+        result = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        result = int(value.strip())
+    else:
+        raise FrameError("malformed", f"{what} must be an unsigned integer, got {value!r}", frame_id)
+    if not 0 <= result <= _UINT64_MAX:
+        raise FrameError("malformed", f"{what} out of range: {value!r}", frame_id)
+    return result
+
+
+def encode_frame(frame: Mapping[str, Any]) -> bytes:
+    """One frame on the wire: 4-byte big-endian length, then compact UTF-8 JSON."""
+    payload = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return len(payload).to_bytes(_LEN, "big") + payload
+
+
+def decode_frame(payload: bytes) -> Tuple[int, int, str, Dict[str, Any]]:
+    """Decode one frame's JSON into ``(id, reply_to, body_name, body)``.
+
+    Raises FrameError with code ``malformed`` (not UTF-8 JSON, not an object, bad ids,
+    no body or two bodies) or ``unknown`` (a body this protocol version does not define).
+    Unknown fields next to a known body are ignored, as proto3 JSON allows, so a newer
+    agent may add fields without breaking this runtime.
+    """
+    try:
+        frame = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FrameError("malformed", f"frame is not UTF-8: {exc}") from None
+    except ValueError as exc:
+        raise FrameError("malformed", f"frame is not JSON: {exc}") from None
+    if not isinstance(frame, dict):
+        raise FrameError("malformed", f"frame must be a JSON object, got {type(frame).__name__}")
+    frame_id = 0
+    try:
+        frame_id = parse_uint(_field(frame, "id"), "id")
+    except FrameError as exc:
+        raise FrameError(exc.code, str(exc)) from None
+    reply_to = parse_uint(_field(frame, "replyTo"), "replyTo", frame_id)
+    bodies: List[str] = []
+    unknown: List[str] = []
+    for key in frame:
+        if key in ("id", "replyTo", "reply_to"):
+            continue
+        name = _camel(key)
+        (bodies if name in BODY_NAMES else unknown).append(name)
+    if not bodies:
+        if unknown:
+            raise FrameError("unknown", f"unknown message type {', '.join(sorted(unknown))}", frame_id)
+        raise FrameError("malformed", "frame has no message body", frame_id)
+    if len(bodies) > 1:
+        raise FrameError("malformed", f"frame has {len(bodies)} bodies ({', '.join(sorted(bodies))}); "
+                         "a RuntimeFrame carries exactly one", frame_id)
+    name = bodies[0]
+    body = frame.get(name, frame.get(_snake(name)))
+    if body is None:  # proto3 JSON: null is the default (empty) message
+        body = {}
+    if not isinstance(body, dict):
+        raise FrameError("malformed", f"{name} must be a JSON object", frame_id)
+    return frame_id, reply_to, name, body
+
+
+class FrameReader:
+    """Reassembles frames from a byte stream."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> List[bytes]:
+        """Add received bytes; returns every complete frame payload, in order.
+
+        Raises FramingError on a length prefix above the limit: after that the stream
+        cannot be trusted, so the caller closes the connection.
+        """
+        self._buf += data
+        frames: List[bytes] = []
+        while len(self._buf) >= _LEN:
+            size = int.from_bytes(self._buf[:_LEN], "big")
+            if size > self._max:
+                raise FramingError(f"frame length {size} exceeds the {self._max}-byte limit")
+            if len(self._buf) < _LEN + size:
+                break
+            frames.append(bytes(self._buf[_LEN:_LEN + size]))
+            del self._buf[:_LEN + size]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buf)
+
+
+def _finite(value: Any) -> float:
+    """A float JSON can carry (proto3 JSON allows NaN only as a string; avoid it)."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return result if math.isfinite(result) else 0.0
+
+
+def _uint(value: Any) -> int:
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _detail(obj: Any) -> str:
+    """JSON text of a plan or report for ``detailJson``, bounded in size."""
+    try:
+        text = json.dumps(obj, default=str, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        text = json.dumps({"unserializable": repr(exc)})
+    if len(text) > MAX_DETAIL:
+        text = json.dumps({"truncated": True, "bytes": len(text)})
+    return text
+
+
+# --------------------------------------------------------------------------------------
+# the link
+
+
+class _Refused(Exception):
+    """The agent refused the hello."""
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class _Completion:
+    """A commit or rollback future that finished; the link thread turns it into a reply."""
+
+    __slots__ = ("session", "frame_id", "kind", "future", "started", "patch_id")
+
+    def __init__(self, session: int, frame_id: int, kind: str, future: "Future[Any]",
+                 started: float, patch_id: str) -> None:
+        self.session = session
+        self.frame_id = frame_id
+        self.kind = kind
+        self.future = future
+        self.started = started
+        self.patch_id = patch_id
+
+
+class AgentLink:
+    """A background connection from this process's runtime to the local hotfleet-agent.
+
+    ``runtime`` is the process's ``hotfleet.Runtime``. ``socket_path`` defaults to
+    ``$HOTFLEET_AGENT_SOCKET``; ``build`` (the game build the agent matches patches
+    against) to ``$HOTFLEET_BUILD`` or ``"dev"``. Nothing happens until :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        runtime: "Runtime",
+        socket_path: Optional[str] = None,
+        *,
+        build: Optional[str] = None,
+        connect_timeout: float = 5.0,
+        handshake_timeout: float = 10.0,
+        io_timeout: float = 30.0,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+    ) -> None:
+        path = socket_path or os.environ.get(ENV_SOCKET)
+        if not path:
+            raise HotfleetError(f"no hotfleet-agent socket: pass socket_path or set {ENV_SOCKET}")
+        self._rt = runtime
+        #: Where the agent listens.
+        self.socket_path: str = os.fspath(path)
+        #: The build id reported in ``hello``.
+        self.build: str = build or os.environ.get(ENV_BUILD) or "dev"
+        #: ``"<pid>-<random>"``: stable across reconnects, so the agent recognizes a
+        #: process that comes back and tells it apart from a new one with a reused pid.
+        self.process_id: str = f"{os.getpid()}-{secrets.token_hex(4)}"
+        #: Why the agent refused this runtime for good (None unless it did).
+        self.refused: Optional[str] = None
+        #: The agent's last ``welcome`` body.
+        self.welcome: Optional[Dict[str, Any]] = None
+        self._connect_timeout = connect_timeout
+        self._handshake_timeout = handshake_timeout
+        self._io_timeout = io_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()  # guards _pending, _outbox, _sock, _session
+        self._ids = itertools.count(1)
+        self._sock: Optional[socket.socket] = None
+        self._session = 0  # bumped per connection; stale completions are not replied
+        self._pending: Dict[int, "Future[Tuple[str, Dict[str, Any]]]"] = {}
+        self._outbox: Deque[Dict[str, Any]] = collections.deque()
+        self._completions: Deque[_Completion] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        # Owned by the link thread only:
+        self._prepared: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+        self._inflight: Dict[str, "Future[Any]"] = {}
+        self._early: List[bytes] = []  # frames that arrived in the same read as the welcome
+        self._current: Optional[Tuple[socket.socket, int]] = None  # (socket, session) being served
+        self._handlers: Dict[str, Callable[[int, Dict[str, Any]], None]] = {
+            "prepare": self._on_prepare,
+            "commit": self._on_commit,
+            "abort": self._on_abort,
+            "rollback": self._on_rollback,
+            "healthQuery": self._on_health_query,
+            "statusQuery": self._on_status_query,
+        }
+
+    # -- public API ------------------------------------------------------------------
+
+    def start(self) -> "AgentLink":
+        """Start the background thread (idempotent); returns self."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hotfleet-agent-link", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the connection and end the thread. Pending requests fail with HotfleetError."""
+        self._stop.set()
+        self._wake()
+        with self._lock:
+            sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if not thread.is_alive():
+                self._wake_r.close()
+                self._wake_w.close()
+
+    @property
+    def connected(self) -> bool:
+        """True between the agent's ``welcome`` and the connection's end."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the agent welcomed this runtime; False on timeout, refusal or stop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._connected.is_set():
+                return True
+            if self.refused is not None or self._stop.is_set():
+                return False
+            remaining = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if remaining <= 0:
+                return False
+            self._connected.wait(remaining)
+
+    def sync_patch_stack(self, timeout: float = 10.0) -> List[str]:
+        """Fetch the fleet's committed patch stack and apply what this process lacks.
+
+        For a process that starts while patches are committed fleet-wide: call it on the
+        game's thread before serving players. Sends ``stackQuery``, and for every patch of
+        the ``stackReply`` (oldest first) not already in ``rt.patch_stack``, prepares and
+        commits it on the calling thread. Returns the ids applied, in order.
+
+        Raises HotfleetError if the agent is not reachable, does not answer within
+        ``timeout`` seconds, refuses, or a patch fails to prepare or commit. Patches
+        applied before the failure stay applied (each commit is atomic; the error lists
+        them); a process in that state should not serve players.
+        """
+        deadline = time.monotonic() + timeout
+        if not self.wait_connected(timeout):
+            why = f" (refused: {self.refused})" if self.refused else ""
+            raise HotfleetError(f"patch stack sync: no connection to hotfleet-agent at {self.socket_path} "
+                                f"within {timeout:g}s{why}")
+        future = self._request("stackQuery", {"build": self.build})
+        try:
+            kind, body = future.result(max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            with self._lock:
+                self._pending = {k: v for k, v in self._pending.items() if v is not future}
+            raise HotfleetError(f"patch stack sync: hotfleet-agent did not answer within {timeout:g}s") from None
+        except HotfleetError as exc:
+            raise HotfleetError(f"patch stack sync: {exc}") from None
+        if kind == "error":
+            raise HotfleetError(f"patch stack sync: hotfleet-agent refused: {_field(body, 'message', '')} "
+                                f"(code {_field(body, 'code', '')!r})")
+        if kind != "stackReply":
+            raise HotfleetError(f"patch stack sync: expected stackReply, the agent sent {kind}")
+        patches = _field(body, "patches", None) or []
+        if not isinstance(patches, list):
+            raise HotfleetError("patch stack sync: stackReply.patches is not a list")
+
+        wanted: List[Tuple[str, Dict[str, str]]] = []
+        for index, patch in enumerate(patches):
+            if not isinstance(patch, dict):
+                raise HotfleetError(f"patch stack sync: patch #{index} is not an object")
+            try:
+                patch_id = _require_str(patch, "patchId")
+                modules = _require_modules(patch)
+            except FrameError as exc:
+                raise HotfleetError(f"patch stack sync: patch #{index}: {exc}") from None
+            wanted.append((patch_id, modules))
+        wanted_ids = [pid for pid, _ in wanted]
+        have = self._stack_ids()
+        if have != wanted_ids[:len(have)]:
+            log.warning("this process runs patches %s, not a prefix of the fleet's stack %s", have, wanted_ids)
+
+        applied: List[str] = []
+        for patch_id, modules in wanted:
+            if patch_id in self._stack_ids():
+                continue
+            try:
+                txn = self._rt.prepare(modules, txn_id=patch_id)
+            except HotfleetError as exc:
+                raise HotfleetError(f"patch stack sync: patch {patch_id} failed to prepare: {exc} "
+                                    f"(applied before it: {applied or 'none'})") from exc
+            try:
+                report = txn.commit()
+            except HotfleetError as exc:
+                raise HotfleetError(f"patch stack sync: patch {patch_id} failed to commit: {exc} "
+                                    f"(applied before it: {applied or 'none'})") from exc
+            log.info("patch stack sync: applied %s (pause %.3f ms)", patch_id, _finite(getattr(report, "pause_ms", 0)))
+            applied.append(patch_id)
+        return applied
+
+    # -- plumbing shared with other threads --------------------------------------------
+
+    def _next_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # buffer full (a wake-up is already pending) or closed
+            pass
+
+    def _request(self, kind: str, body: Dict[str, Any]) -> "Future[Tuple[str, Dict[str, Any]]]":
+        """Send a request to the agent from any thread; the future gets ``(kind, body)`` of the reply."""
+        future: "Future[Tuple[str, Dict[str, Any]]]" = Future()
+        with self._lock:
+            if not self._connected.is_set():
+                future.set_exception(HotfleetError("not connected to hotfleet-agent"))
+                return future
+            frame_id = next(self._ids)
+            self._pending[frame_id] = future
+            self._outbox.append({"id": frame_id, kind: body})
+        self._wake()
+        return future
+
+    def _stack_ids(self) -> List[str]:
+        return [str(entry.id) for entry in self._rt.patch_stack]
+
+    def _prepared_txn(self, patch_id: str) -> Any:
+        """The prepared transaction ``patch_id``: the link's own, else the runtime's (a
+        transaction prepared in-process, e.g. by an operator's console)."""
+        txn = self._prepared.get(patch_id)
+        if txn is None:
+            lookup = getattr(self._rt, "transaction", None)
+            found = lookup(patch_id) if callable(lookup) else None
+            if found is not None and getattr(found, "state", None) == "prepared":
+                txn = found
+        return txn
+
+    def _pending_id(self) -> str:
+        """Id of the prepared, uncommitted transaction, as the runtime knows it."""
+        if hasattr(self._rt, "pending"):
+            pending = self._rt.pending
+            return str(pending.id) if pending is not None else ""
+        return next(reversed(self._prepared), "") if self._prepared else ""
+
+    # -- the link thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self._backoff_initial
+        failures = 0
+        last_report = 0.0
+        while not self._stop.is_set():
+            try:
+                sock = self._open()
+            except OSError as exc:
+                failures += 1
+                now = time.monotonic()
+                if failures == 1:
+                    log.warning("hotfleet-agent not reachable at %s (%s); retrying in the background",
+                                self.socket_path, exc)
+                    last_report = now
+                elif now - last_report >= 60.0:
+                    log.info("hotfleet-agent still not reachable at %s after %d attempts (%s)",
+                             self.socket_path, failures, exc)
+                    last_report = now
+                else:
+                    log.debug("connect to %s failed: %s", self.socket_path, exc)
+                self._sleep(delay)
+                delay = min(delay * 2, self._backoff_max)
+                continue
+            failures = 0
+            established = False
+            try:
+                established = self._serve(sock)
+            except _Refused as exc:
+                if exc.permanent:
+                    self.refused = str(exc)
+                    log.error("hotfleet-agent at %s refused this runtime: %s; not retrying "
+                              "(upgrade the runtime or the agent so their protocol versions match)",
+                              self.socket_path, exc)
+                    break
+                log.error("hotfleet-agent at %s refused this runtime: %s; retrying", self.socket_path, exc)
+            except (OSError, FramingError, FrameError) as exc:
+                if not self._stop.is_set():
+                    log.warning("connection to hotfleet-agent lost: %s; reconnecting", exc)
+            except Exception:  # never let the link thread die: the process must stay patchable
+                log.exception("agent link failed unexpectedly; reconnecting")
+            finally:
+                self._disconnect(sock)
+            if established:
+                delay = self._backoff_initial
+            self._sleep(delay)
+            delay = min(delay * 2, self._backoff_max)
+        self._connected.clear()
+        log.debug("agent link thread stopped")
+
+    def _sleep(self, seconds: float) -> None:
+        # A little jitter so a host's worth of processes do not reconnect in lockstep.
+        self._stop.wait(seconds * (0.8 + 0.4 * secrets.randbelow(1000) / 1000))
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self._connect_timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _disconnect(self, sock: socket.socket) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        with self._lock:
+            self._sock = None
+            self._session += 1
+            pending, self._pending = self._pending, {}
+            self._outbox.clear()
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(HotfleetError("connection to hotfleet-agent lost before it answered"))
+        try:
+            sock.close()
+        except OSError:
+            pass
+        if was_connected and not self._stop.is_set():
+            log.info("disconnected from hotfleet-agent at %s", self.socket_path)
+
+    def _send(self, sock: socket.socket, frame: Dict[str, Any]) -> None:
+        sock.sendall(encode_frame(frame))
+
+    def _reply(self, sock: socket.socket, reply_to: int, kind: str, body: Dict[str, Any]) -> None:
+        self._send(sock, {"id": self._next_id(), "replyTo": reply_to, kind: body})
+
+    def _send_error(self, sock: socket.socket, reply_to: int, code: str, message: str) -> None:
+        log.warning("protocol error (%s) on frame %d from the agent: %s", code, reply_to, message)
+        self._reply(sock, reply_to, "error", {"message": message, "code": code})
+
+    def _hello(self) -> Dict[str, Any]:
+        packages = getattr(self._rt, "packages", None)
+        if packages is None:
+            packages = sorted({m.split(".")[0] for m in self._rt.managed_modules()})
+        package = sys.modules.get(__package__ or "hotfleet")
+        return {
+            "protocolVersion": PROTOCOL_VERSION,
+            "processId": self.process_id,
+            "pid": os.getpid(),
+            "build": self.build,
+            "packages": [str(p) for p in packages],
+            "patchStack": self._stack_ids(),
+            "runtimeVersion": str(getattr(package, "__version__", "unknown")),
+            "pythonVersion": platform.python_version(),
+        }
+
+    def _handshake(self, sock: socket.socket, reader: FrameReader) -> None:
+        hello_id = self._next_id()
+        self._send(sock, {"id": hello_id, "hello": self._hello()})
+        deadline = time.monotonic() + self._handshake_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OSError(f"no welcome from hotfleet-agent within {self._handshake_timeout:g}s")
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise OSError("hotfleet-agent closed the connection during the handshake")
+            payloads = reader.feed(data)
+            if payloads:
+                break
+        _, _, kind, body = decode_frame(payloads[0])
+        if kind == "error":
+            code = str(_field(body, "code", "") or "")
+            message = str(_field(body, "message", "") or "(no message)")
+            raise _Refused(f"{message} (code {code!r})", permanent=(code == "version"))
+        if kind != "welcome":
+            raise OSError(f"hotfleet-agent answered hello with {kind}, expected welcome")
+        version = parse_uint(_field(body, "protocolVersion"), "protocolVersion")
+        if version not in (0, PROTOCOL_VERSION):  # 0: proto3 JSON may omit the field
+            raise _Refused(f"the agent speaks local protocol v{version}, this runtime v{PROTOCOL_VERSION}",
+                           permanent=True)
+        self.welcome = body
+        # Frames that arrived right behind the welcome are served by the main loop.
+        for payload in payloads[1:]:
+            self._early.append(payload)
+
+    def _serve(self, sock: socket.socket) -> bool:
+        """Handshake then serve until the connection ends; True if it was established."""
+        reader = FrameReader()
+        self._early = []
+        with self._lock:
+            self._sock = sock  # so stop() can interrupt the handshake too
+            session = self._session
+        self._handshake(sock, reader)
+        sock.settimeout(self._io_timeout)  # bounds sendall if the agent stops reading
+        welcome = self.welcome or {}
+        log.info("connected to hotfleet-agent at %s (node %s, agent %s) as process %s, build %s",
+                 self.socket_path, _field(welcome, "nodeId", "?") or "?",
+                 _field(welcome, "agentVersion", "?") or "?", self.process_id, self.build)
+        self._connected.set()
+        if self._stop.is_set():
+            return True
+        for payload in self._early:
+            self._dispatch(sock, session, payload)
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(sock, selectors.EVENT_READ, "agent")
+            selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            while not self._stop.is_set():
+                self._flush(sock, session)
+                for key, _ in selector.select(timeout=1.0):
+                    if key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                        continue
+                    data = sock.recv(65536)
+                    if not data:
+                        if reader.pending:
+                            log.warning("hotfleet-agent closed the connection in the middle of a frame")
+                        else:
+                            log.warning("hotfleet-agent closed the connection")
+                        return True
+                    try:
+                        payloads = reader.feed(data)
+                    except FramingError as exc:
+                        log.warning("garbage from hotfleet-agent: %s; closing the connection and reconnecting", exc)
+                        try:  # best effort: tell the agent why
+                            self._reply(sock, 0, "error", {"message": str(exc), "code": "malformed"})
+                        except OSError:
+                            pass
+                        return True
+                    for payload in payloads:
+                        self._dispatch(sock, session, payload)
+        finally:
+            selector.close()
+        return True
+
+    def _flush(self, sock: socket.socket, session: int) -> None:
+        """Send queued requests and the replies of finished commits and rollbacks."""
+        while True:
+            with self._lock:
+                frame = self._outbox.popleft() if self._outbox else None
+            if frame is None:
+                break
+            self._send(sock, frame)
+        while self._completions:
+            self._complete(sock, session, self._completions.popleft())
+
+    def _dispatch(self, sock: socket.socket, session: int, payload: bytes) -> None:
+        try:
+            frame_id, reply_to, kind, body = decode_frame(payload)
+        except FrameError as exc:
+            self._send_error(sock, exc.frame_id, exc.code, str(exc))
+            return
+        if reply_to:
+            with self._lock:
+                future = self._pending.pop(reply_to, None)
+            if future is None:
+                log.debug("ignoring %s replying to unknown request %d", kind, reply_to)
+            elif not future.done():
+                future.set_result((kind, body))
+            return
+        if kind == "error":
+            log.warning("hotfleet-agent reports a protocol error: %s (code %r)",
+                        _field(body, "message", ""), _field(body, "code", ""))
+            return
+        handler = self._handlers.get(kind)
+        if handler is None:
+            self._send_error(sock, frame_id, "unknown", f"unexpected message {kind!r} from the agent")
+            return
+        if frame_id == 0:
+            self._send_error(sock, 0, "malformed", f"{kind} request without an id")
+            return
+        self._current = (sock, session)
+        try:
+            handler(frame_id, body)
+        except FrameError as exc:
+            self._send_error(sock, frame_id, exc.code, str(exc))
+        except OSError:
+            raise
+        except Exception as exc:  # a bug here must cost one request, not the link
+            log.exception("serving %s failed", kind)
+            self._send_error(sock, frame_id, "internal", f"{type(exc).__name__}: {exc}")
+
+    # -- request handlers (link thread) ---------------------------------------------------
+
+    def _result(self, frame_id: int, kind: str, body: Dict[str, Any]) -> None:
+        assert self._current is not None
+        sock, _ = self._current
+        self._reply(sock, frame_id, kind, body)
+
+    def _on_prepare(self, frame_id: int, body: Dict[str, Any]) -> None:
+        patch_id = _require_str(body, "patchId", frame_id)
+        modules = _require_modules(body, frame_id)
+        started = time.perf_counter()
+        if patch_id in self._stack_ids():
+            # An agent that restarted may prepare again what this process already runs.
+            self._result(frame_id, "prepareResult", {
+                "ok": True, "elapsedMs": _ms(started),
+                "detailJson": _detail({"already_committed": True, "patch_id": patch_id}),
+            })
+            return
+        try:
+            txn = self._rt.prepare(modules, txn_id=patch_id)
+        except HotfleetError as exc:  # PrepareError, or another runtime refusal
+            log.warning("prepare of %s refused: %s", patch_id, exc)
+            result = {"ok": False, "error": str(exc), "errorKind": "prepare", "elapsedMs": _ms(started),
+                      "detailJson": _error_detail(exc)}
+        except Exception as exc:  # a runtime bug; the live process is untouched by prepare
+            log.exception("prepare of %s crashed", patch_id)
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "errorKind": "internal",
+                      "elapsedMs": _ms(started)}
+        else:
+            self._prepared.pop(patch_id, None)
+            self._prepared[patch_id] = txn
+            log.info("prepared %s (%d modules) in %.1f ms", patch_id, len(modules), _ms(started))
+            result = {"ok": True, "elapsedMs": _ms(started), "detailJson": _detail(txn.plan.to_dict())}
+        self._result(frame_id, "prepareResult", result)
+
+    def _on_commit(self, frame_id: int, body: Dict[str, Any]) -> None:
+        patch_id = _require_str(body, "patchId", frame_id)
+        started = time.perf_counter()
+        future = self._inflight.get(patch_id)
+        if future is None:
+            txn = self._prepared_txn(patch_id)
+            if txn is None:
+                stack = self._stack_ids()
+                if patch_id in stack:  # a repeated commit answers like the first
+                    self._result(frame_id, "commitResult", {
+                        "ok": True, "elapsedMs": _ms(started), "patchStack": stack,
+                        "detailJson": _detail({"already_committed": True, "patch_id": patch_id}),
+                    })
+                else:
+                    self._result(frame_id, "commitResult", {
+                        "ok": False, "errorKind": "commit", "elapsedMs": _ms(started), "patchStack": stack,
+                        "error": f"patch {patch_id} is not prepared in this process (prepare it first)",
+                    })
+                return
+            try:
+                future = self._rt.request_commit(txn)
+            except HotfleetError as exc:  # e.g. the transaction was aborted meanwhile
+                self._prepared.pop(patch_id, None)
+                self._result(frame_id, "commitResult", {
+                    "ok": False, "errorKind": "commit", "error": str(exc), "elapsedMs": _ms(started),
+                    "patchStack": self._stack_ids(), "detailJson": _error_detail(exc),
+                })
+                return
+            self._inflight[patch_id] = future
+            log.info("commit of %s requested; it lands at the next safe point", patch_id)
+        self._await(future, frame_id, "commitResult", started, patch_id)
+
+    def _on_abort(self, frame_id: int, body: Dict[str, Any]) -> None:
+        patch_id = _require_str(body, "patchId", frame_id)
+        started = time.perf_counter()
+        if patch_id in self._inflight:
+            self._result(frame_id, "abortResult", {
+                "ok": False, "errorKind": "abort", "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
+                "error": f"patch {patch_id} is being committed; roll it back instead",
+            })
+            return
+        txn = self._prepared_txn(patch_id)
+        self._prepared.pop(patch_id, None)
+        if txn is not None:
+            try:
+                txn.abort()
+            except Exception as exc:  # dropping a staging area should not fail; say so if it does
+                log.exception("abort of %s failed", patch_id)
+                self._result(frame_id, "abortResult", {
+                    "ok": False, "errorKind": "abort", "error": f"{type(exc).__name__}: {exc}",
+                    "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
+                })
+                return
+            log.info("aborted prepared patch %s", patch_id)
+        # Aborting what is not prepared is a no-op, so a repeated or late abort succeeds.
+        self._result(frame_id, "abortResult", {
+            "ok": True, "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
+            "detailJson": _detail({"aborted": txn is not None, "patch_id": patch_id}),
+        })
+
+    def _on_rollback(self, frame_id: int, body: Dict[str, Any]) -> None:
+        patch_id = str(_field(body, "patchId", "") or "")
+        started = time.perf_counter()
+        if patch_id and patch_id not in self._inflight and patch_id not in self._stack_ids():
+            # This process does not run the patch (its commit failed and restored, or never
+            # happened): rolling back must not undo the patch beneath it. Drop it if prepared.
+            txn = self._prepared_txn(patch_id)
+            self._prepared.pop(patch_id, None)
+            if txn is not None:
+                try:
+                    txn.abort()
+                except Exception:
+                    log.exception("abort of %s during rollback failed", patch_id)
+            self._result(frame_id, "rollbackResult", {
+                "ok": True, "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
+                "detailJson": _detail({"noop": True, "patch_id": patch_id,
+                                       "reason": "patch is not committed in this process"}),
+            })
+            return
+        future = self._rt.request_rollback(expected_id=patch_id or None)
+        log.info("rollback of %s requested; it lands at the next safe point", patch_id or "the newest patch")
+        self._await(future, frame_id, "rollbackResult", started, patch_id)
+
+    def _on_health_query(self, frame_id: int, body: Dict[str, Any]) -> None:
+        since = parse_uint(_field(body, "since"), "since", frame_id)
+        h = self._rt.health(since=since or None)
+        detail = h.get("game_detail", "")
+        self._result(frame_id, "health", {
+            "alive": bool(h.get("alive", True)),
+            "ticks": _uint(h.get("ticks")),
+            "tickP50Ms": _finite(h.get("tick_p50_ms")),
+            "tickP99Ms": _finite(h.get("tick_p99_ms")),
+            "exceptionsSince": _uint(h.get("exceptions_since")),
+            "mark": _uint(h.get("mark")),
+            "gameOk": bool(h.get("game_ok", True)),
+            "gameDetail": detail if isinstance(detail, str) else _detail(detail),
+            "ticksSince": _uint(h.get("ticks_since")),
+        })
+
+    def _on_status_query(self, frame_id: int, body: Dict[str, Any]) -> None:
+        self._result(frame_id, "status", {
+            "patchStack": self._stack_ids(),
+            "liveDigests": {str(k): str(v) for k, v in self._rt.live_digests().items()},
+            "preparedPatchId": self._pending_id(),
+        })
+
+    # -- commit/rollback completion ---------------------------------------------------------
+
+    def _await(self, future: "Future[Any]", frame_id: int, kind: str, started: float, patch_id: str) -> None:
+        session = self._session
+        done = _Completion(session, frame_id, kind, future, started, patch_id)
+
+        def on_done(_: "Future[Any]") -> None:
+            # Runs on the game thread (or here, if already done): queue and wake, nothing more.
+            self._completions.append(done)
+            self._wake()
+
+        future.add_done_callback(on_done)
+
+    def _complete(self, sock: socket.socket, session: int, done: _Completion) -> None:
+        future = done.future
+        stack = self._stack_ids()
+        result: Dict[str, Any] = {"elapsedMs": _ms(done.started), "patchStack": stack}
+        what = "commit" if done.kind == "commitResult" else "rollback"
+        try:
+            report = future.result()
+        except (CommitError, RollbackError, HotfleetError) as exc:
+            if what == "rollback" and done.patch_id and done.patch_id not in stack:
+                # The patch is not running here (e.g. its queued commit failed): the goal
+                # of the rollback holds, and nothing beneath it was touched.
+                result.update(ok=True, detailJson=_detail({"noop": True, "patch_id": done.patch_id,
+                                                           "reason": str(exc)}))
+            else:
+                log.warning("%s of %s failed: %s", what, done.patch_id or "newest patch", exc)
+                result.update(ok=False, error=str(exc), errorKind=what, detailJson=_error_detail(exc))
+        except BaseException as exc:  # includes CancelledError
+            log.error("%s of %s failed unexpectedly: %r", what, done.patch_id or "newest patch", exc)
+            result.update(ok=False, error=f"{type(exc).__name__}: {exc}", errorKind="internal")
+        else:
+            result.update(ok=True, pauseMs=_finite(getattr(report, "pause_ms", 0.0)),
+                          detailJson=_detail(report.to_dict() if hasattr(report, "to_dict") else {}))
+            log.info("%s of %s done (pause %.3f ms); patch stack %s", what, done.patch_id or "newest patch",
+                     result["pauseMs"], stack)
+        if done.kind == "commitResult" and self._inflight.get(done.patch_id) is future:
+            del self._inflight[done.patch_id]
+            self._prepared.pop(done.patch_id, None)
+        if done.session != session:
+            log.info("%s of %s finished after the agent connection that asked for it was lost "
+                     "(ok=%s); the agent sees the result in hello/status", what, done.patch_id, result["ok"])
+            return
+        self._reply(sock, done.frame_id, done.kind, result)
+
+
+def _error_detail(exc: BaseException) -> str:
+    """``detailJson`` of a failure: the error's structured form (module, object, line, hint)."""
+    to_dict = getattr(exc, "to_dict", None)
+    if callable(to_dict):
+        try:
+            return _detail(to_dict())
+        except Exception:  # a broken to_dict must not cost the reply
+            pass
+    return _detail({"error": type(exc).__name__, "message": str(exc)})
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _require_str(body: Mapping[str, Any], name: str, frame_id: int = 0) -> str:
+    value = _field(body, name)
+    if not isinstance(value, str) or not value:
+        raise FrameError("malformed", f"{name} must be a non-empty string", frame_id)
+    return value
+
+
+def _require_modules(body: Mapping[str, Any], frame_id: int = 0) -> Dict[str, str]:
+    modules = _field(body, "modules")
+    if not isinstance(modules, dict) or not modules:
+        raise FrameError("malformed", "modules must be a non-empty map of module name to source", frame_id)
+    for name, source in modules.items():
+        if not isinstance(source, str):
+            raise FrameError("malformed", f"modules[{name!r}] must be a string (the module's source)", frame_id)
+    return dict(modules)
