@@ -290,7 +290,7 @@ async fn runtime_killed_mid_commit_is_reported_and_the_others_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_and_wrong_versions_on_the_runtime_socket_change_nothing() {
+async fn garbage_on_either_socket_and_wrong_versions_change_nothing() {
     let mut node = Node::start(1).await;
     // Garbage instead of a hello: refused with an error frame, connection closed.
     let mut raw = UnixStream::connect(&node.agent.socket).expect("connect");
@@ -319,6 +319,11 @@ async fn garbage_and_wrong_versions_on_the_runtime_socket_change_nothing() {
     let text = String::from_utf8_lossy(&reply);
     assert!(text.contains("\"version\"") && text.contains("99"), "{text}");
 
+    // Garbage on the gRPC port: the connection dies, the agent does not.
+    let mut tcp = std::net::TcpStream::connect(node.agent.grpc).expect("connect grpc");
+    tcp.write_all(b"\x16\x03\x01 hello? GET / HTTP/1.0\r\n\r\n").expect("write");
+    let _ = tcp.read(&mut [0u8; 64]);
+
     // The real process is still served, and nothing else got registered.
     node.wait_processes(1).await;
     assert!(node.players[0].connected());
@@ -338,4 +343,25 @@ async fn a_process_that_connects_later_is_listed_at_once() {
     assert!(late_status.live_digests.contains_key("zone.combat"), "{:?}", late_status.live_digests);
     assert!(late_status.health.as_ref().is_some_and(|h| h.alive));
     assert_eq!(status.labels.get("region").map(String::as_str), Some("test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_coordinator_is_logged_and_survived() {
+    let mut node = Node::start(1).await;
+    node.coordinator.proc.kill();
+    wait_for("the agent to notice", Duration::from_secs(10), None, || {
+        node.agent.proc.log_text().contains("coordinator unreachable").then_some(())
+    })
+    .expect("a clear log line");
+    // Still serving its runtime and the gRPC API.
+    node.wait_processes(1).await;
+    assert!(node.players[0].connected());
+    assert!(node.agent.proc.alive());
+    // The coordinator returns on the same address and store: the agent registers again.
+    let port = node.coordinator.addr.port();
+    node.coordinator = CoordinatorProc::start(&node.layout, node.dir.path(), &node.keys, port, &[]).expect("restart");
+    wait_for("re-registration", Duration::from_secs(15), None, || {
+        node.agent.proc.log_text().contains("coordinator reachable again").then_some(())
+    })
+    .expect("the agent reconnects by itself");
 }
