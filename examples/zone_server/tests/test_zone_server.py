@@ -537,7 +537,7 @@ def test_syntax_error_fixture_fails_prepare(rt: "hotfleet.Runtime") -> None:
 def test_bad_hook_fixture_fails_only_in_the_chosen_zone(rt: "hotfleet.Runtime",
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     source = patch_source("bad-hook", "players")
-    # Both players exist before any commit: see the xfail test below for players created after.
+    # Both players exist before any commit: see the test below for players created after.
     doomed = world.Zone("unit-b").add_player("ivan")
     fine = world.Zone("unit-a").add_player("judy")
     fine.take_damage(5)
@@ -582,14 +582,10 @@ print("ok")
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "hotfleet runtime bug (reported): undoing the instance tracker that a commit installed as "
-    "Player.__new__ (failed commit, or rollback) leaves CPython's tp_new slot overridden, so "
-    "Player(name, zone) raises 'TypeError: object.__new__() takes exactly one argument'; "
-    "a zone then refuses every new login. Remove this marker when fixed."))
 @pytest.mark.parametrize("fail_zone", ["unit-b", "elsewhere"], ids=["failed-commit", "rolled-back"])
 def test_players_can_still_be_created_after_a_hook_patch_is_undone(fail_zone: str) -> None:
-    # In a subprocess: the bug leaves the zone package unusable for the rest of a process.
+    # In a subprocess: a regression here would leave the zone package unusable for the rest
+    # of the test process (a class whose __new__ was overridden cannot have it undone).
     script = NEW_PLAYER_AFTER_HOOK_PATCH.format(
         server=str(SERVER_DIR), runtime=str(RUNTIME), fail_zone=fail_zone,
         patch=str(PATCHES / "bad-hook" / "zone" / "players.py"))
