@@ -180,7 +180,7 @@ class Runtime:
                 classes.extend(hook_classes(loaded.__dict__, name))
         found = self._tracker.instrument(classes)
         log.info(
-            "hotfleet: runtime for %s: %d modules recorded, %d instance-hook classes tracked (%d existing instances)",
+            "runtime for %s: %d modules recorded, %d instance-hook classes tracked (%d existing instances)",
             pkgs,
             len(self._registry.names()),
             len(classes),
