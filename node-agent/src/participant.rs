@@ -16,9 +16,8 @@ use std::{
 use futures::future::join_all;
 use hotfleet_patch::Bundle;
 use hotfleet_proto::v1::{
-    runtime_frame::Body, CommandHeader, HealthQuery, PreparedPatch, ProcessHealth, ProcessHealthReport, ProcessOutcome,
-    ProcessStatus, RuntimeAbort, RuntimeCommit, RuntimeHealth, RuntimePrepare, RuntimeResult, RuntimeRollback,
-    StackPatch, StackReply, StatusQuery,
+    runtime_frame::Body, CommandHeader, HealthQuery, PreparedPatch, ProcessHealthReport, ProcessOutcome, ProcessStatus,
+    RuntimeAbort, RuntimeCommit, RuntimePrepare, RuntimeResult, RuntimeRollback, StackPatch, StackReply, StatusQuery,
 };
 use tokio::sync::Mutex;
 
@@ -342,7 +341,7 @@ impl Participant {
             if let Ok(Body::Health(health)) =
                 session.request(Body::HealthQuery(HealthQuery { since: 0 }), QUERY_TIMEOUT).await
             {
-                status.health = Some(to_process_health(health));
+                status.health = Some(health);
             }
             status
         }))
@@ -362,7 +361,7 @@ impl Participant {
             match session.request(Body::HealthQuery(HealthQuery { since: mark }), QUERY_TIMEOUT).await {
                 Ok(Body::Health(health)) => {
                     report.reachable = true;
-                    report.health = Some(to_process_health(health));
+                    report.health = Some(health);
                 }
                 Ok(_) => report.error = "runtime answered a health query with something else".into(),
                 Err(err) => report.error = err.to_string(),
@@ -444,20 +443,6 @@ fn refused(err: &FetchError) -> Answer {
 fn failure_summary(outcomes: &[ProcessOutcome]) -> String {
     let failed = outcomes.iter().filter(|o| !o.ok).count();
     format!("{failed} of {} process(es) failed", outcomes.len())
-}
-
-fn to_process_health(h: RuntimeHealth) -> ProcessHealth {
-    ProcessHealth {
-        alive: h.alive,
-        ticks: h.ticks,
-        tick_p50_ms: h.tick_p50_ms,
-        tick_p99_ms: h.tick_p99_ms,
-        exceptions_since: h.exceptions_since,
-        mark: h.mark,
-        game_ok: h.game_ok,
-        game_detail: h.game_detail,
-        ticks_since: h.ticks_since,
-    }
 }
 
 /// First 12 hex digits of a patch id, for logs.
