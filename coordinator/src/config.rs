@@ -5,11 +5,15 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+use crate::store::etcd::EtcdOptions;
+
 /// State store backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
     /// One redb file in --data-dir (single coordinator).
     Embedded,
+    /// An etcd cluster (--etcd-endpoints): several coordinators, one elected leader.
+    Etcd,
 }
 
 /// `hotfleet-coordinator`'s command line.
@@ -38,6 +42,37 @@ pub struct Args {
     /// State store backend.
     #[arg(long, env = "HOTFLEET_STORE", value_enum, default_value = "embedded")]
     pub store: StoreKind,
+    /// etcd members, comma-separated (http://host:2379; https:// needs the etcd-tls build).
+    #[arg(long, env = "HOTFLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Every hotfleet key lives under this etcd key prefix.
+    #[arg(long, env = "HOTFLEET_ETCD_PREFIX", default_value = "/hotfleet/")]
+    pub etcd_prefix: String,
+    /// etcd user (with --etcd-password).
+    #[arg(long, env = "HOTFLEET_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// etcd password (prefer the environment variable over the flag).
+    #[arg(long, env = "HOTFLEET_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// CA certificate (PEM) to verify etcd with (etcd-tls build).
+    #[arg(long, env = "HOTFLEET_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's mutual TLS (etcd-tls build; with --etcd-key).
+    #[arg(long, env = "HOTFLEET_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd's mutual TLS.
+    #[arg(long, env = "HOTFLEET_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// Deadline of one etcd request.
+    #[arg(long, env = "HOTFLEET_ETCD_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub etcd_timeout: Duration,
+    /// Leader lease (etcd): a dead leader is replaced within about this long; whole seconds, at least 2s.
+    #[arg(long, env = "HOTFLEET_LEADER_LEASE", default_value = "10s", value_parser = parse_duration)]
+    pub leader_lease: Duration,
+    /// Address followers name as the leader's, and agents and the CLI then call
+    /// (default: http://<--listen>).
+    #[arg(long, env = "HOTFLEET_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
     /// Largest patch bundle accepted, in bytes.
     #[arg(long, env = "HOTFLEET_MAX_PATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_patch_bytes: usize,
@@ -68,6 +103,10 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub lost_after: u32,
     pub store: StoreKind,
+    /// Set when `store` is etcd.
+    pub etcd: Option<EtcdOptions>,
+    pub leader_lease: Duration,
+    pub advertise_addr: Option<String>,
     pub max_patch_bytes: usize,
     pub agent_timeout: Duration,
     pub agent_concurrency: usize,
@@ -85,6 +124,11 @@ impl Config {
         })
     }
 
+    /// The address clients are sent to when this coordinator leads.
+    pub fn advertise(&self) -> String {
+        self.advertise_addr.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
     /// Defaults for a store in `data_dir` (tests and embedding).
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -94,6 +138,9 @@ impl Config {
             heartbeat_interval: Duration::from_secs(2),
             lost_after: 3,
             store: StoreKind::Embedded,
+            etcd: None,
+            leader_lease: Duration::from_secs(10),
+            advertise_addr: None,
             max_patch_bytes: 8 * 1024 * 1024,
             agent_timeout: Duration::from_secs(30),
             agent_concurrency: 64,
@@ -120,6 +167,23 @@ impl TryFrom<Args> for Config {
         if a.agent_concurrency == 0 {
             return Err(invalid("agent-concurrency", "must be at least 1"));
         }
+        let etcd = etcd_options(&a)?;
+        if a.leader_lease < Duration::from_secs(2) {
+            return Err(invalid("leader-lease", "must be at least 2s (etcd's shortest lease)"));
+        }
+        if a.etcd_timeout < Duration::from_millis(100) {
+            return Err(invalid("etcd-timeout", "must be at least 100ms"));
+        }
+        if let Some(addr) = &a.advertise_addr {
+            if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+                return Err(invalid("advertise-addr", "must be a URL such as http://10.0.0.5:7700"));
+            }
+        } else if a.store == StoreKind::Etcd && a.listen.ip().is_unspecified() {
+            return Err(invalid(
+                "advertise-addr",
+                "required with --store etcd when --listen is 0.0.0.0/[::]: followers send clients to this address",
+            ));
+        }
         for key in &a.trusted_keys {
             if !key.exists() {
                 return Err(ConfigError::Invalid {
@@ -135,6 +199,9 @@ impl TryFrom<Args> for Config {
             heartbeat_interval: a.heartbeat_interval,
             lost_after: a.lost_after,
             store: a.store,
+            etcd,
+            leader_lease: a.leader_lease,
+            advertise_addr: a.advertise_addr,
             max_patch_bytes: a.max_patch_bytes,
             agent_timeout: a.agent_timeout,
             agent_concurrency: a.agent_concurrency,
@@ -142,6 +209,70 @@ impl TryFrom<Args> for Config {
             lost_timeout: None,
         })
     }
+}
+
+/// The etcd flags, checked: `None` for the embedded store.
+fn etcd_options(a: &Args) -> Result<Option<EtcdOptions>, ConfigError> {
+    let invalid = |flag: &'static str, reason: String| ConfigError::Invalid { flag, reason };
+    let any_etcd_flag = !a.etcd_endpoints.is_empty()
+        || a.etcd_user.is_some()
+        || a.etcd_password.is_some()
+        || a.etcd_ca.is_some()
+        || a.etcd_cert.is_some()
+        || a.etcd_key.is_some();
+    if a.store != StoreKind::Etcd {
+        if any_etcd_flag {
+            return Err(invalid("store", "the --etcd-* settings need --store etcd".into()));
+        }
+        return Ok(None);
+    }
+    let mut endpoints = Vec::new();
+    for raw in a.etcd_endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let url = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid("etcd-endpoints", format!("{raw:?} must be http://host:port or https://host:port")));
+        }
+        if url.parse::<tonic::transport::Uri>().is_err() {
+            return Err(invalid("etcd-endpoints", format!("{raw:?} is not a valid address")));
+        }
+        endpoints.push(url);
+    }
+    if endpoints.is_empty() {
+        return Err(invalid(
+            "etcd-endpoints",
+            "required with --store etcd, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379".into(),
+        ));
+    }
+    let user = match (&a.etcd_user, &a.etcd_password) {
+        (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("etcd-password", "--etcd-user needs a password".into())),
+        (None, Some(_)) => return Err(invalid("etcd-user", "--etcd-password needs a user".into())),
+    };
+    if a.etcd_cert.is_some() != a.etcd_key.is_some() {
+        return Err(invalid("etcd-cert", "--etcd-cert and --etcd-key go together".into()));
+    }
+    let wants_tls = a.etcd_ca.is_some() || a.etcd_cert.is_some() || endpoints.iter().any(|e| e.starts_with("https://"));
+    if wants_tls && !cfg!(feature = "etcd-tls") {
+        return Err(invalid("etcd-ca", crate::store::etcd::TLS_MISSING.into()));
+    }
+    for (flag, path) in [("etcd-ca", &a.etcd_ca), ("etcd-cert", &a.etcd_cert), ("etcd-key", &a.etcd_key)] {
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(invalid(flag, format!("{} does not exist", path.display())));
+            }
+        }
+    }
+    if a.etcd_prefix.trim().is_empty() {
+        return Err(invalid("etcd-prefix", "must not be empty (e.g. /hotfleet/)".into()));
+    }
+    let mut options = EtcdOptions::new(endpoints, a.etcd_prefix.trim());
+    options.user = user;
+    options.ca = a.etcd_ca.clone();
+    options.cert = a.etcd_cert.clone();
+    options.key = a.etcd_key.clone();
+    options.timeout = a.etcd_timeout;
+    Ok(Some(options))
 }
 
 pub use hotfleet_proto::duration::parse_duration;
@@ -166,5 +297,39 @@ mod tests {
         assert!(err.to_string().contains("--trusted-key"), "{err}");
         assert!(Args::try_parse_from(["x", "--store", "zookeeper"]).is_err());
         assert!(Args::try_parse_from(["x", "--heartbeat-interval", "soon"]).is_err());
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["hotfleet-coordinator"];
+        all.extend_from_slice(args);
+        Config::try_from(Args::try_parse_from(all).expect("parse"))
+    }
+
+    #[test]
+    fn etcd_flags_are_checked() {
+        let c = parse(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "127.0.0.1:2379,http://10.0.0.2:2379",
+            "--etcd-prefix",
+            "/prod",
+        ])
+        .expect("valid");
+        let etcd = c.etcd.clone().expect("etcd options");
+        assert_eq!(etcd.endpoints, ["http://127.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(etcd.prefix, "/prod/");
+        assert_eq!(c.advertise(), "http://127.0.0.1:7700");
+        let err = |args: &[&str]| parse(args).expect_err("invalid").to_string();
+        assert!(err(&["--store", "etcd"]).contains("--etcd-endpoints"));
+        assert!(err(&["--etcd-endpoints", "http://e:2379"]).contains("--store etcd"));
+        assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-user", "u"]).contains("password"));
+        assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--leader-lease", "1s"]).contains("--leader-lease"));
+        assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--listen", "0.0.0.0:7700"])
+            .contains("--advertise-addr"));
+        assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-cert", "/x"]).contains("--etcd-key"));
+        if !cfg!(feature = "etcd-tls") {
+            assert!(err(&["--store", "etcd", "--etcd-endpoints", "https://e:1"]).contains("etcd-tls"));
+        }
     }
 }

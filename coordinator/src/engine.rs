@@ -77,6 +77,28 @@ pub struct StartRequest {
     pub description: String,
 }
 
+/// A rollout as the store has it (what a follower serves, and finished rollouts).
+pub async fn stored_state(store: &dyn Store, id: &str) -> Result<RolloutState> {
+    let rollout = store.rollout(id).await?.ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
+    let nodes = store.rollout_nodes(id).await?;
+    Ok(RolloutState { rollout, nodes })
+}
+
+/// Rollouts newest first, from the store; unfinished ones with their node states.
+pub async fn stored_list(store: &dyn Store, active_only: bool, limit: usize) -> Result<Vec<RolloutState>> {
+    let mut all = store.rollouts().await?;
+    all.retain(|r| !active_only || !r.phase.is_terminal());
+    all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| b.id.cmp(&a.id)));
+    all.truncate(limit);
+    let mut out = Vec::with_capacity(all.len());
+    for rollout in all {
+        let nodes =
+            if rollout.phase.is_terminal() { BTreeMap::new() } else { store.rollout_nodes(&rollout.id).await? };
+        out.push(RolloutState { rollout, nodes });
+    }
+    Ok(out)
+}
+
 /// One active rollout: its state behind a lock, the latest persisted
 /// snapshot for readers, and the signals the driver waits on.
 struct Handle {
@@ -320,9 +342,20 @@ impl Engine {
                     tracing::error!(rollout = %id, ours, current, "fenced by a newer coordinator; this one stops driving");
                     return;
                 }
+                Err(Error::Store(StoreError::NotLeading { epoch, reason })) => {
+                    tracing::warn!(rollout = %id, epoch, %reason, "no longer leading; this driver stops (the leader resumes the rollout)");
+                    return;
+                }
+                Err(Error::Store(err)) => {
+                    // The store is unreachable: hold still. Nothing is re-sent
+                    // until the store answers again, so no command goes out
+                    // whose outcome could not be recorded.
+                    tracing::warn!(rollout = %id, error = %err, "state store unavailable; holding still until it answers");
+                    if !self.wait_for_store().await {
+                        return;
+                    }
+                }
                 Err(err) => {
-                    // The store is unreachable: hold still (send nothing we
-                    // could not record) and retry.
                     tracing::warn!(rollout = %id, error = %err, "rollout step failed; retrying");
                     tokio::select! {
                         _ = self.inner.cancel.cancelled() => return,
@@ -333,6 +366,30 @@ impl Engine {
         }
         tracing::info!(rollout = %id, outcome = handle.snapshot.borrow().rollout.phase.name(), "rollout finished");
         lock(&self.inner.rollouts).remove(id);
+    }
+
+    /// Waits until a store read succeeds; `false` if shut down meanwhile.
+    async fn wait_for_store(&self) -> bool {
+        let mut logged = false;
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return false,
+                _ = tokio::time::sleep(self.inner.config.store_retry) => {}
+            }
+            match self.inner.store.freeze().await {
+                Ok(_) => {
+                    if logged {
+                        tracing::info!("state store answers again; resuming");
+                    }
+                    return true;
+                }
+                Err(err) if !logged => {
+                    tracing::warn!(error = %err, "state store still unavailable");
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     fn command(&self, state: &RolloutState) -> Command {
@@ -786,14 +843,7 @@ impl Engine {
         if let Some(h) = self.handle(id) {
             return Ok(h.snapshot.borrow().clone());
         }
-        let rollout = self
-            .inner
-            .store
-            .rollout(id)
-            .await?
-            .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
-        let nodes = self.inner.store.rollout_nodes(id).await?;
-        Ok(RolloutState { rollout, nodes })
+        stored_state(self.inner.store.as_ref(), id).await
     }
 
     /// Newest first. Active rollouts come with their node states.

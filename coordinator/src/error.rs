@@ -4,7 +4,9 @@
 
 use hotfleet_patch::PatchError;
 
-use crate::{planner::PlanError, registry::RegistryError, rollout::TransitionError, store::StoreError};
+use crate::{
+    leadership::LeaderInfo, planner::PlanError, registry::RegistryError, rollout::TransitionError, store::StoreError,
+};
 
 /// `Result` with the coordinator's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -32,4 +34,21 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("the coordinator is shutting down; retry against the new instance")]
     ShuttingDown,
+    /// A write (or an agent registration) reached a coordinator that does not lead.
+    #[error("{}", not_leader(this, leader.as_ref()))]
+    NotLeader { this: String, leader: Option<LeaderInfo> },
+}
+
+fn not_leader(this: &str, leader: Option<&LeaderInfo>) -> String {
+    match leader {
+        Some(l) => format!(
+            "this coordinator ({this}) is a follower: the leader is {} (epoch {}); send writes there \
+             (give the CLI and agents every coordinator, --coordinator a,b,c, and they follow the leader)",
+            l.addr, l.epoch
+        ),
+        None => format!(
+            "this coordinator ({this}) is a follower and no coordinator leads right now \
+             (election in progress, or etcd unreachable); retry in a few seconds"
+        ),
+    }
 }

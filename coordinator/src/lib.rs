@@ -3,7 +3,9 @@
 //! automatic fleet-wide rollback).
 //!
 //! Where things live:
-//! - [`store`]: everything persisted, behind the [`store::Store`] trait (embedded redb today, etcd next).
+//! - [`store`]: everything persisted, behind the [`store::Store`] trait (embedded redb, or etcd for HA).
+//! - [`leadership`]: leader election on etcd, the lease, and the fences on writes and commands.
+//! - [`term`]: what runs only while this coordinator leads, and the role the gRPC adapters consult.
 //! - [`registry`]: agents, their addresses, what they run, liveness.
 //! - [`patches`]: verified patch uploads, stored by digest.
 //! - [`planner`]: selector → canary and waves (pure).
@@ -19,6 +21,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod leadership;
 pub mod patches;
 pub mod planner;
 pub mod reconcile;
@@ -26,6 +29,7 @@ pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod term;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -19,7 +19,6 @@ use crate::{
 #[derive(Clone)]
 pub struct Patches {
     store: Arc<dyn Store>,
-    fence: Fence,
     trusted: Arc<TrustedKeys>,
     limits: Limits,
 }
@@ -38,8 +37,8 @@ pub fn audit(actor: &str, action: &str, target: &str, detail: impl Into<String>,
 }
 
 impl Patches {
-    pub fn new(store: Arc<dyn Store>, fence: Fence, trusted: TrustedKeys, limits: Limits) -> Self {
-        Self { store, fence, trusted: Arc::new(trusted), limits }
+    pub fn new(store: Arc<dyn Store>, trusted: TrustedKeys, limits: Limits) -> Self {
+        Self { store, trusted: Arc::new(trusted), limits }
     }
 
     pub fn limits(&self) -> Limits {
@@ -47,13 +46,14 @@ impl Patches {
     }
 
     /// Verifies and stores an uploaded bundle. Returns the record and whether
-    /// it was new. Refusals are audited too (who tried to push what).
-    pub async fn push(&self, bytes: &[u8], actor: &str) -> Result<(PatchRecord, bool)> {
+    /// it was new. Refusals are audited too (who tried to push what). Writes
+    /// carry the leader's `fence`.
+    pub async fn push(&self, fence: Fence, bytes: &[u8], actor: &str) -> Result<(PatchRecord, bool)> {
         let bundle = match self.verify(bytes) {
             Ok(bundle) => bundle,
             Err(err) => {
                 let entry = audit(actor, "patch.push", "", format!("refused: {err}"), false);
-                if let Err(store_err) = self.store.write(self.fence, Batch::new().with(Write::Audit(entry))).await {
+                if let Err(store_err) = self.store.write(fence, Batch::new().with(Write::Audit(entry))).await {
                     tracing::warn!(error = %store_err, "could not audit a refused patch push");
                 }
                 tracing::warn!(%actor, error = %err, "patch push refused");
@@ -63,7 +63,7 @@ impl Patches {
         let id = bundle.id();
         if let Some(existing) = self.store.patch(&id).await? {
             let entry = audit(actor, "patch.push", &id, "already stored (no change)", true);
-            self.store.write(self.fence, Batch::new().with(Write::Audit(entry))).await?;
+            self.store.write(fence, Batch::new().with(Write::Audit(entry))).await?;
             return Ok((existing, false));
         }
         let manifest = &bundle.manifest;
@@ -89,7 +89,7 @@ impl Patches {
         let batch = Batch::new()
             .with(Write::PutPatch { record: record.clone(), bundle: bytes.to_vec() })
             .with(Write::Audit(audit(actor, "patch.push", &id, detail, true)));
-        self.store.write(self.fence, batch).await?;
+        self.store.write(fence, batch).await?;
         tracing::info!(patch = %id, build = %record.target_build, %actor, "patch stored");
         Ok((record, true))
     }

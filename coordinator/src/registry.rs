@@ -38,6 +38,8 @@ pub enum RegistryError {
 pub enum Liveness {
     Alive,
     Lost,
+    /// Seen by a follower: heartbeats go to the leader, which alone judges.
+    Unknown,
 }
 
 impl Liveness {
@@ -45,8 +47,26 @@ impl Liveness {
         match self {
             Liveness::Alive => "alive",
             Liveness::Lost => "lost",
+            Liveness::Unknown => "unknown",
         }
     }
+}
+
+/// Every stored node as a follower sees it (liveness unknown), sorted by id.
+pub async fn stored_views(store: &dyn Store) -> Result<Vec<NodeView>, StoreError> {
+    let mut nodes: Vec<NodeView> = store
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|r| NodeView {
+            status: r.status,
+            liveness: Liveness::Unknown,
+            registered_at_ms: r.registered_at_ms,
+            last_heartbeat_ms: r.last_heartbeat_ms,
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.status.node_id.cmp(&b.status.node_id));
+    Ok(nodes)
 }
 
 /// A node as seen now.

@@ -1,26 +1,31 @@
-//! The assembled coordinator: open the store, take the epoch, load the fleet,
-//! start background tasks, and serve gRPC on a listener the caller bound.
+//! The assembled coordinator: open the store, start the leadership loop,
+//! and serve gRPC on a listener the caller bound.
 //!
 //! `Coordinator::build` → `serve(listener, shutdown)` → `drain()` is the whole
 //! life of the process; tests do the same on `127.0.0.1:0`.
+//!
+//! Leadership runs in one task for the life of the process: campaign →
+//! start a [`Term`] → hold the lease → on loss stop the term at once and
+//! campaign again; on shutdown drain the term and resign. On the embedded
+//! store the first (and only) tenure is taken before `build` returns, so a
+//! single coordinator leads from its first request, exactly as it always did.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use hotfleet_patch::{Limits, TrustedKeys};
 use hotfleet_proto::v1::{agent_gateway_server::AgentGatewayServer, coordinator_server::CoordinatorServer};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     agents::{AgentClient, GrpcAgents},
     config::{Config, StoreKind},
-    engine::{Engine, EngineConfig},
     grpc::{gateway::GatewayService, operator::OperatorService},
+    leadership::{Elector, EtcdBackend, LeaseElection, SoloElector},
     patches::Patches,
-    reconcile::Reconciler,
-    registry::Registry,
-    store::{embedded::EmbeddedStore, Fence, Store, StoreError},
+    store::{embedded::EmbeddedStore, etcd::EtcdStore, Store, StoreError},
+    term::{Cluster, Term, TermContext},
 };
 
 /// Why the coordinator could not start or serve.
@@ -34,117 +39,142 @@ pub enum ServerError {
     Reflection(String),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// A built coordinator, ready to serve.
 pub struct Coordinator {
     config: Config,
-    store: Arc<dyn Store>,
-    fence: Fence,
-    registry: Registry,
-    patches: Patches,
-    engine: Engine,
-    cancel: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    cluster: Cluster,
+    shutdown: CancellationToken,
+    leadership: JoinHandle<()>,
 }
 
 impl Coordinator {
     /// Opens the configured store and builds everything with real agent clients.
     pub async fn build(config: Config) -> Result<Self, ServerError> {
-        let store: Arc<dyn Store> = match config.store {
-            StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
-        };
         let agents = Arc::new(GrpcAgents::new(config.agent_timeout, config.agent_concurrency));
-        Self::build_with(config, store, agents).await
+        match config.store {
+            StoreKind::Embedded => {
+                let store = Arc::new(EmbeddedStore::open(&config.data_dir)?);
+                Self::build_with(config, store, agents).await
+            }
+            StoreKind::Etcd => {
+                let options = config
+                    .etcd
+                    .clone()
+                    .ok_or_else(|| ServerError::Config("--store etcd without etcd settings".into()))?;
+                let store = Arc::new(EtcdStore::connect(&options).await?);
+                let backend = EtcdBackend::new(store.client(), store.leader_key(), options.timeout);
+                let elector = Arc::new(LeaseElection::new(backend, config.advertise(), config.leader_lease));
+                tracing::info!(
+                    endpoints = %options.endpoints.join(","),
+                    prefix = %store.prefix(),
+                    lease = ?config.leader_lease,
+                    advertise = %config.advertise(),
+                    "etcd store: campaigning for leadership"
+                );
+                Self::assemble(config, store, elector, agents, false).await
+            }
+        }
     }
 
-    /// Builds on a given store and agent client (tests use this to inject).
+    /// Builds on an embedded store and a given agent client (tests inject
+    /// both). The store's epoch is taken here: a restarted coordinator
+    /// out-ranks its previous incarnation, and agents refuse anything still
+    /// in flight from the old epoch.
     pub async fn build_with(
         config: Config,
-        store: Arc<dyn Store>,
+        store: Arc<EmbeddedStore>,
         agents: Arc<dyn AgentClient>,
     ) -> Result<Self, ServerError> {
-        // A restarted coordinator out-ranks its previous incarnation: agents
-        // refuse anything still in flight from the old epoch.
         let fence = store.acquire_epoch().await?;
+        let elector = Arc::new(SoloElector::new(fence, config.advertise()));
+        Self::assemble(config, store, elector, agents, true).await
+    }
+
+    /// Builds on any store and elector. With `lead_first`, the first tenure
+    /// is taken and its term started before returning (errors surface here).
+    pub async fn assemble(
+        config: Config,
+        store: Arc<dyn Store>,
+        elector: Arc<dyn Elector>,
+        agents: Arc<dyn AgentClient>,
+        lead_first: bool,
+    ) -> Result<Self, ServerError> {
         let trusted = TrustedKeys::load(&config.trusted_keys)?;
         if trusted.is_empty() {
             tracing::warn!("no --trusted-key given: every patch upload will be refused");
         }
         let limits = Limits { max_bundle_bytes: config.max_patch_bytes, ..Limits::default() };
-        let registry = Registry::load(store.clone(), fence, config.heartbeat_interval, config.lost_timeout()).await?;
-        let patches = Patches::new(store.clone(), fence, trusted.clone(), limits);
-        let cancel = CancellationToken::new();
-        let engine = Engine::new(
-            store.clone(),
-            fence,
-            registry.clone(),
-            agents.clone(),
-            EngineConfig::default(),
-            cancel.child_token(),
-        );
-        let reconciler = Reconciler {
+        let ctx = Arc::new(TermContext {
             store: store.clone(),
-            fence,
-            registry: registry.clone(),
-            engine: engine.clone(),
             agents,
-            deadline: config.agent_timeout,
+            trusted: trusted.clone(),
+            limits,
+            heartbeat_interval: config.heartbeat_interval,
+            lost_timeout: config.lost_timeout(),
+            agent_timeout: config.agent_timeout,
+        });
+        let shutdown = CancellationToken::new();
+        let (term_tx, term_rx) = watch::channel(None);
+        let first = if lead_first {
+            let Some(tenure) = elector.campaign(&shutdown).await else {
+                return Err(ServerError::Config("shut down before leading".into()));
+            };
+            let term = Term::start(&ctx, &tenure).await?;
+            term_tx.send_replace(Some(term.clone()));
+            Some((tenure, term))
+        } else {
+            None
         };
-        let tasks = vec![
-            tokio::spawn(registry.clone().run_sweeper(cancel.child_token())),
-            tokio::spawn(reconciler.run(cancel.child_token())),
-        ];
-        let resumed = engine.resume().await?;
+        let cluster = Cluster::new(
+            store.clone(),
+            Patches::new(store.clone(), trusted.clone(), limits),
+            config.advertise(),
+            term_rx,
+            elector.view(),
+        );
         tracing::info!(
             store = store.backend(),
             data_dir = %config.data_dir.display(),
-            epoch = fence.epoch,
-            nodes = registry.list().len(),
+            advertise = %config.advertise(),
+            epoch = first.as_ref().map(|(t, _)| t.fence.epoch).unwrap_or(0),
             trusted_keys = ?trusted.ids(),
-            resumed_rollouts = resumed,
             "coordinator ready"
         );
-        Ok(Self { config, store, fence, registry, patches, engine, cancel, tasks })
+        let drain_timeout = config.drain_timeout;
+        let leadership = tokio::spawn(lead(ctx, elector, term_tx, shutdown.clone(), first, drain_timeout));
+        Ok(Self { config, cluster, shutdown, leadership })
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.fence.epoch
+    /// The epoch of the current term, while this coordinator leads.
+    pub fn epoch(&self) -> Option<u64> {
+        self.cluster.term().map(|t| t.fence.epoch)
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The role, store and term, as the gRPC adapters see them.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        &self.cluster.store
     }
 
     /// Serves agents and operators on `listener` until `shutdown` resolves.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let gateway = GatewayService {
-            registry: self.registry.clone(),
-            patches: self.patches.clone(),
-            store: self.store.clone(),
-        };
-        let operator = OperatorService {
-            registry: self.registry.clone(),
-            patches: self.patches.clone(),
-            engine: self.engine.clone(),
-            store: self.store.clone(),
-        };
+        let gateway = GatewayService { cluster: self.cluster.clone() };
+        let operator = OperatorService { cluster: self.cluster.clone() };
         // Uploads carry a whole bundle in one message: allow the bundle limit
         // plus room for framing, so an oversized bundle meets our clear error
         // rather than a bare transport limit.
-        let max_message = self.patches.limits().max_bundle_bytes + 64 * 1024;
+        let max_message = self.config.max_patch_bytes + 64 * 1024;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<AgentGatewayServer<GatewayService>>().await;
         health_reporter.set_serving::<CoordinatorServer<OperatorService>>().await;
@@ -171,31 +201,70 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Stops background work and waits (bounded) for it. Rollouts in flight
-    /// stay recorded at their last step and resume on the next start.
+    /// Stops background work and waits (bounded) for it, then resigns
+    /// leadership. Rollouts in flight stay recorded at their last step and
+    /// resume on the next leader.
     pub async fn drain(self) {
-        self.cancel.cancel();
-        let timeout = self.config.drain_timeout;
-        let engine = self.engine.clone();
-        let all = async move {
-            engine.join().await;
-            for task in self.tasks {
-                let _ = task.await;
-            }
-        };
-        if tokio::time::timeout(timeout, all).await.is_err() {
-            tracing::warn!(?timeout, "drain timed out; exiting with work in flight (it resumes on restart)");
-        } else {
-            tracing::info!("drained");
+        self.shutdown.cancel();
+        // The loop drains the term within the drain timeout, then resigns (bounded too).
+        let limit = self.config.drain_timeout + Duration::from_secs(5);
+        if tokio::time::timeout(limit, self.leadership).await.is_err() {
+            tracing::warn!("leadership loop did not stop in time");
         }
     }
 
     /// Cancels background work without waiting (tests simulating a crash).
     pub fn abandon(self) {
-        self.cancel.cancel();
-        for task in &self.tasks {
-            task.abort();
+        if let Some(term) = self.cluster.term() {
+            term.stop_now();
         }
-        self.engine.abort_all();
+        self.leadership.abort();
+        self.shutdown.cancel();
+    }
+}
+
+/// The leadership loop (see the module docs).
+async fn lead(
+    ctx: Arc<TermContext>,
+    elector: Arc<dyn Elector>,
+    term_tx: watch::Sender<Option<Arc<Term>>>,
+    shutdown: CancellationToken,
+    mut first: Option<(crate::leadership::Tenure, Arc<Term>)>,
+    drain_timeout: Duration,
+) {
+    let retry = Duration::from_secs(1);
+    loop {
+        let (mut tenure, term) = match first.take() {
+            Some(started) => started,
+            None => {
+                let Some(tenure) = elector.campaign(&shutdown).await else { return };
+                match Term::start(&ctx, &tenure).await {
+                    Ok(term) => (tenure, term),
+                    Err(err) => {
+                        // Won, but cannot read the store: let someone else try.
+                        tracing::warn!(error = %err, "elected but cannot start the term; resigning");
+                        elector.resign(&tenure).await;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(retry) => continue,
+                        }
+                    }
+                }
+            }
+        };
+        term_tx.send_replace(Some(term.clone()));
+        let lost = elector.hold(&mut tenure, &shutdown).await;
+        term_tx.send_replace(None);
+        match lost {
+            Some(reason) => {
+                term.stop_now();
+                tracing::warn!(epoch = tenure.fence.epoch, %reason, "no longer leading: term stopped; campaigning again");
+            }
+            None => {
+                term.drain(drain_timeout).await;
+                elector.resign(&tenure).await;
+                return;
+            }
+        }
     }
 }

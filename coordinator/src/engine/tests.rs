@@ -169,14 +169,15 @@ async fn fixture_at(
     // A "crashed" predecessor's tasks drop their store handle asynchronously;
     // redb refuses a second open meanwhile.
     let until = Instant::now() + Duration::from_secs(5);
-    let store: Arc<dyn Store> = loop {
+    let embedded = loop {
         match EmbeddedStore::open(&path) {
             Ok(store) => break Arc::new(store),
             Err(err) if Instant::now() > until => panic!("{err}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    let fence = store.acquire_epoch().await.expect("epoch");
+    let fence = embedded.acquire_epoch().await.expect("epoch");
+    let store: Arc<dyn Store> = embedded;
     let registry = Registry::load(store.clone(), fence, Duration::from_millis(50), Duration::from_millis(200))
         .await
         .expect("registry");

@@ -1,5 +1,10 @@
 //! `AgentGateway`: what agents call (register, heartbeat, fetch a patch, get
 //! the fleet's patch stack).
+//!
+//! Registration and heartbeats go to the leader (its registry judges
+//! liveness); a follower refuses them naming the leader, and the agent
+//! follows. Patch downloads and patch stacks are reads: any coordinator
+//! serves them from the store.
 
 use std::pin::Pin;
 
@@ -10,7 +15,7 @@ use hotfleet_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{patches::Patches, registry::Registry, store::Store};
+use crate::term::Cluster;
 
 /// Bytes per `PatchChunk`: small enough for any default message limit.
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -18,9 +23,7 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 /// The `AgentGateway` service.
 #[derive(Clone)]
 pub struct GatewayService {
-    pub registry: Registry,
-    pub patches: Patches,
-    pub store: std::sync::Arc<dyn Store>,
+    pub cluster: Cluster,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<PatchChunk, Status>> + Send + 'static>>;
@@ -30,25 +33,27 @@ impl AgentGateway for GatewayService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("RegisterRequest.node is missing"))?;
-        self.registry.register(node).await?;
+        let term = self.cluster.leader_term()?;
+        term.registry.register(node).await?;
         Ok(Response::new(RegisterResponse {
-            heartbeat_interval_seconds: self.registry.heartbeat_interval_seconds(),
-            epoch: self.registry.epoch(),
+            heartbeat_interval_seconds: term.registry.heartbeat_interval_seconds(),
+            epoch: term.registry.epoch(),
         }))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("HeartbeatRequest.node is missing"))?;
-        let known = self.registry.heartbeat(node).await?;
-        Ok(Response::new(HeartbeatResponse { known, epoch: self.registry.epoch() }))
+        let term = self.cluster.leader_term()?;
+        let known = term.registry.heartbeat(node).await?;
+        Ok(Response::new(HeartbeatResponse { known, epoch: term.registry.epoch() }))
     }
 
     type FetchPatchStream = ChunkStream;
 
     async fn fetch_patch(&self, request: Request<FetchPatchRequest>) -> Result<Response<ChunkStream>, Status> {
         let patch_id = request.into_inner().patch_id;
-        let bytes = self.patches.bundle(&patch_id).await?;
+        let bytes = self.cluster.patches.bundle(&patch_id).await?;
         let total_size = bytes.len() as u64;
         let chunks: Vec<Result<PatchChunk, Status>> = bytes
             .chunks(CHUNK_BYTES)
@@ -67,7 +72,7 @@ impl AgentGateway for GatewayService {
         if build.trim().is_empty() {
             return Err(Status::invalid_argument("target_build is empty"));
         }
-        let stack = self.store.patch_stack(&build).await.map_err(crate::error::Error::from)?;
+        let stack = self.cluster.store.patch_stack(&build).await.map_err(crate::error::Error::from)?;
         let patches = stack
             .into_iter()
             .map(|e| PatchRef {

@@ -13,6 +13,9 @@ use crate::{error::Error, planner::PlanError, registry::RegistryError, store::St
 
 /// Metadata key naming who performs an operator action.
 pub const ACTOR_HEADER: &str = "x-hotfleet-actor";
+/// Metadata key on a follower's refusal naming the leader's address, so
+/// agents and the CLI can follow it without parsing the message.
+pub const LEADER_HEADER: &str = "x-hotfleet-leader";
 
 /// The actor of a request: `x-hotfleet-actor`, or "anonymous".
 pub fn actor<T>(request: &tonic::Request<T>) -> String {
@@ -43,12 +46,24 @@ impl From<Error> for Status {
             Error::Plan(_) => Code::InvalidArgument,
             Error::Transition(_) | Error::Conflict { .. } | Error::Frozen { .. } => Code::FailedPrecondition,
             Error::Registry(RegistryError::Invalid(_)) => Code::InvalidArgument,
+            Error::Registry(RegistryError::Store(StoreError::TooLarge(_))) | Error::Store(StoreError::TooLarge(_)) => {
+                Code::FailedPrecondition
+            }
             Error::Registry(RegistryError::Store(_)) | Error::Store(_) | Error::ShuttingDown => Code::Unavailable,
+            // A known leader: refused, go there. No leader yet: try again soon.
+            Error::NotLeader { leader: Some(_), .. } => Code::FailedPrecondition,
+            Error::NotLeader { leader: None, .. } => Code::Unavailable,
         };
         if matches!(&err, Error::Store(StoreError::Corrupt { .. })) {
             tracing::error!(error = %err, "state store returned a corrupt record");
         }
-        Status::new(code, err.to_string())
+        let mut status = Status::new(code, err.to_string());
+        if let Error::NotLeader { leader: Some(leader), .. } = &err {
+            if let Ok(value) = tonic::metadata::MetadataValue::try_from(leader.addr.as_str()) {
+                status.metadata_mut().insert(LEADER_HEADER, value);
+            }
+        }
+        status
     }
 }
 

@@ -213,30 +213,6 @@ impl Store for EmbeddedStore {
         "embedded"
     }
 
-    async fn acquire_epoch(&self) -> Result<Fence, StoreError> {
-        self.blocking(|db| {
-            let txn = db.begin_write().map_err(backend)?;
-            let epoch = {
-                let mut meta = txn.open_table(META).map_err(backend)?;
-                let epoch = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0) + 1;
-                meta.insert(EPOCH_KEY, epoch).map_err(backend)?;
-                epoch
-            };
-            txn.commit().map_err(backend)?;
-            Ok(Fence { epoch })
-        })
-        .await
-    }
-
-    async fn current_epoch(&self) -> Result<u64, StoreError> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let meta = txn.open_table(META).map_err(backend)?;
-            Ok(meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
-        })
-        .await
-    }
-
     async fn write(&self, fence: Fence, batch: Batch) -> Result<Vec<u64>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -334,6 +310,34 @@ impl Store for EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// Becomes the store's writer: bumps and persists the epoch and returns
+    /// the fence every later write must carry. Called once per coordinator
+    /// start, so a restarted coordinator out-ranks its previous incarnation.
+    pub async fn acquire_epoch(&self) -> Result<Fence, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let epoch = {
+                let mut meta = txn.open_table(META).map_err(backend)?;
+                let epoch = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0) + 1;
+                meta.insert(EPOCH_KEY, epoch).map_err(backend)?;
+                epoch
+            };
+            txn.commit().map_err(backend)?;
+            Ok(Fence { epoch })
+        })
+        .await
+    }
+
+    /// The epoch that currently owns the store.
+    pub async fn current_epoch(&self) -> Result<u64, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            Ok(meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
+        })
+        .await
+    }
+
     /// Number of stored audit entries (diagnostics and tests).
     pub async fn audit_len(&self) -> Result<u64, StoreError> {
         self.blocking(|db| {

@@ -1,23 +1,26 @@
 //! Everything the coordinator persists, behind one trait.
 //!
-//! The [`Store`] trait is shaped for two backends: the embedded redb file
-//! ([`embedded::EmbeddedStore`], the default) and etcd (next step). That shapes
-//! three rules every caller follows:
+//! The [`Store`] trait has two backends: the embedded redb file
+//! ([`embedded::EmbeddedStore`], the default: one coordinator) and etcd
+//! ([`etcd::EtcdStore`]: several coordinators, one leader). That shapes three
+//! rules every caller follows:
 //!
 //! - **All writes are batches.** [`Store::write`] applies a [`Batch`] atomically
 //!   (one redb transaction, one etcd `Txn`). The engine writes one batch per
 //!   transition of a rollout step, never one per node.
-//! - **All writes are fenced.** A writer first [`Store::acquire_epoch`]s a
-//!   [`Fence`]; every batch carries it and the store refuses it
-//!   ([`StoreError::Fenced`]) once a newer writer exists. For the embedded store
-//!   that is the epoch counter in the same file (a restarted coordinator
-//!   out-ranks its previous incarnation); for etcd it will be a comparison on
-//!   the leader key's revision inside the same transaction.
+//! - **All writes are fenced.** A writer holds a [`Fence`] (its epoch); every
+//!   batch carries it and the store refuses it ([`StoreError::Fenced`]) once a
+//!   newer writer exists. For the embedded store the epoch is a counter in the
+//!   same file, bumped by every coordinator start
+//!   ([`embedded::EmbeddedStore::acquire_epoch`]); for etcd it is the create
+//!   revision of the leader key (see `crate::leadership`), compared inside the
+//!   same transaction, so a deposed leader's write lands nothing.
 //! - **Values are self-describing JSON** of the record types below, so a
 //!   backend only moves bytes under keys and the records can grow fields
 //!   (`#[serde(default)]`) without a migration.
 
 pub mod embedded;
+pub mod etcd;
 
 use std::collections::BTreeMap;
 
@@ -49,6 +52,13 @@ pub enum StoreError {
     Backend(String),
     #[error("state store holds a record it cannot read ({key}): {reason}")]
     Corrupt { key: String, reason: String },
+    /// Refused before it reached the store: this coordinator gave up (or lost)
+    /// leadership, so nothing it still has in flight may be recorded.
+    #[error("not written: this coordinator no longer leads (epoch {epoch}: {reason}); the current leader carries on")]
+    NotLeading { epoch: u64, reason: String },
+    /// A batch too big for one etcd transaction (request bytes or operations).
+    #[error("state store refused a batch: {0}")]
+    TooLarge(String),
 }
 
 /// A registered node as persisted: its last reported status (labels, address,
@@ -196,14 +206,6 @@ impl Batch {
 pub trait Store: Send + Sync + 'static {
     /// Short name for logs ("embedded", "etcd").
     fn backend(&self) -> &'static str;
-
-    /// Becomes the store's writer: bumps and persists the epoch and returns
-    /// the fence every later write must carry. Called once per coordinator
-    /// start (embedded) or per won election (etcd).
-    async fn acquire_epoch(&self) -> Result<Fence, StoreError>;
-
-    /// The epoch that currently owns the store.
-    async fn current_epoch(&self) -> Result<u64, StoreError>;
 
     /// Applies every write of `batch` atomically, if `fence` still owns the
     /// store. Returns the sequence numbers given to the batch's audit entries.

@@ -1,0 +1,187 @@
+//! The leader's term, and the role the gRPC adapters consult.
+//!
+//! A [`Term`] is everything that runs only while this coordinator leads: the
+//! node registry (heartbeats), the rollout engine, the drift reconciler and
+//! the lost-node sweeper, all built afresh for each won election with that
+//! tenure's fence, on the tenure's [`TermStore`] and [`GuardedAgents`]. When
+//! the tenure is lost the term is stopped at once (tasks aborted, like a
+//! crash: every transition was recorded before it was acted on, so the next
+//! leader resumes from the store); on shutdown it drains instead.
+//!
+//! [`Cluster`] is what the gRPC layer holds: the store (followers serve reads
+//! from it), the current term if this coordinator leads, and who leads
+//! otherwise, so a refused write can name the leader.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hotfleet_patch::{Limits, TrustedKeys};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    agents::AgentClient,
+    engine::{Engine, EngineConfig},
+    error::Error,
+    leadership::{GuardedAgents, LeaderInfo, LeaderView, LeaseGuard, Tenure, TermStore},
+    patches::Patches,
+    reconcile::Reconciler,
+    registry::Registry,
+    store::{Fence, Store, StoreError},
+};
+
+/// What a term is built from (the same for every tenure of this process).
+pub struct TermContext {
+    pub store: Arc<dyn Store>,
+    pub agents: Arc<dyn AgentClient>,
+    pub trusted: TrustedKeys,
+    pub limits: Limits,
+    pub heartbeat_interval: Duration,
+    pub lost_timeout: Duration,
+    pub agent_timeout: Duration,
+}
+
+/// Everything that runs while this coordinator leads.
+pub struct Term {
+    pub fence: Fence,
+    pub guard: LeaseGuard,
+    pub registry: Registry,
+    pub patches: Patches,
+    pub engine: Engine,
+    cancel: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Term {
+    /// Builds the term of `tenure`: loads the fleet, starts the background
+    /// tasks and resumes every unfinished rollout from the store.
+    pub async fn start(ctx: &TermContext, tenure: &Tenure) -> Result<Arc<Term>, StoreError> {
+        let fence = tenure.fence;
+        let guard = tenure.guard.clone();
+        let store: Arc<dyn Store> = Arc::new(TermStore::new(ctx.store.clone(), guard.clone()));
+        let agents: Arc<dyn AgentClient> = Arc::new(GuardedAgents::new(ctx.agents.clone(), guard.clone()));
+        let registry = Registry::load(store.clone(), fence, ctx.heartbeat_interval, ctx.lost_timeout).await?;
+        let patches = Patches::new(store.clone(), ctx.trusted.clone(), ctx.limits);
+        let cancel = CancellationToken::new();
+        let engine = Engine::new(
+            store.clone(),
+            fence,
+            registry.clone(),
+            agents.clone(),
+            EngineConfig::default(),
+            cancel.child_token(),
+        );
+        let reconciler = Reconciler {
+            store: store.clone(),
+            fence,
+            registry: registry.clone(),
+            engine: engine.clone(),
+            agents,
+            deadline: ctx.agent_timeout,
+        };
+        let term = Arc::new(Term { fence, guard, registry, patches, engine, cancel, tasks: Mutex::new(Vec::new()) });
+        let resumed = match term.engine.resume().await {
+            Ok(resumed) => resumed,
+            Err(err) => {
+                term.stop_now();
+                return Err(err);
+            }
+        };
+        // Only now: the reconciler leaves nodes of active rollouts alone, and
+        // before `resume` it would take a resumed rollout's committed nodes
+        // for drift and revert them.
+        term.tasks.lock().unwrap_or_else(|e| e.into_inner()).extend([
+            tokio::spawn(term.registry.clone().run_sweeper(term.cancel.child_token())),
+            tokio::spawn(reconciler.run(term.cancel.child_token())),
+        ]);
+        tracing::info!(
+            epoch = fence.epoch,
+            nodes = term.registry.list().len(),
+            resumed_rollouts = resumed,
+            "leading: term started"
+        );
+        Ok(term)
+    }
+
+    /// Cancelled when the term ends (lost or shut down).
+    pub fn ended(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Leadership is gone: stop everything now, without waiting for anything
+    /// in flight (it is all recorded; the next leader resumes it).
+    pub fn stop_now(&self) {
+        self.cancel.cancel();
+        self.engine.abort_all();
+        for task in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            task.abort();
+        }
+    }
+
+    /// Shutdown: stop starting new work and wait (bounded) for what runs.
+    pub async fn drain(&self, timeout: Duration) {
+        self.cancel.cancel();
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let engine = self.engine.clone();
+        let all = async move {
+            engine.join().await;
+            for task in tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            tracing::warn!(?timeout, "drain timed out; exiting with work in flight (it resumes on the next leader)");
+            self.engine.abort_all();
+        } else {
+            tracing::info!("drained");
+        }
+    }
+}
+
+/// The coordinator as the gRPC adapters see it.
+#[derive(Clone)]
+pub struct Cluster {
+    pub store: Arc<dyn Store>,
+    /// Reads of patches (any role).
+    pub patches: Patches,
+    /// The address this coordinator advertises.
+    pub self_addr: String,
+    term: watch::Receiver<Option<Arc<Term>>>,
+    view: watch::Receiver<LeaderView>,
+}
+
+impl Cluster {
+    pub fn new(
+        store: Arc<dyn Store>,
+        patches: Patches,
+        self_addr: String,
+        term: watch::Receiver<Option<Arc<Term>>>,
+        view: watch::Receiver<LeaderView>,
+    ) -> Self {
+        Self { store, patches, self_addr, term, view }
+    }
+
+    /// This coordinator's term, while it leads.
+    pub fn term(&self) -> Option<Arc<Term>> {
+        self.term.borrow().clone().filter(|t| !t.cancel.is_cancelled())
+    }
+
+    /// The term, or the refusal a follower answers writes with.
+    pub fn leader_term(&self) -> Result<Arc<Term>, Error> {
+        self.term().ok_or_else(|| Error::NotLeader { this: self.self_addr.clone(), leader: self.leader() })
+    }
+
+    /// Who leads, as far as this coordinator knows.
+    pub fn leader(&self) -> Option<LeaderInfo> {
+        if let Some(term) = self.term() {
+            return Some(LeaderInfo { addr: self.self_addr.clone(), epoch: term.fence.epoch });
+        }
+        self.view.borrow().leader.clone().filter(|l| l.addr != self.self_addr)
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+}
