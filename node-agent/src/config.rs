@@ -17,8 +17,9 @@ pub struct AgentConfig {
     #[arg(long, env = "HOTFLEET_AGENT_ADVERTISE")]
     pub advertise_addr: Option<String>,
 
-    /// Coordinator URL, e.g. http://127.0.0.1:7700. Without it the agent runs
-    /// standalone (useful for tests and local debugging).
+    /// Coordinator URL, e.g. http://127.0.0.1:7700, or a comma-separated list
+    /// of every coordinator of an HA deployment (the agent follows the
+    /// leader). Without it the agent runs standalone (tests, local debugging).
     #[arg(long, env = "HOTFLEET_COORDINATOR")]
     pub coordinator: Option<String>,
 

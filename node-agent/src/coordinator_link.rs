@@ -1,20 +1,37 @@
 //! Registration and heartbeats. The coordinator vanishing is not an error the
 //! agent can fix: it logs once per state change and keeps trying, serving its
 //! runtimes all the while.
+//!
+//! With several coordinators the agent follows the leader (see
+//! [`crate::coordinators`]): a follower's refusal names the leader and the
+//! next attempt goes there at once. Every answer from the leader carries its
+//! epoch, which the agent records as its fencing floor right away: a deposed
+//! coordinator that wakes up later is refused even by agents the new leader
+//! has not sent a command to yet.
 
 use std::time::Duration;
 
-use hotfleet_proto::v1::{agent_gateway_client::AgentGatewayClient, HeartbeatRequest, RegisterRequest};
+use hotfleet_proto::v1::{HeartbeatRequest, RegisterRequest};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::{
+    coordinators::{Coordinators, Next},
     participant::SharedParticipant,
     service::{node_status, NodeIdentity},
 };
 
+/// Immediate retries after a follower named the leader, per heartbeat tick.
+const LEADER_HOPS: usize = 3;
+
+/// A heartbeat that takes longer than this is given up: a coordinator that
+/// hangs (paused, partitioned) must not keep the agent from finding the
+/// leader before the leader declares it lost.
+fn call_timeout(interval: Duration) -> Duration {
+    (interval * 2).clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
 pub async fn run(
-    mut client: AgentGatewayClient<Channel>,
+    coordinators: Coordinators,
     participant: SharedParticipant,
     identity: NodeIdentity,
     interval: Duration,
@@ -22,38 +39,60 @@ pub async fn run(
 ) {
     let mut registered = false;
     let mut reachable = true;
+    let timeout = call_timeout(interval);
     loop {
-        let status = node_status(&participant, &identity).await;
-        let result = if registered {
-            let mut request = tonic::Request::new(HeartbeatRequest { node: Some(status) });
-            request.set_timeout(Duration::from_secs(5));
-            client.heartbeat(request).await.map(|r| {
-                if !r.get_ref().known {
-                    tracing::info!("coordinator does not know this node; registering again");
+        for _ in 0..=LEADER_HOPS {
+            let status = node_status(&participant, &identity).await;
+            let (addr, mut client) = coordinators.current();
+            let result = if registered {
+                let mut request = tonic::Request::new(HeartbeatRequest { node: Some(status) });
+                request.set_timeout(timeout);
+                client.heartbeat(request).await.map(|r| {
+                    let r = r.into_inner();
+                    if !r.known {
+                        tracing::info!(coordinator = %addr, "coordinator does not know this node; registering again");
+                        registered = false;
+                    }
+                    r.epoch
+                })
+            } else {
+                let mut request = tonic::Request::new(RegisterRequest { node: Some(status) });
+                request.set_timeout(timeout);
+                client.register(request).await.map(|r| {
+                    let r = r.into_inner();
+                    tracing::info!(node = %identity.node_id, coordinator = %addr, epoch = r.epoch, "registered with the coordinator");
+                    registered = true;
+                    r.epoch
+                })
+            };
+            match result {
+                Ok(epoch) => {
+                    if let Err(err) = participant.observe_epoch(epoch).await {
+                        tracing::warn!(error = %err, "cannot record the leader's epoch");
+                    }
+                    if !reachable {
+                        tracing::info!(coordinator = %addr, "coordinator reachable again");
+                        reachable = true;
+                    }
+                    break;
+                }
+                Err(status) => {
+                    // The next coordinator must hear a registration first.
                     registered = false;
+                    match coordinators.after_error(&addr, &status) {
+                        Next::Leader(leader) => {
+                            tracing::info!(follower = %addr, %leader, "following the leader");
+                            continue;
+                        }
+                        Next::Rotate(next) => {
+                            if reachable {
+                                tracing::warn!(coordinator = %addr, error = %status.message(), code = ?status.code(), %next, "coordinator unreachable or not leading; trying the next one");
+                            }
+                            reachable = false;
+                            break;
+                        }
+                    }
                 }
-            })
-        } else {
-            let mut request = tonic::Request::new(RegisterRequest { node: Some(status) });
-            request.set_timeout(Duration::from_secs(5));
-            client.register(request).await.map(|r| {
-                let r = r.into_inner();
-                tracing::info!(node = %identity.node_id, epoch = r.epoch, "registered with the coordinator");
-                registered = true;
-            })
-        };
-        match result {
-            Ok(()) if !reachable => {
-                tracing::info!("coordinator reachable again");
-                reachable = true;
-            }
-            Ok(()) => {}
-            Err(status) => {
-                if reachable {
-                    tracing::warn!(error = %status.message(), code = ?status.code(), "coordinator unreachable; will keep retrying");
-                }
-                reachable = false;
-                registered = false;
             }
         }
         tokio::select! {

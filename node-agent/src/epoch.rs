@@ -59,6 +59,17 @@ impl EpochFence {
         Ok(())
     }
 
+    /// Raises the floor to `epoch` if it is newer (the leader announced it);
+    /// an older one changes nothing. Returns whether it rose.
+    pub fn raise(&mut self, epoch: u64) -> Result<bool, EpochError> {
+        if epoch <= self.highest {
+            return Ok(false);
+        }
+        self.persist(epoch)?;
+        self.highest = epoch;
+        Ok(true)
+    }
+
     fn persist(&self, epoch: u64) -> Result<(), EpochError> {
         let err = |source| EpochError::Persist { path: self.path.clone(), source };
         let tmp = self.path.with_extension("tmp");
@@ -84,6 +95,10 @@ mod tests {
         assert_eq!(reloaded.highest(), 3);
         assert!(reloaded.admit(1).is_err());
         reloaded.admit(9).expect("newer");
+        assert!(!reloaded.raise(4).expect("older is a no-op"));
+        assert!(reloaded.raise(12).expect("newer"));
+        assert!(reloaded.admit(11).is_err(), "a raised floor refuses older epochs");
+        assert_eq!(EpochFence::load(dir.path()).expect("reload").highest(), 12);
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //!   idempotent commands, prepared patches with a TTL (presumed abort);
 //! - [`patches`]: patch download from the coordinator, verification, on-disk cache by digest;
 //! - [`service`]: the gRPC `Agent` service (adapters only);
+//! - [`coordinators`]: the coordinator list, and following the leader among them;
 //! - [`coordinator_link`]: registration and heartbeats;
 //! - [`server`]: wires it all together under one shutdown signal.
 
 pub mod config;
 pub mod coordinator_link;
+pub mod coordinators;
 pub mod epoch;
 pub mod participant;
 pub mod patches;

@@ -70,6 +70,9 @@ struct Prepared {
 
 struct State {
     fence: EpochFence,
+    /// Commands admitted / refused for a stale epoch (reported in NodeStatus).
+    admitted: u64,
+    refused_stale: u64,
     prepared: Vec<Prepared>,
     answers: HashMap<(String, String, Kind), Answer>,
     answer_order: VecDeque<(String, String, Kind)>,
@@ -107,7 +110,14 @@ impl Participant {
         runtime_timeout: Duration,
         default_ttl: Duration,
     ) -> Self {
-        let state = State { fence, prepared: Vec::new(), answers: HashMap::new(), answer_order: VecDeque::new() };
+        let state = State {
+            fence,
+            admitted: 0,
+            refused_stale: 0,
+            prepared: Vec::new(),
+            answers: HashMap::new(),
+            answer_order: VecDeque::new(),
+        };
         Self { node_id, sessions, patches, state: Mutex::new(state), runtime_timeout, default_ttl }
     }
 
@@ -121,6 +131,23 @@ impl Participant {
 
     pub async fn highest_epoch(&self) -> u64 {
         self.state.lock().await.fence.highest()
+    }
+
+    /// (admitted, refused for a stale epoch) commands since start.
+    pub async fn command_counts(&self) -> (u64, u64) {
+        let state = self.state.lock().await;
+        (state.admitted, state.refused_stale)
+    }
+
+    /// The leader announced its epoch (heartbeat answer): from now on older
+    /// epochs are refused, before that leader's first command arrives.
+    pub async fn observe_epoch(&self, epoch: u64) -> Result<(), EpochError> {
+        let mut state = self.state.lock().await;
+        let before = state.fence.highest();
+        if state.fence.raise(epoch)? {
+            tracing::info!(epoch, previous = before, "new coordinator epoch: older epochs are refused from now on");
+        }
+        Ok(())
     }
 
     /// Phase 1: fetch and verify the patch, have every runtime of its target
@@ -430,7 +457,15 @@ fn admit(state: &mut State, header: Option<CommandHeader>) -> Result<CommandHead
     if !hotfleet_patch::is_patch_id(&header.patch_id) {
         return Err(ParticipantError::BadPatchId(header.patch_id));
     }
-    state.fence.admit(header.epoch)?;
+    match state.fence.admit(header.epoch) {
+        Ok(()) => state.admitted += 1,
+        Err(err @ EpochError::Stale { .. }) => {
+            state.refused_stale += 1;
+            tracing::warn!(rollout = %header.rollout_id, epoch = header.epoch, highest = state.fence.highest(), "command refused: stale epoch from a deposed coordinator");
+            return Err(err.into());
+        }
+        Err(err) => return Err(err.into()),
+    }
     Ok(header)
 }
 

@@ -13,8 +13,9 @@ use std::{
 };
 
 use hotfleet_patch::{Bundle, Limits, PatchError, TrustedKeys};
-use hotfleet_proto::v1::{agent_gateway_client::AgentGatewayClient, FetchPatchRequest, GetPatchStackRequest, PatchRef};
-use tonic::transport::Channel;
+use hotfleet_proto::v1::{FetchPatchRequest, GetPatchStackRequest, PatchRef};
+
+use crate::coordinators::Coordinators;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -48,16 +49,12 @@ pub struct PatchSource {
     cache_dir: PathBuf,
     trusted: TrustedKeys,
     limits: Limits,
-    coordinator: Option<AgentGatewayClient<Channel>>,
+    coordinator: Option<Coordinators>,
     timeout: Duration,
 }
 
 impl PatchSource {
-    pub fn new(
-        data_dir: &Path,
-        trusted: TrustedKeys,
-        coordinator: Option<AgentGatewayClient<Channel>>,
-    ) -> Result<Self, FetchError> {
+    pub fn new(data_dir: &Path, trusted: TrustedKeys, coordinator: Option<Coordinators>) -> Result<Self, FetchError> {
         let cache_dir = data_dir.join("patches");
         std::fs::create_dir_all(&cache_dir).map_err(|source| FetchError::Cache { path: cache_dir.clone(), source })?;
         Ok(Self { cache_dir, trusted, limits: Limits::default(), coordinator, timeout: Duration::from_secs(30) })
@@ -103,8 +100,31 @@ impl PatchSource {
         Ok(bundle)
     }
 
+    /// Downloads from the followed coordinator, then from the others: any
+    /// coordinator serves patches (they are reads from the shared store).
     async fn download(&self, id: &str) -> Result<Vec<u8>, FetchError> {
-        let mut client = self.coordinator.clone().ok_or_else(|| FetchError::NoCoordinator(id.to_string()))?;
+        let coordinators = self.coordinator.as_ref().ok_or_else(|| FetchError::NoCoordinator(id.to_string()))?;
+        let mut last = None;
+        for (addr, client) in coordinators.all() {
+            match self.download_from(id, client).await {
+                Ok(bytes) => return Ok(bytes),
+                // Only a transport failure is worth another coordinator: a
+                // bad stream or a missing patch would be the same everywhere.
+                Err(err @ FetchError::Transport { .. }) => {
+                    tracing::debug!(coordinator = %addr, error = %err, "patch download failed; trying the next coordinator");
+                    last = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| FetchError::NoCoordinator(id.to_string())))
+    }
+
+    async fn download_from(
+        &self,
+        id: &str,
+        mut client: hotfleet_proto::v1::agent_gateway_client::AgentGatewayClient<tonic::transport::Channel>,
+    ) -> Result<Vec<u8>, FetchError> {
         let transport = |message: String| FetchError::Transport { id: id.to_string(), message };
         let bad = |message: String| FetchError::BadStream { id: id.to_string(), message };
         let mut request = tonic::Request::new(FetchPatchRequest { patch_id: id.to_string() });
@@ -131,15 +151,22 @@ impl PatchSource {
 
     /// The committed patch stack for `build`, oldest first, each bundle verified.
     pub async fn stack(&self, build: &str) -> Result<Vec<(PatchRef, Bundle)>, FetchError> {
-        let mut client = self.coordinator.clone().ok_or_else(|| FetchError::NoCoordinator("stack".into()))?;
-        let mut request = tonic::Request::new(GetPatchStackRequest { target_build: build.to_string() });
-        request.set_timeout(self.timeout);
-        let refs = client
-            .get_patch_stack(request)
-            .await
-            .map_err(|s| FetchError::Transport { id: format!("stack of build {build}"), message: s.message().into() })?
-            .into_inner()
-            .patches;
+        let coordinators = self.coordinator.as_ref().ok_or_else(|| FetchError::NoCoordinator("stack".into()))?;
+        let mut refs = None;
+        let mut last = String::new();
+        for (addr, mut client) in coordinators.all() {
+            let mut request = tonic::Request::new(GetPatchStackRequest { target_build: build.to_string() });
+            request.set_timeout(self.timeout);
+            match client.get_patch_stack(request).await {
+                Ok(r) => {
+                    refs = Some(r.into_inner().patches);
+                    break;
+                }
+                Err(s) => last = format!("{addr}: {}", s.message()),
+            }
+        }
+        let refs =
+            refs.ok_or_else(|| FetchError::Transport { id: format!("stack of build {build}"), message: last })?;
         let mut out = Vec::with_capacity(refs.len());
         for patch in refs {
             let bundle = self.get(&patch.patch_id).await?;

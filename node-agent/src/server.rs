@@ -5,14 +5,15 @@
 use std::{sync::Arc, time::Duration};
 
 use hotfleet_patch::TrustedKeys;
-use hotfleet_proto::v1::{agent_gateway_client::AgentGatewayClient, agent_server::AgentServer};
+use hotfleet_proto::v1::agent_server::AgentServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::Server;
 
 use crate::{
     coordinator_link,
+    coordinators::Coordinators,
     epoch::EpochFence,
     participant::{CoordinatorStacks, Participant},
     patches::PatchSource,
@@ -55,7 +56,12 @@ pub async fn serve(
         Some(addr) => addr.clone(),
         None => grpc_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
     };
-    let gateway = config.coordinator.as_deref().map(coordinator_client).transpose()?;
+    let gateway = config
+        .coordinator
+        .as_deref()
+        .map(Coordinators::parse)
+        .transpose()
+        .map_err(|e| ServeError::BadCoordinator { addr: e.addr, reason: e.reason })?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| crate::patches::FetchError::Cache { path: config.data_dir.clone(), source })?;
     let fence = EpochFence::load(&config.data_dir)?;
@@ -124,14 +130,6 @@ pub async fn serve(
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     result.map_err(ServeError::from)
-}
-
-fn coordinator_client(addr: &str) -> Result<AgentGatewayClient<Channel>, ServeError> {
-    let bad = |reason: String| ServeError::BadCoordinator { addr: addr.to_string(), reason };
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
-    let channel = endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy();
-    Ok(AgentGatewayClient::new(channel))
 }
 
 /// Binds the runtime socket (see [`sessions::bind_runtime_socket`]).

@@ -34,6 +34,7 @@ impl AgentService {
 
 /// Builds this node's full status (also sent with every heartbeat).
 pub async fn node_status(participant: &SharedParticipant, identity: &NodeIdentity) -> NodeStatus {
+    let (commands_admitted, commands_refused_stale) = participant.command_counts().await;
     NodeStatus {
         node_id: identity.node_id.clone(),
         labels: identity.labels.clone().into_iter().collect(),
@@ -41,6 +42,8 @@ pub async fn node_status(participant: &SharedParticipant, identity: &NodeIdentit
         processes: participant.process_statuses().await,
         highest_epoch: participant.highest_epoch().await,
         prepared: participant.prepared().await,
+        commands_admitted,
+        commands_refused_stale,
     }
 }
 
