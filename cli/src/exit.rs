@@ -8,7 +8,6 @@ pub const ROLLED_BACK: i32 = 3;
 /// The request was refused: invalid input, bad signature, conflict, frozen fleet.
 pub const REFUSED: i32 = 4;
 /// The coordinator could not be reached.
-#[allow(dead_code)]
 pub const UNREACHABLE: i32 = 5;
 
 /// A failure with its exit code; printed once, at the top.

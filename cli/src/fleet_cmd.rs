@@ -1,4 +1,4 @@
-//! `hotfleet nodes list`, `freeze`, `unfreeze`, `audit`.
+//! `hotfleet nodes list`, `freeze`, `unfreeze`, `audit`, `leader`.
 
 use hotfleet_proto::v1::{FreezeRequest, ListAuditRequest, ListNodesRequest, UnfreezeRequest};
 
@@ -111,5 +111,22 @@ pub async fn audit(target: &Target, limit: u32, output: Output) -> CliResult {
             r.detail
         );
     }
+    Ok(())
+}
+
+/// `hotfleet leader`: who leads, as the first reachable coordinator sees it.
+pub async fn leader(target: &Target, output: Output) -> CliResult {
+    let status = target.leader_status().await?;
+    if output == Output::Json {
+        print_json(&status);
+        return Ok(());
+    }
+    if status.leader_addr.is_empty() {
+        println!("leader   none right now (election in progress, or etcd unreachable)");
+    } else {
+        println!("leader   {}  (epoch {}, store {})", status.leader_addr, status.epoch, status.store);
+    }
+    let role = if status.is_leader { "the leader" } else { "a follower" };
+    println!("asked    {} ({role})", status.self_addr);
     Ok(())
 }

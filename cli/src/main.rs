@@ -52,6 +52,8 @@ enum Command {
     /// Run a whole fleet on this machine and patch it live: a hotfix rolled out
     /// in waves, then a bad patch rolled back automatically.
     Demo(demo::DemoArgs),
+    /// Which coordinator leads (and its epoch); any coordinator of the list answers.
+    Leader,
     /// The audit log of operator actions, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -80,6 +82,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Unfreeze => fleet_cmd::unfreeze(target, output).await,
         Command::Demo(args) => demo::run(args, output).await,
         Command::Audit { limit } => fleet_cmd::audit(target, limit, output).await,
+        Command::Leader => fleet_cmd::leader(target, output).await,
     }
 }
 

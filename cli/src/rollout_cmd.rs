@@ -13,7 +13,7 @@ use hotfleet_proto::{
 };
 
 use crate::{
-    client::{failure, Target},
+    client::{failure, transient, Target},
     exit::{CliResult, Failure, ROLLED_BACK},
     output::{format_ms, print_json, Output},
     patch_cmd,
@@ -219,37 +219,79 @@ async fn action(target: &Target, what: &str, action: Action, output: Output) -> 
     Ok(())
 }
 
+/// How long a watch keeps trying to get back to a coordinator (a fail-over
+/// takes about the leader lease; a restart a few seconds).
+const RECONNECT_FOR: Duration = Duration::from_secs(60);
+
 /// Follows a rollout until it is terminal; exit code from how it ended.
+///
+/// A coordinator going away mid-watch (killed, restarted, deposed) is not the
+/// end of the rollout: the watch reconnects (to the new leader, or any
+/// coordinator: they all serve it) and carries on where it was.
 pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
-    let mut client = target.connect().await?;
-    let mut stream = client
-        .watch_rollout(target.request(WatchRolloutRequest { rollout_id: id.clone() }))
-        .await
-        .map_err(|s| failure(&format!("watching rollout {id}"), s))?
-        .into_inner();
     let mut printed_events = 0;
     let mut last_line = String::new();
     let mut last: Option<Rollout> = None;
-    while let Some(rollout) = stream.message().await.map_err(|s| failure(&format!("watching rollout {id}"), s))? {
-        if output == Output::Json {
-            // One JSON document per line: easy to stream into jq.
-            println!("{}", serde_json::to_string(&rollout).unwrap_or_default());
-        } else {
-            for event in rollout.events.iter().skip(printed_events) {
-                println!("  {} {}", format_ms(event.at_ms), event.message);
-            }
-            printed_events = rollout.events.len();
-            let line = progress_line(&rollout);
-            if line != last_line {
-                println!("{line}");
-                last_line = line;
-            }
+    let mut lost_since: Option<std::time::Instant> = None;
+    'watching: loop {
+        let opened = match target.connect().await {
+            Ok(mut client) => client
+                .watch_rollout(target.request(WatchRolloutRequest { rollout_id: id.clone() }))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(Some),
+            Err(f) if f.code == crate::exit::UNREACHABLE && last.is_some() => Err(None),
+            Err(f) => return Err(f),
+        };
+        let why = match opened {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(rollout)) => {
+                        lost_since = None;
+                        if output == Output::Json {
+                            // One JSON document per line: easy to stream into jq.
+                            println!("{}", serde_json::to_string(&rollout).unwrap_or_default());
+                        } else {
+                            for event in rollout.events.iter().skip(printed_events) {
+                                println!("  {} {}", format_ms(event.at_ms), event.message);
+                            }
+                            printed_events = rollout.events.len();
+                            let line = progress_line(&rollout);
+                            if line != last_line {
+                                println!("{line}");
+                                last_line = line;
+                            }
+                        }
+                        let terminal = rollout.terminal;
+                        last = Some(rollout);
+                        if terminal {
+                            break 'watching;
+                        }
+                    }
+                    // Ended without a final state: its coordinator shut down.
+                    Ok(None) => break "the coordinator closed the watch".to_string(),
+                    Err(s) if transient(&s) => break s.message().to_string(),
+                    Err(s) => return Err(failure(&format!("watching rollout {id}"), s)),
+                }
+            },
+            Err(Some(s)) if transient(&s) => s.message().to_string(),
+            Err(Some(s)) => return Err(failure(&format!("watching rollout {id}"), s)),
+            Err(None) => "no coordinator reachable".to_string(),
+        };
+        let since = *lost_since.get_or_insert_with(|| {
+            eprintln!("watch: lost the coordinator ({why}); reconnecting to the leader...");
+            std::time::Instant::now()
+        });
+        if since.elapsed() > RECONNECT_FOR {
+            return Err(Failure {
+                code: crate::exit::UNREACHABLE,
+                error: anyhow!(
+                    "watching rollout {id}: no coordinator answered for {} s ({why})",
+                    RECONNECT_FOR.as_secs()
+                ),
+            });
         }
-        let terminal = rollout.terminal;
-        last = Some(rollout);
-        if terminal {
-            break;
-        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let rollout = last.ok_or_else(|| anyhow!("the coordinator closed the watch without a snapshot"))?;
     if output == Output::Text {
