@@ -80,8 +80,12 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
     let work = dir.path();
     step("1/5", &format!("starting a local fleet of {} nodes in {}", args.nodes, work.display()));
     let mut fleet = Fleet::start(layout, work, args.nodes, BUILD, &["--heartbeat-interval", "500ms"], |_| Vec::new())?;
-    let target = Target { coordinator: fleet.coordinator.url(), actor: Some("demo".into()) };
-    println!("  coordinator  {}  (embedded store {})", fleet.coordinator.url(), fleet.coordinator.data_dir.display());
+    let target = Target { coordinator: fleet.coordinator().url(), actor: Some("demo".into()) };
+    println!(
+        "  coordinator  {}  (embedded store {})",
+        fleet.coordinator().url(),
+        fleet.coordinator().data_dir.display()
+    );
     for node in &fleet.nodes {
         println!(
             "  {}  agent {}  zone server {} pid {} on 127.0.0.1:{}",

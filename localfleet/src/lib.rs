@@ -1,4 +1,5 @@
-//! A local fleet of real processes: `hotfleet-coordinator`, `hotfleet-agent`s,
+//! A local fleet of real processes: `hotfleet-coordinator`s (on the embedded
+//! store, or several on an etcd this crate starts on loopback), `hotfleet-agent`s,
 //! Python zone servers from `examples/`, and TCP player clients. `hotfleet demo`
 //! and the process-level tests both stand their fleets up with it.
 //!
@@ -41,6 +42,8 @@ pub enum FleetError {
     Cli { args: String, status: String, stderr: String },
     #[error("player {name}: {message}")]
     Player { name: String, message: String },
+    #[error("etcd not found (looked at $HOTFLEET_ETCD and the PATH): install it, e.g. `apt-get install etcd-server` on Debian (scripts/test-all.sh does)")]
+    MissingEtcd,
 }
 
 pub type Result<T, E = FleetError> = std::result::Result<T, E>;
@@ -160,7 +163,12 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Proc> {
         let log = log_dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
+        // Appended: a restarted process keeps its earlier incarnations' lines.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(format!("creating {}", log.display())))?;
         let err = file.try_clone().map_err(io("duplicating a log file handle"))?;
         cmd.stdout(file).stderr(err).stdin(Stdio::null());
         let child = cmd.spawn().map_err(|source| FleetError::Spawn { what: name.to_string(), source })?;
@@ -297,7 +305,16 @@ fn modules_under(dir: &Path, dotted: &str) -> Vec<String> {
     out
 }
 
-/// A running `hotfleet-coordinator` on the embedded store.
+/// Where a coordinator keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// Its own redb file under the fleet directory.
+    Embedded,
+    /// A shared etcd: `--store etcd --etcd-endpoints ENDPOINTS --etcd-prefix PREFIX`.
+    Etcd { endpoints: String, prefix: String },
+}
+
+/// A running `hotfleet-coordinator`.
 pub struct CoordinatorProc {
     pub proc: Proc,
     pub addr: SocketAddr,
@@ -305,10 +322,27 @@ pub struct CoordinatorProc {
 }
 
 impl CoordinatorProc {
-    /// Starts a coordinator on `port` with its store in `dir/coordinator-data`
-    /// (the same call on the same `dir` restarts it on the same store).
+    /// Starts a coordinator on `port` with its embedded store in
+    /// `dir/coordinator-data` (the same call on the same `dir` restarts it on
+    /// the same store).
     pub fn start(layout: &Layout, dir: &Path, keys: &Keys, port: u16, extra: &[&str]) -> Result<Self> {
-        let data_dir = dir.join("coordinator-data");
+        Self::start_on(layout, dir, keys, port, &StoreSpec::Embedded, extra)
+    }
+
+    /// Starts a coordinator on `port` with the given store.
+    pub fn start_on(
+        layout: &Layout,
+        dir: &Path,
+        keys: &Keys,
+        port: u16,
+        store: &StoreSpec,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let data_dir = match store {
+            StoreSpec::Embedded => dir.join("coordinator-data"),
+            // Unused by the etcd store; distinct so nothing could ever share it.
+            StoreSpec::Etcd { .. } => dir.join(format!("coordinator-{port}-data")),
+        };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut cmd = Command::new(layout.bin("hotfleet-coordinator")?);
         cmd.args(["--listen", &addr.to_string()])
@@ -316,8 +350,11 @@ impl CoordinatorProc {
             .arg(&data_dir)
             .arg("--trusted-key")
             .arg(&keys.public)
-            .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        if let StoreSpec::Etcd { endpoints, prefix } = store {
+            cmd.args(["--store", "etcd", "--etcd-endpoints", endpoints, "--etcd-prefix", prefix]);
+        }
+        cmd.args(extra);
         let proc = Proc::spawn(&format!("coordinator-{port}"), cmd, dir)?;
         wait_for("the coordinator to listen", Duration::from_secs(20), Some(&proc.log), || {
             TcpStream::connect(addr).ok()
@@ -327,6 +364,97 @@ impl CoordinatorProc {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+}
+
+/// A single-member etcd on loopback with its own data directory, started
+/// from the `etcd` binary on the PATH (or `$HOTFLEET_ETCD`).
+pub struct EtcdProc {
+    pub proc: Proc,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    binary: PathBuf,
+    dir: PathBuf,
+}
+
+fn find_etcd() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("HOTFLEET_ETCD").map(PathBuf::from) {
+        return if path.is_file() { Ok(path) } else { Err(FleetError::MissingEtcd) };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|dir| dir.join("etcd"))
+        .find(|candidate| candidate.is_file())
+        .ok_or(FleetError::MissingEtcd)
+}
+
+/// `GET /health` on etcd's client port: `{"health":"true"}` once it serves.
+fn etcd_healthy(port: u16) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
+
+fn launch_etcd(binary: &Path, dir: &Path, data_dir: &Path, client_port: u16, peer_port: u16) -> Result<Proc> {
+    let client = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let mut cmd = Command::new(binary);
+    cmd.args(["--name", "hotfleet-test", "--logger=zap", "--log-outputs=stderr"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("hotfleet-test={peer}"), "--initial-cluster-state", "new"]);
+    let proc = Proc::spawn("etcd", cmd, dir)?;
+    wait_for("etcd to be healthy", Duration::from_secs(30), Some(&proc.log), || {
+        etcd_healthy(client_port).then_some(())
+    })?;
+    Ok(proc)
+}
+
+impl EtcdProc {
+    /// Starts etcd with its data in `dir/etcd-data` on two free loopback ports.
+    pub fn start(dir: &Path) -> Result<EtcdProc> {
+        let binary = find_etcd()?;
+        let (client_port, peer_port) = (free_port()?, free_port()?);
+        let data_dir = dir.join("etcd-data");
+        let proc = launch_etcd(&binary, dir, &data_dir, client_port, peer_port)?;
+        Ok(EtcdProc { proc, client_port, peer_port, data_dir, binary, dir: dir.to_path_buf() })
+    }
+
+    fn launch(&self) -> Result<Proc> {
+        launch_etcd(&self.binary, &self.dir, &self.data_dir, self.client_port, self.peer_port)
+    }
+
+    /// The client URL (`--etcd-endpoints`).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills etcd (SIGKILL) and starts it again on the same ports and data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.proc = self.launch()?;
+        Ok(())
+    }
+
+    /// Kills etcd (SIGKILL); [`EtcdProc::start_again`] brings it back on the same data.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts a killed etcd again on the same ports and data.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.proc = self.launch()?;
+        Ok(())
     }
 }
 
@@ -504,20 +632,43 @@ pub struct FleetNode {
     pub probe: Player,
 }
 
-/// A coordinator plus `n` nodes `node-1..node-n` (labels `region` eu/us
+/// How a [`Fleet`] keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One coordinator on its embedded store.
+    Embedded,
+    /// An etcd on loopback and the given number of coordinators sharing it.
+    Etcd { coordinators: usize },
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub nodes: usize,
+    pub build: String,
+    pub backend: Backend,
+    /// Flags for every coordinator (besides listen, store and keys).
+    pub coordinator_flags: Vec<String>,
+}
+
+/// Coordinator(s) plus `n` nodes `node-1..node-n` (labels `region` eu/us
 /// alternating and `zone`), each serving one zone server `zone-i` of `build`.
 pub struct Fleet {
     pub layout: Layout,
     pub keys: Keys,
-    pub coordinator: CoordinatorProc,
+    /// One on the embedded store; several (one leading) on etcd.
+    pub coordinators: Vec<CoordinatorProc>,
+    pub etcd: Option<EtcdProc>,
+    pub store: StoreSpec,
     pub nodes: Vec<FleetNode>,
-    /// Flags the coordinator was started with (reused by [`Fleet::restart_coordinator`]).
+    /// Flags the coordinators were started with (reused on restarts).
     pub coordinator_flags: Vec<String>,
     pub build: String,
 }
 
 impl Fleet {
-    /// Starts the fleet in `dir`. `zone_env(i)` adds environment to zone server `i` (1-based).
+    /// Starts a fleet on the embedded store in `dir`. `zone_env(i)` adds
+    /// environment to zone server `i` (1-based).
     pub fn start(
         layout: &Layout,
         dir: &Path,
@@ -526,10 +677,39 @@ impl Fleet {
         coordinator_flags: &[&str],
         zone_env: impl Fn(usize) -> Vec<(String, String)>,
     ) -> Result<Fleet> {
+        let options = FleetOptions {
+            nodes: n,
+            build: build.to_string(),
+            backend: Backend::Embedded,
+            coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
+        };
+        Self::start_with(layout, dir, &options, zone_env)
+    }
+
+    /// Starts the fleet `options` describes in `dir`.
+    pub fn start_with(
+        layout: &Layout,
+        dir: &Path,
+        options: &FleetOptions,
+        zone_env: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> Result<Fleet> {
         let keys = Keys::generate(layout, dir)?;
-        let coordinator = CoordinatorProc::start(layout, dir, &keys, free_port()?, coordinator_flags)?;
-        let mut nodes = Vec::with_capacity(n);
-        for i in 1..=n {
+        let (etcd, store, count) = match options.backend {
+            Backend::Embedded => (None, StoreSpec::Embedded, 1),
+            Backend::Etcd { coordinators } => {
+                let etcd = EtcdProc::start(dir)?;
+                let store = StoreSpec::Etcd { endpoints: etcd.url(), prefix: "/hotfleet/".into() };
+                (Some(etcd), store, coordinators.max(1))
+            }
+        };
+        let flags: Vec<&str> = options.coordinator_flags.iter().map(String::as_str).collect();
+        let mut coordinators = Vec::with_capacity(count);
+        for _ in 0..count {
+            coordinators.push(CoordinatorProc::start_on(layout, dir, &keys, free_port()?, &store, &flags)?);
+        }
+        let urls = coordinators.iter().map(CoordinatorProc::url).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::with_capacity(options.nodes);
+        for i in 1..=options.nodes {
             let node_id = format!("node-{i}");
             let zone_name = format!("zone-{i}");
             let region = if i % 2 == 1 { "eu" } else { "us" };
@@ -537,32 +717,44 @@ impl Fleet {
                 layout,
                 dir,
                 &node_id,
-                Some(&coordinator.url()),
+                Some(&urls),
                 &keys,
                 &[("region", region), ("zone", &zone_name)],
             )?;
             let env = zone_env(i);
             let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let zone = ZoneProc::start(layout, dir, &zone_name, Some(&agent.socket), build, &env)?;
+            let zone = ZoneProc::start(layout, dir, &zone_name, Some(&agent.socket), &options.build, &env)?;
             let probe = Player::connect(zone.port, &format!("probe_{i}"))?;
             nodes.push(FleetNode { agent, zone, probe });
         }
         Ok(Fleet {
             layout: layout.clone(),
             keys,
-            coordinator,
+            coordinators,
+            etcd,
+            store,
             nodes,
-            coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
-            build: build.to_string(),
+            coordinator_flags: options.coordinator_flags.clone(),
+            build: options.build.clone(),
         })
+    }
+
+    /// The first coordinator (the only one on the embedded store).
+    pub fn coordinator(&self) -> &CoordinatorProc {
+        &self.coordinators[0]
+    }
+
+    /// Every coordinator's URL, comma-separated (what agents and the CLI get).
+    pub fn coordinator_urls(&self) -> String {
+        self.coordinators.iter().map(CoordinatorProc::url).collect::<Vec<_>>().join(",")
     }
 
     /// Waits until every node is registered, alive, with its one zone process.
     pub fn wait_registered(&self) -> Result<()> {
         let n = self.nodes.len();
-        let url = self.coordinator.url();
+        let urls = self.coordinator_urls();
         wait_for(&format!("{n} nodes registered with their zone servers"), Duration::from_secs(30), None, || {
-            let out = self.layout.cli(&["--output", "json", "--coordinator", &url, "nodes", "list"]).ok()?;
+            let out = self.layout.cli(&["--output", "json", "--coordinator", &urls, "nodes", "list"]).ok()?;
             let nodes: Value = serde_json::from_str(&out).ok()?;
             let ready = nodes
                 .as_array()?
@@ -575,19 +767,28 @@ impl Fleet {
         })
     }
 
-    /// Kills the coordinator (SIGKILL) and starts a new one on the same port and store.
+    /// Kills the first coordinator (SIGKILL) and starts a new one on the same port and store.
     pub fn restart_coordinator(&mut self, dir: &Path) -> Result<()> {
-        self.coordinator.proc.kill();
-        let port = self.coordinator.addr.port();
+        self.restart_coordinator_at(0, dir)
+    }
+
+    /// Kills coordinator `i` (SIGKILL) and starts a new one on the same port and store.
+    pub fn restart_coordinator_at(&mut self, i: usize, dir: &Path) -> Result<()> {
+        self.coordinators[i].proc.kill();
+        let port = self.coordinators[i].addr.port();
         let flags: Vec<&str> = self.coordinator_flags.iter().map(String::as_str).collect();
-        self.coordinator = CoordinatorProc::start(&self.layout, dir, &self.keys, port, &flags)?;
+        self.coordinators[i] = CoordinatorProc::start_on(&self.layout, dir, &self.keys, port, &self.store, &flags)?;
         Ok(())
     }
 
-    /// `hotfleet --coordinator URL ARGS...`, raw output.
+    /// `hotfleet --coordinator <every coordinator> ARGS...`, raw output.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        let url = self.coordinator.url();
-        let mut full = vec!["--coordinator", url.as_str()];
+        self.cli_via(&self.coordinator_urls(), args)
+    }
+
+    /// `hotfleet --coordinator URLS ARGS...`, raw output.
+    pub fn cli_via(&self, urls: &str, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["--coordinator", urls];
         full.extend_from_slice(args);
         self.layout.cli_raw(&full)
     }

@@ -1,0 +1,293 @@
+//! Shared by the process-level tests (`rollout.rs`, `ha.rs`): a local fleet of
+//! real processes on either store backend, driven through the `hotfleet` CLI
+//! the way an SRE's runbook does, and the consistency check every test ends
+//! with: each process's actual code (the digests its runtime reports per
+//! module) is what the store says the fleet runs, every process kept its
+//! PID, and every player is still connected.
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+pub use hotfleet_localfleet::*;
+use hotfleet_proto::v1::{
+    agent_client::AgentClient, agent_gateway_client::AgentGatewayClient, GetPatchStackRequest, NodeStatus,
+    StatusRequest,
+};
+use serde_json::Value;
+
+pub const BUILD: &str = "zone-1.0";
+pub const NODES: usize = 6;
+/// The leader lease of every etcd-backed test fleet: short, so fail-overs
+/// (and the suite) stay quick.
+pub const LEASE: Duration = Duration::from_secs(3);
+
+/// The store a scenario's coordinators run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// One coordinator, its embedded store.
+    Embedded,
+    /// A real etcd on loopback and this many coordinators sharing it.
+    Etcd(usize),
+}
+
+pub struct Scenario {
+    pub dir: TempDir,
+    pub fleet: Fleet,
+    /// patch id -> module -> sha256, for every patch built here.
+    pub patch_digests: HashMap<String, BTreeMap<String, String>>,
+    /// zone server pid at start, per node.
+    pub pids: Vec<u32>,
+}
+
+impl Scenario {
+    pub fn start(store: Store) -> Scenario {
+        Self::start_with(store, |_| Vec::new())
+    }
+
+    pub fn start_with(store: Store, zone_env: impl Fn(usize) -> Vec<(String, String)>) -> Scenario {
+        let layout = Layout::for_workspace();
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut coordinator_flags = vec!["--heartbeat-interval".to_string(), "500ms".to_string()];
+        let backend = match store {
+            Store::Embedded => Backend::Embedded,
+            Store::Etcd(coordinators) => {
+                coordinator_flags.extend(["--leader-lease".to_string(), format!("{}s", LEASE.as_secs())]);
+                Backend::Etcd { coordinators }
+            }
+        };
+        let options = FleetOptions { nodes: NODES, build: BUILD.into(), backend, coordinator_flags };
+        let fleet = Fleet::start_with(&layout, dir.path(), &options, zone_env).expect("start fleet");
+        fleet.wait_registered().expect("fleet registered");
+        let pids = fleet.nodes.iter().map(|n| n.zone.proc.pid()).collect();
+        Scenario { dir, fleet, patch_digests: HashMap::new(), pids }
+    }
+
+    /// Builds a signed patch from a source tree holding `zone/`, pushes it with the CLI.
+    pub fn push_tree(&mut self, root: &Path, name: &str) -> String {
+        let out = self.dir.path().join(format!("{name}.hfpatch"));
+        let (path, id) =
+            build_patch(&self.fleet.layout, root, &out, BUILD, name, Some(&self.fleet.keys)).expect("build patch");
+        let shown =
+            self.fleet.layout.cli(&["--output", "json", "patch", "show", &path.display().to_string()]).expect("show");
+        let shown: Value = serde_json::from_str(&shown).expect("json");
+        let digests = shown["manifest"]["modules"]
+            .as_array()
+            .expect("modules")
+            .iter()
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap_or_default().to_string(),
+                    m["sha256"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        self.patch_digests.insert(id.clone(), digests);
+        ok(self.fleet.cli(&["patch", "push", &path.display().to_string()]).expect("push"));
+        id
+    }
+
+    pub fn push(&mut self, name: &str) -> String {
+        let root = self.fleet.layout.repo.join("examples/patches").join(name);
+        self.push_tree(&root, name)
+    }
+
+    /// Starts a rollout (canary 1, waves 25%,50%,100%) and returns its id.
+    pub fn start_rollout(&self, patch: &str, health_window: &str) -> String {
+        let args = vec![
+            "--output",
+            "json",
+            "rollout",
+            "start",
+            patch,
+            "--canary",
+            "1",
+            "--waves",
+            "25%,50%,100%",
+            "--health-window",
+            health_window,
+            "--step-deadline",
+            "20s",
+        ];
+        let out = ok(self.fleet.cli(&args).expect("rollout start"));
+        let rollout: Value = serde_json::from_str(&out).expect("rollout json");
+        rollout["rolloutId"].as_str().expect("rollout id").to_string()
+    }
+
+    /// `rollout watch ID`: returns the exit code and the final snapshot.
+    pub fn watch(&self, id: &str) -> (i32, Value) {
+        self.watch_via(&self.fleet.coordinator_urls(), id)
+    }
+
+    /// `rollout watch ID` against the given coordinators.
+    pub fn watch_via(&self, urls: &str, id: &str) -> (i32, Value) {
+        let out = self.fleet.cli_via(urls, &["--output", "json", "rollout", "watch", id]).expect("watch");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last =
+            stdout.lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok()).unwrap_or_else(|| {
+                panic!("watch printed no snapshot: {stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+            });
+        (out.status.code().unwrap_or(-1), last)
+    }
+
+    pub fn status(&self, id: &str) -> Value {
+        self.status_via(&self.fleet.coordinator_urls(), id)
+    }
+
+    pub fn status_via(&self, urls: &str, id: &str) -> Value {
+        let out = ok(self.fleet.cli_via(urls, &["--output", "json", "rollout", "status", id]).expect("status"));
+        serde_json::from_str(&out).expect("status json")
+    }
+
+    /// Polls the rollout until `pred` holds on its status.
+    pub fn wait_until(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let status = self.status(id);
+            if pred(&status) {
+                return status;
+            }
+            assert!(status["terminal"] != true, "rollout ended before {what}: {status}");
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {status}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn damages(&mut self) -> Vec<i64> {
+        self.fleet.nodes.iter_mut().map(|n| n.probe.hit_dummy().expect("probe attack")).collect()
+    }
+
+    /// Restarts node `i`'s agent (0-based) pointing at every coordinator.
+    pub fn restart_agent(&mut self, i: usize, keys: &Keys) {
+        let node_id = format!("node-{}", i + 1);
+        let zone = format!("zone-{}", i + 1);
+        let region = if (i + 1) % 2 == 1 { "eu" } else { "us" };
+        self.fleet.nodes[i].agent.proc.kill();
+        self.fleet.nodes[i].agent = AgentProc::start(
+            &self.fleet.layout,
+            self.dir.path(),
+            &node_id,
+            Some(&self.fleet.coordinator_urls()),
+            keys,
+            &[("region", region), ("zone", &zone)],
+        )
+        .expect("agent restart");
+    }
+
+    /// Each agent's status, in node order.
+    pub async fn agent_statuses(&self) -> Vec<NodeStatus> {
+        let mut out = Vec::new();
+        for node in &self.fleet.nodes {
+            let mut agent = AgentClient::connect(node.agent.url()).await.expect("agent");
+            out.push(agent.status(StatusRequest {}).await.expect("agent status").into_inner().node.expect("node"));
+        }
+        out
+    }
+
+    /// The fleet's patch stack as the store records it (asked of the first
+    /// coordinator of `urls` that answers: every coordinator serves it).
+    pub async fn stored_stack(&self, urls: &str) -> Vec<String> {
+        for url in urls.split(',') {
+            let Ok(mut gateway) = AgentGatewayClient::connect(url.to_string()).await else { continue };
+            let mut request = tonic::Request::new(GetPatchStackRequest { target_build: BUILD.into() });
+            request.set_timeout(Duration::from_secs(3));
+            if let Ok(stack) = gateway.get_patch_stack(request).await {
+                return stack.into_inner().patches.into_iter().map(|p| p.patch_id).collect();
+            }
+        }
+        panic!("no coordinator of {urls} answered GetPatchStack");
+    }
+
+    /// Each live process runs exactly the fleet patch stack the store records,
+    /// module by module; PIDs unchanged; players connected.
+    pub async fn assert_consistent(&mut self, skip_nodes: &[usize]) -> Vec<String> {
+        let urls = self.fleet.coordinator_urls();
+        self.assert_consistent_via(&urls, skip_nodes).await
+    }
+
+    pub async fn assert_consistent_via(&mut self, urls: &str, skip_nodes: &[usize]) -> Vec<String> {
+        let stack = self.stored_stack(urls).await;
+        let mut expected = base_digests(&self.fleet.layout.repo.join("examples/zone_server"));
+        for id in &stack {
+            expected.extend(self.patch_digests.get(id).cloned().unwrap_or_default());
+        }
+        for (i, node) in self.fleet.nodes.iter_mut().enumerate() {
+            if skip_nodes.contains(&i) {
+                continue;
+            }
+            let mut agent = AgentClient::connect(node.agent.url()).await.expect("agent");
+            let status = agent.status(StatusRequest {}).await.expect("agent status").into_inner().node.expect("node");
+            assert_eq!(status.processes.len(), 1, "{}: one zone process", node.agent.node_id);
+            let process = &status.processes[0];
+            assert_eq!(process.pid, self.pids[i], "{}: the zone server was restarted", node.agent.node_id);
+            assert_eq!(process.patch_stack, stack, "{}: process stack differs from the store", node.agent.node_id);
+            for (module, digest) in &expected {
+                assert_eq!(
+                    process.live_digests.get(module),
+                    Some(digest),
+                    "{}: module {module} does not run the code the store records",
+                    node.agent.node_id
+                );
+            }
+            assert!(node.probe.connected(), "player on {} lost its connection", node.zone.name);
+        }
+        stack
+    }
+}
+
+pub fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "hotfleet failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// sha256 of every module of the zone package as shipped (no patch applied).
+pub fn base_digests(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let dir = root.join("zone");
+    for entry in std::fs::read_dir(&dir).expect("zone package").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".py") else { continue };
+        let module = if stem == "__init__" { "zone".to_string() } else { format!("zone.{stem}") };
+        let source = std::fs::read(entry.path()).expect("read module");
+        out.insert(module, hotfleet_patch::sha256_hex(&source));
+    }
+    out
+}
+
+pub fn node_states(rollout: &Value) -> Vec<(String, String, String)> {
+    rollout["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .map(|n| {
+                    let s = |k: &str| n[k].as_str().unwrap_or_default().to_string();
+                    (s("nodeId"), s("desired"), s("observed"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn phase(rollout: &Value) -> String {
+    rollout["phase"].as_str().unwrap_or_default().to_string()
+}
+
+pub fn step_name(rollout: &Value) -> String {
+    let i = rollout["currentStep"].as_u64().unwrap_or(0) as usize;
+    rollout["steps"][i]["name"].as_str().unwrap_or_default().to_string()
+}
+
+/// proto3 JSON writes 64-bit integers as strings.
+pub fn epoch_of(rollout: &Value) -> u64 {
+    rollout["epoch"].as_str().and_then(|e| e.parse().ok()).or_else(|| rollout["epoch"].as_u64()).unwrap_or(0)
+}
