@@ -10,6 +10,12 @@
 //!
 //! A process running *fewer* patches than its build's stack is only
 //! reported: processes fetch the stack themselves when they start.
+//!
+//! Heartbeats lag what the agents did: a node reverted a moment ago may still
+//! report the patch. So drift counts only when two heartbeats received after
+//! this coordinator started, one after the other, both show it, and no
+//! rollout owns the node; a coordinator that just started (and is resuming
+//! rollouts from the store) waits one interval before its first look.
 
 use std::{
     collections::HashMap,
@@ -39,6 +45,16 @@ pub fn excess(desired: &[String], running: &[String]) -> Vec<String> {
 /// How long to wait before trying the same repair again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// What the reconciler remembers between passes.
+#[derive(Default)]
+struct Memory {
+    started_ms: u64,
+    /// (node, patch) -> heartbeat time the drift was first seen at.
+    suspects: HashMap<(String, String), u64>,
+    /// (node, patch) -> when a repair was last sent.
+    attempts: HashMap<(String, String), Instant>,
+}
+
 pub struct Reconciler {
     pub store: Arc<dyn Store>,
     pub fence: Fence,
@@ -51,22 +67,27 @@ pub struct Reconciler {
 impl Reconciler {
     /// Checks every alive node not owned by a rollout, every heartbeat interval.
     pub async fn run(self, cancel: CancellationToken) {
-        let mut attempts: HashMap<(String, String), Instant> = HashMap::new();
-        let mut tick = tokio::time::interval(self.registry.heartbeat_interval());
+        let mut memory = Memory { started_ms: crate::clock::now_ms(), ..Memory::default() };
+        let interval = self.registry.heartbeat_interval();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tick.tick() => self.pass(&mut attempts).await,
+                _ = tick.tick() => self.pass(&mut memory).await,
             }
         }
     }
 
-    async fn pass(&self, attempts: &mut HashMap<(String, String), Instant>) {
-        attempts.retain(|_, at| at.elapsed() < RETRY_AFTER);
+    async fn pass(&self, memory: &mut Memory) {
+        memory.attempts.retain(|_, at| at.elapsed() < RETRY_AFTER);
+        let mut seen_now = HashMap::new();
         for node in self.registry.list() {
             let node_id = node.status.node_id.clone();
-            if node.liveness != Liveness::Alive || self.engine.active_rollout_of(&node_id).is_some() {
+            if node.liveness != Liveness::Alive
+                || node.last_heartbeat_ms < memory.started_ms
+                || self.engine.active_rollout_of(&node_id).is_some()
+            {
                 continue;
             }
             for process in &node.status.processes {
@@ -80,13 +101,18 @@ impl Reconciler {
                 // Newest first: only the top of a stack can be rolled back.
                 let Some(patch) = excess(&desired, &process.patch_stack).into_iter().next() else { continue };
                 let key = (node_id.clone(), patch.clone());
-                if attempts.contains_key(&key) {
+                seen_now.insert(key.clone(), node.last_heartbeat_ms);
+                let confirmed = memory.suspects.get(&key).is_some_and(|first| *first < node.last_heartbeat_ms);
+                if !confirmed || memory.attempts.contains_key(&key) {
                     continue;
                 }
-                attempts.insert(key, Instant::now());
+                memory.attempts.insert(key, Instant::now());
                 self.revert(&node_id, &node.status.advertise_addr, process.pid, &patch).await;
             }
         }
+        // Keep the first sighting of drift that persists; forget drift that went away.
+        memory.suspects =
+            seen_now.into_iter().map(|(k, ts)| (k.clone(), memory.suspects.get(&k).copied().unwrap_or(ts))).collect();
     }
 
     async fn revert(&self, node_id: &str, addr: &str, pid: u32, patch: &str) {
