@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# hotfleet's one test command: installs what the tests need when it is missing,
-# then runs every check CI runs: formatting, clippy, the Rust tests (unit,
-# loopback gRPC and process-level with real zone servers) and the Python suites
-# on every CPython 3.9-3.13 this machine has.
+# hotfleet's one test command: installs what the tests need when it is missing
+# (Python test packages; etcd for the HA tests), then runs every check CI runs:
+# formatting, clippy, the Rust tests (unit, loopback gRPC, against a real etcd,
+# and process-level with real zone servers) and the Python suites on every
+# CPython 3.9-3.13 this machine has.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -38,6 +39,23 @@ for py in "${PYTHONS[@]}"; do
       || "$py" -m pip install --quiet --disable-pip-version-check --break-system-packages 'pytest>=7'
   fi
 done
+
+# ---- etcd --------------------------------------------------------------------
+# The etcd-backed tests start their own etcd on loopback ports with a temporary
+# data dir; they need the binary. Debian 12 ships etcd 3.4 as etcd-server.
+# Nothing is skipped without it: it is installed here.
+if ! command -v etcd >/dev/null 2>&1; then
+  step "installing etcd (Debian package etcd-server)"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "etcd is missing and apt-get is not available: install etcd 3.4 or 3.5 and put it on the PATH" >&2
+    exit 1
+  fi
+  SUDO=()
+  [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends etcd-server
+fi
+etcd --version | sed -n 1p
 
 # ---- Rust --------------------------------------------------------------------
 step "cargo fmt --check"

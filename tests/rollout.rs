@@ -21,7 +21,7 @@ macro_rules! on_both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::Store::Embedded).await
+                    super::$name(super::Backend::Embedded).await
                 }
             )*
         }
@@ -29,7 +29,7 @@ macro_rules! on_both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::Store::Etcd(1)).await
+                    super::$name(super::Backend::Etcd { coordinators: 1 }).await
                 }
             )*
         }
@@ -47,8 +47,8 @@ on_both_stores!(
     coordinator_killed_mid_wave_resumes_and_ends_consistent,
 );
 
-async fn hotfix_rolls_out_in_canary_and_waves_with_players_connected(store: Store) {
-    let mut s = Scenario::start(store);
+async fn hotfix_rolls_out_in_canary_and_waves_with_players_connected(backend: Backend) {
+    let mut s = Scenario::start(backend);
     let before = s.damages();
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "1500ms");
@@ -67,8 +67,8 @@ async fn hotfix_rolls_out_in_canary_and_waves_with_players_connected(store: Stor
     assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
 }
 
-async fn prepare_failure_on_one_node_changes_nothing_anywhere(store: Store) {
-    let mut s = Scenario::start(store);
+async fn prepare_failure_on_one_node_changes_nothing_anywhere(backend: Backend) {
+    let mut s = Scenario::start(backend);
     // node-3's agent trusts another release key: it cannot verify the patch and votes no.
     let other = Keys::generate(&s.fleet.layout, &s.dir.path().join("other")).expect("keys");
     s.restart_agent(2, &other);
@@ -86,9 +86,9 @@ async fn prepare_failure_on_one_node_changes_nothing_anywhere(store: Store) {
     assert!(s.assert_consistent(&[]).await.is_empty());
 }
 
-async fn commit_failure_in_wave_two_rolls_back_canary_and_wave_one(store: Store) {
+async fn commit_failure_in_wave_two_rolls_back_canary_and_wave_one(backend: Backend) {
     // zone-4's migration hook fails: node-4 is wave 2 (canary node-1, wave-1 node-2,3).
-    let mut s = Scenario::start_with(store, |i| {
+    let mut s = Scenario::start_with(backend, |i| {
         if i == 4 {
             vec![("HOTFLEET_DEMO_FAIL_ZONE".into(), "zone-4".into())]
         } else {
@@ -120,8 +120,8 @@ async fn commit_failure_in_wave_two_rolls_back_canary_and_wave_one(store: Store)
     assert_eq!(s.assert_consistent(&[]).await, vec![hotfix]);
 }
 
-async fn health_gate_rolls_back(store: Store, patch_name: &str) {
-    let mut s = Scenario::start(store);
+async fn health_gate_rolls_back(backend: Backend, patch_name: &str) {
+    let mut s = Scenario::start(backend);
     let before = s.damages();
     let patch = s.push(patch_name);
     let id = s.start_rollout(&patch, "1500ms");
@@ -136,16 +136,16 @@ async fn health_gate_rolls_back(store: Store, patch_name: &str) {
     assert!(s.assert_consistent(&[]).await.is_empty());
 }
 
-async fn health_gate_failure_on_exceptions_rolls_back(store: Store) {
-    health_gate_rolls_back(store, "raising-tick").await;
+async fn health_gate_failure_on_exceptions_rolls_back(backend: Backend) {
+    health_gate_rolls_back(backend, "raising-tick").await;
 }
 
-async fn health_gate_failure_on_slow_ticks_rolls_back(store: Store) {
-    health_gate_rolls_back(store, "slow-tick").await;
+async fn health_gate_failure_on_slow_ticks_rolls_back(backend: Backend) {
+    health_gate_rolls_back(backend, "slow-tick").await;
 }
 
-async fn operator_abort_mid_wave_rolls_everything_back(store: Store) {
-    let mut s = Scenario::start(store);
+async fn operator_abort_mid_wave_rolls_everything_back(backend: Backend) {
+    let mut s = Scenario::start(backend);
     let before = s.damages();
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "20s");
@@ -164,8 +164,8 @@ async fn operator_abort_mid_wave_rolls_everything_back(store: Store) {
     assert!(s.assert_consistent(&[]).await.is_empty());
 }
 
-async fn agent_killed_mid_wave_rolls_back_under_the_default_policy(store: Store) {
-    let mut s = Scenario::start(store);
+async fn agent_killed_mid_wave_rolls_back_under_the_default_policy(backend: Backend) {
+    let mut s = Scenario::start(backend);
     let before = s.damages();
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "4s");
@@ -194,8 +194,8 @@ async fn agent_killed_mid_wave_rolls_back_under_the_default_policy(store: Store)
     assert!(s.assert_consistent(&[]).await.is_empty());
 }
 
-async fn coordinator_killed_mid_wave_resumes_and_ends_consistent(store: Store) {
-    let mut s = Scenario::start(store);
+async fn coordinator_killed_mid_wave_resumes_and_ends_consistent(backend: Backend) {
+    let mut s = Scenario::start(backend);
     let before = s.damages();
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "3s");

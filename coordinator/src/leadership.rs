@@ -352,6 +352,13 @@ impl<B: ElectionBackend> LeaseElection<B> {
         }
     }
 
+    fn ran_out(&self) -> String {
+        format!(
+            "the leader lease ({:?}) ran out before it could be renewed (etcd unreachable, or this process was paused)",
+            self.ttl
+        )
+    }
+
     fn lost(&self, tenure: &Tenure, reason: String) -> Option<String> {
         tenure.guard.lose(reason.clone());
         *self.stale() = tenure.lease;
@@ -462,9 +469,7 @@ impl<B: ElectionBackend> Elector for LeaseElection<B> {
                     let reason = tenure.guard.lost_reason().unwrap_or_else(|| "lost".into());
                     return self.lost(tenure, reason);
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return self.lost(tenure, format!("the leader lease could not be renewed within {:?} (etcd unreachable?)", self.ttl));
-                }
+                _ = tokio::time::sleep_until(deadline) => return self.lost(tenure, self.ran_out()),
                 _ = tokio::time::sleep_until(clock.next_renewal()) => {}
             }
             let sent_at = Instant::now();
@@ -475,9 +480,7 @@ impl<B: ElectionBackend> Elector for LeaseElection<B> {
                     let reason = tenure.guard.lost_reason().unwrap_or_else(|| "lost".into());
                     return self.lost(tenure, reason);
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return self.lost(tenure, format!("the leader lease could not be renewed within {:?} (etcd unreachable?)", self.ttl));
-                }
+                _ = tokio::time::sleep_until(deadline) => return self.lost(tenure, self.ran_out()),
                 renewed = self.backend.keep_alive(lease) => match renewed {
                     Ok(Some(ttl)) => {
                         clock.renewed(sent_at, Duration::from_secs(ttl));

@@ -25,15 +25,6 @@ pub const NODES: usize = 6;
 /// (and the suite) stay quick.
 pub const LEASE: Duration = Duration::from_secs(3);
 
-/// The store a scenario's coordinators run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Store {
-    /// One coordinator, its embedded store.
-    Embedded,
-    /// A real etcd on loopback and this many coordinators sharing it.
-    Etcd(usize),
-}
-
 pub struct Scenario {
     pub dir: TempDir,
     pub fleet: Fleet,
@@ -44,21 +35,19 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    pub fn start(store: Store) -> Scenario {
-        Self::start_with(store, |_| Vec::new())
+    /// A fleet on `backend`: the embedded store, or a real etcd on loopback
+    /// shared by N coordinators.
+    pub fn start(backend: Backend) -> Scenario {
+        Self::start_with(backend, |_| Vec::new())
     }
 
-    pub fn start_with(store: Store, zone_env: impl Fn(usize) -> Vec<(String, String)>) -> Scenario {
+    pub fn start_with(backend: Backend, zone_env: impl Fn(usize) -> Vec<(String, String)>) -> Scenario {
         let layout = Layout::for_workspace();
         let dir = tempfile::tempdir().expect("tmp");
         let mut coordinator_flags = vec!["--heartbeat-interval".to_string(), "500ms".to_string()];
-        let backend = match store {
-            Store::Embedded => Backend::Embedded,
-            Store::Etcd(coordinators) => {
-                coordinator_flags.extend(["--leader-lease".to_string(), format!("{}s", LEASE.as_secs())]);
-                Backend::Etcd { coordinators }
-            }
-        };
+        if let Backend::Etcd { .. } = backend {
+            coordinator_flags.extend(["--leader-lease".to_string(), format!("{}s", LEASE.as_secs())]);
+        }
         let options = FleetOptions { nodes: NODES, build: BUILD.into(), backend, coordinator_flags };
         let fleet = Fleet::start_with(&layout, dir.path(), &options, zone_env).expect("start fleet");
         fleet.wait_registered().expect("fleet registered");

@@ -211,7 +211,7 @@ async fn a_leader_that_cannot_renew_stops_before_its_lease_runs_out() {
     fake.set_down(true);
     let reason = a.hold(&mut tenure, &shutdown).await.expect("lost");
     let held = granted.elapsed();
-    assert!(reason.contains("could not be renewed"), "{reason}");
+    assert!(reason.contains("ran out before it could be renewed"), "{reason}");
     assert!(held < TTL, "stopped after {held:?}, before etcd would expire the lease");
     assert!(held >= TTL - LeaseClock::margin(TTL));
     assert!(tenure.guard.check().is_err());

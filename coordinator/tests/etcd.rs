@@ -1,0 +1,288 @@
+//! The etcd store and the election against a real etcd (started on loopback
+//! with a temporary data dir, at etcd's default request and transaction
+//! limits): batches round-trip, bundles bigger than one etcd request are
+//! chunked, a big rollout's step stays one transaction, concurrent batches
+//! lose nothing, and a deposed leader's write fails the transaction compare
+//! and lands nothing.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use hotfleet_coordinator::{
+    leadership::{Elector, EtcdBackend, LeaseElection, LeaseGuard, Tenure, TermStore},
+    planner::{self, Candidate, Selector, Size},
+    rollout::{health::Baseline, Desired, NodeState, Observed, RolloutSpec, RolloutState},
+    store::{
+        etcd::{EtcdOptions, EtcdStore, CHUNK_BYTES},
+        AuditEntry, Batch, Fence, FreezeRecord, PatchRecord, StackEntry, Store, StoreError, Write,
+    },
+};
+use hotfleet_localfleet::EtcdProc;
+use tokio_util::sync::CancellationToken;
+
+struct Etcd {
+    _dir: tempfile::TempDir,
+    proc: EtcdProc,
+}
+
+fn etcd() -> Etcd {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proc = EtcdProc::start(dir.path()).expect("start etcd (scripts/test-all.sh installs etcd-server)");
+    Etcd { _dir: dir, proc }
+}
+
+async fn store(etcd: &Etcd, prefix: &str) -> EtcdStore {
+    EtcdStore::connect(&EtcdOptions::new(vec![etcd.proc.url()], prefix)).await.expect("connect")
+}
+
+fn election(store: &EtcdStore, addr: &str) -> LeaseElection<EtcdBackend> {
+    let backend = EtcdBackend::new(store.client(), store.leader_key(), Duration::from_secs(3));
+    LeaseElection::new(backend, addr.to_string(), Duration::from_secs(2))
+}
+
+async fn lead(store: &EtcdStore, addr: &str) -> (LeaseElection<EtcdBackend>, Tenure) {
+    let e = election(store, addr);
+    let tenure = e.campaign(&CancellationToken::new()).await.expect("elected");
+    (e, tenure)
+}
+
+fn audit(action: &str) -> AuditEntry {
+    AuditEntry {
+        seq: 0,
+        at_ms: 1,
+        actor: "sre".into(),
+        action: action.into(),
+        target: String::new(),
+        detail: String::new(),
+        ok: true,
+    }
+}
+
+fn patch_record(id: &str, description: &str, size: usize) -> PatchRecord {
+    PatchRecord {
+        patch_id: id.into(),
+        target_build: "b1".into(),
+        parent_patch_id: String::new(),
+        description: description.into(),
+        author: String::new(),
+        created_at: String::new(),
+        modules: vec!["zone.combat".into()],
+        size_bytes: size as u64,
+        signer_key_id: String::new(),
+        pushed_by: "sre".into(),
+        pushed_at_ms: 1,
+    }
+}
+
+fn stack_entry(patch: &str) -> StackEntry {
+    StackEntry {
+        patch_id: patch.into(),
+        target_build: "b1".into(),
+        parent_patch_id: String::new(),
+        description: String::new(),
+        rollout_id: "r1".into(),
+        committed_at_ms: 1,
+    }
+}
+
+/// A rollout over `n` nodes with realistic node states (a baseline per
+/// process, an error and a health line each).
+fn rollout(n: usize) -> RolloutState {
+    let candidates: Vec<Candidate> = (0..n)
+        .map(|i| Candidate {
+            node_id: format!("zone-node-{i:05}"),
+            labels: BTreeMap::new(),
+            builds: vec!["b1".into()],
+            alive: true,
+        })
+        .collect();
+    let waves = [Size::Percent(25.0), Size::Percent(50.0), Size::Percent(100.0)];
+    let plan = planner::plan(&candidates, &Selector::parse("all").expect("selector"), "b1", Size::Count(1), &waves)
+        .expect("plan");
+    let spec = RolloutSpec {
+        patch_id: "p1".into(),
+        selector: Selector::parse("all").expect("selector"),
+        canary: Size::Count(1),
+        waves: waves.to_vec(),
+        health_window_ms: 1000,
+        step_deadline_ms: 1000,
+        max_unhealthy: 0,
+        pause_before: vec![],
+        gate: Default::default(),
+        prepare_ttl_seconds: 0,
+        description: String::new(),
+    };
+    let mut state = RolloutState::new("ro-1-1".into(), spec, "b1".into(), plan, "sre".into(), 1, 1);
+    for node in state.nodes.values_mut() {
+        node.baselines.insert(
+            format!("{}:zone", node.node_id),
+            Baseline { pid: 4242, mark: 123_456, tick_p99_ms: 3.25, game_ok: true },
+        );
+        node.health = "p99 3.1 ms (baseline 3.3 ms), 0 new exceptions, game ok".into();
+        node.error = "process zone (pid 4242): prepare took 812 ms".into();
+    }
+    state
+}
+
+#[tokio::test]
+async fn batches_round_trip_with_put_if_absent_and_idempotent_stack_pushes() {
+    let etcd = etcd();
+    let store = store(&etcd, "/roundtrip").await;
+    let (_e, tenure) = lead(&store, "http://a").await;
+    let fence = tenure.fence;
+    let seqs = store
+        .write(
+            fence,
+            Batch::new()
+                .with(Write::PutPatch { record: patch_record("p1", "first", 3), bundle: b"abc".to_vec() })
+                .with(Write::Audit(audit("push")))
+                .with(Write::Audit(audit("push2"))),
+        )
+        .await
+        .expect("write");
+    assert_eq!(seqs, [1, 2]);
+    let again = Write::PutPatch { record: patch_record("p1", "second", 3), bundle: b"xyz".to_vec() };
+    store.write(fence, Batch::new().with(again)).await.expect("write");
+    assert_eq!(store.patch("p1").await.expect("read").expect("present").description, "first");
+    assert_eq!(store.patch_bundle("p1").await.expect("read").expect("present"), b"abc");
+    assert_eq!(store.patch_bundle("nope").await.expect("read"), None);
+    for _ in 0..2 {
+        store.write(fence, Batch::new().with(Write::PushStack(stack_entry("p1")))).await.expect("push");
+    }
+    assert_eq!(store.patch_stack("b1").await.expect("stack"), vec![stack_entry("p1")]);
+    let freeze = FreezeRecord { reason: "incident".into(), by: "sre".into(), since_ms: 9 };
+    store.write(fence, Batch::new().with(Write::SetFreeze(Some(freeze.clone())))).await.expect("freeze");
+    assert_eq!(store.freeze().await.expect("read"), Some(freeze));
+    store.write(fence, Batch::new().with(Write::SetFreeze(None))).await.expect("unfreeze");
+    assert_eq!(store.freeze().await.expect("read"), None);
+    let log: Vec<(u64, String)> =
+        store.audit(10).await.expect("audit").into_iter().map(|e| (e.seq, e.action)).collect();
+    assert_eq!(log, [(2, "push2".to_string()), (1, "push".to_string())], "newest first");
+    // Another prefix is another store.
+    let other = self::store(&etcd, "/other/").await;
+    assert!(other.patches().await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn bundles_larger_than_one_etcd_request_are_chunked() {
+    let etcd = etcd();
+    let store = store(&etcd, "/hotfleet/").await;
+    let (_e, tenure) = lead(&store, "http://a").await;
+    // 5.5 MiB: far over etcd's 1.5 MiB request limit.
+    let bundle: Vec<u8> = (0..(5 * CHUNK_BYTES + CHUNK_BYTES / 2)).map(|i| (i * 31 % 251) as u8).collect();
+    let record = patch_record("big", "big", bundle.len());
+    store
+        .write(tenure.fence, Batch::new().with(Write::PutPatch { record, bundle: bundle.clone() }))
+        .await
+        .expect("write");
+    assert_eq!(store.patch_bundle("big").await.expect("read").expect("present"), bundle);
+}
+
+#[tokio::test]
+async fn a_step_of_a_thousand_node_rollout_is_one_transaction_under_etcds_limits() {
+    let etcd = etcd();
+    let store = store(&etcd, "/hotfleet/").await;
+    let (_e, tenure) = lead(&store, "http://a").await;
+    let state = rollout(1000);
+    let all: Vec<NodeState> = state.nodes.values().cloned().collect();
+    // The start: the record and every node, one batch (etcd allows 128 operations).
+    store.write(tenure.fence, Batch::rollout(&state.rollout, all.clone())).await.expect("start batch");
+    // A wave: half the nodes change, one batch.
+    let wave: Vec<NodeState> = all
+        .iter()
+        .take(500)
+        .map(|n| NodeState { desired: Desired::Committed, observed: Observed::Committed, ..n.clone() })
+        .collect();
+    store.write(tenure.fence, Batch::rollout(&state.rollout, wave)).await.expect("wave batch");
+    let stored = store.rollout_nodes("ro-1-1").await.expect("nodes");
+    assert_eq!(stored.len(), 1000);
+    assert_eq!(stored.values().filter(|n| n.observed == Observed::Committed).count(), 500);
+    assert_eq!(store.rollout("ro-1-1").await.expect("read").expect("present").steps.len(), state.rollout.steps.len());
+    // Past what one etcd request can carry: refused here, clearly, and nothing sent.
+    let huge = rollout(12_000);
+    let nodes: Vec<NodeState> = huge.nodes.values().cloned().collect();
+    let mut record = huge.rollout.clone();
+    record.id = "ro-huge".into();
+    match store.write(tenure.fence, Batch::rollout(&record, nodes)).await {
+        Err(StoreError::TooLarge(why)) => assert!(why.contains("--max-request-bytes"), "{why}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(store.rollout("ro-huge").await.expect("read").is_none());
+}
+
+#[tokio::test]
+async fn concurrent_batches_of_the_leader_lose_nothing() {
+    let etcd = etcd();
+    let store = Arc::new(store(&etcd, "/hotfleet/").await);
+    let (_e, tenure) = lead(&store, "http://a").await;
+    let writes = (0..12).map(|i| {
+        let store = store.clone();
+        let fence = tenure.fence;
+        tokio::spawn(async move {
+            let batch = Batch::new()
+                .with(Write::PushStack(stack_entry(&format!("p{i}"))))
+                .with(Write::Audit(audit(&format!("a{i}"))));
+            store.write(fence, batch).await
+        })
+    });
+    for w in writes {
+        w.await.expect("join").expect("write");
+    }
+    assert_eq!(store.patch_stack("b1").await.expect("stack").len(), 12, "read-modify-write conflicts are retried");
+    let seqs: Vec<u64> = store.audit(100).await.expect("audit").iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=12).rev().collect::<Vec<_>>(), "unique, gap-free sequence numbers");
+}
+
+#[tokio::test]
+async fn a_deposed_leader_writes_nothing_its_transaction_compare_fails() {
+    let etcd = etcd();
+    let store = Arc::new(store(&etcd, "/hotfleet/").await);
+    let (_a, tenure_a) = lead(&store, "http://a").await;
+    store.write(tenure_a.fence, Batch::new().with(Write::Audit(audit("by a")))).await.expect("a writes while leading");
+    let b = Arc::new(election(&store, "http://b"));
+    let campaigning = {
+        let b = b.clone();
+        tokio::spawn(async move { b.campaign(&CancellationToken::new()).await })
+    };
+    // a stalls (GC pause, SIGSTOP) and etcd drops its lease, as it would at
+    // the end of the TTL.
+    let mut client = store.client();
+    let leader = client.get(store.leader_key(), None).await.expect("get").kvs()[0].clone();
+    assert_eq!(leader.create_revision() as u64, tenure_a.fence.epoch, "the epoch is the key's create revision");
+    client.lease_revoke(leader.lease()).await.expect("revoke");
+    let tenure_b = tokio::time::timeout(Duration::from_secs(10), campaigning)
+        .await
+        .expect("b takes over")
+        .expect("join")
+        .expect("b leads");
+    assert!(tenure_b.fence.epoch > tenure_a.fence.epoch);
+
+    // a wakes and writes under its old fence: refused by the compare.
+    let stale = Batch::new()
+        .with(Write::SetFreeze(Some(FreezeRecord { reason: "stale".into(), by: "a".into(), since_ms: 1 })))
+        .with(Write::Audit(audit("by a, deposed")))
+        .with(Write::PutPatch { record: patch_record("pa", "from a", 3), bundle: b"abc".to_vec() });
+    match store.write(tenure_a.fence, stale).await {
+        Err(StoreError::Fenced { ours, current }) => {
+            assert_eq!((ours, current), (tenure_a.fence.epoch, tenure_b.fence.epoch));
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert_eq!(store.freeze().await.expect("read"), None);
+    assert!(store.patch("pa").await.expect("read").is_none());
+    let log: Vec<String> = store.audit(10).await.expect("audit").into_iter().map(|e| e.action).collect();
+    assert_eq!(log, ["by a"], "nothing of the deposed leader's batch landed");
+
+    // Through its term's store the same refusal ends a's term at once.
+    let guard = LeaseGuard::unbounded(tenure_a.fence.epoch);
+    let term_store = TermStore::new(store.clone(), guard.clone());
+    let refused = term_store.write(tenure_a.fence, Batch::new().with(Write::Audit(audit("again")))).await;
+    assert!(matches!(refused, Err(StoreError::Fenced { .. })));
+    assert!(guard.lost_token().is_cancelled());
+    // b writes fine.
+    store.write(tenure_b.fence, Batch::new().with(Write::Audit(audit("by b")))).await.expect("b writes");
+    // A fence that never led is refused too.
+    assert!(matches!(
+        store.write(Fence { epoch: 1 }, Batch::new().with(Write::Audit(audit("x")))).await,
+        Err(StoreError::Fenced { .. })
+    ));
+}

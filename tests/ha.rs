@@ -1,0 +1,309 @@
+//! High availability on a real etcd (started on loopback by the test):
+//! coordinators sharing one etcd, six agents, six Python zone servers with
+//! players connected.
+//!
+//! - the leader is killed (SIGKILL) during wave 2: a follower takes over within
+//!   the lease, resumes the rollout and finishes it; the figure is printed;
+//! - the leader is paused (SIGSTOP) longer than its lease: a new leader takes
+//!   over and proceeds; the old one resumes (SIGCONT) and nothing it sends is
+//!   applied, nothing it writes lands;
+//! - etcd is down for 10 s mid-rollout: the coordinator sends nothing it could
+//!   not record, then finishes once etcd is back, with nothing lost.
+//!
+//! Each ends with the consistency check of `common` (no process runs code the
+//! store does not record; PIDs unchanged; players connected).
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use hotfleet_coordinator::store::{
+    etcd::{EtcdOptions, EtcdStore},
+    AuditEntry, Batch, Fence, FreezeRecord, Store, StoreError, Write,
+};
+use hotfleet_proto::v1::{
+    agent_client::AgentClient, coordinator_client::CoordinatorClient, CommandHeader, CommitRequest, FreezeRequest,
+    GetLeaderRequest, LeaderStatus, RollbackRequest,
+};
+use tonic::Code;
+
+/// Asks one coordinator who leads (bounded: it may be paused).
+async fn ask(url: &str) -> Option<LeaderStatus> {
+    let connect = CoordinatorClient::connect(url.to_string());
+    let mut client = tokio::time::timeout(Duration::from_secs(1), connect).await.ok()?.ok()?;
+    let mut request = tonic::Request::new(GetLeaderRequest {});
+    request.set_timeout(Duration::from_secs(1));
+    let answer = tokio::time::timeout(Duration::from_secs(1), client.get_leader(request)).await.ok()?.ok()?;
+    Some(answer.into_inner())
+}
+
+/// Index (into `fleet.coordinators`) and status of the one that says it leads,
+/// among `candidates`.
+async fn leader_among(fleet: &Fleet, candidates: &[usize]) -> Option<(usize, LeaderStatus)> {
+    for &i in candidates {
+        if let Some(status) = ask(&fleet.coordinators[i].url()).await {
+            if status.is_leader {
+                return Some((i, status));
+            }
+        }
+    }
+    None
+}
+
+/// Polls until one of `candidates` leads; returns it and when it was seen.
+async fn await_leader(fleet: &Fleet, candidates: &[usize], within: Duration) -> (usize, LeaderStatus, Instant) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some((i, status)) = leader_among(fleet, candidates).await {
+            return (i, status, Instant::now());
+        }
+        assert!(Instant::now() < deadline, "no coordinator of {candidates:?} took over within {within:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn urls_of(fleet: &Fleet, which: &[usize]) -> String {
+    which.iter().map(|&i| fleet.coordinators[i].url()).collect::<Vec<_>>().join(",")
+}
+
+fn others(n: usize, but: usize) -> Vec<usize> {
+    (0..n).filter(|&i| i != but).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_during_wave_two_fails_over_within_the_lease_and_ends_consistent() {
+    let mut s = Scenario::start(Backend::Etcd { coordinators: 3 });
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let id = s.start_rollout(&patch, "3s");
+    let at_kill = s.wait_until(&id, "wave-2", |r| step_name(r) == "wave-2");
+    let all: Vec<usize> = (0..3).collect();
+    let (old, old_status) = leader_among(&s.fleet, &all).await.expect("a leader");
+
+    s.fleet.coordinators[old].proc.kill();
+    let killed = Instant::now();
+    let survivors = others(3, old);
+    let (new, status, elected) = await_leader(&s.fleet, &survivors, LEASE * 3).await;
+    let takeover = elected - killed;
+    // The new leader acts: its first write to the rollout carries its epoch.
+    let urls = urls_of(&s.fleet, &survivors);
+    let acted = loop {
+        let r = s.status_via(&urls, &id);
+        if epoch_of(&r) == status.epoch || r["terminal"] == true {
+            break Instant::now();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "the new leader never wrote to the rollout: {r}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    eprintln!(
+        "FAILOVER leader killed during {}: coordinator {} leads (epoch {} -> {}) after {} ms, first rollout write after {} ms (lease {} ms)",
+        step_name(&at_kill),
+        s.fleet.coordinators[new].url(),
+        old_status.epoch,
+        status.epoch,
+        takeover.as_millis(),
+        (acted - killed).as_millis(),
+        LEASE.as_millis()
+    );
+    assert!(status.epoch > old_status.epoch, "a new tenure has a higher epoch");
+    // etcd revokes an expired lease on its next lessor tick (every 500 ms):
+    // the lease bounds the takeover up to that tick and a poll.
+    assert!(takeover < LEASE + Duration::from_millis(1500), "takeover took {takeover:?} with a {LEASE:?} lease");
+
+    let (code, rollout) = s.watch_via(&urls, &id);
+    assert_eq!(code, 0, "the new leader finishes the rollout: {rollout}");
+    assert_eq!(epoch_of(&rollout), status.epoch, "finished by the new leader");
+    let after = s.damages();
+    assert!(after.iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs everywhere: {before:?} -> {after:?}");
+    assert_eq!(s.assert_consistent_via(&urls, &[]).await, vec![patch]);
+    for agent in s.agent_statuses().await {
+        assert_eq!(agent.highest_epoch, status.epoch, "{} fences at the new leader's epoch", agent.node_id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
+    let mut s = Scenario::start(Backend::Etcd { coordinators: 3 });
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let id = s.start_rollout(&patch, "4s");
+    // Commands with the first leader's epoch reached the canary and wave 1.
+    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "ROLLOUT_PHASE_WATCHING");
+    let all: Vec<usize> = (0..3).collect();
+    let (old, old_status) = leader_among(&s.fleet, &all).await.expect("a leader");
+    let old_url = s.fleet.coordinators[old].url();
+    let survivors = others(3, old);
+    let urls = urls_of(&s.fleet, &survivors);
+
+    s.fleet.coordinators[old].proc.signal("STOP").expect("SIGSTOP");
+    let paused = Instant::now();
+    let (new, status, _) = await_leader(&s.fleet, &survivors, LEASE * 3).await;
+    let new_url = s.fleet.coordinators[new].url();
+    assert!(status.epoch > old_status.epoch);
+    // The new leader proceeds: writes to the rollout, and every agent heard its epoch.
+    loop {
+        let r = s.status_via(&urls, &id);
+        if epoch_of(&r) == status.epoch {
+            break;
+        }
+        assert!(paused.elapsed() < Duration::from_secs(30), "the new leader does not proceed: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let floor_deadline = Instant::now() + Duration::from_secs(10);
+    while s.agent_statuses().await.iter().any(|n| n.highest_epoch < status.epoch) {
+        assert!(Instant::now() < floor_deadline, "agents did not learn the new epoch");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Paused well past its lease.
+    let pause = LEASE * 2;
+    if paused.elapsed() < pause {
+        tokio::time::sleep(pause - paused.elapsed()).await;
+    }
+    let refused_before: Vec<u64> = s.agent_statuses().await.iter().map(|n| n.commands_refused_stale).collect();
+    let stored_before = s.status_via(&urls, &id);
+
+    s.fleet.coordinators[old].proc.signal("CONT").expect("SIGCONT");
+    // It wakes with its lease long expired on its own clock: it steps down
+    // at once and follows the new leader.
+    let woke = Instant::now();
+    loop {
+        if let Some(view) = ask(&old_url).await {
+            if !view.is_leader && view.leader_addr == new_url {
+                break;
+            }
+        }
+        assert!(woke.elapsed() < Duration::from_secs(10), "the old leader never stepped down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A write sent to it is refused, naming the new leader.
+    let mut old_client = CoordinatorClient::connect(old_url.clone()).await.expect("connect old leader");
+    let refused = old_client.freeze(FreezeRequest { reason: "from the old leader".into() }).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(refused.metadata().get("x-hotfleet-leader").and_then(|v| v.to_str().ok()), Some(new_url.as_str()));
+
+    // Nothing it sends is applied: whatever the old leader still had in
+    // flight, and the old epoch's commands sent now on its behalf (what a
+    // deposed leader that never noticed would send) are refused by every agent.
+    for node in &s.fleet.nodes {
+        let mut agent = AgentClient::connect(node.agent.url()).await.expect("agent");
+        let header =
+            || Some(CommandHeader { rollout_id: id.clone(), patch_id: patch.clone(), epoch: old_status.epoch });
+        let commit = agent.commit(CommitRequest { header: header() }).await.expect_err("stale commit");
+        assert_eq!(commit.code(), Code::FailedPrecondition, "{}: {commit:?}", node.agent.node_id);
+        assert!(commit.message().contains("stale epoch"), "{}", commit.message());
+        let rollback = agent.rollback(RollbackRequest { header: header() }).await.expect_err("stale rollback");
+        assert_eq!(rollback.code(), Code::FailedPrecondition);
+    }
+    let refused_after: Vec<u64> = s.agent_statuses().await.iter().map(|n| n.commands_refused_stale).collect();
+    for (i, (b, a)) in refused_before.iter().zip(&refused_after).enumerate() {
+        assert!(*a >= b + 2, "node-{} refused both stale commands ({b} -> {a})", i + 1);
+    }
+
+    // Nothing it writes lands: a batch under its fence fails the transaction
+    // compare and leaves the store as it was.
+    let etcd = s.fleet.etcd.as_ref().expect("etcd");
+    let store = EtcdStore::connect(&EtcdOptions::new(vec![etcd.url()], "/hotfleet/")).await.expect("etcd store");
+    let audit_before = store.audit(1000).await.expect("audit").len();
+    let stale = Batch::new()
+        .with(Write::SetFreeze(Some(FreezeRecord { reason: "stale".into(), by: "old-leader".into(), since_ms: 1 })))
+        .with(Write::Audit(AuditEntry {
+            seq: 0,
+            at_ms: 1,
+            actor: "old-leader".into(),
+            action: "fleet.freeze".into(),
+            target: "fleet".into(),
+            detail: String::new(),
+            ok: true,
+        }));
+    match store.write(Fence { epoch: old_status.epoch }, stale).await {
+        Err(StoreError::Fenced { ours, current }) => {
+            assert_eq!(ours, old_status.epoch);
+            assert_eq!(current, status.epoch, "the new leader's key holds the store");
+        }
+        other => panic!("a write under the deposed leader's fence must be fenced, got {other:?}"),
+    }
+    assert_eq!(store.freeze().await.expect("freeze"), None);
+    assert_eq!(store.audit(1000).await.expect("audit").len(), audit_before);
+    // Every rollout write since the take-over is the new leader's.
+    let stored = store.rollout(&id).await.expect("read").expect("rollout");
+    assert!(stored.epoch >= status.epoch, "rollout last written by epoch {}", stored.epoch);
+    let gen_before: u64 = stored_before["generation"].as_str().and_then(|g| g.parse().ok()).unwrap_or(0);
+    assert!(stored.generation >= gen_before);
+
+    let (code, rollout) = s.watch_via(&urls, &id);
+    assert_eq!(code, 0, "the new leader finishes the rollout: {rollout}");
+    // The old leader, awake through the rest of the rollout, recorded no
+    // transition and had no command admitted: every agent's floor is the new
+    // epoch, and its own guard stops it before sending anything.
+    let log = s.fleet.coordinators[old].proc.log_text();
+    let after_loss = log_after(&log, "leadership lost");
+    assert!(!after_loss.is_empty(), "old leader's log:\n{log}");
+    for line in after_loss.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(12) {
+        eprintln!("OLD LEADER {line}");
+    }
+    assert!(!after_loss.contains("rollout transition"), "the old leader wrote after losing its lease:\n{after_loss}");
+    assert!(!after_loss.contains("term started"), "the old leader must not lead again while the new one lives");
+    let after = s.damages();
+    assert!(after.iter().zip(&before).all(|(a, b)| a < b));
+    assert_eq!(s.assert_consistent_via(&urls, &[]).await, vec![patch]);
+}
+
+/// The part of a log after the first line containing `marker` (empty if none).
+fn log_after<'a>(log: &'a str, marker: &str) -> &'a str {
+    log.find(marker).map(|i| &log[i..]).unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_ten_seconds_mid_rollout_holds_still_then_finishes_with_nothing_lost() {
+    let mut s = Scenario::start(Backend::Etcd { coordinators: 1 });
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let id = s.start_rollout(&patch, "3s");
+    let at_outage =
+        s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "ROLLOUT_PHASE_WATCHING");
+    let committed_before: Vec<String> =
+        node_states(&at_outage).into_iter().filter(|(_, d, _)| d == "committed").map(|(n, _, _)| n).collect();
+    let stacks = |statuses: &[hotfleet_proto::v1::NodeStatus]| -> BTreeMap<String, Vec<String>> {
+        statuses.iter().map(|n| (n.node_id.clone(), n.processes[0].patch_stack.clone())).collect()
+    };
+
+    s.fleet.etcd.as_mut().expect("etcd").kill();
+    let down = Instant::now();
+    // Whatever was in flight when etcd went away has landed by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = s.agent_statuses().await;
+    tokio::time::sleep(Duration::from_secs(10) - down.elapsed()).await;
+    let last = s.agent_statuses().await;
+    let sent: Vec<u64> = last.iter().zip(&first).map(|(l, f)| l.commands_admitted - f.commands_admitted).collect();
+    assert!(sent.iter().all(|&n| n == 0), "commands sent while the store was down: {sent:?}");
+    assert_eq!(stacks(&last), stacks(&first), "no process changed code while the store was down");
+    let log = s.fleet.coordinator().proc.log_text();
+    assert!(
+        log.contains("holding still") || log.contains("leadership lost"),
+        "the coordinator noticed the outage:\n{log}"
+    );
+
+    s.fleet.etcd.as_mut().expect("etcd").start_again().expect("etcd back on the same data");
+    let back = s.status(&id);
+    // Nothing recorded before the outage was lost.
+    let gen = |r: &serde_json::Value| r["generation"].as_str().and_then(|g| g.parse::<u64>().ok()).unwrap_or(0);
+    assert!(gen(&back) >= gen(&at_outage), "generation went back: {} -> {}", gen(&at_outage), gen(&back));
+    for node in &committed_before {
+        assert!(
+            node_states(&back).iter().any(|(n, d, _)| n == node && d == "committed"),
+            "{node}'s recorded commit survived the outage: {back}"
+        );
+    }
+    let (code, rollout) = s.watch(&id);
+    eprintln!("ETCD OUTAGE rollout ended {} (exit {code}) after etcd was down 10 s", phase(&rollout));
+    assert_eq!(code, 0, "the coordinator finishes the rollout once etcd is back: {rollout}");
+    let after = s.damages();
+    assert!(after.iter().zip(&before).all(|(a, b)| a < b));
+    assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
+    let audit = ok(s.fleet.cli(&["--output", "json", "audit"]).expect("audit"));
+    assert!(audit.contains("rollout.start") && audit.contains("patch.push"), "audit survived: {audit}");
+}
