@@ -174,6 +174,14 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
             bail!("the probe player on {} lost its connection", node.zone.name);
         }
     }
+    for node in nodes.iter() {
+        // A class whose migration hook was undone must still make new instances.
+        let mut newcomer = hotfleet_localfleet::Player::connect(node.zone.port, "newcomer")?;
+        if newcomer.hit_dummy()? != after[0].damage {
+            bail!("a player logging in to {} after the rollback does not see the hotfix", node.zone.name);
+        }
+    }
+    println!("  new players can log in on every server after the rollback, and see the hotfix");
     let stacks = fleet_stacks(&target).await?;
     for (node, stack) in &stacks {
         if stack != &vec![hotfix_id.clone()] {

@@ -163,7 +163,7 @@ def apply_transaction(runtime: "Runtime", txn: Transaction) -> Tuple[CommitRepor
     ctx = CommitContext(journal, tracker)
     scans: List[str] = []
     current: Any = None
-    phase = "applying"
+    phase = "applying the code"
     new_stages = [st for st in stages if st.new_module]
     journaled: Set[str] = set()
     finder = runtime._finder
@@ -218,7 +218,7 @@ def apply_transaction(runtime: "Runtime", txn: Transaction) -> Tuple[CommitRepor
                     if isinstance(value, cls):
                         tracker.registry.add(value)
                 tracker.mark_complete([cls])
-        phase = "hooks"
+        phase = "running hooks"
         t_hooks = time.perf_counter()
         _run_hooks(stages, updated, old_views, ctx, tracker)
     except BaseException as exc:
