@@ -286,3 +286,33 @@ async fn a_deposed_leader_writes_nothing_its_transaction_compare_fails() {
         Err(StoreError::Fenced { .. })
     ));
 }
+
+#[tokio::test]
+async fn an_etcd_with_authentication_needs_the_user_and_password() {
+    let etcd = etcd();
+    let mut admin = etcd_client::Client::connect([etcd.proc.url()], None).await.expect("connect");
+    admin.user_add("root", "root-secret", None).await.expect("root");
+    admin.user_grant_role("root", "root").await.expect("root role");
+    admin.user_add("hotfleet", "s3cret", None).await.expect("user");
+    admin.role_add("hotfleet").await.expect("role");
+    admin
+        .role_grant_permission("hotfleet", etcd_client::Permission::read_write("/hotfleet/").with_prefix())
+        .await
+        .expect("grant");
+    admin.user_grant_role("hotfleet", "hotfleet").await.expect("user role");
+    admin.auth_enable().await.expect("auth on");
+
+    let mut options = EtcdOptions::new(vec![etcd.proc.url()], "/hotfleet/");
+    options.user = Some(("hotfleet".into(), "s3cret".into()));
+    let store = EtcdStore::connect(&options).await.expect("authenticated connect");
+    let (_e, tenure) = lead(&store, "http://a").await;
+    store.write(tenure.fence, Batch::new().with(Write::Audit(audit("authenticated")))).await.expect("write");
+    assert_eq!(store.audit(5).await.expect("read").len(), 1);
+
+    // Without credentials nothing is read or written.
+    let anonymous = self::store(&etcd, "/hotfleet/").await;
+    assert!(anonymous.audit(5).await.is_err());
+    options.user = Some(("hotfleet".into(), "wrong".into()));
+    let err = EtcdStore::connect(&options).await.err().expect("wrong password refused");
+    assert!(err.to_string().contains("--etcd-user"), "{err}");
+}

@@ -190,7 +190,9 @@ impl EtcdStore {
             // from its quorum must not answer from a stale view.
             .with_require_leader(true);
         if let Some((user, password)) = &opts.user {
-            connect = connect.with_user(user.clone(), password.clone());
+            // etcd's auth tokens expire (simple tokens after 5 minutes idle,
+            // JWTs at their TTL): re-authenticate instead of failing every call.
+            connect = connect.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
         }
         connect = with_tls(connect, opts).map_err(open)?;
         let client = Client::connect(&opts.endpoints, Some(connect))
