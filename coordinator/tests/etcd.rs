@@ -3,10 +3,14 @@
 //! limits): batches round-trip, bundles bigger than one etcd request are
 //! chunked, a big rollout's step stays one transaction, concurrent batches
 //! lose nothing, and a deposed leader's write fails the transaction compare
-//! and lands nothing.
+//! and lands nothing. Two real coordinators on loopback show what a follower
+//! serves and refuses, and a graceful hand-over.
+
+mod common;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use hotfleet_coordinator::{config::StoreKind, Coordinator};
 use hotfleet_coordinator::{
     leadership::{Elector, EtcdBackend, LeaseElection, LeaseGuard, Tenure, TermStore},
     planner::{self, Candidate, Selector, Size},
@@ -17,7 +21,9 @@ use hotfleet_coordinator::{
     },
 };
 use hotfleet_localfleet::EtcdProc;
+use hotfleet_proto::v1::{GetLeaderRequest, ListPatchesRequest, NodeStatus, PushPatchRequest, RegisterRequest};
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 
 struct Etcd {
     _dir: tempfile::TempDir,
@@ -315,4 +321,76 @@ async fn an_etcd_with_authentication_needs_the_user_and_password() {
     options.user = Some(("hotfleet".into(), "wrong".into()));
     let err = EtcdStore::connect(&options).await.err().expect("wrong password refused");
     assert!(err.to_string().contains("--etcd-user"), "{err}");
+}
+
+/// A real coordinator on the etcd store, serving on 127.0.0.1:0.
+async fn coordinator(etcd: &Etcd, dir: &std::path::Path, public: std::path::PathBuf) -> common::Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut config = common::config(dir, vec![public]);
+    config.store = StoreKind::Etcd;
+    config.etcd = Some(EtcdOptions::new(vec![etcd.proc.url()], "/hotfleet/"));
+    config.leader_lease = Duration::from_secs(2);
+    config.advertise_addr = Some(format!("http://{addr}"));
+    let coordinator = Coordinator::build(config).await.expect("build");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        coordinator
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+        coordinator
+    });
+    common::Running { addr, stop: Some(stop), task }
+}
+
+async fn leads(running: &common::Running) -> bool {
+    let mut op = running.operator().await;
+    op.get_leader(GetLeaderRequest {}).await.is_ok_and(|r| r.into_inner().is_leader)
+}
+
+#[tokio::test]
+async fn a_follower_serves_reads_refuses_writes_naming_the_leader_and_takes_over_on_resign() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = common::key_in(&dir.path().join("keys"));
+    let first = coordinator(&etcd, &dir.path().join("a"), public.clone()).await;
+    assert!(common::eventually(Duration::from_secs(10), || leads(&first)).await, "the first coordinator leads");
+    let second = coordinator(&etcd, &dir.path().join("b"), public).await;
+    let leader_url = first.channel_uri();
+
+    let b = common::bundle("ha", Some(&key));
+    first.operator().await.push_patch(PushPatchRequest { bundle: b.encode() }).await.expect("push to the leader");
+    let mut follower = second.operator().await;
+    let status = follower.get_leader(GetLeaderRequest {}).await.expect("get leader").into_inner();
+    assert!(!status.is_leader);
+    assert_eq!(status.leader_addr, leader_url);
+    assert_eq!(status.store, "etcd");
+    // Reads: from the shared store.
+    let patches = follower.list_patches(ListPatchesRequest::default()).await.expect("list").into_inner().patches;
+    assert_eq!(patches.len(), 1);
+    // Writes and registrations: refused, naming the leader.
+    let refused = follower.push_patch(PushPatchRequest { bundle: b.encode() }).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains(&leader_url), "{}", refused.message());
+    assert_eq!(refused.metadata().get("x-hotfleet-leader").and_then(|v| v.to_str().ok()), Some(leader_url.as_str()));
+    let node = NodeStatus { node_id: "n1".into(), advertise_addr: "127.0.0.1:1".into(), ..Default::default() };
+    let mut gateway = second.gateway().await;
+    let refused = gateway.register(RegisterRequest { node: Some(node.clone()) }).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let epoch =
+        first.gateway().await.register(RegisterRequest { node: Some(node) }).await.expect("reg").into_inner().epoch;
+
+    // A graceful stop resigns: the follower leads well before the lease would lapse.
+    let stopped = std::time::Instant::now();
+    first.stop().await;
+    assert!(common::eventually(Duration::from_secs(5), || leads(&second)).await, "the follower takes over");
+    assert!(stopped.elapsed() < Duration::from_secs(2), "hand-over took {:?}", stopped.elapsed());
+    let status = follower.get_leader(GetLeaderRequest {}).await.expect("get leader").into_inner();
+    assert!(status.epoch > epoch, "the new tenure's epoch is higher");
+    let again = follower.push_patch(PushPatchRequest { bundle: b.encode() }).await.expect("now it writes");
+    assert!(!again.into_inner().created, "the same patch, already stored by the first leader");
+    second.stop().await;
 }
