@@ -337,6 +337,28 @@ def has_slots(tp: type) -> bool:
     return bool(_slot_descriptors(tp))
 
 
+def plain_dict_type(tp: type) -> bool:
+    """True when ``obj.__dict__`` is the instance's real attribute dict and holds all of it.
+
+    That is: no ``__slots__`` values, a ``__dict__``, no ``__getattribute__``
+    override and the standard ``__dict__`` descriptor, so ``obj.__dict__``
+    (what the commit's C-level snapshot loop reads) is exactly what
+    ``object.__getattribute__(obj, "__dict__")`` (what undo writes) returns.
+    """
+    # Not cached: a patch may give the class a __getattribute__ later.
+    descr = None
+    for klass in tp.__mro__:
+        if "__dict__" in klass.__dict__:
+            descr = klass.__dict__["__dict__"]
+            break
+    return (
+        not has_slots(tp)
+        and tp.__dictoffset__ != 0
+        and tp.__getattribute__ is object.__getattribute__  # type: ignore[comparison-overlap]
+        and isinstance(descr, types.GetSetDescriptorType)
+    )
+
+
 def _instance_get(obj: Any, kind: str, name: str) -> Any:
     if kind == "dict":
         return object.__getattribute__(obj, "__dict__").get(name, MISSING)
@@ -521,6 +543,12 @@ class _InstanceBatchEntry(_Entry):
         self.befores.append(before)
         self.afters.append(after)
 
+    def extend(self, refs: List[Callable[[], Any]], befores: List[Dict[str, Any]], afters: List[Dict[str, Any]]) -> None:
+        """Record a whole group of instances (aligned columns)."""
+        self.refs.extend(refs)
+        self.befores.extend(befores)
+        self.afters.extend(afters)
+
     def rows(self) -> List[Tuple[Callable[[], Any], Dict[str, Any], Dict[str, Any]]]:
         """(reference, before, after) per recorded instance."""
         refs, befores, afters = self.cols
@@ -571,7 +599,15 @@ class _InstanceBatchEntry(_Entry):
                     continue
                 if old is MISSING:
                     added += 1
-                self._restore(obj, current_dict, key, old, new, strict, conflicts)
+                # The common case (the game left the value alone) is inlined:
+                # a call per restored attribute is a large share of a
+                # rollback over tens of thousands of instances.
+                current = current_dict.get(key, MISSING)
+                if current is new or strict:
+                    if current is not old:
+                        _dict_put(current_dict, key, old)
+                elif current is not old:
+                    self._restore(obj, current_dict, key, old, new, strict, conflicts)
             if len(before) + added > len(after):  # the hook deleted attributes
                 for key in before.keys() - after.keys():
                     self._restore(obj, current_dict, key, before[key], MISSING, strict, conflicts)

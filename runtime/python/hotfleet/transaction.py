@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 from .errors import CommitError
 from .instances import HOOK_INSTANCE, hook_classes
 from .plan import Plan
-from .snapshot import InstanceState, Journal, class_snapshot, has_slots, mapping_changes
+from .snapshot import InstanceState, Journal, class_snapshot, mapping_changes, plain_dict_type
 from .staging import HOOK_CLASS, HOOK_MODULE, Action, CommitContext, ModuleStage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -265,6 +265,60 @@ def apply_transaction(runtime: "Runtime", txn: Transaction) -> Tuple[CommitRepor
     return report, journal
 
 
+_EMPTY: Dict[str, Any] = {}  # the before/after of an instance that died before its turn (never written)
+
+
+class _InstanceHookError(Exception):
+    """Internal: an instance hook raised (``__cause__``) on ``obj``."""
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__()
+        self.obj = obj
+
+
+def _hook_plain(hook: Any, refs: List[Any], batch: Any) -> int:
+    """Run ``hook`` on each live referent of ``refs``, recording ``__dict__`` copies around each call.
+
+    The hot loop of a commit with instance hooks: it runs once per live
+    instance.  With instances scattered through a large heap its cost is
+    memory latency, so everything about one instance is done while its
+    memory is hot (dereference, copy, hook, copy) and nothing else happens
+    per instance: the references go into the journal as one list, no
+    differences are computed (undo or the next prepare, off the game thread,
+    do that), the copies are C-level ``dict.copy`` calls through locals.
+    Returns the number of hooked instances.
+    """
+    refs_col, befores, afters = batch.cols
+    start = len(befores)
+    copy = dict.copy
+    before_add = befores.append
+    after_add = afters.append
+    obj: Any = None
+    dead = 0
+    try:
+        for ref in refs:
+            obj = ref()
+            if obj is None:  # died before its turn: keep the columns aligned
+                before_add(_EMPTY)
+                after_add(_EMPTY)
+                dead += 1
+                continue
+            before_add(copy(obj.__dict__))
+            hook(obj)
+            # read again: the hook may have replaced the instance's __dict__
+            after_add(copy(obj.__dict__))
+    except BaseException as exc:
+        if len(afters) < len(befores):  # what the failing hook changed is undone too
+            after_add(copy(obj.__dict__))
+        if isinstance(exc, Exception):
+            raise _InstanceHookError(obj) from exc
+        raise
+    finally:
+        # one C-level extend instead of an append per instance
+        refs_col.extend(refs[: len(befores) - start])
+    return len(refs) - dead
+
+
 class _HookFailure(Exception):
     """Internal: a hook raised; carries where."""
 
@@ -370,37 +424,33 @@ def _run_hooks(
             continue
         if batch is None:
             batch = journal.instance_batch()
-        refs_append, befores_append, afters_append = batch.refs.append, batch.befores.append, batch.afters.append
-        for tp, objs, refs in tracker.instance_groups(cls):
+        for tp, refs in tracker.instance_refs(cls):
             # groups are by exact type: a type seen for an earlier class is done
             if tp in done_types:
                 continue
             done_types.add(tp)
             hook = getattr(tp, HOOK_INSTANCE)
-            fast = isinstance(hook, types.FunctionType) and not has_slots(tp) and tp.__dictoffset__ != 0
             obj: Any = None
             try:
-                if fast:
-                    # Runs once per live instance: a dict copy before and after
-                    # the call, nothing else (differences are computed later).
-                    for obj, ref in zip(objs, refs):
-                        saved = obj.__dict__.copy()
-                        try:
-                            hook(obj)
-                        finally:
-                            refs_append(ref)
-                            befores_append(saved)
-                            afters_append(obj.__dict__.copy())
+                if isinstance(hook, types.FunctionType) and plain_dict_type(tp):
+                    hooked += _hook_plain(hook, refs, batch)
                 else:
-                    for obj in objs:
+                    for ref in refs:
+                        obj = ref()
+                        if obj is None:
+                            continue
                         state = InstanceState.capture(obj)
                         try:
                             getattr(obj, HOOK_INSTANCE)()
                         finally:
                             journal.record_instance(obj, state)
+                        hooked += 1
+            except _InstanceHookError as failed:
+                cause = failed.__cause__ or failed
+                label = f"{tp.__module__}.{tp.__qualname__} instance at {id(failed.obj):#x}"
+                raise _HookFailure(cls.__module__, f"{tp.__qualname__}.{HOOK_INSTANCE} (on {label})", _hook_line(cause, hook)) from cause
             except Exception as exc:
                 label = f"{tp.__module__}.{tp.__qualname__} instance at {id(obj):#x}"
                 raise _HookFailure(cls.__module__, f"{tp.__qualname__}.{HOOK_INSTANCE} (on {label})", _hook_line(exc, hook)) from exc
-            hooked += len(objs)
     if hooked:
         ctx.count("instances_hooked", hooked)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import textwrap
 
 import pytest
 
@@ -288,3 +289,90 @@ def test_instance_attributes_deleted_by_a_hook_come_back(pkg):
     with pytest.raises(hotfleet.CommitError):
         rt.prepare({m.__name__: failing}).commit()
     assert all(p.legacy == "old-field" for p in players) and not hasattr(players[1], "renamed")
+
+
+def test_instance_dying_during_the_hooks_is_skipped_and_rollback_still_exact(pkg):
+    # The first hooked instance drops the only references to the others: their
+    # turn comes with a dead reference (the commit loop keeps its columns aligned).
+    rt, m = pkg.load(
+        "dying",
+        """
+        MOBS = []
+        class Mob:
+            def __init__(self, i):
+                self.i = i
+            def __reload_instance__(self):
+                pass
+        """,
+    )
+    m.MOBS.extend(m.Mob(i) for i in range(4))
+    first = m.MOBS[0]
+    report = rt.prepare({m.__name__: pkg.src("""
+        MOBS = []
+        class Mob:
+            def __init__(self, i):
+                self.i = i
+            def __reload_instance__(self):
+                self.mana = 3
+                del MOBS[1:]
+        """)}).commit()
+    assert report.counts["instances_hooked"] == 1 and first.mana == 3 and m.MOBS == [first]
+    assert rt.rollback().conflicts == [] and first.__dict__ == {"i": 0}
+
+
+def test_hook_replacing_instance_dict_is_undone_on_failure_and_rollback(pkg):
+    rt, m = pkg.load(
+        "swapdict",
+        """
+        class Mob:
+            def __init__(self, i):
+                self.i = i
+                self.hp = 10
+            def __reload_instance__(self):
+                pass
+        """,
+    )
+    mobs = [m.Mob(i) for i in range(3)]
+    hook = """
+        class Mob:
+            def __init__(self, i):
+                self.i = i
+                self.hp = 10
+            def __reload_instance__(self):
+                self.__dict__ = {"i": self.i, "mana": 1}
+                if self.i == FAIL_AT:
+                    raise ValueError("bad mob")
+        """
+    with pytest.raises(hotfleet.CommitError):
+        rt.prepare({m.__name__: pkg.src("FAIL_AT = 2\n" + textwrap.dedent(hook))}).commit()
+    assert [mob.__dict__ for mob in mobs] == [{"i": i, "hp": 10} for i in range(3)]
+    rt.prepare({m.__name__: pkg.src("FAIL_AT = -1\n" + textwrap.dedent(hook))}).commit()
+    assert [mob.__dict__ for mob in mobs] == [{"i": i, "mana": 1} for i in range(3)]
+    rt.rollback()
+    assert [(mob.i, mob.hp, hasattr(mob, "mana")) for mob in mobs] == [(i, 10, False) for i in range(3)]
+
+
+def test_instances_with_custom_getattribute_take_the_general_hook_path(pkg):
+    rt, m = pkg.load(
+        "getattr",
+        """
+        class Mob:
+            def __init__(self, i):
+                self.i = i
+            def __getattribute__(self, name):
+                if name == "__dict__":
+                    return {"fake": True}
+                return object.__getattribute__(self, name)
+            def __reload_instance__(self):
+                pass
+        """,
+    )
+    mobs = [m.Mob(i) for i in range(3)]
+    src = rt.live_source(m.__name__).replace("pass", "self.mana = self.i * 2\n        if self.i == FAIL_AT:\n            raise ValueError('bad')")
+    with pytest.raises(hotfleet.CommitError):
+        rt.prepare({m.__name__: "FAIL_AT = 1\n" + src}).commit()
+    assert all("mana" not in object.__getattribute__(mob, "__dict__") for mob in mobs)
+    rt.prepare({m.__name__: "FAIL_AT = -1\n" + src}).commit()
+    assert [mob.mana for mob in mobs] == [0, 2, 4]
+    rt.rollback()
+    assert all("mana" not in object.__getattribute__(mob, "__dict__") for mob in mobs)
