@@ -11,7 +11,7 @@ use std::{
 use hotfleet_localfleet::*;
 use hotfleet_proto::v1::{
     agent_client::AgentClient, coordinator_client::CoordinatorClient, AbortRequest, CommandHeader, CommitRequest,
-    PrepareRequest, PushPatchRequest, RollbackRequest, StatusRequest,
+    HealthRequest, PrepareRequest, PushPatchRequest, RollbackRequest, StatusRequest,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -342,6 +342,16 @@ async fn a_process_that_connects_later_is_listed_at_once() {
     assert_eq!(late_status.build, BUILD);
     assert!(late_status.live_digests.contains_key("zone.combat"), "{:?}", late_status.live_digests);
     assert!(late_status.health.as_ref().is_some_and(|h| h.alive));
+    let health = agent.health(HealthRequest::default()).await.expect("health").into_inner();
+    assert!(health.healthy, "{}", health.summary);
+    assert_eq!(health.processes.len(), 2);
+    assert_eq!(health.summary, "2 process(es) healthy");
+    // One process frozen: its runtime cannot answer, and the node says which one.
+    late.proc.signal("STOP").expect("SIGSTOP");
+    let health = agent.health(HealthRequest::default()).await.expect("health").into_inner();
+    late.proc.signal("CONT").expect("SIGCONT");
+    assert!(!health.healthy);
+    assert!(health.summary.contains(&format!("pid {}", late.proc.pid())), "{}", health.summary);
     assert_eq!(status.labels.get("region").map(String::as_str), Some("test"));
 }
 

@@ -216,6 +216,8 @@ impl Agent for FakeAgent {
                 }),
                 error: String::new(),
             }],
+            healthy: true,
+            summary: "1 process(es) healthy".into(),
         }))
     }
 }

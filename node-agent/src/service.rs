@@ -4,7 +4,8 @@ use std::{collections::HashMap, time::Duration};
 
 use hotfleet_proto::v1::{
     agent_server::Agent, AbortRequest, AbortResponse, CommitRequest, CommitResponse, HealthRequest, HealthResponse,
-    NodeStatus, PrepareRequest, PrepareResponse, RollbackRequest, RollbackResponse, StatusRequest, StatusResponse,
+    NodeStatus, PrepareRequest, PrepareResponse, ProcessHealthReport, RollbackRequest, RollbackResponse, StatusRequest,
+    StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -88,6 +89,70 @@ impl Agent for AgentService {
     async fn health(&self, request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         let since: HashMap<String, u64> = request.into_inner().since.into_iter().collect();
         let processes = self.participant.health(&since).await;
-        Ok(Response::new(HealthResponse { node_id: self.identity.node_id.clone(), processes }))
+        let (healthy, summary) = node_verdict(&processes);
+        Ok(Response::new(HealthResponse { node_id: self.identity.node_id.clone(), processes, healthy, summary }))
+    }
+}
+
+/// Aggregates per-process figures into one verdict for the node. No process
+/// at all is unhealthy: a node that serves nothing is not a healthy game node.
+pub fn node_verdict(processes: &[ProcessHealthReport]) -> (bool, String) {
+    if processes.is_empty() {
+        return (false, "no game process connected".into());
+    }
+    let problems: Vec<String> = processes
+        .iter()
+        .filter_map(|p| {
+            let health = p.health.clone().unwrap_or_default();
+            let why = if !p.reachable {
+                format!("unreachable ({})", p.error)
+            } else if !health.alive {
+                "not ticking".to_string()
+            } else if !health.game_ok {
+                format!("game health failing: {}", health.game_detail)
+            } else if health.exceptions_since > 0 {
+                format!("{} unhandled exception(s)", health.exceptions_since)
+            } else {
+                return None;
+            };
+            Some(format!("process {} (pid {}): {why}", p.process_id, p.pid))
+        })
+        .collect();
+    if problems.is_empty() {
+        (true, format!("{} process(es) healthy", processes.len()))
+    } else {
+        (false, problems.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hotfleet_proto::v1::ProcessHealth;
+
+    fn report(id: &str, reachable: bool, alive: bool, game_ok: bool, exceptions: u64) -> ProcessHealthReport {
+        ProcessHealthReport {
+            process_id: id.into(),
+            pid: 7,
+            reachable,
+            health: Some(ProcessHealth { alive, game_ok, exceptions_since: exceptions, ..Default::default() }),
+            error: if reachable { String::new() } else { "disconnected".into() },
+        }
+    }
+
+    #[test]
+    fn node_is_healthy_only_when_every_process_is() {
+        assert_eq!(node_verdict(&[report("a", true, true, true, 0)]), (true, "1 process(es) healthy".into()));
+        assert!(!node_verdict(&[]).0, "a node without processes serves nothing");
+        for bad in [
+            report("b", false, true, true, 0),
+            report("b", true, false, true, 0),
+            report("b", true, true, false, 0),
+            report("b", true, true, true, 2),
+        ] {
+            let (healthy, why) = node_verdict(&[report("a", true, true, true, 0), bad]);
+            assert!(!healthy);
+            assert!(why.starts_with("process b"), "{why}");
+        }
     }
 }
