@@ -274,7 +274,11 @@ pub fn build_patch(
         "--description".into(),
         description.into(),
     ];
-    for module in modules_under(&source_root.join("zone"), "zone") {
+    // The same module discovery `patch build --base` uses.
+    let modules = hotfleet_patch::source_tree::scan(source_root, &["zone".to_string()]).map_err(|e| {
+        FleetError::Io { what: format!("reading {}", source_root.display()), source: std::io::Error::other(e) }
+    })?;
+    for module in modules.into_keys() {
         args.push("--module".into());
         args.push(module);
     }
@@ -287,22 +291,6 @@ pub fn build_patch(
         .map_err(|e| FleetError::Io { what: "reading patch build output".into(), source: std::io::Error::other(e) })?;
     let id = built["id"].as_str().unwrap_or_default().to_string();
     Ok((out.to_path_buf(), id))
-}
-
-fn modules_under(dir: &Path, dotted: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if path.is_dir() && name != "__pycache__" {
-            out.extend(modules_under(&path, &format!("{dotted}.{name}")));
-        } else if let Some(stem) = name.strip_suffix(".py") {
-            out.push(if stem == "__init__" { dotted.to_string() } else { format!("{dotted}.{stem}") });
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Where a coordinator keeps its state.

@@ -240,16 +240,11 @@ pub fn ok(out: std::process::Output) -> String {
 
 /// sha256 of every module of the zone package as shipped (no patch applied).
 pub fn base_digests(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let dir = root.join("zone");
-    for entry in std::fs::read_dir(&dir).expect("zone package").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_suffix(".py") else { continue };
-        let module = if stem == "__init__" { "zone".to_string() } else { format!("zone.{stem}") };
-        let source = std::fs::read(entry.path()).expect("read module");
-        out.insert(module, hotfleet_patch::sha256_hex(&source));
-    }
-    out
+    hotfleet_patch::source_tree::scan(root, &["zone".to_string()])
+        .expect("zone package")
+        .into_iter()
+        .map(|(module, source)| (module, hotfleet_patch::sha256_hex(source.as_bytes())))
+        .collect()
 }
 
 pub fn node_states(rollout: &Value) -> Vec<(String, String, String)> {
