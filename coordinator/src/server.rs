@@ -17,6 +17,7 @@ use hotfleet_proto::v1::{agent_gateway_server::AgentGatewayServer, coordinator_s
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 
 use crate::{
     agents::{AgentClient, GrpcAgents},
@@ -178,16 +179,7 @@ impl Coordinator {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<AgentGatewayServer<GatewayService>>().await;
         health_reporter.set_serving::<CoordinatorServer<OperatorService>>().await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(hotfleet_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(hotfleet_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let (reflection_v1, reflection_v1alpha) = reflection()?;
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(%addr, "serving gRPC (AgentGateway, Coordinator, health, reflection)");
         tonic::transport::Server::builder()
@@ -221,6 +213,42 @@ impl Coordinator {
         self.leadership.abort();
         self.shutdown.cancel();
     }
+}
+
+/// The gRPC services this server runs: what reflection lists, no more. The
+/// shared proto file also declares the agents' `hotfleet.v1.Agent`, which a
+/// coordinator does not serve (a stock client listing it would get
+/// UNIMPLEMENTED).
+pub const SERVED: [&str; 5] = [
+    <AgentGatewayServer<GatewayService> as NamedService>::NAME,
+    <CoordinatorServer<OperatorService> as NamedService>::NAME,
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Both reflection services (grpcio's client still speaks only `v1alpha`),
+/// advertising exactly [`SERVED`].
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServerError,
+> {
+    let builder = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hotfleet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .include_reflection_service(false);
+        SERVED.iter().fold(builder, |b, name| b.with_service_name(*name))
+    };
+    let error = |e: tonic_reflection::server::Error| ServerError::Reflection(e.to_string());
+    Ok((builder().build_v1().map_err(error)?, builder().build_v1alpha().map_err(error)?))
 }
 
 /// The leadership loop (see the module docs).
