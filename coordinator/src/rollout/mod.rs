@@ -459,24 +459,32 @@ impl RolloutState {
         changed
     }
 
-    /// Prepare votes. Any no (or timeout): roll back; all yes: wait for step 0.
-    pub fn record_prepare(&mut self, results: Vec<NodeResult>, now_ms: u64) -> Changed {
+    /// Records the answers of one phase's command on nodes that still want
+    /// `desired` (an abort may have overtaken an answer: a reverted node keeps
+    /// its revert state). Returns the nodes changed and "node: error" for
+    /// each failure.
+    fn record_results(
+        &mut self,
+        results: Vec<NodeResult>,
+        desired: Desired,
+        ok: Observed,
+        failed_as: Observed,
+        now_ms: u64,
+    ) -> (Changed, Vec<String>) {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
         for (id, result) in results {
             let Some(n) = self.nodes.get_mut(&id) else { continue };
-            // An abort may have overtaken this answer; a reverted node keeps
-            // its revert state.
-            if n.desired != Desired::Prepared {
+            if n.desired != desired {
                 continue;
             }
             match result {
                 Ok(()) => {
-                    n.observed = Observed::Prepared;
+                    n.observed = ok;
                     n.error.clear();
                 }
                 Err(err) => {
-                    n.observed = Observed::PrepareFailed;
+                    n.observed = failed_as;
                     failed.push(format!("{id}: {err}"));
                     n.error = err;
                 }
@@ -484,6 +492,13 @@ impl RolloutState {
             n.updated_at_ms = now_ms;
             changed.push(id);
         }
+        (changed, failed)
+    }
+
+    /// Prepare votes. Any no (or timeout): roll back; all yes: wait for step 0.
+    pub fn record_prepare(&mut self, results: Vec<NodeResult>, now_ms: u64) -> Changed {
+        let (mut changed, mut failed) =
+            self.record_results(results, Desired::Prepared, Observed::Prepared, Observed::PrepareFailed, now_ms);
         if self.rollout.phase != Phase::Preparing {
             return changed;
         }
@@ -531,27 +546,8 @@ impl RolloutState {
         window_start: BTreeMap<String, BTreeMap<String, u64>>,
         now_ms: u64,
     ) -> Changed {
-        let mut changed = Vec::new();
-        let mut failed = Vec::new();
-        for (id, result) in results {
-            let Some(n) = self.nodes.get_mut(&id) else { continue };
-            if n.desired != Desired::Committed {
-                continue;
-            }
-            match result {
-                Ok(()) => {
-                    n.observed = Observed::Committed;
-                    n.error.clear();
-                }
-                Err(err) => {
-                    n.observed = Observed::CommitFailed;
-                    failed.push(format!("{id}: {err}"));
-                    n.error = err;
-                }
-            }
-            n.updated_at_ms = now_ms;
-            changed.push(id);
-        }
+        let (mut changed, mut failed) =
+            self.record_results(results, Desired::Committed, Observed::Committed, Observed::CommitFailed, now_ms);
         for (id, ticks) in window_start {
             if let Some(n) = self.nodes.get_mut(&id) {
                 n.window_start = ticks;
