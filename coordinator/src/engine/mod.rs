@@ -38,7 +38,7 @@ use crate::{
     registry::Registry,
     rollout::{
         health::{self, Baseline, Check, GateConfig, Verdict},
-        Action, Changed, NodeResult, Phase, RolloutSpec, RolloutState,
+        Action, Changed, NodeResult, OperatorAction, Phase, RolloutSpec, RolloutState,
     },
     store::{AuditEntry, Batch, Fence, FreezeRecord, StackEntry, Store, StoreError, Write},
 };
@@ -874,14 +874,9 @@ impl Engine {
         })
     }
 
-    async fn operator<R>(
-        &self,
-        id: &str,
-        actor: &str,
-        action: &str,
-        note: &str,
-        f: impl FnOnce(&mut RolloutState) -> std::result::Result<(R, Changed), Error>,
-    ) -> Result<RolloutState> {
+    /// An operator's action on an active rollout, audited either way (a
+    /// refusal too). Abort wins over everything in flight: see the module docs.
+    pub async fn act(&self, id: &str, action: OperatorAction, actor: &str, note: &str) -> Result<RolloutState> {
         let result = async {
             let Some(handle) = self.handle(id) else {
                 // Not active: either finished (say so) or unknown.
@@ -891,54 +886,23 @@ impl Engine {
                     outcome: state.rollout.phase.name().to_string(),
                 }));
             };
-            if action == "rollout.abort" {
+            if action == OperatorAction::Abort {
                 // Before anything else: no prepare or commit leaves after this.
                 *lock(&handle.abort_by) = Some((actor.to_string(), note.to_string()));
                 handle.abort.cancel();
             }
-            let entry: AuditEntry = audit(actor, action, id, note, true);
-            self.transact(&handle, vec![Write::Audit(entry)], f).await?;
+            let entry: AuditEntry = audit(actor, action.audit_name(), id, note, true);
+            self.transact(&handle, vec![Write::Audit(entry)], |s| Ok(((), s.apply(action, actor, note, now_ms())?)))
+                .await?;
             handle.wake.notify_one();
             let snapshot = handle.snapshot.borrow().clone();
             Ok(snapshot)
         }
         .await;
         if let Err(err) = &result {
-            self.audit_refusal(actor, action, id, err).await;
+            self.audit_refusal(actor, action.audit_name(), id, err).await;
         }
         result
-    }
-
-    pub async fn abort(&self, id: &str, actor: &str, note: &str) -> Result<RolloutState> {
-        let (actor_s, note_s) = (actor.to_string(), note.to_string());
-        self.operator(id, actor, "rollout.abort", note, move |s| Ok(((), s.abort(&actor_s, &note_s, now_ms())?))).await
-    }
-
-    pub async fn pause(&self, id: &str, actor: &str, note: &str) -> Result<RolloutState> {
-        let a = actor.to_string();
-        self.operator(id, actor, "rollout.pause", note, move |s| {
-            s.pause(&a, now_ms())?;
-            Ok(((), Vec::new()))
-        })
-        .await
-    }
-
-    pub async fn resume_rollout(&self, id: &str, actor: &str, note: &str) -> Result<RolloutState> {
-        let a = actor.to_string();
-        self.operator(id, actor, "rollout.resume", note, move |s| {
-            s.resume(&a, now_ms())?;
-            Ok(((), Vec::new()))
-        })
-        .await
-    }
-
-    pub async fn promote(&self, id: &str, actor: &str, note: &str) -> Result<RolloutState> {
-        let a = actor.to_string();
-        self.operator(id, actor, "rollout.promote", note, move |s| {
-            s.promote(&a, now_ms())?;
-            Ok(((), Vec::new()))
-        })
-        .await
     }
 
     /// Freezes (`Some(reason)`) or unfreezes (`None`) the fleet.

@@ -19,7 +19,7 @@ use super::*;
 use crate::{
     agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
     registry::Registry,
-    rollout::{health::Sample, Observed, Phase, RolloutState},
+    rollout::{health::Sample, Observed, OperatorAction, Phase, RolloutState},
     store::{embedded::EmbeddedStore, Batch, PatchRecord, Store, Write},
 };
 
@@ -371,7 +371,7 @@ async fn abort_during_a_health_window_rolls_back_at_once_and_commits_nothing_new
     let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
     wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Watching { .. })).await;
     let started = Instant::now();
-    let acked = f.engine.abort(&id, "bob", "players report lag").await.expect("abort");
+    let acked = f.engine.act(&id, OperatorAction::Abort, "bob", "players report lag").await.expect("abort");
     assert!(matches!(acked.rollout.phase, Phase::RollingBack { .. }), "acknowledged as rolling back");
     let commits_at_ack = f.agents.sent("commit").len();
     let done = finish(&f.engine, &id).await;
@@ -383,7 +383,7 @@ async fn abort_during_a_health_window_rolls_back_at_once_and_commits_nothing_new
     let audit = f.engine.inner.store.audit(10).await.expect("audit");
     assert!(audit.iter().any(|a| a.action == "rollout.abort" && a.actor == "bob" && a.ok));
     // Refused once finished, and the refusal is audited.
-    assert!(f.engine.abort(&id, "bob", "").await.is_err());
+    assert!(f.engine.act(&id, OperatorAction::Abort, "bob", "").await.is_err());
 }
 
 #[tokio::test]
@@ -393,7 +393,7 @@ async fn abort_while_prepares_are_in_flight_never_commits() {
     let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
     wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.rollout.phase == Phase::Preparing).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    f.engine.abort(&id, "bob", "").await.expect("abort");
+    f.engine.act(&id, OperatorAction::Abort, "bob", "").await.expect("abort");
     let done = finish(&f.engine, &id).await;
     rolled_back(&done);
     assert!(f.agents.sent("commit").is_empty());
@@ -409,7 +409,7 @@ async fn abort_while_committing_reverts_the_nodes_a_commit_may_have_reached() {
     let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
     wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Committing { .. })).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    f.engine.abort(&id, "bob", "").await.expect("abort");
+    f.engine.act(&id, OperatorAction::Abort, "bob", "").await.expect("abort");
     rolled_back(&finish(&f.engine, &id).await);
     assert_eq!(f.agents.sent("rollback"), ["n1"]);
     assert_eq!(f.agents.sent("commit"), ["n1"]);
@@ -425,7 +425,7 @@ async fn manual_gate_pauses_until_promote() {
     assert_eq!(held.rollout.phase, Phase::Waiting { next_step: 1 });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(f.agents.sent("commit"), ["n1"], "held at the gate");
-    f.engine.promote(&id, "carol", "canary looks fine").await.expect("promote");
+    f.engine.act(&id, OperatorAction::Promote, "carol", "canary looks fine").await.expect("promote");
     assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
 }
 
@@ -437,11 +437,11 @@ async fn pause_and_resume() {
     let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
     wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Watching { step: 0, .. }))
         .await;
-    f.engine.pause(&id, "a", "").await.expect("pause");
+    f.engine.act(&id, OperatorAction::Pause, "a", "").await.expect("pause");
     wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.rollout.phase == Phase::Waiting { next_step: 1 }).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(f.agents.sent("commit").len(), 1);
-    f.engine.resume_rollout(&id, "a", "").await.expect("resume");
+    f.engine.act(&id, OperatorAction::Resume, "a", "").await.expect("resume");
     assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
 }
 
@@ -475,7 +475,7 @@ async fn a_second_rollout_on_the_same_nodes_is_refused_naming_the_first() {
     second.selector = "zone=b".into();
     let err = f.engine.start(second, "a", false).await.expect_err("conflict");
     assert!(err.to_string().contains(&first) && err.to_string().contains("n2"), "{err}");
-    f.engine.abort(&first, "a", "").await.expect("abort");
+    f.engine.act(&first, OperatorAction::Abort, "a", "").await.expect("abort");
     finish(&f.engine, &first).await;
     let mut third = request();
     third.selector = "zone=b".into();

@@ -17,6 +17,9 @@
 //! reverts every node whose desired state ever went past `None`.
 
 pub mod health;
+mod operator;
+
+pub use operator::OperatorAction;
 
 use std::collections::BTreeMap;
 
@@ -686,78 +689,6 @@ impl RolloutState {
         let message = format!("rolling back: {reason}");
         self.set_phase(Phase::RollingBack { reason, faulty }, now_ms, message);
         changed
-    }
-
-    /// Operator abort: accepted in every non-terminal state, idempotent while
-    /// rolling back.
-    pub fn abort(&mut self, actor: &str, note: &str, now_ms: u64) -> Result<Changed, TransitionError> {
-        match &self.rollout.phase {
-            Phase::RollingBack { .. } => Ok(Vec::new()),
-            phase if phase.is_terminal() => {
-                Err(TransitionError::Finished { id: self.rollout.id.clone(), outcome: phase.name().into() })
-            }
-            _ => {
-                let reason =
-                    if note.is_empty() { format!("aborted by {actor}") } else { format!("aborted by {actor}: {note}") };
-                Ok(self.start_revert(reason, Vec::new(), now_ms))
-            }
-        }
-    }
-
-    fn operator_check(&self) -> Result<(), TransitionError> {
-        match &self.rollout.phase {
-            Phase::RollingBack { .. } => Err(TransitionError::RollingBack { id: self.rollout.id.clone() }),
-            phase if phase.is_terminal() => {
-                Err(TransitionError::Finished { id: self.rollout.id.clone(), outcome: phase.name().into() })
-            }
-            _ => Ok(()),
-        }
-    }
-
-    pub fn pause(&mut self, actor: &str, now_ms: u64) -> Result<(), TransitionError> {
-        self.operator_check()?;
-        if !self.rollout.paused {
-            self.rollout.paused = true;
-            self.rollout.updated_at_ms = now_ms;
-            self.rollout.event(now_ms, format!("paused by {actor}"));
-        }
-        Ok(())
-    }
-
-    pub fn resume(&mut self, actor: &str, now_ms: u64) -> Result<(), TransitionError> {
-        self.operator_check()?;
-        if self.rollout.paused {
-            self.rollout.paused = false;
-            self.rollout.updated_at_ms = now_ms;
-            self.rollout.event(now_ms, format!("resumed by {actor}"));
-        }
-        Ok(())
-    }
-
-    /// Opens the next closed manual gate (the one the rollout waits at, or
-    /// the next one ahead, so a runbook may promote early).
-    pub fn promote(&mut self, actor: &str, now_ms: u64) -> Result<String, TransitionError> {
-        self.operator_check()?;
-        let from = match &self.rollout.phase {
-            Phase::Staged | Phase::Preparing => 0,
-            Phase::Waiting { next_step } => *next_step,
-            Phase::Committing { step } | Phase::Watching { step, .. } => step + 1,
-            _ => usize::MAX,
-        };
-        let gate = (from..self.rollout.steps.len())
-            .find(|i| self.rollout.steps[*i].pause_before && !self.rollout.promoted.contains(i));
-        match gate {
-            Some(step) => {
-                self.rollout.promoted.push(step);
-                let name = self.rollout.steps[step].name.clone();
-                self.rollout.updated_at_ms = now_ms;
-                self.rollout.event(now_ms, format!("gate before {name} promoted by {actor}"));
-                Ok(name)
-            }
-            None => {
-                Err(TransitionError::NoGate { id: self.rollout.id.clone(), phase: self.rollout.phase.name().into() })
-            }
-        }
     }
 
     /// Revert outcomes. `last_attempt`: nodes still failing are given up on
