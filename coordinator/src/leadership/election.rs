@@ -129,6 +129,31 @@ fn ttl_secs(ttl: Duration) -> u64 {
     ttl.as_secs_f64().ceil().max(1.0) as u64
 }
 
+/// Whether an etcd outage was already reported: it is said once when it
+/// starts (and once when it ends), not on every retry.
+#[derive(Debug, Default)]
+struct Outage {
+    reported: bool,
+}
+
+impl Outage {
+    /// True for the first failure since the last success.
+    fn first_failure(&mut self) -> bool {
+        !std::mem::replace(&mut self.reported, true)
+    }
+
+    /// True when a success ends a reported outage.
+    fn ended(&mut self) -> bool {
+        std::mem::replace(&mut self.reported, false)
+    }
+}
+
+/// Why `hold` stops waiting.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
 impl<B: ElectionBackend> LeaseElection<B> {
     pub fn new(backend: B, addr: String, ttl: Duration) -> Self {
         let me = LeaderRecord { addr, pid: std::process::id(), since_ms: 0 };
@@ -158,6 +183,47 @@ impl<B: ElectionBackend> LeaseElection<B> {
         }
     }
 
+    /// A failed etcd call while campaigning: complain once per outage,
+    /// pause, and say whether to retry (false once `shutdown` is cancelled).
+    async fn retry_after(
+        outage: &mut Outage,
+        err: &ElectionError,
+        shutdown: &CancellationToken,
+        retry: Duration,
+    ) -> bool {
+        if outage.first_failure() {
+            tracing::warn!(error = %err, "cannot reach etcd to campaign; retrying");
+        }
+        Self::pause(shutdown, retry).await
+    }
+
+    /// Runs `step` unless the tenure ends first: shutdown, a loss marked on
+    /// the guard, or the lease running out on the local clock (checked in
+    /// that order).
+    async fn unless_ended<T>(
+        &self,
+        guard: &LeaseGuard,
+        deadline: Instant,
+        shutdown: &CancellationToken,
+        step: impl std::future::Future<Output = T>,
+    ) -> Result<T, Ended> {
+        let lost = guard.lost_token();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Err(Ended::Shutdown),
+            _ = lost.cancelled() => Err(Ended::Lost(guard.lost_reason().unwrap_or_else(|| "lost".into()))),
+            _ = tokio::time::sleep_until(deadline) => Err(Ended::Lost(self.ran_out())),
+            value = step => Ok(value),
+        }
+    }
+
+    fn ended(&self, tenure: &Tenure, end: Ended) -> Option<String> {
+        match end {
+            Ended::Shutdown => None,
+            Ended::Lost(reason) => self.lost(tenure, reason),
+        }
+    }
+
     fn ran_out(&self) -> String {
         format!(
             "the leader lease ({:?}) ran out before it could be renewed (etcd unreachable, or this process was paused)",
@@ -178,7 +244,7 @@ impl<B: ElectionBackend> LeaseElection<B> {
 impl<B: ElectionBackend> Elector for LeaseElection<B> {
     async fn campaign(&self, shutdown: &CancellationToken) -> Option<Tenure> {
         let retry = (self.ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
-        let mut complained = false;
+        let mut outage = Outage::default();
         loop {
             if shutdown.is_cancelled() {
                 return None;
@@ -188,11 +254,7 @@ impl<B: ElectionBackend> Elector for LeaseElection<B> {
                 match self.backend.revoke(old).await {
                     Ok(()) => *self.stale() = None,
                     Err(err) => {
-                        if !complained {
-                            tracing::warn!(error = %err, "cannot reach etcd to campaign; retrying");
-                            complained = true;
-                        }
-                        if !Self::pause(shutdown, retry).await {
+                        if !Self::retry_after(&mut outage, &err, shutdown, retry).await {
                             return None;
                         }
                         continue;
@@ -217,18 +279,14 @@ impl<B: ElectionBackend> Elector for LeaseElection<B> {
                 result = attempt => match result {
                     Ok(r) => r,
                     Err(err) => {
-                        if !complained {
-                            tracing::warn!(error = %err, "cannot reach etcd to campaign; retrying");
-                            complained = true;
-                        }
-                        if !Self::pause(shutdown, retry).await {
+                        if !Self::retry_after(&mut outage, &err, shutdown, retry).await {
                             return None;
                         }
                         continue;
                     }
                 },
             };
-            complained = false;
+            outage.ended();
             match outcome {
                 Acquire::Won { epoch } => {
                     let clock = LeaseClock::granted(sent_at, self.ttl);
@@ -264,50 +322,38 @@ impl<B: ElectionBackend> Elector for LeaseElection<B> {
         let (Some(lease), Some(mut clock)) = (tenure.lease, tenure.clock) else {
             return self.lost(tenure, "tenure without a lease".into());
         };
-        let lost = tenure.guard.lost_token();
-        let mut complained = false;
+        let mut outage = Outage::default();
         loop {
             let deadline = clock.valid_until();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return None,
-                _ = lost.cancelled() => {
-                    let reason = tenure.guard.lost_reason().unwrap_or_else(|| "lost".into());
-                    return self.lost(tenure, reason);
-                }
-                _ = tokio::time::sleep_until(deadline) => return self.lost(tenure, self.ran_out()),
-                _ = tokio::time::sleep_until(clock.next_renewal()) => {}
+            let renewal = tokio::time::sleep_until(clock.next_renewal());
+            if let Err(end) = self.unless_ended(&tenure.guard, deadline, shutdown, renewal).await {
+                return self.ended(tenure, end);
             }
             let sent_at = Instant::now();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return None,
-                _ = lost.cancelled() => {
-                    let reason = tenure.guard.lost_reason().unwrap_or_else(|| "lost".into());
-                    return self.lost(tenure, reason);
+            let renewal = self.backend.keep_alive(lease);
+            let renewed = match self.unless_ended(&tenure.guard, deadline, shutdown, renewal).await {
+                Ok(renewed) => renewed,
+                Err(end) => return self.ended(tenure, end),
+            };
+            match renewed {
+                Ok(Some(ttl)) => {
+                    clock.renewed(sent_at, Duration::from_secs(ttl));
+                    tenure.clock = Some(clock);
+                    tenure.guard.extend(clock.valid_until());
+                    if outage.ended() {
+                        tracing::info!("leader lease renewed again");
+                    }
                 }
-                _ = tokio::time::sleep_until(deadline) => return self.lost(tenure, self.ran_out()),
-                renewed = self.backend.keep_alive(lease) => match renewed {
-                    Ok(Some(ttl)) => {
-                        clock.renewed(sent_at, Duration::from_secs(ttl));
-                        tenure.clock = Some(clock);
-                        tenure.guard.extend(clock.valid_until());
-                        if complained {
-                            tracing::info!("leader lease renewed again");
-                            complained = false;
-                        }
+                Ok(None) => {
+                    return self
+                        .lost(tenure, "etcd expired the leader lease (another coordinator may lead now)".into());
+                }
+                Err(err) => {
+                    if outage.first_failure() {
+                        tracing::warn!(error = %err, "cannot renew the leader lease; retrying until it would expire");
                     }
-                    Ok(None) => {
-                        return self.lost(tenure, "etcd expired the leader lease (another coordinator may lead now)".into());
-                    }
-                    Err(err) => {
-                        if !complained {
-                            tracing::warn!(error = %err, "cannot renew the leader lease; retrying until it would expire");
-                            complained = true;
-                        }
-                        clock.renewal_failed(Instant::now());
-                    }
-                },
+                    clock.renewal_failed(Instant::now());
+                }
             }
         }
     }
