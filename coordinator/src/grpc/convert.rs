@@ -1,8 +1,10 @@
-//! Domain records → protobuf messages (the operator API's view of them).
+//! Domain records → protobuf messages (the operator API's view of them), and
+//! the node status both ways (agents report it, operators list it).
 
 use hotfleet_proto::v1 as pb;
 
 use crate::{
+    node::{NodeStatus, PreparedPatch, ProcessHealth, ProcessStatus},
     registry::NodeView,
     rollout::{Phase, RolloutState},
     store::{AuditEntry, FreezeRecord, PatchRecord},
@@ -49,7 +51,111 @@ pub fn node_info(n: NodeView, active_rollout_id: Option<String>) -> pb::NodeInfo
         last_heartbeat_ms: n.last_heartbeat_ms,
         registered_at_ms: n.registered_at_ms,
         active_rollout_id: active_rollout_id.unwrap_or_default(),
-        status: Some(n.status),
+        status: Some(n.status.into()),
+    }
+}
+
+impl From<pb::NodeStatus> for NodeStatus {
+    fn from(s: pb::NodeStatus) -> Self {
+        Self {
+            node_id: s.node_id,
+            labels: s.labels.into_iter().collect(),
+            advertise_addr: s.advertise_addr,
+            processes: s.processes.into_iter().map(ProcessStatus::from).collect(),
+            highest_epoch: s.highest_epoch,
+            prepared: s.prepared.into_iter().map(PreparedPatch::from).collect(),
+            commands_admitted: s.commands_admitted,
+            commands_refused_stale: s.commands_refused_stale,
+        }
+    }
+}
+
+impl From<NodeStatus> for pb::NodeStatus {
+    fn from(s: NodeStatus) -> Self {
+        Self {
+            node_id: s.node_id,
+            labels: s.labels.into_iter().collect(),
+            advertise_addr: s.advertise_addr,
+            processes: s.processes.into_iter().map(pb::ProcessStatus::from).collect(),
+            highest_epoch: s.highest_epoch,
+            prepared: s.prepared.into_iter().map(pb::PreparedPatch::from).collect(),
+            commands_admitted: s.commands_admitted,
+            commands_refused_stale: s.commands_refused_stale,
+        }
+    }
+}
+
+impl From<pb::ProcessStatus> for ProcessStatus {
+    fn from(p: pb::ProcessStatus) -> Self {
+        Self {
+            process_id: p.process_id,
+            pid: p.pid,
+            build: p.build,
+            patch_stack: p.patch_stack,
+            live_digests: p.live_digests.into_iter().collect(),
+            health: p.health.map(ProcessHealth::from),
+            runtime_version: p.runtime_version,
+            python_version: p.python_version,
+        }
+    }
+}
+
+impl From<ProcessStatus> for pb::ProcessStatus {
+    fn from(p: ProcessStatus) -> Self {
+        Self {
+            process_id: p.process_id,
+            pid: p.pid,
+            build: p.build,
+            patch_stack: p.patch_stack,
+            live_digests: p.live_digests.into_iter().collect(),
+            health: p.health.map(pb::ProcessHealth::from),
+            runtime_version: p.runtime_version,
+            python_version: p.python_version,
+        }
+    }
+}
+
+impl From<pb::ProcessHealth> for ProcessHealth {
+    fn from(h: pb::ProcessHealth) -> Self {
+        Self {
+            alive: h.alive,
+            ticks: h.ticks,
+            tick_p50_ms: h.tick_p50_ms,
+            tick_p99_ms: h.tick_p99_ms,
+            exceptions_since: h.exceptions_since,
+            mark: h.mark,
+            game_ok: h.game_ok,
+            game_detail: h.game_detail,
+            ticks_since: h.ticks_since,
+        }
+    }
+}
+
+impl From<ProcessHealth> for pb::ProcessHealth {
+    fn from(h: ProcessHealth) -> Self {
+        Self {
+            alive: h.alive,
+            ticks: h.ticks,
+            tick_p50_ms: h.tick_p50_ms,
+            tick_p99_ms: h.tick_p99_ms,
+            exceptions_since: h.exceptions_since,
+            mark: h.mark,
+            game_ok: h.game_ok,
+            game_detail: h.game_detail,
+            ticks_since: h.ticks_since,
+        }
+    }
+}
+
+impl From<pb::PreparedPatch> for PreparedPatch {
+    fn from(p: pb::PreparedPatch) -> Self {
+        Self { rollout_id: p.rollout_id, patch_id: p.patch_id, expires_at_ms: p.expires_at_ms }
+    }
+}
+
+impl From<PreparedPatch> for pb::PreparedPatch {
+    fn from(p: PreparedPatch) -> Self {
+        Self { rollout_id: p.rollout_id, patch_id: p.patch_id, expires_at_ms: p.expires_at_ms }
     }
 }
 
