@@ -55,109 +55,44 @@ pub fn node_info(n: NodeView, active_rollout_id: Option<String>) -> pb::NodeInfo
     }
 }
 
-impl From<pb::NodeStatus> for NodeStatus {
-    fn from(s: pb::NodeStatus) -> Self {
-        Self {
-            node_id: s.node_id,
-            labels: s.labels.into_iter().collect(),
-            advertise_addr: s.advertise_addr,
-            processes: s.processes.into_iter().map(ProcessStatus::from).collect(),
-            highest_epoch: s.highest_epoch,
-            prepared: s.prepared.into_iter().map(PreparedPatch::from).collect(),
-            commands_admitted: s.commands_admitted,
-            commands_refused_stale: s.commands_refused_stale,
+/// `From` both ways between a domain type and its proto message: the plain
+/// fields move as they are, each mapped field through the same conversion in
+/// either direction. Struct literals, so a field added on one side only does
+/// not compile.
+macro_rules! both_ways {
+    ($domain:ty, $proto:ty { $($field:ident),* ; $($mapped:ident: |$v:ident| $conv:expr),* $(,)? }) => {
+        impl From<$proto> for $domain {
+            fn from(m: $proto) -> Self {
+                Self { $($field: m.$field,)* $($mapped: { let $v = m.$mapped; $conv },)* }
+            }
         }
-    }
-}
 
-impl From<NodeStatus> for pb::NodeStatus {
-    fn from(s: NodeStatus) -> Self {
-        Self {
-            node_id: s.node_id,
-            labels: s.labels.into_iter().collect(),
-            advertise_addr: s.advertise_addr,
-            processes: s.processes.into_iter().map(pb::ProcessStatus::from).collect(),
-            highest_epoch: s.highest_epoch,
-            prepared: s.prepared.into_iter().map(pb::PreparedPatch::from).collect(),
-            commands_admitted: s.commands_admitted,
-            commands_refused_stale: s.commands_refused_stale,
+        impl From<$domain> for $proto {
+            fn from(m: $domain) -> Self {
+                Self { $($field: m.$field,)* $($mapped: { let $v = m.$mapped; $conv },)* }
+            }
         }
-    }
+    };
 }
 
-impl From<pb::ProcessStatus> for ProcessStatus {
-    fn from(p: pb::ProcessStatus) -> Self {
-        Self {
-            process_id: p.process_id,
-            pid: p.pid,
-            build: p.build,
-            patch_stack: p.patch_stack,
-            live_digests: p.live_digests.into_iter().collect(),
-            health: p.health.map(ProcessHealth::from),
-            runtime_version: p.runtime_version,
-            python_version: p.python_version,
-        }
-    }
-}
+both_ways!(NodeStatus, pb::NodeStatus {
+    node_id, advertise_addr, highest_epoch, commands_admitted, commands_refused_stale;
+    labels: |v| v.into_iter().collect(),
+    processes: |v| v.into_iter().map(Into::into).collect(),
+    prepared: |v| v.into_iter().map(Into::into).collect(),
+});
 
-impl From<ProcessStatus> for pb::ProcessStatus {
-    fn from(p: ProcessStatus) -> Self {
-        Self {
-            process_id: p.process_id,
-            pid: p.pid,
-            build: p.build,
-            patch_stack: p.patch_stack,
-            live_digests: p.live_digests.into_iter().collect(),
-            health: p.health.map(pb::ProcessHealth::from),
-            runtime_version: p.runtime_version,
-            python_version: p.python_version,
-        }
-    }
-}
+both_ways!(ProcessStatus, pb::ProcessStatus {
+    process_id, pid, build, patch_stack, runtime_version, python_version;
+    live_digests: |v| v.into_iter().collect(),
+    health: |v| v.map(Into::into),
+});
 
-impl From<pb::ProcessHealth> for ProcessHealth {
-    fn from(h: pb::ProcessHealth) -> Self {
-        Self {
-            alive: h.alive,
-            ticks: h.ticks,
-            tick_p50_ms: h.tick_p50_ms,
-            tick_p99_ms: h.tick_p99_ms,
-            exceptions_since: h.exceptions_since,
-            mark: h.mark,
-            game_ok: h.game_ok,
-            game_detail: h.game_detail,
-            ticks_since: h.ticks_since,
-        }
-    }
-}
+both_ways!(ProcessHealth, pb::ProcessHealth {
+    alive, ticks, tick_p50_ms, tick_p99_ms, exceptions_since, mark, game_ok, game_detail, ticks_since;
+});
 
-impl From<ProcessHealth> for pb::ProcessHealth {
-    fn from(h: ProcessHealth) -> Self {
-        Self {
-            alive: h.alive,
-            ticks: h.ticks,
-            tick_p50_ms: h.tick_p50_ms,
-            tick_p99_ms: h.tick_p99_ms,
-            exceptions_since: h.exceptions_since,
-            mark: h.mark,
-            game_ok: h.game_ok,
-            game_detail: h.game_detail,
-            ticks_since: h.ticks_since,
-        }
-    }
-}
-
-impl From<pb::PreparedPatch> for PreparedPatch {
-    fn from(p: pb::PreparedPatch) -> Self {
-        Self { rollout_id: p.rollout_id, patch_id: p.patch_id, expires_at_ms: p.expires_at_ms }
-    }
-}
-
-impl From<PreparedPatch> for pb::PreparedPatch {
-    fn from(p: PreparedPatch) -> Self {
-        Self { rollout_id: p.rollout_id, patch_id: p.patch_id, expires_at_ms: p.expires_at_ms }
-    }
-}
+both_ways!(PreparedPatch, pb::PreparedPatch { rollout_id, patch_id, expires_at_ms; });
 
 fn phase(p: &Phase) -> pb::RolloutPhase {
     match p {
