@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod leadership;
+pub mod node;
 pub mod patches;
 pub mod planner;
 pub mod reconcile;

@@ -11,15 +11,14 @@
 //! that rounded-up interval.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
-use hotfleet_proto::v1::NodeStatus;
-
 use crate::{
     clock::now_ms,
+    node::NodeStatus,
     planner::Candidate,
     store::{Batch, Fence, NodeRecord, Store, StoreError, Write},
 };
@@ -90,7 +89,7 @@ impl NodeView {
         builds.dedup();
         Candidate {
             node_id: self.status.node_id.clone(),
-            labels: self.status.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
+            labels: self.status.labels.clone(),
             builds,
             alive: self.liveness == Liveness::Alive,
         }

@@ -12,12 +12,12 @@ use std::{
 };
 
 use async_trait::async_trait;
-use hotfleet_proto::v1::{NodeStatus, ProcessStatus};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::{
     agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
+    node::{NodeStatus, ProcessStatus},
     registry::Registry,
     rollout::{health::Sample, Observed, OperatorAction, Phase, RolloutState},
     store::{embedded::EmbeddedStore, Batch, PatchRecord, Store, Write},

@@ -1,8 +1,10 @@
-//! Domain records → protobuf messages (the operator API's view of them).
+//! Domain records → protobuf messages (the operator API's view of them), and
+//! the node status both ways (agents report it, operators list it).
 
 use hotfleet_proto::v1 as pb;
 
 use crate::{
+    node::{NodeStatus, PreparedPatch, ProcessHealth, ProcessStatus},
     registry::NodeView,
     rollout::{Phase, RolloutState},
     store::{AuditEntry, FreezeRecord, PatchRecord},
@@ -49,9 +51,48 @@ pub fn node_info(n: NodeView, active_rollout_id: Option<String>) -> pb::NodeInfo
         last_heartbeat_ms: n.last_heartbeat_ms,
         registered_at_ms: n.registered_at_ms,
         active_rollout_id: active_rollout_id.unwrap_or_default(),
-        status: Some(n.status),
+        status: Some(n.status.into()),
     }
 }
+
+/// `From` both ways between a domain type and its proto message: the plain
+/// fields move as they are, each mapped field through the same conversion in
+/// either direction. Struct literals, so a field added on one side only does
+/// not compile.
+macro_rules! both_ways {
+    ($domain:ty, $proto:ty { $($field:ident),* ; $($mapped:ident: |$v:ident| $conv:expr),* $(,)? }) => {
+        impl From<$proto> for $domain {
+            fn from(m: $proto) -> Self {
+                Self { $($field: m.$field,)* $($mapped: { let $v = m.$mapped; $conv },)* }
+            }
+        }
+
+        impl From<$domain> for $proto {
+            fn from(m: $domain) -> Self {
+                Self { $($field: m.$field,)* $($mapped: { let $v = m.$mapped; $conv },)* }
+            }
+        }
+    };
+}
+
+both_ways!(NodeStatus, pb::NodeStatus {
+    node_id, advertise_addr, highest_epoch, commands_admitted, commands_refused_stale;
+    labels: |v| v.into_iter().collect(),
+    processes: |v| v.into_iter().map(Into::into).collect(),
+    prepared: |v| v.into_iter().map(Into::into).collect(),
+});
+
+both_ways!(ProcessStatus, pb::ProcessStatus {
+    process_id, pid, build, patch_stack, runtime_version, python_version;
+    live_digests: |v| v.into_iter().collect(),
+    health: |v| v.map(Into::into),
+});
+
+both_ways!(ProcessHealth, pb::ProcessHealth {
+    alive, ticks, tick_p50_ms, tick_p99_ms, exceptions_since, mark, game_ok, game_detail, ticks_since;
+});
+
+both_ways!(PreparedPatch, pb::PreparedPatch { rollout_id, patch_id, expires_at_ms; });
 
 fn phase(p: &Phase) -> pb::RolloutPhase {
     match p {

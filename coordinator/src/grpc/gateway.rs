@@ -34,7 +34,7 @@ impl AgentGateway for GatewayService {
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("RegisterRequest.node is missing"))?;
         let term = self.cluster.leader_term()?;
-        term.registry.register(node).await?;
+        term.registry.register(node.into()).await?;
         Ok(Response::new(RegisterResponse {
             heartbeat_interval_seconds: term.registry.heartbeat_interval_seconds(),
             epoch: term.registry.epoch(),
@@ -45,7 +45,7 @@ impl AgentGateway for GatewayService {
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("HeartbeatRequest.node is missing"))?;
         let term = self.cluster.leader_term()?;
-        let known = term.registry.heartbeat(node).await?;
+        let known = term.registry.heartbeat(node.into()).await?;
         Ok(Response::new(HeartbeatResponse { known, epoch: term.registry.epoch() }))
     }
 

@@ -3,15 +3,23 @@
 //! create-if-absent key (time is tokio's paused clock, so TTLs pass at once).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
 use super::*;
-use crate::store::{embedded::EmbeddedStore, Write};
+use crate::{
+    agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
+    store::{embedded::EmbeddedStore, AuditEntry, Batch, Store, StoreError, Write},
+};
 
 const TTL: Duration = Duration::from_secs(3);
 

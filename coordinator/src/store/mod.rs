@@ -25,10 +25,12 @@ pub mod etcd;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use hotfleet_proto::v1::NodeStatus;
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::{NodeState, Rollout};
+use crate::{
+    node::NodeStatus,
+    rollout::{NodeState, Rollout},
+};
 
 /// Proof of write authority: the epoch this writer acquired.
 ///
