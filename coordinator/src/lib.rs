@@ -6,6 +6,7 @@
 //! - [`store`]: everything persisted, behind the [`store::Store`] trait (embedded redb, or etcd for HA).
 //! - [`leadership`]: leader election on etcd, the lease, and the fences on writes and commands.
 //! - [`term`]: what runs only while this coordinator leads, and the role the gRPC adapters consult.
+//! - [`reads`]: the operator's read path (the leader's engine or the store, decided once).
 //! - [`registry`]: agents, their addresses, what they run, liveness.
 //! - [`patches`]: verified patch uploads, stored by digest.
 //! - [`planner`]: selector → canary and waves (pure).
@@ -25,6 +26,7 @@ pub mod leadership;
 pub mod node;
 pub mod patches;
 pub mod planner;
+pub mod reads;
 pub mod reconcile;
 pub mod registry;
 pub mod rollout;

@@ -77,28 +77,6 @@ pub struct StartRequest {
     pub description: String,
 }
 
-/// A rollout as the store has it (what a follower serves, and finished rollouts).
-pub async fn stored_state(store: &dyn Store, id: &str) -> Result<RolloutState> {
-    let rollout = store.rollout(id).await?.ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
-    let nodes = store.rollout_nodes(id).await?;
-    Ok(RolloutState { rollout, nodes })
-}
-
-/// Rollouts newest first, from the store; unfinished ones with their node states.
-pub async fn stored_list(store: &dyn Store, active_only: bool, limit: usize) -> Result<Vec<RolloutState>> {
-    let mut all = store.rollouts().await?;
-    all.retain(|r| !active_only || !r.phase.is_terminal());
-    all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| b.id.cmp(&a.id)));
-    all.truncate(limit);
-    let mut out = Vec::with_capacity(all.len());
-    for rollout in all {
-        let nodes =
-            if rollout.phase.is_terminal() { BTreeMap::new() } else { store.rollout_nodes(&rollout.id).await? };
-        out.push(RolloutState { rollout, nodes });
-    }
-    Ok(out)
-}
-
 /// One active rollout: its state behind a lock, the latest persisted
 /// snapshot for readers, and the signals the driver waits on.
 struct Handle {
@@ -840,25 +818,15 @@ impl Engine {
 
     /// Current state: live for active rollouts, from the store otherwise.
     pub async fn get(&self, id: &str) -> Result<RolloutState> {
-        if let Some(h) = self.handle(id) {
-            return Ok(h.snapshot.borrow().clone());
+        match self.snapshot(id) {
+            Some(state) => Ok(state),
+            None => crate::reads::stored_rollout(self.inner.store.as_ref(), id).await,
         }
-        stored_state(self.inner.store.as_ref(), id).await
     }
 
-    /// Newest first. Active rollouts come with their node states.
-    pub async fn list(&self, active_only: bool, limit: usize) -> Result<Vec<RolloutState>> {
-        let mut all = self.inner.store.rollouts().await?;
-        all.retain(|r| !active_only || !r.phase.is_terminal());
-        all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| b.id.cmp(&a.id)));
-        all.truncate(limit);
-        Ok(all
-            .into_iter()
-            .map(|r| match self.handle(&r.id) {
-                Some(h) => h.snapshot.borrow().clone(),
-                None => RolloutState { rollout: r, nodes: BTreeMap::new() },
-            })
-            .collect())
+    /// The latest state of an active rollout; `None` if it is not active.
+    pub fn snapshot(&self, id: &str) -> Option<RolloutState> {
+        self.handle(id).map(|h| h.snapshot.borrow().clone())
     }
 
     /// A receiver of snapshots for an active rollout; `None` if it is not active.

@@ -1,0 +1,214 @@
+//! The operator's read path: "ask the leader's engine, or read the store",
+//! decided here once for every read, so the gRPC handlers only decode, call
+//! one of these and encode.
+//!
+//! Every coordinator serves reads: live from the engine while it leads (an
+//! active rollout's latest snapshot), from the store otherwise (a follower,
+//! or a finished rollout), so an operator can follow a rollout on any
+//! coordinator and across a fail-over ([`Cluster::watch`]).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    error::{Error, Result},
+    planner::Selector,
+    registry::{self, NodeView},
+    rollout::{Rollout, RolloutState},
+    store::{FreezeRecord, Store},
+    term::{Cluster, Term},
+};
+
+/// How often a watch served from the store (a follower's) polls it.
+const STORE_POLL: Duration = Duration::from_millis(300);
+
+/// A rollout as an operator sees it: its state, and whether the fleet freeze
+/// holds it (which the state alone does not say).
+#[derive(Debug, Clone)]
+pub struct RolloutView {
+    pub state: RolloutState,
+    pub frozen: bool,
+}
+
+/// A rollout as the store has it (what a follower serves, and finished rollouts).
+pub async fn stored_rollout(store: &dyn Store, id: &str) -> Result<RolloutState> {
+    let rollout = store.rollout(id).await?.ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
+    let nodes = store.rollout_nodes(id).await?;
+    Ok(RolloutState { rollout, nodes })
+}
+
+/// Newest first (ties by id), unfinished only with `active_only`, at most `limit`.
+fn newest(mut all: Vec<Rollout>, active_only: bool, limit: usize) -> Vec<Rollout> {
+    all.retain(|r| !active_only || !r.phase.is_terminal());
+    all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| b.id.cmp(&a.id)));
+    all.truncate(limit);
+    all
+}
+
+impl Cluster {
+    /// The fleet freeze: the leader's, or the stored one.
+    pub async fn freeze(&self) -> Result<Option<FreezeRecord>> {
+        match self.term() {
+            Some(term) => Ok(term.engine.freeze_status()),
+            None => Ok(self.store.freeze().await?),
+        }
+    }
+
+    /// Whether the fleet is frozen (unknown counts as not: it only annotates reads).
+    pub async fn frozen(&self) -> bool {
+        self.freeze().await.ok().flatten().is_some()
+    }
+
+    /// `state` with the freeze flag an operator is shown beside it.
+    pub async fn view(&self, state: RolloutState) -> RolloutView {
+        RolloutView { frozen: self.frozen().await, state }
+    }
+
+    /// A rollout's current state: live on the leader, from the store elsewhere.
+    pub async fn rollout(&self, id: &str) -> Result<RolloutState> {
+        match self.term() {
+            Some(term) => term.engine.get(id).await,
+            None => stored_rollout(self.store.as_ref(), id).await,
+        }
+    }
+
+    /// Rollouts newest first; unfinished ones come with their node states.
+    pub async fn rollouts(&self, active_only: bool, limit: usize) -> Result<Vec<RolloutState>> {
+        let term = self.term();
+        let mut out = Vec::new();
+        for rollout in newest(self.store.rollouts().await?, active_only, limit) {
+            if let Some(live) = term.as_ref().and_then(|t| t.engine.snapshot(&rollout.id)) {
+                out.push(live);
+                continue;
+            }
+            let nodes = if rollout.phase.is_terminal() {
+                BTreeMap::new()
+            } else {
+                self.store.rollout_nodes(&rollout.id).await?
+            };
+            out.push(RolloutState { rollout, nodes });
+        }
+        Ok(out)
+    }
+
+    /// Nodes matching `selector`, each with the active rollout holding it.
+    /// A follower shows the stored fleet, liveness left to the leader.
+    pub async fn nodes(&self, selector: &Selector) -> Result<Vec<(NodeView, Option<String>)>> {
+        let matching = |n: &NodeView| selector.matches(&n.candidate().labels);
+        if let Some(term) = self.term() {
+            return Ok(term
+                .registry
+                .list()
+                .into_iter()
+                .filter(matching)
+                .map(|n| {
+                    let owner = term.engine.active_rollout_of(&n.status.node_id);
+                    (n, owner)
+                })
+                .collect());
+        }
+        let active = self.rollouts(true, usize::MAX).await?;
+        let views = registry::stored_views(self.store.as_ref()).await.map_err(Error::from)?;
+        Ok(views
+            .into_iter()
+            .filter(matching)
+            .map(|n| {
+                let owner = active
+                    .iter()
+                    .find(|s| s.rollout.all_nodes().any(|id| *id == n.status.node_id))
+                    .map(|s| s.rollout.id.clone());
+                (n, owner)
+            })
+            .collect())
+    }
+
+    /// Follows a rollout until it ends: every new state, once. Unknown
+    /// rollouts are refused here, before any stream exists. The stream
+    /// follows the engine while this coordinator leads the rollout and the
+    /// store otherwise, so it survives a change of leader; it ends when the
+    /// rollout does, or when the receiver is dropped.
+    pub async fn watch(&self, id: &str) -> Result<ReceiverStream<RolloutView>> {
+        let first = self.rollout(id).await?;
+        let (tx, rx) = mpsc::channel(8);
+        let follower = Follower { cluster: self.clone(), id: id.to_string(), tx, last: None };
+        tokio::spawn(follower.run(first));
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+/// The producer behind one [`Cluster::watch`] stream.
+struct Follower {
+    cluster: Cluster,
+    id: String,
+    tx: mpsc::Sender<RolloutView>,
+    /// (generation, epoch) of the last state sent: each state goes out once.
+    last: Option<(u64, u64)>,
+}
+
+impl Follower {
+    async fn run(mut self, first: RolloutState) {
+        if !self.send(first).await {
+            return;
+        }
+        loop {
+            if let Some((term, rx)) = self.live() {
+                if !self.follow_live(&term, rx).await {
+                    return;
+                }
+            }
+            match stored_rollout(self.cluster.store.as_ref(), &self.id).await {
+                Ok(state) => {
+                    if !self.send(state).await {
+                        return;
+                    }
+                }
+                // The store is unreachable: keep the watch open, keep trying.
+                Err(err) => tracing::debug!(rollout = %self.id, error = %err, "watch: store read failed; retrying"),
+            }
+            if self.tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(STORE_POLL).await;
+        }
+    }
+
+    /// The engine's snapshots, while this coordinator leads and drives it.
+    fn live(&self) -> Option<(std::sync::Arc<Term>, watch::Receiver<RolloutState>)> {
+        let term = self.cluster.term()?;
+        let rx = term.engine.subscribe(&self.id)?;
+        Some((term, rx))
+    }
+
+    /// `false` once the watch is over; `true` when the driver finished or
+    /// the term ended: the store has the rest.
+    async fn follow_live(&mut self, term: &Term, mut rx: watch::Receiver<RolloutState>) -> bool {
+        let ended = term.ended();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            if !self.send(state).await {
+                return false;
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return true },
+                _ = ended.cancelled() => return true,
+            }
+        }
+    }
+
+    /// Sends `state` unless it was sent already. `false` once the rollout
+    /// is over or nobody listens any more.
+    async fn send(&mut self, state: RolloutState) -> bool {
+        let key = (state.rollout.generation, state.rollout.epoch);
+        let terminal = state.rollout.phase.is_terminal();
+        if self.last != Some(key) {
+            self.last = Some(key);
+            let view = self.cluster.view(state).await;
+            if self.tx.send(view).await.is_err() {
+                return false;
+            }
+        }
+        !terminal
+    }
+}
