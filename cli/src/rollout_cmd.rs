@@ -52,34 +52,36 @@ pub struct Action {
     reason: String,
 }
 
+/// A flag left out is left out of the request too: the coordinator applies
+/// its defaults (one place for them), stated here only for the help text.
 #[derive(Debug, Args)]
 pub struct StartArgs {
     /// Patch id, or a path to a .hfpatch bundle (pushed first).
     patch: String,
-    /// Canary size: a count or a percent of the targets.
-    #[arg(long, default_value = "1")]
-    canary: String,
-    /// Waves after the canary: counts or cumulative percents, e.g. 25%,50%,100%.
-    #[arg(long, value_delimiter = ',', default_value = "100%")]
+    /// Canary size: a count or a percent of the targets [default: 1].
+    #[arg(long)]
+    canary: Option<String>,
+    /// Waves after the canary: counts or cumulative percents, e.g. 25%,50%,100% [default: 100%].
+    #[arg(long, value_delimiter = ',')]
     waves: Vec<String>,
-    /// Health window after each step.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    health_window: Duration,
-    /// Deadline of each step's prepare or commit.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    step_deadline: Duration,
-    /// Target nodes: "all" or k=v[,k=v].
-    #[arg(long, default_value = "all")]
-    selector: String,
+    /// Health window after each step [default: 10s].
+    #[arg(long, value_parser = parse_duration)]
+    health_window: Option<Duration>,
+    /// Deadline of each step's prepare or commit [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    step_deadline: Option<Duration>,
+    /// Target nodes: "all" or k=v[,k=v] [default: all].
+    #[arg(long)]
+    selector: Option<String>,
     /// Pause before these steps until `rollout promote`, e.g. wave-2. Repeatable.
     #[arg(long = "pause-before", value_delimiter = ',')]
     pause_before: Vec<String>,
-    /// Unhealthy or lost nodes tolerated before rolling back.
-    #[arg(long, default_value_t = 0)]
-    max_unhealthy: u32,
-    /// Fail the health gate when tick p99 exceeds this multiple of the baseline.
-    #[arg(long, default_value_t = 3.0)]
-    tick_p99_factor: f64,
+    /// Unhealthy or lost nodes tolerated before rolling back [default: 0].
+    #[arg(long)]
+    max_unhealthy: Option<u32>,
+    /// Fail the health gate when tick p99 exceeds this multiple of the baseline [default: 3].
+    #[arg(long)]
+    tick_p99_factor: Option<f64>,
     #[arg(long, default_value = "")]
     description: String,
     /// Show the plan without starting anything.
@@ -111,16 +113,18 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
     } else {
         return Err(Failure::refused(anyhow!("{:?} is neither a patch id nor a bundle file", args.patch)));
     };
+    // Absent stays absent (proto3: empty or zero); the coordinator fills in its defaults.
+    let millis = |d: Option<Duration>| d.map(|d| d.as_millis() as u64).unwrap_or_default();
     let spec = RolloutSpec {
         patch_id,
-        selector: args.selector,
-        canary: args.canary,
+        selector: args.selector.unwrap_or_default(),
+        canary: args.canary.unwrap_or_default(),
         waves: args.waves,
-        health_window_ms: args.health_window.as_millis() as u64,
-        step_deadline_ms: args.step_deadline.as_millis() as u64,
-        max_unhealthy: args.max_unhealthy,
+        health_window_ms: millis(args.health_window),
+        step_deadline_ms: millis(args.step_deadline),
+        max_unhealthy: args.max_unhealthy.unwrap_or_default(),
         pause_before: args.pause_before,
-        tick_p99_factor: args.tick_p99_factor,
+        tick_p99_factor: args.tick_p99_factor.unwrap_or_default(),
         description: args.description,
         ..Default::default()
     };

@@ -10,8 +10,10 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::{health::GateConfig, RolloutSpec, Skipped, Step};
+
 /// Why a spec cannot be planned; the message says what to change.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
     #[error("invalid selector {selector:?}: {reason} (use \"all\" or \"key=value[,key=value]\")")]
     Selector { selector: String, reason: String },
@@ -21,6 +23,10 @@ pub enum PlanError {
     NoTargets { selector: String, build: String },
     #[error("unknown step {name:?} in pause-before; this plan's steps are: {steps}")]
     UnknownStep { name: String, steps: String },
+    #[error("tick_p99_factor {0} must be >= 1.0")]
+    P99Factor(f64),
+    #[error("tick_p99_floor_ms {0} must be >= 0")]
+    P99Floor(f64),
 }
 
 /// Label selector: every `k=v` must match; empty means all nodes.
@@ -118,19 +124,12 @@ pub struct Candidate {
     pub alive: bool,
 }
 
-/// One step of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlannedStep {
-    pub name: String,
-    pub nodes: Vec<String>,
-}
-
-/// The planner's answer.
+/// The planner's answer: the steps the rollout runs, in order (manual
+/// gates marked), and the matched nodes it leaves out, with why.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
-    pub steps: Vec<PlannedStep>,
-    /// (node id, reason) for matched nodes left out.
-    pub skipped: Vec<(String, String)>,
+    pub steps: Vec<Step>,
+    pub skipped: Vec<Skipped>,
 }
 
 impl Plan {
@@ -143,7 +142,35 @@ impl Plan {
     }
 }
 
-/// Plans a rollout.
+/// Plans a rollout of `spec` on build `build`: validates the whole spec (the
+/// health gate's bounds, every pause-before naming a step of this plan) and
+/// returns the steps with their manual gates.
+pub fn plan(candidates: &[Candidate], spec: &RolloutSpec, build: &str) -> Result<Plan, PlanError> {
+    check_gate(&spec.gate)?;
+    let mut plan = select(candidates, &spec.selector, build, spec.canary, &spec.waves)?;
+    for name in &spec.pause_before {
+        if plan.step_index(name).is_none() {
+            let steps: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
+            return Err(PlanError::UnknownStep { name: name.clone(), steps: steps.join(", ") });
+        }
+    }
+    for step in &mut plan.steps {
+        step.pause_before = spec.pause_before.contains(&step.name);
+    }
+    Ok(plan)
+}
+
+fn check_gate(gate: &GateConfig) -> Result<(), PlanError> {
+    if !(gate.p99_factor.is_finite() && gate.p99_factor >= 1.0) {
+        return Err(PlanError::P99Factor(gate.p99_factor));
+    }
+    if !(gate.p99_floor_ms.is_finite() && gate.p99_floor_ms >= 0.0) {
+        return Err(PlanError::P99Floor(gate.p99_floor_ms));
+    }
+    Ok(())
+}
+
+/// Which nodes, in which steps (no manual gates yet).
 ///
 /// Targets: nodes matching `selector`, alive, and running `build` (a node
 /// whose build is unknown, e.g. no process attached yet, is included: its
@@ -152,7 +179,7 @@ impl Plan {
 /// nodes", a percent is "up to that share of the non-canary targets"
 /// (cumulative, so `25%,50%,100%` are three growing stages); nodes left after
 /// the last entry form one final wave. Empty steps are dropped.
-pub fn plan(
+fn select(
     candidates: &[Candidate],
     selector: &Selector,
     build: &str,
@@ -165,9 +192,10 @@ pub fn plan(
     let mut skipped = Vec::new();
     for c in sorted {
         if !c.alive {
-            skipped.push((c.node_id.clone(), "lost (missed heartbeats)".to_string()));
+            skipped.push(Skipped { node_id: c.node_id.clone(), reason: "lost (missed heartbeats)".to_string() });
         } else if !c.builds.is_empty() && !c.builds.iter().any(|b| b == build) {
-            skipped.push((c.node_id.clone(), format!("runs build {}, not {build}", c.builds.join(","))));
+            let reason = format!("runs build {}, not {build}", c.builds.join(","));
+            skipped.push(Skipped { node_id: c.node_id.clone(), reason });
         } else {
             targets.push(c.node_id.clone());
         }
@@ -180,7 +208,7 @@ pub fn plan(
     let canary_n = canary.of(targets.len());
     let rest = targets.split_off(canary_n);
     if !targets.is_empty() {
-        steps.push(PlannedStep { name: "canary".into(), nodes: targets });
+        steps.push(Step { name: "canary".into(), nodes: targets, pause_before: false });
     }
 
     let mut done = 0usize;
@@ -201,7 +229,8 @@ pub fn plan(
     }
     let mut iter = rest.into_iter();
     for (i, n) in wave_sizes.into_iter().enumerate() {
-        steps.push(PlannedStep { name: format!("wave-{}", i + 1), nodes: iter.by_ref().take(n).collect() });
+        let nodes = iter.by_ref().take(n).collect();
+        steps.push(Step { name: format!("wave-{}", i + 1), nodes, pause_before: false });
     }
     Ok(Plan { steps, skipped })
 }
@@ -262,7 +291,7 @@ mod tests {
 
     #[test]
     fn canary_then_cumulative_percent_waves() {
-        let plan = plan(&fleet(9), &all(), "b1", Size::Count(1), &waves(&["25%", "50%", "100%"])).expect("plan");
+        let plan = select(&fleet(9), &all(), "b1", Size::Count(1), &waves(&["25%", "50%", "100%"])).expect("plan");
         // 8 after the canary: up to 2, up to 4, up to 8.
         assert_eq!(
             sizes(&plan),
@@ -277,7 +306,7 @@ mod tests {
 
     #[test]
     fn counts_are_per_wave_and_leftovers_form_a_final_wave() {
-        let plan = plan(&fleet(6), &all(), "b1", Size::Count(1), &waves(&["1", "2"])).expect("plan");
+        let plan = select(&fleet(6), &all(), "b1", Size::Count(1), &waves(&["1", "2"])).expect("plan");
         assert_eq!(
             sizes(&plan),
             [("canary".into(), 1), ("wave-1".into(), 1), ("wave-2".into(), 2), ("wave-3".into(), 2)]
@@ -286,22 +315,22 @@ mod tests {
 
     #[test]
     fn percent_canary_rounds_up_and_zero_canary_is_none() {
-        let p = plan(&fleet(6), &all(), "b1", Size::Percent(10.0), &[]).expect("plan");
+        let p = select(&fleet(6), &all(), "b1", Size::Percent(10.0), &[]).expect("plan");
         assert_eq!(sizes(&p), [("canary".into(), 1), ("wave-1".into(), 5)]);
-        let p = plan(&fleet(6), &all(), "b1", Size::Count(0), &waves(&["50%"])).expect("plan");
+        let p = select(&fleet(6), &all(), "b1", Size::Count(0), &waves(&["50%"])).expect("plan");
         assert_eq!(sizes(&p), [("wave-1".into(), 3), ("wave-2".into(), 3)]);
     }
 
     #[test]
     fn canary_larger_than_fleet_takes_everyone() {
-        let p = plan(&fleet(2), &all(), "b1", Size::Count(5), &waves(&["100%"])).expect("plan");
+        let p = select(&fleet(2), &all(), "b1", Size::Count(5), &waves(&["100%"])).expect("plan");
         assert_eq!(sizes(&p), [("canary".into(), 2)]);
     }
 
     #[test]
     fn empty_waves_are_dropped() {
         // 2 non-canary nodes: 10% -> 1, 20% -> still 1 (dropped), 100% -> 2.
-        let p = plan(&fleet(3), &all(), "b1", Size::Count(1), &waves(&["10%", "20%", "100%"])).expect("plan");
+        let p = select(&fleet(3), &all(), "b1", Size::Count(1), &waves(&["10%", "20%", "100%"])).expect("plan");
         assert_eq!(sizes(&p), [("canary".into(), 1), ("wave-1".into(), 1), ("wave-2".into(), 1)]);
     }
 
@@ -312,19 +341,41 @@ mod tests {
         nodes.push(Candidate { alive: false, ..node("x-lost", &[("zone", "a")], "b1") });
         nodes.push(node("x-nobuild", &[("zone", "a")], ""));
         let sel = Selector::parse("zone=a").expect("sel");
-        let p = plan(&nodes, &sel, "b1", Size::Count(1), &[]).expect("plan");
+        let p = select(&nodes, &sel, "b1", Size::Count(1), &[]).expect("plan");
         let targets: Vec<&String> = p.targets().collect();
         assert_eq!(targets, ["n00", "n02", "x-nobuild"]);
         assert_eq!(p.skipped.len(), 2);
-        assert!(p.skipped.iter().any(|(id, why)| id == "x-other" && why.contains("b0")));
-        assert!(p.skipped.iter().any(|(id, why)| id == "x-lost" && why.contains("lost")));
+        assert!(p.skipped.iter().any(|s| s.node_id == "x-other" && s.reason.contains("b0")));
+        assert!(p.skipped.iter().any(|s| s.node_id == "x-lost" && s.reason.contains("lost")));
     }
 
     #[test]
     fn no_targets_is_an_error_naming_the_selector() {
-        let err = plan(&fleet(3), &Selector::parse("zone=z").expect("sel"), "b1", Size::Count(1), &[])
+        let err = select(&fleet(3), &Selector::parse("zone=z").expect("sel"), "b1", Size::Count(1), &[])
             .expect_err("no targets");
         assert!(err.to_string().contains("zone=z"), "{err}");
-        assert!(plan(&fleet(3), &all(), "b9", Size::Count(1), &[]).is_err());
+        assert!(select(&fleet(3), &all(), "b9", Size::Count(1), &[]).is_err());
+    }
+
+    #[test]
+    fn the_whole_spec_is_validated_and_manual_gates_are_marked() {
+        let spec = |pause: &[&str]| RolloutSpec {
+            waves: waves(&["50%", "100%"]),
+            pause_before: pause.iter().map(|s| s.to_string()).collect(),
+            ..RolloutSpec::new("p")
+        };
+        let p = plan(&fleet(5), &spec(&["wave-2"]), "b1").expect("plan");
+        let gates: Vec<(&str, bool)> = p.steps.iter().map(|s| (s.name.as_str(), s.pause_before)).collect();
+        assert_eq!(gates, [("canary", false), ("wave-1", false), ("wave-2", true)]);
+
+        let err = plan(&fleet(5), &spec(&["wave-9"]), "b1").expect_err("unknown step");
+        assert!(err.to_string().contains("canary, wave-1, wave-2"), "{err}");
+        for (factor, floor, what) in
+            [(0.5, 20.0, "must be >= 1.0"), (f64::NAN, 20.0, "must be >= 1.0"), (3.0, -1.0, "must be >= 0")]
+        {
+            let bad = RolloutSpec { gate: GateConfig { p99_factor: factor, p99_floor_ms: floor }, ..spec(&[]) };
+            let err = plan(&fleet(5), &bad, "b1").expect_err("bad gate");
+            assert!(err.to_string().contains(what), "{err}");
+        }
     }
 }

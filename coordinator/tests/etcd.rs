@@ -102,8 +102,6 @@ fn rollout(n: usize) -> RolloutState {
         })
         .collect();
     let waves = [Size::Percent(25.0), Size::Percent(50.0), Size::Percent(100.0)];
-    let plan = planner::plan(&candidates, &Selector::parse("all").expect("selector"), "b1", Size::Count(1), &waves)
-        .expect("plan");
     let spec = RolloutSpec {
         patch_id: "p1".into(),
         selector: Selector::parse("all").expect("selector"),
@@ -117,6 +115,7 @@ fn rollout(n: usize) -> RolloutState {
         prepare_ttl_seconds: 0,
         description: String::new(),
     };
+    let plan = planner::plan(&candidates, &spec, "b1").expect("plan");
     let mut state = RolloutState::new("ro-1-1".into(), spec, "b1".into(), plan, "sre".into(), 1, 1);
     for node in state.nodes.values_mut() {
         node.baselines.insert(

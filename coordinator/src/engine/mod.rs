@@ -34,11 +34,11 @@ use crate::{
     clock::now_ms,
     error::{Error, Result},
     patches::audit,
-    planner::{self, PlanError, Selector, Size},
+    planner,
     registry::Registry,
     rollout::{
         health::{self, Baseline, Check, GateConfig, Verdict},
-        Action, Changed, NodeResult, OperatorAction, Phase, RolloutSpec, RolloutState,
+        Action, Changed, NodeResult, OperatorAction, ParseSpec, Phase, RolloutState,
     },
     store::{AuditEntry, Batch, Fence, FreezeRecord, StackEntry, Store, StoreError, Write},
 };
@@ -58,23 +58,6 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self { max_poll_interval: Duration::from_secs(1), revert_attempts: 3, store_retry: Duration::from_millis(500) }
     }
-}
-
-/// A rollout request as an operator states it (strings parsed here).
-#[derive(Debug, Clone, Default)]
-pub struct StartRequest {
-    pub patch_id: String,
-    pub selector: String,
-    pub canary: String,
-    pub waves: Vec<String>,
-    pub health_window_ms: u64,
-    pub step_deadline_ms: u64,
-    pub max_unhealthy: u32,
-    pub pause_before: Vec<String>,
-    pub tick_p99_factor: f64,
-    pub tick_p99_floor_ms: f64,
-    pub prepare_ttl_seconds: u32,
-    pub description: String,
 }
 
 /// One active rollout: its state behind a lock, the latest persisted
@@ -692,46 +675,6 @@ impl Engine {
 
     // ---- operator API ---------------------------------------------------------
 
-    fn parse_spec(&self, req: &StartRequest) -> Result<RolloutSpec> {
-        let selector = Selector::parse(&req.selector)?;
-        let canary = if req.canary.trim().is_empty() { Size::Count(1) } else { Size::parse(&req.canary)? };
-        let waves = if req.waves.is_empty() {
-            vec![Size::Percent(100.0)]
-        } else {
-            req.waves.iter().map(|w| Size::parse(w)).collect::<std::result::Result<Vec<_>, _>>()?
-        };
-        let factor = if req.tick_p99_factor == 0.0 { GateConfig::default().p99_factor } else { req.tick_p99_factor };
-        let floor =
-            if req.tick_p99_floor_ms == 0.0 { GateConfig::default().p99_floor_ms } else { req.tick_p99_floor_ms };
-        if !(factor.is_finite() && factor >= 1.0) {
-            return Err(Error::InvalidArgument(format!("tick_p99_factor {factor} must be >= 1.0")));
-        }
-        if !(floor.is_finite() && floor >= 0.0) {
-            return Err(Error::InvalidArgument(format!("tick_p99_floor_ms {floor} must be >= 0")));
-        }
-        Ok(RolloutSpec {
-            patch_id: req.patch_id.clone(),
-            selector,
-            canary,
-            waves,
-            health_window_ms: if req.health_window_ms == 0 {
-                RolloutSpec::DEFAULT_HEALTH_WINDOW_MS
-            } else {
-                req.health_window_ms
-            },
-            step_deadline_ms: if req.step_deadline_ms == 0 {
-                RolloutSpec::DEFAULT_STEP_DEADLINE_MS
-            } else {
-                req.step_deadline_ms
-            },
-            max_unhealthy: req.max_unhealthy,
-            pause_before: req.pause_before.clone(),
-            gate: GateConfig { p99_factor: factor, p99_floor_ms: floor },
-            prepare_ttl_seconds: req.prepare_ttl_seconds,
-            description: req.description.clone(),
-        })
-    }
-
     async fn audit_refusal(&self, actor: &str, action: &str, target: &str, err: &Error) {
         let entry = audit(actor, action, target, format!("refused: {err}"), false);
         if let Err(e) = self.inner.store.write(self.inner.fence, Batch::new().with(Write::Audit(entry))).await {
@@ -739,42 +682,37 @@ impl Engine {
         }
     }
 
-    /// Plans and (unless `dry_run`) starts a rollout.
-    pub async fn start(&self, req: StartRequest, actor: &str, dry_run: bool) -> Result<RolloutState> {
-        let result = self.start_inner(req.clone(), actor, dry_run).await;
+    /// Plans and (unless `dry_run`) starts a rollout. The spec is parsed
+    /// here, after the patch checks (see [`ParseSpec`]); every refusal of a
+    /// real start is audited.
+    pub async fn start(&self, spec: impl ParseSpec, actor: &str, dry_run: bool) -> Result<RolloutState> {
+        let patch_id = spec.patch_id().to_string();
+        let result = self.start_inner(spec, actor, dry_run).await;
         if let Err(err) = &result {
             if !dry_run {
-                self.audit_refusal(actor, "rollout.start", &req.patch_id, err).await;
+                self.audit_refusal(actor, "rollout.start", &patch_id, err).await;
             }
         }
         result
     }
 
-    async fn start_inner(&self, req: StartRequest, actor: &str, dry_run: bool) -> Result<RolloutState> {
+    async fn start_inner(&self, spec: impl ParseSpec, actor: &str, dry_run: bool) -> Result<RolloutState> {
         if self.inner.cancel.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        if !hotfleet_patch::is_patch_id(&req.patch_id) {
-            return Err(Error::InvalidArgument(format!(
-                "{:?} is not a patch id (64 lowercase hex digits)",
-                req.patch_id
-            )));
+        let patch_id = spec.patch_id();
+        if !hotfleet_patch::is_patch_id(patch_id) {
+            return Err(Error::InvalidArgument(format!("{patch_id:?} is not a patch id (64 lowercase hex digits)")));
         }
         let patch = self
             .inner
             .store
-            .patch(&req.patch_id)
+            .patch(patch_id)
             .await?
-            .ok_or_else(|| Error::NotFound { what: "patch", id: req.patch_id.clone() })?;
-        let spec = self.parse_spec(&req)?;
+            .ok_or_else(|| Error::NotFound { what: "patch", id: patch_id.to_string() })?;
+        let spec = spec.parse()?;
         let candidates: Vec<_> = self.inner.registry.list().iter().map(|n| n.candidate()).collect();
-        let plan = planner::plan(&candidates, &spec.selector, &patch.target_build, spec.canary, &spec.waves)?;
-        for name in &spec.pause_before {
-            if plan.step_index(name).is_none() {
-                let steps: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
-                return Err(PlanError::UnknownStep { name: name.clone(), steps: steps.join(", ") }.into());
-            }
-        }
+        let plan = planner::plan(&candidates, &spec, &patch.target_build)?;
         let _start = self.inner.start_lock.lock().await;
         if !dry_run {
             if let Some(freeze) = self.freeze_status() {

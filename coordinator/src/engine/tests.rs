@@ -12,6 +12,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use hotfleet_proto::v1::RolloutSpec as WireSpec;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -221,8 +222,8 @@ async fn fixture(nodes: usize) -> Fixture {
     fixture_at(Some(dir), path, Arc::new(FakeAgents::default()), nodes).await
 }
 
-fn request() -> StartRequest {
-    StartRequest {
+fn request() -> WireSpec {
+    WireSpec {
         patch_id: PATCH.into(),
         selector: "all".into(),
         canary: "1".into(),
@@ -507,14 +508,14 @@ async fn a_lost_node_rolls_back_under_the_default_policy() {
 #[tokio::test]
 async fn bad_specs_are_refused_clearly() {
     let f = fixture(2).await;
-    let cases: Vec<(StartRequest, &str)> = vec![
-        (StartRequest { patch_id: "nope".into(), ..request() }, "not a patch id"),
-        (StartRequest { patch_id: "b".repeat(64), ..request() }, "not found"),
-        (StartRequest { selector: "zone".into(), ..request() }, "invalid selector"),
-        (StartRequest { selector: "zone=z".into(), ..request() }, "matches no live node"),
-        (StartRequest { waves: vec!["150%".into()], ..request() }, "invalid size"),
-        (StartRequest { pause_before: vec!["wave-9".into()], ..request() }, "unknown step"),
-        (StartRequest { tick_p99_factor: 0.5, ..request() }, "must be >= 1.0"),
+    let cases: Vec<(WireSpec, &str)> = vec![
+        (WireSpec { patch_id: "nope".into(), ..request() }, "not a patch id"),
+        (WireSpec { patch_id: "b".repeat(64), ..request() }, "not found"),
+        (WireSpec { selector: "zone".into(), ..request() }, "invalid selector"),
+        (WireSpec { selector: "zone=z".into(), ..request() }, "matches no live node"),
+        (WireSpec { waves: vec!["150%".into()], ..request() }, "invalid size"),
+        (WireSpec { pause_before: vec!["wave-9".into()], ..request() }, "unknown step"),
+        (WireSpec { tick_p99_factor: 0.5, ..request() }, "must be >= 1.0"),
     ];
     for (req, expected) in cases {
         let err = f.engine.start(req, "a", false).await.expect_err(expected);

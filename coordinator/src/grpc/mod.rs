@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod gateway;
 pub mod operator;
+mod spec;
 
 use hotfleet_patch::PatchError;
 use tonic::{Code, Status};

@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 
 use super::{actor, convert};
 use crate::{
-    engine::StartRequest,
     error::Error,
     planner::Selector,
     reads::RolloutView,
@@ -97,22 +96,8 @@ impl Coordinator for OperatorService {
         let who = actor(&request);
         let req = request.into_inner();
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("StartRolloutRequest.spec is missing"))?;
-        let start = StartRequest {
-            patch_id: spec.patch_id,
-            selector: spec.selector,
-            canary: spec.canary,
-            waves: spec.waves,
-            health_window_ms: spec.health_window_ms,
-            step_deadline_ms: spec.step_deadline_ms,
-            max_unhealthy: spec.max_unhealthy,
-            pause_before: spec.pause_before,
-            tick_p99_factor: spec.tick_p99_factor,
-            tick_p99_floor_ms: spec.tick_p99_floor_ms,
-            prepare_ttl_seconds: spec.prepare_ttl_seconds,
-            description: spec.description,
-        };
         let term = self.leader()?;
-        let view = self.cluster.view(term.engine.start(start, &who, req.dry_run).await?).await;
+        let view = self.cluster.view(term.engine.start(spec, &who, req.dry_run).await?).await;
         Ok(Response::new(pb::StartRolloutResponse { rollout: Some(encode(&view)) }))
     }
 

@@ -18,40 +18,20 @@
 
 pub mod health;
 mod operator;
+mod spec;
 
 pub use operator::OperatorAction;
+pub use spec::{ParseSpec, RolloutSpec};
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::planner::{Plan, Selector, Size};
-use health::{Baseline, GateConfig, Verdict};
+use crate::planner::Plan;
+use health::{Baseline, Verdict};
 
 /// Events kept per rollout (oldest dropped first).
 const MAX_EVENTS: usize = 256;
-
-/// What an operator asked for, with defaults applied.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RolloutSpec {
-    pub patch_id: String,
-    pub selector: Selector,
-    pub canary: Size,
-    pub waves: Vec<Size>,
-    pub health_window_ms: u64,
-    pub step_deadline_ms: u64,
-    pub max_unhealthy: u32,
-    pub pause_before: Vec<String>,
-    pub gate: GateConfig,
-    pub prepare_ttl_seconds: u32,
-    #[serde(default)]
-    pub description: String,
-}
-
-impl RolloutSpec {
-    pub const DEFAULT_HEALTH_WINDOW_MS: u64 = 10_000;
-    pub const DEFAULT_STEP_DEADLINE_MS: u64 = 60_000;
-}
 
 /// One step of a rollout: the canary or a wave.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,7 +278,7 @@ pub type Changed = Vec<String>;
 
 #[allow(clippy::too_many_arguments)]
 impl RolloutState {
-    /// A new, staged rollout from a plan.
+    /// A new, staged rollout of `spec` from its plan ([`crate::planner::plan`]).
     pub fn new(
         id: String,
         spec: RolloutSpec,
@@ -308,11 +288,7 @@ impl RolloutState {
         epoch: u64,
         now_ms: u64,
     ) -> Self {
-        let steps: Vec<Step> = plan
-            .steps
-            .into_iter()
-            .map(|s| Step { pause_before: spec.pause_before.contains(&s.name), name: s.name, nodes: s.nodes })
-            .collect();
+        let steps = plan.steps;
         let mut nodes = BTreeMap::new();
         for (i, step) in steps.iter().enumerate() {
             for node in &step.nodes {
@@ -338,7 +314,7 @@ impl RolloutState {
             patch_id: spec.patch_id.clone(),
             target_build,
             steps,
-            skipped: plan.skipped.into_iter().map(|(node_id, reason)| Skipped { node_id, reason }).collect(),
+            skipped: plan.skipped,
             spec,
             phase: Phase::Staged,
             paused: false,

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use super::health::GateConfig;
 use super::*;
-use crate::planner::{Plan, PlannedStep, Selector, Size};
+use crate::planner::{Plan, Selector, Size};
 
 fn spec(pause_before: &[&str], max_unhealthy: u32) -> RolloutSpec {
     RolloutSpec {
@@ -22,10 +23,12 @@ fn spec(pause_before: &[&str], max_unhealthy: u32) -> RolloutSpec {
     }
 }
 
-fn plan() -> Plan {
-    let step = |name: &str, nodes: &[&str]| PlannedStep {
+/// The plan the planner makes of five nodes, with gates before `pause_before`.
+fn plan(pause_before: &[&str]) -> Plan {
+    let step = |name: &str, nodes: &[&str]| Step {
         name: name.into(),
         nodes: nodes.iter().map(|s| s.to_string()).collect(),
+        pause_before: pause_before.contains(&name),
     };
     Plan {
         steps: vec![step("canary", &["n1"]), step("wave-1", &["n2", "n3"]), step("wave-2", &["n4", "n5"])],
@@ -34,7 +37,8 @@ fn plan() -> Plan {
 }
 
 fn new_state(pause_before: &[&str], max_unhealthy: u32) -> RolloutState {
-    RolloutState::new("ro-1-1".into(), spec(pause_before, max_unhealthy), "b1".into(), plan(), "alice".into(), 1, 0)
+    let (spec, plan) = (spec(pause_before, max_unhealthy), plan(pause_before));
+    RolloutState::new("ro-1-1".into(), spec, "b1".into(), plan, "alice".into(), 1, 0)
 }
 
 fn ok(nodes: &[&str]) -> Vec<NodeResult> {
