@@ -9,7 +9,10 @@
 use std::time::Duration;
 
 use anyhow::anyhow;
-use hotfleet_proto::v1::{coordinator_client::CoordinatorClient, GetLeaderRequest, LeaderStatus};
+use hotfleet_proto::{
+    address::endpoint_url,
+    v1::{coordinator_client::CoordinatorClient, GetLeaderRequest, LeaderStatus},
+};
 use tonic::{metadata::MetadataValue, transport::Channel, Code, Status};
 
 use crate::exit::{Failure, FAILED, REFUSED, UNREACHABLE};
@@ -27,15 +30,6 @@ pub struct Target {
     /// Who you are, for the audit log.
     #[arg(long, global = true, env = "HOTFLEET_ACTOR")]
     pub actor: Option<String>,
-}
-
-fn url(addr: &str) -> String {
-    let addr = addr.trim();
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
 }
 
 async fn open(url: &str) -> Result<Channel, String> {
@@ -61,7 +55,7 @@ async fn ask_leader(channel: Channel) -> Result<LeaderStatus, Status> {
 impl Target {
     /// The configured coordinator addresses, as URLs.
     pub fn addresses(&self) -> Vec<String> {
-        self.coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()).map(url).collect()
+        self.coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()).map(endpoint_url).collect()
     }
 
     /// A client of the leader, or of a reachable follower while none leads.
@@ -85,7 +79,7 @@ impl Target {
             match ask_leader(channel.clone()).await {
                 Ok(status) if status.is_leader => return Ok(CoordinatorClient::new(channel)),
                 Ok(status) if !status.leader_addr.is_empty() => {
-                    let leader = url(&status.leader_addr);
+                    let leader = endpoint_url(&status.leader_addr);
                     if let Ok(leader_channel) = open(&leader).await {
                         if ask_leader(leader_channel.clone()).await.is_ok_and(|s| s.is_leader) {
                             return Ok(CoordinatorClient::new(leader_channel));

@@ -111,7 +111,7 @@ impl GrpcAgents {
         if let Some(ch) = channels.get(&to.addr) {
             return Ok(ch.clone());
         }
-        let uri = if to.addr.contains("://") { to.addr.clone() } else { format!("http://{}", to.addr) };
+        let uri = hotfleet_proto::address::endpoint_url(&to.addr);
         let endpoint = Endpoint::from_shared(uri).map_err(|e| AgentError::Unreachable {
             node: to.node_id.clone(),
             addr: to.addr.clone(),

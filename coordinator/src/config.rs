@@ -228,7 +228,7 @@ fn etcd_options(a: &Args) -> Result<Option<EtcdOptions>, ConfigError> {
     }
     let mut endpoints = Vec::new();
     for raw in a.etcd_endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
-        let url = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
+        let url = hotfleet_proto::address::endpoint_url(raw);
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid("etcd-endpoints", format!("{raw:?} must be http://host:port or https://host:port")));
         }

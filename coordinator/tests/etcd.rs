@@ -13,6 +13,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use hotfleet_coordinator::{config::StoreKind, Coordinator};
 use hotfleet_coordinator::{
     leadership::{Elector, EtcdBackend, LeaseElection, LeaseGuard, Tenure, TermStore},
+    patches,
     planner::{self, Candidate, Selector, Size},
     rollout::{health::Baseline, Desired, NodeState, Observed, RolloutSpec, RolloutState},
     store::{
@@ -52,15 +53,7 @@ async fn lead(store: &EtcdStore, addr: &str) -> (LeaseElection<EtcdBackend>, Ten
 }
 
 fn audit(action: &str) -> AuditEntry {
-    AuditEntry {
-        seq: 0,
-        at_ms: 1,
-        actor: "sre".into(),
-        action: action.into(),
-        target: String::new(),
-        detail: String::new(),
-        ok: true,
-    }
+    patches::audit("sre", action, "", "", true)
 }
 
 fn patch_record(id: &str, description: &str, size: usize) -> PatchRecord {
@@ -331,18 +324,7 @@ async fn coordinator(etcd: &Etcd, dir: &std::path::Path, public: std::path::Path
     config.etcd = Some(EtcdOptions::new(vec![etcd.proc.url()], "/hotfleet/"));
     config.leader_lease = Duration::from_secs(2);
     config.advertise_addr = Some(format!("http://{addr}"));
-    let coordinator = Coordinator::build(config).await.expect("build");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        coordinator
-            .serve(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("serve");
-        coordinator
-    });
-    common::Running { addr, stop: Some(stop), task }
+    common::serve_on(listener, Coordinator::build(config).await.expect("build"))
 }
 
 async fn leads(running: &common::Running) -> bool {

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use hotfleet_proto::v1::agent_gateway_client::AgentGatewayClient;
+use hotfleet_proto::{address::endpoint_url, v1::agent_gateway_client::AgentGatewayClient};
 use tonic::{
     transport::{Channel, Endpoint},
     Code, Status,
@@ -52,17 +52,8 @@ pub enum Next {
     Rotate(String),
 }
 
-fn url(addr: &str) -> String {
-    let addr = addr.trim();
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 fn channel(addr: &str) -> Result<Channel, BadAddress> {
-    let url = url(addr);
+    let url = endpoint_url(addr);
     let endpoint =
         Endpoint::from_shared(url.clone()).map_err(|e| BadAddress { addr: addr.to_string(), reason: e.to_string() })?;
     Ok(endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy())
@@ -73,7 +64,7 @@ impl Coordinators {
     pub fn parse(list: &str) -> Result<Self, BadAddress> {
         let mut configured = Vec::new();
         for addr in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            configured.push((url(addr), channel(addr)?));
+            configured.push((endpoint_url(addr), channel(addr)?));
         }
         let Some(first) = configured.first().cloned() else {
             return Err(BadAddress { addr: list.to_string(), reason: "no address given".into() });
@@ -110,7 +101,7 @@ impl Coordinators {
             .metadata()
             .get(LEADER_HEADER)
             .and_then(|v| v.to_str().ok())
-            .map(url)
+            .map(endpoint_url)
             .filter(|leader| status.code() == Code::FailedPrecondition && leader != from);
         let mut state = self.lock();
         if state.current.0 != from {

@@ -2,6 +2,7 @@
 //! (`hotfleet/v1/*.proto`), and the messages of the local agent <-> runtime
 //! protocol, which travel as length-prefixed proto3 JSON (see [`local`]).
 
+pub mod address;
 pub mod duration;
 pub mod local;
 

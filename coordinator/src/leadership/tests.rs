@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::{
     agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
-    store::{embedded::EmbeddedStore, AuditEntry, Batch, Store, StoreError, Write},
+    store::{embedded::EmbeddedStore, Batch, Store, StoreError, Write},
 };
 
 const TTL: Duration = Duration::from_secs(3);
@@ -327,17 +327,7 @@ async fn the_term_store_refuses_writes_after_a_loss_and_a_fence_ends_the_term() 
     let old = embedded.acquire_epoch().await.expect("epoch");
     let guard = LeaseGuard::unbounded(old.epoch);
     let store = TermStore::new(embedded.clone(), guard.clone());
-    let audit = |action: &str| {
-        Batch::new().with(Write::Audit(AuditEntry {
-            seq: 0,
-            at_ms: 1,
-            actor: "t".into(),
-            action: action.into(),
-            target: String::new(),
-            detail: String::new(),
-            ok: true,
-        }))
-    };
+    let audit = |action: &str| Batch::new().with(Write::Audit(crate::patches::audit("t", action, "", "", true)));
     store.write(old, audit("while leading")).await.expect("write");
     // Another writer takes the store: the next write is fenced and ends the term.
     let _newer = embedded.acquire_epoch().await.expect("epoch");

@@ -354,15 +354,7 @@ mod tests {
     use super::*;
 
     fn audit(action: &str) -> AuditEntry {
-        AuditEntry {
-            seq: 0,
-            at_ms: 1,
-            actor: "sre".into(),
-            action: action.into(),
-            target: String::new(),
-            detail: String::new(),
-            ok: true,
-        }
+        crate::patches::audit("sre", action, "", "", true)
     }
 
     #[tokio::test]

@@ -100,7 +100,12 @@ pub async fn start_with(config: Config, agents: Arc<dyn AgentClient>) -> Running
 }
 
 async fn serve(coordinator: Coordinator) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    serve_on(TcpListener::bind("127.0.0.1:0").await.expect("bind"), coordinator)
+}
+
+/// Serves `coordinator` on an already-bound `listener` (for a config that
+/// must name its own address, e.g. `advertise_addr`).
+pub fn serve_on(listener: TcpListener, coordinator: Coordinator) -> Running {
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {

@@ -1,0 +1,67 @@
+//! Signing keys and patch bundles, made with the `hotfleet` CLI.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{FleetError, Layout, Result};
+
+/// A signing key pair made by `hotfleet keygen`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub secret: PathBuf,
+    pub public: PathBuf,
+}
+
+impl Keys {
+    pub fn generate(layout: &Layout, dir: &Path) -> Result<Keys> {
+        let keys = dir.join("keys");
+        layout.cli(&["keygen", "--out", &keys.display().to_string()])?;
+        Ok(Keys { secret: keys.join("hotfleet.key"), public: keys.join("hotfleet.pub") })
+    }
+}
+
+/// Builds a patch with `hotfleet patch build` from a source tree holding a
+/// `zone` package, shipping every module in it. Returns (bundle path, patch id).
+pub fn build_patch(
+    layout: &Layout,
+    source_root: &Path,
+    out: &Path,
+    target_build: &str,
+    description: &str,
+    keys: Option<&Keys>,
+) -> Result<(PathBuf, String)> {
+    let mut args = vec![
+        "--output".to_string(),
+        "json".into(),
+        "patch".into(),
+        "build".into(),
+        "--root".into(),
+        source_root.display().to_string(),
+        "--package".into(),
+        "zone".into(),
+        "--target-build".into(),
+        target_build.into(),
+        "--out".into(),
+        out.display().to_string(),
+        "--description".into(),
+        description.into(),
+    ];
+    // The same module discovery `patch build --base` uses.
+    let modules = hotfleet_patch::source_tree::scan(source_root, &["zone".to_string()]).map_err(|e| {
+        FleetError::Io { what: format!("reading {}", source_root.display()), source: std::io::Error::other(e) }
+    })?;
+    for module in modules.into_keys() {
+        args.push("--module".into());
+        args.push(module);
+    }
+    if let Some(keys) = keys {
+        args.push("--key".into());
+        args.push(keys.secret.display().to_string());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let built: Value = serde_json::from_str(&layout.cli(&refs)?)
+        .map_err(|e| FleetError::Io { what: "reading patch build output".into(), source: std::io::Error::other(e) })?;
+    let id = built["id"].as_str().unwrap_or_default().to_string();
+    Ok((out.to_path_buf(), id))
+}

@@ -1,0 +1,113 @@
+//! A child process killed when its handle drops, polling until something is
+//! ready, and free loopback ports.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{io, FleetError, Result};
+
+/// Polls `check` until it yields a value or `timeout` passes.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    log: Option<&Path>,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(FleetError::Timeout {
+                what: what.to_string(),
+                after: timeout,
+                log: log.map(Path::to_path_buf),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process, killed (SIGKILL) when dropped; its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Proc> {
+        let log = log_dir.join(format!("{name}.log"));
+        // Appended: a restarted process keeps its earlier incarnations' lines.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(format!("creating {}", log.display())))?;
+        let err = file.try_clone().map_err(io("duplicating a log file handle"))?;
+        cmd.stdout(file).stderr(err).stdin(Stdio::null());
+        let child = cmd.spawn().map_err(|source| FleetError::Spawn { what: name.to_string(), source })?;
+        Ok(Proc { name: name.to_string(), child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal by name ("STOP", "CONT", "TERM", ...).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .map_err(io(format!("kill -{sig}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(FleetError::Io {
+                what: format!("kill -{sig} {}", self.pid()),
+                source: std::io::Error::other("kill failed"),
+            })
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// A free loopback port (bound, then released: a tiny race, fine locally).
+pub fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io("finding a free port"))
+}
