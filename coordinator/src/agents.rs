@@ -1,7 +1,7 @@
 //! How the coordinator talks to agents.
 //!
 //! [`AgentClient`] is the seam between the rollout engine and the network:
-//! the engine only sees domain answers ([`Vote`], [`Outcome`], health
+//! the engine only sees domain answers ([`Outcome`], health
 //! [`Sample`]s), so it is tested with an in-memory double. [`GrpcAgents`] is
 //! the real thing: one lazily connected tonic channel per agent address,
 //! every call under a deadline (sent as `grpc-timeout` *and* enforced here,
@@ -25,13 +25,45 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::rollout::health::Sample;
 
-/// Identity of one command: agents key idempotency on (rollout, patch, kind)
-/// and refuse an epoch older than the newest they have seen.
+/// Which two-phase-commit command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    /// Stage the patch and vote; the agent keeps it prepared for
+    /// `ttl_seconds` (0: the agent's own default).
+    Prepare {
+        ttl_seconds: u32,
+    },
+    Commit,
+    Abort,
+    Rollback,
+}
+
+impl CommandKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CommandKind::Prepare { .. } => "prepare",
+            CommandKind::Commit => "commit",
+            CommandKind::Abort => "abort",
+            CommandKind::Rollback => "rollback",
+        }
+    }
+}
+
+/// One command: agents key idempotency on (rollout, patch, kind) and refuse
+/// an epoch older than the newest they have seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
+    pub kind: CommandKind,
     pub rollout_id: String,
     pub patch_id: String,
     pub epoch: u64,
+}
+
+impl Command {
+    /// The same command identity, another kind (a revert sends rollback, then abort).
+    pub fn with_kind(&self, kind: CommandKind) -> Self {
+        Self { kind, ..self.clone() }
+    }
 }
 
 /// Where an agent is.
@@ -63,16 +95,9 @@ pub enum AgentError {
 /// Commands and queries the engine sends to agents.
 #[async_trait]
 pub trait AgentClient: Send + Sync + 'static {
-    async fn prepare(
-        &self,
-        to: &Target,
-        cmd: &Command,
-        ttl_seconds: u32,
-        deadline: Duration,
-    ) -> Result<Outcome, AgentError>;
-    async fn commit(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError>;
-    async fn abort(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError>;
-    async fn rollback(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError>;
+    /// Sends one command (any kind) and returns the agent's answer: a
+    /// prepare vote, or a commit/abort/rollback outcome.
+    async fn send(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError>;
     /// Health of every process, counted from the given per-process marks
     /// (empty map: since ever; the answer carries the current marks).
     async fn health(
@@ -192,46 +217,30 @@ fn outcome(ok: bool, reason: String, processes: &[hotfleet_proto::v1::ProcessOut
 
 #[async_trait]
 impl AgentClient for GrpcAgents {
-    async fn prepare(
-        &self,
-        to: &Target,
-        cmd: &Command,
-        ttl_seconds: u32,
-        deadline: Duration,
-    ) -> Result<Outcome, AgentError> {
-        let r = self
-            .call(to, deadline, |mut c, d| async move {
-                c.prepare(with_deadline(PrepareRequest { header: header(cmd), ttl_seconds }, d)).await
-            })
-            .await?;
-        Ok(outcome(r.vote_yes, r.reason, &r.processes))
-    }
-
-    async fn commit(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
-        let r = self
-            .call(to, deadline, |mut c, d| async move {
-                c.commit(with_deadline(CommitRequest { header: header(cmd) }, d)).await
-            })
-            .await?;
-        Ok(outcome(r.ok, r.reason, &r.processes))
-    }
-
-    async fn abort(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
-        let r = self
-            .call(to, deadline, |mut c, d| async move {
-                c.abort(with_deadline(AbortRequest { header: header(cmd) }, d)).await
-            })
-            .await?;
-        Ok(outcome(r.ok, r.reason, &r.processes))
-    }
-
-    async fn rollback(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
-        let r = self
-            .call(to, deadline, |mut c, d| async move {
-                c.rollback(with_deadline(RollbackRequest { header: header(cmd) }, d)).await
-            })
-            .await?;
-        Ok(outcome(r.ok, r.reason, &r.processes))
+    async fn send(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
+        let header = header(cmd);
+        match cmd.kind {
+            CommandKind::Prepare { ttl_seconds } => {
+                let request = PrepareRequest { header, ttl_seconds };
+                let r = self.call(to, deadline, |mut c, d| async move { c.prepare(with_deadline(request, d)).await });
+                r.await.map(|r| outcome(r.vote_yes, r.reason, &r.processes))
+            }
+            CommandKind::Commit => {
+                let request = CommitRequest { header };
+                let r = self.call(to, deadline, |mut c, d| async move { c.commit(with_deadline(request, d)).await });
+                r.await.map(|r| outcome(r.ok, r.reason, &r.processes))
+            }
+            CommandKind::Abort => {
+                let request = AbortRequest { header };
+                let r = self.call(to, deadline, |mut c, d| async move { c.abort(with_deadline(request, d)).await });
+                r.await.map(|r| outcome(r.ok, r.reason, &r.processes))
+            }
+            CommandKind::Rollback => {
+                let request = RollbackRequest { header };
+                let r = self.call(to, deadline, |mut c, d| async move { c.rollback(with_deadline(request, d)).await });
+                r.await.map(|r| outcome(r.ok, r.reason, &r.processes))
+            }
+        }
     }
 
     async fn health(

@@ -26,7 +26,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agents::{AgentClient, Command, Target},
+    agents::{AgentClient, Command, CommandKind, Target},
     engine::Engine,
     patches::audit,
     registry::{Liveness, Registry},
@@ -119,11 +119,12 @@ impl Reconciler {
         tracing::warn!(node = %node_id, pid, patch = %patch, "process runs a patch the store does not record; rolling it back");
         let target = Target { node_id: node_id.to_string(), addr: addr.to_string() };
         let cmd = Command {
+            kind: CommandKind::Rollback,
             rollout_id: format!("reconcile-{}-{}", self.fence.epoch, crate::clock::now_ms()),
             patch_id: patch.to_string(),
             epoch: self.fence.epoch,
         };
-        let (ok, detail) = match self.agents.rollback(&target, &cmd, self.deadline).await {
+        let (ok, detail) = match self.agents.send(&target, &cmd, self.deadline).await {
             Ok(outcome) if outcome.ok => (true, format!("rolled back on pid {pid}: not on the store's patch stack")),
             Ok(outcome) => (false, format!("rollback on pid {pid} failed: {}", outcome.reason)),
             Err(err) => (false, format!("rollback on pid {pid} failed: {err}")),

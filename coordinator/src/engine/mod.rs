@@ -30,7 +30,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
+    agents::{AgentClient, Command, CommandKind, HealthSample, Target},
     clock::now_ms,
     error::{Error, Result},
     patches::audit,
@@ -101,10 +101,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn result_of(outcome: Result<Outcome, AgentError>, what: &str) -> Result<(), String> {
-    match outcome {
+/// Sends `cmd` to `to`; `Err` carries the agent's reason (or why it could not be asked).
+async fn send(agents: &dyn AgentClient, to: &Target, cmd: &Command, deadline: Duration) -> Result<(), String> {
+    match agents.send(to, cmd, deadline).await {
         Ok(o) if o.ok => Ok(()),
-        Ok(o) if o.reason.is_empty() => Err(format!("{what} refused (no reason given)")),
+        Ok(o) if o.reason.is_empty() => Err(format!("{} refused (no reason given)", cmd.kind.name())),
         Ok(o) => Err(o.reason),
         Err(e) => Err(e.to_string()),
     }
@@ -353,8 +354,9 @@ impl Engine {
         }
     }
 
-    fn command(&self, state: &RolloutState) -> Command {
+    fn command(&self, state: &RolloutState, kind: CommandKind) -> Command {
         Command {
+            kind,
             rollout_id: state.rollout.id.clone(),
             patch_id: state.rollout.patch_id.clone(),
             epoch: self.inner.fence.epoch,
@@ -415,14 +417,14 @@ impl Engine {
     }
 
     async fn prepare(&self, handle: &Handle, state: &RolloutState, nodes: Vec<String>) -> Result<()> {
-        let cmd = self.command(state);
-        let ttl = state.rollout.spec.prepare_ttl_seconds;
+        let ttl_seconds = state.rollout.spec.prepare_ttl_seconds;
+        let cmd = self.command(state, CommandKind::Prepare { ttl_seconds });
         let deadline = Self::step_deadline(state);
         let agents = self.inner.agents.clone();
         let results = self
             .fan_out(handle, &nodes, deadline, true, |t| {
                 let (agents, cmd) = (agents.clone(), cmd.clone());
-                async move { result_of(agents.prepare(&t, &cmd, ttl, deadline).await, "prepare") }
+                async move { send(agents.as_ref(), &t, &cmd, deadline).await }
             })
             .await;
         let Some(results) = results else { return Ok(()) };
@@ -488,16 +490,13 @@ impl Engine {
     }
 
     async fn commit(&self, handle: &Handle, state: &RolloutState, step: usize, nodes: Vec<String>) -> Result<()> {
-        let cmd = self.command(state);
+        let cmd = self.command(state, CommandKind::Commit);
         let deadline = Self::step_deadline(state);
         let agents = self.inner.agents.clone();
         let results = self
             .fan_out(handle, &nodes, deadline, true, |t| {
                 let (agents, cmd) = (agents.clone(), cmd.clone());
-                async move {
-                    result_of(agents.commit(&t, &cmd, deadline).await, "commit")
-                        .map_err(|e| format!("commit failed: {e}"))
-                }
+                async move { send(agents.as_ref(), &t, &cmd, deadline).await.map_err(|e| format!("commit failed: {e}")) }
             })
             .await;
         let Some(results) = results else { return Ok(()) };
@@ -639,25 +638,27 @@ impl Engine {
         abort: Vec<String>,
         attempt: u32,
     ) -> Result<()> {
-        let cmd = self.command(state);
+        let rollback_cmd = self.command(state, CommandKind::Rollback);
+        let abort_cmd = self.command(state, CommandKind::Abort);
         let deadline = Self::step_deadline(state);
         let agents = self.inner.agents.clone();
         let rollback_results = self.fan_out(handle, &rollback, deadline, false, |t| {
-            let (agents, cmd) = (agents.clone(), cmd.clone());
+            let (agents, rollback_cmd, abort_cmd) = (agents.clone(), rollback_cmd.clone(), abort_cmd.clone());
             async move {
-                let result = result_of(agents.rollback(&t, &cmd, deadline).await, "rollback");
+                let result = send(agents.as_ref(), &t, &rollback_cmd, deadline).await;
                 // Also drop any prepared copy: a node whose commit never
                 // landed holds the patch prepared, not committed.
-                let _ = agents.abort(&t, &cmd, deadline).await;
+                let _ = agents.send(&t, &abort_cmd, deadline).await;
                 result.map_err(|e| format!("rollback failed: {e}"))
             }
         });
-        let abort_results = self.fan_out(handle, &abort, deadline, false, |t| {
-            let (agents, cmd) = (agents.clone(), cmd.clone());
-            async move {
-                result_of(agents.abort(&t, &cmd, deadline).await, "abort").map_err(|e| format!("abort failed: {e}"))
-            }
-        });
+        let abort_results =
+            self.fan_out(handle, &abort, deadline, false, |t| {
+                let (agents, abort_cmd) = (agents.clone(), abort_cmd.clone());
+                async move {
+                    send(agents.as_ref(), &t, &abort_cmd, deadline).await.map_err(|e| format!("abort failed: {e}"))
+                }
+            });
         let (a, b) = tokio::join!(rollback_results, abort_results);
         let mut results = a.unwrap_or_default();
         results.extend(b.unwrap_or_default());

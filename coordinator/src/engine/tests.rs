@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::{
-    agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
+    agents::{AgentClient, AgentError, Command, CommandKind, HealthSample, Outcome, Target},
     node::{NodeStatus, ProcessStatus},
     registry::Registry,
     rollout::{health::Sample, Observed, OperatorAction, Phase, RolloutState},
@@ -75,39 +75,33 @@ fn yes() -> Result<Outcome, AgentError> {
 
 #[async_trait]
 impl AgentClient for FakeAgents {
-    async fn prepare(&self, to: &Target, cmd: &Command, _ttl: u32, _d: Duration) -> Result<Outcome, AgentError> {
-        self.record("prepare", to, cmd);
+    async fn send(&self, to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
+        self.record(cmd.kind.name(), to, cmd);
         let b = self.behaviour(&to.node_id);
-        if let Some(delay) = b.slow_prepare {
-            tokio::time::sleep(delay).await;
+        match cmd.kind {
+            CommandKind::Prepare { .. } => {
+                if let Some(delay) = b.slow_prepare {
+                    tokio::time::sleep(delay).await;
+                }
+                if b.prepare_no {
+                    let reason = "SyntaxError: invalid syntax (zone/combat.py, line 3)".into();
+                    return Ok(Outcome { ok: false, reason });
+                }
+            }
+            CommandKind::Commit => {
+                if let Some(delay) = b.slow_commit {
+                    tokio::time::sleep(delay).await;
+                }
+                if b.commit_fail {
+                    return Ok(Outcome { ok: false, reason: "__reload_instance__ raised KeyError".into() });
+                }
+                self.committed.lock().expect("lock").insert(to.node_id.clone());
+            }
+            CommandKind::Rollback => {
+                self.committed.lock().expect("lock").remove(&to.node_id);
+            }
+            CommandKind::Abort => {}
         }
-        if b.prepare_no {
-            return Ok(Outcome { ok: false, reason: "SyntaxError: invalid syntax (zone/combat.py, line 3)".into() });
-        }
-        yes()
-    }
-
-    async fn commit(&self, to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
-        self.record("commit", to, cmd);
-        let b = self.behaviour(&to.node_id);
-        if let Some(delay) = b.slow_commit {
-            tokio::time::sleep(delay).await;
-        }
-        if b.commit_fail {
-            return Ok(Outcome { ok: false, reason: "__reload_instance__ raised KeyError".into() });
-        }
-        self.committed.lock().expect("lock").insert(to.node_id.clone());
-        yes()
-    }
-
-    async fn abort(&self, to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
-        self.record("abort", to, cmd);
-        yes()
-    }
-
-    async fn rollback(&self, to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
-        self.record("rollback", to, cmd);
-        self.committed.lock().expect("lock").remove(&to.node_id);
         yes()
     }
 

@@ -36,30 +36,9 @@ impl GuardedAgents {
 
 #[async_trait]
 impl AgentClient for GuardedAgents {
-    async fn prepare(
-        &self,
-        to: &Target,
-        cmd: &Command,
-        ttl_seconds: u32,
-        deadline: Duration,
-    ) -> Result<Outcome, AgentError> {
-        self.admit(to, "prepare")?;
-        self.inner.prepare(to, cmd, ttl_seconds, deadline).await
-    }
-
-    async fn commit(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
-        self.admit(to, "commit")?;
-        self.inner.commit(to, cmd, deadline).await
-    }
-
-    async fn abort(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
-        self.admit(to, "abort")?;
-        self.inner.abort(to, cmd, deadline).await
-    }
-
-    async fn rollback(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
-        self.admit(to, "rollback")?;
-        self.inner.rollback(to, cmd, deadline).await
+    async fn send(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
+        self.admit(to, cmd.kind.name())?;
+        self.inner.send(to, cmd, deadline).await
     }
 
     async fn health(

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::{
-    agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
+    agents::{AgentClient, AgentError, Command, CommandKind, HealthSample, Outcome, Target},
     store::{embedded::EmbeddedStore, Batch, Store, StoreError, Write},
 };
 
@@ -345,19 +345,7 @@ struct CountingAgents {
 
 #[async_trait]
 impl AgentClient for CountingAgents {
-    async fn prepare(&self, _: &Target, _: &Command, _: u32, _: Duration) -> Result<Outcome, AgentError> {
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        Ok(Outcome { ok: true, reason: String::new() })
-    }
-    async fn commit(&self, _: &Target, _: &Command, _: Duration) -> Result<Outcome, AgentError> {
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        Ok(Outcome { ok: true, reason: String::new() })
-    }
-    async fn abort(&self, _: &Target, _: &Command, _: Duration) -> Result<Outcome, AgentError> {
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        Ok(Outcome { ok: true, reason: String::new() })
-    }
-    async fn rollback(&self, _: &Target, _: &Command, _: Duration) -> Result<Outcome, AgentError> {
+    async fn send(&self, _: &Target, _: &Command, _: Duration) -> Result<Outcome, AgentError> {
         self.sent.fetch_add(1, Ordering::Relaxed);
         Ok(Outcome { ok: true, reason: String::new() })
     }
@@ -377,17 +365,15 @@ async fn no_command_leaves_once_the_lease_expired() {
     let guard = LeaseGuard::with_deadline(5, Some(Instant::now() + Duration::from_secs(1)));
     let agents = GuardedAgents::new(inner.clone(), guard.clone());
     let to = Target { node_id: "n1".into(), addr: "127.0.0.1:1".into() };
-    let cmd = Command { rollout_id: "r".into(), patch_id: "p".into(), epoch: 5 };
+    let cmd = Command { kind: CommandKind::Commit, rollout_id: "r".into(), patch_id: "p".into(), epoch: 5 };
     let d = Duration::from_secs(1);
-    agents.commit(&to, &cmd, d).await.expect("sent while leading");
+    agents.send(&to, &cmd, d).await.expect("sent while leading");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for result in [
-        agents.prepare(&to, &cmd, 0, d).await,
-        agents.commit(&to, &cmd, d).await,
-        agents.abort(&to, &cmd, d).await,
-        agents.rollback(&to, &cmd, d).await,
-    ] {
-        assert!(matches!(result, Err(AgentError::Refused { .. })));
+    let kinds =
+        [CommandKind::Prepare { ttl_seconds: 0 }, CommandKind::Commit, CommandKind::Abort, CommandKind::Rollback];
+    for kind in kinds {
+        let result = agents.send(&to, &cmd.with_kind(kind), d).await;
+        assert!(matches!(result, Err(AgentError::Refused { .. })), "{kind:?} refused");
     }
     assert_eq!(inner.sent.load(Ordering::Relaxed), 1, "nothing sent after the lease expired");
     assert!(agents.health(&to, &BTreeMap::new(), d).await.is_ok(), "reads still pass");
