@@ -219,26 +219,21 @@ fn outcome(ok: bool, reason: String, processes: &[hotfleet_proto::v1::ProcessOut
 impl AgentClient for GrpcAgents {
     async fn send(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
         let header = header(cmd);
+        // One RPC per kind; each answers ok-or-not, a reason and per-process outcomes.
+        macro_rules! rpc {
+            ($method:ident, $request:expr) => {
+                self.call(to, deadline, |mut c, d| async move { c.$method(with_deadline($request, d)).await }).await
+            };
+        }
         match cmd.kind {
-            CommandKind::Prepare { ttl_seconds } => {
-                let request = PrepareRequest { header, ttl_seconds };
-                let r = self.call(to, deadline, |mut c, d| async move { c.prepare(with_deadline(request, d)).await });
-                r.await.map(|r| outcome(r.vote_yes, r.reason, &r.processes))
-            }
+            CommandKind::Prepare { ttl_seconds } => rpc!(prepare, PrepareRequest { header, ttl_seconds })
+                .map(|r| outcome(r.vote_yes, r.reason, &r.processes)),
             CommandKind::Commit => {
-                let request = CommitRequest { header };
-                let r = self.call(to, deadline, |mut c, d| async move { c.commit(with_deadline(request, d)).await });
-                r.await.map(|r| outcome(r.ok, r.reason, &r.processes))
+                rpc!(commit, CommitRequest { header }).map(|r| outcome(r.ok, r.reason, &r.processes))
             }
-            CommandKind::Abort => {
-                let request = AbortRequest { header };
-                let r = self.call(to, deadline, |mut c, d| async move { c.abort(with_deadline(request, d)).await });
-                r.await.map(|r| outcome(r.ok, r.reason, &r.processes))
-            }
+            CommandKind::Abort => rpc!(abort, AbortRequest { header }).map(|r| outcome(r.ok, r.reason, &r.processes)),
             CommandKind::Rollback => {
-                let request = RollbackRequest { header };
-                let r = self.call(to, deadline, |mut c, d| async move { c.rollback(with_deadline(request, d)).await });
-                r.await.map(|r| outcome(r.ok, r.reason, &r.processes))
+                rpc!(rollback, RollbackRequest { header }).map(|r| outcome(r.ok, r.reason, &r.processes))
             }
         }
     }

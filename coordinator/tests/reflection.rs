@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use hotfleet_coordinator::server::SERVED;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic_reflection::pb::{v1, v1alpha};
 
 const EXPECTED: [&str; 5] = [
@@ -22,36 +22,24 @@ fn sorted(mut names: Vec<String>) -> Vec<String> {
     names
 }
 
-async fn list_v1(channel: Channel) -> Vec<String> {
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = client.server_reflection_info(tokio_stream::iter([request])).await.expect("v1").into_inner();
-    let answer = answers.message().await.expect("v1 answer").expect("one answer");
-    match answer.message_response {
-        Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) => {
-            sorted(list.service.into_iter().map(|s| s.name).collect())
+/// The service names one reflection version lists (the two versions are
+/// separate generated types with the same shape).
+macro_rules! list_services {
+    ($version:ident, $channel:expr) => {{
+        use $version::{server_reflection_request::MessageRequest, server_reflection_response::MessageResponse};
+        let mut client = $version::server_reflection_client::ServerReflectionClient::new($channel);
+        let request = $version::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = client.server_reflection_info(tokio_stream::iter([request])).await.expect("ask").into_inner();
+        match answers.message().await.expect("answer").expect("one answer").message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                sorted(list.service.into_iter().map(|s| s.name).collect())
+            }
+            other => panic!("{}: not a service list: {other:?}", stringify!($version)),
         }
-        other => panic!("v1: not a service list: {other:?}"),
-    }
-}
-
-async fn list_v1alpha(channel: Channel) -> Vec<String> {
-    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
-    let request = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = client.server_reflection_info(tokio_stream::iter([request])).await.expect("v1alpha").into_inner();
-    let answer = answers.message().await.expect("v1alpha answer").expect("one answer");
-    match answer.message_response {
-        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) => {
-            sorted(list.service.into_iter().map(|s| s.name).collect())
-        }
-        other => panic!("v1alpha: not a service list: {other:?}"),
-    }
+    }};
 }
 
 #[tokio::test]
@@ -60,8 +48,8 @@ async fn reflection_lists_exactly_the_served_services() {
     let dir = tempfile::tempdir().expect("tempdir");
     let running = start(config(&dir.path().join("data"), vec![])).await;
     let channel = Endpoint::from_shared(running.channel_uri()).expect("uri").connect().await.expect("connect");
-    assert_eq!(list_v1(channel.clone()).await, EXPECTED);
-    assert_eq!(list_v1alpha(channel.clone()).await, EXPECTED);
+    assert_eq!(list_services!(v1, channel.clone()), EXPECTED);
+    assert_eq!(list_services!(v1alpha, channel.clone()), EXPECTED);
     // The health service listed answers (the coordinator's own service is SERVING).
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
