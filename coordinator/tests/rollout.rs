@@ -19,11 +19,12 @@ use std::{
 use common::*;
 use hotfleet_proto::v1::{
     agent_server::{Agent, AgentServer},
+    coordinator_client::CoordinatorClient,
     *,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{transport::Channel, Code, Request, Response, Status};
 
 #[derive(Default, Clone)]
 struct Behaviour {
@@ -268,6 +269,17 @@ fn spec(patch_id: &str) -> RolloutSpec {
     }
 }
 
+/// Starts a rollout of `spec`; its id.
+async fn started(op: &mut CoordinatorClient<Channel>, spec: RolloutSpec) -> String {
+    let started = op.start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false }).await.expect("start");
+    started.into_inner().rollout.expect("rollout").rollout_id
+}
+
+/// A rollout's current state.
+async fn rollout(op: &mut CoordinatorClient<Channel>, id: String) -> Rollout {
+    op.get_rollout(GetRolloutRequest { rollout_id: id }).await.expect("get").into_inner().rollout.expect("r")
+}
+
 async fn watch_to_end(running: &Running, id: &str) -> (Rollout, usize) {
     let mut op = running.operator().await;
     let mut stream = op.watch_rollout(WatchRolloutRequest { rollout_id: id.into() }).await.expect("watch").into_inner();
@@ -351,14 +363,7 @@ async fn a_commit_failure_rolls_the_fleet_back_over_grpc() {
     // Plan order is by node id: canary node-1, wave-1 node-2,3, wave-2 node-4,5.
     f.agents[3].set(Behaviour { commit_fail: true, ..Default::default() });
     let mut op = f.running.operator().await;
-    let id = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false })
-        .await
-        .expect("start")
-        .into_inner()
-        .rollout
-        .expect("rollout")
-        .rollout_id;
+    let id = started(&mut op, spec(&f.patch_id)).await;
     let (done, _) = watch_to_end(&f.running, &id).await;
     assert_eq!(done.phase, RolloutPhase::RolledBack as i32);
     assert_eq!(done.faulty_nodes, ["node-4"]);
@@ -387,14 +392,7 @@ async fn a_silent_agent_is_cut_off_at_the_step_deadline() {
     let mut s = spec(&f.patch_id);
     s.step_deadline_ms = 500;
     let began = Instant::now();
-    let id = op
-        .start_rollout(StartRolloutRequest { spec: Some(s), dry_run: false })
-        .await
-        .expect("start")
-        .into_inner()
-        .rollout
-        .expect("rollout")
-        .rollout_id;
+    let id = started(&mut op, s).await;
     let (done, _) = watch_to_end(&f.running, &id).await;
     assert!(began.elapsed() < Duration::from_secs(5), "took {:?}", began.elapsed());
     assert_eq!(done.phase, RolloutPhase::RolledBack as i32);
@@ -409,14 +407,7 @@ async fn operator_controls_abort_freeze_conflict_promote() {
     let mut op = f.running.operator().await;
     let mut s = spec(&f.patch_id);
     s.pause_before = vec!["wave-1".into()];
-    let id = op
-        .start_rollout(StartRolloutRequest { spec: Some(s), dry_run: false })
-        .await
-        .expect("start")
-        .into_inner()
-        .rollout
-        .expect("rollout")
-        .rollout_id;
+    let id = started(&mut op, s).await;
 
     // Blast radius.
     let err = op
@@ -431,13 +422,7 @@ async fn operator_controls_abort_freeze_conflict_promote() {
         let mut op = op.clone();
         let id = id.clone();
         async move {
-            let r = op
-                .get_rollout(GetRolloutRequest { rollout_id: id })
-                .await
-                .expect("get")
-                .into_inner()
-                .rollout
-                .expect("r");
+            let r = rollout(&mut op, id).await;
             r.phase == RolloutPhase::Waiting as i32 && r.waiting_reason.contains("gate before wave-1")
         }
     })
@@ -450,13 +435,7 @@ async fn operator_controls_abort_freeze_conflict_promote() {
     assert!(frozen.frozen && frozen.by == "sre");
     op.promote_rollout(RolloutActionRequest { rollout_id: id.clone(), reason: String::new() }).await.expect("promote");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = op
-        .get_rollout(GetRolloutRequest { rollout_id: id.clone() })
-        .await
-        .expect("get")
-        .into_inner()
-        .rollout
-        .expect("r");
+    let r = rollout(&mut op, id.clone()).await;
     assert!(r.waiting_reason.contains("frozen"), "{}", r.waiting_reason);
     assert_eq!(op.get_freeze(GetFreezeRequest {}).await.expect("get").into_inner().reason, "tournament");
 
@@ -505,25 +484,12 @@ async fn a_restarted_coordinator_resumes_the_rollout_under_a_higher_epoch() {
     let mut op = f.running.operator().await;
     let mut s = spec(&f.patch_id);
     s.health_window_ms = 800;
-    let id = op
-        .start_rollout(StartRolloutRequest { spec: Some(s), dry_run: false })
-        .await
-        .expect("start")
-        .into_inner()
-        .rollout
-        .expect("rollout")
-        .rollout_id;
+    let id = started(&mut op, s).await;
     let watching_wave = eventually(Duration::from_secs(10), || {
         let mut op = op.clone();
         let id = id.clone();
         async move {
-            let r = op
-                .get_rollout(GetRolloutRequest { rollout_id: id })
-                .await
-                .expect("get")
-                .into_inner()
-                .rollout
-                .expect("r");
+            let r = rollout(&mut op, id).await;
             r.phase == RolloutPhase::Watching as i32 && r.current_step == 1
         }
     })
