@@ -1,6 +1,7 @@
 //! The coordinator's domain error: what operators and agents can be told.
 //! The gRPC adapters turn it into a `Status` in exactly one place
-//! (`grpc::status`), so every code and message is decided here.
+//! (`impl From<Error> for Status` in [`crate::grpc`]), so every code and
+//! message is decided by this type.
 
 use hotfleet_patch::PatchError;
 

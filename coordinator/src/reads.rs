@@ -212,3 +212,38 @@ impl Follower {
         !terminal
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        planner::Plan,
+        rollout::{Phase, RolloutSpec},
+    };
+
+    fn record(id: &str, created_at_ms: u64, done: bool) -> Rollout {
+        let mut r = RolloutState::new(
+            id.into(),
+            RolloutSpec::new("p"),
+            "b1".into(),
+            Plan::default(),
+            "a".into(),
+            1,
+            created_at_ms,
+        )
+        .rollout;
+        if done {
+            r.phase = Phase::Completed;
+        }
+        r
+    }
+
+    #[test]
+    fn newest_first_ties_by_id_active_only_and_limited() {
+        let all = vec![record("a", 1, true), record("b", 3, false), record("c", 3, true), record("d", 2, false)];
+        let ids = |rs: Vec<Rollout>| rs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(newest(all.clone(), false, 10)), ["c", "b", "d", "a"]);
+        assert_eq!(ids(newest(all.clone(), true, 10)), ["b", "d"]);
+        assert_eq!(ids(newest(all, false, 2)), ["c", "b"]);
+    }
+}

@@ -813,7 +813,9 @@ impl Engine {
     }
 
     /// Freezes (`Some(reason)`) or unfreezes (`None`) the fleet.
+    /// A freeze without a reason is recorded as "no reason given".
     pub async fn set_freeze(&self, reason: Option<String>, actor: &str) -> Result<Option<FreezeRecord>> {
+        let reason = reason.map(|r| if r.trim().is_empty() { "no reason given".to_string() } else { r });
         let record = reason.map(|reason| FreezeRecord { reason, by: actor.to_string(), since_ms: now_ms() });
         let (action, detail) = match &record {
             Some(r) => ("fleet.freeze", r.reason.clone()),

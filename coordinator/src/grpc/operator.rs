@@ -162,7 +162,6 @@ impl Coordinator for OperatorService {
     async fn freeze(&self, request: Request<pb::FreezeRequest>) -> Result<Response<pb::FreezeStatus>, Status> {
         let who = actor(&request);
         let reason = request.into_inner().reason;
-        let reason = if reason.trim().is_empty() { "no reason given".to_string() } else { reason };
         let term = self.leader()?;
         Ok(Response::new(convert::freeze_status(term.engine.set_freeze(Some(reason), &who).await?)))
     }
