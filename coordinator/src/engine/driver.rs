@@ -1,0 +1,451 @@
+//! The driver of one rollout: the reconcile loop (read the persisted state →
+//! [`RolloutState::next_action`] → act → record the outcome) and each
+//! action's talk with the agents: prepare, baselines, commit, health windows,
+//! holds and reverts. Every outcome is recorded through [`Engine::transact`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::future::join_all;
+
+use super::{lock, Engine, Handle};
+use crate::{
+    agents::{AgentClient, Command, CommandKind, HealthSample, Target},
+    clock::now_ms,
+    error::{Error, Result},
+    rollout::{
+        health::{self, Baseline, Check, GateConfig, Verdict},
+        Action, NodeResult, Phase, RolloutState,
+    },
+    store::StoreError,
+};
+
+/// Sends `cmd` to `to`; `Err` carries the agent's reason (or why it could not be asked).
+async fn send(agents: &dyn AgentClient, to: &Target, cmd: &Command, deadline: Duration) -> Result<(), String> {
+    match agents.send(to, cmd, deadline).await {
+        Ok(o) if o.ok => Ok(()),
+        Ok(o) if o.reason.is_empty() => Err(format!("{} refused (no reason given)", cmd.kind.name())),
+        Ok(o) => Err(o.reason),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Engine {
+    pub(super) async fn drive(&self, id: &str, handle: Arc<Handle>) {
+        let mut revert_attempt = 0u32;
+        loop {
+            if self.inner.cancel.is_cancelled() {
+                tracing::info!(rollout = %id, "driver stopping for shutdown; the rollout resumes on restart");
+                return;
+            }
+            let (action, state) = {
+                let s = handle.state.lock().await;
+                (s.next_action(self.frozen()), s.clone())
+            };
+            if !matches!(action, Action::Revert { .. }) {
+                revert_attempt = 0;
+            }
+            let abort_pending = handle.abort.is_cancelled()
+                && !state.rollout.phase.is_terminal()
+                && !matches!(state.rollout.phase, Phase::RollingBack { .. });
+            let step = match action {
+                Action::Finished => break,
+                // An abort was requested but its write did not land: record
+                // it before anything else (no prepare/commit is sent meanwhile).
+                _ if abort_pending => {
+                    let (actor, note) =
+                        lock(&handle.abort_by).clone().unwrap_or_else(|| ("operator".to_string(), String::new()));
+                    self.transact(&handle, Vec::new(), |s| Ok(((), s.abort(&actor, &note, now_ms())?))).await
+                }
+                Action::BeginPrepare => {
+                    self.transact(&handle, Vec::new(), |s| Ok(((), s.begin_prepare(now_ms())))).await
+                }
+                Action::Prepare(nodes) => self.prepare(&handle, &state, nodes).await,
+                Action::BeginStep(step) => self.begin_step(&handle, &state, step).await,
+                Action::Commit { step, nodes } => self.commit(&handle, &state, step, nodes).await,
+                Action::Watch { step, ends_at_ms } => self.watch(&handle, step, ends_at_ms).await,
+                Action::Hold(_) => self.hold(&handle, &state).await,
+                Action::Revert { rollback, abort } => {
+                    revert_attempt += 1;
+                    self.revert(&handle, &state, rollback, abort, revert_attempt).await
+                }
+            };
+            match step {
+                Ok(()) => {}
+                Err(Error::Store(StoreError::Fenced { ours, current })) => {
+                    tracing::error!(rollout = %id, ours, current, "fenced by a newer coordinator; this one stops driving");
+                    return;
+                }
+                Err(Error::Store(StoreError::NotLeading { epoch, reason })) => {
+                    tracing::warn!(rollout = %id, epoch, %reason, "no longer leading; this driver stops (the leader resumes the rollout)");
+                    return;
+                }
+                Err(Error::Store(err)) => {
+                    // The store is unreachable: hold still. Nothing is re-sent
+                    // until the store answers again, so no command goes out
+                    // whose outcome could not be recorded.
+                    tracing::warn!(rollout = %id, error = %err, "state store unavailable; holding still until it answers");
+                    if !self.wait_for_store().await {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(rollout = %id, error = %err, "rollout step failed; retrying");
+                    tokio::select! {
+                        _ = self.inner.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(self.inner.config.store_retry) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(rollout = %id, outcome = handle.snapshot.borrow().rollout.phase.name(), "rollout finished");
+        lock(&self.inner.rollouts).remove(id);
+    }
+
+    /// Waits until a store read succeeds; `false` if shut down meanwhile.
+    async fn wait_for_store(&self) -> bool {
+        let mut logged = false;
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return false,
+                _ = tokio::time::sleep(self.inner.config.store_retry) => {}
+            }
+            match self.inner.store.freeze().await {
+                Ok(_) => {
+                    if logged {
+                        tracing::info!("state store answers again; resuming");
+                    }
+                    return true;
+                }
+                Err(err) if !logged => {
+                    tracing::warn!(error = %err, "state store still unavailable");
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn command(&self, state: &RolloutState, kind: CommandKind) -> Command {
+        Command {
+            kind,
+            rollout_id: state.rollout.id.clone(),
+            patch_id: state.rollout.patch_id.clone(),
+            epoch: self.inner.fence.epoch,
+        }
+    }
+
+    fn target(&self, node_id: &str) -> Result<Target, String> {
+        match self.inner.registry.get(node_id) {
+            Some(view) => Ok(Target { node_id: node_id.to_string(), addr: view.status.advertise_addr }),
+            None => Err(format!("node {node_id} is not registered")),
+        }
+    }
+
+    fn step_deadline(state: &RolloutState) -> Duration {
+        Duration::from_millis(state.rollout.spec.step_deadline_ms.max(1))
+    }
+
+    /// Sends one command per node concurrently, each under the step deadline.
+    /// With `abortable`, nothing is sent once the abort token is cancelled and
+    /// calls in flight are dropped (their nodes are reverted anyway, since
+    /// desired was recorded first). Returns `None` if aborted.
+    async fn fan_out<F, Fut>(
+        &self,
+        handle: &Handle,
+        nodes: &[String],
+        deadline: Duration,
+        abortable: bool,
+        call: F,
+    ) -> Option<Vec<NodeResult>>
+    where
+        F: Fn(Target) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let calls = nodes.iter().map(|node| {
+            let target = self.target(node);
+            let fut = async {
+                let target = target?;
+                if abortable && handle.abort.is_cancelled() {
+                    return Err("aborted before send".to_string());
+                }
+                match tokio::time::timeout(deadline, call(target)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(format!("no answer within the step deadline ({} ms)", deadline.as_millis())),
+                }
+            };
+            async move { (node.clone(), fut.await) }
+        });
+        let all = join_all(calls);
+        if abortable {
+            tokio::select! {
+                biased;
+                _ = handle.abort.cancelled() => None,
+                results = all => Some(results),
+            }
+        } else {
+            Some(all.await)
+        }
+    }
+
+    async fn prepare(&self, handle: &Handle, state: &RolloutState, nodes: Vec<String>) -> Result<()> {
+        let ttl_seconds = state.rollout.spec.prepare_ttl_seconds;
+        let cmd = self.command(state, CommandKind::Prepare { ttl_seconds });
+        let deadline = Self::step_deadline(state);
+        let agents = self.inner.agents.clone();
+        let results = self
+            .fan_out(handle, &nodes, deadline, true, |t| {
+                let (agents, cmd) = (agents.clone(), cmd.clone());
+                async move { send(agents.as_ref(), &t, &cmd, deadline).await }
+            })
+            .await;
+        let Some(results) = results else { return Ok(()) };
+        self.transact(handle, Vec::new(), |s| Ok(((), s.record_prepare(results, now_ms())))).await
+    }
+
+    /// Takes the pre-commit baseline of every process of the step's nodes,
+    /// then records Committing (desired = committed, baselines) before any
+    /// commit is sent.
+    async fn begin_step(&self, handle: &Handle, state: &RolloutState, step: usize) -> Result<()> {
+        let nodes: Vec<String> = state
+            .rollout
+            .steps
+            .get(step)
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .filter(|n| state.nodes.get(*n).is_some_and(|ns| ns.observed == crate::rollout::Observed::Prepared))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let samples = self.sample(state, &nodes, false).await;
+        let mut baselines = BTreeMap::new();
+        let mut failures = Vec::new();
+        for (node, result) in samples {
+            match result {
+                Ok(list) => {
+                    let mut per_process = BTreeMap::new();
+                    for h in list {
+                        if !h.sample.reachable {
+                            failures.push((
+                                node.clone(),
+                                format!(
+                                    "process {} unreachable before commit: {}",
+                                    h.sample.process_id, h.sample.error
+                                ),
+                            ));
+                            continue;
+                        }
+                        per_process.insert(
+                            h.sample.process_id.clone(),
+                            Baseline {
+                                pid: h.sample.pid,
+                                mark: h.mark,
+                                tick_p99_ms: h.sample.tick_p99_ms,
+                                game_ok: h.sample.game_ok,
+                            },
+                        );
+                    }
+                    baselines.insert(node, per_process);
+                }
+                Err(err) => failures.push((node, err)),
+            }
+        }
+        if !failures.is_empty() {
+            let faulty: Vec<String> = failures.iter().map(|(n, _)| n.clone()).collect();
+            let detail: Vec<String> = failures.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+            let reason = format!("could not take a health baseline before commit: {}", detail.join("; "));
+            return self.transact(handle, Vec::new(), |s| Ok(((), s.fail(reason, faulty, now_ms())))).await;
+        }
+        self.transact(handle, Vec::new(), |s| Ok(((), s.begin_step(step, baselines, now_ms())))).await
+    }
+
+    async fn commit(&self, handle: &Handle, state: &RolloutState, step: usize, nodes: Vec<String>) -> Result<()> {
+        let cmd = self.command(state, CommandKind::Commit);
+        let deadline = Self::step_deadline(state);
+        let agents = self.inner.agents.clone();
+        let results = self
+            .fan_out(handle, &nodes, deadline, true, |t| {
+                let (agents, cmd) = (agents.clone(), cmd.clone());
+                async move { send(agents.as_ref(), &t, &cmd, deadline).await.map_err(|e| format!("commit failed: {e}")) }
+            })
+            .await;
+        let Some(results) = results else { return Ok(()) };
+        // Window start: where each watched process's tick count stands now,
+        // so the final check can tell "ticked during the window" apart.
+        let mut watch: BTreeSet<String> = state.watched_nodes().into_iter().collect();
+        watch.extend(results.iter().filter(|(_, r)| r.is_ok()).map(|(n, _)| n.clone()));
+        let watch: Vec<String> = watch.into_iter().collect();
+        let mut window_start = BTreeMap::new();
+        for (node, result) in self.sample(state, &watch, true).await {
+            if let Ok(list) = result {
+                window_start
+                    .insert(node, list.into_iter().map(|h| (h.sample.process_id, h.sample.ticks_since)).collect());
+            }
+        }
+        self.transact(handle, Vec::new(), |s| Ok(((), s.record_commit(step, results, window_start, now_ms())))).await
+    }
+
+    /// Health of `nodes`, counted from each node's baseline marks (or from
+    /// now, with `from_baseline` false), under the health poll deadline.
+    async fn sample(
+        &self,
+        state: &RolloutState,
+        nodes: &[String],
+        from_baseline: bool,
+    ) -> Vec<(String, Result<Vec<HealthSample>, String>)> {
+        let deadline = Self::step_deadline(state).min(Duration::from_secs(10));
+        let calls = nodes.iter().map(|node| {
+            let since: BTreeMap<String, u64> = if from_baseline {
+                state
+                    .nodes
+                    .get(node)
+                    .map(|n| n.baselines.iter().map(|(p, b)| (p.clone(), b.mark)).collect())
+                    .unwrap_or_default()
+            } else {
+                BTreeMap::new()
+            };
+            let target = self.target(node);
+            let agents = self.inner.agents.clone();
+            async move {
+                let result = match target {
+                    Ok(t) => match tokio::time::timeout(deadline, agents.health(&t, &since, deadline)).await {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("health query timed out after {} ms", deadline.as_millis())),
+                    },
+                    Err(e) => Err(e),
+                };
+                (node.clone(), result)
+            }
+        });
+        join_all(calls).await
+    }
+
+    /// One health check of every watched node; records verdicts (which may
+    /// roll the rollout back).
+    async fn check_health(&self, handle: &Handle, check: Check) -> Result<()> {
+        let state = handle.state.lock().await.clone();
+        let watched = state.watched_nodes();
+        if watched.is_empty() {
+            return Ok(());
+        }
+        let gate: GateConfig = state.rollout.spec.gate;
+        let mut verdicts = Vec::new();
+        let mut lost = Vec::new();
+        for (node, result) in self.sample(&state, &watched, true).await {
+            if self.inner.registry.is_lost(&node) {
+                lost.push(node);
+                continue;
+            }
+            let Some(ns) = state.nodes.get(&node) else { continue };
+            match result {
+                Ok(list) => {
+                    let samples: Vec<_> = list.into_iter().map(|h| h.sample).collect();
+                    verdicts.push((node, health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, check)));
+                }
+                // Honest gate: at the end of a window, no answer is a failure.
+                Err(err) if check == Check::Final => {
+                    verdicts.push((node, Verdict { problems: vec![format!("no health data: {err}")] }));
+                }
+                Err(err) => tracing::debug!(%node, error = %err, "health poll failed; judged at the window's end"),
+            }
+        }
+        self.transact(handle, Vec::new(), |s| Ok(((), s.record_health(verdicts, lost, now_ms())))).await
+    }
+
+    fn poll_interval(&self, window_ms: u64) -> Duration {
+        Duration::from_millis(window_ms / 4).clamp(Duration::from_millis(50), self.inner.config.max_poll_interval)
+    }
+
+    async fn watch(&self, handle: &Handle, step: usize, ends_at_ms: u64) -> Result<()> {
+        let window_ms = handle.state.lock().await.rollout.spec.health_window_ms;
+        let poll = self.poll_interval(window_ms);
+        loop {
+            let now = now_ms();
+            if now >= ends_at_ms {
+                self.check_health(handle, Check::Final).await?;
+                return self
+                    .transact(handle, Vec::new(), |s| {
+                        Ok(((), {
+                            s.window_passed(step, now_ms());
+                            Vec::new()
+                        }))
+                    })
+                    .await;
+            }
+            let wait = Duration::from_millis(ends_at_ms - now).min(poll);
+            tokio::select! {
+                _ = handle.abort.cancelled() => return Ok(()),
+                _ = self.inner.cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if now_ms() < ends_at_ms {
+                self.check_health(handle, Check::Interim).await?;
+                if !matches!(handle.state.lock().await.rollout.phase, Phase::Watching { .. }) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Held at a gate, a pause or a freeze: wait for a change, and keep an
+    /// eye on nodes already committed (a canary can go bad while we wait).
+    async fn hold(&self, handle: &Handle, state: &RolloutState) -> Result<()> {
+        let poll = self.poll_interval(state.rollout.spec.health_window_ms);
+        tokio::select! {
+            _ = handle.wake.notified() => return Ok(()),
+            _ = handle.abort.cancelled() => return Ok(()),
+            _ = self.inner.cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(poll) => {}
+        }
+        self.check_health(handle, Check::Interim).await
+    }
+
+    async fn revert(
+        &self,
+        handle: &Handle,
+        state: &RolloutState,
+        rollback: Vec<String>,
+        abort: Vec<String>,
+        attempt: u32,
+    ) -> Result<()> {
+        let rollback_cmd = self.command(state, CommandKind::Rollback);
+        let abort_cmd = self.command(state, CommandKind::Abort);
+        let deadline = Self::step_deadline(state);
+        let agents = self.inner.agents.clone();
+        let rollback_results = self.fan_out(handle, &rollback, deadline, false, |t| {
+            let (agents, rollback_cmd, abort_cmd) = (agents.clone(), rollback_cmd.clone(), abort_cmd.clone());
+            async move {
+                let result = send(agents.as_ref(), &t, &rollback_cmd, deadline).await;
+                // Also drop any prepared copy: a node whose commit never
+                // landed holds the patch prepared, not committed.
+                let _ = agents.send(&t, &abort_cmd, deadline).await;
+                result.map_err(|e| format!("rollback failed: {e}"))
+            }
+        });
+        let abort_results =
+            self.fan_out(handle, &abort, deadline, false, |t| {
+                let (agents, abort_cmd) = (agents.clone(), abort_cmd.clone());
+                async move {
+                    send(agents.as_ref(), &t, &abort_cmd, deadline).await.map_err(|e| format!("abort failed: {e}"))
+                }
+            });
+        let (a, b) = tokio::join!(rollback_results, abort_results);
+        let mut results = a.unwrap_or_default();
+        results.extend(b.unwrap_or_default());
+        let last = attempt >= self.inner.config.revert_attempts;
+        self.transact(handle, Vec::new(), |s| Ok(((), s.record_revert(results, last, now_ms())))).await?;
+        if !handle.state.lock().await.rollout.phase.is_terminal() {
+            let backoff = Duration::from_millis(250 * u64::from(attempt));
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => {}
+                _ = tokio::time::sleep(backoff) => {}
+            }
+        }
+        Ok(())
+    }
+}
