@@ -7,7 +7,7 @@
 //! or a finished rollout), so an operator can follow a rollout on any
 //! coordinator and across a fail-over ([`Cluster::watch`]).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -175,7 +175,7 @@ impl Follower {
     }
 
     /// The engine's snapshots, while this coordinator leads and drives it.
-    fn live(&self) -> Option<(std::sync::Arc<Term>, watch::Receiver<RolloutState>)> {
+    fn live(&self) -> Option<(Arc<Term>, watch::Receiver<RolloutState>)> {
         let term = self.cluster.term()?;
         let rx = term.engine.subscribe(&self.id)?;
         Some((term, rx))
