@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     coordinators::{Coordinators, Next},
     participant::SharedParticipant,
-    service::{node_status, NodeIdentity},
+    reports::{node_status, NodeIdentity},
 };
 
 /// Immediate retries after a follower named the leader, per heartbeat tick.
@@ -67,7 +67,7 @@ pub async fn run(
             };
             match result {
                 Ok(epoch) => {
-                    if let Err(err) = participant.observe_epoch(epoch).await {
+                    if let Err(err) = participant.observe_epoch(epoch) {
                         tracing::warn!(error = %err, "cannot record the leader's epoch");
                     }
                     if !reachable {

@@ -15,10 +15,12 @@ use crate::{
     coordinator_link,
     coordinators::Coordinators,
     epoch::EpochFence,
-    participant::{CoordinatorStacks, Participant},
+    participant::Participant,
     patches::PatchSource,
-    service::{AgentService, NodeIdentity},
+    reports::NodeIdentity,
+    service::AgentService,
     sessions::{self, Sessions},
+    stacks::CoordinatorStacks,
     AgentConfig,
 };
 
@@ -69,8 +71,8 @@ pub async fn serve(
     let sessions = Sessions::default();
     let participant = Arc::new(Participant::new(
         node_id.clone(),
-        sessions.clone(),
-        patches.clone(),
+        Arc::new(sessions.clone()),
+        Arc::new(patches.clone()),
         fence,
         config.runtime_timeout,
         config.prepare_ttl,

@@ -12,7 +12,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -40,6 +40,8 @@ pub enum SessionError {
     Timeout { process: String, timeout: Duration },
     #[error("process {process} answered with a protocol error: {message}")]
     Protocol { process: String, message: String },
+    #[error("process {process} answered {what} with an unexpected message")]
+    Unexpected { process: String, what: &'static str },
 }
 
 /// Serves the runtime's own requests (the patch stack for a late start).
@@ -117,9 +119,16 @@ impl Session {
 #[derive(Clone, Default)]
 pub struct Sessions {
     inner: Arc<Mutex<BTreeMap<String, Session>>>,
+    /// Set by the first hello this agent accepted.
+    ever_connected: Arc<AtomicBool>,
 }
 
 impl Sessions {
+    /// Whether any runtime has completed its handshake since these sessions were made.
+    pub fn ever_connected(&self) -> bool {
+        self.ever_connected.load(Ordering::Relaxed)
+    }
+
     pub fn list(&self) -> Vec<Session> {
         lock(&self.inner).values().filter(|s| !s.is_closed()).cloned().collect()
     }
@@ -129,6 +138,7 @@ impl Sessions {
     }
 
     fn insert(&self, session: Session) -> Option<Session> {
+        self.ever_connected.store(true, Ordering::Relaxed);
         lock(&self.inner).insert(session.process_id.clone(), session)
     }
 
