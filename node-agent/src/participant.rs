@@ -1,6 +1,7 @@
 //! The agent's side of the two-phase commit.
 //!
-//! Every command takes one path ([`Participant::handle`]): wait for its turn
+//! Every command takes one path ([`Participant::handle`]), in a task of its
+//! own so it outlives a caller that hangs up: wait for its turn
 //! (one at a time, in arrival order) → admit its epoch ([`EpochFence`]) →
 //! repeat the remembered answer if it ran before → run its kind → remember
 //! the answer. So a coordinator that retries after a lost reply or a
@@ -133,7 +134,22 @@ impl Participant {
     }
 
     /// Runs one command: turn → admit → replay → run → remember.
-    pub async fn handle(&self, cmd: Command) -> Result<Answer, ParticipantError> {
+    ///
+    /// The command runs in a task of its own: a caller that vanishes (its
+    /// connection dropped, its leader killed) does not cancel a commit the
+    /// runtimes may already have applied, and its outcome is remembered. The
+    /// same command re-sent meanwhile waits its turn behind it and then gets
+    /// that outcome.
+    pub async fn handle(self: &Arc<Self>, cmd: Command) -> Result<Answer, ParticipantError> {
+        let (kind, rollout_id) = (cmd.kind, cmd.rollout_id.clone());
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.run(cmd).await }).await.unwrap_or_else(|err| {
+            tracing::error!(%kind, rollout = %rollout_id, error = %err, "command task failed");
+            Err(ParticipantError::Internal { kind, rollout_id, reason: err.to_string() })
+        })
+    }
+
+    async fn run(&self, cmd: Command) -> Result<Answer, ParticipantError> {
         cmd.validate()?;
         let _turn = self.turn.lock().await;
         self.admit(&cmd)?;

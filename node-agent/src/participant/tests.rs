@@ -27,6 +27,8 @@ pub(crate) enum Behaviour {
     Fail,
     /// Disconnects instead of answering.
     Vanish,
+    /// Answers once the test releases it.
+    Wait,
 }
 
 /// Game processes in memory: scripted per (process, request), every call recorded.
@@ -34,6 +36,8 @@ pub(crate) struct FakeRuntimes {
     processes: Mutex<Vec<Process>>,
     script: Mutex<HashMap<(String, &'static str), Behaviour>>,
     calls: Mutex<Vec<(String, &'static str)>>,
+    /// Permits for requests scripted to [`Behaviour::Wait`].
+    pub release: tokio::sync::Semaphore,
     ever_connected: Mutex<bool>,
 }
 
@@ -57,6 +61,7 @@ impl FakeRuntimes {
             processes: Mutex::new(processes),
             script: Mutex::default(),
             calls: Mutex::default(),
+            release: tokio::sync::Semaphore::new(0),
             ever_connected: Mutex::new(!ids.is_empty()),
         })
     }
@@ -92,6 +97,12 @@ impl FakeRuntimes {
         }
         let behaviour = lock(&self.script).get(&(process.to_string(), request)).copied().unwrap_or(Behaviour::Ok);
         match behaviour {
+            Behaviour::Wait => {
+                if let Ok(permit) = self.release.acquire().await {
+                    permit.forget();
+                }
+                Ok(Behaviour::Ok)
+            }
             Behaviour::Vanish => {
                 self.disconnect(process);
                 Err(SessionError::Disconnected(process.into()))
@@ -199,6 +210,17 @@ pub(crate) fn rig(processes: &[&str]) -> Rig {
         Duration::from_secs(60),
     );
     Rig { participant: Arc::new(participant), runtimes, patch: id, dir }
+}
+
+/// Waits (bounded) until `done` holds.
+pub(crate) async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
 }
 
 impl Rig {
@@ -341,4 +363,30 @@ async fn abort_drops_the_prepare_and_is_ok_even_if_a_holder_vanished() {
     assert_eq!(rig.runtimes.count("a", "abort"), 1);
     assert!(rig.participant.prepared().is_empty());
     assert!(!rig.run(Kind::Commit).await.ok, "nothing left to commit");
+}
+
+#[tokio::test]
+async fn a_commit_whose_caller_vanishes_runs_to_its_end_and_a_resend_gets_its_outcome() {
+    let rig = rig(&["a", "b"]);
+    assert!(rig.run(Kind::Prepare).await.ok);
+    rig.runtimes.script("a", "commit", Behaviour::Wait);
+    let participant = rig.participant.clone();
+    let commit = rig.cmd(Kind::Commit, 1);
+    let caller = tokio::spawn(async move { participant.handle(commit).await });
+    until("the commit to reach the runtime", || rig.runtimes.count("a", "commit") == 1).await;
+    // The leader dies with its connection: tonic drops the handler's future.
+    caller.abort();
+    assert!(caller.await.is_err_and(|e| e.is_cancelled()));
+    // A new leader re-sends the same commit while the first is still running.
+    let participant = rig.participant.clone();
+    let resent = tokio::spawn(async move { participant.handle(Command::new(Kind::Commit, "r1", rig.patch, 2)).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(!resent.is_finished(), "the re-sent commit waits for the first one's outcome");
+    rig.runtimes.release.add_permits(1);
+    let answer =
+        tokio::time::timeout(Duration::from_secs(5), resent).await.expect("answered").expect("task").expect("ok");
+    assert!(answer.ok, "{answer:?}");
+    assert_eq!(answer.processes.len(), 2);
+    assert_eq!(rig.runtimes.count("a", "commit"), 1, "committed once");
+    assert_eq!(rig.runtimes.count("b", "commit"), 1, "committed once");
 }
