@@ -161,7 +161,7 @@ impl Participant {
             Kind::Prepare => self.prepare(&cmd).await,
             Kind::Commit => self.commit(&cmd).await,
             Kind::Abort => self.abort(&cmd).await,
-            Kind::Rollback => self.rollback(&cmd).await,
+            Kind::Rollback => self.rollback(&cmd).await?,
         };
         tracing::info!(rollout = %cmd.rollout_id, patch = %short(&cmd.patch_id), ok = answer.ok, reason = %answer.reason, "{}", cmd.kind);
         self.state().answers.remember(key, answer.clone());
@@ -275,7 +275,19 @@ impl Participant {
     }
 
     /// Undoes the patch on every process that runs it on top of its stack.
-    async fn rollback(&self, cmd: &Command) -> Answer {
+    ///
+    /// Until a process has connected since the agent started, "nobody here
+    /// runs it" may only mean "nobody has reconnected yet": that is answered
+    /// as unknown (retry), never as a rollback done, and not remembered.
+    async fn rollback(&self, cmd: &Command) -> Result<Answer, ParticipantError> {
+        if !self.runtimes.any_connected_since_start() {
+            tracing::warn!(rollout = %cmd.rollout_id, patch = %short(&cmd.patch_id), "rollback before any game process reconnected: answered unknown");
+            return Err(ParticipantError::Unknown(format!(
+                "node {}: no game process has connected since the agent started, so whether patch {} runs here is unknown; retry once the processes have reconnected",
+                self.node_id,
+                short(&cmd.patch_id)
+            )));
+        }
         // A rollback also cancels a prepare still waiting on this node.
         self.state().prepared.retain(|p| !p.is(cmd));
         let mut outcomes = Vec::new();
@@ -297,7 +309,7 @@ impl Participant {
             }
         }
         outcomes.extend(self.ask_all(&targets, Step::Rollback { patch_id: cmd.patch_id.clone() }).await);
-        Answer::from_outcomes(outcomes)
+        Ok(Answer::from_outcomes(outcomes))
     }
 
     /// Presumed abort: drops prepared patches whose TTL ran out.

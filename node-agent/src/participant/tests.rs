@@ -390,3 +390,21 @@ async fn a_commit_whose_caller_vanishes_runs_to_its_end_and_a_resend_gets_its_ou
     assert_eq!(rig.runtimes.count("a", "commit"), 1, "committed once");
     assert_eq!(rig.runtimes.count("b", "commit"), 1, "committed once");
 }
+
+#[tokio::test]
+async fn a_rollback_before_any_process_reconnected_is_unknown_not_ok() {
+    let rig = rig(&[]);
+    let err = rig.participant.handle(rig.cmd(Kind::Rollback, 1)).await.expect_err("nothing to judge by yet");
+    assert!(matches!(err, ParticipantError::Unknown(_)), "{err}");
+    assert!(err.to_string().contains("retry"), "{err}");
+    // The process comes back running the patch: the retried rollback does the work.
+    rig.runtimes.connect(Process {
+        process_id: "a".into(),
+        build: BUILD.into(),
+        patch_stack: vec![rig.patch.clone()],
+        ..Default::default()
+    });
+    let answer = rig.run(Kind::Rollback).await;
+    assert!(answer.ok, "{answer:?}");
+    assert_eq!(rig.runtimes.count("a", "rollback"), 1);
+}
