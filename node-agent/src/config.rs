@@ -59,6 +59,12 @@ pub struct AgentConfig {
     /// How long a runtime may take to answer a prepare/commit/rollback.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub runtime_timeout: Duration,
+
+    /// A runtime that says nothing this long although asked (a silent client,
+    /// a stopped process) has its session closed; it reconnects when it runs
+    /// again. Must be longer than --runtime-timeout.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub session_idle_timeout: Duration,
 }
 
 impl AgentConfig {

@@ -8,7 +8,8 @@
 //!   idempotent commands ([`answers`]), prepared patches with a TTL (presumed abort);
 //! - [`patches`]: patch download from the coordinator, verification, on-disk cache by digest;
 //! - [`stacks`]: a late-starting runtime's patch stack, served from the coordinator's;
-//! - [`reports`]: node status and per-process health;
+//! - [`reports`]: node status and per-process health, process statuses cached
+//!   ([`process_status`]) so one stuck process never holds up a heartbeat;
 //! - [`service`]: the gRPC `Agent` service (adapters only);
 //! - [`coordinators`]: the coordinator list, and following the leader among them;
 //! - [`coordinator_link`]: registration and heartbeats;
@@ -22,11 +23,14 @@ pub mod coordinators;
 pub mod epoch;
 pub mod participant;
 pub mod patches;
+pub mod process_status;
 pub mod reports;
 pub mod runtimes;
 pub mod server;
 pub mod service;
 pub mod sessions;
 pub mod stacks;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use config::AgentConfig;

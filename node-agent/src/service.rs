@@ -2,7 +2,7 @@
 //! [`Participant`](crate::participant::Participant), encode the [`Answer`].
 //! It decides nothing.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use hotfleet_proto::v1::{
     self as pb, agent_server::Agent, AbortRequest, AbortResponse, CommandHeader, CommitRequest, CommitResponse,
@@ -14,18 +14,16 @@ use tonic::{Request, Response, Status};
 use crate::{
     command::{Answer, Command, Kind, ParticipantError},
     epoch::EpochError,
-    participant::SharedParticipant,
-    reports::{self, node_status, NodeIdentity},
+    reports::{self, NodeReporter, STATUS_BUDGET},
 };
 
 pub struct AgentService {
-    participant: SharedParticipant,
-    identity: NodeIdentity,
+    reporter: Arc<NodeReporter>,
 }
 
 impl AgentService {
-    pub fn new(participant: SharedParticipant, identity: NodeIdentity) -> Self {
-        Self { participant, identity }
+    pub fn new(reporter: Arc<NodeReporter>) -> Self {
+        Self { reporter }
     }
 
     /// Decodes a command, runs it, and hands back the answer's wire fields.
@@ -38,7 +36,7 @@ impl AgentService {
         let header = header.ok_or(ParticipantError::MissingHeader)?;
         let command =
             Command { kind, rollout_id: header.rollout_id, patch_id: header.patch_id, epoch: header.epoch, ttl };
-        let Answer { ok, reason, processes } = self.participant.handle(command).await?;
+        let Answer { ok, reason, processes } = self.reporter.participant().handle(command).await?;
         Ok((ok, reason, processes.into_iter().map(encode_outcome).collect()))
     }
 }
@@ -94,13 +92,14 @@ impl Agent for AgentService {
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(StatusResponse { node: Some(node_status(&self.participant, &self.identity).await) }))
+        Ok(Response::new(StatusResponse { node: Some(self.reporter.node_status(STATUS_BUDGET).await) }))
     }
 
     async fn health(&self, request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         let since: HashMap<String, u64> = request.into_inner().since.into_iter().collect();
-        let processes = reports::health(self.participant.runtimes().as_ref(), &since).await;
+        let processes = self.reporter.health(&since).await;
         let (healthy, summary) = reports::node_verdict(&processes);
-        Ok(Response::new(HealthResponse { node_id: self.identity.node_id.clone(), processes, healthy, summary }))
+        let node_id = self.reporter.identity().node_id.clone();
+        Ok(Response::new(HealthResponse { node_id, processes, healthy, summary }))
     }
 }
