@@ -43,7 +43,9 @@ pub struct AgentConfig {
     #[arg(long = "trusted-key", env = "HOTFLEET_TRUSTED_KEYS", value_delimiter = ',', required = true)]
     pub trusted_keys: Vec<PathBuf>,
 
-    /// How long a prepared patch waits for commit or abort before the agent presumes abort.
+    /// How long a prepared patch waits for commit or abort before the agent
+    /// presumes abort, counted from the prepare or from the latest command
+    /// naming its rollout (a coordinator's prepare may set its own TTL).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub prepare_ttl: Duration,
 

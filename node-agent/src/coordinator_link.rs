@@ -104,6 +104,8 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            // An expired prepare is reported at once, not an interval later.
+            _ = participant.changed() => {}
             _ = shutdown.cancelled() => return,
         }
     }

@@ -6,8 +6,9 @@
 //! repeat the remembered answer if it ran before → run its kind → remember
 //! the answer. So a coordinator that retries after a lost reply or a
 //! fail-over never applies anything twice. A prepared patch waits at most its
-//! TTL for commit or abort; then the agent presumes abort and tells every
-//! runtime to drop it.
+//! TTL for commit or abort, renewed by every command naming its rollout; then
+//! the agent presumes abort, tells every runtime to drop it, reports the
+//! change at once and remembers the expiry, so a late commit is told why.
 //!
 //! The participant sees the runtimes and the patch source through the
 //! [`Runtimes`] and [`Patches`] traits, and takes and returns domain values
@@ -39,6 +40,8 @@ pub struct Prepared {
     pub patch_id: String,
     /// The processes that prepared it.
     pub processes: Vec<String>,
+    /// How long it waits from its prepare or its rollout's latest command.
+    pub ttl: Duration,
     pub expires_at: SystemTime,
 }
 
@@ -47,6 +50,19 @@ impl Prepared {
         self.rollout_id == cmd.rollout_id && self.patch_id == cmd.patch_id
     }
 }
+
+/// A prepare whose TTL ran out (presumed abort), kept so a late commit and
+/// the node's reports can say so rather than "never prepared".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub rollout_id: String,
+    pub patch_id: String,
+    pub ttl: Duration,
+    pub expired_at: SystemTime,
+}
+
+/// How many expired prepares are remembered.
+const REMEMBERED_EXPIRED: usize = 256;
 
 /// What the participant keeps between commands. Only ever locked for plain
 /// reads and updates, never across a runtime call, so status reads and
@@ -57,6 +73,7 @@ struct State {
     admitted: u64,
     refused_stale: u64,
     prepared: Vec<Prepared>,
+    expired: std::collections::VecDeque<Expired>,
     answers: Answers,
 }
 
@@ -68,6 +85,9 @@ pub struct Participant {
     state: Mutex<State>,
     /// Commands run one at a time; tokio's mutex queues waiters in order.
     turn: tokio::sync::Mutex<()>,
+    /// Signalled when something the node reports changed on its own (a
+    /// prepare expired), so the next heartbeat need not wait its interval.
+    changed: tokio::sync::Notify,
     runtime_timeout: Duration,
     default_ttl: Duration,
 }
@@ -81,13 +101,21 @@ impl Participant {
         runtime_timeout: Duration,
         default_ttl: Duration,
     ) -> Self {
-        let state = State { fence, admitted: 0, refused_stale: 0, prepared: Vec::new(), answers: Answers::default() };
+        let state = State {
+            fence,
+            admitted: 0,
+            refused_stale: 0,
+            prepared: Vec::new(),
+            expired: Default::default(),
+            answers: Answers::default(),
+        };
         Self {
             node_id,
             runtimes,
             patches,
             state: Mutex::new(state),
             turn: tokio::sync::Mutex::new(()),
+            changed: tokio::sync::Notify::new(),
             runtime_timeout,
             default_ttl,
         }
@@ -133,6 +161,27 @@ impl Participant {
         self.state().prepared.clone()
     }
 
+    /// Prepares that expired (presumed abort), newest last.
+    pub fn recently_expired(&self) -> Vec<Expired> {
+        self.state().expired.iter().cloned().collect()
+    }
+
+    /// Completes once something the node reports changed on its own (or at
+    /// once if it did since the last call).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// The coordinator still drives `rollout_id`: its prepares wait another
+    /// full TTL. One already past its deadline stays expired (presumed
+    /// abort may have been decided); the sweeper drops it.
+    pub fn renew(&self, rollout_id: &str) {
+        let now = SystemTime::now();
+        for p in self.state().prepared.iter_mut().filter(|p| p.rollout_id == rollout_id && p.expires_at > now) {
+            p.expires_at = p.expires_at.max(now + p.ttl);
+        }
+    }
+
     /// Runs one command: turn → admit → replay → run → remember.
     ///
     /// The command runs in a task of its own: a caller that vanishes (its
@@ -152,7 +201,10 @@ impl Participant {
     async fn run(&self, cmd: Command) -> Result<Answer, ParticipantError> {
         cmd.validate()?;
         let _turn = self.turn.lock().await;
+        // A late commit must find its prepare expired, not apply it.
+        self.expire_due().await;
         self.admit(&cmd)?;
+        self.renew(&cmd.rollout_id);
         let key = cmd.key();
         if let Some(answer) = self.state().answers.get(&key) {
             return Ok(answer);
@@ -210,6 +262,7 @@ impl Participant {
                 rollout_id: cmd.rollout_id.clone(),
                 patch_id: cmd.patch_id.clone(),
                 processes: targets.iter().map(|p| p.process_id.clone()).collect(),
+                ttl,
                 expires_at: SystemTime::now() + ttl,
             });
         } else {
@@ -231,6 +284,23 @@ impl Participant {
             position.map(|i| state.prepared.remove(i))
         };
         let Some(prepared) = taken else {
+            let expired = self
+                .state()
+                .expired
+                .iter()
+                .rev()
+                .find(|e| e.rollout_id == cmd.rollout_id && e.patch_id == cmd.patch_id)
+                .cloned();
+            if let Some(e) = expired {
+                return Answer::refused(format!(
+                    "patch {} expired on node {} for rollout {} {} ago: its prepared TTL of {:?} ran out without commit or abort (presumed abort)",
+                    short(&cmd.patch_id),
+                    self.node_id,
+                    cmd.rollout_id,
+                    humantime_secs(e.expired_at),
+                    e.ttl
+                ));
+            }
             return Answer::refused(format!(
                 "patch {} is not prepared on node {} for rollout {} (never prepared, aborted, or expired: presumed abort)",
                 short(&cmd.patch_id),
@@ -312,21 +382,40 @@ impl Participant {
         Ok(Answer::from_outcomes(outcomes))
     }
 
-    /// Presumed abort: drops prepared patches whose TTL ran out.
+    /// Presumed abort: drops prepared patches whose TTL ran out (between
+    /// commands, never during one).
     pub async fn expire_prepared(&self) {
+        let _turn = self.turn.lock().await;
+        self.expire_due().await;
+    }
+
+    async fn expire_due(&self) {
         let expired: Vec<Prepared> = {
             let mut state = self.state();
             let now = SystemTime::now();
-            let (expired, kept) = state.prepared.drain(..).partition(|p| p.expires_at <= now);
+            let (expired, kept): (Vec<Prepared>, _) = state.prepared.drain(..).partition(|p| p.expires_at <= now);
             state.prepared = kept;
+            for p in &expired {
+                state.expired.push_back(Expired {
+                    rollout_id: p.rollout_id.clone(),
+                    patch_id: p.patch_id.clone(),
+                    ttl: p.ttl,
+                    expired_at: p.expires_at,
+                });
+            }
+            while state.expired.len() > REMEMBERED_EXPIRED {
+                state.expired.pop_front();
+            }
             expired
         };
         if expired.is_empty() {
             return;
         }
+        // Report it now, not an interval later.
+        self.changed.notify_one();
         let connected = self.runtimes.processes();
         for prepared in expired {
-            tracing::warn!(rollout = %prepared.rollout_id, patch = %short(&prepared.patch_id), "prepared patch expired without commit or abort; presuming abort");
+            tracing::warn!(rollout = %prepared.rollout_id, patch = %short(&prepared.patch_id), ttl = ?prepared.ttl, "prepared patch expired without commit or abort; presuming abort");
             let holders: Vec<Process> =
                 connected.iter().filter(|p| prepared.processes.contains(&p.process_id)).cloned().collect();
             self.ask_all(&holders, Step::Abort { patch_id: prepared.patch_id.clone() }).await;
@@ -369,6 +458,11 @@ fn fill_outcome(outcome: &mut ProcessOutcome, reply: StepReply, what: &str) {
         outcome.prepare_ms = reply.elapsed_ms;
     }
     outcome.detail_json = reply.detail_json;
+}
+
+/// Whole seconds since `at`, for messages ("3s").
+fn humantime_secs(at: SystemTime) -> String {
+    format!("{}s", SystemTime::now().duration_since(at).unwrap_or_default().as_secs())
 }
 
 /// First 12 hex digits of a patch id, for logs.

@@ -181,3 +181,46 @@ async fn a_rollback_before_any_process_reconnected_is_unknown_not_ok() {
     assert!(answer.ok, "{answer:?}");
     assert_eq!(rig.runtimes.count("a", "rollback"), 1);
 }
+
+#[tokio::test]
+async fn any_command_naming_the_rollout_keeps_its_prepare_alive() {
+    let rig = rig(&["a"]);
+    let mut prepare = rig.cmd(Kind::Prepare, 1);
+    prepare.ttl = Duration::from_millis(150);
+    assert!(rig.participant.handle(prepare).await.expect("prepare").ok);
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // E.g. the coordinator aborting another patch of the same rollout.
+        let other = Command::new(Kind::Abort, "r1", "d".repeat(64), 1);
+        rig.participant.handle(other).await.expect("abort");
+        rig.participant.expire_prepared().await;
+    }
+    assert_eq!(rig.participant.prepared().len(), 1, "renewed past its first deadline");
+    // A command for another rollout renews nothing.
+    tokio::time::sleep(Duration::from_millis(90)).await;
+    rig.participant.handle(Command::new(Kind::Abort, "r2", rig.patch.clone(), 1)).await.expect("abort");
+    tokio::time::sleep(Duration::from_millis(90)).await;
+    rig.participant.expire_prepared().await;
+    assert!(rig.participant.prepared().is_empty());
+}
+
+#[tokio::test]
+async fn an_expired_prepare_is_reported_at_once_and_named_by_a_late_commit() {
+    let rig = rig(&["a"]);
+    let mut prepare = rig.cmd(Kind::Prepare, 1);
+    prepare.ttl = Duration::from_millis(20);
+    assert!(rig.participant.handle(prepare).await.expect("prepare").ok);
+    let changed = rig.participant.changed();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    // The commit comes late, before the sweeper ran: it must not apply.
+    let commit = rig.run(Kind::Commit).await;
+    assert!(!commit.ok);
+    assert!(commit.reason.contains("expired") && commit.reason.contains("TTL"), "{}", commit.reason);
+    assert!(commit.reason.contains("presumed abort"), "{}", commit.reason);
+    assert_eq!(rig.runtimes.count("a", "commit"), 0);
+    assert_eq!(rig.runtimes.count("a", "abort"), 1, "the runtime dropped it");
+    tokio::time::timeout(Duration::from_secs(1), changed).await.expect("a status change is signalled at once");
+    let expired = rig.participant.recently_expired();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].rollout_id, "r1");
+}
