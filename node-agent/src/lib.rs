@@ -34,3 +34,10 @@ pub mod stacks;
 pub(crate) mod testing;
 
 pub use config::AgentConfig;
+
+/// Locks a std mutex, tolerating poison: every critical section in the agent
+/// is a plain read or update that a panic cannot leave half-done, so keep
+/// serving rather than poisoning the whole agent.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -25,6 +25,7 @@ use crate::{
     answers::Answers,
     command::{Answer, Command, Kind, ParticipantError, ProcessOutcome},
     epoch::{EpochError, EpochFence},
+    lock,
     patches::Patches,
     runtimes::{Process, Runtimes, Step, StepReply},
     sessions::SessionError,
@@ -130,9 +131,7 @@ impl Participant {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        // Every critical section is a plain read or update: a panic in one
-        // cannot leave the data half-changed, so keep serving.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     pub fn highest_epoch(&self) -> u64 {

@@ -18,7 +18,10 @@ use std::{
 use futures::future::join_all;
 use hotfleet_proto::v1::{ProcessHealth, ProcessStatus};
 
-use crate::runtimes::{LiveStatus, Process, Runtimes};
+use crate::{
+    lock,
+    runtimes::{LiveStatus, Process, Runtimes},
+};
 
 /// How long one process may take to answer a status or health query.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -37,11 +40,6 @@ pub struct ProcessStatusCache {
     runtimes: Arc<dyn Runtimes>,
     entries: Arc<Mutex<HashMap<String, Entry>>>,
     query_timeout: Duration,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain map updates only: a poisoned lock still holds consistent data.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ProcessStatusCache {

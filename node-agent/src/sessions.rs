@@ -29,6 +29,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::lock;
+
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -165,12 +167,6 @@ impl Sessions {
             map.remove(process_id);
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these short critical sections leaves plain
-    // data behind; keep serving rather than poisoning the whole agent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Binds the runtime socket with owner-only permissions, replacing a stale socket file.

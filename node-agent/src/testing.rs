@@ -14,6 +14,7 @@ use hotfleet_proto::v1::ProcessHealth;
 use crate::{
     command::{Answer, Command, Kind},
     epoch::EpochFence,
+    lock,
     participant::Participant,
     patches::{FetchError, Patches},
     runtimes::{LiveStatus, Process, Runtimes, Step, StepReply},
@@ -44,10 +45,6 @@ pub(crate) struct FakeRuntimes {
     /// Permits for requests scripted to [`Behaviour::Wait`].
     pub release: tokio::sync::Semaphore,
     ever_connected: Mutex<bool>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl FakeRuntimes {
@@ -235,6 +232,13 @@ pub(crate) async fn until(what: &str, mut done: impl FnMut() -> bool) {
 impl Rig {
     pub(crate) fn cmd(&self, kind: Kind, epoch: u64) -> Command {
         Command::new(kind, "r1", self.patch.clone(), epoch)
+    }
+
+    /// Prepares the rig's patch with its own TTL; it must vote yes.
+    pub(crate) async fn prepare_for(&self, ttl: Duration) {
+        let mut prepare = self.cmd(Kind::Prepare, 1);
+        prepare.ttl = ttl;
+        assert!(self.participant.handle(prepare).await.expect("prepare").ok);
     }
 
     pub(crate) async fn run(&self, kind: Kind) -> Answer {

@@ -56,9 +56,7 @@ async fn the_same_command_twice_gets_the_first_answer_and_runs_once() {
 #[tokio::test]
 async fn a_prepare_left_past_its_ttl_is_presumed_aborted() {
     let rig = rig(&["a"]);
-    let mut prepare = rig.cmd(Kind::Prepare, 1);
-    prepare.ttl = Duration::from_millis(30);
-    assert!(rig.participant.handle(prepare).await.expect("prepare").ok);
+    rig.prepare_for(Duration::from_millis(30)).await;
     rig.participant.expire_prepared().await;
     assert_eq!(rig.participant.prepared().len(), 1, "not expired yet");
     tokio::time::sleep(Duration::from_millis(60)).await;
@@ -185,9 +183,7 @@ async fn a_rollback_before_any_process_reconnected_is_unknown_not_ok() {
 #[tokio::test]
 async fn any_command_naming_the_rollout_keeps_its_prepare_alive() {
     let rig = rig(&["a"]);
-    let mut prepare = rig.cmd(Kind::Prepare, 1);
-    prepare.ttl = Duration::from_millis(150);
-    assert!(rig.participant.handle(prepare).await.expect("prepare").ok);
+    rig.prepare_for(Duration::from_millis(150)).await;
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(60)).await;
         // E.g. the coordinator aborting another patch of the same rollout.
@@ -207,9 +203,7 @@ async fn any_command_naming_the_rollout_keeps_its_prepare_alive() {
 #[tokio::test]
 async fn an_expired_prepare_is_reported_at_once_and_named_by_a_late_commit() {
     let rig = rig(&["a"]);
-    let mut prepare = rig.cmd(Kind::Prepare, 1);
-    prepare.ttl = Duration::from_millis(20);
-    assert!(rig.participant.handle(prepare).await.expect("prepare").ok);
+    rig.prepare_for(Duration::from_millis(20)).await;
     let changed = rig.participant.changed();
     tokio::time::sleep(Duration::from_millis(40)).await;
     // The commit comes late, before the sweeper ran: it must not apply.
