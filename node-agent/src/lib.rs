@@ -5,7 +5,8 @@
 //! - [`runtimes`]: the game processes as the participant sees them (a trait, [`sessions`] behind it);
 //! - [`command`]: a command and its answer as domain values;
 //! - [`participant`]: the agent's side of the two-phase commit: epoch fencing,
-//!   idempotent commands ([`answers`]), prepared patches with a TTL (presumed abort);
+//!   idempotent commands ([`answers`]), prepared patches with a renewable TTL
+//!   ([`prepared`], presumed abort);
 //! - [`patches`]: patch download from the coordinator, verification, on-disk cache by digest;
 //! - [`stacks`]: a late-starting runtime's patch stack, served from the coordinator's;
 //! - [`reports`]: node status and per-process health, process statuses cached
@@ -23,6 +24,7 @@ pub mod coordinators;
 pub mod epoch;
 pub mod participant;
 pub mod patches;
+pub mod prepared;
 pub mod process_status;
 pub mod reports;
 pub mod runtimes;

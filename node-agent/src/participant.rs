@@ -27,43 +27,13 @@ use crate::{
     epoch::{EpochError, EpochFence},
     lock,
     patches::Patches,
+    prepared::{Expired, Prepared, PreparedTable},
     runtimes::{Process, Runtimes, Step, StepReply},
     sessions::SessionError,
 };
 
 #[cfg(test)]
 mod tests;
-
-/// A patch prepared on this node, waiting for commit or abort.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Prepared {
-    pub rollout_id: String,
-    pub patch_id: String,
-    /// The processes that prepared it.
-    pub processes: Vec<String>,
-    /// How long it waits from its prepare or its rollout's latest command.
-    pub ttl: Duration,
-    pub expires_at: SystemTime,
-}
-
-impl Prepared {
-    fn is(&self, cmd: &Command) -> bool {
-        self.rollout_id == cmd.rollout_id && self.patch_id == cmd.patch_id
-    }
-}
-
-/// A prepare whose TTL ran out (presumed abort), kept so a late commit and
-/// the node's reports can say so rather than "never prepared".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expired {
-    pub rollout_id: String,
-    pub patch_id: String,
-    pub ttl: Duration,
-    pub expired_at: SystemTime,
-}
-
-/// How many expired prepares are remembered.
-const REMEMBERED_EXPIRED: usize = 256;
 
 /// What the participant keeps between commands. Only ever locked for plain
 /// reads and updates, never across a runtime call, so status reads and
@@ -73,8 +43,7 @@ struct State {
     /// Commands admitted / refused for a stale epoch (reported in NodeStatus).
     admitted: u64,
     refused_stale: u64,
-    prepared: Vec<Prepared>,
-    expired: std::collections::VecDeque<Expired>,
+    prepared: PreparedTable,
     answers: Answers,
 }
 
@@ -106,8 +75,7 @@ impl Participant {
             fence,
             admitted: 0,
             refused_stale: 0,
-            prepared: Vec::new(),
-            expired: Default::default(),
+            prepared: PreparedTable::default(),
             answers: Answers::default(),
         };
         Self {
@@ -157,12 +125,12 @@ impl Participant {
 
     /// Patches prepared and waiting for commit or abort.
     pub fn prepared(&self) -> Vec<Prepared> {
-        self.state().prepared.clone()
+        self.state().prepared.waiting().to_vec()
     }
 
     /// Prepares that expired (presumed abort), newest last.
     pub fn recently_expired(&self) -> Vec<Expired> {
-        self.state().expired.iter().cloned().collect()
+        self.state().prepared.expired().cloned().collect()
     }
 
     /// Completes once something the node reports changed on its own (or at
@@ -172,13 +140,9 @@ impl Participant {
     }
 
     /// The coordinator still drives `rollout_id`: its prepares wait another
-    /// full TTL. One already past its deadline stays expired (presumed
-    /// abort may have been decided); the sweeper drops it.
+    /// full TTL (see [`PreparedTable::renew`]).
     pub fn renew(&self, rollout_id: &str) {
-        let now = SystemTime::now();
-        for p in self.state().prepared.iter_mut().filter(|p| p.rollout_id == rollout_id && p.expires_at > now) {
-            p.expires_at = p.expires_at.max(now + p.ttl);
-        }
+        self.state().prepared.renew(rollout_id, SystemTime::now());
     }
 
     /// Runs one command: turn → admit → replay → run → remember.
@@ -255,9 +219,7 @@ impl Participant {
         let answer = Answer::from_outcomes(outcomes);
         let ttl = if cmd.ttl.is_zero() { self.default_ttl } else { cmd.ttl };
         if answer.ok {
-            let mut state = self.state();
-            state.prepared.retain(|p| !p.is(cmd));
-            state.prepared.push(Prepared {
+            self.state().prepared.insert(Prepared {
                 rollout_id: cmd.rollout_id.clone(),
                 patch_id: cmd.patch_id.clone(),
                 processes: targets.iter().map(|p| p.process_id.clone()).collect(),
@@ -277,19 +239,9 @@ impl Participant {
 
     /// Phase 2: every process that prepared applies the patch at its safe point.
     async fn commit(&self, cmd: &Command) -> Answer {
-        let taken = {
-            let mut state = self.state();
-            let position = state.prepared.iter().position(|p| p.is(cmd));
-            position.map(|i| state.prepared.remove(i))
-        };
+        let taken = self.state().prepared.remove(&cmd.rollout_id, &cmd.patch_id);
         let Some(prepared) = taken else {
-            let expired = self
-                .state()
-                .expired
-                .iter()
-                .rev()
-                .find(|e| e.rollout_id == cmd.rollout_id && e.patch_id == cmd.patch_id)
-                .cloned();
+            let expired = self.state().prepared.expiry_of(&cmd.rollout_id, &cmd.patch_id).cloned();
             if let Some(e) = expired {
                 return Answer::refused(format!(
                     "patch {} expired on node {} for rollout {} {} ago: its prepared TTL of {:?} ran out without commit or abort (presumed abort)",
@@ -326,12 +278,7 @@ impl Participant {
 
     /// Drops a prepared patch everywhere on this node (nothing live changes).
     async fn abort(&self, cmd: &Command) -> Answer {
-        let dropped: Vec<Prepared> = {
-            let mut state = self.state();
-            let (dropped, kept) = state.prepared.drain(..).partition(|p| p.is(cmd));
-            state.prepared = kept;
-            dropped
-        };
+        let dropped = self.state().prepared.remove(&cmd.rollout_id, &cmd.patch_id);
         let connected = self.runtimes.processes();
         let holders: Vec<Process> = dropped
             .iter()
@@ -358,7 +305,7 @@ impl Participant {
             )));
         }
         // A rollback also cancels a prepare still waiting on this node.
-        self.state().prepared.retain(|p| !p.is(cmd));
+        self.state().prepared.remove(&cmd.rollout_id, &cmd.patch_id);
         let mut outcomes = Vec::new();
         let mut targets = Vec::new();
         for process in self.runtimes.processes() {
@@ -389,24 +336,7 @@ impl Participant {
     }
 
     async fn expire_due(&self) {
-        let expired: Vec<Prepared> = {
-            let mut state = self.state();
-            let now = SystemTime::now();
-            let (expired, kept): (Vec<Prepared>, _) = state.prepared.drain(..).partition(|p| p.expires_at <= now);
-            state.prepared = kept;
-            for p in &expired {
-                state.expired.push_back(Expired {
-                    rollout_id: p.rollout_id.clone(),
-                    patch_id: p.patch_id.clone(),
-                    ttl: p.ttl,
-                    expired_at: p.expires_at,
-                });
-            }
-            while state.expired.len() > REMEMBERED_EXPIRED {
-                state.expired.pop_front();
-            }
-            expired
-        };
+        let expired = self.state().prepared.take_due(SystemTime::now());
         if expired.is_empty() {
             return;
         }
