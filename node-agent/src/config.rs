@@ -43,7 +43,9 @@ pub struct AgentConfig {
     #[arg(long = "trusted-key", env = "HOTFLEET_TRUSTED_KEYS", value_delimiter = ',', required = true)]
     pub trusted_keys: Vec<PathBuf>,
 
-    /// How long a prepared patch waits for commit or abort before the agent presumes abort.
+    /// How long a prepared patch waits for commit or abort before the agent
+    /// presumes abort, counted from the prepare or from the latest command
+    /// naming its rollout (a coordinator's prepare may set its own TTL).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub prepare_ttl: Duration,
 
@@ -59,6 +61,12 @@ pub struct AgentConfig {
     /// How long a runtime may take to answer a prepare/commit/rollback.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub runtime_timeout: Duration,
+
+    /// A runtime that says nothing this long although asked (a silent client,
+    /// a stopped process) has its session closed; it reconnects when it runs
+    /// again. Must be longer than --runtime-timeout.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub session_idle_timeout: Duration,
 }
 
 impl AgentConfig {

@@ -9,15 +9,14 @@
 //! coordinator that wakes up later is refused even by agents the new leader
 //! has not sent a command to yet.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use hotfleet_proto::v1::{HeartbeatRequest, RegisterRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     coordinators::{Coordinators, Next},
-    participant::SharedParticipant,
-    service::{node_status, NodeIdentity},
+    reports::NodeReporter,
 };
 
 /// Immediate retries after a follower named the leader, per heartbeat tick.
@@ -30,19 +29,27 @@ fn call_timeout(interval: Duration) -> Duration {
     (interval * 2).clamp(Duration::from_secs(1), Duration::from_secs(5))
 }
 
+/// How long a heartbeat waits for the node's processes to answer: what has
+/// not answered by then is reported from the cache, so a stuck process costs
+/// a heartbeat this much at most, never the node its liveness.
+fn status_budget(interval: Duration) -> Duration {
+    (interval / 2).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
 pub async fn run(
     coordinators: Coordinators,
-    participant: SharedParticipant,
-    identity: NodeIdentity,
+    reporter: Arc<NodeReporter>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     let mut registered = false;
     let mut reachable = true;
     let timeout = call_timeout(interval);
+    let budget = status_budget(interval);
+    let (participant, identity) = (reporter.participant(), reporter.identity());
     loop {
         for _ in 0..=LEADER_HOPS {
-            let status = node_status(&participant, &identity).await;
+            let status = reporter.node_status(budget).await;
             let (addr, mut client) = coordinators.current();
             let result = if registered {
                 let mut request = tonic::Request::new(HeartbeatRequest { node: Some(status) });
@@ -67,7 +74,7 @@ pub async fn run(
             };
             match result {
                 Ok(epoch) => {
-                    if let Err(err) = participant.observe_epoch(epoch).await {
+                    if let Err(err) = participant.observe_epoch(epoch) {
                         tracing::warn!(error = %err, "cannot record the leader's epoch");
                     }
                     if !reachable {
@@ -97,6 +104,8 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            // An expired prepare is reported at once, not an interval later.
+            _ = participant.changed() => {}
             _ = shutdown.cancelled() => return,
         }
     }

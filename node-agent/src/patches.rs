@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use async_trait::async_trait;
 use hotfleet_patch::{Bundle, Limits, PatchError, TrustedKeys};
 use hotfleet_proto::v1::{FetchPatchRequest, GetPatchStackRequest, PatchRef};
 
@@ -41,6 +42,21 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Where the participant gets verified bundles from: the seam that lets it be
+/// unit-tested without a coordinator.
+#[async_trait]
+pub trait Patches: Send + Sync + 'static {
+    /// The bundle `id`, decoded and verified (digests, id, trusted signature).
+    async fn fetch(&self, id: &str) -> Result<Bundle, FetchError>;
+}
+
+#[async_trait]
+impl Patches for PatchSource {
+    async fn fetch(&self, id: &str) -> Result<Bundle, FetchError> {
+        self.get(id).await
+    }
 }
 
 /// Fetches, caches and verifies patch bundles.

@@ -15,10 +15,12 @@ use crate::{
     coordinator_link,
     coordinators::Coordinators,
     epoch::EpochFence,
-    participant::{CoordinatorStacks, Participant},
+    participant::Participant,
     patches::PatchSource,
-    service::{AgentService, NodeIdentity},
+    reports::{NodeIdentity, NodeReporter},
+    service::AgentService,
     sessions::{self, Sessions},
+    stacks::CoordinatorStacks,
     AgentConfig,
 };
 
@@ -30,6 +32,8 @@ pub enum ServeError {
     Fetch(#[from] crate::patches::FetchError),
     #[error(transparent)]
     Keys(#[from] hotfleet_patch::PatchError),
+    #[error("--session-idle-timeout {idle:?} must be longer than --runtime-timeout {runtime:?}: a runtime busy with a commit may be silent that long")]
+    IdleTimeout { idle: Duration, runtime: Duration },
     #[error("no trusted keys: pass --trusted-key with the public key patches are signed with")]
     NoTrustedKeys,
     #[error("coordinator address {addr:?} is invalid: {reason}")]
@@ -47,6 +51,9 @@ pub async fn serve(
     runtime_listener: UnixListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    if config.session_idle_timeout <= config.runtime_timeout {
+        return Err(ServeError::IdleTimeout { idle: config.session_idle_timeout, runtime: config.runtime_timeout });
+    }
     let trusted = TrustedKeys::load(&config.trusted_keys)?;
     if trusted.is_empty() {
         return Err(ServeError::NoTrustedKeys);
@@ -69,14 +76,15 @@ pub async fn serve(
     let sessions = Sessions::default();
     let participant = Arc::new(Participant::new(
         node_id.clone(),
-        sessions.clone(),
-        patches.clone(),
+        Arc::new(sessions.clone()),
+        Arc::new(patches.clone()),
         fence,
         config.runtime_timeout,
         config.prepare_ttl,
     ));
     let identity = NodeIdentity { node_id: node_id.clone(), labels: config.labels_map(), advertise_addr };
     tracing::info!(node = %node_id, grpc = %identity.advertise_addr, socket = %config.runtime_socket.display(), trusted_keys = ?trusted.ids(), "hotfleet-agent serving");
+    let reporter = Arc::new(NodeReporter::new(participant.clone(), identity));
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sessions::serve(
@@ -84,16 +92,11 @@ pub async fn serve(
         sessions,
         node_id,
         Arc::new(CoordinatorStacks { patches }),
+        config.session_idle_timeout,
         shutdown.clone(),
     ));
     if let Some(client) = gateway {
-        tasks.spawn(coordinator_link::run(
-            client,
-            participant.clone(),
-            identity.clone(),
-            config.heartbeat_interval,
-            shutdown.clone(),
-        ));
+        tasks.spawn(coordinator_link::run(client, reporter.clone(), config.heartbeat_interval, shutdown.clone()));
     } else {
         tracing::warn!("no --coordinator given: running standalone (no registration, no patch downloads)");
     }
@@ -129,7 +132,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AgentServer::new(AgentService::new(participant, identity)))
+        .add_service(AgentServer::new(AgentService::new(reporter)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();

@@ -12,10 +12,10 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hotfleet_proto::{
@@ -29,6 +29,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::lock;
+
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -40,6 +42,8 @@ pub enum SessionError {
     Timeout { process: String, timeout: Duration },
     #[error("process {process} answered with a protocol error: {message}")]
     Protocol { process: String, message: String },
+    #[error("process {process} answered {what} with an unexpected message")]
+    Unexpected { process: String, what: &'static str },
 }
 
 /// Serves the runtime's own requests (the patch stack for a late start).
@@ -64,6 +68,22 @@ pub struct Session {
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Body>>>>,
     next_id: Arc<AtomicU64>,
     closed: CancellationToken,
+    /// When the agent first asked something the runtime has not said a word
+    /// since (None: the runtime spoke after the last request).
+    asked_since: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Removes a request's reply slot however the request ends, so a caller
+/// that gives up (a heartbeat past its budget) leaves nothing behind.
+struct PendingSlot<'a> {
+    pending: &'a Mutex<HashMap<u64, oneshot::Sender<Body>>>,
+    id: u64,
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).remove(&self.id);
+    }
 }
 
 impl Session {
@@ -93,17 +113,17 @@ impl Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
+        let _slot = PendingSlot { pending: &self.pending, id };
         let frame = RuntimeFrame { id, reply_to: 0, body: Some(body) };
         if self.closed.is_cancelled() || self.outgoing.send(frame).await.is_err() {
-            lock(&self.pending).remove(&id);
             return Err(SessionError::Disconnected(self.process_id.clone()));
         }
+        lock(&self.asked_since).get_or_insert_with(Instant::now);
         let reply = tokio::select! {
             reply = rx => reply.map_err(|_| SessionError::Disconnected(self.process_id.clone())),
             _ = tokio::time::sleep(timeout) => Err(SessionError::Timeout { process: self.process_id.clone(), timeout }),
             _ = self.closed.cancelled() => Err(SessionError::Disconnected(self.process_id.clone())),
         };
-        lock(&self.pending).remove(&id);
         match reply? {
             Body::Error(ProtocolError { message, .. }) => {
                 Err(SessionError::Protocol { process: self.process_id.clone(), message })
@@ -117,9 +137,16 @@ impl Session {
 #[derive(Clone, Default)]
 pub struct Sessions {
     inner: Arc<Mutex<BTreeMap<String, Session>>>,
+    /// Set by the first hello this agent accepted.
+    ever_connected: Arc<AtomicBool>,
 }
 
 impl Sessions {
+    /// Whether any runtime has completed its handshake since these sessions were made.
+    pub fn ever_connected(&self) -> bool {
+        self.ever_connected.load(Ordering::Relaxed)
+    }
+
     pub fn list(&self) -> Vec<Session> {
         lock(&self.inner).values().filter(|s| !s.is_closed()).cloned().collect()
     }
@@ -129,6 +156,7 @@ impl Sessions {
     }
 
     fn insert(&self, session: Session) -> Option<Session> {
+        self.ever_connected.store(true, Ordering::Relaxed);
         lock(&self.inner).insert(session.process_id.clone(), session)
     }
 
@@ -139,12 +167,6 @@ impl Sessions {
             map.remove(process_id);
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these short critical sections leaves plain
-    // data behind; keep serving rather than poisoning the whole agent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Binds the runtime socket with owner-only permissions, replacing a stale socket file.
@@ -162,12 +184,15 @@ pub fn bind_runtime_socket(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts runtime connections until `shutdown`.
+/// Accepts runtime connections until `shutdown`. A runtime that says nothing
+/// for `idle_timeout` although asked (a silent client, a stopped process)
+/// has its session closed; it reconnects once it runs again.
 pub async fn serve(
     listener: UnixListener,
     sessions: Sessions,
     node_id: String,
     stacks: Arc<dyn StackProvider>,
+    idle_timeout: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -179,7 +204,9 @@ pub async fn serve(
             Ok((stream, _)) => {
                 let (sessions, node_id, stacks, shutdown) =
                     (sessions.clone(), node_id.clone(), stacks.clone(), shutdown.clone());
-                tokio::spawn(async move { run_connection(stream, sessions, node_id, stacks, shutdown).await });
+                tokio::spawn(
+                    async move { run_connection(stream, sessions, node_id, stacks, idle_timeout, shutdown).await },
+                );
             }
             Err(err) => {
                 tracing::warn!(error = %err, "accepting a runtime connection failed");
@@ -194,6 +221,7 @@ async fn run_connection(
     sessions: Sessions,
     node_id: String,
     stacks: Arc<dyn StackProvider>,
+    idle_timeout: Duration,
     shutdown: CancellationToken,
 ) {
     let (mut reader, mut writer) = stream.into_split();
@@ -256,6 +284,7 @@ async fn run_connection(
         pending: Arc::default(),
         next_id: Arc::new(AtomicU64::new(1)),
         closed: closed.clone(),
+        asked_since: Arc::default(),
     };
     if let Some(old) = sessions.insert(session.clone()) {
         old.closed.cancel();
@@ -278,11 +307,22 @@ async fn run_connection(
         }
     });
 
+    let mut idle_check = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
     loop {
         let frame = tokio::select! {
             frame = read_frame(&mut reader) => frame,
             _ = closed.cancelled() => break,
+            _ = idle_check.tick() => {
+                let silent_for = lock(&session.asked_since).map(|asked| asked.elapsed());
+                if silent_for.is_some_and(|silent| silent > idle_timeout) {
+                    tracing::warn!(process = %session.process_id, pid = session.pid(), ?idle_timeout, "runtime silent although asked; closing its session (it reconnects once it runs again)");
+                    break;
+                }
+                continue;
+            }
         };
+        // Any word from the runtime shows it is not stuck.
+        *lock(&session.asked_since) = None;
         match frame {
             Ok(None) => break,
             Ok(Some(frame)) if frame.reply_to != 0 => {
@@ -342,4 +382,63 @@ fn error_frame(reply_to: u64, code: &str, message: &str) -> RuntimeFrame {
 
 async fn refuse(writer: &mut tokio::net::unix::OwnedWriteHalf, reply_to: u64, code: &str, message: &str) {
     let _ = write_frame(writer, &error_frame(reply_to, code, message)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hotfleet_proto::v1::StatusQuery;
+
+    struct NoStacks;
+
+    impl StackProvider for NoStacks {
+        fn stack_for(&self, _build: String) -> futures::future::BoxFuture<'static, Body> {
+            Box::pin(async { Body::Error(ProtocolError { message: "none".into(), code: "unavailable".into() }) })
+        }
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..400 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn a_runtime_silent_although_asked_is_closed_and_an_idle_one_is_not() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("agent.sock");
+        let listener = bind_runtime_socket(&path).expect("bind");
+        let (sessions, shutdown) = (Sessions::default(), CancellationToken::new());
+        let idle = Duration::from_millis(150);
+        tokio::spawn(serve(listener, sessions.clone(), "n".into(), Arc::new(NoStacks), idle, shutdown.clone()));
+
+        let mut client = UnixStream::connect(&path).await.expect("connect");
+        let hello = Hello {
+            protocol_version: RUNTIME_PROTOCOL_VERSION,
+            process_id: "p1".into(),
+            pid: 1,
+            build: "b".into(),
+            ..Default::default()
+        };
+        write_frame(&mut client, &RuntimeFrame { id: 1, reply_to: 0, body: Some(Body::Hello(hello)) })
+            .await
+            .expect("hello");
+        let welcome = read_frame(&mut client).await.expect("read").expect("frame");
+        assert!(matches!(welcome.body, Some(Body::Welcome(_))));
+        assert!(sessions.ever_connected());
+
+        // Quiet but never asked: a healthy idle runtime keeps its session.
+        tokio::time::sleep(idle * 3).await;
+        let session = sessions.get("p1").expect("still connected");
+        // Asked and silent: closed after the idle timeout, nothing left pending.
+        let err = session.request(Body::StatusQuery(StatusQuery {}), Duration::from_millis(20)).await;
+        assert!(matches!(err, Err(SessionError::Timeout { .. })), "{err:?}");
+        assert!(lock(&session.pending).is_empty(), "a timed-out request leaves no reply slot");
+        wait_for("the silent session to close", || sessions.get("p1").is_none()).await;
+        shutdown.cancel();
+    }
 }

@@ -1,0 +1,187 @@
+//! The runtimes of this node as the participant sees them: a set of game
+//! processes, each able to take one transaction step or answer a query.
+//!
+//! [`Runtimes`] is the seam between the two-phase-commit participant and the
+//! local socket, so the participant is unit-tested with an in-memory double
+//! (a process that fails, hangs or vanishes mid-commit) instead of only with
+//! real game processes. [`Sessions`] is the real set; the mapping to the local
+//! protocol's frames lives here and nowhere else.
+
+use std::{collections::HashMap, time::Duration};
+
+use async_trait::async_trait;
+use hotfleet_proto::v1::{
+    runtime_frame::Body, HealthQuery, ProcessHealth, RuntimeAbort, RuntimeCommit, RuntimePrepare, RuntimeResult,
+    RuntimeRollback, StatusQuery,
+};
+
+use crate::sessions::{SessionError, Sessions};
+
+/// A connected game process, as it introduced itself (and its latest stack).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    pub process_id: String,
+    pub pid: u32,
+    pub build: String,
+    /// Committed patch ids, oldest first, as last reported.
+    pub patch_stack: Vec<String>,
+    pub runtime_version: String,
+    pub python_version: String,
+}
+
+/// One step of a patch transaction, sent to one runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Stage the modules (module name -> source); nothing live changes.
+    Prepare {
+        patch_id: String,
+        modules: Vec<(String, String)>,
+    },
+    Commit {
+        patch_id: String,
+    },
+    Abort {
+        patch_id: String,
+    },
+    Rollback {
+        patch_id: String,
+    },
+}
+
+impl Step {
+    /// The word logs and error messages use for this step.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Prepare { .. } => "prepare",
+            Step::Commit { .. } => "commit",
+            Step::Abort { .. } => "abort",
+            Step::Rollback { .. } => "rollback",
+        }
+    }
+
+    fn into_body(self) -> Body {
+        match self {
+            Step::Prepare { patch_id, modules } => {
+                Body::Prepare(RuntimePrepare { patch_id, modules: modules.into_iter().collect() })
+            }
+            Step::Commit { patch_id } => Body::Commit(RuntimeCommit { patch_id }),
+            Step::Abort { patch_id } => Body::Abort(RuntimeAbort { patch_id }),
+            Step::Rollback { patch_id } => Body::Rollback(RuntimeRollback { patch_id }),
+        }
+    }
+}
+
+/// How one runtime answered a [`Step`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepReply {
+    pub ok: bool,
+    /// The runtime's own message (module, object, line where known).
+    pub error: String,
+    /// Which kind of failure ("prepare", "commit", "protocol", ...).
+    pub error_kind: String,
+    pub pause_ms: f64,
+    pub elapsed_ms: f64,
+    /// JSON of the runtime's plan (prepare) or report (commit/rollback).
+    pub detail_json: String,
+    /// The process's patch stack after the step.
+    pub patch_stack: Vec<String>,
+}
+
+impl From<RuntimeResult> for StepReply {
+    fn from(r: RuntimeResult) -> Self {
+        Self {
+            ok: r.ok,
+            error: r.error,
+            error_kind: r.error_kind,
+            pause_ms: r.pause_ms,
+            elapsed_ms: r.elapsed_ms,
+            detail_json: r.detail_json,
+            patch_stack: r.patch_stack,
+        }
+    }
+}
+
+/// What a runtime runs right now, asked live.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveStatus {
+    pub patch_stack: Vec<String>,
+    /// module -> sha256 of the source the process runs.
+    pub live_digests: HashMap<String, String>,
+}
+
+/// The game processes of this node.
+#[async_trait]
+pub trait Runtimes: Send + Sync + 'static {
+    /// Every process connected now.
+    fn processes(&self) -> Vec<Process>;
+    /// Whether any process has connected since the agent started: until one
+    /// has, the agent cannot tell an empty node from one still reconnecting.
+    fn any_connected_since_start(&self) -> bool;
+    /// Sends one transaction step to one process and waits for its answer.
+    async fn step(&self, process_id: &str, step: Step, timeout: Duration) -> Result<StepReply, SessionError>;
+    /// What the process runs (its reply also refreshes its known stack).
+    async fn status(&self, process_id: &str, timeout: Duration) -> Result<LiveStatus, SessionError>;
+    /// Health figures since `since` (0: since the process started).
+    async fn health(&self, process_id: &str, since: u64, timeout: Duration) -> Result<ProcessHealth, SessionError>;
+}
+
+#[async_trait]
+impl Runtimes for Sessions {
+    fn processes(&self) -> Vec<Process> {
+        self.list()
+            .iter()
+            .map(|session| {
+                let info = session.info();
+                Process {
+                    process_id: session.process_id.clone(),
+                    pid: info.hello.pid,
+                    build: info.hello.build,
+                    patch_stack: info.patch_stack,
+                    runtime_version: info.hello.runtime_version,
+                    python_version: info.hello.python_version,
+                }
+            })
+            .collect()
+    }
+
+    fn any_connected_since_start(&self) -> bool {
+        self.ever_connected()
+    }
+
+    async fn step(&self, process_id: &str, step: Step, timeout: Duration) -> Result<StepReply, SessionError> {
+        let session = self.get(process_id).ok_or_else(|| SessionError::Disconnected(process_id.to_string()))?;
+        let what = step.name();
+        let updates_stack = matches!(step, Step::Commit { .. } | Step::Rollback { .. });
+        match session.request(step.into_body(), timeout).await? {
+            Body::PrepareResult(result)
+            | Body::CommitResult(result)
+            | Body::AbortResult(result)
+            | Body::RollbackResult(result) => {
+                if updates_stack {
+                    session.set_patch_stack(result.patch_stack.clone());
+                }
+                Ok(result.into())
+            }
+            _ => Err(SessionError::Unexpected { process: process_id.to_string(), what }),
+        }
+    }
+
+    async fn status(&self, process_id: &str, timeout: Duration) -> Result<LiveStatus, SessionError> {
+        let session = self.get(process_id).ok_or_else(|| SessionError::Disconnected(process_id.to_string()))?;
+        match session.request(Body::StatusQuery(StatusQuery {}), timeout).await? {
+            Body::Status(reply) => {
+                session.set_patch_stack(reply.patch_stack.clone());
+                Ok(LiveStatus { patch_stack: reply.patch_stack, live_digests: reply.live_digests })
+            }
+            _ => Err(SessionError::Unexpected { process: process_id.to_string(), what: "a status query" }),
+        }
+    }
+
+    async fn health(&self, process_id: &str, since: u64, timeout: Duration) -> Result<ProcessHealth, SessionError> {
+        let session = self.get(process_id).ok_or_else(|| SessionError::Disconnected(process_id.to_string()))?;
+        match session.request(Body::HealthQuery(HealthQuery { since }), timeout).await? {
+            Body::Health(health) => Ok(health),
+            _ => Err(SessionError::Unexpected { process: process_id.to_string(), what: "a health query" }),
+        }
+    }
+}
