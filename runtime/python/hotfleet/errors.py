@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-__all__ = ["HotfleetError", "PrepareError", "CommitError", "RollbackError"]
+__all__ = [
+    "HotfleetError",
+    "PrepareError",
+    "CommitError",
+    "RollbackError",
+    "FrameError",
+    "FramingError",
+    "HandshakeRefused",
+]
 
 
 class HotfleetError(Exception):
@@ -85,3 +93,32 @@ class CommitError(HotfleetError):
 
 class RollbackError(HotfleetError):
     """A rollback was refused (nothing to roll back, wrong expected id) or partly failed."""
+
+
+# -- the local protocol (frames.py, agent_link.py) -------------------------------------
+
+
+class FrameError(Exception):
+    """A frame whose framing was fine but whose content is not a valid request.
+
+    The connection survives: the link answers with a ``ProtocolError`` carrying ``code``
+    and, when the frame's id could be read, ``reply_to`` set to it.
+    """
+
+    def __init__(self, code: str, message: str, frame_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.frame_id = frame_id
+
+
+class FramingError(Exception):
+    """The byte stream itself is broken (oversized length): the connection must close."""
+
+
+class HandshakeRefused(Exception):
+    """The agent refused this runtime's ``hello``; ``permanent`` when retrying cannot help
+    (a protocol version mismatch)."""
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
