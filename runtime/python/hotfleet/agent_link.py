@@ -153,7 +153,6 @@ class AgentLink:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         # Owned by the link thread only:
-        self._prepared: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
         self._inflight: Dict[str, "Future[Any]"] = {}
         self._early: List[bytes] = []  # frames that arrived in the same read as the welcome
         self._current: Optional[Tuple[socket.socket, int]] = None  # (socket, session) being served
@@ -309,23 +308,23 @@ class AgentLink:
     def _stack_ids(self) -> List[str]:
         return [str(entry.id) for entry in self._rt.patch_stack]
 
-    def _prepared_txn(self, patch_id: str) -> Any:
-        """The prepared transaction ``patch_id``: the link's own, else the runtime's (a
-        transaction prepared in-process, e.g. by an operator's console)."""
-        txn = self._prepared.get(patch_id)
+    def _abort_prepared(self, patch_id: str) -> Tuple[bool, Optional[Exception]]:
+        """Abort ``patch_id`` if the runtime holds it prepared (whoever prepared it: the
+        agent, or an operator's console in-process). Returns (was prepared, abort error)."""
+        txn = self._rt.prepared(patch_id)
         if txn is None:
-            lookup = getattr(self._rt, "transaction", None)
-            found = lookup(patch_id) if callable(lookup) else None
-            if found is not None and getattr(found, "state", None) == "prepared":
-                txn = found
-        return txn
+            return False, None
+        try:
+            txn.abort()
+        except Exception as exc:  # dropping a staging area should not fail; say so if it does
+            log.exception("abort of %s failed", patch_id)
+            return True, exc
+        return True, None
 
     def _pending_id(self) -> str:
         """Id of the prepared, uncommitted transaction, as the runtime knows it."""
-        if hasattr(self._rt, "pending"):
-            pending = self._rt.pending
-            return str(pending.id) if pending is not None else ""
-        return next(reversed(self._prepared), "") if self._prepared else ""
+        pending = self._rt.pending
+        return str(pending.id) if pending is not None else ""
 
     # -- the link thread -----------------------------------------------------------------
 
@@ -600,8 +599,6 @@ class AgentLink:
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "errorKind": "internal",
                       "elapsedMs": _ms(started)}
         else:
-            self._prepared.pop(patch_id, None)
-            self._prepared[patch_id] = txn
             log.info("prepared %s (%d modules) in %.1f ms", patch_id, len(modules), _ms(started))
             result = {"ok": True, "elapsedMs": _ms(started), "detailJson": detail_json(txn.plan.to_dict())}
         self._result(frame_id, "prepareResult", result)
@@ -611,7 +608,7 @@ class AgentLink:
         started = time.perf_counter()
         future = self._inflight.get(patch_id)
         if future is None:
-            txn = self._prepared_txn(patch_id)
+            txn = self._rt.prepared(patch_id)
             if txn is None:
                 stack = self._stack_ids()
                 if patch_id in stack:  # a repeated commit answers like the first
@@ -628,7 +625,6 @@ class AgentLink:
             try:
                 future = self._rt.request_commit(txn)
             except HotfleetError as exc:  # e.g. the transaction was aborted meanwhile
-                self._prepared.pop(patch_id, None)
                 self._result(frame_id, "commitResult", {
                     "ok": False, "errorKind": "commit", "error": str(exc), "elapsedMs": _ms(started),
                     "patchStack": self._stack_ids(), "detailJson": error_detail_json(exc),
@@ -647,23 +643,19 @@ class AgentLink:
                 "error": f"patch {patch_id} is being committed; roll it back instead",
             })
             return
-        txn = self._prepared_txn(patch_id)
-        self._prepared.pop(patch_id, None)
-        if txn is not None:
-            try:
-                txn.abort()
-            except Exception as exc:  # dropping a staging area should not fail; say so if it does
-                log.exception("abort of %s failed", patch_id)
-                self._result(frame_id, "abortResult", {
-                    "ok": False, "errorKind": "abort", "error": f"{type(exc).__name__}: {exc}",
-                    "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
-                })
-                return
+        aborted, error = self._abort_prepared(patch_id)
+        if error is not None:
+            self._result(frame_id, "abortResult", {
+                "ok": False, "errorKind": "abort", "error": f"{type(error).__name__}: {error}",
+                "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
+            })
+            return
+        if aborted:
             log.info("aborted prepared patch %s", patch_id)
         # Aborting what is not prepared is a no-op, so a repeated or late abort succeeds.
         self._result(frame_id, "abortResult", {
             "ok": True, "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
-            "detailJson": detail_json({"aborted": txn is not None, "patch_id": patch_id}),
+            "detailJson": detail_json({"aborted": aborted, "patch_id": patch_id}),
         })
 
     def _on_rollback(self, frame_id: int, body: Dict[str, Any]) -> None:
@@ -672,17 +664,11 @@ class AgentLink:
         if patch_id and patch_id not in self._inflight and patch_id not in self._stack_ids():
             # This process does not run the patch (its commit failed and restored, or never
             # happened): rolling back must not undo the patch beneath it. Drop it if prepared.
-            txn = self._prepared_txn(patch_id)
-            self._prepared.pop(patch_id, None)
-            if txn is not None:
-                try:
-                    txn.abort()
-                except Exception:
-                    log.exception("abort of %s during rollback failed", patch_id)
+            self._abort_prepared(patch_id)
             self._result(frame_id, "rollbackResult", {
                 "ok": True, "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
                 "detailJson": detail_json({"noop": True, "patch_id": patch_id,
-                                       "reason": "patch is not committed in this process"}),
+                                           "reason": "patch is not committed in this process"}),
             })
             return
         future = self._rt.request_rollback(expected_id=patch_id or None)
@@ -737,7 +723,7 @@ class AgentLink:
                 # The patch is not running here (e.g. its queued commit failed): the goal
                 # of the rollback holds, and nothing beneath it was touched.
                 result.update(ok=True, detailJson=detail_json({"noop": True, "patch_id": done.patch_id,
-                                                           "reason": str(exc)}))
+                                                               "reason": str(exc)}))
             else:
                 log.warning("%s of %s failed: %s", what, done.patch_id or "newest patch", exc)
                 result.update(ok=False, error=str(exc), errorKind=what, detailJson=error_detail_json(exc))
@@ -751,7 +737,6 @@ class AgentLink:
                      result["pauseMs"], stack)
         if done.kind == "commitResult" and self._inflight.get(done.patch_id) is future:
             del self._inflight[done.patch_id]
-            self._prepared.pop(done.patch_id, None)
         if done.session != session:
             log.info("%s of %s finished after the agent connection that asked for it was lost "
                      "(ok=%s); the agent sees the result in hello/status", what, done.patch_id, result["ok"])

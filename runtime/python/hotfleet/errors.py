@@ -1,4 +1,7 @@
-"""Error classes raised by the hotfleet runtime.
+"""Every error class of the hotfleet runtime, in one place.
+
+The public ones (``HotfleetError`` and its subclasses) are what a game or the agent sees;
+then the local protocol's errors, then the signals the runtime raises and catches itself.
 
 Every error names *where* the problem is (module, qualified object name, line)
 when that is known, and says what the operator or patch author can do about it.
@@ -16,6 +19,9 @@ __all__ = [
     "FrameError",
     "FramingError",
     "HandshakeRefused",
+    "StagingRefusal",
+    "HookFailure",
+    "InstanceHookError",
 ]
 
 
@@ -122,3 +128,34 @@ class HandshakeRefused(Exception):
     def __init__(self, message: str, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+# -- internal signals: raised and caught inside the runtime, never seen by a game -------
+
+
+class StagingRefusal(Exception):
+    """Internal: a statement cannot be staged (the stager turns it into a plan refusal)."""
+
+    def __init__(self, message: str, lineno: Optional[int] = None, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.lineno = lineno
+        self.hint = hint
+
+
+class HookFailure(Exception):
+    """Internal: a hook raised; carries where."""
+
+    def __init__(self, module: str, obj: str, lineno: Optional[int]) -> None:
+        super().__init__(obj)
+        self.module = module
+        self.obj = obj
+        self.lineno = lineno
+
+
+class InstanceHookError(Exception):
+    """Internal: an instance hook raised (``__cause__``) on ``obj``."""
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__()
+        self.obj = obj

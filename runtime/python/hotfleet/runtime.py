@@ -29,7 +29,17 @@ from .safepoint import Request, RequestQueue
 from .snapshot import Journal
 from .sources import RecordingFinder, SourceRegistry, iter_managed_modules, read_live_source, verify_record
 from .staging import Stager
-from .transaction import ABORTED, COMMITTED, FAILED, PREPARED, ROLLED_BACK, CommitReport, Transaction, apply_transaction
+from .transaction import (
+    ABORTED,
+    COMMITTED,
+    FAILED,
+    PREPARED,
+    ROLLED_BACK,
+    CommitReport,
+    CommitTarget,
+    Transaction,
+    apply_transaction,
+)
 
 log = logging.getLogger("hotfleet")
 
@@ -172,6 +182,7 @@ class Runtime:
                 self._registry.set(record)
         self._finder = RecordingFinder(self._registry)
         self._finder.install()
+        self._commit_target = CommitTarget(self._registry, self._tracker, self._finder)
         _OPEN.add(self)
         classes: List[type] = []
         for name in self._registry.names():
@@ -231,6 +242,16 @@ class Runtime:
         """A pending or committed (still on the stack) transaction by id."""
         with self._lock:
             return self._txns.get(txn_id)
+
+    def prepared(self, txn_id: str) -> Optional[Transaction]:
+        """The transaction ``txn_id`` if it is prepared (waiting for commit or abort), else None.
+
+        The runtime is the one owner of transaction state: the agent link asks here by
+        patch id rather than keeping its own map.
+        """
+        with self._lock:
+            txn = self._txns.get(txn_id)
+            return txn if txn is not None and txn.state == PREPARED else None
 
     def live_digests(self) -> Dict[str, str]:
         """Module -> sha256 of the source it runs, as recorded by the runtime."""
@@ -322,11 +343,12 @@ class Runtime:
                 hint=f"use request_{what}() from other threads",
             )
 
-    def _commit(self, txn: Transaction) -> CommitReport:
+    def commit_transaction(self, txn: Transaction) -> CommitReport:
+        """What :meth:`Transaction.commit` runs: apply ``txn`` (game thread only)."""
         self._check_thread("commit", CommitError)
         with self._commit_lock:
             with self._lock:
-                if txn._runtime is not self:
+                if txn.owner is not self:
                     raise CommitError("transaction belongs to another runtime")
                 if txn.state != PREPARED:
                     raise CommitError(
@@ -334,37 +356,39 @@ class Runtime:
                         hint="prepare the patch again" if txn.state in (ABORTED, FAILED, ROLLED_BACK) else None,
                     )
             try:
-                report, journal = apply_transaction(self, txn)
+                report, journal = apply_transaction(self._commit_target, txn)
             except CommitError as exc:
                 with self._lock:
-                    txn.state = FAILED
                     txn.error = exc
-                    if self._pending is txn:
-                        self._pending = None
-                    self._txns.pop(txn.id, None)
+                    self._settle(txn, FAILED)
                 log.error("commit of %s failed: %s", txn.id[:16], exc)
                 raise
             with self._lock:
-                txn.state = COMMITTED
                 txn.report = report
-                if self._pending is txn:
-                    self._pending = None
+                self._settle(txn, COMMITTED)
                 self._stack.append(
                     StackEntry(txn.id, txn.digests, txn.base_digests, report.committed_at, report, txn, journal)
                 )
             log.info("committed %s, pause %.3f ms, %s", txn.id[:16], report.pause_ms, report.counts)
             return report
 
-    def _abort(self, txn: Transaction) -> None:
+    def _settle(self, txn: Transaction, state: str) -> None:
+        """``txn`` leaves the prepared state (the caller holds ``_lock``); only a committed
+        transaction stays findable by id, as long as it is on the stack."""
+        txn.state = state
+        if self._pending is txn:
+            self._pending = None
+        if state != COMMITTED:
+            self._txns.pop(txn.id, None)
+
+    def abort_transaction(self, txn: Transaction) -> None:
+        """What :meth:`Transaction.abort` runs: drop a prepared ``txn`` and fail its queued commit."""
         with self._lock:
             if txn.state in (ABORTED, FAILED):
                 return
             if txn.state != PREPARED:
                 raise HotfleetError(f"transaction {txn.id} is {txn.state}; it cannot be aborted", hint="use rollback() for committed transactions")
-            txn.state = ABORTED
-            if self._pending is txn:
-                self._pending = None
-            self._txns.pop(txn.id, None)
+            self._settle(txn, ABORTED)
         queued = self._queue.find("commit", txn)
         if queued is not None and self._queue.remove(queued):
             queued.future.set_exception(CommitError(f"transaction {txn.id} was aborted before its commit ran"))
@@ -416,7 +440,7 @@ class Runtime:
         :class:`CommitError`.  Requesting the same transaction twice returns
         the same future.
         """
-        if not isinstance(txn, Transaction) or txn._runtime is not self:
+        if not isinstance(txn, Transaction) or txn.owner is not self:
             raise CommitError("not a transaction of this runtime")
         with self._lock:
             if txn.state != PREPARED:
@@ -455,7 +479,7 @@ class Runtime:
                     continue
                 try:
                     if request.kind == "commit":
-                        result: Any = self._commit(request.target)
+                        result: Any = self.commit_transaction(request.target)
                     else:
                         expected = request.target
                         with self._lock:

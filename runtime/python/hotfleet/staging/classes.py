@@ -10,10 +10,11 @@ import enum
 from typing import Any, Dict, List, Optional, Set, cast
 
 from .. import diff as D
+from ..errors import StagingRefusal
 from ..snapshot import MISSING, class_get, same_value
 from ..swap import resolve_class
 from .class_actions import AnnotationsAction, ClassExecAction, DataclassRegenAction, DocAction, class_namespace, dataclass_regenerate
-from .common import Pending, Refused, annotation_only, describe, error_line, literal_bindings, strip_decorators
+from .common import Pending, annotation_only, describe, error_line, literal_bindings, strip_decorators
 from .data_actions import DataAction, RemoveAction
 from .model import ModuleCtx, Scope
 
@@ -24,7 +25,7 @@ class ClassStaging:
     # -- classes -------------------------------------------------------------
 
     def _stage_changed_class(
-        self, ctx: "ModuleCtx", old: D.Stmt, new: D.Stmt, chain: List[ast.ClassDef], globals_: Dict[str, Any]
+        self, ctx: ModuleCtx, old: D.Stmt, new: D.Stmt, chain: List[ast.ClassDef], globals_: Dict[str, Any]
     ) -> None:
         stage, plan = ctx.stage, ctx.stage.plan
         onode: ast.ClassDef = old.node  # type: ignore[assignment]
@@ -33,13 +34,13 @@ class ClassStaging:
         qual = ".".join(names)
         cls = resolve_class(ctx.live, names)
         if cls is None:
-            raise Refused(f"live {qual} is not the class the recorded source defines (rebound at run time?)", new.first, "restart to change it")
+            raise StagingRefusal(f"live {qual} is not the class the recorded source defines (rebound at run time?)", new.first, "restart to change it")
         if [ast.dump(b) for b in onode.bases] != [ast.dump(b) for b in nnode.bases] or [ast.dump(k) for k in onode.keywords] != [
             ast.dump(k) for k in nnode.keywords
         ]:
-            raise Refused(f"bases or metaclass of {qual} changed; a live class cannot change them in place", new.first, "keep bases and metaclass, or restart")
+            raise StagingRefusal(f"bases or metaclass of {qual} changed; a live class cannot change them in place", new.first, "keep bases and metaclass, or restart")
         if D.decorators_dump(onode) != D.decorators_dump(nnode):
-            raise Refused(f"class decorators of {qual} changed; decorators cannot be re-applied to a live class", new.first, "keep the class decorators, or restart")
+            raise StagingRefusal(f"class decorators of {qual} changed; decorators cannot be re-applied to a live class", new.first, "keep the class decorators, or restart")
         is_enum = isinstance(cls, enum.EnumMeta)
         is_namedtuple = issubclass(cls, tuple) and "_fields" in cls.__dict__
         is_protocol = bool(cls.__dict__.get("_is_protocol", False))
@@ -66,11 +67,8 @@ class ClassStaging:
             try:
                 if n.kind == D.DEF:
                     if is_protocol and o is None:
-                        raise Refused(f"protocol {qual} gains member {n.name}; the protocol's member set is fixed at class creation", n.first, "restart to change a protocol's members")
-                    if o is None:
-                        self._stage_added_def(ctx, n, scope)
-                    else:
-                        self._stage_changed_def(ctx, o, n, scope)
+                        raise StagingRefusal(f"protocol {qual} gains member {n.name}; the protocol's member set is fixed at class creation", n.first, "restart to change a protocol's members")
+                    self._stage_def(ctx, o, n, scope)
                     continue
                 if n.kind == D.CLASS:
                     if o is None:
@@ -88,14 +86,14 @@ class ClassStaging:
                     continue
                 if n.kind == D.ASSIGN or n.kind == D.IMPORT:
                     if "__slots__" in n.names:
-                        raise Refused(f"__slots__ of {qual} changed; the memory layout of live instances cannot change", n.first, "keep __slots__, or restart")
+                        raise StagingRefusal(f"__slots__ of {qual} changed; the memory layout of live instances cannot change", n.first, "keep __slots__, or restart")
                     if is_enum:
-                        raise Refused(f"members of enum {qual} changed; enum members cannot be added, removed or changed in place", n.first, "keep the members, or restart")
+                        raise StagingRefusal(f"members of enum {qual} changed; enum members cannot be added, removed or changed in place", n.first, "keep the members, or restart")
                     is_ann = isinstance(node, ast.AnnAssign) or (o is not None and isinstance(o.node, ast.AnnAssign))
                     if is_namedtuple and is_ann:
-                        raise Refused(f"fields of NamedTuple {qual} changed; the tuple layout is fixed", n.first, "keep the fields, or restart")
+                        raise StagingRefusal(f"fields of NamedTuple {qual} changed; the tuple layout is fixed", n.first, "keep the fields, or restart")
                     if is_protocol and o is None:
-                        raise Refused(f"protocol {qual} gains member {n.name}", n.first, "restart to change a protocol's members")
+                        raise StagingRefusal(f"protocol {qual} gains member {n.name}", n.first, "restart to change a protocol's members")
                     if is_ann:
                         ann_changed = True
                     values_new = literal_bindings(node)
@@ -133,12 +131,12 @@ class ClassStaging:
                     if o is None:
                         ctx.class_gains.setdefault(cls, set()).update(n.bound)
                     continue
-                raise Refused(
+                raise StagingRefusal(
                     f"statement in the body of class {qual} changed ({n.summary()!r}); only definitions and assignments in a class body can be updated in place",
                     n.first,
                     "move the logic into a method or the module's __reload_module__",
                 )
-            except Refused as exc:
+            except StagingRefusal as exc:
                 plan.refuse(member, exc.lineno or n.first, exc.message, exc.hint)
             except Exception as exc:
                 plan.refuse(member, error_line(exc, ctx.filename) or n.first, f"staging failed: {describe(exc)}", "fix the patch source")
@@ -187,7 +185,7 @@ class ClassStaging:
 
     def _stage_dataclass(
         self,
-        ctx: "ModuleCtx",
+        ctx: ModuleCtx,
         cls: type,
         node: ast.ClassDef,
         chain: List[ast.ClassDef],

@@ -1,4 +1,4 @@
-"""What the staging modules share: hook names, the refusal signal, AST and literal helpers.
+"""What the staging modules share: hook names, AST and literal helpers.
 
 Kept apart so the actions and the stager can both use them without importing each other.
 """
@@ -49,16 +49,6 @@ class Pending:
 
     def __repr__(self) -> str:
         return f"<pending {self.what}>"
-
-
-class Refused(Exception):
-    """Internal: a statement cannot be staged (turned into a plan refusal)."""
-
-    def __init__(self, message: str, lineno: Optional[int] = None, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.lineno = lineno
-        self.hint = hint
 
 
 NOT_LITERAL = object()

@@ -5,14 +5,15 @@
 from __future__ import annotations
 
 import types
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import diff as D
+from ..errors import StagingRefusal
 from ..snapshot import MISSING
 from ..swap import find_code
 from .actions import ExecAction, SwapAction
 from .class_actions import ClassExecAction
-from .common import Refused, strip_decorators
+from .common import strip_decorators
 from .model import ModuleCtx, Scope
 
 
@@ -21,7 +22,14 @@ class FunctionStaging:
 
     # -- functions -----------------------------------------------------------
 
-    def _stage_added_def(self, ctx: "ModuleCtx", new: D.Stmt, scope: Scope) -> None:
+    def _stage_def(self, ctx: ModuleCtx, old: Optional[D.Stmt], new: D.Stmt, scope: Scope) -> None:
+        """A def at module or class level: added (``old`` None) or changed."""
+        if old is None:
+            self._stage_added_def(ctx, new, scope)
+        else:
+            self._stage_changed_def(ctx, old, new, scope)
+
+    def _stage_added_def(self, ctx: ModuleCtx, new: D.Stmt, scope: Scope) -> None:
         """A new function: body validated now, the decorated def runs at commit."""
         stage, plan = ctx.stage, ctx.stage.plan
         node = new.node
@@ -55,10 +63,10 @@ class FunctionStaging:
             exec(code, scope.globals, tmp)
             staged = tmp[name]
         if not isinstance(staged, types.FunctionType):
-            raise Refused(f"definition of {name} did not produce a function", None, "fix the patch source")
+            raise StagingRefusal(f"definition of {name} did not produce a function", None, "fix the patch source")
         return staged
 
-    def _stage_changed_def(self, ctx: "ModuleCtx", old: D.Stmt, new: D.Stmt, scope: Scope) -> None:
+    def _stage_changed_def(self, ctx: ModuleCtx, old: D.Stmt, new: D.Stmt, scope: Scope) -> None:
         """A changed function: swap the new code into every live object the old def made."""
         stage, plan = ctx.stage, ctx.stage.plan
         onode, nnode = old.node, new.node
@@ -88,7 +96,7 @@ class FunctionStaging:
                 rebind = True
                 plan.add("note", qual, new.first, "zero-argument super()/__class__ use changed: the class attribute is rebound to a new function object; references to the old function object keep the old code")
                 continue
-            raise Refused(
+            raise StagingRefusal(
                 f"closure shape of {qual} changed (free variables {fn.__code__.co_freevars} -> {new_code.co_freevars}); live cells cannot be carried",
                 new.first,
                 "keep the free variable names of the closure, or restart",
@@ -142,7 +150,7 @@ class FunctionStaging:
             ctx.mark_updated(scope.cls)
 
     def _stage_closures(
-        self, ctx: "ModuleCtx", old: D.Stmt, new: D.Stmt, new_code: types.CodeType, exclude: List[types.FunctionType]
+        self, ctx: ModuleCtx, old: D.Stmt, new: D.Stmt, new_code: types.CodeType, exclude: List[types.FunctionType]
     ) -> List[Tuple[types.FunctionType, types.CodeType, types.CodeType]]:
         """Live closures created from nested definitions of a changed function."""
         out: List[Tuple[types.FunctionType, types.CodeType, types.CodeType]] = []
@@ -162,13 +170,13 @@ class FunctionStaging:
                 continue
             for fn in live:
                 if fn.__code__.co_freevars != ncode.co_freevars:
-                    raise Refused(
+                    raise StagingRefusal(
                         f"live closure {fn.__qualname__} captures {fn.__code__.co_freevars} but the new definition uses {ncode.co_freevars}; running it would read the wrong cells",
                         D.node_first_line(nnode),
                         "keep the names of the variables the closure captures, or restart",
                     )
                 if D.signature_dump(onode) != D.signature_dump(nnode):
-                    raise Refused(
+                    raise StagingRefusal(
                         f"parameters of live closure {fn.__qualname__} changed; its defaults were bound when it was created",
                         D.node_first_line(nnode),
                         "keep the closure's parameters, or restart",

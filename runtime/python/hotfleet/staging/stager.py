@@ -16,6 +16,7 @@ import types
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, cast
 
 from .. import diff as D
+from ..errors import StagingRefusal
 from ..instances import HOOK_INSTANCE, InstanceTracker
 from ..plan import ModulePlan
 from ..snapshot import MISSING, same_value
@@ -24,7 +25,7 @@ from ..swap import FunctionIndex
 from .actions import ExecAction, RelocateAction
 from .class_actions import DocAction
 from .classes import ClassStaging
-from .common import HOOK_CLASS, HOOK_MODULE, MODULE_SYSTEM_NAMES, Pending, Refused, describe, error_line, literal_bindings, strip_decorators
+from .common import HOOK_CLASS, HOOK_MODULE, MODULE_SYSTEM_NAMES, Pending, describe, error_line, literal_bindings, strip_decorators
 from .data_actions import DataAction, RemoveAction
 from .functions import FunctionStaging
 from .model import ModuleCtx, ModuleStage, OverlayModule, Scope, StagedModule
@@ -280,7 +281,7 @@ class Stager(FunctionStaging, ClassStaging):
             elif stmt.kind in (D.OTHER,):
                 for n in stmt.bound:
                     scope.globals.setdefault(n, Pending(n))
-        except Refused as exc:
+        except StagingRefusal as exc:
             plan.refuse(stmt.name, exc.lineno or stmt.first, exc.message, exc.hint)
         except Exception as exc:
             plan.refuse(stmt.name, error_line(exc, filename) or stmt.first, f"staging failed: {describe(exc)}", "fix the patch source")
@@ -349,7 +350,7 @@ class Stager(FunctionStaging, ClassStaging):
         for pair in body.pairs:
             try:
                 self._stage_module_pair(ctx, pair, scope)
-            except Refused as exc:
+            except StagingRefusal as exc:
                 plan.refuse(pair.new.name if pair.new else None, exc.lineno or (pair.new.first if pair.new else None), exc.message, exc.hint)
             except Exception as exc:
                 lineno = error_line(exc, filename) or (pair.new.first if pair.new else None)
@@ -382,7 +383,7 @@ class Stager(FunctionStaging, ClassStaging):
         for cls in stage.updated_classes:
             self._plan_class_hooks(stage, cls, ctx)
 
-    def _plan_class_hooks(self, stage: ModuleStage, cls: type, ctx: "ModuleCtx") -> None:
+    def _plan_class_hooks(self, stage: ModuleStage, cls: type, ctx: ModuleCtx) -> None:
         plan = stage.plan
         gains = ctx.class_gains.get(cls, set())
         has_class_hook = getattr(cls, HOOK_CLASS, None) is not None or HOOK_CLASS in gains
@@ -400,7 +401,7 @@ class Stager(FunctionStaging, ClassStaging):
                     "instances not tracked yet: one-time heap scan at commit (frozen objects included; its cost grows with the heap), tracked from then on",
                 )
 
-    def _stage_module_pair(self, ctx: "ModuleCtx", pair: D.Pair, scope: Scope) -> None:
+    def _stage_module_pair(self, ctx: ModuleCtx, pair: D.Pair, scope: Scope) -> None:
         stage, plan = ctx.stage, ctx.stage.plan
         old, new = pair.old, pair.new
         assert new is not None
@@ -408,12 +409,9 @@ class Stager(FunctionStaging, ClassStaging):
             return
         node = new.node
         if new.kind == D.FUTURE:
-            raise Refused("the patch changes `from __future__` imports", new.first, "restart to change them")
+            raise StagingRefusal("the patch changes `from __future__` imports", new.first, "restart to change them")
         if new.kind == D.DEF:
-            if old is None:
-                self._stage_added_def(ctx, new, scope)
-            else:
-                self._stage_changed_def(ctx, old, new, scope)
+            self._stage_def(ctx, old, new, scope)
             return
         if new.kind == D.CLASS:
             if old is None:
@@ -490,7 +488,7 @@ class Stager(FunctionStaging, ClassStaging):
         for cnode in chain:
             code = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == cnode.name)
         if code.co_freevars:
-            raise Refused(
+            raise StagingRefusal(
                 f"class body of {chain[-1].name} needs free variables {code.co_freevars}; unsupported",
                 chain[-1].lineno,
                 "restart to change this class",
@@ -512,7 +510,7 @@ class Stager(FunctionStaging, ClassStaging):
             name = root.id
             if (local is not None and name in local) or name in globals_ or name in self._builtins:
                 return
-            raise Refused(f"name {name!r} is not defined", getattr(expr, "lineno", lineno), "fix the patch source")
+            raise StagingRefusal(f"name {name!r} is not defined", getattr(expr, "lineno", lineno), "fix the patch source")
 
     def _check_heads(self, node: ast.stmt, scope: Scope, local: Optional[Dict[str, Any]] = None) -> None:
         """Decorators are not run at prepare; at least check the names they start from exist."""
