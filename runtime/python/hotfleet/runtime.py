@@ -508,6 +508,11 @@ class Runtime:
 
     # -- health ----------------------------------------------------------------
 
+    def record_tick(self, seconds: float) -> None:
+        """Count a completed tick that took ``seconds`` (``with rt.tick():`` and the loop
+        helpers do this; a loop that times its own ticks calls it once per tick)."""
+        self._health.tick_done(max(0.0, float(seconds)))
+
     def record_exception(self, exc: BaseException) -> None:
         """Count an exception the game caught itself (it shows in ``health()``)."""
         self._health.exception(exc)

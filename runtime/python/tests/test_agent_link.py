@@ -828,3 +828,56 @@ def test_sync_patch_stack_surfaces_an_agent_error(rt: Any, agent: ScriptedAgent,
     link = links(rt, agent.path)
     with pytest.raises(hotfleet.HotfleetError, match="no stack for build dev"):
         link.sync_patch_stack(timeout=TIMEOUT)
+
+
+# --------------------------------------------------------------------------------------
+# games written only from the runtime README
+
+
+def test_an_asyncio_game_written_from_the_readme_reports_ticks(
+        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README's three lines, with the asyncio helper "instead of line 3", and nothing else.
+    monkeypatch.setenv("HOTFLEET_AGENT_SOCKET", agent.path)
+    import asyncio
+
+    rt = hotfleet.Runtime(packages=[pkg.name])
+    link = rt.connect()
+    try:
+        peer = agent.accept()
+        peer.handshake()
+        mark = rt.mark()
+
+        async def game() -> None:
+            handle = hotfleet.asyncio_safe_point(rt, asyncio.get_running_loop(), interval=0.02)
+            await asyncio.sleep(0.3)  # the game's own coroutines run here
+            handle.close()
+
+        asyncio.run(game())
+        health = peer.request("healthQuery", {"since": mark}, "health")
+        # The coordinator's health gate needs ticks in its window, or it rolls back for
+        # "no health data".
+        assert health["ticks"] > 0 and health["ticksSince"] > 0, health
+        assert health["alive"] is True
+        assert rt.health()["tick_p99_ms"] is not None
+    finally:
+        link.stop()
+        rt.close()
+
+
+def test_a_threadsafe_scheduler_game_reports_ticks(pkg: Package) -> None:
+    import queue
+
+    rt = hotfleet.Runtime(packages=[pkg.name])
+    try:
+        calls: "queue.Queue[Callable[[], None]]" = queue.Queue()  # the framework's thread-safe entry
+        handle = hotfleet.threadsafe_scheduler(rt, calls.put, interval=0.02)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # the framework's own thread runs what it is handed
+            try:
+                calls.get(timeout=0.05)()
+            except queue.Empty:
+                pass
+        handle.close()
+        assert rt.health()["ticks"] > 0
+    finally:
+        rt.close()
