@@ -20,9 +20,10 @@ Who runs what, and why:
   closed socket. It reconnects with capped exponential backoff and says so in the log
   (``hotfleet.agent_link``), throttled so a missing agent does not flood it. The one
   thing it does not retry is a refusal of its protocol version: that will not get better.
-* ``sync_patch_stack()`` is the exception to "the link thread does the work": it runs on
-  the calling thread, because it commits (``txn.commit()``), and commits belong to the
-  game's thread. Call it before the game loop serves players.
+* The build's patch stack (:mod:`hotfleet.stack_sync`) is fetched through the link but
+  applied elsewhere: by a small thread of its own that queues the commits for the game's
+  safe points (``sync_stack``, what ``rt.connect()`` asks for), or by ``sync_patch_stack()``
+  on the calling thread. The link thread never waits for a commit.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from .frames import (
     require_str,
     uint,
 )
+from .stack_sync import StackPatch, StackSync
 
 if TYPE_CHECKING:  # annotations only: the runtime imports this module lazily
     from . import Runtime
@@ -104,6 +106,9 @@ class AgentLink:
     ``runtime`` is the process's ``hotfleet.Runtime``. ``socket_path`` defaults to
     ``$HOTFLEET_AGENT_SOCKET``; ``build`` (the game build the agent matches patches
     against) to ``$HOTFLEET_BUILD`` or ``"dev"``. Nothing happens until :meth:`start`.
+    With ``sync_stack`` (what ``rt.connect()`` passes) a second thread applies the build's
+    patch stack once connected (see :mod:`hotfleet.stack_sync`); ``sync_timeout`` bounds
+    each fetch of the stack, ``sync_retry`` is the first pause after a failed round.
     """
 
     def __init__(
@@ -117,6 +122,9 @@ class AgentLink:
         io_timeout: float = 30.0,
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
+        sync_stack: bool = False,
+        sync_timeout: float = 30.0,
+        sync_retry: float = 1.0,
     ) -> None:
         path = socket_path or os.environ.get(ENV_SOCKET)
         if not path:
@@ -138,6 +146,10 @@ class AgentLink:
         self._io_timeout = io_timeout
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._sync_stack = sync_stack
+        self._sync_timeout = sync_timeout
+        self._sync_retry = sync_retry
+        self._sync = StackSync(runtime, self._fetch_stack)
 
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -173,12 +185,15 @@ class AgentLink:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="hotfleet-agent-link", daemon=True)
                 self._thread.start()
+                if self._sync_stack:
+                    threading.Thread(target=self._sync_loop, name="hotfleet-stack-sync", daemon=True).start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the connection and end the thread. Pending requests fail with HotfleetError."""
         self._stop.set()
         self._wake()
+        self._sync.kick()
         with self._lock:
             sock = self._sock
         if sock is not None:
@@ -211,13 +226,26 @@ class AgentLink:
                 return False
             self._connected.wait(remaining)
 
+    @property
+    def current(self) -> bool:
+        """True once this process ran every patch of its build's stack (see stack_sync)."""
+        return self._sync.current
+
+    def wait_until_current(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the build's patch stack is applied; False on timeout, refusal or stop.
+        On the game thread (or before the game loop) it runs the safe points meanwhile."""
+        return self._sync.wait(timeout, lambda: self.refused is not None or self._stop.is_set())
+
     def sync_patch_stack(self, timeout: float = 10.0) -> List[str]:
         """Fetch the fleet's committed patch stack and apply what this process lacks.
 
         For a process that starts while patches are committed fleet-wide: call it on the
-        game's thread before serving players. Sends ``stackQuery``, and for every patch of
-        the ``stackReply`` (oldest first) not already in ``rt.patch_stack``, prepares and
-        commits it on the calling thread. Returns the ids applied, in order.
+        game's thread before serving players (``rt.connect()`` does the same by itself;
+        ``rt.wait_until_current()`` waits for it). Sends ``stackQuery``, and for every patch
+        of the ``stackReply`` (oldest first) not already in ``rt.patch_stack``, prepares and
+        commits it on the calling thread. Returns the ids applied, in order. On a link that
+        syncs by itself (``rt.connect()``) it waits for that sync instead, running the safe
+        points its commits need, and returns what it applied.
 
         Raises HotfleetError if the agent is not reachable, does not answer within
         ``timeout`` seconds, refuses, or a patch fails to prepare or commit. Patches
@@ -229,9 +257,16 @@ class AgentLink:
             why = f" (refused: {self.refused})" if self.refused else ""
             raise HotfleetError(f"patch stack sync: no connection to hotfleet-agent at {self.socket_path} "
                                 f"within {timeout:g}s{why}")
+        if self._sync_stack:  # the link syncs by itself: wait for that rather than ask twice
+            return self._sync.join(timeout, self._stop.is_set, deadline)
+        return self._sync.run_here(timeout, deadline)
+
+    def _fetch_stack(self, within: float, timeout: float) -> List[StackPatch]:
+        """Ask the agent for this build's patch stack (oldest first) within ``within`` s;
+        errors name ``timeout``, the caller's whole budget."""
         future = self._request("stackQuery", {"build": self.build})
         try:
-            kind, body = future.result(max(0.0, deadline - time.monotonic()))
+            kind, body = future.result(within)
         except FutureTimeout:
             with self._lock:
                 self._pending = {k: v for k, v in self._pending.items() if v is not future}
@@ -246,39 +281,38 @@ class AgentLink:
         patches = get_field(body, "patches", None) or []
         if not isinstance(patches, list):
             raise HotfleetError("patch stack sync: stackReply.patches is not a list")
-
-        wanted: List[Tuple[str, Dict[str, str]]] = []
+        wanted: List[StackPatch] = []
         for index, patch in enumerate(patches):
             if not isinstance(patch, dict):
                 raise HotfleetError(f"patch stack sync: patch #{index} is not an object")
             try:
-                patch_id = require_str(patch, "patchId")
-                modules = require_modules(patch)
+                wanted.append((require_str(patch, "patchId"), require_modules(patch)))
             except FrameError as exc:
                 raise HotfleetError(f"patch stack sync: patch #{index}: {exc}") from None
-            wanted.append((patch_id, modules))
-        wanted_ids = [pid for pid, _ in wanted]
-        have = self._stack_ids()
-        if have != wanted_ids[:len(have)]:
-            log.warning("this process runs patches %s, not a prefix of the fleet's stack %s", have, wanted_ids)
+        return wanted
 
-        applied: List[str] = []
-        for patch_id, modules in wanted:
-            if patch_id in self._stack_ids():
+    def _sync_loop(self) -> None:
+        """The automatic sync (``sync_stack``): a round once connected, retried until one
+        succeeds (the agent may not reach its coordinator yet); then this thread ends."""
+        delay = self._sync_retry
+        stopped = self._stop.is_set
+        while not stopped():
+            if not self.wait_connected(1.0):
+                if self.refused is not None:
+                    return
                 continue
             try:
-                txn = self._rt.prepare(modules, txn_id=patch_id)
+                applied = self._sync.run_queued(self._sync_timeout, stopped)
             except HotfleetError as exc:
-                raise HotfleetError(f"patch stack sync: patch {patch_id} failed to prepare: {exc} "
-                                    f"(applied before it: {applied or 'none'})") from exc
-            try:
-                report = txn.commit()
-            except HotfleetError as exc:
-                raise HotfleetError(f"patch stack sync: patch {patch_id} failed to commit: {exc} "
-                                    f"(applied before it: {applied or 'none'})") from exc
-            log.info("patch stack sync: applied %s (pause %.3f ms)", patch_id, finite(getattr(report, "pause_ms", 0)))
-            applied.append(patch_id)
-        return applied
+                if stopped():
+                    return
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                self._sync.pause(delay)
+                delay = min(delay * 2, self._backoff_max * 6)
+                continue
+            log.info("process is current with build %s's patch stack (%d applied: %s)",
+                     self.build, len(applied), ", ".join(applied) or "none")
+            return
 
     # -- plumbing shared with other threads --------------------------------------------
 

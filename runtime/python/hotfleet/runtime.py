@@ -170,6 +170,7 @@ class Runtime:
         self._game_thread: Optional[int] = None
         self._in_safe_point = False
         self._closed = False
+        self._link: Any = None  # the AgentLink of connect(), if any
         self.unpatchable: Dict[str, str] = {}
         for name, module in iter_managed_modules(pkgs):
             record, reason = read_live_source(module)
@@ -533,10 +534,34 @@ class Runtime:
     # -- agent ------------------------------------------------------------------
 
     def connect(self, socket_path: Optional[str] = None) -> Any:
-        """Connect to the local hotfleet agent (starts the agent link's thread)."""
+        """Connect to the local hotfleet agent (starts the agent link's thread); returns the link.
+
+        Once connected, the link fetches this build's patch stack from the agent and applies
+        what this process lacks: the commits land at the game's next safe points, before
+        anything else the agent asks. ``wait_until_current()`` waits for that.
+        """
         from .agent_link import AgentLink  # lazy: the link is optional for embedding/tests
 
-        return AgentLink(self, socket_path).start()
+        link = AgentLink(self, socket_path, sync_stack=True).start()
+        self._link = link
+        return link
+
+    def wait_until_current(self, timeout: Optional[float] = None) -> bool:
+        """Wait until this process runs its build's whole patch stack; False on timeout.
+
+        For games that must not open their player port before: call it on the game thread
+        after ``connect()`` and before the game loop (it runs the safe points the stack's
+        commits need meanwhile). From another thread while the game loop runs, it only waits.
+        """
+        link = self._link
+        if link is None:
+            raise HotfleetError("not connected to a hotfleet agent", hint="call rt.connect() first")
+        return bool(link.wait_until_current(timeout))
+
+    def is_game_thread(self) -> bool:
+        """True on the thread that runs safe points, and on any thread before the first one."""
+        game = self._game_thread
+        return game is None or game == threading.get_ident()
 
     def __repr__(self) -> str:
         return f"<hotfleet.Runtime packages={self.packages} stack={len(self._stack)}>"

@@ -845,6 +845,7 @@ def test_an_asyncio_game_written_from_the_readme_reports_ticks(
     try:
         peer = agent.accept()
         peer.handshake()
+        answer_stack_query(peer, [], [])  # connect() brings the process to its build's stack
         mark = rt.mark()
 
         async def game() -> None:
@@ -881,3 +882,119 @@ def test_a_threadsafe_scheduler_game_reports_ticks(pkg: Package) -> None:
         assert rt.health()["ticks"] > 0
     finally:
         rt.close()
+
+
+# --------------------------------------------------------------------------------------
+# no drift: connect() applies the build's patch stack
+
+
+def readme_runtime(pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch,
+                   build: str = "dev") -> Any:
+    """A runtime set up with nothing but the README: the environment and ``Runtime(...)``."""
+    monkeypatch.setenv("HOTFLEET_AGENT_SOCKET", agent.path)
+    monkeypatch.setenv("HOTFLEET_BUILD", build)
+    return hotfleet.Runtime(packages=[pkg.name])
+
+
+def test_connect_applies_the_build_stack_before_the_game_serves(
+        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = pkg.module.Counter()
+    stack = [{"patchId": "p-1", "modules": {pkg.modname: V2}}, {"patchId": "p-2", "modules": {pkg.modname: V3}}]
+    seen: List[Dict[str, Any]] = []
+    thread = serve_stack(agent, stack, seen)
+    rt = readme_runtime(pkg, agent, monkeypatch, build="zone-7")
+    link = rt.connect()
+    try:
+        # A game that must not open its player port earlier waits, on its own thread; the
+        # commits land here, at safe points the wait runs, before the game loop starts.
+        assert rt.wait_until_current(TIMEOUT) is True
+        thread.join(TIMEOUT)
+        assert seen == [{"build": "zone-7"}]
+        assert [e.id for e in rt.patch_stack] == ["p-1", "p-2"]
+        assert pkg.module.damage(5) == 11 and counter.bump() == 10
+        assert link.current
+    finally:
+        link.stop()
+        rt.close()
+
+
+def test_a_game_that_just_ticks_gets_the_stack_at_its_first_safe_points(
+        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: List[Dict[str, Any]] = []
+    serve_stack(agent, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
+    rt = readme_runtime(pkg, agent, monkeypatch)
+    link = rt.connect()  # the README's three lines, no wait
+    game = Game(rt).start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while pkg.module.damage(5) != 11:
+            assert time.monotonic() < deadline, "the stack must land without the game asking"
+            time.sleep(0.01)
+        assert [e.id for e in rt.patch_stack] == ["p-1"]
+        assert rt.wait_until_current(TIMEOUT) is True  # from another thread: waits, runs nothing
+    finally:
+        game.stop()
+        link.stop()
+        rt.close()
+
+
+def test_stack_sync_retries_until_the_agent_can_serve_the_stack(
+        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: List[Dict[str, Any]] = []
+
+    def run() -> None:
+        peer = agent.accept()
+        peer.handshake()
+        answer_stack_query(peer, None, seen, error={"code": "unavailable", "message": "coordinator unreachable"})
+        answer_stack_query(peer, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
+
+    threading.Thread(target=run, daemon=True).start()
+    rt = readme_runtime(pkg, agent, monkeypatch)
+    link = rt.connect()
+    try:
+        assert rt.wait_until_current(0.2) is False  # the first answer was an error
+        assert not link.current and pkg.module.damage(5) == 10
+        assert rt.wait_until_current(TIMEOUT) is True
+        assert len(seen) == 2 and [e.id for e in rt.patch_stack] == ["p-1"]
+    finally:
+        link.stop()
+        rt.close()
+
+
+def test_explicit_sync_still_works_beside_the_automatic_one(
+        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Games written before connect() synced (the example zone server) call sync_patch_stack
+    # on their thread: it joins the automatic sync (one stackQuery, commits on this thread).
+    seen: List[Dict[str, Any]] = []
+    serve_stack(agent, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
+    rt = readme_runtime(pkg, agent, monkeypatch)
+    link = rt.connect()
+    try:
+        assert link.wait_connected(TIMEOUT)
+        assert link.sync_patch_stack(timeout=TIMEOUT) == ["p-1"]
+        assert [e.id for e in rt.patch_stack] == ["p-1"] and pkg.module.damage(5) == 11
+        assert rt.wait_until_current(TIMEOUT) is True and len(seen) == 1
+    finally:
+        link.stop()
+        rt.close()
+
+
+def test_explicit_sync_beside_the_automatic_one_reports_its_failure(
+        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    serve_stack(agent, [{"patchId": "p-broken", "modules": {pkg.modname: BROKEN}}], [])
+    rt = readme_runtime(pkg, agent, monkeypatch)
+    link = rt.connect()
+    try:
+        started = time.monotonic()
+        with pytest.raises(hotfleet.HotfleetError, match="p-broken failed to prepare"):
+            link.sync_patch_stack(timeout=TIMEOUT)
+        assert time.monotonic() - started < TIMEOUT / 2, "a failed round is reported at once"
+        assert rt.patch_stack == [] and not link.current
+    finally:
+        link.stop()
+        rt.close()
+
+
+def test_wait_until_current_needs_a_connection(rt: Any) -> None:
+    with pytest.raises(hotfleet.HotfleetError, match="connect"):
+        rt.wait_until_current(0.1)
