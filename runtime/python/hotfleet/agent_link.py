@@ -303,10 +303,13 @@ class AgentLink:
                 continue
             try:
                 applied = self._sync.run_queued(self._sync_timeout, stopped)
-            except HotfleetError as exc:
+            except Exception as exc:  # never let this thread die: the process must get current
                 if stopped():
                     return
-                log.warning("%s; retrying in %.1fs", exc, delay)
+                if isinstance(exc, HotfleetError):
+                    log.warning("%s; retrying in %.1fs", exc, delay)
+                else:
+                    log.exception("patch stack sync failed unexpectedly; retrying in %.1fs", delay)
                 self._sync.pause(delay)
                 delay = min(delay * 2, self._backoff_max * 6)
                 continue

@@ -834,35 +834,49 @@ def test_sync_patch_stack_surfaces_an_agent_error(rt: Any, agent: ScriptedAgent,
 # games written only from the runtime README
 
 
-def test_an_asyncio_game_written_from_the_readme_reports_ticks(
-        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The README's three lines, with the asyncio helper "instead of line 3", and nothing else.
-    monkeypatch.setenv("HOTFLEET_AGENT_SOCKET", agent.path)
-    import asyncio
+@pytest.fixture
+def readme(pkg: Package, agent: ScriptedAgent,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Tuple[Any, AgentLink]]]:
+    """A game set up with nothing but the README: the environment, ``Runtime(...)`` and
+    ``rt.connect()``; returns ``(rt, link)``. Stopped and closed at teardown."""
+    made: List[Tuple[Any, AgentLink]] = []
 
-    rt = hotfleet.Runtime(packages=[pkg.name])
-    link = rt.connect()
-    try:
-        peer = agent.accept()
-        peer.handshake()
-        answer_stack_query(peer, [], [])  # connect() brings the process to its build's stack
-        mark = rt.mark()
+    def make(build: str = "dev") -> Tuple[Any, AgentLink]:
+        monkeypatch.setenv("HOTFLEET_AGENT_SOCKET", agent.path)
+        monkeypatch.setenv("HOTFLEET_BUILD", build)
+        rt = hotfleet.Runtime(packages=[pkg.name])
+        made.append((rt, rt.connect()))
+        return made[-1]
 
-        async def game() -> None:
-            handle = hotfleet.asyncio_safe_point(rt, asyncio.get_running_loop(), interval=0.02)
-            await asyncio.sleep(0.3)  # the game's own coroutines run here
-            handle.close()
-
-        asyncio.run(game())
-        health = peer.request("healthQuery", {"since": mark}, "health")
-        # The coordinator's health gate needs ticks in its window, or it rolls back for
-        # "no health data".
-        assert health["ticks"] > 0 and health["ticksSince"] > 0, health
-        assert health["alive"] is True
-        assert rt.health()["tick_p99_ms"] is not None
-    finally:
+    yield make
+    for rt, link in made:
         link.stop()
         rt.close()
+
+
+def test_an_asyncio_game_written_from_the_readme_reports_ticks(
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
+    # The README's three lines, with the asyncio helper "instead of line 3", and nothing else.
+    import asyncio
+
+    rt, link = readme()
+    peer = agent.accept()
+    peer.handshake()
+    answer_stack_query(peer, [], [])  # connect() brings the process to its build's stack
+    mark = rt.mark()
+
+    async def game() -> None:
+        handle = hotfleet.asyncio_safe_point(rt, asyncio.get_running_loop(), interval=0.02)
+        await asyncio.sleep(0.3)  # the game's own coroutines run here
+        handle.close()
+
+    asyncio.run(game())
+    health = peer.request("healthQuery", {"since": mark}, "health")
+    # The coordinator's health gate needs ticks in its window, or it rolls back for
+    # "no health data".
+    assert health["ticks"] > 0 and health["ticksSince"] > 0, health
+    assert health["alive"] is True
+    assert rt.health()["tick_p99_ms"] is not None
 
 
 def test_a_threadsafe_scheduler_game_reports_ticks(pkg: Package) -> None:
@@ -888,42 +902,28 @@ def test_a_threadsafe_scheduler_game_reports_ticks(pkg: Package) -> None:
 # no drift: connect() applies the build's patch stack
 
 
-def readme_runtime(pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch,
-                   build: str = "dev") -> Any:
-    """A runtime set up with nothing but the README: the environment and ``Runtime(...)``."""
-    monkeypatch.setenv("HOTFLEET_AGENT_SOCKET", agent.path)
-    monkeypatch.setenv("HOTFLEET_BUILD", build)
-    return hotfleet.Runtime(packages=[pkg.name])
-
-
 def test_connect_applies_the_build_stack_before_the_game_serves(
-        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
     counter = pkg.module.Counter()
     stack = [{"patchId": "p-1", "modules": {pkg.modname: V2}}, {"patchId": "p-2", "modules": {pkg.modname: V3}}]
     seen: List[Dict[str, Any]] = []
     thread = serve_stack(agent, stack, seen)
-    rt = readme_runtime(pkg, agent, monkeypatch, build="zone-7")
-    link = rt.connect()
-    try:
-        # A game that must not open its player port earlier waits, on its own thread; the
-        # commits land here, at safe points the wait runs, before the game loop starts.
-        assert rt.wait_until_current(TIMEOUT) is True
-        thread.join(TIMEOUT)
-        assert seen == [{"build": "zone-7"}]
-        assert [e.id for e in rt.patch_stack] == ["p-1", "p-2"]
-        assert pkg.module.damage(5) == 11 and counter.bump() == 10
-        assert link.current
-    finally:
-        link.stop()
-        rt.close()
+    rt, link = readme(build="zone-7")
+    # A game that must not open its player port earlier waits, on its own thread; the
+    # commits land here, at safe points the wait runs, before the game loop starts.
+    assert rt.wait_until_current(TIMEOUT) is True
+    thread.join(TIMEOUT)
+    assert seen == [{"build": "zone-7"}]
+    assert [e.id for e in rt.patch_stack] == ["p-1", "p-2"]
+    assert pkg.module.damage(5) == 11 and counter.bump() == 10
+    assert link.current
 
 
 def test_a_game_that_just_ticks_gets_the_stack_at_its_first_safe_points(
-        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
     seen: List[Dict[str, Any]] = []
     serve_stack(agent, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
-    rt = readme_runtime(pkg, agent, monkeypatch)
-    link = rt.connect()  # the README's three lines, no wait
+    rt, link = readme()  # the README's three lines, no wait
     game = Game(rt).start()
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -934,12 +934,10 @@ def test_a_game_that_just_ticks_gets_the_stack_at_its_first_safe_points(
         assert rt.wait_until_current(TIMEOUT) is True  # from another thread: waits, runs nothing
     finally:
         game.stop()
-        link.stop()
-        rt.close()
 
 
 def test_stack_sync_retries_until_the_agent_can_serve_the_stack(
-        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
     seen: List[Dict[str, Any]] = []
 
     def run() -> None:
@@ -949,50 +947,35 @@ def test_stack_sync_retries_until_the_agent_can_serve_the_stack(
         answer_stack_query(peer, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
 
     threading.Thread(target=run, daemon=True).start()
-    rt = readme_runtime(pkg, agent, monkeypatch)
-    link = rt.connect()
-    try:
-        assert rt.wait_until_current(0.2) is False  # the first answer was an error
-        assert not link.current and pkg.module.damage(5) == 10
-        assert rt.wait_until_current(TIMEOUT) is True
-        assert len(seen) == 2 and [e.id for e in rt.patch_stack] == ["p-1"]
-    finally:
-        link.stop()
-        rt.close()
+    rt, link = readme()
+    assert rt.wait_until_current(0.2) is False  # the first answer was an error
+    assert not link.current and pkg.module.damage(5) == 10
+    assert rt.wait_until_current(TIMEOUT) is True
+    assert len(seen) == 2 and [e.id for e in rt.patch_stack] == ["p-1"]
 
 
 def test_explicit_sync_still_works_beside_the_automatic_one(
-        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
     # Games written before connect() synced (the example zone server) call sync_patch_stack
     # on their thread: it joins the automatic sync (one stackQuery, commits on this thread).
     seen: List[Dict[str, Any]] = []
     serve_stack(agent, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
-    rt = readme_runtime(pkg, agent, monkeypatch)
-    link = rt.connect()
-    try:
-        assert link.wait_connected(TIMEOUT)
-        assert link.sync_patch_stack(timeout=TIMEOUT) == ["p-1"]
-        assert [e.id for e in rt.patch_stack] == ["p-1"] and pkg.module.damage(5) == 11
-        assert rt.wait_until_current(TIMEOUT) is True and len(seen) == 1
-    finally:
-        link.stop()
-        rt.close()
+    rt, link = readme()
+    assert link.wait_connected(TIMEOUT)
+    assert link.sync_patch_stack(timeout=TIMEOUT) == ["p-1"]
+    assert [e.id for e in rt.patch_stack] == ["p-1"] and pkg.module.damage(5) == 11
+    assert rt.wait_until_current(TIMEOUT) is True and len(seen) == 1
 
 
 def test_explicit_sync_beside_the_automatic_one_reports_its_failure(
-        pkg: Package, agent: ScriptedAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
     serve_stack(agent, [{"patchId": "p-broken", "modules": {pkg.modname: BROKEN}}], [])
-    rt = readme_runtime(pkg, agent, monkeypatch)
-    link = rt.connect()
-    try:
-        started = time.monotonic()
-        with pytest.raises(hotfleet.HotfleetError, match="p-broken failed to prepare"):
-            link.sync_patch_stack(timeout=TIMEOUT)
-        assert time.monotonic() - started < TIMEOUT / 2, "a failed round is reported at once"
-        assert rt.patch_stack == [] and not link.current
-    finally:
-        link.stop()
-        rt.close()
+    rt, link = readme()
+    started = time.monotonic()
+    with pytest.raises(hotfleet.HotfleetError, match="p-broken failed to prepare"):
+        link.sync_patch_stack(timeout=TIMEOUT)
+    assert time.monotonic() - started < TIMEOUT / 2, "a failed round is reported at once"
+    assert rt.patch_stack == [] and not link.current
 
 
 def test_wait_until_current_needs_a_connection(rt: Any) -> None:
