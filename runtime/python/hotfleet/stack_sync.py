@@ -129,7 +129,9 @@ class StackSync:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise HotfleetError(f"patch stack sync: hotfleet-agent did not answer within {timeout:g}s")
-            return self._round(remaining, timeout, lambda txn: txn.commit())
+            applied = self._round(remaining, timeout, lambda txn: txn.commit())
+            self._current.set()
+            return applied
         finally:
             self._lock.release()
 
@@ -153,8 +155,9 @@ class StackSync:
             with self._lock:
                 applied = self._round(timeout, timeout, commit)
             return applied
-        except HotfleetError as exc:
-            error = exc
+        except BaseException as exc:
+            error = exc if isinstance(exc, HotfleetError) else HotfleetError(
+                f"patch stack sync failed: {type(exc).__name__}: {exc}")
             raise
         finally:
             with self._ended:
@@ -162,6 +165,7 @@ class StackSync:
                 self._error = error
                 if error is None:
                     self._applied = applied
+                    self._current.set()  # after _applied: a joiner returns what this round did
                 self._ended.notify_all()
 
     def _round(self, within: float, timeout: float, commit: Callable[["Transaction"], object]) -> List[str]:
@@ -187,7 +191,6 @@ class StackSync:
                                         f"(applied before it: {applied or 'none'})") from exc
             log.info("patch stack sync: applied %s", patch_id)
             applied.append(patch_id)
-        self._current.set()
         return applied
 
     def _stack_ids(self) -> List[str]:

@@ -981,3 +981,18 @@ def test_explicit_sync_beside_the_automatic_one_reports_its_failure(
 def test_wait_until_current_needs_a_connection(rt: Any) -> None:
     with pytest.raises(hotfleet.HotfleetError, match="connect"):
         rt.wait_until_current(0.1)
+
+
+def test_a_sync_round_that_breaks_unexpectedly_leaves_the_process_not_current(rt: Any) -> None:
+    from hotfleet.stack_sync import StackSync
+
+    def fetch(within: float, timeout: float) -> List[Any]:
+        raise RuntimeError("bug in the fetch")
+
+    sync = StackSync(rt, fetch)
+    with pytest.raises(RuntimeError):
+        sync.run_queued(1.0, lambda: False)
+    assert not sync.current
+    with pytest.raises(hotfleet.HotfleetError, match="RuntimeError: bug in the fetch"):
+        sync.join(0.2, lambda: False)
+    assert sync.wait(0.05, lambda: False) is False
