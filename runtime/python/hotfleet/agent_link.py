@@ -2,10 +2,8 @@
 
 ``rt.connect()`` starts an :class:`AgentLink`: a daemon thread that connects to the agent's
 Unix socket (``socket_path`` or ``$HOTFLEET_AGENT_SOCKET``), introduces the process with a
-``hello`` and then serves the agent's requests. The wire format is defined in
-``proto/hotfleet/v1/runtime.proto``: each frame is a 4-byte big-endian length followed by
-that many bytes of UTF-8 JSON holding one ``RuntimeFrame`` in the proto3 JSON mapping
-(lowerCamelCase names, the oneof body as a field, 64-bit integers as numbers or strings).
+``hello`` and then serves the agent's requests. The frames and their codec are in
+:mod:`hotfleet.frames` (re-exported here); this module owns the connection and the threads.
 
 Who runs what, and why:
 
@@ -22,18 +20,17 @@ Who runs what, and why:
   closed socket. It reconnects with capped exponential backoff and says so in the log
   (``hotfleet.agent_link``), throttled so a missing agent does not flood it. The one
   thing it does not retry is a refusal of its protocol version: that will not get better.
-* ``sync_patch_stack()`` is the exception to "the link thread does the work": it runs on
-  the calling thread, because it commits (``txn.commit()``), and commits belong to the
-  game's thread. Call it before the game loop serves players.
+* The build's patch stack (:mod:`hotfleet.stack_sync`) is fetched through the link but
+  applied elsewhere: by a small thread of its own that queues the commits for the game's
+  safe points (``sync_stack``, what ``rt.connect()`` asks for), or by ``sync_patch_stack()``
+  on the calling thread. The link thread never waits for a commit.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
-import math
 import os
 import platform
 import secrets
@@ -44,9 +41,25 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from . import CommitError, HotfleetError, RollbackError
+from .errors import CommitError, FrameError, FramingError, HandshakeRefused, HotfleetError, RollbackError
+from .frames import (
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    FrameReader,
+    decode_frame,
+    detail_json,
+    encode_frame,
+    error_detail_json,
+    finite,
+    get_field,
+    parse_uint,
+    require_modules,
+    require_str,
+    uint,
+)
+from .stack_sync import StackPatch, StackSync
 
 if TYPE_CHECKING:  # annotations only: the runtime imports this module lazily
     from . import Runtime
@@ -66,207 +79,10 @@ __all__ = [
 
 log = logging.getLogger("hotfleet.agent_link")
 
-#: RUNTIME_PROTOCOL_VERSION in runtime.proto.
-PROTOCOL_VERSION = 1
-#: Frames larger than this are a protocol error and close the connection (runtime.proto).
-MAX_FRAME = 16 * 1024 * 1024
 #: Environment variable naming the agent's socket.
 ENV_SOCKET = "HOTFLEET_AGENT_SOCKET"
 #: Environment variable naming this game server's build (the patch target).
 ENV_BUILD = "HOTFLEET_BUILD"
-#: Largest ``detailJson`` the link sends; a bigger plan is replaced by a summary so a
-#: reply can never exceed the frame limit and cost the connection.
-MAX_DETAIL = 1024 * 1024
-
-_UINT64_MAX = 2**64 - 1
-_LEN = 4
-
-#: The oneof ``body`` of RuntimeFrame, in JSON (lowerCamelCase) spelling.
-BODY_NAMES = frozenset({
-    "hello", "welcome", "prepare", "prepareResult", "commit", "commitResult", "abort",
-    "abortResult", "rollback", "rollbackResult", "healthQuery", "health", "statusQuery",
-    "status", "stackQuery", "stackReply", "error",
-})
-
-
-# --------------------------------------------------------------------------------------
-# codec
-
-
-class FrameError(Exception):
-    """A frame whose framing was fine but whose content is not a valid request.
-
-    The connection survives: the link answers with a ``ProtocolError`` carrying ``code``
-    and, when the frame's id could be read, ``reply_to`` set to it.
-    """
-
-    def __init__(self, code: str, message: str, frame_id: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.frame_id = frame_id
-
-
-class FramingError(Exception):
-    """The byte stream itself is broken (oversized length): the connection must close."""
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part[:1].upper() + part[1:] for part in rest)
-
-
-def _snake(name: str) -> str:
-    return "".join("_" + c.lower() if c.isupper() else c for c in name)
-
-
-def _field(msg: Mapping[str, Any], name: str, default: Any = None) -> Any:
-    """Field ``name`` (lowerCamelCase) of a decoded message; proto3 JSON parsers must also
-    accept the original snake_case name, so this does too."""
-    if name in msg:
-        return msg[name]
-    return msg.get(_snake(name), default)
-
-
-def parse_uint(value: Any, what: str, frame_id: int = 0) -> int:
-    """A proto3 JSON unsigned integer: a number or a decimal string (64-bit ints often are)."""
-    if value is None:
-        return 0
-    if isinstance(value, bool):
-        raise FrameError("malformed", f"{what} must be an unsigned integer, not a boolean", frame_id)
-    if isinstance(value, int):
-        result = value
-    elif isinstance(value, float) and value.is_integer():
-        result = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
-        result = int(value.strip())
-    else:
-        raise FrameError("malformed", f"{what} must be an unsigned integer, got {value!r}", frame_id)
-    if not 0 <= result <= _UINT64_MAX:
-        raise FrameError("malformed", f"{what} out of range: {value!r}", frame_id)
-    return result
-
-
-def encode_frame(frame: Mapping[str, Any]) -> bytes:
-    """One frame on the wire: 4-byte big-endian length, then compact UTF-8 JSON."""
-    payload = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-    if len(payload) > MAX_FRAME:
-        raise ValueError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME}-byte limit")
-    return len(payload).to_bytes(_LEN, "big") + payload
-
-
-def decode_frame(payload: bytes) -> Tuple[int, int, str, Dict[str, Any]]:
-    """Decode one frame's JSON into ``(id, reply_to, body_name, body)``.
-
-    Raises FrameError with code ``malformed`` (not UTF-8 JSON, not an object, bad ids,
-    no body or two bodies) or ``unknown`` (a body this protocol version does not define).
-    Unknown fields next to a known body are ignored, as proto3 JSON allows, so a newer
-    agent may add fields without breaking this runtime.
-    """
-    try:
-        frame = json.loads(payload.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise FrameError("malformed", f"frame is not UTF-8: {exc}") from None
-    except ValueError as exc:
-        raise FrameError("malformed", f"frame is not JSON: {exc}") from None
-    if not isinstance(frame, dict):
-        raise FrameError("malformed", f"frame must be a JSON object, got {type(frame).__name__}")
-    frame_id = 0
-    try:
-        frame_id = parse_uint(_field(frame, "id"), "id")
-    except FrameError as exc:
-        raise FrameError(exc.code, str(exc)) from None
-    reply_to = parse_uint(_field(frame, "replyTo"), "replyTo", frame_id)
-    bodies: List[str] = []
-    unknown: List[str] = []
-    for key in frame:
-        if key in ("id", "replyTo", "reply_to"):
-            continue
-        name = _camel(key)
-        (bodies if name in BODY_NAMES else unknown).append(name)
-    if not bodies:
-        if unknown:
-            raise FrameError("unknown", f"unknown message type {', '.join(sorted(unknown))}", frame_id)
-        raise FrameError("malformed", "frame has no message body", frame_id)
-    if len(bodies) > 1:
-        raise FrameError("malformed", f"frame has {len(bodies)} bodies ({', '.join(sorted(bodies))}); "
-                         "a RuntimeFrame carries exactly one", frame_id)
-    name = bodies[0]
-    body = frame.get(name, frame.get(_snake(name)))
-    if body is None:  # proto3 JSON: null is the default (empty) message
-        body = {}
-    if not isinstance(body, dict):
-        raise FrameError("malformed", f"{name} must be a JSON object", frame_id)
-    return frame_id, reply_to, name, body
-
-
-class FrameReader:
-    """Reassembles frames from a byte stream."""
-
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
-        self._max = max_frame
-
-    def feed(self, data: bytes) -> List[bytes]:
-        """Add received bytes; returns every complete frame payload, in order.
-
-        Raises FramingError on a length prefix above the limit: after that the stream
-        cannot be trusted, so the caller closes the connection.
-        """
-        self._buf += data
-        frames: List[bytes] = []
-        while len(self._buf) >= _LEN:
-            size = int.from_bytes(self._buf[:_LEN], "big")
-            if size > self._max:
-                raise FramingError(f"frame length {size} exceeds the {self._max}-byte limit")
-            if len(self._buf) < _LEN + size:
-                break
-            frames.append(bytes(self._buf[_LEN:_LEN + size]))
-            del self._buf[:_LEN + size]
-        return frames
-
-    @property
-    def pending(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
-        return len(self._buf)
-
-
-def _finite(value: Any) -> float:
-    """A float JSON can carry (proto3 JSON allows NaN only as a string; avoid it)."""
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return result if math.isfinite(result) else 0.0
-
-
-def _uint(value: Any) -> int:
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError):
-        return 0
-
-
-def _detail(obj: Any) -> str:
-    """JSON text of a plan or report for ``detailJson``, bounded in size."""
-    try:
-        text = json.dumps(obj, default=str, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        text = json.dumps({"unserializable": repr(exc)})
-    if len(text) > MAX_DETAIL:
-        text = json.dumps({"truncated": True, "bytes": len(text)})
-    return text
-
-
-# --------------------------------------------------------------------------------------
-# the link
-
-
-class _Refused(Exception):
-    """The agent refused the hello."""
-
-    def __init__(self, message: str, permanent: bool) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 class _Completion:
@@ -290,6 +106,9 @@ class AgentLink:
     ``runtime`` is the process's ``hotfleet.Runtime``. ``socket_path`` defaults to
     ``$HOTFLEET_AGENT_SOCKET``; ``build`` (the game build the agent matches patches
     against) to ``$HOTFLEET_BUILD`` or ``"dev"``. Nothing happens until :meth:`start`.
+    With ``sync_stack`` (what ``rt.connect()`` passes) a second thread applies the build's
+    patch stack once connected (see :mod:`hotfleet.stack_sync`); ``sync_timeout`` bounds
+    each fetch of the stack, ``sync_retry`` is the first pause after a failed round.
     """
 
     def __init__(
@@ -303,6 +122,9 @@ class AgentLink:
         io_timeout: float = 30.0,
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
+        sync_stack: bool = False,
+        sync_timeout: float = 30.0,
+        sync_retry: float = 1.0,
     ) -> None:
         path = socket_path or os.environ.get(ENV_SOCKET)
         if not path:
@@ -324,6 +146,10 @@ class AgentLink:
         self._io_timeout = io_timeout
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._sync_stack = sync_stack
+        self._sync_timeout = sync_timeout
+        self._sync_retry = sync_retry
+        self._sync = StackSync(runtime, self._fetch_stack)
 
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -339,7 +165,6 @@ class AgentLink:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         # Owned by the link thread only:
-        self._prepared: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
         self._inflight: Dict[str, "Future[Any]"] = {}
         self._early: List[bytes] = []  # frames that arrived in the same read as the welcome
         self._current: Optional[Tuple[socket.socket, int]] = None  # (socket, session) being served
@@ -360,12 +185,15 @@ class AgentLink:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="hotfleet-agent-link", daemon=True)
                 self._thread.start()
+                if self._sync_stack:
+                    threading.Thread(target=self._sync_loop, name="hotfleet-stack-sync", daemon=True).start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the connection and end the thread. Pending requests fail with HotfleetError."""
         self._stop.set()
         self._wake()
+        self._sync.kick()
         with self._lock:
             sock = self._sock
         if sock is not None:
@@ -398,13 +226,26 @@ class AgentLink:
                 return False
             self._connected.wait(remaining)
 
+    @property
+    def current(self) -> bool:
+        """True once this process ran every patch of its build's stack (see stack_sync)."""
+        return self._sync.current
+
+    def wait_until_current(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the build's patch stack is applied; False on timeout, refusal or stop.
+        On the game thread (or before the game loop) it runs the safe points meanwhile."""
+        return self._sync.wait(timeout, lambda: self.refused is not None or self._stop.is_set())
+
     def sync_patch_stack(self, timeout: float = 10.0) -> List[str]:
         """Fetch the fleet's committed patch stack and apply what this process lacks.
 
         For a process that starts while patches are committed fleet-wide: call it on the
-        game's thread before serving players. Sends ``stackQuery``, and for every patch of
-        the ``stackReply`` (oldest first) not already in ``rt.patch_stack``, prepares and
-        commits it on the calling thread. Returns the ids applied, in order.
+        game's thread before serving players (``rt.connect()`` does the same by itself;
+        ``rt.wait_until_current()`` waits for it). Sends ``stackQuery``, and for every patch
+        of the ``stackReply`` (oldest first) not already in ``rt.patch_stack``, prepares and
+        commits it on the calling thread. Returns the ids applied, in order. On a link that
+        syncs by itself (``rt.connect()``) it waits for that sync instead, running the safe
+        points its commits need, and returns what it applied.
 
         Raises HotfleetError if the agent is not reachable, does not answer within
         ``timeout`` seconds, refuses, or a patch fails to prepare or commit. Patches
@@ -416,9 +257,16 @@ class AgentLink:
             why = f" (refused: {self.refused})" if self.refused else ""
             raise HotfleetError(f"patch stack sync: no connection to hotfleet-agent at {self.socket_path} "
                                 f"within {timeout:g}s{why}")
+        if self._sync_stack:  # the link syncs by itself: wait for that rather than ask twice
+            return self._sync.join(timeout, self._stop.is_set, deadline)
+        return self._sync.run_here(timeout, deadline)
+
+    def _fetch_stack(self, within: float, timeout: float) -> List[StackPatch]:
+        """Ask the agent for this build's patch stack (oldest first) within ``within`` s;
+        errors name ``timeout``, the caller's whole budget."""
         future = self._request("stackQuery", {"build": self.build})
         try:
-            kind, body = future.result(max(0.0, deadline - time.monotonic()))
+            kind, body = future.result(within)
         except FutureTimeout:
             with self._lock:
                 self._pending = {k: v for k, v in self._pending.items() if v is not future}
@@ -426,46 +274,48 @@ class AgentLink:
         except HotfleetError as exc:
             raise HotfleetError(f"patch stack sync: {exc}") from None
         if kind == "error":
-            raise HotfleetError(f"patch stack sync: hotfleet-agent refused: {_field(body, 'message', '')} "
-                                f"(code {_field(body, 'code', '')!r})")
+            raise HotfleetError(f"patch stack sync: hotfleet-agent refused: {get_field(body, 'message', '')} "
+                                f"(code {get_field(body, 'code', '')!r})")
         if kind != "stackReply":
             raise HotfleetError(f"patch stack sync: expected stackReply, the agent sent {kind}")
-        patches = _field(body, "patches", None) or []
+        patches = get_field(body, "patches", None) or []
         if not isinstance(patches, list):
             raise HotfleetError("patch stack sync: stackReply.patches is not a list")
-
-        wanted: List[Tuple[str, Dict[str, str]]] = []
+        wanted: List[StackPatch] = []
         for index, patch in enumerate(patches):
             if not isinstance(patch, dict):
                 raise HotfleetError(f"patch stack sync: patch #{index} is not an object")
             try:
-                patch_id = _require_str(patch, "patchId")
-                modules = _require_modules(patch)
+                wanted.append((require_str(patch, "patchId"), require_modules(patch)))
             except FrameError as exc:
                 raise HotfleetError(f"patch stack sync: patch #{index}: {exc}") from None
-            wanted.append((patch_id, modules))
-        wanted_ids = [pid for pid, _ in wanted]
-        have = self._stack_ids()
-        if have != wanted_ids[:len(have)]:
-            log.warning("this process runs patches %s, not a prefix of the fleet's stack %s", have, wanted_ids)
+        return wanted
 
-        applied: List[str] = []
-        for patch_id, modules in wanted:
-            if patch_id in self._stack_ids():
+    def _sync_loop(self) -> None:
+        """The automatic sync (``sync_stack``): a round once connected, retried until one
+        succeeds (the agent may not reach its coordinator yet); then this thread ends."""
+        delay = self._sync_retry
+        stopped = self._stop.is_set
+        while not stopped():
+            if not self.wait_connected(1.0):
+                if self.refused is not None:
+                    return
                 continue
             try:
-                txn = self._rt.prepare(modules, txn_id=patch_id)
-            except HotfleetError as exc:
-                raise HotfleetError(f"patch stack sync: patch {patch_id} failed to prepare: {exc} "
-                                    f"(applied before it: {applied or 'none'})") from exc
-            try:
-                report = txn.commit()
-            except HotfleetError as exc:
-                raise HotfleetError(f"patch stack sync: patch {patch_id} failed to commit: {exc} "
-                                    f"(applied before it: {applied or 'none'})") from exc
-            log.info("patch stack sync: applied %s (pause %.3f ms)", patch_id, _finite(getattr(report, "pause_ms", 0)))
-            applied.append(patch_id)
-        return applied
+                applied = self._sync.run_queued(self._sync_timeout, stopped)
+            except Exception as exc:  # never let this thread die: the process must get current
+                if stopped():
+                    return
+                if isinstance(exc, HotfleetError):
+                    log.warning("%s; retrying in %.1fs", exc, delay)
+                else:
+                    log.exception("patch stack sync failed unexpectedly; retrying in %.1fs", delay)
+                self._sync.pause(delay)
+                delay = min(delay * 2, self._backoff_max * 6)
+                continue
+            log.info("process is current with build %s's patch stack (%d applied: %s)",
+                     self.build, len(applied), ", ".join(applied) or "none")
+            return
 
     # -- plumbing shared with other threads --------------------------------------------
 
@@ -495,23 +345,23 @@ class AgentLink:
     def _stack_ids(self) -> List[str]:
         return [str(entry.id) for entry in self._rt.patch_stack]
 
-    def _prepared_txn(self, patch_id: str) -> Any:
-        """The prepared transaction ``patch_id``: the link's own, else the runtime's (a
-        transaction prepared in-process, e.g. by an operator's console)."""
-        txn = self._prepared.get(patch_id)
+    def _abort_prepared(self, patch_id: str) -> Tuple[bool, Optional[Exception]]:
+        """Abort ``patch_id`` if the runtime holds it prepared (whoever prepared it: the
+        agent, or an operator's console in-process). Returns (was prepared, abort error)."""
+        txn = self._rt.prepared(patch_id)
         if txn is None:
-            lookup = getattr(self._rt, "transaction", None)
-            found = lookup(patch_id) if callable(lookup) else None
-            if found is not None and getattr(found, "state", None) == "prepared":
-                txn = found
-        return txn
+            return False, None
+        try:
+            txn.abort()
+        except Exception as exc:  # dropping a staging area should not fail; say so if it does
+            log.exception("abort of %s failed", patch_id)
+            return True, exc
+        return True, None
 
     def _pending_id(self) -> str:
         """Id of the prepared, uncommitted transaction, as the runtime knows it."""
-        if hasattr(self._rt, "pending"):
-            pending = self._rt.pending
-            return str(pending.id) if pending is not None else ""
-        return next(reversed(self._prepared), "") if self._prepared else ""
+        pending = self._rt.pending
+        return str(pending.id) if pending is not None else ""
 
     # -- the link thread -----------------------------------------------------------------
 
@@ -542,7 +392,7 @@ class AgentLink:
             established = False
             try:
                 established = self._serve(sock)
-            except _Refused as exc:
+            except HandshakeRefused as exc:
                 if exc.permanent:
                     self.refused = str(exc)
                     log.error("hotfleet-agent at %s refused this runtime: %s; not retrying "
@@ -642,14 +492,14 @@ class AgentLink:
                 break
         _, _, kind, body = decode_frame(payloads[0])
         if kind == "error":
-            code = str(_field(body, "code", "") or "")
-            message = str(_field(body, "message", "") or "(no message)")
-            raise _Refused(f"{message} (code {code!r})", permanent=(code == "version"))
+            code = str(get_field(body, "code", "") or "")
+            message = str(get_field(body, "message", "") or "(no message)")
+            raise HandshakeRefused(f"{message} (code {code!r})", permanent=(code == "version"))
         if kind != "welcome":
             raise OSError(f"hotfleet-agent answered hello with {kind}, expected welcome")
-        version = parse_uint(_field(body, "protocolVersion"), "protocolVersion")
+        version = parse_uint(get_field(body, "protocolVersion"), "protocolVersion")
         if version not in (0, PROTOCOL_VERSION):  # 0: proto3 JSON may omit the field
-            raise _Refused(f"the agent speaks local protocol v{version}, this runtime v{PROTOCOL_VERSION}",
+            raise HandshakeRefused(f"the agent speaks local protocol v{version}, this runtime v{PROTOCOL_VERSION}",
                            permanent=True)
         self.welcome = body
         # Frames that arrived right behind the welcome are served by the main loop.
@@ -667,8 +517,8 @@ class AgentLink:
         sock.settimeout(self._io_timeout)  # bounds sendall if the agent stops reading
         welcome = self.welcome or {}
         log.info("connected to hotfleet-agent at %s (node %s, agent %s) as process %s, build %s",
-                 self.socket_path, _field(welcome, "nodeId", "?") or "?",
-                 _field(welcome, "agentVersion", "?") or "?", self.process_id, self.build)
+                 self.socket_path, get_field(welcome, "nodeId", "?") or "?",
+                 get_field(welcome, "agentVersion", "?") or "?", self.process_id, self.build)
         self._connected.set()
         if self._stop.is_set():
             return True
@@ -737,7 +587,7 @@ class AgentLink:
             return
         if kind == "error":
             log.warning("hotfleet-agent reports a protocol error: %s (code %r)",
-                        _field(body, "message", ""), _field(body, "code", ""))
+                        get_field(body, "message", ""), get_field(body, "code", ""))
             return
         handler = self._handlers.get(kind)
         if handler is None:
@@ -765,14 +615,14 @@ class AgentLink:
         self._reply(sock, frame_id, kind, body)
 
     def _on_prepare(self, frame_id: int, body: Dict[str, Any]) -> None:
-        patch_id = _require_str(body, "patchId", frame_id)
-        modules = _require_modules(body, frame_id)
+        patch_id = require_str(body, "patchId", frame_id)
+        modules = require_modules(body, frame_id)
         started = time.perf_counter()
         if patch_id in self._stack_ids():
             # An agent that restarted may prepare again what this process already runs.
             self._result(frame_id, "prepareResult", {
                 "ok": True, "elapsedMs": _ms(started),
-                "detailJson": _detail({"already_committed": True, "patch_id": patch_id}),
+                "detailJson": detail_json({"already_committed": True, "patch_id": patch_id}),
             })
             return
         try:
@@ -780,30 +630,28 @@ class AgentLink:
         except HotfleetError as exc:  # PrepareError, or another runtime refusal
             log.warning("prepare of %s refused: %s", patch_id, exc)
             result = {"ok": False, "error": str(exc), "errorKind": "prepare", "elapsedMs": _ms(started),
-                      "detailJson": _error_detail(exc)}
+                      "detailJson": error_detail_json(exc)}
         except Exception as exc:  # a runtime bug; the live process is untouched by prepare
             log.exception("prepare of %s crashed", patch_id)
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "errorKind": "internal",
                       "elapsedMs": _ms(started)}
         else:
-            self._prepared.pop(patch_id, None)
-            self._prepared[patch_id] = txn
             log.info("prepared %s (%d modules) in %.1f ms", patch_id, len(modules), _ms(started))
-            result = {"ok": True, "elapsedMs": _ms(started), "detailJson": _detail(txn.plan.to_dict())}
+            result = {"ok": True, "elapsedMs": _ms(started), "detailJson": detail_json(txn.plan.to_dict())}
         self._result(frame_id, "prepareResult", result)
 
     def _on_commit(self, frame_id: int, body: Dict[str, Any]) -> None:
-        patch_id = _require_str(body, "patchId", frame_id)
+        patch_id = require_str(body, "patchId", frame_id)
         started = time.perf_counter()
         future = self._inflight.get(patch_id)
         if future is None:
-            txn = self._prepared_txn(patch_id)
+            txn = self._rt.prepared(patch_id)
             if txn is None:
                 stack = self._stack_ids()
                 if patch_id in stack:  # a repeated commit answers like the first
                     self._result(frame_id, "commitResult", {
                         "ok": True, "elapsedMs": _ms(started), "patchStack": stack,
-                        "detailJson": _detail({"already_committed": True, "patch_id": patch_id}),
+                        "detailJson": detail_json({"already_committed": True, "patch_id": patch_id}),
                     })
                 else:
                     self._result(frame_id, "commitResult", {
@@ -814,10 +662,9 @@ class AgentLink:
             try:
                 future = self._rt.request_commit(txn)
             except HotfleetError as exc:  # e.g. the transaction was aborted meanwhile
-                self._prepared.pop(patch_id, None)
                 self._result(frame_id, "commitResult", {
                     "ok": False, "errorKind": "commit", "error": str(exc), "elapsedMs": _ms(started),
-                    "patchStack": self._stack_ids(), "detailJson": _error_detail(exc),
+                    "patchStack": self._stack_ids(), "detailJson": error_detail_json(exc),
                 })
                 return
             self._inflight[patch_id] = future
@@ -825,7 +672,7 @@ class AgentLink:
         self._await(future, frame_id, "commitResult", started, patch_id)
 
     def _on_abort(self, frame_id: int, body: Dict[str, Any]) -> None:
-        patch_id = _require_str(body, "patchId", frame_id)
+        patch_id = require_str(body, "patchId", frame_id)
         started = time.perf_counter()
         if patch_id in self._inflight:
             self._result(frame_id, "abortResult", {
@@ -833,42 +680,32 @@ class AgentLink:
                 "error": f"patch {patch_id} is being committed; roll it back instead",
             })
             return
-        txn = self._prepared_txn(patch_id)
-        self._prepared.pop(patch_id, None)
-        if txn is not None:
-            try:
-                txn.abort()
-            except Exception as exc:  # dropping a staging area should not fail; say so if it does
-                log.exception("abort of %s failed", patch_id)
-                self._result(frame_id, "abortResult", {
-                    "ok": False, "errorKind": "abort", "error": f"{type(exc).__name__}: {exc}",
-                    "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
-                })
-                return
+        aborted, error = self._abort_prepared(patch_id)
+        if error is not None:
+            self._result(frame_id, "abortResult", {
+                "ok": False, "errorKind": "abort", "error": f"{type(error).__name__}: {error}",
+                "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
+            })
+            return
+        if aborted:
             log.info("aborted prepared patch %s", patch_id)
         # Aborting what is not prepared is a no-op, so a repeated or late abort succeeds.
         self._result(frame_id, "abortResult", {
             "ok": True, "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
-            "detailJson": _detail({"aborted": txn is not None, "patch_id": patch_id}),
+            "detailJson": detail_json({"aborted": aborted, "patch_id": patch_id}),
         })
 
     def _on_rollback(self, frame_id: int, body: Dict[str, Any]) -> None:
-        patch_id = str(_field(body, "patchId", "") or "")
+        patch_id = str(get_field(body, "patchId", "") or "")
         started = time.perf_counter()
         if patch_id and patch_id not in self._inflight and patch_id not in self._stack_ids():
             # This process does not run the patch (its commit failed and restored, or never
             # happened): rolling back must not undo the patch beneath it. Drop it if prepared.
-            txn = self._prepared_txn(patch_id)
-            self._prepared.pop(patch_id, None)
-            if txn is not None:
-                try:
-                    txn.abort()
-                except Exception:
-                    log.exception("abort of %s during rollback failed", patch_id)
+            self._abort_prepared(patch_id)
             self._result(frame_id, "rollbackResult", {
                 "ok": True, "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
-                "detailJson": _detail({"noop": True, "patch_id": patch_id,
-                                       "reason": "patch is not committed in this process"}),
+                "detailJson": detail_json({"noop": True, "patch_id": patch_id,
+                                           "reason": "patch is not committed in this process"}),
             })
             return
         future = self._rt.request_rollback(expected_id=patch_id or None)
@@ -876,19 +713,19 @@ class AgentLink:
         self._await(future, frame_id, "rollbackResult", started, patch_id)
 
     def _on_health_query(self, frame_id: int, body: Dict[str, Any]) -> None:
-        since = parse_uint(_field(body, "since"), "since", frame_id)
+        since = parse_uint(get_field(body, "since"), "since", frame_id)
         h = self._rt.health(since=since or None)
         detail = h.get("game_detail", "")
         self._result(frame_id, "health", {
             "alive": bool(h.get("alive", True)),
-            "ticks": _uint(h.get("ticks")),
-            "tickP50Ms": _finite(h.get("tick_p50_ms")),
-            "tickP99Ms": _finite(h.get("tick_p99_ms")),
-            "exceptionsSince": _uint(h.get("exceptions_since")),
-            "mark": _uint(h.get("mark")),
+            "ticks": uint(h.get("ticks")),
+            "tickP50Ms": finite(h.get("tick_p50_ms")),
+            "tickP99Ms": finite(h.get("tick_p99_ms")),
+            "exceptionsSince": uint(h.get("exceptions_since")),
+            "mark": uint(h.get("mark")),
             "gameOk": bool(h.get("game_ok", True)),
-            "gameDetail": detail if isinstance(detail, str) else _detail(detail),
-            "ticksSince": _uint(h.get("ticks_since")),
+            "gameDetail": detail if isinstance(detail, str) else detail_json(detail),
+            "ticksSince": uint(h.get("ticks_since")),
         })
 
     def _on_status_query(self, frame_id: int, body: Dict[str, Any]) -> None:
@@ -922,22 +759,21 @@ class AgentLink:
             if what == "rollback" and done.patch_id and done.patch_id not in stack:
                 # The patch is not running here (e.g. its queued commit failed): the goal
                 # of the rollback holds, and nothing beneath it was touched.
-                result.update(ok=True, detailJson=_detail({"noop": True, "patch_id": done.patch_id,
-                                                           "reason": str(exc)}))
+                result.update(ok=True, detailJson=detail_json({"noop": True, "patch_id": done.patch_id,
+                                                               "reason": str(exc)}))
             else:
                 log.warning("%s of %s failed: %s", what, done.patch_id or "newest patch", exc)
-                result.update(ok=False, error=str(exc), errorKind=what, detailJson=_error_detail(exc))
+                result.update(ok=False, error=str(exc), errorKind=what, detailJson=error_detail_json(exc))
         except BaseException as exc:  # includes CancelledError
             log.error("%s of %s failed unexpectedly: %r", what, done.patch_id or "newest patch", exc)
             result.update(ok=False, error=f"{type(exc).__name__}: {exc}", errorKind="internal")
         else:
-            result.update(ok=True, pauseMs=_finite(getattr(report, "pause_ms", 0.0)),
-                          detailJson=_detail(report.to_dict() if hasattr(report, "to_dict") else {}))
+            result.update(ok=True, pauseMs=finite(getattr(report, "pause_ms", 0.0)),
+                          detailJson=detail_json(report.to_dict() if hasattr(report, "to_dict") else {}))
             log.info("%s of %s done (pause %.3f ms); patch stack %s", what, done.patch_id or "newest patch",
                      result["pauseMs"], stack)
         if done.kind == "commitResult" and self._inflight.get(done.patch_id) is future:
             del self._inflight[done.patch_id]
-            self._prepared.pop(done.patch_id, None)
         if done.session != session:
             log.info("%s of %s finished after the agent connection that asked for it was lost "
                      "(ok=%s); the agent sees the result in hello/status", what, done.patch_id, result["ok"])
@@ -945,33 +781,5 @@ class AgentLink:
         self._reply(sock, done.frame_id, done.kind, result)
 
 
-def _error_detail(exc: BaseException) -> str:
-    """``detailJson`` of a failure: the error's structured form (module, object, line, hint)."""
-    to_dict = getattr(exc, "to_dict", None)
-    if callable(to_dict):
-        try:
-            return _detail(to_dict())
-        except Exception:  # a broken to_dict must not cost the reply
-            pass
-    return _detail({"error": type(exc).__name__, "message": str(exc)})
-
-
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000.0
-
-
-def _require_str(body: Mapping[str, Any], name: str, frame_id: int = 0) -> str:
-    value = _field(body, name)
-    if not isinstance(value, str) or not value:
-        raise FrameError("malformed", f"{name} must be a non-empty string", frame_id)
-    return value
-
-
-def _require_modules(body: Mapping[str, Any], frame_id: int = 0) -> Dict[str, str]:
-    modules = _field(body, "modules")
-    if not isinstance(modules, dict) or not modules:
-        raise FrameError("malformed", "modules must be a non-empty map of module name to source", frame_id)
-    for name, source in modules.items():
-        if not isinstance(source, str):
-            raise FrameError("malformed", f"modules[{name!r}] must be a string (the module's source)", frame_id)
-    return dict(modules)

@@ -1,4 +1,7 @@
-"""Error classes raised by the hotfleet runtime.
+"""Every error class of the hotfleet runtime, in one place.
+
+The public ones (``HotfleetError`` and its subclasses) are what a game or the agent sees;
+then the local protocol's errors, then the signals the runtime raises and catches itself.
 
 Every error names *where* the problem is (module, qualified object name, line)
 when that is known, and says what the operator or patch author can do about it.
@@ -8,7 +11,18 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-__all__ = ["HotfleetError", "PrepareError", "CommitError", "RollbackError"]
+__all__ = [
+    "HotfleetError",
+    "PrepareError",
+    "CommitError",
+    "RollbackError",
+    "FrameError",
+    "FramingError",
+    "HandshakeRefused",
+    "StagingRefusal",
+    "HookFailure",
+    "InstanceHookError",
+]
 
 
 class HotfleetError(Exception):
@@ -85,3 +99,63 @@ class CommitError(HotfleetError):
 
 class RollbackError(HotfleetError):
     """A rollback was refused (nothing to roll back, wrong expected id) or partly failed."""
+
+
+# -- the local protocol (frames.py, agent_link.py) -------------------------------------
+
+
+class FrameError(Exception):
+    """A frame whose framing was fine but whose content is not a valid request.
+
+    The connection survives: the link answers with a ``ProtocolError`` carrying ``code``
+    and, when the frame's id could be read, ``reply_to`` set to it.
+    """
+
+    def __init__(self, code: str, message: str, frame_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.frame_id = frame_id
+
+
+class FramingError(Exception):
+    """The byte stream itself is broken (oversized length): the connection must close."""
+
+
+class HandshakeRefused(Exception):
+    """The agent refused this runtime's ``hello``; ``permanent`` when retrying cannot help
+    (a protocol version mismatch)."""
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# -- internal signals: raised and caught inside the runtime, never seen by a game -------
+
+
+class StagingRefusal(Exception):
+    """Internal: a statement cannot be staged (the stager turns it into a plan refusal)."""
+
+    def __init__(self, message: str, lineno: Optional[int] = None, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.lineno = lineno
+        self.hint = hint
+
+
+class HookFailure(Exception):
+    """Internal: a hook raised; carries where."""
+
+    def __init__(self, module: str, obj: str, lineno: Optional[int]) -> None:
+        super().__init__(obj)
+        self.module = module
+        self.obj = obj
+        self.lineno = lineno
+
+
+class InstanceHookError(Exception):
+    """Internal: an instance hook raised (``__cause__``) on ``obj``."""
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__()
+        self.obj = obj

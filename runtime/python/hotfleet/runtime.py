@@ -29,7 +29,17 @@ from .safepoint import Request, RequestQueue
 from .snapshot import Journal
 from .sources import RecordingFinder, SourceRegistry, iter_managed_modules, read_live_source, verify_record
 from .staging import Stager
-from .transaction import ABORTED, COMMITTED, FAILED, PREPARED, ROLLED_BACK, CommitReport, Transaction, apply_transaction
+from .transaction import (
+    ABORTED,
+    COMMITTED,
+    FAILED,
+    PREPARED,
+    ROLLED_BACK,
+    CommitReport,
+    CommitTarget,
+    Transaction,
+    apply_transaction,
+)
 
 log = logging.getLogger("hotfleet")
 
@@ -160,6 +170,7 @@ class Runtime:
         self._game_thread: Optional[int] = None
         self._in_safe_point = False
         self._closed = False
+        self._link: Any = None  # the AgentLink of connect(), if any
         self.unpatchable: Dict[str, str] = {}
         for name, module in iter_managed_modules(pkgs):
             record, reason = read_live_source(module)
@@ -172,6 +183,7 @@ class Runtime:
                 self._registry.set(record)
         self._finder = RecordingFinder(self._registry)
         self._finder.install()
+        self._commit_target = CommitTarget(self._registry, self._tracker, self._finder)
         _OPEN.add(self)
         classes: List[type] = []
         for name in self._registry.names():
@@ -231,6 +243,16 @@ class Runtime:
         """A pending or committed (still on the stack) transaction by id."""
         with self._lock:
             return self._txns.get(txn_id)
+
+    def prepared(self, txn_id: str) -> Optional[Transaction]:
+        """The transaction ``txn_id`` if it is prepared (waiting for commit or abort), else None.
+
+        The runtime is the one owner of transaction state: the agent link asks here by
+        patch id rather than keeping its own map.
+        """
+        with self._lock:
+            txn = self._txns.get(txn_id)
+            return txn if txn is not None and txn.state == PREPARED else None
 
     def live_digests(self) -> Dict[str, str]:
         """Module -> sha256 of the source it runs, as recorded by the runtime."""
@@ -322,11 +344,12 @@ class Runtime:
                 hint=f"use request_{what}() from other threads",
             )
 
-    def _commit(self, txn: Transaction) -> CommitReport:
+    def commit_transaction(self, txn: Transaction) -> CommitReport:
+        """What :meth:`Transaction.commit` runs: apply ``txn`` (game thread only)."""
         self._check_thread("commit", CommitError)
         with self._commit_lock:
             with self._lock:
-                if txn._runtime is not self:
+                if txn.owner is not self:
                     raise CommitError("transaction belongs to another runtime")
                 if txn.state != PREPARED:
                     raise CommitError(
@@ -334,37 +357,39 @@ class Runtime:
                         hint="prepare the patch again" if txn.state in (ABORTED, FAILED, ROLLED_BACK) else None,
                     )
             try:
-                report, journal = apply_transaction(self, txn)
+                report, journal = apply_transaction(self._commit_target, txn)
             except CommitError as exc:
                 with self._lock:
-                    txn.state = FAILED
                     txn.error = exc
-                    if self._pending is txn:
-                        self._pending = None
-                    self._txns.pop(txn.id, None)
+                    self._settle(txn, FAILED)
                 log.error("commit of %s failed: %s", txn.id[:16], exc)
                 raise
             with self._lock:
-                txn.state = COMMITTED
                 txn.report = report
-                if self._pending is txn:
-                    self._pending = None
+                self._settle(txn, COMMITTED)
                 self._stack.append(
                     StackEntry(txn.id, txn.digests, txn.base_digests, report.committed_at, report, txn, journal)
                 )
             log.info("committed %s, pause %.3f ms, %s", txn.id[:16], report.pause_ms, report.counts)
             return report
 
-    def _abort(self, txn: Transaction) -> None:
+    def _settle(self, txn: Transaction, state: str) -> None:
+        """``txn`` leaves the prepared state (the caller holds ``_lock``); only a committed
+        transaction stays findable by id, as long as it is on the stack."""
+        txn.state = state
+        if self._pending is txn:
+            self._pending = None
+        if state != COMMITTED:
+            self._txns.pop(txn.id, None)
+
+    def abort_transaction(self, txn: Transaction) -> None:
+        """What :meth:`Transaction.abort` runs: drop a prepared ``txn`` and fail its queued commit."""
         with self._lock:
             if txn.state in (ABORTED, FAILED):
                 return
             if txn.state != PREPARED:
                 raise HotfleetError(f"transaction {txn.id} is {txn.state}; it cannot be aborted", hint="use rollback() for committed transactions")
-            txn.state = ABORTED
-            if self._pending is txn:
-                self._pending = None
-            self._txns.pop(txn.id, None)
+            self._settle(txn, ABORTED)
         queued = self._queue.find("commit", txn)
         if queued is not None and self._queue.remove(queued):
             queued.future.set_exception(CommitError(f"transaction {txn.id} was aborted before its commit ran"))
@@ -416,7 +441,7 @@ class Runtime:
         :class:`CommitError`.  Requesting the same transaction twice returns
         the same future.
         """
-        if not isinstance(txn, Transaction) or txn._runtime is not self:
+        if not isinstance(txn, Transaction) or txn.owner is not self:
             raise CommitError("not a transaction of this runtime")
         with self._lock:
             if txn.state != PREPARED:
@@ -455,7 +480,7 @@ class Runtime:
                     continue
                 try:
                     if request.kind == "commit":
-                        result: Any = self._commit(request.target)
+                        result: Any = self.commit_transaction(request.target)
                     else:
                         expected = request.target
                         with self._lock:
@@ -484,6 +509,11 @@ class Runtime:
 
     # -- health ----------------------------------------------------------------
 
+    def record_tick(self, seconds: float) -> None:
+        """Count a completed tick that took ``seconds`` (``with rt.tick():`` and the loop
+        helpers do this; a loop that times its own ticks calls it once per tick)."""
+        self._health.tick_done(max(0.0, float(seconds)))
+
     def record_exception(self, exc: BaseException) -> None:
         """Count an exception the game caught itself (it shows in ``health()``)."""
         self._health.exception(exc)
@@ -504,10 +534,34 @@ class Runtime:
     # -- agent ------------------------------------------------------------------
 
     def connect(self, socket_path: Optional[str] = None) -> Any:
-        """Connect to the local hotfleet agent (starts the agent link's thread)."""
+        """Connect to the local hotfleet agent (starts the agent link's thread); returns the link.
+
+        Once connected, the link fetches this build's patch stack from the agent and applies
+        what this process lacks: the commits land at the game's next safe points, before
+        anything else the agent asks. ``wait_until_current()`` waits for that.
+        """
         from .agent_link import AgentLink  # lazy: the link is optional for embedding/tests
 
-        return AgentLink(self, socket_path).start()
+        link = AgentLink(self, socket_path, sync_stack=True).start()
+        self._link = link
+        return link
+
+    def wait_until_current(self, timeout: Optional[float] = None) -> bool:
+        """Wait until this process runs its build's whole patch stack; False on timeout.
+
+        For games that must not open their player port before: call it on the game thread
+        after ``connect()`` and before the game loop (it runs the safe points the stack's
+        commits need meanwhile). From another thread while the game loop runs, it only waits.
+        """
+        link = self._link
+        if link is None:
+            raise HotfleetError("not connected to a hotfleet agent", hint="call rt.connect() first")
+        return bool(link.wait_until_current(timeout))
+
+    def is_game_thread(self) -> bool:
+        """True on the thread that runs safe points, and on any thread before the first one."""
+        game = self._game_thread
+        return game is None or game == threading.get_ident()
 
     def __repr__(self) -> str:
         return f"<hotfleet.Runtime packages={self.packages} stack={len(self._stack)}>"

@@ -7,6 +7,11 @@ made against, applies the actions in source order, records the new sources,
 makes sure instances of classes with ``__reload_instance__`` are tracked,
 and runs the hooks.  Every change goes through a :class:`~hotfleet.snapshot.Journal`;
 any exception restores the journal strictly and raises :class:`CommitError`.
+
+A transaction belongs to a :class:`TransactionOwner` (the ``Runtime``), which keeps the
+state of every transaction; a commit changes only what its :class:`CommitTarget` names
+(the source records, the instance tracker, the import hook). So this module needs nothing
+of the runtime's insides, and ``runtime.py`` imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -20,20 +25,29 @@ import time
 import traceback
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 
-from .errors import CommitError
-from .instances import HOOK_INSTANCE, hook_classes
+from .errors import CommitError, HookFailure, InstanceHookError
+from .instances import HOOK_INSTANCE, InstanceTracker, hook_classes
 from .plan import Plan
 from .snapshot import InstanceState, Journal, class_snapshot, mapping_changes, plain_dict_type
+from .sources import RecordingFinder, SourceRegistry
 from .staging import HOOK_CLASS, HOOK_MODULE, Action, CommitContext, ModuleStage
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .runtime import Runtime
 
 log = logging.getLogger("hotfleet")
 
-__all__ = ["Transaction", "CommitReport", "PREPARED", "COMMITTED", "ABORTED", "FAILED", "ROLLED_BACK"]
+__all__ = [
+    "Transaction",
+    "TransactionOwner",
+    "CommitTarget",
+    "CommitReport",
+    "apply_transaction",
+    "PREPARED",
+    "COMMITTED",
+    "ABORTED",
+    "FAILED",
+    "ROLLED_BACK",
+]
 
 PREPARED = "prepared"
 COMMITTED = "committed"
@@ -69,6 +83,31 @@ class CommitReport:
         }
 
 
+class TransactionOwner(Protocol):
+    """Who keeps a transaction's state and runs its commit (the ``Runtime``)."""
+
+    def commit_transaction(self, txn: "Transaction") -> "CommitReport":
+        """Commit ``txn`` (on the game thread); see :meth:`Transaction.commit`."""
+        ...
+
+    def abort_transaction(self, txn: "Transaction") -> None:
+        """Abort ``txn``; see :meth:`Transaction.abort`."""
+        ...
+
+
+@dataclass(frozen=True)
+class CommitTarget:
+    """What a commit changes besides the live modules: the explicit commit context.
+
+    ``registry`` records the source each module runs, ``tracker`` the instances hooks run
+    on, ``finder`` serves added modules while the commit imports them.
+    """
+
+    registry: SourceRegistry
+    tracker: InstanceTracker
+    finder: RecordingFinder
+
+
 class Transaction:
     """A prepared patch: ``commit()`` it on the game thread or ``abort()`` it.
 
@@ -80,8 +119,10 @@ class Transaction:
         error: the :class:`CommitError` when the commit failed.
     """
 
-    def __init__(self, runtime: "Runtime", txn_id: str, sources: Dict[str, str], stages: List[ModuleStage], plan: Plan) -> None:
-        self._runtime = runtime
+    def __init__(
+        self, owner: TransactionOwner, txn_id: str, sources: Dict[str, str], stages: List[ModuleStage], plan: Plan
+    ) -> None:
+        self._owner = owner
         self.id = txn_id
         self.sources = dict(sources)
         self.stages = stages
@@ -90,6 +131,11 @@ class Transaction:
         self.prepared_at = time.time()
         self.report: Optional[CommitReport] = None
         self.error: Optional[CommitError] = None
+
+    @property
+    def owner(self) -> TransactionOwner:
+        """The runtime this transaction belongs to."""
+        return self._owner
 
     @property
     def digests(self) -> Dict[str, str]:
@@ -103,11 +149,11 @@ class Transaction:
 
     def commit(self) -> CommitReport:
         """Apply the patch in place.  Must run on the game thread, between ticks."""
-        return self._runtime._commit(self)
+        return self._owner.commit_transaction(self)
 
     def abort(self) -> None:
         """Drop the transaction; nothing live was touched.  Idempotent."""
-        self._runtime._abort(self)
+        self._owner.abort_transaction(self)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able summary (state, digests, plan)."""
@@ -136,10 +182,10 @@ def _locate(exc: BaseException, filenames: Dict[str, str]) -> Tuple[Optional[str
     return found
 
 
-def apply_transaction(runtime: "Runtime", txn: Transaction) -> Tuple[CommitReport, Journal]:
-    """Apply ``txn`` (the caller holds the runtime's commit lock, on the game thread)."""
-    registry = runtime._registry
-    tracker = runtime._tracker
+def apply_transaction(target: CommitTarget, txn: Transaction) -> Tuple[CommitReport, Journal]:
+    """Apply ``txn`` to ``target`` (the caller holds the owner's commit lock, on the game thread)."""
+    registry = target.registry
+    tracker = target.tracker
     stages = txn.stages
     for st in stages:
         if st.new_module:
@@ -166,7 +212,7 @@ def apply_transaction(runtime: "Runtime", txn: Transaction) -> Tuple[CommitRepor
     phase = "applying the code"
     new_stages = [st for st in stages if st.new_module]
     journaled: Set[str] = set()
-    finder = runtime._finder
+    finder = target.finder
     # Added modules are importable for the whole commit, so a patched module
     # whose changed import statement names one can import it.
     for st in new_stages:
@@ -192,7 +238,7 @@ def apply_transaction(runtime: "Runtime", txn: Transaction) -> Tuple[CommitRepor
             previous = registry.set(st.record)
             journal.on_undo(functools.partial(registry.restore, st.name, previous))
         if new_stages:
-            _add_modules(runtime, new_stages, journal, ctx, journaled)
+            _add_modules(registry, new_stages, journal, ctx, journaled)
         # instance tracking for classes that now have __reload_instance__
         updated: List[type] = []
         for st in stages:
@@ -236,7 +282,7 @@ def apply_transaction(runtime: "Runtime", txn: Transaction) -> Tuple[CommitRepor
             module = module or current.module
             obj = current.obj if func in (None, "<module>") else f"{current.obj} ({func})"
             lineno = lineno or current.lineno
-        if isinstance(exc, _HookFailure):
+        if isinstance(exc, HookFailure):
             module, obj, lineno = exc.module or module, exc.obj, exc.lineno or lineno
             exc = exc.__cause__ or exc
         raise CommitError(
@@ -266,14 +312,6 @@ def apply_transaction(runtime: "Runtime", txn: Transaction) -> Tuple[CommitRepor
 
 
 _EMPTY: Dict[str, Any] = {}  # the before/after of an instance that died before its turn (never written)
-
-
-class _InstanceHookError(Exception):
-    """Internal: an instance hook raised (``__cause__``) on ``obj``."""
-
-    def __init__(self, obj: Any) -> None:
-        super().__init__()
-        self.obj = obj
 
 
 def _hook_plain(hook: Any, refs: List[Any], batch: Any) -> int:
@@ -311,22 +349,12 @@ def _hook_plain(hook: Any, refs: List[Any], batch: Any) -> int:
         if len(afters) < len(befores):  # what the failing hook changed is undone too
             after_add(copy(obj.__dict__))
         if isinstance(exc, Exception):
-            raise _InstanceHookError(obj) from exc
+            raise InstanceHookError(obj) from exc
         raise
     finally:
         # one C-level extend instead of an append per instance
         refs_col.extend(refs[: len(befores) - start])
     return len(refs) - dead
-
-
-class _HookFailure(Exception):
-    """Internal: a hook raised; carries where."""
-
-    def __init__(self, module: str, obj: str, lineno: Optional[int]) -> None:
-        super().__init__(obj)
-        self.module = module
-        self.obj = obj
-        self.lineno = lineno
 
 
 def _hook_line(exc: BaseException, fn: Any) -> Optional[int]:
@@ -339,10 +367,9 @@ def _hook_line(exc: BaseException, fn: Any) -> Optional[int]:
 
 
 def _add_modules(
-    runtime: "Runtime", new_stages: List[ModuleStage], journal: Journal, ctx: CommitContext, journaled: Set[str]
+    registry: SourceRegistry, new_stages: List[ModuleStage], journal: Journal, ctx: CommitContext, journaled: Set[str]
 ) -> None:
     """Import the modules the patch adds (the finder serves them from the patch text)."""
-    registry = runtime._registry
     for st in new_stages:
         if sys.modules.get(st.name) is None:
             try:
@@ -398,7 +425,7 @@ def _run_hooks(
         try:
             hook(old_views[st.name])
         except Exception as exc:
-            raise _HookFailure(st.name, HOOK_MODULE, _hook_line(exc, hook)) from exc
+            raise HookFailure(st.name, HOOK_MODULE, _hook_line(exc, hook)) from exc
         finally:
             for key, old, new in mapping_changes(before, g):
                 journal.record_item(st.name, g, key, old, new)
@@ -411,7 +438,7 @@ def _run_hooks(
         try:
             hook()
         except Exception as exc:
-            raise _HookFailure(cls.__module__, f"{cls.__qualname__}.{HOOK_CLASS}", _hook_line(exc, hook)) from exc
+            raise HookFailure(cls.__module__, f"{cls.__qualname__}.{HOOK_CLASS}", _hook_line(exc, hook)) from exc
         finally:
             for key, old, new in mapping_changes(before, class_snapshot(cls)):
                 journal.record_class_attr(cls, key, old, new)
@@ -445,12 +472,12 @@ def _run_hooks(
                         finally:
                             journal.record_instance(obj, state)
                         hooked += 1
-            except _InstanceHookError as failed:
+            except InstanceHookError as failed:
                 cause = failed.__cause__ or failed
                 label = f"{tp.__module__}.{tp.__qualname__} instance at {id(failed.obj):#x}"
-                raise _HookFailure(cls.__module__, f"{tp.__qualname__}.{HOOK_INSTANCE} (on {label})", _hook_line(cause, hook)) from cause
+                raise HookFailure(cls.__module__, f"{tp.__qualname__}.{HOOK_INSTANCE} (on {label})", _hook_line(cause, hook)) from cause
             except Exception as exc:
                 label = f"{tp.__module__}.{tp.__qualname__} instance at {id(obj):#x}"
-                raise _HookFailure(cls.__module__, f"{tp.__qualname__}.{HOOK_INSTANCE} (on {label})", _hook_line(exc, hook)) from exc
+                raise HookFailure(cls.__module__, f"{tp.__qualname__}.{HOOK_INSTANCE} (on {label})", _hook_line(exc, hook)) from exc
     if hooked:
         ctx.count("instances_hooked", hooked)

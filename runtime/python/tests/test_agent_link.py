@@ -828,3 +828,171 @@ def test_sync_patch_stack_surfaces_an_agent_error(rt: Any, agent: ScriptedAgent,
     link = links(rt, agent.path)
     with pytest.raises(hotfleet.HotfleetError, match="no stack for build dev"):
         link.sync_patch_stack(timeout=TIMEOUT)
+
+
+# --------------------------------------------------------------------------------------
+# games written only from the runtime README
+
+
+@pytest.fixture
+def readme(pkg: Package, agent: ScriptedAgent,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Tuple[Any, AgentLink]]]:
+    """A game set up with nothing but the README: the environment, ``Runtime(...)`` and
+    ``rt.connect()``; returns ``(rt, link)``. Stopped and closed at teardown."""
+    made: List[Tuple[Any, AgentLink]] = []
+
+    def make(build: str = "dev") -> Tuple[Any, AgentLink]:
+        monkeypatch.setenv("HOTFLEET_AGENT_SOCKET", agent.path)
+        monkeypatch.setenv("HOTFLEET_BUILD", build)
+        rt = hotfleet.Runtime(packages=[pkg.name])
+        made.append((rt, rt.connect()))
+        return made[-1]
+
+    yield make
+    for rt, link in made:
+        link.stop()
+        rt.close()
+
+
+def test_an_asyncio_game_written_from_the_readme_reports_ticks(
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
+    # The README's three lines, with the asyncio helper "instead of line 3", and nothing else.
+    import asyncio
+
+    rt, link = readme()
+    peer = agent.accept()
+    peer.handshake()
+    answer_stack_query(peer, [], [])  # connect() brings the process to its build's stack
+    mark = rt.mark()
+
+    async def game() -> None:
+        handle = hotfleet.asyncio_safe_point(rt, asyncio.get_running_loop(), interval=0.02)
+        await asyncio.sleep(0.3)  # the game's own coroutines run here
+        handle.close()
+
+    asyncio.run(game())
+    health = peer.request("healthQuery", {"since": mark}, "health")
+    # The coordinator's health gate needs ticks in its window, or it rolls back for
+    # "no health data".
+    assert health["ticks"] > 0 and health["ticksSince"] > 0, health
+    assert health["alive"] is True
+    assert rt.health()["tick_p99_ms"] is not None
+
+
+def test_a_threadsafe_scheduler_game_reports_ticks(pkg: Package) -> None:
+    import queue
+
+    rt = hotfleet.Runtime(packages=[pkg.name])
+    try:
+        calls: "queue.Queue[Callable[[], None]]" = queue.Queue()  # the framework's thread-safe entry
+        handle = hotfleet.threadsafe_scheduler(rt, calls.put, interval=0.02)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # the framework's own thread runs what it is handed
+            try:
+                calls.get(timeout=0.05)()
+            except queue.Empty:
+                pass
+        handle.close()
+        assert rt.health()["ticks"] > 0
+    finally:
+        rt.close()
+
+
+# --------------------------------------------------------------------------------------
+# no drift: connect() applies the build's patch stack
+
+
+def test_connect_applies_the_build_stack_before_the_game_serves(
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
+    counter = pkg.module.Counter()
+    stack = [{"patchId": "p-1", "modules": {pkg.modname: V2}}, {"patchId": "p-2", "modules": {pkg.modname: V3}}]
+    seen: List[Dict[str, Any]] = []
+    thread = serve_stack(agent, stack, seen)
+    rt, link = readme(build="zone-7")
+    # A game that must not open its player port earlier waits, on its own thread; the
+    # commits land here, at safe points the wait runs, before the game loop starts.
+    assert rt.wait_until_current(TIMEOUT) is True
+    thread.join(TIMEOUT)
+    assert seen == [{"build": "zone-7"}]
+    assert [e.id for e in rt.patch_stack] == ["p-1", "p-2"]
+    assert pkg.module.damage(5) == 11 and counter.bump() == 10
+    assert link.current
+
+
+def test_a_game_that_just_ticks_gets_the_stack_at_its_first_safe_points(
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
+    seen: List[Dict[str, Any]] = []
+    serve_stack(agent, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
+    rt, link = readme()  # the README's three lines, no wait
+    game = Game(rt).start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while pkg.module.damage(5) != 11:
+            assert time.monotonic() < deadline, "the stack must land without the game asking"
+            time.sleep(0.01)
+        assert [e.id for e in rt.patch_stack] == ["p-1"]
+        assert rt.wait_until_current(TIMEOUT) is True  # from another thread: waits, runs nothing
+    finally:
+        game.stop()
+
+
+def test_stack_sync_retries_until_the_agent_can_serve_the_stack(
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
+    seen: List[Dict[str, Any]] = []
+
+    def run() -> None:
+        peer = agent.accept()
+        peer.handshake()
+        answer_stack_query(peer, None, seen, error={"code": "unavailable", "message": "coordinator unreachable"})
+        answer_stack_query(peer, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
+
+    threading.Thread(target=run, daemon=True).start()
+    rt, link = readme()
+    assert rt.wait_until_current(0.2) is False  # the first answer was an error
+    assert not link.current and pkg.module.damage(5) == 10
+    assert rt.wait_until_current(TIMEOUT) is True
+    assert len(seen) == 2 and [e.id for e in rt.patch_stack] == ["p-1"]
+
+
+def test_explicit_sync_still_works_beside_the_automatic_one(
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
+    # Games written before connect() synced (the example zone server) call sync_patch_stack
+    # on their thread: it joins the automatic sync (one stackQuery, commits on this thread).
+    seen: List[Dict[str, Any]] = []
+    serve_stack(agent, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], seen)
+    rt, link = readme()
+    assert link.wait_connected(TIMEOUT)
+    assert link.sync_patch_stack(timeout=TIMEOUT) == ["p-1"]
+    assert [e.id for e in rt.patch_stack] == ["p-1"] and pkg.module.damage(5) == 11
+    assert rt.wait_until_current(TIMEOUT) is True and len(seen) == 1
+
+
+def test_explicit_sync_beside_the_automatic_one_reports_its_failure(
+        pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
+    serve_stack(agent, [{"patchId": "p-broken", "modules": {pkg.modname: BROKEN}}], [])
+    rt, link = readme()
+    started = time.monotonic()
+    with pytest.raises(hotfleet.HotfleetError, match="p-broken failed to prepare"):
+        link.sync_patch_stack(timeout=TIMEOUT)
+    assert time.monotonic() - started < TIMEOUT / 2, "a failed round is reported at once"
+    assert rt.patch_stack == [] and not link.current
+
+
+def test_wait_until_current_needs_a_connection(rt: Any) -> None:
+    with pytest.raises(hotfleet.HotfleetError, match="connect"):
+        rt.wait_until_current(0.1)
+
+
+def test_a_sync_round_that_breaks_unexpectedly_leaves_the_process_not_current(rt: Any) -> None:
+    from hotfleet.stack_sync import StackSync
+
+    def fetch(within: float, timeout: float) -> List[Any]:
+        raise RuntimeError("bug in the fetch")
+
+    sync = StackSync(rt, fetch)
+    with pytest.raises(RuntimeError):
+        sync.run_queued(1.0, lambda: False)
+    assert not sync.current
+    with pytest.raises(hotfleet.HotfleetError, match="RuntimeError: bug in the fetch"):
+        sync.join(0.2, lambda: False)
+    assert sync.wait(0.05, lambda: False) is False
