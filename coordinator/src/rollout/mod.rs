@@ -642,7 +642,7 @@ impl RolloutState {
             let faulty: Vec<String> = bad.iter().map(|n| n.node_id.clone()).collect();
             let detail: Vec<String> = bad.iter().map(|n| format!("{}: {}", n.node_id, n.error)).collect();
             let what = if bad.iter().any(|n| n.observed == Observed::Expired) {
-                "prepare expired on the agent (presumed abort)"
+                "prepare expired on the agent, presumed abort"
             } else {
                 "health gate failed"
             };
