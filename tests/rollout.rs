@@ -218,40 +218,13 @@ async fn a_gate_held_for_ten_prepare_ttls_then_promoted_completes(backend: Backe
     let mut s = Scenario::start(backend);
     let before = s.damages();
     let patch = s.push("hotfix-damage");
-    let args = |ttl: &'static str| {
-        vec![
-            "--output",
-            "json",
-            "rollout",
-            "start",
-            &patch,
-            "--canary",
-            "1",
-            "--waves",
-            "25%,50%,100%",
-            "--health-window",
-            "1s",
-            "--pause-before",
-            "wave-2",
-            "--prepare-ttl",
-            ttl,
-        ]
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>()
-    };
-    let refused = s.fleet.cli(&args("1s").iter().map(String::as_str).collect::<Vec<_>>()).expect("cli");
+    let flags =
+        |ttl| ["--waves", "25%,50%,100%", "--health-window", "1s", "--pause-before", "wave-2", "--prepare-ttl", ttl];
+    let refused = start_rollout_raw(&s, &patch, &flags("1s"));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "a 1 s TTL at 500 ms heartbeats is refused");
     assert!(stderr.contains("prepare TTL 1s") && stderr.contains("at least 2s"), "{stderr}");
-    let out = ok(s.fleet.cli(&args("2s").iter().map(String::as_str).collect::<Vec<_>>()).expect("rollout start"));
-    let id = serde_json::from_str::<serde_json::Value>(&out).expect("json")["rolloutId"]
-        .as_str()
-        .expect("rollout id")
-        .to_string();
-    s.wait_until(&id, "the wave-2 gate", |r| {
-        r["waitingReason"].as_str().is_some_and(|w| w.contains("gate before wave-2"))
-    });
+    let id = held_at_gate(&s, start_rollout_raw(&s, &patch, &flags("2s")), "wave-2");
     let held = Instant::now();
     while held.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_secs(2));
@@ -281,17 +254,8 @@ async fn embedded_coordinator_gone_for_good_leaves_nothing_prepared_after_the_tt
     let mut s = Scenario::start(Backend::Embedded);
     let before = s.damages();
     let patch = s.push("hotfix-damage");
-    let out = ok(s
-        .fleet
-        .cli(&["--output", "json", "rollout", "start", &patch, "--pause-before", "canary", "--prepare-ttl", "2s"])
-        .expect("rollout start"));
-    let id = serde_json::from_str::<serde_json::Value>(&out).expect("json")["rolloutId"]
-        .as_str()
-        .expect("rollout id")
-        .to_string();
-    s.wait_until(&id, "the canary gate", |r| {
-        r["waitingReason"].as_str().is_some_and(|w| w.contains("gate before canary"))
-    });
+    let started = start_rollout_raw(&s, &patch, &["--pause-before", "canary", "--prepare-ttl", "2s"]);
+    let id = held_at_gate(&s, started, "canary");
     for agent in s.agent_statuses().await {
         assert_eq!(agent.prepared.len(), 1, "{}: prepared before the kill", agent.node_id);
     }
@@ -330,4 +294,20 @@ async fn embedded_coordinator_gone_for_good_leaves_nothing_prepared_after_the_tt
         assert!(node["error"].as_str().is_some_and(|e| e.contains("presumed abort")), "{node}");
     }
     assert!(s.assert_consistent(&[]).await.is_empty());
+}
+
+/// `hotfleet --output json rollout start PATCH FLAGS...`, raw output.
+fn start_rollout_raw(s: &Scenario, patch: &str, flags: &[&str]) -> std::process::Output {
+    let mut args = vec!["--output", "json", "rollout", "start", patch];
+    args.extend(flags);
+    s.fleet.cli(&args).expect("rollout start")
+}
+
+/// The id of the rollout `started` started, once it waits at the manual gate before `step`.
+fn held_at_gate(s: &Scenario, started: std::process::Output, step: &str) -> String {
+    let out: serde_json::Value = serde_json::from_str(&ok(started)).expect("rollout json");
+    let id = out["rolloutId"].as_str().expect("rollout id").to_string();
+    let gate = format!("gate before {step}");
+    s.wait_until(&id, &gate, |r| r["waitingReason"].as_str().is_some_and(|w| w.contains(&gate)));
+    id
 }
