@@ -45,6 +45,7 @@ on_both_stores!(
     operator_abort_mid_wave_rolls_everything_back,
     agent_killed_mid_wave_rolls_back_under_the_default_policy,
     coordinator_killed_mid_wave_resumes_and_ends_consistent,
+    a_gate_held_for_ten_prepare_ttls_then_promoted_completes,
 );
 
 async fn hotfix_rolls_out_in_canary_and_waves_with_players_connected(backend: Backend) {
@@ -207,4 +208,106 @@ async fn coordinator_killed_mid_wave_resumes_and_ends_consistent(backend: Backen
     let after = s.damages();
     assert!(after.iter().zip(&before).all(|(a, b)| a < b));
     assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
+}
+
+/// Prepared state lives as long as its rollout: with a 2 s prepare TTL, the
+/// wave-2 gate is held for 10 TTLs (the leader's heartbeat answers renew the
+/// waiting nodes' prepares), then promoted, and the rollout completes. A TTL
+/// renewal could not keep alive (under 3 heartbeat intervals) is refused first.
+async fn a_gate_held_for_ten_prepare_ttls_then_promoted_completes(backend: Backend) {
+    let mut s = Scenario::start(backend);
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let flags =
+        |ttl| ["--waves", "25%,50%,100%", "--health-window", "1s", "--pause-before", "wave-2", "--prepare-ttl", ttl];
+    let refused = start_rollout_raw(&s, &patch, &flags("1s"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a 1 s TTL at 500 ms heartbeats is refused");
+    assert!(stderr.contains("prepare TTL 1s") && stderr.contains("at least 2s"), "{stderr}");
+    let id = held_at_gate(&s, start_rollout_raw(&s, &patch, &flags("2s")), "wave-2");
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_secs(2));
+        let status = s.status(&id);
+        assert!(status["waitingReason"].as_str().is_some_and(|w| w.contains("wave-2")), "{status}");
+        let waiting: Vec<_> = node_states(&status).into_iter().filter(|(_, d, _)| d == "prepared").collect();
+        assert!(!waiting.is_empty(), "wave-2 and later wait prepared: {status}");
+        assert!(waiting.iter().all(|(_, _, o)| o == "prepared"), "no prepare expired at the gate: {status}");
+    }
+    for agent in s.agent_statuses().await {
+        assert!(agent.expired.is_empty(), "{}: nothing expired: {:?}", agent.node_id, agent.expired);
+    }
+    ok(s.fleet.cli(&["rollout", "promote", &id]).expect("promote"));
+    let (code, rollout) = s.watch(&id);
+    assert_eq!(code, 0, "promoted after 10 TTLs, the rollout completes: {rollout}");
+    assert!(node_states(&rollout).iter().all(|(_, d, o)| d == "committed" && o == "committed"), "{rollout}");
+    assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b));
+    assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
+}
+
+/// Presumed abort stays: a coordinator SIGKILLed for good while every node
+/// holds a rollout's patch prepared renews nothing, and each agent drops the
+/// prepare (telling its zone server) once the 2 s TTL has passed and reports
+/// the expiry, which a coordinator started later shows and acts on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_coordinator_gone_for_good_leaves_nothing_prepared_after_the_ttl() {
+    let mut s = Scenario::start(Backend::Embedded);
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let started = start_rollout_raw(&s, &patch, &["--pause-before", "canary", "--prepare-ttl", "2s"]);
+    let id = held_at_gate(&s, started, "canary");
+    for agent in s.agent_statuses().await {
+        assert_eq!(agent.prepared.len(), 1, "{}: prepared before the kill", agent.node_id);
+    }
+    s.fleet.coordinators[0].proc.kill();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(15);
+    loop {
+        let statuses = s.agent_statuses().await;
+        if statuses.iter().all(|a| a.prepared.is_empty()) {
+            for agent in &statuses {
+                assert!(
+                    agent.expired.iter().any(|e| e.rollout_id == id && e.patch_id == patch),
+                    "{}: the expiry is reported: {:?}",
+                    agent.node_id,
+                    agent.expired
+                );
+                assert!(agent.processes.iter().all(|p| p.patch_stack.is_empty()), "nothing was committed");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "prepares still held 15 s after the coordinator died: {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(killed.elapsed() >= Duration::from_millis(1500), "not dropped before its TTL: {:?}", killed.elapsed());
+    assert_eq!(s.damages(), before, "the live code never changed");
+    // A coordinator started later on the same store resumes the rollout, hears
+    // of the expiries in the first heartbeats and says so: the nodes show
+    // expired (then aborted, with the expiry as their error), and the rollout
+    // rolls back naming it instead of failing at the canary's commit.
+    s.fleet.restart_coordinator(s.dir.path()).expect("restart coordinator");
+    let (code, rollout) = s.watch(&id);
+    assert_eq!(code, 3, "{rollout}");
+    let reason = rollout["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("prepare expired") && reason.contains("TTL of 2s"), "{reason}");
+    for node in rollout["nodes"].as_array().expect("nodes") {
+        assert!(node["error"].as_str().is_some_and(|e| e.contains("presumed abort")), "{node}");
+    }
+    assert!(s.assert_consistent(&[]).await.is_empty());
+}
+
+/// `hotfleet --output json rollout start PATCH FLAGS...`, raw output.
+fn start_rollout_raw(s: &Scenario, patch: &str, flags: &[&str]) -> std::process::Output {
+    let mut args = vec!["--output", "json", "rollout", "start", patch];
+    args.extend(flags);
+    s.fleet.cli(&args).expect("rollout start")
+}
+
+/// The id of the rollout `started` started, once it waits at the manual gate before `step`.
+fn held_at_gate(s: &Scenario, started: std::process::Output, step: &str) -> String {
+    let out: serde_json::Value = serde_json::from_str(&ok(started)).expect("rollout json");
+    let id = out["rolloutId"].as_str().expect("rollout id").to_string();
+    let gate = format!("gate before {step}");
+    s.wait_until(&id, &gate, |r| r["waitingReason"].as_str().is_some_and(|w| w.contains(&gate)));
+    id
 }

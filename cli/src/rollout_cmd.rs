@@ -70,6 +70,14 @@ pub struct StartArgs {
     /// Deadline of each step's prepare or commit [default: 60s].
     #[arg(long, value_parser = parse_duration)]
     step_deadline: Option<Duration>,
+    /// How long agents keep this rollout's prepared patch after they last
+    /// heard of the rollout from the leading coordinator (its heartbeat
+    /// answers renew it), before they presume abort; whole seconds, rounded
+    /// up; at least 3 of the coordinator's heartbeat intervals [default: the
+    /// agents' --prepare-ttl, 120s]. Not the rollout's duration: gates and
+    /// windows may last hours.
+    #[arg(long, value_parser = parse_ttl)]
+    prepare_ttl: Option<u32>,
     /// Target nodes: "all" or k=v[,k=v] [default: all].
     #[arg(long)]
     selector: Option<String>,
@@ -90,6 +98,16 @@ pub struct StartArgs {
     /// Follow the rollout until it ends, like `rollout watch`.
     #[arg(long)]
     watch: bool,
+}
+
+/// `--prepare-ttl`: a duration in whole seconds (rounded up), not zero.
+fn parse_ttl(text: &str) -> Result<u32, String> {
+    let ttl = parse_duration(text)?;
+    if ttl.is_zero() {
+        return Err("the prepare TTL must be longer than 0s (leave the flag out for the agents' default)".into());
+    }
+    let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    u32::try_from(seconds).map_err(|_| format!("{text:?} is too long for a prepare TTL"))
 }
 
 pub async fn run(target: &Target, cmd: RolloutCommand, output: Output) -> CliResult {
@@ -125,6 +143,7 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         max_unhealthy: args.max_unhealthy.unwrap_or_default(),
         pause_before: args.pause_before,
         tick_p99_factor: args.tick_p99_factor.unwrap_or_default(),
+        prepare_ttl_seconds: args.prepare_ttl.unwrap_or_default(),
         description: args.description,
         ..Default::default()
     };
@@ -379,5 +398,19 @@ fn print_summary(r: &Rollout) {
     for n in &r.nodes {
         let detail = if n.error.is_empty() { n.health.as_str() } else { n.error.as_str() };
         println!("  {:<16} {:<8} {:<10} {:<14} {}", n.node_id, n.step, n.desired, n.observed, detail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_ttl_is_whole_seconds_rounded_up_and_never_zero() {
+        assert_eq!(parse_ttl("2s"), Ok(2));
+        assert_eq!(parse_ttl("1500ms"), Ok(2));
+        assert_eq!(parse_ttl("2m"), Ok(120));
+        assert!(parse_ttl("0s").is_err_and(|e| e.contains("longer than 0s")));
+        assert!(parse_ttl("soon").is_err());
     }
 }

@@ -26,6 +26,10 @@ pub struct NodeStatus {
     pub highest_epoch: u64,
     /// Patches prepared and waiting for commit/abort.
     pub prepared: Vec<PreparedPatch>,
+    /// The agent's latest expired prepares (presumed abort), `expires_at_ms`
+    /// being when. The driver acts on them; left out of records when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expired: Vec<PreparedPatch>,
     /// Commands admitted since the agent started.
     #[serde(with = "json_u64")]
     pub commands_admitted: u64,
@@ -183,6 +187,7 @@ mod tests {
                 patch_id: "p3".into(),
                 expires_at_ms: 1_700_000_000_000,
             }],
+            expired: Vec::new(),
             commands_admitted: 30,
             commands_refused_stale: 1,
         }

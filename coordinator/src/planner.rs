@@ -27,6 +27,13 @@ pub enum PlanError {
     P99Factor(f64),
     #[error("tick_p99_floor_ms {0} must be >= 0")]
     P99Floor(f64),
+    #[error(
+        "prepare TTL {ttl_s}s is shorter than {heartbeats} heartbeat intervals ({min_ms} ms at --heartbeat-interval {interval_ms} ms): \
+         agents renew a rollout's prepares on each heartbeat answer, so the TTL is how long they keep a prepare after the \
+         coordinator goes silent, not how long the rollout may take; give --prepare-ttl of at least {min_s}s (or leave it out \
+         for the agents' default)"
+    )]
+    PrepareTtl { ttl_s: u32, heartbeats: u32, interval_ms: u64, min_ms: u64, min_s: u64 },
 }
 
 /// Label selector: every `k=v` must match; empty means all nodes.

@@ -26,9 +26,10 @@ use crate::{
     engine::{Engine, EngineConfig},
     error::Error,
     leadership::{GuardedAgents, LeaderInfo, LeaderView, LeaseGuard, Tenure, TermStore},
+    node::NodeStatus,
     patches::Patches,
     reconcile::Reconciler,
-    registry::Registry,
+    registry::{Registry, RegistryError},
     store::{Fence, Store, StoreError},
 };
 
@@ -41,6 +42,18 @@ pub struct TermContext {
     pub heartbeat_interval: Duration,
     pub lost_timeout: Duration,
     pub agent_timeout: Duration,
+}
+
+/// What the leader answers an agent's registration or heartbeat with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkAnswer {
+    /// False when the node is unknown (it must register again).
+    pub known: bool,
+    pub epoch: u64,
+    pub heartbeat_interval_seconds: u32,
+    /// The unfinished rollouts this term drives on the node, whose prepares
+    /// the agent renews: prepared state lives as long as its rollout.
+    pub live_rollouts: Vec<String>,
 }
 
 /// Everything that runs while this coordinator leads.
@@ -103,6 +116,29 @@ impl Term {
             "leading: term started"
         );
         Ok(term)
+    }
+
+    /// An agent registers (persisted before it is acknowledged).
+    pub async fn register(&self, status: NodeStatus) -> Result<LinkAnswer, RegistryError> {
+        let node_id = status.node_id.clone();
+        self.registry.register(status).await?;
+        Ok(self.link_answer(true, &node_id))
+    }
+
+    /// An agent's heartbeat.
+    pub async fn heartbeat(&self, status: NodeStatus) -> Result<LinkAnswer, RegistryError> {
+        let node_id = status.node_id.clone();
+        let known = self.registry.heartbeat(status).await?;
+        Ok(self.link_answer(known, &node_id))
+    }
+
+    fn link_answer(&self, known: bool, node_id: &str) -> LinkAnswer {
+        LinkAnswer {
+            known,
+            epoch: self.registry.epoch(),
+            heartbeat_interval_seconds: self.registry.heartbeat_interval_seconds(),
+            live_rollouts: if known { self.engine.live_rollouts_of(node_id) } else { Vec::new() },
+        }
     }
 
     /// Cancelled when the term ends (lost or shut down).

@@ -37,6 +37,8 @@ struct AgentState {
     highest_epoch: u64,
     stack: Vec<String>,
     prepared: Vec<String>,
+    /// The live rollouts of the latest heartbeat answer.
+    live: Vec<String>,
     /// (kind, epoch)
     log: Vec<(String, u64)>,
 }
@@ -77,6 +79,7 @@ impl FakeAgent {
                 let Ok(mut gw) = agent_gateway_client::AgentGatewayClient::connect(uri).await else { continue };
                 match gw.heartbeat(HeartbeatRequest { node: Some(beat.status()) }).await {
                     Ok(r) if !r.get_ref().known => beat.register().await,
+                    Ok(r) => beat.state.lock().expect("lock").live = r.into_inner().live_rollouts,
                     _ => {}
                 }
             }
@@ -119,6 +122,10 @@ impl FakeAgent {
 
     fn stack(&self) -> Vec<String> {
         self.state.lock().expect("lock").stack.clone()
+    }
+
+    fn live(&self) -> Vec<String> {
+        self.state.lock().expect("lock").live.clone()
     }
 
     fn log(&self) -> Vec<(String, u64)> {
@@ -428,6 +435,11 @@ async fn operator_controls_abort_freeze_conflict_promote() {
     })
     .await;
     assert!(held);
+    // Heartbeat answers name the rollout to every node it holds, so their
+    // agents keep its prepares alive at the gate.
+    let agents = f.agents.clone();
+    let expect = vec![id.clone()];
+    assert!(eventually(Duration::from_secs(5), || std::future::ready(agents.iter().all(|a| a.live() == expect))).await);
 
     // Freeze, then promote: still held by the freeze.
     let frozen =
@@ -450,6 +462,11 @@ async fn operator_controls_abort_freeze_conflict_promote() {
     assert_eq!(aborted.phase, RolloutPhase::RollingBack as i32);
     let (done, _) = watch_to_end(&f.running, &id).await;
     assert_eq!(done.reason, "aborted by bob: not today");
+    let agents = f.agents.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || std::future::ready(agents.iter().all(|a| a.live().is_empty()))).await,
+        "a finished rollout is no longer renewed"
+    );
     assert!(f.agents.iter().all(|a| a.stack().is_empty()));
     let err = op
         .abort_rollout(RolloutActionRequest { rollout_id: id.clone(), reason: String::new() })

@@ -44,8 +44,10 @@ pub struct AgentConfig {
     pub trusted_keys: Vec<PathBuf>,
 
     /// How long a prepared patch waits for commit or abort before the agent
-    /// presumes abort, counted from the prepare or from the latest command
-    /// naming its rollout (a coordinator's prepare may set its own TTL).
+    /// presumes abort, counted from the prepare, the latest command naming
+    /// its rollout, or the latest leader heartbeat answer listing that
+    /// rollout as live: a rollout's prepares live as long as the rollout
+    /// while a leader answers (a rollout may set its own TTL).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub prepare_ttl: Duration,
 

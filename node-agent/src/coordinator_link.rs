@@ -8,6 +8,11 @@
 //! epoch, which the agent records as its fencing floor right away: a deposed
 //! coordinator that wakes up later is refused even by agents the new leader
 //! has not sent a command to yet.
+//!
+//! The leader's answer also lists the unfinished rollouts it drives on this
+//! node; their prepared patches are renewed for another TTL, so a prepare
+//! lives as long as its rollout while a leader answers, and presumed abort
+//! comes a TTL after the last leader went silent.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     coordinators::{Coordinators, Next},
+    participant::Participant,
     reports::NodeReporter,
 };
 
@@ -34,6 +40,22 @@ fn call_timeout(interval: Duration) -> Duration {
 /// a heartbeat this much at most, never the node its liveness.
 fn status_budget(interval: Duration) -> Duration {
     (interval / 2).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// A leader answered with its `epoch` and the rollouts it drives here:
+/// record the epoch as the fencing floor, then renew those rollouts'
+/// prepares, but only if no newer leader has been seen (a deposed leader
+/// that still answers keeps nothing alive).
+fn follow_leader(participant: &Participant, epoch: u64, live_rollouts: &[String]) {
+    if let Err(err) = participant.observe_epoch(epoch) {
+        tracing::warn!(error = %err, "cannot record the leader's epoch");
+    }
+    if epoch < participant.highest_epoch() {
+        return;
+    }
+    for rollout_id in live_rollouts {
+        participant.renew(rollout_id);
+    }
 }
 
 pub async fn run(
@@ -60,7 +82,7 @@ pub async fn run(
                         tracing::info!(coordinator = %addr, "coordinator does not know this node; registering again");
                         registered = false;
                     }
-                    r.epoch
+                    (r.epoch, r.live_rollouts)
                 })
             } else {
                 let mut request = tonic::Request::new(RegisterRequest { node: Some(status) });
@@ -69,14 +91,12 @@ pub async fn run(
                     let r = r.into_inner();
                     tracing::info!(node = %identity.node_id, coordinator = %addr, epoch = r.epoch, "registered with the coordinator");
                     registered = true;
-                    r.epoch
+                    (r.epoch, r.live_rollouts)
                 })
             };
             match result {
-                Ok(epoch) => {
-                    if let Err(err) = participant.observe_epoch(epoch) {
-                        tracing::warn!(error = %err, "cannot record the leader's epoch");
-                    }
+                Ok((epoch, live_rollouts)) => {
+                    follow_leader(participant, epoch, &live_rollouts);
                     if !reachable {
                         tracing::info!(coordinator = %addr, "coordinator reachable again");
                         reachable = true;
@@ -108,5 +128,48 @@ pub async fn run(
             _ = participant.changed() => {}
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::rig;
+
+    #[tokio::test]
+    async fn the_leaders_answer_renews_its_live_rollouts_and_a_deposed_leaders_does_not() {
+        let rig = rig(&["a"]);
+        let live = ["r1".to_string()];
+        rig.participant.observe_epoch(1).expect("epoch");
+        rig.prepare_for(Duration::from_millis(300)).await;
+        let deadline = |rig: &crate::testing::Rig| rig.participant.prepared()[0].expires_at;
+        let first = deadline(&rig);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Another rollout listed: this one is not renewed.
+        follow_leader(&rig.participant, 1, &["ro-other".to_string()]);
+        assert_eq!(deadline(&rig), first);
+        follow_leader(&rig.participant, 1, &live);
+        let renewed = deadline(&rig);
+        assert!(renewed > first, "the leader's answer renews the prepare");
+        // A newer leader has been seen: the old one's answer keeps nothing alive.
+        rig.participant.observe_epoch(3).expect("epoch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        follow_leader(&rig.participant, 2, &live);
+        assert_eq!(deadline(&rig), renewed);
+        assert_eq!(rig.participant.highest_epoch(), 3, "an older epoch never lowers the floor");
+        // Renewed past its first TTL, the prepare is still there to commit.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            follow_leader(&rig.participant, 3, &live);
+            rig.participant.expire_prepared().await;
+        }
+        assert_eq!(rig.participant.prepared().len(), 1, "600 ms of renewals outlive a 300 ms TTL");
+        // The leader stops listing it: presumed abort one TTL later.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        rig.participant.expire_prepared().await;
+        assert!(rig.participant.prepared().is_empty());
+        assert_eq!(rig.participant.recently_expired().len(), 1);
     }
 }

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    time::{Duration, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use futures::future::join_all;
@@ -29,6 +29,13 @@ pub struct NodeIdentity {
 /// How long the `Status` call waits for processes to answer before it
 /// reports the rest from the cache.
 pub const STATUS_BUDGET: Duration = Duration::from_secs(1);
+
+/// How many of the latest expired prepares each status reports.
+const REPORTED_EXPIRED: usize = 16;
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
 
 /// Builds this node's reports; shared by the gRPC service and the heartbeats.
 pub struct NodeReporter {
@@ -62,7 +69,18 @@ impl NodeReporter {
             .map(|p| PreparedPatch {
                 rollout_id: p.rollout_id,
                 patch_id: p.patch_id,
-                expires_at_ms: p.expires_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                expires_at_ms: unix_ms(p.expires_at),
+            })
+            .collect();
+        // The newest expiries only: one rollout holds a node at a time, so
+        // the coordinator needs the latest few, not the agent's whole memory.
+        let expired = self.participant.recently_expired();
+        let expired = expired[expired.len().saturating_sub(REPORTED_EXPIRED)..]
+            .iter()
+            .map(|e| PreparedPatch {
+                rollout_id: e.rollout_id.clone(),
+                patch_id: e.patch_id.clone(),
+                expires_at_ms: unix_ms(e.expired_at),
             })
             .collect();
         NodeStatus {
@@ -72,6 +90,7 @@ impl NodeReporter {
             processes,
             highest_epoch: self.participant.highest_epoch(),
             prepared,
+            expired,
             commands_admitted,
             commands_refused_stale,
         }
@@ -167,6 +186,25 @@ mod tests {
         assert!(health.game_detail.contains("process b did not answer"), "{}", health.game_detail);
         assert!(status.processes.iter().any(|p| p.process_id == "a" && p.health.as_ref().is_some_and(|h| h.alive)));
         assert_eq!(rig.runtimes.count("b", "status"), 2, "asked afresh after its query ended");
+    }
+
+    #[tokio::test]
+    async fn an_expired_prepare_is_reported_as_expired_not_prepared() {
+        let rig = rig(&["a"]);
+        let identity =
+            NodeIdentity { node_id: "node-1".into(), labels: BTreeMap::new(), advertise_addr: String::new() };
+        let reporter = NodeReporter::new(rig.participant.clone(), identity);
+        rig.prepare_for(Duration::from_millis(30)).await;
+        let status = reporter.node_status(Duration::from_millis(50)).await;
+        assert_eq!((status.prepared.len(), status.expired.len()), (1, 0));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        rig.participant.expire_prepared().await;
+        let status = reporter.node_status(Duration::from_millis(50)).await;
+        assert!(status.prepared.is_empty());
+        assert_eq!(status.expired.len(), 1);
+        let expired = &status.expired[0];
+        assert_eq!((expired.rollout_id.as_str(), expired.patch_id.as_str()), ("r1", rig.patch.as_str()));
+        assert!(expired.expires_at_ms > 0, "when it expired");
     }
 
     fn report(id: &str, reachable: bool, alive: bool, game_ok: bool, exceptions: u64) -> ProcessHealthReport {

@@ -18,7 +18,7 @@ use crate::{
     error::{Error, Result},
     rollout::{
         health::{self, Baseline, Check, GateConfig, Verdict},
-        Action, NodeResult, Phase, RolloutState,
+        Action, NodeResult, Observed, Phase, RolloutState,
     },
     store::StoreError,
 };
@@ -217,7 +217,7 @@ impl Engine {
             .map(|s| {
                 s.nodes
                     .iter()
-                    .filter(|n| state.nodes.get(*n).is_some_and(|ns| ns.observed == crate::rollout::Observed::Prepared))
+                    .filter(|n| state.nodes.get(*n).is_some_and(|ns| ns.observed == Observed::Prepared))
                     .cloned()
                     .collect()
             })
@@ -328,7 +328,14 @@ impl Engine {
     /// One health check of every watched node; records verdicts (which may
     /// roll the rollout back).
     async fn check_health(&self, handle: &Handle, check: Check) -> Result<()> {
+        let expired = self.expired_prepares(&handle.state.lock().await.clone());
+        if !expired.is_empty() {
+            self.transact(handle, Vec::new(), |s| Ok(((), s.record_expired(expired, now_ms())))).await?;
+        }
         let state = handle.state.lock().await.clone();
+        if matches!(state.rollout.phase, Phase::RollingBack { .. }) {
+            return Ok(());
+        }
         let watched = state.watched_nodes();
         if watched.is_empty() {
             return Ok(());
@@ -355,6 +362,34 @@ impl Engine {
             }
         }
         self.transact(handle, Vec::new(), |s| Ok(((), s.record_health(verdicts, lost, now_ms())))).await
+    }
+
+    /// Nodes holding this rollout's patch prepared whose agent reported that
+    /// prepare expired (from the registry's latest heartbeat: no agent call).
+    fn expired_prepares(&self, state: &RolloutState) -> Vec<(String, String)> {
+        let ttl = match state.rollout.spec.prepare_ttl_seconds {
+            0 => "the agent's default TTL".to_string(),
+            s => format!("its TTL of {s}s"),
+        };
+        state
+            .nodes
+            .values()
+            .filter(|n| n.observed == Observed::Prepared)
+            .filter(|n| {
+                self.inner.registry.get(&n.node_id).is_some_and(|view| {
+                    view.status
+                        .expired
+                        .iter()
+                        .any(|e| e.rollout_id == state.rollout.id && e.patch_id == state.rollout.patch_id)
+                })
+            })
+            .map(|n| {
+                let detail = format!(
+                    "prepare expired on the agent: no word from the leader for {ttl} (presumed abort; the patch was dropped there)"
+                );
+                (n.node_id.clone(), detail)
+            })
+            .collect()
     }
 
     fn poll_interval(&self, window_ms: u64) -> Duration {

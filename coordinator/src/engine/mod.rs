@@ -281,6 +281,7 @@ impl Engine {
             .await?
             .ok_or_else(|| Error::NotFound { what: "patch", id: patch_id.to_string() })?;
         let spec = spec.parse()?;
+        spec.check_prepare_ttl(self.inner.registry.heartbeat_interval())?;
         let candidates: Vec<_> = self.inner.registry.list().iter().map(|n| n.candidate()).collect();
         let plan = planner::plan(&candidates, &spec, &patch.target_build)?;
         let _start = self.inner.start_lock.lock().await;
@@ -348,6 +349,22 @@ impl Engine {
             let s = h.snapshot.borrow();
             (!s.rollout.phase.is_terminal() && s.nodes.contains_key(node_id)).then(|| s.rollout.id.clone())
         })
+    }
+
+    /// Every unfinished rollout this engine drives that includes `node_id`:
+    /// the agent renews their prepares on each heartbeat answer. From memory
+    /// only, so a heartbeat costs no store read.
+    pub fn live_rollouts_of(&self, node_id: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .handles()
+            .into_iter()
+            .filter_map(|h| {
+                let s = h.snapshot.borrow();
+                (!s.rollout.phase.is_terminal() && s.nodes.contains_key(node_id)).then(|| s.rollout.id.clone())
+            })
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// An operator's action on an active rollout, audited either way (a

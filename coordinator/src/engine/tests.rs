@@ -583,3 +583,40 @@ async fn a_crash_while_rolling_back_resumes_the_rollback() {
     assert_eq!(reason, "simulated");
     assert_eq!(agents.sent("rollback"), ["n1"]);
 }
+
+#[tokio::test]
+async fn a_nodes_live_rollouts_are_its_unfinished_ones() {
+    let f = fixture(3).await;
+    let mut req = request();
+    req.pause_before = vec!["wave-1".into()];
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    assert_eq!(f.engine.live_rollouts_of("n2"), std::slice::from_ref(&id), "renewed while staged, prepared or held");
+    assert!(f.engine.live_rollouts_of("n9").is_empty(), "a node outside every rollout renews nothing");
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.waiting_reason(false).is_some()).await;
+    assert_eq!(f.engine.live_rollouts_of("n3"), std::slice::from_ref(&id));
+    f.engine.act(&id, OperatorAction::Promote, "a", "").await.expect("promote");
+    finish(&f.engine, &id).await;
+    assert!(f.engine.live_rollouts_of("n2").is_empty(), "a finished rollout keeps nothing alive");
+}
+
+#[tokio::test]
+async fn a_prepare_the_agent_reports_expired_rolls_back_at_the_gate_naming_the_expiry() {
+    let f = fixture(3).await;
+    let mut req = request();
+    req.pause_before = vec!["wave-1".into()];
+    req.prepare_ttl_seconds = 5;
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.waiting_reason(false).is_some()).await;
+    // n3's agent presumed abort and says so in its next heartbeat.
+    let mut status = node("n3", "a");
+    status.expired =
+        vec![crate::node::PreparedPatch { rollout_id: id.clone(), patch_id: PATCH.into(), expires_at_ms: now_ms() }];
+    f.registry.heartbeat(status).await.expect("heartbeat");
+    let done = finish(&f.engine, &id).await;
+    let (reason, faulty) = rolled_back(&done);
+    assert!(reason.contains("prepare expired") && reason.contains("TTL of 5s"), "{reason}");
+    assert_eq!(faulty, ["n3"]);
+    assert!(done.nodes["n3"].error.contains("presumed abort"), "{:?}", done.nodes["n3"]);
+    assert_eq!(f.agents.sent("commit"), ["n1"], "found at the gate, not at a commit");
+    assert!(f.agents.sent("rollback").contains(&"n1".to_string()), "the canary is rolled back");
+}

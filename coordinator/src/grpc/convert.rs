@@ -80,6 +80,7 @@ both_ways!(NodeStatus, pb::NodeStatus {
     labels: |v| v.into_iter().collect(),
     processes: |v| v.into_iter().map(Into::into).collect(),
     prepared: |v| v.into_iter().map(Into::into).collect(),
+    expired: |v| v.into_iter().map(Into::into).collect(),
 });
 
 both_ways!(ProcessStatus, pb::ProcessStatus {

@@ -2,7 +2,8 @@
 //! the fleet's patch stack).
 //!
 //! Registration and heartbeats go to the leader (its registry judges
-//! liveness); a follower refuses them naming the leader, and the agent
+//! liveness, and its answer names the rollouts whose prepares the agent
+//! renews); a follower refuses them naming the leader, and the agent
 //! follows. Patch downloads and patch stacks are reads: any coordinator
 //! serves them from the store.
 
@@ -33,20 +34,23 @@ impl AgentGateway for GatewayService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("RegisterRequest.node is missing"))?;
-        let term = self.cluster.leader_term()?;
-        term.registry.register(node.into()).await?;
+        let answer = self.cluster.leader_term()?.register(node.into()).await?;
         Ok(Response::new(RegisterResponse {
-            heartbeat_interval_seconds: term.registry.heartbeat_interval_seconds(),
-            epoch: term.registry.epoch(),
+            heartbeat_interval_seconds: answer.heartbeat_interval_seconds,
+            epoch: answer.epoch,
+            live_rollouts: answer.live_rollouts,
         }))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("HeartbeatRequest.node is missing"))?;
-        let term = self.cluster.leader_term()?;
-        let known = term.registry.heartbeat(node.into()).await?;
-        Ok(Response::new(HeartbeatResponse { known, epoch: term.registry.epoch() }))
+        let answer = self.cluster.leader_term()?.heartbeat(node.into()).await?;
+        Ok(Response::new(HeartbeatResponse {
+            known: answer.known,
+            epoch: answer.epoch,
+            live_rollouts: answer.live_rollouts,
+        }))
     }
 
     type FetchPatchStream = ChunkStream;

@@ -121,6 +121,9 @@ pub enum Observed {
     CommitFailed,
     Unhealthy,
     Lost,
+    /// The agent presumed abort: its prepare's TTL ran out without word
+    /// from the leader. It cannot be committed any more.
+    Expired,
     Aborted,
     RolledBack,
     RevertFailed,
@@ -147,6 +150,7 @@ impl Observed {
             Observed::CommitFailed => "commit-failed",
             Observed::Unhealthy => "unhealthy",
             Observed::Lost => "lost",
+            Observed::Expired => "expired",
             Observed::Aborted => "aborted",
             Observed::RolledBack => "rolled-back",
             Observed::RevertFailed => "revert-failed",
@@ -602,16 +606,48 @@ impl RolloutState {
                 changed.push(id);
             }
         }
+        self.apply_policy(changed, now_ms)
+    }
+
+    /// Prepares the agents report expired (presumed abort), with the agent's
+    /// detail: those nodes can no longer be committed. Counted like lost
+    /// nodes against the failure policy, so beyond it the rollout rolls back
+    /// now, naming the expiry, rather than at the commit that would fail.
+    pub fn record_expired(&mut self, expired: Vec<(String, String)>, now_ms: u64) -> Changed {
+        let mut changed = Vec::new();
+        for (id, detail) in expired {
+            let Some(n) = self.nodes.get_mut(&id) else { continue };
+            if n.desired == Desired::Prepared && n.observed == Observed::Prepared {
+                n.observed = Observed::Expired;
+                n.error = detail;
+                n.updated_at_ms = now_ms;
+                changed.push(id);
+            }
+        }
+        self.apply_policy(changed, now_ms)
+    }
+
+    /// The failure policy over every node counted bad (unhealthy, lost or
+    /// with an expired prepare): beyond `max_unhealthy`, roll back.
+    fn apply_policy(&mut self, mut changed: Changed, now_ms: u64) -> Changed {
         if self.rollout.phase.is_terminal() || matches!(self.rollout.phase, Phase::RollingBack { .. }) {
             return dedup(changed);
         }
-        let bad: Vec<&NodeState> =
-            self.nodes.values().filter(|n| matches!(n.observed, Observed::Unhealthy | Observed::Lost)).collect();
+        let bad: Vec<&NodeState> = self
+            .nodes
+            .values()
+            .filter(|n| matches!(n.observed, Observed::Unhealthy | Observed::Lost | Observed::Expired))
+            .collect();
         if bad.len() > self.rollout.spec.max_unhealthy as usize {
             let faulty: Vec<String> = bad.iter().map(|n| n.node_id.clone()).collect();
             let detail: Vec<String> = bad.iter().map(|n| format!("{}: {}", n.node_id, n.error)).collect();
+            let what = if bad.iter().any(|n| n.observed == Observed::Expired) {
+                "prepare expired on the agent, presumed abort"
+            } else {
+                "health gate failed"
+            };
             let reason = format!(
-                "health gate failed ({} unhealthy or lost, policy allows {}): {}",
+                "{what} ({} unhealthy, lost or expired, policy allows {}): {}",
                 bad.len(),
                 self.rollout.spec.max_unhealthy,
                 detail.join("; ")
@@ -622,7 +658,7 @@ impl RolloutState {
             self.rollout.event(
                 now_ms,
                 format!(
-                    "tolerating unhealthy/lost node(s) {} (max-unhealthy {})",
+                    "tolerating unhealthy/lost/expired node(s) {} (max-unhealthy {})",
                     names.join(","),
                     self.rollout.spec.max_unhealthy
                 ),

@@ -3,6 +3,8 @@
 //! nowhere else (the CLI leaves out what the operator did not say). The
 //! planner validates a spec against the fleet ([`crate::planner::plan`]).
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use super::health::GateConfig;
@@ -20,6 +22,9 @@ pub struct RolloutSpec {
     pub max_unhealthy: u32,
     pub pause_before: Vec<String>,
     pub gate: GateConfig,
+    /// How long an agent keeps this rollout's prepare after it last heard of
+    /// the rollout from the leader (a command, or a heartbeat answer listing
+    /// it); 0 = the agent's own default (`hotfleet-agent --prepare-ttl`).
     pub prepare_ttl_seconds: u32,
     #[serde(default)]
     pub description: String,
@@ -28,6 +33,27 @@ pub struct RolloutSpec {
 impl RolloutSpec {
     pub const DEFAULT_HEALTH_WINDOW_MS: u64 = 10_000;
     pub const DEFAULT_STEP_DEADLINE_MS: u64 = 60_000;
+
+    /// A prepare TTL must span this many heartbeat intervals: renewal rides
+    /// on heartbeat answers, so one or two lost heartbeats must not expire it.
+    pub const MIN_TTL_HEARTBEATS: u32 = 3;
+
+    /// Refuses a prepare TTL renewal cannot keep alive: shorter than
+    /// [`Self::MIN_TTL_HEARTBEATS`] heartbeat intervals of this coordinator.
+    pub fn check_prepare_ttl(&self, heartbeat_interval: Duration) -> Result<(), PlanError> {
+        let ttl_s = self.prepare_ttl_seconds;
+        let min = heartbeat_interval * Self::MIN_TTL_HEARTBEATS;
+        if ttl_s == 0 || Duration::from_secs(ttl_s.into()) >= min {
+            return Ok(());
+        }
+        Err(PlanError::PrepareTtl {
+            ttl_s,
+            heartbeats: Self::MIN_TTL_HEARTBEATS,
+            interval_ms: heartbeat_interval.as_millis() as u64,
+            min_ms: min.as_millis() as u64,
+            min_s: min.as_secs() + u64::from(min.subsec_nanos() > 0),
+        })
+    }
 
     /// The spec of an operator who named only the patch: every node, a
     /// one-node canary, then the rest in one wave; 10 s health windows, 60 s
@@ -108,5 +134,20 @@ mod tests {
         let bad = ["150%".to_string()];
         let err = RolloutSpec::new("p").with_text(None, None, Some(&bad)).expect_err("bad wave");
         assert!(err.to_string().contains("invalid size"), "{err}");
+    }
+
+    #[test]
+    fn a_prepare_ttl_shorter_than_three_heartbeats_is_refused_with_the_numbers() {
+        let spec = |ttl| RolloutSpec { prepare_ttl_seconds: ttl, ..RolloutSpec::new("p") };
+        let heartbeat = Duration::from_millis(500);
+        spec(0).check_prepare_ttl(heartbeat).expect("the agents' default");
+        spec(2).check_prepare_ttl(heartbeat).expect("2 s covers 3 x 500 ms");
+        let err = spec(1).check_prepare_ttl(heartbeat).expect_err("1 s < 1.5 s");
+        let text = err.to_string();
+        for part in ["prepare TTL 1s", "3 heartbeat intervals (1500 ms", "500 ms", "at least 2s", "goes silent"] {
+            assert!(text.contains(part), "{part:?} missing from: {text}");
+        }
+        let err = spec(5).check_prepare_ttl(Duration::from_secs(2)).expect_err("5 s < 6 s");
+        assert!(err.to_string().contains("at least 6s"), "{err}");
     }
 }

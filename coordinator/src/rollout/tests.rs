@@ -186,6 +186,43 @@ fn health_failure_beyond_policy_rolls_back() {
 }
 
 #[test]
+fn an_expired_prepare_shows_as_expired_and_rolls_back_naming_the_expiry() {
+    let mut s = new_state(&["wave-2"], 0);
+    s.begin_prepare(1);
+    s.record_prepare(ok(&all_nodes()), 2);
+    // Only a node still holding the patch prepared can expire; an unknown one is ignored.
+    assert!(s.record_expired(vec![("n9".into(), "gone".into())], 3).is_empty());
+    let changed = s.record_expired(vec![("n4".into(), "prepare expired on the agent".into())], 3);
+    assert!(changed.contains(&"n4".to_string()));
+    assert_eq!(s.nodes["n4"].observed, Observed::Expired);
+    assert_eq!(s.nodes["n4"].observed.name(), "expired");
+    let Phase::RollingBack { reason, faulty } = &s.rollout.phase else { panic!("{:?}", s.rollout.phase) };
+    assert!(reason.contains("prepare expired") && reason.contains("n4: prepare expired on the agent"), "{reason}");
+    assert_eq!(faulty, &["n4"]);
+    // The expired node holds nothing: it is aborted like every other prepared node.
+    let Action::Revert { rollback, abort } = s.next_action(false) else { panic!() };
+    assert!(rollback.is_empty());
+    assert_eq!(abort, ["n1", "n2", "n3", "n4", "n5"]);
+    // Reported again while rolling back: nothing changes.
+    assert!(s.record_expired(vec![("n5".into(), "x".into())], 4).is_empty());
+}
+
+#[test]
+fn a_tolerated_expired_node_is_skipped_by_its_wave() {
+    let mut s = new_state(&[], 1);
+    s.begin_prepare(1);
+    s.record_prepare(ok(&all_nodes()), 2);
+    s.record_expired(vec![("n3".into(), "prepare expired".into())], 3);
+    assert_eq!(s.rollout.phase, Phase::Waiting { next_step: 0 }, "one expiry tolerated by max-unhealthy 1");
+    s.begin_step(0, BTreeMap::new(), 4);
+    s.record_commit(0, ok(&["n1"]), BTreeMap::new(), 5);
+    s.window_passed(0, 6);
+    s.begin_step(1, BTreeMap::new(), 7);
+    let Action::Commit { nodes, .. } = s.next_action(false) else { panic!() };
+    assert_eq!(nodes, ["n2"], "the expired node is not sent a commit");
+}
+
+#[test]
 fn policy_tolerates_up_to_max_unhealthy() {
     let mut s = new_state(&[], 1);
     s.begin_prepare(1);
