@@ -309,7 +309,11 @@ impl Engine {
         let results = self
             .fan_out(handle, &nodes, deadline, true, |t| {
                 let (agents, cmd) = (agents.clone(), cmd.clone());
-                async move { send(agents.as_ref(), &t, &cmd, deadline, retry_for).await.map_err(|e| format!("commit failed: {e}")) }
+                async move {
+                    send(agents.as_ref(), &t, &cmd, deadline, retry_for)
+                        .await
+                        .map_err(|e| format!("commit failed: {e}"))
+                }
             })
             .await;
         let Some(results) = results else { return Ok(()) };
@@ -479,13 +483,14 @@ impl Engine {
                 result.map_err(|e| format!("rollback failed: {e}"))
             }
         });
-        let abort_results =
-            self.fan_out(handle, &abort, deadline, false, |t| {
-                let (agents, abort_cmd) = (agents.clone(), abort_cmd.clone());
-                async move {
-                    send(agents.as_ref(), &t, &abort_cmd, deadline, retry_for).await.map_err(|e| format!("abort failed: {e}"))
-                }
-            });
+        let abort_results = self.fan_out(handle, &abort, deadline, false, |t| {
+            let (agents, abort_cmd) = (agents.clone(), abort_cmd.clone());
+            async move {
+                send(agents.as_ref(), &t, &abort_cmd, deadline, retry_for)
+                    .await
+                    .map_err(|e| format!("abort failed: {e}"))
+            }
+        });
         let (a, b) = tokio::join!(rollback_results, abort_results);
         let mut results = a.unwrap_or_default();
         results.extend(b.unwrap_or_default());

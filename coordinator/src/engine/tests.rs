@@ -648,8 +648,10 @@ async fn a_shutdown_mid_health_window_judges_nothing_and_the_rollout_resumes() {
         let mut req = request();
         req.health_window_ms = 1_500;
         let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
-        wait_for(&f.engine, &id, Duration::from_secs(5), |s| matches!(s.rollout.phase, Phase::Watching { step: 0, .. }))
-            .await;
+        wait_for(&f.engine, &id, Duration::from_secs(5), |s| {
+            matches!(s.rollout.phase, Phase::Watching { step: 0, .. })
+        })
+        .await;
         // A health poll is in flight when shutdown begins; meanwhile every
         // node looks lost (a stopping coordinator hears no heartbeats).
         agents.set("n1", Behaviour { slow_health: Some(Duration::from_millis(800)), ..Behaviour::default() });
