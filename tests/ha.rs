@@ -4,6 +4,9 @@
 //!
 //! - the leader is killed (SIGKILL) during wave 2: a follower takes over within
 //!   the lease, resumes the rollout and finishes it; the figure is printed;
+//! - the leader is killed (SIGKILL) the moment wave 2's commit goes out: the
+//!   new leader re-sends it (agents answer a repeat with its first outcome)
+//!   and completes the rollout;
 //! - the leader is paused (SIGSTOP) longer than its lease: a new leader takes
 //!   over and proceeds; the old one resumes (SIGCONT) and nothing it sends is
 //!   applied, nothing it writes lands;
@@ -27,7 +30,7 @@ use hotfleet_coordinator::store::{
 };
 use hotfleet_proto::v1::{
     agent_client::AgentClient, coordinator_client::CoordinatorClient, CommandHeader, CommitRequest, FreezeRequest,
-    GetLeaderRequest, LeaderStatus, RollbackRequest,
+    GetLeaderRequest, LeaderStatus, RollbackRequest, RolloutPhase, WatchRolloutRequest,
 };
 use tonic::Code;
 
@@ -123,6 +126,46 @@ async fn leader_killed_during_wave_two_fails_over_within_the_lease_and_ends_cons
     for agent in s.agent_statuses().await {
         assert_eq!(agent.highest_epoch, status.epoch, "{} fences at the new leader's epoch", agent.node_id);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_the_moment_wave_two_commits_the_new_leader_completes_the_rollout() {
+    let mut s = Scenario::start(Backend::Etcd { coordinators: 3 });
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let id = s.start_rollout(&patch, "1s");
+    let all: Vec<usize> = (0..3).collect();
+    let (old, old_status) = leader_among(&s.fleet, &all).await.expect("a leader");
+    // The leader's own watch: Committing is recorded just before the
+    // commits are sent, so it arrives as they go out.
+    let mut leader = CoordinatorClient::connect(s.fleet.coordinators[old].url()).await.expect("connect the leader");
+    let mut stream =
+        leader.watch_rollout(WatchRolloutRequest { rollout_id: id.clone() }).await.expect("watch").into_inner();
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(40), stream.message())
+            .await
+            .expect("a snapshot in time")
+            .expect("the watch stream")
+            .expect("a snapshot before the end");
+        let step = r.steps.get(r.current_step as usize).map(|s| s.name.clone()).unwrap_or_default();
+        if r.phase == RolloutPhase::Committing as i32 && step == "wave-2" {
+            break;
+        }
+        let past = r.current_step > 2 || (r.current_step == 2 && r.phase == RolloutPhase::Watching as i32);
+        assert!(!past && !r.terminal, "missed wave-2's commit: {r:?}");
+    }
+    s.fleet.coordinators[old].proc.kill();
+    let survivors = others(3, old);
+    let (_, status, _) = await_leader(&s.fleet, &survivors, LEASE * 3).await;
+    assert!(status.epoch > old_status.epoch);
+    let urls = urls_of(&s.fleet, &survivors);
+    let (code, rollout) = s.watch_via(&urls, &id);
+    assert_eq!(code, 0, "the new leader completes the rollout: {rollout}");
+    assert_eq!(phase(&rollout), "ROLLOUT_PHASE_COMPLETED");
+    assert_eq!(epoch_of(&rollout), status.epoch, "finished by the new leader");
+    let after = s.damages();
+    assert!(after.iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs everywhere: {before:?} -> {after:?}");
+    assert_eq!(s.assert_consistent_via(&urls, &[]).await, vec![patch]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
