@@ -7,33 +7,12 @@
 //!
 //! Ends with the consistency check of `common`.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// `embedded::name` and `etcd::name` (one coordinator on a real etcd).
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Embedded).await
-                }
-            )*
-        }
-        mod etcd {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Etcd { coordinators: 1 }).await
-                }
-            )*
-        }
-    };
-}
 
 on_both_stores!(sigterm_mid_health_window_resumes_after_the_restart_and_completes);
 
