@@ -416,7 +416,7 @@ impl Engine {
             if now >= ends_at_ms {
                 self.check_health(handle, Check::Final).await?;
                 if self.stopping() {
-                    // Not judged: the window is re-run by the next leader.
+                    // Not judged here: the next leader makes the final check.
                     return Ok(());
                 }
                 return self
