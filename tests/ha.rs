@@ -4,6 +4,9 @@
 //!
 //! - the leader is killed (SIGKILL) during wave 2: a follower takes over within
 //!   the lease, resumes the rollout and finishes it; the figure is printed;
+//! - the leader is killed (SIGKILL) the moment wave 2's commit goes out: the
+//!   new leader re-sends it (agents answer a repeat with its first outcome)
+//!   and completes the rollout;
 //! - the leader is paused (SIGSTOP) longer than its lease: a new leader takes
 //!   over and proceeds; the old one resumes (SIGCONT) and nothing it sends is
 //!   applied, nothing it writes lands;
@@ -27,7 +30,7 @@ use hotfleet_coordinator::store::{
 };
 use hotfleet_proto::v1::{
     agent_client::AgentClient, coordinator_client::CoordinatorClient, CommandHeader, CommitRequest, FreezeRequest,
-    GetLeaderRequest, LeaderStatus, RollbackRequest,
+    GetLeaderRequest, LeaderStatus, RollbackRequest, RolloutPhase, StatusRequest, WatchRolloutRequest,
 };
 use tonic::Code;
 
@@ -123,6 +126,87 @@ async fn leader_killed_during_wave_two_fails_over_within_the_lease_and_ends_cons
     for agent in s.agent_statuses().await {
         assert_eq!(agent.highest_epoch, status.epoch, "{} fences at the new leader's epoch", agent.node_id);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_the_moment_wave_two_commits_the_new_leader_completes_the_rollout() {
+    let mut s = Scenario::start(Backend::Etcd { coordinators: 3 });
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let id = s.start_rollout(&patch, "1s");
+    let all: Vec<usize> = (0..3).collect();
+    let (old, old_status) = leader_among(&s.fleet, &all).await.expect("a leader");
+    // The leader's own watch: Committing is recorded just before the
+    // commits are sent, so it arrives as they go out.
+    let mut leader = CoordinatorClient::connect(s.fleet.coordinators[old].url()).await.expect("connect the leader");
+    let mut stream =
+        leader.watch_rollout(WatchRolloutRequest { rollout_id: id.clone() }).await.expect("watch").into_inner();
+    let mut wave_two: Vec<String> = Vec::new();
+    let mut agents = Vec::new();
+    let mut admitted_before = Vec::new();
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(40), stream.message())
+            .await
+            .expect("a snapshot in time")
+            .expect("the watch stream")
+            .expect("a snapshot before the end");
+        if agents.is_empty() && r.phase == RolloutPhase::Watching as i32 {
+            // Prepared everywhere: the next command wave 2's agents admit is its commit.
+            wave_two = r.steps.get(2).map(|s| s.node_ids.clone()).expect("a wave-2 step");
+            for node in s.fleet.nodes.iter().filter(|n| wave_two.contains(&n.agent.node_id)) {
+                agents.push(AgentClient::connect(node.agent.url()).await.expect("agent"));
+            }
+            admitted_before = admitted(&mut agents).await;
+        }
+        let step = r.steps.get(r.current_step as usize).map(|s| s.name.clone()).unwrap_or_default();
+        if r.phase == RolloutPhase::Committing as i32 && step == "wave-2" {
+            break;
+        }
+        let past = r.current_step > 2 || (r.current_step == 2 && r.phase == RolloutPhase::Watching as i32);
+        assert!(!past && !r.terminal, "missed wave-2's commit: {r:?}");
+    }
+    // kill -9 the moment a wave-2 agent has admitted the commit: the agent
+    // is applying it while its caller dies.
+    let seen = Instant::now();
+    while admitted(&mut agents).await.iter().zip(&admitted_before).all(|(now, was)| now == was) {
+        assert!(seen.elapsed() < Duration::from_secs(5), "wave 2's commit never reached its agents");
+    }
+    eprintln!("WAVE-2 COMMIT admitted {} ms after Committing was recorded: leader killed", seen.elapsed().as_millis());
+    s.fleet.coordinators[old].proc.kill();
+    let survivors = others(3, old);
+    let (_, status, _) = await_leader(&s.fleet, &survivors, LEASE * 3).await;
+    assert!(status.epoch > old_status.epoch);
+    let urls = urls_of(&s.fleet, &survivors);
+    let (code, rollout) = s.watch_via(&urls, &id);
+    assert_eq!(code, 0, "the new leader completes the rollout: {rollout}");
+    assert_eq!(phase(&rollout), "ROLLOUT_PHASE_COMPLETED");
+    assert_eq!(epoch_of(&rollout), status.epoch, "finished by the new leader");
+    // Which leader's commit ran on each wave-2 node (an agent logs a command
+    // when it runs it, not when it answers a repeat from memory): the killed
+    // one's if it ran before the agent first heard of the new leader's epoch.
+    for node in s.fleet.nodes.iter().filter(|n| wave_two.contains(&n.agent.node_id)) {
+        let log = without_colours(&node.agent.proc.log_text());
+        let lines: Vec<&str> = log.lines().collect();
+        let commit = format!("commit rollout={id} ");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(&commit)).count(),
+            1,
+            "the commit ran once on {}",
+            node.agent.node_id
+        );
+        let ran = lines.iter().position(|l| l.contains(&commit));
+        let new_epoch = format!("epoch={}", status.epoch);
+        let heard = lines.iter().position(|l| l.split_whitespace().any(|w| w == new_epoch));
+        let by = match (ran, heard) {
+            (Some(r), Some(h)) if r < h => "the killed leader",
+            (Some(_), _) => "the new leader",
+            (None, _) => "nobody (?)",
+        };
+        eprintln!("WAVE-2 COMMIT {}: ran once, sent by {by}", node.agent.node_id);
+    }
+    let after = s.damages();
+    assert!(after.iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs everywhere: {before:?} -> {after:?}");
+    assert_eq!(s.assert_consistent_via(&urls, &[]).await, vec![patch]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,6 +334,31 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
     let after = s.damages();
     assert!(after.iter().zip(&before).all(|(a, b)| a < b));
     assert_eq!(s.assert_consistent_via(&urls, &[]).await, vec![patch]);
+}
+
+/// Commands each agent has admitted so far.
+async fn admitted(agents: &mut [AgentClient<tonic::transport::Channel>]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for agent in agents {
+        let status = agent.status(StatusRequest {}).await.expect("agent status").into_inner();
+        out.push(status.node.map(|n| n.commands_admitted).unwrap_or_default());
+    }
+    out
+}
+
+/// `text` without ANSI colour sequences (an agent's log is coloured).
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_escape = false;
+    for c in text.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (false, c) => out.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    out
 }
 
 /// The part of a log after the first line containing `marker` (empty if none).

@@ -33,7 +33,8 @@ pub enum RolloutCommand {
     },
     /// One rollout: steps, per-node state, events.
     Status { id: String },
-    /// Follow a rollout live until it ends (exit 0 completed, 3 rolled back).
+    /// Follow a rollout live until it ends, across coordinator restarts and fail-overs
+    /// (exit 0 completed, 3 rolled back, 5 no coordinator answered for 60 s).
     Watch { id: String },
     /// Hold before the next step.
     Pause(Action),

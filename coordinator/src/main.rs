@@ -1,5 +1,6 @@
 //! `hotfleet-coordinator`: flags → config → build → bind → serve until
-//! SIGINT/SIGTERM → drain. Everything else is in the library.
+//! SIGINT/SIGTERM → stop leading (still serving) → stop serving. Everything
+//! else is in the library.
 
 use anyhow::Context;
 use clap::Parser;

@@ -167,10 +167,15 @@ impl Follower {
                 // The store is unreachable: keep the watch open, keep trying.
                 Err(err) => tracing::debug!(rollout = %self.id, error = %err, "watch: store read failed; retrying"),
             }
-            if self.tx.is_closed() {
+            // A coordinator shutting down ends its watches (their clients
+            // reconnect); otherwise it could not stop serving.
+            if self.tx.is_closed() || self.cluster.closing().is_cancelled() {
                 return;
             }
-            tokio::time::sleep(STORE_POLL).await;
+            tokio::select! {
+                _ = self.cluster.closing().cancelled() => return,
+                _ = tokio::time::sleep(STORE_POLL) => {}
+            }
         }
     }
 

@@ -6,7 +6,9 @@
 //! write storm) and only refresh the in-memory view. A node that misses
 //! `lost_after` heartbeats is marked lost: the planner skips it and a rollout
 //! holding it counts it against its failure policy. After a coordinator
-//! restart every stored node gets a fresh grace period. The interval agents
+//! restart (or a change of leader) every stored node gets a fresh grace
+//! period, longer than the lost timeout by [`STARTUP_GRACE`]: agents find a
+//! new leader only after their call to the old one gives up. The interval agents
 //! are told is whole seconds (the protocol's unit), so loss is judged on
 //! that rounded-up interval.
 
@@ -22,6 +24,11 @@ use crate::{
     planner::Candidate,
     store::{Batch, Fence, NodeRecord, Store, StoreError, Write},
 };
+
+/// Extra silence allowed to nodes loaded from the store when a term starts:
+/// the agents' heartbeat call timeout is at most 5 s, so an agent may spend
+/// that long on the coordinator that just went away before it tries this one.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a registration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +107,8 @@ struct Entry {
     status: NodeStatus,
     registered_at_ms: u64,
     last_heartbeat_ms: u64,
+    /// Last heartbeat, or (loaded from the store) the moment the grace
+    /// period counts from: in the future by [`STARTUP_GRACE`].
     last_seen: Instant,
     lost: bool,
 }
@@ -143,7 +152,8 @@ fn identity_changed(old: &NodeStatus, new: &NodeStatus) -> bool {
 }
 
 impl Registry {
-    /// Loads the persisted fleet; every node starts alive with a fresh grace period.
+    /// Loads the persisted fleet; every node starts alive with a fresh grace
+    /// period (the lost timeout plus [`STARTUP_GRACE`]).
     pub async fn load(
         store: Arc<dyn Store>,
         fence: Fence,
@@ -151,6 +161,7 @@ impl Registry {
         lost_timeout: Duration,
     ) -> Result<Self, StoreError> {
         let now = Instant::now();
+        let grace_from = now.checked_add(STARTUP_GRACE).unwrap_or(now);
         let mut map = HashMap::new();
         for record in store.nodes().await? {
             map.insert(
@@ -159,7 +170,7 @@ impl Registry {
                     registered_at_ms: record.registered_at_ms,
                     last_heartbeat_ms: record.last_heartbeat_ms,
                     status: record.status,
-                    last_seen: now,
+                    last_seen: grace_from,
                     lost: false,
                 },
             );
@@ -248,7 +259,7 @@ impl Registry {
         let limit = self.lost_timeout;
         let mut newly = Vec::new();
         for (id, entry) in self.lock_write().iter_mut() {
-            if !entry.lost && entry.last_seen.elapsed() > limit {
+            if !entry.lost && Instant::now().saturating_duration_since(entry.last_seen) > limit {
                 entry.lost = true;
                 newly.push(id.clone());
             }
@@ -333,6 +344,24 @@ mod tests {
         assert!(reg.sweep().is_empty(), "reported once");
         assert!(reg.heartbeat(status("n1")).await.expect("hb"));
         assert!(!reg.is_lost("n1"), "a heartbeat revives a lost node");
+    }
+
+    #[tokio::test]
+    async fn stored_nodes_are_not_judged_lost_in_the_startup_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let reg = registry(dir.path(), 20).await;
+            reg.register(status("n1")).await.expect("register");
+        }
+        // A new term: n1's agent has not found this coordinator yet.
+        let reg = registry(dir.path(), 20).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(reg.sweep().is_empty(), "silent for 200 ms, past the 60 ms lost timeout, but within the grace");
+        assert!(!reg.is_lost("n1"));
+        // Its first heartbeat ends the grace: from now on, the lost timeout alone.
+        assert!(reg.heartbeat(status("n1")).await.expect("hb"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(reg.sweep(), ["n1"]);
     }
 
     #[tokio::test]

@@ -9,8 +9,17 @@
 //! campaign again; on shutdown drain the term and resign. On the embedded
 //! store the first (and only) tenure is taken before `build` returns, so a
 //! single coordinator leads from its first request, exactly as it always did.
+//!
+//! Shutdown order matters: the term stops (engine first, then the sweeper)
+//! and leadership is handed over *before* the gRPC server stops. The other
+//! way round, heartbeats stop arriving while the engine still watches health,
+//! and a healthy fleet is rolled back for "missed heartbeats".
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use hotfleet_patch::{Limits, TrustedKeys};
 use hotfleet_proto::v1::{agent_gateway_server::AgentGatewayServer, coordinator_server::CoordinatorServer};
@@ -49,7 +58,8 @@ pub struct Coordinator {
     config: Config,
     cluster: Cluster,
     shutdown: CancellationToken,
-    leadership: JoinHandle<()>,
+    /// Taken by whichever of `stop_leading`/`abandon` runs first.
+    leadership: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Coordinator {
@@ -136,6 +146,7 @@ impl Coordinator {
             config.advertise(),
             term_rx,
             elector.view(),
+            shutdown.clone(),
         );
         tracing::info!(
             store = store.backend(),
@@ -147,7 +158,7 @@ impl Coordinator {
         );
         let drain_timeout = config.drain_timeout;
         let leadership = tokio::spawn(lead(ctx, elector, term_tx, shutdown.clone(), first, drain_timeout));
-        Ok(Self { config, cluster, shutdown, leadership })
+        Ok(Self { config, cluster, shutdown, leadership: Mutex::new(Some(leadership)) })
     }
 
     /// The epoch of the current term, while this coordinator leads.
@@ -168,7 +179,9 @@ impl Coordinator {
         &self.cluster.store
     }
 
-    /// Serves agents and operators on `listener` until `shutdown` resolves.
+    /// Serves agents and operators on `listener` until `shutdown` resolves;
+    /// then stops leading (see the module docs) while still serving, and
+    /// only then stops the gRPC server.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let gateway = GatewayService { cluster: self.cluster.clone() };
         let operator = OperatorService { cluster: self.cluster.clone() };
@@ -188,21 +201,32 @@ impl Coordinator {
             .add_service(reflection_v1alpha)
             .add_service(AgentGatewayServer::new(gateway))
             .add_service(CoordinatorServer::new(operator).max_decoding_message_size(max_message))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                shutdown.await;
+                self.stop_leading().await;
+            })
             .await?;
         Ok(())
     }
 
-    /// Stops background work and waits (bounded) for it, then resigns
+    /// Stops driving, waits (bounded) for what is in flight, then resigns
     /// leadership. Rollouts in flight stay recorded at their last step and
-    /// resume on the next leader.
-    pub async fn drain(self) {
+    /// resume on the next leader (or this one, restarted). Idempotent.
+    pub async fn stop_leading(&self) {
         self.shutdown.cancel();
+        let Some(leadership) = self.leadership.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        tracing::info!("shutting down: stopping the term before the gRPC server");
         // The loop drains the term within the drain timeout, then resigns (bounded too).
         let limit = self.config.drain_timeout + Duration::from_secs(5);
-        if tokio::time::timeout(limit, self.leadership).await.is_err() {
+        if tokio::time::timeout(limit, leadership).await.is_err() {
             tracing::warn!("leadership loop did not stop in time");
         }
+    }
+
+    /// [`stop_leading`](Self::stop_leading), for a coordinator whose server
+    /// has already stopped (or never served).
+    pub async fn drain(self) {
+        self.stop_leading().await;
     }
 
     /// Cancels background work without waiting (tests simulating a crash).
@@ -210,7 +234,9 @@ impl Coordinator {
         if let Some(term) = self.cluster.term() {
             term.stop_now();
         }
-        self.leadership.abort();
+        if let Some(leadership) = self.leadership.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            leadership.abort();
+        }
         self.shutdown.cancel();
     }
 }

@@ -186,6 +186,9 @@ pub struct Cluster {
     pub self_addr: String,
     term: watch::Receiver<Option<Arc<Term>>>,
     view: watch::Receiver<LeaderView>,
+    /// Cancelled when this process shuts down: open watches end, so the
+    /// gRPC server can stop (their clients reconnect elsewhere or later).
+    closing: CancellationToken,
 }
 
 impl Cluster {
@@ -195,8 +198,14 @@ impl Cluster {
         self_addr: String,
         term: watch::Receiver<Option<Arc<Term>>>,
         view: watch::Receiver<LeaderView>,
+        closing: CancellationToken,
     ) -> Self {
-        Self { store, patches, self_addr, term, view }
+        Self { store, patches, self_addr, term, view, closing }
+    }
+
+    /// Cancelled once this process shuts down.
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
     }
 
     /// This coordinator's term, while it leads.

@@ -19,6 +19,30 @@ use hotfleet_proto::v1::{
 };
 use serde_json::Value;
 
+/// Both variants of every scenario: `embedded::name` and `etcd::name` (one
+/// coordinator on a real etcd). Each `name(backend)` is an async fn of the test file.
+#[allow(unused_macros)] // not every test file runs scenarios on both stores
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Embedded).await
+                }
+            )*
+        }
+        mod etcd {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Etcd { coordinators: 1 }).await
+                }
+            )*
+        }
+    };
+}
+
 pub const BUILD: &str = "zone-1.0";
 pub const NODES: usize = 6;
 /// The leader lease of every etcd-backed test fleet: short, so fail-overs

@@ -2,6 +2,11 @@
 //! [`RolloutState::next_action`] → act → record the outcome) and each
 //! action's talk with the agents: prepare, baselines, commit, health windows,
 //! holds and reverts. Every outcome is recorded through [`Engine::transact`].
+//!
+//! Shutdown: once the engine's token is cancelled the driver starts nothing
+//! new and records no judgement of what it observes (a coordinator stopping
+//! stops hearing heartbeats; that is not the fleet's fault), but the outcome
+//! of a command already sent is still recorded.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,7 +18,7 @@ use futures::future::join_all;
 
 use super::{lock, Engine, Handle};
 use crate::{
-    agents::{AgentClient, Command, CommandKind, HealthSample, Target},
+    agents::{AgentClient, AgentError, Command, CommandKind, HealthSample, Target},
     clock::now_ms,
     error::{Error, Result},
     rollout::{
@@ -24,12 +29,35 @@ use crate::{
 };
 
 /// Sends `cmd` to `to`; `Err` carries the agent's reason (or why it could not be asked).
-async fn send(agents: &dyn AgentClient, to: &Target, cmd: &Command, deadline: Duration) -> Result<(), String> {
-    match agents.send(to, cmd, deadline).await {
-        Ok(o) if o.ok => Ok(()),
-        Ok(o) if o.reason.is_empty() => Err(format!("{} refused (no reason given)", cmd.kind.name())),
-        Ok(o) => Err(o.reason),
-        Err(e) => Err(e.to_string()),
+///
+/// An agent that answers "unavailable" (restarting, or its game processes
+/// not reconnected yet: "unknown, retry") is asked again with a growing
+/// pause for up to `retry_for`, and never past `deadline`: the runtime
+/// reconnects within its own backoff, and a command that gives up sooner
+/// turns a passing restart into a failed commit or revert.
+async fn send(
+    agents: &dyn AgentClient,
+    to: &Target,
+    cmd: &Command,
+    deadline: Duration,
+    retry_for: Duration,
+) -> Result<(), String> {
+    let started = tokio::time::Instant::now();
+    let budget = retry_for.min(deadline);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let left = deadline.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+        match agents.send(to, cmd, left).await {
+            Ok(o) if o.ok => return Ok(()),
+            Ok(o) if o.reason.is_empty() => return Err(format!("{} refused (no reason given)", cmd.kind.name())),
+            Ok(o) => return Err(o.reason),
+            Err(e @ AgentError::Unreachable { .. }) if started.elapsed() + pause < budget => {
+                tracing::debug!(node = %to.node_id, command = cmd.kind.name(), error = %e, ?pause, "agent unavailable; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 
@@ -103,6 +131,11 @@ impl Engine {
         }
         tracing::info!(rollout = %id, outcome = handle.snapshot.borrow().rollout.phase.name(), "rollout finished");
         lock(&self.inner.rollouts).remove(id);
+    }
+
+    /// Shutdown began: act on nothing observed from now on.
+    fn stopping(&self) -> bool {
+        self.inner.cancel.is_cancelled()
     }
 
     /// Waits until a store read succeeds; `false` if shut down meanwhile.
@@ -196,10 +229,11 @@ impl Engine {
         let cmd = self.command(state, CommandKind::Prepare { ttl_seconds });
         let deadline = Self::step_deadline(state);
         let agents = self.inner.agents.clone();
+        let retry_for = self.inner.config.unavailable_retry_for;
         let results = self
             .fan_out(handle, &nodes, deadline, true, |t| {
                 let (agents, cmd) = (agents.clone(), cmd.clone());
-                async move { send(agents.as_ref(), &t, &cmd, deadline).await }
+                async move { send(agents.as_ref(), &t, &cmd, deadline, retry_for).await }
             })
             .await;
         let Some(results) = results else { return Ok(()) };
@@ -223,6 +257,9 @@ impl Engine {
             })
             .unwrap_or_default();
         let samples = self.sample(state, &nodes, false).await;
+        if self.stopping() {
+            return Ok(());
+        }
         let mut baselines = BTreeMap::new();
         let mut failures = Vec::new();
         for (node, result) in samples {
@@ -268,10 +305,15 @@ impl Engine {
         let cmd = self.command(state, CommandKind::Commit);
         let deadline = Self::step_deadline(state);
         let agents = self.inner.agents.clone();
+        let retry_for = self.inner.config.unavailable_retry_for;
         let results = self
             .fan_out(handle, &nodes, deadline, true, |t| {
                 let (agents, cmd) = (agents.clone(), cmd.clone());
-                async move { send(agents.as_ref(), &t, &cmd, deadline).await.map_err(|e| format!("commit failed: {e}")) }
+                async move {
+                    send(agents.as_ref(), &t, &cmd, deadline, retry_for)
+                        .await
+                        .map_err(|e| format!("commit failed: {e}"))
+                }
             })
             .await;
         let Some(results) = results else { return Ok(()) };
@@ -343,7 +385,12 @@ impl Engine {
         let gate: GateConfig = state.rollout.spec.gate;
         let mut verdicts = Vec::new();
         let mut lost = Vec::new();
-        for (node, result) in self.sample(&state, &watched, true).await {
+        let samples = self.sample(&state, &watched, true).await;
+        if self.stopping() {
+            // Whatever was observed may be the shutdown itself.
+            return Ok(());
+        }
+        for (node, result) in samples {
             if self.inner.registry.is_lost(&node) {
                 lost.push(node);
                 continue;
@@ -403,6 +450,10 @@ impl Engine {
             let now = now_ms();
             if now >= ends_at_ms {
                 self.check_health(handle, Check::Final).await?;
+                if self.stopping() {
+                    // Not judged here: the next leader makes the final check.
+                    return Ok(());
+                }
                 return self
                     .transact(handle, Vec::new(), |s| {
                         Ok(((), {
@@ -452,27 +503,34 @@ impl Engine {
         let abort_cmd = self.command(state, CommandKind::Abort);
         let deadline = Self::step_deadline(state);
         let agents = self.inner.agents.clone();
+        // The first attempt waits out an agent that is restarting; later
+        // ones are quick, so a node that is gone for good costs the budget once.
+        let retry_for = if attempt <= 1 { self.inner.config.unavailable_retry_for } else { Duration::ZERO };
         let rollback_results = self.fan_out(handle, &rollback, deadline, false, |t| {
             let (agents, rollback_cmd, abort_cmd) = (agents.clone(), rollback_cmd.clone(), abort_cmd.clone());
             async move {
-                let result = send(agents.as_ref(), &t, &rollback_cmd, deadline).await;
+                let result = send(agents.as_ref(), &t, &rollback_cmd, deadline, retry_for).await;
                 // Also drop any prepared copy: a node whose commit never
-                // landed holds the patch prepared, not committed.
-                let _ = agents.send(&t, &abort_cmd, deadline).await;
+                // landed holds the patch prepared, not committed. Best
+                // effort: an agent the rollback could not reach is not waited for twice.
+                let again = if result.is_ok() { retry_for } else { Duration::ZERO };
+                let _ = send(agents.as_ref(), &t, &abort_cmd, deadline, again).await;
                 result.map_err(|e| format!("rollback failed: {e}"))
             }
         });
-        let abort_results =
-            self.fan_out(handle, &abort, deadline, false, |t| {
-                let (agents, abort_cmd) = (agents.clone(), abort_cmd.clone());
-                async move {
-                    send(agents.as_ref(), &t, &abort_cmd, deadline).await.map_err(|e| format!("abort failed: {e}"))
-                }
-            });
+        let abort_results = self.fan_out(handle, &abort, deadline, false, |t| {
+            let (agents, abort_cmd) = (agents.clone(), abort_cmd.clone());
+            async move {
+                send(agents.as_ref(), &t, &abort_cmd, deadline, retry_for)
+                    .await
+                    .map_err(|e| format!("abort failed: {e}"))
+            }
+        });
         let (a, b) = tokio::join!(rollback_results, abort_results);
         let mut results = a.unwrap_or_default();
         results.extend(b.unwrap_or_default());
-        let last = attempt >= self.inner.config.revert_attempts;
+        // A shutdown is no reason to give up on a node: the next leader retries.
+        let last = attempt >= self.inner.config.revert_attempts && !self.stopping();
         self.transact(handle, Vec::new(), |s| Ok(((), s.record_revert(results, last, now_ms())))).await?;
         if !handle.state.lock().await.rollout.phase.is_terminal() {
             let backoff = Duration::from_millis(250 * u64::from(attempt));

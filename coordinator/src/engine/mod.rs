@@ -48,11 +48,20 @@ pub struct EngineConfig {
     pub revert_attempts: u32,
     /// Back-off after a failed store write before retrying.
     pub store_retry: Duration,
+    /// How long a command answered "unavailable" is asked again (within its
+    /// step deadline): longer than the runtime's reconnect backoff (5 s), so
+    /// an agent restarting mid-revert is waited for, not given up on.
+    pub unavailable_retry_for: Duration,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_poll_interval: Duration::from_secs(1), revert_attempts: 3, store_retry: Duration::from_millis(500) }
+        Self {
+            max_poll_interval: Duration::from_secs(1),
+            revert_attempts: 3,
+            store_retry: Duration::from_millis(500),
+            unavailable_retry_for: Duration::from_secs(8),
+        }
     }
 }
 

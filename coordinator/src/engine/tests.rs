@@ -36,6 +36,10 @@ struct Behaviour {
     no_ticks: bool,
     slow_prepare: Option<Duration>,
     slow_commit: Option<Duration>,
+    /// Health answers take this long.
+    slow_health: Option<Duration>,
+    /// This many rollbacks are answered "unavailable" (an agent restarting).
+    unavailable_rollbacks: u32,
 }
 
 #[derive(Default)]
@@ -98,6 +102,17 @@ impl AgentClient for FakeAgents {
                 self.committed.lock().expect("lock").insert(to.node_id.clone());
             }
             CommandKind::Rollback => {
+                if b.unavailable_rollbacks > 0 {
+                    let mut all = self.behaviour.lock().expect("lock");
+                    if let Some(b) = all.get_mut(&to.node_id) {
+                        b.unavailable_rollbacks -= 1;
+                    }
+                    return Err(AgentError::Unreachable {
+                        node: to.node_id.clone(),
+                        addr: to.addr.clone(),
+                        reason: "unknown, retry: game processes not reconnected".into(),
+                    });
+                }
                 self.committed.lock().expect("lock").remove(&to.node_id);
             }
             CommandKind::Abort => {}
@@ -112,6 +127,9 @@ impl AgentClient for FakeAgents {
         _d: Duration,
     ) -> Result<Vec<HealthSample>, AgentError> {
         let b = self.behaviour(&to.node_id);
+        if let Some(delay) = b.slow_health {
+            tokio::time::sleep(delay).await;
+        }
         let committed = self.committed.lock().expect("lock").contains(&to.node_id);
         let ticks = if b.no_ticks { 5 } else { self.ticks.fetch_add(1, Ordering::Relaxed) + 1 };
         Ok(vec![HealthSample {
@@ -203,6 +221,7 @@ async fn fixture_at(
             max_poll_interval: Duration::from_millis(50),
             revert_attempts: 2,
             store_retry: Duration::from_millis(20),
+            unavailable_retry_for: Duration::from_secs(2),
         },
         cancel.clone(),
     );
@@ -619,4 +638,75 @@ async fn a_prepare_the_agent_reports_expired_rolls_back_at_the_gate_naming_the_e
     assert!(done.nodes["n3"].error.contains("presumed abort"), "{:?}", done.nodes["n3"]);
     assert_eq!(f.agents.sent("commit"), ["n1"], "found at the gate, not at a commit");
     assert!(f.agents.sent("rollback").contains(&"n1".to_string()), "the canary is rolled back");
+}
+
+/// A rollout with a commit failure in wave 1 (n2), so the canary (n1) is rolled back.
+async fn rollback_of_the_canary(unavailable_rollbacks: u32) -> (Fixture, RolloutState) {
+    let f = fixture(3).await;
+    f.agents.set("n1", Behaviour { unavailable_rollbacks, ..Behaviour::default() });
+    f.agents.set("n2", Behaviour { commit_fail: true, ..Behaviour::default() });
+    let mut req = request();
+    req.step_deadline_ms = 10_000;
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    let done = finish(&f.engine, &id).await;
+    (f, done)
+}
+
+#[tokio::test]
+async fn a_rollback_answered_unavailable_while_the_agent_restarts_is_asked_again_until_it_lands() {
+    // Four "unavailable" answers take 1.5 s of retries: more than the old
+    // three quick attempts, less than the 2 s budget.
+    let (f, done) = rollback_of_the_canary(4).await;
+    let (reason, _) = rolled_back(&done);
+    assert!(reason.contains("KeyError"), "{reason}");
+    assert_eq!(done.nodes["n1"].observed, Observed::RolledBack, "{:#?}", done.rollout.events);
+    assert!(!f.agents.committed.lock().expect("lock").contains("n1"), "the rollback reached n1");
+    assert_eq!(f.agents.sent("rollback").iter().filter(|n| *n == "n1").count(), 5);
+}
+
+#[tokio::test]
+async fn a_rollback_that_stays_unavailable_gives_up_within_the_budget() {
+    let started = Instant::now();
+    let (f, done) = rollback_of_the_canary(u32::MAX).await;
+    rolled_back(&done);
+    assert_ne!(done.nodes["n1"].observed, Observed::RolledBack, "{:#?}", done.nodes["n1"]);
+    assert!(f.agents.committed.lock().expect("lock").contains("n1"));
+    // The 2 s budget once, then the later attempts are quick.
+    assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_shutdown_mid_health_window_judges_nothing_and_the_rollout_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    let agents = Arc::new(FakeAgents::default());
+    let id = {
+        let f = fixture_at(None, path.clone(), agents.clone(), 3).await;
+        let mut req = request();
+        req.health_window_ms = 1_500;
+        let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+        wait_for(&f.engine, &id, Duration::from_secs(5), |s| {
+            matches!(s.rollout.phase, Phase::Watching { step: 0, .. })
+        })
+        .await;
+        // A health poll is in flight when shutdown begins; meanwhile every
+        // node looks lost (a stopping coordinator hears no heartbeats).
+        agents.set("n1", Behaviour { slow_health: Some(Duration::from_millis(800)), ..Behaviour::default() });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.cancel.cancel();
+        assert_eq!(f.registry.sweep().len(), 3, "silent since registration");
+        f.engine.join().await;
+        let stored = crate::reads::stored_rollout(f.engine.inner.store.as_ref(), &id).await.expect("stored");
+        assert!(
+            matches!(stored.rollout.phase, Phase::Watching { step: 0, .. }),
+            "nothing judged after shutdown began: {:?}\n{:#?}",
+            stored.rollout.phase,
+            stored.rollout.events
+        );
+        id
+    };
+    agents.set("n1", Behaviour::default());
+    let f = fixture_at(Some(dir), path, agents.clone(), 3).await;
+    let done = finish(&f.engine, &id).await;
+    assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
 }
