@@ -29,7 +29,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::lock;
+use crate::{
+    lock,
+    stacks::{self, PatchSources},
+};
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,8 +51,9 @@ pub enum SessionError {
 
 /// Serves the runtime's own requests (the patch stack for a late start).
 pub trait StackProvider: Send + Sync + 'static {
-    /// Answers a `stack_query` for `build` with a `stack_reply` or an `error` body.
-    fn stack_for(&self, build: String) -> futures::future::BoxFuture<'static, Body>;
+    /// The patch stack of `build`, oldest first, or why it is unavailable
+    /// (the session cuts it into frames with [`stacks::reply_bodies`]).
+    fn stack_for(&self, build: String) -> futures::future::BoxFuture<'static, Result<Vec<PatchSources>, String>>;
 }
 
 /// What the agent knows about a connected process, kept fresh by replies.
@@ -110,13 +114,21 @@ impl Session {
 
     /// Sends a request and waits for its reply.
     pub async fn request(&self, body: Body, timeout: Duration) -> Result<Body, SessionError> {
+        self.request_after(Vec::new(), body, timeout).await
+    }
+
+    /// Sends `ahead` (the `source_part`s a prepare carries), each with the
+    /// request's id, then the request, and waits for its reply.
+    pub async fn request_after(&self, ahead: Vec<Body>, body: Body, timeout: Duration) -> Result<Body, SessionError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let _slot = PendingSlot { pending: &self.pending, id };
-        let frame = RuntimeFrame { id, reply_to: 0, body: Some(body) };
-        if self.closed.is_cancelled() || self.outgoing.send(frame).await.is_err() {
-            return Err(SessionError::Disconnected(self.process_id.clone()));
+        for body in ahead.into_iter().chain([body]) {
+            let frame = RuntimeFrame { id, reply_to: 0, body: Some(body) };
+            if self.closed.is_cancelled() || self.outgoing.send(frame).await.is_err() {
+                return Err(SessionError::Disconnected(self.process_id.clone()));
+            }
         }
         lock(&self.asked_since).get_or_insert_with(Instant::now);
         let reply = tokio::select! {
@@ -343,8 +355,13 @@ async fn run_connection(
             Ok(Some(RuntimeFrame { id, body: Some(Body::StackQuery(query)), .. })) => {
                 let (stacks, outgoing) = (stacks.clone(), outgoing.clone());
                 tokio::spawn(async move {
-                    let body = stacks.stack_for(query.build).await;
-                    let _ = outgoing.send(RuntimeFrame { id: 0, reply_to: id, body: Some(body) }).await;
+                    // One piece per frame, the end marker last: the frames of one
+                    // sender keep their order on the channel.
+                    for body in stacks::reply_bodies(stacks.stack_for(query.build).await) {
+                        if outgoing.send(RuntimeFrame { id: 0, reply_to: id, body: Some(body) }).await.is_err() {
+                            break;
+                        }
+                    }
                 });
             }
             Ok(Some(frame)) => {
@@ -392,8 +409,8 @@ mod tests {
     struct NoStacks;
 
     impl StackProvider for NoStacks {
-        fn stack_for(&self, _build: String) -> futures::future::BoxFuture<'static, Body> {
-            Box::pin(async { Body::Error(ProtocolError { message: "none".into(), code: "unavailable".into() }) })
+        fn stack_for(&self, _build: String) -> futures::future::BoxFuture<'static, Result<Vec<PatchSources>, String>> {
+            Box::pin(async { Err("none".into()) })
         }
     }
 
@@ -405,6 +422,80 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("timed out waiting for {what}");
+    }
+
+    /// A build's stack of three ordinary 6.3 MiB patches (1.6 MiB modules of
+    /// source text full of characters JSON escapes): 19 MiB, over one frame.
+    fn big_stack() -> Vec<(String, Vec<(String, String)>)> {
+        let source: String = ['"', '\\', '\n', 'é', 'x', '\u{2}'].iter().cycle().take(1_650_000).collect();
+        (0..3)
+            .map(|p| (format!("p{p}"), (0..4).map(|m| (format!("zone.m{m}"), format!("# {p}{m}\n{source}"))).collect()))
+            .collect()
+    }
+
+    struct BigStack;
+
+    impl StackProvider for BigStack {
+        fn stack_for(&self, _build: String) -> futures::future::BoxFuture<'static, Result<Vec<PatchSources>, String>> {
+            Box::pin(async {
+                Ok(big_stack().into_iter().map(|(patch_id, modules)| PatchSources { patch_id, modules }).collect())
+            })
+        }
+    }
+
+    async fn connect(path: &Path, process_id: &str) -> UnixStream {
+        let mut client = UnixStream::connect(path).await.expect("connect");
+        let hello = Hello {
+            protocol_version: RUNTIME_PROTOCOL_VERSION,
+            process_id: process_id.into(),
+            pid: 1,
+            build: "b".into(),
+            ..Default::default()
+        };
+        write_frame(&mut client, &RuntimeFrame { id: 1, reply_to: 0, body: Some(Body::Hello(hello)) })
+            .await
+            .expect("hello");
+        let welcome = read_frame(&mut client).await.expect("read").expect("frame");
+        assert!(matches!(welcome.body, Some(Body::Welcome(_))));
+        client
+    }
+
+    #[tokio::test]
+    async fn a_stack_over_one_frame_reaches_the_runtime_one_piece_per_frame() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("agent.sock");
+        let listener = bind_runtime_socket(&path).expect("bind");
+        let shutdown = CancellationToken::new();
+        let idle = Duration::from_secs(30);
+        tokio::spawn(serve(listener, Sessions::default(), "n".into(), Arc::new(BigStack), idle, shutdown.clone()));
+        let mut client = connect(&path, "p1").await;
+        let query = Body::StackQuery(hotfleet_proto::v1::StackQuery { build: "b".into() });
+        write_frame(&mut client, &RuntimeFrame { id: 2, reply_to: 0, body: Some(query) }).await.expect("query");
+
+        let mut sources: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut parts = 0;
+        let reply = loop {
+            let frame = read_frame(&mut client).await.expect("every frame within the limit").expect("no close");
+            assert_eq!(frame.reply_to, 2);
+            match frame.body {
+                Some(Body::SourcePart(part)) => {
+                    parts += 1;
+                    sources.entry((part.patch_id, part.module)).or_default().push_str(&part.text);
+                }
+                Some(Body::StackReply(reply)) => break reply,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(reply.parts, parts);
+        assert!(parts > 12, "a 19 MiB stack is cut in pieces ({parts})");
+        let ids: Vec<&str> = reply.patches.iter().map(|p| p.patch_id.as_str()).collect();
+        assert_eq!(ids, ["p0", "p1", "p2"]);
+        let want: BTreeMap<(String, String), String> = big_stack()
+            .into_iter()
+            .flat_map(|(p, modules)| modules.into_iter().map(move |(m, s)| ((p.clone(), m), s)))
+            .collect();
+        assert!(sources == want, "the stack arrives intact");
+        shutdown.cancel();
     }
 
     #[tokio::test]
