@@ -40,6 +40,32 @@ impl StackProvider for BigStack {
     }
 }
 
+/// An agent's runtime socket served in a temporary directory.
+struct Agent {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    sessions: Sessions,
+    shutdown: CancellationToken,
+}
+
+impl Agent {
+    fn start(stacks: Arc<dyn StackProvider>, idle: Duration) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("agent.sock");
+        let listener = bind_runtime_socket(&path).expect("bind");
+        let (sessions, shutdown) = (Sessions::default(), CancellationToken::new());
+        tokio::spawn(serve(listener, sessions.clone(), "n".into(), stacks, idle, shutdown.clone()));
+        Self { _dir: dir, path, sessions, shutdown }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A runtime's connection after its hello was welcomed.
 async fn connect(path: &Path, process_id: &str) -> UnixStream {
     let mut client = UnixStream::connect(path).await.expect("connect");
     let hello = Hello {
@@ -59,13 +85,8 @@ async fn connect(path: &Path, process_id: &str) -> UnixStream {
 
 #[tokio::test]
 async fn a_stack_over_one_frame_reaches_the_runtime_one_piece_per_frame() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("agent.sock");
-    let listener = bind_runtime_socket(&path).expect("bind");
-    let shutdown = CancellationToken::new();
-    let idle = Duration::from_secs(30);
-    tokio::spawn(serve(listener, Sessions::default(), "n".into(), Arc::new(BigStack), idle, shutdown.clone()));
-    let mut client = connect(&path, "p1").await;
+    let agent = Agent::start(Arc::new(BigStack), Duration::from_secs(30));
+    let mut client = connect(&agent.path, "p1").await;
     let query = Body::StackQuery(hotfleet_proto::v1::StackQuery { build: "b".into() });
     write_frame(&mut client, &RuntimeFrame { id: 2, reply_to: 0, body: Some(query) }).await.expect("query");
 
@@ -92,7 +113,6 @@ async fn a_stack_over_one_frame_reaches_the_runtime_one_piece_per_frame() {
         .flat_map(|(p, modules)| modules.into_iter().map(move |(m, s)| ((p.clone(), m), s)))
         .collect();
     assert!(sources == want, "the stack arrives intact");
-    shutdown.cancel();
 }
 
 #[tokio::test]
@@ -100,18 +120,13 @@ async fn a_prepare_over_one_frame_goes_in_pieces_with_its_id() {
     use crate::runtimes::{Runtimes, Step};
     use hotfleet_proto::v1::RuntimeResult;
 
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("agent.sock");
-    let listener = bind_runtime_socket(&path).expect("bind");
-    let (sessions, shutdown) = (Sessions::default(), CancellationToken::new());
-    let idle = Duration::from_secs(30);
-    tokio::spawn(serve(listener, sessions.clone(), "n".into(), Arc::new(NoStacks), idle, shutdown.clone()));
-    let mut client = connect(&path, "p1").await;
-    wait_for("the session", || sessions.get("p1").is_some()).await;
+    let agent = Agent::start(Arc::new(NoStacks), Duration::from_secs(30));
+    let mut client = connect(&agent.path, "p1").await;
+    wait_for("the session", || agent.sessions.get("p1").is_some()).await;
 
     let (patch_id, modules) = big_stack().remove(0);
     let step = Step::Prepare { patch_id: patch_id.clone(), modules: modules.clone() };
-    let runtimes = sessions.clone();
+    let runtimes = agent.sessions.clone();
     let asked = tokio::spawn(async move { runtimes.step("p1", step, Duration::from_secs(30)).await });
 
     let mut sources: BTreeMap<String, String> = BTreeMap::new();
@@ -139,31 +154,14 @@ async fn a_prepare_over_one_frame_goes_in_pieces_with_its_id() {
         .await
         .expect("reply");
     assert!(asked.await.expect("task").expect("answered").ok);
-    shutdown.cancel();
 }
 
 #[tokio::test]
 async fn a_runtime_silent_although_asked_is_closed_and_an_idle_one_is_not() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("agent.sock");
-    let listener = bind_runtime_socket(&path).expect("bind");
-    let (sessions, shutdown) = (Sessions::default(), CancellationToken::new());
     let idle = Duration::from_millis(150);
-    tokio::spawn(serve(listener, sessions.clone(), "n".into(), Arc::new(NoStacks), idle, shutdown.clone()));
-
-    let mut client = UnixStream::connect(&path).await.expect("connect");
-    let hello = Hello {
-        protocol_version: RUNTIME_PROTOCOL_VERSION,
-        process_id: "p1".into(),
-        pid: 1,
-        build: "b".into(),
-        ..Default::default()
-    };
-    write_frame(&mut client, &RuntimeFrame { id: 1, reply_to: 0, body: Some(Body::Hello(hello)) })
-        .await
-        .expect("hello");
-    let welcome = read_frame(&mut client).await.expect("read").expect("frame");
-    assert!(matches!(welcome.body, Some(Body::Welcome(_))));
+    let agent = Agent::start(Arc::new(NoStacks), idle);
+    let sessions = agent.sessions.clone();
+    let _client = connect(&agent.path, "p1").await;
     assert!(sessions.ever_connected());
 
     // Quiet but never asked: a healthy idle runtime keeps its session.
@@ -174,5 +172,4 @@ async fn a_runtime_silent_although_asked_is_closed_and_an_idle_one_is_not() {
     assert!(matches!(err, Err(SessionError::Timeout { .. })), "{err:?}");
     assert!(lock(&session.pending).is_empty(), "a timed-out request leaves no reply slot");
     wait_for("the silent session to close", || sessions.get("p1").is_none()).await;
-    shutdown.cancel();
 }
