@@ -366,6 +366,16 @@ def test_frame_reader_reassembles_split_frames_and_rejects_oversized_lengths() -
     assert agent_link.FrameReader().feed(struct.pack(">I", 3) + b"{}") == []  # incomplete, not an error
 
 
+def test_the_frame_limit_counts_escaped_bytes() -> None:
+    # 3 MiB of control characters is 18 MiB of JSON: refused on the sending side, naming
+    # the encoded size, rather than sent and refused by the agent (costing the connection).
+    text = "\x01" * (3 * 1024 * 1024)
+    with pytest.raises(ValueError, match=f"frame of {6 * len(text) + 43} bytes exceeds the 16777216-byte limit"):
+        agent_link.encode_frame({"id": 1, "replyTo": 2, "error": {"message": text}})
+    fits = "\x01" * (2 * 1024 * 1024)  # 12 MiB escaped: fits
+    assert len(agent_link.encode_frame({"id": 1, "error": {"message": fits}})) > 12 * 1024 * 1024
+
+
 def test_missing_socket_path_is_a_clear_error(rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HOTFLEET_AGENT_SOCKET", raising=False)
     with pytest.raises(hotfleet.HotfleetError, match="HOTFLEET_AGENT_SOCKET"):
