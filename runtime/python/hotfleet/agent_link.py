@@ -43,7 +43,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .errors import CommitError, FrameError, FramingError, HandshakeRefused, HotfleetError, RollbackError
 from .frames import (
@@ -588,13 +588,7 @@ class AgentLink:
         if reply_to:
             with self._lock:
                 future = self._pending.pop(reply_to, None)
-            outcome: Any = (kind, body)
-            if kind == "stackReply":  # the end marker: join its pieces, even for a request given up
-                try:
-                    sources = self._parts.take(SourceParts.key(frame_id, reply_to), body, frame_id)
-                    outcome = (kind, fill_stack_reply(body, sources))
-                except FrameError as exc:
-                    outcome = HotfleetError(f"the agent's stackReply is incomplete: {exc}")
+            outcome = self._joined_reply(frame_id, reply_to, kind, body)
             if future is None:
                 log.debug("ignoring %s replying to unknown request %d", kind, reply_to)
             elif future.done():
@@ -627,6 +621,18 @@ class AgentLink:
         except Exception as exc:  # a bug here must cost one request, not the link
             log.exception("serving %s failed", kind)
             self._send_error(sock, frame_id, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _joined_reply(self, frame_id: int, reply_to: int, kind: str,
+                      body: Dict[str, Any]) -> Union[Tuple[str, Dict[str, Any]], HotfleetError]:
+        """A reply as its request's future gets it: a stackReply (the end marker) with the
+        sources of the pieces ahead of it, joined even if the request was given up."""
+        if kind != "stackReply":
+            return kind, body
+        try:
+            sources = self._parts.take(SourceParts.key(frame_id, reply_to), body, frame_id)
+            return kind, fill_stack_reply(body, sources)
+        except FrameError as exc:
+            return HotfleetError(f"the agent's stackReply does not add up: {exc}")
 
     # -- request handlers (link thread) ---------------------------------------------------
 

@@ -863,7 +863,7 @@ def test_an_incomplete_stack_reply_fails_the_sync_clearly(rt: Any, pkg: Package,
 
     threading.Thread(target=run, daemon=True).start()
     link = links(rt, agent.path)
-    with pytest.raises(hotfleet.HotfleetError, match=r"incomplete: expected 2 source pieces.*received 1"):
+    with pytest.raises(hotfleet.HotfleetError, match=r"does not add up: expected 2 source pieces.*received 1"):
         link.sync_patch_stack(timeout=TIMEOUT)
     assert rt.patch_stack == [] and pkg.module.damage(5) == 10
 
