@@ -63,26 +63,18 @@ impl Patches {
     /// it was new. Refusals are audited too (who tried to push what). Writes
     /// carry the leader's `fence`.
     pub async fn push(&self, fence: Fence, bytes: &[u8], actor: &str) -> Result<(PatchRecord, bool)> {
-        let verified = match self.verify(bytes) {
-            Ok(bundle) => self.check_stack_size(&bundle, bytes.len() as u64).await.map(|()| bundle),
-            Err(err) => Err(err),
-        };
-        let bundle = match verified {
+        let bundle = match self.verify(bytes) {
             Ok(bundle) => bundle,
-            Err(err) => {
-                let entry = audit(actor, "patch.push", "", format!("refused: {err}"), false);
-                if let Err(store_err) = self.store.write(fence, Batch::new().with(Write::Audit(entry))).await {
-                    tracing::warn!(error = %store_err, "could not audit a refused patch push");
-                }
-                tracing::warn!(%actor, error = %err, "patch push refused");
-                return Err(err);
-            }
+            Err(err) => return Err(self.refused(fence, actor, "", err).await),
         };
         let id = bundle.id();
         if let Some(existing) = self.store.patch(&id).await? {
             let entry = audit(actor, "patch.push", &id, "already stored (no change)", true);
             self.store.write(fence, Batch::new().with(Write::Audit(entry))).await?;
             return Ok((existing, false));
+        }
+        if let Err(err) = self.check_stack_size(&bundle, bytes.len() as u64).await {
+            return Err(self.refused(fence, actor, &id, err).await);
         }
         let manifest = &bundle.manifest;
         let record = PatchRecord {
@@ -112,16 +104,21 @@ impl Patches {
         Ok((record, true))
     }
 
+    /// Audits and logs a refused push; returns its error.
+    async fn refused(&self, fence: Fence, actor: &str, id: &str, err: Error) -> Error {
+        let entry = audit(actor, "patch.push", id, format!("refused: {err}"), false);
+        if let Err(store_err) = self.store.write(fence, Batch::new().with(Write::Audit(entry))).await {
+            tracing::warn!(error = %store_err, "could not audit a refused patch push");
+        }
+        tracing::warn!(%actor, error = %err, "patch push refused");
+        err
+    }
+
     /// Refuses a new patch that would make its build's stack (the committed
-    /// patches' bundles plus this one) hold more than the cap. A patch already
-    /// stored or already on the stack adds nothing.
+    /// patches' bundles plus this one) hold more than the cap.
     async fn check_stack_size(&self, bundle: &Bundle, size: u64) -> Result<()> {
-        let id = bundle.id();
         let build = &bundle.manifest.target_build;
         let stack = self.store.patch_stack(build).await?;
-        if self.store.patch(&id).await?.is_some() || stack.iter().any(|e| e.patch_id == id) {
-            return Ok(());
-        }
         let mut stack_bytes = 0;
         for entry in &stack {
             stack_bytes += self.store.patch(&entry.patch_id).await?.map_or(0, |p| p.size_bytes);
