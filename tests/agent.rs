@@ -152,6 +152,44 @@ async fn prepare_commit_rollback_changes_what_players_see_without_dropping_them(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_over_one_frame_once_escaped_reaches_the_runtimes_in_pieces() {
+    // The damage hotfix plus four new modules of 1.9 MiB each (the module limit is 2 MiB)
+    // of text JSON escapes: 7.6 MiB of bundle, some 20 MiB as one frame's JSON.
+    let mut node = Node::start(1).await;
+    let root = node.dir.path().join("big-patch");
+    std::fs::create_dir_all(root.join("zone")).expect("mkdir");
+    let hotfix = node.layout.repo.join("examples/patches/hotfix-damage/zone/combat.py");
+    std::fs::copy(hotfix, root.join("zone/combat.py")).expect("copy");
+    let text: String = ['"', '\\', '\u{1}', '\t'].iter().cycle().take(1_900_000).collect();
+    for i in 0..4 {
+        let source = format!("BLOB = r\"\"\"{text}\"\"\"\nSIZE = len(BLOB)\n");
+        std::fs::write(root.join(format!("zone/blob{i}.py")), source).expect("write module");
+    }
+    let out = node.dir.path().join("big.hfpatch");
+    let (path, patch) = build_patch(&node.layout, &root, &out, BUILD, "big", Some(&node.keys)).expect("build patch");
+    let bundle = std::fs::read(path).expect("bundle");
+    let mut coordinator = CoordinatorClient::connect(node.coordinator.url()).await.expect("coordinator");
+    coordinator.push_patch(PushPatchRequest { bundle }).await.expect("push patch");
+
+    let before = damage(&mut node.players[0]);
+    let mut agent = agent_client(&node.agent).await;
+    let prepared = agent
+        .prepare(PrepareRequest { header: header("r-big", &patch, 1), ttl_seconds: 0 })
+        .await
+        .expect("prepare")
+        .into_inner();
+    assert!(prepared.vote_yes, "prepare voted no: {}", prepared.reason);
+    let committed =
+        agent.commit(CommitRequest { header: header("r-big", &patch, 1) }).await.expect("commit").into_inner();
+    assert!(committed.ok, "commit failed: {}", committed.reason);
+    assert!(damage(&mut node.players[0]) < before, "the hotfix that came with the big modules is live");
+    let status = agent.status(StatusRequest {}).await.expect("status").into_inner().node.expect("node");
+    assert_eq!(status.processes[0].patch_stack, vec![patch]);
+    assert!(status.processes[0].live_digests.contains_key("zone.blob3"), "{:?}", status.processes[0].live_digests);
+    assert!(node.players[0].connected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_prepare_leaves_every_process_untouched() {
     let mut node = Node::start(2).await;
     let before: Vec<i64> = node.players.iter_mut().map(damage).collect();

@@ -10,9 +10,12 @@
 use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
-use hotfleet_proto::v1::{
-    runtime_frame::Body, HealthQuery, ProcessHealth, RuntimeAbort, RuntimeCommit, RuntimePrepare, RuntimeResult,
-    RuntimeRollback, StatusQuery,
+use hotfleet_proto::{
+    parts::source_parts,
+    v1::{
+        runtime_frame::Body, HealthQuery, ProcessHealth, RuntimeAbort, RuntimeCommit, RuntimePrepare, RuntimeResult,
+        RuntimeRollback, StatusQuery,
+    },
 };
 
 use crate::sessions::{SessionError, Sessions};
@@ -59,14 +62,19 @@ impl Step {
         }
     }
 
-    fn into_body(self) -> Body {
+    /// The request's body and what travels ahead of it: a prepare's sources,
+    /// one piece of a module per `source_part` frame, so a bundle of any size
+    /// (and any amount of JSON escaping) fits the frame limit.
+    fn into_bodies(self) -> (Vec<Body>, Body) {
         match self {
             Step::Prepare { patch_id, modules } => {
-                Body::Prepare(RuntimePrepare { patch_id, modules: modules.into_iter().collect() })
+                let ahead: Vec<Body> = source_parts(&patch_id, &modules).into_iter().map(Body::SourcePart).collect();
+                let parts = ahead.len() as u32;
+                (ahead, Body::Prepare(RuntimePrepare { patch_id, modules: Default::default(), parts }))
             }
-            Step::Commit { patch_id } => Body::Commit(RuntimeCommit { patch_id }),
-            Step::Abort { patch_id } => Body::Abort(RuntimeAbort { patch_id }),
-            Step::Rollback { patch_id } => Body::Rollback(RuntimeRollback { patch_id }),
+            Step::Commit { patch_id } => (Vec::new(), Body::Commit(RuntimeCommit { patch_id })),
+            Step::Abort { patch_id } => (Vec::new(), Body::Abort(RuntimeAbort { patch_id })),
+            Step::Rollback { patch_id } => (Vec::new(), Body::Rollback(RuntimeRollback { patch_id })),
         }
     }
 }
@@ -152,7 +160,8 @@ impl Runtimes for Sessions {
         let session = self.get(process_id).ok_or_else(|| SessionError::Disconnected(process_id.to_string()))?;
         let what = step.name();
         let updates_stack = matches!(step, Step::Commit { .. } | Step::Rollback { .. });
-        match session.request(step.into_body(), timeout).await? {
+        let (ahead, body) = step.into_bodies();
+        match session.request_after(ahead, body, timeout).await? {
             Body::PrepareResult(result)
             | Body::CommitResult(result)
             | Body::AbortResult(result)

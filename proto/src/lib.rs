@@ -5,6 +5,7 @@
 pub mod address;
 pub mod duration;
 pub mod local;
+pub mod parts;
 
 /// Generated code for package `hotfleet.v1`.
 pub mod v1 {
@@ -17,5 +18,6 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hotfleet_descriptor.bin"));
 
 /// Version of the local runtime protocol (`runtime.proto`). A runtime that says
-/// another version in its `hello` is refused with a clear error.
-pub const RUNTIME_PROTOCOL_VERSION: u32 = 1;
+/// another version in its `hello` is refused with a clear error. Version 2:
+/// module sources travel as `source_part` frames (see [`parts`]).
+pub const RUNTIME_PROTOCOL_VERSION: u32 = 2;

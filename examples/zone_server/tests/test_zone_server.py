@@ -275,7 +275,7 @@ class Agent:
         self.conn, _ = self.listener.accept()
         frame = self.recv()
         assert "hello" in frame, frame
-        self.send({"id": 1, "replyTo": frame["id"], "welcome": {"protocolVersion": 1, "nodeId": "test-node"}})
+        self.send({"id": 1, "replyTo": frame["id"], "welcome": {"protocolVersion": 2, "nodeId": "test-node"}})
         hello: Dict[str, Any] = frame["hello"]
         return hello
 

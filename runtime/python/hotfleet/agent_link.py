@@ -24,6 +24,8 @@ Who runs what, and why:
   applied elsewhere: by a small thread of its own that queues the commits for the game's
   safe points (``sync_stack``, what ``rt.connect()`` asks for), or by ``sync_patch_stack()``
   on the calling thread. The link thread never waits for a commit.
+* Sources arrive in pieces (``sourcePart`` frames, :mod:`hotfleet.parts`) ahead of the
+  ``prepare`` or ``stackReply`` they belong to; the link joins them before either is served.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .errors import CommitError, FrameError, FramingError, HandshakeRefused, HotfleetError, RollbackError
 from .frames import (
@@ -59,6 +61,7 @@ from .frames import (
     require_str,
     uint,
 )
+from .parts import SourceParts, fill_prepare, fill_stack_reply
 from .stack_sync import StackPatch, StackSync
 
 if TYPE_CHECKING:  # annotations only: the runtime imports this module lazily
@@ -150,6 +153,7 @@ class AgentLink:
         self._sync_timeout = sync_timeout
         self._sync_retry = sync_retry
         self._sync = StackSync(runtime, self._fetch_stack)
+        self._parts = SourceParts()  # pieces of sources ahead of a prepare or stackReply (link thread)
 
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -436,6 +440,7 @@ class AgentLink:
             self._session += 1
             pending, self._pending = self._pending, {}
             self._outbox.clear()
+        self._parts.clear()
         for future in pending.values():
             if not future.done():
                 future.set_exception(HotfleetError("connection to hotfleet-agent lost before it answered"))
@@ -574,16 +579,24 @@ class AgentLink:
     def _dispatch(self, sock: socket.socket, session: int, payload: bytes) -> None:
         try:
             frame_id, reply_to, kind, body = decode_frame(payload)
+            if kind == "sourcePart":  # a piece of the prepare or stackReply that follows
+                self._parts.add(SourceParts.key(frame_id, reply_to), body, frame_id)
+                return
         except FrameError as exc:
             self._send_error(sock, exc.frame_id, exc.code, str(exc))
             return
         if reply_to:
             with self._lock:
                 future = self._pending.pop(reply_to, None)
+            outcome = self._joined_reply(frame_id, reply_to, kind, body)
             if future is None:
                 log.debug("ignoring %s replying to unknown request %d", kind, reply_to)
-            elif not future.done():
-                future.set_result((kind, body))
+            elif future.done():
+                pass
+            elif isinstance(outcome, HotfleetError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
             return
         if kind == "error":
             log.warning("hotfleet-agent reports a protocol error: %s (code %r)",
@@ -598,6 +611,8 @@ class AgentLink:
             return
         self._current = (sock, session)
         try:
+            if kind == "prepare":
+                body = fill_prepare(body, self._parts.take(SourceParts.key(frame_id, 0), body, frame_id), frame_id)
             handler(frame_id, body)
         except FrameError as exc:
             self._send_error(sock, frame_id, exc.code, str(exc))
@@ -606,6 +621,18 @@ class AgentLink:
         except Exception as exc:  # a bug here must cost one request, not the link
             log.exception("serving %s failed", kind)
             self._send_error(sock, frame_id, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _joined_reply(self, frame_id: int, reply_to: int, kind: str,
+                      body: Dict[str, Any]) -> Union[Tuple[str, Dict[str, Any]], HotfleetError]:
+        """A reply as its request's future gets it: a stackReply (the end marker) with the
+        sources of the pieces ahead of it, joined even if the request was given up."""
+        if kind != "stackReply":
+            return kind, body
+        try:
+            sources = self._parts.take(SourceParts.key(frame_id, reply_to), body, frame_id)
+            return kind, fill_stack_reply(body, sources)
+        except FrameError as exc:
+            return HotfleetError(f"the agent's stackReply does not add up: {exc}")
 
     # -- request handlers (link thread) ---------------------------------------------------
 

@@ -29,9 +29,11 @@ __all__ = [
     "get_field",
 ]
 
-#: RUNTIME_PROTOCOL_VERSION in runtime.proto.
-PROTOCOL_VERSION = 1
-#: Frames larger than this are a protocol error and close the connection (runtime.proto).
+#: RUNTIME_PROTOCOL_VERSION in runtime.proto. 2: module sources travel in ``sourcePart``
+#: pieces (:mod:`hotfleet.parts`); a v1 runtime would refuse them, so the agent refuses it.
+PROTOCOL_VERSION = 2
+#: Frames larger than this (the encoded, JSON-escaped bytes) are a protocol error and close
+#: the connection (runtime.proto).
 MAX_FRAME = 16 * 1024 * 1024
 
 #: Largest ``detailJson`` the link sends; a bigger plan is replaced by a summary so a
@@ -45,7 +47,7 @@ _LEN = 4
 BODY_NAMES = frozenset({
     "hello", "welcome", "prepare", "prepareResult", "commit", "commitResult", "abort",
     "abortResult", "rollback", "rollbackResult", "healthQuery", "health", "statusQuery",
-    "status", "stackQuery", "stackReply", "error",
+    "status", "stackQuery", "stackReply", "sourcePart", "error",
 })
 
 

@@ -101,7 +101,7 @@ class Peer:
         """Read the hello, answer welcome; returns the hello body."""
         frame, hello = self.expect("hello")
         self.send({"id": 1, "replyTo": frame["id"],
-                   "welcome": welcome or {"protocolVersion": 1, "nodeId": "node-test", "agentVersion": "test"}})
+                   "welcome": welcome or {"protocolVersion": 2, "nodeId": "node-test", "agentVersion": "test"}})
         return hello
 
     def request(self, kind: str, body: Dict[str, Any], reply: str, timeout: float = TIMEOUT,
@@ -366,6 +366,16 @@ def test_frame_reader_reassembles_split_frames_and_rejects_oversized_lengths() -
     assert agent_link.FrameReader().feed(struct.pack(">I", 3) + b"{}") == []  # incomplete, not an error
 
 
+def test_the_frame_limit_counts_escaped_bytes() -> None:
+    # 3 MiB of control characters is 18 MiB of JSON: refused on the sending side, naming
+    # the encoded size, rather than sent and refused by the agent (costing the connection).
+    text = "\x01" * (3 * 1024 * 1024)
+    with pytest.raises(ValueError, match=f"frame of {6 * len(text) + 43} bytes exceeds the 16777216-byte limit"):
+        agent_link.encode_frame({"id": 1, "replyTo": 2, "error": {"message": text}})
+    fits = "\x01" * (2 * 1024 * 1024)  # 12 MiB escaped: fits
+    assert len(agent_link.encode_frame({"id": 1, "error": {"message": fits}})) > 12 * 1024 * 1024
+
+
 def test_missing_socket_path_is_a_clear_error(rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HOTFLEET_AGENT_SOCKET", raising=False)
     with pytest.raises(hotfleet.HotfleetError, match="HOTFLEET_AGENT_SOCKET"):
@@ -384,7 +394,7 @@ def test_hello_welcome(rt: Any, pkg: Package, agent: ScriptedAgent, links: Calla
     peer = agent.accept()
     frame, hello = peer.expect("hello")
     assert isinstance(frame["id"], int) and frame["id"] > 0
-    assert hello["protocolVersion"] == 1
+    assert hello["protocolVersion"] == 2
     assert re.fullmatch(rf"{os.getpid()}-[0-9a-f]{{8}}", hello["processId"])
     assert hello["pid"] == os.getpid()
     assert hello["build"] == "zone-1.4.2"
@@ -394,7 +404,7 @@ def test_hello_welcome(rt: Any, pkg: Package, agent: ScriptedAgent, links: Calla
     assert hello["pythonVersion"] == "%d.%d.%d" % sys.version_info[:3]
     assert not link.connected  # not before the welcome
     peer.send({"id": 1, "replyTo": frame["id"],
-               "welcome": {"protocolVersion": 1, "nodeId": "n1", "agentVersion": "0.1.0"}})
+               "welcome": {"protocolVersion": 2, "nodeId": "n1", "agentVersion": "0.1.0"}})
     assert link.wait_connected(TIMEOUT)
     assert link.welcome is not None and link.welcome["nodeId"] == "n1"
     # The link serves requests on the same connection after the welcome.
@@ -420,10 +430,10 @@ def test_version_refusal_is_logged_and_not_retried(rt: Any, agent: ScriptedAgent
     peer = agent.accept()
     frame, _ = peer.expect("hello")
     peer.send({"id": 1, "replyTo": frame["id"],
-               "error": {"code": "version", "message": "agent speaks local protocol v2 only"}})
+               "error": {"code": "version", "message": "agent speaks local protocol v3 only"}})
     peer.close()
     assert not link.wait_connected(2.0)
-    assert link.refused is not None and "v2 only" in link.refused
+    assert link.refused is not None and "v3 only" in link.refused
     assert agent.no_connection_within(1.0), "a refused runtime must not retry"
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "hotfleet.agent_link"]
     assert errors and "refused" in errors[0].getMessage() and "not retrying" in errors[0].getMessage()
@@ -434,9 +444,9 @@ def test_version_refusal_is_logged_and_not_retried(rt: Any, agent: ScriptedAgent
 def test_welcome_with_another_protocol_version_is_refused(rt: Any, agent: ScriptedAgent,
                                                           links: Callable[..., AgentLink]) -> None:
     link = links(rt, agent.path)
-    agent.accept().handshake({"protocolVersion": 2, "nodeId": "future"})
+    agent.accept().handshake({"protocolVersion": 3, "nodeId": "future"})
     assert not link.wait_connected(2.0)
-    assert link.refused is not None and "v2" in link.refused
+    assert link.refused is not None and "v3" in link.refused and "v2" in link.refused
     assert agent.no_connection_within(0.5)
 
 
@@ -737,16 +747,35 @@ def test_stop_ends_the_link(rt: Any, agent: ScriptedAgent, links: Callable[..., 
 # patch stack sync for a late-starting process
 
 
+def send_pieces(peer: Peer, header: Dict[str, Any], patches: List[Dict[str, Any]], piece: int = 1 << 18) -> int:
+    """Send the patches' sources as the agent does (protocol v2): ``sourcePart`` frames of at
+    most ``piece`` characters, each with ``header`` (the id or replyTo tying them to their
+    message). Returns how many were sent."""
+    count = 0
+    for patch in patches:
+        for module, source in patch["modules"].items():
+            for start in range(0, max(len(source), 1), piece):
+                peer.send({**header, "sourcePart": {"patchId": patch["patchId"], "module": module,
+                                                    "text": source[start:start + piece]}})
+                count += 1
+    return count
+
+
 def answer_stack_query(peer: Peer, patches: Optional[List[Dict[str, Any]]], seen: List[Dict[str, Any]],
-                       error: Optional[Dict[str, str]] = None) -> None:
-    """Agent side of one sync: read a stackQuery, answer it (or not, if ``patches`` is None)."""
+                       error: Optional[Dict[str, str]] = None, inline: bool = False) -> None:
+    """Agent side of one sync: read a stackQuery, answer it (or not, if ``patches`` is None):
+    the sources in pieces, then the stackReply (``inline``: all in the reply, as protocol v1)."""
     frame, body = peer.expect("stackQuery")
     seen.append(body)
     if error is not None:
         peer.send({"id": 2, "replyTo": frame["id"], "error": error})
+    elif inline:
+        peer.send({"id": "2", "replyTo": str(frame["id"]), "stackReply": {"patches": patches}})
     elif patches is not None:
         # ids as strings, as a 64-bit-faithful proto3 JSON encoder sends them
-        peer.send({"id": "2", "replyTo": str(frame["id"]), "stackReply": {"patches": patches}})
+        parts = send_pieces(peer, {"replyTo": str(frame["id"])}, patches)
+        listed = [{"patchId": p["patchId"]} for p in patches]
+        peer.send({"id": "2", "replyTo": str(frame["id"]), "stackReply": {"patches": listed, "parts": parts}})
 
 
 def serve_stack(agent: ScriptedAgent, patches: Optional[List[Dict[str, Any]]], seen: List[Dict[str, Any]],
@@ -787,6 +816,87 @@ def test_sync_patch_stack_applies_the_fleet_stack_on_the_calling_thread(
     thread.join(TIMEOUT)
     assert len(seen) == 2
     assert [e.id for e in rt.patch_stack] == ["p-1", "p-2"]
+
+
+#: Source characters JSON escapes: a quote, a backslash (written twice in the string literal
+#: below), a tab, two non-ASCII ones; 6 characters, 9 bytes of UTF-8.
+BLOB_UNIT = '"\\\\\té€'
+
+
+def big_patch(base: str, n: int) -> str:
+    """``base`` plus a function returning ~6.3 MiB of escapable text."""
+    return base + "\n\ndef blob():\n    return '''" + f"{n}:" + BLOB_UNIT * 700_000 + "'''\n"
+
+
+def test_a_stack_over_the_frame_limit_reaches_the_stack_sync_intact(
+        rt: Any, pkg: Package, agent: ScriptedAgent, links: Callable[..., AgentLink],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three ordinary 6.3 MiB patches: one frame cannot carry them (issue 9); pieces can.
+    patches = [{"patchId": f"p-{n}", "modules": {pkg.modname: big_patch(base, n)}}
+               for n, base in enumerate([V2, V3, V3.replace("+ 1", "+ 2")], start=1)]
+    assert all(len(p["modules"][pkg.modname].encode()) > 6_300_000 for p in patches)
+    assert sum(len(json.dumps(p, ensure_ascii=False).encode()) for p in patches) > 16 * 1024 * 1024
+    prepared: List[Tuple[str, Dict[str, str]]] = []
+    real_prepare = rt.prepare
+
+    def recording_prepare(modules: Dict[str, str], txn_id: str) -> Any:
+        prepared.append((txn_id, modules))
+        return real_prepare(modules, txn_id=txn_id)
+
+    monkeypatch.setattr(rt, "prepare", recording_prepare)
+    thread = serve_stack(agent, patches, [])
+    link = links(rt, agent.path)
+    assert link.sync_patch_stack(timeout=60.0) == ["p-1", "p-2", "p-3"]
+    thread.join(TIMEOUT)
+    assert prepared == [(p["patchId"], p["modules"]) for p in patches], "every source arrives intact"
+    assert pkg.module.damage(5) == 12 and pkg.module.blob() == "3:" + BLOB_UNIT.replace("\\\\", "\\") * 700_000
+
+
+def test_an_incomplete_stack_reply_fails_the_sync_clearly(rt: Any, pkg: Package, agent: ScriptedAgent,
+                                                          links: Callable[..., AgentLink]) -> None:
+    def run() -> None:
+        peer = agent.accept()
+        peer.handshake()
+        frame, _ = peer.expect("stackQuery")
+        sent = send_pieces(peer, {"replyTo": frame["id"]}, [{"patchId": "p-1", "modules": {pkg.modname: V2}}])
+        peer.send({"id": 2, "replyTo": frame["id"], "stackReply": {"patches": [{"patchId": "p-1"}], "parts": sent + 1}})
+
+    threading.Thread(target=run, daemon=True).start()
+    link = links(rt, agent.path)
+    with pytest.raises(hotfleet.HotfleetError, match=r"does not add up: expected 2 source pieces.*received 1"):
+        link.sync_patch_stack(timeout=TIMEOUT)
+    assert rt.patch_stack == [] and pkg.module.damage(5) == 10
+
+
+def test_a_stack_reply_with_inline_sources_still_works(rt: Any, pkg: Package, agent: ScriptedAgent,
+                                                       links: Callable[..., AgentLink]) -> None:
+    def run() -> None:
+        peer = agent.accept()
+        peer.handshake()
+        answer_stack_query(peer, [{"patchId": "p-1", "modules": {pkg.modname: V2}}], [], inline=True)
+
+    threading.Thread(target=run, daemon=True).start()
+    assert links(rt, agent.path).sync_patch_stack(timeout=TIMEOUT) == ["p-1"]
+    assert pkg.module.damage(5) == 11
+
+
+def test_a_prepare_arrives_in_pieces(rt: Any, pkg: Package, agent: ScriptedAgent,
+                                     links: Callable[..., AgentLink]) -> None:
+    links(rt, agent.path)
+    peer = agent.accept()
+    peer.handshake()
+    patch = {"patchId": "p-big", "modules": {pkg.modname: big_patch(V2, 1)}}
+    sent = send_pieces(peer, {"id": 77}, [patch])
+    assert sent > 1
+    result = peer.request("prepare", {"patchId": "p-big", "parts": sent}, "prepareResult", frame_id=77)
+    assert result["ok"], result
+    assert rt.prepared("p-big") is not None
+    # Pieces that do not add up are refused, naming the request; nothing is prepared.
+    send_pieces(peer, {"id": 78}, [{"patchId": "p-odd", "modules": {pkg.modname: V3}}])
+    peer.send({"id": 78, "prepare": {"patchId": "p-odd", "parts": 5}})
+    frame, error = peer.expect("error")
+    assert frame["replyTo"] == 78 and error["code"] == "malformed" and "expected 5" in error["message"]
+    assert rt.prepared("p-odd") is None
 
 
 def test_sync_patch_stack_times_out_clearly(rt: Any, agent: ScriptedAgent, links: Callable[..., AgentLink]) -> None:

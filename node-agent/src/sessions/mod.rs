@@ -29,7 +29,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::lock;
+use crate::{
+    lock,
+    stacks::{self, PatchSources},
+};
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,8 +51,9 @@ pub enum SessionError {
 
 /// Serves the runtime's own requests (the patch stack for a late start).
 pub trait StackProvider: Send + Sync + 'static {
-    /// Answers a `stack_query` for `build` with a `stack_reply` or an `error` body.
-    fn stack_for(&self, build: String) -> futures::future::BoxFuture<'static, Body>;
+    /// The patch stack of `build`, oldest first, or why it is unavailable
+    /// (the session cuts it into frames with [`stacks::reply_bodies`]).
+    fn stack_for(&self, build: String) -> futures::future::BoxFuture<'static, Result<Vec<PatchSources>, String>>;
 }
 
 /// What the agent knows about a connected process, kept fresh by replies.
@@ -110,13 +114,21 @@ impl Session {
 
     /// Sends a request and waits for its reply.
     pub async fn request(&self, body: Body, timeout: Duration) -> Result<Body, SessionError> {
+        self.request_after(Vec::new(), body, timeout).await
+    }
+
+    /// Sends `ahead` (the `source_part`s a prepare carries), each with the
+    /// request's id, then the request, and waits for its reply.
+    pub async fn request_after(&self, ahead: Vec<Body>, body: Body, timeout: Duration) -> Result<Body, SessionError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let _slot = PendingSlot { pending: &self.pending, id };
-        let frame = RuntimeFrame { id, reply_to: 0, body: Some(body) };
-        if self.closed.is_cancelled() || self.outgoing.send(frame).await.is_err() {
-            return Err(SessionError::Disconnected(self.process_id.clone()));
+        for body in ahead.into_iter().chain([body]) {
+            let frame = RuntimeFrame { id, reply_to: 0, body: Some(body) };
+            if self.closed.is_cancelled() || self.outgoing.send(frame).await.is_err() {
+                return Err(SessionError::Disconnected(self.process_id.clone()));
+            }
         }
         lock(&self.asked_since).get_or_insert_with(Instant::now);
         let reply = tokio::select! {
@@ -343,8 +355,13 @@ async fn run_connection(
             Ok(Some(RuntimeFrame { id, body: Some(Body::StackQuery(query)), .. })) => {
                 let (stacks, outgoing) = (stacks.clone(), outgoing.clone());
                 tokio::spawn(async move {
-                    let body = stacks.stack_for(query.build).await;
-                    let _ = outgoing.send(RuntimeFrame { id: 0, reply_to: id, body: Some(body) }).await;
+                    // One piece per frame, the end marker last: the frames of one
+                    // sender keep their order on the channel.
+                    for body in stacks::reply_bodies(stacks.stack_for(query.build).await) {
+                        if outgoing.send(RuntimeFrame { id: 0, reply_to: id, body: Some(body) }).await.is_err() {
+                            break;
+                        }
+                    }
                 });
             }
             Ok(Some(frame)) => {
@@ -385,60 +402,4 @@ async fn refuse(writer: &mut tokio::net::unix::OwnedWriteHalf, reply_to: u64, co
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use hotfleet_proto::v1::StatusQuery;
-
-    struct NoStacks;
-
-    impl StackProvider for NoStacks {
-        fn stack_for(&self, _build: String) -> futures::future::BoxFuture<'static, Body> {
-            Box::pin(async { Body::Error(ProtocolError { message: "none".into(), code: "unavailable".into() }) })
-        }
-    }
-
-    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        for _ in 0..400 {
-            if done() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        panic!("timed out waiting for {what}");
-    }
-
-    #[tokio::test]
-    async fn a_runtime_silent_although_asked_is_closed_and_an_idle_one_is_not() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("agent.sock");
-        let listener = bind_runtime_socket(&path).expect("bind");
-        let (sessions, shutdown) = (Sessions::default(), CancellationToken::new());
-        let idle = Duration::from_millis(150);
-        tokio::spawn(serve(listener, sessions.clone(), "n".into(), Arc::new(NoStacks), idle, shutdown.clone()));
-
-        let mut client = UnixStream::connect(&path).await.expect("connect");
-        let hello = Hello {
-            protocol_version: RUNTIME_PROTOCOL_VERSION,
-            process_id: "p1".into(),
-            pid: 1,
-            build: "b".into(),
-            ..Default::default()
-        };
-        write_frame(&mut client, &RuntimeFrame { id: 1, reply_to: 0, body: Some(Body::Hello(hello)) })
-            .await
-            .expect("hello");
-        let welcome = read_frame(&mut client).await.expect("read").expect("frame");
-        assert!(matches!(welcome.body, Some(Body::Welcome(_))));
-        assert!(sessions.ever_connected());
-
-        // Quiet but never asked: a healthy idle runtime keeps its session.
-        tokio::time::sleep(idle * 3).await;
-        let session = sessions.get("p1").expect("still connected");
-        // Asked and silent: closed after the idle timeout, nothing left pending.
-        let err = session.request(Body::StatusQuery(StatusQuery {}), Duration::from_millis(20)).await;
-        assert!(matches!(err, Err(SessionError::Timeout { .. })), "{err:?}");
-        assert!(lock(&session.pending).is_empty(), "a timed-out request leaves no reply slot");
-        wait_for("the silent session to close", || sessions.get("p1").is_none()).await;
-        shutdown.cancel();
-    }
-}
+mod tests;
