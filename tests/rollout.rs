@@ -8,33 +8,12 @@
 //! actual code is what the store says the fleet runs, every process kept its
 //! PID, and every player is still connected.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Both variants of every scenario: `embedded::name` and `etcd::name`.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Embedded).await
-                }
-            )*
-        }
-        mod etcd {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Etcd { coordinators: 1 }).await
-                }
-            )*
-        }
-    };
-}
 
 on_both_stores!(
     hotfix_rolls_out_in_canary_and_waves_with_players_connected,
