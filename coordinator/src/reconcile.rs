@@ -213,10 +213,160 @@ impl Reconciler {
 
 #[cfg(test)]
 mod tests {
+    use std::{collections::BTreeMap, sync::Mutex};
+
+    use async_trait::async_trait;
+
     use super::*;
+    use crate::{
+        agents::{AgentError, HealthSample, Outcome},
+        engine::EngineConfig,
+        node::{NodeStatus, ProcessStatus},
+        store::{embedded::EmbeddedStore, StackEntry},
+    };
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Records every command; fails the commit of `fail_commit`.
+    #[derive(Default)]
+    struct Recorder {
+        sent: Mutex<Vec<Command>>,
+        fail_commit: Option<String>,
+    }
+
+    impl Recorder {
+        fn sent(&self) -> Vec<(String, String)> {
+            let sent = self.sent.lock().expect("lock");
+            sent.iter().map(|c| (c.kind.name().to_string(), c.patch_id.clone())).collect()
+        }
+    }
+
+    #[async_trait]
+    impl AgentClient for Recorder {
+        async fn send(&self, _to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
+            self.sent.lock().expect("lock").push(cmd.clone());
+            let failed = cmd.kind == CommandKind::Commit && self.fail_commit.as_deref() == Some(cmd.patch_id.as_str());
+            Ok(Outcome { ok: !failed, reason: if failed { "hook raised".into() } else { String::new() } })
+        }
+
+        async fn health(
+            &self,
+            _to: &Target,
+            _since: &BTreeMap<String, u64>,
+            _d: Duration,
+        ) -> Result<Vec<HealthSample>, AgentError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn status(running: &[&str]) -> NodeStatus {
+        NodeStatus {
+            node_id: "n1".into(),
+            advertise_addr: "n1:1".into(),
+            processes: vec![ProcessStatus {
+                process_id: "n1-p".into(),
+                pid: 100,
+                build: "b1".into(),
+                patch_stack: ids(running),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A reconciler over a fresh store whose build b1 has `stack`, node n1 running `running`.
+    async fn reconciler(agents: Arc<Recorder>, stack: &[&str], running: &[&str]) -> (tempfile::TempDir, Reconciler) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let embedded = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let fence = embedded.acquire_epoch().await.expect("epoch");
+        let store: Arc<dyn Store> = embedded;
+        let mut batch = Batch::new();
+        for id in stack {
+            batch.push(Write::PushStack(StackEntry {
+                patch_id: id.to_string(),
+                target_build: "b1".into(),
+                parent_patch_id: String::new(),
+                description: String::new(),
+                rollout_id: "r".into(),
+                committed_at_ms: 1,
+            }));
+        }
+        store.write(fence, batch).await.expect("stack");
+        let registry = Registry::load(store.clone(), fence, Duration::from_millis(50), Duration::from_secs(60))
+            .await
+            .expect("registry");
+        registry.register(status(running)).await.expect("register");
+        let engine = Engine::new(
+            store.clone(),
+            fence,
+            registry.clone(),
+            agents.clone(),
+            EngineConfig::default(),
+            CancellationToken::new(),
+        );
+        let reconciler = Reconciler { store, fence, registry, engine, agents, deadline: Duration::from_secs(1) };
+        (dir, reconciler)
+    }
+
+    /// A later heartbeat with the same report (heartbeat times are in ms).
+    async fn heartbeat(r: &Reconciler, running: &[&str]) {
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        r.registry.heartbeat(status(running)).await.expect("heartbeat");
+    }
+
+    async fn audited(r: &Reconciler, action: &str) -> Vec<bool> {
+        let entries = r.store.audit(100).await.expect("audit");
+        entries.iter().filter(|e| e.action == action).map(|e| e.ok).collect()
+    }
+
+    #[tokio::test]
+    async fn missing_patches_are_committed_in_stack_order_once_two_heartbeats_show_them() {
+        let agents = Arc::new(Recorder::default());
+        let (_dir, r) = reconciler(agents.clone(), &["p1", "p2", "p3"], &["p1"]).await;
+        let mut memory = Memory::default();
+        r.pass(&mut memory).await;
+        assert!(agents.sent().is_empty(), "one heartbeat is not enough: it may predate a sync");
+        heartbeat(&r, &["p1"]).await;
+        r.pass(&mut memory).await;
+        let kinds = [("prepare", "p2"), ("commit", "p2"), ("prepare", "p3"), ("commit", "p3")];
+        let expected: Vec<(String, String)> = kinds.iter().map(|(k, p)| (k.to_string(), p.to_string())).collect();
+        assert_eq!(agents.sent(), expected);
+        let sent = agents.sent.lock().expect("lock").clone();
+        assert!(sent.iter().all(|c| c.epoch == r.fence.epoch && c.rollout_id == sent[0].rollout_id));
+        assert!(sent[0].rollout_id.starts_with("reconcile-"), "{}", sent[0].rollout_id);
+        assert_eq!(audited(&r, "reconcile.commit").await, [true, true]);
+        r.pass(&mut memory).await;
+        assert_eq!(agents.sent().len(), 4, "not repeated while the retry pause runs");
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_aborted_audited_and_stops_the_repair() {
+        let agents = Arc::new(Recorder { fail_commit: Some("p1".into()), ..Recorder::default() });
+        let (_dir, r) = reconciler(agents.clone(), &["p1", "p2"], &[]).await;
+        let mut memory = Memory::default();
+        r.pass(&mut memory).await;
+        heartbeat(&r, &[]).await;
+        r.pass(&mut memory).await;
+        let expected: Vec<(String, String)> = [("prepare", "p1"), ("commit", "p1"), ("abort", "p1")]
+            .iter()
+            .map(|(k, p)| (k.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(agents.sent(), expected, "p2 needs p1 under it");
+        assert_eq!(audited(&r, "reconcile.commit").await, [false]);
+    }
+
+    #[tokio::test]
+    async fn extras_are_rolled_back_before_missing_patches_are_applied() {
+        let agents = Arc::new(Recorder::default());
+        let (_dir, r) = reconciler(agents.clone(), &["p1", "p2"], &["p1", "x"]).await;
+        let mut memory = Memory::default();
+        r.pass(&mut memory).await;
+        heartbeat(&r, &["p1", "x"]).await;
+        r.pass(&mut memory).await;
+        assert_eq!(agents.sent(), vec![("rollback".to_string(), "x".to_string())]);
+        assert_eq!(audited(&r, "reconcile.rollback").await, [true]);
     }
 
     #[test]
