@@ -1,6 +1,6 @@
 //! `hotfleet nodes list`, `freeze`, `unfreeze`, `audit`, `leader`.
 
-use hotfleet_proto::v1::{FreezeRequest, ListAuditRequest, ListNodesRequest, UnfreezeRequest};
+use hotfleet_proto::v1::{FreezeRequest, ListAuditRequest, ListNodesRequest, StackDrift, UnfreezeRequest};
 
 use crate::{
     client::{failure, Target},
@@ -41,20 +41,47 @@ pub async fn nodes_list(target: &Target, selector: String, output: Output) -> Cl
         );
         for p in &status.processes {
             let health = p.health.clone().unwrap_or_default();
-            let stack: Vec<&str> = p.patch_stack.iter().map(|id| id.get(..12).unwrap_or(id)).collect();
+            let drift = node.drift.iter().find(|d| d.process_id == p.process_id);
             println!(
-                "    pid {:<7} build {:<12} ticks {:<8} p99 {:>7.2} ms  exceptions {:<3} game {:<4} stack [{}]",
+                "    pid {:<7} build {:<12} ticks {:<8} p99 {:>7.2} ms  exceptions {:<3} game {:<4} stack [{}]  {}",
                 p.pid,
                 p.build,
                 health.ticks,
                 health.tick_p99_ms,
                 health.exceptions_since,
                 if health.game_ok { "ok" } else { "FAIL" },
-                stack.join(" ")
+                short_ids(p.patch_stack.iter()),
+                drift_text(drift)
             );
         }
     }
     Ok(())
+}
+
+/// Patch ids as `nodes list` prints them: the first 12 hex digits, space-separated.
+fn short_ids<'a>(ids: impl Iterator<Item = &'a String>) -> String {
+    ids.map(|id| id.get(..12).unwrap_or(id)).collect::<Vec<_>>().join(" ")
+}
+
+/// The process's stack against its build's: `in sync`, or `DRIFT` naming
+/// what it lacks and what it runs beyond it (the coordinator repairs it).
+fn drift_text(drift: Option<&StackDrift>) -> String {
+    let Some(d) = drift else { return "drift ?".into() };
+    match d.state.as_str() {
+        "in-sync" => "in sync".into(),
+        "drift" => {
+            let mut parts = vec!["DRIFT".to_string()];
+            if !d.missing.is_empty() {
+                parts.push(format!("missing [{}]", short_ids(d.missing.iter())));
+            }
+            if !d.extra.is_empty() {
+                parts.push(format!("extra [{}]", short_ids(d.extra.iter())));
+            }
+            parts.join(" ")
+        }
+        "in-rollout" => "in rollout".into(),
+        other => format!("drift {other}"),
+    }
 }
 
 pub async fn freeze(target: &Target, reason: String, output: Output) -> CliResult {
@@ -129,4 +156,33 @@ pub async fn leader(target: &Target, output: Output) -> CliResult {
     let role = if status.is_leader { "the leader" } else { "a follower" };
     println!("asked    {} ({role})", status.self_addr);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drift(state: &str, missing: &[&str], extra: &[&str]) -> StackDrift {
+        StackDrift {
+            state: state.into(),
+            missing: missing.iter().map(|s| s.to_string()).collect(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn drift_names_what_is_missing_and_extra() {
+        let d = drift("drift", &["0123456789abcdef"], &["fedcba9876543210"]);
+        assert_eq!(drift_text(Some(&d)), "DRIFT missing [0123456789ab] extra [fedcba987654]");
+        assert_eq!(drift_text(Some(&drift("drift", &["a"], &[]))), "DRIFT missing [a]");
+    }
+
+    #[test]
+    fn other_states_read_plainly() {
+        assert_eq!(drift_text(Some(&drift("in-sync", &[], &[]))), "in sync");
+        assert_eq!(drift_text(Some(&drift("in-rollout", &[], &[]))), "in rollout");
+        assert_eq!(drift_text(Some(&drift("unknown", &[], &[]))), "drift unknown");
+        assert_eq!(drift_text(None), "drift ?");
+    }
 }

@@ -8,6 +8,7 @@
 //! - [`term`]: what runs only while this coordinator leads, and the role the gRPC adapters consult.
 //! - [`reads`]: the operator's read path (the leader's engine or the store, decided once).
 //! - [`registry`]: agents, their addresses, what they run, liveness.
+//! - [`drift`]: a process's patch stack against its build's; [`reconcile`] repairs drift.
 //! - [`patches`]: verified patch uploads, stored by digest.
 //! - [`planner`]: selector → canary and waves (pure).
 //! - [`rollout`]: the rollout state machine and the health gate (pure).
@@ -19,6 +20,7 @@
 pub mod agents;
 pub mod clock;
 pub mod config;
+pub mod drift;
 pub mod engine;
 pub mod error;
 pub mod grpc;

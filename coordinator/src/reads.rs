@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
+    drift::{BuildStacks, ProcessDrift},
     error::{Error, Result},
     planner::Selector,
     registry::{self, NodeView},
@@ -30,6 +31,15 @@ const STORE_POLL: Duration = Duration::from_millis(300);
 pub struct RolloutView {
     pub state: RolloutState,
     pub frozen: bool,
+}
+
+/// A node as `nodes list` shows it: the node, the active rollout that owns
+/// it, and each process's stack against its build's.
+#[derive(Debug, Clone)]
+pub struct NodeListing {
+    pub node: NodeView,
+    pub owner: Option<String>,
+    pub drift: Vec<ProcessDrift>,
 }
 
 /// A rollout as the store has it (what a follower serves, and finished rollouts).
@@ -93,13 +103,13 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Nodes matching `selector`, each with the active rollout holding it.
-    /// A follower shows the stored fleet, liveness left to the leader.
-    pub async fn nodes(&self, selector: &Selector) -> Result<Vec<(NodeView, Option<String>)>> {
+    /// Nodes matching `selector`, each with the active rollout holding it
+    /// and its processes' drift. A follower shows the stored fleet, liveness
+    /// left to the leader.
+    pub async fn nodes(&self, selector: &Selector) -> Result<Vec<NodeListing>> {
         let matching = |n: &NodeView| selector.matches(&n.candidate().labels);
-        if let Some(term) = self.term() {
-            return Ok(term
-                .registry
+        let owned: Vec<(NodeView, Option<String>)> = if let Some(term) = self.term() {
+            term.registry
                 .list()
                 .into_iter()
                 .filter(matching)
@@ -107,21 +117,29 @@ impl Cluster {
                     let owner = term.engine.active_rollout_of(&n.status.node_id);
                     (n, owner)
                 })
-                .collect());
+                .collect()
+        } else {
+            let active = self.rollouts(true, usize::MAX).await?;
+            let views = registry::stored_views(self.store.as_ref()).await.map_err(Error::from)?;
+            views
+                .into_iter()
+                .filter(matching)
+                .map(|n| {
+                    let owner = active
+                        .iter()
+                        .find(|s| s.rollout.all_nodes().any(|id| *id == n.status.node_id))
+                        .map(|s| s.rollout.id.clone());
+                    (n, owner)
+                })
+                .collect()
+        };
+        let mut stacks = BuildStacks::new(self.store.as_ref());
+        let mut out = Vec::with_capacity(owned.len());
+        for (node, owner) in owned {
+            let drift = stacks.judge(&node.status, owner.is_some()).await;
+            out.push(NodeListing { node, owner, drift });
         }
-        let active = self.rollouts(true, usize::MAX).await?;
-        let views = registry::stored_views(self.store.as_ref()).await.map_err(Error::from)?;
-        Ok(views
-            .into_iter()
-            .filter(matching)
-            .map(|n| {
-                let owner = active
-                    .iter()
-                    .find(|s| s.rollout.all_nodes().any(|id| *id == n.status.node_id))
-                    .map(|s| s.rollout.id.clone());
-                (n, owner)
-            })
-            .collect())
+        Ok(out)
     }
 
     /// Follows a rollout until it ends: every new state, once. Unknown

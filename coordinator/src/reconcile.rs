@@ -1,15 +1,23 @@
 //! Drift repair: desired vs observed, outside rollouts.
 //!
-//! The store says which patch stack each build runs. A process can end up
-//! running more than that: its agent was unreachable while a rollout rolled
-//! back (killed, partitioned), so the revert never reached it. Once the node
-//! heartbeats again and no rollout owns it, the reconciler rolls the extra
-//! patches back, newest first, and records it in the audit log. Rollback is
-//! idempotent on the agent (a patch not on top of a stack is left alone), so a
-//! repeated attempt after a lost answer changes nothing twice.
+//! What counts as drift is judged in `drift.rs` (the same judgment `nodes
+//! list` shows). Two repairs, once the node heartbeats and no rollout owns it,
+//! each recorded in the audit log:
 //!
-//! A process running *fewer* patches than its build's stack is only
-//! reported: processes fetch the stack themselves when they start.
+//! - **Extra patches** (a revert never reached the process: its agent was
+//!   killed or partitioned while a rollout rolled back) are rolled back,
+//!   newest first. Rollback is idempotent on the agent (a patch not on top of
+//!   a stack is left alone), so a repeated attempt changes nothing twice.
+//! - **Missing patches** (the process missed a rollout: its agent was away,
+//!   the node was skipped as lost) are prepared and committed, one after the
+//!   other in stack order, through the same agent commands a rollout sends
+//!   (fenced by this term's epoch). A process that starts syncs its stack by
+//!   itself (the runtime fetches it at connect); this repairs the ones that
+//!   were already running when the stack moved on. Prepare and commit are
+//!   idempotent on the runtime (a patch already on its stack answers ok), so
+//!   racing a process's own sync is harmless.
+//!
+//! Extras go first: a missing patch can only go on top of the right prefix.
 //!
 //! Heartbeats lag what the agents did: a node reverted a moment ago may still
 //! report the patch. So drift counts only when two heartbeats received after
@@ -27,32 +35,44 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agents::{AgentClient, Command, CommandKind, Target},
+    drift::{BuildStacks, StackState},
     engine::Engine,
     patches::audit,
     registry::{Liveness, Registry},
     store::{Batch, Fence, Store, Write},
 };
 
-/// Patches on `running` beyond what `desired` holds, newest first.
-///
-/// Only a common prefix counts as agreement: `[A, C]` against `[A, B]`
-/// yields `[C]` (roll back C; B is missing and left to the process's own sync).
-pub fn excess(desired: &[String], running: &[String]) -> Vec<String> {
-    let common = desired.iter().zip(running).take_while(|(d, r)| d == r).count();
-    running[common..].iter().rev().cloned().collect()
-}
-
 /// How long to wait before trying the same repair again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// One repair of one process's drift.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Repair {
+    /// Roll back this patch (the newest extra one).
+    RollBack(String),
+    /// Prepare and commit these, in order (every missing one).
+    Apply(Vec<String>),
+}
+
+impl Repair {
+    /// What to do about a drifted stack: extras first, then what is missing.
+    fn of(state: &StackState) -> Option<Repair> {
+        match state {
+            StackState::Drift { extra, .. } if !extra.is_empty() => Some(Repair::RollBack(extra[0].clone())),
+            StackState::Drift { missing, .. } if !missing.is_empty() => Some(Repair::Apply(missing.clone())),
+            _ => None,
+        }
+    }
+}
 
 /// What the reconciler remembers between passes.
 #[derive(Default)]
 struct Memory {
     started_ms: u64,
-    /// (node, patch) -> heartbeat time the drift was first seen at.
-    suspects: HashMap<(String, String), u64>,
-    /// (node, patch) -> when a repair was last sent.
-    attempts: HashMap<(String, String), Instant>,
+    /// (node, repair) -> heartbeat time the drift was first seen at.
+    suspects: HashMap<(String, Repair), u64>,
+    /// (node, repair) -> when it was last sent.
+    attempts: HashMap<(String, Repair), Instant>,
 }
 
 pub struct Reconciler {
@@ -82,6 +102,7 @@ impl Reconciler {
     async fn pass(&self, memory: &mut Memory) {
         memory.attempts.retain(|_, at| at.elapsed() < RETRY_AFTER);
         let mut seen_now = HashMap::new();
+        let mut stacks = BuildStacks::new(self.store.as_ref());
         for node in self.registry.list() {
             let node_id = node.status.node_id.clone();
             if node.liveness != Liveness::Alive
@@ -90,24 +111,24 @@ impl Reconciler {
             {
                 continue;
             }
-            for process in &node.status.processes {
-                let desired: Vec<String> = match self.store.patch_stack(&process.build).await {
-                    Ok(stack) => stack.into_iter().map(|e| e.patch_id).collect(),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "reconcile: cannot read the patch stack; will retry");
-                        return;
-                    }
-                };
-                // Newest first: only the top of a stack can be rolled back.
-                let Some(patch) = excess(&desired, &process.patch_stack).into_iter().next() else { continue };
-                let key = (node_id.clone(), patch.clone());
+            for process in stacks.judge(&node.status, false).await {
+                if process.state == StackState::Unknown {
+                    // The store is unreachable: judge nothing until it answers.
+                    return;
+                }
+                let Some(repair) = Repair::of(&process.state) else { continue };
+                let key = (node_id.clone(), repair.clone());
                 seen_now.insert(key.clone(), node.last_heartbeat_ms);
                 let confirmed = memory.suspects.get(&key).is_some_and(|first| *first < node.last_heartbeat_ms);
                 if !confirmed || memory.attempts.contains_key(&key) {
                     continue;
                 }
                 memory.attempts.insert(key, Instant::now());
-                self.revert(&node_id, &node.status.advertise_addr, process.pid, &patch).await;
+                let target = Target { node_id: node_id.clone(), addr: node.status.advertise_addr.clone() };
+                match repair {
+                    Repair::RollBack(patch) => self.revert(&target, process.pid, &patch).await,
+                    Repair::Apply(patches) => self.apply(&target, process.pid, &process.build, &patches).await,
+                }
             }
         }
         // Keep the first sighting of drift that persists; forget drift that went away.
@@ -115,26 +136,75 @@ impl Reconciler {
             seen_now.into_iter().map(|(k, ts)| (k.clone(), memory.suspects.get(&k).copied().unwrap_or(ts))).collect();
     }
 
-    async fn revert(&self, node_id: &str, addr: &str, pid: u32, patch: &str) {
-        tracing::warn!(node = %node_id, pid, patch = %patch, "process runs a patch the store does not record; rolling it back");
-        let target = Target { node_id: node_id.to_string(), addr: addr.to_string() };
-        let cmd = Command {
-            kind: CommandKind::Rollback,
-            rollout_id: format!("reconcile-{}-{}", self.fence.epoch, crate::clock::now_ms()),
-            patch_id: patch.to_string(),
-            epoch: self.fence.epoch,
-        };
-        let (ok, detail) = match self.agents.send(&target, &cmd, self.deadline).await {
-            Ok(outcome) if outcome.ok => (true, format!("rolled back on pid {pid}: not on the store's patch stack")),
-            Ok(outcome) => (false, format!("rollback on pid {pid} failed: {}", outcome.reason)),
-            Err(err) => (false, format!("rollback on pid {pid} failed: {err}")),
-        };
-        if ok {
-            tracing::info!(node = %node_id, patch = %patch, "drift repaired");
-        } else {
-            tracing::warn!(node = %node_id, patch = %patch, %detail, "drift repair failed; will retry");
+    /// A command of this term: its own rollout id per repair, this term's epoch.
+    fn command(&self, kind: CommandKind, rollout_id: &str, patch: &str) -> Command {
+        Command { kind, rollout_id: rollout_id.to_string(), patch_id: patch.to_string(), epoch: self.fence.epoch }
+    }
+
+    fn repair_id(&self) -> String {
+        format!("reconcile-{}-{}", self.fence.epoch, crate::clock::now_ms())
+    }
+
+    /// Sends `cmd`; `Err` says why it did not succeed.
+    async fn send(&self, target: &Target, cmd: &Command) -> Result<(), String> {
+        match self.agents.send(target, cmd, self.deadline).await {
+            Ok(outcome) if outcome.ok => Ok(()),
+            Ok(outcome) => Err(outcome.reason),
+            Err(err) => Err(err.to_string()),
         }
-        let entry = audit("coordinator", "reconcile.rollback", patch, format!("{node_id}: {detail}"), ok);
+    }
+
+    async fn revert(&self, target: &Target, pid: u32, patch: &str) {
+        tracing::warn!(node = %target.node_id, pid, patch = %patch, "process runs a patch the store does not record; rolling it back");
+        let cmd = self.command(CommandKind::Rollback, &self.repair_id(), patch);
+        let (ok, detail) = match self.send(target, &cmd).await {
+            Ok(()) => (true, format!("rolled back on pid {pid}: not on the store's patch stack")),
+            Err(reason) => (false, format!("rollback on pid {pid} failed: {reason}")),
+        };
+        self.record(target, "reconcile.rollback", patch, detail, ok).await;
+    }
+
+    /// Prepares and commits each missing patch in stack order; stops at the
+    /// first that fails (the next ones need it) or once a rollout owns the node.
+    async fn apply(&self, target: &Target, pid: u32, build: &str, patches: &[String]) {
+        let rollout_id = self.repair_id();
+        for patch in patches {
+            if let Some(owner) = self.engine.active_rollout_of(&target.node_id) {
+                tracing::info!(node = %target.node_id, rollout = %owner, "drift repair left to the rollout that now owns the node");
+                return;
+            }
+            tracing::warn!(node = %target.node_id, pid, patch = %patch, %build, "process lacks a patch of its build's stack; committing it");
+            let prepare = self.command(CommandKind::Prepare { ttl_seconds: 0 }, &rollout_id, patch);
+            let result = match self.send(target, &prepare).await {
+                Err(reason) => Err(format!("prepare failed: {reason}")),
+                Ok(()) => match self.send(target, &prepare.with_kind(CommandKind::Commit)).await {
+                    Ok(()) => Ok(()),
+                    Err(reason) => {
+                        // Drop the prepared copies; a later pass starts afresh.
+                        let _ = self.send(target, &prepare.with_kind(CommandKind::Abort)).await;
+                        Err(format!("commit failed: {reason}"))
+                    }
+                },
+            };
+            let ok = result.is_ok();
+            let detail = match result {
+                Ok(()) => format!("committed on pid {pid}: on build {build}'s patch stack, missing on the process"),
+                Err(reason) => format!("pid {pid}: {reason}"),
+            };
+            self.record(target, "reconcile.commit", patch, detail, ok).await;
+            if !ok {
+                return;
+            }
+        }
+    }
+
+    async fn record(&self, target: &Target, action: &str, patch: &str, detail: String, ok: bool) {
+        if ok {
+            tracing::info!(node = %target.node_id, patch = %patch, %detail, "drift repaired");
+        } else {
+            tracing::warn!(node = %target.node_id, patch = %patch, %detail, "drift repair failed; will retry");
+        }
+        let entry = audit("coordinator", action, patch, format!("{}: {detail}", target.node_id), ok);
         if let Err(err) = self.store.write(self.fence, Batch::new().with(Write::Audit(entry))).await {
             tracing::warn!(error = %err, "reconcile: audit write failed");
         }
@@ -143,18 +213,178 @@ impl Reconciler {
 
 #[cfg(test)]
 mod tests {
+    use std::{collections::BTreeMap, sync::Mutex};
+
+    use async_trait::async_trait;
+
     use super::*;
+    use crate::{
+        agents::{AgentError, HealthSample, Outcome},
+        engine::EngineConfig,
+        node::{NodeStatus, ProcessStatus},
+        store::{embedded::EmbeddedStore, StackEntry},
+    };
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    /// Records every command; fails the commit of `fail_commit`.
+    #[derive(Default)]
+    struct Recorder {
+        sent: Mutex<Vec<Command>>,
+        fail_commit: Option<String>,
+    }
+
+    impl Recorder {
+        fn sent(&self) -> Vec<(String, String)> {
+            let sent = self.sent.lock().expect("lock");
+            sent.iter().map(|c| (c.kind.name().to_string(), c.patch_id.clone())).collect()
+        }
+    }
+
+    #[async_trait]
+    impl AgentClient for Recorder {
+        async fn send(&self, _to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
+            self.sent.lock().expect("lock").push(cmd.clone());
+            let failed = cmd.kind == CommandKind::Commit && self.fail_commit.as_deref() == Some(cmd.patch_id.as_str());
+            Ok(Outcome { ok: !failed, reason: if failed { "hook raised".into() } else { String::new() } })
+        }
+
+        async fn health(
+            &self,
+            _to: &Target,
+            _since: &BTreeMap<String, u64>,
+            _d: Duration,
+        ) -> Result<Vec<HealthSample>, AgentError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn status(running: &[&str]) -> NodeStatus {
+        NodeStatus {
+            node_id: "n1".into(),
+            advertise_addr: "n1:1".into(),
+            processes: vec![ProcessStatus {
+                process_id: "n1-p".into(),
+                pid: 100,
+                build: "b1".into(),
+                patch_stack: ids(running),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A reconciler over a fresh store whose build b1 has `stack`, node n1 running `running`.
+    async fn reconciler(agents: Arc<Recorder>, stack: &[&str], running: &[&str]) -> (tempfile::TempDir, Reconciler) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let embedded = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let fence = embedded.acquire_epoch().await.expect("epoch");
+        let store: Arc<dyn Store> = embedded;
+        let mut batch = Batch::new();
+        for id in stack {
+            batch.push(Write::PushStack(StackEntry {
+                patch_id: id.to_string(),
+                target_build: "b1".into(),
+                parent_patch_id: String::new(),
+                description: String::new(),
+                rollout_id: "r".into(),
+                committed_at_ms: 1,
+            }));
+        }
+        store.write(fence, batch).await.expect("stack");
+        let registry = Registry::load(store.clone(), fence, Duration::from_millis(50), Duration::from_secs(60))
+            .await
+            .expect("registry");
+        registry.register(status(running)).await.expect("register");
+        let engine = Engine::new(
+            store.clone(),
+            fence,
+            registry.clone(),
+            agents.clone(),
+            EngineConfig::default(),
+            CancellationToken::new(),
+        );
+        let reconciler = Reconciler { store, fence, registry, engine, agents, deadline: Duration::from_secs(1) };
+        (dir, reconciler)
+    }
+
+    /// A later heartbeat with the same report (heartbeat times are in ms).
+    async fn heartbeat(r: &Reconciler, running: &[&str]) {
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        r.registry.heartbeat(status(running)).await.expect("heartbeat");
+    }
+
+    async fn audited(r: &Reconciler, action: &str) -> Vec<bool> {
+        let entries = r.store.audit(100).await.expect("audit");
+        entries.iter().filter(|e| e.action == action).map(|e| e.ok).collect()
+    }
+
+    #[tokio::test]
+    async fn missing_patches_are_committed_in_stack_order_once_two_heartbeats_show_them() {
+        let agents = Arc::new(Recorder::default());
+        let (_dir, r) = reconciler(agents.clone(), &["p1", "p2", "p3"], &["p1"]).await;
+        let mut memory = Memory::default();
+        r.pass(&mut memory).await;
+        assert!(agents.sent().is_empty(), "one heartbeat is not enough: it may predate a sync");
+        heartbeat(&r, &["p1"]).await;
+        r.pass(&mut memory).await;
+        let kinds = [("prepare", "p2"), ("commit", "p2"), ("prepare", "p3"), ("commit", "p3")];
+        let expected: Vec<(String, String)> = kinds.iter().map(|(k, p)| (k.to_string(), p.to_string())).collect();
+        assert_eq!(agents.sent(), expected);
+        let sent = agents.sent.lock().expect("lock").clone();
+        assert!(sent.iter().all(|c| c.epoch == r.fence.epoch && c.rollout_id == sent[0].rollout_id));
+        assert!(sent[0].rollout_id.starts_with("reconcile-"), "{}", sent[0].rollout_id);
+        assert_eq!(audited(&r, "reconcile.commit").await, [true, true]);
+        r.pass(&mut memory).await;
+        assert_eq!(agents.sent().len(), 4, "not repeated while the retry pause runs");
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_aborted_audited_and_stops_the_repair() {
+        let agents = Arc::new(Recorder { fail_commit: Some("p1".into()), ..Recorder::default() });
+        let (_dir, r) = reconciler(agents.clone(), &["p1", "p2"], &[]).await;
+        let mut memory = Memory::default();
+        r.pass(&mut memory).await;
+        heartbeat(&r, &[]).await;
+        r.pass(&mut memory).await;
+        let expected: Vec<(String, String)> = [("prepare", "p1"), ("commit", "p1"), ("abort", "p1")]
+            .iter()
+            .map(|(k, p)| (k.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(agents.sent(), expected, "p2 needs p1 under it");
+        assert_eq!(audited(&r, "reconcile.commit").await, [false]);
+    }
+
+    #[tokio::test]
+    async fn extras_are_rolled_back_before_missing_patches_are_applied() {
+        let agents = Arc::new(Recorder::default());
+        let (_dir, r) = reconciler(agents.clone(), &["p1", "p2"], &["p1", "x"]).await;
+        let mut memory = Memory::default();
+        r.pass(&mut memory).await;
+        heartbeat(&r, &["p1", "x"]).await;
+        r.pass(&mut memory).await;
+        assert_eq!(agents.sent(), vec![("rollback".to_string(), "x".to_string())]);
+        assert_eq!(audited(&r, "reconcile.rollback").await, [true]);
+    }
+
     #[test]
-    fn extra_patches_are_found_newest_first() {
-        assert!(excess(&ids(&["a"]), &ids(&["a"])).is_empty());
-        assert!(excess(&ids(&["a", "b"]), &ids(&["a"])).is_empty(), "missing patches are not rolled back");
-        assert_eq!(excess(&ids(&["a"]), &ids(&["a", "b", "c"])), ids(&["c", "b"]));
-        assert_eq!(excess(&ids(&[]), &ids(&["x"])), ids(&["x"]));
-        assert_eq!(excess(&ids(&["a", "b"]), &ids(&["a", "c"])), ids(&["c"]));
+    fn extras_are_rolled_back_newest_first_before_anything_is_applied() {
+        let state = StackState::Drift { missing: ids(&["b"]), extra: ids(&["d", "c"]) };
+        assert_eq!(Repair::of(&state), Some(Repair::RollBack("d".into())));
+    }
+
+    #[test]
+    fn missing_patches_are_applied_in_stack_order() {
+        let state = StackState::Drift { missing: ids(&["b", "c"]), extra: Vec::new() };
+        assert_eq!(Repair::of(&state), Some(Repair::Apply(ids(&["b", "c"]))));
+    }
+
+    #[test]
+    fn nothing_to_repair_unless_drifted() {
+        for state in [StackState::InSync, StackState::InRollout, StackState::Unknown] {
+            assert_eq!(Repair::of(&state), None, "{state:?}");
+        }
     }
 }

@@ -7,8 +7,8 @@ Run from the repository root::
         python examples/zone_server/server.py --zone elwynn --port 0 --port-file /tmp/elwynn.port
 
 With ``HOTFLEET_AGENT_SOCKET`` set (or ``--agent-socket``) the process connects to the
-local ``hotfleet-agent`` and applies the fleet's committed patch stack before it accepts a
-single player. Without it, it serves normally and can still be patched in-process.
+local ``hotfleet-agent``, which brings the fleet's committed patch stack, and waits until it
+is applied (``rt.wait_until_current``) before it accepts a single player. Without it, it serves normally and can still be patched in-process.
 
 Threading model: everything that touches game state (the ``zone`` package) runs on the
 main thread, inside the tick loop. Socket I/O is non-blocking and multiplexed with
@@ -17,7 +17,8 @@ the next tick, and hot patches are applied at the end of a tick (``rt.safe_point
 by ``rt.tick()``), so a patch never lands in the middle of a request. The only other thread is the runtime's
 agent link, which never touches game state.
 
-The hotfleet integration is the three documented lines, marked ``[hotfleet 1/3]`` etc.
+The hotfleet integration is the runtime README's three lines, marked ``[hotfleet 1/3]`` etc.,
+plus its ``rt.wait_until_current(timeout)`` before the player port opens.
 """
 
 from __future__ import annotations
@@ -356,18 +357,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def sync_with_agent(rt: "hotfleet.Runtime", socket_path: str, timeout: float) -> bool:
-    """Connect to the agent and apply the fleet's patch stack; False if that failed."""
-    link = rt.connect(socket_path)  # [hotfleet 2/3] talk to the local agent
-    if not link.wait_connected(timeout):
-        log.error("no hotfleet-agent answered on %s within %.0fs", socket_path, timeout)
+def sync_with_agent(rt: "hotfleet.Runtime", socket_path: Optional[str], timeout: float) -> bool:
+    """Connect to the agent; True once this process runs its build's whole patch stack.
+
+    ``rt.connect()`` fetches and applies the stack by itself; waiting here (on the game
+    thread, before the loop: it runs the safe points the commits need) only keeps the
+    player port closed until then.
+    """
+    rt.connect(socket_path)  # [hotfleet 2/3] talk to the local agent; it brings the stack
+    if not rt.wait_until_current(timeout=timeout):
+        log.error("patch stack not applied within %.0fs (agent at %s)", timeout,
+                  socket_path or os.environ.get("HOTFLEET_AGENT_SOCKET"))
         return False
-    try:
-        applied = link.sync_patch_stack(timeout=timeout)
-    except hotfleet.HotfleetError as exc:
-        log.error("could not apply the fleet's patch stack: %s", exc)
-        return False
-    log.info("patch stack in sync (%d applied: %s)", len(applied), ", ".join(applied) or "none")
+    log.info("patch stack in sync: %s", ", ".join(e.id for e in rt.patch_stack) or "empty")
     return True
 
 

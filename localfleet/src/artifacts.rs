@@ -31,6 +31,19 @@ pub fn build_patch(
     description: &str,
     keys: Option<&Keys>,
 ) -> Result<(PathBuf, String)> {
+    build_patch_of(layout, "zone", source_root, out, target_build, description, keys)
+}
+
+/// [`build_patch`] for another game's package (e.g. `arena`).
+pub fn build_patch_of(
+    layout: &Layout,
+    package: &str,
+    source_root: &Path,
+    out: &Path,
+    target_build: &str,
+    description: &str,
+    keys: Option<&Keys>,
+) -> Result<(PathBuf, String)> {
     let mut args = vec![
         "--output".to_string(),
         "json".into(),
@@ -39,7 +52,7 @@ pub fn build_patch(
         "--root".into(),
         source_root.display().to_string(),
         "--package".into(),
-        "zone".into(),
+        package.into(),
         "--target-build".into(),
         target_build.into(),
         "--out".into(),
@@ -48,7 +61,7 @@ pub fn build_patch(
         description.into(),
     ];
     // The same module discovery `patch build --base` uses.
-    let modules = hotfleet_patch::source_tree::scan(source_root, &["zone".to_string()]).map_err(|e| {
+    let modules = hotfleet_patch::source_tree::scan(source_root, &[package.to_string()]).map_err(|e| {
         FleetError::Io { what: format!("reading {}", source_root.display()), source: std::io::Error::other(e) }
     })?;
     for module in modules.into_keys() {

@@ -7,7 +7,7 @@ use std::{path::Path, process::Output, time::Duration};
 use serde_json::Value;
 
 use crate::{
-    free_port, wait_for, AgentProc, CoordinatorProc, EtcdProc, Keys, Layout, Player, Result, StoreSpec, ZoneProc,
+    free_port, wait_for, AgentProc, CoordinatorProc, EtcdProc, Game, Keys, Layout, Player, Result, StoreSpec, ZoneProc,
 };
 
 /// One node of a local fleet: its agent, its zone server, and a probe player
@@ -35,6 +35,8 @@ pub struct FleetOptions {
     pub backend: Backend,
     /// Flags for every coordinator (besides listen, store and keys).
     pub coordinator_flags: Vec<String>,
+    /// The game every node serves.
+    pub game: Game,
 }
 
 /// Coordinator(s) plus `n` nodes `node-1..node-n` (labels `region` eu/us
@@ -50,6 +52,7 @@ pub struct Fleet {
     /// Flags the coordinators were started with (reused on restarts).
     pub coordinator_flags: Vec<String>,
     pub build: String,
+    pub game: Game,
 }
 
 impl Fleet {
@@ -68,6 +71,7 @@ impl Fleet {
             build: build.to_string(),
             backend: Backend::Embedded,
             coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
+            game: Game::ZoneServer,
         };
         Self::start_with(layout, dir, &options, zone_env)
     }
@@ -109,7 +113,8 @@ impl Fleet {
             )?;
             let env = zone_env(i);
             let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let zone = ZoneProc::start(layout, dir, &zone_name, Some(&agent.socket), &options.build, &env)?;
+            let zone =
+                ZoneProc::start_game(layout, dir, options.game, &zone_name, Some(&agent.socket), &options.build, &env)?;
             let probe = Player::connect(zone.port, &format!("probe_{i}"))?;
             nodes.push(FleetNode { agent, zone, probe });
         }
@@ -122,6 +127,7 @@ impl Fleet {
             nodes,
             coordinator_flags: options.coordinator_flags.clone(),
             build: options.build.clone(),
+            game: options.game,
         })
     }
 
@@ -165,6 +171,19 @@ impl Fleet {
         let flags: Vec<&str> = self.coordinator_flags.iter().map(String::as_str).collect();
         self.coordinators[i] = CoordinatorProc::start_on(&self.layout, dir, &self.keys, port, &self.store, &flags)?;
         Ok(())
+    }
+
+    /// Kills node `i`'s game server (SIGKILL, 0-based) and starts it again
+    /// in `dir` with `env`, as a supervisor would; a new probe player is the
+    /// first to connect to it. Returns the new server's pid.
+    pub fn restart_zone(&mut self, i: usize, dir: &Path, env: &[(&str, &str)]) -> Result<u32> {
+        let node = &mut self.nodes[i];
+        node.zone.proc.kill();
+        let name = node.zone.name.clone();
+        node.zone =
+            ZoneProc::start_game(&self.layout, dir, self.game, &name, Some(&node.agent.socket), &self.build, env)?;
+        node.probe = Player::connect(node.zone.port, &format!("probe_{}", i + 1))?;
+        Ok(node.zone.proc.pid())
     }
 
     /// `hotfleet --coordinator <every coordinator> ARGS...`, raw output.

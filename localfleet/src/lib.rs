@@ -1,6 +1,6 @@
 //! A local fleet of real processes: `hotfleet-coordinator`s (on the embedded
 //! store, or several on an etcd this crate starts on loopback), `hotfleet-agent`s,
-//! Python zone servers from `examples/`, and TCP player clients. `hotfleet demo`
+//! Python game servers from `examples/` (the zone server, or the asyncio arena), and TCP player clients. `hotfleet demo`
 //! and the process-level tests both stand their fleets up with it.
 //!
 //! Every process is killed when its handle is dropped, so nothing outlives a
@@ -9,13 +9,15 @@
 //! One file per kind: `layout.rs` (where binaries, the repository and Python
 //! are; the CLI), `proc.rs` (a child process and waiting on it), `artifacts.rs`
 //! (keys and patches made with the CLI), `coordinator.rs`, `etcd.rs`,
-//! `agent.rs`, `zone.rs`, `player.rs`, and `fleet.rs` putting them together.
+//! `agent.rs`, `zone.rs` (a game server process, of the [`Game`] in `game.rs`),
+//! `player.rs`, and `fleet.rs` putting them together.
 
 mod agent;
 mod artifacts;
 mod coordinator;
 mod etcd;
 mod fleet;
+mod game;
 mod layout;
 mod player;
 mod proc;
@@ -24,10 +26,11 @@ mod zone;
 use std::{path::PathBuf, time::Duration};
 
 pub use agent::AgentProc;
-pub use artifacts::{build_patch, Keys};
+pub use artifacts::{build_patch, build_patch_of, Keys};
 pub use coordinator::{CoordinatorProc, StoreSpec};
 pub use etcd::EtcdProc;
 pub use fleet::{Backend, Fleet, FleetNode, FleetOptions};
+pub use game::Game;
 pub use layout::Layout;
 pub use player::Player;
 pub use proc::{free_port, wait_for, Proc};

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 /// Both variants of every scenario: `embedded::name` and `etcd::name` (one
 /// coordinator on a real etcd). Each `name(backend)` is an async fn of the test file.
-#[allow(unused_macros)] // not every test file runs scenarios on both stores
+#[allow(unused_macros)] // not every test binary runs scenarios on both stores
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -66,13 +66,28 @@ impl Scenario {
     }
 
     pub fn start_with(backend: Backend, zone_env: impl Fn(usize) -> Vec<(String, String)>) -> Scenario {
+        Self::launch(backend, Game::ZoneServer, NODES, BUILD, zone_env)
+    }
+
+    /// `nodes` nodes serving `game` of `build`.
+    pub fn start_game(backend: Backend, game: Game, nodes: usize, build: &str) -> Scenario {
+        Self::launch(backend, game, nodes, build, |_| Vec::new())
+    }
+
+    fn launch(
+        backend: Backend,
+        game: Game,
+        nodes: usize,
+        build: &str,
+        zone_env: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> Scenario {
         let layout = Layout::for_workspace();
         let dir = tempfile::tempdir().expect("tmp");
         let mut coordinator_flags = vec!["--heartbeat-interval".to_string(), "500ms".to_string()];
         if let Backend::Etcd { .. } = backend {
             coordinator_flags.extend(["--leader-lease".to_string(), format!("{}s", LEASE.as_secs())]);
         }
-        let options = FleetOptions { nodes: NODES, build: BUILD.into(), backend, coordinator_flags };
+        let options = FleetOptions { nodes, build: build.into(), backend, coordinator_flags, game };
         let fleet = Fleet::start_with(&layout, dir.path(), &options, zone_env).expect("start fleet");
         fleet.wait_registered().expect("fleet registered");
         let pids = fleet.nodes.iter().map(|n| n.zone.proc.pid()).collect();
@@ -82,8 +97,10 @@ impl Scenario {
     /// Builds a signed patch from a source tree holding `zone/`, pushes it with the CLI.
     pub fn push_tree(&mut self, root: &Path, name: &str) -> String {
         let out = self.dir.path().join(format!("{name}.hfpatch"));
+        let fleet = &self.fleet;
         let (path, id) =
-            build_patch(&self.fleet.layout, root, &out, BUILD, name, Some(&self.fleet.keys)).expect("build patch");
+            build_patch_of(&fleet.layout, fleet.game.package(), root, &out, &fleet.build, name, Some(&fleet.keys))
+                .expect("build patch");
         let shown =
             self.fleet.layout.cli(&["--output", "json", "patch", "show", &path.display().to_string()]).expect("show");
         let shown: Value = serde_json::from_str(&shown).expect("json");
@@ -205,7 +222,7 @@ impl Scenario {
     pub async fn stored_stack(&self, urls: &str) -> Vec<String> {
         for url in urls.split(',') {
             let Ok(mut gateway) = AgentGatewayClient::connect(url.to_string()).await else { continue };
-            let mut request = tonic::Request::new(GetPatchStackRequest { target_build: BUILD.into() });
+            let mut request = tonic::Request::new(GetPatchStackRequest { target_build: self.fleet.build.clone() });
             request.set_timeout(Duration::from_secs(3));
             if let Ok(stack) = gateway.get_patch_stack(request).await {
                 return stack.into_inner().patches.into_iter().map(|p| p.patch_id).collect();
@@ -223,7 +240,8 @@ impl Scenario {
 
     pub async fn assert_consistent_via(&mut self, urls: &str, skip_nodes: &[usize]) -> Vec<String> {
         let stack = self.stored_stack(urls).await;
-        let mut expected = base_digests(&self.fleet.layout.repo.join("examples/zone_server"));
+        let game = self.fleet.game;
+        let mut expected = base_digests(&self.fleet.layout.repo.join(game.dir()), game.package());
         for id in &stack {
             expected.extend(self.patch_digests.get(id).cloned().unwrap_or_default());
         }
@@ -262,10 +280,10 @@ pub fn ok(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// sha256 of every module of the zone package as shipped (no patch applied).
-pub fn base_digests(root: &Path) -> BTreeMap<String, String> {
-    hotfleet_patch::source_tree::scan(root, &["zone".to_string()])
-        .expect("zone package")
+/// sha256 of every module of a game's package as shipped (no patch applied).
+pub fn base_digests(root: &Path, package: &str) -> BTreeMap<String, String> {
+    hotfleet_patch::source_tree::scan(root, &[package.to_string()])
+        .expect("game package")
         .into_iter()
         .map(|(module, source)| (module, hotfleet_patch::sha256_hex(source.as_bytes())))
         .collect()

@@ -4,8 +4,9 @@
 use hotfleet_proto::v1 as pb;
 
 use crate::{
+    drift::{ProcessDrift, StackState},
     node::{NodeStatus, PreparedPatch, ProcessHealth, ProcessStatus},
-    registry::NodeView,
+    reads::NodeListing,
     rollout::{Phase, RolloutState},
     store::{AuditEntry, FreezeRecord, PatchRecord},
 };
@@ -45,14 +46,25 @@ pub fn freeze_status(f: Option<FreezeRecord>) -> pb::FreezeStatus {
     }
 }
 
-pub fn node_info(n: NodeView, active_rollout_id: Option<String>) -> pb::NodeInfo {
+pub fn node_info(listing: NodeListing) -> pb::NodeInfo {
+    let NodeListing { node: n, owner, drift } = listing;
     pb::NodeInfo {
         liveness: n.liveness.name().to_string(),
         last_heartbeat_ms: n.last_heartbeat_ms,
         registered_at_ms: n.registered_at_ms,
-        active_rollout_id: active_rollout_id.unwrap_or_default(),
+        active_rollout_id: owner.unwrap_or_default(),
         status: Some(n.status.into()),
+        drift: drift.into_iter().map(stack_drift).collect(),
     }
+}
+
+fn stack_drift(d: ProcessDrift) -> pb::StackDrift {
+    let state = d.state.name().to_string();
+    let (missing, extra) = match d.state {
+        StackState::Drift { missing, extra } => (missing, extra),
+        _ => (Vec::new(), Vec::new()),
+    };
+    pb::StackDrift { process_id: d.process_id, pid: d.pid, build: d.build, state, missing, extra }
 }
 
 /// `From` both ways between a domain type and its proto message: the plain

@@ -85,7 +85,7 @@ impl Coordinator for OperatorService {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let selector = Selector::parse(&request.into_inner().selector).map_err(Error::from)?;
         let nodes = self.cluster.nodes(&selector).await?;
-        let nodes = nodes.into_iter().map(|(node, owner)| convert::node_info(node, owner)).collect();
+        let nodes = nodes.into_iter().map(convert::node_info).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 

@@ -1,0 +1,3 @@
+"""Game logic of the asyncio arena: the only package hot patches may touch."""
+
+__all__ = ["rules"]
