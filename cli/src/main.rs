@@ -2,6 +2,8 @@
 //! command talks gRPC to the coordinator (`--coordinator` or
 //! `HOTFLEET_COORDINATOR`). Exit codes a runbook can branch on are in [`exit`].
 
+mod auth_cmd;
+mod certs_cmd;
 mod client;
 mod demo;
 mod exit;
@@ -59,6 +61,19 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Who you are to the coordinator; bearer tokens.
+    #[command(subcommand)]
+    Auth(auth_cmd::AuthCommand),
+    /// Certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// A development CA plus certificates for the coordinator, nodes and
+    /// operators, in the file layout the --tls-* flags take.
+    Dev(certs_cmd::DevArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +98,8 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Demo(args) => demo::run(args, output).await,
         Command::Audit { limit } => fleet_cmd::audit(target, limit, output).await,
         Command::Leader => fleet_cmd::leader(target, output).await,
+        Command::Auth(cmd) => auth_cmd::run(cmd, target, output).await,
+        Command::Certs(CertsCommand::Dev(args)) => certs_cmd::dev(args),
     }
 }
 

@@ -16,12 +16,13 @@ use std::{
 };
 
 use async_trait::async_trait;
+use hotfleet_proto::tls::Transport;
 use hotfleet_proto::v1::{
     agent_client::AgentClient as ProtoAgentClient, AbortRequest, CommandHeader, CommitRequest, HealthRequest,
     PrepareRequest, RollbackRequest,
 };
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::rollout::health::Sample;
 
@@ -117,27 +118,34 @@ pub struct HealthSample {
 
 /// The real [`AgentClient`] over gRPC.
 pub struct GrpcAgents {
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<(String, String), Channel>>,
     call_timeout: Duration,
     in_flight: Arc<Semaphore>,
+    /// With TLS, each agent must present the certificate of the node it
+    /// registered as, and sees ours (the coordinator's) in return.
+    transport: Transport,
 }
 
 impl GrpcAgents {
-    pub fn new(call_timeout: Duration, max_in_flight: usize) -> Self {
+    pub fn new(call_timeout: Duration, max_in_flight: usize, transport: Transport) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
             call_timeout,
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            transport,
         }
     }
 
     fn channel(&self, to: &Target) -> Result<Channel, AgentError> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(ch) = channels.get(&to.addr) {
+        // Keyed by node too: the TLS server name is the node id.
+        let key = (to.node_id.clone(), to.addr.clone());
+        if let Some(ch) = channels.get(&key) {
             return Ok(ch.clone());
         }
-        let uri = hotfleet_proto::address::endpoint_url(&to.addr);
-        let endpoint = Endpoint::from_shared(uri).map_err(|e| AgentError::Unreachable {
+        // The server name verified is the node id: an address that now
+        // answers with another node's certificate is not this node.
+        let endpoint = self.transport.endpoint(&to.addr, &to.node_id).map_err(|e| AgentError::Unreachable {
             node: to.node_id.clone(),
             addr: to.addr.clone(),
             reason: format!("bad advertise_addr: {e}"),
@@ -147,7 +155,7 @@ impl GrpcAgents {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .connect_lazy();
-        channels.insert(to.addr.clone(), channel.clone());
+        channels.insert(key, channel.clone());
         Ok(channel)
     }
 

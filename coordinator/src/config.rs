@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
+use hotfleet_proto::tls::{OwnCert, TlsArgs, TlsError, Transport};
 
 use crate::store::etcd::EtcdOptions;
 
@@ -85,6 +86,17 @@ pub struct Args {
     /// How long shutdown waits for in-flight work.
     #[arg(long, env = "HOTFLEET_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Mutual TLS (--tls-ca, --tls-cert, --tls-key) or --insecure: one is required.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Roles of certificate identities, lines `NAME ROLE` (viewer, operator,
+    /// admin). When given, the only source of certificate roles (the
+    /// `hotfleet-role=` OU of the dev CA is then ignored).
+    #[arg(long, env = "HOTFLEET_OPERATORS")]
+    pub operators: Option<PathBuf>,
+    /// Bearer tokens, lines `SHA256HEX NAME ROLE` (hashes only; see `hotfleet auth token create`).
+    #[arg(long, env = "HOTFLEET_TOKENS")]
+    pub tokens: Option<PathBuf>,
 }
 
 /// Why the flags do not make a working coordinator.
@@ -92,6 +104,8 @@ pub struct Args {
 pub enum ConfigError {
     #[error("--{flag}: {reason}")]
     Invalid { flag: &'static str, reason: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The coordinator's validated settings.
@@ -113,6 +127,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Overrides `lost_after x heartbeat interval` (tests; not a flag).
     pub lost_timeout: Option<Duration>,
+    /// Mutual TLS, or plaintext with every caller an admin (`--insecure`).
+    pub transport: Transport,
+    /// `--operators`: roles of certificate identities.
+    pub operators: Option<PathBuf>,
+    /// `--tokens`: hashed bearer tokens.
+    pub tokens: Option<PathBuf>,
 }
 
 impl Config {
@@ -129,7 +149,8 @@ impl Config {
         self.advertise_addr.clone().unwrap_or_else(|| format!("http://{}", self.listen))
     }
 
-    /// Defaults for a store in `data_dir` (tests and embedding).
+    /// Defaults for a store in `data_dir` (tests and embedding): plaintext
+    /// and unauthenticated, as `--insecure`; the binary has no such default.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
@@ -146,6 +167,9 @@ impl Config {
             agent_concurrency: 64,
             drain_timeout: Duration::from_secs(10),
             lost_timeout: None,
+            transport: Transport::Insecure,
+            operators: None,
+            tokens: None,
         }
     }
 }
@@ -167,6 +191,7 @@ impl TryFrom<Args> for Config {
         if a.agent_concurrency == 0 {
             return Err(invalid("agent-concurrency", "must be at least 1"));
         }
+        let transport = a.tls.transport(OwnCert::Required)?;
         let etcd = etcd_options(&a)?;
         if a.leader_lease < Duration::from_secs(2) {
             return Err(invalid("leader-lease", "must be at least 2s (etcd's shortest lease)"));
@@ -207,6 +232,9 @@ impl TryFrom<Args> for Config {
             agent_concurrency: a.agent_concurrency,
             drain_timeout: a.drain_timeout,
             lost_timeout: None,
+            transport,
+            operators: a.operators,
+            tokens: a.tokens,
         })
     }
 }
@@ -282,9 +310,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_need_no_flags() {
+    fn defaults_need_only_a_transport() {
         let args = Args::try_parse_from(["hotfleet-coordinator"]).expect("parse");
+        let err = Config::try_from(args).expect_err("no TLS, no --insecure").to_string();
+        assert!(err.contains("--tls-ca, --tls-cert and --tls-key") && err.contains("--insecure"), "{err}");
+        let args = Args::try_parse_from(["hotfleet-coordinator", "--insecure"]).expect("parse");
         let config = Config::try_from(args).expect("valid");
+        assert!(!config.transport.is_tls());
         assert_eq!(config.listen.to_string(), "127.0.0.1:7700");
         assert_eq!(config.data_dir, PathBuf::from("./hotfleet-data"));
         assert_eq!(config.store, StoreKind::Embedded);
@@ -292,7 +324,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
-        let args = Args::try_parse_from(["x", "--trusted-key", "/nonexistent/key.pub"]).expect("parse");
+        let args = Args::try_parse_from(["x", "--insecure", "--trusted-key", "/nonexistent/key.pub"]).expect("parse");
         let err = Config::try_from(args).expect_err("missing key");
         assert!(err.to_string().contains("--trusted-key"), "{err}");
         assert!(Args::try_parse_from(["x", "--store", "zookeeper"]).is_err());
@@ -300,7 +332,7 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        let mut all = vec!["hotfleet-coordinator"];
+        let mut all = vec!["hotfleet-coordinator", "--insecure"];
         all.extend_from_slice(args);
         Config::try_from(Args::try_parse_from(all).expect("parse"))
     }

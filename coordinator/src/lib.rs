@@ -18,6 +18,7 @@
 //! - [`server`]: assembles all of it and serves on a bound listener.
 
 pub mod agents;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod drift;

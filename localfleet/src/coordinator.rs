@@ -54,6 +54,7 @@ impl CoordinatorProc {
             .arg(&data_dir)
             .arg("--trusted-key")
             .arg(&keys.public)
+            .args(keys.tls.coordinator().flags())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         if let StoreSpec::Etcd { endpoints, prefix } = store {
             cmd.args(["--store", "etcd", "--etcd-endpoints", endpoints, "--etcd-prefix", prefix]);

@@ -16,7 +16,23 @@ use hotfleet_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::caller;
 use crate::term::Cluster;
+
+/// Registration and heartbeats speak for one node: only that node's
+/// certificate may send them, so a node id can be neither invented nor
+/// taken over from another address.
+fn check_node<T>(request: &Request<T>, node_id: &str) -> Result<(), Status> {
+    let caller = caller(request)?;
+    if caller.speaks_for_node(node_id) {
+        return Ok(());
+    }
+    let shown: String = node_id.chars().take(128).collect();
+    Err(Status::permission_denied(format!(
+        "certificate {:?} may not speak for node {shown:?}: an agent registers with its own node certificate",
+        caller.name
+    )))
+}
 
 /// Bytes per `PatchChunk`: small enough for any default message limit.
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -32,6 +48,8 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<PatchChunk, Status>> + Send 
 #[tonic::async_trait]
 impl AgentGateway for GatewayService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let node_id = request.get_ref().node.as_ref().map(|n| n.node_id.clone()).unwrap_or_default();
+        check_node(&request, &node_id)?;
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("RegisterRequest.node is missing"))?;
         let answer = self.cluster.leader_term()?.register(node.into()).await?;
@@ -43,6 +61,8 @@ impl AgentGateway for GatewayService {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let node_id = request.get_ref().node.as_ref().map(|n| n.node_id.clone()).unwrap_or_default();
+        check_node(&request, &node_id)?;
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("HeartbeatRequest.node is missing"))?;
         let answer = self.cluster.leader_term()?.heartbeat(node.into()).await?;

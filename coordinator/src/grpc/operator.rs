@@ -1,5 +1,6 @@
 //! The operator `Coordinator` service: what the `hotfleet` CLI calls.
-//! Each handler: read the actor, decode, call the domain, encode.
+//! Each handler: read the actor (the caller the server's gate
+//! authenticated), decode, call the domain, encode.
 //!
 //! Writes go to the leader's term ([`Cluster::leader_term`]: a follower
 //! refuses them naming the leader). Reads are served by every coordinator
@@ -12,7 +13,7 @@ use futures::{Stream, StreamExt};
 use hotfleet_proto::v1::{self as pb, coordinator_server::Coordinator};
 use tonic::{Request, Response, Status};
 
-use super::{actor, convert};
+use super::{actor, caller, convert};
 use crate::{
     error::Error,
     planner::Selector,
@@ -44,7 +45,7 @@ impl OperatorService {
         request: Request<pb::RolloutActionRequest>,
         action: OperatorAction,
     ) -> Result<Response<pb::RolloutActionResponse>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let req = request.into_inner();
         let state = self.leader()?.engine.act(&req.rollout_id, action, &who, &req.reason).await?;
         let view = self.cluster.view(state).await;
@@ -58,7 +59,7 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::PushPatchRequest>,
     ) -> Result<Response<pb::PushPatchResponse>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let bundle = request.into_inner().bundle;
         let term = self.leader()?;
         let (record, created) = term.patches.push(term.fence, &bundle, &who).await?;
@@ -93,7 +94,7 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<pb::StartRolloutResponse>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let req = request.into_inner();
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("StartRolloutRequest.spec is missing"))?;
         let term = self.leader()?;
@@ -160,14 +161,14 @@ impl Coordinator for OperatorService {
     }
 
     async fn freeze(&self, request: Request<pb::FreezeRequest>) -> Result<Response<pb::FreezeStatus>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let reason = request.into_inner().reason;
         let term = self.leader()?;
         Ok(Response::new(convert::freeze_status(term.engine.set_freeze(Some(reason), &who).await?)))
     }
 
     async fn unfreeze(&self, request: Request<pb::UnfreezeRequest>) -> Result<Response<pb::FreezeStatus>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let term = self.leader()?;
         Ok(Response::new(convert::freeze_status(term.engine.set_freeze(None, &who).await?)))
     }
@@ -204,6 +205,15 @@ impl Coordinator for OperatorService {
             leader_addr: leader.as_ref().map(|l| l.addr.clone()).unwrap_or_default(),
             epoch: leader.map(|l| l.epoch).unwrap_or(0),
             store: self.cluster.backend().to_string(),
+        }))
+    }
+
+    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = caller(&request)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            identity: caller.name.clone(),
+            role: caller.role.map(|r| r.name().to_string()).unwrap_or_default(),
+            credential: caller.credential_name().to_string(),
         }))
     }
 }
