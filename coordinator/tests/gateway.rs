@@ -27,6 +27,10 @@ fn node(id: &str, zone: &str) -> NodeStatus {
     }
 }
 
+/// A push as `actor` would send it with the old actor header: the header is
+/// ignored now (the actor comes from the credential; these loopback
+/// coordinators run `--insecure`, so every audit line says `insecure`;
+/// tests/security.rs checks certificate actors over real TLS).
 fn push(bytes: Vec<u8>, actor: &str) -> Request<PushPatchRequest> {
     let mut r = Request::new(PushPatchRequest { bundle: bytes });
     r.metadata_mut().insert("x-hotfleet-actor", actor.parse().expect("ascii"));
@@ -55,13 +59,13 @@ async fn push_good_patch_then_fetch_it_in_chunks() {
     let info = first.patch.expect("info");
     assert_eq!(info.patch_id, big.id());
     assert_eq!(info.target_build, BUILD);
-    assert_eq!(info.pushed_by, "alice");
+    assert_eq!(info.pushed_by, "insecure", "the header is not the actor");
     assert_eq!(info.modules, ["zone.combat"]);
 
     // Idempotent by id.
     let again = op.push_patch(push(bytes.clone(), "bob")).await.expect("push again").into_inner();
     assert!(!again.created);
-    assert_eq!(again.patch.expect("info").pushed_by, "alice");
+    assert_eq!(again.patch.expect("info").pushed_by, "insecure");
 
     let got = op.get_patch(GetPatchRequest { patch_id: big.id() }).await.expect("get").into_inner();
     assert_eq!(got.patch.expect("info").size_bytes, bytes.len() as u64);
@@ -91,7 +95,8 @@ async fn push_good_patch_then_fetch_it_in_chunks() {
 
     let audit = op.list_audit(ListAuditRequest { limit: 10 }).await.expect("audit").into_inner().records;
     assert_eq!(audit.len(), 2);
-    assert_eq!(audit[0].actor, "bob", "newest first");
+    assert!(audit[0].detail.contains("already stored"), "newest first: {audit:?}");
+    assert!(audit.iter().all(|a| a.actor == "insecure"), "every audit line of an --insecure coordinator says so");
     assert_eq!(audit[1].action, "patch.push");
     assert!(audit.iter().all(|a| a.ok));
     running.stop().await;
@@ -144,10 +149,10 @@ async fn refuses_tampered_unsigned_untrusted_oversized_and_garbage() {
     let listed = op.list_patches(ListPatchesRequest::default()).await.expect("list").into_inner();
     assert!(listed.patches.is_empty(), "nothing refused was stored");
 
-    // Refusals are audited, with the actor.
+    // Refusals are audited, with the actor (never the header's "mallory").
     let audit = op.list_audit(ListAuditRequest { limit: 0 }).await.expect("audit").into_inner().records;
     assert!(audit.len() >= 5, "{audit:?}");
-    assert!(audit.iter().all(|a| !a.ok && a.actor == "mallory" && a.detail.starts_with("refused")));
+    assert!(audit.iter().all(|a| !a.ok && a.actor == "insecure" && a.detail.starts_with("refused")));
     running.stop().await;
 }
 
