@@ -50,7 +50,11 @@ async fn hotfix_rolls_out_in_canary_and_waves_with_players_connected(backend: Ba
 async fn prepare_failure_on_one_node_changes_nothing_anywhere(backend: Backend) {
     let mut s = Scenario::start(backend);
     // node-3's agent trusts another release key: it cannot verify the patch and votes no.
-    let other = Keys::generate(&s.fleet.layout, &s.dir.path().join("other")).expect("keys");
+    // (Same CA: the agent is still the fleet's node-3, only its release key differs.)
+    let other = Keys {
+        tls: s.fleet.keys.tls.clone(),
+        ..Keys::generate(&s.fleet.layout, &s.dir.path().join("other")).expect("keys")
+    };
     s.restart_agent(2, &other);
     s.fleet.wait_registered().expect("re-registered");
     let before = s.damages();
