@@ -7,6 +7,7 @@
 //! - an agent refuses a command from a client that is not the coordinator;
 //! - a fake node cannot register, nor take over an existing node id;
 //! - the audit actor is the certificate identity even when the old header is sent;
+//! - a bearer token (stored hashed) acts with its role; an unknown one is refused;
 //! - a server without TLS flags and without --insecure refuses to start.
 
 mod common;
@@ -35,12 +36,19 @@ struct Secured {
 
 impl Secured {
     async fn start() -> Secured {
+        Self::start_with(|_, _| Vec::new()).await
+    }
+
+    /// `extra(layout, dir)` gives more coordinator flags (made before it starts).
+    async fn start_with(extra: impl Fn(&Layout, &std::path::Path) -> Vec<String>) -> Secured {
         let layout = Layout::for_workspace();
         let dir = tempfile::tempdir().expect("tmp");
         let keys = Keys::generate(&layout, dir.path()).expect("keys and certificates");
         let port = free_port().expect("port");
-        let coordinator = CoordinatorProc::start(&layout, dir.path(), &keys, port, &["--heartbeat-interval", "300ms"])
-            .expect("coordinator");
+        let mut flags = vec!["--heartbeat-interval".to_string(), "300ms".into()];
+        flags.extend(extra(&layout, dir.path()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let coordinator = CoordinatorProc::start(&layout, dir.path(), &keys, port, &flags).expect("coordinator");
         let agent =
             AgentProc::start(&layout, dir.path(), "node-1", Some(&coordinator.url()), &keys, &[]).expect("agent");
         let s = Secured { layout, _dir: dir, keys, coordinator, agent };
@@ -203,6 +211,38 @@ async fn the_audit_actor_is_the_certificate_identity_even_with_the_old_header() 
     let freeze = audit.iter().find(|r| r.action.contains("freeze")).expect("freeze audited");
     assert_eq!(freeze.actor, "oncall");
     assert!(audit.iter().all(|r| r.actor != "alice-the-sre"), "{audit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_acts_with_its_role_and_an_unknown_one_is_refused() {
+    let token = std::sync::Mutex::new(String::new());
+    let s = Secured::start_with(|layout, dir| {
+        let file = dir.join("tokens").display().to_string();
+        let made = layout.cli(&["auth", "token", "create", "ci-bot", "--role", "viewer", "--tokens", &file]);
+        *token.lock().expect("lock") = made.expect("token create").trim().to_string();
+        let text = std::fs::read_to_string(&file).expect("tokens file");
+        assert!(!text.contains(token.lock().expect("lock").as_str()), "only the hash is stored");
+        vec!["--tokens".into(), file]
+    })
+    .await;
+    let token = token.into_inner().expect("token");
+    let ca = s.keys.tls.coordinator().ca.display().to_string();
+    let url = s.coordinator.url();
+    let as_token = |t: &str, args: &[&str]| {
+        let mut full = vec!["--coordinator", &url, "--tls-ca", &ca, "--token", t];
+        full.extend_from_slice(args);
+        s.layout.cli_raw(&full).expect("run hotfleet")
+    };
+    let me = as_token(&token, &["auth", "whoami"]);
+    let me = String::from_utf8_lossy(&me.stdout).into_owned();
+    assert!(me.contains("identity    ci-bot") && me.contains("role        viewer") && me.contains("token"), "{me}");
+    assert!(as_token(&token, &["nodes", "list"]).status.success(), "a viewer token reads");
+    let freeze = as_token(&token, &["freeze", "--reason", "x"]);
+    assert_eq!(freeze.status.code(), Some(4));
+    assert!(stderr(&freeze).contains("ci-bot (role viewer)") && stderr(&freeze).contains("needs role operator"));
+    let unknown = as_token("hft_guessed", &["nodes", "list"]);
+    assert_eq!(unknown.status.code(), Some(4));
+    assert!(stderr(&unknown).contains("unknown bearer token"), "{}", stderr(&unknown));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
