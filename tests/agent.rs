@@ -413,3 +413,41 @@ async fn a_vanished_coordinator_is_logged_and_survived() {
     })
     .expect("the agent reconnects by itself");
 }
+
+/// One stuck game process (SIGSTOP: its runtime cannot answer) is that
+/// process's problem, never a lost node: heartbeats report it from the agent's
+/// cache within their bounded time, so the coordinator keeps the node alive
+/// for longer than its lost timeout (3 × 2 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_process_never_makes_its_node_lost() {
+    let node = Node::start(2).await;
+    let mut coordinator = CoordinatorClient::connect(node.coordinator.url()).await.expect("coordinator");
+    let stuck = node.zones[1].proc.pid();
+    let listed = std::time::Instant::now();
+    while node_a(&mut coordinator).await.status.expect("status").processes.len() < 2 {
+        assert!(listed.elapsed() < Duration::from_secs(20), "the coordinator never saw both processes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.zones[1].proc.signal("STOP").expect("SIGSTOP");
+    let stopped = std::time::Instant::now();
+    let mut polls = 0;
+    while stopped.elapsed() < Duration::from_secs(9) {
+        let info = node_a(&mut coordinator).await;
+        assert_eq!(info.liveness, "alive", "after {:?} with pid {stuck} stopped: {info:?}", stopped.elapsed());
+        let processes = &info.status.as_ref().expect("status").processes;
+        assert!(processes.iter().any(|p| p.pid == stuck), "the stuck process stays listed: {processes:?}");
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    node.zones[1].proc.signal("CONT").expect("SIGCONT");
+    assert!(polls >= 20, "{polls} polls");
+    let mut agent = agent_client(&node.agent).await;
+    let health = agent.health(HealthRequest::default()).await.expect("health").into_inner();
+    assert_eq!(health.processes.len(), 2, "{}", health.summary);
+}
+
+async fn node_a(coordinator: &mut CoordinatorClient<Channel>) -> hotfleet_proto::v1::NodeInfo {
+    let request = hotfleet_proto::v1::ListNodesRequest { selector: String::new() };
+    let nodes = coordinator.list_nodes(request).await.expect("list nodes").into_inner().nodes;
+    nodes.into_iter().find(|n| n.status.as_ref().is_some_and(|s| s.node_id == "node-a")).expect("node-a listed")
+}
