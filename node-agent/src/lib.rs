@@ -1,7 +1,8 @@
 //! hotfleet node agent: stands between the coordinator and the game processes
 //! of one host (or pod).
 //!
-//! - [`sessions`]: runtime sessions over the local Unix socket (one per game process);
+//! - [`sessions`]: runtime sessions over the local Unix socket (one per game process),
+//!   which [`runtime_socket`] creates owner-only and guards by peer uid;
 //! - [`runtimes`]: the game processes as the participant sees them (a trait, [`sessions`] behind it);
 //! - [`command`]: a command and its answer as domain values;
 //! - [`participant`]: the agent's side of the two-phase commit: epoch fencing
@@ -29,6 +30,7 @@ pub mod patches;
 pub mod prepared;
 pub mod process_status;
 pub mod reports;
+pub mod runtime_socket;
 pub mod runtimes;
 pub mod server;
 pub mod service;

@@ -19,6 +19,7 @@ use crate::{
     participant::{Participant, EPOCH_LEARN_WAIT},
     patches::PatchSource,
     reports::{NodeIdentity, NodeReporter},
+    runtime_socket::{self, PeerPolicy},
     service::AgentService,
     sessions::{self, Sessions},
     stacks::CoordinatorStacks,
@@ -102,6 +103,7 @@ pub async fn serve(
         node_id,
         Arc::new(CoordinatorStacks { patches }),
         config.session_idle_timeout,
+        PeerPolicy::new(&config.runtime_allowed_uids),
         shutdown.clone(),
     ));
     if let Some(client) = gateway {
@@ -149,7 +151,7 @@ pub async fn serve(
     result.map_err(ServeError::from)
 }
 
-/// Binds the runtime socket (see [`sessions::bind_runtime_socket`]).
+/// Binds the runtime socket (see [`runtime_socket::bind`]).
 pub fn bind_runtime_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
-    sessions::bind_runtime_socket(path)
+    runtime_socket::bind(path)
 }
