@@ -31,7 +31,8 @@ pub struct AgentConfig {
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
 
-    /// Unix socket the game processes' runtimes connect to (created owner-only).
+    /// Unix socket the game processes' runtimes connect to (created with its
+    /// final mode: owner-only unless --runtime-allowed-uid names other uids).
     #[arg(long, env = "HOTFLEET_AGENT_SOCKET", default_value = "/run/hotfleet/agent.sock")]
     pub runtime_socket: PathBuf,
 

@@ -2,15 +2,19 @@
 //! operator meant can drive a session (and through it report a patch stack
 //! or answer a prepare):
 //!
-//! - [`bind`]: the socket exists only with its final owner-only mode. It is
-//!   bound inside a fresh directory of mode 0700, restricted there, then
+//! - [`bind`]: the socket exists only with its final mode. It is bound
+//!   inside a fresh directory of mode 0700, given its mode there, then
 //!   renamed into place: there is no moment at which another user could
 //!   connect to a socket still carrying the umask's mode (chmod after bind
 //!   would leave one), and no process-wide umask is touched.
 //! - [`PeerPolicy`]: every accepted connection's peer uid (SO_PEERCRED,
 //!   from the kernel, not from anything the peer says) must be one allowed
 //!   by `--runtime-allowed-uid`, by default the agent's own uid. Root is
-//!   allowed only if named there (or if the agent itself runs as root).
+//!   allowed only if named there (or if the agent itself runs as root). The
+//!   policy also sets the socket's mode ([`PeerPolicy::socket_mode`]):
+//!   owner-only while only the agent's own uid (or root) may connect; open
+//!   to connect once other uids are allowed, the uid check then being the
+//!   barrier (file modes cannot name a list of uids).
 
 use std::{
     fs,
@@ -20,12 +24,15 @@ use std::{
 
 use tokio::net::{UnixListener, UnixStream};
 
-/// The socket's mode: owner read/write only.
-pub const SOCKET_MODE: u32 = 0o600;
+/// The socket's mode while only the agent's own uid may connect.
+pub const OWNER_ONLY: u32 = 0o600;
 
-/// Binds the runtime socket at `path` with mode [`SOCKET_MODE`], replacing
-/// a stale socket file atomically.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// The socket's mode once other uids may connect (each peer's uid checked).
+pub const ANY_CONNECTS: u32 = 0o666;
+
+/// Binds the runtime socket at `path` with `mode` from its first moment,
+/// replacing a stale socket file atomically.
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
@@ -40,12 +47,12 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(err) => return Err(err),
     }
     fs::DirBuilder::new().mode(0o700).create(&private)?;
-    let result = bind_via(&private, path);
+    let result = bind_via(&private, path, mode);
     let _ = fs::remove_dir_all(&private);
     result
 }
 
-fn bind_via(private: &Path, path: &Path) -> std::io::Result<UnixListener> {
+fn bind_via(private: &Path, path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     // Made just now by us with 0700 (a umask only takes bits away); checked
     // anyway, without following a link, in case the directory is shared.
     let meta = fs::symlink_metadata(private)?;
@@ -54,7 +61,7 @@ fn bind_via(private: &Path, path: &Path) -> std::io::Result<UnixListener> {
     }
     let staged = private.join("sock");
     let listener = UnixListener::bind(&staged)?;
-    fs::set_permissions(&staged, fs::Permissions::from_mode(SOCKET_MODE))?;
+    fs::set_permissions(&staged, fs::Permissions::from_mode(mode))?;
     fs::rename(&staged, path)?;
     Ok(listener)
 }
@@ -94,6 +101,18 @@ impl PeerPolicy {
         &self.allowed
     }
 
+    /// The socket's mode: [`OWNER_ONLY`] while every allowed uid is the
+    /// agent's own or root (which file modes do not stop), else
+    /// [`ANY_CONNECTS`], or the other allowed uids could not connect at all.
+    pub fn socket_mode(&self) -> u32 {
+        let own = effective_uid();
+        if self.allowed.iter().all(|uid| *uid == own || *uid == 0) {
+            OWNER_ONLY
+        } else {
+            ANY_CONNECTS
+        }
+    }
+
     /// The peer's uid if it is allowed.
     pub fn check(&self, stream: &UnixStream) -> Result<u32, PeerRefused> {
         let uid = stream.peer_cred().map_err(PeerRefused::Credentials)?.uid();
@@ -119,12 +138,12 @@ mod tests {
     async fn the_socket_is_born_owner_only_and_replaces_a_stale_one() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("run/agent.sock");
-        let first = bind(&path).expect("bind");
-        assert_eq!(fs::metadata(&path).expect("socket").permissions().mode() & 0o777, SOCKET_MODE);
+        let first = bind(&path, OWNER_ONLY).expect("bind");
+        assert_eq!(fs::metadata(&path).expect("socket").permissions().mode() & 0o777, OWNER_ONLY);
         drop(first);
-        // A stale socket file from an agent that died: replaced, same mode.
-        let listener = bind(&path).expect("bind again");
-        assert_eq!(fs::metadata(&path).expect("socket").permissions().mode() & 0o777, SOCKET_MODE);
+        // A stale socket file from an agent that died: replaced, with its own mode.
+        let listener = bind(&path, ANY_CONNECTS).expect("bind again");
+        assert_eq!(fs::metadata(&path).expect("socket").permissions().mode() & 0o777, ANY_CONNECTS);
         let leftovers: Vec<_> =
             fs::read_dir(path.parent().expect("dir")).expect("list").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(leftovers, ["agent.sock"], "the private bind directory is gone");
@@ -137,7 +156,7 @@ mod tests {
     async fn a_peer_is_admitted_only_with_an_allowed_uid() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("agent.sock");
-        let listener = bind(&path).expect("bind");
+        let listener = bind(&path, OWNER_ONLY).expect("bind");
         let _client = UnixStream::connect(&path).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
         let me = effective_uid();
@@ -147,5 +166,13 @@ mod tests {
         assert!(matches!(&err, PeerRefused::Uid { uid, .. } if *uid == me), "{err}");
         assert!(err.to_string().contains("--runtime-allowed-uid"), "{err}");
         assert_eq!(PeerPolicy::only(&[other, me]).check(&stream).expect("listed"), me);
+    }
+
+    #[test]
+    fn the_socket_opens_to_others_only_when_other_uids_are_allowed() {
+        let me = effective_uid();
+        assert_eq!(PeerPolicy::new(&[]).socket_mode(), OWNER_ONLY);
+        assert_eq!(PeerPolicy::only(&[me, 0]).socket_mode(), OWNER_ONLY, "root passes file modes anyway");
+        assert_eq!(PeerPolicy::only(&[me.wrapping_add(4242)]).socket_mode(), ANY_CONNECTS);
     }
 }

@@ -151,7 +151,8 @@ pub async fn serve(
     result.map_err(ServeError::from)
 }
 
-/// Binds the runtime socket (see [`runtime_socket::bind`]).
-pub fn bind_runtime_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
-    runtime_socket::bind(path)
+/// Binds the runtime socket with the mode its peer policy needs (see [`runtime_socket`]).
+pub fn bind_runtime_socket(config: &AgentConfig) -> std::io::Result<UnixListener> {
+    let mode = PeerPolicy::new(&config.runtime_allowed_uids).socket_mode();
+    runtime_socket::bind(&config.runtime_socket, mode)
 }

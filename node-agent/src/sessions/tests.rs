@@ -56,7 +56,7 @@ impl Agent {
     fn start_for(stacks: Arc<dyn StackProvider>, idle: Duration, peers: PeerPolicy) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("agent.sock");
-        let listener = crate::runtime_socket::bind(&path).expect("bind");
+        let listener = crate::runtime_socket::bind(&path, peers.socket_mode()).expect("bind");
         let (sessions, shutdown) = (Sessions::default(), CancellationToken::new());
         tokio::spawn(serve(listener, sessions.clone(), "n".into(), stacks, idle, peers, shutdown.clone()));
         Self { _dir: dir, path, sessions, shutdown }
