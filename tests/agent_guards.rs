@@ -6,7 +6,9 @@
 //!   rollout completes;
 //! - a patch the coordinator rolled back cannot be replayed (Prepare +
 //!   Commit of its rollout) onto the agent: the zone server keeps running
-//!   what the store says.
+//!   what the store says;
+//! - a patch whose manifest parent is not the top of the processes' stack is
+//!   refused at prepare, naming both.
 //!
 //! Ends with the consistency check of `common`.
 
@@ -21,7 +23,7 @@ fn header(rollout: &str, patch: &str, epoch: u64) -> Option<CommandHeader> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_epoch_and_a_replayed_rolled_back_patch_change_nothing() {
+async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_change_nothing() {
     let mut s = Scenario::start_game(Backend::Embedded, Game::ZoneServer, 2, BUILD);
     let hotfix = s.push("hotfix-damage");
     let node = &s.fleet.nodes[0];
@@ -60,6 +62,14 @@ async fn a_forged_epoch_and_a_replayed_rolled_back_patch_change_nothing() {
         let err = agent.commit(CommitRequest { header: header(&bad_rollout, &bad, epoch) }).await.expect_err("commit");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}: {err:?}", node.agent.node_id);
     }
+
+    // 5. A patch built as a build's first (no parent) does not go on top of the hotfix.
+    let orphan = s.push("slow-tick");
+    let (code, refused) = s.watch(&s.start_rollout(&orphan, "1500ms"));
+    assert_eq!(code, 3, "{refused}");
+    let reason = refused["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("parent none") && reason.contains(&hotfix[..12]), "{reason}");
+
     // Every zone server still runs the hotfix alone, as the store says.
     assert_eq!(s.assert_consistent(&[]).await, vec![hotfix]);
 }
