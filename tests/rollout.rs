@@ -79,7 +79,7 @@ async fn commit_failure_in_wave_two_rolls_back_canary_and_wave_one(backend: Back
     let (code, _) = s.watch(&s.start_rollout(&hotfix, "1500ms"));
     assert_eq!(code, 0);
     let fixed = s.damages();
-    let bad = s.push("bad-hook");
+    let bad = s.push_on("bad-hook", Some(&hotfix));
     let id = s.start_rollout(&bad, "1500ms");
     let plan = s.status(&id);
     assert_eq!(plan["steps"][2]["nodeIds"], serde_json::json!(["node-4"]), "node-4 is wave 2: {plan}");
