@@ -7,6 +7,7 @@
 //! - [`leadership`]: leader election on etcd, the lease, and the fences on writes and commands.
 //! - [`term`]: what runs only while this coordinator leads, and the role the gRPC adapters consult.
 //! - [`reads`]: the operator's read path (the leader's engine or the store, decided once).
+//! - [`input`]: bounds on every field callers send, and the one way to quote their input.
 //! - [`registry`]: agents, their addresses, what they run, liveness.
 //! - [`drift`]: a process's patch stack against its build's; [`reconcile`] repairs drift.
 //! - [`patches`]: verified patch uploads, stored by digest.
@@ -24,6 +25,7 @@ pub mod drift;
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod input;
 pub mod leadership;
 pub mod node;
 pub mod patches;

@@ -10,18 +10,26 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::{health::GateConfig, RolloutSpec, Skipped, Step};
+use crate::{
+    input::{self, excerpt, InputError},
+    rollout::{RolloutSpec, Skipped, Step},
+};
 
 /// Why a spec cannot be planned; the message says what to change.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
-    #[error("invalid selector {selector:?}: {reason} (use \"all\" or \"key=value[,key=value]\")")]
+    /// A field beyond its bound (lengths, counts, number ranges).
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// `selector` is already an [`excerpt`] of what was sent.
+    #[error("invalid selector {selector}: {reason} (use \"all\" or \"key=value[,key=value]\")")]
     Selector { selector: String, reason: String },
-    #[error("invalid size {text:?}: {reason} (use a count like \"2\" or a percent like \"25%\")")]
+    /// `text` is already an [`excerpt`] of what was sent.
+    #[error("invalid size {text}: {reason} (use a count like \"2\" or a percent like \"25%\")")]
     Size { text: String, reason: String },
     #[error("the selector {selector:?} matches no live node running build {build} (check `hotfleet nodes list`)")]
     NoTargets { selector: String, build: String },
-    #[error("unknown step {name:?} in pause-before; this plan's steps are: {steps}")]
+    #[error("unknown step {} in pause-before; this plan's steps are: {steps}", excerpt(name))]
     UnknownStep { name: String, steps: String },
     #[error("tick_p99_factor {0} must be >= 1.0")]
     P99Factor(f64),
@@ -45,20 +53,22 @@ pub struct Selector {
 impl Selector {
     /// Parses `"all"`, `""` or `"k=v,k2=v2"`.
     pub fn parse(text: &str) -> Result<Self, PlanError> {
+        input::text("selector", text, input::MAX_SELECTOR)?;
         let trimmed = text.trim();
         let mut labels = BTreeMap::new();
         if trimmed.is_empty() || trimmed == "all" || trimmed == "*" {
             return Ok(Self { labels });
         }
-        let err = |reason: &str| PlanError::Selector { selector: text.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| PlanError::Selector { selector: excerpt(text), reason: reason.to_string() };
         for part in trimmed.split(',') {
-            let (key, value) = part.split_once('=').ok_or_else(|| err(&format!("{part:?} is not key=value")))?;
+            let (key, value) =
+                part.split_once('=').ok_or_else(|| err(&format!("{} is not key=value", excerpt(part))))?;
             let (key, value) = (key.trim(), value.trim());
             if key.is_empty() {
                 return Err(err("empty label key"));
             }
             if labels.insert(key.to_string(), value.to_string()).is_some() {
-                return Err(err(&format!("label {key:?} given twice")));
+                return Err(err(&format!("label {} given twice", excerpt(key))));
             }
         }
         Ok(Self { labels })
@@ -88,8 +98,9 @@ pub enum Size {
 
 impl Size {
     pub fn parse(text: &str) -> Result<Self, PlanError> {
+        input::text("size", text, input::MAX_SIZE_TEXT)?;
         let t = text.trim();
-        let err = |reason: &str| PlanError::Size { text: text.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| PlanError::Size { text: excerpt(text), reason: reason.to_string() };
         if let Some(pct) = t.strip_suffix('%') {
             let value: f64 = pct.trim().parse().map_err(|_| err("not a number"))?;
             if !(value.is_finite() && value > 0.0 && value <= 100.0) {
@@ -149,11 +160,11 @@ impl Plan {
     }
 }
 
-/// Plans a rollout of `spec` on build `build`: validates the whole spec (the
-/// health gate's bounds, every pause-before naming a step of this plan) and
+/// Plans a rollout of `spec` on build `build`: validates the whole spec
+/// ([`RolloutSpec::validate`]: bounds, the health gate's thresholds, every pause-before naming a step of this plan) and
 /// returns the steps with their manual gates.
 pub fn plan(candidates: &[Candidate], spec: &RolloutSpec, build: &str) -> Result<Plan, PlanError> {
-    check_gate(&spec.gate)?;
+    spec.validate()?;
     let mut plan = select(candidates, &spec.selector, build, spec.canary, &spec.waves)?;
     for name in &spec.pause_before {
         if plan.step_index(name).is_none() {
@@ -165,16 +176,6 @@ pub fn plan(candidates: &[Candidate], spec: &RolloutSpec, build: &str) -> Result
         step.pause_before = spec.pause_before.contains(&step.name);
     }
     Ok(plan)
-}
-
-fn check_gate(gate: &GateConfig) -> Result<(), PlanError> {
-    if !(gate.p99_factor.is_finite() && gate.p99_factor >= 1.0) {
-        return Err(PlanError::P99Factor(gate.p99_factor));
-    }
-    if !(gate.p99_floor_ms.is_finite() && gate.p99_floor_ms >= 0.0) {
-        return Err(PlanError::P99Floor(gate.p99_floor_ms));
-    }
-    Ok(())
 }
 
 /// Which nodes, in which steps (no manual gates yet).
@@ -222,7 +223,7 @@ fn select(
     let mut wave_sizes = Vec::new();
     for size in waves {
         let upto = match size {
-            Size::Count(n) => done + (*n as usize),
+            Size::Count(n) => done.saturating_add(*n as usize),
             Size::Percent(_) => size.of(rest.len()),
         }
         .min(rest.len());
@@ -380,7 +381,10 @@ mod tests {
         for (factor, floor, what) in
             [(0.5, 20.0, "must be >= 1.0"), (f64::NAN, 20.0, "must be >= 1.0"), (3.0, -1.0, "must be >= 0")]
         {
-            let bad = RolloutSpec { gate: GateConfig { p99_factor: factor, p99_floor_ms: floor }, ..spec(&[]) };
+            let bad = RolloutSpec {
+                gate: crate::rollout::health::GateConfig { p99_factor: factor, p99_floor_ms: floor },
+                ..spec(&[])
+            };
             let err = plan(&fleet(5), &bad, "b1").expect_err("bad gate");
             assert!(err.to_string().contains(what), "{err}");
         }

@@ -20,6 +20,7 @@ use std::{
 
 use crate::{
     clock::now_ms,
+    input::{self, InputError},
     node::NodeStatus,
     planner::Candidate,
     store::{Batch, Fence, NodeRecord, Store, StoreError, Write},
@@ -35,6 +36,8 @@ pub const STARTUP_GRACE: Duration = Duration::from_secs(5);
 pub enum RegistryError {
     #[error("invalid node registration: {0}")]
     Invalid(String),
+    #[error("invalid node registration: {0}")]
+    Input(#[from] InputError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -125,16 +128,59 @@ pub struct Registry {
 
 fn validate(status: &NodeStatus) -> Result<(), RegistryError> {
     let id = &status.node_id;
-    if id.is_empty() || id.len() > 128 {
-        return Err(RegistryError::Invalid("node_id must be 1-128 characters".into()));
+    if id.is_empty() || id.len() > input::MAX_ID {
+        return Err(RegistryError::Invalid(format!("node_id must be 1-{} characters", input::MAX_ID)));
     }
     if !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
-        return Err(RegistryError::Invalid(format!("node_id {id:?} may only hold letters, digits and - _ . :")));
+        return Err(RegistryError::Invalid(format!(
+            "node_id {} may only hold letters, digits and - _ . :",
+            input::excerpt(id)
+        )));
     }
     if status.advertise_addr.trim().is_empty() {
         return Err(RegistryError::Invalid(format!(
             "node {id} has no advertise_addr: the coordinator cannot reach its agent"
         )));
+    }
+    check_bounds(status)?;
+    Ok(())
+}
+
+/// Every field a node reports within its bound ([`crate::input`]): the
+/// status is stored and listed, so nothing in it may be unbounded.
+fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
+    use input::{count, text};
+    text("advertise_addr", &status.advertise_addr, input::MAX_ADDR)?;
+    count("labels", status.labels.len(), input::MAX_LABELS)?;
+    for (key, value) in &status.labels {
+        text("label key", key, input::MAX_LABEL_KEY)?;
+        text("label value", value, input::MAX_LABEL_VALUE)?;
+    }
+    count("processes", status.processes.len(), input::MAX_PROCESSES)?;
+    for p in &status.processes {
+        text("process_id", &p.process_id, input::MAX_ID)?;
+        text("build", &p.build, input::MAX_BUILD)?;
+        text("runtime_version", &p.runtime_version, input::MAX_SHORT_TEXT)?;
+        text("python_version", &p.python_version, input::MAX_SHORT_TEXT)?;
+        count("patch_stack", p.patch_stack.len(), input::MAX_STACK)?;
+        for patch in &p.patch_stack {
+            text("patch_stack entry", patch, input::MAX_ID)?;
+        }
+        count("live_digests", p.live_digests.len(), input::MAX_MODULES)?;
+        for (module, digest) in &p.live_digests {
+            text("module name", module, input::MAX_SHORT_TEXT)?;
+            text("module digest", digest, input::MAX_SHORT_TEXT)?;
+        }
+        if let Some(health) = &p.health {
+            text("game_detail", &health.game_detail, input::MAX_SHORT_TEXT)?;
+        }
+    }
+    for (field, list) in [("prepared", &status.prepared), ("expired", &status.expired)] {
+        count(field, list.len(), input::MAX_PREPARED)?;
+        for patch in list {
+            text("rollout_id", &patch.rollout_id, input::MAX_ID)?;
+            text("patch_id", &patch.patch_id, input::MAX_ID)?;
+        }
     }
     Ok(())
 }
@@ -386,5 +432,14 @@ mod tests {
         for bad in [status(""), status("a b"), NodeStatus { advertise_addr: String::new(), ..status("n") }] {
             assert!(matches!(reg.register(bad).await, Err(RegistryError::Invalid(_))));
         }
+        let mut huge = status("n");
+        huge.labels.insert("zone".into(), "z".repeat(4 << 20));
+        let err = reg.register(huge).await.expect_err("4 MB label");
+        assert!(matches!(err, RegistryError::Input(_)));
+        assert!(err.to_string().len() < 200, "{err}");
+        let mut many = status("n");
+        many.processes = vec![Default::default(); input::MAX_PROCESSES + 1];
+        assert!(matches!(reg.register(many).await, Err(RegistryError::Input(_))));
+        assert!(reg.list().is_empty(), "nothing refused was registered");
     }
 }

@@ -1,5 +1,6 @@
 //! The operator `Coordinator` service: what the `hotfleet` CLI calls.
-//! Each handler: read the actor, decode, call the domain, encode.
+//! Each handler: read the actor, decode (every field within its bound,
+//! [`crate::input`]), call the domain, encode.
 //!
 //! Writes go to the leader's term ([`Cluster::leader_term`]: a follower
 //! refuses them naming the leader). Reads are served by every coordinator
@@ -15,6 +16,7 @@ use tonic::{Request, Response, Status};
 use super::{actor, convert};
 use crate::{
     error::Error,
+    input::{self, MAX_BUILD, MAX_ID, MAX_REASON},
     planner::Selector,
     reads::RolloutView,
     rollout::OperatorAction,
@@ -28,6 +30,22 @@ pub struct OperatorService {
 }
 
 type RolloutStream = Pin<Box<dyn Stream<Item = Result<pb::Rollout, Status>> + Send + 'static>>;
+
+/// Most records one list reply carries, whatever the request asks.
+pub const MAX_PAGE: usize = 1000;
+
+/// Decoding: a text field within its bound, else `INVALID_ARGUMENT`.
+fn bounded(field: &'static str, value: &str, max: usize) -> Result<(), Status> {
+    input::text(field, value, max).map_err(|e| Error::from(e).into())
+}
+
+/// A requested page size: `default` for 0, at most [`MAX_PAGE`].
+fn page(limit: u32, default: usize) -> usize {
+    match limit {
+        0 => default,
+        n => (n as usize).min(MAX_PAGE),
+    }
+}
 
 fn encode(view: &RolloutView) -> pb::Rollout {
     convert::rollout(&view.state, view.frozen)
@@ -46,6 +64,8 @@ impl OperatorService {
     ) -> Result<Response<pb::RolloutActionResponse>, Status> {
         let who = actor(&request);
         let req = request.into_inner();
+        bounded("rollout_id", &req.rollout_id, MAX_ID)?;
+        bounded("reason", &req.reason, MAX_REASON)?;
         let state = self.leader()?.engine.act(&req.rollout_id, action, &who, &req.reason).await?;
         let view = self.cluster.view(state).await;
         Ok(Response::new(pb::RolloutActionResponse { rollout: Some(encode(&view)) }))
@@ -70,12 +90,15 @@ impl Coordinator for OperatorService {
         request: Request<pb::ListPatchesRequest>,
     ) -> Result<Response<pb::ListPatchesResponse>, Status> {
         let build = request.into_inner().target_build;
+        bounded("target_build", &build, MAX_BUILD)?;
         let patches = self.cluster.patches.list(&build).await?.into_iter().map(convert::patch_info).collect();
         Ok(Response::new(pb::ListPatchesResponse { patches }))
     }
 
     async fn get_patch(&self, request: Request<pb::GetPatchRequest>) -> Result<Response<pb::GetPatchResponse>, Status> {
-        let record = self.cluster.patches.get(&request.into_inner().patch_id).await?;
+        let patch_id = request.into_inner().patch_id;
+        bounded("patch_id", &patch_id, MAX_ID)?;
+        let record = self.cluster.patches.get(&patch_id).await?;
         Ok(Response::new(pb::GetPatchResponse { patch: Some(convert::patch_info(record)) }))
     }
 
@@ -106,7 +129,7 @@ impl Coordinator for OperatorService {
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         let req = request.into_inner();
-        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
+        let limit = page(req.limit, 50);
         let frozen = self.cluster.frozen().await;
         let states = self.cluster.rollouts(req.active_only, limit).await?;
         let rollouts = states.iter().map(|s| convert::rollout(s, frozen)).collect();
@@ -117,7 +140,9 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::GetRolloutResponse>, Status> {
-        let view = self.cluster.view(self.cluster.rollout(&request.into_inner().rollout_id).await?).await;
+        let rollout_id = request.into_inner().rollout_id;
+        bounded("rollout_id", &rollout_id, MAX_ID)?;
+        let view = self.cluster.view(self.cluster.rollout(&rollout_id).await?).await;
         Ok(Response::new(pb::GetRolloutResponse { rollout: Some(encode(&view)) }))
     }
 
@@ -127,7 +152,9 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::WatchRolloutRequest>,
     ) -> Result<Response<RolloutStream>, Status> {
-        let views = self.cluster.watch(&request.into_inner().rollout_id).await?;
+        let rollout_id = request.into_inner().rollout_id;
+        bounded("rollout_id", &rollout_id, MAX_ID)?;
+        let views = self.cluster.watch(&rollout_id).await?;
         Ok(Response::new(Box::pin(views.map(|view| Ok(encode(&view))))))
     }
 
@@ -162,6 +189,7 @@ impl Coordinator for OperatorService {
     async fn freeze(&self, request: Request<pb::FreezeRequest>) -> Result<Response<pb::FreezeStatus>, Status> {
         let who = actor(&request);
         let reason = request.into_inner().reason;
+        bounded("reason", &reason, MAX_REASON)?;
         let term = self.leader()?;
         Ok(Response::new(convert::freeze_status(term.engine.set_freeze(Some(reason), &who).await?)))
     }
