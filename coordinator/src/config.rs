@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::store::etcd::EtcdOptions;
+use crate::{grpc::limits::ServeLimits, store::etcd::EtcdOptions};
 
 /// State store backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +85,24 @@ pub struct Args {
     /// How long shutdown waits for in-flight work.
     #[arg(long, env = "HOTFLEET_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Deadline of one gRPC request (a stream: until its first message).
+    #[arg(long, env = "HOTFLEET_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Operator requests in flight at once; more are refused RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HOTFLEET_OPERATOR_CONCURRENCY", default_value_t = 64)]
+    pub operator_concurrency: usize,
+    /// Open client connections at most (lowered to fit the open-files limit).
+    #[arg(long, env = "HOTFLEET_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A new connection that sends nothing (or too little) for this long is closed.
+    #[arg(long, env = "HOTFLEET_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 keepalive ping interval towards every client.
+    #[arg(long, env = "HOTFLEET_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+    /// A client that does not answer a keepalive ping within this is disconnected.
+    #[arg(long, env = "HOTFLEET_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
 }
 
 /// Why the flags do not make a working coordinator.
@@ -111,6 +129,8 @@ pub struct Config {
     pub agent_timeout: Duration,
     pub agent_concurrency: usize,
     pub drain_timeout: Duration,
+    /// Connection and time limits of the gRPC server.
+    pub limits: ServeLimits,
     /// Overrides `lost_after x heartbeat interval` (tests; not a flag).
     pub lost_timeout: Option<Duration>,
 }
@@ -145,6 +165,7 @@ impl Config {
             agent_timeout: Duration::from_secs(30),
             agent_concurrency: 64,
             drain_timeout: Duration::from_secs(10),
+            limits: ServeLimits::default(),
             lost_timeout: None,
         }
     }
@@ -166,6 +187,22 @@ impl TryFrom<Args> for Config {
         }
         if a.agent_concurrency == 0 {
             return Err(invalid("agent-concurrency", "must be at least 1"));
+        }
+        if a.operator_concurrency == 0 {
+            return Err(invalid("operator-concurrency", "must be at least 1"));
+        }
+        if a.max_connections < 16 {
+            return Err(invalid("max-connections", "must be at least 16"));
+        }
+        for (flag, value) in [
+            ("request-timeout", a.request_timeout),
+            ("handshake-timeout", a.handshake_timeout),
+            ("keepalive-interval", a.keepalive_interval),
+            ("keepalive-timeout", a.keepalive_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(invalid(flag, "must be at least 100ms"));
+            }
         }
         let etcd = etcd_options(&a)?;
         if a.leader_lease < Duration::from_secs(2) {
@@ -206,6 +243,14 @@ impl TryFrom<Args> for Config {
             agent_timeout: a.agent_timeout,
             agent_concurrency: a.agent_concurrency,
             drain_timeout: a.drain_timeout,
+            limits: ServeLimits {
+                request_timeout: a.request_timeout,
+                operator_concurrency: a.operator_concurrency,
+                max_connections: a.max_connections,
+                handshake_timeout: a.handshake_timeout,
+                keepalive_interval: a.keepalive_interval,
+                keepalive_timeout: a.keepalive_timeout,
+            },
             lost_timeout: None,
         })
     }
@@ -288,6 +333,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:7700");
         assert_eq!(config.data_dir, PathBuf::from("./hotfleet-data"));
         assert_eq!(config.store, StoreKind::Embedded);
+        assert_eq!(config.limits, ServeLimits::default(), "the flags' defaults are the library's");
     }
 
     #[test]

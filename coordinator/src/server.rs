@@ -24,14 +24,13 @@ use std::{
 use hotfleet_patch::{Limits, TrustedKeys};
 use hotfleet_proto::v1::{agent_gateway_server::AgentGatewayServer, coordinator_server::CoordinatorServer};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 
 use crate::{
     agents::{AgentClient, GrpcAgents},
     config::{Config, StoreKind},
-    grpc::{gateway::GatewayService, operator::OperatorService},
+    grpc::{self, gateway::GatewayService, operator::OperatorService},
     leadership::{Elector, EtcdBackend, LeaseElection, SoloElector},
     patches::Patches,
     store::{embedded::EmbeddedStore, etcd::EtcdStore, Store, StoreError},
@@ -195,13 +194,16 @@ impl Coordinator {
         let (reflection_v1, reflection_v1alpha) = reflection()?;
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(%addr, "serving gRPC (AgentGateway, Coordinator, health, reflection)");
-        tonic::transport::Server::builder()
+        let limits = &self.config.limits;
+        let (mut builder, incoming) = grpc::limits::apply(tonic::transport::Server::builder(), listener, limits);
+        let operator = CoordinatorServer::new(operator).max_decoding_message_size(max_message);
+        builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AgentGatewayServer::new(gateway))
-            .add_service(CoordinatorServer::new(operator).max_decoding_message_size(max_message))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .add_service(grpc::limits::Shed::new(operator, limits.operator_concurrency))
+            .serve_with_incoming_shutdown(incoming, async {
                 shutdown.await;
                 self.stop_leading().await;
             })

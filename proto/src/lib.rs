@@ -4,6 +4,7 @@
 
 pub mod address;
 pub mod duration;
+pub mod listener;
 pub mod local;
 pub mod parts;
 

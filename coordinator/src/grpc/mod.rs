@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod gateway;
+pub mod limits;
 pub mod operator;
 mod spec;
 
