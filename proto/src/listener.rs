@@ -285,6 +285,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         }
         limit = raised;
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
     Ok(limit.rlim_cur as u64)
 }
 
