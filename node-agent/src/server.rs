@@ -5,9 +5,9 @@
 use std::{sync::Arc, time::Duration};
 
 use hotfleet_patch::TrustedKeys;
+use hotfleet_proto::listener::{ConnLimits, Incoming};
 use hotfleet_proto::v1::agent_server::AgentServer;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -127,18 +127,26 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().map_err(|e| ServeError::Reflection(e.to_string()))?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| ServeError::Reflection(e.to_string()))?;
 
+    // Only coordinators call an agent: a few connections. Anything that
+    // connects and sends nothing is closed, and at the cap it makes room.
+    let incoming = Incoming::new(grpc_listener, AGENT_CONN_LIMITS);
     let result = Server::builder()
         .timeout(Duration::from_secs(120))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(AgentServer::new(AgentService::new(reporter)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     result.map_err(ServeError::from)
 }
+
+/// The agent's gRPC accept side (see [`hotfleet_proto::listener`]).
+const AGENT_CONN_LIMITS: ConnLimits = ConnLimits { max_connections: 256, handshake_timeout: Duration::from_secs(10) };
 
 /// Binds the runtime socket (see [`sessions::bind_runtime_socket`]).
 pub fn bind_runtime_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
