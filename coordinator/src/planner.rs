@@ -140,6 +140,9 @@ pub struct Candidate {
     /// Builds the node's processes run (plus its `build` label, if any).
     pub builds: Vec<String>,
     pub alive: bool,
+    /// Whether the node reported any game process (runtime session): a node
+    /// without one has nothing to patch and nothing to judge health by.
+    pub has_processes: bool,
 }
 
 /// The planner's answer: the steps the rollout runs, in order (manual
@@ -180,9 +183,12 @@ pub fn plan(candidates: &[Candidate], spec: &RolloutSpec, build: &str) -> Result
 
 /// Which nodes, in which steps (no manual gates yet).
 ///
-/// Targets: nodes matching `selector`, alive, and running `build` (a node
-/// whose build is unknown, e.g. no process attached yet, is included: its
-/// agent refuses a wrong build at prepare, which aborts safely). Canary: the
+/// Targets: nodes matching `selector`, alive, with at least one game
+/// process, and running `build` (a node whose processes report no build is
+/// included: its agent refuses a wrong build at prepare, which aborts
+/// safely). A node without processes is never a target, so never a canary:
+/// nothing there would run the patch, and its health could only be made up
+/// (drift repair patches it once a process attaches). Canary: the
 /// first `canary` targets. Waves cover the rest: a count is "that many more
 /// nodes", a percent is "up to that share of the non-canary targets"
 /// (cumulative, so `25%,50%,100%` are three growing stages); nodes left after
@@ -201,6 +207,9 @@ fn select(
     for c in sorted {
         if !c.alive {
             skipped.push(Skipped { node_id: c.node_id.clone(), reason: "lost (missed heartbeats)".to_string() });
+        } else if !c.has_processes {
+            let reason = "no game process attached (nothing to patch; drift repair patches it once one attaches)";
+            skipped.push(Skipped { node_id: c.node_id.clone(), reason: reason.to_string() });
         } else if !c.builds.is_empty() && !c.builds.iter().any(|b| b == build) {
             let reason = format!("runs build {}, not {build}", c.builds.join(","));
             skipped.push(Skipped { node_id: c.node_id.clone(), reason });
@@ -253,6 +262,7 @@ mod tests {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             builds: if build.is_empty() { vec![] } else { vec![build.into()] },
             alive: true,
+            has_processes: true,
         }
     }
 
@@ -348,13 +358,28 @@ mod tests {
         nodes.push(node("x-other", &[("zone", "a")], "b0"));
         nodes.push(Candidate { alive: false, ..node("x-lost", &[("zone", "a")], "b1") });
         nodes.push(node("x-nobuild", &[("zone", "a")], ""));
+        nodes.push(Candidate { has_processes: false, ..node("x-empty", &[("zone", "a")], "b1") });
         let sel = Selector::parse("zone=a").expect("sel");
         let p = select(&nodes, &sel, "b1", Size::Count(1), &[]).expect("plan");
         let targets: Vec<&String> = p.targets().collect();
         assert_eq!(targets, ["n00", "n02", "x-nobuild"]);
-        assert_eq!(p.skipped.len(), 2);
+        assert_eq!(p.skipped.len(), 3);
+        assert!(p.skipped.iter().any(|s| s.node_id == "x-empty" && s.reason.contains("no game process")));
         assert!(p.skipped.iter().any(|s| s.node_id == "x-other" && s.reason.contains("b0")));
         assert!(p.skipped.iter().any(|s| s.node_id == "x-lost" && s.reason.contains("lost")));
+    }
+
+    #[test]
+    fn a_node_without_processes_is_never_the_canary_even_sorting_first() {
+        // "a-fake" sorts first and registered with no process: the canary is
+        // the first node that runs one.
+        let mut nodes = fleet(3);
+        nodes.push(Candidate { has_processes: false, ..node("a-fake", &[("zone", "a")], "") });
+        let p = select(&nodes, &all(), "b1", Size::Count(1), &[]).expect("plan");
+        assert_eq!(p.steps[0].nodes, ["n00"]);
+        assert!(p.targets().all(|n| n != "a-fake"));
+        let only_empty = [Candidate { has_processes: false, ..node("a-fake", &[], "b1") }];
+        assert!(matches!(select(&only_empty, &all(), "b1", Size::Count(1), &[]), Err(PlanError::NoTargets { .. })));
     }
 
     #[test]

@@ -102,6 +102,7 @@ impl NodeView {
             labels: self.status.labels.clone(),
             builds,
             alive: self.liveness == Liveness::Alive,
+            has_processes: !self.status.processes.is_empty(),
         }
     }
 }

@@ -92,6 +92,7 @@ fn rollout(n: usize) -> RolloutState {
             labels: BTreeMap::new(),
             builds: vec!["b1".into()],
             alive: true,
+            has_processes: true,
         })
         .collect();
     let waves = [Size::Percent(25.0), Size::Percent(50.0), Size::Percent(100.0)];
