@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::{grpc::limits::ServeLimits, store::etcd::EtcdOptions};
+use crate::{
+    grpc::limits::ServeLimits,
+    store::{etcd::EtcdOptions, AuditRetention},
+};
 
 /// State store backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +88,15 @@ pub struct Args {
     /// How long shutdown waits for in-flight work.
     #[arg(long, env = "HOTFLEET_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// A node lost (no heartbeat) for longer than this is forgotten: its record is removed, audited.
+    #[arg(long, env = "HOTFLEET_NODE_EXPIRY", default_value = "24h", value_parser = parse_duration)]
+    pub node_expiry: Duration,
+    /// Audit entries kept at most (the oldest go first).
+    #[arg(long, env = "HOTFLEET_AUDIT_KEEP", default_value_t = 100_000)]
+    pub audit_keep: u64,
+    /// Audit entries older than this go (0 = no age limit; 2160h = 90 days).
+    #[arg(long, env = "HOTFLEET_AUDIT_MAX_AGE", default_value = "2160h", value_parser = parse_duration)]
+    pub audit_max_age: Duration,
     /// Deadline of one gRPC request (a stream: until its first message).
     #[arg(long, env = "HOTFLEET_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -131,6 +143,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Connection and time limits of the gRPC server.
     pub limits: ServeLimits,
+    /// Silence after which a lost node is forgotten.
+    pub node_expiry: Duration,
+    pub audit_retention: AuditRetention,
     /// Overrides `lost_after x heartbeat interval` (tests; not a flag).
     pub lost_timeout: Option<Duration>,
 }
@@ -166,6 +181,8 @@ impl Config {
             agent_concurrency: 64,
             drain_timeout: Duration::from_secs(10),
             limits: ServeLimits::default(),
+            node_expiry: Duration::from_secs(24 * 3600),
+            audit_retention: AuditRetention::default(),
             lost_timeout: None,
         }
     }
@@ -187,6 +204,17 @@ impl TryFrom<Args> for Config {
         }
         if a.agent_concurrency == 0 {
             return Err(invalid("agent-concurrency", "must be at least 1"));
+        }
+        if a.audit_keep == 0 {
+            return Err(invalid("audit-keep", "must be at least 1"));
+        }
+        let lost_for =
+            Duration::from_secs(u64::from(crate::registry::advertised_seconds(a.heartbeat_interval))) * a.lost_after;
+        if a.node_expiry <= lost_for {
+            return Err(invalid(
+                "node-expiry",
+                "must be longer than the lost timeout (--lost-after x --heartbeat-interval)",
+            ));
         }
         if a.operator_concurrency == 0 {
             return Err(invalid("operator-concurrency", "must be at least 1"));
@@ -251,6 +279,8 @@ impl TryFrom<Args> for Config {
                 keepalive_interval: a.keepalive_interval,
                 keepalive_timeout: a.keepalive_timeout,
             },
+            node_expiry: a.node_expiry,
+            audit_retention: AuditRetention { keep: a.audit_keep, max_age: a.audit_max_age },
             lost_timeout: None,
         })
     }
@@ -334,6 +364,8 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("./hotfleet-data"));
         assert_eq!(config.store, StoreKind::Embedded);
         assert_eq!(config.limits, ServeLimits::default(), "the flags' defaults are the library's");
+        assert_eq!(config.audit_retention, AuditRetention::default());
+        assert_eq!(config.node_expiry, Config::new("x").node_expiry);
     }
 
     #[test]
@@ -368,6 +400,8 @@ mod tests {
         assert_eq!(c.advertise(), "http://127.0.0.1:7700");
         let err = |args: &[&str]| parse(args).expect_err("invalid").to_string();
         assert!(err(&["--store", "etcd"]).contains("--etcd-endpoints"));
+        assert!(err(&["--node-expiry", "5s"]).contains("--node-expiry"), "not beyond the 6 s lost timeout");
+        assert!(err(&["--max-connections", "1"]).contains("--max-connections"));
         assert!(err(&["--etcd-endpoints", "http://e:2379"]).contains("--store etcd"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-user", "u"]).contains("password"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--leader-lease", "1s"]).contains("--leader-lease"));

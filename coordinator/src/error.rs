@@ -33,6 +33,8 @@ pub enum Error {
     Registry(#[from] RegistryError),
     #[error("refused: node(s) {nodes} are already in active rollout {rollout}; wait for it to finish, abort it, or narrow --selector")]
     Conflict { rollout: String, nodes: String },
+    #[error("refused: node {node} is in live rollout(s) {rollouts}; wait for them to finish or abort them, then remove the node")]
+    NodeBusy { node: String, rollouts: String },
     #[error("refused: the fleet is frozen by {by} ({reason}); run `hotfleet unfreeze` first")]
     Frozen { by: String, reason: String },
     #[error(transparent)]

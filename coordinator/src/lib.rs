@@ -10,6 +10,7 @@
 //! - [`input`]: bounds on every field callers send, and the one way to quote their input.
 //! - [`registry`]: agents, their addresses, what they run, liveness.
 //! - [`drift`]: a process's patch stack against its build's; [`reconcile`] repairs drift.
+//! - [`sweeper`]: the leader's housekeeping: lost nodes, node expiry, audit retention.
 //! - [`patches`]: verified patch uploads, stored by digest.
 //! - [`planner`]: selector → canary and waves (pure).
 //! - [`rollout`]: the rollout state machine and the health gate (pure).
@@ -36,6 +37,7 @@ pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod sweeper;
 pub mod term;
 
 pub use config::Config;

@@ -234,7 +234,7 @@ mod tests {
         assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
         assert!(message.contains("build b1") && message.contains("25000-byte cap"), "{message}");
         assert!(message.contains("2 committed patch(es)") && message.contains(&format!("{} bytes)", third.len())));
-        let audit = store.audit(10).await.expect("audit");
+        let audit = store.audit(10, None).await.expect("audit");
         assert!(audit.iter().any(|a| !a.ok && a.detail.contains("25000-byte cap")), "the refusal is audited");
         assert_eq!(store.patches().await.expect("patches").len(), 2, "nothing stored");
 

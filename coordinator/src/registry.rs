@@ -23,7 +23,7 @@ use crate::{
     input::{self, InputError},
     node::NodeStatus,
     planner::Candidate,
-    store::{Batch, Fence, NodeRecord, Store, StoreError, Write},
+    store::{AuditEntry, Batch, Fence, NodeRecord, Store, StoreError, Write},
 };
 
 /// Extra silence allowed to nodes loaded from the store when a term starts:
@@ -225,6 +225,11 @@ impl Registry {
         Ok(Self { inner: Arc::new(RwLock::new(map)), store, fence, heartbeat_interval, lost_timeout })
     }
 
+    /// The store this term's registry writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     pub fn heartbeat_interval(&self) -> Duration {
         self.heartbeat_interval
     }
@@ -317,6 +322,32 @@ impl Registry {
         newly
     }
 
+    /// Nodes silent for longer than `after` (lost, since `after` is longer
+    /// than the lost timeout), sorted by id: the sweeper's expiry candidates.
+    pub fn expired(&self, after: Duration) -> Vec<String> {
+        let now = Instant::now();
+        let mut ids: Vec<String> = self
+            .lock_read()
+            .iter()
+            .filter(|(_, e)| e.lost && now.saturating_duration_since(e.last_seen) > after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Forgets a node: its record and `audit` are written in one batch, then
+    /// it leaves the registry. `None` if the node is unknown (nothing written).
+    /// Whether a live rollout holds it is the caller's to check.
+    pub async fn remove(&self, node_id: &str, audit: AuditEntry) -> Result<Option<NodeView>, StoreError> {
+        let Some(node) = self.get(node_id) else { return Ok(None) };
+        let batch = Batch::new().with(Write::RemoveNode(node_id.to_string())).with(Write::Audit(audit));
+        self.store.write(self.fence, batch).await?;
+        self.lock_write().remove(node_id);
+        tracing::info!(node = %node_id, liveness = node.liveness.name(), "node removed");
+        Ok(Some(node))
+    }
+
     pub fn get(&self, node_id: &str) -> Option<NodeView> {
         self.lock_read().get(node_id).map(view)
     }
@@ -332,17 +363,10 @@ impl Registry {
         nodes
     }
 
-    /// Runs [`sweep`](Self::sweep) every heartbeat interval until `cancel`.
-    pub async fn run_sweeper(self, cancel: tokio_util::sync::CancellationToken) {
-        let mut tick =
-            tokio::time::interval((self.lost_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => { self.sweep(); }
-            }
-        }
+    /// How often [`sweep`](Self::sweep) should run: a quarter of the lost
+    /// timeout, between 10 ms and 1 s.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.lost_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }
 
@@ -424,6 +448,28 @@ mod tests {
         let node = reg.get("n2").expect("remembered");
         assert_eq!(node.status.labels.get("zone").map(String::as_str), Some("a"));
         assert_eq!(node.liveness, Liveness::Alive);
+    }
+
+    #[tokio::test]
+    async fn removal_forgets_the_node_in_the_store_too_and_expiry_names_long_lost_nodes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path(), 10).await;
+        for id in ["n1", "n2"] {
+            reg.register(status(id)).await.expect("register");
+        }
+        let audit = crate::patches::audit("sre", "node.remove", "n1", "", true);
+        assert!(reg.remove("n1", audit.clone()).await.expect("remove").is_some());
+        assert!(reg.remove("n1", audit).await.expect("again").is_none(), "unknown: nothing to remove");
+        assert!(reg.get("n1").is_none());
+        let stored: Vec<String> =
+            reg.store.nodes().await.expect("nodes").iter().map(|r| r.node_id().to_string()).collect();
+        assert_eq!(stored, ["n2"]);
+        assert!(!reg.heartbeat(status("n1")).await.expect("hb"), "a removed node must register again");
+        assert!(reg.expired(Duration::from_millis(50)).is_empty(), "n2 is not lost yet");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        reg.sweep();
+        assert_eq!(reg.expired(Duration::from_millis(50)), ["n2"]);
+        assert!(reg.expired(Duration::from_secs(60)).is_empty());
     }
 
     #[tokio::test]

@@ -126,6 +126,8 @@ impl Coordinator {
             heartbeat_interval: config.heartbeat_interval,
             lost_timeout: config.lost_timeout(),
             agent_timeout: config.agent_timeout,
+            node_expiry: config.node_expiry,
+            audit_retention: config.audit_retention,
         });
         let shutdown = CancellationToken::new();
         let (term_tx, term_rx) = watch::channel(None);

@@ -89,7 +89,7 @@ async fn push_good_patch_then_fetch_it_in_chunks() {
     let garbage = gw.fetch_patch(FetchPatchRequest { patch_id: "../etc/passwd".into() }).await.expect_err("bad id");
     assert_eq!(garbage.code(), Code::InvalidArgument);
 
-    let audit = op.list_audit(ListAuditRequest { limit: 10 }).await.expect("audit").into_inner().records;
+    let audit = op.list_audit(ListAuditRequest { limit: 10, before_seq: 0 }).await.expect("audit").into_inner().records;
     assert_eq!(audit.len(), 2);
     assert_eq!(audit[0].actor, "bob", "newest first");
     assert_eq!(audit[1].action, "patch.push");
@@ -145,7 +145,7 @@ async fn refuses_tampered_unsigned_untrusted_oversized_and_garbage() {
     assert!(listed.patches.is_empty(), "nothing refused was stored");
 
     // Refusals are audited, with the actor.
-    let audit = op.list_audit(ListAuditRequest { limit: 0 }).await.expect("audit").into_inner().records;
+    let audit = op.list_audit(ListAuditRequest { limit: 0, before_seq: 0 }).await.expect("audit").into_inner().records;
     assert!(audit.len() >= 5, "{audit:?}");
     assert!(audit.iter().all(|a| !a.ok && a.actor == "mallory" && a.detail.starts_with("refused")));
     running.stop().await;
@@ -261,4 +261,13 @@ async fn serves_standard_health() {
         .into_inner();
     assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     running.stop().await;
+}
+
+#[tokio::test]
+async fn the_embedded_audit_log_pages_and_keeps_its_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = hotfleet_coordinator::store::embedded::EmbeddedStore::open(dir.path()).expect("open");
+    let stale = store.acquire_epoch().await.expect("epoch");
+    let fence = store.acquire_epoch().await.expect("epoch");
+    audit_paging_and_retention(&store, fence, stale).await;
 }

@@ -19,6 +19,7 @@ use crate::{
     input::{self, MAX_BUILD, MAX_ID, MAX_REASON},
     planner::Selector,
     reads::RolloutView,
+    registry::Liveness,
     rollout::OperatorAction,
     term::{Cluster, Term},
 };
@@ -208,20 +209,25 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        let limit = match request.into_inner().limit {
-            0 => 100,
-            n => n as usize,
-        };
-        let records = self
-            .cluster
-            .store
-            .audit(limit)
-            .await
-            .map_err(Error::from)?
-            .into_iter()
-            .map(convert::audit_record)
-            .collect();
-        Ok(Response::new(pb::ListAuditResponse { records }))
+        let req = request.into_inner();
+        let before = (req.before_seq != 0).then_some(req.before_seq);
+        let page = self.cluster.audit(page(req.limit, 100), before).await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: page.records.into_iter().map(convert::audit_record).collect(),
+            next_before_seq: page.next_before.unwrap_or(0),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let who = actor(&request);
+        let req = request.into_inner();
+        bounded("node_id", &req.node_id, MAX_ID)?;
+        bounded("reason", &req.reason, MAX_REASON)?;
+        let node = self.leader()?.remove_node(&req.node_id, &who, &req.reason).await?;
+        Ok(Response::new(pb::RemoveNodeResponse { was_alive: node.liveness == Liveness::Alive }))
     }
 
     async fn get_leader(&self, _request: Request<pb::GetLeaderRequest>) -> Result<Response<pb::LeaderStatus>, Status> {
