@@ -83,7 +83,7 @@ impl Sweeper {
             }
             self.registry.sweep();
             self.expire_nodes().await;
-            if sweeps % TRIM_EVERY == 0 {
+            if sweeps.is_multiple_of(TRIM_EVERY) {
                 self.trim_audit().await;
             }
             sweeps += 1;
