@@ -71,7 +71,8 @@ impl Cluster {
     pub async fn audit(&self, limit: usize, before: Option<u64>) -> Result<AuditPage> {
         // One more than asked: whether an older page exists, without a second read.
         let mut records = self.store.audit(limit.saturating_add(1), before).await?;
-        let next_before = (records.len() > limit).then(|| records[limit - 1].seq).filter(|_| limit > 0);
+        let next_before =
+            if records.len() > limit { limit.checked_sub(1).and_then(|i| records.get(i)).map(|e| e.seq) } else { None };
         records.truncate(limit);
         Ok(AuditPage { records, next_before })
     }

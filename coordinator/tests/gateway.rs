@@ -148,6 +148,21 @@ async fn refuses_tampered_unsigned_untrusted_oversized_and_garbage() {
     let audit = op.list_audit(ListAuditRequest { limit: 0, before_seq: 0 }).await.expect("audit").into_inner().records;
     assert!(audit.len() >= 5, "{audit:?}");
     assert!(audit.iter().all(|a| !a.ok && a.actor == "mallory" && a.detail.starts_with("refused")));
+
+    // The log reads in pages that chain, newest first, and end.
+    let mut seen = Vec::new();
+    let mut before_seq = 0;
+    loop {
+        let page = op.list_audit(ListAuditRequest { limit: 2, before_seq }).await.expect("page").into_inner();
+        assert!(page.records.len() <= 2);
+        seen.extend(page.records.iter().map(|r| r.seq));
+        if page.next_before_seq == 0 {
+            break;
+        }
+        before_seq = page.next_before_seq;
+    }
+    let all: Vec<u64> = audit.iter().map(|r| r.seq).collect();
+    assert_eq!(seen, all, "every record once, in order");
     running.stop().await;
 }
 
