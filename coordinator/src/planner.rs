@@ -27,7 +27,10 @@ pub enum PlanError {
     /// `text` is already an [`excerpt`] of what was sent.
     #[error("invalid size {text}: {reason} (use a count like \"2\" or a percent like \"25%\")")]
     Size { text: String, reason: String },
-    #[error("the selector {selector:?} matches no live node running build {build} (check `hotfleet nodes list`)")]
+    #[error(
+        "the selector {} matches no live node running build {build} (check `hotfleet nodes list`)",
+        excerpt(selector)
+    )]
     NoTargets { selector: String, build: String },
     #[error("unknown step {} in pause-before; this plan's steps are: {steps}", excerpt(name))]
     UnknownStep { name: String, steps: String },

@@ -747,4 +747,13 @@ async fn the_sweeper_never_expires_a_node_a_live_rollout_holds_and_forgets_it_af
     assert_eq!(stored, ["n1", "n2"], "the record is gone from the store");
     let audit = f.engine.inner.store.audit(1, None).await.expect("audit");
     assert_eq!((audit[0].action.as_str(), audit[0].target.as_str()), ("node.expire", "n3"));
+
+    // The same sweeper keeps the audit log to its retention.
+    let keep_two =
+        crate::sweeper::Sweeper { audit: crate::store::AuditRetention { keep: 2, max_age: Duration::ZERO }, ..sweeper };
+    let before = f.engine.inner.store.audit(1000, None).await.expect("audit").len() as u64;
+    assert_eq!(keep_two.trim_audit().await, before - 2);
+    let kept = f.engine.inner.store.audit(1000, None).await.expect("audit");
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[0].action, "node.expire", "the newest stay");
 }
