@@ -1,7 +1,8 @@
 //! `hotfleet nodes remove` against real processes, on both stores: refused
 //! while a live rollout holds the node, and once allowed the node's record
 //! is gone for good (a restarted coordinator does not bring it back), each
-//! attempt audited.
+//! attempt audited. And the coordinator's own removal of a node silent past
+//! `--node-expiry`.
 
 #[macro_use]
 mod common;
@@ -9,7 +10,12 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-on_both_stores!(a_node_is_removed_only_outside_live_rollouts_and_stays_removed);
+use std::time::{Duration, Instant};
+
+on_both_stores!(
+    a_node_is_removed_only_outside_live_rollouts_and_stays_removed,
+    a_node_silent_past_the_node_expiry_is_forgotten,
+);
 
 fn node_ids(s: &Scenario) -> Vec<String> {
     let out = ok(s.fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));
@@ -62,4 +68,38 @@ async fn a_node_is_removed_only_outside_live_rollouts_and_stays_removed(backend:
     assert_eq!(removals.len(), 2, "the refusal and the removal are audited: {audit}");
     assert!(removals.iter().all(|(_, d)| d.contains("decommissioned")), "{removals:?}");
     assert!(removals.iter().any(|(ok, _)| *ok) && removals.iter().any(|(ok, _)| !*ok), "{removals:?}");
+}
+
+async fn a_node_silent_past_the_node_expiry_is_forgotten(backend: Backend) {
+    let layout = Layout::for_workspace();
+    let dir = tempfile::tempdir().expect("tmp");
+    // Lost after 3 s (3 x 1 s advertised), forgotten after 4 s of silence.
+    let mut flags: Vec<String> = ["--heartbeat-interval", "500ms", "--node-expiry", "4s"].map(String::from).into();
+    if let Backend::Etcd { .. } = backend {
+        flags.extend(["--leader-lease".to_string(), format!("{}s", LEASE.as_secs())]);
+    }
+    let options =
+        FleetOptions { nodes: 2, build: BUILD.into(), backend, coordinator_flags: flags, game: Game::ZoneServer };
+    let mut fleet = Fleet::start_with(&layout, dir.path(), &options, |_| Vec::new()).expect("fleet");
+    fleet.wait_registered().expect("registered");
+    fleet.nodes[1].agent.proc.kill();
+    let silent = Instant::now();
+    let ids = |fleet: &Fleet| -> Vec<String> {
+        let out = ok(fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));
+        let nodes: Value = serde_json::from_str(&out).expect("json");
+        nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["status"]["nodeId"].as_str().map(String::from))
+            .collect()
+    };
+    while ids(&fleet).contains(&"node-2".to_string()) {
+        assert!(silent.elapsed() < Duration::from_secs(20), "node-2 is never forgotten");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(silent.elapsed() >= Duration::from_secs(4), "not before the expiry: {:?}", silent.elapsed());
+    assert_eq!(ids(&fleet), ["node-1"], "the node still heartbeating stays");
+    let audit = ok(fleet.cli(&["--output", "json", "audit"]).expect("audit"));
+    assert!(audit.contains("node.expire") && audit.contains("node-2"), "the expiry is audited: {audit}");
 }
