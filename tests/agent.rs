@@ -266,27 +266,44 @@ async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
     assert_eq!(damage(&mut node.players[0]), before, "nothing applied");
 }
 
+/// The agent's highest epoch, as its status reports it.
+async fn highest_epoch(agent: &mut AgentClient<Channel>) -> u64 {
+    agent.status(StatusRequest {}).await.expect("status").into_inner().node.expect("node").highest_epoch
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_epochs_are_refused_even_after_an_agent_restart() {
     let mut node = Node::start(1).await;
     let patch = node.push("hotfix-damage", true).await;
     let mut agent = agent_client(&node.agent).await;
-    agent.abort(AbortRequest { header: header("r-e", &patch, 7) }).await.expect("epoch 7 accepted");
+    // The coordinator's first term is epoch 1, learned by the agent when it registered.
+    agent.abort(AbortRequest { header: header("r-e", &patch, 1) }).await.expect("epoch 1 accepted");
+    // A new term of the coordinator (same store: epoch 2) reaches the agent by heartbeat.
+    let port = node.coordinator.addr.port();
+    node.coordinator.proc.kill();
+    node.coordinator = CoordinatorProc::start(&node.layout, node.dir.path(), &node.keys, port, &[]).expect("restart");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while highest_epoch(&mut agent).await < 2 {
+        assert!(std::time::Instant::now() < deadline, "the agent never learned the coordinator's new epoch");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let err = agent
-        .prepare(PrepareRequest { header: header("r-e", &patch, 6), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r-e", &patch, 1), ttl_seconds: 0 })
         .await
-        .expect_err("epoch 6 after 7 must be refused");
+        .expect_err("epoch 1 after 2 must be refused");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("stale epoch"), "{}", err.message());
 
-    // Restart the agent on the same data dir: the fence survives.
+    // Restart the agent on the same data dir with its coordinator gone: the fence survives.
+    node.coordinator.proc.kill();
     node.agent.proc.kill();
     node.agent =
         AgentProc::start(&node.layout, node.dir.path(), "node-a", Some(&node.coordinator.url()), &node.keys, &[])
             .expect("agent restart");
     let mut agent = agent_client(&node.agent).await;
+    assert_eq!(highest_epoch(&mut agent).await, 2);
     let err =
-        agent.commit(CommitRequest { header: header("r-e2", &patch, 3) }).await.expect_err("old epoch after restart");
+        agent.commit(CommitRequest { header: header("r-e2", &patch, 1) }).await.expect_err("old epoch after restart");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(node.players[0].connected(), "the zone server does not care that its agent restarted");
 }
@@ -412,4 +429,42 @@ async fn a_vanished_coordinator_is_logged_and_survived() {
         node.agent.proc.log_text().contains("coordinator reachable again").then_some(())
     })
     .expect("the agent reconnects by itself");
+}
+
+/// One stuck game process (SIGSTOP: its runtime cannot answer) is that
+/// process's problem, never a lost node: heartbeats report it from the agent's
+/// cache within their bounded time, so the coordinator keeps the node alive
+/// for longer than its lost timeout (3 × 2 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_process_never_makes_its_node_lost() {
+    let node = Node::start(2).await;
+    let mut coordinator = CoordinatorClient::connect(node.coordinator.url()).await.expect("coordinator");
+    let stuck = node.zones[1].proc.pid();
+    let listed = std::time::Instant::now();
+    while node_a(&mut coordinator).await.status.expect("status").processes.len() < 2 {
+        assert!(listed.elapsed() < Duration::from_secs(20), "the coordinator never saw both processes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.zones[1].proc.signal("STOP").expect("SIGSTOP");
+    let stopped = std::time::Instant::now();
+    let mut polls = 0;
+    while stopped.elapsed() < Duration::from_secs(9) {
+        let info = node_a(&mut coordinator).await;
+        assert_eq!(info.liveness, "alive", "after {:?} with pid {stuck} stopped: {info:?}", stopped.elapsed());
+        let processes = &info.status.as_ref().expect("status").processes;
+        assert!(processes.iter().any(|p| p.pid == stuck), "the stuck process stays listed: {processes:?}");
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    node.zones[1].proc.signal("CONT").expect("SIGCONT");
+    assert!(polls >= 20, "{polls} polls");
+    let mut agent = agent_client(&node.agent).await;
+    let health = agent.health(HealthRequest::default()).await.expect("health").into_inner();
+    assert_eq!(health.processes.len(), 2, "{}", health.summary);
+}
+
+async fn node_a(coordinator: &mut CoordinatorClient<Channel>) -> hotfleet_proto::v1::NodeInfo {
+    let request = hotfleet_proto::v1::ListNodesRequest { selector: String::new() };
+    let nodes = coordinator.list_nodes(request).await.expect("list nodes").into_inner().nodes;
+    nodes.into_iter().find(|n| n.status.as_ref().is_some_and(|s| s.node_id == "node-a")).expect("node-a listed")
 }

@@ -79,7 +79,7 @@ async fn commit_failure_in_wave_two_rolls_back_canary_and_wave_one(backend: Back
     let (code, _) = s.watch(&s.start_rollout(&hotfix, "1500ms"));
     assert_eq!(code, 0);
     let fixed = s.damages();
-    let bad = s.push("bad-hook");
+    let bad = s.push_on("bad-hook", Some(&hotfix));
     let id = s.start_rollout(&bad, "1500ms");
     let plan = s.status(&id);
     assert_eq!(plan["steps"][2]["nodeIds"], serde_json::json!(["node-4"]), "node-4 is wave 2: {plan}");
@@ -189,16 +189,18 @@ async fn coordinator_killed_mid_wave_resumes_and_ends_consistent(backend: Backen
     assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
 }
 
-/// Prepared state lives as long as its rollout: with a 2 s prepare TTL, the
-/// wave-2 gate is held for 10 TTLs (the leader's heartbeat answers renew the
-/// waiting nodes' prepares), then promoted, and the rollout completes. A TTL
-/// renewal could not keep alive (under 3 heartbeat intervals) is refused first.
+/// Prepared state lives as long as its rollout: the runbook's recipe (health
+/// windows longer than the prepare TTL, a gate held for an hour) on a shortened
+/// clock: a 2 s prepare TTL, 3 s health windows, and the wave-2 gate held for
+/// 10 TTLs (the leader's heartbeat answers renew the waiting nodes' prepares),
+/// then promoted, and the rollout completes. A TTL renewal could not keep alive
+/// (under 3 heartbeat intervals) is refused first.
 async fn a_gate_held_for_ten_prepare_ttls_then_promoted_completes(backend: Backend) {
     let mut s = Scenario::start(backend);
     let before = s.damages();
     let patch = s.push("hotfix-damage");
     let flags =
-        |ttl| ["--waves", "25%,50%,100%", "--health-window", "1s", "--pause-before", "wave-2", "--prepare-ttl", ttl];
+        |ttl| ["--waves", "25%,50%,100%", "--health-window", "3s", "--pause-before", "wave-2", "--prepare-ttl", ttl];
     let refused = start_rollout_raw(&s, &patch, &flags("1s"));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "a 1 s TTL at 500 ms heartbeats is refused");

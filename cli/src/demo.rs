@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context};
-use hotfleet_localfleet::{build_patch, Fleet, FleetNode, Layout, Proc, TempDir};
+use hotfleet_localfleet::{build_patch, build_patch_with, Fleet, FleetNode, Layout, PatchBuild, Proc, TempDir};
 use hotfleet_proto::v1::{ListNodesRequest, RolloutSpec, StartRolloutRequest};
 use serde_json::Value;
 
@@ -142,8 +142,17 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
         &format!("rolling out a patch whose __reload_instance__ hook fails on {wave2} ({fail_zone}), in wave 2"),
     );
     let bad_src = bad_patch_source(layout, work, &fail_zone)?;
-    let (bad_path, bad_id) =
-        build_patch(layout, &bad_src, &work.join("bad-hook.hfpatch"), BUILD, "titles for everyone", Some(&keys))?;
+    // It goes on top of the hotfix: agents refuse a patch whose parent is not the top of the stack.
+    let bad_build = PatchBuild {
+        package: "zone",
+        source_root: &bad_src,
+        out: &work.join("bad-hook.hfpatch"),
+        target_build: BUILD,
+        description: "titles for everyone",
+        keys: Some(&keys),
+        parent: Some(&hotfix_id),
+    };
+    let (bad_path, bad_id) = build_patch_with(layout, &bad_build)?;
     crate::patch_cmd::push_file(&target, &bad_path, Output::Text, true).await.map_err(|f| f.error)?;
     let before_bad = observe(nodes)?;
     let bad_spec = rollout_spec(&bad_id, args.health_window);

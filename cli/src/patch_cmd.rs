@@ -74,7 +74,9 @@ pub struct BuildArgs {
     /// Build id of the game servers this patch targets.
     #[arg(long)]
     target_build: String,
-    /// Patch id this one builds on (patch stacks).
+    /// Patch id this one builds on: the top of the build's patch stack.
+    /// Agents refuse a patch whose parent is not the top of a process's
+    /// stack; omit it only for a build's first patch.
     #[arg(long)]
     parent: Option<String>,
     #[arg(long, env = "HOTFLEET_AUTHOR")]

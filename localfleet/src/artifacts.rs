@@ -44,6 +44,27 @@ pub fn build_patch_of(
     description: &str,
     keys: Option<&Keys>,
 ) -> Result<(PathBuf, String)> {
+    let build = PatchBuild { package, source_root, out, target_build, description, keys, parent: None };
+    build_patch_with(layout, &build)
+}
+
+/// What to build with `hotfleet patch build`.
+#[derive(Debug, Clone, Copy)]
+pub struct PatchBuild<'a> {
+    pub package: &'a str,
+    pub source_root: &'a Path,
+    pub out: &'a Path,
+    pub target_build: &'a str,
+    pub description: &'a str,
+    pub keys: Option<&'a Keys>,
+    /// The patch this one goes on top of (None: the build's first patch;
+    /// agents refuse a patch whose parent is not the top of a process's stack).
+    pub parent: Option<&'a str>,
+}
+
+/// Builds the patch `build` describes. Returns (bundle path, patch id).
+pub fn build_patch_with(layout: &Layout, build: &PatchBuild<'_>) -> Result<(PathBuf, String)> {
+    let PatchBuild { package, source_root, out, target_build, description, keys, parent } = *build;
     let mut args = vec![
         "--output".to_string(),
         "json".into(),
@@ -67,6 +88,10 @@ pub fn build_patch_of(
     for module in modules.into_keys() {
         args.push("--module".into());
         args.push(module);
+    }
+    if let Some(parent) = parent {
+        args.push("--parent".into());
+        args.push(parent.into());
     }
     if let Some(keys) = keys {
         args.push("--key".into());

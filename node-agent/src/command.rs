@@ -19,6 +19,12 @@ pub enum ParticipantError {
     /// The answer would depend on processes the agent has not seen yet.
     #[error("{0}")]
     Unknown(String),
+    /// A Prepare or Commit of a pair this node has finished with (see
+    /// [`crate::finished`]): an old command played again.
+    #[error("{0}")]
+    Replayed(String),
+    #[error("rollout id of {0} bytes is too long (at most {MAX_ROLLOUT_ID} bytes)")]
+    LongRollout(usize),
     #[error("command {kind} for rollout {rollout_id} failed inside the agent: {reason}")]
     Internal { kind: Kind, rollout_id: String, reason: String },
 }
@@ -59,6 +65,9 @@ pub struct Command {
     pub ttl: Duration,
 }
 
+/// The longest rollout id accepted: ids are remembered, on disk too.
+pub const MAX_ROLLOUT_ID: usize = 256;
+
 /// Commands are idempotent per (rollout, patch, kind).
 pub type CommandKey = (String, String, Kind);
 
@@ -75,6 +84,9 @@ impl Command {
     pub fn validate(&self) -> Result<(), ParticipantError> {
         if self.rollout_id.is_empty() {
             return Err(ParticipantError::MissingRollout);
+        }
+        if self.rollout_id.len() > MAX_ROLLOUT_ID {
+            return Err(ParticipantError::LongRollout(self.rollout_id.len()));
         }
         if !hotfleet_patch::is_patch_id(&self.patch_id) {
             return Err(ParticipantError::BadPatchId(self.patch_id.clone()));
@@ -131,6 +143,11 @@ mod tests {
         assert!(Command::new(Kind::Commit, "r", id.clone(), 1).validate().is_ok());
         assert!(matches!(Command::new(Kind::Commit, "", id, 1).validate(), Err(ParticipantError::MissingRollout)));
         assert!(matches!(Command::new(Kind::Abort, "r", "xyz", 1).validate(), Err(ParticipantError::BadPatchId(_))));
+        let long = "r".repeat(MAX_ROLLOUT_ID + 1);
+        assert!(matches!(
+            Command::new(Kind::Abort, long, "a".repeat(64), 1).validate(),
+            Err(ParticipantError::LongRollout(_))
+        ));
     }
 
     #[test]

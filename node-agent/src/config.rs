@@ -31,9 +31,16 @@ pub struct AgentConfig {
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
 
-    /// Unix socket the game processes' runtimes connect to (owner-only permissions).
+    /// Unix socket the game processes' runtimes connect to (created with its
+    /// final mode: owner-only unless --runtime-allowed-uid names other uids).
     #[arg(long, env = "HOTFLEET_AGENT_SOCKET", default_value = "/run/hotfleet/agent.sock")]
     pub runtime_socket: PathBuf,
+
+    /// Uid a game process may connect to the runtime socket as (checked with
+    /// SO_PEERCRED; a refused peer is logged and closed). Repeatable. Default:
+    /// the agent's own uid only; root only if listed (or the agent's own).
+    #[arg(long = "runtime-allowed-uid", env = "HOTFLEET_AGENT_RUNTIME_ALLOWED_UIDS", value_delimiter = ',')]
+    pub runtime_allowed_uids: Vec<u32>,
 
     /// Directory for the patch cache and the persisted fencing epoch.
     #[arg(long, env = "HOTFLEET_AGENT_DATA_DIR", default_value = "/var/lib/hotfleet-agent")]

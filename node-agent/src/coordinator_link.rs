@@ -7,7 +7,9 @@
 //! next attempt goes there at once. Every answer from the leader carries its
 //! epoch, which the agent records as its fencing floor right away: a deposed
 //! coordinator that wakes up later is refused even by agents the new leader
-//! has not sent a command to yet.
+//! has not sent a command to yet. These answers are the only way the epoch
+//! rises (a command's epoch field never raises it): a command naming a newer
+//! epoch wakes this loop for an immediate heartbeat that learns it.
 //!
 //! The leader's answer also lists the unfinished rollouts it drives on this
 //! node; their prepared patches are renewed for another TTL, so a prepare
@@ -124,7 +126,8 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            // An expired prepare is reported at once, not an interval later.
+            // An expired prepare is reported at once, not an interval later;
+            // a command naming an unlearned epoch gets its heartbeat now.
             _ = participant.changed() => {}
             _ = shutdown.cancelled() => return,
         }

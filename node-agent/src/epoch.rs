@@ -1,5 +1,12 @@
-//! The fencing epoch: the highest coordinator epoch this agent has seen,
+//! The fencing epoch: the highest coordinator epoch this agent has learned,
 //! persisted so a restarted agent still refuses a deposed coordinator.
+//!
+//! The epoch is learned only over the agent's own link to its coordinator
+//! (the leader's Register/Heartbeat answers, [`EpochFence::raise`]), never
+//! from a command's epoch field: a command is admitted at the learned epoch,
+//! refused as stale below it and as unknown above it
+//! ([`EpochFence::admit`]). So a client that reaches the agent's port cannot
+//! raise the floor (say to `u64::MAX`) and lock the real coordinator out.
 
 use std::{
     fs,
@@ -11,6 +18,11 @@ use std::{
 pub enum EpochError {
     #[error("stale epoch {got}: this agent has already seen epoch {highest} (a newer coordinator leads; the command was refused)")]
     Stale { got: u64, highest: u64 },
+    /// Above what the agent's coordinator has announced: a leader elected a
+    /// moment ago (retry once the agent's next heartbeat has learned its
+    /// epoch), or a client that is not the agent's coordinator.
+    #[error("unknown epoch {got}: this agent's coordinator has announced epoch {known}; the command changed nothing (retry after the agent's next heartbeat has learned the new leader's epoch)")]
+    Unknown { got: u64, known: u64 },
     #[error("cannot persist the fencing epoch to {path}: {source}")]
     Persist {
         path: PathBuf,
@@ -21,7 +33,7 @@ pub enum EpochError {
     Corrupt { path: PathBuf, content: String },
 }
 
-/// Highest epoch seen, backed by a file written atomically (temp + rename).
+/// Highest epoch learned, backed by a file written atomically (temp + rename).
 #[derive(Debug)]
 pub struct EpochFence {
     path: PathBuf,
@@ -46,21 +58,22 @@ impl EpochFence {
         self.highest
     }
 
-    /// Admits a command of `epoch`: refuses an older one, records a newer one
-    /// durably before the command runs.
-    pub fn admit(&mut self, epoch: u64) -> Result<(), EpochError> {
+    /// Admits a command of `epoch`: only the learned epoch itself. Changes
+    /// nothing, on disk or in memory, whatever the answer.
+    pub fn admit(&self, epoch: u64) -> Result<(), EpochError> {
         if epoch < self.highest {
             return Err(EpochError::Stale { got: epoch, highest: self.highest });
         }
         if epoch > self.highest {
-            self.persist(epoch)?;
-            self.highest = epoch;
+            return Err(EpochError::Unknown { got: epoch, known: self.highest });
         }
         Ok(())
     }
 
-    /// Raises the floor to `epoch` if it is newer (the leader announced it);
-    /// an older one changes nothing. Returns whether it rose.
+    /// Raises the floor to `epoch` if it is newer; an older one changes
+    /// nothing. Returns whether it rose. Only for what the agent's own link
+    /// to its coordinator learned (the leader's answer), never for a
+    /// command's field.
     pub fn raise(&mut self, epoch: u64) -> Result<bool, EpochError> {
         if epoch <= self.highest {
             return Ok(false);
@@ -88,17 +101,38 @@ mod tests {
     fn refuses_older_epochs_across_restarts() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut fence = EpochFence::load(dir.path()).expect("load");
-        fence.admit(3).expect("first");
+        assert!(fence.raise(3).expect("learned"));
+        fence.admit(3).expect("the learned epoch");
         fence.admit(3).expect("same epoch again");
         assert!(matches!(fence.admit(2), Err(EpochError::Stale { got: 2, highest: 3 })));
         let mut reloaded = EpochFence::load(dir.path()).expect("reload");
         assert_eq!(reloaded.highest(), 3);
         assert!(reloaded.admit(1).is_err());
-        reloaded.admit(9).expect("newer");
-        assert!(!reloaded.raise(4).expect("older is a no-op"));
+        assert!(!reloaded.raise(2).expect("older is a no-op"));
         assert!(reloaded.raise(12).expect("newer"));
         assert!(reloaded.admit(11).is_err(), "a raised floor refuses older epochs");
         assert_eq!(EpochFence::load(dir.path()).expect("reload").highest(), 12);
+    }
+
+    #[test]
+    fn a_command_above_the_learned_epoch_is_unknown_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut fence = EpochFence::load(dir.path()).expect("load");
+        fence.raise(4).expect("learned");
+        let before = fs::read(dir.path().join("epoch")).expect("epoch file");
+        for epoch in [5, u64::MAX] {
+            let err = fence.admit(epoch).expect_err("above the learned epoch");
+            assert!(matches!(err, EpochError::Unknown { got, known: 4 } if got == epoch), "{err}");
+            assert!(err.to_string().contains("retry"), "{err}");
+        }
+        assert_eq!(fence.highest(), 4);
+        assert_eq!(fs::read(dir.path().join("epoch")).expect("epoch file"), before, "nothing written");
+        fence.admit(4).expect("the learned epoch still works");
+        // A fresh agent has learned nothing: only epoch 0 passes until its coordinator answers.
+        let fresh = tempfile::tempdir().expect("tmp");
+        let fence = EpochFence::load(fresh.path()).expect("load");
+        assert!(matches!(fence.admit(1), Err(EpochError::Unknown { got: 1, known: 0 })));
+        assert!(!fresh.path().join("epoch").exists());
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! hotfleet node agent: stands between the coordinator and the game processes
 //! of one host (or pod).
 //!
-//! - [`sessions`]: runtime sessions over the local Unix socket (one per game process);
+//! - [`sessions`]: runtime sessions over the local Unix socket (one per game process),
+//!   which [`runtime_socket`] creates owner-only and guards by peer uid;
 //! - [`runtimes`]: the game processes as the participant sees them (a trait, [`sessions`] behind it);
 //! - [`command`]: a command and its answer as domain values;
-//! - [`participant`]: the agent's side of the two-phase commit: epoch fencing,
-//!   idempotent commands ([`answers`]), prepared patches with a renewable TTL
-//!   ([`prepared`], presumed abort);
+//! - [`participant`]: the agent's side of the two-phase commit: epoch fencing
+//!   ([`epoch`], learned from the coordinator only), idempotent commands
+//!   ([`answers`]), replays refused ([`finished`]), prepared patches with a
+//!   renewable TTL ([`prepared`], presumed abort);
 //! - [`patches`]: patch download from the coordinator, verification, on-disk cache by digest;
 //! - [`stacks`]: a late-starting runtime's patch stack, served from the coordinator's;
 //! - [`reports`]: node status and per-process health, process statuses cached
@@ -22,11 +24,13 @@ pub mod config;
 pub mod coordinator_link;
 pub mod coordinators;
 pub mod epoch;
+pub mod finished;
 pub mod participant;
 pub mod patches;
 pub mod prepared;
 pub mod process_status;
 pub mod reports;
+pub mod runtime_socket;
 pub mod runtimes;
 pub mod server;
 pub mod service;

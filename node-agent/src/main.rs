@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another agent running? use --listen)", config.listen))?;
-    let runtime = server::bind_runtime_socket(&config.runtime_socket).with_context(|| {
+    let runtime = server::bind_runtime_socket(&config).with_context(|| {
         format!("cannot create the runtime socket {} (use --runtime-socket)", config.runtime_socket.display())
     })?;
     if let Some(path) = &config.ready_file {

@@ -1,11 +1,16 @@
 //! The agent's side of the two-phase commit.
 //!
 //! Every command takes one path ([`Participant::handle`]), in a task of its
-//! own so it outlives a caller that hangs up: wait for its turn
-//! (one at a time, in arrival order) → admit its epoch ([`EpochFence`]) →
-//! repeat the remembered answer if it ran before → run its kind → remember
-//! the answer. So a coordinator that retries after a lost reply or a
-//! fail-over never applies anything twice. A prepared patch waits at most its
+//! own so it outlives a caller that hangs up: learn the epoch if the command
+//! names a newer one (an immediate heartbeat, bounded wait) → wait for its
+//! turn (one at a time, in arrival order) → admit its epoch ([`EpochFence`]:
+//! only the epoch the agent's own coordinator announced) → refuse a Prepare
+//! or Commit of a pair already aborted or rolled back ([`Finished`]) →
+//! repeat the remembered answer if it ran before → refuse one already
+//! committed whose answer is forgotten → run its kind → remember the answer.
+//! So a coordinator that retries after a lost reply or a fail-over never
+//! applies anything twice, and an old command played again applies nothing.
+//! A prepare goes only on top of the stack its manifest names as parent. A prepared patch waits at most its
 //! TTL for commit or abort, renewed by every command naming its rollout; then
 //! the agent presumes abort, tells every runtime to drop it, reports the
 //! change at once and remembers the expiry, so a late commit is told why.
@@ -16,7 +21,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use futures::future::join_all;
@@ -25,15 +30,19 @@ use crate::{
     answers::Answers,
     command::{Answer, Command, Kind, ParticipantError, ProcessOutcome},
     epoch::{EpochError, EpochFence},
+    finished::{Ending, Finished},
     lock,
     patches::Patches,
     prepared::{Expired, Prepared, PreparedTable},
-    runtimes::{Process, Runtimes, Step, StepReply},
+    runtimes::{self, Process, Runtimes, Step, StepReply},
     sessions::SessionError,
 };
 
+mod admission;
 #[cfg(test)]
 mod tests;
+
+pub use admission::EPOCH_LEARN_WAIT;
 
 /// What the participant keeps between commands. Only ever locked for plain
 /// reads and updates, never across a runtime call, so status reads and
@@ -45,6 +54,9 @@ struct State {
     refused_stale: u64,
     prepared: PreparedTable,
     answers: Answers,
+    finished: Finished,
+    /// When an unknown epoch last asked for a heartbeat.
+    refresh_asked: Option<Instant>,
 }
 
 /// The two-phase-commit participant of one node.
@@ -58,6 +70,9 @@ pub struct Participant {
     /// Signalled when something the node reports changed on its own (a
     /// prepare expired), so the next heartbeat need not wait its interval.
     changed: tokio::sync::Notify,
+    /// The learned epoch, for commands waiting to see a newer one learned.
+    learned: tokio::sync::watch::Sender<u64>,
+    epoch_wait: Duration,
     runtime_timeout: Duration,
     default_ttl: Duration,
 }
@@ -68,15 +83,19 @@ impl Participant {
         runtimes: Arc<dyn Runtimes>,
         patches: Arc<dyn Patches>,
         fence: EpochFence,
+        finished: Finished,
         runtime_timeout: Duration,
         default_ttl: Duration,
     ) -> Self {
+        let learned = tokio::sync::watch::Sender::new(fence.highest());
         let state = State {
             fence,
             admitted: 0,
             refused_stale: 0,
             prepared: PreparedTable::default(),
             answers: Answers::default(),
+            finished,
+            refresh_asked: None,
         };
         Self {
             node_id,
@@ -85,9 +104,18 @@ impl Participant {
             state: Mutex::new(state),
             turn: tokio::sync::Mutex::new(()),
             changed: tokio::sync::Notify::new(),
+            learned,
+            epoch_wait: EPOCH_LEARN_WAIT,
             runtime_timeout,
             default_ttl,
         }
+    }
+
+    /// How long a command above the learned epoch waits for it to be learned
+    /// (default [`EPOCH_LEARN_WAIT`]).
+    pub fn with_epoch_wait(mut self, wait: Duration) -> Self {
+        self.epoch_wait = wait;
+        self
     }
 
     pub fn node_id(&self) -> &str {
@@ -112,13 +140,15 @@ impl Participant {
         (state.admitted, state.refused_stale)
     }
 
-    /// The leader announced its epoch (heartbeat answer): from now on older
-    /// epochs are refused, before that leader's first command arrives.
+    /// The leader announced its epoch over the agent's own link (its
+    /// Register/Heartbeat answer): the only way the epoch rises. From now on
+    /// older epochs are refused, and this one's commands admitted.
     pub fn observe_epoch(&self, epoch: u64) -> Result<(), EpochError> {
         let mut state = self.state();
         let before = state.fence.highest();
         if state.fence.raise(epoch)? {
             tracing::info!(epoch, previous = before, "new coordinator epoch: older epochs are refused from now on");
+            self.learned.send_replace(epoch);
         }
         Ok(())
     }
@@ -133,8 +163,9 @@ impl Participant {
         self.state().prepared.expired().cloned().collect()
     }
 
-    /// Completes once something the node reports changed on its own (or at
-    /// once if it did since the last call).
+    /// Completes once something the node reports changed on its own, or a
+    /// command named an epoch the agent has not learned yet (or at once if
+    /// either happened since the last call): the heartbeat goes now.
     pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
     }
@@ -163,14 +194,21 @@ impl Participant {
 
     async fn run(&self, cmd: Command) -> Result<Answer, ParticipantError> {
         cmd.validate()?;
+        // Before its turn: a wait here holds up no other command.
+        self.learn_epoch(cmd.epoch).await;
         let _turn = self.turn.lock().await;
         // A late commit must find its prepare expired, not apply it.
         self.expire_due().await;
         self.admit(&cmd)?;
         self.renew(&cmd.rollout_id);
+        let ending = self.refuse_retired(&cmd)?;
         let key = cmd.key();
         if let Some(answer) = self.state().answers.get(&key) {
             return Ok(answer);
+        }
+        self.refuse_committed(&cmd, ending)?;
+        if matches!(cmd.kind, Kind::Abort | Kind::Rollback) {
+            self.retire(&cmd);
         }
         let answer = match cmd.kind {
             Kind::Prepare => self.prepare(&cmd).await,
@@ -181,22 +219,6 @@ impl Participant {
         tracing::info!(rollout = %cmd.rollout_id, patch = %short(&cmd.patch_id), ok = answer.ok, reason = %answer.reason, "{}", cmd.kind);
         self.state().answers.remember(key, answer.clone());
         Ok(answer)
-    }
-
-    fn admit(&self, cmd: &Command) -> Result<(), ParticipantError> {
-        let mut state = self.state();
-        match state.fence.admit(cmd.epoch) {
-            Ok(()) => {
-                state.admitted += 1;
-                Ok(())
-            }
-            Err(err @ EpochError::Stale { .. }) => {
-                state.refused_stale += 1;
-                tracing::warn!(rollout = %cmd.rollout_id, epoch = cmd.epoch, highest = state.fence.highest(), "command refused: stale epoch from a deposed coordinator");
-                Err(err.into())
-            }
-            Err(err) => Err(err.into()),
-        }
     }
 
     /// Phase 1: fetch and verify the patch, have every runtime of its target
@@ -213,6 +235,16 @@ impl Participant {
         let targets: Vec<Process> = self.runtimes.processes().into_iter().filter(|p| p.build == build).collect();
         if targets.is_empty() {
             return Answer::refused(format!("no process on node {} runs target build {build:?}", self.node_id));
+        }
+        let misfits = self.misfits(&targets, &cmd.patch_id, bundle.manifest.parent.as_deref()).await;
+        if !misfits.is_empty() {
+            let reason = format!(
+                "{} of {} process(es) cannot take patch {}: its manifest's parent is not the top of their patch stack (nothing was prepared)",
+                misfits.len(),
+                targets.len(),
+                short(&cmd.patch_id)
+            );
+            return Answer { ok: false, reason, processes: misfits };
         }
         let step = Step::Prepare { patch_id: cmd.patch_id.clone(), modules: bundle.modules };
         let outcomes = self.ask_all(&targets, step).await;
@@ -235,6 +267,32 @@ impl Participant {
             self.ask_all(&prepared, Step::Abort { patch_id: cmd.patch_id.clone() }).await;
         }
         answer
+    }
+
+    /// The targets the patch does not go on top of, each asked live for its
+    /// stack (the one known from its last reply may be older than a sync of
+    /// its own); one that cannot say counts as a misfit.
+    async fn misfits(&self, targets: &[Process], patch_id: &str, parent: Option<&str>) -> Vec<ProcessOutcome> {
+        let stacks = join_all(targets.iter().map(|p| self.runtimes.status(&p.process_id, self.runtime_timeout))).await;
+        targets
+            .iter()
+            .zip(stacks)
+            .filter_map(|(process, stack)| {
+                let error = match stack {
+                    Ok(live) => runtimes::misfit(&live.patch_stack, patch_id, parent)
+                        .map(|why| format!("process {}: {why}", process.process_id))?,
+                    Err(err) => {
+                        format!("cannot read process {}'s patch stack before prepare: {err}", process.process_id)
+                    }
+                };
+                Some(ProcessOutcome {
+                    process_id: process.process_id.clone(),
+                    pid: process.pid,
+                    error,
+                    ..Default::default()
+                })
+            })
+            .collect()
     }
 
     /// Phase 2: every process that prepared applies the patch at its safe point.
@@ -273,6 +331,10 @@ impl Participant {
             }
         }
         outcomes.extend(self.ask_all(&live, Step::Commit { patch_id: cmd.patch_id.clone() }).await);
+        if let Err(err) = self.state().finished.record(&cmd.rollout_id, &cmd.patch_id, Ending::Committed) {
+            // The commit happened: its answer must still reach the coordinator.
+            tracing::error!(error = %err, rollout = %cmd.rollout_id, "commit not recorded durably: a replay after a restart would not be recognised");
+        }
         Answer::from_outcomes(outcomes)
     }
 

@@ -32,6 +32,24 @@ pub struct Process {
     pub python_version: String,
 }
 
+/// Why a patch whose manifest names `parent` does not go on top of `stack`
+/// (None: it does). No parent means a build's first patch: the stack must be
+/// empty. A stack that already holds the patch fits: the runtime answers a
+/// repeated prepare or commit as done and changes nothing.
+pub fn misfit(stack: &[String], patch_id: &str, parent: Option<&str>) -> Option<String> {
+    let top = stack.last().map(String::as_str);
+    if top == parent || stack.iter().any(|id| id == patch_id) {
+        return None;
+    }
+    let short = |id: &str| id.get(..12).unwrap_or(id).to_string();
+    let parent = parent.map_or("none (a build's first patch)".to_string(), short);
+    let top = top.map_or("empty".to_string(), short);
+    Some(format!(
+        "patch {} names parent {parent} but the top of its patch stack is {top} (build the patch on the stack it must follow: `hotfleet patch build --parent`)",
+        short(patch_id)
+    ))
+}
+
 /// One step of a patch transaction, sent to one runtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -192,5 +210,28 @@ impl Runtimes for Sessions {
             Body::Health(health) => Ok(health),
             _ => Err(SessionError::Unexpected { process: process_id.to_string(), what: "a health query" }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_patch_goes_only_on_top_of_the_parent_it_names() {
+        let (p1, p2, p3) = ("1".repeat(64), "2".repeat(64), "3".repeat(64));
+        assert_eq!(misfit(&[], &p1, None), None, "a build's first patch on an empty stack");
+        assert_eq!(misfit(std::slice::from_ref(&p1), &p2, Some(&p1)), None);
+        let why = misfit(std::slice::from_ref(&p1), &p2, None).expect("no parent needs an empty stack");
+        assert!(why.contains("parent none") && why.contains("top of its patch stack is 111111111111"), "{why}");
+        let why = misfit(&[], &p2, Some(&p1)).expect("the parent is missing");
+        assert!(why.contains("parent 111111111111") && why.contains("is empty"), "{why}");
+        let why = misfit(&[p1.clone(), p3.clone()], &p2, Some(&p1)).expect("another patch came on top");
+        assert!(why.contains("parent 111111111111") && why.contains("is 333333333333"), "{why}");
+        assert_eq!(
+            misfit(&[p1.clone(), p2.clone()], &p2, Some(&p1)),
+            None,
+            "already there: the runtime answers it as done"
+        );
     }
 }

@@ -15,9 +15,11 @@ use crate::{
     coordinator_link,
     coordinators::Coordinators,
     epoch::EpochFence,
-    participant::Participant,
+    finished::Finished,
+    participant::{Participant, EPOCH_LEARN_WAIT},
     patches::PatchSource,
     reports::{NodeIdentity, NodeReporter},
+    runtime_socket::{self, PeerPolicy},
     service::AgentService,
     sessions::{self, Sessions},
     stacks::CoordinatorStacks,
@@ -28,6 +30,8 @@ use crate::{
 pub enum ServeError {
     #[error(transparent)]
     Epoch(#[from] crate::epoch::EpochError),
+    #[error(transparent)]
+    Finished(#[from] crate::finished::FinishedError),
     #[error(transparent)]
     Fetch(#[from] crate::patches::FetchError),
     #[error(transparent)]
@@ -72,16 +76,22 @@ pub async fn serve(
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| crate::patches::FetchError::Cache { path: config.data_dir.clone(), source })?;
     let fence = EpochFence::load(&config.data_dir)?;
+    let finished = Finished::load(&config.data_dir)?;
     let patches = PatchSource::new(&config.data_dir, trusted.clone(), gateway.clone())?;
     let sessions = Sessions::default();
-    let participant = Arc::new(Participant::new(
-        node_id.clone(),
-        Arc::new(sessions.clone()),
-        Arc::new(patches.clone()),
-        fence,
-        config.runtime_timeout,
-        config.prepare_ttl,
-    ));
+    let participant = Arc::new(
+        Participant::new(
+            node_id.clone(),
+            Arc::new(sessions.clone()),
+            Arc::new(patches.clone()),
+            fence,
+            finished,
+            config.runtime_timeout,
+            config.prepare_ttl,
+        )
+        // Standalone, nobody announces epochs: no use waiting for one.
+        .with_epoch_wait(if gateway.is_some() { EPOCH_LEARN_WAIT } else { Duration::ZERO }),
+    );
     let identity = NodeIdentity { node_id: node_id.clone(), labels: config.labels_map(), advertise_addr };
     tracing::info!(node = %node_id, grpc = %identity.advertise_addr, socket = %config.runtime_socket.display(), trusted_keys = ?trusted.ids(), "hotfleet-agent serving");
     let reporter = Arc::new(NodeReporter::new(participant.clone(), identity));
@@ -93,6 +103,7 @@ pub async fn serve(
         node_id,
         Arc::new(CoordinatorStacks { patches }),
         config.session_idle_timeout,
+        PeerPolicy::new(&config.runtime_allowed_uids),
         shutdown.clone(),
     ));
     if let Some(client) = gateway {
@@ -148,7 +159,8 @@ pub async fn serve(
 /// The agent's gRPC accept side (see [`hotfleet_proto::listener`]).
 const AGENT_CONN_LIMITS: ConnLimits = ConnLimits { max_connections: 256, handshake_timeout: Duration::from_secs(10) };
 
-/// Binds the runtime socket (see [`sessions::bind_runtime_socket`]).
-pub fn bind_runtime_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
-    sessions::bind_runtime_socket(path)
+/// Binds the runtime socket with the mode its peer policy needs (see [`runtime_socket`]).
+pub fn bind_runtime_socket(config: &AgentConfig) -> std::io::Result<UnixListener> {
+    let mode = PeerPolicy::new(&config.runtime_allowed_uids).socket_mode();
+    runtime_socket::bind(&config.runtime_socket, mode)
 }

@@ -56,13 +56,19 @@ fn encode_outcome(o: crate::command::ProcessOutcome) -> pb::ProcessOutcome {
 impl From<ParticipantError> for Status {
     fn from(err: ParticipantError) -> Self {
         match err {
-            ParticipantError::Epoch(EpochError::Stale { .. }) => Status::failed_precondition(err.to_string()),
-            ParticipantError::Epoch(_) | ParticipantError::Internal { .. } => Status::internal(err.to_string()),
-            // "Retry": the coordinator reads UNAVAILABLE as a failed attempt, never as success.
-            ParticipantError::Unknown(_) => Status::unavailable(err.to_string()),
-            ParticipantError::MissingHeader | ParticipantError::MissingRollout | ParticipantError::BadPatchId(_) => {
-                Status::invalid_argument(err.to_string())
+            ParticipantError::Epoch(EpochError::Stale { .. }) | ParticipantError::Replayed(_) => {
+                Status::failed_precondition(err.to_string())
             }
+            // "Retry": the coordinator reads UNAVAILABLE as a failed attempt, never as success
+            // (an unknown epoch: once the agent's heartbeat has learned the new leader's).
+            ParticipantError::Unknown(_) | ParticipantError::Epoch(EpochError::Unknown { .. }) => {
+                Status::unavailable(err.to_string())
+            }
+            ParticipantError::Epoch(_) | ParticipantError::Internal { .. } => Status::internal(err.to_string()),
+            ParticipantError::MissingHeader
+            | ParticipantError::MissingRollout
+            | ParticipantError::LongRollout(_)
+            | ParticipantError::BadPatchId(_) => Status::invalid_argument(err.to_string()),
         }
     }
 }

@@ -14,6 +14,7 @@ use hotfleet_proto::v1::ProcessHealth;
 use crate::{
     command::{Answer, Command, Kind},
     epoch::EpochFence,
+    finished::Finished,
     lock,
     participant::Participant,
     patches::{FetchError, Patches},
@@ -169,6 +170,12 @@ pub(crate) struct FakePatches {
     bundles: HashMap<String, Bundle>,
 }
 
+impl FakePatches {
+    pub(crate) fn with(bundles: Vec<Bundle>) -> Self {
+        Self { bundles: bundles.into_iter().map(|b| (b.id(), b)).collect() }
+    }
+}
+
 #[async_trait]
 impl Patches for FakePatches {
     async fn fetch(&self, id: &str) -> Result<Bundle, FetchError> {
@@ -180,10 +187,15 @@ impl Patches for FakePatches {
 }
 
 pub(crate) fn bundle(body: &str) -> Bundle {
+    bundle_on(body, None)
+}
+
+/// A patch whose manifest names `parent` (None: a build's first patch).
+pub(crate) fn bundle_on(body: &str, parent: Option<&str>) -> Bundle {
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         target_build: BUILD.into(),
-        parent: None,
+        parent: parent.map(str::to_string),
         packages: vec!["zone".into()],
         modules: vec![],
         author: "test".into(),
@@ -200,22 +212,41 @@ pub(crate) struct Rig {
     pub dir: tempfile::TempDir,
 }
 
+/// A node whose coordinator has announced epoch 1, serving one patch (a
+/// build's first) to `processes`.
 pub(crate) fn rig(processes: &[&str]) -> Rig {
+    rig_with(processes, vec![bundle("2")])
+}
+
+/// [`rig`] serving `bundles`; the first is the rig's patch.
+pub(crate) fn rig_with(processes: &[&str], bundles: Vec<Bundle>) -> Rig {
     let dir = tempfile::tempdir().expect("tmp");
     let runtimes = FakeRuntimes::new(processes);
-    let patch = bundle("2");
-    let id = patch.id();
-    let patches = FakePatches { bundles: HashMap::from([(id.clone(), patch)]) };
-    let fence = EpochFence::load(dir.path()).expect("fence");
-    let participant = Participant::new(
+    let id = bundles[0].id();
+    let patches = FakePatches::with(bundles);
+    let participant = Arc::new(participant_in(dir.path(), runtimes.clone(), Arc::new(patches)));
+    participant.observe_epoch(1).expect("epoch");
+    Rig { participant, runtimes, patch: id, dir }
+}
+
+/// A participant keeping its durable state in `dir` (a restart is another one on the same dir).
+pub(crate) fn participant_in(
+    dir: &std::path::Path,
+    runtimes: Arc<FakeRuntimes>,
+    patches: Arc<FakePatches>,
+) -> Participant {
+    let fence = EpochFence::load(dir).expect("fence");
+    let finished = Finished::load(dir).expect("finished");
+    Participant::new(
         "node-1".into(),
-        runtimes.clone(),
-        Arc::new(patches),
+        runtimes,
+        patches,
         fence,
+        finished,
         Duration::from_secs(5),
         Duration::from_secs(60),
-    );
-    Rig { participant: Arc::new(participant), runtimes, patch: id, dir }
+    )
+    .with_epoch_wait(Duration::from_millis(200))
 }
 
 /// Waits (bounded) until `done` holds.

@@ -96,11 +96,23 @@ impl Scenario {
 
     /// Builds a signed patch from a source tree holding `zone/`, pushes it with the CLI.
     pub fn push_tree(&mut self, root: &Path, name: &str) -> String {
+        self.push_tree_on(root, name, None)
+    }
+
+    /// [`Self::push_tree`] of a patch that goes on top of `parent` (None: the build's first).
+    pub fn push_tree_on(&mut self, root: &Path, name: &str, parent: Option<&str>) -> String {
         let out = self.dir.path().join(format!("{name}.hfpatch"));
         let fleet = &self.fleet;
-        let (path, id) =
-            build_patch_of(&fleet.layout, fleet.game.package(), root, &out, &fleet.build, name, Some(&fleet.keys))
-                .expect("build patch");
+        let build = PatchBuild {
+            package: fleet.game.package(),
+            source_root: root,
+            out: &out,
+            target_build: &fleet.build,
+            description: name,
+            keys: Some(&fleet.keys),
+            parent,
+        };
+        let (path, id) = build_patch_with(&fleet.layout, &build).expect("build patch");
         let shown =
             self.fleet.layout.cli(&["--output", "json", "patch", "show", &path.display().to_string()]).expect("show");
         let shown: Value = serde_json::from_str(&shown).expect("json");
@@ -121,8 +133,13 @@ impl Scenario {
     }
 
     pub fn push(&mut self, name: &str) -> String {
+        self.push_on(name, None)
+    }
+
+    /// [`Self::push`] of an example patch that goes on top of `parent`.
+    pub fn push_on(&mut self, name: &str, parent: Option<&str>) -> String {
         let root = self.fleet.layout.repo.join("examples/patches").join(name);
-        self.push_tree(&root, name)
+        self.push_tree_on(&root, name, parent)
     }
 
     /// Starts a rollout (canary 1, waves 25%,50%,100%) and returns its id.

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use super::*;
-use crate::testing::{rig, until, Behaviour, BUILD};
+use crate::testing::{bundle, bundle_on, participant_in, rig, rig_with, until, Behaviour, FakePatches, BUILD};
 
 #[tokio::test]
 async fn prepare_then_commit_applies_everywhere_once() {
@@ -21,12 +21,14 @@ async fn prepare_then_commit_applies_everywhere_once() {
 }
 
 #[tokio::test]
-async fn an_older_epoch_is_refused_and_a_newer_one_raises_the_persisted_floor() {
+async fn an_older_epoch_is_refused_and_only_the_coordinators_announcement_raises_the_floor() {
     let rig = rig(&["a"]);
+    rig.participant.observe_epoch(5).expect("the leader announces epoch 5");
     rig.participant.handle(rig.cmd(Kind::Abort, 5)).await.expect("epoch 5");
     let err = rig.participant.handle(rig.cmd(Kind::Prepare, 4)).await.expect_err("epoch 4 after 5");
     assert!(matches!(err, ParticipantError::Epoch(EpochError::Stale { got: 4, highest: 5 })), "{err}");
     assert_eq!(rig.runtimes.count("a", "prepare"), 0, "a refused command reaches no runtime");
+    rig.participant.observe_epoch(9).expect("a new leader");
     rig.participant.handle(rig.cmd(Kind::Rollback, 9)).await.expect("epoch 9");
     assert_eq!(rig.participant.highest_epoch(), 9);
     assert_eq!(rig.participant.command_counts(), (2, 1));
@@ -34,6 +36,44 @@ async fn an_older_epoch_is_refused_and_a_newer_one_raises_the_persisted_floor() 
     // A leader's announced epoch fences too, before its first command.
     rig.participant.observe_epoch(12).expect("observe");
     assert!(rig.participant.handle(rig.cmd(Kind::Abort, 10)).await.is_err());
+}
+
+#[tokio::test]
+async fn a_command_above_the_learned_epoch_is_refused_as_unknown_and_changes_nothing() {
+    let rig = rig(&["a"]);
+    let epoch_file = std::fs::read(rig.dir.path().join("epoch")).expect("epoch file");
+    for kind in [Kind::Prepare, Kind::Commit, Kind::Abort, Kind::Rollback] {
+        let err = rig.participant.handle(rig.cmd(kind, u64::MAX)).await.expect_err("never announced");
+        assert!(matches!(err, ParticipantError::Epoch(EpochError::Unknown { got: u64::MAX, known: 1 })), "{err}");
+    }
+    assert_eq!(rig.participant.highest_epoch(), 1);
+    assert_eq!(std::fs::read(rig.dir.path().join("epoch")).expect("epoch file"), epoch_file, "nothing written");
+    for request in ["prepare", "commit", "abort", "rollback"] {
+        assert_eq!(rig.runtimes.count("a", request), 0, "{request} reached a runtime");
+    }
+    // Nothing was retired either: the coordinator's own commands go through.
+    assert!(rig.run(Kind::Prepare).await.ok);
+    assert!(rig.run(Kind::Commit).await.ok);
+    assert_eq!(rig.participant.command_counts(), (2, 0));
+}
+
+#[tokio::test]
+async fn a_new_leaders_first_command_waits_for_the_heartbeat_that_learns_its_epoch() {
+    let rig = rig(&["a"]);
+    // The heartbeat loop: woken by the participant, it learns the new leader's epoch.
+    let link = rig.participant.clone();
+    let heartbeat = tokio::spawn(async move {
+        link.changed().await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        link.observe_epoch(2).expect("observe");
+    });
+    let answer = rig.participant.handle(rig.cmd(Kind::Prepare, 2)).await.expect("admitted once learned");
+    assert!(answer.ok, "{answer:?}");
+    heartbeat.await.expect("heartbeat");
+    assert_eq!(rig.participant.highest_epoch(), 2);
+    // The old leader is now stale.
+    let err = rig.participant.handle(rig.cmd(Kind::Commit, 1)).await.expect_err("deposed");
+    assert!(matches!(err, ParticipantError::Epoch(EpochError::Stale { .. })), "{err}");
 }
 
 #[tokio::test]
@@ -133,7 +173,9 @@ async fn abort_drops_the_prepare_and_is_ok_even_if_a_holder_vanished() {
     assert!(answer.ok);
     assert_eq!(rig.runtimes.count("a", "abort"), 1);
     assert!(rig.participant.prepared().is_empty());
-    assert!(!rig.run(Kind::Commit).await.ok, "nothing left to commit");
+    let err = rig.participant.handle(rig.cmd(Kind::Commit, 1)).await.expect_err("nothing left to commit");
+    assert!(matches!(err, ParticipantError::Replayed(_)), "{err}");
+    assert_eq!(rig.runtimes.count("a", "commit"), 0);
 }
 
 #[tokio::test]
@@ -149,6 +191,7 @@ async fn a_commit_whose_caller_vanishes_runs_to_its_end_and_a_resend_gets_its_ou
     caller.abort();
     assert!(caller.await.is_err_and(|e| e.is_cancelled()));
     // A new leader re-sends the same commit while the first is still running.
+    rig.participant.observe_epoch(2).expect("the new leader's epoch, learned by heartbeat");
     let participant = rig.participant.clone();
     let resent = tokio::spawn(async move { participant.handle(Command::new(Kind::Commit, "r1", rig.patch, 2)).await });
     tokio::time::sleep(Duration::from_millis(30)).await;
@@ -217,4 +260,110 @@ async fn an_expired_prepare_is_reported_at_once_and_named_by_a_late_commit() {
     let expired = rig.participant.recently_expired();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].rollout_id, "r1");
+}
+
+/// Two stacked patches: `first` (a build's first) and `second` on top of it.
+fn stacked() -> (hotfleet_patch::Bundle, hotfleet_patch::Bundle) {
+    let first = bundle("2");
+    let second = bundle_on("3", Some(&first.id()));
+    (first, second)
+}
+
+#[tokio::test]
+async fn a_prepare_goes_only_on_top_of_the_parent_its_manifest_names() {
+    let (first, second) = stacked();
+    let (p1, p2) = (first.id(), second.id());
+    let orphan = bundle("4");
+    let rig = rig_with(&["a", "b"], vec![second, first, orphan.clone()]);
+    // Neither process runs the parent yet: refused, naming both, and no runtime prepares.
+    let vote = rig.run(Kind::Prepare).await;
+    assert!(!vote.ok && vote.reason.contains("parent is not the top"), "{vote:?}");
+    assert_eq!(vote.processes.len(), 2);
+    assert!(vote.processes.iter().all(|o| o.error.contains(&p1[..12]) && o.error.contains("is empty")), "{vote:?}");
+    assert_eq!(rig.runtimes.count("a", "prepare") + rig.runtimes.count("b", "prepare"), 0);
+    assert!(rig.participant.prepared().is_empty());
+    // One process has it on top, the other not: still nothing prepared anywhere.
+    rig.runtimes.set_stack("a", vec![p1.clone()]);
+    let vote = rig.participant.handle(Command::new(Kind::Prepare, "r2", p2.clone(), 1)).await.expect("admitted");
+    assert!(!vote.ok && vote.processes.len() == 1 && vote.processes[0].process_id == "b", "{vote:?}");
+    assert_eq!(rig.runtimes.count("a", "prepare"), 0);
+    // Both on the parent: prepared and committed.
+    rig.runtimes.set_stack("b", vec![p1.clone()]);
+    assert!(rig.participant.handle(Command::new(Kind::Prepare, "r3", p2.clone(), 1)).await.expect("admitted").ok);
+    assert!(rig.participant.handle(Command::new(Kind::Commit, "r3", p2.clone(), 1)).await.expect("admitted").ok);
+    // A build's first patch (no parent) needs an empty stack.
+    let vote = rig.participant.handle(Command::new(Kind::Prepare, "r4", orphan.id(), 1)).await.expect("admitted");
+    assert!(!vote.ok && vote.processes.iter().all(|o| o.error.contains("parent none")), "{vote:?}");
+    assert_eq!(rig.runtimes.count("a", "prepare"), 1, "only the fitting prepare reached a runtime");
+}
+
+#[tokio::test]
+async fn a_process_that_cannot_say_its_stack_gets_nothing_prepared() {
+    let rig = rig(&["a", "b"]);
+    rig.runtimes.script("b", "status", Behaviour::Vanish);
+    let vote = rig.run(Kind::Prepare).await;
+    assert!(!vote.ok, "{vote:?}");
+    assert!(vote.processes.iter().any(|o| o.process_id == "b" && o.error.contains("cannot read")), "{vote:?}");
+    assert_eq!(rig.runtimes.count("a", "prepare"), 0);
+}
+
+#[tokio::test]
+async fn an_aborted_pair_cannot_be_prepared_or_committed_again() {
+    let rig = rig(&["a"]);
+    assert!(rig.run(Kind::Prepare).await.ok);
+    assert!(rig.run(Kind::Abort).await.ok);
+    for kind in [Kind::Prepare, Kind::Commit] {
+        let err = rig.participant.handle(rig.cmd(kind, 1)).await.expect_err("replayed");
+        assert!(
+            matches!(err, ParticipantError::Replayed(_)) && err.to_string().contains("aborted or rolled back"),
+            "{err}"
+        );
+    }
+    assert_eq!(rig.runtimes.count("a", "prepare"), 1);
+    assert_eq!(rig.runtimes.count("a", "commit"), 0);
+    // Abort again is harmless (the coordinator's retry gets its first answer).
+    assert!(rig.run(Kind::Abort).await.ok);
+}
+
+#[tokio::test]
+async fn a_rolled_back_patch_is_not_replayed_under_its_rollout_even_if_rolled_back_under_another() {
+    let rig = rig(&["a"]);
+    assert!(rig.run(Kind::Prepare).await.ok);
+    assert!(rig.run(Kind::Commit).await.ok);
+    // Rolled back by a drift repair under an id of its own.
+    let repair = Command::new(Kind::Rollback, "reconcile-1-1", rig.patch.clone(), 1);
+    assert!(rig.participant.handle(repair).await.expect("rollback").ok);
+    assert!(rig.runtimes.processes()[0].patch_stack.is_empty());
+    for kind in [Kind::Prepare, Kind::Commit] {
+        let err = rig.participant.handle(rig.cmd(kind, 1)).await.expect_err("replayed");
+        assert!(matches!(err, ParticipantError::Replayed(_)), "{err}");
+    }
+    assert_eq!(rig.runtimes.count("a", "commit"), 1, "applied once, never again");
+    // A new rollout of the same patch (the operator's decision) is not a replay.
+    let again = Command::new(Kind::Prepare, "r2", rig.patch.clone(), 1);
+    assert!(rig.participant.handle(again).await.expect("admitted").ok);
+}
+
+#[tokio::test]
+async fn replays_are_refused_after_a_restart_that_forgot_the_answers() {
+    let rig = rig(&["a"]);
+    assert!(rig.run(Kind::Prepare).await.ok);
+    assert!(rig.run(Kind::Commit).await.ok);
+    let aborted = Command::new(Kind::Abort, "r2", rig.patch.clone(), 1);
+    assert!(rig.participant.handle(aborted).await.expect("abort").ok);
+    // The agent restarts: same data dir, no remembered answers.
+    let patches = Arc::new(FakePatches::with(vec![bundle("2")]));
+    let restarted = Arc::new(participant_in(rig.dir.path(), rig.runtimes.clone(), patches));
+    assert_eq!(restarted.highest_epoch(), 1, "the learned epoch survives");
+    for (rollout, kind, why) in [
+        ("r1", Kind::Prepare, "committed on this node already"),
+        ("r1", Kind::Commit, "committed on this node already"),
+        ("r2", Kind::Prepare, "aborted or rolled back"),
+        ("r2", Kind::Commit, "aborted or rolled back"),
+    ] {
+        let err = restarted.handle(Command::new(kind, rollout, rig.patch.clone(), 1)).await.expect_err("replayed");
+        assert!(err.to_string().contains(why), "{rollout} {kind}: {err}");
+    }
+    assert_eq!(rig.runtimes.count("a", "prepare"), 1);
+    assert_eq!(rig.runtimes.count("a", "commit"), 1);
 }

@@ -9,8 +9,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    os::unix::fs::PermissionsExt,
-    path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -31,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     lock,
+    runtime_socket::PeerPolicy,
     stacks::{self, PatchSources},
 };
 
@@ -181,30 +180,17 @@ impl Sessions {
     }
 }
 
-/// Binds the runtime socket with owner-only permissions, replacing a stale socket file.
-pub fn bind_runtime_socket(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => return Err(err),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
-/// Accepts runtime connections until `shutdown`. A runtime that says nothing
-/// for `idle_timeout` although asked (a silent client, a stopped process)
-/// has its session closed; it reconnects once it runs again.
+/// Accepts runtime connections until `shutdown`, each only from a peer uid
+/// `peers` allows (a refused one is told why and closed). A runtime that
+/// says nothing for `idle_timeout` although asked (a silent client, a
+/// stopped process) has its session closed; it reconnects once it runs again.
 pub async fn serve(
     listener: UnixListener,
     sessions: Sessions,
     node_id: String,
     stacks: Arc<dyn StackProvider>,
     idle_timeout: Duration,
+    peers: PeerPolicy,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -214,6 +200,11 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, _)) => {
+                if let Err(refused) = peers.check(&stream) {
+                    tracing::warn!(error = %refused, "runtime connection refused");
+                    tokio::spawn(turn_away(stream, refused.to_string()));
+                    continue;
+                }
                 let (sessions, node_id, stacks, shutdown) =
                     (sessions.clone(), node_id.clone(), stacks.clone(), shutdown.clone());
                 tokio::spawn(
@@ -395,6 +386,12 @@ fn error_frame(reply_to: u64, code: &str, message: &str) -> RuntimeFrame {
         reply_to,
         body: Some(Body::Error(ProtocolError { message: message.to_string(), code: code.to_string() })),
     }
+}
+
+/// Tells a refused peer why (briefly: it is not trusted) and closes.
+async fn turn_away(mut stream: UnixStream, message: String) {
+    let frame = error_frame(0, "forbidden", &message);
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut stream, &frame)).await;
 }
 
 async fn refuse(writer: &mut tokio::net::unix::OwnedWriteHalf, reply_to: u64, code: &str, message: &str) {

@@ -50,11 +50,15 @@ struct Agent {
 
 impl Agent {
     fn start(stacks: Arc<dyn StackProvider>, idle: Duration) -> Self {
+        Self::start_for(stacks, idle, PeerPolicy::new(&[]))
+    }
+
+    fn start_for(stacks: Arc<dyn StackProvider>, idle: Duration, peers: PeerPolicy) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("agent.sock");
-        let listener = bind_runtime_socket(&path).expect("bind");
+        let listener = crate::runtime_socket::bind(&path, peers.socket_mode()).expect("bind");
         let (sessions, shutdown) = (Sessions::default(), CancellationToken::new());
-        tokio::spawn(serve(listener, sessions.clone(), "n".into(), stacks, idle, shutdown.clone()));
+        tokio::spawn(serve(listener, sessions.clone(), "n".into(), stacks, idle, peers, shutdown.clone()));
         Self { _dir: dir, path, sessions, shutdown }
     }
 }
@@ -66,7 +70,7 @@ impl Drop for Agent {
 }
 
 /// A runtime's connection after its hello was welcomed.
-async fn connect(path: &Path, process_id: &str) -> UnixStream {
+async fn connect(path: &std::path::Path, process_id: &str) -> UnixStream {
     let mut client = UnixStream::connect(path).await.expect("connect");
     let hello = Hello {
         protocol_version: RUNTIME_PROTOCOL_VERSION,
@@ -172,4 +176,20 @@ async fn a_runtime_silent_although_asked_is_closed_and_an_idle_one_is_not() {
     assert!(matches!(err, Err(SessionError::Timeout { .. })), "{err:?}");
     assert!(lock(&session.pending).is_empty(), "a timed-out request leaves no reply slot");
     wait_for("the silent session to close", || sessions.get("p1").is_none()).await;
+}
+
+#[tokio::test]
+async fn a_peer_whose_uid_is_not_allowed_is_told_and_closed_without_a_session() {
+    let other = crate::runtime_socket::effective_uid().wrapping_add(4242);
+    let agent = Agent::start_for(Arc::new(NoStacks), Duration::from_secs(30), PeerPolicy::only(&[other]));
+    let mut client = UnixStream::connect(&agent.path).await.expect("connect");
+    let hello = Hello { protocol_version: RUNTIME_PROTOCOL_VERSION, process_id: "p1".into(), ..Default::default() };
+    // The agent may close before the hello is written: that is a refusal too.
+    let _ = write_frame(&mut client, &RuntimeFrame { id: 1, reply_to: 0, body: Some(Body::Hello(hello)) }).await;
+    let refusal = read_frame(&mut client).await.expect("read").expect("told why");
+    let Some(Body::Error(error)) = refusal.body else { panic!("not a refusal: {refusal:?}") };
+    assert_eq!(error.code, "forbidden");
+    assert!(error.message.contains("--runtime-allowed-uid"), "{}", error.message);
+    assert!(matches!(read_frame(&mut client).await, Ok(None) | Err(_)), "closed after the refusal");
+    assert!(agent.sessions.list().is_empty() && !agent.sessions.ever_connected(), "no session");
 }
