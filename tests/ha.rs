@@ -295,7 +295,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
     // compare and leaves the store as it was.
     let etcd = s.fleet.etcd.as_ref().expect("etcd");
     let store = EtcdStore::connect(&EtcdOptions::new(vec![etcd.url()], "/hotfleet/")).await.expect("etcd store");
-    let audit_before = store.audit(1000).await.expect("audit").len();
+    let audit_before = store.audit(1000, None).await.expect("audit").len();
     let stale = Batch::new()
         .with(Write::SetFreeze(Some(FreezeRecord { reason: "stale".into(), by: "old-leader".into(), since_ms: 1 })))
         .with(Write::Audit(AuditEntry {
@@ -315,7 +315,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
         other => panic!("a write under the deposed leader's fence must be fenced, got {other:?}"),
     }
     assert_eq!(store.freeze().await.expect("freeze"), None);
-    assert_eq!(store.audit(1000).await.expect("audit").len(), audit_before);
+    assert_eq!(store.audit(1000, None).await.expect("audit").len(), audit_before);
     // Every rollout write since the take-over is the new leader's.
     let stored = store.rollout(&id).await.expect("read").expect("rollout");
     assert!(stored.epoch >= status.epoch, "rollout last written by epoch {}", stored.epoch);

@@ -207,7 +207,8 @@ async fn the_audit_actor_is_the_certificate_identity_even_with_the_old_header() 
     let me = oncall.who_am_i(WhoAmIRequest {}).await.expect("whoami").into_inner();
     assert_eq!((me.identity.as_str(), me.role.as_str()), ("oncall", "operator"));
 
-    let audit = oncall.list_audit(ListAuditRequest { limit: 10 }).await.expect("audit").into_inner().records;
+    let audit =
+        oncall.list_audit(ListAuditRequest { limit: 10, before_seq: 0 }).await.expect("audit").into_inner().records;
     let freeze = audit.iter().find(|r| r.action.contains("freeze")).expect("freeze audited");
     assert_eq!(freeze.actor, "oncall");
     assert!(audit.iter().all(|r| r.actor != "alice-the-sre"), "{audit:?}");

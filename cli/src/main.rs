@@ -56,10 +56,15 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Which coordinator leads (and its epoch); any coordinator of the list answers.
     Leader,
-    /// The audit log of operator actions, newest first.
+    /// The audit log of operator actions, newest first, one page at a time.
     Audit {
+        /// Records per page (the coordinator answers at most 1000).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only records older than this sequence number (the next page's
+        /// `--before` is printed under each page).
+        #[arg(long)]
+        before: Option<u64>,
     },
     /// Who you are to the coordinator; bearer tokens.
     #[command(subcommand)]
@@ -84,6 +89,14 @@ enum NodesCommand {
         #[arg(long, default_value = "all")]
         selector: String,
     },
+    /// Forget a node (refused while a live rollout holds it; audited). Stop
+    /// its agent first: an agent still running registers again.
+    Remove {
+        node_id: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 async fn dispatch(cli: Cli) -> CliResult {
@@ -92,11 +105,14 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Keygen { out } => patch_cmd::keygen(&out, output),
         Command::Patch(cmd) => patch_cmd::run(cmd, target, output).await,
         Command::Nodes(NodesCommand::List { selector }) => fleet_cmd::nodes_list(target, selector, output).await,
+        Command::Nodes(NodesCommand::Remove { node_id, reason }) => {
+            fleet_cmd::nodes_remove(target, node_id, reason, output).await
+        }
         Command::Rollout(cmd) => rollout_cmd::run(target, cmd, output).await,
         Command::Freeze { reason } => fleet_cmd::freeze(target, reason, output).await,
         Command::Unfreeze => fleet_cmd::unfreeze(target, output).await,
         Command::Demo(args) => demo::run(args, output).await,
-        Command::Audit { limit } => fleet_cmd::audit(target, limit, output).await,
+        Command::Audit { limit, before } => fleet_cmd::audit(target, limit, before, output).await,
         Command::Leader => fleet_cmd::leader(target, output).await,
         Command::Auth(cmd) => auth_cmd::run(cmd, target, output).await,
         Command::Certs(CertsCommand::Dev(args)) => certs_cmd::dev(args),

@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 use hotfleet_proto::tls::{OwnCert, TlsArgs, TlsError, Transport};
 
-use crate::store::etcd::EtcdOptions;
+use crate::{
+    grpc::limits::ServeLimits,
+    store::{etcd::EtcdOptions, AuditRetention},
+};
 
 /// State store backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,6 +100,33 @@ pub struct Args {
     /// Bearer tokens, lines `SHA256HEX NAME ROLE` (hashes only; see `hotfleet auth token create`).
     #[arg(long, env = "HOTFLEET_TOKENS")]
     pub tokens: Option<PathBuf>,
+    /// A node lost (no heartbeat) for longer than this is forgotten: its record is removed, audited.
+    #[arg(long, env = "HOTFLEET_NODE_EXPIRY", default_value = "24h", value_parser = parse_duration)]
+    pub node_expiry: Duration,
+    /// Audit entries kept at most (the oldest go first).
+    #[arg(long, env = "HOTFLEET_AUDIT_KEEP", default_value_t = 100_000)]
+    pub audit_keep: u64,
+    /// Audit entries older than this go (0 = no age limit; 2160h = 90 days).
+    #[arg(long, env = "HOTFLEET_AUDIT_MAX_AGE", default_value = "2160h", value_parser = parse_duration)]
+    pub audit_max_age: Duration,
+    /// Deadline of one gRPC request (a stream: until its first message).
+    #[arg(long, env = "HOTFLEET_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Operator requests in flight at once; more are refused RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HOTFLEET_OPERATOR_CONCURRENCY", default_value_t = 64)]
+    pub operator_concurrency: usize,
+    /// Open client connections at most (lowered to fit the open-files limit).
+    #[arg(long, env = "HOTFLEET_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A new connection that sends nothing (or too little) for this long is closed.
+    #[arg(long, env = "HOTFLEET_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 keepalive ping interval towards every client.
+    #[arg(long, env = "HOTFLEET_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+    /// A client that does not answer a keepalive ping within this is disconnected.
+    #[arg(long, env = "HOTFLEET_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
 }
 
 /// Why the flags do not make a working coordinator.
@@ -125,6 +155,11 @@ pub struct Config {
     pub agent_timeout: Duration,
     pub agent_concurrency: usize,
     pub drain_timeout: Duration,
+    /// Connection and time limits of the gRPC server.
+    pub limits: ServeLimits,
+    /// Silence after which a lost node is forgotten.
+    pub node_expiry: Duration,
+    pub audit_retention: AuditRetention,
     /// Overrides `lost_after x heartbeat interval` (tests; not a flag).
     pub lost_timeout: Option<Duration>,
     /// Mutual TLS, or plaintext with every caller an admin (`--insecure`).
@@ -166,6 +201,9 @@ impl Config {
             agent_timeout: Duration::from_secs(30),
             agent_concurrency: 64,
             drain_timeout: Duration::from_secs(10),
+            limits: ServeLimits::default(),
+            node_expiry: Duration::from_secs(24 * 3600),
+            audit_retention: AuditRetention::default(),
             lost_timeout: None,
             transport: Transport::Insecure,
             operators: None,
@@ -192,6 +230,33 @@ impl TryFrom<Args> for Config {
             return Err(invalid("agent-concurrency", "must be at least 1"));
         }
         let transport = a.tls.transport(OwnCert::Required)?;
+        if a.audit_keep == 0 {
+            return Err(invalid("audit-keep", "must be at least 1"));
+        }
+        let lost_for =
+            Duration::from_secs(u64::from(crate::registry::advertised_seconds(a.heartbeat_interval))) * a.lost_after;
+        if a.node_expiry <= lost_for {
+            return Err(invalid(
+                "node-expiry",
+                "must be longer than the lost timeout (--lost-after x --heartbeat-interval)",
+            ));
+        }
+        if a.operator_concurrency == 0 {
+            return Err(invalid("operator-concurrency", "must be at least 1"));
+        }
+        if a.max_connections < 16 {
+            return Err(invalid("max-connections", "must be at least 16"));
+        }
+        for (flag, value) in [
+            ("request-timeout", a.request_timeout),
+            ("handshake-timeout", a.handshake_timeout),
+            ("keepalive-interval", a.keepalive_interval),
+            ("keepalive-timeout", a.keepalive_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(invalid(flag, "must be at least 100ms"));
+            }
+        }
         let etcd = etcd_options(&a)?;
         if a.leader_lease < Duration::from_secs(2) {
             return Err(invalid("leader-lease", "must be at least 2s (etcd's shortest lease)"));
@@ -231,6 +296,16 @@ impl TryFrom<Args> for Config {
             agent_timeout: a.agent_timeout,
             agent_concurrency: a.agent_concurrency,
             drain_timeout: a.drain_timeout,
+            limits: ServeLimits {
+                request_timeout: a.request_timeout,
+                operator_concurrency: a.operator_concurrency,
+                max_connections: a.max_connections,
+                handshake_timeout: a.handshake_timeout,
+                keepalive_interval: a.keepalive_interval,
+                keepalive_timeout: a.keepalive_timeout,
+            },
+            node_expiry: a.node_expiry,
+            audit_retention: AuditRetention { keep: a.audit_keep, max_age: a.audit_max_age },
             lost_timeout: None,
             transport,
             operators: a.operators,
@@ -320,6 +395,9 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:7700");
         assert_eq!(config.data_dir, PathBuf::from("./hotfleet-data"));
         assert_eq!(config.store, StoreKind::Embedded);
+        assert_eq!(config.limits, ServeLimits::default(), "the flags' defaults are the library's");
+        assert_eq!(config.audit_retention, AuditRetention::default());
+        assert_eq!(config.node_expiry, Config::new("x").node_expiry);
     }
 
     #[test]
@@ -354,6 +432,8 @@ mod tests {
         assert_eq!(c.advertise(), "http://127.0.0.1:7700");
         let err = |args: &[&str]| parse(args).expect_err("invalid").to_string();
         assert!(err(&["--store", "etcd"]).contains("--etcd-endpoints"));
+        assert!(err(&["--node-expiry", "5s"]).contains("--node-expiry"), "not beyond the 6 s lost timeout");
+        assert!(err(&["--max-connections", "1"]).contains("--max-connections"));
         assert!(err(&["--etcd-endpoints", "http://e:2379"]).contains("--store etcd"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-user", "u"]).contains("password"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--leader-lease", "1s"]).contains("--leader-lease"));

@@ -28,7 +28,6 @@ use hotfleet_proto::{
     v1::{agent_gateway_server::AgentGatewayServer, coordinator_server::CoordinatorServer},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, transport::Server};
 
@@ -36,7 +35,7 @@ use crate::{
     agents::{AgentClient, GrpcAgents},
     auth::{credentials::Credentials, gate::Authority},
     config::{Config, StoreKind},
-    grpc::{gateway::GatewayService, operator::OperatorService},
+    grpc::{self, gateway::GatewayService, operator::OperatorService},
     leadership::{Elector, EtcdBackend, LeaseElection, SoloElector},
     patches::Patches,
     store::{embedded::EmbeddedStore, etcd::EtcdStore, Store, StoreError},
@@ -143,6 +142,8 @@ impl Coordinator {
             heartbeat_interval: config.heartbeat_interval,
             lost_timeout: config.lost_timeout(),
             agent_timeout: config.agent_timeout,
+            node_expiry: config.node_expiry,
+            audit_retention: config.audit_retention,
         });
         let shutdown = CancellationToken::new();
         let (term_tx, term_rx) = watch::channel(None);
@@ -212,13 +213,16 @@ impl Coordinator {
         let (reflection_v1, reflection_v1alpha) = reflection()?;
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(%addr, tls = self.config.transport.is_tls(), "serving gRPC (AgentGateway, Coordinator, health, reflection)");
-        grpc_server(&self.config.transport, self.authority.clone())?
+        let limits = &self.config.limits;
+        let (builder, incoming) = grpc::limits::apply(Server::builder(), listener, limits);
+        let operator = CoordinatorServer::new(operator).max_decoding_message_size(max_message);
+        grpc_server(builder, &self.config.transport, self.authority.clone())?
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AgentGatewayServer::new(gateway))
-            .add_service(CoordinatorServer::new(operator).max_decoding_message_size(max_message))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .add_service(grpc::limits::Shed::new(operator, limits.operator_concurrency))
+            .serve_with_incoming_shutdown(incoming, async {
                 shutdown.await;
                 self.stop_leading().await;
             })
@@ -263,10 +267,10 @@ impl Coordinator {
 /// instead), or plaintext with `--insecure`; then the one gate that
 /// decides who may call what.
 fn grpc_server(
+    mut builder: Server,
     transport: &Transport,
     authority: Authority,
 ) -> Result<Server<tower::layer::util::Stack<GateLayer<Authority>, tower::layer::util::Identity>>, ServerError> {
-    let mut builder = Server::builder();
     if let Some(tls) = transport.server_config(ClientCerts::Optional) {
         builder = builder.tls_config(tls)?;
     }

@@ -93,7 +93,7 @@ async fn push_good_patch_then_fetch_it_in_chunks() {
     let garbage = gw.fetch_patch(FetchPatchRequest { patch_id: "../etc/passwd".into() }).await.expect_err("bad id");
     assert_eq!(garbage.code(), Code::InvalidArgument);
 
-    let audit = op.list_audit(ListAuditRequest { limit: 10 }).await.expect("audit").into_inner().records;
+    let audit = op.list_audit(ListAuditRequest { limit: 10, before_seq: 0 }).await.expect("audit").into_inner().records;
     assert_eq!(audit.len(), 2);
     assert!(audit[0].detail.contains("already stored"), "newest first: {audit:?}");
     assert!(audit.iter().all(|a| a.actor == "insecure"), "every audit line of an --insecure coordinator says so");
@@ -150,9 +150,24 @@ async fn refuses_tampered_unsigned_untrusted_oversized_and_garbage() {
     assert!(listed.patches.is_empty(), "nothing refused was stored");
 
     // Refusals are audited, with the actor (never the header's "mallory").
-    let audit = op.list_audit(ListAuditRequest { limit: 0 }).await.expect("audit").into_inner().records;
+    let audit = op.list_audit(ListAuditRequest { limit: 0, before_seq: 0 }).await.expect("audit").into_inner().records;
     assert!(audit.len() >= 5, "{audit:?}");
     assert!(audit.iter().all(|a| !a.ok && a.actor == "insecure" && a.detail.starts_with("refused")));
+
+    // The log reads in pages that chain, newest first, and end.
+    let mut seen = Vec::new();
+    let mut before_seq = 0;
+    loop {
+        let page = op.list_audit(ListAuditRequest { limit: 2, before_seq }).await.expect("page").into_inner();
+        assert!(page.records.len() <= 2);
+        seen.extend(page.records.iter().map(|r| r.seq));
+        if page.next_before_seq == 0 {
+            break;
+        }
+        before_seq = page.next_before_seq;
+    }
+    let all: Vec<u64> = audit.iter().map(|r| r.seq).collect();
+    assert_eq!(seen, all, "every record once, in order");
     running.stop().await;
 }
 
@@ -266,4 +281,13 @@ async fn serves_standard_health() {
         .into_inner();
     assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     running.stop().await;
+}
+
+#[tokio::test]
+async fn the_embedded_audit_log_pages_and_keeps_its_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = hotfleet_coordinator::store::embedded::EmbeddedStore::open(dir.path()).expect("open");
+    let stale = store.acquire_epoch().await.expect("epoch");
+    let fence = store.acquire_epoch().await.expect("epoch");
+    audit_paging_and_retention(&store, fence, stale).await;
 }

@@ -7,11 +7,11 @@ use std::{sync::Arc, time::Duration};
 use hotfleet_patch::TrustedKeys;
 use hotfleet_proto::{
     gate::GateLayer,
+    listener::{ConnLimits, Incoming},
     tls::{ClientCerts, OwnCert},
     v1::agent_server::AgentServer,
 };
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -154,23 +154,31 @@ pub async fn serve(
 
     // Only the coordinator's certificate gets past the handshake and the gate.
     let gate = CoordinatorOnly::new(transport.is_tls().then(|| config.coordinator_identity.clone()));
+    // Only coordinators call an agent: a few connections. Anything that
+    // connects and sends nothing is closed, and at the cap it makes room.
+    let incoming = Incoming::new(grpc_listener, AGENT_CONN_LIMITS);
     let mut builder = Server::builder();
     if let Some(tls) = transport.server_config(ClientCerts::Required) {
         builder = builder.tls_config(tls)?;
     }
     let result = builder
         .timeout(Duration::from_secs(120))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(GateLayer(gate))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(AgentServer::new(AgentService::new(reporter)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     result.map_err(ServeError::from)
 }
+
+/// The agent's gRPC accept side (see [`hotfleet_proto::listener`]).
+const AGENT_CONN_LIMITS: ConnLimits = ConnLimits { max_connections: 256, handshake_timeout: Duration::from_secs(10) };
 
 /// Binds the runtime socket with the mode its peer policy needs (see [`runtime_socket`]).
 pub fn bind_runtime_socket(config: &AgentConfig) -> std::io::Result<UnixListener> {

@@ -5,6 +5,7 @@
 pub mod address;
 pub mod duration;
 pub mod gate;
+pub mod listener;
 pub mod local;
 pub mod parts;
 pub mod tls;

@@ -17,7 +17,11 @@ use hotfleet_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::caller;
-use crate::term::Cluster;
+use crate::{
+    error::Error,
+    input::{self, MAX_BUILD, MAX_ID},
+    term::Cluster,
+};
 
 /// Registration and heartbeats speak for one node: only that node's
 /// certificate may send them, so a node id can be neither invented nor
@@ -77,6 +81,7 @@ impl AgentGateway for GatewayService {
 
     async fn fetch_patch(&self, request: Request<FetchPatchRequest>) -> Result<Response<ChunkStream>, Status> {
         let patch_id = request.into_inner().patch_id;
+        input::text("patch_id", &patch_id, MAX_ID).map_err(Error::from)?;
         let bytes = self.cluster.patches.bundle(&patch_id).await?;
         let total_size = bytes.len() as u64;
         let chunks: Vec<Result<PatchChunk, Status>> = bytes
@@ -96,7 +101,8 @@ impl AgentGateway for GatewayService {
         if build.trim().is_empty() {
             return Err(Status::invalid_argument("target_build is empty"));
         }
-        let stack = self.cluster.store.patch_stack(&build).await.map_err(crate::error::Error::from)?;
+        input::text("target_build", &build, MAX_BUILD).map_err(Error::from)?;
+        let stack = self.cluster.store.patch_stack(&build).await.map_err(Error::from)?;
         let patches = stack
             .into_iter()
             .map(|e| PatchRef {

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod gateway;
+pub mod limits;
 pub mod operator;
 mod spec;
 
@@ -34,7 +35,7 @@ impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = match &err {
             Error::NotFound { .. } => Code::NotFound,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Input(_) => Code::InvalidArgument,
             Error::Patch(p) => match p {
                 PatchError::Unsigned { .. } | PatchError::UntrustedSigner { .. } | PatchError::BadSignature { .. } => {
                     Code::PermissionDenied
@@ -44,8 +45,10 @@ impl From<Error> for Status {
             },
             Error::Plan(PlanError::NoTargets { .. }) => Code::FailedPrecondition,
             Error::Plan(_) => Code::InvalidArgument,
-            Error::Transition(_) | Error::Conflict { .. } | Error::Frozen { .. } => Code::FailedPrecondition,
-            Error::Registry(RegistryError::Invalid(_)) => Code::InvalidArgument,
+            Error::Transition(_) | Error::Conflict { .. } | Error::NodeBusy { .. } | Error::Frozen { .. } => {
+                Code::FailedPrecondition
+            }
+            Error::Registry(RegistryError::Invalid(_) | RegistryError::Input(_)) => Code::InvalidArgument,
             Error::Registry(RegistryError::Store(StoreError::TooLarge(_))) | Error::Store(StoreError::TooLarge(_)) => {
                 Code::FailedPrecondition
             }
