@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::*;
-use hotfleet_proto::v1::{coordinator_client::CoordinatorClient, RolloutSpec, StartRolloutRequest};
+use hotfleet_proto::v1::{RolloutSpec, StartRolloutRequest};
 
 on_both_stores!(a_four_megabyte_selector_is_refused_before_it_reaches_the_store);
 
@@ -42,22 +42,27 @@ async fn two_thousand_idle_connections_leave_room_for_a_real_client_and_drips_ar
         idle.push(TcpStream::connect(coordinator.addr).expect("connect"));
     }
     let asked = Instant::now();
-    let out = layout.cli_raw(&["--coordinator", &coordinator.url(), "--output", "json", "nodes", "list"]).expect("cli");
+    let operator = layout.with_cli_flags(keys.tls.operator("sre").flags());
+    let out =
+        operator.cli_raw(&["--coordinator", &coordinator.url(), "--output", "json", "nodes", "list"]).expect("cli");
     assert!(out.status.success(), "the CLI is answered: {}", String::from_utf8_lossy(&out.stderr));
     assert!(asked.elapsed() < Duration::from_secs(5), "answered in {:?}", asked.elapsed());
 
-    // A client dripping its HTTP/2 preface a byte every 200 ms (24 bytes: 4.8 s) is closed at
-    // the handshake deadline, long before the preface is complete.
+    // A client dripping the start of a TLS ClientHello a byte every 200 ms (24 bytes: 4.8 s)
+    // is closed at the handshake deadline, long before its first 24 bytes are in.
     let mut drip = TcpStream::connect(coordinator.addr).expect("connect");
     drip.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
     let started = Instant::now();
-    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let mut next = preface.iter().cycle();
+    // A handshake record of 512 bytes, a ClientHello of 508, TLS 1.2 legacy version, then the
+    // random: well formed as far as it goes.
+    let mut hello = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+    hello.resize(64, 0x2a);
+    let mut next = hello.iter().cycle();
     let closed = loop {
         if started.elapsed() > HANDSHAKE * 3 {
             break false;
         }
-        // The real preface, so only the deadline (not a protocol error) can end it.
+        // Well-formed bytes, so only the deadline (not a protocol error) can end it.
         if drip.write_all(&[*next.next().unwrap_or(&b'P')]).is_err() {
             break true;
         }
@@ -84,7 +89,7 @@ async fn a_four_megabyte_selector_is_refused_before_it_reaches_the_store(backend
     let embedded = matches!(s.fleet.store, StoreSpec::Embedded);
     let size = || std::fs::metadata(&redb).map(|m| m.len()).unwrap_or(0);
     let before = size();
-    let mut client = CoordinatorClient::connect(s.fleet.coordinator().url()).await.expect("connect");
+    let mut client = coordinator_client(&s.fleet.keys, &s.fleet.coordinator().url()).await;
     for _ in 0..5 {
         let spec = RolloutSpec {
             patch_id: patch.clone(),
