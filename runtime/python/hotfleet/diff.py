@@ -7,6 +7,10 @@ order.  A matched statement is *unchanged* when its AST (without line
 numbers) is equal; it is *moved* when, in addition, only its position in the
 file changed, which the runtime turns into a cheap line-number update of the
 live code objects.  Unchanged statements are never re-run.
+
+Comparison is cheap on purpose (prepare runs beside the game thread): statements whose
+source lines are identical are equal without looking at their trees; only statements
+whose text differs have their AST dumped and compared.
 """
 
 from __future__ import annotations
@@ -123,11 +127,18 @@ class Stmt:
     kind: str
     names: Tuple[str, ...]
     key: Tuple[object, ...]
-    dump: str
     first: int
     last: int
     text: str
     bound: FrozenSet[str]
+    _dump: Optional[str] = None
+
+    @property
+    def dump(self) -> str:
+        """The statement's AST without positions (computed on first use: it is costly)."""
+        if self._dump is None:
+            self._dump = ast.dump(self.node)
+        return self._dump
 
     @property
     def name(self) -> str:
@@ -180,14 +191,15 @@ def statements(body: Sequence[ast.stmt], lines: Sequence[str]) -> List[Stmt]:
     seen: Dict[Tuple[object, ...], int] = {}
     for index, node in enumerate(body):
         kind, names = _classify(node, index)
-        dump = ast.dump(node)
+        # anonymous statements are keyed by their content; the rest by kind and names
+        dump = ast.dump(node) if kind == OTHER else None
         base: Tuple[object, ...] = (kind, names) if kind != OTHER else (kind, dump)
         occ = seen.get(base, 0)
         seen[base] = occ + 1
         first = first_line(node)
         last = getattr(node, "end_lineno", None) or node.lineno
         text = "".join(lines[first - 1 : last])
-        out.append(Stmt(node, kind, names, base + (occ,), dump, first, last, text, bound_names(node)))
+        out.append(Stmt(node, kind, names, base + (occ,), first, last, text, bound_names(node), dump))
     return out
 
 
@@ -228,6 +240,9 @@ class BodyDiff:
 
 
 def _status(old: Stmt, new: Stmt) -> str:
+    if old.text == new.text:
+        # identical lines parse to identical trees: no need to compare them
+        return MOVED if old.first != new.first else UNCHANGED
     if old.dump != new.dump:
         return CHANGED
     if old.kind in (DEF, CLASS) and old.text != new.text:

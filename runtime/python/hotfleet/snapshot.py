@@ -413,6 +413,38 @@ class _FunctionEntry(_Entry):
         self.old.apply(self.fn)
 
 
+class _CodeBatchEntry(_Entry):
+    """``__code__`` replaced in many functions at once (relocations), as two columns:
+    the functions and the code each ran before. Undo puts every previous code back."""
+
+    __slots__ = ("fns", "olds")
+
+    def __init__(self) -> None:
+        self.fns: List[types.FunctionType] = []
+        self.olds: List[types.CodeType] = []
+
+    def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
+        # Code is ours: always put the previous version back.
+        for fn, old in zip(reversed(self.fns), reversed(self.olds)):
+            fn.__code__ = old
+
+
+class _SwapBatchEntry(_Entry):
+    """Code, docstring and qualified name replaced in functions whose defaults and
+    annotations stay (the common changed ``def``): one row per function."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows: List[Tuple[types.FunctionType, types.CodeType, Optional[str], str]] = []
+
+    def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
+        for fn, code, doc, qualname in reversed(self.rows):
+            fn.__code__ = code
+            fn.__doc__ = doc
+            fn.__qualname__ = qualname
+
+
 class _MappingEntry(_Entry):
     __slots__ = ("where", "getter", "setter", "key", "old", "new")
 
@@ -685,6 +717,41 @@ class Journal:
         old = FunctionState.of(fn)
         fn.__code__ = code
         self._entries.append(_FunctionEntry(fn, old, code))
+
+    def relocate(
+        self, fns: List[types.FunctionType], olds: List[types.CodeType], news: List[types.CodeType]
+    ) -> int:
+        """Give each ``fns[i]`` still running ``olds[i]`` the code ``news[i]`` (computed in
+        prepare); return how many changed.
+
+        The commit-time half of a relocation: one identity check and one assignment per
+        function, recorded as one entry (no per-function snapshot).
+        """
+        entry = _CodeBatchEntry()
+        self._entries.append(entry)
+        done = entry.fns
+        done_old = entry.olds
+        # Recorded as it goes: if an assignment raised, undo still covers the ones done.
+        for fn, old, new in zip(fns, olds, news):
+            if fn.__code__ is old:
+                fn.__code__ = new
+                done.append(fn)
+                done_old.append(old)
+        return len(done)
+
+    def swap_functions(
+        self, fns: List[types.FunctionType], code: types.CodeType, doc: Optional[str], qualname: str
+    ) -> None:
+        """Give every function of ``fns`` ``code``, ``doc`` and ``qualname`` (defaults,
+        keyword defaults and annotations untouched), recording what each had."""
+        entry = _SwapBatchEntry()
+        self._entries.append(entry)
+        rows = entry.rows
+        for fn in fns:
+            rows.append((fn, fn.__code__, fn.__doc__, fn.__qualname__))
+            fn.__code__ = code
+            fn.__doc__ = doc
+            fn.__qualname__ = qualname
 
     def set_item(self, where: str, mapping: MutableMapping[str, Any], key: str, value: Any) -> None:
         """``mapping[key] = value`` (MISSING deletes), remembering the old value."""

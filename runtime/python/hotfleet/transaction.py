@@ -230,7 +230,8 @@ def apply_transaction(target: CommitTarget, txn: Transaction) -> Tuple[CommitRep
             if st.new_module or not st.changed:
                 continue
             assert st.module is not None
-            old_views[st.name] = types.MappingProxyType(dict(st.module.__dict__))
+            if st.module_hook:
+                old_views[st.name] = types.MappingProxyType(dict(st.module.__dict__))
             for action in st.actions:
                 current = action
                 action.apply(ctx)
@@ -423,7 +424,8 @@ def _run_hooks(
             continue
         before = dict(g)
         try:
-            hook(old_views[st.name])
+            # a hook bound in a way prepare could not see: its module had no copy taken
+            hook(old_views.get(st.name) or types.MappingProxyType(before))
         except Exception as exc:
             raise HookFailure(st.name, HOOK_MODULE, _hook_line(exc, hook)) from exc
         finally:

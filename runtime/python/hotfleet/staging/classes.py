@@ -45,9 +45,7 @@ class ClassStaging:
         is_namedtuple = issubclass(cls, tuple) and "_fields" in cls.__dict__
         is_protocol = bool(cls.__dict__.get("_is_protocol", False))
         is_dataclass = "__dataclass_fields__" in cls.__dict__
-        old_body = D.statements(onode.body, ctx.old_lines)
-        new_body = D.statements(nnode.body, ctx.new_lines)
-        body = D.diff_bodies(old_body, new_body)
+        _old_body, new_body, body = ctx.class_diff(old, new)
         ns = class_namespace(cls)
         scope = Scope(globals_, chain, cls, ns)
         if body.changed():

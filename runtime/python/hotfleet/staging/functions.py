@@ -13,6 +13,7 @@ from ..snapshot import MISSING
 from ..swap import find_code
 from .actions import ExecAction, SwapAction
 from .class_actions import ClassExecAction
+from .batch import def_doc
 from .common import strip_decorators
 from .model import ModuleCtx, Scope
 
@@ -71,10 +72,17 @@ class FunctionStaging:
         stage, plan = ctx.stage, ctx.stage.plan
         onode, nnode = old.node, new.node
         qual = scope.qual(new.name)
-        stripped = strip_decorators(nnode)
-        code = self._compile_stmt(stripped, scope, ctx.filename, ctx.flags)
-        staged = self._exec_def(code, nnode.name, scope)  # type: ignore[attr-defined]
-        new_code = staged.__code__
+        batched = ctx.def_codes.get(id(nnode))
+        code: Optional[types.CodeType] = None
+        if batched is not None:
+            # only the code changes: compiled with the module's other changed defs, nothing run
+            new_code = batched
+            new_doc = def_doc(new_code, scope.globals)
+            new_qualname: str = getattr(new_code, "co_qualname", qual)
+        else:
+            code = self._compile_stmt(strip_decorators(nnode), scope, ctx.filename, ctx.flags)
+            staged = self._exec_def(code, nnode.name, scope)  # type: ignore[attr-defined]
+            new_code, new_doc, new_qualname = staged.__code__, staged.__doc__, staged.__qualname__
         redecorated = D.decorators_dump(onode) != D.decorators_dump(nnode)
         if redecorated:
             self._check_heads(nnode, scope, scope.ns)
@@ -120,8 +128,8 @@ class FunctionStaging:
                     nnode.name,  # type: ignore[attr-defined]
                     swap_targets,
                     new_code,
-                    staged.__doc__,
-                    staged.__qualname__,
+                    new_doc,
+                    new_qualname,
                     code if needs_exec else None,
                     ctx.g,
                     scope.cls,

@@ -23,6 +23,7 @@ from ..snapshot import MISSING, same_value
 from ..sources import SourceRecord, SourceRegistry, TextLoader, read_live_source
 from ..swap import FunctionIndex
 from .actions import ExecAction, RelocateAction
+from .batch import TREES, compile_defs
 from .class_actions import DocAction
 from .classes import ClassStaging
 from .common import HOOK_CLASS, HOOK_MODULE, MODULE_SYSTEM_NAMES, Pending, describe, error_line, literal_bindings, strip_decorators
@@ -208,20 +209,26 @@ class Stager(FunctionStaging, ClassStaging):
             return stage
         try:
             new_tree = D.parse(text, filename)
-            module_code = compile(new_tree, filename, "exec", dont_inherit=True)
+            if is_new:
+                # an added module's loader runs this code; existing modules only ever run
+                # the changed statements, compiled on their own
+                stage.module_code = compile(new_tree, filename, "exec", dont_inherit=True)
         except SyntaxError as exc:
             plan.refuse(None, exc.lineno, f"syntax error: {exc.msg}", "fix the patch source")
             return stage
-        stage.module_code = module_code
+        TREES.put(filename, stage.record.digest, new_tree)
         if is_new:
             self._stage_new_module(stage, new_tree, text, filename)
         else:
             assert base is not None and live is not None
-            try:
-                old_tree = D.parse(base.text, filename)
-            except SyntaxError as exc:  # pragma: no cover - the live source compiled once
-                plan.refuse(None, exc.lineno, f"recorded live source does not parse: {exc.msg}", "restart the process")
-                return stage
+            old_tree = TREES.get(filename, base.digest)
+            if old_tree is None:
+                try:
+                    old_tree = D.parse(base.text, filename)
+                except SyntaxError as exc:  # pragma: no cover - the live source compiled once
+                    plan.refuse(None, exc.lineno, f"recorded live source does not parse: {exc.msg}", "restart the process")
+                    return stage
+                TREES.put(filename, base.digest, old_tree)
             self._stage_existing(stage, live, old_tree, base.text, new_tree, text, filename)
         return stage
 
@@ -242,7 +249,7 @@ class Stager(FunctionStaging, ClassStaging):
             ns["__path__"] = []
         self._staged_ns[name] = ns
         flags = D.future_flags(tree)
-        lines = text.splitlines(True)
+        lines = stage.record.lines
         stmts = D.statements(tree.body, lines)
         scope = Scope(ns, [])
         for stmt in stmts:
@@ -334,8 +341,9 @@ class Stager(FunctionStaging, ClassStaging):
                 "future imports change how the whole module compiles; restart to change them",
             )
             return
-        old_lines = old_text.splitlines(True)
-        new_lines = new_text.splitlines(True)
+        # the records' line lists: split once, here, and reused by linecache at commit
+        old_lines = stage.base.lines if stage.base is not None else old_text.splitlines(True)
+        new_lines = stage.record.lines
         old_stmts = D.statements(old_tree.body, old_lines)
         new_stmts = D.statements(new_tree.body, new_lines)
         body = D.diff_bodies(old_stmts, new_stmts)
@@ -347,6 +355,7 @@ class Stager(FunctionStaging, ClassStaging):
             ns["__annotations__"] = dict(ns["__annotations__"])
         scope = Scope(ns, [])
         ctx = ModuleCtx(stage, live, filename, flags, index, g, old_lines, new_lines)
+        ctx.def_codes = compile_defs(self._swappable_defs(ctx, body, []), filename, flags)
         for pair in body.pairs:
             try:
                 self._stage_module_pair(ctx, pair, scope)
@@ -378,10 +387,35 @@ class Stager(FunctionStaging, ClassStaging):
         stage.relocations = ctx.relocations
         # hooks that will run
         has_module_hook = (HOOK_MODULE in body.new_bound()) or (HOOK_MODULE in g and HOOK_MODULE not in removed)
+        stage.module_hook = has_module_hook
         if has_module_hook:
             plan.add("hook", f"{HOOK_MODULE}(old)", None, "runs after the code swap")
         for cls in stage.updated_classes:
             self._plan_class_hooks(stage, cls, ctx)
+
+    def _swappable_defs(
+        self, ctx: ModuleCtx, body: D.BodyDiff, chain: List[ast.ClassDef]
+    ) -> List[Tuple[List[ast.ClassDef], ast.stmt]]:
+        """Changed defs (class bodies included) whose new code is all a commit swaps in:
+        same decorators, defaults and annotations. They are compiled together."""
+        out: List[Tuple[List[ast.ClassDef], ast.stmt]] = []
+        for pair in body.pairs:
+            old, new = pair.old, pair.new
+            if old is None or new is None or pair.status != D.CHANGED:
+                continue
+            if new.kind == D.DEF and old.kind == D.DEF:
+                onode, nnode = old.node, new.node
+                if (
+                    D.decorators_dump(onode) == D.decorators_dump(nnode)
+                    and D.args_dump(onode, "defaults") == D.args_dump(nnode, "defaults")
+                    and D.args_dump(onode, "kw") == D.args_dump(nnode, "kw")
+                    and D.annotations_dump(onode) == D.annotations_dump(nnode)
+                ):
+                    out.append((chain, nnode))
+            elif new.kind == D.CLASS and old.kind == D.CLASS:
+                _ob, _nb, inner = ctx.class_diff(old, new)
+                out.extend(self._swappable_defs(ctx, inner, chain + [cast(ast.ClassDef, new.node)]))
+        return out
 
     def _plan_class_hooks(self, stage: ModuleStage, cls: type, ctx: ModuleCtx) -> None:
         plan = stage.plan
