@@ -120,10 +120,33 @@ def bound_names(node: ast.stmt) -> FrozenSet[str]:
 
 
 @dataclass
-class Stmt:
-    """One statement of a module or class body, keyed for matching."""
+class Group:
+    """Top-level statements sharing source lines (usually one statement): the unit a
+    statement's tree is re-parsed from when it was not kept."""
 
-    node: ast.stmt
+    first: int
+    last: int
+    text: str
+    members: List["Stmt"]
+
+    def load(self) -> None:
+        """Parse this group's text at its own lines and give each member its node."""
+        tree = parse("\n" * (self.first - 1) + self.text, "<hotfleet group>")
+        if len(tree.body) != len(self.members):  # pragma: no cover - the text parsed before
+            raise SyntaxError("statement group does not re-parse to its statements")
+        for stmt, node in zip(self.members, tree.body):
+            stmt._node = node
+
+
+@dataclass
+class Stmt:
+    """One statement of a module or class body, keyed for matching.
+
+    Its tree (``node``) may be dropped to keep outlines small; it is re-parsed from the
+    statement's group of lines on first use.
+    """
+
+    _node: Optional[ast.stmt]
     kind: str
     names: Tuple[str, ...]
     key: Tuple[object, ...]
@@ -132,6 +155,16 @@ class Stmt:
     text: str
     bound: FrozenSet[str]
     _dump: Optional[str] = None
+    group: Optional[Group] = None
+
+    @property
+    def node(self) -> ast.stmt:
+        """The statement's tree (re-parsed from its group when it was dropped)."""
+        if self._node is None:
+            assert self.group is not None, "a statement without tree needs its group"
+            self.group.load()
+        assert self._node is not None
+        return self._node
 
     @property
     def dump(self) -> str:
@@ -185,11 +218,12 @@ def _classify(node: ast.stmt, index: int) -> Tuple[str, Tuple[str, ...]]:
     return OTHER, ()
 
 
-def statements(body: Sequence[ast.stmt], lines: Sequence[str]) -> List[Stmt]:
-    """Key every statement of ``body`` (``lines``: the source split into lines)."""
+def statements(body: Sequence[ast.stmt], lines: Sequence[str], start: int = 0) -> List[Stmt]:
+    """Key every statement of ``body`` (``lines``: the source split into lines; ``start``:
+    the index of ``body[0]`` in the whole body, when ``body`` is a part of it)."""
     out: List[Stmt] = []
     seen: Dict[Tuple[object, ...], int] = {}
-    for index, node in enumerate(body):
+    for index, node in enumerate(body, start):
         kind, names = _classify(node, index)
         # anonymous statements are keyed by their content; the rest by kind and names
         dump = ast.dump(node) if kind == OTHER else None

@@ -1,5 +1,5 @@
-"""The cheap half of prepare: one compile per module for the changed definitions, and the
-parsed trees of recorded sources kept for the next prepare.
+"""One compile per module for a patch's changed definitions (the parsing half of a cheap
+prepare is ``outline.py``).
 
 Prepare runs beside the game thread, holding the GIL for every C call it makes; a compile
 per changed function (and an AST dump per statement) made it cost hundreds of milliseconds
@@ -15,49 +15,14 @@ from __future__ import annotations
 
 import ast
 import sys
-import threading
 import types
-from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 from .. import diff as D
 from ..swap import find_code
 from .common import strip_decorators
 
-__all__ = ["TreeCache", "TREES", "compile_defs", "def_doc"]
-
-
-class TreeCache:
-    """Parsed trees of module sources by (filename, digest), the newest few kept.
-
-    The tree a prepare parses for the new text is the base of the next prepare once
-    committed, so that one never parses the live source again. Trees are read-only to
-    the stager.
-    """
-
-    def __init__(self, size: int = 32) -> None:
-        self.size = size
-        self._trees: "OrderedDict[Tuple[str, str], ast.Module]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, filename: str, digest: str) -> Optional[ast.Module]:
-        """The cached tree, or None."""
-        with self._lock:
-            tree = self._trees.get((filename, digest))
-            if tree is not None:
-                self._trees.move_to_end((filename, digest))
-            return tree
-
-    def put(self, filename: str, digest: str, tree: ast.Module) -> None:
-        """Keep ``tree`` (evicting the least recently used beyond ``size``)."""
-        with self._lock:
-            self._trees[(filename, digest)] = tree
-            self._trees.move_to_end((filename, digest))
-            while len(self._trees) > self.size:
-                self._trees.popitem(last=False)
-
-
-TREES = TreeCache()
+__all__ = ["compile_defs", "def_doc"]
 
 
 def _wrap(node: ast.stmt, chain: List[ast.ClassDef]) -> ast.stmt:

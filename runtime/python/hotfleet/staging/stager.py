@@ -23,7 +23,8 @@ from ..snapshot import MISSING, same_value
 from ..sources import SourceRecord, SourceRegistry, TextLoader, read_live_source
 from ..swap import FunctionIndex
 from .actions import ExecAction, RelocateAction
-from .batch import TREES, compile_defs
+from ..outline import Outline, new_outline, outline_of
+from .batch import compile_defs
 from .class_actions import DocAction
 from .classes import ClassStaging
 from .common import HOOK_CLASS, HOOK_MODULE, MODULE_SYSTEM_NAMES, Pending, describe, error_line, literal_bindings, strip_decorators
@@ -207,29 +208,30 @@ class Stager(FunctionStaging, ClassStaging):
         plan.new_digest = stage.record.digest
         if not is_new and not stage.changed:
             return stage
-        try:
-            new_tree = D.parse(text, filename)
-            if is_new:
+        if is_new:
+            try:
+                new_tree = D.parse(text, filename)
                 # an added module's loader runs this code; existing modules only ever run
                 # the changed statements, compiled on their own
                 stage.module_code = compile(new_tree, filename, "exec", dont_inherit=True)
+            except SyntaxError as exc:
+                plan.refuse(None, exc.lineno, f"syntax error: {exc.msg}", "fix the patch source")
+                return stage
+            self._stage_new_module(stage, new_tree, text, filename)
+            return stage
+        assert base is not None and live is not None
+        try:
+            old_outline = outline_of(base.text, base.lines, filename, base.digest)
+        except SyntaxError as exc:  # pragma: no cover - the live source compiled once
+            plan.refuse(None, exc.lineno, f"recorded live source does not parse: {exc.msg}", "restart the process")
+            return stage
+        try:
+            # only the text between statements found unchanged is parsed
+            new = new_outline(old_outline, text, stage.record.lines, filename, stage.record.digest)
         except SyntaxError as exc:
             plan.refuse(None, exc.lineno, f"syntax error: {exc.msg}", "fix the patch source")
             return stage
-        TREES.put(filename, stage.record.digest, new_tree)
-        if is_new:
-            self._stage_new_module(stage, new_tree, text, filename)
-        else:
-            assert base is not None and live is not None
-            old_tree = TREES.get(filename, base.digest)
-            if old_tree is None:
-                try:
-                    old_tree = D.parse(base.text, filename)
-                except SyntaxError as exc:  # pragma: no cover - the live source compiled once
-                    plan.refuse(None, exc.lineno, f"recorded live source does not parse: {exc.msg}", "restart the process")
-                    return stage
-                TREES.put(filename, base.digest, old_tree)
-            self._stage_existing(stage, live, old_tree, base.text, new_tree, text, filename)
+        self._stage_existing(stage, live, old_outline, new, filename)
         return stage
 
     # -- new modules -----------------------------------------------------------
@@ -325,15 +327,13 @@ class Stager(FunctionStaging, ClassStaging):
         self,
         stage: ModuleStage,
         live: types.ModuleType,
-        old_tree: ast.Module,
-        old_text: str,
-        new_tree: ast.Module,
-        new_text: str,
+        old_outline: Outline,
+        new_outline_: Outline,
         filename: str,
     ) -> None:
         plan = stage.plan
-        flags = D.future_flags(new_tree)
-        if flags != D.future_flags(old_tree):
+        flags = new_outline_.flags
+        if flags != old_outline.flags:
             plan.refuse(
                 "from __future__",
                 None,
@@ -342,11 +342,10 @@ class Stager(FunctionStaging, ClassStaging):
             )
             return
         # the records' line lists: split once, here, and reused by linecache at commit
-        old_lines = stage.base.lines if stage.base is not None else old_text.splitlines(True)
+        assert stage.base is not None
+        old_lines = stage.base.lines
         new_lines = stage.record.lines
-        old_stmts = D.statements(old_tree.body, old_lines)
-        new_stmts = D.statements(new_tree.body, new_lines)
-        body = D.diff_bodies(old_stmts, new_stmts)
+        body = D.diff_bodies(old_outline.stmts, new_outline_.stmts)
         index = FunctionIndex(live, filename)
         g = live.__dict__
         ns = dict(g)
