@@ -277,12 +277,12 @@ def _status(old: Stmt, new: Stmt) -> str:
     if old.text == new.text:
         # identical lines parse to identical trees: no need to compare them
         return MOVED if old.first != new.first else UNCHANGED
-    if old.dump != new.dump:
+    if old.kind in (DEF, CLASS):
+        # Any other text: even with the same AST (comments, blank lines inside) the line
+        # tables of the code objects differ, so it is a change. Definitions are never
+        # re-run, so this costs a code swap only.
         return CHANGED
-    if old.kind in (DEF, CLASS) and old.text != new.text:
-        # Same AST but different layout (comments, blank lines inside): the
-        # line tables of the code objects differ, so treat it as a change.
-        # Definitions are never re-run, so this costs a code swap only.
+    if old.dump != new.dump:
         return CHANGED
     if old.first != new.first:
         return MOVED

@@ -162,6 +162,9 @@ class FunctionStaging:
     ) -> List[Tuple[types.FunctionType, types.CodeType, types.CodeType]]:
         """Live closures created from nested definitions of a changed function."""
         out: List[Tuple[types.FunctionType, types.CodeType, types.CodeType]] = []
+        if exclude and not any(isinstance(c, types.CodeType) for f in exclude for c in f.__code__.co_consts):
+            # the live function's code defines nothing nested: no live closure can come from it
+            return out
         old_paths = D.nested_path(old.node)
         new_paths = D.nested_path(new.node)
         new_by_path = {path: node for node in D.nested_functions(new.node) for path in [new_paths.get(id(node))] if path}
