@@ -362,16 +362,21 @@ def _game_work(seconds: float) -> None:
 
 
 def _run_ticks(n: int, stop_when=None) -> list:
-    """Run ``n`` ticks of a 20 Hz loop on this thread; each sample is how long after its
-    scheduled start the tick's work was done (ms): lateness + the work's own time."""
+    """Run ``n`` ticks of a 20 Hz loop on this thread; each sample is how long after it was
+    due the tick's work was done (ms): the wait to run (waking, getting the GIL) plus the
+    work's own time. A tick is due at its schedule, or when the previous one ended if that
+    was later (so one late tick is counted once, not again in every tick after it)."""
     out = []
     next_at = perf_counter()
+    prev_end = next_at
     for _ in range(n):
         now = perf_counter()
         if next_at > now:
             time.sleep(next_at - now)
         _game_work(TICK_WORK_S)
-        out.append((perf_counter() - next_at) * 1e3)
+        end = perf_counter()
+        out.append((end - max(next_at, prev_end)) * 1e3)
+        prev_end = end
         next_at += TICK_S
         if stop_when is not None and stop_when():
             break

@@ -25,7 +25,7 @@ import itertools
 import re
 import threading
 from collections import OrderedDict
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from . import diff as D
 
@@ -125,7 +125,9 @@ def _blank(lines: List[str]) -> bool:
     return True
 
 
-def _anchored(base: Outline, text: str, lines: List[str], filename: str) -> Optional[List[D.Stmt]]:
+def _anchored(
+    base: Outline, text: str, lines: List[str], filename: str, courtesy: Callable[[], None]
+) -> Optional[List[D.Stmt]]:
     """The new text's statements by anchoring on ``base`` (None: parse it whole instead)."""
     if _ODD_BREAKS.search(text):
         return None
@@ -153,6 +155,7 @@ def _anchored(base: Outline, text: str, lines: List[str], filename: str) -> Opti
     out: List[D.Stmt] = []
     for first, last, group in spans:
         if group is None:
+            courtesy()
             gap = lines[first - 1 : last]
             if _blank(gap):
                 continue
@@ -177,10 +180,17 @@ def _anchored(base: Outline, text: str, lines: List[str], filename: str) -> Opti
     return out
 
 
-def new_outline(base: Optional[Outline], text: str, lines: List[str], filename: str, digest: str) -> Outline:
+def new_outline(
+    base: Optional[Outline],
+    text: str,
+    lines: List[str],
+    filename: str,
+    digest: str,
+    courtesy: Callable[[], None] = lambda: None,
+) -> Outline:
     """The outline of a patch's new text (anchored on ``base`` when given), cached for the
     prepare that will have it as its base. Raises SyntaxError as ``ast.parse`` does."""
-    stmts = _anchored(base, text, lines, filename) if base is not None else None
+    stmts = _anchored(base, text, lines, filename, courtesy) if base is not None else None
     if stmts is None:
         stmts = D.statements(D.parse(text, filename).body, lines)
     outline = _finish(stmts, lines, keep_trees=True)

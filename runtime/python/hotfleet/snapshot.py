@@ -586,15 +586,18 @@ class _InstanceBatchEntry(_Entry):
         refs, befores, afters = self.cols
         return list(zip(refs, befores, afters))
 
-    def compact(self) -> None:
-        """Keep only the attributes that changed (bounds the memory a stack entry holds)."""
+    def compact(self, courtesy: Optional[Callable[[], None]] = None) -> None:
+        """Keep only the attributes that changed (bounds the memory a stack entry holds);
+        ``courtesy`` is called every few hundred instances (it runs off the game thread)."""
         if self.compacted:
             return
         refs: List[Callable[[], Any]] = []
         befores: List[Dict[str, Any]] = []
         afters: List[Dict[str, Any]] = []
         cur_refs, cur_befores, cur_afters = self.cols
-        for ref, before, after in zip(cur_refs, cur_befores, cur_afters):
+        for i, (ref, before, after) in enumerate(zip(cur_refs, cur_befores, cur_afters)):
+            if courtesy is not None and not i & 255:
+                courtesy()
             old_part: Dict[str, Any] = {}
             new_part: Dict[str, Any] = {}
             for key, new in after.items():
@@ -810,11 +813,11 @@ class Journal:
         self._entries.append(entry)
         return entry
 
-    def compact(self) -> None:
+    def compact(self, courtesy: Optional[Callable[[], None]] = None) -> None:
         """Shrink recorded instance snapshots to what changed (safe from any thread)."""
         for entry in list(self._entries):
             if isinstance(entry, _InstanceBatchEntry):
-                entry.compact()
+                entry.compact(courtesy)
 
     def on_undo(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` when this point of the journal is undone."""

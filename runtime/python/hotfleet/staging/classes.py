@@ -56,6 +56,7 @@ class ClassStaging:
         ann_changed = False
         has_doc_stmt = any(s.kind == D.DOC for s in new_body)
         for pair in body.pairs:
+            self.courtesy()  # type: ignore[attr-defined]
             o, n = pair.old, pair.new
             assert n is not None
             if ctx.settled(pair):

@@ -13,7 +13,7 @@ import builtins
 import importlib.util
 import sys
 import types
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, cast
 
 from .. import diff as D
 from ..errors import StagingRefusal
@@ -42,8 +42,11 @@ class Stager(FunctionStaging, ClassStaging):
         tracker: InstanceTracker,
         sources: Dict[str, str],
         unpatchable: Optional[Dict[str, str]] = None,
+        courtesy: Optional[Callable[[], None]] = None,
     ) -> None:
         self.unpatchable = dict(unpatchable or {})
+        # called between steps: lets the game thread have the GIL (see courtesy.py)
+        self.courtesy: Callable[[], None] = courtesy or (lambda: None)
         self.registry = registry
         self.tracker = tracker
         self.sources = dict(sources)
@@ -61,6 +64,7 @@ class Stager(FunctionStaging, ClassStaging):
     def run(self) -> List[ModuleStage]:
         """Stage every module (batch order); refusals end up in each module plan."""
         for name in self.sources:
+            self.courtesy()
             self._stage(name)
         return [self.stages[name] for name in self.sources]
 
@@ -227,7 +231,7 @@ class Stager(FunctionStaging, ClassStaging):
             return stage
         try:
             # only the text between statements found unchanged is parsed
-            new = new_outline(old_outline, text, stage.record.lines, filename, stage.record.digest)
+            new = new_outline(old_outline, text, stage.record.lines, filename, stage.record.digest, self.courtesy)
         except SyntaxError as exc:
             plan.refuse(None, exc.lineno, f"syntax error: {exc.msg}", "fix the patch source")
             return stage
@@ -353,9 +357,11 @@ class Stager(FunctionStaging, ClassStaging):
         if isinstance(ns.get("__annotations__"), dict):
             ns["__annotations__"] = dict(ns["__annotations__"])
         scope = Scope(ns, [])
+        self.courtesy()
         ctx = ModuleCtx(stage, live, filename, flags, index, g, old_lines, new_lines)
         ctx.def_codes = compile_defs(self._swappable_defs(ctx, body, []), filename, flags)
         for pair in body.pairs:
+            self.courtesy()
             try:
                 self._stage_module_pair(ctx, pair, scope)
             except StagingRefusal as exc:
