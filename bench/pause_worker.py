@@ -401,12 +401,19 @@ def tick_latency(rt, patch: dict, n: int) -> dict:
         except BaseException as exc:  # noqa: BLE001 - reported to the driver
             errors.append(repr(exc))
 
+    gw = GcWatch()
+    gc.callbacks.append(gw)
     th = threading.Thread(target=background, name="prepare", daemon=True)
+    gw.timing = True
     th.start()
     during = _run_ticks(n)
     stop.set()
     th.join(60)
-    return {"baseline_ms": base, "during_prepare_ms": during, "prepares": prepared[0], "errors": errors}
+    gw.timing = False
+    gc.callbacks.remove(gw)
+    # collections (any thread's) stop every thread: counted so a stall can be told apart
+    return {"baseline_ms": base, "during_prepare_ms": during, "prepares": prepared[0], "errors": errors,
+            "gc_during": gw.counts, "gc_during_ms": round(gw.ms, 3)}
 
 
 def time_hooks(world) -> list:

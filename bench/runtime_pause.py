@@ -489,7 +489,8 @@ def main(argv=None) -> int:
                                          "during_prepare": stats(ticks.get("during_prepare_ms") or []),
                                          "p99_baseline": percentile(ticks["baseline_ms"], 0.99),
                                          "p99_during": percentile(ticks.get("during_prepare_ms") or [0], 0.99),
-                                         "prepares": ticks.get("prepares"), "errors": ticks.get("errors")}
+                                         "prepares": ticks.get("prepares"), "errors": ticks.get("errors"),
+                                         "gc_during": ticks.get("gc_during"), "gc_during_ms": ticks.get("gc_during_ms")}
                 row["rollback_stats"] = stats(res.get("rollback_ms") or [])
                 row["report_pause_stats"] = stats(res.get("report_pause_ms") or [])
                 if res.get("hooks_own_ms"):
@@ -712,6 +713,8 @@ def print_report(results, info, targets, args, total_s) -> None:
             if r.get("tick_stats"):
                 ts = r["tick_stats"]
                 notes.append("tick p99 %s -> %s during prepare" % (fmt_ms(ts["p99_baseline"]), fmt_ms(ts["p99_during"])))
+                if (ts.get("gc_during") or [0, 0, 0])[2]:
+                    notes.append("gen2 gc during prepares x%d (%s ms)" % (ts["gc_during"][2], fmt_ms(ts.get("gc_during_ms"))))
             notes.append("rollback %s" % fmt_ms((r.get("rollback_stats") or {}).get("median")))
             if r.get("hooks_own_stats"):
                 notes.append("hooks' own %s" % fmt_ms(r["hooks_own_stats"]["median"]))

@@ -122,20 +122,20 @@ def bound_names(node: ast.stmt) -> FrozenSet[str]:
 @dataclass
 class Group:
     """Top-level statements sharing source lines (usually one statement): the unit a
-    statement's tree is re-parsed from when it was not kept."""
+    statement's tree is re-parsed from when it was not kept. It holds no statements (no
+    reference cycle: outlines are freed without the collector)."""
 
     first: int
     last: int
     text: str
-    members: List["Stmt"]
+    size: int = 1
 
-    def load(self) -> None:
-        """Parse this group's text at its own lines and give each member its node."""
+    def load(self, index: int) -> ast.stmt:
+        """Parse this group's text at its own lines; the ``index``-th statement's tree."""
         tree = parse("\n" * (self.first - 1) + self.text, "<hotfleet group>")
-        if len(tree.body) != len(self.members):  # pragma: no cover - the text parsed before
+        if len(tree.body) != self.size:  # pragma: no cover - the text parsed before
             raise SyntaxError("statement group does not re-parse to its statements")
-        for stmt, node in zip(self.members, tree.body):
-            stmt._node = node
+        return tree.body[index]
 
 
 @dataclass
@@ -156,14 +156,14 @@ class Stmt:
     bound: FrozenSet[str]
     _dump: Optional[str] = None
     group: Optional[Group] = None
+    gindex: int = 0  # position in its group
 
     @property
     def node(self) -> ast.stmt:
         """The statement's tree (re-parsed from its group when it was dropped)."""
         if self._node is None:
             assert self.group is not None, "a statement without tree needs its group"
-            self.group.load()
-        assert self._node is not None
+            self._node = self.group.load(self.gindex)
         return self._node
 
     @property

@@ -76,14 +76,16 @@ def _groups(stmts: List[D.Stmt], lines: List[str]) -> List[D.Group]:
     for stmt in stmts:
         if groups and stmt.first <= groups[-1].last:
             cur = groups[-1]
-            cur.members.append(stmt)
+            stmt.gindex = cur.size
+            cur.size += 1
             cur.last = max(cur.last, stmt.last)
         else:
-            groups.append(D.Group(stmt.first, stmt.last, "", [stmt]))
+            cur = D.Group(stmt.first, stmt.last, "")
+            stmt.gindex = 0
+            groups.append(cur)
+        stmt.group = cur
     for group in groups:
         group.text = "".join(lines[group.first - 1 : group.last])
-        for stmt in group.members:
-            stmt.group = group
     return groups
 
 
@@ -133,6 +135,9 @@ def _anchored(
         return None
     starts = [0]
     starts.extend(itertools.accumulate(len(line) for line in lines))
+    members: dict = {}
+    for stmt in base.stmts:
+        members.setdefault(id(stmt.group), []).append(stmt)
     spans: List[Tuple[int, int, Optional[D.Group]]] = []  # (first, last, anchor group or None: gap)
     pos = 1  # first new line not yet covered
     for group in base.groups:
@@ -166,7 +171,7 @@ def _anchored(
             out.extend(D.statements(tree.body, lines, len(out)))
             continue
         shift = first - group.first
-        for old in group.members:
+        for old in members[id(group)]:
             out.append(
                 D.Stmt(None, old.kind, old.names, old.key, old.first + shift, old.last + shift, old.text, old.bound, old._dump)
             )

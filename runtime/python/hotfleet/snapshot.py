@@ -665,6 +665,64 @@ class _InstanceBatchEntry(_Entry):
             )
 
 
+class _InstanceFieldsEntry(_Entry):
+    """What an instance hook whose writes are known (``hook_writes.py``) changed, as three
+    columns: references, and the values of ``names`` before and after each hook call (one
+    tuple each, aligned with ``names``; MISSING: absent).
+
+    Recording costs two small tuples per instance instead of two ``__dict__`` copies.
+    """
+
+    __slots__ = ("names", "cols", "compacted")
+
+    def __init__(self, names: Tuple[str, ...]) -> None:
+        self.names = names
+        self.cols: Tuple[List[Callable[[], Any]], List[Tuple[Any, ...]], List[Tuple[Any, ...]]] = ([], [], [])
+        self.compacted = False
+
+    def compact(self, courtesy: Optional[Callable[[], None]] = None) -> None:
+        """Drop the instances the hook left unchanged (off the game thread)."""
+        if self.compacted:
+            return
+        keep: Tuple[List[Callable[[], Any]], List[Tuple[Any, ...]], List[Tuple[Any, ...]]] = ([], [], [])
+        for i, (ref, before, after) in enumerate(zip(*self.cols)):
+            if courtesy is not None and not i & 255:
+                courtesy()
+            if not all(map(operator.is_, before, after)):
+                keep[0].append(ref)
+                keep[1].append(before)
+                keep[2].append(after)
+        self.cols = keep
+        self.compacted = True
+
+    def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
+        names = self.names
+        refs, befores, afters = self.cols
+        for ref, before, after in zip(reversed(refs), reversed(befores), reversed(afters)):
+            obj = ref()
+            if obj is None:
+                continue
+            try:
+                current_dict = object.__getattribute__(obj, "__dict__")
+            except AttributeError:
+                continue
+            for name, old, new in zip(names, before, after):
+                if old is new:
+                    continue
+                current = current_dict.get(name, MISSING)
+                if current is new or strict:
+                    if current is not old:
+                        _dict_put(current_dict, name, old)
+                elif current is not old:
+                    conflicts.append(
+                        Conflict(
+                            f"{type(obj).__qualname__} instance at {id(obj):#x}",
+                            name,
+                            "instance attribute changed after the commit; live value kept",
+                        )
+                    )
+
+
 class _CallbackEntry(_Entry):
     __slots__ = ("fn",)
 
@@ -807,6 +865,12 @@ class Journal:
         """Remember an instance's state before and after a hook (already known to differ)."""
         self._entries.append(_InstanceEntry(obj, before, after))
 
+    def instance_fields(self, names: Tuple[str, ...]) -> _InstanceFieldsEntry:
+        """A new entry collecting the ``names`` attributes of hooked instances (fast path)."""
+        entry = _InstanceFieldsEntry(names)
+        self._entries.append(entry)
+        return entry
+
     def instance_batch(self) -> _InstanceBatchEntry:
         """A new entry collecting what instance hooks change (fast path, see the class)."""
         entry = _InstanceBatchEntry()
@@ -816,7 +880,7 @@ class Journal:
     def compact(self, courtesy: Optional[Callable[[], None]] = None) -> None:
         """Shrink recorded instance snapshots to what changed (safe from any thread)."""
         for entry in list(self._entries):
-            if isinstance(entry, _InstanceBatchEntry):
+            if isinstance(entry, (_InstanceBatchEntry, _InstanceFieldsEntry)):
                 entry.compact(courtesy)
 
     def on_undo(self, fn: Callable[[], object]) -> None:

@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 from .errors import CommitError, HookFailure, InstanceHookError
 from .instances import HOOK_INSTANCE, InstanceTracker, hook_classes
 from .plan import Plan
-from .snapshot import InstanceState, Journal, class_snapshot, mapping_changes, plain_dict_type
+from .hook_writes import attrs_for_type
+from .snapshot import MISSING, InstanceState, Journal, class_snapshot, mapping_changes, plain_dict_type
 from .sources import RecordingFinder, SourceRegistry
 from .staging import HOOK_CLASS, HOOK_MODULE, Action, CommitContext, ModuleStage
 
@@ -315,6 +316,44 @@ def apply_transaction(target: CommitTarget, txn: Transaction) -> Tuple[CommitRep
 _EMPTY: Dict[str, Any] = {}  # the before/after of an instance that died before its turn (never written)
 
 
+def _hook_fields(hook: Any, refs: List[Any], entry: Any) -> int:
+    """Run ``hook`` on each live referent of ``refs``, recording only the attributes it can
+    change (``entry.names``, from its bytecode): two small tuples per instance.
+
+    As :func:`_hook_plain`, everything about one instance happens while its memory is hot,
+    with C-level calls through locals. Returns the number of hooked instances.
+    """
+    names = entry.names
+    refs_col, befores, afters = entry.cols
+    start = len(befores)
+    fill = (MISSING,) * len(names)
+    before_add = befores.append
+    after_add = afters.append
+    dead_row = fill
+    obj: Any = None
+    dead = 0
+    try:
+        for ref in refs:
+            obj = ref()
+            if obj is None:  # died before its turn: keep the columns aligned
+                before_add(dead_row)
+                after_add(dead_row)
+                dead += 1
+                continue
+            before_add(tuple(map(obj.__dict__.get, names, fill)))
+            hook(obj)
+            after_add(tuple(map(obj.__dict__.get, names, fill)))
+    except BaseException as exc:
+        if len(afters) < len(befores):  # what the failing hook changed is undone too
+            after_add(tuple(map(obj.__dict__.get, names, fill)))
+        if isinstance(exc, Exception):
+            raise InstanceHookError(obj) from exc
+        raise
+    finally:
+        refs_col.extend(refs[: len(befores) - start])
+    return len(refs) - dead
+
+
 def _hook_plain(hook: Any, refs: List[Any], batch: Any) -> int:
     """Run ``hook`` on each live referent of ``refs``, recording ``__dict__`` copies around each call.
 
@@ -461,7 +500,10 @@ def _run_hooks(
             hook = getattr(tp, HOOK_INSTANCE)
             obj: Any = None
             try:
-                if isinstance(hook, types.FunctionType) and plain_dict_type(tp):
+                names = attrs_for_type(hook, tp) if plain_dict_type(tp) else None
+                if names is not None:
+                    hooked += _hook_fields(hook, refs, journal.instance_fields(names))
+                elif isinstance(hook, types.FunctionType) and plain_dict_type(tp):
                     hooked += _hook_plain(hook, refs, batch)
                 else:
                     for ref in refs:
