@@ -307,6 +307,13 @@ def diff_bodies(old: Iterable[Stmt], new: Iterable[Stmt]) -> BodyDiff:
     return result
 
 
+def is_noop(node: ast.stmt) -> bool:
+    """True for statements with no effect to undo: ``pass`` and a bare ``...``."""
+    if isinstance(node, ast.Pass):
+        return True
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node.value.value is Ellipsis
+
+
 def future_flags(module: ast.Module) -> int:
     """Compiler flags of the ``from __future__`` imports at the top of ``module``."""
     flags = 0

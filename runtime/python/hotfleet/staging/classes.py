@@ -4,6 +4,7 @@ mixed into :class:`~hotfleet.staging.stager.Stager`.
 
 from __future__ import annotations
 
+import abc
 import ast
 import dataclasses
 import enum
@@ -13,7 +14,7 @@ from .. import diff as D
 from ..errors import StagingRefusal
 from ..snapshot import MISSING, class_get, same_value
 from ..swap import resolve_class
-from .class_actions import AnnotationsAction, ClassExecAction, DataclassRegenAction, DocAction, class_namespace, dataclass_regenerate
+from .class_actions import AbstractsAction, AnnotationsAction, ClassExecAction, DataclassRegenAction, DocAction, class_namespace, dataclass_regenerate
 from .common import Pending, annotation_only, describe, error_line, literal_bindings, strip_decorators
 from .data_actions import DataAction, RemoveAction
 from .model import ModuleCtx, Scope
@@ -157,7 +158,7 @@ class ClassStaging:
                 ann_changed = True
                 if is_dataclass:
                     field_changes = True
-            if o.kind == D.OTHER:
+            if o.kind == D.OTHER and not D.is_noop(o.node):  # a removed `pass` undoes nothing
                 plan.refuse(f"{qual}", o.first, f"statement removed from the body of class {qual}; its effects cannot be undone in place", "keep the statement, or restart")
         for pair in body.pairs:
             if pair.old is not None and pair.new is not None and pair.status == D.CHANGED:
@@ -181,6 +182,8 @@ class ClassStaging:
                 stage.actions.append(AnnotationsAction(stage.name, cls, code, ctx.g))
         if field_changes:
             self._stage_dataclass(ctx, cls, nnode, chain, globals_, sync_fields, not has_doc_stmt)
+        if body.changed() and isinstance(cls, abc.ABCMeta):
+            stage.actions.append(AbstractsAction(stage.name, cls))
 
     def _stage_dataclass(
         self,

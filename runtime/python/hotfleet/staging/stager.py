@@ -21,8 +21,8 @@ from ..instances import HOOK_INSTANCE, InstanceTracker
 from ..plan import ModulePlan
 from ..snapshot import MISSING, same_value
 from ..sources import SourceRecord, SourceRegistry, TextLoader, read_live_source
-from ..swap import FunctionIndex
-from .actions import ExecAction, RelocateAction
+from ..swap import FunctionIndex, find_code
+from .actions import ExecAction, RelocateAction, SwapAction
 from ..outline import Outline, new_outline, outline_of
 from .batch import compile_defs
 from .class_actions import DocAction
@@ -373,7 +373,7 @@ class Stager(FunctionStaging, ClassStaging):
         gone: Set[str] = set()
         for old in body.removed:
             gone |= old.bound
-            if old.kind == D.OTHER:
+            if old.kind == D.OTHER and not D.is_noop(old.node):
                 plan.add("note", old.summary(), old.first, "statement removed from the source; its past effects are not undone")
             if old.kind == D.FUTURE:
                 plan.refuse("from __future__", old.first, "the patch changes `from __future__` imports", "restart to change them")
@@ -473,6 +473,8 @@ class Stager(FunctionStaging, ClassStaging):
             stage.actions.append(DocAction(stage.name, ctx.g, doc))
             plan.add("data", "__doc__", new.first, "module docstring")
             return
+        if new.kind == D.ASSIGN and old is not None and self._stage_changed_lambda(ctx, old, new, scope):
+            return
         if new.kind == D.ASSIGN:
             values_new = literal_bindings(node)
             values_old = literal_bindings(old.node) if old is not None else None
@@ -501,6 +503,33 @@ class Stager(FunctionStaging, ClassStaging):
             if n not in scope.globals:
                 scope.globals[n] = Pending(n)
 
+
+    def _stage_changed_lambda(self, ctx: ModuleCtx, old: D.Stmt, new: D.Stmt, scope: Scope) -> bool:
+        """``name = lambda ...`` changed: swap the new code into the live lambda, as for a
+        ``def`` (references taken before run the new code). False: not such a change (the
+        statement is re-run instead)."""
+        olam, nlam = _lambda_of(old.node), _lambda_of(new.node)
+        if olam is None or nlam is None:
+            return False
+        if D.signature_dump(olam) != D.signature_dump(nlam) or D.args_dump(olam, "defaults") != D.args_dump(nlam, "defaults") or D.args_dump(olam, "kw") != D.args_dump(nlam, "kw"):
+            return False  # defaults are evaluated when the lambda is made: re-run it
+        targets = ctx.index.find("<lambda>", olam.lineno)
+        if len({id(fn.__code__) for fn in targets}) != 1:
+            return False  # none live, or several lambdas on that line: cannot tell them apart
+        code = self._compile_stmt(new.node, scope, ctx.filename, ctx.flags)
+        new_code = find_code(code, "<lambda>", nlam.lineno)
+        if new_code is None or any(fn.__code__.co_freevars != new_code.co_freevars for fn in targets):
+            return False
+        stage = ctx.stage
+        caches: List[Any] = []
+        for fn in targets:
+            caches.extend(w for w in ctx.index.caches_of(fn) if w not in caches)
+        stage.actions.append(
+            SwapAction(stage.name, new.name, new.first, "<lambda>", [(fn, fn.__code__) for fn in targets], new_code,
+                       None, targets[0].__qualname__, None, ctx.g, None, True, True, True, [], caches)
+        )
+        stage.plan.add("function", new.name, new.first, "lambda: code swapped in place", len(targets))
+        return True
 
     # -- compilation helpers ----------------------------------------------------
 
@@ -555,3 +584,11 @@ class Stager(FunctionStaging, ClassStaging):
         """Decorators are not run at prepare; at least check the names they start from exist."""
         for dec in getattr(node, "decorator_list", ()) or ():
             self._check_root_name(dec, scope.globals, local if local is not None else scope.ns, node.lineno)
+
+
+def _lambda_of(node: ast.stmt) -> Optional[ast.Lambda]:
+    """The lambda of ``name = lambda ...`` (one plain name target), else None."""
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        if isinstance(node.value, ast.Lambda):
+            return node.value
+    return None
