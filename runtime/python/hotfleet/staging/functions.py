@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import gc
 import types
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -169,9 +170,18 @@ class FunctionStaging:
         new_paths = D.nested_path(new.node)
         new_by_path = {path: node for node in D.nested_functions(new.node) for path in [new_paths.get(id(node))] if path}
         excluded = {id(f) for f in exclude}
-        for onode in D.nested_functions(old.node):
+        nested = D.nested_functions(old.node)
+        # closures live wherever the game stored them (a callback list, another module's
+        # registry, a game object): found by their code objects, one heap walk per function
+        anywhere = _live_functions_of(exclude) if nested else {}
+        if anywhere:
+            ctx.stage.plan.add("note", old.name, old.first, "live closures looked up by a heap walk (objects frozen by gc.freeze are not seen)")
+        for onode in nested:
             path = old_paths.get(id(onode))
-            live = [f for f in ctx.index.find(D.node_code_name(onode), D.node_first_line(onode)) if id(f) not in excluded]
+            key = (D.node_code_name(onode), D.node_first_line(onode))
+            live = [f for f in ctx.index.find(*key) if id(f) not in excluded]
+            seen = {id(f) for f in live}
+            live.extend(f for f in anywhere.get(key, ()) if id(f) not in excluded and id(f) not in seen)
             if not live or path is None:
                 continue
             nnode = new_by_path.get(path)
@@ -194,3 +204,23 @@ class FunctionStaging:
                     )
                 out.append((fn, fn.__code__, ncode))
         return out
+
+
+def _live_functions_of(outer: List[types.FunctionType]) -> Dict[Tuple[str, int], List[types.FunctionType]]:
+    """Live function objects anywhere in the heap whose code is nested in the code of one
+    of ``outer``, by (name, first line)."""
+    codes: Dict[int, types.CodeType] = {}
+    todo = [f.__code__ for f in outer]
+    while todo:
+        code = todo.pop()
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType) and id(const) not in codes:
+                codes[id(const)] = const
+                todo.append(const)
+    out: Dict[Tuple[str, int], List[types.FunctionType]] = {}
+    if not codes:
+        return out
+    for ref in gc.get_referrers(*codes.values()):
+        if isinstance(ref, types.FunctionType) and id(ref.__code__) in codes:
+            out.setdefault((ref.__code__.co_name, ref.__code__.co_firstlineno), []).append(ref)
+    return out
