@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..instances import InstanceTracker
 from ..snapshot import FunctionState, Journal, mapping_changes, same_value
 from ..swap import clear_caches
+from .common import exec_in_class
 
 
 class CommitContext:
@@ -135,7 +136,7 @@ class SwapAction(Action):
             exec(self.exec_code, self.globals, ns)
         else:
             ns = class_namespace(self.cls)
-            exec(self.exec_code, self.globals, ns)
+            exec_in_class(self.exec_code, self.globals, ns, self.cls)
             cell = ns.get("__classcell__")
             if cell is not None:
                 cell.cell_contents = self.cls

@@ -31,7 +31,8 @@ def _wrap(node: ast.stmt, chain: List[ast.ClassDef]) -> ast.stmt:
     for cnode in reversed(chain):
         synthetic = ast.ClassDef(name=cnode.name, bases=[], keywords=[], body=[inner], decorator_list=[])
         if sys.version_info >= (3, 12):
-            synthetic.type_params = []  # type: ignore[attr-defined]
+            # kept: the methods of a generic class close over its type parameters
+            synthetic.type_params = list(getattr(cnode, "type_params", []))  # type: ignore[attr-defined]
         ast.copy_location(synthetic, cnode)
         synthetic.end_lineno = getattr(cnode, "end_lineno", cnode.lineno)
         inner = synthetic

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..snapshot import MISSING, class_get, same_value
 from .actions import Action, CommitContext, class_namespace, set_class_member, set_name
-from .common import DC_GENERATED
+from .common import DC_GENERATED, exec_in_class
 
 
 class ClassExecAction(Action):
@@ -33,7 +33,7 @@ class ClassExecAction(Action):
     def apply(self, ctx: CommitContext) -> None:
         """Run the snippet, point its ``__class__`` cell at the live class, set the bound names."""
         ns = class_namespace(self.cls)
-        exec(self.code, self.globals, ns)
+        exec_in_class(self.code, self.globals, ns, self.cls)
         cell = ns.get("__classcell__")
         if cell is not None:
             # zero-argument super() in these methods must see the LIVE class
@@ -82,7 +82,7 @@ class AnnotationsAction(Action):
     def apply(self, ctx: CommitContext) -> None:
         """Evaluate the new annotations and put them into the live dict in place."""
         ns: Dict[str, Any] = {}
-        exec(self.code, self.globals, ns)
+        exec_in_class(self.code, self.globals, ns, self.cls)
         new = ns.get("__annotations__", {})
         live = self.cls.__dict__.get("__annotations__")
         if isinstance(live, dict):

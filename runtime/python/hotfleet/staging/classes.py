@@ -15,7 +15,7 @@ from ..errors import StagingRefusal
 from ..snapshot import MISSING, class_get, same_value
 from ..swap import resolve_class
 from .class_actions import AbstractsAction, AnnotationsAction, ClassExecAction, DataclassRegenAction, DocAction, class_namespace, dataclass_regenerate
-from .common import Pending, annotation_only, describe, error_line, literal_bindings, strip_decorators
+from .common import Pending, exec_in_class, annotation_only, describe, error_line, literal_bindings, strip_decorators
 from .data_actions import DataAction, RemoveAction
 from .model import ModuleCtx, Scope
 
@@ -120,12 +120,12 @@ class ClassStaging:
                     if is_dataclass and is_ann:
                         # field default handled by the regenerated dataclass
                         code = self._compile_in_class([node], chain, ctx.filename, ctx.flags)
-                        exec(code, globals_, ns)
+                        exec_in_class(code, globals_, ns, cls)
                         sync_fields.extend(n.names)
                         plan.add("rerun" if o is not None else "added", member, n.first, "dataclass field")
                         continue
                     code = self._compile_in_class([node], chain, ctx.filename, ctx.flags)
-                    exec(code, globals_, ns)
+                    exec_in_class(code, globals_, ns, cls)
                     stage.actions.append(ClassExecAction(stage.name, member, n.first, cls, code, ctx.g, sorted(n.bound), "rerun"))
                     plan.add("rerun" if o is not None else "added", member, n.first, "class attribute evaluated at commit")
                     if o is None:
@@ -175,7 +175,7 @@ class ClassStaging:
             ]
             code = self._compile_in_class(anns or [ast.Pass(lineno=nnode.lineno, col_offset=0)], chain, ctx.filename, ctx.flags)
             try:
-                exec(code, globals_, {})
+                exec_in_class(code, globals_, {}, cls)
             except Exception as exc:
                 plan.refuse(f"{qual}.__annotations__", error_line(exc, ctx.filename), f"annotations failed: {describe(exc)}", "fix the annotations")
             else:

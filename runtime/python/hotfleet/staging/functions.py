@@ -15,7 +15,7 @@ from ..swap import find_code
 from .actions import ExecAction, SwapAction
 from .class_actions import ClassExecAction
 from .batch import def_doc
-from .common import strip_decorators
+from .common import exec_in_class, strip_decorators
 from .model import ModuleCtx, Scope
 
 
@@ -53,7 +53,7 @@ class FunctionStaging:
         if scope.is_class:
             assert scope.ns is not None
             previous = scope.ns.get(name, MISSING)
-            exec(code, scope.globals, scope.ns)
+            exec_in_class(code, scope.globals, scope.ns, scope.cls)
             staged = scope.ns[name]
             # a changed method keeps its live binding for later staged statements
             if previous is MISSING:

@@ -546,7 +546,8 @@ class Stager(FunctionStaging, ClassStaging):
         for cnode in reversed(chain):
             synthetic = ast.ClassDef(name=cnode.name, bases=[], keywords=[], body=inner, decorator_list=[])
             if sys.version_info >= (3, 12):
-                synthetic.type_params = []  # type: ignore[attr-defined]
+                # a generic class's parameters stay: its body and methods close over them
+                synthetic.type_params = list(getattr(cnode, "type_params", []))  # type: ignore[attr-defined]
             ast.copy_location(synthetic, cnode)
             synthetic.end_lineno = getattr(cnode, "end_lineno", cnode.lineno)
             inner = [synthetic]
@@ -554,8 +555,13 @@ class Stager(FunctionStaging, ClassStaging):
         ast.fix_missing_locations(module)
         code: types.CodeType = compile(module, filename, "exec", flags=flags, dont_inherit=True)
         for cnode in chain:
-            code = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == cnode.name)
-        if code.co_freevars:
+            # a generic class's body is nested in its "<generic parameters of ...>" scope
+            found = find_code(code, cnode.name, cnode.lineno)
+            if found is None:  # pragma: no cover - the synthetic chain compiled
+                raise StagingRefusal(f"class body of {cnode.name} not found in its compilation", cnode.lineno, "restart to change this class")
+            code = found
+        allowed = {".type_params"} | {getattr(p, "name", "") for c in chain for p in getattr(c, "type_params", [])}
+        if not set(code.co_freevars) <= allowed:
             raise StagingRefusal(
                 f"class body of {chain[-1].name} needs free variables {code.co_freevars}; unsupported",
                 chain[-1].lineno,
