@@ -397,7 +397,7 @@ def main(argv=None) -> int:
     args.budget = args.budget if args.budget is not None else (4.0 if q else 20.0)
     args.timeout = args.timeout or (180.0 if q else 600.0)
     big_n, big_mb = max(args.instances), max(args.filler_mb)
-    small_n, small_mb = min(args.instances), min(args.filler_mb)
+    small_mb = min(args.filler_mb)
     hook_n = min(args.instances)
     args.hook_scenarios = [(hook_n, small_mb, False), (hook_n, big_mb, False), (hook_n, big_mb, True)]
     if not q and big_n != hook_n:
@@ -555,8 +555,6 @@ def report_hook_ms(row: dict):
 def evaluate_targets(results: list) -> list:
     out = []
     hf = [r for r in results if r["contender"] == "hotfleet" and r.get("status") == "ok" and r["stats"]["n"]]
-    plain = [r for r in hf if not r["hooks"]]
-    hooked = [r for r in hf if r["hooks"]]
     shapes = []
     for r in hf:
         if r.get("shape") not in shapes:
