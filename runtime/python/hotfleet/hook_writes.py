@@ -20,9 +20,9 @@ import dis
 import inspect
 import sys
 import types
-from typing import Any, FrozenSet, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
-__all__ = ["written_attrs", "attrs_for_type"]
+__all__ = ["written_attrs", "attrs_for_type", "snapshotter"]
 
 # generator, coroutine, iterable coroutine, async generator, *args, **kwargs
 _REFUSED_FLAGS = 0x20 | 0x80 | 0x100 | 0x200 | 0x04 | 0x08
@@ -90,7 +90,7 @@ def written_attrs(code: types.CodeType) -> Optional[Tuple[FrozenSet[str], Frozen
                 loaded.add(after.argval)
                 continue
         return None
-    if written & _SPECIAL:
+    if written & _SPECIAL or not all(isinstance(n, str) and n.isidentifier() for n in written | loaded):
         return None
     return frozenset(written), frozenset(loaded)
 
@@ -122,3 +122,22 @@ def attrs_for_type(hook: Any, tp: type) -> Optional[Tuple[str, ...]]:
 
 
 _ABSENT = object()
+
+
+_SNAPSHOTTERS: Dict[Tuple[str, ...], Callable[[Dict[str, Any]], Tuple[Any, ...]]] = {}
+
+
+def snapshotter(names: Tuple[str, ...], missing: Any) -> Callable[[Dict[str, Any]], Tuple[Any, ...]]:
+    """``f(d) -> (d.get(names[0], missing), ...)``, generated once per name tuple: the
+    per-instance snapshot is then one call with the lookups inline (a ``map`` over bound
+    ``d.get`` costs several allocations per instance)."""
+    found = _SNAPSHOTTERS.get(names)
+    if found is None:
+        if not all(isinstance(n, str) and n.isidentifier() for n in names):
+            raise ValueError(f"not attribute names: {names!r}")
+        items = "".join(f"get({n!r}, _missing), " for n in names)
+        ns: Dict[str, Any] = {}
+        exec(f"def snapshot(d, _missing=_missing):\n    get = d.get\n    return ({items})\n", {"_missing": missing}, ns)
+        found = ns["snapshot"]
+        _SNAPSHOTTERS[names] = found
+    return found

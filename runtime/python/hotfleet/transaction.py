@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 from .errors import CommitError, HookFailure, InstanceHookError
 from .instances import HOOK_INSTANCE, InstanceTracker, hook_classes
 from .plan import Plan
-from .hook_writes import attrs_for_type
+from .hook_writes import attrs_for_type, snapshotter
 from .snapshot import MISSING, InstanceState, Journal, class_snapshot, mapping_changes, plain_dict_type
 from .sources import RecordingFinder, SourceRegistry
 from .staging import HOOK_CLASS, HOOK_MODULE, Action, CommitContext, ModuleStage
@@ -323,13 +323,12 @@ def _hook_fields(hook: Any, refs: List[Any], entry: Any) -> int:
     As :func:`_hook_plain`, everything about one instance happens while its memory is hot,
     with C-level calls through locals. Returns the number of hooked instances.
     """
-    names = entry.names
+    snap = snapshotter(entry.names, MISSING)
     refs_col, befores, afters = entry.cols
     start = len(befores)
-    fill = (MISSING,) * len(names)
     before_add = befores.append
     after_add = afters.append
-    dead_row = fill
+    dead_row = (MISSING,) * len(entry.names)
     obj: Any = None
     dead = 0
     try:
@@ -340,12 +339,12 @@ def _hook_fields(hook: Any, refs: List[Any], entry: Any) -> int:
                 after_add(dead_row)
                 dead += 1
                 continue
-            before_add(tuple(map(obj.__dict__.get, names, fill)))
+            before_add(snap(obj.__dict__))
             hook(obj)
-            after_add(tuple(map(obj.__dict__.get, names, fill)))
+            after_add(snap(obj.__dict__))
     except BaseException as exc:
         if len(afters) < len(befores):  # what the failing hook changed is undone too
-            after_add(tuple(map(obj.__dict__.get, names, fill)))
+            after_add(snap(obj.__dict__))
         if isinstance(exc, Exception):
             raise InstanceHookError(obj) from exc
         raise
