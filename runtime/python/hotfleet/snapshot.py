@@ -19,7 +19,7 @@ import operator
 import types
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Tuple
 
 __all__ = [
     "MISSING",
@@ -618,15 +618,7 @@ class _InstanceBatchEntry(_Entry):
 
     def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
         # Once per recorded instance: keep it to a walk over the (few) keys.
-        refs, befores, afters = self.cols
-        for ref, before, after in zip(reversed(refs), reversed(befores), reversed(afters)):
-            obj = ref()
-            if obj is None:
-                continue
-            try:
-                current_dict = object.__getattribute__(obj, "__dict__")
-            except AttributeError:
-                continue
+        for obj, current_dict, before, after in _live_rows(self.cols):
             added = 0
             for key, new in after.items():
                 old = before.get(key, MISSING)
@@ -642,27 +634,44 @@ class _InstanceBatchEntry(_Entry):
                     if current is not old:
                         _dict_put(current_dict, key, old)
                 elif current is not old:
-                    self._restore(obj, current_dict, key, old, new, strict, conflicts)
+                    _restore_attr(obj, current_dict, key, old, new, strict, conflicts)
             if len(before) + added > len(after):  # the hook deleted attributes
                 for key in before.keys() - after.keys():
-                    self._restore(obj, current_dict, key, before[key], MISSING, strict, conflicts)
+                    _restore_attr(obj, current_dict, key, before[key], MISSING, strict, conflicts)
 
-    @staticmethod
-    def _restore(
-        obj: Any, current_dict: Dict[str, Any], key: str, old: Any, new: Any, strict: bool, conflicts: List[Conflict]
-    ) -> None:
-        current = current_dict.get(key, MISSING)
-        if strict or current is new:
-            if current is not old:
-                _dict_put(current_dict, key, old)
-        elif current is not old:
-            conflicts.append(
-                Conflict(
-                    f"{type(obj).__qualname__} instance at {id(obj):#x}",
-                    key,
-                    "instance attribute changed after the commit; live value kept",
-                )
+
+def _live_rows(cols: Tuple[List[Any], List[Any], List[Any]]) -> Iterator[Tuple[Any, Dict[str, Any], Any, Any]]:
+    """(instance, its ``__dict__``, before, after) for each recorded row, newest first,
+    skipping instances that died or lost their ``__dict__``."""
+    refs, befores, afters = cols
+    for ref, before, after in zip(reversed(refs), reversed(befores), reversed(afters)):
+        obj = ref()
+        if obj is None:
+            continue
+        try:
+            current_dict = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            continue
+        yield obj, current_dict, before, after
+
+
+def _restore_attr(
+    obj: Any, current_dict: Dict[str, Any], key: str, old: Any, new: Any, strict: bool, conflicts: List[Conflict]
+) -> None:
+    """Put ``old`` back under ``key`` if the attribute still holds ``new`` (or ``strict``),
+    else record a conflict (the game changed it since)."""
+    current = current_dict.get(key, MISSING)
+    if strict or current is new:
+        if current is not old:
+            _dict_put(current_dict, key, old)
+    elif current is not old:
+        conflicts.append(
+            Conflict(
+                f"{type(obj).__qualname__} instance at {id(obj):#x}",
+                key,
+                "instance attribute changed after the commit; live value kept",
             )
+        )
 
 
 class _InstanceFieldsEntry(_Entry):
@@ -697,30 +706,10 @@ class _InstanceFieldsEntry(_Entry):
 
     def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
         names = self.names
-        refs, befores, afters = self.cols
-        for ref, before, after in zip(reversed(refs), reversed(befores), reversed(afters)):
-            obj = ref()
-            if obj is None:
-                continue
-            try:
-                current_dict = object.__getattribute__(obj, "__dict__")
-            except AttributeError:
-                continue
+        for obj, current_dict, before, after in _live_rows(self.cols):
             for name, old, new in zip(names, before, after):
-                if old is new:
-                    continue
-                current = current_dict.get(name, MISSING)
-                if current is new or strict:
-                    if current is not old:
-                        _dict_put(current_dict, name, old)
-                elif current is not old:
-                    conflicts.append(
-                        Conflict(
-                            f"{type(obj).__qualname__} instance at {id(obj):#x}",
-                            name,
-                            "instance attribute changed after the commit; live value kept",
-                        )
-                    )
+                if old is not new:
+                    _restore_attr(obj, current_dict, name, old, new, strict, conflicts)
 
 
 class _CallbackEntry(_Entry):

@@ -316,19 +316,24 @@ def apply_transaction(target: CommitTarget, txn: Transaction) -> Tuple[CommitRep
 _EMPTY: Dict[str, Any] = {}  # the before/after of an instance that died before its turn (never written)
 
 
-def _hook_fields(hook: Any, refs: List[Any], entry: Any) -> int:
-    """Run ``hook`` on each live referent of ``refs``, recording only the attributes it can
-    change (``entry.names``, from its bytecode): two small tuples per instance.
+def _hook_loop(hook: Any, refs: List[Any], cols: Any, snap: Any, dead_row: Any) -> int:
+    """Run ``hook`` on each live referent of ``refs``, recording ``snap(obj.__dict__)``
+    before and after each call into ``cols`` (references, befores, afters).
 
-    As :func:`_hook_plain`, everything about one instance happens while its memory is hot,
-    with C-level calls through locals. Returns the number of hooked instances.
+    The hot loop of a commit with instance hooks: it runs once per live
+    instance.  With instances scattered through a large heap its cost is
+    memory latency, so everything about one instance is done while its
+    memory is hot (dereference, snapshot, hook, snapshot) and nothing else
+    happens per instance: the references go into the journal as one list, no
+    differences are computed (undo or the next prepare, off the game thread,
+    do that), the snapshots are C-level calls through locals.  ``snap`` is
+    ``dict.copy`` (general path) or a getter of the attributes the hook can
+    write (``hook_writes.py``).  Returns the number of hooked instances.
     """
-    snap = snapshotter(entry.names, MISSING)
-    refs_col, befores, afters = entry.cols
+    refs_col, befores, afters = cols
     start = len(befores)
     before_add = befores.append
     after_add = afters.append
-    dead_row = (MISSING,) * len(entry.names)
     obj: Any = None
     dead = 0
     try:
@@ -341,52 +346,11 @@ def _hook_fields(hook: Any, refs: List[Any], entry: Any) -> int:
                 continue
             before_add(snap(obj.__dict__))
             hook(obj)
-            after_add(snap(obj.__dict__))
-    except BaseException as exc:
-        if len(afters) < len(befores):  # what the failing hook changed is undone too
-            after_add(snap(obj.__dict__))
-        if isinstance(exc, Exception):
-            raise InstanceHookError(obj) from exc
-        raise
-    finally:
-        refs_col.extend(refs[: len(befores) - start])
-    return len(refs) - dead
-
-
-def _hook_plain(hook: Any, refs: List[Any], batch: Any) -> int:
-    """Run ``hook`` on each live referent of ``refs``, recording ``__dict__`` copies around each call.
-
-    The hot loop of a commit with instance hooks: it runs once per live
-    instance.  With instances scattered through a large heap its cost is
-    memory latency, so everything about one instance is done while its
-    memory is hot (dereference, copy, hook, copy) and nothing else happens
-    per instance: the references go into the journal as one list, no
-    differences are computed (undo or the next prepare, off the game thread,
-    do that), the copies are C-level ``dict.copy`` calls through locals.
-    Returns the number of hooked instances.
-    """
-    refs_col, befores, afters = batch.cols
-    start = len(befores)
-    copy = dict.copy
-    before_add = befores.append
-    after_add = afters.append
-    obj: Any = None
-    dead = 0
-    try:
-        for ref in refs:
-            obj = ref()
-            if obj is None:  # died before its turn: keep the columns aligned
-                before_add(_EMPTY)
-                after_add(_EMPTY)
-                dead += 1
-                continue
-            before_add(copy(obj.__dict__))
-            hook(obj)
             # read again: the hook may have replaced the instance's __dict__
-            after_add(copy(obj.__dict__))
+            after_add(snap(obj.__dict__))
     except BaseException as exc:
         if len(afters) < len(befores):  # what the failing hook changed is undone too
-            after_add(copy(obj.__dict__))
+            after_add(snap(obj.__dict__))
         if isinstance(exc, Exception):
             raise InstanceHookError(obj) from exc
         raise
@@ -501,9 +465,10 @@ def _run_hooks(
             try:
                 names = attrs_for_type(hook, tp) if plain_dict_type(tp) else None
                 if names is not None:
-                    hooked += _hook_fields(hook, refs, journal.instance_fields(names))
+                    fields = journal.instance_fields(names)
+                    hooked += _hook_loop(hook, refs, fields.cols, snapshotter(names, MISSING), (MISSING,) * len(names))
                 elif isinstance(hook, types.FunctionType) and plain_dict_type(tp):
-                    hooked += _hook_plain(hook, refs, batch)
+                    hooked += _hook_loop(hook, refs, batch.cols, dict.copy, _EMPTY)
                 else:
                     for ref in refs:
                         obj = ref()

@@ -87,20 +87,15 @@ class Mob:
         pass
 """
 
-PATCHED = """
-class Mob:
-    def __init__(self, i):
-        self.i = i
-        self.hp = 10
-        self.tmp = "x"
-    def __reload_instance__(self):
-        self.mana = 5
+PATCHED = SOURCE.replace(
+    "        pass\n",
+    """        self.mana = 5
         self.hp = self.hp * 2
         del self.tmp
         if self.i == FAIL_AT:
             raise ValueError("bad mob")
-FAIL_AT = -1
-"""
+""",
+) + "FAIL_AT = -1\n"
 
 
 @pytest.fixture
@@ -108,7 +103,15 @@ def no_general_path(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the general (whole __dict__ copy) path ran")
 
-    monkeypatch.setattr(transaction, "_hook_plain", refuse)
+    # the general path snapshots with dict.copy: the loop must only ever get the getter
+    original = transaction._hook_loop
+
+    def only_fields(hook, refs, cols, snap, dead_row):
+        if snap is dict.copy:
+            refuse()
+        return original(hook, refs, cols, snap, dead_row)
+
+    monkeypatch.setattr(transaction, "_hook_loop", only_fields)
 
 
 def test_failing_hook_restores_every_instance_exactly(pkg, no_general_path):

@@ -28,21 +28,7 @@ def after_class():
     return 7
 """
 
-NEW = """
-def changed(x):
-    y = x + 1
-    return y + 1
-
-def below(x):
-    raise ValueError(x)
-
-class Unit:
-    def hit(self):
-        raise KeyError("hit")
-
-def after_class():
-    return 7
-"""
+NEW = OLD.replace("    return x + 1\n", "    y = x + 1\n    return y + 1\n")
 
 
 def _raising_line(fn, *args):
