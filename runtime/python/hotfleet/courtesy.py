@@ -22,7 +22,7 @@ class Courtesy:
 
     __slots__ = ("enabled", "every", "pause", "_last", "yields")
 
-    def __init__(self, enabled: bool, every: float = 0.001, pause: float = 0.0001) -> None:
+    def __init__(self, enabled: bool, every: float = 0.0005, pause: float = 0.0001) -> None:
         self.enabled = enabled
         self.every = every
         self.pause = pause

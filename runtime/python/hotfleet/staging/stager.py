@@ -350,7 +350,7 @@ class Stager(FunctionStaging, ClassStaging):
         old_lines = stage.base.lines
         new_lines = stage.record.lines
         body = D.diff_bodies(old_outline.stmts, new_outline_.stmts)
-        index = FunctionIndex(live, filename)
+        index = FunctionIndex(live, filename, self.courtesy)
         g = live.__dict__
         ns = dict(g)
         ns["__builtins__"] = self._builtins
