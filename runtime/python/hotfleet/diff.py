@@ -30,6 +30,7 @@ __all__ = [
     "future_flags",
     "bound_names",
     "first_line",
+    "classify",
 ]
 
 DEF = "def"
@@ -186,7 +187,7 @@ class Stmt:
         return line[:120]
 
 
-def _classify(node: ast.stmt, index: int) -> Tuple[str, Tuple[str, ...]]:
+def classify(node: ast.stmt, index: int) -> Tuple[str, Tuple[str, ...]]:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return DEF, (node.name,)
     if isinstance(node, ast.ClassDef):
@@ -224,7 +225,7 @@ def statements(body: Sequence[ast.stmt], lines: Sequence[str], start: int = 0) -
     out: List[Stmt] = []
     seen: Dict[Tuple[object, ...], int] = {}
     for index, node in enumerate(body, start):
-        kind, names = _classify(node, index)
+        kind, names = classify(node, index)
         # anonymous statements are keyed by their content; the rest by kind and names
         dump = ast.dump(node) if kind == OTHER else None
         base: Tuple[object, ...] = (kind, names) if kind != OTHER else (kind, dump)

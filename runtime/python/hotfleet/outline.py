@@ -172,9 +172,13 @@ def _anchored(
             continue
         shift = first - group.first
         for old in members[id(group)]:
-            out.append(
-                D.Stmt(None, old.kind, old.names, old.key, old.first + shift, old.last + shift, old.text, old.bound, old._dump)
-            )
+            stmt = D.Stmt(None, old.kind, old.names, old.key, old.first + shift, old.last + shift, old.text, old.bound, old._dump)
+            if old.kind in (D.DOC, D.OTHER) and (old.kind == D.DOC) != (not out):
+                # a string statement is the docstring only at index 0, and this one moved across
+                stmt.kind, stmt.names = D.classify(old.node, len(out))
+                stmt._dump = old.dump if stmt.kind == D.OTHER else None
+                stmt.key = ((stmt.kind, stmt._dump) if stmt.kind == D.OTHER else (stmt.kind, stmt.names)) + (0,)
+            out.append(stmt)
     # occurrence indexes count over the whole new body, as a full parse would
     seen: dict = {}
     for stmt in out:

@@ -44,6 +44,8 @@ CASES = {
     "comment and blank lines only": OLD.replace("import math\n", "import math\n# note\n\n\n"),
     "class body grows": OLD.replace("        return 3\n", "        return 3\n\n    def n(self):\n        return 4\n"),
     "text appended and prepended": "# header\n" + OLD + "\ndef late():\n    return 5\n",
+    "statement inserted above the docstring": "import os\n" + OLD,
+    "docstring removed": OLD.replace('"""doc"""\n', "", 1),
 }
 
 
