@@ -21,9 +21,9 @@ from ..instances import HOOK_INSTANCE, InstanceTracker
 from ..plan import ModulePlan
 from ..snapshot import MISSING, same_value
 from ..sources import SourceRecord, SourceRegistry, TextLoader, read_live_source
+from ..outline import Outline, new_outline, outline_of
 from ..swap import FunctionIndex, find_code
 from .actions import ExecAction, RelocateAction, SwapAction
-from ..outline import Outline, new_outline, outline_of
 from .batch import compile_defs
 from .class_actions import DocAction
 from .classes import ClassStaging
