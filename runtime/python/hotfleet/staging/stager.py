@@ -58,15 +58,33 @@ class Stager(FunctionStaging, ClassStaging):
         self._staged_ns: Dict[str, Dict[str, Any]] = {}
         self._builtins = dict(builtins.__dict__)
         self._builtins["__import__"] = self._import
+        self._namespaces: List[Dict[str, Any]] = []  # staging namespaces, emptied after run
 
     # -- entry point ---------------------------------------------------------
 
     def run(self) -> List[ModuleStage]:
         """Stage every module (batch order); refusals end up in each module plan."""
-        for name in self.sources:
-            self.courtesy()
-            self._stage(name)
+        try:
+            for name in self.sources:
+                self.courtesy()
+                self._stage(name)
+        finally:
+            self._release()
         return [self.stages[name] for name in self.sources]
+
+    def _release(self) -> None:
+        """Empty the staging namespaces once staged (actions hold the live ones only).
+
+        They are cycles (a namespace holds the functions staged in it, each holding the
+        namespace as its globals, and the stager's own ``__import__``): left to the
+        collector, every prepare would push them into the old generation and bring on full
+        collections, which stop the game thread for as long as the heap is big.
+        """
+        for ns in self._namespaces:
+            ns.clear()
+        self._namespaces.clear()
+        self._staged_ns.clear()
+        self._builtins.clear()
 
     # -- the batch-aware importer used inside staging namespaces ---------------
 
@@ -254,6 +272,7 @@ class Stager(FunctionStaging, ClassStaging):
         if stage.is_package:
             ns["__path__"] = []
         self._staged_ns[name] = ns
+        self._namespaces.append(ns)
         flags = D.future_flags(tree)
         lines = stage.record.lines
         stmts = D.statements(tree.body, lines)
@@ -354,6 +373,7 @@ class Stager(FunctionStaging, ClassStaging):
         g = live.__dict__
         ns = dict(g)
         ns["__builtins__"] = self._builtins
+        self._namespaces.append(ns)
         if isinstance(ns.get("__annotations__"), dict):
             ns["__annotations__"] = dict(ns["__annotations__"])
         scope = Scope(ns, [])
