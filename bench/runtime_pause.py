@@ -15,7 +15,7 @@ and checks afterwards what the process runs: old ``from m import f`` references,
 pre-existing instances, bound methods stored as callbacks, the old class object, untouched
 functions, run-time module state, ``isinstance`` of old instances.
 
-    python bench/runtime_pause.py                 # full run (< ~10 min on 2 cores)
+    python bench/runtime_pause.py                 # full run (~20 min on 2 cores)
     python bench/runtime_pause.py --quick         # ~1 min smoke run, small sizes
     python bench/runtime_pause.py --json out.json
 
