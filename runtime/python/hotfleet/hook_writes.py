@@ -124,20 +124,21 @@ def attrs_for_type(hook: Any, tp: type) -> Optional[Tuple[str, ...]]:
 _ABSENT = object()
 
 
-_SNAPSHOTTERS: Dict[Tuple[str, ...], Callable[[Dict[str, Any]], Tuple[Any, ...]]] = {}
+_SNAPSHOTTERS: Dict[Tuple[str, ...], Callable[[Dict[str, Any], Callable[[Any], None]], None]] = {}
 
 
-def snapshotter(names: Tuple[str, ...], missing: Any) -> Callable[[Dict[str, Any]], Tuple[Any, ...]]:
-    """``f(d) -> (d.get(names[0], missing), ...)``, generated once per name tuple: the
-    per-instance snapshot is then one call with the lookups inline (a ``map`` over bound
-    ``d.get`` costs several allocations per instance)."""
+def snapshotter(names: Tuple[str, ...], missing: Any) -> Callable[[Dict[str, Any], Callable[[Any], None]], None]:
+    """``f(d, add)``: ``add(d.get(name, missing))`` for each of ``names`` in order, generated
+    once per name tuple. The per-instance snapshot is one call with the lookups inline and
+    allocates nothing (values go to a flat column; a tuple per instance would be one more
+    object for the collector to walk after the commit)."""
     found = _SNAPSHOTTERS.get(names)
     if found is None:
         if not all(isinstance(n, str) and n.isidentifier() for n in names):
             raise ValueError(f"not attribute names: {names!r}")
-        items = "".join(f"get({n!r}, _missing), " for n in names)
+        lines = "".join(f"    add(get({n!r}, _missing))\n" for n in names)
         ns: Dict[str, Any] = {}
-        exec(f"def snapshot(d, _missing=_missing):\n    get = d.get\n    return ({items})\n", {"_missing": missing}, ns)
+        exec(f"def snapshot(d, add, _missing=_missing):\n    get = d.get\n{lines}", {"_missing": missing}, ns)
         found = ns["snapshot"]
         _SNAPSHOTTERS[names] = found
     return found

@@ -676,37 +676,52 @@ def _restore_attr(
 
 class _InstanceFieldsEntry(_Entry):
     """What an instance hook whose writes are known (``hook_writes.py``) changed, as three
-    columns: references, and the values of ``names`` before and after each hook call (one
-    tuple each, aligned with ``names``; MISSING: absent).
+    columns: references, and the values of ``names`` before and after each hook call, flat
+    (row ``i`` holds ``values[i * len(names):(i + 1) * len(names)]``; MISSING: absent).
 
-    Recording costs two small tuples per instance instead of two ``__dict__`` copies.
+    Recording allocates nothing per instance, where the general path takes two
+    ``__dict__`` copies.
     """
 
     __slots__ = ("names", "cols", "compacted")
 
     def __init__(self, names: Tuple[str, ...]) -> None:
         self.names = names
-        self.cols: Tuple[List[Callable[[], Any]], List[Tuple[Any, ...]], List[Tuple[Any, ...]]] = ([], [], [])
+        self.cols: Tuple[List[Callable[[], Any]], List[Any], List[Any]] = ([], [], [])
         self.compacted = False
+
+    def rows(self) -> Iterator[Tuple[Callable[[], Any], List[Any], List[Any]]]:
+        """(reference, values before, values after) per recorded instance."""
+        refs, befores, afters = self.cols
+        n = len(self.names)
+        for i, ref in enumerate(refs):
+            yield ref, befores[i * n : (i + 1) * n], afters[i * n : (i + 1) * n]
 
     def compact(self, courtesy: Optional[Callable[[], None]] = None) -> None:
         """Drop the instances the hook left unchanged (off the game thread)."""
         if self.compacted:
             return
-        keep: Tuple[List[Callable[[], Any]], List[Tuple[Any, ...]], List[Tuple[Any, ...]]] = ([], [], [])
-        for i, (ref, before, after) in enumerate(zip(*self.cols)):
+        keep: Tuple[List[Callable[[], Any]], List[Any], List[Any]] = ([], [], [])
+        for i, (ref, before, after) in enumerate(self.rows()):
             if courtesy is not None and not i & 255:
                 courtesy()
             if not all(map(operator.is_, before, after)):
                 keep[0].append(ref)
-                keep[1].append(before)
-                keep[2].append(after)
+                keep[1].extend(before)
+                keep[2].extend(after)
         self.cols = keep
         self.compacted = True
 
     def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
         names = self.names
-        for obj, current_dict, before, after in _live_rows(self.cols):
+        refs, befores, afters = self.cols
+        n = len(names)
+        per_row = (
+            refs,
+            [befores[i * n : (i + 1) * n] for i in range(len(refs))],
+            [afters[i * n : (i + 1) * n] for i in range(len(refs))],
+        )
+        for obj, current_dict, before, after in _live_rows(per_row):
             for name, old, new in zip(names, before, after):
                 if old is not new:
                     _restore_attr(obj, current_dict, name, old, new, strict, conflicts)

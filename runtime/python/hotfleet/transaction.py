@@ -316,9 +316,15 @@ def apply_transaction(target: CommitTarget, txn: Transaction) -> Tuple[CommitRep
 _EMPTY: Dict[str, Any] = {}  # the before/after of an instance that died before its turn (never written)
 
 
+def _copy_into(d: Dict[str, Any], add: Any, copy: Any = dict.copy) -> None:
+    """The general path's snapshot: a shallow copy of the instance dict."""
+    add(copy(d))
+
+
 def _hook_loop(hook: Any, refs: List[Any], cols: Any, snap: Any, dead_row: Any) -> int:
-    """Run ``hook`` on each live referent of ``refs``, recording ``snap(obj.__dict__)``
-    before and after each call into ``cols`` (references, befores, afters).
+    """Run ``hook`` on each live referent of ``refs``, recording ``snap(obj.__dict__, add)``
+    before and after each call into ``cols`` (references, befores, afters; ``snap`` adds
+    one value per row or, for known attributes, one per attribute, to a flat column).
 
     The hot loop of a commit with instance hooks: it runs once per live
     instance.  With instances scattered through a large heap its cost is
@@ -331,32 +337,34 @@ def _hook_loop(hook: Any, refs: List[Any], cols: Any, snap: Any, dead_row: Any) 
     write (``hook_writes.py``).  Returns the number of hooked instances.
     """
     refs_col, befores, afters = cols
-    start = len(befores)
     before_add = befores.append
     after_add = afters.append
+    dead_extend = befores.extend, afters.extend
     obj: Any = None
     dead = 0
+    rows = 0  # rows recorded before: the hooked one's is recorded before its hook runs
     try:
         for ref in refs:
             obj = ref()
+            rows += 1
             if obj is None:  # died before its turn: keep the columns aligned
-                before_add(dead_row)
-                after_add(dead_row)
+                dead_extend[0](dead_row)
+                dead_extend[1](dead_row)
                 dead += 1
                 continue
-            before_add(snap(obj.__dict__))
+            snap(obj.__dict__, before_add)
             hook(obj)
             # read again: the hook may have replaced the instance's __dict__
-            after_add(snap(obj.__dict__))
+            snap(obj.__dict__, after_add)
     except BaseException as exc:
         if len(afters) < len(befores):  # what the failing hook changed is undone too
-            after_add(snap(obj.__dict__))
+            snap(obj.__dict__, after_add)
         if isinstance(exc, Exception):
             raise InstanceHookError(obj) from exc
         raise
     finally:
         # one C-level extend instead of an append per instance
-        refs_col.extend(refs[: len(befores) - start])
+        refs_col.extend(refs[:rows])
     return len(refs) - dead
 
 
@@ -468,7 +476,7 @@ def _run_hooks(
                     fields = journal.instance_fields(names)
                     hooked += _hook_loop(hook, refs, fields.cols, snapshotter(names, MISSING), (MISSING,) * len(names))
                 elif isinstance(hook, types.FunctionType) and plain_dict_type(tp):
-                    hooked += _hook_loop(hook, refs, batch.cols, dict.copy, _EMPTY)
+                    hooked += _hook_loop(hook, refs, batch.cols, _copy_into, (_EMPTY,))
                 else:
                     for ref in refs:
                         obj = ref()
