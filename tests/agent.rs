@@ -408,7 +408,7 @@ async fn a_process_that_connects_later_is_listed_at_once() {
     late.proc.signal("STOP").expect("SIGSTOP");
     let health = agent.health(HealthRequest::default()).await.expect("health").into_inner();
     late.proc.signal("CONT").expect("SIGCONT");
-    assert!(!health.healthy);
+    assert!(!health.healthy, "{}", health.summary);
     assert!(health.summary.contains(&format!("pid {}", late.proc.pid())), "{}", health.summary);
     assert_eq!(status.labels.get("region").map(String::as_str), Some("test"));
 }
