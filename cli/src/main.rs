@@ -11,6 +11,7 @@ mod fleet_cmd;
 mod output;
 mod patch_cmd;
 mod rollout_cmd;
+mod stack_cmd;
 
 use clap::{Parser, Subcommand};
 

@@ -45,6 +45,12 @@ pub enum PatchCommand {
         #[arg(long, default_value = "")]
         build: String,
     },
+    /// A build's patch stack (what every process of the build runs), oldest
+    /// first, with who rolled each patch out and when.
+    Stack {
+        #[arg(long)]
+        build: String,
+    },
     /// Show a bundle's manifest.
     Show {
         bundle: PathBuf,
@@ -108,6 +114,7 @@ pub async fn run(cmd: PatchCommand, target: &Target, output: Output) -> CliResul
     match cmd {
         PatchCommand::Push { bundle } => push_file(target, &bundle, output, true).await.map(|_| ()),
         PatchCommand::List { build } => list(target, build, output).await,
+        PatchCommand::Stack { build } => crate::stack_cmd::stack(target, build, output).await,
         PatchCommand::Build(args) => build(*args, output),
         PatchCommand::Sign { bundle, key, out } => sign(&bundle, &key, out.as_deref(), output),
         PatchCommand::Verify { bundle, trusted_keys } => verify(&bundle, &trusted_keys, output),

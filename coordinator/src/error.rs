@@ -7,7 +7,7 @@ use hotfleet_patch::PatchError;
 
 use crate::{
     input::InputError, leadership::LeaderInfo, planner::PlanError, registry::RegistryError, rollout::TransitionError,
-    store::StoreError,
+    stack::StackError, store::StoreError,
 };
 
 /// `Result` with the coordinator's [`Error`].
@@ -31,6 +31,9 @@ pub enum Error {
     Transition(#[from] TransitionError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A rollout the build's patch stack refuses ([`crate::stack`]).
+    #[error(transparent)]
+    Stack(#[from] StackError),
     #[error("refused: node(s) {nodes} are already in active rollout {rollout}; wait for it to finish, abort it, or narrow --selector")]
     Conflict { rollout: String, nodes: String },
     #[error("refused: node {node} is in live rollout(s) {rollouts}; wait for them to finish or abort them, then remove the node")]

@@ -14,6 +14,7 @@
 //! - [`patches`]: verified patch uploads, stored by digest.
 //! - [`planner`]: selector → canary and waves (pure).
 //! - [`rollout`]: the rollout state machine and the health gate (pure).
+//! - [`stack`]: each build's patch stack as desired state (what may go on top) and its listing.
 //! - [`engine`]: drives rollouts through [`agents::AgentClient`].
 //! - [`agents`]: the gRPC client side towards agents.
 //! - [`grpc`]: adapters for the `AgentGateway` and operator `Coordinator` services.
@@ -37,6 +38,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod rollout;
 pub mod server;
+pub mod stack;
 pub mod store;
 pub mod sweeper;
 pub mod term;

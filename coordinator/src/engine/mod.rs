@@ -293,6 +293,7 @@ impl Engine {
             .await?
             .ok_or_else(|| Error::NotFound { what: "patch", id: patch_id.to_string() })?;
         let spec = spec.parse()?;
+        crate::stack::check_parent(&self.inner.store.patch_stack(&patch.target_build).await?, &patch)?;
         spec.check_prepare_ttl(self.inner.registry.heartbeat_interval())?;
         let candidates: Vec<_> = self.inner.registry.list().iter().map(|n| n.candidate()).collect();
         let plan = planner::plan(&candidates, &spec, &patch.target_build)?;

@@ -8,6 +8,7 @@ use crate::{
     node::{NodeStatus, PreparedPatch, ProcessHealth, ProcessStatus},
     reads::NodeListing,
     rollout::{Phase, RolloutState},
+    stack::StackLine,
     store::{AuditEntry, FreezeRecord, PatchRecord},
 };
 
@@ -24,6 +25,20 @@ pub fn patch_info(p: PatchRecord) -> pb::PatchInfo {
         signer_key_id: p.signer_key_id,
         pushed_by: p.pushed_by,
         pushed_at_ms: p.pushed_at_ms,
+    }
+}
+
+pub fn stack_item(line: StackLine) -> pb::StackItem {
+    let StackLine { entry, rolled_out_by, started_at_ms, modules } = line;
+    pb::StackItem {
+        patch_id: entry.patch_id,
+        parent_patch_id: entry.parent_patch_id,
+        description: entry.description,
+        modules,
+        rollout_id: entry.rollout_id,
+        rolled_out_by,
+        started_at_ms,
+        committed_at_ms: entry.committed_at_ms,
     }
 }
 

@@ -45,9 +45,11 @@ impl From<Error> for Status {
             },
             Error::Plan(PlanError::NoTargets { .. }) => Code::FailedPrecondition,
             Error::Plan(_) => Code::InvalidArgument,
-            Error::Transition(_) | Error::Conflict { .. } | Error::NodeBusy { .. } | Error::Frozen { .. } => {
-                Code::FailedPrecondition
-            }
+            Error::Transition(_)
+            | Error::Stack(_)
+            | Error::Conflict { .. }
+            | Error::NodeBusy { .. }
+            | Error::Frozen { .. } => Code::FailedPrecondition,
             Error::Registry(RegistryError::Invalid(_) | RegistryError::Input(_)) => Code::InvalidArgument,
             Error::Registry(RegistryError::Store(StoreError::TooLarge(_))) | Error::Store(StoreError::TooLarge(_)) => {
                 Code::FailedPrecondition

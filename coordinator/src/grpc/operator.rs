@@ -104,6 +104,16 @@ impl Coordinator for OperatorService {
         Ok(Response::new(pb::GetPatchResponse { patch: Some(convert::patch_info(record)) }))
     }
 
+    async fn list_stack(
+        &self,
+        request: Request<pb::ListStackRequest>,
+    ) -> Result<Response<pb::ListStackResponse>, Status> {
+        let build = request.into_inner().target_build;
+        bounded("target_build", &build, MAX_BUILD)?;
+        let lines = self.cluster.stack(&build).await?;
+        Ok(Response::new(pb::ListStackResponse { patches: lines.into_iter().map(convert::stack_item).collect() }))
+    }
+
     async fn list_nodes(
         &self,
         request: Request<pb::ListNodesRequest>,
