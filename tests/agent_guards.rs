@@ -35,7 +35,9 @@ async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_
     let learned = std::fs::read(&epoch_file).expect("the epoch learned at registration");
 
     // 1. u64::MAX straight to the agent: refused as unknown, nothing written.
-    let forged = agent.prepare(PrepareRequest { header: header("r-forged", &hotfix, u64::MAX), ttl_seconds: 0 }).await;
+    let forged = agent
+        .prepare(PrepareRequest { header: header("r-forged", &hotfix, u64::MAX), ttl_seconds: 0, ..Default::default() })
+        .await;
     let err = forged.expect_err("an epoch the coordinator never announced");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().contains("unknown epoch"), "{}", err.message());
@@ -58,7 +60,8 @@ async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_
     // 4. Its rollout replayed straight to every agent, at the current epoch: refused.
     for node in &s.fleet.nodes {
         let mut agent = agent_client(&s.fleet.keys, &node.agent).await;
-        let prepare = PrepareRequest { header: header(&bad_rollout, &bad, epoch), ttl_seconds: 0 };
+        let prepare =
+            PrepareRequest { header: header(&bad_rollout, &bad, epoch), ttl_seconds: 0, ..Default::default() };
         let err = agent.prepare(prepare).await.expect_err("a rolled-back patch replayed");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}: {err:?}", node.agent.node_id);
         assert!(err.message().contains("aborted or rolled back"), "{}", err.message());
@@ -75,7 +78,8 @@ async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_
     assert!(err.contains("parent none") && err.contains(&hotfix), "names the top to build on: {err}");
     for node in &s.fleet.nodes {
         let mut agent = agent_client(&s.fleet.keys, &node.agent).await;
-        let prepare = PrepareRequest { header: header("r-orphan", &orphan, epoch), ttl_seconds: 0 };
+        let prepare =
+            PrepareRequest { header: header("r-orphan", &orphan, epoch), ttl_seconds: 0, ..Default::default() };
         let vote = agent.prepare(prepare).await.expect("a vote").into_inner();
         let why: Vec<&str> = vote.processes.iter().map(|p| p.error.as_str()).collect();
         assert!(!vote.vote_yes && vote.reason.contains("parent is not the top"), "{}: {vote:?}", node.agent.node_id);

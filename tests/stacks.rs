@@ -2,7 +2,8 @@
 //! desired state. A completed rollout puts its patch on the stack, which
 //! `hotfleet patch stack` lists with who rolled it out and when; a patch
 //! whose parent is not the top is refused at `rollout start`, naming the
-//! top, and changes nothing. Both stores.
+//! top, and changes nothing. `hotfleet patch plan` asks one live zone
+//! server for the runtime's plan and leaves it unchanged. Both stores.
 //!
 //! Ends with the consistency check of `common`.
 
@@ -11,7 +12,10 @@ mod common;
 
 use common::*;
 
-on_both_stores!(the_stack_lists_who_rolled_out_each_patch_and_refuses_a_patch_off_its_top);
+on_both_stores!(
+    the_stack_lists_who_rolled_out_each_patch_and_refuses_a_patch_off_its_top,
+    a_plan_from_a_live_zone_server_shows_the_changes_and_commits_nothing,
+);
 
 fn stack(s: &Scenario) -> serde_json::Value {
     let out = ok(s.fleet.cli(&["--output", "json", "patch", "stack", "--build", BUILD]).expect("patch stack"));
@@ -48,4 +52,62 @@ async fn the_stack_lists_who_rolled_out_each_patch_and_refuses_a_patch_off_its_t
     assert_eq!(stack(&s), listed, "the stack is unchanged");
 
     assert_eq!(s.assert_consistent(&[]).await, vec![hotfix]);
+}
+
+/// Each process's (stack, live digests), and whether the agent holds a prepare.
+async fn live(s: &Scenario) -> Vec<(Vec<String>, Vec<(String, String)>, usize)> {
+    s.agent_statuses()
+        .await
+        .into_iter()
+        .flat_map(|n| {
+            let prepared = n.prepared.len();
+            n.processes.into_iter().map(move |p| {
+                let mut digests: Vec<(String, String)> = p.live_digests.into_iter().collect();
+                digests.sort();
+                (p.patch_stack, digests, prepared)
+            })
+        })
+        .collect()
+}
+
+async fn a_plan_from_a_live_zone_server_shows_the_changes_and_commits_nothing(backend: Backend) {
+    let mut s = Scenario::start_game(backend, Game::ZoneServer, 2, BUILD);
+    let hotfix = s.push("hotfix-damage");
+    let before = live(&s).await;
+    let damage = s.damages();
+    let process = s.agent_statuses().await[0].processes[0].process_id.clone();
+
+    let out = s.fleet.cli(&["--output", "json", "patch", "plan", &hotfix, "--node", "node-1", "--process", &process]);
+    let plan: serde_json::Value = serde_json::from_str(&ok(out.expect("plan"))).expect("plan json");
+    assert_eq!(
+        (plan["ok"].as_bool(), plan["aborted"].as_bool(), plan["committed"].as_bool()),
+        (Some(true), Some(true), Some(false)),
+        "{plan}"
+    );
+    let processes = plan["processes"].as_array().expect("processes");
+    assert_eq!(processes.len(), 1, "one process asked: {plan}");
+    assert_eq!(processes[0]["processId"], process.as_str());
+    let modules = processes[0]["plan"]["modules"].as_array().expect("the runtime's plan");
+    assert!(!modules.is_empty(), "{plan}");
+    let replaced: Vec<&serde_json::Value> =
+        modules.iter().flat_map(|m| m["functions_replaced"].as_array().into_iter().flatten()).collect();
+    assert!(!replaced.is_empty() && replaced.iter().all(|f| f["lineno"].as_u64().is_some()), "{plan}");
+
+    let text = ok(s.fleet.cli(&["patch", "plan", &hotfix, "--node", "node-2"]).expect("plan"));
+    assert!(text.contains("functions replaced") && text.contains("nothing committed"), "{text}");
+
+    // Nothing changed: same stacks, same live code, nothing left prepared, same behaviour.
+    assert_eq!(live(&s).await, before, "live digests identical before and after");
+    assert_eq!(s.damages(), damage, "the old behaviour still runs");
+    let audit = ok(s.fleet.cli(&["--output", "json", "audit"]).expect("audit"));
+    assert!(audit.contains("patch.plan"), "audited: {audit}");
+
+    // A plan the fleet cannot give: refused, nothing sent.
+    let out = s.fleet.cli(&["patch", "plan", &hotfix, "--node", "node-1", "--process", "nope"]).expect("plan");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has no process \"nope\" of build"), "{err}");
+    let out = s.fleet.cli(&["patch", "plan", &hotfix, "--node", "node-9"]).expect("plan");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    assert!(s.assert_consistent(&[]).await.is_empty(), "no patch on the stack");
 }

@@ -10,6 +10,7 @@ mod exit;
 mod fleet_cmd;
 mod output;
 mod patch_cmd;
+mod plan_cmd;
 mod rollout_cmd;
 mod stack_cmd;
 

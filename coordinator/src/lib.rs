@@ -12,6 +12,7 @@
 //! - [`drift`]: a process's patch stack against its build's; [`reconcile`] repairs drift.
 //! - [`sweeper`]: the leader's housekeeping: lost nodes, node expiry, audit retention.
 //! - [`patches`]: verified patch uploads, stored by digest.
+//! - [`patch_plan`]: a plan from a live process (prepare, answer the runtime's plan, abort).
 //! - [`planner`]: selector → canary and waves (pure).
 //! - [`rollout`]: the rollout state machine and the health gate (pure).
 //! - [`stack`]: each build's patch stack as desired state (what may go on top) and its listing.
@@ -31,6 +32,7 @@ pub mod grpc;
 pub mod input;
 pub mod leadership;
 pub mod node;
+pub mod patch_plan;
 pub mod patches;
 pub mod planner;
 pub mod reads;

@@ -168,6 +168,7 @@ impl Engine {
             rollout_id: state.rollout.id.clone(),
             patch_id: state.rollout.patch_id.clone(),
             epoch: self.inner.fence.epoch,
+            process_id: String::new(),
         }
     }
 

@@ -74,7 +74,7 @@ impl FakeAgents {
 }
 
 fn yes() -> Result<Outcome, AgentError> {
-    Ok(Outcome { ok: true, reason: String::new() })
+    Ok(Outcome { ok: true, ..Outcome::default() })
 }
 
 #[async_trait]
@@ -89,7 +89,7 @@ impl AgentClient for FakeAgents {
                 }
                 if b.prepare_no {
                     let reason = "SyntaxError: invalid syntax (zone/combat.py, line 3)".into();
-                    return Ok(Outcome { ok: false, reason });
+                    return Ok(Outcome { ok: false, reason, ..Outcome::default() });
                 }
             }
             CommandKind::Commit => {
@@ -97,7 +97,11 @@ impl AgentClient for FakeAgents {
                     tokio::time::sleep(delay).await;
                 }
                 if b.commit_fail {
-                    return Ok(Outcome { ok: false, reason: "__reload_instance__ raised KeyError".into() });
+                    return Ok(Outcome {
+                        ok: false,
+                        reason: "__reload_instance__ raised KeyError".into(),
+                        ..Outcome::default()
+                    });
                 }
                 self.committed.lock().expect("lock").insert(to.node_id.clone());
             }

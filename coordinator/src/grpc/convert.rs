@@ -6,6 +6,7 @@ use hotfleet_proto::v1 as pb;
 use crate::{
     drift::{ProcessDrift, StackState},
     node::{NodeStatus, PreparedPatch, ProcessHealth, ProcessStatus},
+    patch_plan::PatchPlan,
     reads::NodeListing,
     rollout::{Phase, RolloutState},
     stack::StackLine,
@@ -39,6 +40,28 @@ pub fn stack_item(line: StackLine) -> pb::StackItem {
         rolled_out_by,
         started_at_ms,
         committed_at_ms: entry.committed_at_ms,
+    }
+}
+
+pub fn patch_plan(plan: PatchPlan) -> pb::PlanPatchResponse {
+    let processes = plan
+        .processes
+        .into_iter()
+        .map(|p| pb::ProcessPlan {
+            process_id: p.process_id,
+            pid: p.pid,
+            ok: p.ok,
+            error: p.error,
+            plan_json: p.detail_json,
+        })
+        .collect();
+    pb::PlanPatchResponse {
+        patch_id: plan.patch_id,
+        node_id: plan.node_id,
+        ok: plan.ok,
+        reason: plan.reason,
+        processes,
+        aborted: plan.aborted,
     }
 }
 

@@ -18,6 +18,7 @@ use super::{actor, caller, convert};
 use crate::{
     error::Error,
     input::{self, MAX_BUILD, MAX_ID, MAX_REASON},
+    patch_plan::PlanRequest,
     planner::Selector,
     reads::RolloutView,
     registry::Liveness,
@@ -112,6 +113,20 @@ impl Coordinator for OperatorService {
         bounded("target_build", &build, MAX_BUILD)?;
         let lines = self.cluster.stack(&build).await?;
         Ok(Response::new(pb::ListStackResponse { patches: lines.into_iter().map(convert::stack_item).collect() }))
+    }
+
+    async fn plan_patch(
+        &self,
+        request: Request<pb::PlanPatchRequest>,
+    ) -> Result<Response<pb::PlanPatchResponse>, Status> {
+        let who = actor(&request)?;
+        let req = request.into_inner();
+        bounded("patch_id", &req.patch_id, MAX_ID)?;
+        bounded("node_id", &req.node_id, MAX_ID)?;
+        bounded("process_id", &req.process_id, MAX_ID)?;
+        let ask = PlanRequest { patch_id: &req.patch_id, node_id: &req.node_id, process_id: &req.process_id };
+        let plan = self.leader()?.plan_patch(ask, &who).await?;
+        Ok(Response::new(convert::patch_plan(plan)))
     }
 
     async fn list_nodes(
