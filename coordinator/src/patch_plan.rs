@@ -8,7 +8,7 @@
 //! It runs beside rollouts, never inside one: a node an active rollout holds
 //! is refused (its runtime holds that rollout's prepare).
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use crate::{
     agents::{AgentClient, Command, CommandKind, ProcessReply, Target},
@@ -148,7 +148,10 @@ pub async fn plan(ctx: &PlanContext<'_>, req: PlanRequest<'_>, actor: &str) -> R
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, sync::Mutex};
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, Mutex},
+    };
 
     use async_trait::async_trait;
 
