@@ -3,19 +3,32 @@
 //! `hotfleet patch stack` lists with who rolled it out and when; a patch
 //! whose parent is not the top is refused at `rollout start`, naming the
 //! top, and changes nothing. `hotfleet patch plan` asks one live zone
-//! server for the runtime's plan and leaves it unchanged. Both stores.
+//! server for the runtime's plan and leaves it unchanged. A rollout
+//! scheduled with `--at` waits, listed as scheduled, survives its leader
+//! going away, starts within a second of its time; one cancelled before its
+//! time sends nothing. Both stores.
 //!
 //! Ends with the consistency check of `common`.
 
 #[macro_use]
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 on_both_stores!(
     the_stack_lists_who_rolled_out_each_patch_and_refuses_a_patch_off_its_top,
     a_plan_from_a_live_zone_server_shows_the_changes_and_commits_nothing,
+    a_scheduled_rollout_starts_on_time_after_its_leader_goes_away,
 );
+
+/// The same on two coordinators sharing etcd: the leader is killed before
+/// the start time and the follower that takes over starts the rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_rollout_starts_on_time_across_a_leader_fail_over() {
+    a_scheduled_rollout_starts_on_time_after_its_leader_goes_away(Backend::Etcd { coordinators: 2 }).await
+}
 
 fn stack(s: &Scenario) -> serde_json::Value {
     let out = ok(s.fleet.cli(&["--output", "json", "patch", "stack", "--build", BUILD]).expect("patch stack"));
@@ -110,4 +123,90 @@ async fn a_plan_from_a_live_zone_server_shows_the_changes_and_commits_nothing(ba
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"));
 
     assert!(s.assert_consistent(&[]).await.is_empty(), "no patch on the stack");
+}
+
+/// Index of the coordinator that leads now (by its port in `hotfleet leader`).
+fn leader_index(s: &Scenario) -> usize {
+    let out = ok(s.fleet.cli(&["--output", "json", "leader"]).expect("leader"));
+    let status: serde_json::Value = serde_json::from_str(&out).expect("leader json");
+    let addr = status["leaderAddr"].as_str().unwrap_or_default().to_string();
+    let port = |i: usize| format!(":{}", s.fleet.coordinators[i].addr.port());
+    (0..s.fleet.coordinators.len()).find(|&i| addr.ends_with(&port(i))).unwrap_or(0)
+}
+
+fn rfc3339_in(ahead: Duration) -> (String, u64) {
+    let at = time::OffsetDateTime::now_utc() + ahead;
+    let ms = (at.unix_timestamp_nanos() / 1_000_000) as u64;
+    (at.format(&time::format_description::well_known::Rfc3339).expect("format"), ms)
+}
+
+async fn a_scheduled_rollout_starts_on_time_after_its_leader_goes_away(backend: Backend) {
+    let mut s = Scenario::start_game(backend, Game::ZoneServer, 2, BUILD);
+    let before = s.damages();
+    let hotfix = s.push("hotfix-damage");
+
+    // Bad times change nothing.
+    let out = s.fleet.cli(&["rollout", "start", &hotfix, "--at", "2020-01-01T00:00:00Z"]).expect("start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is in the past"), "{err}");
+    let out = s.fleet.cli(&["rollout", "start", &hotfix, "--at", "tomorrow"]).expect("start");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("RFC 3339"));
+
+    // Cancelled before its time: nothing is sent.
+    let (later, _) = rfc3339_in(Duration::from_secs(600));
+    let out = ok(s.fleet.cli(&["--output", "json", "rollout", "start", &hotfix, "--at", &later]).expect("start"));
+    let cancelled =
+        serde_json::from_str::<serde_json::Value>(&out).expect("json")["rolloutId"].as_str().expect("id").to_string();
+    ok(s.fleet.cli(&["rollout", "cancel", &cancelled, "--reason", "not tonight"]).expect("cancel"));
+    let (code, done) = s.watch(&cancelled);
+    assert_eq!(code, 3, "{done}");
+    assert!(done["reason"].as_str().unwrap_or_default().contains("cancelled: not tonight"), "{done}");
+    assert!(node_states(&done).iter().all(|(_, desired, _)| desired == "none"), "nothing sent: {done}");
+
+    let (at, at_ms) = rfc3339_in(Duration::from_secs(5));
+    let args = [
+        "--output",
+        "json",
+        "rollout",
+        "start",
+        &hotfix,
+        "--at",
+        &at,
+        "--health-window",
+        "1s",
+        "--step-deadline",
+        "20s",
+    ];
+    let out = ok(s.fleet.cli(&args).expect("start"));
+    let id =
+        serde_json::from_str::<serde_json::Value>(&out).expect("json")["rolloutId"].as_str().expect("id").to_string();
+    assert_eq!(phase(&s.status(&id)), "ROLLOUT_PHASE_SCHEDULED");
+    let listed = ok(s.fleet.cli(&["rollout", "list"]).expect("list"));
+    let line = listed.lines().find(|l| l.starts_with(&id)).unwrap_or_default().to_string();
+    assert!(line.contains("scheduled") && line.contains("starts 20"), "{listed}");
+
+    // The leader goes away before the time; the next one (or the same one restarted) starts it.
+    let leader = leader_index(&s);
+    let dir = s.dir.path().to_path_buf();
+    s.fleet.restart_coordinator_at(leader, &dir).expect("restart the leader");
+    assert_eq!(phase(&s.status(&id)), "ROLLOUT_PHASE_SCHEDULED", "still waiting for its time");
+    assert_eq!(s.damages(), before, "nothing changed before its time");
+
+    let (code, done) = s.watch(&id);
+    assert_eq!(code, 0, "{done}");
+    let started = done["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["message"].as_str().unwrap_or_default().starts_with("scheduled start reached"))
+        .expect("a start event")
+        .clone();
+    let started_ms: u64 = started["atMs"].as_str().and_then(|t| t.parse().ok()).unwrap_or_default();
+    assert!(
+        started_ms >= at_ms && started_ms < at_ms + 1000,
+        "started {} ms after {at}: {started}",
+        started_ms - at_ms
+    );
+    assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs");
+    assert_eq!(s.assert_consistent(&[]).await, vec![hotfix]);
 }

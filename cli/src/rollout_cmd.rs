@@ -1,4 +1,4 @@
-//! `hotfleet rollout start|list|status|watch|pause|resume|promote|abort`.
+//! `hotfleet rollout start|list|status|watch|pause|resume|promote|abort|cancel`.
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
@@ -44,6 +44,8 @@ pub enum RolloutCommand {
     Promote(Action),
     /// Roll everything back now.
     Abort(Action),
+    /// Cancel a scheduled rollout before it starts (an abort: once running, it rolls back).
+    Cancel(Action),
 }
 
 #[derive(Debug, Args)]
@@ -93,12 +95,24 @@ pub struct StartArgs {
     tick_p99_factor: Option<f64>,
     #[arg(long, default_value = "")]
     description: String,
+    /// Start at this time (RFC 3339, e.g. 2026-12-24T03:00:00Z) instead of now: the
+    /// rollout is stored as SCHEDULED (listed, cancellable with `rollout cancel`)
+    /// and starts within a second of it, on whichever coordinator leads then.
+    #[arg(long, value_parser = parse_at)]
+    at: Option<u64>,
     /// Show the plan without starting anything.
     #[arg(long)]
     dry_run: bool,
     /// Follow the rollout until it ends, like `rollout watch`.
     #[arg(long)]
     watch: bool,
+}
+
+/// `--at`: an RFC 3339 time as Unix ms (whether it lies ahead is the coordinator's call).
+fn parse_at(text: &str) -> Result<u64, String> {
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time like 2026-12-24T03:00:00Z: {e}"))?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).map_err(|_| format!("{text:?} is before 1970"))
 }
 
 /// `--prepare-ttl`: a duration in whole seconds (rounded up), not zero.
@@ -121,6 +135,7 @@ pub async fn run(target: &Target, cmd: RolloutCommand, output: Output) -> CliRes
         RolloutCommand::Resume(a) => action(target, "resume", a, output).await,
         RolloutCommand::Promote(a) => action(target, "promote", a, output).await,
         RolloutCommand::Abort(a) => action(target, "abort", a, output).await,
+        RolloutCommand::Cancel(a) => action(target, "cancel", a, output).await,
     }
 }
 
@@ -146,6 +161,7 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         tick_p99_factor: args.tick_p99_factor.unwrap_or_default(),
         prepare_ttl_seconds: args.prepare_ttl.unwrap_or_default(),
         description: args.description,
+        start_at_ms: args.at.unwrap_or_default(),
         ..Default::default()
     };
     let mut client = target.connect().await?;
@@ -197,7 +213,7 @@ async fn list(target: &Target, active_only: bool, limit: u32, output: Output) ->
             patch,
             r.nodes.len(),
             format_ms(r.created_at_ms),
-            r.reason
+            scheduled_or_reason(r)
         );
     }
     Ok(())
@@ -228,6 +244,13 @@ async fn action(target: &Target, what: &str, action: Action, output: Output) -> 
     let mut client = target.connect().await?;
     let request = target.request(RolloutActionRequest { rollout_id: action.id.clone(), reason: action.reason });
     let result = match what {
+        "cancel" => {
+            // A cancel is an abort that says so in the audit log and the rollout's reason.
+            let mut request = request;
+            let reason = &mut request.get_mut().reason;
+            *reason = if reason.is_empty() { "cancelled".into() } else { format!("cancelled: {reason}") };
+            client.abort_rollout(request).await
+        }
         "pause" => client.pause_rollout(request).await,
         "resume" => client.resume_rollout(request).await,
         "promote" => client.promote_rollout(request).await,
@@ -340,8 +363,17 @@ pub fn finished(rollout: &Rollout) -> CliResult {
     }
 }
 
+/// A scheduled rollout's start time, else why it rolled back (if it did).
+fn scheduled_or_reason(r: &Rollout) -> String {
+    match r.spec.as_ref().map(|s| s.start_at_ms) {
+        Some(at) if at > 0 && r.phase == RolloutPhase::Scheduled as i32 => format!("starts {}", format_ms(at)),
+        _ => r.reason.clone(),
+    }
+}
+
 pub fn phase_name(phase: i32) -> &'static str {
     match RolloutPhase::try_from(phase) {
+        Ok(RolloutPhase::Scheduled) => "scheduled",
         Ok(RolloutPhase::Staged) => "staged",
         Ok(RolloutPhase::Preparing) => "preparing",
         Ok(RolloutPhase::Committing) => "committing",
@@ -386,6 +418,9 @@ fn print_summary(r: &Rollout) {
     let patch = r.spec.as_ref().map(|s| s.patch_id.clone()).unwrap_or_default();
     println!("rollout  {}  {}", r.rollout_id, phase_name(r.phase).to_uppercase());
     println!("patch    {patch}  (build {})", r.target_build);
+    if r.phase == RolloutPhase::Scheduled as i32 {
+        println!("starts   {}", scheduled_or_reason(r));
+    }
     if !r.reason.is_empty() {
         println!("reason   {}", r.reason);
     }

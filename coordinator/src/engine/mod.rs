@@ -295,6 +295,7 @@ impl Engine {
         let spec = spec.parse()?;
         crate::stack::check_parent(&self.inner.store.patch_stack(&patch.target_build).await?, &patch)?;
         spec.check_prepare_ttl(self.inner.registry.heartbeat_interval())?;
+        spec.check_start_at(now_ms())?;
         let candidates: Vec<_> = self.inner.registry.list().iter().map(|n| n.candidate()).collect();
         let plan = planner::plan(&candidates, &spec, &patch.target_build)?;
         let _start = self.inner.start_lock.lock().await;

@@ -761,3 +761,31 @@ async fn the_sweeper_never_expires_a_node_a_live_rollout_holds_and_forgets_it_af
     assert_eq!(kept.len(), 2);
     assert_eq!(kept[0].action, "node.expire", "the newest stay");
 }
+
+#[tokio::test]
+async fn a_scheduled_rollout_starts_at_its_time_and_one_in_the_past_is_refused() {
+    let f = fixture(3).await;
+    let start_at_ms = now_ms() + 400;
+    let id = f.engine.start(WireSpec { start_at_ms, ..request() }, "a", false).await.expect("start").rollout.id;
+    assert!(matches!(f.engine.get(&id).await.expect("get").rollout.phase, Phase::Scheduled { .. }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(f.agents.log().is_empty(), "nothing sent before its time");
+    let staged =
+        wait_for(&f.engine, &id, Duration::from_secs(5), |s| !matches!(s.rollout.phase, Phase::Scheduled { .. })).await;
+    let late = now_ms().saturating_sub(start_at_ms);
+    assert!(staged.rollout.updated_at_ms >= start_at_ms && late < 1000, "started {late} ms late");
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+
+    let err =
+        f.engine.start(WireSpec { start_at_ms: now_ms() - 1000, ..request() }, "a", false).await.expect_err("past");
+    assert!(err.to_string().contains("is in the past"), "{err}");
+
+    // Cancelled while scheduled: nothing is ever sent.
+    let sent = f.agents.log().len();
+    let far = WireSpec { start_at_ms: now_ms() + 60_000, ..request() };
+    let id = f.engine.start(far, "a", false).await.expect("scheduled").rollout.id;
+    f.engine.act(&id, OperatorAction::Abort, "a", "cancelled").await.expect("cancel");
+    let done = finish(&f.engine, &id).await;
+    assert!(rolled_back(&done).0.contains("cancelled"));
+    assert_eq!(f.agents.log().len(), sent, "a cancelled schedule sends nothing");
+}

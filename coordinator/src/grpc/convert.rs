@@ -147,6 +147,7 @@ both_ways!(PreparedPatch, pb::PreparedPatch { rollout_id, patch_id, expires_at_m
 
 fn phase(p: &Phase) -> pb::RolloutPhase {
     match p {
+        Phase::Scheduled { .. } => pb::RolloutPhase::Scheduled,
         Phase::Staged => pb::RolloutPhase::Staged,
         Phase::Preparing => pb::RolloutPhase::Preparing,
         Phase::Waiting { .. } => pb::RolloutPhase::Waiting,
@@ -161,7 +162,7 @@ fn phase(p: &Phase) -> pb::RolloutPhase {
 /// State of step `i` for display.
 fn step_state(s: &RolloutState, i: usize) -> &'static str {
     match &s.rollout.phase {
-        Phase::Staged | Phase::Preparing => "pending",
+        Phase::Scheduled { .. } | Phase::Staged | Phase::Preparing => "pending",
         Phase::Waiting { next_step } => {
             if i < *next_step {
                 "done"
@@ -226,6 +227,7 @@ pub fn rollout(s: &RolloutState, frozen: bool) -> pb::Rollout {
             tick_p99_floor_ms: spec.gate.p99_floor_ms,
             prepare_ttl_seconds: spec.prepare_ttl_seconds,
             description: spec.description.clone(),
+            start_at_ms: spec.start_at_ms,
         }),
         target_build: r.target_build.clone(),
         phase: phase(&r.phase) as i32,

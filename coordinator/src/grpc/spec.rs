@@ -44,6 +44,7 @@ impl ParseSpec for pb::RolloutSpec {
             },
             prepare_ttl_seconds: self.prepare_ttl_seconds,
             description: self.description,
+            start_at_ms: self.start_at_ms,
             ..spec
         };
         spec.validate()?;
@@ -97,6 +98,7 @@ mod tests {
             tick_p99_floor_ms: 4.0,
             prepare_ttl_seconds: 30,
             description: "fix".into(),
+            start_at_ms: 1_798_000_000_000,
         };
         let spec = wire.parse().expect("parse");
         assert_eq!(spec.selector.to_string(), "zone=a");
@@ -106,5 +108,6 @@ mod tests {
         assert_eq!(spec.gate, GateConfig { p99_factor: 2.5, p99_floor_ms: 4.0 });
         assert_eq!((spec.prepare_ttl_seconds, spec.description.as_str()), (30, "fix"));
         assert_eq!(spec.pause_before, ["wave-2"]);
+        assert_eq!(spec.start_at_ms, 1_798_000_000_000);
     }
 }

@@ -57,6 +57,11 @@ pub struct Event {
 /// Where a rollout is. Serialized into the store as-is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
+    /// Stored with a start time (`rollout start --at`): nothing is sent
+    /// until then; becomes Staged at `start_at_ms` unless a freeze holds it.
+    Scheduled {
+        start_at_ms: u64,
+    },
     Staged,
     Preparing,
     /// Between steps: `next_step` starts unless a gate, pause or freeze holds it.
@@ -89,6 +94,7 @@ impl Phase {
 
     pub fn name(&self) -> &'static str {
         match self {
+            Phase::Scheduled { .. } => "scheduled",
             Phase::Staged => "staged",
             Phase::Preparing => "preparing",
             Phase::Waiting { .. } => "waiting",
@@ -218,7 +224,7 @@ impl Rollout {
     /// The step in progress, or next to start (for display).
     pub fn current_step(&self) -> usize {
         match &self.phase {
-            Phase::Staged | Phase::Preparing => 0,
+            Phase::Scheduled { .. } | Phase::Staged | Phase::Preparing => 0,
             Phase::Waiting { next_step } => *next_step,
             Phase::Committing { step } | Phase::Watching { step, .. } => *step,
             Phase::Completed => self.steps.len().saturating_sub(1),
@@ -250,6 +256,8 @@ pub enum Action {
     Watch { step: usize, ends_at_ms: u64 },
     /// Held: by a manual gate, a pause or the fleet freeze.
     Hold(String),
+    /// Scheduled: wait until this time (Unix ms), then record Staged.
+    StartAt(u64),
     /// Roll back `rollback` (and abort them after), abort `abort`.
     Revert { rollback: Vec<String>, abort: Vec<String> },
     /// Terminal.
@@ -293,6 +301,10 @@ impl RolloutState {
         now_ms: u64,
     ) -> Self {
         let steps = plan.steps;
+        let phase = match spec.start_at_ms {
+            0 => Phase::Staged,
+            start_at_ms => Phase::Scheduled { start_at_ms },
+        };
         let mut nodes = BTreeMap::new();
         for (i, step) in steps.iter().enumerate() {
             for node in &step.nodes {
@@ -320,7 +332,7 @@ impl RolloutState {
             steps,
             skipped: plan.skipped,
             spec,
-            phase: Phase::Staged,
+            phase,
             paused: false,
             promoted: Vec::new(),
             created_by: created_by.clone(),
@@ -333,6 +345,9 @@ impl RolloutState {
         let plan_text: Vec<String> =
             rollout.steps.iter().map(|s| format!("{}: {}", s.name, s.nodes.join(","))).collect();
         rollout.event(now_ms, format!("staged by {created_by}: {}", plan_text.join(" | ")));
+        if let Phase::Scheduled { start_at_ms } = rollout.phase {
+            rollout.event(now_ms, format!("scheduled to start at {}", spec::rfc3339(start_at_ms)));
+        }
         Self { rollout, nodes }
     }
 
@@ -383,6 +398,10 @@ impl RolloutState {
     /// a restarted coordinator resumes).
     pub fn next_action(&self, frozen: bool) -> Action {
         match &self.rollout.phase {
+            Phase::Scheduled { start_at_ms } => match self.held(None, frozen) {
+                Some(reason) => Action::Hold(format!("scheduled start blocked: {reason}")),
+                None => Action::StartAt(*start_at_ms),
+            },
             Phase::Staged => match self.held(None, frozen) {
                 Some(reason) => Action::Hold(reason),
                 None => Action::BeginPrepare,
@@ -425,6 +444,17 @@ impl RolloutState {
             }
             Phase::Completed | Phase::RolledBack { .. } => Action::Finished,
         }
+    }
+
+    /// Scheduled -> Staged, once its start time has come.
+    pub fn begin_scheduled(&mut self, now_ms: u64) -> Changed {
+        if let Phase::Scheduled { start_at_ms } = self.rollout.phase {
+            if now_ms >= start_at_ms {
+                let late = now_ms - start_at_ms;
+                self.set_phase(Phase::Staged, now_ms, format!("scheduled start reached ({late} ms after its time)"));
+            }
+        }
+        Vec::new()
     }
 
     /// Staged -> Preparing: every target's desired becomes Prepared.

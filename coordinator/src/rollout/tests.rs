@@ -20,6 +20,7 @@ fn spec(pause_before: &[&str], max_unhealthy: u32) -> RolloutSpec {
         gate: GateConfig::default(),
         prepare_ttl_seconds: 0,
         description: String::new(),
+        start_at_ms: 0,
     }
 }
 
@@ -432,4 +433,27 @@ fn stale_window_and_step_signals_are_ignored() {
     assert!(!s.window_passed(3, 5), "wrong step");
     assert!(s.begin_step(2, BTreeMap::new(), 5).is_empty(), "not waiting for step 2");
     assert!(matches!(s.rollout.phase, Phase::Watching { step: 0, .. }));
+}
+
+#[test]
+fn a_scheduled_rollout_waits_for_its_time_a_freeze_blocks_it_and_an_abort_cancels_it() {
+    let scheduled = || {
+        let spec = RolloutSpec { start_at_ms: 5000, ..spec(&[], 0) };
+        RolloutState::new("ro-1-1".into(), spec, "b1".into(), plan(&[]), "alice".into(), 1, 0)
+    };
+    let mut s = scheduled();
+    assert_eq!(s.rollout.phase, Phase::Scheduled { start_at_ms: 5000 });
+    assert_eq!(s.next_action(false), Action::StartAt(5000));
+    assert!(s.rollout.events.iter().any(|e| e.message.contains("scheduled to start at 1970-01-01T00:00:05Z")));
+    let Action::Hold(reason) = s.next_action(true) else { panic!("a freeze holds it") };
+    assert!(reason.contains("scheduled start blocked") && reason.contains("frozen"), "{reason}");
+    s.begin_scheduled(4999);
+    assert_eq!(s.rollout.phase, Phase::Scheduled { start_at_ms: 5000 }, "not before its time");
+    s.begin_scheduled(5003);
+    assert_eq!(s.next_action(false), Action::BeginPrepare);
+    assert!(s.rollout.events.iter().any(|e| e.message.contains("3 ms after its time")));
+    // Cancelled before its time: rolled back with nothing to revert.
+    let mut s = scheduled();
+    s.abort("bob", "cancelled", 10).expect("abort");
+    assert_eq!(s.next_action(false), Action::Revert { rollback: vec![], abort: vec![] });
 }
