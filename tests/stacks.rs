@@ -109,6 +109,15 @@ async fn a_plan_from_a_live_zone_server_shows_the_changes_and_commits_nothing(ba
     let text = ok(s.fleet.cli(&["patch", "plan", &hotfix, "--node", "node-2"]).expect("plan"));
     assert!(text.contains("functions replaced") && text.contains("nothing committed"), "{text}");
 
+    // A dry run shows the canary's plan too.
+    let out =
+        ok(s.fleet.cli(&["--output", "json", "rollout", "start", &hotfix, "--dry-run", "--plan-canary"]).expect("dry"));
+    let dry: serde_json::Value = serde_json::from_str(&out).expect("dry run json");
+    let canary = dry["rollout"]["steps"][0]["nodeIds"][0].as_str().expect("a canary node");
+    assert_eq!(dry["canaryPlan"]["nodeId"], canary, "{dry}");
+    assert_eq!(dry["canaryPlan"]["ok"], true, "{dry}");
+    assert!(dry["canaryPlan"]["processes"][0]["plan"]["modules"].as_array().is_some_and(|m| !m.is_empty()), "{dry}");
+
     // Nothing changed: same stacks, same live code, nothing left prepared, same behaviour.
     assert_eq!(live(&s).await, before, "live digests identical before and after");
     assert_eq!(s.damages(), damage, "the old behaviour still runs");

@@ -54,7 +54,7 @@ pub async fn plan(
 }
 
 /// The answer with each plan as JSON, not as a string of it.
-fn as_json(answer: &PlanPatchResponse) -> Value {
+pub fn as_json(answer: &PlanPatchResponse) -> Value {
     let processes: Vec<Value> = answer
         .processes
         .iter()
@@ -93,7 +93,7 @@ fn refusal_line(r: &Value) -> String {
     format!("{module} {line}{}: {}{hint}", r["obj"].as_str().unwrap_or("-"), r["message"].as_str().unwrap_or(""))
 }
 
-fn print_text(answer: &PlanPatchResponse) {
+pub fn print_text(answer: &PlanPatchResponse) {
     println!("plan of patch {} on node {} (nothing committed)", answer.patch_id, answer.node_id);
     for p in &answer.processes {
         println!("process {} (pid {}): {}", p.process_id, p.pid, if p.ok { "would apply" } else { "REFUSED" });

@@ -103,6 +103,10 @@ pub struct StartArgs {
     /// Show the plan without starting anything.
     #[arg(long)]
     dry_run: bool,
+    /// With --dry-run: also show what the patch would do inside the canary's
+    /// game process (the runtime's plan, as `patch plan`; nothing committed).
+    #[arg(long, requires = "dry_run")]
+    plan_canary: bool,
     /// Follow the rollout until it ends, like `rollout watch`.
     #[arg(long)]
     watch: bool,
@@ -165,13 +169,23 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         ..Default::default()
     };
     let mut client = target.connect().await?;
-    let rollout = client
-        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run }))
+    let request = StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run, plan_canary: args.plan_canary };
+    let answer = client
+        .start_rollout(target.request(request))
         .await
         .map_err(|s| failure("the coordinator refused the rollout", s))?
-        .into_inner()
-        .rollout
-        .ok_or_else(|| anyhow!("coordinator answered without a rollout"))?;
+        .into_inner();
+    let rollout = answer.rollout.ok_or_else(|| anyhow!("coordinator answered without a rollout"))?;
+    if let Some(plan) = answer.canary_plan {
+        if output == Output::Json {
+            print_json(&serde_json::json!({ "rollout": rollout, "canaryPlan": crate::plan_cmd::as_json(&plan) }));
+        } else {
+            println!("plan for {}", rollout.rollout_id);
+            print_plan(&rollout);
+            crate::plan_cmd::print_text(&plan);
+        }
+        return Ok(());
+    }
     if args.watch && !args.dry_run {
         if output == Output::Text {
             println!("rollout {} started", rollout.rollout_id);

@@ -32,6 +32,7 @@ use crate::{
     patches::Patches,
     reconcile::Reconciler,
     registry::{NodeView, Registry, RegistryError},
+    rollout::{ParseSpec, RolloutState},
     store::{AuditRetention, Batch, Fence, Store, StoreError, Write},
     sweeper::Sweeper,
 };
@@ -171,6 +172,32 @@ impl Term {
     /// An operator removes a node: refused (and audited) while a live
     /// rollout holds it; otherwise its record goes, audited in the same
     /// batch. Returns the node as it was.
+    /// Starts a rollout (or plans it: `dry_run`); `plan_canary` (dry runs
+    /// only) also asks the first canary node for the runtime's plan.
+    pub async fn start_rollout(
+        &self,
+        spec: impl ParseSpec,
+        actor: &str,
+        dry_run: bool,
+        plan_canary: bool,
+    ) -> Result<(RolloutState, Option<PatchPlan>), Error> {
+        if plan_canary && !dry_run {
+            return Err(Error::InvalidArgument(
+                "--plan-canary goes with --dry-run (a real start prepares the canary anyway)".into(),
+            ));
+        }
+        let state = self.engine.start(spec, actor, dry_run).await?;
+        let canary = state.rollout.steps.first().and_then(|s| s.nodes.first()).cloned();
+        let plan = match canary {
+            Some(node) if plan_canary => {
+                let ask = PlanRequest { patch_id: &state.rollout.patch_id, node_id: &node, process_id: "" };
+                Some(self.plan_patch(ask, actor).await?)
+            }
+            _ => None,
+        };
+        Ok((state, plan))
+    }
+
     /// A plan from a live process of `req.node_id` ([`crate::patch_plan`]).
     pub async fn plan_patch(&self, req: PlanRequest<'_>, actor: &str) -> Result<PatchPlan, Error> {
         let engine = self.engine.clone();

@@ -147,8 +147,12 @@ impl Coordinator for OperatorService {
         let req = request.into_inner();
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("StartRolloutRequest.spec is missing"))?;
         let term = self.leader()?;
-        let view = self.cluster.view(term.engine.start(spec, &who, req.dry_run).await?).await;
-        Ok(Response::new(pb::StartRolloutResponse { rollout: Some(encode(&view)) }))
+        let (state, plan) = term.start_rollout(spec, &who, req.dry_run, req.plan_canary).await?;
+        let view = self.cluster.view(state).await;
+        Ok(Response::new(pb::StartRolloutResponse {
+            rollout: Some(encode(&view)),
+            canary_plan: plan.map(convert::patch_plan),
+        }))
     }
 
     async fn list_rollouts(
