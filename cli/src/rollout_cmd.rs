@@ -100,6 +100,16 @@ pub struct StartArgs {
     /// and starts within a second of it, on whichever coordinator leads then.
     #[arg(long, value_parser = parse_at)]
     at: Option<u64>,
+    /// Allowed window HH:MM-HH:MM (seconds optional), repeatable: no step starts
+    /// outside the windows; one closing mid-rollout pauses it until the next.
+    #[arg(long = "window")]
+    windows: Vec<String>,
+    /// IANA time zone of --window, e.g. Europe/Berlin [default: UTC].
+    #[arg(long, requires = "windows")]
+    window_tz: Option<String>,
+    /// Days the --window(s) open on, e.g. mon-fri or sat,sun [default: every day].
+    #[arg(long, requires = "windows")]
+    window_days: Option<String>,
     /// Show the plan without starting anything.
     #[arg(long)]
     dry_run: bool,
@@ -166,6 +176,11 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         prepare_ttl_seconds: args.prepare_ttl.unwrap_or_default(),
         description: args.description,
         start_at_ms: args.at.unwrap_or_default(),
+        windows: match &args.window_days {
+            Some(days) => args.windows.iter().map(|w| format!("{w} {days}")).collect(),
+            None => args.windows,
+        },
+        window_tz: args.window_tz.unwrap_or_default(),
         ..Default::default()
     };
     let mut client = target.connect().await?;

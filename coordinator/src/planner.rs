@@ -49,6 +49,8 @@ pub enum PlanError {
     StartInPast { at: String, now: String },
     #[error("start time {at} is more than a year away; schedule it closer")]
     StartTooFar { at: String },
+    #[error(transparent)]
+    Window(#[from] crate::rollout::window::WindowError),
 }
 
 /// Label selector: every `k=v` must match; empty means all nodes.

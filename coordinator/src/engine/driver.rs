@@ -71,7 +71,7 @@ impl Engine {
             }
             let (action, state) = {
                 let s = handle.state.lock().await;
-                (s.next_action(self.frozen()), s.clone())
+                (s.next_action_at(self.frozen(), now_ms()), s.clone())
             };
             if !matches!(action, Action::Revert { .. }) {
                 revert_attempt = 0;

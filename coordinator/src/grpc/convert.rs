@@ -228,6 +228,8 @@ pub fn rollout(s: &RolloutState, frozen: bool) -> pb::Rollout {
             prepare_ttl_seconds: spec.prepare_ttl_seconds,
             description: spec.description.clone(),
             start_at_ms: spec.start_at_ms,
+            windows: spec.windows.windows.iter().map(|w| w.to_string()).collect(),
+            window_tz: if spec.windows.is_empty() { String::new() } else { spec.windows.tz.clone() },
         }),
         target_build: r.target_build.clone(),
         phase: phase(&r.phase) as i32,

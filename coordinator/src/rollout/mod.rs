@@ -19,6 +19,7 @@
 pub mod health;
 mod operator;
 mod spec;
+pub mod window;
 
 pub use operator::OperatorAction;
 pub use spec::{ParseSpec, RolloutSpec};
@@ -386,9 +387,27 @@ impl RolloutState {
         None
     }
 
-    /// Why the rollout is held, if it is.
+    /// [`Self::next_action`] at `now_ms`: a new step (or the prepare) outside
+    /// the spec's windows is held until the next one opens, so a window that
+    /// closes mid-rollout pauses it (nothing fails) and the next resumes it.
+    pub fn next_action_at(&self, frozen: bool, now_ms: u64) -> Action {
+        let action = self.next_action(frozen);
+        if !matches!(action, Action::BeginPrepare | Action::BeginStep(_)) {
+            return action;
+        }
+        match self.rollout.spec.windows.state(now_ms) {
+            window::WindowState::Open => action,
+            window::WindowState::Closed { next_open_ms } => Action::Hold(format!(
+                "outside its window ({}); the next opens at {}",
+                self.rollout.spec.windows,
+                spec::rfc3339(next_open_ms)
+            )),
+        }
+    }
+
+    /// Why the rollout is held, if it is (its windows judged on the clock now).
     pub fn waiting_reason(&self, frozen: bool) -> Option<String> {
-        match self.next_action(frozen) {
+        match self.next_action_at(frozen, crate::clock::now_ms()) {
             Action::Hold(reason) => Some(reason),
             _ => None,
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::health::GateConfig;
+use super::{health::GateConfig, window::Windows};
 use crate::{
     input,
     planner::{PlanError, Selector, Size},
@@ -31,6 +31,9 @@ pub struct RolloutSpec {
     pub prepare_ttl_seconds: u32,
     #[serde(default)]
     pub description: String,
+    /// Allowed windows: no step starts outside them (none: any time).
+    #[serde(default)]
+    pub windows: Windows,
     /// When the rollout starts, Unix ms; 0 = at once. Until then it is
     /// scheduled: stored, listed, cancellable, nothing sent.
     #[serde(default)]
@@ -137,6 +140,7 @@ impl RolloutSpec {
             prepare_ttl_seconds: 0,
             description: String::new(),
             start_at_ms: 0,
+            windows: Windows::default(),
         }
     }
 

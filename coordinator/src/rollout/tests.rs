@@ -21,6 +21,7 @@ fn spec(pause_before: &[&str], max_unhealthy: u32) -> RolloutSpec {
         prepare_ttl_seconds: 0,
         description: String::new(),
         start_at_ms: 0,
+        windows: Default::default(),
     }
 }
 
@@ -456,4 +457,23 @@ fn a_scheduled_rollout_waits_for_its_time_a_freeze_blocks_it_and_an_abort_cancel
     let mut s = scheduled();
     s.abort("bob", "cancelled", 10).expect("abort");
     assert_eq!(s.next_action(false), Action::Revert { rollback: vec![], abort: vec![] });
+}
+
+#[test]
+fn outside_its_windows_a_rollout_starts_no_new_step_and_says_when_the_next_opens() {
+    let windowed = |point| {
+        let mut s = at(point);
+        s.rollout.spec.windows = window::Windows::parse(&["00:00:10-00:00:20".into()], "UTC").expect("window");
+        s
+    };
+    let s = windowed("waiting");
+    assert_eq!(s.next_action_at(false, 15_000), Action::BeginStep(0), "inside");
+    let Action::Hold(reason) = s.next_action_at(false, 25_000) else { panic!("held outside") };
+    assert!(reason.contains("outside its window (00:00:10-00:00:20 UTC)"), "{reason}");
+    assert!(reason.contains("next opens at 1970-01-02T00:00:10Z"), "{reason}");
+    assert!(matches!(s.next_action_at(true, 15_000), Action::Hold(r) if r.contains("frozen")));
+    assert!(matches!(windowed("staged").next_action_at(false, 25_000), Action::Hold(_)), "the prepare waits too");
+    // A running health window, a commit in flight and a rollback are never held by a window.
+    assert!(matches!(windowed("watching").next_action_at(false, 25_000), Action::Watch { .. }));
+    assert!(matches!(windowed("committing").next_action_at(false, 25_000), Action::Commit { .. }));
 }
