@@ -6,7 +6,8 @@
 //! server for the runtime's plan and leaves it unchanged. A rollout
 //! scheduled with `--at` waits, listed as scheduled, survives its leader
 //! going away, starts within a second of its time; one cancelled before its
-//! time sends nothing. Both stores.
+//! time sends nothing. A window closing mid-rollout pauses it and the next
+//! window completes it (windows of seconds). Both stores.
 //!
 //! Ends with the consistency check of `common`.
 
@@ -21,6 +22,7 @@ on_both_stores!(
     the_stack_lists_who_rolled_out_each_patch_and_refuses_a_patch_off_its_top,
     a_plan_from_a_live_zone_server_shows_the_changes_and_commits_nothing,
     a_scheduled_rollout_starts_on_time_after_its_leader_goes_away,
+    a_window_closing_mid_rollout_pauses_it_and_the_next_window_completes_it,
 );
 
 /// The same on two coordinators sharing etcd: the leader is killed before
@@ -217,5 +219,76 @@ async fn a_scheduled_rollout_starts_on_time_after_its_leader_goes_away(backend: 
         started_ms - at_ms
     );
     assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs");
+    assert_eq!(s.assert_consistent(&[]).await, vec![hotfix]);
+}
+
+/// `HH:MM:SS` (UTC) of now + `ahead`, and that instant in Unix ms.
+fn utc_time_in(ahead: Duration) -> (String, u64) {
+    let at = time::OffsetDateTime::now_utc() + ahead;
+    let text = format!("{:02}:{:02}:{:02}", at.hour(), at.minute(), at.second());
+    let ms = (at.replace_nanosecond(0).expect("whole second").unix_timestamp_nanos() / 1_000_000) as u64;
+    (text, ms)
+}
+
+fn event_at(rollout: &serde_json::Value, starting: &str) -> u64 {
+    let event = rollout["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["message"].as_str().unwrap_or_default().starts_with(starting))
+        .unwrap_or_else(|| panic!("no event {starting:?}: {rollout}"));
+    event["atMs"].as_str().and_then(|t| t.parse().ok()).unwrap_or_default()
+}
+
+async fn a_window_closing_mid_rollout_pauses_it_and_the_next_window_completes_it(backend: Backend) {
+    let mut s = Scenario::start_game(backend, Game::ZoneServer, 2, BUILD);
+    let before = s.damages();
+    let hotfix = s.push("hotfix-damage");
+    let (w1_open, _) = utc_time_in(Duration::from_secs(3));
+    let (w1_close, w1_close_ms) = utc_time_in(Duration::from_secs(6));
+    let (w2_open, w2_open_ms) = utc_time_in(Duration::from_secs(13));
+    let (w2_close, _) = utc_time_in(Duration::from_secs(40));
+    let (first, second) = (format!("{w1_open}-{w1_close}"), format!("{w2_open}-{w2_close}"));
+    // Canary, then wave-1; the canary's 4 s health window outlasts the first window.
+    let args = [
+        "--output",
+        "json",
+        "rollout",
+        "start",
+        &hotfix,
+        "--canary",
+        "1",
+        "--waves",
+        "100%",
+        "--health-window",
+        "4s",
+        "--step-deadline",
+        "20s",
+        "--window",
+        &first,
+        "--window",
+        &second,
+        "--window-tz",
+        "UTC",
+    ];
+    let out = ok(s.fleet.cli(&args).expect("start"));
+    let id =
+        serde_json::from_str::<serde_json::Value>(&out).expect("json")["rolloutId"].as_str().expect("id").to_string();
+    let waiting = s.status(&id);
+    assert!(waiting["waitingReason"].as_str().unwrap_or_default().contains("outside its window"), "{waiting}");
+
+    // The first window closes during the canary's health window: held before wave-1, not failed.
+    let held = s.wait_until(&id, "held by its window after the canary", |r| {
+        phase(r) == "ROLLOUT_PHASE_WAITING"
+            && r["waitingReason"].as_str().unwrap_or_default().contains("outside its window")
+    });
+    assert_eq!(step_name(&held), "wave-1", "{held}");
+    let (code, done) = s.watch(&id);
+    assert_eq!(code, 0, "the next window completes it: {done}");
+    let canary_at = event_at(&done, "canary: committing");
+    let wave_at = event_at(&done, "wave-1: committing");
+    assert!(canary_at < w1_close_ms, "the canary went in the first window");
+    assert!(wave_at >= w2_open_ms, "wave-1 waited for the second window ({wave_at} < {w2_open_ms})");
+    assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs everywhere");
     assert_eq!(s.assert_consistent(&[]).await, vec![hotfix]);
 }
