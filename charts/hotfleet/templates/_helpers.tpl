@@ -78,8 +78,17 @@ what the coordinator's NetworkPolicy admits. */}}
 app.kubernetes.io/component: agent
 {{- end -}}
 
+{{/* An image reference. The tag defaults to this chart's appVersion; a game
+chart including the sidecar has its own appVersion, so it must set the tag. */}}
 {{- define "hotfleet.image" -}}
-{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- $tag := .image.tag -}}
+{{- if not $tag -}}
+{{- if ne .root.Chart.Name "hotfleet" -}}
+{{- fail (printf "set hotfleet.agent.image.tag in %s's values: the sidecar's image tag cannot default to the game chart's appVersion" .root.Chart.Name) -}}
+{{- end -}}
+{{- $tag = .root.Chart.AppVersion -}}
+{{- end -}}
+{{- printf "%s:%s" .image.repository $tag -}}
 {{- end -}}
 
 {{/*
@@ -189,6 +198,9 @@ to change.
 {{- end -}}
 {{- if and $v.agent.enabled (eq $v.agent.tls.source "csi") $v.tls.enabled (not $v.tls.certManager.issuerRef.name) -}}
 {{- fail "agent.tls.source=csi needs tls.certManager.issuerRef.name: the issuer the csi-driver asks for each pod's certificate" -}}
+{{- end -}}
+{{- if and $v.tls.enabled $v.tls.certManager.enabled $v.agent.enabled (eq $v.agent.tls.source "secret") (empty $v.tls.certManager.agentDnsNames) -}}
+{{- fail "tls.certManager.agentDnsNames: list every node id (node name) the agents run as (one certificate names them all), or use agent.tls.source=csi with agent.nodeId=podName" -}}
 {{- end -}}
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled (the binaries serve no metrics port otherwise)" -}}
