@@ -156,6 +156,8 @@ refuse "no trusted keys" "set trustedKeys.existingSecret or trustedKeys.existing
 refuse "a sidecar named by the node" "set agent.nodeId=podName" --set agent.mode=sidecar
 refuse "csi certificates without an issuer" "needs tls.certManager.issuerRef.name" \
   --set agent.tls.source=csi --set agent.nodeId=podName
+refuse "per-node certificates for sidecars" "sidecars use agent.tls.source=csi" \
+  --set agent.mode=sidecar --set agent.nodeId=podName --set agent.tls.source=perNode
 refuse "a ServiceMonitor without metrics" "needs metrics.enabled" --set metrics.serviceMonitor.enabled=true
 refuse "a shared agent certificate without names" "tls.certManager.agentDnsNames" \
   --set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca

@@ -110,7 +110,9 @@ hotfleet.io/agent: "true"
     {{- if $v.tls.enabled }}
     - --coordinator-identity={{ $v.tls.coordinatorIdentity }}
     {{- end }}
-    {{- include "hotfleet.commonArgs" . | trim | nindent 4 }}
+    {{- /* perNode: one Secret, a certificate per node id as <id>.crt/<id>.key. */}}
+    {{- $certName := ternary "$(HOTFLEET_NODE_ID)" "tls" (eq $a.tls.source "perNode") }}
+    {{- include "hotfleet.commonArgs" (dict "root" .root "values" $v "certName" $certName) | trim | nindent 4 }}
     {{- with $a.extraArgs }}
     {{- toYaml . | nindent 4 }}
     {{- end }}

@@ -151,12 +151,13 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- end }}
 {{- end -}}
 
-{{/* Flags both binaries take alike. */}}
+{{/* Flags both binaries take alike. `certName` is the file stem of the
+certificate and key in /etc/hotfleet/tls ("tls": a cert-manager Secret). */}}
 {{- define "hotfleet.commonArgs" -}}
 {{- if .values.tls.enabled }}
 - --tls-ca=/etc/hotfleet/tls/ca.crt
-- --tls-cert=/etc/hotfleet/tls/tls.crt
-- --tls-key=/etc/hotfleet/tls/tls.key
+- --tls-cert=/etc/hotfleet/tls/{{ .certName | default "tls" }}.crt
+- --tls-key=/etc/hotfleet/tls/{{ .certName | default "tls" }}.key
 {{- else }}
 - --insecure
 {{- end }}
@@ -198,6 +199,9 @@ to change.
 {{- end -}}
 {{- if and $v.agent.enabled (eq $v.agent.tls.source "csi") $v.tls.enabled (not $v.tls.certManager.issuerRef.name) -}}
 {{- fail "agent.tls.source=csi needs tls.certManager.issuerRef.name: the issuer the csi-driver asks for each pod's certificate" -}}
+{{- end -}}
+{{- if and $v.agent.enabled (eq $v.agent.tls.source "perNode") (ne $v.agent.mode "daemonset") -}}
+{{- fail "agent.tls.source=perNode is for the DaemonSet (a certificate per node name); sidecars use agent.tls.source=csi" -}}
 {{- end -}}
 {{- if and $v.tls.enabled $v.tls.certManager.enabled $v.agent.enabled (eq $v.agent.tls.source "secret") (empty $v.tls.certManager.agentDnsNames) -}}
 {{- fail "tls.certManager.agentDnsNames: list every node id (node name) the agents run as (one certificate names them all), or use agent.tls.source=csi with agent.nodeId=podName" -}}
