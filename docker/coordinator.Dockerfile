@@ -9,14 +9,12 @@
 # floor); protos compile with protox, so no protoc.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-# FEATURES=etcd-tls adds TLS towards etcd (https:// endpoints, --etcd-ca/...).
-ARG FEATURES=""
 COPY . .
 # Cache mounts keep the registry and target/ between builds; the binary is
 # copied out because the target/ mount is not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p hotfleet-coordinator --bin hotfleet-coordinator ${FEATURES:+--features "$FEATURES"} \
+    cargo build --release --locked -p hotfleet-coordinator --bin hotfleet-coordinator \
  && install -D -m 0755 target/release/hotfleet-coordinator /out/hotfleet-coordinator
 
 # ---- run ---------------------------------------------------------------------

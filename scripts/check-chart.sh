@@ -131,6 +131,25 @@ for kube in "${KUBE_VERSIONS[@]}"; do
 done
 echo "ok   ${#rendered[@]} renders valid"
 
+# ---- flags --------------------------------------------------------------------
+# The binaries of this tree (scripts/test-all.sh has just built them; built
+# here when missing) must know every flag and HOTFLEET_* variable the chart
+# passes. Flags of issue 15 (observability) are accepted while in flight.
+step "every flag the chart passes is one the binaries have"
+BIN_DIR=${HOTFLEET_BIN_DIR:-$ROOT/target/debug}
+if [ ! -x "$BIN_DIR/hotfleet-coordinator" ] || [ ! -x "$BIN_DIR/hotfleet-agent" ]; then
+  cargo build --locked -p hotfleet-coordinator -p hotfleet-agent --bins
+  BIN_DIR=$ROOT/target/debug
+fi
+manifests=()
+for name in "${rendered[@]}"; do
+  [ "${name##*-}" = "${KUBE_VERSIONS[0]}" ] && manifests+=("$OUT/$name.yaml")
+done
+PYTHONPATH=$PYLIB "$PY" scripts/check_chart_flags.py \
+  --coordinator "$BIN_DIR/hotfleet-coordinator" --agent "$BIN_DIR/hotfleet-agent" \
+  --pending=--metrics-listen --pending=--log-format "${manifests[@]}" \
+  || die "the chart passes a flag or variable a binary does not have"
+
 # ---- refused values ----------------------------------------------------------
 # Each case: a description, the message the refusal must contain, then helm
 # arguments. Bad values must fail at install time, saying what to fix.
