@@ -177,6 +177,7 @@ refuse "csi certificates without an issuer" "needs tls.certManager.issuerRef.nam
   --set agent.tls.source=csi --set agent.nodeId=podName
 refuse "per-node certificates for sidecars" "sidecars use agent.tls.source=csi" \
   --set agent.mode=sidecar --set agent.nodeId=podName --set agent.tls.source=perNode
+refuse "agents without a coordinator to call" "set agent.coordinatorAddress" --set coordinator.enabled=false
 refuse "a ServiceMonitor without metrics" "needs metrics.enabled" --set metrics.serviceMonitor.enabled=true
 refuse "a shared agent certificate without names" "tls.certManager.agentDnsNames" \
   --set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca

@@ -188,6 +188,9 @@ to change.
 {{- if and $v.trustedKeys.existingSecret $v.trustedKeys.existingConfigMap -}}
 {{- fail "set only one of trustedKeys.existingSecret and trustedKeys.existingConfigMap" -}}
 {{- end -}}
+{{- if and $v.agent.enabled (not $v.coordinator.enabled) (not $v.agent.coordinatorAddress) -}}
+{{- fail "coordinator.enabled=false: set agent.coordinatorAddress to the coordinator release's Service (NAME.NAMESPACE.svc:7700), or every replica's address on etcd" -}}
+{{- end -}}
 {{- if and $v.agent.enabled (eq $v.agent.tls.source "csi") (ne $v.agent.nodeId "podName") -}}
 {{- fail "agent.tls.source=csi issues each pod a certificate naming the pod: set agent.nodeId=podName" -}}
 {{- end -}}
