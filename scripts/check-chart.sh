@@ -27,7 +27,7 @@ KUBE_VERSIONS=(1.27.0 1.37.0)
 # without a schema is an error.
 CRD_KINDS='Certificate|ServiceMonitor|PodMonitor'
 
-CACHE=${HOTFLEET_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hotfleet-tools}
+CACHE=${HOTFLEET_TOOLS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hotfleet-tools}
 PY=${HOTFLEET_CHART_PYTHON:-python3}
 CHART=charts/hotfleet
 GAME=charts/example-game
@@ -67,7 +67,8 @@ EOF
 fi
 "$HELM" version --short | grep -q "^$HELM_VERSION" || die "$HELM is not helm $HELM_VERSION"
 
-PYLIB=$CACHE/py-$(printf '%s ' "${PY_TOOLS[@]}" | cksum | cut -d' ' -f1)
+# Keyed by the tools and the interpreter (PyYAML's compiled part is per version).
+PYLIB=$CACHE/py-$( (printf '%s ' "${PY_TOOLS[@]}"; "$PY" -c 'import sys; print(sys.version)') | cksum | cut -d' ' -f1)
 if [ ! -f "$PYLIB/.complete" ]; then
   step "installing ${PY_TOOLS[*]}"
   rm -rf "$PYLIB"
