@@ -137,10 +137,11 @@ echo "ok   ${#rendered[@]} renders valid"
 # here when missing) must know every flag and HOTFLEET_* variable the chart
 # passes. Flags of issue 15 (observability) are accepted while in flight.
 step "every flag the chart passes is one the binaries have"
-BIN_DIR=${HOTFLEET_BIN_DIR:-$ROOT/target/debug}
+BUILT=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+BIN_DIR=${HOTFLEET_BIN_DIR:-$BUILT}
 if [ ! -x "$BIN_DIR/hotfleet-coordinator" ] || [ ! -x "$BIN_DIR/hotfleet-agent" ]; then
   cargo build --locked -p hotfleet-coordinator -p hotfleet-agent --bins
-  BIN_DIR=$ROOT/target/debug
+  BIN_DIR=$BUILT
 fi
 manifests=()
 for name in "${rendered[@]}"; do
