@@ -6,9 +6,11 @@
 # Then: yamllint on the values; helm lint --strict and helm template for every
 # charts/hotfleet/ci/*-values.yaml and for charts/example-game (the sidecar
 # as a game chart includes it); every rendered manifest validated against the
-# oldest and newest Kubernetes the chart supports; and values that must be
-# refused are refused with their message (values.schema.json and the chart's
-# own checks).
+# oldest and newest Kubernetes the chart supports; every flag the chart passes
+# known to the real binaries, and the binaries started with the rendered args
+# on loopback (the agent must register over mutual TLS); and values that must
+# be refused are refused with their message (values.schema.json and the
+# chart's own checks).
 #
 # Cache: $HOTFLEET_TOOLS_DIR, default ~/.cache/hotfleet-tools.
 set -euo pipefail
@@ -33,6 +35,8 @@ CHART=charts/hotfleet
 GAME=charts/example-game
 
 step() { printf '\n==> %s\n' "$*"; }
+PASSED=0
+ok() { echo "ok   $*"; PASSED=$((PASSED + 1)); }
 die() { echo "check-chart: $*" >&2; exit 1; }
 
 # ---- tools -------------------------------------------------------------------
@@ -86,6 +90,7 @@ trap 'rm -rf "$OUT"' EXIT
 step "yamllint on the charts' values and metadata"
 pytool yamllint --strict -c charts/.yamllint \
   "$CHART/Chart.yaml" "$CHART/values.yaml" "$CHART"/ci/*.yaml "$GAME/Chart.yaml" "$GAME/values.yaml"
+ok "values and metadata"
 
 # ---- lint and render ---------------------------------------------------------
 step "helm lint --strict and helm template, every ci values file"
@@ -99,7 +104,7 @@ for values in "$CHART"/ci/*-values.yaml; do
       || die "helm template failed for $values (Kubernetes $kube)"
     rendered+=("$mode-$kube")
   done
-  echo "ok   $mode ($(grep -c '^kind:' "$OUT/$mode-${KUBE_VERSIONS[0]}.yaml") objects)"
+  ok "$mode ($(grep -c '^kind:' "$OUT/$mode-${KUBE_VERSIONS[0]}.yaml") objects)"
 done
 
 step "the sidecar as a game chart includes it ($GAME)"
@@ -112,7 +117,7 @@ for kube in "${KUBE_VERSIONS[@]}"; do
 done
 grep -q 'name: hotfleet-agent$' "$OUT/example-game-${KUBE_VERSIONS[0]}.yaml" \
   || die "$GAME rendered no hotfleet-agent container"
-echo "ok   example-game"
+ok "example-game"
 
 # ---- validate ----------------------------------------------------------------
 step "kubernetes-validate --strict on every rendered manifest"
@@ -129,8 +134,8 @@ for kube in "${KUBE_VERSIONS[@]}"; do
     cat "$OUT/validate.txt"
     die "unexpected validator output (Kubernetes $kube)"
   fi
+  ok "${#files[@]} renders valid against Kubernetes $kube"
 done
-echo "ok   ${#rendered[@]} renders valid"
 
 # ---- flags --------------------------------------------------------------------
 # The binaries of this tree (scripts/test-all.sh has just built them; built
@@ -139,8 +144,8 @@ echo "ok   ${#rendered[@]} renders valid"
 step "every flag the chart passes is one the binaries have"
 BUILT=${CARGO_TARGET_DIR:-$ROOT/target}/debug
 BIN_DIR=${HOTFLEET_BIN_DIR:-$BUILT}
-if [ ! -x "$BIN_DIR/hotfleet-coordinator" ] || [ ! -x "$BIN_DIR/hotfleet-agent" ]; then
-  cargo build --locked -p hotfleet-coordinator -p hotfleet-agent --bins
+if [ ! -x "$BIN_DIR/hotfleet-coordinator" ] || [ ! -x "$BIN_DIR/hotfleet-agent" ] || [ ! -x "$BIN_DIR/hotfleet" ]; then
+  cargo build --locked -p hotfleet-coordinator -p hotfleet-agent -p hotfleet-cli --bins
   BIN_DIR=$BUILT
 fi
 manifests=()
@@ -151,6 +156,12 @@ PYTHONPATH=$PYLIB "$PY" scripts/check_chart_flags.py \
   --coordinator "$BIN_DIR/hotfleet-coordinator" --agent "$BIN_DIR/hotfleet-agent" \
   --pending=--metrics-listen --pending=--log-format "${manifests[@]}" \
   || die "the chart passes a flag or variable a binary does not have"
+ok "flags"
+
+step "the binaries start as the chart runs them (single mode, on loopback)"
+PYTHONPATH=$PYLIB "$PY" scripts/chart_smoke.py --bin-dir "$BIN_DIR" "$OUT/single-${KUBE_VERSIONS[0]}.yaml" \
+  || die "the coordinator and agent do not work together as the chart starts them"
+PASSED=$((PASSED + 1))
 
 # ---- refused values ----------------------------------------------------------
 # Each case: a description, the message the refusal must contain, then helm
@@ -165,6 +176,7 @@ refuse() {
   fi
   grep -qF -- "$expect" "$OUT/refused.txt" || { cat "$OUT/refused.txt"; die "$what: refusal does not say \"$expect\""; }
   refused=$((refused + 1))
+  PASSED=$((PASSED + 1))
 }
 refuse "an unknown store" "value must be one of 'embedded', 'etcd'" --set coordinator.store.type=redis
 refuse "an unknown agent mode" "value must be one of 'daemonset', 'sidecar'" --set agent.mode=host
@@ -185,4 +197,4 @@ refuse "a shared agent certificate without names" "tls.certManager.agentDnsNames
   --set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca
 echo "ok   $refused refused"
 
-printf '\ncharts: %d passed, 0 failed\n' "$(( ${#rendered[@]} + refused ))"
+printf '\ncharts: %d passed, 0 failed\n' "$PASSED"

@@ -1,0 +1,198 @@
+"""Starts the real binaries exactly as the rendered chart would, on loopback.
+
+Takes one rendered manifest (one coordinator, DaemonSet agents), lays out
+what the pods would mount (a development CA from `hotfleet certs dev`, a
+release key, the operators and tokens files) in a temporary directory, and
+runs the coordinator and one agent with the manifest's own args, with the
+mount paths, the downward-API variables and the cluster addresses replaced by
+local ones. Passes when the agent registers over mutual TLS and an operator
+is recognised both by certificate role and by bearer token. This checks what
+schema validation cannot: that the flags, file names and identities the
+chart wires together are the ones the binaries accept.
+
+Usage: chart_smoke.py --bin-dir DIR MANIFEST. Needs PyYAML (yamllint brings it).
+"""
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+NODE = "game-node-1"
+OPERATOR = "alice"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pod_specs(path):
+    """{container name: (container, pod spec)} for the coordinator and the agent."""
+    found = {}
+    with open(path, encoding="utf-8") as f:
+        for doc in yaml.safe_load_all(f):
+            spec = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
+            for c in spec.get("containers", []):
+                if c["name"] in ("coordinator", "hotfleet-agent"):
+                    found[c["name"]] = (c, spec)
+    if set(found) != {"coordinator", "hotfleet-agent"}:
+        sys.exit(f"{path}: needs one coordinator and one agent container, found {sorted(found)}")
+    return found
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+class Layout:
+    """The files each volume would hold, made locally."""
+
+    def __init__(self, work, hotfleet):
+        self.work = work
+        run([hotfleet, "certs", "dev", "--out", self.path("pki"), "--node", NODE,
+             "--operator", f"{OPERATOR}:operator"])
+        run([hotfleet, "keygen", "--out", self.path("release")])
+        os.makedirs(self.path("keys"))
+        os.link(self.path("release/hotfleet.pub"), self.path("keys/hotfleet.pub"))
+        created = run([hotfleet, "auth", "token", "create", "ci", "--role", "viewer",
+                       "--tokens", self.path("tokens-file")]).stdout
+        self.token = created.split()[0]
+        # An agent Secret of each layout: tls.crt/tls.key, or NODE.crt/NODE.key.
+        os.makedirs(self.path("agent-tls"))
+        for src, names in (("ca.crt", ["ca.crt"]), ("tls.crt", ["tls.crt", f"{NODE}.crt"]),
+                           ("tls.key", ["tls.key", f"{NODE}.key"])):
+            for name in names:
+                os.link(self.path(f"pki/nodes/{NODE}/{src}"), self.path(f"agent-tls/{name}"))
+
+    def path(self, rel):
+        return os.path.join(self.work, rel)
+
+    def volume(self, volume, key_hint):
+        """The local directory standing in for a pod volume."""
+        if "secret" in volume or "configMap" in volume:
+            ref = volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name")
+            name = volume["name"]
+            if name == "trusted-keys":
+                return self.path("keys")
+            if name == "tls":
+                return self.path("pki/coordinator")
+            if name == "hotfleet-agent-tls":
+                return self.path("agent-tls")
+            if name in ("operators", "tokens"):
+                d = self.path(f"vol-{name}")
+                os.makedirs(d, exist_ok=True)
+                if name == "operators":
+                    with open(os.path.join(d, key_hint), "w", encoding="utf-8") as f:
+                        f.write(f"{OPERATOR} operator\n")
+                else:
+                    os.link(self.path("tokens-file"), os.path.join(d, key_hint))
+                return d
+            sys.exit(f"no local stand-in for volume {name} ({ref})")
+        d = self.path(f"vol-{volume['name']}-{len(os.listdir(self.work))}")
+        os.makedirs(d)
+        return d
+
+
+def local_args(container, pod, layout, env, addrs):
+    """The container's args with mounts, variables and addresses made local."""
+    # A name missing here is a volumeClaimTemplate (the embedded store's PVC).
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"]))
+    local = {}
+    out = []
+    for arg in container["args"]:
+        flag, eq, value = arg.partition("=")
+        for m in mounts:
+            root = m["mountPath"]
+            if value == root or value.startswith(root + "/"):
+                rest = value[len(root):]
+                if root not in local:
+                    # The file a flag names inside a mount is the key the volume holds.
+                    local[root] = layout.volume(volumes.get(m["name"], {"name": m["name"]}), rest.strip("/"))
+                value = local[root] + rest
+                break
+        for name, v in env.items():
+            value = value.replace(f"$({name})", v)
+        for pattern, v in addrs:
+            value = re.sub(pattern, v, value)
+        out.append(flag + eq + value)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bin-dir", required=True)
+    parser.add_argument("manifest")
+    opts = parser.parse_args()
+    binary = lambda name: os.path.join(opts.bin_dir, name)  # noqa: E731
+    specs = pod_specs(opts.manifest)
+    cport, aport = free_port(), free_port()
+    env = {"POD_IP": "127.0.0.1", "POD_NAME": "hotfleet-coordinator-0", "POD_NAMESPACE": "hotfleet",
+           "HOTFLEET_NODE_ID": NODE}
+    agent, _ = specs["hotfleet-agent"]
+    for e in agent.get("env", []):
+        if e["name"].startswith("HOTFLEET_LABEL_"):
+            env[e["name"]] = e.get("value", "from-downward-api")
+    addrs = [
+        (r"0\.0\.0\.0:7700\b", f"127.0.0.1:{cport}"),
+        (r"0\.0\.0\.0:7701\b", f"127.0.0.1:{aport}"),
+        (r"127\.0\.0\.1:7701\b", f"127.0.0.1:{aport}"),
+        # Service and headless names: the one local coordinator.
+        (r"[a-z0-9.-]+\.svc:7700", f"127.0.0.1:{cport}"),
+    ]
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="hotfleet-chart-") as work:
+        layout = Layout(work, binary("hotfleet"))
+        try:
+            for name, exe in (("coordinator", "hotfleet-coordinator"), ("hotfleet-agent", "hotfleet-agent")):
+                container, pod = specs[name]
+                args = local_args(container, pod, layout, env, addrs)
+                log = open(layout.path(f"{name}.log"), "w", encoding="utf-8")
+                procs.append((name, subprocess.Popen([binary(exe)] + args, stdout=log, stderr=subprocess.STDOUT,
+                                                     env=dict(os.environ, NO_COLOR="1"))))
+            client = dict(os.environ, HOTFLEET_COORDINATOR=f"127.0.0.1:{cport}",
+                          HOTFLEET_TLS_CA=layout.path("pki/ca.crt"))
+            operator = dict(client, HOTFLEET_TLS_CERT=layout.path(f"pki/operators/{OPERATOR}/tls.crt"),
+                            HOTFLEET_TLS_KEY=layout.path(f"pki/operators/{OPERATOR}/tls.key"))
+            deadline, nodes = time.monotonic() + 20, ""
+            while time.monotonic() < deadline:
+                for name, p in procs:
+                    if p.poll() is not None:
+                        raise SystemExit(f"{name} exited {p.returncode}:\n" + open(layout.path(f"{name}.log")).read())
+                r = subprocess.run([binary("hotfleet"), "nodes", "list"], env=operator, capture_output=True, text=True)
+                nodes = r.stdout + r.stderr
+                if re.search(rf"^{NODE}\s+alive", nodes, re.M):
+                    break
+                time.sleep(0.5)
+            else:
+                logs = "".join(open(layout.path(f"{n}.log")).read() for n, _ in procs)
+                raise SystemExit(f"the agent did not register within 20 s:\n{nodes}\n{logs}")
+            who = run([binary("hotfleet"), "auth", "whoami"], env=operator).stdout
+            if not re.search(r"role\s+operator", who):
+                raise SystemExit(f"the operators file gave {OPERATOR} no operator role:\n{who}")
+            who = run([binary("hotfleet"), "auth", "whoami"], env=dict(client, HOTFLEET_TOKEN=layout.token)).stdout
+            if not re.search(r"identity\s+ci\b", who) or not re.search(r"role\s+viewer", who):
+                raise SystemExit(f"the tokens file was not honoured:\n{who}")
+            print(f"ok   {NODE} registered over mutual TLS; operator role by certificate and by token")
+        finally:
+            for _, p in reversed(procs):
+                p.terminate()
+            for _, p in procs:
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
