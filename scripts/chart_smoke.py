@@ -1,16 +1,19 @@
 """Starts the real binaries exactly as the rendered chart would, on loopback.
 
-Takes one rendered manifest (one coordinator, DaemonSet agents), lays out
-what the pods would mount (a development CA from `hotfleet certs dev`, a
-release key, the operators and tokens files) in a temporary directory, and
-runs the coordinator and one agent with the manifest's own args, with the
-mount paths, the downward-API variables and the cluster addresses replaced by
-local ones. Passes when the agent registers over mutual TLS and an operator
-is recognised both by certificate role and by bearer token. This checks what
-schema validation cannot: that the flags, file names and identities the
-chart wires together are the ones the binaries accept.
+Takes rendered manifests: the coordinator from one, an agent from each
+`--agent` one (a DaemonSet, or a game pod with the sidecar), lays out what
+the pods would mount (a development CA from `hotfleet certs dev`, a release
+key, the operators and tokens files, each agent certificate in the layout its
+mode mounts) in a temporary directory, and runs them with the manifests' own
+args, with the mount paths, the downward-API variables and the cluster
+addresses replaced by local ones. Passes when every agent registers over
+mutual TLS and an operator is recognised both by certificate role and by
+bearer token. This checks what schema validation cannot: that the flags,
+file names and identities the chart wires together are the ones the
+binaries accept.
 
-Usage: chart_smoke.py --bin-dir DIR MANIFEST. Needs PyYAML (yamllint brings it).
+Usage: chart_smoke.py --bin-dir DIR --coordinator MANIFEST --agent MANIFEST...
+Needs PyYAML (yamllint brings it).
 """
 
 import argparse
@@ -24,7 +27,6 @@ import time
 
 import yaml
 
-NODE = "game-node-1"
 OPERATOR = "alice"
 
 
@@ -34,18 +36,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def pod_specs(path):
-    """{container name: (container, pod spec)} for the coordinator and the agent."""
-    found = {}
+def pod_spec(path, container_name):
+    """(container, pod spec) of the one container of that name in the manifest."""
     with open(path, encoding="utf-8") as f:
         for doc in yaml.safe_load_all(f):
             spec = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
             for c in spec.get("containers", []):
-                if c["name"] in ("coordinator", "hotfleet-agent"):
-                    found[c["name"]] = (c, spec)
-    if set(found) != {"coordinator", "hotfleet-agent"}:
-        sys.exit(f"{path}: needs one coordinator and one agent container, found {sorted(found)}")
-    return found
+                if c["name"] == container_name:
+                    return c, spec
+    sys.exit(f"{path}: no {container_name} container")
 
 
 def run(cmd, **kw):
@@ -55,37 +54,39 @@ def run(cmd, **kw):
 class Layout:
     """The files each volume would hold, made locally."""
 
-    def __init__(self, work, hotfleet):
+    def __init__(self, work, hotfleet, nodes):
         self.work = work
-        run([hotfleet, "certs", "dev", "--out", self.path("pki"), "--node", NODE,
-             "--operator", f"{OPERATOR}:operator"])
+        run([hotfleet, "certs", "dev", "--out", self.path("pki"), "--operator", f"{OPERATOR}:operator"]
+            + [arg for node in nodes for arg in ("--node", node)])
         run([hotfleet, "keygen", "--out", self.path("release")])
         os.makedirs(self.path("keys"))
         os.link(self.path("release/hotfleet.pub"), self.path("keys/hotfleet.pub"))
         created = run([hotfleet, "auth", "token", "create", "ci", "--role", "viewer",
                        "--tokens", self.path("tokens-file")]).stdout
         self.token = created.split()[0]
-        # An agent Secret of each layout: tls.crt/tls.key, or NODE.crt/NODE.key.
-        os.makedirs(self.path("agent-tls"))
-        for src, names in (("ca.crt", ["ca.crt"]), ("tls.crt", ["tls.crt", f"{NODE}.crt"]),
-                           ("tls.key", ["tls.key", f"{NODE}.key"])):
-            for name in names:
-                os.link(self.path(f"pki/nodes/{NODE}/{src}"), self.path(f"agent-tls/{name}"))
+        # Each agent's certificate in every layout a mode mounts: tls.crt and
+        # tls.key (a Secret, or the csi-driver's files), NODE.crt and NODE.key.
+        for node in nodes:
+            os.makedirs(self.path(f"agent-tls-{node}"))
+            for src, names in (("ca.crt", ["ca.crt"]), ("tls.crt", ["tls.crt", f"{node}.crt"]),
+                               ("tls.key", ["tls.key", f"{node}.key"])):
+                for name in names:
+                    os.link(self.path(f"pki/nodes/{node}/{src}"), self.path(f"agent-tls-{node}/{name}"))
 
     def path(self, rel):
         return os.path.join(self.work, rel)
 
-    def volume(self, volume, key_hint):
+    def volume(self, volume, key_hint, node):
         """The local directory standing in for a pod volume."""
+        name = volume["name"]
+        if name == "hotfleet-agent-tls":
+            return self.path(f"agent-tls-{node}")
         if "secret" in volume or "configMap" in volume:
             ref = volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name")
-            name = volume["name"]
             if name == "trusted-keys":
                 return self.path("keys")
             if name == "tls":
                 return self.path("pki/coordinator")
-            if name == "hotfleet-agent-tls":
-                return self.path("agent-tls")
             if name in ("operators", "tokens"):
                 d = self.path(f"vol-{name}")
                 os.makedirs(d, exist_ok=True)
@@ -101,7 +102,7 @@ class Layout:
         return d
 
 
-def local_args(container, pod, layout, env, addrs):
+def local_args(container, pod, layout, env, addrs, node=None):
     """The container's args with mounts, variables and addresses made local."""
     # A name missing here is a volumeClaimTemplate (the embedded store's PVC).
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -116,7 +117,7 @@ def local_args(container, pod, layout, env, addrs):
                 rest = value[len(root):]
                 if root not in local:
                     # The file a flag names inside a mount is the key the volume holds.
-                    local[root] = layout.volume(volumes.get(m["name"], {"name": m["name"]}), rest.strip("/"))
+                    local[root] = layout.volume(volumes.get(m["name"], {"name": m["name"]}), rest.strip("/"), node)
                 value = local[root] + rest
                 break
         for name, v in env.items():
@@ -127,61 +128,66 @@ def local_args(container, pod, layout, env, addrs):
     return out
 
 
+def start(binary, args, log_path):
+    log = open(log_path, "w", encoding="utf-8")
+    return subprocess.Popen([binary] + args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, NO_COLOR="1"))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin-dir", required=True)
-    parser.add_argument("manifest")
+    parser.add_argument("--coordinator", required=True, metavar="MANIFEST")
+    parser.add_argument("--agent", required=True, action="append", metavar="MANIFEST")
     opts = parser.parse_args()
     binary = lambda name: os.path.join(opts.bin_dir, name)  # noqa: E731
-    specs = pod_specs(opts.manifest)
-    cport, aport = free_port(), free_port()
-    env = {"POD_IP": "127.0.0.1", "POD_NAME": "hotfleet-coordinator-0", "POD_NAMESPACE": "hotfleet",
-           "HOTFLEET_NODE_ID": NODE}
-    agent, _ = specs["hotfleet-agent"]
-    for e in agent.get("env", []):
-        if e["name"].startswith("HOTFLEET_LABEL_"):
-            env[e["name"]] = e.get("value", "from-downward-api")
-    addrs = [
-        (r"0\.0\.0\.0:7700\b", f"127.0.0.1:{cport}"),
-        (r"0\.0\.0\.0:7701\b", f"127.0.0.1:{aport}"),
-        (r"127\.0\.0\.1:7701\b", f"127.0.0.1:{aport}"),
-        # Service and headless names: the one local coordinator.
-        (r"[a-z0-9.-]+\.svc:7700", f"127.0.0.1:{cport}"),
-    ]
+    nodes = [f"game-node-{i + 1}" for i in range(len(opts.agent))]
+    cport = free_port()
+    base_env = {"POD_IP": "127.0.0.1", "POD_NAME": "hotfleet-coordinator-0", "POD_NAMESPACE": "hotfleet"}
+    # Service and headless names all mean the one local coordinator.
+    coordinator_addrs = [(r"0\.0\.0\.0:7700\b", f"127.0.0.1:{cport}"), (r"[a-z0-9.-]+\.svc:7700", f"127.0.0.1:{cport}")]
     procs = []
     with tempfile.TemporaryDirectory(prefix="hotfleet-chart-") as work:
-        layout = Layout(work, binary("hotfleet"))
+        layout = Layout(work, binary("hotfleet"), nodes)
+        logs = lambda: "".join(f"--- {n}\n" + open(layout.path(f"{n}.log")).read() for n, _ in procs)  # noqa: E731
         try:
-            for name, exe in (("coordinator", "hotfleet-coordinator"), ("hotfleet-agent", "hotfleet-agent")):
-                container, pod = specs[name]
-                args = local_args(container, pod, layout, env, addrs)
-                log = open(layout.path(f"{name}.log"), "w", encoding="utf-8")
-                procs.append((name, subprocess.Popen([binary(exe)] + args, stdout=log, stderr=subprocess.STDOUT,
-                                                     env=dict(os.environ, NO_COLOR="1"))))
+            container, pod = pod_spec(opts.coordinator, "coordinator")
+            args = local_args(container, pod, layout, base_env, coordinator_addrs)
+            procs.append(("coordinator", start(binary("hotfleet-coordinator"), args, layout.path("coordinator.log"))))
+            for node, manifest in zip(nodes, opts.agent):
+                container, pod = pod_spec(manifest, "hotfleet-agent")
+                aport = free_port()
+                # Both node-id sources (spec.nodeName, metadata.name) name this node.
+                env = dict(base_env, HOTFLEET_NODE_ID=node)
+                for e in container.get("env", []):
+                    if e["name"].startswith("HOTFLEET_LABEL_"):
+                        env[e["name"]] = e.get("value", "from-downward-api")
+                addrs = [(r"0\.0\.0\.0:7701\b", f"127.0.0.1:{aport}"), (r"127\.0\.0\.1:7701\b", f"127.0.0.1:{aport}")]
+                args = local_args(container, pod, layout, env, addrs + coordinator_addrs, node)
+                procs.append((node, start(binary("hotfleet-agent"), args, layout.path(f"{node}.log"))))
             client = dict(os.environ, HOTFLEET_COORDINATOR=f"127.0.0.1:{cport}",
                           HOTFLEET_TLS_CA=layout.path("pki/ca.crt"))
             operator = dict(client, HOTFLEET_TLS_CERT=layout.path(f"pki/operators/{OPERATOR}/tls.crt"),
                             HOTFLEET_TLS_KEY=layout.path(f"pki/operators/{OPERATOR}/tls.key"))
-            deadline, nodes = time.monotonic() + 20, ""
+            deadline, listing = time.monotonic() + 20, ""
             while time.monotonic() < deadline:
                 for name, p in procs:
                     if p.poll() is not None:
-                        raise SystemExit(f"{name} exited {p.returncode}:\n" + open(layout.path(f"{name}.log")).read())
+                        raise SystemExit(f"{name} exited {p.returncode}:\n{logs()}")
                 r = subprocess.run([binary("hotfleet"), "nodes", "list"], env=operator, capture_output=True, text=True)
-                nodes = r.stdout + r.stderr
-                if re.search(rf"^{NODE}\s+alive", nodes, re.M):
+                listing = r.stdout + r.stderr
+                if all(re.search(rf"^{node}\s+alive", listing, re.M) for node in nodes):
                     break
                 time.sleep(0.5)
             else:
-                logs = "".join(open(layout.path(f"{n}.log")).read() for n, _ in procs)
-                raise SystemExit(f"the agent did not register within 20 s:\n{nodes}\n{logs}")
+                raise SystemExit(f"not every agent registered within 20 s:\n{listing}\n{logs()}")
             who = run([binary("hotfleet"), "auth", "whoami"], env=operator).stdout
             if not re.search(r"role\s+operator", who):
                 raise SystemExit(f"the operators file gave {OPERATOR} no operator role:\n{who}")
             who = run([binary("hotfleet"), "auth", "whoami"], env=dict(client, HOTFLEET_TOKEN=layout.token)).stdout
             if not re.search(r"identity\s+ci\b", who) or not re.search(r"role\s+viewer", who):
                 raise SystemExit(f"the tokens file was not honoured:\n{who}")
-            print(f"ok   {NODE} registered over mutual TLS; operator role by certificate and by token")
+            print(f"ok   {len(nodes)} agents ({', '.join(os.path.basename(m) for m in opts.agent)}) registered over "
+                  "mutual TLS; operator roles by certificate and by token")
         finally:
             for _, p in reversed(procs):
                 p.terminate()

@@ -158,8 +158,12 @@ PYTHONPATH=$PYLIB "$PY" scripts/check_chart_flags.py \
   || die "the chart passes a flag or variable a binary does not have"
 ok "flags"
 
-step "the binaries start as the chart runs them (single mode, on loopback)"
-PYTHONPATH=$PYLIB "$PY" scripts/chart_smoke.py --bin-dir "$BIN_DIR" "$OUT/single-${KUBE_VERSIONS[0]}.yaml" \
+step "the binaries start as the chart runs them, on loopback"
+# The single coordinator; agents as a DaemonSet with a shared certificate,
+# with per-node certificates, and as a game chart's sidecar.
+k=${KUBE_VERSIONS[0]}
+PYTHONPATH=$PYLIB "$PY" scripts/chart_smoke.py --bin-dir "$BIN_DIR" --coordinator "$OUT/single-$k.yaml" \
+  --agent "$OUT/single-$k.yaml" --agent "$OUT/agent-daemonset-$k.yaml" --agent "$OUT/example-game-$k.yaml" \
   || die "the coordinator and agent do not work together as the chart starts them"
 PASSED=$((PASSED + 1))
 
