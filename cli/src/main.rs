@@ -68,6 +68,9 @@ enum NodesCommand {
         /// "all" or k=v[,k=v].
         #[arg(long, default_value = "all")]
         selector: String,
+        /// Only the counts: nodes by liveness and by build.
+        #[arg(long)]
+        summary: bool,
     },
 }
 
@@ -76,7 +79,9 @@ async fn dispatch(cli: Cli) -> CliResult {
     match cli.command {
         Command::Keygen { out } => patch_cmd::keygen(&out, output),
         Command::Patch(cmd) => patch_cmd::run(cmd, target, output).await,
-        Command::Nodes(NodesCommand::List { selector }) => fleet_cmd::nodes_list(target, selector, output).await,
+        Command::Nodes(NodesCommand::List { selector, summary }) => {
+            fleet_cmd::nodes_list(target, selector, summary, output).await
+        }
         Command::Rollout(cmd) => rollout_cmd::run(target, cmd, output).await,
         Command::Freeze { reason } => fleet_cmd::freeze(target, reason, output).await,
         Command::Unfreeze => fleet_cmd::unfreeze(target, output).await,
