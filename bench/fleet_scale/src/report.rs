@@ -65,6 +65,10 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
         store_bytes.map_or("n/a".into(), |v| format!("{:.1} MB", v / 1e6)),
     );
     for (i, r) in runs.iter().enumerate() {
+        match &r.nodes_list {
+            Ok((ms, listed)) => println!("run {}: nodes list: {listed} nodes in {ms} ms", i + 1),
+            Err(why) => println!("run {}: nodes list FAILED: {why}", i + 1),
+        }
         let steps: Vec<String> = r.rollout.timeline.steps.iter().map(|(s, ms)| format!("{s} {ms}")).collect();
         println!(
             "run {}: rollout {} ms (prepare {} ms; steps ms: {}); rollback rollout {} ms, rollback {} ms",

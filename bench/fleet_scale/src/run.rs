@@ -48,10 +48,13 @@ pub struct RolloutRun {
 }
 
 /// Everything one run measured.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunResult {
     /// Simulated fleet start to every node registered and heard.
     pub register_ms: u64,
+    /// `hotfleet nodes list --output json` with the fleet registered: its
+    /// time and the nodes it printed, or why it failed.
+    pub nodes_list: Result<(u64, usize), String>,
     pub rollout: RolloutRun,
     pub rollback: RolloutRun,
     /// The coordinator before any node registered.
@@ -148,6 +151,18 @@ async fn rollout(plan: &Plan, layout: &Layout, url: &str, fleet: &Fleet, patch: 
     Ok(RolloutRun { wall_ms, timeline: timeline::from_status(&status), calls, lost: lost_now + skipped_lost })
 }
 
+/// Times `hotfleet nodes list --output json`; a refusal is a result, not an error.
+async fn list_nodes(layout: &Layout, url: &str) -> Result<Result<(u64, usize), String>> {
+    let started = Instant::now();
+    let (ok, stdout, stderr) = cli(layout, url, &["--output", "json", "nodes", "list"]).await?;
+    let ms = started.elapsed().as_millis() as u64;
+    if !ok {
+        return Ok(Err(stderr.lines().next().unwrap_or_default().to_string()));
+    }
+    let listed = serde_json::from_str::<Value>(&stdout).ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
+    Ok(Ok((ms, listed)))
+}
+
 /// Runs the whole scenario once.
 pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     let dir = TempDir::new().context("creating a temp dir")?;
@@ -194,6 +209,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     let register_ms = registering.elapsed().as_millis() as u64;
     // One more heartbeat round so the coordinator's view is settled.
     tokio::time::sleep(plan.heartbeat).await;
+    let nodes_list = list_nodes(&layout, &url).await?;
     let idle = proc_stats(pid);
     let etcd_idle = etcd.as_ref().map(|e| etcd_stats(&e.url())).unwrap_or_default();
 
@@ -226,5 +242,16 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         let kept = dir.keep();
         eprintln!("kept {}", kept.display());
     }
-    Ok(RunResult { register_ms, rollout: first, rollback: second, base, idle, end, store_bytes, etcd_idle, etcd_end })
+    Ok(RunResult {
+        register_ms,
+        nodes_list,
+        rollout: first,
+        rollback: second,
+        base,
+        idle,
+        end,
+        store_bytes,
+        etcd_idle,
+        etcd_end,
+    })
 }
