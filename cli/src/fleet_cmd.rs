@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Nodes per `ListNodes` page (the coordinator also ends a page before ~2 MiB).
-const PAGE_SIZE: u32 = 500;
+const PAGE_SIZE: u32 = 2000;
 
 pub async fn nodes_list(target: &Target, selector: String, summary_only: bool, output: Output) -> CliResult {
     let mut client = target.connect().await?;

@@ -42,6 +42,9 @@ struct Args {
     /// Connections the simulated agents share for register/heartbeat/fetch.
     #[arg(long, default_value_t = 64)]
     heartbeat_conns: usize,
+    /// Modules each simulated process reports a digest of (status size: ~100 bytes each).
+    #[arg(long, default_value_t = 0)]
+    modules: usize,
     #[arg(long, default_value = "50ms")]
     health_window: String,
     #[arg(long, default_value = "20%,40%,60%,80%,100%")]
@@ -74,6 +77,7 @@ fn main() -> Result<()> {
         repo,
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         heartbeat_conns: args.heartbeat_conns,
+        modules: args.modules,
         health_window: args.health_window,
         waves: args.waves,
         keep: args.keep,

@@ -30,6 +30,7 @@ pub struct Plan {
     pub repo: PathBuf,
     pub heartbeat: Duration,
     pub heartbeat_conns: usize,
+    pub modules: usize,
     pub health_window: String,
     pub waves: String,
     pub keep: bool,
@@ -195,7 +196,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     // registration and heartbeats.
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", 0)).await.context("binding the fleet's port")?;
     let port = listener.local_addr()?.port();
-    let fleet = Fleet::new(plan.nodes, port, BUILD, &url, plan.heartbeat_conns)?;
+    let fleet = Fleet::new(plan.nodes, port, BUILD, &url, plan.heartbeat_conns, plan.modules)?;
     let server = tokio::spawn(fleet.clone().serve(listener));
     let registering = Instant::now();
     let nodes: Vec<_> = (0..fleet.len()).map(|i| tokio::spawn(fleet.clone().run_node(i, plan.heartbeat))).collect();

@@ -128,6 +128,8 @@ pub struct Fleet {
     faults: Mutex<Faults>,
     fetched: Mutex<HashMap<String, Arc<OnceCell<bool>>>>,
     coordinator: Vec<Channel>,
+    /// What each process reports as `live_digests` (module -> sha256), for statuses of a realistic size.
+    digests: HashMap<String, String>,
     pub counters: Counters,
 }
 
@@ -143,13 +145,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Fleet {
     /// A fleet of `nodes` agents on `port`, every one running `build`,
-    /// heartbeating to `coordinator_url` over `heartbeat_conns` connections.
+    /// heartbeating to `coordinator_url` over `heartbeat_conns` connections,
+    /// each process reporting the digests of `modules` modules.
     pub fn new(
         nodes: usize,
         port: u16,
         build: &str,
         coordinator_url: &str,
         heartbeat_conns: usize,
+        modules: usize,
     ) -> Result<Arc<Self>, tonic::transport::Error> {
         let nodes: Vec<Arc<SimNode>> = (0..nodes)
             .map(|i| {
@@ -174,6 +178,7 @@ impl Fleet {
             faults: Mutex::new(Faults::default()),
             fetched: Mutex::new(HashMap::new()),
             coordinator,
+            digests: (0..modules).map(|m| (format!("simgame.module_{m:03}"), format!("{m:064x}"))).collect(),
             counters: Counters::default(),
         }))
     }
@@ -261,7 +266,7 @@ impl Fleet {
                 pid: node.pid,
                 build: self.build.clone(),
                 patch_stack: state.stack.clone(),
-                live_digests: HashMap::new(),
+                live_digests: self.digests.clone(),
                 health: Some(health),
                 runtime_version: "sim".into(),
                 python_version: "sim".into(),
