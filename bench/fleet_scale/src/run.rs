@@ -211,6 +211,11 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     // One more heartbeat round so the coordinator's view is settled.
     tokio::time::sleep(plan.heartbeat).await;
     let nodes_list = list_nodes(&layout, &url).await?;
+    if let Ok((_, listed)) = nodes_list {
+        if listed != plan.nodes {
+            bail!("nodes list printed {listed} of {} nodes", plan.nodes);
+        }
+    }
     let idle = proc_stats(pid);
     let etcd_idle = etcd.as_ref().map(|e| etcd_stats(&e.url())).unwrap_or_default();
 
