@@ -215,6 +215,14 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         if listed != plan.nodes {
             bail!("nodes list printed {listed} of {} nodes", plan.nodes);
         }
+        let summary: Value =
+            serde_json::from_str(&cli_ok(&layout, &url, &["--output", "json", "nodes", "list", "--summary"]).await?)
+                .context("nodes list --summary output")?;
+        if summary["total"].as_u64() != Some(plan.nodes as u64)
+            || summary["byBuild"][BUILD].as_u64() != Some(plan.nodes as u64)
+        {
+            bail!("nodes list --summary does not count {} nodes on {BUILD}: {summary}", plan.nodes);
+        }
     }
     let idle = proc_stats(pid);
     let etcd_idle = etcd.as_ref().map(|e| etcd_stats(&e.url())).unwrap_or_default();
