@@ -20,6 +20,11 @@ PATCH_CLASSES classes (``Unit00_0`` and ``Unit01_0``) PATCH_METHODS methods each
 Nothing else in the module text changes, so a statement-diffing reloader re-runs no
 top-level statement.
 
+``shape`` picks how the patch edits a changed function or method: ``"inplace"`` changes
+its body without moving any line; ``"shifted"`` also inserts one line into it, so every
+definition below the edit moves (what real hotfixes do; the runtime then relocates the code
+of every moved function so tracebacks stay right).
+
 ``hooks=True`` adds ``__reload_instance__`` to the patched classes (in the original
 source too, so the runtime can know the class defines it before the patch); its body
 records the generation of the code that ran it in ``self.reload_gen``.
@@ -77,32 +82,39 @@ def unchanged_functions() -> List[Tuple[str, str]]:
     return [(module_name(0), "f01"), (module_name(4), "f49"), (module_name(19), "f07")]
 
 
-def _function(mod: int, f: int, gen: int) -> str:
+SHAPES = ("inplace", "shifted")
+
+
+def _function(mod: int, f: int, gen: int, shape: str = "inplace") -> str:
     k = 3 + (mod * FUNCS + f) % 11
     bump = 1 if gen else 0
+    extra = "    z = z + 0  # hotfix: one line more\n" if (gen and shape == "shifted") else ""
     return (
         "def f%02d(x, y=%d):\n"
         "    \"\"\"Generated game rule %d of module %d.\"\"\"\n"
         "    z = x * %d + y + %d\n"
+        "%s"
         "    if z > 1000:\n"
         "        z = z %% 997\n"
         "    return (%d, z + TUNING['k%d'])\n"
-        % (f, k, f, mod, k, bump, gen, f % 4)
+        % (f, k, f, mod, k, bump, extra, gen, f % 4)
     )
 
 
-def _method(mod: int, cls: int, meth: int, gen: int) -> str:
+def _method(mod: int, cls: int, meth: int, gen: int, shape: str = "inplace") -> str:
     k = 2 + (mod + cls + meth) % 7
     bump = 2 if gen else 0
+    extra = "        x = x + 0  # hotfix: one line more\n" if (gen and shape == "shifted") else ""
     return (
         "    def m%d(self, x):\n"
         "        self.calls += 1\n"
+        "%s"
         "        return (%d, self.hp * %d + x + self.ident %% 13 + %d)\n"
-        % (meth, gen, k, bump)
+        % (meth, extra, gen, k, bump)
     )
 
 
-def module_source(mod: int, gen: int = 0, hooks: bool = False) -> str:
+def module_source(mod: int, gen: int = 0, hooks: bool = False, shape: str = "inplace") -> str:
     """Source of one module; ``gen=1`` is the patched text (only patched modules differ)."""
     pfuncs = {f for (m, f) in patched_functions() if m == module_name(mod)}
     pclasses = {c for (m, c) in patched_classes() if m == module_name(mod)}
@@ -119,7 +131,7 @@ def module_source(mod: int, gen: int = 0, hooks: bool = False) -> str:
     for f in range(FUNCS):
         name = "f%02d" % f
         lines.append("\n")
-        lines.append(_function(mod, f, gen if name in pfuncs else 0))
+        lines.append(_function(mod, f, gen if name in pfuncs else 0, shape))
     for c in range(CLASSES):
         cname = class_name(mod, c)
         lines.append("\n\n")
@@ -135,7 +147,7 @@ def module_source(mod: int, gen: int = 0, hooks: bool = False) -> str:
         for m in range(METHODS):
             lines.append("\n")
             g = gen if (cname in pclasses and "m%d" % m in pmeths) else 0
-            lines.append(_method(mod, c, m, g))
+            lines.append(_method(mod, c, m, g, shape))
         if hooks and cname in pclasses:
             lines.append("\n")
             lines.append("    def __reload_instance__(self):\n")
@@ -151,15 +163,15 @@ def package_init_source() -> str:
     return '"""benchpkg: generated game-logic package (hotfleet pause benchmark)."""\n'
 
 
-def module_sources(gen: int = 0, hooks: bool = False) -> Dict[str, str]:
+def module_sources(gen: int = 0, hooks: bool = False, shape: str = "inplace") -> Dict[str, str]:
     """dotted name -> source for every module (gen 0 = as loaded, gen 1 = patched)."""
-    return {module_name(i): module_source(i, gen if i in patched_module_indexes() else 0, hooks)
+    return {module_name(i): module_source(i, gen if i in patched_module_indexes() else 0, hooks, shape)
             for i in range(MODULES)}
 
 
-def patch(hooks: bool = False) -> Dict[str, str]:
+def patch(hooks: bool = False, shape: str = "inplace") -> Dict[str, str]:
     """The patch: dotted name -> full new source, for the patched modules only."""
-    return {module_name(i): module_source(i, 1, hooks) for i in patched_module_indexes()}
+    return {module_name(i): module_source(i, 1, hooks, shape) for i in patched_module_indexes()}
 
 
 def original(hooks: bool = False) -> Dict[str, str]:

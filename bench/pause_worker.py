@@ -6,7 +6,9 @@ Standard library only, except that the IPython contenders import IPython (they r
 the bench's own virtualenv). Python 3.9+.
 
 Contenders:
-  hotfleet             txn = rt.prepare(patch) (timed apart); txn.commit() (THE pause); rt.rollback()
+  hotfleet             txn = rt.prepare(patch) (timed apart, wall and CPU); txn.commit() (THE pause);
+                       rt.rollback(); then the game thread's tick latency with and without a
+                       prepare running on a background thread
   importlib            importlib.reload() of each patched module, sources rewritten alternately
   ipython-deduper      IPython autoreload's ModuleReloader.check() as ``%autoreload 2`` runs it
                        (IPython >= 9.1: statement-diffing DeduperReloader first, superreload
@@ -21,6 +23,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -284,19 +287,21 @@ def run_hotfleet(spec: dict, world_factory, result: dict) -> None:
     if rt is None:
         rt = hotfleet.Runtime(packages=[gamepkg.PACKAGE])
     result["world"] = world.build()
-    patch = gamepkg.patch(hooks=world.hooks)
+    patch = gamepkg.patch(hooks=world.hooks, shape=spec.get("shape", "inplace"))
     finish_world(spec, result)
     gw = install_gc_watch()
 
-    samples, prep, rb, pause_ms, reports, checks = [], [], [], [], [], {}
+    samples, prep, prep_cpu, rb, pause_ms, reports, checks = [], [], [], [], [], [], {}
     first = None
     reps = int(spec["reps"])
     t_end = perf_counter() + float(spec["budget_s"])
     i = 0
     while True:
+        c0 = time.thread_time()
         t0 = perf_counter()
         txn = rt.prepare(patch)
         t1 = perf_counter()
+        c1 = time.thread_time()
         if i == 0:
             result["plan"] = plan_summary(txn)
         if spec.get("collect_between", True):
@@ -320,6 +325,7 @@ def run_hotfleet(spec: dict, world_factory, result: dict) -> None:
         else:
             samples.append((t3 - t2) * 1e3)
             prep.append((t1 - t0) * 1e3)
+            prep_cpu.append((c1 - c0) * 1e3)
             rb.append((t5 - t4) * 1e3)
             reports.append(fields)
             if "pause_ms" in fields:
@@ -329,7 +335,7 @@ def run_hotfleet(spec: dict, world_factory, result: dict) -> None:
             break
         if perf_counter() > t_end and len(samples) >= int(spec["min_reps"]):
             break
-    result.update(samples_ms=samples, first_ms=first, prepare_ms=prep, rollback_ms=rb,
+    result.update(samples_ms=samples, first_ms=first, prepare_ms=prep, prepare_cpu_ms=prep_cpu, rollback_ms=rb,
                   report_pause_ms=pause_ms, checks=checks, gc_in_pause=gw.counts,
                   gc_in_pause_ms=round(gw.ms, 3))
     # report fields: per-field medians
@@ -337,6 +343,77 @@ def run_hotfleet(spec: dict, world_factory, result: dict) -> None:
     result["report_fields"] = {k: [r[k] for r in reports if k in r] for k in keys}
     if world.hooks:
         result["hooks_own_ms"] = time_hooks(world)
+    if int(spec.get("tick_samples", 0)) > 0:
+        result["ticks"] = tick_latency(rt, patch, int(spec["tick_samples"]))
+
+
+TICK_S = 0.05  # a 20 Hz game loop
+TICK_WORK_S = 0.005  # ~5 ms of game work per tick
+
+
+def _game_work(seconds: float) -> None:
+    """Pure-Python work for about ``seconds`` of CPU (a tick of game logic)."""
+    end = time.thread_time() + seconds
+    acc = 0
+    while time.thread_time() < end:
+        for k in range(200):
+            acc += k * k
+    return None
+
+
+def _run_ticks(n: int, stop_when=None) -> list:
+    """Run ``n`` ticks of a 20 Hz loop on this thread; each sample is how long after it was
+    due the tick's work was done (ms): the wait to run (waking, getting the GIL) plus the
+    work's own time. A tick is due at its schedule, or when the previous one ended if that
+    was later (so one late tick is counted once, not again in every tick after it)."""
+    out = []
+    next_at = perf_counter()
+    prev_end = next_at
+    for _ in range(n):
+        now = perf_counter()
+        if next_at > now:
+            time.sleep(next_at - now)
+        _game_work(TICK_WORK_S)
+        end = perf_counter()
+        out.append((end - max(next_at, prev_end)) * 1e3)
+        prev_end = end
+        next_at += TICK_S
+        if stop_when is not None and stop_when():
+            break
+    return out
+
+
+def tick_latency(rt, patch: dict, n: int) -> dict:
+    """The game thread's tick latency, alone and while prepares of ``patch`` run back to back
+    on a background thread (each aborted). The game thread is this (the main) thread."""
+    gc.collect()
+    base = _run_ticks(n)
+    stop = threading.Event()
+    prepared = [0]
+    errors = []
+
+    def background() -> None:
+        try:
+            while not stop.is_set():
+                txn = rt.prepare(patch)
+                txn.abort()
+                prepared[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported to the driver
+            errors.append(repr(exc))
+
+    gw = GcWatch()
+    gc.callbacks.append(gw)
+    th = threading.Thread(target=background, name="prepare", daemon=True)
+    gw.timing = True
+    th.start()
+    during = _run_ticks(n)
+    stop.set()
+    th.join(60)
+    gw.timing = False
+    gc.callbacks.remove(gw)
+    # collections (any thread's) stop every thread: counted so a stall can be told apart
+    return {"baseline_ms": base, "during_prepare_ms": during, "prepares": prepared[0], "errors": errors,
+            "gc_during": gw.counts, "gc_during_ms": round(gw.ms, 3)}
 
 
 def time_hooks(world) -> list:
@@ -368,6 +445,7 @@ def run_reloader(spec: dict, world_factory, result: dict) -> None:
     contender = spec["contender"]
     root = spec["workdir"]
     world = world_factory()
+    shape = spec.get("shape", "inplace")
     names = sorted(gamepkg.patch())
     reloader = None
     stats = {"deduper_ok": 0, "deduper_fallback": 0}
@@ -408,7 +486,7 @@ def run_reloader(spec: dict, world_factory, result: dict) -> None:
         result["idle_check_ms"] = idle
         result["modules_polled"] = len(sys.modules)
     gw = install_gc_watch()
-    sources = {0: gamepkg.original(world.hooks), 1: gamepkg.patch(world.hooks)}
+    sources = {0: gamepkg.original(world.hooks), 1: gamepkg.patch(world.hooks, shape)}
     samples, checks, failures = [], {}, []
     first = None
     reps = int(spec["reps"])

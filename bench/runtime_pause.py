@@ -15,7 +15,7 @@ and checks afterwards what the process runs: old ``from m import f`` references,
 pre-existing instances, bound methods stored as callbacks, the old class object, untouched
 functions, run-time module state, ``isinstance`` of old instances.
 
-    python bench/runtime_pause.py                 # full run (< ~10 min on 2 cores)
+    python bench/runtime_pause.py                 # full run (~20 min on 2 cores)
     python bench/runtime_pause.py --quick         # ~1 min smoke run, small sizes
     python bench/runtime_pause.py --json out.json
 
@@ -262,20 +262,21 @@ def probe_hotfleet(path: str) -> tuple:
 def build_scenarios(args) -> list:
     out = []
     freezes = {"both": (False, True), "on": (True,), "off": (False,)}[args.freeze]
-    for n in args.instances:
-        for mb in args.filler_mb:
-            for fr in freezes:
-                out.append({"instances": n, "filler_mb": mb, "freeze": fr, "hooks": False})
-    if args.hook_instances > 0:
-        for n, mb, fr in args.hook_scenarios:
-            out.append({"instances": n, "filler_mb": mb, "freeze": fr, "hooks": True})
+    for shape in args.shapes:
+        for n in args.instances:
+            for mb in args.filler_mb:
+                for fr in freezes:
+                    out.append({"instances": n, "filler_mb": mb, "freeze": fr, "hooks": False, "shape": shape})
+        if args.hook_instances > 0:
+            for n, mb, fr in args.hook_scenarios:
+                out.append({"instances": n, "filler_mb": mb, "freeze": fr, "hooks": True, "shape": shape})
     for sc in out:
-        sc["name"] = "%si%s-heap%d%s" % ("hooks-" if sc["hooks"] else "", fmt_count(sc["instances"]),
-                                         sc["filler_mb"], "-frozen" if sc["freeze"] else "")
-        sc["label"] = "%s inst, +%d MB%s%s" % (fmt_count(sc["instances"]), sc["filler_mb"],
-                                               ", gc.freeze" if sc["freeze"] else "",
-                                               ", hooks on %s" % fmt_count(args.hook_instances)
-                                               if sc["hooks"] else "")
+        sc["name"] = "%s-%si%s-heap%d%s" % (sc["shape"], "hooks-" if sc["hooks"] else "", fmt_count(sc["instances"]),
+                                            sc["filler_mb"], "-frozen" if sc["freeze"] else "")
+        sc["label"] = "%s: %s inst, +%d MB%s%s" % (sc["shape"], fmt_count(sc["instances"]), sc["filler_mb"],
+                                                   ", gc.freeze" if sc["freeze"] else "",
+                                                   ", hooks on %s" % fmt_count(args.hook_instances)
+                                                   if sc["hooks"] else "")
     return out
 
 
@@ -357,6 +358,12 @@ def main(argv=None) -> int:
                     help="gc.freeze() after the world is built (default both)")
     ap.add_argument("--hook-instances", type=parse_count, default=10000,
                     help="live instances of the patched classes in the hook scenarios (0: none)")
+    ap.add_argument("--shapes", default=",".join(gamepkg.SHAPES),
+                    help="patch shapes, comma separated: inplace (bodies edited, no line moves), shifted "
+                         "(one line inserted per changed function) (default both)")
+    ap.add_argument("--tick-samples", type=int, default=None,
+                    help="ticks of the 20 Hz tick-latency measurement, alone and during prepares "
+                         "(hotfleet; default 60; quick 20; 0: off)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="subset of: " + ", ".join(CONTENDERS))
     ap.add_argument("--only", default="", help="run only scenarios whose name contains this text")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per cell (default 21; quick 7)")
@@ -380,11 +387,17 @@ def main(argv=None) -> int:
     args.instances = [parse_count(x) for x in (args.instances or ("10k" if q else "10k,1M")).split(",")]
     args.filler_mb = [int(x) for x in (args.filler_mb or ("0,50" if q else "0,200")).split(",")]
     args.freeze = args.freeze or "both"
+    args.shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
+    for shape in args.shapes:
+        if shape not in gamepkg.SHAPES:
+            ap.error("unknown shape %r" % shape)
+    if args.tick_samples is None:
+        args.tick_samples = 20 if q else 60
     args.reps = args.reps or (7 if q else 21)
     args.budget = args.budget if args.budget is not None else (4.0 if q else 20.0)
     args.timeout = args.timeout or (180.0 if q else 600.0)
     big_n, big_mb = max(args.instances), max(args.filler_mb)
-    small_n, small_mb = min(args.instances), min(args.filler_mb)
+    small_mb = min(args.filler_mb)
     hook_n = min(args.instances)
     args.hook_scenarios = [(hook_n, small_mb, False), (hook_n, big_mb, False), (hook_n, big_mb, True)]
     if not q and big_n != hook_n:
@@ -451,13 +464,14 @@ def main(argv=None) -> int:
         for k, (sc, c) in enumerate(plan, 1):
             row = {"scenario": sc["name"], "label": sc["label"], "contender": c,
                    "instances": sc["instances"], "filler_mb": sc["filler_mb"], "freeze": sc["freeze"],
-                   "hooks": sc["hooks"]}
+                   "hooks": sc["hooks"], "shape": sc["shape"]}
             if c in skip:
                 row.update(status="skipped", error=skip[c])
                 results.append(row)
                 continue
             spec = {"contender": c, "scenario": sc["name"], "repo": REPO, "instances": sc["instances"],
                     "filler_mb": sc["filler_mb"], "freeze": sc["freeze"], "hooks": sc["hooks"],
+                    "shape": sc["shape"], "tick_samples": args.tick_samples if c == "hotfleet" else 0,
                     "hook_instances": args.hook_instances, "reps": args.reps + 1,
                     "min_reps": args.min_reps,
                     "budget_s": args.budget * (3 if c == "hotfleet" else 1),
@@ -468,6 +482,15 @@ def main(argv=None) -> int:
             row["stats"] = stats(res.get("samples_ms") or [])
             if c == "hotfleet":
                 row["prepare_stats"] = stats(res.get("prepare_ms") or [])
+                row["prepare_cpu_stats"] = stats(res.get("prepare_cpu_ms") or [])
+                ticks = res.get("ticks") or {}
+                if ticks.get("baseline_ms"):
+                    row["tick_stats"] = {"baseline": stats(ticks["baseline_ms"]),
+                                         "during_prepare": stats(ticks.get("during_prepare_ms") or []),
+                                         "p99_baseline": percentile(ticks["baseline_ms"], 0.99),
+                                         "p99_during": percentile(ticks.get("during_prepare_ms") or [0], 0.99),
+                                         "prepares": ticks.get("prepares"), "errors": ticks.get("errors"),
+                                         "gc_during": ticks.get("gc_during"), "gc_during_ms": ticks.get("gc_during_ms")}
                 row["rollback_stats"] = stats(res.get("rollback_ms") or [])
                 row["report_pause_stats"] = stats(res.get("report_pause_ms") or [])
                 if res.get("hooks_own_ms"):
@@ -532,13 +555,68 @@ def report_hook_ms(row: dict):
 def evaluate_targets(results: list) -> list:
     out = []
     hf = [r for r in results if r["contender"] == "hotfleet" and r.get("status") == "ok" and r["stats"]["n"]]
+    shapes = []
+    for r in hf:
+        if r.get("shape") not in shapes:
+            shapes.append(r.get("shape"))
+    for shape in shapes:
+        out.extend(_shape_targets([r for r in hf if r.get("shape") == shape], shape))
+    return out
+
+
+# issue 12: commit median limit per patch shape, no instance hooks (ms)
+COMMIT_LIMIT_MS = {"inplace": 0.5, "shifted": 1.0}
+PREPARE_CPU_LIMIT_MS = 50.0
+TICK_P99_RISE_LIMIT_MS = 2.0
+HOOKED_LIMIT_MS = 10.0  # 1M live instances, 10k hooked
+HOOKED_PER_INSTANCE_US = 1.0
+
+
+def _shape_targets(hf: list, shape: str) -> list:
+    out = []
     plain = [r for r in hf if not r["hooks"]]
     hooked = [r for r in hf if r["hooks"]]
+    tag = "[%s] " % shape
     if plain:
+        limit = COMMIT_LIMIT_MS.get(shape, 1.0)
         worst = max(plain, key=lambda r: r["stats"]["median"])
-        out.append({"target": "hotfleet commit median <= 1 ms, no instance hooks (every scenario)",
-                    "measured": "worst median %s ms (%s)" % (fmt_ms(worst["stats"]["median"]), worst["label"]),
-                    "verdict": "met" if worst["stats"]["median"] <= 1.0 else "MISSED"})
+        reloc = ((worst.get("report_fields") or {}).get("counts.relocated") or [0])
+        out.append({"target": tag + "hotfleet commit median <= %s ms, no instance hooks (every scenario)" % limit,
+                    "measured": "worst median %s ms (%s; %d functions relocated)" % (
+                        fmt_ms(worst["stats"]["median"]), worst["label"], reloc[0] if reloc else 0),
+                    "verdict": "met" if worst["stats"]["median"] <= limit else "MISSED"})
+    cpu = [r for r in hf if (r.get("prepare_cpu_stats") or {}).get("n")]
+    if cpu:
+        worst = max(cpu, key=lambda r: r["prepare_cpu_stats"]["median"])
+        out.append({"target": tag + "prepare <= %.0f ms of CPU" % PREPARE_CPU_LIMIT_MS,
+                    "measured": "worst median %s ms CPU, %s ms wall (%s)" % (
+                        fmt_ms(worst["prepare_cpu_stats"]["median"]), fmt_ms(worst["prepare_stats"]["median"]),
+                        worst["label"]),
+                    "verdict": "met" if worst["prepare_cpu_stats"]["median"] <= PREPARE_CPU_LIMIT_MS else "MISSED"})
+    ticked = [r for r in hf if r.get("tick_stats")]
+    if ticked:
+        worst = max(ticked, key=lambda r: r["tick_stats"]["p99_during"] - r["tick_stats"]["p99_baseline"])
+        ts = worst["tick_stats"]
+        rise = ts["p99_during"] - ts["p99_baseline"]
+        out.append({"target": tag + "tick p99 during a background prepare <= baseline p99 + %.0f ms (20 Hz, ~5 ms "
+                    "work)" % TICK_P99_RISE_LIMIT_MS,
+                    "measured": "worst: p99 %s ms alone -> %s ms during prepares (+%s ms; %s prepares; %s)" % (
+                        fmt_ms(ts["p99_baseline"]), fmt_ms(ts["p99_during"]), fmt_ms(rise), ts.get("prepares"),
+                        worst["label"]),
+                    "verdict": "met" if rise <= TICK_P99_RISE_LIMIT_MS and not ts.get("errors") else "MISSED"})
+    big = [r for r in hooked if r["instances"] >= 10 ** 6]
+    for r in big:
+        own = (r.get("hooks_own_stats") or {}).get("median") or 0.0
+        n_h = (r.get("world") or {}).get("hook_instances") or 1
+        per_us = (r["stats"]["median"] - own) * 1e3 / n_h
+        ok = r["stats"]["median"] <= HOOKED_LIMIT_MS and per_us <= HOOKED_PER_INSTANCE_US
+        out.append({"target": tag + "commit with 1M live instances, %s hooked: <= %.0f ms and <= %.0f us per hooked "
+                    "instance beyond the hooks' own time" % (fmt_count(n_h), HOOKED_LIMIT_MS, HOOKED_PER_INSTANCE_US),
+                    "measured": "%s ms median, hooks' own %s ms, %.2f us per hooked instance beyond (%s)" % (
+                        fmt_ms(r["stats"]["median"]), fmt_ms(own), per_us, r["label"]),
+                    "verdict": ("MISSED (hooks did not run on every instance)" if r["verdict"]["hooks"] != "all ran"
+                                else "met" if ok else "MISSED")})
+    if plain:
         for fr in (False, True):
             rows = [r for r in plain if r["freeze"] == fr]
             if len(rows) < 2:
@@ -546,7 +624,7 @@ def evaluate_targets(results: list) -> list:
             lo = min(rows, key=lambda r: (r["instances"], r["filler_mb"]))
             hi = max(rows, key=lambda r: (r["instances"], r["filler_mb"]))
             a, b = lo["stats"]["median"], hi["stats"]["median"]
-            out.append({"target": "hotfleet commit flat in heap size%s" % (" (gc.freeze)" if fr else ""),
+            out.append({"target": tag + "hotfleet commit flat in heap size%s" % (" (gc.freeze)" if fr else ""),
                         "measured": "%s ms (%s) -> %s ms (%s)" % (fmt_ms(a), lo["label"], fmt_ms(b), hi["label"]),
                         "verdict": "met" if _flat(a, b, 0.1) else "MISSED",
                         "rule": "largest-heap median <= 1.5 x smallest-heap median + 0.1 ms"})
@@ -563,7 +641,7 @@ def evaluate_targets(results: list) -> list:
             overs.append((r, over, own))
             rep_txt = ("; report.%s %s ms, of which runtime work around the hooks ~%s ms"
                        % (key, fmt_ms(rep), fmt_ms(rep - own))) if rep is not None else ""
-            out.append({"target": "hotfleet commit with __reload_instance__ on %s instances <= 5 ms + hooks' own time"
+            out.append({"target": tag + "hotfleet commit with __reload_instance__ on %s instances <= 5 ms + hooks' own time"
                         % fmt_count(r["world"]["hook_instances"] if r.get("world") else 0),
                         "measured": "%s ms median = %s ms hooks' own (timed apart) + %s ms overhead%s (%s)" % (
                             fmt_ms(r["stats"]["median"]), fmt_ms(own), fmt_ms(over), rep_txt, r["label"]),
@@ -573,7 +651,7 @@ def evaluate_targets(results: list) -> list:
         if len(overs) >= 2:
             lo = min(overs, key=lambda x: (x[0]["instances"], x[0]["filler_mb"], x[0]["freeze"]))
             hi = max(overs, key=lambda x: (x[0]["instances"], x[0]["filler_mb"], not x[0]["freeze"]))
-            out.append({"target": "hook overhead independent of heap size",
+            out.append({"target": tag + "hook overhead independent of heap size",
                         "measured": "%s ms (%s) -> %s ms (%s)" % (fmt_ms(lo[1]), lo[0]["label"], fmt_ms(hi[1]),
                                                                   hi[0]["label"]),
                         "verdict": "met" if _flat(lo[1], hi[1], 0.5) else "MISSED",
@@ -625,7 +703,16 @@ def print_report(results, info, targets, args, total_s) -> None:
         if r["contender"] == "hotfleet":
             rp = r.get("report_pause_stats") or {}
             notes.append("report.pause_ms %s" % fmt_ms(rp.get("median")) if rp.get("n") else "no report.pause_ms")
-            notes.append("prepare %s" % fmt_ms((r.get("prepare_stats") or {}).get("median")))
+            notes.append("prepare %s (CPU %s)" % (fmt_ms((r.get("prepare_stats") or {}).get("median")),
+                                                 fmt_ms((r.get("prepare_cpu_stats") or {}).get("median"))))
+            reloc = (r.get("report_fields") or {}).get("counts.relocated")
+            if reloc:
+                notes.append("relocated %d" % reloc[0])
+            if r.get("tick_stats"):
+                ts = r["tick_stats"]
+                notes.append("tick p99 %s -> %s during prepare" % (fmt_ms(ts["p99_baseline"]), fmt_ms(ts["p99_during"])))
+                if (ts.get("gc_during") or [0, 0, 0])[2]:
+                    notes.append("gen2 gc during prepares x%d (%s ms)" % (ts["gc_during"][2], fmt_ms(ts.get("gc_during_ms"))))
             notes.append("rollback %s" % fmt_ms((r.get("rollback_stats") or {}).get("median")))
             if r.get("hooks_own_stats"):
                 notes.append("hooks' own %s" % fmt_ms(r["hooks_own_stats"]["median"]))
@@ -717,7 +804,7 @@ def print_report(results, info, targets, args, total_s) -> None:
 
     if targets:
         log("")
-        log("targets (issue 2):")
+        log("targets (issues 2 and 12):")
         for t in targets:
             log("  [%s] %s: %s" % (t["verdict"], t["target"], t["measured"]))
     skipped = {r["contender"]: r.get("error") for r in results if r.get("status") == "skipped"}

@@ -8,10 +8,13 @@ use std::{
     time::Duration,
 };
 
+mod common;
+
+use common::{coordinator_client, tls_channel};
 use hotfleet_localfleet::*;
 use hotfleet_proto::v1::{
-    agent_client::AgentClient, coordinator_client::CoordinatorClient, AbortRequest, CommandHeader, CommitRequest,
-    HealthRequest, PrepareRequest, PushPatchRequest, RollbackRequest, StatusRequest,
+    agent_client::AgentClient, AbortRequest, CommandHeader, CommitRequest, HealthRequest, PrepareRequest,
+    PushPatchRequest, RollbackRequest, StatusRequest,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -22,8 +25,8 @@ fn header(rollout: &str, patch: &str, epoch: u64) -> Option<CommandHeader> {
     Some(CommandHeader { rollout_id: rollout.into(), patch_id: patch.into(), epoch })
 }
 
-async fn agent_client(agent: &AgentProc) -> AgentClient<Channel> {
-    AgentClient::connect(agent.url()).await.expect("connect to agent")
+async fn agent_client(keys: &Keys, agent: &AgentProc) -> AgentClient<Channel> {
+    common::agent_client(keys, agent).await
 }
 
 /// One node: a coordinator (patch source), an agent, `zones` zone servers, a player on each.
@@ -63,7 +66,7 @@ impl Node {
     async fn wait_processes(&self, n: usize) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let mut client = agent_client(&self.agent).await;
+            let mut client = agent_client(&self.keys, &self.agent).await;
             let status = client.status(StatusRequest {}).await.expect("status").into_inner();
             let count = status.node.map(|node| node.processes.len()).unwrap_or(0);
             if count == n {
@@ -83,7 +86,7 @@ impl Node {
     async fn push(&self, name: &str, signed: bool) -> String {
         let (path, id) = self.build(name, signed);
         let bundle = std::fs::read(path).expect("bundle");
-        let mut client = CoordinatorClient::connect(self.coordinator.url()).await.expect("coordinator");
+        let mut client = coordinator_client(&self.keys, &self.coordinator.url()).await;
         let pushed = client.push_patch(PushPatchRequest { bundle }).await;
         if signed {
             pushed.expect("push patch");
@@ -102,7 +105,7 @@ async fn prepare_commit_rollback_changes_what_players_see_without_dropping_them(
     let before: Vec<i64> = node.players.iter_mut().map(damage).collect();
     let stats_before: Vec<_> = node.players.iter_mut().map(|p| p.stats().expect("stats")).collect();
     let patch = node.push("hotfix-damage", true).await;
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
 
     let prepared = agent
         .prepare(PrepareRequest { header: header("r1", &patch, 1), ttl_seconds: 0 })
@@ -168,11 +171,11 @@ async fn a_bundle_over_one_frame_once_escaped_reaches_the_runtimes_in_pieces() {
     let out = node.dir.path().join("big.hfpatch");
     let (path, patch) = build_patch(&node.layout, &root, &out, BUILD, "big", Some(&node.keys)).expect("build patch");
     let bundle = std::fs::read(path).expect("bundle");
-    let mut coordinator = CoordinatorClient::connect(node.coordinator.url()).await.expect("coordinator");
+    let mut coordinator = coordinator_client(&node.keys, &node.coordinator.url()).await;
     coordinator.push_patch(PushPatchRequest { bundle }).await.expect("push patch");
 
     let before = damage(&mut node.players[0]);
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
     let prepared = agent
         .prepare(PrepareRequest { header: header("r-big", &patch, 1), ttl_seconds: 0 })
         .await
@@ -194,7 +197,7 @@ async fn failed_prepare_leaves_every_process_untouched() {
     let mut node = Node::start(2).await;
     let before: Vec<i64> = node.players.iter_mut().map(damage).collect();
     let patch = node.push("syntax-error", true).await;
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
     let answer = agent
         .prepare(PrepareRequest { header: header("r-syntax", &patch, 1), ttl_seconds: 0 })
         .await
@@ -222,7 +225,7 @@ async fn failed_prepare_leaves_every_process_untouched() {
 async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
     let mut node = Node::start(1).await;
     let before = damage(&mut node.players[0]);
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
 
     // Unsigned: the coordinator refuses the upload, so the agent cannot fetch it.
     let unsigned = node.push("hotfix-damage", false).await;
@@ -275,7 +278,7 @@ async fn highest_epoch(agent: &mut AgentClient<Channel>) -> u64 {
 async fn stale_epochs_are_refused_even_after_an_agent_restart() {
     let mut node = Node::start(1).await;
     let patch = node.push("hotfix-damage", true).await;
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
     // The coordinator's first term is epoch 1, learned by the agent when it registered.
     agent.abort(AbortRequest { header: header("r-e", &patch, 1) }).await.expect("epoch 1 accepted");
     // A new term of the coordinator (same store: epoch 2) reaches the agent by heartbeat.
@@ -300,7 +303,7 @@ async fn stale_epochs_are_refused_even_after_an_agent_restart() {
     node.agent =
         AgentProc::start(&node.layout, node.dir.path(), "node-a", Some(&node.coordinator.url()), &node.keys, &[])
             .expect("agent restart");
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
     assert_eq!(highest_epoch(&mut agent).await, 2);
     let err =
         agent.commit(CommitRequest { header: header("r-e2", &patch, 1) }).await.expect_err("old epoch after restart");
@@ -313,7 +316,7 @@ async fn runtime_killed_mid_commit_is_reported_and_the_others_commit() {
     let mut node = Node::start(3).await;
     let before = damage(&mut node.players[0]);
     let patch = node.push("hotfix-damage", true).await;
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
     let prepared = agent
         .prepare(PrepareRequest { header: header("r-kill", &patch, 1), ttl_seconds: 0 })
         .await
@@ -324,9 +327,9 @@ async fn runtime_killed_mid_commit_is_reported_and_the_others_commit() {
     // Freeze zone2's game thread so its commit waits for a safe point that never comes, then kill it.
     let victim_pid = node.zones[2].proc.pid();
     node.zones[2].proc.signal("STOP").expect("SIGSTOP");
-    let url = node.agent.url();
+    let (url, node_id, as_coordinator) = (node.agent.url(), node.agent.node_id.clone(), node.keys.tls.coordinator());
     let commit = tokio::spawn(async move {
-        let mut agent = AgentClient::connect(url).await.expect("agent");
+        let mut agent = AgentClient::new(tls_channel(&as_coordinator, &url, &node_id).await.expect("agent"));
         agent.commit(CommitRequest { header: header("r-kill", &patch, 1) }).await
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -391,7 +394,7 @@ async fn a_process_that_connects_later_is_listed_at_once() {
     let late =
         ZoneProc::start(&node.layout, node.dir.path(), "late", Some(&node.agent.socket), BUILD, &[]).expect("zone");
     node.wait_processes(2).await;
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
     let status = agent.status(StatusRequest {}).await.expect("status").into_inner().node.expect("node");
     let late_status = status.processes.iter().find(|p| p.pid == late.proc.pid()).expect("late process listed");
     assert_eq!(late_status.build, BUILD);
@@ -405,7 +408,7 @@ async fn a_process_that_connects_later_is_listed_at_once() {
     late.proc.signal("STOP").expect("SIGSTOP");
     let health = agent.health(HealthRequest::default()).await.expect("health").into_inner();
     late.proc.signal("CONT").expect("SIGCONT");
-    assert!(!health.healthy);
+    assert!(!health.healthy, "{}", health.summary);
     assert!(health.summary.contains(&format!("pid {}", late.proc.pid())), "{}", health.summary);
     assert_eq!(status.labels.get("region").map(String::as_str), Some("test"));
 }
@@ -438,7 +441,7 @@ async fn a_vanished_coordinator_is_logged_and_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_process_never_makes_its_node_lost() {
     let node = Node::start(2).await;
-    let mut coordinator = CoordinatorClient::connect(node.coordinator.url()).await.expect("coordinator");
+    let mut coordinator = coordinator_client(&node.keys, &node.coordinator.url()).await;
     let stuck = node.zones[1].proc.pid();
     let listed = std::time::Instant::now();
     while node_a(&mut coordinator).await.status.expect("status").processes.len() < 2 {
@@ -458,12 +461,14 @@ async fn a_stuck_process_never_makes_its_node_lost() {
     }
     node.zones[1].proc.signal("CONT").expect("SIGCONT");
     assert!(polls >= 20, "{polls} polls");
-    let mut agent = agent_client(&node.agent).await;
+    let mut agent = agent_client(&node.keys, &node.agent).await;
     let health = agent.health(HealthRequest::default()).await.expect("health").into_inner();
     assert_eq!(health.processes.len(), 2, "{}", health.summary);
 }
 
-async fn node_a(coordinator: &mut CoordinatorClient<Channel>) -> hotfleet_proto::v1::NodeInfo {
+async fn node_a(
+    coordinator: &mut hotfleet_proto::v1::coordinator_client::CoordinatorClient<Channel>,
+) -> hotfleet_proto::v1::NodeInfo {
     let request = hotfleet_proto::v1::ListNodesRequest { selector: String::new(), ..Default::default() };
     let nodes = coordinator.list_nodes(request).await.expect("list nodes").into_inner().nodes;
     nodes.into_iter().find(|n| n.status.as_ref().is_some_and(|s| s.node_id == "node-a")).expect("node-a listed")

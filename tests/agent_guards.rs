@@ -1,5 +1,7 @@
 //! An agent obeys only its coordinator's rollouts, even driven directly on
-//! its gRPC port by a stock client (issue 10's findings, on a real fleet):
+//! its gRPC port (issue 10's findings, on a real fleet). The client here
+//! holds the coordinator's own certificate, the worst case: without it the
+//! agent's gate refuses every command before these checks (tests/security.rs):
 //!
 //! - a command with epoch `u64::MAX` is refused as unknown and leaves the
 //!   agent's epoch file alone, so the coordinator is not locked out: its next
@@ -16,7 +18,7 @@
 mod common;
 
 use common::*;
-use hotfleet_proto::v1::{agent_client::AgentClient, CommandHeader, CommitRequest, PrepareRequest, StatusRequest};
+use hotfleet_proto::v1::{CommandHeader, CommitRequest, PrepareRequest, StatusRequest};
 
 fn header(rollout: &str, patch: &str, epoch: u64) -> Option<CommandHeader> {
     Some(CommandHeader { rollout_id: rollout.into(), patch_id: patch.into(), epoch })
@@ -27,7 +29,7 @@ async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_
     let mut s = Scenario::start_game(Backend::Embedded, Game::ZoneServer, 2, BUILD);
     let hotfix = s.push("hotfix-damage");
     let node = &s.fleet.nodes[0];
-    let mut agent = AgentClient::connect(node.agent.url()).await.expect("agent");
+    let mut agent = agent_client(&s.fleet.keys, &node.agent).await;
     let epoch_file = node.agent.data_dir.join("epoch");
     let learned = std::fs::read(&epoch_file).expect("the epoch learned at registration");
 
@@ -54,7 +56,7 @@ async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_
 
     // 4. Its rollout replayed straight to every agent, at the current epoch: refused.
     for node in &s.fleet.nodes {
-        let mut agent = AgentClient::connect(node.agent.url()).await.expect("agent");
+        let mut agent = agent_client(&s.fleet.keys, &node.agent).await;
         let prepare = PrepareRequest { header: header(&bad_rollout, &bad, epoch), ttl_seconds: 0 };
         let err = agent.prepare(prepare).await.expect_err("a rolled-back patch replayed");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}: {err:?}", node.agent.node_id);

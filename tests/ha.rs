@@ -28,16 +28,20 @@ use hotfleet_coordinator::store::{
     etcd::{EtcdOptions, EtcdStore},
     AuditEntry, Batch, Fence, FreezeRecord, Store, StoreError, Write,
 };
-use hotfleet_proto::v1::{
-    agent_client::AgentClient, coordinator_client::CoordinatorClient, CommandHeader, CommitRequest, FreezeRequest,
-    GetLeaderRequest, LeaderStatus, RollbackRequest, RolloutPhase, StatusRequest, WatchRolloutRequest,
+use hotfleet_proto::{
+    tls::DEFAULT_COORDINATOR_IDENTITY,
+    v1::{
+        agent_client::AgentClient, coordinator_client::CoordinatorClient, CommandHeader, CommitRequest, FreezeRequest,
+        GetLeaderRequest, LeaderStatus, RollbackRequest, RolloutPhase, StatusRequest, WatchRolloutRequest,
+    },
 };
 use tonic::Code;
 
 /// Asks one coordinator who leads (bounded: it may be paused).
-async fn ask(url: &str) -> Option<LeaderStatus> {
-    let connect = CoordinatorClient::connect(url.to_string());
-    let mut client = tokio::time::timeout(Duration::from_secs(1), connect).await.ok()?.ok()?;
+async fn ask(keys: &Keys, url: &str) -> Option<LeaderStatus> {
+    let sre = keys.tls.operator("sre");
+    let connect = tls_channel(&sre, url, DEFAULT_COORDINATOR_IDENTITY);
+    let mut client = CoordinatorClient::new(tokio::time::timeout(Duration::from_secs(1), connect).await.ok()?.ok()?);
     let mut request = tonic::Request::new(GetLeaderRequest {});
     request.set_timeout(Duration::from_secs(1));
     let answer = tokio::time::timeout(Duration::from_secs(1), client.get_leader(request)).await.ok()?.ok()?;
@@ -48,7 +52,7 @@ async fn ask(url: &str) -> Option<LeaderStatus> {
 /// among `candidates`.
 async fn leader_among(fleet: &Fleet, candidates: &[usize]) -> Option<(usize, LeaderStatus)> {
     for &i in candidates {
-        if let Some(status) = ask(&fleet.coordinators[i].url()).await {
+        if let Some(status) = ask(&fleet.keys, &fleet.coordinators[i].url()).await {
             if status.is_leader {
                 return Some((i, status));
             }
@@ -138,7 +142,7 @@ async fn leader_killed_the_moment_wave_two_commits_the_new_leader_completes_the_
     let (old, old_status) = leader_among(&s.fleet, &all).await.expect("a leader");
     // The leader's own watch: Committing is recorded just before the
     // commits are sent, so it arrives as they go out.
-    let mut leader = CoordinatorClient::connect(s.fleet.coordinators[old].url()).await.expect("connect the leader");
+    let mut leader = coordinator_client(&s.fleet.keys, &s.fleet.coordinators[old].url()).await;
     let mut stream =
         leader.watch_rollout(WatchRolloutRequest { rollout_id: id.clone() }).await.expect("watch").into_inner();
     let mut wave_two: Vec<String> = Vec::new();
@@ -154,7 +158,7 @@ async fn leader_killed_the_moment_wave_two_commits_the_new_leader_completes_the_
             // Prepared everywhere: the next command wave 2's agents admit is its commit.
             wave_two = r.steps.get(2).map(|s| s.node_ids.clone()).expect("a wave-2 step");
             for node in s.fleet.nodes.iter().filter(|n| wave_two.contains(&n.agent.node_id)) {
-                agents.push(AgentClient::connect(node.agent.url()).await.expect("agent"));
+                agents.push(agent_client(&s.fleet.keys, &node.agent).await);
             }
             admitted_before = admitted(&mut agents).await;
         }
@@ -255,7 +259,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
     // at once and follows the new leader.
     let woke = Instant::now();
     loop {
-        if let Some(view) = ask(&old_url).await {
+        if let Some(view) = ask(&s.fleet.keys, &old_url).await {
             if !view.is_leader && view.leader_addr == new_url {
                 break;
             }
@@ -264,7 +268,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A write sent to it is refused, naming the new leader.
-    let mut old_client = CoordinatorClient::connect(old_url.clone()).await.expect("connect old leader");
+    let mut old_client = coordinator_client(&s.fleet.keys, &old_url).await;
     let refused = old_client.freeze(FreezeRequest { reason: "from the old leader".into() }).await.expect_err("refused");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert_eq!(refused.metadata().get("x-hotfleet-leader").and_then(|v| v.to_str().ok()), Some(new_url.as_str()));
@@ -273,7 +277,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
     // flight, and the old epoch's commands sent now on its behalf (what a
     // deposed leader that never noticed would send) are refused by every agent.
     for node in &s.fleet.nodes {
-        let mut agent = AgentClient::connect(node.agent.url()).await.expect("agent");
+        let mut agent = agent_client(&s.fleet.keys, &node.agent).await;
         let header =
             || Some(CommandHeader { rollout_id: id.clone(), patch_id: patch.clone(), epoch: old_status.epoch });
         let commit = agent.commit(CommitRequest { header: header() }).await.expect_err("stale commit");
@@ -291,7 +295,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
     // compare and leaves the store as it was.
     let etcd = s.fleet.etcd.as_ref().expect("etcd");
     let store = EtcdStore::connect(&EtcdOptions::new(vec![etcd.url()], "/hotfleet/")).await.expect("etcd store");
-    let audit_before = store.audit(1000).await.expect("audit").len();
+    let audit_before = store.audit(1000, None).await.expect("audit").len();
     let stale = Batch::new()
         .with(Write::SetFreeze(Some(FreezeRecord { reason: "stale".into(), by: "old-leader".into(), since_ms: 1 })))
         .with(Write::Audit(AuditEntry {
@@ -311,7 +315,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
         other => panic!("a write under the deposed leader's fence must be fenced, got {other:?}"),
     }
     assert_eq!(store.freeze().await.expect("freeze"), None);
-    assert_eq!(store.audit(1000).await.expect("audit").len(), audit_before);
+    assert_eq!(store.audit(1000, None).await.expect("audit").len(), audit_before);
     // Every rollout write since the take-over is the new leader's.
     let stored = store.rollout(&id).await.expect("read").expect("rollout");
     assert!(stored.epoch >= status.epoch, "rollout last written by epoch {}", stored.epoch);

@@ -17,7 +17,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context};
 use hotfleet_localfleet::{build_patch, build_patch_with, Fleet, FleetNode, Layout, PatchBuild, Proc, TempDir};
-use hotfleet_proto::v1::{ListNodesRequest, RolloutSpec, StartRolloutRequest};
+use hotfleet_proto::{
+    tls::TlsArgs,
+    v1::{ListNodesRequest, RolloutSpec, StartRolloutRequest},
+};
 use serde_json::Value;
 
 use crate::{client::Target, exit::CliResult, output::Output, rollout_cmd};
@@ -80,11 +83,17 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
     let work = dir.path();
     step("1/5", &format!("starting a local fleet of {} nodes in {}", args.nodes, work.display()));
     let mut fleet = Fleet::start(layout, work, args.nodes, BUILD, &["--heartbeat-interval", "500ms"], |_| Vec::new())?;
-    let target = Target { coordinator: fleet.coordinator().url(), actor: Some("demo".into()) };
+    let demo = fleet.keys.tls.operator("demo");
+    let tls = TlsArgs { tls_ca: Some(demo.ca), tls_cert: Some(demo.cert), tls_key: Some(demo.key), insecure: false };
+    let target = Target::new(fleet.coordinator().url(), tls);
     println!(
         "  coordinator  {}  (embedded store {})",
         fleet.coordinator().url(),
         fleet.coordinator().data_dir.display()
+    );
+    println!(
+        "  mutual TLS on: every process holds a certificate of a development CA ({})",
+        fleet.keys.tls.dir.display()
     );
     for node in &fleet.nodes {
         println!(

@@ -1,7 +1,7 @@
-//! `hotfleet nodes list`, `freeze`, `unfreeze`, `audit`, `leader`.
+//! `hotfleet nodes list`, `nodes remove`, `freeze`, `unfreeze`, `audit`, `leader`.
 
 use hotfleet_proto::v1::{
-    FreezeRequest, ListAuditRequest, ListNodesRequest, NodesSummary, StackDrift, UnfreezeRequest,
+    FreezeRequest, ListAuditRequest, ListNodesRequest, NodesSummary, RemoveNodeRequest, StackDrift, UnfreezeRequest,
 };
 
 use crate::{
@@ -152,14 +152,31 @@ pub async fn unfreeze(target: &Target, output: Output) -> CliResult {
     Ok(())
 }
 
-pub async fn audit(target: &Target, limit: u32, output: Output) -> CliResult {
+pub async fn nodes_remove(target: &Target, node_id: String, reason: String, output: Output) -> CliResult {
     let mut client = target.connect().await?;
-    let records = client
-        .list_audit(target.request(ListAuditRequest { limit }))
+    let answer = client
+        .remove_node(target.request(RemoveNodeRequest { node_id: node_id.clone(), reason }))
+        .await
+        .map_err(|s| failure("removing the node failed", s))?
+        .into_inner();
+    if output == Output::Json {
+        print_json(&answer);
+    } else if answer.was_alive {
+        println!("node {node_id} removed; it was alive: its agent registers again unless it is stopped");
+    } else {
+        println!("node {node_id} removed");
+    }
+    Ok(())
+}
+
+pub async fn audit(target: &Target, limit: u32, before: Option<u64>, output: Output) -> CliResult {
+    let mut client = target.connect().await?;
+    let page = client
+        .list_audit(target.request(ListAuditRequest { limit, before_seq: before.unwrap_or(0) }))
         .await
         .map_err(|s| failure("reading the audit log failed", s))?
-        .into_inner()
-        .records;
+        .into_inner();
+    let records = page.records;
     if output == Output::Json {
         print_json(&records);
         return Ok(());
@@ -175,6 +192,9 @@ pub async fn audit(target: &Target, limit: u32, output: Output) -> CliResult {
             r.target.get(..12).unwrap_or(&r.target),
             r.detail
         );
+    }
+    if page.next_before_seq != 0 {
+        println!("older records: hotfleet audit --limit {limit} --before {}", page.next_before_seq);
     }
     Ok(())
 }

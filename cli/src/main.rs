@@ -2,6 +2,8 @@
 //! command talks gRPC to the coordinator (`--coordinator` or
 //! `HOTFLEET_COORDINATOR`). Exit codes a runbook can branch on are in [`exit`].
 
+mod auth_cmd;
+mod certs_cmd;
 mod client;
 mod demo;
 mod exit;
@@ -54,11 +56,29 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Which coordinator leads (and its epoch); any coordinator of the list answers.
     Leader,
-    /// The audit log of operator actions, newest first.
+    /// The audit log of operator actions, newest first, one page at a time.
     Audit {
+        /// Records per page (the coordinator answers at most 1000).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only records older than this sequence number (the next page's
+        /// `--before` is printed under each page).
+        #[arg(long)]
+        before: Option<u64>,
     },
+    /// Who you are to the coordinator; bearer tokens.
+    #[command(subcommand)]
+    Auth(auth_cmd::AuthCommand),
+    /// Certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// A development CA plus certificates for the coordinator, nodes and
+    /// operators, in the file layout the --tls-* flags take.
+    Dev(certs_cmd::DevArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +92,14 @@ enum NodesCommand {
         #[arg(long)]
         summary: bool,
     },
+    /// Forget a node (refused while a live rollout holds it; audited). Stop
+    /// its agent first: an agent still running registers again.
+    Remove {
+        node_id: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 async fn dispatch(cli: Cli) -> CliResult {
@@ -82,12 +110,17 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Nodes(NodesCommand::List { selector, summary }) => {
             fleet_cmd::nodes_list(target, selector, summary, output).await
         }
+        Command::Nodes(NodesCommand::Remove { node_id, reason }) => {
+            fleet_cmd::nodes_remove(target, node_id, reason, output).await
+        }
         Command::Rollout(cmd) => rollout_cmd::run(target, cmd, output).await,
         Command::Freeze { reason } => fleet_cmd::freeze(target, reason, output).await,
         Command::Unfreeze => fleet_cmd::unfreeze(target, output).await,
         Command::Demo(args) => demo::run(args, output).await,
-        Command::Audit { limit } => fleet_cmd::audit(target, limit, output).await,
+        Command::Audit { limit, before } => fleet_cmd::audit(target, limit, before, output).await,
         Command::Leader => fleet_cmd::leader(target, output).await,
+        Command::Auth(cmd) => auth_cmd::run(cmd, target, output).await,
+        Command::Certs(CertsCommand::Dev(args)) => certs_cmd::dev(args),
     }
 }
 

@@ -19,12 +19,13 @@ use std::{
 };
 
 use async_trait::async_trait;
+use hotfleet_proto::tls::Transport;
 use hotfleet_proto::v1::{
     agent_client::AgentClient as ProtoAgentClient, AbortRequest, CommandHeader, CommitRequest, HealthRequest,
     PrepareRequest, RollbackRequest,
 };
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::rollout::health::Sample;
 
@@ -136,11 +137,15 @@ pub struct GrpcAgents {
     channels: Mutex<Channels>,
     call_timeout: Duration,
     in_flight: Arc<Semaphore>,
+    /// With TLS, each agent must present the certificate of the node it
+    /// registered as, and sees ours (the coordinator's) in return.
+    transport: Transport,
 }
 
-/// One channel per agent address, and the call bound they have grown the semaphore to.
+/// One channel per agent (node id and address: the TLS server name is the
+/// node id), and the call bound they have grown the semaphore to.
 struct Channels {
-    by_addr: HashMap<String, Channel>,
+    by_addr: HashMap<(String, String), Channel>,
     floor: usize,
     limit: usize,
 }
@@ -148,12 +153,13 @@ struct Channels {
 impl GrpcAgents {
     /// `min_in_flight`: the bound on calls in flight for a small fleet; it
     /// grows with the number of agents (see [`in_flight_limit`]).
-    pub fn new(call_timeout: Duration, min_in_flight: usize) -> Self {
+    pub fn new(call_timeout: Duration, min_in_flight: usize, transport: Transport) -> Self {
         let limit = in_flight_limit(min_in_flight, 0);
         Self {
             channels: Mutex::new(Channels { by_addr: HashMap::new(), floor: min_in_flight, limit }),
             call_timeout,
             in_flight: Arc::new(Semaphore::new(limit)),
+            transport,
         }
     }
 
@@ -165,11 +171,14 @@ impl GrpcAgents {
     fn channel(&self, to: &Target) -> Result<Channel, AgentError> {
         let mut guard = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let channels = &mut *guard;
-        if let Some(ch) = channels.by_addr.get(&to.addr) {
+        // Keyed by node too: the TLS server name is the node id.
+        let key = (to.node_id.clone(), to.addr.clone());
+        if let Some(ch) = channels.by_addr.get(&key) {
             return Ok(ch.clone());
         }
-        let uri = hotfleet_proto::address::endpoint_url(&to.addr);
-        let endpoint = Endpoint::from_shared(uri).map_err(|e| AgentError::Unreachable {
+        // The server name verified is the node id: an address that now
+        // answers with another node's certificate is not this node.
+        let endpoint = self.transport.endpoint(&to.addr, &to.node_id).map_err(|e| AgentError::Unreachable {
             node: to.node_id.clone(),
             addr: to.addr.clone(),
             reason: format!("bad advertise_addr: {e}"),
@@ -179,7 +188,7 @@ impl GrpcAgents {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .connect_lazy();
-        channels.by_addr.insert(to.addr.clone(), channel.clone());
+        channels.by_addr.insert(key, channel.clone());
         let wanted = in_flight_limit(channels.floor, channels.by_addr.len());
         if wanted > channels.limit {
             self.in_flight.add_permits(wanted - channels.limit);

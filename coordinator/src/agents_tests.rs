@@ -66,7 +66,7 @@ fn the_call_bound_grows_with_the_fleet_up_to_a_cap() {
 
 #[tokio::test]
 async fn the_semaphore_grows_as_agents_are_first_called() {
-    let agents = GrpcAgents::new(Duration::from_secs(1), 2);
+    let agents = GrpcAgents::new(Duration::from_secs(1), 2, Transport::Insecure);
     assert_eq!(agents.in_flight_bound(), 2);
     for i in 0..40 {
         let target = Target { node_id: format!("n{i}"), addr: format!("127.0.0.1:{}", 1 + i) };
@@ -82,7 +82,7 @@ async fn waiting_for_a_slot_does_not_count_against_the_deadline() {
     // one after another (the last is sent ~400 ms after it was asked for),
     // and each answers well within its own deadline.
     let addr = slow_agent(Duration::from_millis(200)).await;
-    let agents = GrpcAgents::new(Duration::from_secs(5), 1);
+    let agents = GrpcAgents::new(Duration::from_secs(5), 1, Transport::Insecure);
     let target = Target { node_id: "n1".into(), addr };
     let since = BTreeMap::new();
     let started = tokio::time::Instant::now();
@@ -97,7 +97,7 @@ async fn waiting_for_a_slot_does_not_count_against_the_deadline() {
 #[tokio::test]
 async fn a_call_still_ends_at_its_deadline_once_sent() {
     let addr = slow_agent(Duration::from_secs(5)).await;
-    let agents = GrpcAgents::new(Duration::from_secs(5), 1);
+    let agents = GrpcAgents::new(Duration::from_secs(5), 1, Transport::Insecure);
     let target = Target { node_id: "n1".into(), addr };
     let started = tokio::time::Instant::now();
     let err = agents.health(&target, &BTreeMap::new(), Duration::from_millis(200)).await.expect_err("deadline");

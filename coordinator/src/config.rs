@@ -4,8 +4,12 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
+use hotfleet_proto::tls::{OwnCert, TlsArgs, TlsError, Transport};
 
-use crate::store::etcd::EtcdOptions;
+use crate::{
+    grpc::limits::ServeLimits,
+    store::{etcd::EtcdOptions, AuditRetention},
+};
 
 /// State store backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +90,44 @@ pub struct Args {
     /// How long shutdown waits for in-flight work.
     #[arg(long, env = "HOTFLEET_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Mutual TLS (--tls-ca, --tls-cert, --tls-key) or --insecure: one is required.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Roles of certificate identities, lines `NAME ROLE` (viewer, operator,
+    /// admin). When given, the only source of certificate roles (the
+    /// `hotfleet-role=` OU of the dev CA is then ignored).
+    #[arg(long, env = "HOTFLEET_OPERATORS")]
+    pub operators: Option<PathBuf>,
+    /// Bearer tokens, lines `SHA256HEX NAME ROLE` (hashes only; see `hotfleet auth token create`).
+    #[arg(long, env = "HOTFLEET_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// A node lost (no heartbeat) for longer than this is forgotten: its record is removed, audited.
+    #[arg(long, env = "HOTFLEET_NODE_EXPIRY", default_value = "24h", value_parser = parse_duration)]
+    pub node_expiry: Duration,
+    /// Audit entries kept at most (the oldest go first).
+    #[arg(long, env = "HOTFLEET_AUDIT_KEEP", default_value_t = 100_000)]
+    pub audit_keep: u64,
+    /// Audit entries older than this go (0 = no age limit; 2160h = 90 days).
+    #[arg(long, env = "HOTFLEET_AUDIT_MAX_AGE", default_value = "2160h", value_parser = parse_duration)]
+    pub audit_max_age: Duration,
+    /// Deadline of one gRPC request (a stream: until its first message).
+    #[arg(long, env = "HOTFLEET_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Operator requests in flight at once; more are refused RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HOTFLEET_OPERATOR_CONCURRENCY", default_value_t = 64)]
+    pub operator_concurrency: usize,
+    /// Open client connections at most (lowered to fit the open-files limit).
+    #[arg(long, env = "HOTFLEET_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A new connection that sends nothing (or too little) for this long is closed.
+    #[arg(long, env = "HOTFLEET_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 keepalive ping interval towards every client.
+    #[arg(long, env = "HOTFLEET_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+    /// A client that does not answer a keepalive ping within this is disconnected.
+    #[arg(long, env = "HOTFLEET_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
 }
 
 /// Why the flags do not make a working coordinator.
@@ -93,6 +135,8 @@ pub struct Args {
 pub enum ConfigError {
     #[error("--{flag}: {reason}")]
     Invalid { flag: &'static str, reason: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The coordinator's validated settings.
@@ -112,8 +156,19 @@ pub struct Config {
     pub agent_timeout: Duration,
     pub agent_concurrency: usize,
     pub drain_timeout: Duration,
+    /// Connection and time limits of the gRPC server.
+    pub limits: ServeLimits,
+    /// Silence after which a lost node is forgotten.
+    pub node_expiry: Duration,
+    pub audit_retention: AuditRetention,
     /// Overrides `lost_after x heartbeat interval` (tests; not a flag).
     pub lost_timeout: Option<Duration>,
+    /// Mutual TLS, or plaintext with every caller an admin (`--insecure`).
+    pub transport: Transport,
+    /// `--operators`: roles of certificate identities.
+    pub operators: Option<PathBuf>,
+    /// `--tokens`: hashed bearer tokens.
+    pub tokens: Option<PathBuf>,
 }
 
 impl Config {
@@ -130,7 +185,8 @@ impl Config {
         self.advertise_addr.clone().unwrap_or_else(|| format!("http://{}", self.listen))
     }
 
-    /// Defaults for a store in `data_dir` (tests and embedding).
+    /// Defaults for a store in `data_dir` (tests and embedding): plaintext
+    /// and unauthenticated, as `--insecure`; the binary has no such default.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
@@ -146,7 +202,13 @@ impl Config {
             agent_timeout: Duration::from_secs(30),
             agent_concurrency: 64,
             drain_timeout: Duration::from_secs(10),
+            limits: ServeLimits::default(),
+            node_expiry: Duration::from_secs(24 * 3600),
+            audit_retention: AuditRetention::default(),
             lost_timeout: None,
+            transport: Transport::Insecure,
+            operators: None,
+            tokens: None,
         }
     }
 }
@@ -167,6 +229,34 @@ impl TryFrom<Args> for Config {
         }
         if a.agent_concurrency == 0 {
             return Err(invalid("agent-concurrency", "must be at least 1"));
+        }
+        let transport = a.tls.transport(OwnCert::Required)?;
+        if a.audit_keep == 0 {
+            return Err(invalid("audit-keep", "must be at least 1"));
+        }
+        let lost_for =
+            Duration::from_secs(u64::from(crate::registry::advertised_seconds(a.heartbeat_interval))) * a.lost_after;
+        if a.node_expiry <= lost_for {
+            return Err(invalid(
+                "node-expiry",
+                "must be longer than the lost timeout (--lost-after x --heartbeat-interval)",
+            ));
+        }
+        if a.operator_concurrency == 0 {
+            return Err(invalid("operator-concurrency", "must be at least 1"));
+        }
+        if a.max_connections < 16 {
+            return Err(invalid("max-connections", "must be at least 16"));
+        }
+        for (flag, value) in [
+            ("request-timeout", a.request_timeout),
+            ("handshake-timeout", a.handshake_timeout),
+            ("keepalive-interval", a.keepalive_interval),
+            ("keepalive-timeout", a.keepalive_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(invalid(flag, "must be at least 100ms"));
+            }
         }
         let etcd = etcd_options(&a)?;
         if a.leader_lease < Duration::from_secs(2) {
@@ -207,7 +297,20 @@ impl TryFrom<Args> for Config {
             agent_timeout: a.agent_timeout,
             agent_concurrency: a.agent_concurrency,
             drain_timeout: a.drain_timeout,
+            limits: ServeLimits {
+                request_timeout: a.request_timeout,
+                operator_concurrency: a.operator_concurrency,
+                max_connections: a.max_connections,
+                handshake_timeout: a.handshake_timeout,
+                keepalive_interval: a.keepalive_interval,
+                keepalive_timeout: a.keepalive_timeout,
+            },
+            node_expiry: a.node_expiry,
+            audit_retention: AuditRetention { keep: a.audit_keep, max_age: a.audit_max_age },
             lost_timeout: None,
+            transport,
+            operators: a.operators,
+            tokens: a.tokens,
         })
     }
 }
@@ -283,17 +386,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_need_no_flags() {
+    fn defaults_need_only_a_transport() {
         let args = Args::try_parse_from(["hotfleet-coordinator"]).expect("parse");
+        let err = Config::try_from(args).expect_err("no TLS, no --insecure").to_string();
+        assert!(err.contains("--tls-ca, --tls-cert and --tls-key") && err.contains("--insecure"), "{err}");
+        let args = Args::try_parse_from(["hotfleet-coordinator", "--insecure"]).expect("parse");
         let config = Config::try_from(args).expect("valid");
+        assert!(!config.transport.is_tls());
         assert_eq!(config.listen.to_string(), "127.0.0.1:7700");
         assert_eq!(config.data_dir, PathBuf::from("./hotfleet-data"));
         assert_eq!(config.store, StoreKind::Embedded);
+        assert_eq!(config.limits, ServeLimits::default(), "the flags' defaults are the library's");
+        assert_eq!(config.audit_retention, AuditRetention::default());
+        assert_eq!(config.node_expiry, Config::new("x").node_expiry);
     }
 
     #[test]
     fn bad_values_name_the_flag() {
-        let args = Args::try_parse_from(["x", "--trusted-key", "/nonexistent/key.pub"]).expect("parse");
+        let args = Args::try_parse_from(["x", "--insecure", "--trusted-key", "/nonexistent/key.pub"]).expect("parse");
         let err = Config::try_from(args).expect_err("missing key");
         assert!(err.to_string().contains("--trusted-key"), "{err}");
         assert!(Args::try_parse_from(["x", "--store", "zookeeper"]).is_err());
@@ -301,7 +411,7 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        let mut all = vec!["hotfleet-coordinator"];
+        let mut all = vec!["hotfleet-coordinator", "--insecure"];
         all.extend_from_slice(args);
         Config::try_from(Args::try_parse_from(all).expect("parse"))
     }
@@ -323,6 +433,8 @@ mod tests {
         assert_eq!(c.advertise(), "http://127.0.0.1:7700");
         let err = |args: &[&str]| parse(args).expect_err("invalid").to_string();
         assert!(err(&["--store", "etcd"]).contains("--etcd-endpoints"));
+        assert!(err(&["--node-expiry", "5s"]).contains("--node-expiry"), "not beyond the 6 s lost timeout");
+        assert!(err(&["--max-connections", "1"]).contains("--max-connections"));
         assert!(err(&["--etcd-endpoints", "http://e:2379"]).contains("--store etcd"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-user", "u"]).contains("password"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--leader-lease", "1s"]).contains("--leader-lease"));

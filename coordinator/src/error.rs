@@ -6,7 +6,8 @@
 use hotfleet_patch::PatchError;
 
 use crate::{
-    leadership::LeaderInfo, planner::PlanError, registry::RegistryError, rollout::TransitionError, store::StoreError,
+    input::InputError, leadership::LeaderInfo, planner::PlanError, registry::RegistryError, rollout::TransitionError,
+    store::StoreError,
 };
 
 /// `Result` with the coordinator's [`Error`].
@@ -14,10 +15,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{what} {id:?} not found")]
+    #[error("{what} {} not found", crate::input::excerpt(id))]
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
     InvalidArgument(String),
+    /// A field beyond its bound ([`crate::input`]).
+    #[error(transparent)]
+    Input(#[from] InputError),
     /// An uploaded bundle failed verification.
     #[error("patch refused: {0}")]
     Patch(#[from] PatchError),
@@ -29,6 +33,8 @@ pub enum Error {
     Registry(#[from] RegistryError),
     #[error("refused: node(s) {nodes} are already in active rollout {rollout}; wait for it to finish, abort it, or narrow --selector")]
     Conflict { rollout: String, nodes: String },
+    #[error("refused: node {node} is in live rollout(s) {rollouts}; wait for them to finish or abort them, then remove the node")]
+    NodeBusy { node: String, rollouts: String },
     #[error("refused: the fleet is frozen by {by} ({reason}); run `hotfleet unfreeze` first")]
     Frozen { by: String, reason: String },
     #[error(transparent)]

@@ -7,8 +7,10 @@
 //! - [`leadership`]: leader election on etcd, the lease, and the fences on writes and commands.
 //! - [`term`]: what runs only while this coordinator leads, and the role the gRPC adapters consult.
 //! - [`reads`]: the operator's read path (the leader's engine or the store, decided once).
+//! - [`input`]: bounds on every field callers send, and the one way to quote their input.
 //! - [`registry`]: agents, their addresses, what they run, liveness.
 //! - [`drift`]: a process's patch stack against its build's; [`reconcile`] repairs drift.
+//! - [`sweeper`]: the leader's housekeeping: lost nodes, node expiry, audit retention.
 //! - [`patches`]: verified patch uploads, stored by digest.
 //! - [`planner`]: selector → canary and waves (pure).
 //! - [`rollout`]: the rollout state machine and the health gate (pure).
@@ -18,12 +20,14 @@
 //! - [`server`]: assembles all of it and serves on a bound listener.
 
 pub mod agents;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod drift;
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod input;
 pub mod leadership;
 pub mod node;
 pub mod patches;
@@ -34,6 +38,7 @@ pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod sweeper;
 pub mod term;
 
 pub use config::Config;

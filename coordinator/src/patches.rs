@@ -15,6 +15,7 @@ use hotfleet_patch::{Bundle, Limits, PatchError, TrustedKeys};
 use crate::{
     clock::now_ms,
     error::{Error, Result},
+    input::truncate,
     store::{AuditEntry, Batch, Fence, PatchRecord, Store, Write},
 };
 
@@ -31,15 +32,21 @@ pub struct Patches {
     max_stack_bytes: u64,
 }
 
-/// An audit entry for an action done now.
+/// Most bytes of an audit entry's detail; its actor, action and target get
+/// [`AUDIT_FIELD_BYTES`]. Entries are cut, never refused: an action is
+/// audited whatever it carried, and no entry can grow the log by more.
+pub const AUDIT_DETAIL_BYTES: usize = 2048;
+pub const AUDIT_FIELD_BYTES: usize = 256;
+
+/// An audit entry for an action done now, every field within its cap.
 pub fn audit(actor: &str, action: &str, target: &str, detail: impl Into<String>, ok: bool) -> AuditEntry {
     AuditEntry {
         seq: 0,
         at_ms: now_ms(),
-        actor: actor.to_string(),
-        action: action.to_string(),
-        target: target.to_string(),
-        detail: detail.into(),
+        actor: truncate(actor, AUDIT_FIELD_BYTES),
+        action: truncate(action, AUDIT_FIELD_BYTES),
+        target: truncate(target, AUDIT_FIELD_BYTES),
+        detail: truncate(&detail.into(), AUDIT_DETAIL_BYTES),
         ok,
     }
 }
@@ -155,7 +162,10 @@ impl Patches {
     /// Bundle bytes exactly as uploaded.
     pub async fn bundle(&self, patch_id: &str) -> Result<Vec<u8>> {
         if !hotfleet_patch::is_patch_id(patch_id) {
-            return Err(Error::InvalidArgument(format!("{patch_id:?} is not a patch id (64 lowercase hex digits)")));
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a patch id (64 lowercase hex digits)",
+                crate::input::excerpt(patch_id)
+            )));
         }
         self.store
             .patch_bundle(patch_id)
@@ -224,7 +234,7 @@ mod tests {
         assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
         assert!(message.contains("build b1") && message.contains("25000-byte cap"), "{message}");
         assert!(message.contains("2 committed patch(es)") && message.contains(&format!("{} bytes)", third.len())));
-        let audit = store.audit(10).await.expect("audit");
+        let audit = store.audit(10, None).await.expect("audit");
         assert!(audit.iter().any(|a| !a.ok && a.detail.contains("25000-byte cap")), "the refusal is audited");
         assert_eq!(store.patches().await.expect("patches").len(), 2, "nothing stored");
 

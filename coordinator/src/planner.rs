@@ -10,18 +10,29 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::{health::GateConfig, RolloutSpec, Skipped, Step};
+use crate::{
+    input::{self, excerpt, InputError},
+    rollout::{RolloutSpec, Skipped, Step},
+};
 
 /// Why a spec cannot be planned; the message says what to change.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
-    #[error("invalid selector {selector:?}: {reason} (use \"all\" or \"key=value[,key=value]\")")]
+    /// A field beyond its bound (lengths, counts, number ranges).
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// `selector` is already an [`excerpt`] of what was sent.
+    #[error("invalid selector {selector}: {reason} (use \"all\" or \"key=value[,key=value]\")")]
     Selector { selector: String, reason: String },
-    #[error("invalid size {text:?}: {reason} (use a count like \"2\" or a percent like \"25%\")")]
+    /// `text` is already an [`excerpt`] of what was sent.
+    #[error("invalid size {text}: {reason} (use a count like \"2\" or a percent like \"25%\")")]
     Size { text: String, reason: String },
-    #[error("the selector {selector:?} matches no live node running build {build} (check `hotfleet nodes list`)")]
+    #[error(
+        "the selector {} matches no live node running build {build} (check `hotfleet nodes list`)",
+        excerpt(selector)
+    )]
     NoTargets { selector: String, build: String },
-    #[error("unknown step {name:?} in pause-before; this plan's steps are: {steps}")]
+    #[error("unknown step {} in pause-before; this plan's steps are: {steps}", excerpt(name))]
     UnknownStep { name: String, steps: String },
     #[error("tick_p99_factor {0} must be >= 1.0")]
     P99Factor(f64),
@@ -45,20 +56,22 @@ pub struct Selector {
 impl Selector {
     /// Parses `"all"`, `""` or `"k=v,k2=v2"`.
     pub fn parse(text: &str) -> Result<Self, PlanError> {
+        input::text("selector", text, input::MAX_SELECTOR)?;
         let trimmed = text.trim();
         let mut labels = BTreeMap::new();
         if trimmed.is_empty() || trimmed == "all" || trimmed == "*" {
             return Ok(Self { labels });
         }
-        let err = |reason: &str| PlanError::Selector { selector: text.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| PlanError::Selector { selector: excerpt(text), reason: reason.to_string() };
         for part in trimmed.split(',') {
-            let (key, value) = part.split_once('=').ok_or_else(|| err(&format!("{part:?} is not key=value")))?;
+            let (key, value) =
+                part.split_once('=').ok_or_else(|| err(&format!("{} is not key=value", excerpt(part))))?;
             let (key, value) = (key.trim(), value.trim());
             if key.is_empty() {
                 return Err(err("empty label key"));
             }
             if labels.insert(key.to_string(), value.to_string()).is_some() {
-                return Err(err(&format!("label {key:?} given twice")));
+                return Err(err(&format!("label {} given twice", excerpt(key))));
             }
         }
         Ok(Self { labels })
@@ -88,8 +101,9 @@ pub enum Size {
 
 impl Size {
     pub fn parse(text: &str) -> Result<Self, PlanError> {
+        input::text("size", text, input::MAX_SIZE_TEXT)?;
         let t = text.trim();
-        let err = |reason: &str| PlanError::Size { text: text.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| PlanError::Size { text: excerpt(text), reason: reason.to_string() };
         if let Some(pct) = t.strip_suffix('%') {
             let value: f64 = pct.trim().parse().map_err(|_| err("not a number"))?;
             if !(value.is_finite() && value > 0.0 && value <= 100.0) {
@@ -129,6 +143,9 @@ pub struct Candidate {
     /// Builds the node's processes run (plus its `build` label, if any).
     pub builds: Vec<String>,
     pub alive: bool,
+    /// Whether the node reported any game process (runtime session): a node
+    /// without one has nothing to patch and nothing to judge health by.
+    pub has_processes: bool,
 }
 
 /// The planner's answer: the steps the rollout runs, in order (manual
@@ -149,11 +166,11 @@ impl Plan {
     }
 }
 
-/// Plans a rollout of `spec` on build `build`: validates the whole spec (the
-/// health gate's bounds, every pause-before naming a step of this plan) and
+/// Plans a rollout of `spec` on build `build`: validates the whole spec
+/// ([`RolloutSpec::validate`]: bounds, the health gate's thresholds, every pause-before naming a step of this plan) and
 /// returns the steps with their manual gates.
 pub fn plan(candidates: &[Candidate], spec: &RolloutSpec, build: &str) -> Result<Plan, PlanError> {
-    check_gate(&spec.gate)?;
+    spec.validate()?;
     let mut plan = select(candidates, &spec.selector, build, spec.canary, &spec.waves)?;
     for name in &spec.pause_before {
         if plan.step_index(name).is_none() {
@@ -167,21 +184,14 @@ pub fn plan(candidates: &[Candidate], spec: &RolloutSpec, build: &str) -> Result
     Ok(plan)
 }
 
-fn check_gate(gate: &GateConfig) -> Result<(), PlanError> {
-    if !(gate.p99_factor.is_finite() && gate.p99_factor >= 1.0) {
-        return Err(PlanError::P99Factor(gate.p99_factor));
-    }
-    if !(gate.p99_floor_ms.is_finite() && gate.p99_floor_ms >= 0.0) {
-        return Err(PlanError::P99Floor(gate.p99_floor_ms));
-    }
-    Ok(())
-}
-
 /// Which nodes, in which steps (no manual gates yet).
 ///
-/// Targets: nodes matching `selector`, alive, and running `build` (a node
-/// whose build is unknown, e.g. no process attached yet, is included: its
-/// agent refuses a wrong build at prepare, which aborts safely). Canary: the
+/// Targets: nodes matching `selector`, alive, with at least one game
+/// process, and running `build` (a node whose processes report no build is
+/// included: its agent refuses a wrong build at prepare, which aborts
+/// safely). A node without processes is never a target, so never a canary:
+/// nothing there would run the patch, and its health could only be made up
+/// (drift repair patches it once a process attaches). Canary: the
 /// first `canary` targets. Waves cover the rest: a count is "that many more
 /// nodes", a percent is "up to that share of the non-canary targets"
 /// (cumulative, so `25%,50%,100%` are three growing stages); nodes left after
@@ -200,6 +210,9 @@ fn select(
     for c in sorted {
         if !c.alive {
             skipped.push(Skipped { node_id: c.node_id.clone(), reason: "lost (missed heartbeats)".to_string() });
+        } else if !c.has_processes {
+            let reason = "no game process attached (nothing to patch; drift repair patches it once one attaches)";
+            skipped.push(Skipped { node_id: c.node_id.clone(), reason: reason.to_string() });
         } else if !c.builds.is_empty() && !c.builds.iter().any(|b| b == build) {
             let reason = format!("runs build {}, not {build}", c.builds.join(","));
             skipped.push(Skipped { node_id: c.node_id.clone(), reason });
@@ -222,7 +235,7 @@ fn select(
     let mut wave_sizes = Vec::new();
     for size in waves {
         let upto = match size {
-            Size::Count(n) => done + (*n as usize),
+            Size::Count(n) => done.saturating_add(*n as usize),
             Size::Percent(_) => size.of(rest.len()),
         }
         .min(rest.len());
@@ -252,6 +265,7 @@ mod tests {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             builds: if build.is_empty() { vec![] } else { vec![build.into()] },
             alive: true,
+            has_processes: true,
         }
     }
 
@@ -347,13 +361,28 @@ mod tests {
         nodes.push(node("x-other", &[("zone", "a")], "b0"));
         nodes.push(Candidate { alive: false, ..node("x-lost", &[("zone", "a")], "b1") });
         nodes.push(node("x-nobuild", &[("zone", "a")], ""));
+        nodes.push(Candidate { has_processes: false, ..node("x-empty", &[("zone", "a")], "b1") });
         let sel = Selector::parse("zone=a").expect("sel");
         let p = select(&nodes, &sel, "b1", Size::Count(1), &[]).expect("plan");
         let targets: Vec<&String> = p.targets().collect();
         assert_eq!(targets, ["n00", "n02", "x-nobuild"]);
-        assert_eq!(p.skipped.len(), 2);
+        assert_eq!(p.skipped.len(), 3);
+        assert!(p.skipped.iter().any(|s| s.node_id == "x-empty" && s.reason.contains("no game process")));
         assert!(p.skipped.iter().any(|s| s.node_id == "x-other" && s.reason.contains("b0")));
         assert!(p.skipped.iter().any(|s| s.node_id == "x-lost" && s.reason.contains("lost")));
+    }
+
+    #[test]
+    fn a_node_without_processes_is_never_the_canary_even_sorting_first() {
+        // "a-fake" sorts first and registered with no process: the canary is
+        // the first node that runs one.
+        let mut nodes = fleet(3);
+        nodes.push(Candidate { has_processes: false, ..node("a-fake", &[("zone", "a")], "") });
+        let p = select(&nodes, &all(), "b1", Size::Count(1), &[]).expect("plan");
+        assert_eq!(p.steps[0].nodes, ["n00"]);
+        assert!(p.targets().all(|n| n != "a-fake"));
+        let only_empty = [Candidate { has_processes: false, ..node("a-fake", &[], "b1") }];
+        assert!(matches!(select(&only_empty, &all(), "b1", Size::Count(1), &[]), Err(PlanError::NoTargets { .. })));
     }
 
     #[test]
@@ -380,7 +409,10 @@ mod tests {
         for (factor, floor, what) in
             [(0.5, 20.0, "must be >= 1.0"), (f64::NAN, 20.0, "must be >= 1.0"), (3.0, -1.0, "must be >= 0")]
         {
-            let bad = RolloutSpec { gate: GateConfig { p99_factor: factor, p99_floor_ms: floor }, ..spec(&[]) };
+            let bad = RolloutSpec {
+                gate: crate::rollout::health::GateConfig { p99_factor: factor, p99_floor_ms: floor },
+                ..spec(&[])
+            };
             let err = plan(&fleet(5), &bad, "b1").expect_err("bad gate");
             assert!(err.to_string().contains(what), "{err}");
         }

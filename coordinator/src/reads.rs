@@ -18,7 +18,7 @@ use crate::{
     planner::Selector,
     registry::{self, NodeView},
     rollout::{Rollout, RolloutState},
-    store::{FreezeRecord, Store},
+    store::{AuditEntry, FreezeRecord, Store},
     term::{Cluster, Term},
 };
 
@@ -97,7 +97,26 @@ fn newest(mut all: Vec<Rollout>, active_only: bool, limit: usize) -> Vec<Rollout
     all
 }
 
+/// One page of the audit log, newest first, and the `before` of the next
+/// (older) page: `None` when there is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPage {
+    pub records: Vec<AuditEntry>,
+    pub next_before: Option<u64>,
+}
+
 impl Cluster {
+    /// At most `limit` audit entries older than `before` (from the store, on
+    /// any coordinator).
+    pub async fn audit(&self, limit: usize, before: Option<u64>) -> Result<AuditPage> {
+        // One more than asked: whether an older page exists, without a second read.
+        let mut records = self.store.audit(limit.saturating_add(1), before).await?;
+        let next_before =
+            if records.len() > limit { limit.checked_sub(1).and_then(|i| records.get(i)).map(|e| e.seq) } else { None };
+        records.truncate(limit);
+        Ok(AuditPage { records, next_before })
+    }
+
     /// The fleet freeze: the leader's, or the stored one.
     pub async fn freeze(&self) -> Result<Option<FreezeRecord>> {
         match self.term() {

@@ -317,7 +317,7 @@ mod tests {
     }
 
     async fn audited(r: &Reconciler, action: &str) -> Vec<bool> {
-        let entries = r.store.audit(100).await.expect("audit");
+        let entries = r.store.audit(100, None).await.expect("audit");
         entries.iter().filter(|e| e.action == action).map(|e| e.ok).collect()
     }
 

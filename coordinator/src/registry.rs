@@ -20,9 +20,10 @@ use std::{
 
 use crate::{
     clock::now_ms,
+    input::{self, InputError},
     node::NodeStatus,
     planner::Candidate,
-    store::{Batch, Fence, NodeRecord, Store, StoreError, Write},
+    store::{AuditEntry, Batch, Fence, NodeRecord, Store, StoreError, Write},
 };
 
 /// Extra silence allowed to nodes loaded from the store when a term starts:
@@ -35,6 +36,8 @@ pub const STARTUP_GRACE: Duration = Duration::from_secs(5);
 pub enum RegistryError {
     #[error("invalid node registration: {0}")]
     Invalid(String),
+    #[error("invalid node registration: {0}")]
+    Input(#[from] InputError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -99,6 +102,7 @@ impl NodeView {
             labels: self.status.labels.clone(),
             builds,
             alive: self.liveness == Liveness::Alive,
+            has_processes: !self.status.processes.is_empty(),
         }
     }
 }
@@ -125,16 +129,59 @@ pub struct Registry {
 
 fn validate(status: &NodeStatus) -> Result<(), RegistryError> {
     let id = &status.node_id;
-    if id.is_empty() || id.len() > 128 {
-        return Err(RegistryError::Invalid("node_id must be 1-128 characters".into()));
+    if id.is_empty() || id.len() > input::MAX_ID {
+        return Err(RegistryError::Invalid(format!("node_id must be 1-{} characters", input::MAX_ID)));
     }
     if !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
-        return Err(RegistryError::Invalid(format!("node_id {id:?} may only hold letters, digits and - _ . :")));
+        return Err(RegistryError::Invalid(format!(
+            "node_id {} may only hold letters, digits and - _ . :",
+            input::excerpt(id)
+        )));
     }
     if status.advertise_addr.trim().is_empty() {
         return Err(RegistryError::Invalid(format!(
             "node {id} has no advertise_addr: the coordinator cannot reach its agent"
         )));
+    }
+    check_bounds(status)?;
+    Ok(())
+}
+
+/// Every field a node reports within its bound ([`crate::input`]): the
+/// status is stored and listed, so nothing in it may be unbounded.
+fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
+    use input::{count, text};
+    text("advertise_addr", &status.advertise_addr, input::MAX_ADDR)?;
+    count("labels", status.labels.len(), input::MAX_LABELS)?;
+    for (key, value) in &status.labels {
+        text("label key", key, input::MAX_LABEL_KEY)?;
+        text("label value", value, input::MAX_LABEL_VALUE)?;
+    }
+    count("processes", status.processes.len(), input::MAX_PROCESSES)?;
+    for p in &status.processes {
+        text("process_id", &p.process_id, input::MAX_ID)?;
+        text("build", &p.build, input::MAX_BUILD)?;
+        text("runtime_version", &p.runtime_version, input::MAX_SHORT_TEXT)?;
+        text("python_version", &p.python_version, input::MAX_SHORT_TEXT)?;
+        count("patch_stack", p.patch_stack.len(), input::MAX_STACK)?;
+        for patch in &p.patch_stack {
+            text("patch_stack entry", patch, input::MAX_ID)?;
+        }
+        count("live_digests", p.live_digests.len(), input::MAX_MODULES)?;
+        for (module, digest) in &p.live_digests {
+            text("module name", module, input::MAX_SHORT_TEXT)?;
+            text("module digest", digest, input::MAX_SHORT_TEXT)?;
+        }
+        if let Some(health) = &p.health {
+            text("game_detail", &health.game_detail, input::MAX_SHORT_TEXT)?;
+        }
+    }
+    for (field, list) in [("prepared", &status.prepared), ("expired", &status.expired)] {
+        count(field, list.len(), input::MAX_PREPARED)?;
+        for patch in list {
+            text("rollout_id", &patch.rollout_id, input::MAX_ID)?;
+            text("patch_id", &patch.patch_id, input::MAX_ID)?;
+        }
     }
     Ok(())
 }
@@ -176,6 +223,11 @@ impl Registry {
             );
         }
         Ok(Self { inner: Arc::new(RwLock::new(map)), store, fence, heartbeat_interval, lost_timeout })
+    }
+
+    /// The store this term's registry writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -270,6 +322,32 @@ impl Registry {
         newly
     }
 
+    /// Nodes silent for longer than `after` (lost, since `after` is longer
+    /// than the lost timeout), sorted by id: the sweeper's expiry candidates.
+    pub fn expired(&self, after: Duration) -> Vec<String> {
+        let now = Instant::now();
+        let mut ids: Vec<String> = self
+            .lock_read()
+            .iter()
+            .filter(|(_, e)| e.lost && now.saturating_duration_since(e.last_seen) > after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Forgets a node: its record and `audit` are written in one batch, then
+    /// it leaves the registry. `None` if the node is unknown (nothing written).
+    /// Whether a live rollout holds it is the caller's to check.
+    pub async fn remove(&self, node_id: &str, audit: AuditEntry) -> Result<Option<NodeView>, StoreError> {
+        let Some(node) = self.get(node_id) else { return Ok(None) };
+        let batch = Batch::new().with(Write::RemoveNode(node_id.to_string())).with(Write::Audit(audit));
+        self.store.write(self.fence, batch).await?;
+        self.lock_write().remove(node_id);
+        tracing::info!(node = %node_id, liveness = node.liveness.name(), "node removed");
+        Ok(Some(node))
+    }
+
     pub fn get(&self, node_id: &str) -> Option<NodeView> {
         self.lock_read().get(node_id).map(view)
     }
@@ -285,17 +363,10 @@ impl Registry {
         nodes
     }
 
-    /// Runs [`sweep`](Self::sweep) every heartbeat interval until `cancel`.
-    pub async fn run_sweeper(self, cancel: tokio_util::sync::CancellationToken) {
-        let mut tick =
-            tokio::time::interval((self.lost_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => { self.sweep(); }
-            }
-        }
+    /// How often [`sweep`](Self::sweep) should run: a quarter of the lost
+    /// timeout, between 10 ms and 1 s.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.lost_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }
 
@@ -380,11 +451,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn removal_forgets_the_node_in_the_store_too_and_expiry_names_long_lost_nodes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path(), 10).await;
+        for id in ["n1", "n2"] {
+            reg.register(status(id)).await.expect("register");
+        }
+        let audit = crate::patches::audit("sre", "node.remove", "n1", "", true);
+        assert!(reg.remove("n1", audit.clone()).await.expect("remove").is_some());
+        assert!(reg.remove("n1", audit).await.expect("again").is_none(), "unknown: nothing to remove");
+        assert!(reg.get("n1").is_none());
+        let stored: Vec<String> =
+            reg.store.nodes().await.expect("nodes").iter().map(|r| r.node_id().to_string()).collect();
+        assert_eq!(stored, ["n2"]);
+        assert!(!reg.heartbeat(status("n1")).await.expect("hb"), "a removed node must register again");
+        assert!(reg.expired(Duration::from_millis(50)).is_empty(), "n2 is not lost yet");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        reg.sweep();
+        assert_eq!(reg.expired(Duration::from_millis(50)), ["n2"]);
+        assert!(reg.expired(Duration::from_secs(60)).is_empty());
+    }
+
+    #[tokio::test]
     async fn refuses_bad_registrations() {
         let dir = tempfile::tempdir().expect("tempdir");
         let reg = registry(dir.path(), 1000).await;
         for bad in [status(""), status("a b"), NodeStatus { advertise_addr: String::new(), ..status("n") }] {
             assert!(matches!(reg.register(bad).await, Err(RegistryError::Invalid(_))));
         }
+        let mut huge = status("n");
+        huge.labels.insert("zone".into(), "z".repeat(4 << 20));
+        let err = reg.register(huge).await.expect_err("4 MB label");
+        assert!(matches!(err, RegistryError::Input(_)));
+        assert!(err.to_string().len() < 200, "{err}");
+        let mut many = status("n");
+        many.processes = vec![Default::default(); input::MAX_PROCESSES + 1];
+        assert!(matches!(reg.register(many).await, Err(RegistryError::Input(_))));
+        assert!(reg.list().is_empty(), "nothing refused was registered");
     }
 }

@@ -22,16 +22,20 @@ use std::{
 };
 
 use hotfleet_patch::{Limits, TrustedKeys};
-use hotfleet_proto::v1::{agent_gateway_server::AgentGatewayServer, coordinator_server::CoordinatorServer};
+use hotfleet_proto::{
+    gate::GateLayer,
+    tls::{ClientCerts, Transport},
+    v1::{agent_gateway_server::AgentGatewayServer, coordinator_server::CoordinatorServer},
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
+use tonic::{server::NamedService, transport::Server};
 
 use crate::{
     agents::{AgentClient, GrpcAgents},
+    auth::{credentials::Credentials, gate::Authority},
     config::{Config, StoreKind},
-    grpc::{gateway::GatewayService, operator::OperatorService},
+    grpc::{self, gateway::GatewayService, operator::OperatorService},
     leadership::{Elector, EtcdBackend, LeaseElection, SoloElector},
     patches::Patches,
     store::{embedded::EmbeddedStore, etcd::EtcdStore, Store, StoreError},
@@ -57,6 +61,8 @@ pub enum ServerError {
 pub struct Coordinator {
     config: Config,
     cluster: Cluster,
+    /// Who may do what: checked on every request by the server's one gate.
+    authority: Authority,
     shutdown: CancellationToken,
     /// Taken by whichever of `stop_leading`/`abandon` runs first.
     leadership: Mutex<Option<JoinHandle<()>>>,
@@ -65,7 +71,8 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the configured store and builds everything with real agent clients.
     pub async fn build(config: Config) -> Result<Self, ServerError> {
-        let agents = Arc::new(GrpcAgents::new(config.agent_timeout, config.agent_concurrency));
+        let agents =
+            Arc::new(GrpcAgents::new(config.agent_timeout, config.agent_concurrency, config.transport.clone()));
         match config.store {
             StoreKind::Embedded => {
                 let store = Arc::new(EmbeddedStore::open(&config.data_dir)?);
@@ -114,6 +121,14 @@ impl Coordinator {
         agents: Arc<dyn AgentClient>,
         lead_first: bool,
     ) -> Result<Self, ServerError> {
+        let credentials = Credentials::load(config.operators.as_deref(), config.tokens.as_deref())
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let authority = Authority::new(!config.transport.is_tls(), credentials);
+        if !config.transport.is_tls() {
+            tracing::warn!(
+                "--insecure: plaintext gRPC, nobody authenticated, every caller is admin (local development only)"
+            );
+        }
         let trusted = TrustedKeys::load(&config.trusted_keys)?;
         if trusted.is_empty() {
             tracing::warn!("no --trusted-key given: every patch upload will be refused");
@@ -127,6 +142,8 @@ impl Coordinator {
             heartbeat_interval: config.heartbeat_interval,
             lost_timeout: config.lost_timeout(),
             agent_timeout: config.agent_timeout,
+            node_expiry: config.node_expiry,
+            audit_retention: config.audit_retention,
         });
         let shutdown = CancellationToken::new();
         let (term_tx, term_rx) = watch::channel(None);
@@ -154,11 +171,12 @@ impl Coordinator {
             advertise = %config.advertise(),
             epoch = first.as_ref().map(|(t, _)| t.fence.epoch).unwrap_or(0),
             trusted_keys = ?trusted.ids(),
+            tls = config.transport.is_tls(),
             "coordinator ready"
         );
         let drain_timeout = config.drain_timeout;
         let leadership = tokio::spawn(lead(ctx, elector, term_tx, shutdown.clone(), first, drain_timeout));
-        Ok(Self { config, cluster, shutdown, leadership: Mutex::new(Some(leadership)) })
+        Ok(Self { config, cluster, authority, shutdown, leadership: Mutex::new(Some(leadership)) })
     }
 
     /// The epoch of the current term, while this coordinator leads.
@@ -194,14 +212,17 @@ impl Coordinator {
         health_reporter.set_serving::<CoordinatorServer<OperatorService>>().await;
         let (reflection_v1, reflection_v1alpha) = reflection()?;
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(%addr, "serving gRPC (AgentGateway, Coordinator, health, reflection)");
-        tonic::transport::Server::builder()
+        tracing::info!(%addr, tls = self.config.transport.is_tls(), "serving gRPC (AgentGateway, Coordinator, health, reflection)");
+        let limits = &self.config.limits;
+        let (builder, incoming) = grpc::limits::apply(Server::builder(), listener, limits);
+        let operator = CoordinatorServer::new(operator).max_decoding_message_size(max_message);
+        grpc_server(builder, &self.config.transport, self.authority.clone())?
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AgentGatewayServer::new(gateway))
-            .add_service(CoordinatorServer::new(operator).max_decoding_message_size(max_message))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .add_service(grpc::limits::Shed::new(operator, limits.operator_concurrency))
+            .serve_with_incoming_shutdown(incoming, async {
                 shutdown.await;
                 self.stop_leading().await;
             })
@@ -239,6 +260,21 @@ impl Coordinator {
         }
         self.shutdown.cancel();
     }
+}
+
+/// The server every request passes through: mutual TLS from the config
+/// (client certificates optional, since operators may bring a bearer token
+/// instead), or plaintext with `--insecure`; then the one gate that
+/// decides who may call what.
+fn grpc_server(
+    mut builder: Server,
+    transport: &Transport,
+    authority: Authority,
+) -> Result<Server<tower::layer::util::Stack<GateLayer<Authority>, tower::layer::util::Identity>>, ServerError> {
+    if let Some(tls) = transport.server_config(ClientCerts::Optional) {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder.layer(GateLayer(authority)))
 }
 
 /// The gRPC services this server runs: what reflection lists, no more. The

@@ -2,7 +2,7 @@
 //!
 //! A [`Term`] is everything that runs only while this coordinator leads: the
 //! node registry (heartbeats), the rollout engine, the drift reconciler and
-//! the lost-node sweeper, all built afresh for each won election with that
+//! the sweeper, all built afresh for each won election with that
 //! tenure's fence, on the tenure's [`TermStore`] and [`GuardedAgents`]. When
 //! the tenure is lost the term is stopped at once (tasks aborted, like a
 //! crash: every transition was recorded before it was acted on, so the next
@@ -27,10 +27,12 @@ use crate::{
     error::Error,
     leadership::{GuardedAgents, LeaderInfo, LeaderView, LeaseGuard, Tenure, TermStore},
     node::NodeStatus,
+    patches::audit,
     patches::Patches,
     reconcile::Reconciler,
-    registry::{Registry, RegistryError},
-    store::{Fence, Store, StoreError},
+    registry::{NodeView, Registry, RegistryError},
+    store::{AuditRetention, Batch, Fence, Store, StoreError, Write},
+    sweeper::Sweeper,
 };
 
 /// What a term is built from (the same for every tenure of this process).
@@ -42,6 +44,9 @@ pub struct TermContext {
     pub heartbeat_interval: Duration,
     pub lost_timeout: Duration,
     pub agent_timeout: Duration,
+    /// Silence after which a lost node is forgotten (the sweeper).
+    pub node_expiry: Duration,
+    pub audit_retention: AuditRetention,
 }
 
 /// What the leader answers an agent's registration or heartbeat with.
@@ -94,6 +99,14 @@ impl Term {
             agents,
             deadline: ctx.agent_timeout,
         };
+        let sweeper = Sweeper {
+            registry: registry.clone(),
+            engine: engine.clone(),
+            store: store.clone(),
+            fence,
+            node_expiry: ctx.node_expiry,
+            audit: ctx.audit_retention,
+        };
         let term = Arc::new(Term { fence, guard, registry, patches, engine, cancel, tasks: Mutex::new(Vec::new()) });
         let resumed = match term.engine.resume().await {
             Ok(resumed) => resumed,
@@ -106,7 +119,7 @@ impl Term {
         // before `resume` it would take a resumed rollout's committed nodes
         // for drift and revert them.
         term.tasks.lock().unwrap_or_else(|e| e.into_inner()).extend([
-            tokio::spawn(term.registry.clone().run_sweeper(term.cancel.child_token())),
+            tokio::spawn(sweeper.run(term.cancel.child_token())),
             tokio::spawn(reconciler.run(term.cancel.child_token())),
         ]);
         tracing::info!(
@@ -139,6 +152,32 @@ impl Term {
             heartbeat_interval_seconds: self.registry.heartbeat_interval_seconds(),
             live_rollouts: if known { self.engine.live_rollouts_of(node_id) } else { Vec::new() },
         }
+    }
+
+    /// An operator removes a node: refused (and audited) while a live
+    /// rollout holds it; otherwise its record goes, audited in the same
+    /// batch. Returns the node as it was.
+    pub async fn remove_node(&self, node_id: &str, actor: &str, reason: &str) -> Result<NodeView, Error> {
+        let live = self.engine.live_rollouts_of(node_id);
+        let note = if reason.is_empty() { String::new() } else { format!(" ({reason})") };
+        if !live.is_empty() {
+            let err = Error::NodeBusy { node: node_id.to_string(), rollouts: live.join(",") };
+            let entry = audit(actor, "node.remove", node_id, format!("refused: {err}{note}"), false);
+            if let Err(e) = self.registry.store().write(self.fence, Batch::new().with(Write::Audit(entry))).await {
+                tracing::warn!(error = %e, "could not audit a refused node removal");
+            }
+            return Err(err);
+        }
+        let Some(node) = self.registry.get(node_id) else {
+            return Err(Error::NotFound { what: "node", id: node_id.to_string() });
+        };
+        let detail = format!("removed ({}){note}", node.liveness.name());
+        let entry = audit(actor, "node.remove", node_id, detail, true);
+        self.registry
+            .remove(node_id, entry)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::NotFound { what: "node", id: node_id.to_string() })
     }
 
     /// Cancelled when the term ends (lost or shut down).

@@ -92,6 +92,7 @@ fn rollout(n: usize) -> RolloutState {
             labels: BTreeMap::new(),
             builds: vec!["b1".into()],
             alive: true,
+            has_processes: true,
         })
         .collect();
     let waves = [Size::Percent(25.0), Size::Percent(50.0), Size::Percent(100.0)];
@@ -153,11 +154,21 @@ async fn batches_round_trip_with_put_if_absent_and_idempotent_stack_pushes() {
     store.write(fence, Batch::new().with(Write::SetFreeze(None))).await.expect("unfreeze");
     assert_eq!(store.freeze().await.expect("read"), None);
     let log: Vec<(u64, String)> =
-        store.audit(10).await.expect("audit").into_iter().map(|e| (e.seq, e.action)).collect();
+        store.audit(10, None).await.expect("audit").into_iter().map(|e| (e.seq, e.action)).collect();
     assert_eq!(log, [(2, "push2".to_string()), (1, "push".to_string())], "newest first");
     // Another prefix is another store.
     let other = self::store(&etcd, "/other/").await;
     assert!(other.patches().await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn the_etcd_audit_log_pages_and_keeps_its_retention() {
+    let etcd = etcd();
+    let store = store(&etcd, "/audit").await;
+    let (_e, tenure) = lead(&store, "http://a").await;
+    // Any epoch but the leader key's create revision is stale.
+    let stale = Fence { epoch: tenure.fence.epoch + 1 };
+    common::audit_paging_and_retention(&store, tenure.fence, stale).await;
 }
 
 #[tokio::test]
@@ -226,7 +237,7 @@ async fn concurrent_batches_of_the_leader_lose_nothing() {
         w.await.expect("join").expect("write");
     }
     assert_eq!(store.patch_stack("b1").await.expect("stack").len(), 12, "read-modify-write conflicts are retried");
-    let seqs: Vec<u64> = store.audit(100).await.expect("audit").iter().map(|e| e.seq).collect();
+    let seqs: Vec<u64> = store.audit(100, None).await.expect("audit").iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=12).rev().collect::<Vec<_>>(), "unique, gap-free sequence numbers");
 }
 
@@ -267,7 +278,7 @@ async fn a_deposed_leader_writes_nothing_its_transaction_compare_fails() {
     }
     assert_eq!(store.freeze().await.expect("read"), None);
     assert!(store.patch("pa").await.expect("read").is_none());
-    let log: Vec<String> = store.audit(10).await.expect("audit").into_iter().map(|e| e.action).collect();
+    let log: Vec<String> = store.audit(10, None).await.expect("audit").into_iter().map(|e| e.action).collect();
     assert_eq!(log, ["by a"], "nothing of the deposed leader's batch landed");
 
     // Through its term's store the same refusal ends a's term at once.
@@ -305,11 +316,11 @@ async fn an_etcd_with_authentication_needs_the_user_and_password() {
     let store = EtcdStore::connect(&options).await.expect("authenticated connect");
     let (_e, tenure) = lead(&store, "http://a").await;
     store.write(tenure.fence, Batch::new().with(Write::Audit(audit("authenticated")))).await.expect("write");
-    assert_eq!(store.audit(5).await.expect("read").len(), 1);
+    assert_eq!(store.audit(5, None).await.expect("read").len(), 1);
 
     // Without credentials nothing is read or written.
     let anonymous = self::store(&etcd, "/hotfleet/").await;
-    assert!(anonymous.audit(5).await.is_err());
+    assert!(anonymous.audit(5, None).await.is_err());
     options.user = Some(("hotfleet".into(), "wrong".into()));
     let err = EtcdStore::connect(&options).await.err().expect("wrong password refused");
     assert!(err.to_string().contains("--etcd-user"), "{err}");

@@ -28,6 +28,10 @@ fn node(id: &str, zone: &str) -> NodeStatus {
     }
 }
 
+/// A push as `actor` would send it with the old actor header: the header is
+/// ignored now (the actor comes from the credential; these loopback
+/// coordinators run `--insecure`, so every audit line says `insecure`;
+/// tests/security.rs checks certificate actors over real TLS).
 fn push(bytes: Vec<u8>, actor: &str) -> Request<PushPatchRequest> {
     let mut r = Request::new(PushPatchRequest { bundle: bytes });
     r.metadata_mut().insert("x-hotfleet-actor", actor.parse().expect("ascii"));
@@ -56,13 +60,13 @@ async fn push_good_patch_then_fetch_it_in_chunks() {
     let info = first.patch.expect("info");
     assert_eq!(info.patch_id, big.id());
     assert_eq!(info.target_build, BUILD);
-    assert_eq!(info.pushed_by, "alice");
+    assert_eq!(info.pushed_by, "insecure", "the header is not the actor");
     assert_eq!(info.modules, ["zone.combat"]);
 
     // Idempotent by id.
     let again = op.push_patch(push(bytes.clone(), "bob")).await.expect("push again").into_inner();
     assert!(!again.created);
-    assert_eq!(again.patch.expect("info").pushed_by, "alice");
+    assert_eq!(again.patch.expect("info").pushed_by, "insecure");
 
     let got = op.get_patch(GetPatchRequest { patch_id: big.id() }).await.expect("get").into_inner();
     assert_eq!(got.patch.expect("info").size_bytes, bytes.len() as u64);
@@ -90,9 +94,10 @@ async fn push_good_patch_then_fetch_it_in_chunks() {
     let garbage = gw.fetch_patch(FetchPatchRequest { patch_id: "../etc/passwd".into() }).await.expect_err("bad id");
     assert_eq!(garbage.code(), Code::InvalidArgument);
 
-    let audit = op.list_audit(ListAuditRequest { limit: 10 }).await.expect("audit").into_inner().records;
+    let audit = op.list_audit(ListAuditRequest { limit: 10, before_seq: 0 }).await.expect("audit").into_inner().records;
     assert_eq!(audit.len(), 2);
-    assert_eq!(audit[0].actor, "bob", "newest first");
+    assert!(audit[0].detail.contains("already stored"), "newest first: {audit:?}");
+    assert!(audit.iter().all(|a| a.actor == "insecure"), "every audit line of an --insecure coordinator says so");
     assert_eq!(audit[1].action, "patch.push");
     assert!(audit.iter().all(|a| a.ok));
     running.stop().await;
@@ -145,10 +150,25 @@ async fn refuses_tampered_unsigned_untrusted_oversized_and_garbage() {
     let listed = op.list_patches(ListPatchesRequest::default()).await.expect("list").into_inner();
     assert!(listed.patches.is_empty(), "nothing refused was stored");
 
-    // Refusals are audited, with the actor.
-    let audit = op.list_audit(ListAuditRequest { limit: 0 }).await.expect("audit").into_inner().records;
+    // Refusals are audited, with the actor (never the header's "mallory").
+    let audit = op.list_audit(ListAuditRequest { limit: 0, before_seq: 0 }).await.expect("audit").into_inner().records;
     assert!(audit.len() >= 5, "{audit:?}");
-    assert!(audit.iter().all(|a| !a.ok && a.actor == "mallory" && a.detail.starts_with("refused")));
+    assert!(audit.iter().all(|a| !a.ok && a.actor == "insecure" && a.detail.starts_with("refused")));
+
+    // The log reads in pages that chain, newest first, and end.
+    let mut seen = Vec::new();
+    let mut before_seq = 0;
+    loop {
+        let page = op.list_audit(ListAuditRequest { limit: 2, before_seq }).await.expect("page").into_inner();
+        assert!(page.records.len() <= 2);
+        seen.extend(page.records.iter().map(|r| r.seq));
+        if page.next_before_seq == 0 {
+            break;
+        }
+        before_seq = page.next_before_seq;
+    }
+    let all: Vec<u64> = audit.iter().map(|r| r.seq).collect();
+    assert_eq!(seen, all, "every record once, in order");
     running.stop().await;
 }
 
@@ -348,4 +368,13 @@ async fn a_page_ends_before_it_outgrows_a_message() {
         assert!(page.encoded_len() < 3 * 1024 * 1024, "page of {} bytes", page.encoded_len());
     }
     running.stop().await;
+}
+
+#[tokio::test]
+async fn the_embedded_audit_log_pages_and_keeps_its_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = hotfleet_coordinator::store::embedded::EmbeddedStore::open(dir.path()).expect("open");
+    let stale = store.acquire_epoch().await.expect("epoch");
+    let fence = store.acquire_epoch().await.expect("epoch");
+    audit_paging_and_retention(&store, fence, stale).await;
 }

@@ -239,6 +239,9 @@ struct Fleet {
     patch_id: String,
 }
 
+/// A request carrying the old actor header, which is ignored now: these
+/// loopback coordinators run `--insecure`, and audit every action as
+/// `insecure` (tests/security.rs checks certificate actors over real TLS).
 fn as_actor<T>(message: T, actor: &str) -> Request<T> {
     let mut r = Request::new(message);
     r.metadata_mut().insert("x-hotfleet-actor", actor.parse().expect("ascii"));
@@ -329,7 +332,7 @@ async fn a_good_rollout_over_grpc_completes_and_joins_the_patch_stack() {
         .into_inner()
         .rollout
         .expect("rollout");
-    assert_eq!(started.created_by, "alice");
+    assert_eq!(started.created_by, "insecure");
     let (done, snapshots) = watch_to_end(&f.running, &started.rollout_id).await;
     assert_eq!(done.phase, RolloutPhase::Completed as i32, "{:#?}", done.events);
     assert!(snapshots >= 3, "watch streamed progress ({snapshots} snapshots)");
@@ -359,8 +362,9 @@ async fn a_good_rollout_over_grpc_completes_and_joins_the_patch_stack() {
 
     let audit = op.list_audit(ListAuditRequest::default()).await.expect("audit").into_inner().records;
     let actions: Vec<(String, String)> = audit.iter().map(|a| (a.action.clone(), a.actor.clone())).collect();
-    assert!(actions.contains(&("rollout.start".into(), "alice".into())), "{actions:?}");
-    assert!(actions.contains(&("patch.push".into(), "release-bot".into())), "{actions:?}");
+    assert!(actions.contains(&("rollout.start".into(), "insecure".into())), "{actions:?}");
+    assert!(actions.contains(&("patch.push".into(), "insecure".into())), "{actions:?}");
+    assert!(actions.iter().all(|(_, actor)| actor == "insecure"), "the header is never the actor: {actions:?}");
     f.running.stop().await;
 }
 
@@ -444,7 +448,7 @@ async fn operator_controls_abort_freeze_conflict_promote() {
     // Freeze, then promote: still held by the freeze.
     let frozen =
         op.freeze(as_actor(FreezeRequest { reason: "tournament".into() }, "sre")).await.expect("freeze").into_inner();
-    assert!(frozen.frozen && frozen.by == "sre");
+    assert!(frozen.frozen && frozen.by == "insecure");
     op.promote_rollout(RolloutActionRequest { rollout_id: id.clone(), reason: String::new() }).await.expect("promote");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = rollout(&mut op, id.clone()).await;
@@ -461,7 +465,7 @@ async fn operator_controls_abort_freeze_conflict_promote() {
         .expect("r");
     assert_eq!(aborted.phase, RolloutPhase::RollingBack as i32);
     let (done, _) = watch_to_end(&f.running, &id).await;
-    assert_eq!(done.reason, "aborted by bob: not today");
+    assert_eq!(done.reason, "aborted by insecure: not today");
     let agents = f.agents.clone();
     assert!(
         eventually(Duration::from_secs(5), || std::future::ready(agents.iter().all(|a| a.live().is_empty()))).await,

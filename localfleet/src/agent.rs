@@ -37,6 +37,7 @@ impl AgentProc {
         let ready = node_dir.join("agent.ready");
         let _ = std::fs::remove_file(&ready);
         let data_dir = node_dir.join("data");
+        let tls = keys.tls.node(layout, node_id)?;
         let mut cmd = Command::new(layout.bin("hotfleet-agent")?);
         cmd.args(["--listen", "127.0.0.1:0", "--node-id", node_id])
             .arg("--runtime-socket")
@@ -45,6 +46,7 @@ impl AgentProc {
             .arg(&data_dir)
             .arg("--trusted-key")
             .arg(&keys.public)
+            .args(tls.flags())
             .arg("--ready-file")
             .arg(&ready)
             .args(["--heartbeat-interval", "300ms", "--runtime-timeout", "10s"])

@@ -1,23 +1,27 @@
-//! Signing keys and patch bundles, made with the `hotfleet` CLI.
+//! Signing keys, the development CA, and patch bundles, made with the
+//! `hotfleet` CLI.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::{FleetError, Layout, Result};
+use crate::{DevCerts, FleetError, Layout, Result};
 
-/// A signing key pair made by `hotfleet keygen`.
+/// A fleet's key material: the patch signing key pair made by `hotfleet
+/// keygen`, and the development CA every process's TLS certificate comes from.
 #[derive(Debug, Clone)]
 pub struct Keys {
     pub secret: PathBuf,
     pub public: PathBuf,
+    pub tls: DevCerts,
 }
 
 impl Keys {
     pub fn generate(layout: &Layout, dir: &Path) -> Result<Keys> {
         let keys = dir.join("keys");
         layout.cli(&["keygen", "--out", &keys.display().to_string()])?;
-        Ok(Keys { secret: keys.join("hotfleet.key"), public: keys.join("hotfleet.pub") })
+        let tls = DevCerts::generate(layout, &dir.join("certs"))?;
+        Ok(Keys { secret: keys.join("hotfleet.key"), public: keys.join("hotfleet.pub"), tls })
     }
 }
 

@@ -41,7 +41,9 @@ pub struct FleetOptions {
 
 /// Coordinator(s) plus `n` nodes `node-1..node-n` (labels `region` eu/us
 /// alternating and `zone`), each serving one zone server `zone-i` of `build`.
+/// Every process runs with mutual TLS from the fleet's development CA.
 pub struct Fleet {
+    /// Its CLI runs as operator `sre` (admin) over TLS.
     pub layout: Layout,
     pub keys: Keys,
     /// One on the embedded store; several (one leading) on etcd.
@@ -84,6 +86,7 @@ impl Fleet {
         zone_env: impl Fn(usize) -> Vec<(String, String)>,
     ) -> Result<Fleet> {
         let keys = Keys::generate(layout, dir)?;
+        let layout = &layout.with_cli_flags(keys.tls.operator("sre").flags());
         let (etcd, store, count) = match options.backend {
             Backend::Embedded => (None, StoreSpec::Embedded, 1),
             Backend::Etcd { coordinators } => {

@@ -15,6 +15,9 @@ pub struct Layout {
     /// Repository root (holds `examples/` and `runtime/python/`).
     pub repo: PathBuf,
     pub python: String,
+    /// Put before every CLI invocation's own arguments (a fleet's operator
+    /// TLS flags, once it has them).
+    pub cli_flags: Vec<String>,
 }
 
 impl Layout {
@@ -22,7 +25,7 @@ impl Layout {
     pub fn for_workspace() -> Layout {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
         let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
-        Layout { bin_dir: target.join("debug"), repo, python: default_python() }
+        Layout { bin_dir: target.join("debug"), repo, python: default_python(), cli_flags: Vec::new() }
     }
 
     /// Binaries beside the running executable; the repository found from the
@@ -37,7 +40,7 @@ impl Layout {
         if !repo.join("examples/zone_server/server.py").is_file() {
             return Err(FleetError::NoRepository);
         }
-        Ok(Layout { bin_dir, repo, python: python.unwrap_or_else(default_python) })
+        Ok(Layout { bin_dir, repo, python: python.unwrap_or_else(default_python), cli_flags: Vec::new() })
     }
 
     pub fn bin(&self, name: &str) -> Result<PathBuf> {
@@ -62,9 +65,18 @@ impl Layout {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// This layout, its CLI running with `flags` first (e.g. TLS flags).
+    pub fn with_cli_flags(&self, flags: Vec<String>) -> Layout {
+        Layout { cli_flags: flags, ..self.clone() }
+    }
+
     /// Runs the `hotfleet` CLI and returns its raw output, whatever the exit code.
     pub fn cli_raw(&self, args: &[&str]) -> Result<Output> {
-        Command::new(self.bin("hotfleet")?).args(args).output().map_err(io("running the hotfleet CLI"))
+        Command::new(self.bin("hotfleet")?)
+            .args(&self.cli_flags)
+            .args(args)
+            .output()
+            .map_err(io("running the hotfleet CLI"))
     }
 }
 

@@ -6,6 +6,9 @@
 //! Every process is killed when its handle is dropped, so nothing outlives a
 //! demo or a test, even one that fails half-way.
 //!
+//! Every process runs with mutual TLS, certificates from a development CA
+//! made with `hotfleet certs dev` (`certs.rs`).
+//!
 //! One file per kind: `layout.rs` (where binaries, the repository and Python
 //! are; the CLI), `proc.rs` (a child process and waiting on it), `artifacts.rs`
 //! (keys and patches made with the CLI), `coordinator.rs`, `etcd.rs`,
@@ -14,6 +17,7 @@
 
 mod agent;
 mod artifacts;
+mod certs;
 mod coordinator;
 mod etcd;
 mod fleet;
@@ -27,6 +31,7 @@ use std::{path::PathBuf, time::Duration};
 
 pub use agent::AgentProc;
 pub use artifacts::{build_patch, build_patch_of, build_patch_with, Keys, PatchBuild};
+pub use certs::{DevCerts, TlsFiles, OPERATORS};
 pub use coordinator::{CoordinatorProc, StoreSpec};
 pub use etcd::EtcdProc;
 pub use fleet::{Backend, Fleet, FleetNode, FleetOptions};

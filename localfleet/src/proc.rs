@@ -68,6 +68,25 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Waits (up to 5 s) until every thread of the process has stopped:
+    /// `kill` returns once the signal is queued, and on a busy machine a
+    /// thread may still answer a request before it is scheduled to stop.
+    fn wait_stopped(&self) {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let all_stopped = || {
+            let Ok(entries) = std::fs::read_dir(&tasks) else { return true };
+            entries.flatten().all(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_stopped() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Sends a signal by name ("STOP", "CONT", "TERM", ...).
     pub fn signal(&self, sig: &str) -> Result<()> {
         let status = Command::new("kill")
@@ -76,6 +95,9 @@ impl Proc {
             .status()
             .map_err(io(format!("kill -{sig}")))?;
         if status.success() {
+            if sig == "STOP" {
+                self.wait_stopped();
+            }
             Ok(())
         } else {
             Err(FleetError::Io {

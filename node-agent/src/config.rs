@@ -3,7 +3,10 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use hotfleet_proto::duration::parse_duration;
+use hotfleet_proto::{
+    duration::parse_duration,
+    tls::{TlsArgs, DEFAULT_COORDINATOR_IDENTITY},
+};
 
 /// `hotfleet-agent`: serves the game processes of one host to the coordinator.
 #[derive(Debug, Clone, Parser)]
@@ -76,6 +79,17 @@ pub struct AgentConfig {
     /// again. Must be longer than --runtime-timeout.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub session_idle_timeout: Duration,
+
+    /// Mutual TLS (--tls-ca, --tls-cert, --tls-key: this node's certificate,
+    /// whose CN or DNS name is the node id) or --insecure: one is required.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// The coordinator's certificate identity (CN or DNS name): the only
+    /// client whose commands this agent obeys, and the name it verifies
+    /// when it calls a coordinator.
+    #[arg(long, env = "HOTFLEET_COORDINATOR_IDENTITY", default_value = DEFAULT_COORDINATOR_IDENTITY)]
+    pub coordinator_identity: String,
 }
 
 impl AgentConfig {

@@ -13,11 +13,8 @@ use std::{
     time::Duration,
 };
 
-use hotfleet_proto::{address::endpoint_url, v1::agent_gateway_client::AgentGatewayClient};
-use tonic::{
-    transport::{Channel, Endpoint},
-    Code, Status,
-};
+use hotfleet_proto::{address::endpoint_url, tls::Transport, v1::agent_gateway_client::AgentGatewayClient};
+use tonic::{transport::Channel, Code, Status};
 
 /// Metadata key a follower names the leader in (the coordinator's `LEADER_HEADER`).
 pub const LEADER_HEADER: &str = "x-hotfleet-leader";
@@ -29,7 +26,31 @@ pub struct BadAddress {
     pub reason: String,
 }
 
+/// How to reach a coordinator: the transport, and with TLS the identity its
+/// certificate must carry (whatever address it was reached at).
+#[derive(Debug, Clone)]
+pub struct Dial {
+    pub transport: Transport,
+    pub coordinator_identity: String,
+}
+
+impl Dial {
+    /// Plaintext (tests, `--insecure`).
+    pub fn insecure() -> Self {
+        Dial { transport: Transport::Insecure, coordinator_identity: String::new() }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, BadAddress> {
+        let endpoint = self
+            .transport
+            .endpoint(addr, &self.coordinator_identity)
+            .map_err(|reason| BadAddress { addr: addr.to_string(), reason })?;
+        Ok(endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy())
+    }
+}
+
 struct State {
+    dial: Dial,
     configured: Vec<(String, Channel)>,
     /// Index into `configured` of the last one tried from the list.
     next: usize,
@@ -52,24 +73,17 @@ pub enum Next {
     Rotate(String),
 }
 
-fn channel(addr: &str) -> Result<Channel, BadAddress> {
-    let url = endpoint_url(addr);
-    let endpoint =
-        Endpoint::from_shared(url.clone()).map_err(|e| BadAddress { addr: addr.to_string(), reason: e.to_string() })?;
-    Ok(endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy())
-}
-
 impl Coordinators {
     /// From `--coordinator` (one address or a comma-separated list).
-    pub fn parse(list: &str) -> Result<Self, BadAddress> {
+    pub fn parse(list: &str, dial: Dial) -> Result<Self, BadAddress> {
         let mut configured = Vec::new();
         for addr in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            configured.push((endpoint_url(addr), channel(addr)?));
+            configured.push((endpoint_url(addr), dial.channel(addr)?));
         }
         let Some(first) = configured.first().cloned() else {
             return Err(BadAddress { addr: list.to_string(), reason: "no address given".into() });
         };
-        Ok(Self { state: Arc::new(Mutex::new(State { configured, next: 0, current: first })) })
+        Ok(Self { state: Arc::new(Mutex::new(State { dial, configured, next: 0, current: first })) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -110,7 +124,7 @@ impl Coordinators {
         }
         if let Some(leader) = leader {
             let known = state.configured.iter().find(|(a, _)| *a == leader).map(|(_, c)| c.clone());
-            if let Some(ch) = known.or_else(|| channel(&leader).ok()) {
+            if let Some(ch) = known.or_else(|| state.dial.channel(&leader).ok()) {
                 state.current = (leader.clone(), ch);
                 return Next::Leader(leader);
             }
@@ -133,7 +147,7 @@ mod tests {
 
     #[tokio::test]
     async fn follows_a_named_leader_and_rotates_otherwise() {
-        let c = Coordinators::parse("127.0.0.1:1, http://127.0.0.1:2,127.0.0.1:3").expect("parse");
+        let c = Coordinators::parse("127.0.0.1:1, http://127.0.0.1:2,127.0.0.1:3", Dial::insecure()).expect("parse");
         assert_eq!(c.current().0, "http://127.0.0.1:1");
         assert_eq!(
             c.after_error("http://127.0.0.1:1", &Status::unavailable("down")),
@@ -163,6 +177,6 @@ mod tests {
 
     #[test]
     fn an_empty_list_is_refused() {
-        assert!(Coordinators::parse(" , ").is_err());
+        assert!(Coordinators::parse(" , ", Dial::insecure()).is_err());
     }
 }

@@ -13,7 +13,8 @@
 //! - [`stacks`]: a late-starting runtime's patch stack, served from the coordinator's;
 //! - [`reports`]: node status and per-process health, process statuses cached
 //!   ([`process_status`]) so one stuck process never holds up a heartbeat;
-//! - [`service`]: the gRPC `Agent` service (adapters only);
+//! - [`service`]: the gRPC `Agent` service (adapters only), behind [`guard`]
+//!   (only the coordinator's certificate may call it);
 //! - [`coordinators`]: the coordinator list, and following the leader among them;
 //! - [`coordinator_link`]: registration and heartbeats;
 //! - [`server`]: wires it all together under one shutdown signal.
@@ -25,6 +26,7 @@ pub mod coordinator_link;
 pub mod coordinators;
 pub mod epoch;
 pub mod finished;
+pub mod guard;
 pub mod participant;
 pub mod patches;
 pub mod prepared;

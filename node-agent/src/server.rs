@@ -5,17 +5,22 @@
 use std::{sync::Arc, time::Duration};
 
 use hotfleet_patch::TrustedKeys;
-use hotfleet_proto::v1::agent_server::AgentServer;
+use hotfleet_proto::{
+    gate::GateLayer,
+    listener::{ConnLimits, Incoming},
+    tls::{ClientCerts, OwnCert},
+    v1::agent_server::AgentServer,
+};
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::{
     coordinator_link,
-    coordinators::Coordinators,
+    coordinators::{Coordinators, Dial},
     epoch::EpochFence,
     finished::Finished,
+    guard::CoordinatorOnly,
     participant::{Participant, EPOCH_LEARN_WAIT},
     patches::PatchSource,
     reports::{NodeIdentity, NodeReporter},
@@ -46,6 +51,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    Tls(#[from] hotfleet_proto::tls::TlsError),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -57,6 +64,10 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     if config.session_idle_timeout <= config.runtime_timeout {
         return Err(ServeError::IdleTimeout { idle: config.session_idle_timeout, runtime: config.runtime_timeout });
+    }
+    let transport = config.tls.transport(OwnCert::Required)?;
+    if !transport.is_tls() {
+        tracing::warn!("--insecure: plaintext gRPC, any client may command this agent (local development only)");
     }
     let trusted = TrustedKeys::load(&config.trusted_keys)?;
     if trusted.is_empty() {
@@ -70,7 +81,10 @@ pub async fn serve(
     let gateway = config
         .coordinator
         .as_deref()
-        .map(Coordinators::parse)
+        .map(|list| {
+            let dial = Dial { transport: transport.clone(), coordinator_identity: config.coordinator_identity.clone() };
+            Coordinators::parse(list, dial)
+        })
         .transpose()
         .map_err(|e| ServeError::BadCoordinator { addr: e.addr, reason: e.reason })?;
     std::fs::create_dir_all(&config.data_dir)
@@ -93,7 +107,7 @@ pub async fn serve(
         .with_epoch_wait(if gateway.is_some() { EPOCH_LEARN_WAIT } else { Duration::ZERO }),
     );
     let identity = NodeIdentity { node_id: node_id.clone(), labels: config.labels_map(), advertise_addr };
-    tracing::info!(node = %node_id, grpc = %identity.advertise_addr, socket = %config.runtime_socket.display(), trusted_keys = ?trusted.ids(), "hotfleet-agent serving");
+    tracing::info!(node = %node_id, grpc = %identity.advertise_addr, socket = %config.runtime_socket.display(), trusted_keys = ?trusted.ids(), tls = transport.is_tls(), "hotfleet-agent serving");
     let reporter = Arc::new(NodeReporter::new(participant.clone(), identity));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -138,18 +152,33 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().map_err(|e| ServeError::Reflection(e.to_string()))?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    let result = Server::builder()
+    // Only the coordinator's certificate gets past the handshake and the gate.
+    let gate = CoordinatorOnly::new(transport.is_tls().then(|| config.coordinator_identity.clone()));
+    // Only coordinators call an agent: a few connections. Anything that
+    // connects and sends nothing is closed, and at the cap it makes room.
+    let incoming = Incoming::new(grpc_listener, AGENT_CONN_LIMITS);
+    let mut builder = Server::builder();
+    if let Some(tls) = transport.server_config(ClientCerts::Required) {
+        builder = builder.tls_config(tls)?;
+    }
+    let result = builder
         .timeout(Duration::from_secs(120))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(GateLayer(gate))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(AgentServer::new(AgentService::new(reporter)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     result.map_err(ServeError::from)
 }
+
+/// The agent's gRPC accept side (see [`hotfleet_proto::listener`]).
+const AGENT_CONN_LIMITS: ConnLimits = ConnLimits { max_connections: 256, handshake_timeout: Duration::from_secs(10) };
 
 /// Binds the runtime socket with the mode its peer policy needs (see [`runtime_socket`]).
 pub fn bind_runtime_socket(config: &AgentConfig) -> std::io::Result<UnixListener> {

@@ -4,8 +4,11 @@
 
 pub mod address;
 pub mod duration;
+pub mod gate;
+pub mod listener;
 pub mod local;
 pub mod parts;
+pub mod tls;
 
 /// Generated code for package `hotfleet.v1`.
 pub mod v1 {

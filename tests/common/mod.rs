@@ -13,11 +13,46 @@ use std::{
 };
 
 pub use hotfleet_localfleet::*;
-use hotfleet_proto::v1::{
-    agent_client::AgentClient, agent_gateway_client::AgentGatewayClient, GetPatchStackRequest, NodeStatus,
-    StatusRequest,
+use hotfleet_proto::{
+    tls::{OwnCert, TlsArgs, DEFAULT_COORDINATOR_IDENTITY},
+    v1::{
+        agent_client::AgentClient, agent_gateway_client::AgentGatewayClient, coordinator_client::CoordinatorClient,
+        GetPatchStackRequest, NodeStatus, StatusRequest,
+    },
 };
 use serde_json::Value;
+use tonic::transport::Channel;
+
+/// A channel to `url` over mutual TLS as `who`, expecting the server's
+/// certificate to name `server` (an `Err` when the handshake fails).
+pub async fn tls_channel(who: &TlsFiles, url: &str, server: &str) -> Result<Channel, String> {
+    let args = TlsArgs {
+        tls_ca: Some(who.ca.clone()),
+        tls_cert: Some(who.cert.clone()),
+        tls_key: Some(who.key.clone()),
+        insecure: false,
+    };
+    let endpoint = args.transport(OwnCert::Required).map_err(|e| e.to_string())?.endpoint(url, server)?;
+    endpoint.connect_timeout(Duration::from_secs(3)).connect().await.map_err(|e| format!("{e:?}"))
+}
+
+/// An agent client holding the coordinator's certificate (the only one an
+/// agent obeys), verifying the agent as its node id.
+pub async fn agent_client(keys: &Keys, agent: &AgentProc) -> AgentClient<Channel> {
+    let channel = tls_channel(&keys.tls.coordinator(), &agent.url(), &agent.node_id).await.expect("agent channel");
+    AgentClient::new(channel)
+}
+
+/// A coordinator client as operator `name` (see [`OPERATORS`]).
+pub async fn coordinator_client_as(keys: &Keys, name: &str, url: &str) -> CoordinatorClient<Channel> {
+    let channel = tls_channel(&keys.tls.operator(name), url, DEFAULT_COORDINATOR_IDENTITY).await.expect("channel");
+    CoordinatorClient::new(channel)
+}
+
+/// A coordinator client as the fleet's admin `sre`.
+pub async fn coordinator_client(keys: &Keys, url: &str) -> CoordinatorClient<Channel> {
+    coordinator_client_as(keys, "sre", url).await
+}
 
 /// Both variants of every scenario: `embedded::name` and `etcd::name` (one
 /// coordinator on a real etcd). Each `name(backend)` is an async fn of the test file.
@@ -228,7 +263,7 @@ impl Scenario {
     pub async fn agent_statuses(&self) -> Vec<NodeStatus> {
         let mut out = Vec::new();
         for node in &self.fleet.nodes {
-            let mut agent = AgentClient::connect(node.agent.url()).await.expect("agent");
+            let mut agent = agent_client(&self.fleet.keys, &node.agent).await;
             out.push(agent.status(StatusRequest {}).await.expect("agent status").into_inner().node.expect("node"));
         }
         out
@@ -238,7 +273,9 @@ impl Scenario {
     /// coordinator of `urls` that answers: every coordinator serves it).
     pub async fn stored_stack(&self, urls: &str) -> Vec<String> {
         for url in urls.split(',') {
-            let Ok(mut gateway) = AgentGatewayClient::connect(url.to_string()).await else { continue };
+            let operator = self.fleet.keys.tls.operator("sre");
+            let Ok(channel) = tls_channel(&operator, url, DEFAULT_COORDINATOR_IDENTITY).await else { continue };
+            let mut gateway = AgentGatewayClient::new(channel);
             let mut request = tonic::Request::new(GetPatchStackRequest { target_build: self.fleet.build.clone() });
             request.set_timeout(Duration::from_secs(3));
             if let Ok(stack) = gateway.get_patch_stack(request).await {
@@ -266,7 +303,7 @@ impl Scenario {
             if skip_nodes.contains(&i) {
                 continue;
             }
-            let mut agent = AgentClient::connect(node.agent.url()).await.expect("agent");
+            let mut agent = agent_client(&self.fleet.keys, &node.agent).await;
             let status = agent.status(StatusRequest {}).await.expect("agent status").into_inner().node.expect("node");
             assert_eq!(status.processes.len(), 1, "{}: one zone process", node.agent.node_id);
             let process = &status.processes[0];

@@ -71,6 +71,7 @@ pub struct RunResult {
 
 async fn cli(layout: &Layout, url: &str, args: &[&str]) -> Result<(bool, String, String)> {
     let out = tokio::process::Command::new(layout.bin("hotfleet")?)
+        .arg("--insecure")
         .arg("--coordinator")
         .arg(url)
         .args(args)
@@ -167,7 +168,12 @@ async fn list_nodes(layout: &Layout, url: &str) -> Result<Result<(u64, usize), S
 /// Runs the whole scenario once.
 pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     let dir = TempDir::new().context("creating a temp dir")?;
-    let layout = Layout { bin_dir: plan.bin_dir.clone(), repo: plan.repo.clone(), python: "python3".into() };
+    let layout = Layout {
+        bin_dir: plan.bin_dir.clone(),
+        repo: plan.repo.clone(),
+        python: "python3".into(),
+        cli_flags: Vec::new(),
+    };
     let keys = Keys::generate(&layout, dir.path())?;
     let etcd = if plan.etcd { Some(EtcdProc::start(dir.path())?) } else { None };
     let store = match &etcd {
@@ -175,7 +181,9 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         None => StoreSpec::Embedded,
     };
     let interval = format!("{}s", plan.heartbeat.as_secs().max(1));
-    let coordinator = CoordinatorProc::start_on(
+    // Plaintext: see bench/README.md (the simulated agents share one
+    // listener, so they cannot each show a node's certificate).
+    let coordinator = CoordinatorProc::start_insecure_on(
         &layout,
         dir.path(),
         &keys,

@@ -281,7 +281,10 @@ impl Engine {
         }
         let patch_id = spec.patch_id();
         if !hotfleet_patch::is_patch_id(patch_id) {
-            return Err(Error::InvalidArgument(format!("{patch_id:?} is not a patch id (64 lowercase hex digits)")));
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a patch id (64 lowercase hex digits)",
+                crate::input::excerpt(patch_id)
+            )));
         }
         let patch = self
             .inner

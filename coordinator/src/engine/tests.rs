@@ -294,7 +294,7 @@ async fn good_rollout_prepares_everywhere_then_commits_canary_then_waves() {
     assert_eq!(stack[0].patch_id, PATCH);
     assert_eq!(stack[0].rollout_id, state.rollout.id);
     // And the start is audited.
-    let audit = f.engine.inner.store.audit(10).await.expect("audit");
+    let audit = f.engine.inner.store.audit(10, None).await.expect("audit");
     assert!(audit.iter().any(|a| a.action == "rollout.start" && a.actor == "alice"));
 }
 
@@ -394,7 +394,7 @@ async fn abort_during_a_health_window_rolls_back_at_once_and_commits_nothing_new
     assert_eq!(reason, "aborted by bob: players report lag");
     assert_eq!(f.agents.sent("commit").len(), commits_at_ack, "no commit after the abort was acknowledged");
     assert_eq!(f.agents.sent("rollback"), ["n1"]);
-    let audit = f.engine.inner.store.audit(10).await.expect("audit");
+    let audit = f.engine.inner.store.audit(10, None).await.expect("audit");
     assert!(audit.iter().any(|a| a.action == "rollout.abort" && a.actor == "bob" && a.ok));
     // Refused once finished, and the refusal is audited.
     assert!(f.engine.act(&id, OperatorAction::Abort, "bob", "").await.is_err());
@@ -709,4 +709,51 @@ async fn a_shutdown_mid_health_window_judges_nothing_and_the_rollout_resumes() {
     let f = fixture_at(Some(dir), path, agents.clone(), 3).await;
     let done = finish(&f.engine, &id).await;
     assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
+}
+
+#[tokio::test]
+async fn the_sweeper_never_expires_a_node_a_live_rollout_holds_and_forgets_it_after() {
+    let f = fixture(3).await;
+    let mut req = request();
+    req.pause_before = vec!["wave-1".into()];
+    req.max_unhealthy = 2;
+    let id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &id, Duration::from_secs(5), |s| s.waiting_reason(false).is_some()).await;
+    let sweeper = crate::sweeper::Sweeper {
+        registry: f.registry.clone(),
+        engine: f.engine.clone(),
+        store: f.engine.inner.store.clone(),
+        fence: f.engine.inner.fence,
+        node_expiry: Duration::from_millis(300),
+        audit: Default::default(),
+    };
+    // n3 (wave-1) falls silent past the expiry; n1 and n2 keep beating.
+    let until = Instant::now() + Duration::from_millis(700);
+    while Instant::now() < until {
+        for n in ["n1", "n2"] {
+            f.registry.heartbeat(node(n, "a")).await.expect("hb");
+        }
+        f.registry.sweep();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(f.registry.expired(sweeper.node_expiry), ["n3"]);
+    assert!(sweeper.expire_nodes().await.is_empty(), "held by the live rollout");
+    assert!(f.registry.get("n3").is_some());
+    f.engine.act(&id, OperatorAction::Abort, "a", "").await.expect("abort");
+    finish(&f.engine, &id).await;
+    assert_eq!(sweeper.expire_nodes().await, ["n3"]);
+    let stored: Vec<String> =
+        f.engine.inner.store.nodes().await.expect("nodes").iter().map(|r| r.node_id().to_string()).collect();
+    assert_eq!(stored, ["n1", "n2"], "the record is gone from the store");
+    let audit = f.engine.inner.store.audit(1, None).await.expect("audit");
+    assert_eq!((audit[0].action.as_str(), audit[0].target.as_str()), ("node.expire", "n3"));
+
+    // The same sweeper keeps the audit log to its retention.
+    let keep_two =
+        crate::sweeper::Sweeper { audit: crate::store::AuditRetention { keep: 2, max_age: Duration::ZERO }, ..sweeper };
+    let before = f.engine.inner.store.audit(1000, None).await.expect("audit").len() as u64;
+    assert_eq!(keep_two.trim_audit().await, before - 2);
+    let kept = f.engine.inner.store.audit(1000, None).await.expect("audit");
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[0].action, "node.expire", "the newest stay");
 }

@@ -16,7 +16,27 @@ use hotfleet_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::term::Cluster;
+use super::caller;
+use crate::{
+    error::Error,
+    input::{self, MAX_BUILD, MAX_ID},
+    term::Cluster,
+};
+
+/// Registration and heartbeats speak for one node: only that node's
+/// certificate may send them, so a node id can be neither invented nor
+/// taken over from another address.
+fn check_node<T>(request: &Request<T>, node_id: &str) -> Result<(), Status> {
+    let caller = caller(request)?;
+    if caller.speaks_for_node(node_id) {
+        return Ok(());
+    }
+    let shown: String = node_id.chars().take(128).collect();
+    Err(Status::permission_denied(format!(
+        "certificate {:?} may not speak for node {shown:?}: an agent registers with its own node certificate",
+        caller.name
+    )))
+}
 
 /// Bytes per `PatchChunk`: small enough for any default message limit.
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -32,6 +52,8 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<PatchChunk, Status>> + Send 
 #[tonic::async_trait]
 impl AgentGateway for GatewayService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let node_id = request.get_ref().node.as_ref().map(|n| n.node_id.clone()).unwrap_or_default();
+        check_node(&request, &node_id)?;
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("RegisterRequest.node is missing"))?;
         let answer = self.cluster.leader_term()?.register(node.into()).await?;
@@ -43,6 +65,8 @@ impl AgentGateway for GatewayService {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let node_id = request.get_ref().node.as_ref().map(|n| n.node_id.clone()).unwrap_or_default();
+        check_node(&request, &node_id)?;
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("HeartbeatRequest.node is missing"))?;
         let answer = self.cluster.leader_term()?.heartbeat(node.into()).await?;
@@ -57,6 +81,7 @@ impl AgentGateway for GatewayService {
 
     async fn fetch_patch(&self, request: Request<FetchPatchRequest>) -> Result<Response<ChunkStream>, Status> {
         let patch_id = request.into_inner().patch_id;
+        input::text("patch_id", &patch_id, MAX_ID).map_err(Error::from)?;
         let bytes = self.cluster.patches.bundle(&patch_id).await?;
         let total_size = bytes.len() as u64;
         let chunks: Vec<Result<PatchChunk, Status>> = bytes
@@ -76,7 +101,8 @@ impl AgentGateway for GatewayService {
         if build.trim().is_empty() {
             return Err(Status::invalid_argument("target_build is empty"));
         }
-        let stack = self.cluster.store.patch_stack(&build).await.map_err(crate::error::Error::from)?;
+        input::text("target_build", &build, MAX_BUILD).map_err(Error::from)?;
+        let stack = self.cluster.store.patch_stack(&build).await.map_err(Error::from)?;
         let patches = stack
             .into_iter()
             .map(|e| PatchRef {

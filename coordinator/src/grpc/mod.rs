@@ -4,38 +4,38 @@
 
 pub mod convert;
 pub mod gateway;
+pub mod limits;
 pub mod operator;
 mod spec;
 
 use hotfleet_patch::PatchError;
 use tonic::{Code, Status};
 
-use crate::{error::Error, planner::PlanError, registry::RegistryError, store::StoreError};
+use crate::{auth::Caller, error::Error, planner::PlanError, registry::RegistryError, store::StoreError};
 
-/// Metadata key naming who performs an operator action.
-pub const ACTOR_HEADER: &str = "x-hotfleet-actor";
 /// Metadata key on a follower's refusal naming the leader's address, so
 /// agents and the CLI can follow it without parsing the message.
 pub const LEADER_HEADER: &str = "x-hotfleet-leader";
 
-/// The actor of a request: `x-hotfleet-actor`, or "anonymous".
-pub fn actor<T>(request: &tonic::Request<T>) -> String {
-    request
-        .metadata()
-        .get(ACTOR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        // Bounded and printable: the value lands in the audit log verbatim.
-        .map(|s| s.chars().filter(|c| !c.is_control()).take(128).collect())
-        .unwrap_or_else(|| "anonymous".to_string())
+/// The caller the server's gate attached to a request. Every request of
+/// the operator and agent services has one (the gate refuses the rest); a
+/// handler reached without one was wired without the gate, and refuses.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+    request.extensions().get::<Caller>().cloned().ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+/// The audit actor of a request: its caller's identity, from the credential
+/// (never from a header the client sets), bounded and printable since it
+/// lands in the audit log verbatim.
+pub fn actor<T>(request: &tonic::Request<T>) -> Result<String, Status> {
+    Ok(caller(request)?.actor().chars().filter(|c| !c.is_control()).take(128).collect())
 }
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = match &err {
             Error::NotFound { .. } => Code::NotFound,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Input(_) => Code::InvalidArgument,
             Error::Patch(p) => match p {
                 PatchError::Unsigned { .. } | PatchError::UntrustedSigner { .. } | PatchError::BadSignature { .. } => {
                     Code::PermissionDenied
@@ -45,8 +45,10 @@ impl From<Error> for Status {
             },
             Error::Plan(PlanError::NoTargets { .. }) => Code::FailedPrecondition,
             Error::Plan(_) => Code::InvalidArgument,
-            Error::Transition(_) | Error::Conflict { .. } | Error::Frozen { .. } => Code::FailedPrecondition,
-            Error::Registry(RegistryError::Invalid(_)) => Code::InvalidArgument,
+            Error::Transition(_) | Error::Conflict { .. } | Error::NodeBusy { .. } | Error::Frozen { .. } => {
+                Code::FailedPrecondition
+            }
+            Error::Registry(RegistryError::Invalid(_) | RegistryError::Input(_)) => Code::InvalidArgument,
             Error::Registry(RegistryError::Store(StoreError::TooLarge(_))) | Error::Store(StoreError::TooLarge(_)) => {
                 Code::FailedPrecondition
             }

@@ -1,5 +1,7 @@
 //! The operator `Coordinator` service: what the `hotfleet` CLI calls.
-//! Each handler: read the actor, decode, call the domain, encode.
+//! Each handler: read the actor (the caller the server's gate
+//! authenticated), decode (every field within its bound, [`crate::input`]),
+//! call the domain, encode.
 //!
 //! Writes go to the leader's term ([`Cluster::leader_term`]: a follower
 //! refuses them naming the leader). Reads are served by every coordinator
@@ -13,11 +15,13 @@ use hotfleet_proto::v1::{self as pb, coordinator_server::Coordinator};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::{actor, convert};
+use super::{actor, caller, convert};
 use crate::{
     error::Error,
+    input::{self, MAX_BUILD, MAX_ID, MAX_REASON},
     planner::Selector,
     reads::{NodeListing, PageRequest, RolloutView},
+    registry::Liveness,
     rollout::OperatorAction,
     term::{Cluster, Term},
 };
@@ -34,6 +38,22 @@ const PAGE_BYTES: usize = 2 * 1024 * 1024;
 
 type RolloutStream = Pin<Box<dyn Stream<Item = Result<pb::Rollout, Status>> + Send + 'static>>;
 
+/// Most records one list reply carries, whatever the request asks.
+pub const MAX_PAGE: usize = 1000;
+
+/// Decoding: a text field within its bound, else `INVALID_ARGUMENT`.
+fn bounded(field: &'static str, value: &str, max: usize) -> Result<(), Status> {
+    input::text(field, value, max).map_err(|e| Error::from(e).into())
+}
+
+/// A requested page size: `default` for 0, at most [`MAX_PAGE`].
+fn page(limit: u32, default: usize) -> usize {
+    match limit {
+        0 => default,
+        n => (n as usize).min(MAX_PAGE),
+    }
+}
+
 fn encode(view: &RolloutView) -> pb::Rollout {
     convert::rollout(&view.state, view.frozen)
 }
@@ -49,8 +69,10 @@ impl OperatorService {
         request: Request<pb::RolloutActionRequest>,
         action: OperatorAction,
     ) -> Result<Response<pb::RolloutActionResponse>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let req = request.into_inner();
+        bounded("rollout_id", &req.rollout_id, MAX_ID)?;
+        bounded("reason", &req.reason, MAX_REASON)?;
         let state = self.leader()?.engine.act(&req.rollout_id, action, &who, &req.reason).await?;
         let view = self.cluster.view(state).await;
         Ok(Response::new(pb::RolloutActionResponse { rollout: Some(encode(&view)) }))
@@ -63,7 +85,7 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::PushPatchRequest>,
     ) -> Result<Response<pb::PushPatchResponse>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let bundle = request.into_inner().bundle;
         let term = self.leader()?;
         let (record, created) = term.patches.push(term.fence, &bundle, &who).await?;
@@ -75,12 +97,15 @@ impl Coordinator for OperatorService {
         request: Request<pb::ListPatchesRequest>,
     ) -> Result<Response<pb::ListPatchesResponse>, Status> {
         let build = request.into_inner().target_build;
+        bounded("target_build", &build, MAX_BUILD)?;
         let patches = self.cluster.patches.list(&build).await?.into_iter().map(convert::patch_info).collect();
         Ok(Response::new(pb::ListPatchesResponse { patches }))
     }
 
     async fn get_patch(&self, request: Request<pb::GetPatchRequest>) -> Result<Response<pb::GetPatchResponse>, Status> {
-        let record = self.cluster.patches.get(&request.into_inner().patch_id).await?;
+        let patch_id = request.into_inner().patch_id;
+        bounded("patch_id", &patch_id, MAX_ID)?;
+        let record = self.cluster.patches.get(&patch_id).await?;
         Ok(Response::new(pb::GetPatchResponse { patch: Some(convert::patch_info(record)) }))
     }
 
@@ -90,6 +115,8 @@ impl Coordinator for OperatorService {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let req = request.into_inner();
         let selector = Selector::parse(&req.selector).map_err(Error::from)?;
+        // A token is the last node id of the previous page.
+        bounded("page_token", &req.page_token, MAX_ID)?;
         let page =
             PageRequest { after: (!req.page_token.is_empty()).then_some(req.page_token), size: req.page_size as usize };
         // A paged answer stays under PAGE_BYTES on the wire; an unpaged one
@@ -112,7 +139,7 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<pb::StartRolloutResponse>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let req = request.into_inner();
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("StartRolloutRequest.spec is missing"))?;
         let term = self.leader()?;
@@ -125,7 +152,7 @@ impl Coordinator for OperatorService {
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         let req = request.into_inner();
-        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
+        let limit = page(req.limit, 50);
         let frozen = self.cluster.frozen().await;
         let states = self.cluster.rollouts(req.active_only, limit).await?;
         let rollouts = states.iter().map(|s| convert::rollout(s, frozen)).collect();
@@ -136,7 +163,9 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::GetRolloutResponse>, Status> {
-        let view = self.cluster.view(self.cluster.rollout(&request.into_inner().rollout_id).await?).await;
+        let rollout_id = request.into_inner().rollout_id;
+        bounded("rollout_id", &rollout_id, MAX_ID)?;
+        let view = self.cluster.view(self.cluster.rollout(&rollout_id).await?).await;
         Ok(Response::new(pb::GetRolloutResponse { rollout: Some(encode(&view)) }))
     }
 
@@ -146,7 +175,9 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::WatchRolloutRequest>,
     ) -> Result<Response<RolloutStream>, Status> {
-        let views = self.cluster.watch(&request.into_inner().rollout_id).await?;
+        let rollout_id = request.into_inner().rollout_id;
+        bounded("rollout_id", &rollout_id, MAX_ID)?;
+        let views = self.cluster.watch(&rollout_id).await?;
         Ok(Response::new(Box::pin(views.map(|view| Ok(encode(&view))))))
     }
 
@@ -179,14 +210,15 @@ impl Coordinator for OperatorService {
     }
 
     async fn freeze(&self, request: Request<pb::FreezeRequest>) -> Result<Response<pb::FreezeStatus>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let reason = request.into_inner().reason;
+        bounded("reason", &reason, MAX_REASON)?;
         let term = self.leader()?;
         Ok(Response::new(convert::freeze_status(term.engine.set_freeze(Some(reason), &who).await?)))
     }
 
     async fn unfreeze(&self, request: Request<pb::UnfreezeRequest>) -> Result<Response<pb::FreezeStatus>, Status> {
-        let who = actor(&request);
+        let who = actor(&request)?;
         let term = self.leader()?;
         Ok(Response::new(convert::freeze_status(term.engine.set_freeze(None, &who).await?)))
     }
@@ -199,20 +231,25 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        let limit = match request.into_inner().limit {
-            0 => 100,
-            n => n as usize,
-        };
-        let records = self
-            .cluster
-            .store
-            .audit(limit)
-            .await
-            .map_err(Error::from)?
-            .into_iter()
-            .map(convert::audit_record)
-            .collect();
-        Ok(Response::new(pb::ListAuditResponse { records }))
+        let req = request.into_inner();
+        let before = (req.before_seq != 0).then_some(req.before_seq);
+        let page = self.cluster.audit(page(req.limit, 100), before).await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: page.records.into_iter().map(convert::audit_record).collect(),
+            next_before_seq: page.next_before.unwrap_or(0),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let who = actor(&request)?;
+        let req = request.into_inner();
+        bounded("node_id", &req.node_id, MAX_ID)?;
+        bounded("reason", &req.reason, MAX_REASON)?;
+        let node = self.leader()?.remove_node(&req.node_id, &who, &req.reason).await?;
+        Ok(Response::new(pb::RemoveNodeResponse { was_alive: node.liveness == Liveness::Alive }))
     }
 
     async fn get_leader(&self, _request: Request<pb::GetLeaderRequest>) -> Result<Response<pb::LeaderStatus>, Status> {
@@ -223,6 +260,15 @@ impl Coordinator for OperatorService {
             leader_addr: leader.as_ref().map(|l| l.addr.clone()).unwrap_or_default(),
             epoch: leader.map(|l| l.epoch).unwrap_or(0),
             store: self.cluster.backend().to_string(),
+        }))
+    }
+
+    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = caller(&request)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            identity: caller.name.clone(),
+            role: caller.role.map(|r| r.name().to_string()).unwrap_or_default(),
+            credential: caller.credential_name().to_string(),
         }))
     }
 }

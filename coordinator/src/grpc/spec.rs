@@ -1,11 +1,14 @@
 //! Decoding a wire `RolloutSpec` into the domain's: proto3 cannot tell "not
 //! given" from zero or empty, so those mean "not given" and the domain's
 //! defaults ([`RolloutSpec::new`]) stand. Parsing and validation are the
-//! domain's; nothing is decided here.
+//! domain's; nothing is decided here. Bounds ([`crate::input`]) are checked
+//! as the message is decoded, the lists before any entry is parsed, so an
+//! oversized spec is refused before it goes anywhere.
 
 use hotfleet_proto::v1 as pb;
 
 use crate::{
+    input,
     planner::PlanError,
     rollout::{health::GateConfig, ParseSpec, RolloutSpec},
 };
@@ -24,10 +27,13 @@ impl ParseSpec for pb::RolloutSpec {
     }
 
     fn parse(self) -> Result<RolloutSpec, PlanError> {
+        input::count("waves", self.waves.len(), input::MAX_STEPS)?;
+        input::count("pause_before", self.pause_before.len(), input::MAX_STEPS)?;
+        input::text("description", &self.description, input::MAX_DESCRIPTION)?;
         let defaults = RolloutSpec::new(self.patch_id);
         let waves = (!self.waves.is_empty()).then_some(self.waves.as_slice());
         let spec = defaults.with_text(Some(&self.selector), given_text(&self.canary), waves)?;
-        Ok(RolloutSpec {
+        let spec = RolloutSpec {
             health_window_ms: given(self.health_window_ms).unwrap_or(spec.health_window_ms),
             step_deadline_ms: given(self.step_deadline_ms).unwrap_or(spec.step_deadline_ms),
             max_unhealthy: self.max_unhealthy,
@@ -39,7 +45,9 @@ impl ParseSpec for pb::RolloutSpec {
             prepare_ttl_seconds: self.prepare_ttl_seconds,
             description: self.description,
             ..spec
-        })
+        };
+        spec.validate()?;
+        Ok(spec)
     }
 }
 
@@ -52,6 +60,26 @@ mod tests {
     fn zero_and_empty_fields_take_the_domain_defaults() {
         let spec = pb::RolloutSpec { patch_id: "p".into(), ..Default::default() }.parse().expect("parse");
         assert_eq!(spec, RolloutSpec::new("p"));
+    }
+
+    #[test]
+    fn oversized_or_out_of_range_fields_are_refused_with_short_messages() {
+        let wire = |f: fn(&mut pb::RolloutSpec)| {
+            let mut spec = pb::RolloutSpec { patch_id: "p".into(), ..Default::default() };
+            f(&mut spec);
+            spec.parse().expect_err("refused").to_string()
+        };
+        let err = wire(|s| s.selector = format!("zone={}", "a".repeat(4 << 20)));
+        assert!(err.starts_with("selector is 4194309 bytes long"), "{err}");
+        assert!(err.len() < 200, "{err}");
+        let err = wire(|s| s.health_window_ms = u64::MAX);
+        assert!(err.contains("health_window_ms 18446744073709551615 ms is out of range"), "{err}");
+        let err = wire(|s| s.waves = vec!["1".into(); 100_000]);
+        assert!(err.contains("waves has 100000 entries"), "{err}");
+        let err = wire(|s| s.canary = "9".repeat(1000));
+        assert!(err.starts_with("size is 1000 bytes long"), "{err}");
+        let err = wire(|s| s.description = "d".repeat(1 << 20));
+        assert!(err.starts_with("description is 1048576 bytes long"), "{err}");
     }
 
     #[test]

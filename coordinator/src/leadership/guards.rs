@@ -10,7 +10,9 @@ use super::LeaseGuard;
 use crate::{
     agents::{AgentClient, AgentError, Command, HealthSample, Outcome, Target},
     rollout::{NodeState, Rollout},
-    store::{AuditEntry, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError},
+    store::{
+        AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError,
+    },
 };
 
 /// The engine's agent client for one term: no command leaves once the lease
@@ -65,6 +67,26 @@ impl TermStore {
     pub fn new(inner: Arc<dyn Store>, guard: LeaseGuard) -> Self {
         Self { inner, guard }
     }
+
+    /// Refused before it reaches the store once the lease is gone.
+    fn check(&self, fence: Fence) -> Result<(), StoreError> {
+        match self.guard.lost_reason() {
+            Some(reason) => Err(StoreError::NotLeading { epoch: fence.epoch, reason }),
+            None => Ok(()),
+        }
+    }
+
+    /// A write the store fenced ends the term at once.
+    fn fenced<T>(&self, result: &Result<T, StoreError>) {
+        if let Err(StoreError::Fenced { ours, current }) = result {
+            tracing::error!(
+                ours,
+                current,
+                "write refused by the store: fenced by a newer leader (transaction compare failed)"
+            );
+            self.guard.lose(format!("fenced: epoch {current} now owns the store"));
+        }
+    }
 }
 
 #[async_trait]
@@ -74,18 +96,16 @@ impl Store for TermStore {
     }
 
     async fn write(&self, fence: Fence, batch: Batch) -> Result<Vec<u64>, StoreError> {
-        if let Some(reason) = self.guard.lost_reason() {
-            return Err(StoreError::NotLeading { epoch: fence.epoch, reason });
-        }
+        self.check(fence)?;
         let result = self.inner.write(fence, batch).await;
-        if let Err(StoreError::Fenced { ours, current }) = &result {
-            tracing::error!(
-                ours,
-                current,
-                "write refused by the store: fenced by a newer leader (transaction compare failed)"
-            );
-            self.guard.lose(format!("fenced: epoch {current} now owns the store"));
-        }
+        self.fenced(&result);
+        result
+    }
+
+    async fn trim_audit(&self, fence: Fence, retention: AuditRetention, now_ms: u64) -> Result<u64, StoreError> {
+        self.check(fence)?;
+        let result = self.inner.trim_audit(fence, retention, now_ms).await;
+        self.fenced(&result);
         result
     }
 
@@ -121,8 +141,8 @@ impl Store for TermStore {
         self.inner.patch_stack(target_build).await
     }
 
-    async fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        self.inner.audit(limit).await
+    async fn audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit(limit, before).await
     }
 
     async fn freeze(&self) -> Result<Option<FreezeRecord>, StoreError> {

@@ -334,7 +334,7 @@ async fn the_term_store_refuses_writes_after_a_loss_and_a_fence_ends_the_term() 
     assert!(matches!(store.write(old, audit("stale")).await, Err(StoreError::Fenced { .. })));
     assert!(guard.lost_reason().is_some_and(|r| r.contains("fenced")));
     assert!(matches!(store.write(old, audit("after")).await, Err(StoreError::NotLeading { .. })));
-    let log: Vec<String> = embedded.audit(10).await.expect("audit").into_iter().map(|e| e.action).collect();
+    let log: Vec<String> = embedded.audit(10, None).await.expect("audit").into_iter().map(|e| e.action).collect();
     assert_eq!(log, ["while leading"]);
 }
 

@@ -7,7 +7,8 @@
 //! `baseline + floor` (the floor keeps a 0.3 ms idle server from flapping
 //! on a 1 ms tick), the game's own `health()` turning bad, and, at the end of
 //! the window, no tick completed during the window. The gate is honest: no
-//! data is a failure, never a pass.
+//! data is a failure, never a pass, and a node that had no process at its
+//! commit (nothing ran the patch there) never passes.
 
 use std::collections::BTreeMap;
 
@@ -90,8 +91,10 @@ pub fn evaluate(
     check: Check,
 ) -> Verdict {
     let mut problems = Vec::new();
-    if baselines.is_empty() && check == Check::Final && samples.is_empty() {
-        // A node with no process has nothing to run the patch: nothing to judge.
+    if baselines.is_empty() {
+        // No process at commit: its "health" could only be made up (a node
+        // that registers with no process and answers every query healthy).
+        problems.push("no game process on the node at commit: no health data, so the gate cannot pass".into());
         return Verdict { problems };
     }
     for (process_id, base) in baselines {
@@ -239,7 +242,13 @@ mod tests {
     }
 
     #[test]
-    fn processless_node_has_nothing_to_judge() {
-        assert!(evaluate(&GateConfig::default(), &BTreeMap::new(), &BTreeMap::new(), &[], Check::Final).healthy());
+    fn a_node_without_processes_never_passes() {
+        for check in [Check::Interim, Check::Final] {
+            let v = evaluate(&GateConfig::default(), &BTreeMap::new(), &BTreeMap::new(), &[], check);
+            assert!(v.summary().contains("no game process"), "{}", v.summary());
+            // Made-up samples for processes that had no baseline change nothing.
+            let v = evaluate(&GateConfig::default(), &BTreeMap::new(), &BTreeMap::new(), &[sample()], check);
+            assert!(!v.healthy());
+        }
     }
 }

@@ -557,7 +557,7 @@ impl RolloutState {
             // when no node still waits for one.
             .all(|id| self.nodes.get(id).is_some_and(|n| n.observed != Observed::Prepared))
         {
-            let ends = now_ms + self.rollout.spec.health_window_ms;
+            let ends = now_ms.saturating_add(self.rollout.spec.health_window_ms);
             let name = self.rollout.steps.get(step).map(|s| s.name.clone()).unwrap_or_default();
             self.set_phase(
                 Phase::Watching { step, started_at_ms: now_ms, ends_at_ms: ends },

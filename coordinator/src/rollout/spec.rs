@@ -8,7 +8,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::health::GateConfig;
-use crate::planner::{PlanError, Selector, Size};
+use crate::{
+    input,
+    planner::{PlanError, Selector, Size},
+};
 
 /// What an operator asked for, with defaults applied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +36,44 @@ pub struct RolloutSpec {
 impl RolloutSpec {
     pub const DEFAULT_HEALTH_WINDOW_MS: u64 = 10_000;
     pub const DEFAULT_STEP_DEADLINE_MS: u64 = 60_000;
+
+    /// Longest health window and step deadline: a day. Far beyond any real
+    /// rollout step, and small enough that no clock arithmetic can wrap.
+    pub const MAX_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
+    /// Longest prepare TTL: a week.
+    pub const MAX_PREPARE_TTL_S: u32 = 7 * 24 * 60 * 60;
+    /// Most unhealthy nodes a spec may tolerate (more than any fleet).
+    pub const MAX_UNHEALTHY: u32 = 1_000_000;
+    /// Bounds of the health gate's thresholds.
+    pub const MAX_P99_FACTOR: f64 = 1000.0;
+    pub const MAX_P99_FLOOR_MS: f64 = 3_600_000.0;
+
+    /// Checks every bound of the spec ([`crate::input`]): the numbers, the
+    /// lists and the free text. The planner calls it with the rest of the
+    /// validation; a refusal names the field and the accepted range.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let gate = &self.gate;
+        if !(gate.p99_factor.is_finite() && gate.p99_factor >= 1.0) {
+            return Err(PlanError::P99Factor(gate.p99_factor));
+        }
+        if !(gate.p99_floor_ms.is_finite() && gate.p99_floor_ms >= 0.0) {
+            return Err(PlanError::P99Floor(gate.p99_floor_ms));
+        }
+        input::text("patch_id", &self.patch_id, input::MAX_ID)?;
+        input::text("description", &self.description, input::MAX_DESCRIPTION)?;
+        input::count("waves", self.waves.len(), input::MAX_STEPS)?;
+        input::count("pause_before", self.pause_before.len(), input::MAX_STEPS)?;
+        for name in &self.pause_before {
+            input::text("pause_before step", name, input::MAX_STEP_NAME)?;
+        }
+        input::number("health_window_ms", self.health_window_ms, 1..=Self::MAX_WINDOW_MS, " ms")?;
+        input::number("step_deadline_ms", self.step_deadline_ms, 1..=Self::MAX_WINDOW_MS, " ms")?;
+        input::number("prepare_ttl_seconds", self.prepare_ttl_seconds, 0..=Self::MAX_PREPARE_TTL_S, " s")?;
+        input::number("max_unhealthy", self.max_unhealthy, 0..=Self::MAX_UNHEALTHY, "")?;
+        input::number("tick_p99_factor", self.gate.p99_factor, 1.0..=Self::MAX_P99_FACTOR, "")?;
+        input::number("tick_p99_floor_ms", self.gate.p99_floor_ms, 0.0..=Self::MAX_P99_FLOOR_MS, " ms")?;
+        Ok(())
+    }
 
     /// A prepare TTL must span this many heartbeat intervals: renewal rides
     /// on heartbeat answers, so one or two lost heartbeats must not expire it.
@@ -134,6 +175,27 @@ mod tests {
         let bad = ["150%".to_string()];
         let err = RolloutSpec::new("p").with_text(None, None, Some(&bad)).expect_err("bad wave");
         assert!(err.to_string().contains("invalid size"), "{err}");
+    }
+
+    #[test]
+    fn numbers_beyond_their_bounds_are_refused_with_the_range() {
+        let err = RolloutSpec { health_window_ms: u64::MAX, ..RolloutSpec::new("p") }.validate().expect_err("u64::MAX");
+        let text = err.to_string();
+        assert!(text.contains("health_window_ms 18446744073709551615 ms is out of range"), "{text}");
+        assert!(text.contains("give 1 ms to 86400000 ms"), "{text}");
+        RolloutSpec::new("p").validate().expect("the defaults are in range");
+        let bad = [
+            RolloutSpec { step_deadline_ms: RolloutSpec::MAX_WINDOW_MS + 1, ..RolloutSpec::new("p") },
+            RolloutSpec { prepare_ttl_seconds: u32::MAX, ..RolloutSpec::new("p") },
+            RolloutSpec { max_unhealthy: u32::MAX, ..RolloutSpec::new("p") },
+            RolloutSpec { gate: GateConfig { p99_factor: 1e300, p99_floor_ms: 1.0 }, ..RolloutSpec::new("p") },
+            RolloutSpec { waves: vec![Size::Count(1); 65], ..RolloutSpec::new("p") },
+            RolloutSpec { description: "d".repeat(input::MAX_DESCRIPTION + 1), ..RolloutSpec::new("p") },
+        ];
+        for spec in bad {
+            let err = spec.validate().expect_err("out of bounds");
+            assert!(err.to_string().len() < 200, "{err}");
+        }
     }
 
     #[test]

@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::{AuditEntry, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError, Write};
+use super::{
+    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError,
+    Write, AUDIT_TRIM_BATCH,
+};
 use crate::rollout::{NodeState, Rollout};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -290,16 +293,53 @@ impl Store for EmbeddedStore {
         Ok(self.read_one(STACKS, target_build).await?.unwrap_or_default())
     }
 
-    async fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+    async fn audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>, StoreError> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(AUDIT).map_err(backend)?;
             let mut out = Vec::new();
-            for row in table.iter().map_err(backend)?.rev().take(limit) {
+            for row in table.range(..before.unwrap_or(u64::MAX)).map_err(backend)?.rev().take(limit) {
                 let (key, value) = row.map_err(backend)?;
                 out.push(decode(&format!("audit/{}", key.value()), value.value())?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn trim_audit(&self, fence: Fence, retention: AuditRetention, now_ms: u64) -> Result<u64, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let (current, last) = {
+                let meta = txn.open_table(META).map_err(backend)?;
+                let current = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0);
+                let last = meta.get(AUDIT_SEQ_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0);
+                (current, last)
+            };
+            if current != fence.epoch {
+                txn.abort().map_err(backend)?;
+                return Err(StoreError::Fenced { ours: fence.epoch, current });
+            }
+            let removed = {
+                let mut table = txn.open_table(AUDIT).map_err(backend)?;
+                // Oldest first; entries are in time order, so the first one
+                // kept ends the run.
+                let mut doomed = Vec::new();
+                for row in table.iter().map_err(backend)?.take(AUDIT_TRIM_BATCH) {
+                    let (key, value) = row.map_err(backend)?;
+                    let entry: AuditEntry = decode(&format!("audit/{}", key.value()), value.value())?;
+                    if !retention.expired(key.value(), entry.at_ms, last, now_ms) {
+                        break;
+                    }
+                    doomed.push(key.value());
+                }
+                for seq in &doomed {
+                    table.remove(seq).map_err(backend)?;
+                }
+                doomed.len() as u64
+            };
+            txn.commit().map_err(backend)?;
+            Ok(removed)
         })
         .await
     }
@@ -372,7 +412,7 @@ mod tests {
         let err = store.write(first, Batch::new().with(Write::Audit(audit("stale")))).await.expect_err("fenced");
         assert!(matches!(err, StoreError::Fenced { ours, current } if ours == first.epoch && current == second.epoch));
         // Nothing of the refused batch landed.
-        let log = store.audit(10).await.expect("audit");
+        let log = store.audit(10, None).await.expect("audit");
         assert_eq!(log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["a"]);
     }
 
@@ -412,7 +452,7 @@ mod tests {
             .expect("write");
         assert_eq!(store.patch("p1").await.expect("read").expect("present").description, "first");
         assert_eq!(store.patch_bundle("p1").await.expect("read").expect("present"), b"abc");
-        assert_eq!(store.audit(1).await.expect("audit")[0].action, "push2");
+        assert_eq!(store.audit(1, None).await.expect("audit")[0].action, "push2");
         assert_eq!(store.audit_len().await.expect("len"), 2);
     }
 

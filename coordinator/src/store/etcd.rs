@@ -43,13 +43,16 @@ use std::{
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, KvClient, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{AuditEntry, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError, Write};
+use super::{
+    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError,
+    Write, AUDIT_TRIM_BATCH,
+};
 use crate::rollout::{NodeState, Rollout};
 
 /// Bytes per stored bundle chunk: one chunk per transaction, well under
@@ -614,13 +617,47 @@ impl Store for EtcdStore {
         Ok(self.get_json(&self.key(&format!("stacks/{target_build}"))).await?.unwrap_or_default())
     }
 
-    async fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+    async fn audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>, StoreError> {
         let options = GetOptions::new().with_sort(SortTarget::Key, SortOrder::Descend).with_limit(limit as i64);
-        self.get_prefix(&self.key("audit/"), options)
-            .await?
-            .iter()
-            .map(|kv| decode(&String::from_utf8_lossy(kv.key()), kv.value()))
-            .collect()
+        let kvs = match before {
+            None => self.get_prefix(&self.key("audit/"), options).await?,
+            Some(before) => {
+                // Keys are zero-padded: key order is sequence order.
+                let end = self.key(&format!("audit/{before:020}"));
+                let mut kv = self.kv.clone();
+                self.call(kv.get(self.key("audit/"), Some(options.with_range(end)))).await?.take_kvs()
+            }
+        };
+        kvs.iter().map(|kv| decode(&String::from_utf8_lossy(kv.key()), kv.value())).collect()
+    }
+
+    async fn trim_audit(&self, fence: Fence, retention: AuditRetention, now_ms: u64) -> Result<u64, StoreError> {
+        let last = match self.get_kv(&self.key("audit-seq")).await? {
+            Some(kv) => std::str::from_utf8(kv.value()).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(0),
+            None => return Ok(0),
+        };
+        let oldest =
+            GetOptions::new().with_sort(SortTarget::Key, SortOrder::Ascend).with_limit(AUDIT_TRIM_BATCH as i64);
+        let mut doomed: Option<u64> = None;
+        let mut count = 0;
+        for kv in self.get_prefix(&self.key("audit/"), oldest).await? {
+            let entry: AuditEntry = decode(&String::from_utf8_lossy(kv.key()), kv.value())?;
+            if !retention.expired(entry.seq, entry.at_ms, last, now_ms) {
+                break;
+            }
+            doomed = Some(entry.seq);
+            count += 1;
+        }
+        let Some(through) = doomed else { return Ok(0) };
+        // One range delete, fenced like every write.
+        let end = self.key(&format!("audit/{:020}", through.saturating_add(1)));
+        let delete = TxnOp::delete(self.key("audit/"), Some(DeleteOptions::new().with_range(end)));
+        let mut kv = self.kv.clone();
+        let resp = self.call(kv.txn(self.fenced_txn(fence, Vec::new(), vec![delete]))).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::Fenced { ours: fence.epoch, current: Self::current_epoch_of(&resp) });
+        }
+        Ok(count)
     }
 
     async fn freeze(&self) -> Result<Option<FreezeRecord>, StoreError> {

@@ -134,6 +134,34 @@ pub struct AuditEntry {
     pub ok: bool,
 }
 
+/// How much of the audit log is kept: the newest `keep` entries, and none
+/// older than `max_age` (zero: no age limit). The leader's sweeper enforces
+/// it ([`Store::trim_audit`]) on either store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRetention {
+    pub keep: u64,
+    pub max_age: std::time::Duration,
+}
+
+impl Default for AuditRetention {
+    fn default() -> Self {
+        Self { keep: 100_000, max_age: std::time::Duration::from_secs(90 * 24 * 3600) }
+    }
+}
+
+impl AuditRetention {
+    /// Whether entry `seq`, written at `at_ms`, goes: `last` is the newest
+    /// sequence number, `now_ms` the time now.
+    pub fn expired(&self, seq: u64, at_ms: u64, last: u64, now_ms: u64) -> bool {
+        let max_age_ms = self.max_age.as_millis() as u64;
+        seq.saturating_add(self.keep) <= last || (max_age_ms > 0 && at_ms.saturating_add(max_age_ms) < now_ms)
+    }
+}
+
+/// Most audit entries one [`Store::trim_audit`] removes: a long backlog goes
+/// over several sweeps, each a bounded transaction.
+pub const AUDIT_TRIM_BATCH: usize = 500;
+
 /// The fleet-wide freeze flag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreezeRecord {
@@ -227,8 +255,14 @@ pub trait Store: Send + Sync + 'static {
     /// The build's committed patch stack, oldest first.
     async fn patch_stack(&self, target_build: &str) -> Result<Vec<StackEntry>, StoreError>;
 
-    /// Newest first, at most `limit`.
-    async fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Newest first, at most `limit`, only entries older than `before` (a
+    /// sequence number) when given: one page of the log.
+    async fn audit(&self, limit: usize, before: Option<u64>) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Deletes the oldest entries `retention` no longer keeps, at most
+    /// [`AUDIT_TRIM_BATCH`] of them, if `fence` still owns the store.
+    /// Returns how many went.
+    async fn trim_audit(&self, fence: Fence, retention: AuditRetention, now_ms: u64) -> Result<u64, StoreError>;
 
     async fn freeze(&self) -> Result<Option<FreezeRecord>, StoreError>;
 }

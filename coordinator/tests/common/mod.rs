@@ -135,3 +135,42 @@ where
     }
     false
 }
+
+/// The audit log's paging and retention, the same on every store: pages
+/// newest first that chain by sequence number, and trims that drop the
+/// oldest entries beyond `keep` or older than `max_age`, in bounded batches,
+/// fenced like every write.
+pub async fn audit_paging_and_retention(
+    store: &dyn hotfleet_coordinator::store::Store,
+    fence: hotfleet_coordinator::store::Fence,
+    stale: hotfleet_coordinator::store::Fence,
+) {
+    use hotfleet_coordinator::{
+        patches::audit,
+        store::{AuditRetention, Batch, Write},
+    };
+    let mut batch = Batch::new();
+    for i in 0..30 {
+        let mut entry = audit("sre", &format!("a{i}"), "", "", true);
+        entry.at_ms = 1_000 + i; // a{i} written at 1000 + i ms
+        batch.push(Write::Audit(entry));
+    }
+    store.write(fence, batch).await.expect("write");
+    let page = store.audit(10, None).await.expect("page 1");
+    let seqs: Vec<u64> = page.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (21..=30).rev().collect::<Vec<u64>>(), "newest first");
+    let page = store.audit(10, Some(21)).await.expect("page 2");
+    assert_eq!(page.first().map(|e| e.seq), Some(20), "the next page starts below the last seq shown");
+    assert_eq!(store.audit(100, Some(3)).await.expect("last page").len(), 2);
+
+    let keep = |keep, max_age_ms| AuditRetention { keep, max_age: Duration::from_millis(max_age_ms) };
+    let err = store.trim_audit(stale, keep(5, 0), 0).await.expect_err("a stale writer trims nothing");
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert_eq!(store.trim_audit(fence, keep(25, 0), 0).await.expect("trim"), 5, "keep the newest 25");
+    assert_eq!(store.audit(100, None).await.expect("log").last().map(|e| e.seq), Some(6));
+    // Age: at 1_020 ms with a 5 ms max age, entries written before 1_015 go.
+    assert_eq!(store.trim_audit(fence, keep(1000, 5), 1_020).await.expect("trim"), 10);
+    assert_eq!(store.audit(100, None).await.expect("log").last().map(|e| e.seq), Some(16));
+    assert_eq!(store.trim_audit(fence, keep(1000, 5), 1_020).await.expect("again"), 0, "idempotent");
+    assert_eq!(store.audit(100, None).await.expect("log").len(), 15);
+}

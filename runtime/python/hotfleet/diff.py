@@ -7,6 +7,10 @@ order.  A matched statement is *unchanged* when its AST (without line
 numbers) is equal; it is *moved* when, in addition, only its position in the
 file changed, which the runtime turns into a cheap line-number update of the
 live code objects.  Unchanged statements are never re-run.
+
+Comparison is cheap on purpose (prepare runs beside the game thread): statements whose
+source lines are identical are equal without looking at their trees; only statements
+whose text differs have their AST dumped and compared.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "future_flags",
     "bound_names",
     "first_line",
+    "classify",
 ]
 
 DEF = "def"
@@ -116,18 +121,58 @@ def bound_names(node: ast.stmt) -> FrozenSet[str]:
 
 
 @dataclass
-class Stmt:
-    """One statement of a module or class body, keyed for matching."""
+class Group:
+    """Top-level statements sharing source lines (usually one statement): the unit a
+    statement's tree is re-parsed from when it was not kept. It holds no statements (no
+    reference cycle: outlines are freed without the collector)."""
 
-    node: ast.stmt
+    first: int
+    last: int
+    text: str
+    size: int = 1
+
+    def load(self, index: int) -> ast.stmt:
+        """Parse this group's text at its own lines; the ``index``-th statement's tree."""
+        tree = parse("\n" * (self.first - 1) + self.text, "<hotfleet group>")
+        if len(tree.body) != self.size:  # pragma: no cover - the text parsed before
+            raise SyntaxError("statement group does not re-parse to its statements")
+        return tree.body[index]
+
+
+@dataclass
+class Stmt:
+    """One statement of a module or class body, keyed for matching.
+
+    Its tree (``node``) may be dropped to keep outlines small; it is re-parsed from the
+    statement's group of lines on first use.
+    """
+
+    _node: Optional[ast.stmt]
     kind: str
     names: Tuple[str, ...]
     key: Tuple[object, ...]
-    dump: str
     first: int
     last: int
     text: str
     bound: FrozenSet[str]
+    _dump: Optional[str] = None
+    group: Optional[Group] = None
+    gindex: int = 0  # position in its group
+
+    @property
+    def node(self) -> ast.stmt:
+        """The statement's tree (re-parsed from its group when it was dropped)."""
+        if self._node is None:
+            assert self.group is not None, "a statement without tree needs its group"
+            self._node = self.group.load(self.gindex)
+        return self._node
+
+    @property
+    def dump(self) -> str:
+        """The statement's AST without positions (computed on first use: it is costly)."""
+        if self._dump is None:
+            self._dump = ast.dump(self.node)
+        return self._dump
 
     @property
     def name(self) -> str:
@@ -142,7 +187,7 @@ class Stmt:
         return line[:120]
 
 
-def _classify(node: ast.stmt, index: int) -> Tuple[str, Tuple[str, ...]]:
+def classify(node: ast.stmt, index: int) -> Tuple[str, Tuple[str, ...]]:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return DEF, (node.name,)
     if isinstance(node, ast.ClassDef):
@@ -174,20 +219,22 @@ def _classify(node: ast.stmt, index: int) -> Tuple[str, Tuple[str, ...]]:
     return OTHER, ()
 
 
-def statements(body: Sequence[ast.stmt], lines: Sequence[str]) -> List[Stmt]:
-    """Key every statement of ``body`` (``lines``: the source split into lines)."""
+def statements(body: Sequence[ast.stmt], lines: Sequence[str], start: int = 0) -> List[Stmt]:
+    """Key every statement of ``body`` (``lines``: the source split into lines; ``start``:
+    the index of ``body[0]`` in the whole body, when ``body`` is a part of it)."""
     out: List[Stmt] = []
     seen: Dict[Tuple[object, ...], int] = {}
-    for index, node in enumerate(body):
-        kind, names = _classify(node, index)
-        dump = ast.dump(node)
+    for index, node in enumerate(body, start):
+        kind, names = classify(node, index)
+        # anonymous statements are keyed by their content; the rest by kind and names
+        dump = ast.dump(node) if kind == OTHER else None
         base: Tuple[object, ...] = (kind, names) if kind != OTHER else (kind, dump)
         occ = seen.get(base, 0)
         seen[base] = occ + 1
         first = first_line(node)
         last = getattr(node, "end_lineno", None) or node.lineno
         text = "".join(lines[first - 1 : last])
-        out.append(Stmt(node, kind, names, base + (occ,), dump, first, last, text, bound_names(node)))
+        out.append(Stmt(node, kind, names, base + (occ,), first, last, text, bound_names(node), dump))
     return out
 
 
@@ -228,12 +275,15 @@ class BodyDiff:
 
 
 def _status(old: Stmt, new: Stmt) -> str:
-    if old.dump != new.dump:
+    if old.text == new.text:
+        # identical lines parse to identical trees: no need to compare them
+        return MOVED if old.first != new.first else UNCHANGED
+    if old.kind in (DEF, CLASS):
+        # Any other text: even with the same AST (comments, blank lines inside) the line
+        # tables of the code objects differ, so it is a change. Definitions are never
+        # re-run, so this costs a code swap only.
         return CHANGED
-    if old.kind in (DEF, CLASS) and old.text != new.text:
-        # Same AST but different layout (comments, blank lines inside): the
-        # line tables of the code objects differ, so treat it as a change.
-        # Definitions are never re-run, so this costs a code swap only.
+    if old.dump != new.dump:
         return CHANGED
     if old.first != new.first:
         return MOVED
@@ -256,6 +306,13 @@ def diff_bodies(old: Iterable[Stmt], new: Iterable[Stmt]) -> BodyDiff:
         if key not in used:
             result.removed.append(stmt)
     return result
+
+
+def is_noop(node: ast.stmt) -> bool:
+    """True for statements with no effect to undo: ``pass`` and a bare ``...``."""
+    if isinstance(node, ast.Pass):
+        return True
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node.value.value is Ellipsis
 
 
 def future_flags(module: ast.Module) -> int:

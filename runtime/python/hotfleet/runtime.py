@@ -21,6 +21,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from .courtesy import for_thread
 from .errors import CommitError, HotfleetError, PrepareError, RollbackError
 from .health import GameHealth, HealthMonitor
 from .instances import InstanceTracker, hook_classes
@@ -305,9 +306,10 @@ class Runtime:
             t0 = time.perf_counter()
             # Off the game thread: shrink what earlier commits recorded about
             # instance hooks to the attributes that actually changed.
+            courtesy = for_thread(self._game_thread)
             for entry in self.patch_stack:
-                entry.journal.compact()
-            stages = Stager(self._registry, self._tracker, sources, self.unpatchable).run()
+                entry.journal.compact(courtesy)
+            stages = Stager(self._registry, self._tracker, sources, self.unpatchable, courtesy).run()
             plan = Plan(txn_id, [st.plan for st in stages])
             refusals = plan.refusals
             if refusals:

@@ -19,7 +19,7 @@ import operator
 import types
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Tuple
 
 __all__ = [
     "MISSING",
@@ -413,6 +413,38 @@ class _FunctionEntry(_Entry):
         self.old.apply(self.fn)
 
 
+class _CodeBatchEntry(_Entry):
+    """``__code__`` replaced in many functions at once (relocations), as two columns:
+    the functions and the code each ran before. Undo puts every previous code back."""
+
+    __slots__ = ("fns", "olds")
+
+    def __init__(self) -> None:
+        self.fns: List[types.FunctionType] = []
+        self.olds: List[types.CodeType] = []
+
+    def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
+        # Code is ours: always put the previous version back.
+        for fn, old in zip(reversed(self.fns), reversed(self.olds)):
+            fn.__code__ = old
+
+
+class _SwapBatchEntry(_Entry):
+    """Code, docstring and qualified name replaced in functions whose defaults and
+    annotations stay (the common changed ``def``): one row per function."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows: List[Tuple[types.FunctionType, types.CodeType, Optional[str], str]] = []
+
+    def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
+        for fn, code, doc, qualname in reversed(self.rows):
+            fn.__code__ = code
+            fn.__doc__ = doc
+            fn.__qualname__ = qualname
+
+
 class _MappingEntry(_Entry):
     __slots__ = ("where", "getter", "setter", "key", "old", "new")
 
@@ -554,15 +586,18 @@ class _InstanceBatchEntry(_Entry):
         refs, befores, afters = self.cols
         return list(zip(refs, befores, afters))
 
-    def compact(self) -> None:
-        """Keep only the attributes that changed (bounds the memory a stack entry holds)."""
+    def compact(self, courtesy: Optional[Callable[[], None]] = None) -> None:
+        """Keep only the attributes that changed (bounds the memory a stack entry holds);
+        ``courtesy`` is called every few hundred instances (it runs off the game thread)."""
         if self.compacted:
             return
         refs: List[Callable[[], Any]] = []
         befores: List[Dict[str, Any]] = []
         afters: List[Dict[str, Any]] = []
         cur_refs, cur_befores, cur_afters = self.cols
-        for ref, before, after in zip(cur_refs, cur_befores, cur_afters):
+        for i, (ref, before, after) in enumerate(zip(cur_refs, cur_befores, cur_afters)):
+            if courtesy is not None and not i & 255:
+                courtesy()
             old_part: Dict[str, Any] = {}
             new_part: Dict[str, Any] = {}
             for key, new in after.items():
@@ -583,15 +618,7 @@ class _InstanceBatchEntry(_Entry):
 
     def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
         # Once per recorded instance: keep it to a walk over the (few) keys.
-        refs, befores, afters = self.cols
-        for ref, before, after in zip(reversed(refs), reversed(befores), reversed(afters)):
-            obj = ref()
-            if obj is None:
-                continue
-            try:
-                current_dict = object.__getattribute__(obj, "__dict__")
-            except AttributeError:
-                continue
+        for obj, current_dict, before, after in _live_rows(self.cols):
             added = 0
             for key, new in after.items():
                 old = before.get(key, MISSING)
@@ -607,27 +634,97 @@ class _InstanceBatchEntry(_Entry):
                     if current is not old:
                         _dict_put(current_dict, key, old)
                 elif current is not old:
-                    self._restore(obj, current_dict, key, old, new, strict, conflicts)
+                    _restore_attr(obj, current_dict, key, old, new, strict, conflicts)
             if len(before) + added > len(after):  # the hook deleted attributes
                 for key in before.keys() - after.keys():
-                    self._restore(obj, current_dict, key, before[key], MISSING, strict, conflicts)
+                    _restore_attr(obj, current_dict, key, before[key], MISSING, strict, conflicts)
 
-    @staticmethod
-    def _restore(
-        obj: Any, current_dict: Dict[str, Any], key: str, old: Any, new: Any, strict: bool, conflicts: List[Conflict]
-    ) -> None:
-        current = current_dict.get(key, MISSING)
-        if strict or current is new:
-            if current is not old:
-                _dict_put(current_dict, key, old)
-        elif current is not old:
-            conflicts.append(
-                Conflict(
-                    f"{type(obj).__qualname__} instance at {id(obj):#x}",
-                    key,
-                    "instance attribute changed after the commit; live value kept",
-                )
+
+def _live_rows(cols: Tuple[List[Any], List[Any], List[Any]]) -> Iterator[Tuple[Any, Dict[str, Any], Any, Any]]:
+    """(instance, its ``__dict__``, before, after) for each recorded row, newest first,
+    skipping instances that died or lost their ``__dict__``."""
+    refs, befores, afters = cols
+    for ref, before, after in zip(reversed(refs), reversed(befores), reversed(afters)):
+        obj = ref()
+        if obj is None:
+            continue
+        try:
+            current_dict = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            continue
+        yield obj, current_dict, before, after
+
+
+def _restore_attr(
+    obj: Any, current_dict: Dict[str, Any], key: str, old: Any, new: Any, strict: bool, conflicts: List[Conflict]
+) -> None:
+    """Put ``old`` back under ``key`` if the attribute still holds ``new`` (or ``strict``),
+    else record a conflict (the game changed it since)."""
+    current = current_dict.get(key, MISSING)
+    if strict or current is new:
+        if current is not old:
+            _dict_put(current_dict, key, old)
+    elif current is not old:
+        conflicts.append(
+            Conflict(
+                f"{type(obj).__qualname__} instance at {id(obj):#x}",
+                key,
+                "instance attribute changed after the commit; live value kept",
             )
+        )
+
+
+class _InstanceFieldsEntry(_Entry):
+    """What an instance hook whose writes are known (``hook_writes.py``) changed, as three
+    columns: references, and the values of ``names`` before and after each hook call, flat
+    (row ``i`` holds ``values[i * len(names):(i + 1) * len(names)]``; MISSING: absent).
+
+    Recording allocates nothing per instance, where the general path takes two
+    ``__dict__`` copies.
+    """
+
+    __slots__ = ("names", "cols", "compacted")
+
+    def __init__(self, names: Tuple[str, ...]) -> None:
+        self.names = names
+        self.cols: Tuple[List[Callable[[], Any]], List[Any], List[Any]] = ([], [], [])
+        self.compacted = False
+
+    def rows(self) -> Iterator[Tuple[Callable[[], Any], List[Any], List[Any]]]:
+        """(reference, values before, values after) per recorded instance."""
+        refs, befores, afters = self.cols
+        n = len(self.names)
+        for i, ref in enumerate(refs):
+            yield ref, befores[i * n : (i + 1) * n], afters[i * n : (i + 1) * n]
+
+    def compact(self, courtesy: Optional[Callable[[], None]] = None) -> None:
+        """Drop the instances the hook left unchanged (off the game thread)."""
+        if self.compacted:
+            return
+        keep: Tuple[List[Callable[[], Any]], List[Any], List[Any]] = ([], [], [])
+        for i, (ref, before, after) in enumerate(self.rows()):
+            if courtesy is not None and not i & 255:
+                courtesy()
+            if not all(map(operator.is_, before, after)):
+                keep[0].append(ref)
+                keep[1].extend(before)
+                keep[2].extend(after)
+        self.cols = keep
+        self.compacted = True
+
+    def undo(self, strict: bool, conflicts: List[Conflict]) -> None:
+        names = self.names
+        refs, befores, afters = self.cols
+        n = len(names)
+        per_row = (
+            refs,
+            [befores[i * n : (i + 1) * n] for i in range(len(refs))],
+            [afters[i * n : (i + 1) * n] for i in range(len(refs))],
+        )
+        for obj, current_dict, before, after in _live_rows(per_row):
+            for name, old, new in zip(names, before, after):
+                if old is not new:
+                    _restore_attr(obj, current_dict, name, old, new, strict, conflicts)
 
 
 class _CallbackEntry(_Entry):
@@ -686,6 +783,41 @@ class Journal:
         fn.__code__ = code
         self._entries.append(_FunctionEntry(fn, old, code))
 
+    def relocate(
+        self, fns: List[types.FunctionType], olds: List[types.CodeType], news: List[types.CodeType]
+    ) -> int:
+        """Give each ``fns[i]`` still running ``olds[i]`` the code ``news[i]`` (computed in
+        prepare); return how many changed.
+
+        The commit-time half of a relocation: one identity check and one assignment per
+        function, recorded as one entry (no per-function snapshot).
+        """
+        entry = _CodeBatchEntry()
+        self._entries.append(entry)
+        done = entry.fns
+        done_old = entry.olds
+        # Recorded as it goes: if an assignment raised, undo still covers the ones done.
+        for fn, old, new in zip(fns, olds, news):
+            if fn.__code__ is old:
+                fn.__code__ = new
+                done.append(fn)
+                done_old.append(old)
+        return len(done)
+
+    def swap_functions(
+        self, fns: List[types.FunctionType], code: types.CodeType, doc: Optional[str], qualname: str
+    ) -> None:
+        """Give every function of ``fns`` ``code``, ``doc`` and ``qualname`` (defaults,
+        keyword defaults and annotations untouched), recording what each had."""
+        entry = _SwapBatchEntry()
+        self._entries.append(entry)
+        rows = entry.rows
+        for fn in fns:
+            rows.append((fn, fn.__code__, fn.__doc__, fn.__qualname__))
+            fn.__code__ = code
+            fn.__doc__ = doc
+            fn.__qualname__ = qualname
+
     def set_item(self, where: str, mapping: MutableMapping[str, Any], key: str, value: Any) -> None:
         """``mapping[key] = value`` (MISSING deletes), remembering the old value."""
         old = mapping.get(key, MISSING)
@@ -737,17 +869,23 @@ class Journal:
         """Remember an instance's state before and after a hook (already known to differ)."""
         self._entries.append(_InstanceEntry(obj, before, after))
 
+    def instance_fields(self, names: Tuple[str, ...]) -> _InstanceFieldsEntry:
+        """A new entry collecting the ``names`` attributes of hooked instances (fast path)."""
+        entry = _InstanceFieldsEntry(names)
+        self._entries.append(entry)
+        return entry
+
     def instance_batch(self) -> _InstanceBatchEntry:
         """A new entry collecting what instance hooks change (fast path, see the class)."""
         entry = _InstanceBatchEntry()
         self._entries.append(entry)
         return entry
 
-    def compact(self) -> None:
+    def compact(self, courtesy: Optional[Callable[[], None]] = None) -> None:
         """Shrink recorded instance snapshots to what changed (safe from any thread)."""
         for entry in list(self._entries):
-            if isinstance(entry, _InstanceBatchEntry):
-                entry.compact()
+            if isinstance(entry, (_InstanceBatchEntry, _InstanceFieldsEntry)):
+                entry.compact(courtesy)
 
     def on_undo(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` when this point of the journal is undone."""

@@ -21,6 +21,7 @@ import threading
 import tokenize
 import types
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 log = logging.getLogger("hotfleet")
@@ -66,8 +67,14 @@ class SourceRecord:
         """Build a record, computing the digest."""
         return cls(name, text, filename, digest_text(text), is_package)
 
+    @cached_property
+    def lines(self) -> List[str]:
+        """The text split into lines, as ``linecache`` keeps them: computed once, in
+        prepare, so a commit pinning the new text does not split 100 KB on the game thread."""
+        return self.text.splitlines(True)
 
-def pin_linecache(filename: str, text: Optional[str]) -> Any:
+
+def pin_linecache(filename: str, text: Optional[str], lines: Optional[List[str]] = None) -> Any:
     """Make tracebacks show ``text`` for ``filename``; return the previous cache entry.
 
     An entry with mtime ``None`` is never invalidated by ``linecache.checkcache``,
@@ -78,7 +85,7 @@ def pin_linecache(filename: str, text: Optional[str]) -> Any:
     if text is None:
         linecache.cache.pop(filename, None)
     else:
-        linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+        linecache.cache[filename] = (len(text), None, lines if lines is not None else text.splitlines(True), filename)
     return previous
 
 
@@ -193,7 +200,7 @@ class SourceRegistry:
         with self._lock:
             previous = self._records.get(record.name)
             self._records[record.name] = record
-        pin_linecache(record.filename, record.text)
+        pin_linecache(record.filename, record.text, record.lines)
         return previous
 
     def restore(self, name: str, previous: Optional[SourceRecord]) -> None:
@@ -208,7 +215,7 @@ class SourceRegistry:
             if current is not None:
                 pin_linecache(current.filename, None)
         else:
-            pin_linecache(previous.filename, previous.text)
+            pin_linecache(previous.filename, previous.text, previous.lines)
 
     def names(self) -> List[str]:
         """Sorted names of every recorded module."""

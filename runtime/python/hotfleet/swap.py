@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import types
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 __all__ = ["FunctionIndex", "shift_code", "find_code", "resolve_class", "clear_caches", "same_filename"]
 
@@ -90,7 +90,9 @@ def clear_caches(wrappers: Iterable[Any]) -> int:
 class FunctionIndex:
     """Index of the live functions a module's source defined, by first line."""
 
-    def __init__(self, module: types.ModuleType, filename: str) -> None:
+    def __init__(
+        self, module: types.ModuleType, filename: str, courtesy: Optional[Callable[[], None]] = None
+    ) -> None:
         self.module = module
         self.filename = filename
         self._filenames: Set[str] = {filename}
@@ -99,6 +101,7 @@ class FunctionIndex:
         self.caches: Dict[int, List[Any]] = {}
         self._seen: Set[int] = set()
         self._fn_seen: Set[int] = set()
+        self._courtesy = courtesy
         self._build()
 
     # -- queries -----------------------------------------------------------
@@ -151,6 +154,8 @@ class FunctionIndex:
     def _build(self) -> None:
         modname = self.module.__name__
         for value in list(self.module.__dict__.values()):
+            if self._courtesy is not None:
+                self._courtesy()  # built off the game thread, a module can take milliseconds
             self._walk(value, 0, (), top=True, modname=modname)
 
     def _walk(self, obj: Any, depth: int, via: Tuple[Any, ...], top: bool, modname: str) -> None:

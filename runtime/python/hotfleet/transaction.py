@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 from .errors import CommitError, HookFailure, InstanceHookError
 from .instances import HOOK_INSTANCE, InstanceTracker, hook_classes
 from .plan import Plan
-from .snapshot import InstanceState, Journal, class_snapshot, mapping_changes, plain_dict_type
+from .hook_writes import attrs_for_type, snapshotter
+from .snapshot import MISSING, InstanceState, Journal, class_snapshot, mapping_changes, plain_dict_type
 from .sources import RecordingFinder, SourceRegistry
 from .staging import HOOK_CLASS, HOOK_MODULE, Action, CommitContext, ModuleStage
 
@@ -230,7 +231,8 @@ def apply_transaction(target: CommitTarget, txn: Transaction) -> Tuple[CommitRep
             if st.new_module or not st.changed:
                 continue
             assert st.module is not None
-            old_views[st.name] = types.MappingProxyType(dict(st.module.__dict__))
+            if st.module_hook:
+                old_views[st.name] = types.MappingProxyType(dict(st.module.__dict__))
             for action in st.actions:
                 current = action
                 action.apply(ctx)
@@ -314,46 +316,55 @@ def apply_transaction(target: CommitTarget, txn: Transaction) -> Tuple[CommitRep
 _EMPTY: Dict[str, Any] = {}  # the before/after of an instance that died before its turn (never written)
 
 
-def _hook_plain(hook: Any, refs: List[Any], batch: Any) -> int:
-    """Run ``hook`` on each live referent of ``refs``, recording ``__dict__`` copies around each call.
+def _copy_into(d: Dict[str, Any], add: Any, copy: Any = dict.copy) -> None:
+    """The general path's snapshot: a shallow copy of the instance dict."""
+    add(copy(d))
+
+
+def _hook_loop(hook: Any, refs: List[Any], cols: Any, snap: Any, dead_row: Any) -> int:
+    """Run ``hook`` on each live referent of ``refs``, recording ``snap(obj.__dict__, add)``
+    before and after each call into ``cols`` (references, befores, afters; ``snap`` adds
+    one value per row or, for known attributes, one per attribute, to a flat column).
 
     The hot loop of a commit with instance hooks: it runs once per live
     instance.  With instances scattered through a large heap its cost is
     memory latency, so everything about one instance is done while its
-    memory is hot (dereference, copy, hook, copy) and nothing else happens
-    per instance: the references go into the journal as one list, no
+    memory is hot (dereference, snapshot, hook, snapshot) and nothing else
+    happens per instance: the references go into the journal as one list, no
     differences are computed (undo or the next prepare, off the game thread,
-    do that), the copies are C-level ``dict.copy`` calls through locals.
-    Returns the number of hooked instances.
+    do that), the snapshots are C-level calls through locals.  ``snap`` is
+    ``dict.copy`` (general path) or a getter of the attributes the hook can
+    write (``hook_writes.py``).  Returns the number of hooked instances.
     """
-    refs_col, befores, afters = batch.cols
-    start = len(befores)
-    copy = dict.copy
+    refs_col, befores, afters = cols
     before_add = befores.append
     after_add = afters.append
+    dead_extend = befores.extend, afters.extend
     obj: Any = None
     dead = 0
+    rows = 0  # rows recorded before: the hooked one's is recorded before its hook runs
     try:
         for ref in refs:
             obj = ref()
+            rows += 1
             if obj is None:  # died before its turn: keep the columns aligned
-                before_add(_EMPTY)
-                after_add(_EMPTY)
+                dead_extend[0](dead_row)
+                dead_extend[1](dead_row)
                 dead += 1
                 continue
-            before_add(copy(obj.__dict__))
+            snap(obj.__dict__, before_add)
             hook(obj)
             # read again: the hook may have replaced the instance's __dict__
-            after_add(copy(obj.__dict__))
+            snap(obj.__dict__, after_add)
     except BaseException as exc:
         if len(afters) < len(befores):  # what the failing hook changed is undone too
-            after_add(copy(obj.__dict__))
+            snap(obj.__dict__, after_add)
         if isinstance(exc, Exception):
             raise InstanceHookError(obj) from exc
         raise
     finally:
         # one C-level extend instead of an append per instance
-        refs_col.extend(refs[: len(befores) - start])
+        refs_col.extend(refs[:rows])
     return len(refs) - dead
 
 
@@ -423,7 +434,8 @@ def _run_hooks(
             continue
         before = dict(g)
         try:
-            hook(old_views[st.name])
+            # a hook bound in a way prepare could not see: its module had no copy taken
+            hook(old_views.get(st.name) or types.MappingProxyType(before))
         except Exception as exc:
             raise HookFailure(st.name, HOOK_MODULE, _hook_line(exc, hook)) from exc
         finally:
@@ -459,8 +471,12 @@ def _run_hooks(
             hook = getattr(tp, HOOK_INSTANCE)
             obj: Any = None
             try:
-                if isinstance(hook, types.FunctionType) and plain_dict_type(tp):
-                    hooked += _hook_plain(hook, refs, batch)
+                names = attrs_for_type(hook, tp) if plain_dict_type(tp) else None
+                if names is not None:
+                    fields = journal.instance_fields(names)
+                    hooked += _hook_loop(hook, refs, fields.cols, snapshotter(names, MISSING), (MISSING,) * len(names))
+                elif isinstance(hook, types.FunctionType) and plain_dict_type(tp):
+                    hooked += _hook_loop(hook, refs, batch.cols, _copy_into, (_EMPTY,))
                 else:
                     for ref in refs:
                         obj = ref()

@@ -1079,7 +1079,18 @@ def test_explicit_sync_still_works_beside_the_automatic_one(
 
 def test_explicit_sync_beside_the_automatic_one_reports_its_failure(
         pkg: Package, agent: ScriptedAgent, readme: Callable[..., Tuple[Any, AgentLink]]) -> None:
-    serve_stack(agent, [{"patchId": "p-broken", "modules": {pkg.modname: BROKEN}}], [])
+    # Two answers: when the automatic round failed before the explicit call joined, the
+    # join kicks a retry, which asks the agent again (one answer made this test flaky).
+    def run() -> None:
+        peer = agent.accept()
+        peer.handshake()
+        answer_stack_query(peer, [{"patchId": "p-broken", "modules": {pkg.modname: BROKEN}}], [])
+        try:
+            answer_stack_query(peer, [{"patchId": "p-broken", "modules": {pkg.modname: BROKEN}}], [])
+        except Exception:  # noqa: BLE001 - no retry came: the test ended and closed the link
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
     rt, link = readme()
     started = time.monotonic()
     with pytest.raises(hotfleet.HotfleetError, match="p-broken failed to prepare"):

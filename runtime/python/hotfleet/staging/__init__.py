@@ -1,6 +1,6 @@
 """Staging a patch: diff, compile and validate every module, nothing live touched.
 
-For every module of a patch the stager parses the new source, diffs it
+For every module of a patch the stager outlines the new source (``outline.py``), diffs it
 statement by statement against the *recorded* live source, and turns each
 difference into an :class:`Action` that commit will apply, plus a line in the
 plan.  What must be executed to be validated is executed in a *staging
@@ -12,9 +12,11 @@ class and never runs a decorator of the patch, so class-creation hooks
 (``__init_subclass__``, metaclass registries) and registering decorators see
 nothing at prepare:
 
-* changed functions are compiled and executed *without* their decorators (the
-  decorators already wrapped the live function; commit swaps the code of the
-  live function underneath them), defaults and annotations are evaluated;
+* changed functions are compiled *without* their decorators (the decorators
+  already wrapped the live function; commit swaps the code of the live function
+  underneath them): those whose decorators, defaults and annotations stay are
+  compiled together, one compile per module, and nothing runs; the others are
+  executed in staging too, so their defaults and annotations are evaluated;
 * new functions and classes, changed decorators and changed non-literal
   statements are executed once, at commit, in the live module; at prepare
   their bodies run in the staging namespace and the names their decorators

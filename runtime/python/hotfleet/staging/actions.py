@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..instances import InstanceTracker
 from ..snapshot import FunctionState, Journal, mapping_changes, same_value
 from ..swap import clear_caches
+from .common import exec_in_class
 
 
 class CommitContext:
@@ -74,13 +75,16 @@ class RelocateAction(Action):
         self.module = module
         self.obj = "(relocations)"
         self.items = items
+        # Columns built here, in prepare, so commit only checks and assigns.
+        self.fns = [fn for fn, _old, _new in items]
+        self.olds = [old for _fn, old, _new in items]
+        self.news = [new for _fn, _old, new in items]
 
     def apply(self, ctx: CommitContext) -> None:
         """Shift line numbers of the live functions (only if still running the prepared code)."""
-        for fn, old, new in self.items:
-            if fn.__code__ is old:
-                ctx.journal.set_code(fn, new)
-                ctx.count("relocated")
+        moved = ctx.journal.relocate(self.fns, self.olds, self.news)
+        if moved:
+            ctx.count("relocated", moved)
 
 
 class SwapAction(Action):
@@ -121,6 +125,8 @@ class SwapAction(Action):
         self.keep_annotations = keep_annotations
         self.closures = closures
         self.caches = caches
+        # Nothing but code, doc and qualname changes: commit assigns those three (prepared here).
+        self.fns = [fn for fn, _old in targets] if exec_code is None else None
 
     def _staged(self) -> Optional[types.FunctionType]:
         if self.exec_code is None:
@@ -130,7 +136,7 @@ class SwapAction(Action):
             exec(self.exec_code, self.globals, ns)
         else:
             ns = class_namespace(self.cls)
-            exec(self.exec_code, self.globals, ns)
+            exec_in_class(self.exec_code, self.globals, ns, self.cls)
             cell = ns.get("__classcell__")
             if cell is not None:
                 cell.cell_contents = self.cls
@@ -141,6 +147,11 @@ class SwapAction(Action):
         """Swap the staged code (and changed defaults/annotations) into every target; clear caches."""
         # Defaults and annotations are evaluated now, in source order, so they
         # see data this same commit updated earlier in the module.
+        if self.fns is not None:
+            ctx.journal.swap_functions(self.fns, self.new_code, self.doc, self.qualname)
+            ctx.count("functions_swapped", len(self.fns))
+            self._finish(ctx)
+            return
         staged = self._staged()
         for fn, _old in self.targets:
             state = FunctionState(
@@ -153,6 +164,10 @@ class SwapAction(Action):
             )
             ctx.journal.set_function(fn, state)
             ctx.count("functions_swapped")
+        self._finish(ctx)
+
+    def _finish(self, ctx: CommitContext) -> None:
+        """Closures of the changed function, then its caches."""
         for fn, _old, new in self.closures:
             ctx.journal.set_code(fn, new)
             ctx.count("closures_swapped")

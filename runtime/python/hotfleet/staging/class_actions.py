@@ -4,6 +4,7 @@ regenerated dataclass members, all set on the LIVE class (never a new class obje
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import types
 
@@ -11,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..snapshot import MISSING, class_get, same_value
 from .actions import Action, CommitContext, class_namespace, set_class_member, set_name
-from .common import DC_GENERATED
+from .common import DC_GENERATED, exec_in_class
 
 
 class ClassExecAction(Action):
@@ -32,7 +33,7 @@ class ClassExecAction(Action):
     def apply(self, ctx: CommitContext) -> None:
         """Run the snippet, point its ``__class__`` cell at the live class, set the bound names."""
         ns = class_namespace(self.cls)
-        exec(self.code, self.globals, ns)
+        exec_in_class(self.code, self.globals, ns, self.cls)
         cell = ns.get("__classcell__")
         if cell is not None:
             # zero-argument super() in these methods must see the LIVE class
@@ -81,7 +82,7 @@ class AnnotationsAction(Action):
     def apply(self, ctx: CommitContext) -> None:
         """Evaluate the new annotations and put them into the live dict in place."""
         ns: Dict[str, Any] = {}
-        exec(self.code, self.globals, ns)
+        exec_in_class(self.code, self.globals, ns, self.cls)
         new = ns.get("__annotations__", {})
         live = self.cls.__dict__.get("__annotations__")
         if isinstance(live, dict):
@@ -168,3 +169,41 @@ class DataclassRegenAction(Action):
                 ctx.journal.set_class_attr(self.cls, name, desired)
         if self.take_doc and rdict.get("__doc__") is not None:
             ctx.journal.set_class_attr(self.cls, "__doc__", rdict["__doc__"])
+
+
+def abstract_names(cls: type) -> frozenset:
+    """The abstract methods of ``cls`` as ``ABCMeta`` computes them at class creation."""
+    names = {name for name, value in cls.__dict__.items() if getattr(value, "__isabstractmethod__", False)}
+    for base in cls.__bases__:
+        for name in getattr(base, "__abstractmethods__", ()):
+            if getattr(getattr(cls, name, None), "__isabstractmethod__", False):
+                names.add(name)
+    return frozenset(names)
+
+
+class AbstractsAction(Action):
+    """Recompute ``__abstractmethods__`` of a changed ABC and of its subclasses, parents
+    first, so instantiation behaves as after a fresh import (``abc.update_abstractmethods``,
+    which 3.9 lacks, for the whole subtree)."""
+
+    def __init__(self, module: str, cls: type) -> None:
+        self.module = module
+        self.obj = f"{cls.__qualname__}.__abstractmethods__"
+        self.cls = cls
+
+    def apply(self, ctx: CommitContext) -> None:
+        """Set the recomputed sets that differ (journaled)."""
+        seen = {self.cls}
+        todo = [self.cls]
+        for klass in todo:
+            for sub in type.__subclasses__(klass):
+                if sub not in seen:
+                    seen.add(sub)
+                    todo.append(sub)
+        for klass in sorted(todo, key=lambda k: len(k.__mro__)):
+            if not isinstance(klass, abc.ABCMeta):
+                continue
+            names = abstract_names(klass)
+            if class_get(klass, "__abstractmethods__") != names:
+                ctx.journal.set_class_attr(klass, "__abstractmethods__", names)
+                ctx.count("abstract_sets_updated")

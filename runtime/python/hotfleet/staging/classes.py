@@ -4,6 +4,7 @@ mixed into :class:`~hotfleet.staging.stager.Stager`.
 
 from __future__ import annotations
 
+import abc
 import ast
 import dataclasses
 import enum
@@ -13,8 +14,8 @@ from .. import diff as D
 from ..errors import StagingRefusal
 from ..snapshot import MISSING, class_get, same_value
 from ..swap import resolve_class
-from .class_actions import AnnotationsAction, ClassExecAction, DataclassRegenAction, DocAction, class_namespace, dataclass_regenerate
-from .common import Pending, annotation_only, describe, error_line, literal_bindings, strip_decorators
+from .class_actions import AbstractsAction, AnnotationsAction, ClassExecAction, DataclassRegenAction, DocAction, class_namespace, dataclass_regenerate
+from .common import Pending, exec_in_class, annotation_only, describe, error_line, literal_bindings, strip_decorators
 from .data_actions import DataAction, RemoveAction
 from .model import ModuleCtx, Scope
 
@@ -45,9 +46,7 @@ class ClassStaging:
         is_namedtuple = issubclass(cls, tuple) and "_fields" in cls.__dict__
         is_protocol = bool(cls.__dict__.get("_is_protocol", False))
         is_dataclass = "__dataclass_fields__" in cls.__dict__
-        old_body = D.statements(onode.body, ctx.old_lines)
-        new_body = D.statements(nnode.body, ctx.new_lines)
-        body = D.diff_bodies(old_body, new_body)
+        _old_body, new_body, body = ctx.class_diff(old, new)
         ns = class_namespace(cls)
         scope = Scope(globals_, chain, cls, ns)
         if body.changed():
@@ -58,6 +57,7 @@ class ClassStaging:
         ann_changed = False
         has_doc_stmt = any(s.kind == D.DOC for s in new_body)
         for pair in body.pairs:
+            self.courtesy()  # type: ignore[attr-defined]
             o, n = pair.old, pair.new
             assert n is not None
             if ctx.settled(pair):
@@ -120,12 +120,12 @@ class ClassStaging:
                     if is_dataclass and is_ann:
                         # field default handled by the regenerated dataclass
                         code = self._compile_in_class([node], chain, ctx.filename, ctx.flags)
-                        exec(code, globals_, ns)
+                        exec_in_class(code, globals_, ns, cls)
                         sync_fields.extend(n.names)
                         plan.add("rerun" if o is not None else "added", member, n.first, "dataclass field")
                         continue
                     code = self._compile_in_class([node], chain, ctx.filename, ctx.flags)
-                    exec(code, globals_, ns)
+                    exec_in_class(code, globals_, ns, cls)
                     stage.actions.append(ClassExecAction(stage.name, member, n.first, cls, code, ctx.g, sorted(n.bound), "rerun"))
                     plan.add("rerun" if o is not None else "added", member, n.first, "class attribute evaluated at commit")
                     if o is None:
@@ -158,7 +158,7 @@ class ClassStaging:
                 ann_changed = True
                 if is_dataclass:
                     field_changes = True
-            if o.kind == D.OTHER:
+            if o.kind == D.OTHER and not D.is_noop(o.node):  # a removed `pass` undoes nothing
                 plan.refuse(f"{qual}", o.first, f"statement removed from the body of class {qual}; its effects cannot be undone in place", "keep the statement, or restart")
         for pair in body.pairs:
             if pair.old is not None and pair.new is not None and pair.status == D.CHANGED:
@@ -175,13 +175,15 @@ class ClassStaging:
             ]
             code = self._compile_in_class(anns or [ast.Pass(lineno=nnode.lineno, col_offset=0)], chain, ctx.filename, ctx.flags)
             try:
-                exec(code, globals_, {})
+                exec_in_class(code, globals_, {}, cls)
             except Exception as exc:
                 plan.refuse(f"{qual}.__annotations__", error_line(exc, ctx.filename), f"annotations failed: {describe(exc)}", "fix the annotations")
             else:
                 stage.actions.append(AnnotationsAction(stage.name, cls, code, ctx.g))
         if field_changes:
             self._stage_dataclass(ctx, cls, nnode, chain, globals_, sync_fields, not has_doc_stmt)
+        if body.changed() and isinstance(cls, abc.ABCMeta):
+            stage.actions.append(AbstractsAction(stage.name, cls))
 
     def _stage_dataclass(
         self,

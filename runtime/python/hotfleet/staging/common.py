@@ -8,9 +8,11 @@ from __future__ import annotations
 import ast
 import copy
 import traceback
+import types
 from typing import Any, Dict, Optional
 
 from .. import diff as D
+from ..errors import StagingRefusal
 
 
 HOOK_MODULE = "__reload_module__"
@@ -129,3 +131,25 @@ def safe_repr(value: Any, limit: int = 80) -> str:
 
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def exec_in_class(code: Any, globals_: Dict[str, Any], ns: Dict[str, Any], cls: Optional[type]) -> None:
+    """Run a class-body snippet of ``cls`` in ``ns``.
+
+    The body of a PEP 695 generic class (``class Box[T]``) reads its type parameters from
+    closure cells; they are given the LIVE class's parameters, so annotations and closures
+    of what the snippet defines refer to the very ``T`` the class has.
+    """
+    if not code.co_freevars:
+        exec(code, globals_, ns)
+        return
+    params = {p.__name__: p for p in getattr(cls, "__type_params__", ())}
+    cells = []
+    for name in code.co_freevars:
+        if name == ".type_params":
+            cells.append(types.CellType(getattr(cls, "__type_params__", ())))
+        elif name in params:
+            cells.append(types.CellType(params[name]))
+        else:
+            raise StagingRefusal(f"class body needs free variable {name!r}; unsupported", None, "restart to change this class")
+    exec(code, globals_, ns, closure=tuple(cells))  # type: ignore[call-arg]  # 3.11+, as PEP 695

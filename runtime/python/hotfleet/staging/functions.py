@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import gc
 import types
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -13,7 +14,8 @@ from ..snapshot import MISSING
 from ..swap import find_code
 from .actions import ExecAction, SwapAction
 from .class_actions import ClassExecAction
-from .common import strip_decorators
+from .batch import def_doc
+from .common import exec_in_class, strip_decorators
 from .model import ModuleCtx, Scope
 
 
@@ -51,7 +53,7 @@ class FunctionStaging:
         if scope.is_class:
             assert scope.ns is not None
             previous = scope.ns.get(name, MISSING)
-            exec(code, scope.globals, scope.ns)
+            exec_in_class(code, scope.globals, scope.ns, scope.cls)
             staged = scope.ns[name]
             # a changed method keeps its live binding for later staged statements
             if previous is MISSING:
@@ -71,10 +73,17 @@ class FunctionStaging:
         stage, plan = ctx.stage, ctx.stage.plan
         onode, nnode = old.node, new.node
         qual = scope.qual(new.name)
-        stripped = strip_decorators(nnode)
-        code = self._compile_stmt(stripped, scope, ctx.filename, ctx.flags)
-        staged = self._exec_def(code, nnode.name, scope)  # type: ignore[attr-defined]
-        new_code = staged.__code__
+        batched = ctx.def_codes.get(id(nnode))
+        code: Optional[types.CodeType] = None
+        if batched is not None:
+            # only the code changes: compiled with the module's other changed defs, nothing run
+            new_code = batched
+            new_doc = def_doc(new_code, scope.globals)
+            new_qualname: str = getattr(new_code, "co_qualname", qual)
+        else:
+            code = self._compile_stmt(strip_decorators(nnode), scope, ctx.filename, ctx.flags)
+            staged = self._exec_def(code, nnode.name, scope)  # type: ignore[attr-defined]
+            new_code, new_doc, new_qualname = staged.__code__, staged.__doc__, staged.__qualname__
         redecorated = D.decorators_dump(onode) != D.decorators_dump(nnode)
         if redecorated:
             self._check_heads(nnode, scope, scope.ns)
@@ -120,8 +129,8 @@ class FunctionStaging:
                     nnode.name,  # type: ignore[attr-defined]
                     swap_targets,
                     new_code,
-                    staged.__doc__,
-                    staged.__qualname__,
+                    new_doc,
+                    new_qualname,
                     code if needs_exec else None,
                     ctx.g,
                     scope.cls,
@@ -154,13 +163,25 @@ class FunctionStaging:
     ) -> List[Tuple[types.FunctionType, types.CodeType, types.CodeType]]:
         """Live closures created from nested definitions of a changed function."""
         out: List[Tuple[types.FunctionType, types.CodeType, types.CodeType]] = []
+        if exclude and not any(isinstance(c, types.CodeType) for f in exclude for c in f.__code__.co_consts):
+            # the live function's code defines nothing nested: no live closure can come from it
+            return out
         old_paths = D.nested_path(old.node)
         new_paths = D.nested_path(new.node)
         new_by_path = {path: node for node in D.nested_functions(new.node) for path in [new_paths.get(id(node))] if path}
         excluded = {id(f) for f in exclude}
-        for onode in D.nested_functions(old.node):
+        nested = D.nested_functions(old.node)
+        # closures live wherever the game stored them (a callback list, another module's
+        # registry, a game object): found by their code objects, one heap walk per function
+        anywhere = _live_functions_of(exclude) if nested else {}
+        if anywhere:
+            ctx.stage.plan.add("note", old.name, old.first, "live closures looked up by a heap walk (objects frozen by gc.freeze are not seen)")
+        for onode in nested:
             path = old_paths.get(id(onode))
-            live = [f for f in ctx.index.find(D.node_code_name(onode), D.node_first_line(onode)) if id(f) not in excluded]
+            key = (D.node_code_name(onode), D.node_first_line(onode))
+            live = [f for f in ctx.index.find(*key) if id(f) not in excluded]
+            seen = {id(f) for f in live}
+            live.extend(f for f in anywhere.get(key, ()) if id(f) not in excluded and id(f) not in seen)
             if not live or path is None:
                 continue
             nnode = new_by_path.get(path)
@@ -183,3 +204,23 @@ class FunctionStaging:
                     )
                 out.append((fn, fn.__code__, ncode))
         return out
+
+
+def _live_functions_of(outer: List[types.FunctionType]) -> Dict[Tuple[str, int], List[types.FunctionType]]:
+    """Live function objects anywhere in the heap whose code is nested in the code of one
+    of ``outer``, by (name, first line)."""
+    codes: Dict[int, types.CodeType] = {}
+    todo = [f.__code__ for f in outer]
+    while todo:
+        code = todo.pop()
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType) and id(const) not in codes:
+                codes[id(const)] = const
+                todo.append(const)
+    out: Dict[Tuple[str, int], List[types.FunctionType]] = {}
+    if not codes:
+        return out
+    for ref in gc.get_referrers(*codes.values()):
+        if isinstance(ref, types.FunctionType) and id(ref.__code__) in codes:
+            out.setdefault((ref.__code__.co_name, ref.__code__.co_firstlineno), []).append(ref)
+    return out

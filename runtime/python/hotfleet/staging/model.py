@@ -33,6 +33,9 @@ class ModuleStage:
     is_package: bool = False
     module_code: Optional[types.CodeType] = None
     loader: Optional[TextLoader] = None
+    # False when the module neither has nor gains __reload_module__: commit then takes no
+    # copy of the module globals for the hook's ``old`` view
+    module_hook: bool = True
 
     @property
     def changed(self) -> bool:
@@ -114,6 +117,20 @@ class ModuleCtx:
         self.relocations: List[Tuple[types.FunctionType, types.CodeType, types.CodeType]] = []
         self._relocated: Set[int] = set()
         self.class_gains: Dict[type, Set[str]] = {}
+        # id(new def node) -> its code, compiled with the module's other changed defs
+        self.def_codes: Dict[int, types.CodeType] = {}
+        self._class_diffs: Dict[int, Tuple[List[D.Stmt], List[D.Stmt], D.BodyDiff]] = {}
+
+    def class_diff(self, old: D.Stmt, new: D.Stmt) -> Tuple[List[D.Stmt], List[D.Stmt], D.BodyDiff]:
+        """(old body, new body, their diff) of a class statement pair, computed once."""
+        key = id(new.node)
+        found = self._class_diffs.get(key)
+        if found is None:
+            old_body = D.statements(old.node.body, self.old_lines)  # type: ignore[attr-defined]
+            new_body = D.statements(new.node.body, self.new_lines)  # type: ignore[attr-defined]
+            found = (old_body, new_body, D.diff_bodies(old_body, new_body))
+            self._class_diffs[key] = found
+        return found
 
     def settled(self, pair: D.Pair) -> bool:
         """True when ``pair`` needs no staging: unchanged, or only moved (then its live

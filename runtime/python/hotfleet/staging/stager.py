@@ -13,7 +13,7 @@ import builtins
 import importlib.util
 import sys
 import types
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, cast
 
 from .. import diff as D
 from ..errors import StagingRefusal
@@ -21,8 +21,10 @@ from ..instances import HOOK_INSTANCE, InstanceTracker
 from ..plan import ModulePlan
 from ..snapshot import MISSING, same_value
 from ..sources import SourceRecord, SourceRegistry, TextLoader, read_live_source
-from ..swap import FunctionIndex
-from .actions import ExecAction, RelocateAction
+from ..outline import Outline, new_outline, outline_of
+from ..swap import FunctionIndex, find_code
+from .actions import ExecAction, RelocateAction, SwapAction
+from .batch import compile_defs
 from .class_actions import DocAction
 from .classes import ClassStaging
 from .common import HOOK_CLASS, HOOK_MODULE, MODULE_SYSTEM_NAMES, Pending, describe, error_line, literal_bindings, strip_decorators
@@ -40,8 +42,11 @@ class Stager(FunctionStaging, ClassStaging):
         tracker: InstanceTracker,
         sources: Dict[str, str],
         unpatchable: Optional[Dict[str, str]] = None,
+        courtesy: Optional[Callable[[], None]] = None,
     ) -> None:
         self.unpatchable = dict(unpatchable or {})
+        # called between steps: lets the game thread have the GIL (see courtesy.py)
+        self.courtesy: Callable[[], None] = courtesy or (lambda: None)
         self.registry = registry
         self.tracker = tracker
         self.sources = dict(sources)
@@ -53,14 +58,33 @@ class Stager(FunctionStaging, ClassStaging):
         self._staged_ns: Dict[str, Dict[str, Any]] = {}
         self._builtins = dict(builtins.__dict__)
         self._builtins["__import__"] = self._import
+        self._namespaces: List[Dict[str, Any]] = []  # staging namespaces, emptied after run
 
     # -- entry point ---------------------------------------------------------
 
     def run(self) -> List[ModuleStage]:
         """Stage every module (batch order); refusals end up in each module plan."""
-        for name in self.sources:
-            self._stage(name)
+        try:
+            for name in self.sources:
+                self.courtesy()
+                self._stage(name)
+        finally:
+            self._release()
         return [self.stages[name] for name in self.sources]
+
+    def _release(self) -> None:
+        """Empty the staging namespaces once staged (actions hold the live ones only).
+
+        They are cycles (a namespace holds the functions staged in it, each holding the
+        namespace as its globals, and the stager's own ``__import__``): left to the
+        collector, every prepare would push them into the old generation and bring on full
+        collections, which stop the game thread for as long as the heap is big.
+        """
+        for ns in self._namespaces:
+            ns.clear()
+        self._namespaces.clear()
+        self._staged_ns.clear()
+        self._builtins.clear()
 
     # -- the batch-aware importer used inside staging namespaces ---------------
 
@@ -206,23 +230,30 @@ class Stager(FunctionStaging, ClassStaging):
         plan.new_digest = stage.record.digest
         if not is_new and not stage.changed:
             return stage
+        if is_new:
+            try:
+                new_tree = D.parse(text, filename)
+                # an added module's loader runs this code; existing modules only ever run
+                # the changed statements, compiled on their own
+                stage.module_code = compile(new_tree, filename, "exec", dont_inherit=True)
+            except SyntaxError as exc:
+                plan.refuse(None, exc.lineno, f"syntax error: {exc.msg}", "fix the patch source")
+                return stage
+            self._stage_new_module(stage, new_tree, text, filename)
+            return stage
+        assert base is not None and live is not None
         try:
-            new_tree = D.parse(text, filename)
-            module_code = compile(new_tree, filename, "exec", dont_inherit=True)
+            old_outline = outline_of(base.text, base.lines, filename, base.digest)
+        except SyntaxError as exc:  # pragma: no cover - the live source compiled once
+            plan.refuse(None, exc.lineno, f"recorded live source does not parse: {exc.msg}", "restart the process")
+            return stage
+        try:
+            # only the text between statements found unchanged is parsed
+            new = new_outline(old_outline, text, stage.record.lines, filename, stage.record.digest, self.courtesy)
         except SyntaxError as exc:
             plan.refuse(None, exc.lineno, f"syntax error: {exc.msg}", "fix the patch source")
             return stage
-        stage.module_code = module_code
-        if is_new:
-            self._stage_new_module(stage, new_tree, text, filename)
-        else:
-            assert base is not None and live is not None
-            try:
-                old_tree = D.parse(base.text, filename)
-            except SyntaxError as exc:  # pragma: no cover - the live source compiled once
-                plan.refuse(None, exc.lineno, f"recorded live source does not parse: {exc.msg}", "restart the process")
-                return stage
-            self._stage_existing(stage, live, old_tree, base.text, new_tree, text, filename)
+        self._stage_existing(stage, live, old_outline, new, filename)
         return stage
 
     # -- new modules -----------------------------------------------------------
@@ -241,8 +272,9 @@ class Stager(FunctionStaging, ClassStaging):
         if stage.is_package:
             ns["__path__"] = []
         self._staged_ns[name] = ns
+        self._namespaces.append(ns)
         flags = D.future_flags(tree)
-        lines = text.splitlines(True)
+        lines = stage.record.lines
         stmts = D.statements(tree.body, lines)
         scope = Scope(ns, [])
         for stmt in stmts:
@@ -318,15 +350,13 @@ class Stager(FunctionStaging, ClassStaging):
         self,
         stage: ModuleStage,
         live: types.ModuleType,
-        old_tree: ast.Module,
-        old_text: str,
-        new_tree: ast.Module,
-        new_text: str,
+        old_outline: Outline,
+        new_outline_: Outline,
         filename: str,
     ) -> None:
         plan = stage.plan
-        flags = D.future_flags(new_tree)
-        if flags != D.future_flags(old_tree):
+        flags = new_outline_.flags
+        if flags != old_outline.flags:
             plan.refuse(
                 "from __future__",
                 None,
@@ -334,20 +364,24 @@ class Stager(FunctionStaging, ClassStaging):
                 "future imports change how the whole module compiles; restart to change them",
             )
             return
-        old_lines = old_text.splitlines(True)
-        new_lines = new_text.splitlines(True)
-        old_stmts = D.statements(old_tree.body, old_lines)
-        new_stmts = D.statements(new_tree.body, new_lines)
-        body = D.diff_bodies(old_stmts, new_stmts)
-        index = FunctionIndex(live, filename)
+        # the records' line lists: split once, here, and reused by linecache at commit
+        assert stage.base is not None
+        old_lines = stage.base.lines
+        new_lines = stage.record.lines
+        body = D.diff_bodies(old_outline.stmts, new_outline_.stmts)
+        index = FunctionIndex(live, filename, self.courtesy)
         g = live.__dict__
         ns = dict(g)
         ns["__builtins__"] = self._builtins
+        self._namespaces.append(ns)
         if isinstance(ns.get("__annotations__"), dict):
             ns["__annotations__"] = dict(ns["__annotations__"])
         scope = Scope(ns, [])
+        self.courtesy()
         ctx = ModuleCtx(stage, live, filename, flags, index, g, old_lines, new_lines)
+        ctx.def_codes = compile_defs(self._swappable_defs(ctx, body, []), filename, flags)
         for pair in body.pairs:
+            self.courtesy()
             try:
                 self._stage_module_pair(ctx, pair, scope)
             except StagingRefusal as exc:
@@ -359,7 +393,7 @@ class Stager(FunctionStaging, ClassStaging):
         gone: Set[str] = set()
         for old in body.removed:
             gone |= old.bound
-            if old.kind == D.OTHER:
+            if old.kind == D.OTHER and not D.is_noop(old.node):
                 plan.add("note", old.summary(), old.first, "statement removed from the source; its past effects are not undone")
             if old.kind == D.FUTURE:
                 plan.refuse("from __future__", old.first, "the patch changes `from __future__` imports", "restart to change them")
@@ -378,10 +412,35 @@ class Stager(FunctionStaging, ClassStaging):
         stage.relocations = ctx.relocations
         # hooks that will run
         has_module_hook = (HOOK_MODULE in body.new_bound()) or (HOOK_MODULE in g and HOOK_MODULE not in removed)
+        stage.module_hook = has_module_hook
         if has_module_hook:
             plan.add("hook", f"{HOOK_MODULE}(old)", None, "runs after the code swap")
         for cls in stage.updated_classes:
             self._plan_class_hooks(stage, cls, ctx)
+
+    def _swappable_defs(
+        self, ctx: ModuleCtx, body: D.BodyDiff, chain: List[ast.ClassDef]
+    ) -> List[Tuple[List[ast.ClassDef], ast.stmt]]:
+        """Changed defs (class bodies included) whose new code is all a commit swaps in:
+        same decorators, defaults and annotations. They are compiled together."""
+        out: List[Tuple[List[ast.ClassDef], ast.stmt]] = []
+        for pair in body.pairs:
+            old, new = pair.old, pair.new
+            if old is None or new is None or pair.status != D.CHANGED:
+                continue
+            if new.kind == D.DEF and old.kind == D.DEF:
+                onode, nnode = old.node, new.node
+                if (
+                    D.decorators_dump(onode) == D.decorators_dump(nnode)
+                    and D.args_dump(onode, "defaults") == D.args_dump(nnode, "defaults")
+                    and D.args_dump(onode, "kw") == D.args_dump(nnode, "kw")
+                    and D.annotations_dump(onode) == D.annotations_dump(nnode)
+                ):
+                    out.append((chain, nnode))
+            elif new.kind == D.CLASS and old.kind == D.CLASS:
+                _ob, _nb, inner = ctx.class_diff(old, new)
+                out.extend(self._swappable_defs(ctx, inner, chain + [cast(ast.ClassDef, new.node)]))
+        return out
 
     def _plan_class_hooks(self, stage: ModuleStage, cls: type, ctx: ModuleCtx) -> None:
         plan = stage.plan
@@ -434,6 +493,8 @@ class Stager(FunctionStaging, ClassStaging):
             stage.actions.append(DocAction(stage.name, ctx.g, doc))
             plan.add("data", "__doc__", new.first, "module docstring")
             return
+        if new.kind == D.ASSIGN and old is not None and self._stage_changed_lambda(ctx, old, new, scope):
+            return
         if new.kind == D.ASSIGN:
             values_new = literal_bindings(node)
             values_old = literal_bindings(old.node) if old is not None else None
@@ -463,6 +524,33 @@ class Stager(FunctionStaging, ClassStaging):
                 scope.globals[n] = Pending(n)
 
 
+    def _stage_changed_lambda(self, ctx: ModuleCtx, old: D.Stmt, new: D.Stmt, scope: Scope) -> bool:
+        """``name = lambda ...`` changed: swap the new code into the live lambda, as for a
+        ``def`` (references taken before run the new code). False: not such a change (the
+        statement is re-run instead)."""
+        olam, nlam = _lambda_of(old.node), _lambda_of(new.node)
+        if olam is None or nlam is None:
+            return False
+        if D.signature_dump(olam) != D.signature_dump(nlam) or D.args_dump(olam, "defaults") != D.args_dump(nlam, "defaults") or D.args_dump(olam, "kw") != D.args_dump(nlam, "kw"):
+            return False  # defaults are evaluated when the lambda is made: re-run it
+        targets = ctx.index.find("<lambda>", olam.lineno)
+        if len({id(fn.__code__) for fn in targets}) != 1:
+            return False  # none live, or several lambdas on that line: cannot tell them apart
+        code = self._compile_stmt(new.node, scope, ctx.filename, ctx.flags)
+        new_code = find_code(code, "<lambda>", nlam.lineno)
+        if new_code is None or any(fn.__code__.co_freevars != new_code.co_freevars for fn in targets):
+            return False
+        stage = ctx.stage
+        caches: List[Any] = []
+        for fn in targets:
+            caches.extend(w for w in ctx.index.caches_of(fn) if w not in caches)
+        stage.actions.append(
+            SwapAction(stage.name, new.name, new.first, "<lambda>", [(fn, fn.__code__) for fn in targets], new_code,
+                       None, targets[0].__qualname__, None, ctx.g, None, True, True, True, [], caches)
+        )
+        stage.plan.add("function", new.name, new.first, "lambda: code swapped in place", len(targets))
+        return True
+
     # -- compilation helpers ----------------------------------------------------
 
     def _compile_stmt(self, node: ast.stmt, scope: Scope, filename: str, flags: int) -> types.CodeType:
@@ -478,7 +566,8 @@ class Stager(FunctionStaging, ClassStaging):
         for cnode in reversed(chain):
             synthetic = ast.ClassDef(name=cnode.name, bases=[], keywords=[], body=inner, decorator_list=[])
             if sys.version_info >= (3, 12):
-                synthetic.type_params = []  # type: ignore[attr-defined]
+                # a generic class's parameters stay: its body and methods close over them
+                synthetic.type_params = list(getattr(cnode, "type_params", []))  # type: ignore[attr-defined]
             ast.copy_location(synthetic, cnode)
             synthetic.end_lineno = getattr(cnode, "end_lineno", cnode.lineno)
             inner = [synthetic]
@@ -486,8 +575,13 @@ class Stager(FunctionStaging, ClassStaging):
         ast.fix_missing_locations(module)
         code: types.CodeType = compile(module, filename, "exec", flags=flags, dont_inherit=True)
         for cnode in chain:
-            code = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == cnode.name)
-        if code.co_freevars:
+            # a generic class's body is nested in its "<generic parameters of ...>" scope
+            found = find_code(code, cnode.name, cnode.lineno)
+            if found is None:  # pragma: no cover - the synthetic chain compiled
+                raise StagingRefusal(f"class body of {cnode.name} not found in its compilation", cnode.lineno, "restart to change this class")
+            code = found
+        allowed = {".type_params"} | {getattr(p, "name", "") for c in chain for p in getattr(c, "type_params", [])}
+        if not set(code.co_freevars) <= allowed:
             raise StagingRefusal(
                 f"class body of {chain[-1].name} needs free variables {code.co_freevars}; unsupported",
                 chain[-1].lineno,
@@ -516,3 +610,11 @@ class Stager(FunctionStaging, ClassStaging):
         """Decorators are not run at prepare; at least check the names they start from exist."""
         for dec in getattr(node, "decorator_list", ()) or ():
             self._check_root_name(dec, scope.globals, local if local is not None else scope.ns, node.lineno)
+
+
+def _lambda_of(node: ast.stmt) -> Optional[ast.Lambda]:
+    """The lambda of ``name = lambda ...`` (one plain name target), else None."""
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        if isinstance(node.value, ast.Lambda):
+            return node.value
+    return None

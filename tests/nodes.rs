@@ -1,0 +1,105 @@
+//! `hotfleet nodes remove` against real processes, on both stores: refused
+//! while a live rollout holds the node, and once allowed the node's record
+//! is gone for good (a restarted coordinator does not bring it back), each
+//! attempt audited. And the coordinator's own removal of a node silent past
+//! `--node-expiry`.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+use std::time::{Duration, Instant};
+
+on_both_stores!(
+    a_node_is_removed_only_outside_live_rollouts_and_stays_removed,
+    a_node_silent_past_the_node_expiry_is_forgotten,
+);
+
+fn node_ids(s: &Scenario) -> Vec<String> {
+    let out = ok(s.fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));
+    let nodes: Value = serde_json::from_str(&out).expect("json");
+    nodes.as_array().expect("nodes").iter().filter_map(|n| n["status"]["nodeId"].as_str().map(String::from)).collect()
+}
+
+async fn a_node_is_removed_only_outside_live_rollouts_and_stays_removed(backend: Backend) {
+    let mut s = Scenario::start_game(backend, Game::ZoneServer, 2, BUILD);
+    let patch = s.push("hotfix-damage");
+    let args = ["--output", "json", "rollout", "start", &patch, "--health-window", "500ms", "--pause-before", "wave-1"];
+    let started: Value = serde_json::from_str(&ok(s.fleet.cli(&args).expect("start"))).expect("json");
+    let id = started["rolloutId"].as_str().expect("rollout id").to_string();
+    s.wait_until(&id, "the gate", |r| r["waitingReason"].as_str().is_some_and(|w| w.contains("gate before wave-1")));
+
+    let refused = s.fleet.cli(&["nodes", "remove", "node-2", "--reason", "decommissioned"]).expect("remove");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "refused while the rollout holds node-2");
+    assert!(stderr.contains("live rollout") && stderr.contains(&id), "{stderr}");
+
+    ok(s.fleet.cli(&["rollout", "abort", &id]).expect("abort"));
+    let (code, _) = s.watch(&id);
+    assert_eq!(code, 3, "aborted rollouts end rolled back");
+    // Stopped first, so it does not register again.
+    s.fleet.nodes[1].agent.proc.kill();
+    let removed = ok(s.fleet.cli(&["nodes", "remove", "node-2", "--reason", "decommissioned"]).expect("remove"));
+    assert!(removed.contains("node-2 removed"), "{removed}");
+    assert_eq!(node_ids(&s), ["node-1"]);
+    let missing = s.fleet.cli(&["nodes", "remove", "node-2"]).expect("remove again");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"), "a second removal finds nothing");
+
+    let dir = s.dir.path().to_path_buf();
+    s.fleet.restart_coordinator(&dir).expect("restart");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.fleet.cli(&["nodes", "list"]).map(|o| !o.status.success()).unwrap_or(true) {
+        assert!(std::time::Instant::now() < until, "the restarted coordinator answers");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(node_ids(&s), ["node-1"], "the record is gone from the store, not only from memory");
+
+    let audit = ok(s.fleet.cli(&["--output", "json", "audit", "--limit", "20"]).expect("audit"));
+    let records: Value = serde_json::from_str(&audit).expect("json");
+    let removals: Vec<(bool, String)> = records
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["action"] == "node.remove")
+        .map(|r| (r["ok"] == true, r["detail"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    assert_eq!(removals.len(), 2, "the refusal and the removal are audited: {audit}");
+    assert!(removals.iter().all(|(_, d)| d.contains("decommissioned")), "{removals:?}");
+    assert!(removals.iter().any(|(ok, _)| *ok) && removals.iter().any(|(ok, _)| !*ok), "{removals:?}");
+}
+
+async fn a_node_silent_past_the_node_expiry_is_forgotten(backend: Backend) {
+    let layout = Layout::for_workspace();
+    let dir = tempfile::tempdir().expect("tmp");
+    // Lost after 3 s (3 x 1 s advertised), forgotten after 4 s of silence.
+    let mut flags: Vec<String> = ["--heartbeat-interval", "500ms", "--node-expiry", "4s"].map(String::from).into();
+    if let Backend::Etcd { .. } = backend {
+        flags.extend(["--leader-lease".to_string(), format!("{}s", LEASE.as_secs())]);
+    }
+    let options =
+        FleetOptions { nodes: 2, build: BUILD.into(), backend, coordinator_flags: flags, game: Game::ZoneServer };
+    let mut fleet = Fleet::start_with(&layout, dir.path(), &options, |_| Vec::new()).expect("fleet");
+    fleet.wait_registered().expect("registered");
+    fleet.nodes[1].agent.proc.kill();
+    let silent = Instant::now();
+    let ids = |fleet: &Fleet| -> Vec<String> {
+        let out = ok(fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));
+        let nodes: Value = serde_json::from_str(&out).expect("json");
+        nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["status"]["nodeId"].as_str().map(String::from))
+            .collect()
+    };
+    while ids(&fleet).contains(&"node-2".to_string()) {
+        assert!(silent.elapsed() < Duration::from_secs(20), "node-2 is never forgotten");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(silent.elapsed() >= Duration::from_secs(4), "not before the expiry: {:?}", silent.elapsed());
+    assert_eq!(ids(&fleet), ["node-1"], "the node still heartbeating stays");
+    let audit = ok(fleet.cli(&["--output", "json", "audit"]).expect("audit"));
+    assert!(audit.contains("node.expire") && audit.contains("node-2"), "the expiry is audited: {audit}");
+}
