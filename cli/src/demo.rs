@@ -290,7 +290,8 @@ async fn fleet_stacks(target: &Target) -> anyhow::Result<BTreeMap<String, Vec<St
     let mut client = target.connect().await.map_err(|f| f.error)?;
     // Heartbeats carry what each process reports; give them a beat to catch up.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let nodes = client.list_nodes(ListNodesRequest { selector: String::new() }).await?.into_inner().nodes;
+    let nodes =
+        client.list_nodes(ListNodesRequest { selector: String::new(), ..Default::default() }).await?.into_inner().nodes;
     let mut stacks = BTreeMap::new();
     for node in nodes {
         let status = node.status.unwrap_or_default();

@@ -83,7 +83,8 @@ pub struct Args {
     /// Deadline of one call to an agent (a step's deadline caps it further).
     #[arg(long, env = "HOTFLEET_AGENT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub agent_timeout: Duration,
-    /// Agent calls in flight at once, across all rollouts.
+    /// Agent calls in flight at once, across all rollouts, for a small fleet;
+    /// the bound grows with the fleet (one per 4 agents, up to 1024).
     #[arg(long, env = "HOTFLEET_AGENT_CONCURRENCY", default_value_t = 64)]
     pub agent_concurrency: usize,
     /// How long shutdown waits for in-flight work.
