@@ -92,9 +92,13 @@ hotfleet.io/agent: "true"
   image: {{ include "hotfleet.image" (dict "root" .root "image" $a.image) }}
   imagePullPolicy: {{ $a.image.pullPolicy }}
   args:
-    - --listen=0.0.0.0:{{ $a.port }}
+    - --listen={{ include "hotfleet.anyAddress" . }}:{{ $a.port }}
     # The coordinator calls back on the pod's own address.
+    {{- if eq $v.ipFamily "IPv6" }}
+    - --advertise-addr=[$(POD_IP)]:{{ $a.port }}
+    {{- else }}
     - --advertise-addr=$(POD_IP):{{ $a.port }}
+    {{- end }}
     - --coordinator={{ include "hotfleet.coordinatorAddress" . }}
     - --node-id=$(HOTFLEET_NODE_ID)
     - --runtime-socket={{ $a.socketDir }}/agent.sock

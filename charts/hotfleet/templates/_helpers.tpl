@@ -151,6 +151,11 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- end }}
 {{- end -}}
 
+{{/* The address that listens on every interface of the pod's family. */}}
+{{- define "hotfleet.anyAddress" -}}
+{{- ternary "[::]" "0.0.0.0" (eq .values.ipFamily "IPv6") -}}
+{{- end -}}
+
 {{/* Flags both binaries take alike. `certName` is the file stem of the
 certificate and key in /etc/hotfleet/tls ("tls": a cert-manager Secret). */}}
 {{- define "hotfleet.commonArgs" -}}
@@ -163,7 +168,7 @@ certificate and key in /etc/hotfleet/tls ("tls": a cert-manager Secret). */}}
 {{- end }}
 - --trusted-key=/etc/hotfleet/trusted-keys
 {{- if .values.metrics.enabled }}
-- --metrics-listen=0.0.0.0:{{ .values.metrics.port }}
+- --metrics-listen={{ include "hotfleet.anyAddress" . }}:{{ .values.metrics.port }}
 {{- end }}
 {{- if .values.logFormat }}
 - --log-format={{ .values.logFormat }}
