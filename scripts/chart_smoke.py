@@ -6,13 +6,15 @@ the pods would mount (a development CA from `hotfleet certs dev`, a release
 key, the operators and tokens files, each agent certificate in the layout its
 mode mounts) in a temporary directory, and runs them with the manifests' own
 args, with the mount paths, the downward-API variables and the cluster
-addresses replaced by local ones. Passes when every agent registers over
-mutual TLS and an operator is recognised both by certificate role and by
-bearer token. This checks what schema validation cannot: that the flags,
+addresses replaced by local ones. With several replicas on etcd
+(`--store=etcd`) every replica runs against one local etcd, each under its
+own stable name. Passes when every agent registers over mutual TLS (with the
+leader, on etcd) and an operator is recognised by certificate role, and by
+bearer token where the chart passes a tokens file. This checks what schema validation cannot: that the flags,
 file names and identities the chart wires together are the ones the
 binaries accept.
 
-Usage: chart_smoke.py --bin-dir DIR --coordinator MANIFEST --agent MANIFEST...
+Usage: chart_smoke.py --bin-dir DIR [--etcd BIN] --coordinator MANIFEST --agent MANIFEST...
 Needs PyYAML (yamllint brings it).
 """
 
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import yaml
 
@@ -34,6 +37,38 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def replicas(path):
+    """The coordinator StatefulSet's replica count."""
+    with open(path, encoding="utf-8") as f:
+        for doc in yaml.safe_load_all(f):
+            if doc and doc.get("kind") == "StatefulSet":
+                return int(doc["spec"]["replicas"])
+    sys.exit(f"{path}: no StatefulSet")
+
+
+def start_etcd(etcd, work):
+    """One etcd member on loopback, as the process tests run it; its client URL."""
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    log = open(os.path.join(work, "etcd.log"), "w", encoding="utf-8")
+    proc = subprocess.Popen(
+        [etcd, "--name", "smoke", "--logger=zap", "--log-outputs=stderr", "--data-dir", os.path.join(work, "etcd"),
+         "--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer,
+         "--initial-advertise-peer-urls", peer, "--initial-cluster", f"smoke={peer}", "--initial-cluster-state", "new"],
+        stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if b'"health":"true"' in urllib.request.urlopen(f"{client}/health", timeout=2).read():
+                return proc, client
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit("etcd did not become healthy:\n" + open(os.path.join(work, "etcd.log")).read())
 
 
 def pod_spec(path, container_name):
@@ -90,11 +125,14 @@ class Layout:
             if name in ("operators", "tokens"):
                 d = self.path(f"vol-{name}")
                 os.makedirs(d, exist_ok=True)
+                target = os.path.join(d, key_hint)
+                if os.path.exists(target):
+                    return d  # another replica's mount of the same volume
                 if name == "operators":
-                    with open(os.path.join(d, key_hint), "w", encoding="utf-8") as f:
+                    with open(target, "w", encoding="utf-8") as f:
                         f.write(f"{OPERATOR} operator\n")
                 else:
-                    os.link(self.path("tokens-file"), os.path.join(d, key_hint))
+                    os.link(self.path("tokens-file"), target)
                 return d
             sys.exit(f"no local stand-in for volume {name} ({ref})")
         d = self.path(f"vol-{volume['name']}-{len(os.listdir(self.work))}")
@@ -102,8 +140,9 @@ class Layout:
         return d
 
 
-def local_args(container, pod, layout, env, addrs, node=None):
-    """The container's args with mounts, variables and addresses made local."""
+def local_args(container, pod, layout, env, addrs, node=None, overrides=None):
+    """The container's args with mounts, variables and addresses made local;
+    `overrides` replaces the whole value of the flags it names."""
     # A name missing here is a volumeClaimTemplate (the embedded store's PVC).
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounts = sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"]))
@@ -111,6 +150,9 @@ def local_args(container, pod, layout, env, addrs, node=None):
     out = []
     for arg in container["args"]:
         flag, eq, value = arg.partition("=")
+        if overrides and flag in overrides:
+            out.append(f"{flag}={overrides[flag]}")
+            continue
         for m in mounts:
             root = m["mountPath"]
             if value == root or value.startswith(root + "/"):
@@ -136,23 +178,39 @@ def start(binary, args, log_path):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin-dir", required=True)
+    parser.add_argument("--etcd", help="etcd binary, for a coordinator on --store=etcd")
     parser.add_argument("--coordinator", required=True, metavar="MANIFEST")
     parser.add_argument("--agent", required=True, action="append", metavar="MANIFEST")
     opts = parser.parse_args()
     binary = lambda name: os.path.join(opts.bin_dir, name)  # noqa: E731
     nodes = [f"game-node-{i + 1}" for i in range(len(opts.agent))]
-    cport = free_port()
-    base_env = {"POD_IP": "127.0.0.1", "POD_NAME": "hotfleet-coordinator-0", "POD_NAMESPACE": "hotfleet"}
-    # Service and headless names all mean the one local coordinator.
-    coordinator_addrs = [(r"0\.0\.0\.0:7700\b", f"127.0.0.1:{cport}"), (r"[a-z0-9.-]+\.svc:7700", f"127.0.0.1:{cport}")]
+    cports = [free_port() for _ in range(replicas(opts.coordinator))]
+    base_env = {"POD_IP": "127.0.0.1", "POD_NAMESPACE": "hotfleet"}
+    # Each replica's stable name is that replica; the Service is the first.
+    cluster_addrs = [
+        (r"[a-z0-9-]+?-(\d+)\.[a-z0-9-]+-headless\.[a-z0-9.-]+\.svc:7700",
+         lambda m: f"127.0.0.1:{cports[int(m.group(1))]}"),
+        (r"[a-z0-9.-]+\.svc:7700", f"127.0.0.1:{cports[0]}"),
+    ]
     procs = []
     with tempfile.TemporaryDirectory(prefix="hotfleet-chart-") as work:
         layout = Layout(work, binary("hotfleet"), nodes)
         logs = lambda: "".join(f"--- {n}\n" + open(layout.path(f"{n}.log")).read() for n, _ in procs)  # noqa: E731
         try:
             container, pod = pod_spec(opts.coordinator, "coordinator")
-            args = local_args(container, pod, layout, base_env, coordinator_addrs)
-            procs.append(("coordinator", start(binary("hotfleet-coordinator"), args, layout.path("coordinator.log"))))
+            overrides = {}
+            if "--store=etcd" in container["args"]:
+                if not opts.etcd:
+                    sys.exit("the coordinator runs on etcd: pass --etcd BIN")
+                etcd, overrides["--etcd-endpoints"] = start_etcd(opts.etcd, work)
+                procs.append(("etcd", etcd))
+            for i, port in enumerate(cports):
+                env = dict(base_env, POD_NAME=f"hotfleet-coordinator-{i}")
+                addrs = [(r"0\.0\.0\.0:7700\b", f"127.0.0.1:{port}")] + cluster_addrs
+                # Each replica its own data directory, as each pod has.
+                args = local_args(container, pod, layout, env, addrs, node=f"replica-{i}", overrides=overrides)
+                name = f"coordinator-{i}"
+                procs.append((name, start(binary("hotfleet-coordinator"), args, layout.path(f"{name}.log"))))
             for node, manifest in zip(nodes, opts.agent):
                 container, pod = pod_spec(manifest, "hotfleet-agent")
                 aport = free_port()
@@ -162,13 +220,13 @@ def main():
                     if e["name"].startswith("HOTFLEET_LABEL_"):
                         env[e["name"]] = e.get("value", "from-downward-api")
                 addrs = [(r"0\.0\.0\.0:7701\b", f"127.0.0.1:{aport}"), (r"127\.0\.0\.1:7701\b", f"127.0.0.1:{aport}")]
-                args = local_args(container, pod, layout, env, addrs + coordinator_addrs, node)
+                args = local_args(container, pod, layout, env, addrs + cluster_addrs, node)
                 procs.append((node, start(binary("hotfleet-agent"), args, layout.path(f"{node}.log"))))
-            client = dict(os.environ, HOTFLEET_COORDINATOR=f"127.0.0.1:{cport}",
+            client = dict(os.environ, HOTFLEET_COORDINATOR=",".join(f"http://127.0.0.1:{p}" for p in cports),
                           HOTFLEET_TLS_CA=layout.path("pki/ca.crt"))
             operator = dict(client, HOTFLEET_TLS_CERT=layout.path(f"pki/operators/{OPERATOR}/tls.crt"),
                             HOTFLEET_TLS_KEY=layout.path(f"pki/operators/{OPERATOR}/tls.key"))
-            deadline, listing = time.monotonic() + 20, ""
+            deadline, listing = time.monotonic() + 30, ""
             while time.monotonic() < deadline:
                 for name, p in procs:
                     if p.poll() is not None:
@@ -179,15 +237,24 @@ def main():
                     break
                 time.sleep(0.5)
             else:
-                raise SystemExit(f"not every agent registered within 20 s:\n{listing}\n{logs()}")
+                raise SystemExit(f"not every agent registered within 30 s:\n{listing}\n{logs()}")
+            checked = [f"{len(nodes)} agents registered over mutual TLS"]
+            if len(cports) > 1:
+                leader = run([binary("hotfleet"), "leader"], env=operator).stdout
+                if not re.search(r"127\.0\.0\.1:(" + "|".join(map(str, cports)) + r")\b", leader):
+                    raise SystemExit(f"no replica names itself leader by its advertised address:\n{leader}")
+                checked.append(f"{len(cports)} replicas on etcd agree on a leader")
             who = run([binary("hotfleet"), "auth", "whoami"], env=operator).stdout
             if not re.search(r"role\s+operator", who):
-                raise SystemExit(f"the operators file gave {OPERATOR} no operator role:\n{who}")
-            who = run([binary("hotfleet"), "auth", "whoami"], env=dict(client, HOTFLEET_TOKEN=layout.token)).stdout
-            if not re.search(r"identity\s+ci\b", who) or not re.search(r"role\s+viewer", who):
-                raise SystemExit(f"the tokens file was not honoured:\n{who}")
-            print(f"ok   {len(nodes)} agents ({', '.join(os.path.basename(m) for m in opts.agent)}) registered over "
-                  "mutual TLS; operator roles by certificate and by token")
+                raise SystemExit(f"{OPERATOR} has no operator role:\n{who}")
+            checked.append("operator role by certificate")
+            if any(a.startswith("--tokens=") for a in container_args(opts.coordinator)):
+                who = run([binary("hotfleet"), "auth", "whoami"], env=dict(client, HOTFLEET_TOKEN=layout.token)).stdout
+                if not re.search(r"identity\s+ci\b", who) or not re.search(r"role\s+viewer", who):
+                    raise SystemExit(f"the tokens file was not honoured:\n{who}")
+                checked.append("by token")
+            manifests = ", ".join(os.path.basename(m) for m in [opts.coordinator] + opts.agent)
+            print(f"ok   {'; '.join(checked)} ({manifests})")
         finally:
             for _, p in reversed(procs):
                 p.terminate()
@@ -198,6 +265,10 @@ def main():
                     p.kill()
                     p.wait()
     return 0
+
+
+def container_args(manifest):
+    return pod_spec(manifest, "coordinator")[0]["args"]
 
 
 if __name__ == "__main__":

