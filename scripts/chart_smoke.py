@@ -19,6 +19,7 @@ Needs PyYAML (yamllint brings it).
 """
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -84,6 +85,46 @@ def pod_spec(path, container_name):
 
 def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+# The CLI's JSON is read loosely (field names and nesting may change): a
+# record matches by the values it holds, wherever they sit.
+LIVENESS = {"alive", "suspect", "lost", "unknown"}
+
+
+def scalars(obj):
+    """Every scalar value inside obj, lower-cased strings."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from scalars(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from scalars(v)
+    elif obj is not None:
+        yield str(obj).lower()
+
+
+def records(obj):
+    """Every object (dict) inside obj, obj included."""
+    if isinstance(obj, dict):
+        yield obj
+        for v in obj.values():
+            yield from records(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from records(v)
+
+
+def alive(listing, node):
+    """Whether the smallest record naming `node` and a liveness says alive."""
+    candidates = [set(scalars(r)) for r in records(listing)]
+    candidates = sorted((c for c in candidates if node in c and c & LIVENESS), key=len)
+    return bool(candidates) and "alive" in candidates[0]
+
+
+def cli_json(hotfleet, args, env):
+    out = run([hotfleet, "--output", "json"] + args, env=env).stdout
+    return json.loads(out)
 
 
 class Layout:
@@ -231,27 +272,30 @@ def main():
                 for name, p in procs:
                     if p.poll() is not None:
                         raise SystemExit(f"{name} exited {p.returncode}:\n{logs()}")
-                r = subprocess.run([binary("hotfleet"), "nodes", "list"], env=operator, capture_output=True, text=True)
+                r = subprocess.run([binary("hotfleet"), "--output", "json", "nodes", "list"], env=operator,
+                                   capture_output=True, text=True)
                 listing = r.stdout + r.stderr
-                if all(re.search(rf"^{node}\s+alive", listing, re.M) for node in nodes):
+                if r.returncode == 0 and all(alive(json.loads(r.stdout), node) for node in nodes):
                     break
                 time.sleep(0.5)
             else:
                 raise SystemExit(f"not every agent registered within 30 s:\n{listing}\n{logs()}")
             checked = [f"{len(nodes)} agents registered over mutual TLS"]
             if len(cports) > 1:
-                leader = run([binary("hotfleet"), "leader"], env=operator).stdout
-                if not re.search(r"127\.0\.0\.1:(" + "|".join(map(str, cports)) + r")\b", leader):
-                    raise SystemExit(f"no replica names itself leader by its advertised address:\n{leader}")
+                leader = cli_json(binary("hotfleet"), ["leader"], operator)
+                named = [str(v) for k, v in leader.items() if "leader" in k.lower() and isinstance(v, str)]
+                if not any(re.search(rf"127\.0\.0\.1:{p}\b", v) for v in named for p in cports):
+                    raise SystemExit(f"no replica is named leader by its advertised address:\n{leader}")
                 checked.append(f"{len(cports)} replicas on etcd agree on a leader")
-            who = run([binary("hotfleet"), "auth", "whoami"], env=operator).stdout
-            if not re.search(r"role\s+operator", who):
-                raise SystemExit(f"{OPERATOR} has no operator role:\n{who}")
+            who = set(scalars(cli_json(binary("hotfleet"), ["auth", "whoami"], operator)))
+            if not {OPERATOR, "operator"} <= who:
+                raise SystemExit(f"{OPERATOR} has no operator role: {who}")
             checked.append("operator role by certificate")
             if any(a.startswith("--tokens=") for a in container_args(opts.coordinator)):
-                who = run([binary("hotfleet"), "auth", "whoami"], env=dict(client, HOTFLEET_TOKEN=layout.token)).stdout
-                if not re.search(r"identity\s+ci\b", who) or not re.search(r"role\s+viewer", who):
-                    raise SystemExit(f"the tokens file was not honoured:\n{who}")
+                who = set(scalars(cli_json(binary("hotfleet"), ["auth", "whoami"],
+                                           dict(client, HOTFLEET_TOKEN=layout.token))))
+                if not {"ci", "viewer"} <= who:
+                    raise SystemExit(f"the tokens file was not honoured: {who}")
                 checked.append("by token")
             manifests = ", ".join(os.path.basename(m) for m in [opts.coordinator] + opts.agent)
             print(f"ok   {'; '.join(checked)} ({manifests})")
