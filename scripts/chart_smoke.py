@@ -49,15 +49,44 @@ def replicas(path):
     sys.exit(f"{path}: no StatefulSet")
 
 
+def read(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def start(cmd, log_path, env=None):
+    """A process with its output in log_path (the child keeps the file open)."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
 def start_etcd(etcd, work):
     """One etcd member on loopback, as the process tests run it; its client URL."""
     client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    log = open(os.path.join(work, "etcd.log"), "w", encoding="utf-8")
-    proc = subprocess.Popen(
-        [etcd, "--name", "smoke", "--logger=zap", "--log-outputs=stderr", "--data-dir", os.path.join(work, "etcd"),
-         "--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer,
-         "--initial-advertise-peer-urls", peer, "--initial-cluster", f"smoke={peer}", "--initial-cluster-state", "new"],
-        stdout=log, stderr=subprocess.STDOUT)
+    proc = start(
+        [
+            etcd,
+            "--name",
+            "smoke",
+            "--logger=zap",
+            "--log-outputs=stderr",
+            "--data-dir",
+            os.path.join(work, "etcd"),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"smoke={peer}",
+            "--initial-cluster-state",
+            "new",
+        ],
+        os.path.join(work, "etcd.log"),
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -69,7 +98,7 @@ def start_etcd(etcd, work):
             break
         time.sleep(0.2)
     proc.kill()
-    sys.exit("etcd did not become healthy:\n" + open(os.path.join(work, "etcd.log")).read())
+    sys.exit("etcd did not become healthy:\n" + read(os.path.join(work, "etcd.log")))
 
 
 def pod_spec(path, container_name):
@@ -132,20 +161,26 @@ class Layout:
 
     def __init__(self, work, hotfleet, nodes):
         self.work = work
-        run([hotfleet, "certs", "dev", "--out", self.path("pki"), "--operator", f"{OPERATOR}:operator"]
-            + [arg for node in nodes for arg in ("--node", node)])
+        run(
+            [hotfleet, "certs", "dev", "--out", self.path("pki"), "--operator", f"{OPERATOR}:operator"]
+            + [arg for node in nodes for arg in ("--node", node)]
+        )
         run([hotfleet, "keygen", "--out", self.path("release")])
         os.makedirs(self.path("keys"))
         os.link(self.path("release/hotfleet.pub"), self.path("keys/hotfleet.pub"))
-        created = run([hotfleet, "auth", "token", "create", "ci", "--role", "viewer",
-                       "--tokens", self.path("tokens-file")]).stdout
+        created = run(
+            [hotfleet, "auth", "token", "create", "ci", "--role", "viewer", "--tokens", self.path("tokens-file")]
+        ).stdout
         self.token = created.split()[0]
         # Each agent's certificate in every layout a mode mounts: tls.crt and
         # tls.key (a Secret, or the csi-driver's files), NODE.crt and NODE.key.
         for node in nodes:
             os.makedirs(self.path(f"agent-tls-{node}"))
-            for src, names in (("ca.crt", ["ca.crt"]), ("tls.crt", ["tls.crt", f"{node}.crt"]),
-                               ("tls.key", ["tls.key", f"{node}.key"])):
+            for src, names in (
+                ("ca.crt", ["ca.crt"]),
+                ("tls.crt", ["tls.crt", f"{node}.crt"]),
+                ("tls.key", ["tls.key", f"{node}.key"]),
+            ):
                 for name in names:
                     os.link(self.path(f"pki/nodes/{node}/{src}"), self.path(f"agent-tls-{node}/{name}"))
 
@@ -197,7 +232,7 @@ def local_args(container, pod, layout, env, addrs, node=None, overrides=None):
         for m in mounts:
             root = m["mountPath"]
             if value == root or value.startswith(root + "/"):
-                rest = value[len(root):]
+                rest = value[len(root) :]
                 if root not in local:
                     # The file a flag names inside a mount is the key the volume holds.
                     local[root] = layout.volume(volumes.get(m["name"], {"name": m["name"]}), rest.strip("/"), node)
@@ -211,11 +246,6 @@ def local_args(container, pod, layout, env, addrs, node=None, overrides=None):
     return out
 
 
-def start(binary, args, log_path):
-    log = open(log_path, "w", encoding="utf-8")
-    return subprocess.Popen([binary] + args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, NO_COLOR="1"))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin-dir", required=True)
@@ -223,20 +253,29 @@ def main():
     parser.add_argument("--coordinator", required=True, metavar="MANIFEST")
     parser.add_argument("--agent", required=True, action="append", metavar="MANIFEST")
     opts = parser.parse_args()
-    binary = lambda name: os.path.join(opts.bin_dir, name)  # noqa: E731
+
+    def binary(name):
+        return os.path.join(opts.bin_dir, name)
+
     nodes = [f"game-node-{i + 1}" for i in range(len(opts.agent))]
     cports = [free_port() for _ in range(replicas(opts.coordinator))]
     base_env = {"POD_IP": "127.0.0.1", "POD_NAMESPACE": "hotfleet"}
     # Each replica's stable name is that replica; the Service is the first.
     cluster_addrs = [
-        (r"[a-z0-9-]+?-(\d+)\.[a-z0-9-]+-headless\.[a-z0-9.-]+\.svc:7700",
-         lambda m: f"127.0.0.1:{cports[int(m.group(1))]}"),
+        (
+            r"[a-z0-9-]+?-(\d+)\.[a-z0-9-]+-headless\.[a-z0-9.-]+\.svc:7700",
+            lambda m: f"127.0.0.1:{cports[int(m.group(1))]}",
+        ),
         (r"[a-z0-9.-]+\.svc:7700", f"127.0.0.1:{cports[0]}"),
     ]
     procs = []
     with tempfile.TemporaryDirectory(prefix="hotfleet-chart-") as work:
         layout = Layout(work, binary("hotfleet"), nodes)
-        logs = lambda: "".join(f"--- {n}\n" + open(layout.path(f"{n}.log")).read() for n, _ in procs)  # noqa: E731
+        env_out = dict(os.environ, NO_COLOR="1")
+
+        def logs():
+            return "".join(f"--- {n}\n" + read(layout.path(f"{n}.log")) for n, _ in procs)
+
         try:
             container, pod = pod_spec(opts.coordinator, "coordinator")
             overrides = {}
@@ -251,7 +290,9 @@ def main():
                 # Each replica its own data directory, as each pod has.
                 args = local_args(container, pod, layout, env, addrs, node=f"replica-{i}", overrides=overrides)
                 name = f"coordinator-{i}"
-                procs.append((name, start(binary("hotfleet-coordinator"), args, layout.path(f"{name}.log"))))
+                procs.append(
+                    (name, start([binary("hotfleet-coordinator")] + args, layout.path(f"{name}.log"), env_out))
+                )
             for node, manifest in zip(nodes, opts.agent):
                 container, pod = pod_spec(manifest, "hotfleet-agent")
                 aport = free_port()
@@ -262,18 +303,29 @@ def main():
                         env[e["name"]] = e.get("value", "from-downward-api")
                 addrs = [(r"0\.0\.0\.0:7701\b", f"127.0.0.1:{aport}"), (r"127\.0\.0\.1:7701\b", f"127.0.0.1:{aport}")]
                 args = local_args(container, pod, layout, env, addrs + cluster_addrs, node)
-                procs.append((node, start(binary("hotfleet-agent"), args, layout.path(f"{node}.log"))))
-            client = dict(os.environ, HOTFLEET_COORDINATOR=",".join(f"http://127.0.0.1:{p}" for p in cports),
-                          HOTFLEET_TLS_CA=layout.path("pki/ca.crt"))
-            operator = dict(client, HOTFLEET_TLS_CERT=layout.path(f"pki/operators/{OPERATOR}/tls.crt"),
-                            HOTFLEET_TLS_KEY=layout.path(f"pki/operators/{OPERATOR}/tls.key"))
+                procs.append((node, start([binary("hotfleet-agent")] + args, layout.path(f"{node}.log"), env_out)))
+            client = dict(
+                os.environ,
+                HOTFLEET_COORDINATOR=",".join(f"http://127.0.0.1:{p}" for p in cports),
+                HOTFLEET_TLS_CA=layout.path("pki/ca.crt"),
+            )
+            operator = dict(
+                client,
+                HOTFLEET_TLS_CERT=layout.path(f"pki/operators/{OPERATOR}/tls.crt"),
+                HOTFLEET_TLS_KEY=layout.path(f"pki/operators/{OPERATOR}/tls.key"),
+            )
             deadline, listing = time.monotonic() + 30, ""
             while time.monotonic() < deadline:
                 for name, p in procs:
                     if p.poll() is not None:
                         raise SystemExit(f"{name} exited {p.returncode}:\n{logs()}")
-                r = subprocess.run([binary("hotfleet"), "--output", "json", "nodes", "list"], env=operator,
-                                   capture_output=True, text=True)
+                r = subprocess.run(
+                    [binary("hotfleet"), "--output", "json", "nodes", "list"],
+                    env=operator,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 listing = r.stdout + r.stderr
                 if r.returncode == 0 and all(alive(json.loads(r.stdout), node) for node in nodes):
                     break
@@ -292,8 +344,9 @@ def main():
                 raise SystemExit(f"{OPERATOR} has no operator role: {who}")
             checked.append("operator role by certificate")
             if any(a.startswith("--tokens=") for a in container_args(opts.coordinator)):
-                who = set(scalars(cli_json(binary("hotfleet"), ["auth", "whoami"],
-                                           dict(client, HOTFLEET_TOKEN=layout.token))))
+                who = set(
+                    scalars(cli_json(binary("hotfleet"), ["auth", "whoami"], dict(client, HOTFLEET_TOKEN=layout.token)))
+                )
                 if not {"ci", "viewer"} <= who:
                     raise SystemExit(f"the tokens file was not honoured: {who}")
                 checked.append("by token")
