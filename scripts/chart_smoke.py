@@ -246,6 +246,10 @@ def local_args(container, pod, layout, env, addrs, node=None, overrides=None):
     return out
 
 
+class PortTaken(Exception):
+    """A port picked as free was taken before the process bound it."""
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin-dir", required=True)
@@ -253,7 +257,17 @@ def main():
     parser.add_argument("--coordinator", required=True, metavar="MANIFEST")
     parser.add_argument("--agent", required=True, action="append", metavar="MANIFEST")
     opts = parser.parse_args()
+    # Ports are picked free, then bound by the binaries a moment later; on a
+    # busy machine another process can take one in between: try again then.
+    for _ in range(3):
+        try:
+            return smoke(opts)
+        except PortTaken as e:
+            print(f"note: {e}; trying again with other ports", file=sys.stderr)
+    sys.exit("ports kept being taken before the binaries bound them")
 
+
+def smoke(opts):
     def binary(name):
         return os.path.join(opts.bin_dir, name)
 
@@ -318,6 +332,8 @@ def main():
             while time.monotonic() < deadline:
                 for name, p in procs:
                     if p.poll() is not None:
+                        if re.search(r"in use|os error 98", read(layout.path(f"{name}.log")), re.IGNORECASE):
+                            raise PortTaken(f"{name} could not bind its port")
                         raise SystemExit(f"{name} exited {p.returncode}:\n{logs()}")
                 r = subprocess.run(
                     [binary("hotfleet"), "--output", "json", "nodes", "list"],
