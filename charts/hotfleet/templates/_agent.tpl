@@ -153,8 +153,13 @@ hotfleet.io/agent: "true"
     {{- end }}
   livenessProbe:
     {{- include "hotfleet.probe" (dict "port" $a.port "type" $a.probes.type "probe" $a.probes.liveness "tls" $v.tls.enabled) | trim | nindent 4 }}
+  {{- /* A sidecar has no readiness probe: the game pod's readiness decides
+  whether players are sent to it, and an agent restarting must not take the
+  game server out of its Service. Its liveness probe restarts it alone. */}}
+  {{- if eq $a.mode "daemonset" }}
   readinessProbe:
     {{- include "hotfleet.probe" (dict "port" $a.port "type" $a.probes.type "probe" $a.probes.readiness "tls" $v.tls.enabled) | trim | nindent 4 }}
+  {{- end }}
   resources:
     {{- toYaml $a.resources | nindent 4 }}
   securityContext:
