@@ -9,8 +9,10 @@ args, with the mount paths, the downward-API variables and the cluster
 addresses replaced by local ones. With several replicas on etcd
 (`--store=etcd`) every replica runs against one local etcd, each under its
 own stable name. Passes when every agent registers over mutual TLS (with the
-leader, on etcd) and an operator is recognised by certificate role, and by
-bearer token where the chart passes a tokens file. This checks what schema validation cannot: that the flags,
+leader, on etcd), every game container beside a sidecar (a stand-in running
+the real Python runtime with the container's environment) is listed on its
+node, and an operator is recognised by certificate role, and by bearer token
+where the chart passes a tokens file. This checks what schema validation cannot: that the flags,
 file names and identities the chart wires together are the ones the
 binaries accept.
 
@@ -32,6 +34,19 @@ import urllib.request
 import yaml
 
 OPERATOR = "alice"
+GAME_BUILD = "smoke-build-1"
+RUNTIME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runtime", "python")
+# A stand-in game server: the real runtime, connected the way the chart tells
+# the game container (HOTFLEET_AGENT_SOCKET on the shared volume), ticking.
+GAME = """
+import time, hotfleet
+rt = hotfleet.Runtime(packages=["smoke_game"])
+rt.connect()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    with rt.tick():
+        time.sleep(0.05)
+"""
 
 
 def free_port():
@@ -151,6 +166,12 @@ def alive(listing, node):
     return bool(candidates) and "alive" in candidates[0]
 
 
+def runs_build(listing, node):
+    """Whether the node's record lists a process of the stand-in game's build."""
+    candidates = sorted((set(scalars(r)) for r in records(listing)), key=len)
+    return any(node in c and GAME_BUILD in c for c in candidates)
+
+
 def cli_json(hotfleet, args, env):
     out = run([hotfleet, "--output", "json"] + args, env=env).stdout
     return json.loads(out)
@@ -216,13 +237,14 @@ class Layout:
         return d
 
 
-def local_args(container, pod, layout, env, addrs, node=None, overrides=None):
+def local_args(container, pod, layout, env, addrs, node=None, overrides=None, local=None):
     """The container's args with mounts, variables and addresses made local;
-    `overrides` replaces the whole value of the flags it names."""
+    `overrides` replaces the whole value of the flags it names. `local` (mount
+    path -> local directory) is filled in as volumes are laid out."""
     # A name missing here is a volumeClaimTemplate (the embedded store's PVC).
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounts = sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"]))
-    local = {}
+    local = {} if local is None else local
     out = []
     for arg in container["args"]:
         flag, eq, value = arg.partition("=")
@@ -244,6 +266,36 @@ def local_args(container, pod, layout, env, addrs, node=None, overrides=None):
             value = re.sub(pattern, v, value)
         out.append(flag + eq + value)
     return out
+
+
+def game_process(agent, pod, mounts):
+    """The command and environment of a stand-in for the pod's game container:
+    one that mounts the agent's runtime volume (a sidecar's game pod)."""
+    runtime_mount = next((m for m in agent.get("volumeMounts", []) if m["name"] == "hotfleet-runtime"), None)
+    if runtime_mount is None or runtime_mount["mountPath"] not in mounts:
+        return None
+    for c in pod.get("containers", []):
+        if c is agent or not any(m["name"] == "hotfleet-runtime" for m in c.get("volumeMounts", [])):
+            continue
+        mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "hotfleet-runtime")
+        env = {}
+        for e in c.get("env", []):
+            if "value" in e:
+                value = e["value"]
+                if value == mount or value.startswith(mount + "/"):
+                    value = mounts[runtime_mount["mountPath"]] + value[len(mount) :]
+                env[e["name"]] = value
+        env["HOTFLEET_BUILD"] = GAME_BUILD
+        return [sys.executable, "-c", GAME, "--env", json.dumps(env)]
+    return None
+
+
+def game_env(cmd):
+    return json.loads(cmd[-1])
+
+
+def env_game(extra):
+    return dict(os.environ, PYTHONPATH=RUNTIME, **extra)
 
 
 class PortTaken(Exception):
@@ -282,7 +334,7 @@ def smoke(opts):
         ),
         (r"[a-z0-9.-]+\.svc:7700", f"127.0.0.1:{cports[0]}"),
     ]
-    procs = []
+    procs, games = [], []
     with tempfile.TemporaryDirectory(prefix="hotfleet-chart-") as work:
         layout = Layout(work, binary("hotfleet"), nodes)
         env_out = dict(os.environ, NO_COLOR="1")
@@ -316,8 +368,17 @@ def smoke(opts):
                     if e["name"].startswith("HOTFLEET_LABEL_"):
                         env[e["name"]] = e.get("value", "from-downward-api")
                 addrs = [(r"0\.0\.0\.0:7701\b", f"127.0.0.1:{aport}"), (r"127\.0\.0\.1:7701\b", f"127.0.0.1:{aport}")]
-                args = local_args(container, pod, layout, env, addrs + cluster_addrs, node)
+                mounts = {}
+                # The stand-in game runs as this uid, not the game image's.
+                own_uid = {"--runtime-allowed-uid": str(os.getuid())}
+                args = local_args(container, pod, layout, env, addrs + cluster_addrs, node, own_uid, mounts)
                 procs.append((node, start([binary("hotfleet-agent")] + args, layout.path(f"{node}.log"), env_out)))
+                game = game_process(container, pod, mounts)
+                if game:
+                    games.append(node)
+                    procs.append(
+                        (f"{node}-game", start(game, layout.path(f"{node}-game.log"), env_game(game_env(game))))
+                    )
             client = dict(
                 os.environ,
                 HOTFLEET_COORDINATOR=",".join(f"http://127.0.0.1:{p}" for p in cports),
@@ -343,12 +404,16 @@ def smoke(opts):
                     check=False,
                 )
                 listing = r.stdout + r.stderr
-                if r.returncode == 0 and all(alive(json.loads(r.stdout), node) for node in nodes):
+                listed = json.loads(r.stdout) if r.returncode == 0 else None
+                registered = listed is not None and all(alive(listed, node) for node in nodes)
+                if registered and all(runs_build(listed, node) for node in games):
                     break
                 time.sleep(0.5)
             else:
                 raise SystemExit(f"not every agent registered within 30 s:\n{listing}\n{logs()}")
             checked = [f"{len(nodes)} agents registered over mutual TLS"]
+            if games:
+                checked.append(f"{len(games)} game process(es) reached the sidecar through the chart's socket")
             if len(cports) > 1:
                 leader = cli_json(binary("hotfleet"), ["leader"], operator)
                 named = [str(v) for k, v in leader.items() if "leader" in k.lower() and isinstance(v, str)]
