@@ -269,8 +269,9 @@ def local_args(container, pod, layout, env, addrs, node=None, overrides=None, lo
 
 
 def game_process(agent, pod, mounts):
-    """The command and environment of a stand-in for the pod's game container:
-    one that mounts the agent's runtime volume (a sidecar's game pod)."""
+    """(command, environment) of a stand-in for the pod's game container, the
+    one that mounts the agent's runtime volume (a sidecar's game pod); None
+    when the pod has none (a DaemonSet's)."""
     runtime_mount = next((m for m in agent.get("volumeMounts", []) if m["name"] == "hotfleet-runtime"), None)
     if runtime_mount is None or runtime_mount["mountPath"] not in mounts:
         return None
@@ -286,16 +287,8 @@ def game_process(agent, pod, mounts):
                     value = mounts[runtime_mount["mountPath"]] + value[len(mount) :]
                 env[e["name"]] = value
         env["HOTFLEET_BUILD"] = GAME_BUILD
-        return [sys.executable, "-c", GAME, "--env", json.dumps(env)]
+        return [sys.executable, "-c", GAME], dict(os.environ, PYTHONPATH=RUNTIME, **env)
     return None
-
-
-def game_env(cmd):
-    return json.loads(cmd[-1])
-
-
-def env_game(extra):
-    return dict(os.environ, PYTHONPATH=RUNTIME, **extra)
 
 
 class PortTaken(Exception):
@@ -376,9 +369,8 @@ def smoke(opts):
                 game = game_process(container, pod, mounts)
                 if game:
                     games.append(node)
-                    procs.append(
-                        (f"{node}-game", start(game, layout.path(f"{node}-game.log"), env_game(game_env(game))))
-                    )
+                    cmd, game_env = game
+                    procs.append((f"{node}-game", start(cmd, layout.path(f"{node}-game.log"), game_env)))
             client = dict(
                 os.environ,
                 HOTFLEET_COORDINATOR=",".join(f"http://127.0.0.1:{p}" for p in cports),
