@@ -159,7 +159,7 @@ mod tests {
     use crate::{
         agents::{AgentError, HealthSample, Outcome},
         node::{NodeStatus, ProcessStatus},
-        store::{embedded::EmbeddedStore, PatchRecord},
+        store::embedded::EmbeddedStore,
     };
 
     /// Answers every prepare with a plan per asked process; records what it was sent.
@@ -198,19 +198,7 @@ mod tests {
         let fence = store.acquire_epoch().await.expect("epoch");
         let store: Arc<dyn Store> = store;
         let patch = "a".repeat(64);
-        let record = PatchRecord {
-            patch_id: patch.clone(),
-            target_build: "b1".into(),
-            parent_patch_id: String::new(),
-            description: String::new(),
-            author: String::new(),
-            created_at: String::new(),
-            modules: vec![],
-            size_bytes: 1,
-            signer_key_id: String::new(),
-            pushed_by: String::new(),
-            pushed_at_ms: 0,
-        };
+        let record = crate::stack::tests::patch(&patch, "");
         store.write(fence, Batch::new().with(Write::PutPatch { record, bundle: vec![1] })).await.expect("patch");
         let registry = Registry::load(store.clone(), fence, Duration::from_secs(1), Duration::from_secs(60))
             .await

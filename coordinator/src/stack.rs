@@ -75,7 +75,7 @@ pub async fn listing(store: &dyn Store, build: &str) -> Result<Vec<StackLine>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn id(c: char) -> String {
@@ -93,7 +93,8 @@ mod tests {
         }
     }
 
-    fn patch(patch: &str, parent: &str) -> PatchRecord {
+    /// A stored patch's record with only what these checks read.
+    pub(crate) fn patch(patch: &str, parent: &str) -> PatchRecord {
         PatchRecord {
             patch_id: patch.into(),
             target_build: "b1".into(),
