@@ -4,26 +4,44 @@ use hotfleet_proto::v1::{
     FreezeRequest, ListAuditRequest, ListNodesRequest, RemoveNodeRequest, StackDrift, UnfreezeRequest,
 };
 
+use hotfleet_coordinator::selector::Selector;
+
 use crate::{
     client::{failure, Target},
-    exit::CliResult,
-    output::{format_ms, print_json, Output},
+    exit::{CliResult, Failure},
+    output::{format_ms, Output},
 };
 
+/// Checks a `--selector` with the coordinator's own parser, before anything is sent.
+pub fn check_selector(text: &str) -> Result<Selector, Failure> {
+    Selector::parse(text).map_err(|e| Failure::refused(anyhow::anyhow!(e)))
+}
+
 pub async fn nodes_list(target: &Target, selector: String, output: Output) -> CliResult {
+    let parsed = check_selector(&selector)?;
     let mut client = target.connect().await?;
     let nodes = client
-        .list_nodes(target.request(ListNodesRequest { selector }))
+        .list_nodes(target.request(ListNodesRequest { selector: selector.clone() }))
         .await
         .map_err(|s| failure("listing nodes failed", s))?
         .into_inner()
         .nodes;
-    if output == Output::Json {
-        print_json(&nodes);
+    if output.structured() {
+        output.print(&nodes);
         return Ok(());
     }
-    if nodes.is_empty() {
+    if nodes.is_empty() && parsed.is_all() {
         println!("no nodes registered (start hotfleet-agent with --coordinator pointing here)");
+    } else if nodes.is_empty() {
+        // How many there are at all tells a typo from an empty fleet.
+        let registered = client
+            .list_nodes(target.request(ListNodesRequest { selector: String::new() }))
+            .await
+            .map_err(|s| failure("listing nodes failed", s))?
+            .into_inner()
+            .nodes
+            .len();
+        println!("no node matches {parsed} ({registered} nodes registered)");
     }
     for node in &nodes {
         let Some(status) = &node.status else { continue };
@@ -93,8 +111,8 @@ pub async fn freeze(target: &Target, reason: String, output: Output) -> CliResul
         .await
         .map_err(|s| failure("freeze failed", s))?
         .into_inner();
-    if output == Output::Json {
-        print_json(&status);
+    if output.structured() {
+        output.print(&status);
     } else {
         println!("fleet frozen: no rollout starts a new step until `hotfleet unfreeze` (rollbacks still run)");
     }
@@ -108,8 +126,8 @@ pub async fn unfreeze(target: &Target, output: Output) -> CliResult {
         .await
         .map_err(|s| failure("unfreeze failed", s))?
         .into_inner();
-    if output == Output::Json {
-        print_json(&status);
+    if output.structured() {
+        output.print(&status);
     } else {
         println!("fleet unfrozen");
     }
@@ -123,8 +141,8 @@ pub async fn nodes_remove(target: &Target, node_id: String, reason: String, outp
         .await
         .map_err(|s| failure("removing the node failed", s))?
         .into_inner();
-    if output == Output::Json {
-        print_json(&answer);
+    if output.structured() {
+        output.print(&answer);
     } else if answer.was_alive {
         println!("node {node_id} removed; it was alive: its agent registers again unless it is stopped");
     } else {
@@ -141,8 +159,8 @@ pub async fn audit(target: &Target, limit: u32, before: Option<u64>, output: Out
         .map_err(|s| failure("reading the audit log failed", s))?
         .into_inner();
     let records = page.records;
-    if output == Output::Json {
-        print_json(&records);
+    if output.structured() {
+        output.print(&records);
         return Ok(());
     }
     for r in &records {
@@ -166,8 +184,8 @@ pub async fn audit(target: &Target, limit: u32, before: Option<u64>, output: Out
 /// `hotfleet leader`: who leads, as the first reachable coordinator sees it.
 pub async fn leader(target: &Target, output: Output) -> CliResult {
     let status = target.leader_status().await?;
-    if output == Output::Json {
-        print_json(&status);
+    if output.structured() {
+        output.print(&status);
         return Ok(());
     }
     if status.leader_addr.is_empty() {
