@@ -192,3 +192,94 @@ async fn selectors_dry_run_and_merged_waves(backend: Backend) {
     assert_eq!(code, 0);
     assert!(!err.contains("warning"), "{err}");
 }
+
+/// Every command's `-o json` against its schema in `docs/schemas/` (checked
+/// by `scripts/check_json_schema.py` with the `jsonschema` package), a
+/// failure's JSON on stderr, and `-o yaml` reading back as the same object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_prints_json_matching_its_schema() {
+    let s = Scenario::start_game(Backend::Embedded, Game::ZoneServer, 3, BUILD);
+    let mut checked: Vec<serde_json::Value> = Vec::new();
+    let mut check = |kind: &str, args: &[&str], layout: Option<&Layout>| -> String {
+        let mut full = vec!["-o", "json"];
+        full.extend_from_slice(args);
+        let out = match layout {
+            Some(layout) => layout.cli_raw(&full),
+            None => s.fleet.cli(&full),
+        }
+        .expect("cli");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let printed = if kind == "Error" {
+            assert!(!out.status.success(), "{args:?} fails");
+            stderr
+        } else {
+            assert!(out.status.success(), "{args:?}: {stderr}");
+            stdout
+        };
+        checked.push(serde_json::json!({"command": args.join(" "), "kind": kind, "json": printed}));
+        printed
+    };
+    let offline = Layout::for_workspace();
+    let keys = s.dir.path().join("keys-json");
+    check("KeyPair", &["keygen", "--out", &arg(&keys)], Some(&offline));
+    let root = s.fleet.layout.repo.join("examples/patches/hotfix-damage");
+    let bundle = s.dir.path().join("fix.hfpatch");
+    let build = ["patch", "build", "--root", &arg(&root), "--package", "zone", "--module", "zone.combat"];
+    check("Bundle", &[&build[..], &["--target-build", BUILD, "--out", &arg(&bundle)]].concat(), Some(&offline));
+    let key = arg(&s.fleet.keys.secret);
+    check("Bundle", &["patch", "sign", &arg(&bundle), "--key", &key], Some(&offline));
+    check("Bundle", &["patch", "verify", &arg(&bundle), "--trusted-key", &arg(&s.fleet.keys.public)], Some(&offline));
+    check("Bundle", &["patch", "show", &arg(&bundle), "--sources"], Some(&offline));
+    let pushed: serde_json::Value =
+        serde_json::from_str(&check("PushResult", &["patch", "push", &arg(&bundle)], None)).expect("json");
+    let patch = pushed["patch"]["patchId"].as_str().expect("patch id").to_string();
+    check("PatchList", &["patch", "list"], None);
+    check("NodeList", &["nodes", "list"], None);
+    check("Rollout", &["rollout", "start", &patch, "--dry-run"], None);
+    let start = ["rollout", "start", &patch, "--canary", "1", "--health-window", "300ms", "--pause-before", "wave-1"];
+    let started: serde_json::Value = serde_json::from_str(&check("Rollout", &start, None)).expect("json");
+    let id = started["rolloutId"].as_str().expect("rollout id").to_string();
+    s.wait_until(&id, "the gate", |r| r["waitingReason"].as_str().is_some_and(|w| w.contains("gate before wave-1")));
+    check("Rollout", &["rollout", "status", &id], None);
+    check("Rollout", &["rollout", "describe", &id], None);
+    check("RolloutList", &["rollout", "list"], None);
+    check("Freeze", &["freeze", "--reason", "schema test"], None);
+    check("Freeze", &["unfreeze"], None);
+    check("Rollout", &["rollout", "pause", &id], None);
+    check("Rollout", &["rollout", "resume", &id], None);
+    check("Rollout", &["rollout", "promote", &id], None);
+    check("Rollout", &["rollout", "watch", &id], None);
+    check("AuditPage", &["audit", "--limit", "5"], None);
+    check("Leader", &["leader"], None);
+    check("WhoAmI", &["auth", "whoami"], None);
+    // Its agent still runs (and registers again): the answer says so.
+    check("NodeRemoval", &["nodes", "remove", "node-3"], None);
+    check("Error", &["rollout", "status", "ro-9-9"], None);
+    check("Error", &["nodes", "list", "-l", "zone in a"], Some(&offline));
+
+    // -o yaml is the same object: a static one, and an error.
+    let yaml_of = |args: &[&str]| {
+        let out = offline.cli_raw(&[&["-o", "yaml"], args].concat()).expect("cli");
+        let text = if out.status.success() { out.stdout } else { out.stderr };
+        String::from_utf8_lossy(&text).into_owned()
+    };
+    let show = ["patch", "show", &arg(&bundle), "--sources"];
+    let json = String::from_utf8_lossy(&offline.cli_raw(&[&["-o", "json"], &show[..]].concat()).expect("cli").stdout)
+        .into_owned();
+    checked.push(
+        serde_json::json!({"command": "patch show (yaml)", "kind": "Bundle", "json": json, "yaml": yaml_of(&show)}),
+    );
+    let bad = ["nodes", "list", "-l", "=eu"];
+    let json = String::from_utf8_lossy(&offline.cli_raw(&[&["-o", "json"], &bad[..]].concat()).expect("cli").stderr)
+        .into_owned();
+    checked.push(serde_json::json!({"command": "error (yaml)", "kind": "Error", "json": json, "yaml": yaml_of(&bad)}));
+
+    let list = s.dir.path().join("checked.json");
+    std::fs::write(&list, serde_json::to_vec(&checked).expect("encode")).expect("write");
+    let script = s.fleet.layout.repo.join("scripts/check_json_schema.py");
+    let python = std::env::var("HOTFLEET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python).arg(script).arg(&list).output().expect("run the schema check");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schema check failed (needs `pip install jsonschema pyyaml`):\n{report}");
+}

@@ -144,8 +144,10 @@ async fn operator_abort_mid_wave_rolls_everything_back(backend: Backend) {
     let audit = ok(s.fleet.cli(&["--output", "json", "audit"]).expect("audit"));
     // The actor is the CLI's certificate identity (the fleet's operator `sre`).
     let records: serde_json::Value = serde_json::from_str(&audit).expect("audit json");
-    let abort =
-        records.as_array().and_then(|r| r.iter().find(|r| r["action"] == "rollout.abort")).expect("abort audited");
+    let abort = records["items"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["action"] == "rollout.abort"))
+        .expect("abort audited");
     assert_eq!(abort["actor"], "sre", "{audit}");
     assert!(s.assert_consistent(&[]).await.is_empty());
 }

@@ -51,7 +51,7 @@ async fn whoami(target: &Target, output: Output) -> CliResult {
     let mut client = target.connect_any().await?;
     let me = client.who_am_i(target.request(WhoAmIRequest {})).await.map_err(|s| failure("who am I", s))?.into_inner();
     if output.structured() {
-        output.print(&me);
+        output.print(&crate::views::doc("WhoAmI", crate::views::WhoAmI::from(&me)));
     } else {
         let role = if me.role.is_empty() { "none (authenticated, may not read or act)" } else { &me.role };
         println!("identity    {}\nrole        {role}\ncredential  {}", me.identity, me.credential);

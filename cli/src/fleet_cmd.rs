@@ -10,6 +10,7 @@ use crate::{
     client::{failure, Target},
     exit::{CliResult, Failure},
     output::{format_ms, Output},
+    views,
 };
 
 /// Checks a `--selector` with the coordinator's own parser, before anything is sent.
@@ -27,7 +28,7 @@ pub async fn nodes_list(target: &Target, selector: String, output: Output) -> Cl
         .into_inner()
         .nodes;
     if output.structured() {
-        output.print(&nodes);
+        output.print(&views::list("NodeList", nodes.iter().map(views::Node::from).collect()));
         return Ok(());
     }
     if nodes.is_empty() && parsed.is_all() {
@@ -112,7 +113,7 @@ pub async fn freeze(target: &Target, reason: String, output: Output) -> CliResul
         .map_err(|s| failure("freeze failed", s))?
         .into_inner();
     if output.structured() {
-        output.print(&status);
+        output.print(&views::doc("Freeze", views::Freeze::from(&status)));
     } else {
         println!("fleet frozen: no rollout starts a new step until `hotfleet unfreeze` (rollbacks still run)");
     }
@@ -127,7 +128,7 @@ pub async fn unfreeze(target: &Target, output: Output) -> CliResult {
         .map_err(|s| failure("unfreeze failed", s))?
         .into_inner();
     if output.structured() {
-        output.print(&status);
+        output.print(&views::doc("Freeze", views::Freeze::from(&status)));
     } else {
         println!("fleet unfrozen");
     }
@@ -142,7 +143,7 @@ pub async fn nodes_remove(target: &Target, node_id: String, reason: String, outp
         .map_err(|s| failure("removing the node failed", s))?
         .into_inner();
     if output.structured() {
-        output.print(&answer);
+        output.print(&views::doc("NodeRemoval", views::NodeRemoval { node_id, was_alive: answer.was_alive }));
     } else if answer.was_alive {
         println!("node {node_id} removed; it was alive: its agent registers again unless it is stopped");
     } else {
@@ -160,7 +161,9 @@ pub async fn audit(target: &Target, limit: u32, before: Option<u64>, output: Out
         .into_inner();
     let records = page.records;
     if output.structured() {
-        output.print(&records);
+        let items = records.iter().map(views::AuditRecord::from).collect();
+        let next_before = (page.next_before_seq != 0).then_some(page.next_before_seq);
+        output.print(&views::doc("AuditPage", views::AuditPage { items, next_before }));
         return Ok(());
     }
     for r in &records {
@@ -185,7 +188,7 @@ pub async fn audit(target: &Target, limit: u32, before: Option<u64>, output: Out
 pub async fn leader(target: &Target, output: Output) -> CliResult {
     let status = target.leader_status().await?;
     if output.structured() {
-        output.print(&status);
+        output.print(&views::doc("Leader", views::Leader::from(&status)));
         return Ok(());
     }
     if status.leader_addr.is_empty() {

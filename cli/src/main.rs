@@ -12,6 +12,7 @@ mod output;
 mod patch_cmd;
 mod pycheck;
 mod rollout_cmd;
+mod views;
 
 use clap::{CommandFactory, Parser, Subcommand};
 

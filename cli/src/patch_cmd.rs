@@ -8,12 +8,12 @@ use std::{
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use hotfleet_patch::{source_tree, Bundle, Limits, Manifest, SigningKeyFile, TrustedKeys, MANIFEST_FORMAT};
-use serde::Serialize;
 
 use crate::{
     client::{failure, Target},
     exit::{CliResult, Failure},
     output::{format_ms, Output},
+    views,
 };
 use hotfleet_proto::v1::{ListNodesRequest, ListPatchesRequest, PushPatchRequest};
 
@@ -99,7 +99,14 @@ pub fn keygen(dir: &Path, output: Output) -> CliResult {
     let (secret, public) = key.write_pair(dir).map_err(Failure::refused)?;
     let key_id = hotfleet_patch::key_id(&key.public());
     if output.structured() {
-        output.print(&serde_json::json!({"secret_key": secret, "public_key": public, "key_id": key_id}));
+        output.print(&views::doc(
+            "KeyPair",
+            views::KeyPair {
+                secret_key: secret.display().to_string(),
+                public_key: public.display().to_string(),
+                key_id,
+            },
+        ));
     } else {
         println!("signing key  {} (keep it secret; owner-only)", secret.display());
         println!("public key   {} (give it to agents and the coordinator: --trusted-key)", public.display());
@@ -142,7 +149,8 @@ pub async fn push_file(target: &Target, path: &Path, output: Output, report: boo
         .map_err(|s| failure(&format!("the coordinator refused {}", path.display()), s))?
         .into_inner();
     if output.structured() && report {
-        output.print(&response);
+        let patch = response.patch.as_ref().map(views::Patch::from);
+        output.print(&views::doc("PushResult", views::PushResult { created: response.created, patch }));
     } else if report {
         let verb = if response.created { "staged" } else { "already staged" };
         println!("{verb}: patch {} (build {})", bundle.id(), bundle.manifest.target_build);
@@ -159,7 +167,7 @@ async fn list(target: &Target, target_build: String, output: Output) -> CliResul
         .into_inner()
         .patches;
     if output.structured() {
-        output.print(&patches);
+        output.print(&views::list("PatchList", patches.iter().map(views::Patch::from).collect()));
         return Ok(());
     }
     for p in &patches {
@@ -221,7 +229,7 @@ async fn build(args: BuildArgs, target: &Target, output: Output) -> CliResult {
     }
     write_bundle(&args.out, &bundle)?;
     if output.structured() {
-        output.print(&describe(&bundle, false));
+        output.print(&views::bundle(&bundle, false));
     } else {
         println!("built {} -> {}", bundle.id(), args.out.display());
         for entry in &bundle.manifest.modules {
@@ -266,7 +274,7 @@ fn sign(path: &Path, key: &Path, out: Option<&Path>, output: Output) -> CliResul
     let target = out.unwrap_or(path);
     write_bundle(target, &bundle)?;
     if output.structured() {
-        output.print(&describe(&bundle, false));
+        output.print(&views::bundle(&bundle, false));
     } else {
         println!("signed {} with key {} -> {}", bundle.id(), bundle.signer_id().unwrap_or_default(), target.display());
     }
@@ -278,7 +286,7 @@ fn verify(path: &Path, trusted: &[PathBuf], output: Output) -> CliResult {
     let trusted = TrustedKeys::load(trusted).map_err(Failure::refused)?;
     bundle.verify(&trusted).map_err(Failure::refused)?;
     if output.structured() {
-        output.print(&describe(&bundle, false));
+        output.print(&views::bundle(&bundle, false));
     } else {
         println!("ok: patch {} signed by trusted key {}", bundle.id(), bundle.signer_id().unwrap_or_default());
     }
@@ -287,24 +295,28 @@ fn verify(path: &Path, trusted: &[PathBuf], output: Output) -> CliResult {
 
 fn show(path: &Path, sources: bool, output: Output) -> CliResult {
     let bundle = read_bundle(path)?;
-    let described = describe(&bundle, sources);
     if output.structured() {
-        output.print(&described);
+        output.print(&views::bundle(&bundle, sources));
         return Ok(());
     }
     let m = &bundle.manifest;
-    println!("patch        {}", described.id);
+    println!("patch        {}", bundle.id());
     println!("target build {}", m.target_build);
     println!("parent       {}", m.parent.as_deref().unwrap_or("(none)"));
     println!("author       {}", m.author);
     println!("created at   {}", m.created_at);
-    println!("signed by    {}", described.signer.as_deref().unwrap_or("(unsigned)"));
+    println!("signed by    {}", bundle.signer_id().as_deref().unwrap_or("(unsigned)"));
     if !m.description.is_empty() {
         println!("description  {}", m.description);
     }
     println!("modules:");
     for entry in &m.modules {
-        println!("  {:<40} {:>8} bytes  sha256 {}", entry.name, entry.size, &entry.sha256[..16]);
+        println!(
+            "  {:<40} {:>8} bytes  sha256 {}",
+            entry.name,
+            entry.size,
+            entry.sha256.get(..16).unwrap_or(&entry.sha256)
+        );
     }
     if sources {
         for (name, source) in &bundle.modules {
@@ -312,24 +324,6 @@ fn show(path: &Path, sources: bool, output: Output) -> CliResult {
         }
     }
     Ok(())
-}
-
-#[derive(Serialize)]
-struct Described {
-    id: String,
-    signer: Option<String>,
-    manifest: Manifest,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sources: Option<std::collections::BTreeMap<String, String>>,
-}
-
-fn describe(bundle: &Bundle, sources: bool) -> Described {
-    Described {
-        id: bundle.id(),
-        signer: bundle.signer_id(),
-        manifest: bundle.manifest.clone(),
-        sources: sources.then(|| bundle.modules.iter().cloned().collect()),
-    }
 }
 
 /// `$USER@host`; without `$USER` (cron, a bare container) `$LOGNAME`, then

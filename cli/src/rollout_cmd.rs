@@ -18,7 +18,7 @@ use crate::{
     client::{failure, transient, Target},
     exit::{CliResult, Failure, ROLLED_BACK},
     output::{format_ms, Output},
-    patch_cmd,
+    patch_cmd, views,
 };
 
 #[derive(Debug, Subcommand)]
@@ -187,7 +187,7 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         return watch(target, rollout.rollout_id, output).await;
     }
     if output.structured() {
-        output.print(&rollout);
+        output.print(&views::rollout(&rollout));
     } else {
         if args.dry_run {
             println!("plan (dry run: nothing started, nothing pushed)");
@@ -211,7 +211,7 @@ async fn list(target: &Target, active_only: bool, limit: u32, output: Output) ->
         .into_inner()
         .rollouts;
     if output.structured() {
-        output.print(&rollouts);
+        output.print(&views::list("RolloutList", rollouts.iter().map(views::Rollout::from).collect()));
         return Ok(());
     }
     if let Some(frozen) = frozen_line(target).await {
@@ -247,7 +247,7 @@ async fn get(target: &Target, id: String) -> Result<Rollout, Failure> {
 async fn status(target: &Target, id: String, output: Output, full: bool) -> CliResult {
     let rollout = get(target, id).await?;
     if output.structured() {
-        output.print(&rollout);
+        output.print(&views::rollout(&rollout));
         return Ok(());
     }
     if let Some(frozen) = frozen_line(target).await {
@@ -344,7 +344,9 @@ async fn action(target: &Target, what: &str, action: Action, output: Output) -> 
     let rollout =
         result.map_err(|s| failure(&format!("{what} of rollout {} refused", action.id), s))?.into_inner().rollout;
     if output.structured() {
-        output.print(&rollout);
+        if let Some(r) = &rollout {
+            output.print(&views::rollout(r));
+        }
     } else if let Some(r) = rollout {
         println!("rollout {}: {what} accepted; now {}", r.rollout_id, phase_name(r.phase));
     }
@@ -382,7 +384,7 @@ pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
                         lost_since = None;
                         if output.structured() {
                             // One JSON document per line (easy to stream into jq), or a YAML document each.
-                            output.print_streamed(&rollout);
+                            output.print_streamed(&views::rollout(&rollout));
                         } else {
                             for event in rollout.events.iter().skip(printed_events) {
                                 println!("  {} {}", format_ms(event.at_ms), event.message);
