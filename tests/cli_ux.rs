@@ -163,7 +163,8 @@ async fn selectors_dry_run_and_merged_waves(backend: Backend) {
     assert_eq!(code, 0, "{err}");
     let id = pushed.split_whitespace().nth(2).expect("staged: patch ID").to_string();
     let waves = ["--canary", "1", "--waves", "10%,50%,100%"];
-    let (code, plan, err) = cli(&[&["rollout", "start", &id, "--dry-run"], &waves[..]].concat());
+    // The 12 digits `nodes list` shows stand for the whole id.
+    let (code, plan, err) = cli(&[&["rollout", "start", &id[..12], "--dry-run"], &waves[..]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(plan.starts_with("plan (dry run: nothing started, nothing pushed)"), "{plan}");
     assert!(!plan.contains("ro-"), "no rollout id: {plan}");
@@ -244,12 +245,33 @@ async fn every_command_prints_json_matching_its_schema() {
     check("Rollout", &["rollout", "status", &id], None);
     check("Rollout", &["rollout", "describe", &id], None);
     check("RolloutList", &["rollout", "list"], None);
+    // Text: why it waits; the spec's windows as flags take them; the fleet's freeze.
+    let text = |args: &[&str]| ok(s.fleet.cli(args).expect("cli"));
+    let status = text(&["rollout", "status", &id]);
+    assert!(status.contains("WAITING  (waiting: manual gate before wave-1 (hotfleet rollout promote))"), "{status}");
+    let described = text(&["rollout", "describe", &id]);
+    for part in ["health window 300ms", "step deadline 1m", "selector all", "events:", "staged by sre"] {
+        assert!(described.contains(part), "{part}: {described}");
+    }
     check("Freeze", &["freeze", "--reason", "schema test"], None);
+    let listed = text(&["rollout", "list"]);
+    assert!(listed.starts_with("fleet    FROZEN by sre: schema test"), "{listed}");
     check("Freeze", &["unfreeze"], None);
     check("Rollout", &["rollout", "pause", &id], None);
     check("Rollout", &["rollout", "resume", &id], None);
     check("Rollout", &["rollout", "promote", &id], None);
     check("Rollout", &["rollout", "watch", &id], None);
+    let listed = text(&["rollout", "list"]);
+    assert!(listed.contains(&id) && listed.contains(" nodes 3 "), "finished rollouts count their nodes: {listed}");
+    // A unique prefix stands for the id; a typo is answered with the nearest.
+    let prefix = &id[..id.len() - 1];
+    let shown = s.fleet.cli(&["rollout", "status", prefix]).expect("status");
+    assert!(String::from_utf8_lossy(&shown.stdout).contains(&format!("rollout  {id}  COMPLETED")), "{shown:?}");
+    let typo = format!("{prefix}9");
+    let missing = s.fleet.cli(&["rollout", "describe", &typo]).expect("describe");
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(4), "{err}");
+    assert!(err.contains(&format!("rollout \"{typo}\" not found; did you mean {id}?")), "{err}");
     check("AuditPage", &["audit", "--limit", "5"], None);
     check("Leader", &["leader"], None);
     check("WhoAmI", &["auth", "whoami"], None);
@@ -282,4 +304,22 @@ async fn every_command_prints_json_matching_its_schema() {
     let out = Command::new(python).arg(script).arg(&list).output().expect("run the schema check");
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schema check failed (needs `pip install jsonschema pyyaml`):\n{report}");
+}
+
+#[test]
+fn completion_scripts_and_the_man_page_come_from_the_clap_definitions() {
+    let layout = Layout::for_workspace();
+    for (shell, marker) in
+        [("bash", "complete -F _hotfleet"), ("zsh", "#compdef hotfleet"), ("fish", "complete -c hotfleet")]
+    {
+        let (code, script, err) = run(&layout, &["completion", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(script.contains(marker), "{shell}: {}", &script[..script.len().min(300)]);
+        assert!(script.contains("rollout") && script.contains("describe"), "{shell} knows the subcommands");
+    }
+    let (code, page, err) = run(&layout, &["man"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(page.contains(".TH hotfleet 1") && page.contains("completion"), "{}", &page[..page.len().min(300)]);
+    let (code, _, err) = run(&layout, &["completion", "tcsh"]);
+    assert_eq!(code, 2, "an unknown shell is a usage error: {err}");
 }

@@ -137,6 +137,16 @@ pub async fn unfreeze(target: &Target, output: Output) -> CliResult {
 
 pub async fn nodes_remove(target: &Target, node_id: String, reason: String, output: Output) -> CliResult {
     let mut client = target.connect().await?;
+    let known = client
+        .list_nodes(target.request(ListNodesRequest { selector: String::new() }))
+        .await
+        .map_err(|s| failure("listing nodes failed", s))?
+        .into_inner()
+        .nodes
+        .into_iter()
+        .filter_map(|n| n.status.map(|s| s.node_id))
+        .collect::<Vec<_>>();
+    let node_id = crate::ids::resolve("node", &node_id, &known)?;
     let answer = client
         .remove_node(target.request(RemoveNodeRequest { node_id: node_id.clone(), reason }))
         .await

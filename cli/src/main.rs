@@ -8,6 +8,7 @@ mod client;
 mod demo;
 mod exit;
 mod fleet_cmd;
+mod ids;
 mod output;
 mod patch_cmd;
 mod pycheck;

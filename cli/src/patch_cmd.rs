@@ -158,6 +158,16 @@ pub async fn push_file(target: &Target, path: &Path, output: Output, report: boo
     Ok(bundle.id())
 }
 
+/// Every patch id the coordinator holds, for prefixes and suggestions.
+pub async fn known_patches(target: &Target) -> Result<Vec<String>, Failure> {
+    let mut client = target.connect().await?;
+    let answer = client
+        .list_patches(target.request(ListPatchesRequest { target_build: String::new() }))
+        .await
+        .map_err(|s| failure("listing patches failed", s))?;
+    Ok(answer.into_inner().patches.into_iter().map(|p| p.patch_id).collect())
+}
+
 async fn list(target: &Target, target_build: String, output: Output) -> CliResult {
     let mut client = target.connect().await?;
     let patches = client

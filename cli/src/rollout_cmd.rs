@@ -17,6 +17,7 @@ use hotfleet_coordinator::rollout::MERGED_EVENT;
 use crate::{
     client::{failure, transient, Target},
     exit::{CliResult, Failure, ROLLED_BACK},
+    ids,
     output::{format_ms, Output},
     patch_cmd, views,
 };
@@ -143,8 +144,14 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         patch_cmd::push_file(target, Path::new(&args.patch), Output::Text, output == Output::Text).await?
     } else if hotfleet_patch::is_patch_id(&args.patch) {
         args.patch.clone()
+    } else if !args.patch.is_empty() && args.patch.chars().all(|c| c.is_ascii_hexdigit()) {
+        // A prefix, as `nodes list` and `patch list` print ids.
+        ids::resolve("patch", &args.patch, &patch_cmd::known_patches(target).await?)?
     } else {
-        return Err(Failure::refused(anyhow!("{:?} is neither a patch id nor a bundle file", args.patch)));
+        return Err(Failure::refused(anyhow!(
+            "{:?} is neither a patch id (or its prefix) nor a bundle file",
+            args.patch
+        )));
     };
     // Absent stays absent (proto3: empty or zero); the coordinator fills in its defaults.
     let millis = |d: Option<Duration>| d.map(|d| d.as_millis() as u64).unwrap_or_default();
@@ -235,13 +242,30 @@ async fn list(target: &Target, active_only: bool, limit: u32, output: Output) ->
 
 async fn get(target: &Target, id: String) -> Result<Rollout, Failure> {
     let mut client = target.connect().await?;
-    client
-        .get_rollout(target.request(GetRolloutRequest { rollout_id: id.clone() }))
-        .await
+    let mut answer = client.get_rollout(target.request(GetRolloutRequest { rollout_id: id.clone() })).await;
+    if matches!(&answer, Err(s) if s.code() == tonic::Code::NotFound) {
+        let full = ids::resolve("rollout", &id, &known_rollouts(target).await?)?;
+        answer = client.get_rollout(target.request(GetRolloutRequest { rollout_id: full })).await;
+    }
+    answer
         .map_err(|s| failure(&format!("rollout {id}"), s))?
         .into_inner()
         .rollout
         .ok_or_else(|| anyhow!("coordinator answered without a rollout").into())
+}
+
+/// Every rollout id the coordinator keeps (newest first), for prefixes and suggestions.
+async fn known_rollouts(target: &Target) -> Result<Vec<String>, Failure> {
+    let mut client = target.connect().await?;
+    let request = target.request(ListRolloutsRequest { active_only: false, limit: 1000 });
+    let rollouts = client.list_rollouts(request).await.map_err(|s| failure("listing rollouts failed", s))?;
+    Ok(rollouts.into_inner().rollouts.into_iter().map(|r| r.rollout_id).collect())
+}
+
+/// The full id `given` names: itself if the coordinator knows it, else the
+/// one rollout it is a prefix of.
+async fn resolve_rollout(target: &Target, given: String) -> Result<String, Failure> {
+    Ok(get(target, given).await?.rollout_id)
 }
 
 async fn status(target: &Target, id: String, output: Output, full: bool) -> CliResult {
@@ -333,16 +357,16 @@ fn now_ms() -> u64 {
 }
 
 async fn action(target: &Target, what: &str, action: Action, output: Output) -> CliResult {
+    let id = resolve_rollout(target, action.id).await?;
     let mut client = target.connect().await?;
-    let request = target.request(RolloutActionRequest { rollout_id: action.id.clone(), reason: action.reason });
+    let request = target.request(RolloutActionRequest { rollout_id: id.clone(), reason: action.reason });
     let result = match what {
         "pause" => client.pause_rollout(request).await,
         "resume" => client.resume_rollout(request).await,
         "promote" => client.promote_rollout(request).await,
         _ => client.abort_rollout(request).await,
     };
-    let rollout =
-        result.map_err(|s| failure(&format!("{what} of rollout {} refused", action.id), s))?.into_inner().rollout;
+    let rollout = result.map_err(|s| failure(&format!("{what} of rollout {id} refused"), s))?.into_inner().rollout;
     if output.structured() {
         if let Some(r) = &rollout {
             output.print(&views::rollout(r));
@@ -363,6 +387,7 @@ const RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// end of the rollout: the watch reconnects (to the new leader, or any
 /// coordinator: they all serve it) and carries on where it was.
 pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
+    let id = resolve_rollout(target, id).await?;
     let mut printed_events = 0;
     let mut last_line = String::new();
     let mut last: Option<Rollout> = None;
