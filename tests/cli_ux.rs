@@ -261,6 +261,18 @@ async fn every_command_prints_json_matching_its_schema() {
     check("Rollout", &["rollout", "resume", &id], None);
     check("Rollout", &["rollout", "promote", &id], None);
     check("Rollout", &["rollout", "watch", &id], None);
+    // `watch` on a terminal draws the tree with per-step progress; piped, plain lines.
+    let piped = text(&["rollout", "watch", &id]);
+    assert!(!piped.contains("├─") && !piped.contains('\x1b'), "{piped}");
+    let mut watch =
+        vec![arg(&s.fleet.layout.bin("hotfleet").expect("bin")), "--coordinator".into(), s.fleet.coordinator_urls()];
+    watch.extend(s.fleet.layout.cli_flags.iter().cloned());
+    watch.extend(["rollout".into(), "watch".into(), id.clone()]);
+    let on_tty = Command::new("script").args(["-qec", &watch.join(" "), "/dev/null"]).output().expect("script");
+    let drawn = String::from_utf8_lossy(&on_tty.stdout);
+    for part in ["├─ canary   [##########] 1/1  done", "└─ wave-1   [##########] 2/2  done"] {
+        assert!(drawn.contains(part), "{part}: {drawn}");
+    }
     let listed = text(&["rollout", "list"]);
     assert!(listed.contains(&id) && listed.contains(" nodes 3 "), "finished rollouts count their nodes: {listed}");
     // A unique prefix stands for the id; a typo is answered with the nearest.

@@ -18,6 +18,18 @@ pub fn check_selector(text: &str) -> Result<Selector, Failure> {
     Selector::parse(text).map_err(|e| Failure::refused(anyhow::anyhow!(e)))
 }
 
+/// Every registered node's id (for counts, prefixes and suggestions).
+async fn registered_ids(target: &Target) -> Result<Vec<String>, Failure> {
+    let mut client = target.connect().await?;
+    let nodes = client
+        .list_nodes(target.request(ListNodesRequest { selector: String::new() }))
+        .await
+        .map_err(|s| failure("listing nodes failed", s))?
+        .into_inner()
+        .nodes;
+    Ok(nodes.into_iter().filter_map(|n| n.status.map(|s| s.node_id)).collect())
+}
+
 pub async fn nodes_list(target: &Target, selector: String, output: Output) -> CliResult {
     let parsed = check_selector(&selector)?;
     let mut client = target.connect().await?;
@@ -35,13 +47,7 @@ pub async fn nodes_list(target: &Target, selector: String, output: Output) -> Cl
         println!("no nodes registered (start hotfleet-agent with --coordinator pointing here)");
     } else if nodes.is_empty() {
         // How many there are at all tells a typo from an empty fleet.
-        let registered = client
-            .list_nodes(target.request(ListNodesRequest { selector: String::new() }))
-            .await
-            .map_err(|s| failure("listing nodes failed", s))?
-            .into_inner()
-            .nodes
-            .len();
+        let registered = registered_ids(target).await?.len();
         println!("no node matches {parsed} ({registered} nodes registered)");
     }
     for node in &nodes {
@@ -136,17 +142,8 @@ pub async fn unfreeze(target: &Target, output: Output) -> CliResult {
 }
 
 pub async fn nodes_remove(target: &Target, node_id: String, reason: String, output: Output) -> CliResult {
+    let node_id = crate::ids::resolve("node", &node_id, &registered_ids(target).await?)?;
     let mut client = target.connect().await?;
-    let known = client
-        .list_nodes(target.request(ListNodesRequest { selector: String::new() }))
-        .await
-        .map_err(|s| failure("listing nodes failed", s))?
-        .into_inner()
-        .nodes
-        .into_iter()
-        .filter_map(|n| n.status.map(|s| s.node_id))
-        .collect::<Vec<_>>();
-    let node_id = crate::ids::resolve("node", &node_id, &known)?;
     let answer = client
         .remove_node(target.request(RemoveNodeRequest { node_id: node_id.clone(), reason }))
         .await

@@ -13,6 +13,7 @@ mod output;
 mod patch_cmd;
 mod pycheck;
 mod rollout_cmd;
+mod tree;
 mod views;
 
 use clap::{CommandFactory, Parser, Subcommand};

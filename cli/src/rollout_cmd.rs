@@ -1,6 +1,6 @@
 //! `hotfleet rollout start|list|status|describe|watch|pause|resume|promote|abort`.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, io::IsTerminal, path::Path, time::Duration};
 
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
@@ -19,7 +19,7 @@ use crate::{
     exit::{CliResult, Failure, ROLLED_BACK},
     ids,
     output::{format_ms, Output},
-    patch_cmd, views,
+    patch_cmd, tree, views,
 };
 
 #[derive(Debug, Subcommand)]
@@ -339,7 +339,7 @@ fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
 
 /// What the rollout is doing right now, in words: why it waits, or how
 /// long the running health window has left.
-fn now_doing(r: &Rollout) -> Option<String> {
+pub fn now_doing(r: &Rollout) -> Option<String> {
     if !r.waiting_reason.is_empty() {
         return Some(format!("waiting: {}", r.waiting_reason));
     }
@@ -390,6 +390,8 @@ pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
     let id = resolve_rollout(target, id).await?;
     let mut printed_events = 0;
     let mut last_line = String::new();
+    // On a terminal the tree is redrawn in place; piped, one line per change.
+    let mut tree = (output == Output::Text && std::io::stdout().is_terminal()).then(tree::Redraw::default);
     let mut last: Option<Rollout> = None;
     let mut lost_since: Option<std::time::Instant> = None;
     'watching: loop {
@@ -410,6 +412,15 @@ pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
                         if output.structured() {
                             // One JSON document per line (easy to stream into jq), or a YAML document each.
                             output.print_streamed(&views::rollout(&rollout));
+                        } else if let Some(tree) = &mut tree {
+                            let events: Vec<String> = rollout
+                                .events
+                                .iter()
+                                .skip(printed_events)
+                                .map(|e| format!("  {} {}", format_ms(e.at_ms), e.message))
+                                .collect();
+                            printed_events = rollout.events.len();
+                            tree.show(&events, &tree::render(&rollout));
                         } else {
                             for event in rollout.events.iter().skip(printed_events) {
                                 println!("  {} {}", format_ms(event.at_ms), event.message);
