@@ -237,6 +237,7 @@ async fn every_command_prints_json_matching_its_schema() {
     let patch = pushed["patch"]["patchId"].as_str().expect("patch id").to_string();
     check("PatchList", &["patch", "list"], None);
     check("NodeList", &["nodes", "list"], None);
+    check("NodesSummary", &["nodes", "list", "--summary"], None);
     check("Rollout", &["rollout", "start", &patch, "--dry-run"], None);
     let start = ["rollout", "start", &patch, "--canary", "1", "--health-window", "300ms", "--pause-before", "wave-1"];
     let started: serde_json::Value = serde_json::from_str(&check("Rollout", &start, None)).expect("json");

@@ -1,7 +1,8 @@
 //! `hotfleet nodes list`, `nodes remove`, `freeze`, `unfreeze`, `audit`, `leader`.
 
 use hotfleet_proto::v1::{
-    FreezeRequest, ListAuditRequest, ListNodesRequest, RemoveNodeRequest, StackDrift, UnfreezeRequest,
+    FreezeRequest, ListAuditRequest, ListNodesRequest, NodeInfo, NodesSummary, RemoveNodeRequest, StackDrift,
+    UnfreezeRequest,
 };
 
 use hotfleet_coordinator::selector::Selector;
@@ -18,27 +19,56 @@ pub fn check_selector(text: &str) -> Result<Selector, Failure> {
     Selector::parse(text).map_err(|e| Failure::refused(anyhow::anyhow!(e)))
 }
 
-/// Every registered node's id (for counts, prefixes and suggestions).
-async fn registered_ids(target: &Target) -> Result<Vec<String>, Failure> {
+/// Nodes per `ListNodes` page (the coordinator also ends a page before ~2 MiB).
+const PAGE_SIZE: u32 = 2000;
+
+/// The nodes `selector` matches, page by page, and their summary; with
+/// `summary_only` one page of one node (the summary counts every match).
+async fn list_nodes(
+    target: &Target,
+    selector: &str,
+    summary_only: bool,
+) -> Result<(Vec<NodeInfo>, NodesSummary), Failure> {
     let mut client = target.connect().await?;
-    let nodes = client
-        .list_nodes(target.request(ListNodesRequest { selector: String::new() }))
-        .await
-        .map_err(|s| failure("listing nodes failed", s))?
-        .into_inner()
-        .nodes;
+    let mut nodes = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page_size = if summary_only { 1 } else { PAGE_SIZE };
+        let request = ListNodesRequest { selector: selector.to_string(), page_size, page_token: token };
+        let page = client
+            .list_nodes(target.request(request))
+            .await
+            .map_err(|s| failure("listing nodes failed", s))?
+            .into_inner();
+        nodes.extend(page.nodes);
+        token = page.next_page_token;
+        if token.is_empty() || summary_only {
+            return Ok((nodes, page.summary.unwrap_or_default()));
+        }
+    }
+}
+
+/// Every registered node's id (for prefixes and suggestions).
+async fn registered_ids(target: &Target) -> Result<Vec<String>, Failure> {
+    let (nodes, _) = list_nodes(target, "", false).await?;
     Ok(nodes.into_iter().filter_map(|n| n.status.map(|s| s.node_id)).collect())
 }
 
-pub async fn nodes_list(target: &Target, selector: String, output: Output) -> CliResult {
+/// The fleet's summary (every node, counted by the coordinator).
+pub async fn fleet_summary(target: &Target) -> Result<NodesSummary, Failure> {
+    Ok(list_nodes(target, "", true).await?.1)
+}
+
+pub async fn nodes_list(target: &Target, selector: String, summary_only: bool, output: Output) -> CliResult {
     let parsed = check_selector(&selector)?;
-    let mut client = target.connect().await?;
-    let nodes = client
-        .list_nodes(target.request(ListNodesRequest { selector: selector.clone() }))
-        .await
-        .map_err(|s| failure("listing nodes failed", s))?
-        .into_inner()
-        .nodes;
+    let (nodes, summary) = list_nodes(target, &selector, summary_only).await?;
+    if summary_only {
+        match output {
+            Output::Text => println!("{}", summary_text(&summary)),
+            _ => output.print(&views::doc("NodesSummary", views::Summary::from(&summary))),
+        }
+        return Ok(());
+    }
     if output.structured() {
         output.print(&views::list("NodeList", nodes.iter().map(views::Node::from).collect()));
         return Ok(());
@@ -47,7 +77,7 @@ pub async fn nodes_list(target: &Target, selector: String, output: Output) -> Cl
         println!("no nodes registered (start hotfleet-agent with --coordinator pointing here)");
     } else if nodes.is_empty() {
         // How many there are at all tells a typo from an empty fleet.
-        let registered = registered_ids(target).await?.len();
+        let registered = fleet_summary(target).await?.total;
         println!("no node matches {parsed} ({registered} nodes registered)");
     }
     for node in &nodes {
@@ -82,7 +112,22 @@ pub async fn nodes_list(target: &Target, selector: String, output: Output) -> Cl
             );
         }
     }
+    if !nodes.is_empty() {
+        println!("{}", summary_text(&summary));
+    }
     Ok(())
+}
+
+/// `7 nodes: 6 alive, 1 lost; builds: zone-1.4.2 7`.
+fn summary_text(summary: &NodesSummary) -> String {
+    let counts = |m: &std::collections::HashMap<String, u32>| {
+        let mut v: Vec<String> = m.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        v.sort();
+        v.join(", ")
+    };
+    let mut builds: Vec<String> = summary.by_build.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    builds.sort();
+    format!("{} nodes: {}; builds: {}", summary.total, counts(&summary.by_liveness), builds.join(", "))
 }
 
 /// Patch ids as `nodes list` prints them: the first 12 hex digits, space-separated.

@@ -15,7 +15,7 @@ use crate::{
     output::{format_ms, Output},
     views,
 };
-use hotfleet_proto::v1::{ListNodesRequest, ListPatchesRequest, PushPatchRequest};
+use hotfleet_proto::v1::{ListPatchesRequest, PushPatchRequest};
 
 #[derive(Debug, Subcommand)]
 pub enum PatchCommand {
@@ -256,18 +256,13 @@ async fn build(args: BuildArgs, target: &Target, output: Output) -> CliResult {
 /// typo in --target-build would otherwise surface only at `rollout start`).
 /// Silent when no coordinator is configured or reachable: building is offline work.
 async fn warn_unknown_build(target: &Target, build: &str) {
-    let Ok(mut client) = target.connect_any().await else { return };
-    let request = target.request(ListNodesRequest { selector: String::new() });
-    let Ok(answer) = client.list_nodes(request).await else { return };
-    let nodes = answer.into_inner().nodes;
-    let mut builds: Vec<&str> = nodes
-        .iter()
-        .filter_map(|n| n.status.as_ref())
-        .flat_map(|s| s.processes.iter().map(|p| p.build.as_str()).chain(s.labels.get("build").map(String::as_str)))
-        .filter(|b| !b.is_empty())
-        .collect();
+    // Quiet and quick: only a coordinator already configured and reachable is asked.
+    if target.connect_any().await.is_err() {
+        return;
+    }
+    let Ok(summary) = crate::fleet_cmd::fleet_summary(target).await else { return };
+    let mut builds: Vec<&str> = summary.by_build.keys().map(String::as_str).filter(|b| !b.is_empty()).collect();
     builds.sort_unstable();
-    builds.dedup();
     // Nodes that report no build yet say nothing either way.
     if !builds.is_empty() && !builds.contains(&build) {
         eprintln!(

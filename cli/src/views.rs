@@ -141,6 +141,25 @@ impl From<&pb::NodeInfo> for Node {
     }
 }
 
+/// `nodes list --summary`: every matching node, counted.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    total: u32,
+    by_liveness: BTreeMap<String, u32>,
+    by_build: BTreeMap<String, u32>,
+}
+
+impl From<&pb::NodesSummary> for Summary {
+    fn from(s: &pb::NodesSummary) -> Self {
+        Summary {
+            total: s.total,
+            by_liveness: s.by_liveness.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            by_build: s.by_build.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeRemoval {
