@@ -23,7 +23,7 @@ pub fn render(r: &Rollout) -> Vec<String> {
         } else {
             r.nodes.iter().filter(|n| n.step == step.name && n.observed == "committed").count()
         };
-        let filled = if total == 0 { 0 } else { done * BAR / total };
+        let filled = (done * BAR).checked_div(total).unwrap_or(0);
         let branch = if i + 1 == r.steps.len() { "└─" } else { "├─" };
         let gate = if step.pause_before { "  [manual gate]" } else { "" };
         lines.push(format!(
