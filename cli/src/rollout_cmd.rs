@@ -99,6 +99,10 @@ pub struct StartArgs {
     /// Fail the health gate when tick p99 exceeds this multiple of the baseline [default: 3].
     #[arg(long)]
     tick_p99_factor: Option<f64>,
+    /// ... and exceeds the baseline by at least this much, so scheduler noise on a busy
+    /// host is not a regression [default: 20ms].
+    #[arg(long, value_parser = parse_duration)]
+    tick_p99_floor: Option<Duration>,
     #[arg(long, default_value = "")]
     description: String,
     /// Show the plan without starting anything.
@@ -165,6 +169,7 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         max_unhealthy: args.max_unhealthy.unwrap_or_default(),
         pause_before: args.pause_before,
         tick_p99_factor: args.tick_p99_factor.unwrap_or_default(),
+        tick_p99_floor_ms: args.tick_p99_floor.map(|d| d.as_secs_f64() * 1000.0).unwrap_or_default(),
         prepare_ttl_seconds: args.prepare_ttl.unwrap_or_default(),
         description: args.description,
         ..Default::default()

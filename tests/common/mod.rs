@@ -193,6 +193,11 @@ impl Scenario {
             health_window,
             "--step-deadline",
             "20s",
+            // These scenarios test rollouts, not the tick-latency gate (unit
+            // tests cover it): on a 2-core CI machine running tests side by
+            // side, a zone's tick p99 can rise by 20 ms from load alone.
+            "--tick-p99-floor",
+            "250ms",
         ];
         let out = ok(self.fleet.cli(&args).expect("rollout start"));
         let rollout: Value = serde_json::from_str(&out).expect("rollout json");
