@@ -172,7 +172,6 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         tick_p99_floor_ms: args.tick_p99_floor.map(|d| d.as_secs_f64() * 1000.0).unwrap_or_default(),
         prepare_ttl_seconds: args.prepare_ttl.unwrap_or_default(),
         description: args.description,
-        ..Default::default()
     };
     let mut client = target.connect().await?;
     let rollout = client
