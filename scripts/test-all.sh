@@ -39,6 +39,11 @@ for py in "${PYTHONS[@]}"; do
       || "$py" -m pip install --quiet --disable-pip-version-check --break-system-packages 'pytest>=7'
   fi
 done
+# tests/cli_ux.rs checks the CLI's JSON against docs/schemas/ with these.
+if ! "$HOTFLEET_PYTHON" -c 'import jsonschema, yaml' 2>/dev/null; then
+  "$HOTFLEET_PYTHON" -m pip install --quiet --disable-pip-version-check jsonschema pyyaml \
+    || "$HOTFLEET_PYTHON" -m pip install --quiet --disable-pip-version-check --break-system-packages jsonschema pyyaml
+fi
 
 # ---- etcd --------------------------------------------------------------------
 # The etcd-backed tests start their own etcd on loopback ports with a temporary

@@ -191,7 +191,7 @@ async fn a_scheduled_rollout_starts_on_time_after_its_leader_goes_away(backend: 
     let out = ok(s.fleet.cli(&args).expect("start"));
     let id =
         serde_json::from_str::<serde_json::Value>(&out).expect("json")["rolloutId"].as_str().expect("id").to_string();
-    assert_eq!(phase(&s.status(&id)), "ROLLOUT_PHASE_SCHEDULED");
+    assert_eq!(phase(&s.status(&id)), "scheduled");
     let listed = ok(s.fleet.cli(&["rollout", "list"]).expect("list"));
     let line = listed.lines().find(|l| l.starts_with(&id)).unwrap_or_default().to_string();
     assert!(line.contains("scheduled") && line.contains("starts 20"), "{listed}");
@@ -200,7 +200,7 @@ async fn a_scheduled_rollout_starts_on_time_after_its_leader_goes_away(backend: 
     let leader = leader_index(&s);
     let dir = s.dir.path().to_path_buf();
     s.fleet.restart_coordinator_at(leader, &dir).expect("restart the leader");
-    assert_eq!(phase(&s.status(&id)), "ROLLOUT_PHASE_SCHEDULED", "still waiting for its time");
+    assert_eq!(phase(&s.status(&id)), "scheduled", "still waiting for its time");
     assert_eq!(s.damages(), before, "nothing changed before its time");
 
     let (code, done) = s.watch(&id);
@@ -227,7 +227,7 @@ fn event_at(rollout: &serde_json::Value, starting: &str) -> u64 {
         .flatten()
         .find(|e| e["message"].as_str().unwrap_or_default().starts_with(starting))
         .unwrap_or_else(|| panic!("no event {starting:?}: {rollout}"));
-    event["atMs"].as_str().and_then(|t| t.parse().ok()).unwrap_or_default()
+    event["atMs"].as_u64().expect("atMs")
 }
 
 async fn a_window_closing_mid_rollout_pauses_it_and_the_next_window_completes_it(backend: Backend) {
@@ -269,8 +269,7 @@ async fn a_window_closing_mid_rollout_pauses_it_and_the_next_window_completes_it
 
     // The first window closes during the canary's health window: held before wave-1, not failed.
     let held = s.wait_until(&id, "held by its window after the canary", |r| {
-        phase(r) == "ROLLOUT_PHASE_WAITING"
-            && r["waitingReason"].as_str().unwrap_or_default().contains("outside its window")
+        phase(r) == "waiting" && r["waitingReason"].as_str().unwrap_or_default().contains("outside its window")
     });
     assert_eq!(step_name(&held), "wave-1", "{held}");
     let (code, done) = s.watch(&id);

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::{
     client::{failure, Target},
     exit::{CliResult, Failure},
-    output::{print_json, Output},
+    output::Output,
 };
 
 /// Headings of a module plan, in the runtime's order (`hotfleet/plan.py`).
@@ -41,8 +41,8 @@ pub async fn plan(
         .await
         .map_err(|s| failure(&format!("no plan of patch {patch_id} on node {node}"), s))?
         .into_inner();
-    if output == Output::Json {
-        print_json(&as_json(&answer));
+    if output.structured() {
+        output.print(&as_json(&answer));
     } else {
         print_text(&answer);
     }

@@ -6,7 +6,7 @@ use hotfleet_proto::v1::ListStackRequest;
 use crate::{
     client::{failure, Target},
     exit::CliResult,
-    output::{format_ms, print_json, Output},
+    output::{format_ms, Output},
 };
 
 pub async fn stack(target: &Target, build: String, output: Output) -> CliResult {
@@ -17,8 +17,8 @@ pub async fn stack(target: &Target, build: String, output: Output) -> CliResult 
         .map_err(|s| failure(&format!("listing the patch stack of build {build} failed"), s))?
         .into_inner()
         .patches;
-    if output == Output::Json {
-        print_json(&patches);
+    if output.structured() {
+        output.print(&patches);
         return Ok(());
     }
     if patches.is_empty() {

@@ -39,6 +39,7 @@ pub mod reads;
 pub mod reconcile;
 pub mod registry;
 pub mod rollout;
+pub mod selector;
 pub mod server;
 pub mod stack;
 pub mod store;

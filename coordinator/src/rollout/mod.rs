@@ -49,6 +49,10 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Prefix of the events saying how the plan merged the requested waves
+/// (shown by `rollout start` and its dry run).
+pub const MERGED_EVENT: &str = "waves merged: ";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub at_ms: u64,
@@ -346,6 +350,9 @@ impl RolloutState {
         let plan_text: Vec<String> =
             rollout.steps.iter().map(|s| format!("{}: {}", s.name, s.nodes.join(","))).collect();
         rollout.event(now_ms, format!("staged by {created_by}: {}", plan_text.join(" | ")));
+        for merged in plan.merged {
+            rollout.event(now_ms, format!("{MERGED_EVENT}{merged}"));
+        }
         if let Phase::Scheduled { start_at_ms } = rollout.phase {
             rollout.event(now_ms, format!("scheduled to start at {}", spec::rfc3339(start_at_ms)));
         }
@@ -611,7 +618,10 @@ impl RolloutState {
             self.set_phase(
                 Phase::Watching { step, started_at_ms: now_ms, ends_at_ms: ends },
                 now_ms,
-                format!("{name}: committed; health window {} ms", self.rollout.spec.health_window_ms),
+                format!(
+                    "{name}: committed; health window {}",
+                    hotfleet_proto::duration::format_duration_ms(self.rollout.spec.health_window_ms)
+                ),
             );
         }
         dedup(changed)
