@@ -179,6 +179,14 @@ impl Scenario {
 
     /// Starts a rollout (canary 1, waves 25%,50%,100%) and returns its id.
     pub fn start_rollout(&self, patch: &str, health_window: &str) -> String {
+        // These scenarios test rollouts, not the tick-latency gate (unit
+        // tests cover it): on a 2-core CI machine running tests side by
+        // side, a zone's tick p99 can rise by 20 ms from load alone.
+        self.start_rollout_with_p99_floor(patch, health_window, "250ms")
+    }
+
+    /// [`Self::start_rollout`] with the health gate's tick-p99 margin given.
+    pub fn start_rollout_with_p99_floor(&self, patch: &str, health_window: &str, p99_floor: &str) -> String {
         let args = vec![
             "--output",
             "json",
@@ -193,11 +201,8 @@ impl Scenario {
             health_window,
             "--step-deadline",
             "20s",
-            // These scenarios test rollouts, not the tick-latency gate (unit
-            // tests cover it): on a 2-core CI machine running tests side by
-            // side, a zone's tick p99 can rise by 20 ms from load alone.
             "--tick-p99-floor",
-            "250ms",
+            p99_floor,
         ];
         let out = ok(self.fleet.cli(&args).expect("rollout start"));
         let rollout: Value = serde_json::from_str(&out).expect("rollout json");
