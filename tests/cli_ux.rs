@@ -151,21 +151,29 @@ async fn selectors_dry_run_and_merged_waves(backend: Backend) {
     let (_, out, _) = cli(&["nodes", "list", "--selector", "region=ue"]);
     assert_eq!(out.trim(), "no node matches region=ue (3 nodes registered)");
 
-    // A dry run of a bundle the coordinator does not hold: refused, and nothing pushed.
+    // A dry run of a bundle the coordinator does not hold: the plan, and nothing pushed.
     let path = bundle(&s.fleet.layout, s.dir.path(), "hotfix-damage", Some(&s.fleet.keys.secret));
-    let (code, _, err) = cli(&["rollout", "start", &path, "--dry-run"]);
-    assert_eq!(code, 4, "{err}");
-    assert!(err.contains("a dry run pushes nothing") && err.contains("hotfleet patch push"), "{err}");
+    let waves = ["--canary", "1", "--waves", "10%,50%,100%"];
+    let (code, local_plan, err) = cli(&[&["rollout", "start", &path, "--dry-run"], &waves[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(local_plan.starts_with("plan (dry run: nothing started, nothing pushed)"), "{local_plan}");
+    assert!(!local_plan.contains("ro-"), "no rollout id: {local_plan}");
     let (_, patches, _) = cli(&["patch", "list"]);
     assert!(patches.trim().is_empty(), "the dry run pushed nothing: {patches}");
+    // A local bundle that does not verify is refused before anything is sent.
+    let broken = s.dir.path().join("broken.hfpatch");
+    std::fs::write(&broken, b"not a bundle").expect("write");
+    let (code, _, err) = cli(&["rollout", "start", &arg(&broken), "--dry-run"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("is not a valid patch"), "{err}");
 
     let (code, pushed, err) = cli(&["patch", "push", &path]);
     assert_eq!(code, 0, "{err}");
     let id = pushed.split_whitespace().nth(2).expect("staged: patch ID").to_string();
-    let waves = ["--canary", "1", "--waves", "10%,50%,100%"];
     // The 12 digits `nodes list` shows stand for the whole id.
     let (code, plan, err) = cli(&[&["rollout", "start", &id[..12], "--dry-run"], &waves[..]].concat());
     assert_eq!(code, 0, "{err}");
+    assert_eq!(plan, local_plan, "the stored patch plans as its local bundle did");
     assert!(plan.starts_with("plan (dry run: nothing started, nothing pushed)"), "{plan}");
     assert!(!plan.contains("ro-"), "no rollout id: {plan}");
     let steps: Vec<&str> = plan.lines().filter_map(|l| l.split_whitespace().next()).collect();

@@ -141,9 +141,13 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
     if let Some(selector) = &args.selector {
         crate::fleet_cmd::check_selector(selector)?;
     }
+    // A dry run of a local bundle pushes nothing: the bundle is read and
+    // verified here, and the coordinator plans it with the build it names.
+    let mut target_build = String::new();
     let patch_id = if Path::new(&args.patch).is_file() && args.dry_run {
-        // A dry run pushes nothing: it plans the bundle's id, if already staged.
-        patch_cmd::read_bundle(Path::new(&args.patch))?.id()
+        let bundle = patch_cmd::read_bundle(Path::new(&args.patch))?;
+        target_build = bundle.manifest.target_build.clone();
+        bundle.id()
     } else if Path::new(&args.patch).is_file() {
         patch_cmd::push_file(target, Path::new(&args.patch), Output::Text, output == Output::Text).await?
     } else if hotfleet_patch::is_patch_id(&args.patch) {
@@ -175,18 +179,9 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
     };
     let mut client = target.connect().await?;
     let rollout = client
-        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run }))
+        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run, target_build }))
         .await
-        .map_err(|s| {
-            if args.dry_run && s.code() == tonic::Code::NotFound && Path::new(&args.patch).is_file() {
-                let push = format!("hotfleet patch push {}", args.patch);
-                return Failure::refused(anyhow!(
-                    "{}: the coordinator does not hold this bundle yet, and a dry run pushes nothing; stage it with `{push}`, then dry-run again",
-                    args.patch
-                ));
-            }
-            failure("the coordinator refused the rollout", s)
-        })?
+        .map_err(|s| failure("the coordinator refused the rollout", s))?
         .into_inner()
         .rollout
         .ok_or_else(|| anyhow!("coordinator answered without a rollout"))?;
