@@ -202,6 +202,41 @@ async fn selectors_dry_run_and_merged_waves(backend: Backend) {
     assert!(!err.contains("warning"), "{err}");
 }
 
+/// `hotfleet ARGS` against the scenario's fleet with stdout on a terminal
+/// (`script` gives it a pty); what the terminal received.
+fn on_a_terminal(s: &Scenario, args: &[&str]) -> String {
+    let mut command =
+        vec![arg(&s.fleet.layout.bin("hotfleet").expect("bin")), "--coordinator".into(), s.fleet.coordinator_urls()];
+    command.extend(s.fleet.layout.cli_flags.iter().cloned());
+    command.extend(args.iter().map(|a| a.to_string()));
+    let out = Command::new("script").args(["-qec", &command.join(" "), "/dev/null"]).output().expect("script");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `rollout watch` on a terminal: the health window counts down every
+/// second, though the coordinator sends a snapshot only when the rollout
+/// changes (the tree is redrawn from the last one).
+#[test]
+fn watch_on_a_terminal_counts_the_health_window_down() {
+    let mut s = Scenario::start_game(Backend::Embedded, Game::ZoneServer, 2, BUILD);
+    let patch = s.push("hotfix-damage");
+    let started =
+        ok(s.fleet.cli(&["rollout", "start", &patch, "--canary", "1", "--health-window", "4s"]).expect("cli"));
+    let id = started.split_whitespace().nth(2).expect("started rollout ID").to_string();
+    let drawn = on_a_terminal(&s, &["rollout", "watch", &id]);
+    assert!(drawn.contains("COMPLETED"), "{drawn}");
+    // Each countdown value drawn, in order, once per run of equal values.
+    let mut shown: Vec<&str> = drawn
+        .split("(health window 4s, ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(" left)").map(|(left, _)| left))
+        .collect();
+    shown.dedup();
+    for left in ["3s", "2s", "1s"] {
+        assert!(shown.contains(&left), "the countdown moves every second, not only per snapshot: {shown:?}\n{drawn}");
+    }
+}
+
 /// Every command's `-o json` against its schema in `docs/schemas/` (checked
 /// by `scripts/check_json_schema.py` with the `jsonschema` package), a
 /// failure's JSON on stderr, and `-o yaml` reading back as the same object.
@@ -273,12 +308,7 @@ async fn every_command_prints_json_matching_its_schema() {
     // `watch` on a terminal draws the tree with per-step progress; piped, plain lines.
     let piped = text(&["rollout", "watch", &id]);
     assert!(!piped.contains("├─") && !piped.contains('\x1b'), "{piped}");
-    let mut watch =
-        vec![arg(&s.fleet.layout.bin("hotfleet").expect("bin")), "--coordinator".into(), s.fleet.coordinator_urls()];
-    watch.extend(s.fleet.layout.cli_flags.iter().cloned());
-    watch.extend(["rollout".into(), "watch".into(), id.clone()]);
-    let on_tty = Command::new("script").args(["-qec", &watch.join(" "), "/dev/null"]).output().expect("script");
-    let drawn = String::from_utf8_lossy(&on_tty.stdout);
+    let drawn = on_a_terminal(&s, &["rollout", "watch", &id]);
     for part in ["├─ canary   [##########] 1/1  done", "└─ wave-1   [##########] 2/2  done"] {
         assert!(drawn.contains(part), "{part}: {drawn}");
     }

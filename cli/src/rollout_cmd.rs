@@ -338,20 +338,20 @@ fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
 
 /// What the rollout is doing right now, in words: why it waits, or how
 /// long the running health window has left.
-pub fn now_doing(r: &Rollout) -> Option<String> {
+pub fn now_doing(r: &Rollout, now_ms: u64) -> Option<String> {
     if !r.waiting_reason.is_empty() {
         return Some(format!("waiting: {}", r.waiting_reason));
     }
     let watching = RolloutPhase::try_from(r.phase) == Ok(RolloutPhase::Watching);
     if watching && r.window_ends_at_ms > 0 {
         let window = r.spec.as_ref().map(|s| format_duration_ms(s.health_window_ms)).unwrap_or_default();
-        let left = r.window_ends_at_ms.saturating_sub(now_ms());
+        let left = r.window_ends_at_ms.saturating_sub(now_ms);
         return Some(format!("health window {window}, {} left", format_duration_ms(left.div_ceil(1000) * 1000)));
     }
     None
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -403,9 +403,22 @@ pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
             Err(f) if f.code == crate::exit::UNREACHABLE && last.is_some() => Err(None),
             Err(f) => return Err(f),
         };
+        // On a terminal the health-window countdown moves between snapshots:
+        // the tree is redrawn from the last snapshot every second.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let why = match opened {
             Ok(mut stream) => loop {
-                match stream.message().await {
+                let message = tokio::select! {
+                    message = stream.message() => message,
+                    _ = tick.tick(), if tree.is_some() => {
+                        if let (Some(tree), Some(rollout)) = (&mut tree, &last) {
+                            tree.show(&[], &tree::render(rollout, now_ms()));
+                        }
+                        continue;
+                    }
+                };
+                match message {
                     Ok(Some(rollout)) => {
                         lost_since = None;
                         if output.structured() {
@@ -419,7 +432,7 @@ pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
                                 .map(|e| format!("  {} {}", format_ms(e.at_ms), e.message))
                                 .collect();
                             printed_events = rollout.events.len();
-                            tree.show(&events, &tree::render(&rollout));
+                            tree.show(&events, &tree::render(&rollout, now_ms()));
                         } else {
                             for event in rollout.events.iter().skip(printed_events) {
                                 println!("  {} {}", format_ms(event.at_ms), event.message);
@@ -547,7 +560,7 @@ fn print_plan_notes(r: &Rollout) {
 
 fn print_summary(r: &Rollout) {
     let patch = r.spec.as_ref().map(|s| s.patch_id.clone()).unwrap_or_default();
-    let doing = now_doing(r).map(|d| format!("  ({d})")).unwrap_or_default();
+    let doing = now_doing(r, now_ms()).map(|d| format!("  ({d})")).unwrap_or_default();
     println!("rollout  {}  {}{doing}", r.rollout_id, phase_name(r.phase).to_uppercase());
     println!("patch    {patch}  (build {})", r.target_build);
     if !r.reason.is_empty() {
