@@ -105,7 +105,7 @@ pub struct StartArgs {
     tick_p99_floor: Option<Duration>,
     #[arg(long, default_value = "")]
     description: String,
-    /// Show the plan without starting anything.
+    /// Show the plan without starting anything (a bundle file is read and verified here, not pushed).
     #[arg(long)]
     dry_run: bool,
     /// Follow the rollout until it ends, like `rollout watch`.
