@@ -351,7 +351,7 @@ pub fn now_doing(r: &Rollout, now_ms: u64) -> Option<String> {
     None
 }
 
-pub fn now_ms() -> u64 {
+fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
