@@ -537,6 +537,16 @@ async fn bad_specs_are_refused_clearly() {
     let dry = f.engine.start(request(), "a", true).await.expect("dry run");
     assert!(dry.rollout.id.is_empty(), "a dry run names no rollout");
     assert!(f.engine.get("ro-1-1").await.is_err(), "a dry run stores nothing");
+    // A bundle the coordinator does not hold plans with the build its caller read from it.
+    let unstored = WireSpec { patch_id: "b".repeat(64), ..request() };
+    let dry = f.engine.dry_run_unstored(unstored.clone(), "a", BUILD).await.expect("dry run of a local bundle");
+    assert!(dry.rollout.id.is_empty() && !dry.nodes.is_empty(), "planned, unnamed");
+    assert_eq!(dry.rollout.target_build, BUILD);
+    let err = f.engine.dry_run_unstored(unstored.clone(), "a", "b9").await.expect_err("no node runs b9");
+    assert!(err.to_string().contains("b9"), "{err}");
+    // A stored patch keeps its own build, whatever the caller says.
+    let stored = f.engine.dry_run_unstored(request(), "a", "b9").await.expect("stored");
+    assert_eq!(stored.rollout.target_build, BUILD);
     let real = f.engine.start(request(), "a", false).await.expect("start");
     assert_eq!(real.rollout.id, "ro-1-1", "the dry run used up no id");
 }
