@@ -16,6 +16,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use hotfleet_obs::grpc::{GrpcMetrics, GrpcMetricsLayer};
 use hotfleet_proto::tls::Transport;
 use hotfleet_proto::v1::{
     agent_client::AgentClient as ProtoAgentClient, AbortRequest, CommandHeader, CommitRequest, HealthRequest,
@@ -23,6 +24,7 @@ use hotfleet_proto::v1::{
 };
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
+use tower::Layer as _;
 
 use crate::rollout::health::Sample;
 
@@ -162,11 +164,11 @@ impl GrpcAgents {
     /// Runs one call under the concurrency bound and the deadline.
     async fn call<T, F, Fut>(&self, to: &Target, deadline: Duration, f: F) -> Result<T, AgentError>
     where
-        F: FnOnce(ProtoAgentClient<Channel>, Duration) -> Fut,
+        F: FnOnce(ProtoAgentClient<GrpcMetrics<Channel>>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = deadline.min(self.call_timeout).max(Duration::from_millis(1));
-        let client = ProtoAgentClient::new(self.channel(to)?);
+        let client = ProtoAgentClient::new(GrpcMetricsLayer::client().layer(self.channel(to)?));
         let work = async {
             // The wait for a permit counts against the deadline too: a
             // saturated coordinator must not stall a step past it.

@@ -39,6 +39,7 @@ pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
 pub mod term;
 
 pub use config::Config;

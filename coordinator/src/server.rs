@@ -15,11 +15,13 @@
 //! way round, heartbeats stop arriving while the engine still watches health,
 //! and a healthy fleet is rolled back for "missed heartbeats".
 
+use hotfleet_obs::grpc::GrpcMetricsLayer;
 use std::{
     future::Future,
     sync::{Arc, Mutex},
     time::Duration,
 };
+use tower::layer::util::{Identity, Stack};
 
 use hotfleet_patch::{Limits, TrustedKeys};
 use hotfleet_proto::{
@@ -270,11 +272,12 @@ fn grpc_server(
     mut builder: Server,
     transport: &Transport,
     authority: Authority,
-) -> Result<Server<tower::layer::util::Stack<GateLayer<Authority>, tower::layer::util::Identity>>, ServerError> {
+) -> Result<Server<Stack<GateLayer<Authority>, Stack<GrpcMetricsLayer, Identity>>>, ServerError> {
     if let Some(tls) = transport.server_config(ClientCerts::Optional) {
         builder = builder.tls_config(tls)?;
     }
-    Ok(builder.layer(GateLayer(authority)))
+    // Metrics outside the gate: refusals are counted too.
+    Ok(builder.layer(GrpcMetricsLayer::server()).layer(GateLayer(authority)))
 }
 
 /// The gRPC services this server runs: what reflection lists, no more. The

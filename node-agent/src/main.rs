@@ -7,11 +7,17 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_target(false)
-        .init();
     let config = AgentConfig::parse();
+    hotfleet_obs::logs::init(config.obs.log_format, hotfleet_obs::logs::Stream::Stdout, false);
+    let metrics = match config.obs.metrics_listen {
+        Some(addr) => Some({
+            hotfleet_agent::telemetry::watch();
+            hotfleet_obs::http::start(addr)
+                .await
+                .with_context(|| format!("cannot listen on --metrics-listen {addr} (in use? pick another address)"))?
+        }),
+        None => None,
+    };
     let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another agent running? use --listen)", config.listen))?;
@@ -19,8 +25,10 @@ async fn main() -> anyhow::Result<()> {
         format!("cannot create the runtime socket {} (use --runtime-socket)", config.runtime_socket.display())
     })?;
     if let Some(path) = &config.ready_file {
+        // With --metrics-listen, its bound address too (port 0 picks one).
+        let metrics = metrics.map(|addr| format!(", \"metrics\": \"{addr}\"")).unwrap_or_default();
         let ready = format!(
-            "{{\"grpc\": \"{}\", \"socket\": {:?}, \"pid\": {}}}\n",
+            "{{\"grpc\": \"{}\", \"socket\": {:?}, \"pid\": {}{metrics}}}\n",
             grpc.local_addr()?,
             config.runtime_socket.display().to_string(),
             std::process::id()

@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
+use crate::metrics::Registry;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use crate::metrics::Registry;
 
 /// Largest request head read; a scraper's is a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;
@@ -19,6 +19,16 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Resolves when the server should stop.
 pub type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Binds `addr` and serves the process's registry there for as long as the
+/// process runs; returns the bound address (port 0 picks one).
+pub async fn start(addr: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(serve(listener, crate::metrics(), Box::pin(std::future::pending())));
+    tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+    Ok(bound)
+}
 
 /// Serves `registry` on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, registry: &'static Registry, shutdown: Shutdown) {
@@ -109,9 +119,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, registry, Box::pin(async move {
-            let _ = rx.await;
-        })));
+        let server = tokio::spawn(serve(
+            listener,
+            registry,
+            Box::pin(async move {
+                let _ = rx.await;
+            }),
+        ));
         let mut client = TcpStream::connect(addr).await.expect("connect");
         client.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await.expect("write");
         let mut text = String::new();

@@ -15,6 +15,7 @@ use std::{
 };
 
 use futures::future::join_all;
+use tracing::Instrument;
 
 use super::{lock, Engine, Handle};
 use crate::{
@@ -26,6 +27,7 @@ use crate::{
         Action, NodeResult, Observed, Phase, RolloutState,
     },
     store::StoreError,
+    telemetry,
 };
 
 /// Sends `cmd` to `to`; `Err` carries the agent's reason (or why it could not be asked).
@@ -43,6 +45,23 @@ async fn send(
     retry_for: Duration,
 ) -> Result<(), String> {
     let started = tokio::time::Instant::now();
+    let result = send_until(agents, to, cmd, deadline, retry_for, started).await;
+    let outcome = match &result {
+        Ok(()) => "ok",
+        Err(_) => "failed",
+    };
+    hotfleet_obs::metrics().observe_duration(&telemetry::AGENT_COMMAND, &[cmd.kind.name(), outcome], started.elapsed());
+    result
+}
+
+async fn send_until(
+    agents: &dyn AgentClient,
+    to: &Target,
+    cmd: &Command,
+    deadline: Duration,
+    retry_for: Duration,
+    started: tokio::time::Instant,
+) -> Result<(), String> {
     let budget = retry_for.min(deadline);
     let mut pause = Duration::from_millis(100);
     loop {
@@ -58,6 +77,19 @@ async fn send(
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+/// The driver step an action is timed as (`hotfleet_rollout_step_duration_seconds`).
+fn step_name(action: &Action) -> &'static str {
+    match action {
+        Action::Finished | Action::BeginPrepare => "record",
+        Action::Prepare(_) => "prepare",
+        Action::BeginStep(_) => "baseline",
+        Action::Commit { .. } => "commit",
+        Action::Watch { .. } => "watch",
+        Action::Hold(_) => "hold",
+        Action::Revert { .. } => "revert",
     }
 }
 
@@ -79,6 +111,8 @@ impl Engine {
             let abort_pending = handle.abort.is_cancelled()
                 && !state.rollout.phase.is_terminal()
                 && !matches!(state.rollout.phase, Phase::RollingBack { .. });
+            let name = if abort_pending { "record" } else { step_name(&action) };
+            let started = std::time::Instant::now();
             let step = match action {
                 Action::Finished => break,
                 // An abort was requested but its write did not land: record
@@ -101,6 +135,7 @@ impl Engine {
                     self.revert(&handle, &state, rollback, abort, revert_attempt).await
                 }
             };
+            telemetry::step_took(name, started.elapsed());
             match step {
                 Ok(()) => {}
                 Err(Error::Store(StoreError::Fenced { ours, current })) => {
@@ -129,7 +164,9 @@ impl Engine {
                 }
             }
         }
-        tracing::info!(rollout = %id, outcome = handle.snapshot.borrow().rollout.phase.name(), "rollout finished");
+        let outcome = handle.snapshot.borrow().rollout.phase.name();
+        tracing::info!(rollout = %id, outcome, "rollout finished");
+        hotfleet_obs::metrics().inc(&telemetry::ROLLOUTS, &[outcome]);
         lock(&self.inner.rollouts).remove(id);
     }
 
@@ -210,7 +247,8 @@ impl Engine {
                     Err(_) => Err(format!("no answer within the step deadline ({} ms)", deadline.as_millis())),
                 }
             };
-            async move { (node.clone(), fut.await) }
+            let span = tracing::info_span!("node", node = %node);
+            async move { (node.clone(), fut.await) }.instrument(span)
         });
         let all = join_all(calls);
         if abortable {
@@ -353,6 +391,7 @@ impl Engine {
             };
             let target = self.target(node);
             let agents = self.inner.agents.clone();
+            let span = tracing::info_span!("node", node = %node);
             async move {
                 let result = match target {
                     Ok(t) => match tokio::time::timeout(deadline, agents.health(&t, &since, deadline)).await {
@@ -363,6 +402,7 @@ impl Engine {
                 };
                 (node.clone(), result)
             }
+            .instrument(span)
         });
         join_all(calls).await
     }
