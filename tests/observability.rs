@@ -8,7 +8,6 @@
 mod common;
 
 use std::{
-    collections::HashMap,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     time::Duration,
@@ -60,24 +59,12 @@ async fn a_rollout_moves_both_binaries_metrics_and_their_logs_name_it() {
     std::env::set_var("HOTFLEET_METRICS_LISTEN", "127.0.0.1:0");
     let metrics_port = free_port().expect("port");
     let coordinator_metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().expect("addr");
-    let layout = Layout::for_workspace();
-    let dir = tempfile::tempdir().expect("tmp");
     let coordinator_flags = ["--heartbeat-interval", "500ms", "--log-format", "json", "--metrics-listen"]
         .iter()
         .map(|s| s.to_string())
         .chain([coordinator_metrics.to_string()])
         .collect();
-    let options = FleetOptions {
-        nodes: 2,
-        build: BUILD.into(),
-        backend: Backend::Embedded,
-        coordinator_flags,
-        game: Game::ZoneServer,
-    };
-    let fleet = Fleet::start_with(&layout, dir.path(), &options, |_| Vec::new()).expect("start fleet");
-    fleet.wait_registered().expect("fleet registered");
-    let pids = fleet.nodes.iter().map(|n| n.zone.proc.pid()).collect();
-    let mut s = Scenario { dir, fleet, patch_digests: HashMap::new(), pids };
+    let mut s = Scenario::start_small(2, coordinator_flags);
     let agent_metrics: Vec<SocketAddr> = s.fleet.nodes.iter().map(|n| agent_metrics_addr(&n.agent)).collect();
 
     let before = scrape(coordinator_metrics);

@@ -16,7 +16,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use hotfleet_obs::grpc::{GrpcMetrics, GrpcMetricsLayer};
+use hotfleet_obs::grpc::{Grpc, GrpcLayer};
 use hotfleet_proto::tls::Transport;
 use hotfleet_proto::v1::{
     agent_client::AgentClient as ProtoAgentClient, AbortRequest, CommandHeader, CommitRequest, HealthRequest,
@@ -164,11 +164,11 @@ impl GrpcAgents {
     /// Runs one call under the concurrency bound and the deadline.
     async fn call<T, F, Fut>(&self, to: &Target, deadline: Duration, f: F) -> Result<T, AgentError>
     where
-        F: FnOnce(ProtoAgentClient<GrpcMetrics<Channel>>, Duration) -> Fut,
+        F: FnOnce(ProtoAgentClient<Grpc<Channel>>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = deadline.min(self.call_timeout).max(Duration::from_millis(1));
-        let client = ProtoAgentClient::new(GrpcMetricsLayer::client().layer(self.channel(to)?));
+        let client = ProtoAgentClient::new(GrpcLayer::client().layer(self.channel(to)?));
         let work = async {
             // The wait for a permit counts against the deadline too: a
             // saturated coordinator must not stall a step past it.

@@ -9,14 +9,8 @@ use hotfleet_coordinator::{config::Args, Config, Coordinator};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    hotfleet_obs::logs::init(args.obs.log_format, hotfleet_obs::logs::Stream::Stderr, true);
-    let metrics_listen = args.obs.metrics_listen;
+    let obs = hotfleet_obs::start(&args.obs, "hotfleet-coordinator", hotfleet_obs::logs::Stream::Stderr, true).await?;
     let config = Config::try_from(args)?;
-    if let Some(addr) = metrics_listen {
-        hotfleet_obs::http::start(addr)
-            .await
-            .with_context(|| format!("binding --metrics-listen {addr} (in use? pick another address)"))?;
-    }
     let listen = config.listen;
     let coordinator = Coordinator::build(config).await.context("starting the coordinator")?;
     hotfleet_coordinator::telemetry::watch(coordinator.cluster().clone());
@@ -25,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding --listen {listen} (in use? pick another address)"))?;
     coordinator.serve(listener, shutdown_signal()).await.context("serving gRPC")?;
     coordinator.drain().await;
+    obs.shutdown();
     Ok(())
 }
 

@@ -15,7 +15,7 @@
 //! way round, heartbeats stop arriving while the engine still watches health,
 //! and a healthy fleet is rolled back for "missed heartbeats".
 
-use hotfleet_obs::grpc::GrpcMetricsLayer;
+use hotfleet_obs::grpc::GrpcLayer;
 use std::{
     future::Future,
     sync::{Arc, Mutex},
@@ -272,12 +272,12 @@ fn grpc_server(
     mut builder: Server,
     transport: &Transport,
     authority: Authority,
-) -> Result<Server<Stack<GateLayer<Authority>, Stack<GrpcMetricsLayer, Identity>>>, ServerError> {
+) -> Result<Server<Stack<GateLayer<Authority>, Stack<GrpcLayer, Identity>>>, ServerError> {
     if let Some(tls) = transport.server_config(ClientCerts::Optional) {
         builder = builder.tls_config(tls)?;
     }
     // Metrics outside the gate: refusals are counted too.
-    Ok(builder.layer(GrpcMetricsLayer::server()).layer(GateLayer(authority)))
+    Ok(builder.layer(GrpcLayer::server()).layer(GateLayer(authority)))
 }
 
 /// The gRPC services this server runs: what reflection lists, no more. The

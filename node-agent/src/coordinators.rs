@@ -13,16 +13,16 @@ use std::{
     time::Duration,
 };
 
-use hotfleet_obs::grpc::{GrpcMetrics, GrpcMetricsLayer};
+use hotfleet_obs::grpc::{Grpc, GrpcLayer};
 use hotfleet_proto::{address::endpoint_url, tls::Transport, v1::agent_gateway_client::AgentGatewayClient};
 use tonic::{transport::Channel, Code, Status};
 use tower::Layer as _;
 
 /// The agent's client of a coordinator, every call counted and timed.
-pub type GatewayClient = AgentGatewayClient<GrpcMetrics<Channel>>;
+pub type GatewayClient = AgentGatewayClient<Grpc<Channel>>;
 
 fn gateway(channel: Channel) -> GatewayClient {
-    AgentGatewayClient::new(GrpcMetricsLayer::client().layer(channel))
+    AgentGatewayClient::new(GrpcLayer::client().layer(channel))
 }
 
 /// Metadata key a follower names the leader in (the coordinator's `LEADER_HEADER`).

@@ -8,16 +8,10 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = AgentConfig::parse();
-    hotfleet_obs::logs::init(config.obs.log_format, hotfleet_obs::logs::Stream::Stdout, false);
-    let metrics = match config.obs.metrics_listen {
-        Some(addr) => Some({
-            hotfleet_agent::telemetry::watch();
-            hotfleet_obs::http::start(addr)
-                .await
-                .with_context(|| format!("cannot listen on --metrics-listen {addr} (in use? pick another address)"))?
-        }),
-        None => None,
-    };
+    let obs = hotfleet_obs::start(&config.obs, "hotfleet-agent", hotfleet_obs::logs::Stream::Stdout, false).await?;
+    if obs.metrics.is_some() {
+        hotfleet_agent::telemetry::watch();
+    }
     let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another agent running? use --listen)", config.listen))?;
@@ -26,7 +20,7 @@ async fn main() -> anyhow::Result<()> {
     })?;
     if let Some(path) = &config.ready_file {
         // With --metrics-listen, its bound address too (port 0 picks one).
-        let metrics = metrics.map(|addr| format!(", \"metrics\": \"{addr}\"")).unwrap_or_default();
+        let metrics = obs.metrics.map(|addr| format!(", \"metrics\": \"{addr}\"")).unwrap_or_default();
         let ready = format!(
             "{{\"grpc\": \"{}\", \"socket\": {:?}, \"pid\": {}{metrics}}}\n",
             grpc.local_addr()?,
@@ -48,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
     let socket_path = config.runtime_socket.clone();
     let result = server::serve(config, grpc, runtime, shutdown).await;
     let _ = std::fs::remove_file(&socket_path);
+    obs.shutdown();
     result.context("hotfleet-agent failed")
 }
 

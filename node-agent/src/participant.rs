@@ -188,7 +188,9 @@ impl Participant {
         let (kind, rollout_id) = (cmd.kind, cmd.rollout_id.clone());
         let this = Arc::clone(self);
         // Every line logged for this command names its rollout and node.
-        let span = tracing::info_span!("command", rollout = %rollout_id, node = %self.node_id, %kind);
+        let trace_id = hotfleet_obs::traces::rollout_trace_id(&rollout_id);
+        let span =
+            tracing::info_span!("command", rollout = %rollout_id, node = %self.node_id, %kind, trace_id = %trace_id);
         let started = std::time::Instant::now();
         let result = tokio::spawn(async move { this.run(cmd).await }.instrument(span)).await.unwrap_or_else(|err| {
             tracing::error!(%kind, rollout = %rollout_id, error = %err, "command task failed");
@@ -432,9 +434,11 @@ impl Participant {
             async move {
                 let mut outcome =
                     ProcessOutcome { process_id: process.process_id.clone(), pid: process.pid, ..Default::default() };
-                match self.runtimes.step(&process.process_id, step, self.runtime_timeout).await {
+                let span = tracing::info_span!("runtime", process = %process.process_id, step = what);
+                let reply = self.runtimes.step(&process.process_id, step, self.runtime_timeout).instrument(span.clone()).await;
+                match reply {
                     Ok(reply) => {
-                        crate::telemetry::runtime_step(what, reply.pause_ms, reply.elapsed_ms);
+                        span.in_scope(|| crate::telemetry::runtime_step(what, &reply));
                         fill_outcome(&mut outcome, reply, what)
                     }
                     Err(err @ SessionError::Disconnected(_)) => outcome.error = format!("{err} during {what}"),

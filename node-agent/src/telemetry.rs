@@ -12,8 +12,11 @@ use std::{
 use hotfleet_obs::{
     metrics,
     metrics::{LATENCY, PAUSE},
-    Def, Kind,
+    traces, Def, Kind,
 };
+use opentelemetry::KeyValue;
+
+use crate::runtimes::StepReply;
 
 pub static COMMANDS: Def = Def {
     name: "hotfleet_node_command_duration_seconds",
@@ -58,12 +61,21 @@ pub fn command_took(kind: &str, result: &'static str, took: Duration) {
     metrics().observe_duration(&COMMANDS, &[kind, result], took);
 }
 
-/// Records what a runtime measured of one step.
-pub fn runtime_step(step: &str, pause_ms: f64, elapsed_ms: f64) {
+/// Records what a runtime measured of one step, as metrics and (while
+/// exporting) as a span under the current `runtime` span.
+pub fn runtime_step(step: &str, reply: &StepReply) {
     let registry = metrics();
+    let seconds = |ms: f64| Duration::from_secs_f64((ms / 1000.0).max(0.0));
+    let attributes = vec![KeyValue::new("hotfleet.ok", reply.ok), KeyValue::new("hotfleet.step", step.to_string())];
     match step {
-        "prepare" => registry.observe(&RUNTIME_PREPARE, &[], elapsed_ms / 1000.0),
-        "commit" | "rollback" => registry.observe(&RUNTIME_PAUSE, &[step], pause_ms / 1000.0),
+        "prepare" => {
+            registry.observe(&RUNTIME_PREPARE, &[], reply.elapsed_ms / 1000.0);
+            traces::emit_measured("runtime.prepare", seconds(reply.elapsed_ms), attributes);
+        }
+        "commit" | "rollback" => {
+            registry.observe(&RUNTIME_PAUSE, &[step], reply.pause_ms / 1000.0);
+            traces::emit_measured("runtime.pause", seconds(reply.pause_ms), attributes);
+        }
         _ => {}
     }
 }

@@ -1,6 +1,11 @@
-//! The one tower layer that counts and times every gRPC call, on servers
-//! (`Server::builder().layer(GrpcMetricsLayer::server())`) and on clients
+//! The one tower layer that counts, times and traces every gRPC call, on
+//! servers (`Server::builder().layer(GrpcLayer::server())`) and on clients
 //! (around a `Channel`), so no handler or call site records anything itself.
+//!
+//! Traces (only while exporting, see `traces`): a client writes the current
+//! span's W3C `traceparent` into the request's metadata; a server answers
+//! inside a `grpc` span whose parent is the `traceparent` it received, so the
+//! handler's spans join the caller's trace.
 //!
 //! The code is the `grpc-status` a response carries in its headers (every
 //! error a handler returns, and every refusal of a gate or limit, is a
@@ -18,7 +23,12 @@ use std::{
 
 use tonic::codegen::{http, Service};
 
-use crate::metrics::{metrics, Def, Kind, LATENCY};
+use tracing::Instrument;
+
+use crate::{
+    metrics::{metrics, Def, Kind, LATENCY},
+    traces,
+};
 
 pub static SERVER_REQUESTS: Def = Def {
     name: "hotfleet_grpc_server_requests_total",
@@ -54,36 +64,36 @@ pub enum Side {
 
 /// Counts and times every call through it.
 #[derive(Debug, Clone, Copy)]
-pub struct GrpcMetricsLayer(Side);
+pub struct GrpcLayer(Side);
 
-impl GrpcMetricsLayer {
+impl GrpcLayer {
     pub fn server() -> Self {
-        GrpcMetricsLayer(Side::Server)
+        GrpcLayer(Side::Server)
     }
 
     pub fn client() -> Self {
-        GrpcMetricsLayer(Side::Client)
+        GrpcLayer(Side::Client)
     }
 }
 
-impl<S> tower::Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetrics<S>;
+impl<S> tower::Layer<S> for GrpcLayer {
+    type Service = Grpc<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner, side: self.0 }
+        Grpc { inner, side: self.0 }
     }
 }
 
-/// A service behind [`GrpcMetricsLayer`].
+/// A service behind [`GrpcLayer`].
 #[derive(Debug, Clone)]
-pub struct GrpcMetrics<S> {
+pub struct Grpc<S> {
     inner: S,
     side: Side,
 }
 
 type Answer<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
 
-impl<S, B, RB> Service<http::Request<B>> for GrpcMetrics<S>
+impl<S, B, RB> Service<http::Request<B>> for Grpc<S>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
@@ -98,12 +108,24 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let method = request.uri().path().to_string();
         let side = self.side;
         let started = Instant::now();
+        let span = match side {
+            Side::Client => {
+                traces::inject(request.headers_mut());
+                None
+            }
+            Side::Server if traces::enabled() => {
+                let span = tracing::info_span!("grpc", method = %method, otel.kind = "server");
+                traces::adopt(&span, request.headers());
+                Some(span)
+            }
+            Side::Server => None,
+        };
         let answer = self.inner.call(request);
-        Box::pin(async move {
+        let answer = async move {
             let result = answer.await;
             let code = match &result {
                 Ok(response) => code_name(response.headers()),
@@ -111,7 +133,11 @@ where
             };
             record(side, &method, code, started);
             result
-        })
+        };
+        match span {
+            Some(span) => Box::pin(answer.instrument(span)),
+            None => Box::pin(answer),
+        }
     }
 }
 
@@ -168,14 +194,14 @@ mod tests {
     #[tokio::test]
     async fn counts_each_call_by_method_and_code() {
         let before = metrics().value(&SERVER_REQUESTS, &["/t.S/Ok", "OK"]).unwrap_or(0.0);
-        let ok = GrpcMetricsLayer::server()
+        let ok = GrpcLayer::server()
             .layer(tower::service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>(answer(None)) }));
         let request = || http::Request::builder().uri("/t.S/Ok").body(()).expect("request");
         ok.clone().oneshot(request()).await.expect("answer");
         ok.oneshot(request()).await.expect("answer");
         assert_eq!(metrics().value(&SERVER_REQUESTS, &["/t.S/Ok", "OK"]), Some(before + 2.0));
 
-        let denied = GrpcMetricsLayer::client()
+        let denied = GrpcLayer::client()
             .layer(tower::service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>(answer(Some("7"))) }));
         denied.oneshot(http::Request::builder().uri("/t.S/No").body(()).expect("request")).await.expect("answer");
         assert!(metrics().value(&CLIENT_REQUESTS, &["/t.S/No", "PermissionDenied"]).is_some());
@@ -184,7 +210,7 @@ mod tests {
 
     #[tokio::test]
     async fn unserved_paths_share_one_series() {
-        let unknown = GrpcMetricsLayer::server()
+        let unknown = GrpcLayer::server()
             .layer(tower::service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>(answer(Some("12"))) }));
         unknown.oneshot(http::Request::builder().uri("/random/xyz").body(()).expect("request")).await.expect("answer");
         assert!(metrics().value(&SERVER_REQUESTS, &["unknown", "Unimplemented"]).is_some());

@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod traces;
 
 use std::net::SocketAddr;
 
@@ -25,4 +26,57 @@ pub struct ObsArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "HOTFLEET_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Export traces over OTLP/gRPC to this collector, e.g.
+    /// http://127.0.0.1:4317 (default: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// or `OTEL_EXPORTER_OTLP_ENDPOINT`; off when neither is set).
+    #[arg(long, env = "HOTFLEET_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Why observability could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ObsError {
+    #[error("--metrics-listen {addr}: {source} (in use? pick another address)")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
+    #[error("--otlp-endpoint: {0}")]
+    Traces(#[from] traces::TraceError),
+}
+
+/// What [`start`] started; keep it for the process's life and call
+/// [`Started::shutdown`] at exit so buffered spans are exported.
+pub struct Started {
+    /// The bound `/metrics` address, when serving.
+    pub metrics: Option<SocketAddr>,
+    exporting: Option<traces::Exporting>,
+}
+
+impl Started {
+    pub fn shutdown(&self) {
+        if let Some(exporting) = &self.exporting {
+            exporting.shutdown();
+        }
+    }
+}
+
+/// Logs, trace export and the metrics endpoint as `args` say, for the
+/// binary `service` (its OpenTelemetry service name) logging to `stream`.
+pub async fn start(
+    args: &ObsArgs,
+    service: &'static str,
+    stream: logs::Stream,
+    with_target: bool,
+) -> Result<Started, ObsError> {
+    let exporting = match traces::endpoint(args.otlp_endpoint.as_deref()) {
+        Some(endpoint) => Some((traces::Exporting::start(&endpoint, service)?, endpoint)),
+        None => None,
+    };
+    logs::init(args.log_format, stream, with_target, exporting.as_ref().map(|(e, _)| e.tracer()));
+    if let Some((_, endpoint)) = &exporting {
+        tracing::info!(%endpoint, "exporting traces over OTLP");
+    }
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(http::start(addr).await.map_err(|source| ObsError::Metrics { addr, source })?),
+        None => None,
+    };
+    Ok(Started { metrics, exporting: exporting.map(|(e, _)| e) })
 }

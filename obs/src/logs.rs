@@ -9,7 +9,8 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry_sdk::trace::SdkTracer;
+use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer, Registry};
 
 /// How a log line is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,40 +38,27 @@ impl Stream {
 }
 
 /// Installs the global subscriber. `with_target` keeps module paths in text
-/// lines (the coordinator's habit; the agent leaves them out).
-pub fn init(format: LogFormat, stream: Stream, with_target: bool) {
+/// lines (the coordinator's habit; the agent leaves them out). With a
+/// `tracer`, spans are exported too (see `traces`).
+pub fn init(format: LogFormat, stream: Stream, with_target: bool, tracer: Option<SdkTracer>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(with_target);
-    // `with_writer` changes the builder's type; one arm per stream and format.
-    let result = match (format, stream) {
-        (LogFormat::Text, Stream::Stdout) => {
-            builder.with_ansi(stream.is_terminal()).with_writer(std::io::stdout).try_init()
+    let ansi = format == LogFormat::Text && stream.is_terminal();
+    let writer = move || -> Box<dyn std::io::Write> {
+        match stream {
+            Stream::Stdout => Box::new(std::io::stdout()),
+            Stream::Stderr => Box::new(std::io::stderr()),
         }
-        (LogFormat::Text, Stream::Stderr) => {
-            builder.with_ansi(stream.is_terminal()).with_writer(std::io::stderr).try_init()
-        }
-        (LogFormat::Json, Stream::Stdout) => json(builder).with_writer(std::io::stdout).try_init(),
-        (LogFormat::Json, Stream::Stderr) => json(builder).with_writer(std::io::stderr).try_init(),
     };
+    let lines = fmt::layer().with_target(with_target).with_ansi(ansi).with_writer(writer);
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => Box::new(lines),
+        // JSON is for machines: always the enclosing spans' fields.
+        LogFormat::Json => Box::new(lines.json().with_current_span(true).with_span_list(true)),
+    };
+    let spans = tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t));
+    let result = tracing_subscriber::registry().with(lines).with(spans).with(filter).try_init();
     if let Err(err) = result {
         // Only when something installed a subscriber first (tests): keep it.
         eprintln!("log set-up skipped: {err}");
     }
-}
-
-type Builder = tracing_subscriber::fmt::SubscriberBuilder<
-    tracing_subscriber::fmt::format::DefaultFields,
-    tracing_subscriber::fmt::format::Format,
-    EnvFilter,
->;
-
-fn json(
-    builder: Builder,
-) -> tracing_subscriber::fmt::SubscriberBuilder<
-    tracing_subscriber::fmt::format::JsonFields,
-    tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json>,
-    EnvFilter,
-> {
-    // JSON is for machines: never colour, always the enclosing spans' fields.
-    builder.json().with_ansi(false).with_current_span(true).with_span_list(true)
 }

@@ -111,30 +111,38 @@ impl Engine {
             let abort_pending = handle.abort.is_cancelled()
                 && !state.rollout.phase.is_terminal()
                 && !matches!(state.rollout.phase, Phase::RollingBack { .. });
+            if matches!(action, Action::Finished) {
+                break;
+            }
             let name = if abort_pending { "record" } else { step_name(&action) };
             let started = std::time::Instant::now();
-            let step = match action {
-                Action::Finished => break,
-                // An abort was requested but its write did not land: record
-                // it before anything else (no prepare/commit is sent meanwhile).
-                _ if abort_pending => {
-                    let (actor, note) =
-                        lock(&handle.abort_by).clone().unwrap_or_else(|| ("operator".to_string(), String::new()));
-                    self.transact(&handle, Vec::new(), |s| Ok(((), s.abort(&actor, &note, now_ms())?))).await
+            let span = tracing::info_span!("step", step = name, phase = state.rollout.phase.name());
+            let step = async {
+                match action {
+                    Action::Finished => Ok(()),
+                    // An abort was requested but its write did not land: record
+                    // it before anything else (no prepare/commit is sent meanwhile).
+                    _ if abort_pending => {
+                        let (actor, note) =
+                            lock(&handle.abort_by).clone().unwrap_or_else(|| ("operator".to_string(), String::new()));
+                        self.transact(&handle, Vec::new(), |s| Ok(((), s.abort(&actor, &note, now_ms())?))).await
+                    }
+                    Action::BeginPrepare => {
+                        self.transact(&handle, Vec::new(), |s| Ok(((), s.begin_prepare(now_ms())))).await
+                    }
+                    Action::Prepare(nodes) => self.prepare(&handle, &state, nodes).await,
+                    Action::BeginStep(step) => self.begin_step(&handle, &state, step).await,
+                    Action::Commit { step, nodes } => self.commit(&handle, &state, step, nodes).await,
+                    Action::Watch { step, ends_at_ms } => self.watch(&handle, step, ends_at_ms).await,
+                    Action::Hold(_) => self.hold(&handle, &state).await,
+                    Action::Revert { rollback, abort } => {
+                        revert_attempt += 1;
+                        self.revert(&handle, &state, rollback, abort, revert_attempt).await
+                    }
                 }
-                Action::BeginPrepare => {
-                    self.transact(&handle, Vec::new(), |s| Ok(((), s.begin_prepare(now_ms())))).await
-                }
-                Action::Prepare(nodes) => self.prepare(&handle, &state, nodes).await,
-                Action::BeginStep(step) => self.begin_step(&handle, &state, step).await,
-                Action::Commit { step, nodes } => self.commit(&handle, &state, step, nodes).await,
-                Action::Watch { step, ends_at_ms } => self.watch(&handle, step, ends_at_ms).await,
-                Action::Hold(_) => self.hold(&handle, &state).await,
-                Action::Revert { rollback, abort } => {
-                    revert_attempt += 1;
-                    self.revert(&handle, &state, rollback, abort, revert_attempt).await
-                }
-            };
+            }
+            .instrument(span)
+            .await;
             telemetry::step_took(name, started.elapsed());
             match step {
                 Ok(()) => {}

@@ -165,7 +165,9 @@ impl Engine {
         let engine = self.clone();
         let driver_handle = handle.clone();
         // Every line the driver logs names its rollout (text and JSON).
-        let span = tracing::info_span!("rollout", rollout = %id);
+        let trace_id = hotfleet_obs::traces::rollout_trace_id(&id);
+        let span = tracing::info_span!("rollout", rollout = %id, trace_id = %trace_id);
+        hotfleet_obs::traces::join_rollout_trace(&span, &id);
         let task = tokio::spawn(
             async move {
                 engine.drive(&id, driver_handle).await;
