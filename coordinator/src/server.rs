@@ -264,6 +264,9 @@ impl Coordinator {
     }
 }
 
+/// Every request passes the gRPC layer (metrics, traces), then the gate.
+type Layers = Stack<GateLayer<Authority>, Stack<GrpcLayer, Identity>>;
+
 /// The server every request passes through: mutual TLS from the config
 /// (client certificates optional, since operators may bring a bearer token
 /// instead), or plaintext with `--insecure`; then the one gate that
@@ -272,7 +275,7 @@ fn grpc_server(
     mut builder: Server,
     transport: &Transport,
     authority: Authority,
-) -> Result<Server<Stack<GateLayer<Authority>, Stack<GrpcLayer, Identity>>>, ServerError> {
+) -> Result<Server<Layers>, ServerError> {
     if let Some(tls) = transport.server_config(ClientCerts::Optional) {
         builder = builder.tls_config(tls)?;
     }
