@@ -17,7 +17,7 @@ use crate::term::Cluster;
 
 pub static ROLLOUTS: Def = Def {
     name: "hotfleet_rollouts_total",
-    help: "Rollouts that reached a terminal state, by outcome (completed, rolled_back).",
+    help: "Rollouts that reached a terminal state, by outcome (completed, rolled-back).",
     kind: Kind::Counter,
     labels: &["outcome"],
 };

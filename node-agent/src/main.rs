@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = AgentConfig::parse();
-    let obs = hotfleet_obs::start(&config.obs, "hotfleet-agent", hotfleet_obs::logs::Stream::Stdout, false).await?;
+    let obs = hotfleet_obs::start(&config.obs, "hotfleet-agent", hotfleet_obs::logs::Stream::Stderr, false).await?;
     if obs.metrics.is_some() {
         hotfleet_agent::telemetry::watch();
     }
