@@ -151,5 +151,29 @@ async fn a_rollout_moves_both_binaries_metrics_and_their_logs_name_it() {
         let command_line = format!("rollout={id} node=node-{}", i + 1);
         assert!(log.contains(&command_line), "no line names {command_line}: {log}");
     }
+    // Every metric either binary exposes is documented, and the dashboard
+    // charts only metrics that exist.
+    let exposed: std::collections::BTreeSet<String> = [after.clone(), scrape(agent_metrics[0])]
+        .iter()
+        .flat_map(|t| t.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next().map(str::to_string)))
+        .collect();
+    let doc = std::fs::read_to_string(s.fleet.layout.repo.join("docs/metrics.md")).expect("docs/metrics.md");
+    for name in &exposed {
+        assert!(doc.contains(&format!("`{name}`")), "{name} is not in docs/metrics.md");
+    }
+    let dashboard = std::fs::read_to_string(s.fleet.layout.repo.join("docs/grafana/hotfleet.json")).expect("dashboard");
+    let dashboard: Value = serde_json::from_str(&dashboard).expect("dashboard json");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in
+                expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("hotfleet_"))
+            {
+                let base =
+                    ["_bucket", "_count", "_sum"].iter().fold(word, |w, suffix| w.strip_suffix(suffix).unwrap_or(w));
+                assert!(exposed.contains(base), "the dashboard charts {word}, which nothing exposes");
+            }
+        }
+    }
     assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
 }
