@@ -87,4 +87,7 @@ if [ -f bench/runtime_pause.py ]; then
   "${PYTHONS[0]}" bench/runtime_pause.py --quick
 fi
 
+step "fleet-scale benchmark smoke run (100 simulated nodes; figures: docs/performance.md)"
+target/debug/hotfleet-fleet-sim --quick
+
 step "all checks passed"

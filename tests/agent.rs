@@ -80,7 +80,8 @@ impl Node {
     fn build(&self, name: &str, signed: bool) -> (std::path::PathBuf, String) {
         let source = self.layout.repo.join("examples/patches").join(name);
         let out = self.dir.path().join(format!("{name}-{signed}.hfpatch"));
-        build_patch(&self.layout, &source, &out, BUILD, name, signed.then_some(&self.keys)).expect("build patch")
+        build_patch_with(&self.layout, &PatchBuild::zone(&source, &out, BUILD, name, signed.then_some(&self.keys)))
+            .expect("build patch")
     }
 
     async fn push(&self, name: &str, signed: bool) -> String {
@@ -169,7 +170,8 @@ async fn a_bundle_over_one_frame_once_escaped_reaches_the_runtimes_in_pieces() {
         std::fs::write(root.join(format!("zone/blob{i}.py")), source).expect("write module");
     }
     let out = node.dir.path().join("big.hfpatch");
-    let (path, patch) = build_patch(&node.layout, &root, &out, BUILD, "big", Some(&node.keys)).expect("build patch");
+    let (path, patch) = build_patch_with(&node.layout, &PatchBuild::zone(&root, &out, BUILD, "big", Some(&node.keys)))
+        .expect("build patch");
     let bundle = std::fs::read(path).expect("bundle");
     let mut coordinator = coordinator_client(&node.keys, &node.coordinator.url()).await;
     coordinator.push_patch(PushPatchRequest { bundle }).await.expect("push patch");
@@ -469,7 +471,7 @@ async fn a_stuck_process_never_makes_its_node_lost() {
 async fn node_a(
     coordinator: &mut hotfleet_proto::v1::coordinator_client::CoordinatorClient<Channel>,
 ) -> hotfleet_proto::v1::NodeInfo {
-    let request = hotfleet_proto::v1::ListNodesRequest { selector: String::new() };
+    let request = hotfleet_proto::v1::ListNodesRequest { selector: String::new(), ..Default::default() };
     let nodes = coordinator.list_nodes(request).await.expect("list nodes").into_inner().nodes;
     nodes.into_iter().find(|n| n.status.as_ref().is_some_and(|s| s.node_id == "node-a")).expect("node-a listed")
 }

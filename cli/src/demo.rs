@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context};
-use hotfleet_localfleet::{build_patch, build_patch_with, Fleet, FleetNode, Layout, PatchBuild, Proc, TempDir};
+use hotfleet_localfleet::{build_patch_with, Fleet, FleetNode, Layout, PatchBuild, Proc, TempDir};
 use hotfleet_proto::{
     tls::TlsArgs,
     v1::{ListNodesRequest, RolloutSpec, StartRolloutRequest},
@@ -118,8 +118,10 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
         before[0].damage
     );
     let hotfix_src = layout.repo.join("examples/patches/hotfix-damage");
-    let (hotfix_path, hotfix_id) =
-        build_patch(layout, &hotfix_src, &work.join("hotfix.hfpatch"), BUILD, "armor absorbs damage", Some(&keys))?;
+    let (hotfix_path, hotfix_id) = {
+        let out = work.join("hotfix.hfpatch");
+        build_patch_with(layout, &PatchBuild::zone(&hotfix_src, &out, BUILD, "armor absorbs damage", Some(&keys)))?
+    };
     crate::patch_cmd::push_file(&target, &hotfix_path, Output::Text, true).await.map_err(|f| f.error)?;
     let spec = rollout_spec(&hotfix_id, args.health_window);
     let bots = start_bots(layout, work, nodes, args.players, bot_seconds(&spec, args.health_window))?;
@@ -288,7 +290,8 @@ async fn fleet_stacks(target: &Target) -> anyhow::Result<BTreeMap<String, Vec<St
     let mut client = target.connect().await.map_err(|f| f.error)?;
     // Heartbeats carry what each process reports; give them a beat to catch up.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let nodes = client.list_nodes(ListNodesRequest { selector: String::new() }).await?.into_inner().nodes;
+    let nodes =
+        client.list_nodes(ListNodesRequest { selector: String::new(), ..Default::default() }).await?.into_inner().nodes;
     let mut stacks = BTreeMap::new();
     for node in nodes {
         let status = node.status.unwrap_or_default();

@@ -1,7 +1,7 @@
 //! `hotfleet nodes list`, `nodes remove`, `freeze`, `unfreeze`, `audit`, `leader`.
 
 use hotfleet_proto::v1::{
-    FreezeRequest, ListAuditRequest, ListNodesRequest, RemoveNodeRequest, StackDrift, UnfreezeRequest,
+    FreezeRequest, ListAuditRequest, ListNodesRequest, NodesSummary, RemoveNodeRequest, StackDrift, UnfreezeRequest,
 };
 
 use crate::{
@@ -10,14 +10,35 @@ use crate::{
     output::{format_ms, print_json, Output},
 };
 
-pub async fn nodes_list(target: &Target, selector: String, output: Output) -> CliResult {
+/// Nodes per `ListNodes` page (the coordinator also ends a page before ~2 MiB).
+const PAGE_SIZE: u32 = 2000;
+
+pub async fn nodes_list(target: &Target, selector: String, summary_only: bool, output: Output) -> CliResult {
     let mut client = target.connect().await?;
-    let nodes = client
-        .list_nodes(target.request(ListNodesRequest { selector }))
-        .await
-        .map_err(|s| failure("listing nodes failed", s))?
-        .into_inner()
-        .nodes;
+    let mut nodes = Vec::new();
+    let mut token = String::new();
+    let summary = loop {
+        // With --summary one node is enough: the summary counts every match.
+        let page_size = if summary_only { 1 } else { PAGE_SIZE };
+        let request = ListNodesRequest { selector: selector.clone(), page_size, page_token: token };
+        let page = client
+            .list_nodes(target.request(request))
+            .await
+            .map_err(|s| failure("listing nodes failed", s))?
+            .into_inner();
+        nodes.extend(page.nodes);
+        token = page.next_page_token;
+        if token.is_empty() || summary_only {
+            break page.summary.unwrap_or_default();
+        }
+    };
+    if summary_only {
+        match output {
+            Output::Json => print_json(&summary),
+            _ => println!("{}", summary_text(&summary)),
+        }
+        return Ok(());
+    }
     if output == Output::Json {
         print_json(&nodes);
         return Ok(());
@@ -57,7 +78,22 @@ pub async fn nodes_list(target: &Target, selector: String, output: Output) -> Cl
             );
         }
     }
+    if !nodes.is_empty() {
+        println!("{}", summary_text(&summary));
+    }
     Ok(())
+}
+
+/// `7 nodes: 6 alive, 1 lost; builds: zone-1.4.2 7`.
+fn summary_text(summary: &NodesSummary) -> String {
+    let counts = |m: &std::collections::HashMap<String, u32>| {
+        let mut v: Vec<String> = m.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        v.sort();
+        v.join(", ")
+    };
+    let mut builds: Vec<String> = summary.by_build.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    builds.sort();
+    format!("{} nodes: {}; builds: {}", summary.total, counts(&summary.by_liveness), builds.join(", "))
 }
 
 /// Patch ids as `nodes list` prints them: the first 12 hex digits, space-separated.

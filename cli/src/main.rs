@@ -88,6 +88,9 @@ enum NodesCommand {
         /// "all" or k=v[,k=v].
         #[arg(long, default_value = "all")]
         selector: String,
+        /// Only the counts: nodes by liveness and by build.
+        #[arg(long)]
+        summary: bool,
     },
     /// Forget a node (refused while a live rollout holds it; audited). Stop
     /// its agent first: an agent still running registers again.
@@ -104,7 +107,9 @@ async fn dispatch(cli: Cli) -> CliResult {
     match cli.command {
         Command::Keygen { out } => patch_cmd::keygen(&out, output),
         Command::Patch(cmd) => patch_cmd::run(cmd, target, output).await,
-        Command::Nodes(NodesCommand::List { selector }) => fleet_cmd::nodes_list(target, selector, output).await,
+        Command::Nodes(NodesCommand::List { selector, summary }) => {
+            fleet_cmd::nodes_list(target, selector, summary, output).await
+        }
         Command::Nodes(NodesCommand::Remove { node_id, reason }) => {
             fleet_cmd::nodes_remove(target, node_id, reason, output).await
         }

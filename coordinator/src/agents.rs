@@ -4,10 +4,13 @@
 //! the engine only sees domain answers ([`Outcome`], health
 //! [`Sample`]s), so it is tested with an in-memory double. [`GrpcAgents`] is
 //! the real thing: one lazily connected tonic channel per agent address,
-//! every call under a deadline (sent as `grpc-timeout` *and* enforced here,
-//! so a silent agent costs at most its deadline) and a global bound on calls
-//! in flight (a semaphore), so a rollout over thousands of nodes never opens
-//! thousands of requests at once.
+//! every call under a deadline that starts when the call is sent (sent as
+//! `grpc-timeout` *and* enforced here, so a silent agent costs at most its
+//! deadline; waiting for a slot does not count, or a healthy node at the back
+//! of a long queue would "time out" before it was asked) and a global bound
+//! on calls in flight (a semaphore) that grows with the fleet, so a rollout
+//! over thousands of nodes never opens thousands of requests at once nor
+//! queues them behind a bound sized for a few dozen.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -118,9 +121,22 @@ pub struct HealthSample {
     pub mark: u64,
 }
 
+/// Agents per call slot once the fleet outgrows the configured bound.
+const AGENTS_PER_SLOT: usize = 4;
+/// The most calls in flight the fleet's size alone can ask for: beyond this
+/// a 2-core coordinator gains nothing but memory and contention.
+const MAX_SCALED_IN_FLIGHT: usize = 1024;
+
+/// Calls allowed in flight for `agents` known agents: at least the
+/// configured `floor`, one per [`AGENTS_PER_SLOT`] agents above it, capped at
+/// [`MAX_SCALED_IN_FLIGHT`] (a floor set above the cap is kept).
+pub fn in_flight_limit(floor: usize, agents: usize) -> usize {
+    floor.max(1).max((agents / AGENTS_PER_SLOT).min(MAX_SCALED_IN_FLIGHT))
+}
+
 /// The real [`AgentClient`] over gRPC.
 pub struct GrpcAgents {
-    channels: Mutex<HashMap<(String, String), Channel>>,
+    channels: Mutex<Channels>,
     call_timeout: Duration,
     in_flight: Arc<Semaphore>,
     /// With TLS, each agent must present the certificate of the node it
@@ -128,21 +144,38 @@ pub struct GrpcAgents {
     transport: Transport,
 }
 
+/// One channel per agent (node id and address: the TLS server name is the
+/// node id), and the call bound they have grown the semaphore to.
+struct Channels {
+    by_addr: HashMap<(String, String), Channel>,
+    floor: usize,
+    limit: usize,
+}
+
 impl GrpcAgents {
-    pub fn new(call_timeout: Duration, max_in_flight: usize, transport: Transport) -> Self {
+    /// `min_in_flight`: the bound on calls in flight for a small fleet; it
+    /// grows with the number of agents (see [`in_flight_limit`]).
+    pub fn new(call_timeout: Duration, min_in_flight: usize, transport: Transport) -> Self {
+        let limit = in_flight_limit(min_in_flight, 0);
         Self {
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels { by_addr: HashMap::new(), floor: min_in_flight, limit }),
             call_timeout,
-            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            in_flight: Arc::new(Semaphore::new(limit)),
             transport,
         }
     }
 
+    /// Calls allowed in flight now.
+    pub fn in_flight_bound(&self) -> usize {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).limit
+    }
+
     fn channel(&self, to: &Target) -> Result<Channel, AgentError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let channels = &mut *guard;
         // Keyed by node too: the TLS server name is the node id.
         let key = (to.node_id.clone(), to.addr.clone());
-        if let Some(ch) = channels.get(&key) {
+        if let Some(ch) = channels.by_addr.get(&key) {
             return Ok(ch.clone());
         }
         // The server name verified is the node id: an address that now
@@ -157,7 +190,12 @@ impl GrpcAgents {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .connect_lazy();
-        channels.insert(key, channel.clone());
+        channels.by_addr.insert(key, channel.clone());
+        let wanted = in_flight_limit(channels.floor, channels.by_addr.len());
+        if wanted > channels.limit {
+            self.in_flight.add_permits(wanted - channels.limit);
+            channels.limit = wanted;
+        }
         Ok(channel)
     }
 
@@ -169,18 +207,17 @@ impl GrpcAgents {
     {
         let deadline = deadline.min(self.call_timeout).max(Duration::from_millis(1));
         let client = ProtoAgentClient::new(GrpcLayer::client().layer(self.channel(to)?));
-        let work = async {
-            // The wait for a permit counts against the deadline too: a
-            // saturated coordinator must not stall a step past it.
-            let _permit = self.in_flight.acquire().await.map_err(|_| AgentError::Unreachable {
-                node: to.node_id.clone(),
-                addr: to.addr.clone(),
-                reason: "coordinator shutting down".into(),
-            })?;
-            f(client, deadline).await.map(|r| r.into_inner()).map_err(|status| status_error(to, deadline, status))
-        };
+        // The deadline starts once a slot is ours and the call goes out: the
+        // wait before is the coordinator's backlog, not the agent's silence.
+        // (A step's own deadline still bounds the whole step, queue included.)
+        let _permit = self.in_flight.acquire().await.map_err(|_| AgentError::Unreachable {
+            node: to.node_id.clone(),
+            addr: to.addr.clone(),
+            reason: "coordinator shutting down".into(),
+        })?;
+        let work = f(client, deadline);
         match tokio::time::timeout(deadline, work).await {
-            Ok(result) => result,
+            Ok(result) => result.map(|r| r.into_inner()).map_err(|status| status_error(to, deadline, status)),
             Err(_) => Err(AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 }),
         }
     }
@@ -281,3 +318,7 @@ impl AgentClient for GrpcAgents {
             .collect())
     }
 }
+
+#[cfg(test)]
+#[path = "agents_tests.rs"]
+mod tests;

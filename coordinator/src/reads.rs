@@ -42,6 +42,46 @@ pub struct NodeListing {
     pub drift: Vec<ProcessDrift>,
 }
 
+/// Which page of `nodes list`: after the node id a previous page ended on,
+/// at most `size` nodes (0: no count limit).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageRequest {
+    pub after: Option<String>,
+    pub size: usize,
+}
+
+/// One page of nodes; `next` is where the next page starts after (None: the last page).
+#[derive(Debug, Clone)]
+pub struct NodePage {
+    pub nodes: Vec<NodeListing>,
+    pub next: Option<String>,
+    pub summary: NodesSummary,
+}
+
+/// Every matching node counted by liveness and by build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodesSummary {
+    pub total: usize,
+    pub by_liveness: BTreeMap<String, usize>,
+    pub by_build: BTreeMap<String, usize>,
+}
+
+impl NodesSummary {
+    pub fn of<'a>(nodes: impl Iterator<Item = &'a NodeView>) -> Self {
+        let mut summary = NodesSummary::default();
+        for node in nodes {
+            summary.total += 1;
+            *summary.by_liveness.entry(node.liveness.name().to_string()).or_default() += 1;
+            let mut builds = node.candidate().builds;
+            builds.dedup();
+            for build in builds {
+                *summary.by_build.entry(build).or_default() += 1;
+            }
+        }
+        summary
+    }
+}
+
 /// A rollout as the store has it (what a follower serves, and finished rollouts).
 pub async fn stored_rollout(store: &dyn Store, id: &str) -> Result<RolloutState> {
     let rollout = store.rollout(id).await?.ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
@@ -122,10 +162,46 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Nodes matching `selector`, each with the active rollout holding it
-    /// and its processes' drift. A follower shows the stored fleet, liveness
-    /// left to the leader.
-    pub async fn nodes(&self, selector: &Selector) -> Result<Vec<NodeListing>> {
+    /// One page of the nodes matching `selector`, in node id order, each
+    /// with the active rollout holding it and its processes' drift, and the
+    /// summary of every match. A follower shows the stored fleet, liveness
+    /// left to the leader. `fits` is asked about each listing after the
+    /// page's first (which is always taken) and ends the page at the first
+    /// `false`: what fits one answer is the transport's to say.
+    pub async fn nodes_page(
+        &self,
+        selector: &Selector,
+        page: &PageRequest,
+        mut fits: impl FnMut(&NodeListing) -> bool,
+    ) -> Result<NodePage> {
+        let mut owned = self.owned_nodes(selector).await?;
+        owned.sort_by(|a, b| a.0.status.node_id.cmp(&b.0.status.node_id));
+        let summary = NodesSummary::of(owned.iter().map(|(n, _)| n));
+        let start = match &page.after {
+            Some(after) => owned.partition_point(|(n, _)| n.status.node_id.as_str() <= after.as_str()),
+            None => 0,
+        };
+        let mut stacks = BuildStacks::new(self.store.as_ref());
+        let mut nodes: Vec<NodeListing> = Vec::new();
+        let mut next = None;
+        for (node, owner) in owned.into_iter().skip(start) {
+            if page.size > 0 && nodes.len() >= page.size {
+                next = nodes.last().map(|l| l.node.status.node_id.clone());
+                break;
+            }
+            let drift = stacks.judge(&node.status, owner.is_some()).await;
+            let listing = NodeListing { node, owner, drift };
+            if !nodes.is_empty() && !fits(&listing) {
+                next = nodes.last().map(|l| l.node.status.node_id.clone());
+                break;
+            }
+            nodes.push(listing);
+        }
+        Ok(NodePage { nodes, next, summary })
+    }
+
+    /// Nodes matching `selector`, with the active rollout holding each.
+    async fn owned_nodes(&self, selector: &Selector) -> Result<Vec<(NodeView, Option<String>)>> {
         let matching = |n: &NodeView| selector.matches(&n.candidate().labels);
         let owned: Vec<(NodeView, Option<String>)> = if let Some(term) = self.term() {
             term.registry
@@ -152,13 +228,7 @@ impl Cluster {
                 })
                 .collect()
         };
-        let mut stacks = BuildStacks::new(self.store.as_ref());
-        let mut out = Vec::with_capacity(owned.len());
-        for (node, owner) in owned {
-            let drift = stacks.judge(&node.status, owner.is_some()).await;
-            out.push(NodeListing { node, owner, drift });
-        }
-        Ok(out)
+        Ok(owned)
     }
 
     /// Follows a rollout until it ends: every new state, once. Unknown

@@ -218,7 +218,7 @@ impl Coordinator {
         let limits = &self.config.limits;
         let (builder, incoming) = grpc::limits::apply(Server::builder(), listener, limits);
         let operator = CoordinatorServer::new(operator).max_decoding_message_size(max_message);
-        grpc_server(builder, &self.config.transport, self.authority.clone())?
+        grpc_server(builder, &self.config.transport, limits.handshake_timeout, self.authority.clone())?
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -274,9 +274,10 @@ type Layers = Stack<GateLayer<Authority>, Stack<GrpcLayer, Identity>>;
 fn grpc_server(
     mut builder: Server,
     transport: &Transport,
+    handshake_timeout: Duration,
     authority: Authority,
 ) -> Result<Server<Layers>, ServerError> {
-    if let Some(tls) = transport.server_config(ClientCerts::Optional) {
+    if let Some(tls) = transport.server_config(ClientCerts::Optional, handshake_timeout) {
         builder = builder.tls_config(tls)?;
     }
     // Metrics outside the gate: refusals are counted too.

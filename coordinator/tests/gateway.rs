@@ -10,6 +10,7 @@ use hotfleet_proto::v1::{
     FetchPatchRequest, GetPatchRequest, GetPatchStackRequest, HeartbeatRequest, ListAuditRequest, ListNodesRequest,
     ListPatchesRequest, NodeStatus, ProcessStatus, PushPatchRequest, RegisterRequest,
 };
+use prost::Message;
 use tonic::{Code, Request};
 
 fn node(id: &str, zone: &str) -> NodeStatus {
@@ -201,7 +202,12 @@ async fn register_heartbeat_lose_and_rejoin() {
     assert!(hb.known);
     assert_eq!(hb.epoch, reg.epoch);
 
-    let nodes = op.list_nodes(ListNodesRequest { selector: "zone=a".into() }).await.expect("list").into_inner().nodes;
+    let nodes = op
+        .list_nodes(ListNodesRequest { selector: "zone=a".into(), ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner()
+        .nodes;
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].status.as_ref().expect("status").node_id, "n1");
     assert_eq!(nodes[0].liveness, "alive");
@@ -224,7 +230,12 @@ async fn register_heartbeat_lose_and_rejoin() {
 
     // A heartbeat brings it back.
     gw.heartbeat(HeartbeatRequest { node: Some(node("n2", "b")) }).await.expect("hb");
-    let nodes = op.list_nodes(ListNodesRequest { selector: "zone=b".into() }).await.expect("list").into_inner().nodes;
+    let nodes = op
+        .list_nodes(ListNodesRequest { selector: "zone=b".into(), ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner()
+        .nodes;
     assert_eq!(nodes[0].liveness, "alive");
 
     // Garbage registrations are refused clearly.
@@ -280,6 +291,82 @@ async fn serves_standard_health() {
         .expect("health")
         .into_inner();
     assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    running.stop().await;
+}
+
+/// Every page of `nodes list` under `selector`, each asked with `page_size`.
+async fn all_pages(
+    op: &mut hotfleet_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    selector: &str,
+    page_size: u32,
+) -> Vec<hotfleet_proto::v1::ListNodesResponse> {
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let request = ListNodesRequest { selector: selector.into(), page_size, page_token: token.clone() };
+        let page = op.list_nodes(request).await.expect("list").into_inner();
+        token = page.next_page_token.clone();
+        pages.push(page);
+        if token.is_empty() || pages.len() > 100 {
+            return pages;
+        }
+    }
+}
+
+fn ids(page: &hotfleet_proto::v1::ListNodesResponse) -> Vec<String> {
+    page.nodes.iter().map(|n| n.status.as_ref().map(|s| s.node_id.clone()).unwrap_or_default()).collect()
+}
+
+#[tokio::test]
+async fn nodes_are_listed_in_pages_with_a_summary_of_every_match() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(config(dir.path(), vec![])).await;
+    let mut gw = running.gateway().await;
+    let mut op = running.operator().await;
+    for i in 0..7 {
+        let zone = if i % 2 == 0 { "a" } else { "b" };
+        gw.register(RegisterRequest { node: Some(node(&format!("n{i}"), zone)) }).await.expect("register");
+    }
+
+    let pages = all_pages(&mut op, "all", 3).await;
+    let listed: Vec<Vec<String>> = pages.iter().map(ids).collect();
+    assert_eq!(listed, vec![vec!["n0", "n1", "n2"], vec!["n3", "n4", "n5"], vec!["n6"]]);
+    for page in &pages {
+        let summary = page.summary.clone().expect("summary");
+        assert_eq!(summary.total, 7);
+        assert_eq!(summary.by_liveness.get("alive"), Some(&7));
+        assert_eq!(summary.by_build.get(BUILD), Some(&7));
+    }
+
+    // The summary counts what the selector matches; page size 0 is one whole answer.
+    let pages = all_pages(&mut op, "zone=a", 0).await;
+    assert_eq!(pages.len(), 1);
+    assert_eq!(ids(&pages[0]), vec!["n0", "n2", "n4", "n6"]);
+    assert_eq!(pages[0].summary.as_ref().map(|s| s.total), Some(4));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_page_ends_before_it_outgrows_a_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(config(dir.path(), vec![])).await;
+    let mut gw = running.gateway().await;
+    let mut op = running.operator().await;
+    // 50 nodes of ~50 KB each (600 modules' digests): ~2.5 MB in all, more than one page holds.
+    for i in 0..50 {
+        let mut status = node(&format!("n{i:02}"), "a");
+        status.processes[0].live_digests =
+            (0..600).map(|m| (format!("zone.module_{m:04}"), format!("{:064x}", m))).collect();
+        gw.register(RegisterRequest { node: Some(status) }).await.expect("register");
+    }
+    let pages = all_pages(&mut op, "all", 1000).await;
+    assert!(pages.len() >= 2, "{} page(s)", pages.len());
+    let listed: Vec<String> = pages.iter().flat_map(ids).collect();
+    let expected: Vec<String> = (0..50).map(|i| format!("n{i:02}")).collect();
+    assert_eq!(listed, expected, "every node once, in order");
+    for page in &pages {
+        assert!(page.encoded_len() < 3 * 1024 * 1024, "page of {} bytes", page.encoded_len());
+    }
     running.stop().await;
 }
 

@@ -42,6 +42,33 @@ impl CoordinatorProc {
         store: &StoreSpec,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::spawn(layout, dir, keys, port, store, true, extra)
+    }
+
+    /// Starts a plaintext coordinator (`--insecure`: every caller is admin,
+    /// agents are not asked for certificates), for the fleet-scale benchmark,
+    /// whose simulated agents share one listener and so cannot each present
+    /// a node's certificate.
+    pub fn start_insecure_on(
+        layout: &Layout,
+        dir: &Path,
+        keys: &Keys,
+        port: u16,
+        store: &StoreSpec,
+        extra: &[&str],
+    ) -> Result<Self> {
+        Self::spawn(layout, dir, keys, port, store, false, extra)
+    }
+
+    fn spawn(
+        layout: &Layout,
+        dir: &Path,
+        keys: &Keys,
+        port: u16,
+        store: &StoreSpec,
+        tls: bool,
+        extra: &[&str],
+    ) -> Result<Self> {
         let data_dir = match store {
             StoreSpec::Embedded => dir.join("coordinator-data"),
             // Unused by the etcd store; distinct so nothing could ever share it.
@@ -54,7 +81,7 @@ impl CoordinatorProc {
             .arg(&data_dir)
             .arg("--trusted-key")
             .arg(&keys.public)
-            .args(keys.tls.coordinator().flags())
+            .args(if tls { keys.tls.coordinator().flags() } else { vec!["--insecure".to_string()] })
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         if let StoreSpec::Etcd { endpoints, prefix } = store {
             cmd.args(["--store", "etcd", "--etcd-endpoints", endpoints, "--etcd-prefix", prefix]);

@@ -6,7 +6,7 @@ use hotfleet_proto::v1 as pb;
 use crate::{
     drift::{ProcessDrift, StackState},
     node::{NodeStatus, PreparedPatch, ProcessHealth, ProcessStatus},
-    reads::NodeListing,
+    reads::{NodeListing, NodesSummary},
     rollout::{Phase, RolloutState},
     store::{AuditEntry, FreezeRecord, PatchRecord},
 };
@@ -56,6 +56,11 @@ pub fn node_info(listing: NodeListing) -> pb::NodeInfo {
         status: Some(n.status.into()),
         drift: drift.into_iter().map(stack_drift).collect(),
     }
+}
+
+pub fn nodes_summary(s: NodesSummary) -> pb::NodesSummary {
+    let count = |m: std::collections::BTreeMap<String, usize>| m.into_iter().map(|(k, v)| (k, v as u32)).collect();
+    pb::NodesSummary { total: s.total as u32, by_liveness: count(s.by_liveness), by_build: count(s.by_build) }
 }
 
 fn stack_drift(d: ProcessDrift) -> pb::StackDrift {

@@ -12,6 +12,7 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use hotfleet_proto::v1::{self as pb, coordinator_server::Coordinator};
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{actor, caller, convert};
@@ -19,7 +20,7 @@ use crate::{
     error::Error,
     input::{self, MAX_BUILD, MAX_ID, MAX_REASON},
     planner::Selector,
-    reads::RolloutView,
+    reads::{NodeListing, PageRequest, RolloutView},
     registry::Liveness,
     rollout::OperatorAction,
     term::{Cluster, Term},
@@ -30,6 +31,10 @@ use crate::{
 pub struct OperatorService {
     pub cluster: Cluster,
 }
+
+/// Most encoded bytes of nodes in one `ListNodes` page: half the default
+/// 4 MiB gRPC message limit, so a page fits any client with room to spare.
+const PAGE_BYTES: usize = 2 * 1024 * 1024;
 
 type RolloutStream = Pin<Box<dyn Stream<Item = Result<pb::Rollout, Status>> + Send + 'static>>;
 
@@ -108,10 +113,26 @@ impl Coordinator for OperatorService {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let selector = Selector::parse(&request.into_inner().selector).map_err(Error::from)?;
-        let nodes = self.cluster.nodes(&selector).await?;
-        let nodes = nodes.into_iter().map(convert::node_info).collect();
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
+        let req = request.into_inner();
+        let selector = Selector::parse(&req.selector).map_err(Error::from)?;
+        // A token is the last node id of the previous page.
+        bounded("page_token", &req.page_token, MAX_ID)?;
+        let page =
+            PageRequest { after: (!req.page_token.is_empty()).then_some(req.page_token), size: req.page_size as usize };
+        // A paged answer stays under PAGE_BYTES on the wire; an unpaged one
+        // (older clients) is whole, as it always was.
+        let paged = page.size > 0;
+        let mut bytes = 0usize;
+        let fits = |listing: &NodeListing| {
+            bytes += convert::node_info(listing.clone()).encoded_len();
+            !paged || bytes <= PAGE_BYTES
+        };
+        let found = self.cluster.nodes_page(&selector, &page, fits).await?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: found.nodes.into_iter().map(convert::node_info).collect(),
+            next_page_token: found.next.unwrap_or_default(),
+            summary: Some(convert::nodes_summary(found.summary)),
+        }))
     }
 
     async fn start_rollout(

@@ -1,0 +1,97 @@
+//! Medians of several runs, printed as the markdown rows `docs/performance.md`
+//! holds, plus the detail a reader needs to trust them.
+
+use crate::{run::RunResult, sim::Calls};
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
+}
+
+fn med(runs: &[RunResult], f: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
+    median(runs.iter().filter_map(f).collect())
+}
+
+fn secs(ms: Option<f64>) -> String {
+    ms.map_or("n/a".into(), |ms| format!("{:.2} s", ms / 1000.0))
+}
+
+fn calls_line(c: &Calls) -> String {
+    format!(
+        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} fetch {} heartbeat-errors {}",
+        c.prepare, c.commit, c.abort, c.rollback, c.health, c.status, c.heartbeat, c.register, c.fetch, c.heartbeat_errors
+    )
+}
+
+/// Prints the summary row and the per-run detail to stdout.
+pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
+    let n = nodes as f64;
+    let rollout = med(runs, |r| Some(r.rollout.wall_ms as f64));
+    let prepare = med(runs, |r| r.rollout.timeline.prepare_ms.map(|v| v as f64));
+    let rollback = med(runs, |r| r.rollback.timeline.rollback_ms.map(|v| v as f64));
+    let register = med(runs, |r| Some(r.register_ms as f64));
+    let peak = med(runs, |r| r.end.peak_rss_kb.map(|v| v as f64));
+    let idle = med(runs, |r| r.idle.rss_kb.map(|v| v as f64));
+    // Per node: above the coordinator's footprint with no node at all.
+    let per_node = |v: Option<f64>| {
+        let base = med(runs, |r| r.base.rss_kb.map(|v| v as f64)).unwrap_or(0.0);
+        v.map_or("n/a".into(), |v| format!("{:.0} MB ({:.1} KB/node)", v / 1024.0, (v - base).max(0.0) / n))
+    };
+    let cpu = med(runs, |r| Some(r.end.cpu_seconds? - r.idle.cpu_seconds?));
+    let writes = med(runs, |r| Some((r.end.write_bytes? - r.idle.write_bytes?) as f64));
+    let revisions = med(runs, |r| Some((r.etcd_end.revision? - r.etcd_idle.revision?) as f64));
+    let store_bytes = med(runs, |r| r.store_bytes.map(|v| v as f64));
+    let lost = runs.iter().map(|r| r.rollout.lost + r.rollback.lost).max().unwrap_or(0);
+    println!();
+    println!("| nodes | store | runs | register | prepare | rollout | rollback | peak RSS | RSS idle | CPU s (2 rollouts) | written (2 rollouts) | etcd revisions | store size | lost |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| {nodes} | {store} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {lost} |",
+        runs.len(),
+        secs(register),
+        secs(prepare),
+        secs(rollout),
+        secs(rollback),
+        per_node(peak),
+        per_node(idle),
+        cpu.map_or("n/a".into(), |v| format!("{v:.1}")),
+        writes.map_or("n/a".into(), |v| format!("{:.1} MB", v / 1e6)),
+        revisions.map_or("n/a".into(), |v| format!("{v:.0}")),
+        store_bytes.map_or("n/a".into(), |v| format!("{:.1} MB", v / 1e6)),
+    );
+    for (i, r) in runs.iter().enumerate() {
+        match &r.nodes_list {
+            Ok((ms, listed)) => println!("run {}: nodes list: {listed} nodes in {ms} ms", i + 1),
+            Err(why) => println!("run {}: nodes list FAILED: {why}", i + 1),
+        }
+        let steps: Vec<String> = r.rollout.timeline.steps.iter().map(|(s, ms)| format!("{s} {ms}")).collect();
+        println!(
+            "run {}: rollout {} ms (prepare {} ms; steps ms: {}); rollback rollout {} ms, rollback {} ms",
+            i + 1,
+            r.rollout.wall_ms,
+            r.rollout.timeline.prepare_ms.unwrap_or(0),
+            steps.join(", "),
+            r.rollback.wall_ms,
+            r.rollback.timeline.rollback_ms.unwrap_or(0),
+        );
+        println!("  calls in the rollout: {}", calls_line(&r.rollout.calls));
+        println!("  calls in the rollback: {}", calls_line(&r.rollback.calls));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+}
