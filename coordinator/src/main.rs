@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding --listen {listen} (in use? pick another address)"))?;
     coordinator.serve(listener, shutdown_signal()).await.context("serving gRPC")?;
     coordinator.drain().await;
-    obs.shutdown();
+    obs.shutdown().await;
     Ok(())
 }
 

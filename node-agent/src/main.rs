@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
     let socket_path = config.runtime_socket.clone();
     let result = server::serve(config, grpc, runtime, shutdown).await;
     let _ = std::fs::remove_file(&socket_path);
-    obs.shutdown();
+    obs.shutdown().await;
     result.context("hotfleet-agent failed")
 }
 

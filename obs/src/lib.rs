@@ -51,9 +51,13 @@ pub struct Started {
 }
 
 impl Started {
-    pub fn shutdown(&self) {
-        if let Some(exporting) = &self.exporting {
-            exporting.shutdown();
+    /// Exports what is still buffered, for at most 5 s. The flush blocks, so
+    /// it runs on a blocking thread: the exporting task keeps a worker even
+    /// on a one-core machine.
+    pub async fn shutdown(self) {
+        if let Some(exporting) = self.exporting {
+            let flush = tokio::task::spawn_blocking(move || exporting.shutdown());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flush).await;
         }
     }
 }

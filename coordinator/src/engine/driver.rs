@@ -116,7 +116,14 @@ impl Engine {
             }
             let name = if abort_pending { "record" } else { step_name(&action) };
             let started = std::time::Instant::now();
-            let span = tracing::info_span!("step", step = name, phase = state.rollout.phase.name());
+            let wave = match &action {
+                Action::BeginStep(i) | Action::Commit { step: i, .. } | Action::Watch { step: i, .. } => {
+                    state.rollout.steps.get(*i).map(|s| s.name.as_str())
+                }
+                _ => None,
+            };
+            // `wave`: the rollout step acted on (canary, wave-1, ...), where there is one.
+            let span = tracing::info_span!("step", step = name, phase = state.rollout.phase.name(), wave = wave);
             let step = async {
                 match action {
                     Action::Finished => Ok(()),

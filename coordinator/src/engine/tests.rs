@@ -816,6 +816,10 @@ async fn a_rollout_is_one_trace_of_steps_and_node_calls() {
     for step in ["record", "prepare", "baseline", "commit", "watch"] {
         assert!(step_names.contains(step), "a {step} step: {step_names:?}");
     }
+    let waves: HashSet<String> =
+        steps.iter().filter(|s| attr(s, "step").as_deref() == Some("commit")).filter_map(|s| attr(s, "wave")).collect();
+    let expected: HashSet<String> = ["canary", "wave-1", "wave-2"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(waves, expected, "each commit step names its wave");
     let nodes: Vec<&SpanData> = spans.iter().filter(|s| s.name == "node").collect();
     assert!(nodes.iter().all(|s| parent(s).as_deref() == Some("step")), "node calls hang off steps");
     let called = |step: &str| -> HashSet<String> {
