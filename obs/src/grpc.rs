@@ -209,6 +209,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_carries_the_callers_span_into_the_servers() {
+        use opentelemetry_sdk::trace::{InMemorySpanExporter, SimpleSpanProcessor};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let exporter = InMemorySpanExporter::default();
+        let exporting = crate::traces::Exporting::with_processor(
+            SimpleSpanProcessor::new(exporter.clone()),
+            opentelemetry_sdk::Resource::builder().build(),
+        );
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(exporting.tracer()));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let server = GrpcLayer::server().layer(tower::service_fn(|_: http::Request<()>| async {
+            let _handler = tracing::info_span!("handler").entered();
+            Ok::<_, Infallible>(answer(None))
+        }));
+        // The "network": the request, headers included, reaches the server.
+        let client = GrpcLayer::client().layer(tower::service_fn(move |request: http::Request<()>| {
+            let server = server.clone();
+            async move { server.oneshot(request).await }
+        }));
+        let caller = tracing::info_span!("caller");
+        let request = http::Request::builder().uri("/t.S/Traced").body(()).expect("request");
+        client.oneshot(request).instrument(caller.clone()).await.expect("answer");
+        drop(caller);
+
+        let spans = exporter.get_finished_spans().expect("spans");
+        let find = |name: &str| spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no {name} span"));
+        let (caller, grpc, handler) = (find("caller"), find("grpc"), find("handler"));
+        assert_eq!(grpc.parent_span_id, caller.span_context.span_id(), "the server joined the caller's span");
+        assert_eq!(handler.parent_span_id, grpc.span_context.span_id(), "the handler runs inside it");
+        assert_eq!(grpc.span_context.trace_id(), caller.span_context.trace_id());
+    }
+
+    #[tokio::test]
     async fn unserved_paths_share_one_series() {
         let unknown = GrpcLayer::server()
             .layer(tower::service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>(answer(Some("12"))) }));
