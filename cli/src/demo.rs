@@ -57,8 +57,8 @@ struct Before {
 }
 
 pub async fn run(args: DemoArgs, output: Output) -> CliResult {
-    if output == Output::Json {
-        return Err(anyhow!("the demo prints a narrated run; --output json is not supported for it").into());
+    if output.structured() {
+        return Err(anyhow!("the demo prints a narrated run; -o json|yaml is not supported for it").into());
     }
     if args.nodes < 4 {
         return Err(
