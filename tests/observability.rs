@@ -81,7 +81,7 @@ async fn a_rollout_moves_both_binaries_metrics_and_their_logs_name_it() {
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "1500ms");
     // Mid-rollout: the canary has committed and its window is open.
-    s.wait_until(&id, "the canary's health window", |st| phase(st) == "ROLLOUT_PHASE_WATCHING");
+    s.wait_until(&id, "the canary's health window", |st| phase(st) == "watching");
     let during = scrape(coordinator_metrics);
     assert!(total(&during, "hotfleet_rollout_step_duration_seconds_count", &["step=\"prepare\""]) >= 1.0, "{during}");
     assert_eq!(total(&during, "hotfleet_rollouts_total", &[]), 0.0, "nothing finished yet: {during}");
