@@ -104,6 +104,24 @@ impl Scenario {
         Self::launch(backend, Game::ZoneServer, NODES, BUILD, zone_env)
     }
 
+    /// `nodes` zone-server nodes on the embedded store, the coordinator
+    /// started with `coordinator_flags` (besides listen, store and keys).
+    pub fn start_small(nodes: usize, coordinator_flags: Vec<String>) -> Scenario {
+        let layout = Layout::for_workspace();
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = FleetOptions {
+            nodes,
+            build: BUILD.into(),
+            backend: Backend::Embedded,
+            coordinator_flags,
+            game: Game::ZoneServer,
+        };
+        let fleet = Fleet::start_with(&layout, dir.path(), &options, |_| Vec::new()).expect("start fleet");
+        fleet.wait_registered().expect("fleet registered");
+        let pids = fleet.nodes.iter().map(|n| n.zone.proc.pid()).collect();
+        Scenario { dir, fleet, patch_digests: HashMap::new(), pids }
+    }
+
     /// `nodes` nodes serving `game` of `build`.
     pub fn start_game(backend: Backend, game: Game, nodes: usize, build: &str) -> Scenario {
         Self::launch(backend, game, nodes, build, |_| Vec::new())

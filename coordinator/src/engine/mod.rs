@@ -21,6 +21,7 @@ use std::{
     },
     time::Duration,
 };
+use tracing::Instrument;
 
 use tokio::{
     sync::{watch, Notify},
@@ -163,9 +164,16 @@ impl Engine {
         lock(&self.inner.rollouts).insert(id.clone(), handle.clone());
         let engine = self.clone();
         let driver_handle = handle.clone();
-        let task = tokio::spawn(async move {
-            engine.drive(&id, driver_handle).await;
-        });
+        // Every line the driver logs names its rollout (text and JSON).
+        let trace_id = hotfleet_obs::traces::rollout_trace_id(&id);
+        let span = tracing::info_span!("rollout", rollout = %id, trace_id = %trace_id);
+        hotfleet_obs::traces::join_rollout_trace(&span, &id);
+        let task = tokio::spawn(
+            async move {
+                engine.drive(&id, driver_handle).await;
+            }
+            .instrument(span),
+        );
         let mut tasks = lock(&self.inner.tasks);
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);
