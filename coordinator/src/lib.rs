@@ -44,6 +44,7 @@ pub mod server;
 pub mod stack;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
 pub mod term;
 
 pub use config::Config;

@@ -282,7 +282,12 @@ fn spec(patch_id: &str) -> RolloutSpec {
 /// Starts a rollout of `spec`; its id.
 async fn started(op: &mut CoordinatorClient<Channel>, spec: RolloutSpec) -> String {
     let started = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false, plan_canary: false })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec),
+            dry_run: false,
+            target_build: String::new(),
+            plan_canary: false,
+        })
         .await
         .expect("start");
     started.into_inner().rollout.expect("rollout").rollout_id
@@ -320,7 +325,12 @@ async fn a_good_rollout_over_grpc_completes_and_joins_the_patch_stack() {
     let mut op = f.running.operator().await;
 
     let dry = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: true, plan_canary: false })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec(&f.patch_id)),
+            dry_run: true,
+            target_build: String::new(),
+            plan_canary: false,
+        })
         .await
         .expect("dry run")
         .into_inner()
@@ -330,7 +340,12 @@ async fn a_good_rollout_over_grpc_completes_and_joins_the_patch_stack() {
 
     let started = op
         .start_rollout(as_actor(
-            StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false, plan_canary: false },
+            StartRolloutRequest {
+                spec: Some(spec(&f.patch_id)),
+                dry_run: false,
+                target_build: String::new(),
+                plan_canary: false,
+            },
             "alice",
         ))
         .await
@@ -428,7 +443,12 @@ async fn operator_controls_abort_freeze_conflict_promote() {
 
     // Blast radius.
     let err = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false, plan_canary: false })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec(&f.patch_id)),
+            dry_run: false,
+            target_build: String::new(),
+            plan_canary: false,
+        })
         .await
         .expect_err("conflict");
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -486,16 +506,26 @@ async fn operator_controls_abort_freeze_conflict_promote() {
 
     // Frozen: a new rollout is refused with the fix; unfreeze lets it start.
     let err = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false, plan_canary: false })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec(&f.patch_id)),
+            dry_run: false,
+            target_build: String::new(),
+            plan_canary: false,
+        })
         .await
         .expect_err("frozen");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("hotfleet unfreeze"), "{}", err.message());
     let thawed = op.unfreeze(UnfreezeRequest {}).await.expect("unfreeze").into_inner();
     assert!(!thawed.frozen);
-    op.start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false, plan_canary: false })
-        .await
-        .expect("start after unfreeze");
+    op.start_rollout(StartRolloutRequest {
+        spec: Some(spec(&f.patch_id)),
+        dry_run: false,
+        target_build: String::new(),
+        plan_canary: false,
+    })
+    .await
+    .expect("start after unfreeze");
 
     let audit = op.list_audit(ListAuditRequest::default()).await.expect("audit").into_inner().records;
     for action in ["fleet.freeze", "fleet.unfreeze", "rollout.promote", "rollout.abort"] {

@@ -168,7 +168,12 @@ impl Coordinator for OperatorService {
         let req = request.into_inner();
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("StartRolloutRequest.spec is missing"))?;
         let term = self.leader()?;
-        let (state, plan) = term.start_rollout(spec, &who, req.dry_run, req.plan_canary).await?;
+        let (state, plan) = if req.dry_run && !req.target_build.is_empty() {
+            bounded("target_build", &req.target_build, MAX_BUILD)?;
+            (term.engine.dry_run_unstored(spec, &who, &req.target_build).await?, None)
+        } else {
+            term.start_rollout(spec, &who, req.dry_run, req.plan_canary).await?
+        };
         let view = self.cluster.view(state).await;
         Ok(Response::new(pb::StartRolloutResponse {
             rollout: Some(encode(&view)),
