@@ -16,7 +16,11 @@ use std::{
 
 use futures::future::join_all;
 
-use super::{lock, Engine, Handle};
+use super::{
+    lock,
+    pushed::{self, Pushed},
+    Engine, Handle,
+};
 use crate::{
     agents::{AgentClient, AgentError, Command, CommandKind, HealthSample, Target},
     clock::now_ms,
@@ -284,6 +288,8 @@ impl Engine {
                                 mark: h.mark,
                                 tick_p99_ms: h.sample.tick_p99_ms,
                                 game_ok: h.sample.game_ok,
+                                // Asked with no marks: counted from the process's start.
+                                exceptions_total: h.sample.exceptions_since,
                             },
                         );
                     }
@@ -319,7 +325,9 @@ impl Engine {
         let Some(results) = results else { return Ok(()) };
         // Window start: where each watched process's tick count stands now,
         // so the final check can tell "ticked during the window" apart.
-        let mut watch: BTreeSet<String> = state.watched_nodes().into_iter().collect();
+        // Earlier steps' nodes judged from pushed reports need no start.
+        let mut watch: BTreeSet<String> =
+            state.watched_nodes().into_iter().filter(|n| self.pushed_samples(state, n, Some(step)).is_none()).collect();
         watch.extend(results.iter().filter(|(_, r)| r.is_ok()).map(|(n, _)| n.clone()));
         let watch: Vec<String> = watch.into_iter().collect();
         let mut window_start = BTreeMap::new();
@@ -367,8 +375,26 @@ impl Engine {
         join_all(calls).await
     }
 
+    /// Samples for `node` from its agent's last pushed report, when that can
+    /// stand in for a poll (see [`pushed`]): only for a node committed in an
+    /// earlier step than `current` (the step being committed or watched; none
+    /// while held between steps).
+    fn pushed_samples(&self, state: &RolloutState, node: &str, current: Option<usize>) -> Option<Vec<health::Sample>> {
+        let ns = state.nodes.get(node)?;
+        if current.is_some_and(|step| ns.step >= step) {
+            return None;
+        }
+        let view = self.inner.registry.get(node)?;
+        // Two heartbeats missed: a report that old is no news.
+        let fresh_ms = 2 * self.inner.registry.heartbeat_interval().as_millis() as u64 + 1_000;
+        let report = Pushed { status: &view.status, heard_at_ms: view.last_heartbeat_ms };
+        pushed::samples(report, &ns.baselines, &state.rollout.patch_id, now_ms(), fresh_ms)
+    }
+
     /// One health check of every watched node; records verdicts (which may
-    /// roll the rollout back).
+    /// roll the rollout back). Nodes of earlier steps are judged from their
+    /// pushed reports when fresh ones are there (hard failures only: their
+    /// own window has passed); the rest are polled.
     async fn check_health(&self, handle: &Handle, check: Check) -> Result<()> {
         let expired = self.expired_prepares(&handle.state.lock().await.clone());
         if !expired.is_empty() {
@@ -385,7 +411,25 @@ impl Engine {
         let gate: GateConfig = state.rollout.spec.gate;
         let mut verdicts = Vec::new();
         let mut lost = Vec::new();
-        let samples = self.sample(&state, &watched, true).await;
+        let current = match state.rollout.phase {
+            Phase::Watching { step, .. } | Phase::Committing { step } => Some(step),
+            _ => None,
+        };
+        let mut polled = Vec::new();
+        for node in watched {
+            if self.inner.registry.is_lost(&node) {
+                lost.push(node);
+                continue;
+            }
+            match (self.pushed_samples(&state, &node, current), state.nodes.get(&node)) {
+                (Some(samples), Some(ns)) => {
+                    let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, Check::Interim);
+                    verdicts.push((node, verdict));
+                }
+                _ => polled.push(node),
+            }
+        }
+        let samples = self.sample(&state, &polled, true).await;
         if self.stopping() {
             // Whatever was observed may be the shutdown itself.
             return Ok(());

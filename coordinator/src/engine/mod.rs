@@ -433,5 +433,6 @@ impl Engine {
 }
 
 mod driver;
+pub mod pushed;
 #[cfg(test)]
 mod tests;
