@@ -30,6 +30,7 @@ pub mod grpc;
 pub mod input;
 pub mod leadership;
 pub mod node;
+pub mod node_writes;
 pub mod patches;
 pub mod planner;
 pub mod reads;
