@@ -43,6 +43,9 @@ pub struct WriteBehind {
     fence: Fence,
     pending: Mutex<HashMap<String, NodeRecord>>,
     flushing: AtomicBool,
+    /// The term is draining: later records are dropped (the next leader
+    /// hears every node again).
+    closed: AtomicBool,
     /// Held while a batch is written, and by register/remove: writes of one
     /// node never overtake each other.
     order: tokio::sync::Mutex<()>,
@@ -55,6 +58,7 @@ impl WriteBehind {
             fence,
             pending: Mutex::new(HashMap::new()),
             flushing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             order: tokio::sync::Mutex::new(()),
         })
     }
@@ -67,6 +71,9 @@ impl WriteBehind {
     /// Queues `record` (replacing an older one of its node) and makes sure a
     /// flush is running. Never waits.
     pub fn put(self: &Arc<Self>, record: NodeRecord) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         self.pending().insert(record.node_id().to_string(), record);
         if !self.flushing.swap(true, Ordering::AcqRel) {
             tokio::spawn(Self::drain(Arc::downgrade(self)));
@@ -84,6 +91,14 @@ impl WriteBehind {
     /// Records queued and not yet written.
     pub fn backlog(&self) -> usize {
         self.pending().len()
+    }
+
+    /// Takes no more records and waits until the queued ones are written:
+    /// a clean stop leaves nothing behind, and no flush outlives the term
+    /// (a restarted coordinator reopens the same embedded file).
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.flushed().await
     }
 
     /// Waits until everything queued so far is written (or dropped).
