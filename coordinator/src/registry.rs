@@ -395,6 +395,12 @@ impl Registry {
         self.writes.close().await
     }
 
+    /// `f` of a node's last reported status and when it was heard, without
+    /// copying the status (the health gate reads thousands per check).
+    pub fn with_status<R>(&self, node_id: &str, f: impl FnOnce(&NodeStatus, u64) -> R) -> Option<R> {
+        self.lock_read().get(node_id).map(|e| f(&e.status, e.last_heartbeat_ms))
+    }
+
     pub fn get(&self, node_id: &str) -> Option<NodeView> {
         self.lock_read().get(node_id).map(view)
     }

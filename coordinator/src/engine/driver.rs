@@ -384,11 +384,16 @@ impl Engine {
         if current.is_some_and(|step| ns.step >= step) {
             return None;
         }
-        let view = self.inner.registry.get(node)?;
         // Two heartbeats missed: a report that old is no news.
         let fresh_ms = 2 * self.inner.registry.heartbeat_interval().as_millis() as u64 + 1_000;
-        let report = Pushed { status: &view.status, heard_at_ms: view.last_heartbeat_ms };
-        pushed::samples(report, &ns.baselines, &state.rollout.patch_id, now_ms(), fresh_ms)
+        let now = now_ms();
+        self.inner
+            .registry
+            .with_status(node, |status, heard_at_ms| {
+                let report = Pushed { status, heard_at_ms };
+                pushed::samples(report, &ns.baselines, &state.rollout.patch_id, now, fresh_ms)
+            })
+            .flatten()
     }
 
     /// One health check of every watched node; records verdicts (which may
@@ -415,6 +420,10 @@ impl Engine {
             Phase::Watching { step, .. } | Phase::Committing { step } => Some(step),
             _ => None,
         };
+        // A pushed report changes once per heartbeat: while a window runs,
+        // earlier steps' nodes are judged at its end (or while held), not
+        // at every poll of the step's own nodes.
+        let judge_pushed = check == Check::Final || current.is_none();
         let mut polled = Vec::new();
         for node in watched {
             if self.inner.registry.is_lost(&node) {
@@ -422,6 +431,7 @@ impl Engine {
                 continue;
             }
             match (self.pushed_samples(&state, &node, current), state.nodes.get(&node)) {
+                (Some(_), Some(_)) if !judge_pushed => {}
                 (Some(samples), Some(ns)) => {
                     let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, Check::Interim);
                     verdicts.push((node, verdict));
@@ -467,12 +477,10 @@ impl Engine {
             .values()
             .filter(|n| n.observed == Observed::Prepared)
             .filter(|n| {
-                self.inner.registry.get(&n.node_id).is_some_and(|view| {
-                    view.status
-                        .expired
-                        .iter()
-                        .any(|e| e.rollout_id == state.rollout.id && e.patch_id == state.rollout.patch_id)
-                })
+                // Read in place: thousands of nodes wait prepared in a big rollout.
+                self.inner.registry.with_status(&n.node_id, |status, _| {
+                    status.expired.iter().any(|e| e.rollout_id == state.rollout.id && e.patch_id == state.rollout.patch_id)
+                }) == Some(true)
             })
             .map(|n| {
                 let detail = format!(
