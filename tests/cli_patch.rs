@@ -112,7 +112,7 @@ fn keygen_build_sign_verify_show_round_trip() {
     let (code, out, _) = run(&layout, &["--output", "json", "patch", "show", &s(&bundle), "--sources"]);
     assert_eq!(code, 0);
     let shown: Value = serde_json::from_str(&out).expect("json");
-    assert_eq!(shown["manifest"]["target_build"], "b1");
+    assert_eq!(shown["manifest"]["targetBuild"], "b1");
     assert!(shown["sources"]["zone.combat"].as_str().expect("source").contains("a - b"));
 }
 

@@ -20,12 +20,12 @@ on_both_stores!(
 fn listed(s: &Scenario, node_id: &str) -> Value {
     let out = ok(s.fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));
     let nodes: Value = serde_json::from_str(&out).expect("nodes json");
-    nodes.as_array().and_then(|n| n.iter().find(|n| n["status"]["nodeId"] == node_id).cloned()).expect("node listed")
+    nodes["items"].as_array().and_then(|n| n.iter().find(|n| n["nodeId"] == node_id).cloned()).expect("node listed")
 }
 
 /// The node's one process's drift entry.
 fn drift_of(node: &Value) -> Value {
-    node["drift"][0].clone()
+    node["processes"][0]["drift"].clone()
 }
 
 async fn zone_server_restarted_after_a_rollout_serves_the_fix_to_its_first_player(backend: Backend) {
@@ -45,7 +45,7 @@ async fn zone_server_restarted_after_a_rollout_serves_the_fix_to_its_first_playe
     let mut last = Value::Null;
     let node = wait_for("node-2 to report its new process in sync", Duration::from_secs(20), None, || {
         last = listed(&s, "node-2");
-        (drift_of(&last)["pid"] == pid && drift_of(&last)["state"] == "in-sync").then(|| last.clone())
+        (last["processes"][0]["pid"] == pid && drift_of(&last)["state"] == "in-sync").then(|| last.clone())
     });
     assert!(node.is_ok(), "the restarted process is reported in sync: {last}");
     assert_eq!(s.assert_consistent(&[]).await, vec![patch]);

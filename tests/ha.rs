@@ -183,7 +183,7 @@ async fn leader_killed_the_moment_wave_two_commits_the_new_leader_completes_the_
     let urls = urls_of(&s.fleet, &survivors);
     let (code, rollout) = s.watch_via(&urls, &id);
     assert_eq!(code, 0, "the new leader completes the rollout: {rollout}");
-    assert_eq!(phase(&rollout), "ROLLOUT_PHASE_COMPLETED");
+    assert_eq!(phase(&rollout), "completed");
     assert_eq!(epoch_of(&rollout), status.epoch, "finished by the new leader");
     // Which leader's commit ran on each wave-2 node (an agent logs a command
     // when it runs it, not when it answers a repeat from memory): the killed
@@ -220,7 +220,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "4s");
     // Commands with the first leader's epoch reached the canary and wave 1.
-    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "ROLLOUT_PHASE_WATCHING");
+    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "watching");
     let all: Vec<usize> = (0..3).collect();
     let (old, old_status) = leader_among(&s.fleet, &all).await.expect("a leader");
     let old_url = s.fleet.coordinators[old].url();
@@ -319,7 +319,7 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
     // Every rollout write since the take-over is the new leader's.
     let stored = store.rollout(&id).await.expect("read").expect("rollout");
     assert!(stored.epoch >= status.epoch, "rollout last written by epoch {}", stored.epoch);
-    let gen_before: u64 = stored_before["generation"].as_str().and_then(|g| g.parse().ok()).unwrap_or(0);
+    let gen_before: u64 = stored_before["generation"].as_u64().unwrap_or(0);
     assert!(stored.generation >= gen_before);
 
     let (code, rollout) = s.watch_via(&urls, &id);
@@ -376,8 +376,7 @@ async fn etcd_down_ten_seconds_mid_rollout_holds_still_then_finishes_with_nothin
     let before = s.damages();
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "3s");
-    let at_outage =
-        s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "ROLLOUT_PHASE_WATCHING");
+    let at_outage = s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "watching");
     let committed_before: Vec<String> =
         node_states(&at_outage).into_iter().filter(|(_, d, _)| d == "committed").map(|(n, _, _)| n).collect();
     let stacks = |statuses: &[hotfleet_proto::v1::NodeStatus]| -> BTreeMap<String, Vec<String>> {
@@ -403,7 +402,7 @@ async fn etcd_down_ten_seconds_mid_rollout_holds_still_then_finishes_with_nothin
     s.fleet.etcd.as_mut().expect("etcd").start_again().expect("etcd back on the same data");
     let back = s.status(&id);
     // Nothing recorded before the outage was lost.
-    let gen = |r: &serde_json::Value| r["generation"].as_str().and_then(|g| g.parse::<u64>().ok()).unwrap_or(0);
+    let gen = |r: &serde_json::Value| r["generation"].as_u64().unwrap_or(0);
     assert!(gen(&back) >= gen(&at_outage), "generation went back: {} -> {}", gen(&at_outage), gen(&back));
     for node in &committed_before {
         assert!(

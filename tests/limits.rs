@@ -110,7 +110,7 @@ async fn a_four_megabyte_selector_is_refused_before_it_reaches_the_store(backend
     let audit = ok(s.fleet.cli(&["--output", "json", "audit", "--limit", "10"]).expect("audit"));
     let records: serde_json::Value = serde_json::from_str(&audit).expect("json");
     let refusals: Vec<&serde_json::Value> =
-        records.as_array().expect("records").iter().filter(|r| r["action"] == "rollout.start").collect();
+        records["items"].as_array().expect("records").iter().filter(|r| r["action"] == "rollout.start").collect();
     assert_eq!(refusals.len(), 6, "every refusal is audited: {audit}");
     assert!(audit.len() < 8 * 1024, "audit lines stay short: {} bytes", audit.len());
     if embedded {

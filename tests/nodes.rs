@@ -20,7 +20,7 @@ on_both_stores!(
 fn node_ids(s: &Scenario) -> Vec<String> {
     let out = ok(s.fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));
     let nodes: Value = serde_json::from_str(&out).expect("json");
-    nodes.as_array().expect("nodes").iter().filter_map(|n| n["status"]["nodeId"].as_str().map(String::from)).collect()
+    nodes["items"].as_array().expect("nodes").iter().filter_map(|n| n["nodeId"].as_str().map(String::from)).collect()
 }
 
 async fn a_node_is_removed_only_outside_live_rollouts_and_stays_removed(backend: Backend) {
@@ -58,7 +58,7 @@ async fn a_node_is_removed_only_outside_live_rollouts_and_stays_removed(backend:
 
     let audit = ok(s.fleet.cli(&["--output", "json", "audit", "--limit", "20"]).expect("audit"));
     let records: Value = serde_json::from_str(&audit).expect("json");
-    let removals: Vec<(bool, String)> = records
+    let removals: Vec<(bool, String)> = records["items"]
         .as_array()
         .expect("records")
         .iter()
@@ -87,11 +87,11 @@ async fn a_node_silent_past_the_node_expiry_is_forgotten(backend: Backend) {
     let ids = |fleet: &Fleet| -> Vec<String> {
         let out = ok(fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));
         let nodes: Value = serde_json::from_str(&out).expect("json");
-        nodes
+        nodes["items"]
             .as_array()
             .expect("nodes")
             .iter()
-            .filter_map(|n| n["status"]["nodeId"].as_str().map(String::from))
+            .filter_map(|n| n["nodeId"].as_str().map(String::from))
             .collect()
     };
     while ids(&fleet).contains(&"node-2".to_string()) {

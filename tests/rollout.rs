@@ -34,7 +34,7 @@ async fn hotfix_rolls_out_in_canary_and_waves_with_players_connected(backend: Ba
     let id = s.start_rollout(&patch, "1500ms");
     let (code, rollout) = s.watch(&id);
     assert_eq!(code, 0, "completed rollouts exit 0: {rollout}");
-    assert_eq!(phase(&rollout), "ROLLOUT_PHASE_COMPLETED");
+    assert_eq!(phase(&rollout), "completed");
     let names: Vec<&str> =
         rollout["steps"].as_array().expect("steps").iter().filter_map(|s| s["name"].as_str()).collect();
     assert_eq!(names.first(), Some(&"canary"));
@@ -62,7 +62,7 @@ async fn prepare_failure_on_one_node_changes_nothing_anywhere(backend: Backend) 
     let id = s.start_rollout(&patch, "1500ms");
     let (code, rollout) = s.watch(&id);
     assert_eq!(code, 3, "rolled back rollouts exit 3: {rollout}");
-    assert_eq!(phase(&rollout), "ROLLOUT_PHASE_ROLLED_BACK");
+    assert_eq!(phase(&rollout), "rolled-back");
     assert_eq!(rollout["faultyNodes"], serde_json::json!(["node-3"]));
     assert!(rollout["reason"].as_str().unwrap_or_default().contains("not trusted"), "{}", rollout["reason"]);
     assert!(node_states(&rollout).iter().all(|(_, _, o)| o != "committed"), "nothing was committed anywhere");
@@ -133,7 +133,7 @@ async fn operator_abort_mid_wave_rolls_everything_back(backend: Backend) {
     let before = s.damages();
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "20s");
-    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "ROLLOUT_PHASE_WATCHING");
+    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "watching");
     let aborted = Instant::now();
     ok(s.fleet.cli(&["rollout", "abort", &id, "--reason", "players report lag"]).expect("abort"));
     let (code, rollout) = s.watch(&id);
@@ -144,8 +144,10 @@ async fn operator_abort_mid_wave_rolls_everything_back(backend: Backend) {
     let audit = ok(s.fleet.cli(&["--output", "json", "audit"]).expect("audit"));
     // The actor is the CLI's certificate identity (the fleet's operator `sre`).
     let records: serde_json::Value = serde_json::from_str(&audit).expect("audit json");
-    let abort =
-        records.as_array().and_then(|r| r.iter().find(|r| r["action"] == "rollout.abort")).expect("abort audited");
+    let abort = records["items"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["action"] == "rollout.abort"))
+        .expect("abort audited");
     assert_eq!(abort["actor"], "sre", "{audit}");
     assert!(s.assert_consistent(&[]).await.is_empty());
 }
@@ -156,7 +158,7 @@ async fn agent_killed_mid_wave_rolls_back_under_the_default_policy(backend: Back
     let patch = s.push("hotfix-damage");
     let id = s.start_rollout(&patch, "4s");
     // node-3 (wave 1) has committed; kill its agent during the window.
-    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "ROLLOUT_PHASE_WATCHING");
+    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "watching");
     s.fleet.nodes[2].agent.proc.kill();
     let (code, rollout) = s.watch(&id);
     assert_eq!(code, 3, "{rollout}");

@@ -30,8 +30,7 @@ async fn sigterm_mid_health_window_resumes_after_the_restart_and_completes(backe
     let watcher = std::thread::spawn(move || {
         layout.cli_raw(&["--coordinator", &urls, "--output", "json", "rollout", "watch", &watched]).expect("watch")
     });
-    let at_term =
-        s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "ROLLOUT_PHASE_WATCHING");
+    let at_term = s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "watching");
 
     let log_before = s.fleet.coordinator().proc.log_text().len();
     s.fleet.coordinators[0].proc.signal("TERM").expect("SIGTERM");
@@ -70,7 +69,7 @@ async fn sigterm_mid_health_window_resumes_after_the_restart_and_completes(backe
         "the watch follows the restart and exits with the real outcome: {rollout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(phase(&rollout), "ROLLOUT_PHASE_COMPLETED");
+    assert_eq!(phase(&rollout), "completed");
     assert!(epoch_of(&rollout) > epoch_of(&at_term), "finished by the restarted coordinator: {}", rollout["epoch"]);
     let events = rollout["events"].to_string();
     assert!(!events.contains("lost"), "no node was blamed: {events}");
@@ -97,7 +96,7 @@ async fn sigterm_to_the_leader_of_three_hands_over_at_once_and_the_rollout_compl
     let watcher = std::thread::spawn(move || {
         layout.cli_raw(&["--coordinator", &urls, "--output", "json", "rollout", "watch", &watched]).expect("watch")
     });
-    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "ROLLOUT_PHASE_WATCHING");
+    s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "watching");
     let (leader_addr, old_epoch) = leader_via(&s, &s.fleet.coordinator_urls()).expect("a leader");
     let old = s.fleet.coordinators.iter().position(|c| c.url() == leader_addr).expect("the leader is one of ours");
     let survivors: Vec<String> =
@@ -140,7 +139,7 @@ async fn sigterm_to_the_leader_of_three_hands_over_at_once_and_the_rollout_compl
         .find_map(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("watch printed no snapshot: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(out.status.code(), Some(0), "the watch exits with the real outcome: {rollout}");
-    assert_eq!(phase(&rollout), "ROLLOUT_PHASE_COMPLETED");
+    assert_eq!(phase(&rollout), "completed");
     assert_eq!(epoch_of(&rollout), new_epoch, "finished by the new leader");
     assert!(!rollout["events"].to_string().contains("lost"), "no node was blamed: {}", rollout["events"]);
     let after = s.damages();

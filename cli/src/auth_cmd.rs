@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     client::{failure, Target},
     exit::CliResult,
-    output::{print_json, Output},
+    output::Output,
 };
 
 #[derive(Debug, Subcommand)]
@@ -50,8 +50,8 @@ pub async fn run(command: AuthCommand, target: &Target, output: Output) -> CliRe
 async fn whoami(target: &Target, output: Output) -> CliResult {
     let mut client = target.connect_any().await?;
     let me = client.who_am_i(target.request(WhoAmIRequest {})).await.map_err(|s| failure("who am I", s))?.into_inner();
-    if output == Output::Json {
-        print_json(&me);
+    if output.structured() {
+        output.print(&crate::views::doc("WhoAmI", crate::views::WhoAmI::from(&me)));
     } else {
         let role = if me.role.is_empty() { "none (authenticated, may not read or act)" } else { &me.role };
         println!("identity    {}\nrole        {role}\ncredential  {}", me.identity, me.credential);

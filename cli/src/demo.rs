@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context};
-use hotfleet_localfleet::{build_patch, build_patch_with, Fleet, FleetNode, Layout, PatchBuild, Proc, TempDir};
+use hotfleet_localfleet::{build_patch_with, Fleet, FleetNode, Layout, PatchBuild, Proc, TempDir};
 use hotfleet_proto::{
     tls::TlsArgs,
     v1::{ListNodesRequest, RolloutSpec, StartRolloutRequest},
@@ -57,8 +57,8 @@ struct Before {
 }
 
 pub async fn run(args: DemoArgs, output: Output) -> CliResult {
-    if output == Output::Json {
-        return Err(anyhow!("the demo prints a narrated run; --output json is not supported for it").into());
+    if output.structured() {
+        return Err(anyhow!("the demo prints a narrated run; -o json|yaml is not supported for it").into());
     }
     if args.nodes < 4 {
         return Err(
@@ -118,8 +118,10 @@ async fn demo(args: &DemoArgs, layout: &Layout, dir: &TempDir, started: Instant)
         before[0].damage
     );
     let hotfix_src = layout.repo.join("examples/patches/hotfix-damage");
-    let (hotfix_path, hotfix_id) =
-        build_patch(layout, &hotfix_src, &work.join("hotfix.hfpatch"), BUILD, "armor absorbs damage", Some(&keys))?;
+    let (hotfix_path, hotfix_id) = {
+        let out = work.join("hotfix.hfpatch");
+        build_patch_with(layout, &PatchBuild::zone(&hotfix_src, &out, BUILD, "armor absorbs damage", Some(&keys)))?
+    };
     crate::patch_cmd::push_file(&target, &hotfix_path, Output::Text, true).await.map_err(|f| f.error)?;
     let spec = rollout_spec(&hotfix_id, args.health_window);
     let bots = start_bots(layout, work, nodes, args.players, bot_seconds(&spec, args.health_window))?;

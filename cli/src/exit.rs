@@ -1,5 +1,7 @@
 //! Exit codes a runbook can branch on, and how failures are printed.
 
+use crate::output::Output;
+
 /// Generic failure (bad flags, unreadable file, server error).
 pub const FAILED: i32 = 1;
 /// The rollout ended rolled back (or aborted).
@@ -9,6 +11,16 @@ pub const ROLLED_BACK: i32 = 3;
 pub const REFUSED: i32 = 4;
 /// The coordinator could not be reached.
 pub const UNREACHABLE: i32 = 5;
+
+/// The exit code's meaning, as the runbook's table words it (one word a script matches).
+pub fn meaning(code: i32) -> &'static str {
+    match code {
+        ROLLED_BACK => "rolled-back",
+        REFUSED => "refused",
+        UNREACHABLE => "unreachable",
+        _ => "failed",
+    }
+}
 
 /// A failure with its exit code; printed once, at the top.
 #[derive(Debug)]
@@ -22,9 +34,25 @@ impl Failure {
         Self { code: REFUSED, error: error.into() }
     }
 
-    /// Prints the error chain and returns the exit code.
-    pub fn report(&self) -> i32 {
-        eprintln!("error: {:#}", self.error);
+    /// Prints the error chain and returns the exit code: a line of text, or
+    /// under `-o json|yaml` an object a script can read (`kind: Error`).
+    pub fn report(&self, output: Output) -> i32 {
+        if output.structured() {
+            let error = serde_json::json!({
+                "apiVersion": crate::output::API_VERSION,
+                "kind": "Error",
+                "message": format!("{:#}", self.error),
+                "exitCode": self.code,
+                "reason": meaning(self.code),
+            });
+            let text = match output {
+                Output::Yaml => crate::output::to_yaml(&error),
+                _ => error.to_string(),
+            };
+            eprintln!("{text}");
+        } else {
+            eprintln!("error: {:#}", self.error);
+        }
         self.code
     }
 }

@@ -1,26 +1,40 @@
 //! `hotfleet nodes list`, `nodes remove`, `freeze`, `unfreeze`, `audit`, `leader`.
 
 use hotfleet_proto::v1::{
-    FreezeRequest, ListAuditRequest, ListNodesRequest, NodesSummary, RemoveNodeRequest, StackDrift, UnfreezeRequest,
+    FreezeRequest, ListAuditRequest, ListNodesRequest, NodeInfo, NodesSummary, RemoveNodeRequest, StackDrift,
+    UnfreezeRequest,
 };
+
+use hotfleet_coordinator::selector::Selector;
 
 use crate::{
     client::{failure, Target},
-    exit::CliResult,
-    output::{format_ms, print_json, Output},
+    exit::{CliResult, Failure},
+    output::{format_ms, Output},
+    views,
 };
+
+/// Checks a `--selector` with the coordinator's own parser, before anything is sent.
+pub fn check_selector(text: &str) -> Result<Selector, Failure> {
+    Selector::parse(text).map_err(|e| Failure::refused(anyhow::anyhow!(e)))
+}
 
 /// Nodes per `ListNodes` page (the coordinator also ends a page before ~2 MiB).
 const PAGE_SIZE: u32 = 2000;
 
-pub async fn nodes_list(target: &Target, selector: String, summary_only: bool, output: Output) -> CliResult {
+/// The nodes `selector` matches, page by page, and their summary; with
+/// `summary_only` one page of one node (the summary counts every match).
+async fn list_nodes(
+    target: &Target,
+    selector: &str,
+    summary_only: bool,
+) -> Result<(Vec<NodeInfo>, NodesSummary), Failure> {
     let mut client = target.connect().await?;
     let mut nodes = Vec::new();
     let mut token = String::new();
-    let summary = loop {
-        // With --summary one node is enough: the summary counts every match.
+    loop {
         let page_size = if summary_only { 1 } else { PAGE_SIZE };
-        let request = ListNodesRequest { selector: selector.clone(), page_size, page_token: token };
+        let request = ListNodesRequest { selector: selector.to_string(), page_size, page_token: token };
         let page = client
             .list_nodes(target.request(request))
             .await
@@ -29,22 +43,42 @@ pub async fn nodes_list(target: &Target, selector: String, summary_only: bool, o
         nodes.extend(page.nodes);
         token = page.next_page_token;
         if token.is_empty() || summary_only {
-            break page.summary.unwrap_or_default();
+            return Ok((nodes, page.summary.unwrap_or_default()));
         }
-    };
+    }
+}
+
+/// Every registered node's id (for prefixes and suggestions).
+async fn registered_ids(target: &Target) -> Result<Vec<String>, Failure> {
+    let (nodes, _) = list_nodes(target, "", false).await?;
+    Ok(nodes.into_iter().filter_map(|n| n.status.map(|s| s.node_id)).collect())
+}
+
+/// The fleet's summary (every node, counted by the coordinator).
+pub async fn fleet_summary(target: &Target) -> Result<NodesSummary, Failure> {
+    Ok(list_nodes(target, "", true).await?.1)
+}
+
+pub async fn nodes_list(target: &Target, selector: String, summary_only: bool, output: Output) -> CliResult {
+    let parsed = check_selector(&selector)?;
+    let (nodes, summary) = list_nodes(target, &selector, summary_only).await?;
     if summary_only {
         match output {
-            Output::Json => print_json(&summary),
-            _ => println!("{}", summary_text(&summary)),
+            Output::Text => println!("{}", summary_text(&summary)),
+            _ => output.print(&views::doc("NodesSummary", views::Summary::from(&summary))),
         }
         return Ok(());
     }
-    if output == Output::Json {
-        print_json(&nodes);
+    if output.structured() {
+        output.print(&views::list("NodeList", nodes.iter().map(views::Node::from).collect()));
         return Ok(());
     }
-    if nodes.is_empty() {
+    if nodes.is_empty() && parsed.is_all() {
         println!("no nodes registered (start hotfleet-agent with --coordinator pointing here)");
+    } else if nodes.is_empty() {
+        // How many there are at all tells a typo from an empty fleet.
+        let registered = fleet_summary(target).await?.total;
+        println!("no node matches {parsed} ({registered} nodes registered)");
     }
     for node in &nodes {
         let Some(status) = &node.status else { continue };
@@ -129,8 +163,8 @@ pub async fn freeze(target: &Target, reason: String, output: Output) -> CliResul
         .await
         .map_err(|s| failure("freeze failed", s))?
         .into_inner();
-    if output == Output::Json {
-        print_json(&status);
+    if output.structured() {
+        output.print(&views::doc("Freeze", views::Freeze::from(&status)));
     } else {
         println!("fleet frozen: no rollout starts a new step until `hotfleet unfreeze` (rollbacks still run)");
     }
@@ -144,8 +178,8 @@ pub async fn unfreeze(target: &Target, output: Output) -> CliResult {
         .await
         .map_err(|s| failure("unfreeze failed", s))?
         .into_inner();
-    if output == Output::Json {
-        print_json(&status);
+    if output.structured() {
+        output.print(&views::doc("Freeze", views::Freeze::from(&status)));
     } else {
         println!("fleet unfrozen");
     }
@@ -153,14 +187,15 @@ pub async fn unfreeze(target: &Target, output: Output) -> CliResult {
 }
 
 pub async fn nodes_remove(target: &Target, node_id: String, reason: String, output: Output) -> CliResult {
+    let node_id = crate::ids::resolve("node", &node_id, &registered_ids(target).await?)?;
     let mut client = target.connect().await?;
     let answer = client
         .remove_node(target.request(RemoveNodeRequest { node_id: node_id.clone(), reason }))
         .await
         .map_err(|s| failure("removing the node failed", s))?
         .into_inner();
-    if output == Output::Json {
-        print_json(&answer);
+    if output.structured() {
+        output.print(&views::doc("NodeRemoval", views::NodeRemoval { node_id, was_alive: answer.was_alive }));
     } else if answer.was_alive {
         println!("node {node_id} removed; it was alive: its agent registers again unless it is stopped");
     } else {
@@ -177,8 +212,10 @@ pub async fn audit(target: &Target, limit: u32, before: Option<u64>, output: Out
         .map_err(|s| failure("reading the audit log failed", s))?
         .into_inner();
     let records = page.records;
-    if output == Output::Json {
-        print_json(&records);
+    if output.structured() {
+        let items = records.iter().map(views::AuditRecord::from).collect();
+        let next_before = (page.next_before_seq != 0).then_some(page.next_before_seq);
+        output.print(&views::doc("AuditPage", views::AuditPage { items, next_before }));
         return Ok(());
     }
     for r in &records {
@@ -202,8 +239,8 @@ pub async fn audit(target: &Target, limit: u32, before: Option<u64>, output: Out
 /// `hotfleet leader`: who leads, as the first reachable coordinator sees it.
 pub async fn leader(target: &Target, output: Output) -> CliResult {
     let status = target.leader_status().await?;
-    if output == Output::Json {
-        print_json(&status);
+    if output.structured() {
+        output.print(&views::doc("Leader", views::Leader::from(&status)));
         return Ok(());
     }
     if status.leader_addr.is_empty() {

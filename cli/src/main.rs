@@ -8,19 +8,23 @@ mod client;
 mod demo;
 mod exit;
 mod fleet_cmd;
+mod ids;
 mod output;
 mod patch_cmd;
+mod pycheck;
 mod rollout_cmd;
+mod tree;
+mod views;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::{client::Target, exit::CliResult, output::Output};
 
 #[derive(Debug, Parser)]
 #[command(name = "hotfleet", version, about = "Hot-patch a live game server fleet", propagate_version = true)]
 struct Cli {
-    /// Output format of read commands.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    /// Output format: text for people, json or yaml for scripts (errors too, on stderr).
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "text")]
     output: Output,
     #[command(flatten)]
     target: Target,
@@ -72,6 +76,13 @@ enum Command {
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// A shell completion script on stdout, e.g. `source <(hotfleet completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff) on stdout, e.g. `hotfleet man > hotfleet.1`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,8 +96,9 @@ enum CertsCommand {
 enum NodesCommand {
     /// Nodes with labels, processes, patch stacks and health.
     List {
-        /// "all" or k=v[,k=v].
-        #[arg(long, default_value = "all")]
+        /// "all", or kubectl-style requirements joined by commas:
+        /// k=v, k!=v, "k in (a,b)", "k notin (a,b)", k, !k.
+        #[arg(long, short = 'l', default_value = "all")]
         selector: String,
         /// Only the counts: nodes by liveness and by build.
         #[arg(long)]
@@ -121,11 +133,30 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Leader => fleet_cmd::leader(target, output).await,
         Command::Auth(cmd) => auth_cmd::run(cmd, target, output).await,
         Command::Certs(CertsCommand::Dev(args)) => certs_cmd::dev(args),
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "hotfleet", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| anyhow::anyhow!("cannot write the manual page: {e}").into()),
+    }
+}
+
+/// A closed pipe ends the CLI quietly, as it ends `ls` or `kubectl`
+/// (`hotfleet patch show X | head -1`): Rust ignores SIGPIPE by default, which
+/// turns every later `println!` into a panic.
+fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
 fn main() {
+    restore_sigpipe();
     let cli = Cli::parse();
+    let output = cli.output;
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -134,6 +165,6 @@ fn main() {
         }
     };
     if let Err(failure) = runtime.block_on(dispatch(cli)) {
-        std::process::exit(failure.report());
+        std::process::exit(failure.report(output));
     }
 }

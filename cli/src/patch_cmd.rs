@@ -8,12 +8,12 @@ use std::{
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use hotfleet_patch::{source_tree, Bundle, Limits, Manifest, SigningKeyFile, TrustedKeys, MANIFEST_FORMAT};
-use serde::Serialize;
 
 use crate::{
     client::{failure, Target},
     exit::{CliResult, Failure},
-    output::{format_ms, print_json, Output},
+    output::{format_ms, Output},
+    views,
 };
 use hotfleet_proto::v1::{ListPatchesRequest, PushPatchRequest};
 
@@ -86,6 +86,10 @@ pub struct BuildArgs {
     /// Sign with this key right away.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// The Python the fleet runs: every packed module is compiled with it
+    /// first, and a syntax error is refused.
+    #[arg(long, env = "HOTFLEET_PYTHON", default_value = "python3")]
+    python: String,
     #[arg(long)]
     out: PathBuf,
 }
@@ -94,8 +98,15 @@ pub fn keygen(dir: &Path, output: Output) -> CliResult {
     let key = SigningKeyFile::generate().map_err(anyhow::Error::from)?;
     let (secret, public) = key.write_pair(dir).map_err(Failure::refused)?;
     let key_id = hotfleet_patch::key_id(&key.public());
-    if output == Output::Json {
-        print_json(&serde_json::json!({"secret_key": secret, "public_key": public, "key_id": key_id}));
+    if output.structured() {
+        output.print(&views::doc(
+            "KeyPair",
+            views::KeyPair {
+                secret_key: secret.display().to_string(),
+                public_key: public.display().to_string(),
+                key_id,
+            },
+        ));
     } else {
         println!("signing key  {} (keep it secret; owner-only)", secret.display());
         println!("public key   {} (give it to agents and the coordinator: --trusted-key)", public.display());
@@ -108,7 +119,7 @@ pub async fn run(cmd: PatchCommand, target: &Target, output: Output) -> CliResul
     match cmd {
         PatchCommand::Push { bundle } => push_file(target, &bundle, output, true).await.map(|_| ()),
         PatchCommand::List { build } => list(target, build, output).await,
-        PatchCommand::Build(args) => build(*args, output),
+        PatchCommand::Build(args) => build(*args, target, output).await,
         PatchCommand::Sign { bundle, key, out } => sign(&bundle, &key, out.as_deref(), output),
         PatchCommand::Verify { bundle, trusted_keys } => verify(&bundle, &trusted_keys, output),
         PatchCommand::Show { bundle, sources } => show(&bundle, sources, output),
@@ -137,13 +148,24 @@ pub async fn push_file(target: &Target, path: &Path, output: Output, report: boo
         .await
         .map_err(|s| failure(&format!("the coordinator refused {}", path.display()), s))?
         .into_inner();
-    if output == Output::Json && report {
-        print_json(&response);
+    if output.structured() && report {
+        let patch = response.patch.as_ref().map(views::Patch::from);
+        output.print(&views::doc("PushResult", views::PushResult { created: response.created, patch }));
     } else if report {
         let verb = if response.created { "staged" } else { "already staged" };
         println!("{verb}: patch {} (build {})", bundle.id(), bundle.manifest.target_build);
     }
     Ok(bundle.id())
+}
+
+/// Every patch id the coordinator holds, for prefixes and suggestions.
+pub async fn known_patches(target: &Target) -> Result<Vec<String>, Failure> {
+    let mut client = target.connect().await?;
+    let answer = client
+        .list_patches(target.request(ListPatchesRequest { target_build: String::new() }))
+        .await
+        .map_err(|s| failure("listing patches failed", s))?;
+    Ok(answer.into_inner().patches.into_iter().map(|p| p.patch_id).collect())
 }
 
 async fn list(target: &Target, target_build: String, output: Output) -> CliResult {
@@ -154,8 +176,8 @@ async fn list(target: &Target, target_build: String, output: Output) -> CliResul
         .map_err(|s| failure("listing patches failed", s))?
         .into_inner()
         .patches;
-    if output == Output::Json {
-        print_json(&patches);
+    if output.structured() {
+        output.print(&views::list("PatchList", patches.iter().map(views::Patch::from).collect()));
         return Ok(());
     }
     for p in &patches {
@@ -172,7 +194,7 @@ async fn list(target: &Target, target_build: String, output: Output) -> CliResul
     Ok(())
 }
 
-fn build(args: BuildArgs, output: Output) -> CliResult {
+async fn build(args: BuildArgs, target: &Target, output: Output) -> CliResult {
     let picked = if let Some(base) = &args.base {
         source_tree::changed_against_dir(&args.root, base, &args.packages)
     } else if let Some(range) = &args.git {
@@ -191,6 +213,16 @@ fn build(args: BuildArgs, output: Output) -> CliResult {
     if picked.modules.is_empty() {
         return Err(Failure::refused(anyhow!("no module changed: nothing to patch")));
     }
+    let errors = crate::pycheck::syntax_errors(&args.python, &picked.modules).map_err(Failure::refused)?;
+    if !errors.is_empty() {
+        return Err(Failure::refused(anyhow!(
+            "{} module(s) do not compile with {}; nothing was written:\n  {}",
+            errors.len(),
+            args.python,
+            errors.join("\n  ")
+        )));
+    }
+    warn_unknown_build(target, &args.target_build).await;
     let manifest = Manifest {
         format: MANIFEST_FORMAT.to_string(),
         target_build: args.target_build,
@@ -206,8 +238,8 @@ fn build(args: BuildArgs, output: Output) -> CliResult {
         bundle.sign(&SigningKeyFile::load(key).map_err(Failure::refused)?);
     }
     write_bundle(&args.out, &bundle)?;
-    if output == Output::Json {
-        print_json(&describe(&bundle, false));
+    if output.structured() {
+        output.print(&views::bundle(&bundle, false));
     } else {
         println!("built {} -> {}", bundle.id(), args.out.display());
         for entry in &bundle.manifest.modules {
@@ -220,14 +252,34 @@ fn build(args: BuildArgs, output: Output) -> CliResult {
     Ok(())
 }
 
+/// Warns when a coordinator answers and none of its nodes runs `build` (a
+/// typo in --target-build would otherwise surface only at `rollout start`).
+/// Silent when no coordinator is configured or reachable: building is offline work.
+async fn warn_unknown_build(target: &Target, build: &str) {
+    // Quiet and quick: only a coordinator already configured and reachable is asked.
+    if target.connect_any().await.is_err() {
+        return;
+    }
+    let Ok(summary) = crate::fleet_cmd::fleet_summary(target).await else { return };
+    let mut builds: Vec<&str> = summary.by_build.keys().map(String::as_str).filter(|b| !b.is_empty()).collect();
+    builds.sort_unstable();
+    // Nodes that report no build yet say nothing either way.
+    if !builds.is_empty() && !builds.contains(&build) {
+        eprintln!(
+            "warning: no node of the coordinator runs build {build} (its nodes run: {}); check --target-build",
+            builds.join(", ")
+        );
+    }
+}
+
 fn sign(path: &Path, key: &Path, out: Option<&Path>, output: Output) -> CliResult {
     let mut bundle = read_bundle(path)?;
     let key = SigningKeyFile::load(key).map_err(Failure::refused)?;
     bundle.sign(&key);
     let target = out.unwrap_or(path);
     write_bundle(target, &bundle)?;
-    if output == Output::Json {
-        print_json(&describe(&bundle, false));
+    if output.structured() {
+        output.print(&views::bundle(&bundle, false));
     } else {
         println!("signed {} with key {} -> {}", bundle.id(), bundle.signer_id().unwrap_or_default(), target.display());
     }
@@ -238,8 +290,8 @@ fn verify(path: &Path, trusted: &[PathBuf], output: Output) -> CliResult {
     let bundle = read_bundle(path)?;
     let trusted = TrustedKeys::load(trusted).map_err(Failure::refused)?;
     bundle.verify(&trusted).map_err(Failure::refused)?;
-    if output == Output::Json {
-        print_json(&describe(&bundle, false));
+    if output.structured() {
+        output.print(&views::bundle(&bundle, false));
     } else {
         println!("ok: patch {} signed by trusted key {}", bundle.id(), bundle.signer_id().unwrap_or_default());
     }
@@ -248,24 +300,28 @@ fn verify(path: &Path, trusted: &[PathBuf], output: Output) -> CliResult {
 
 fn show(path: &Path, sources: bool, output: Output) -> CliResult {
     let bundle = read_bundle(path)?;
-    let described = describe(&bundle, sources);
-    if output == Output::Json {
-        print_json(&described);
+    if output.structured() {
+        output.print(&views::bundle(&bundle, sources));
         return Ok(());
     }
     let m = &bundle.manifest;
-    println!("patch        {}", described.id);
+    println!("patch        {}", bundle.id());
     println!("target build {}", m.target_build);
     println!("parent       {}", m.parent.as_deref().unwrap_or("(none)"));
     println!("author       {}", m.author);
     println!("created at   {}", m.created_at);
-    println!("signed by    {}", described.signer.as_deref().unwrap_or("(unsigned)"));
+    println!("signed by    {}", bundle.signer_id().as_deref().unwrap_or("(unsigned)"));
     if !m.description.is_empty() {
         println!("description  {}", m.description);
     }
     println!("modules:");
     for entry in &m.modules {
-        println!("  {:<40} {:>8} bytes  sha256 {}", entry.name, entry.size, &entry.sha256[..16]);
+        println!(
+            "  {:<40} {:>8} bytes  sha256 {}",
+            entry.name,
+            entry.size,
+            entry.sha256.get(..16).unwrap_or(&entry.sha256)
+        );
     }
     if sources {
         for (name, source) in &bundle.modules {
@@ -275,26 +331,14 @@ fn show(path: &Path, sources: bool, output: Output) -> CliResult {
     Ok(())
 }
 
-#[derive(Serialize)]
-struct Described {
-    id: String,
-    signer: Option<String>,
-    manifest: Manifest,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sources: Option<std::collections::BTreeMap<String, String>>,
-}
-
-fn describe(bundle: &Bundle, sources: bool) -> Described {
-    Described {
-        id: bundle.id(),
-        signer: bundle.signer_id(),
-        manifest: bundle.manifest.clone(),
-        sources: sources.then(|| bundle.modules.iter().cloned().collect()),
-    }
-}
-
+/// `$USER@host`; without `$USER` (cron, a bare container) `$LOGNAME`, then
+/// the numeric uid, so a bundle always names a traceable author (runbook §1).
 fn default_author() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()))
+        // SAFETY: getuid cannot fail and touches no memory.
+        .unwrap_or_else(|| format!("uid-{}", unsafe { libc::getuid() }));
     let host = fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     if host.is_empty() {
         user

@@ -1,22 +1,25 @@
-//! `hotfleet rollout start|list|status|watch|pause|resume|promote|abort`.
+//! `hotfleet rollout start|list|status|describe|watch|pause|resume|promote|abort`.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, io::IsTerminal, path::Path, time::Duration};
 
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use hotfleet_proto::{
-    duration::parse_duration,
+    duration::{format_duration_ms, parse_duration},
     v1::{
-        GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutActionRequest, RolloutPhase, RolloutSpec,
-        StartRolloutRequest, WatchRolloutRequest,
+        GetFreezeRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutActionRequest, RolloutPhase,
+        RolloutSpec, StartRolloutRequest, WatchRolloutRequest,
     },
 };
+
+use hotfleet_coordinator::rollout::MERGED_EVENT;
 
 use crate::{
     client::{failure, transient, Target},
     exit::{CliResult, Failure, ROLLED_BACK},
-    output::{format_ms, print_json, Output},
-    patch_cmd,
+    ids,
+    output::{format_ms, Output},
+    patch_cmd, tree, views,
 };
 
 #[derive(Debug, Subcommand)]
@@ -31,8 +34,12 @@ pub enum RolloutCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// One rollout: steps, per-node state, events.
+    /// One rollout: phase and why it waits, steps, per-node state.
     Status { id: String },
+    /// One rollout in full: spec, plan, each step, each node's desired and
+    /// observed state, why it waits (with the window's countdown), and the
+    /// event log of who did what.
+    Describe { id: String },
     /// Follow a rollout live until it ends, across coordinator restarts and fail-overs
     /// (exit 0 completed, 3 rolled back, 5 no coordinator answered for 60 s).
     Watch { id: String },
@@ -79,8 +86,9 @@ pub struct StartArgs {
     /// windows may last hours.
     #[arg(long, value_parser = parse_ttl)]
     prepare_ttl: Option<u32>,
-    /// Target nodes: "all" or k=v[,k=v] [default: all].
-    #[arg(long)]
+    /// Target nodes: "all", or kubectl-style requirements joined by commas:
+    /// k=v, k!=v, "k in (a,b)", "k notin (a,b)", k, !k [default: all].
+    #[arg(long, short = 'l')]
     selector: Option<String>,
     /// Pause before these steps until `rollout promote`, e.g. wave-2. Repeatable.
     #[arg(long = "pause-before", value_delimiter = ',')]
@@ -115,7 +123,8 @@ pub async fn run(target: &Target, cmd: RolloutCommand, output: Output) -> CliRes
     match cmd {
         RolloutCommand::Start(args) => start(target, *args, output).await,
         RolloutCommand::List { active, limit } => list(target, active, limit, output).await,
-        RolloutCommand::Status { id } => status(target, id, output).await,
+        RolloutCommand::Status { id } => status(target, id, output, false).await,
+        RolloutCommand::Describe { id } => status(target, id, output, true).await,
         RolloutCommand::Watch { id } => watch(target, id, output).await,
         RolloutCommand::Pause(a) => action(target, "pause", a, output).await,
         RolloutCommand::Resume(a) => action(target, "resume", a, output).await,
@@ -125,12 +134,24 @@ pub async fn run(target: &Target, cmd: RolloutCommand, output: Output) -> CliRes
 }
 
 async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
-    let patch_id = if Path::new(&args.patch).is_file() {
+    if let Some(selector) = &args.selector {
+        crate::fleet_cmd::check_selector(selector)?;
+    }
+    let patch_id = if Path::new(&args.patch).is_file() && args.dry_run {
+        // A dry run pushes nothing: it plans the bundle's id, if already staged.
+        patch_cmd::read_bundle(Path::new(&args.patch))?.id()
+    } else if Path::new(&args.patch).is_file() {
         patch_cmd::push_file(target, Path::new(&args.patch), Output::Text, output == Output::Text).await?
     } else if hotfleet_patch::is_patch_id(&args.patch) {
         args.patch.clone()
+    } else if !args.patch.is_empty() && args.patch.chars().all(|c| c.is_ascii_hexdigit()) {
+        // A prefix, as `nodes list` and `patch list` print ids.
+        ids::resolve("patch", &args.patch, &patch_cmd::known_patches(target).await?)?
     } else {
-        return Err(Failure::refused(anyhow!("{:?} is neither a patch id nor a bundle file", args.patch)));
+        return Err(Failure::refused(anyhow!(
+            "{:?} is neither a patch id (or its prefix) nor a bundle file",
+            args.patch
+        )));
     };
     // Absent stays absent (proto3: empty or zero); the coordinator fills in its defaults.
     let millis = |d: Option<Duration>| d.map(|d| d.as_millis() as u64).unwrap_or_default();
@@ -152,7 +173,16 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
     let rollout = client
         .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run }))
         .await
-        .map_err(|s| failure("the coordinator refused the rollout", s))?
+        .map_err(|s| {
+            if args.dry_run && s.code() == tonic::Code::NotFound && Path::new(&args.patch).is_file() {
+                let push = format!("hotfleet patch push {}", args.patch);
+                return Failure::refused(anyhow!(
+                    "{}: the coordinator does not hold this bundle yet, and a dry run pushes nothing; stage it with `{push}`, then dry-run again",
+                    args.patch
+                ));
+            }
+            failure("the coordinator refused the rollout", s)
+        })?
         .into_inner()
         .rollout
         .ok_or_else(|| anyhow!("coordinator answered without a rollout"))?;
@@ -163,10 +193,14 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         }
         return watch(target, rollout.rollout_id, output).await;
     }
-    if output == Output::Json {
-        print_json(&rollout);
+    if output.structured() {
+        output.print(&views::rollout(&rollout));
     } else {
-        println!("{} {}", if args.dry_run { "plan for" } else { "started rollout" }, rollout.rollout_id);
+        if args.dry_run {
+            println!("plan (dry run: nothing started, nothing pushed)");
+        } else {
+            println!("started rollout {}", rollout.rollout_id);
+        }
         print_plan(&rollout);
         if !args.dry_run {
             println!("follow it: hotfleet rollout watch {}", rollout.rollout_id);
@@ -183,9 +217,12 @@ async fn list(target: &Target, active_only: bool, limit: u32, output: Output) ->
         .map_err(|s| failure("listing rollouts failed", s))?
         .into_inner()
         .rollouts;
-    if output == Output::Json {
-        print_json(&rollouts);
+    if output.structured() {
+        output.print(&views::list("RolloutList", rollouts.iter().map(views::Rollout::from).collect()));
         return Ok(());
+    }
+    if let Some(frozen) = frozen_line(target).await {
+        println!("{frozen}");
     }
     for r in &rollouts {
         let patch =
@@ -195,7 +232,7 @@ async fn list(target: &Target, active_only: bool, limit: u32, output: Output) ->
             r.rollout_id,
             phase_name(r.phase),
             patch,
-            r.nodes.len(),
+            node_count(r),
             format_ms(r.created_at_ms),
             r.reason
         );
@@ -205,38 +242,135 @@ async fn list(target: &Target, active_only: bool, limit: u32, output: Output) ->
 
 async fn get(target: &Target, id: String) -> Result<Rollout, Failure> {
     let mut client = target.connect().await?;
-    client
-        .get_rollout(target.request(GetRolloutRequest { rollout_id: id.clone() }))
-        .await
+    let mut answer = client.get_rollout(target.request(GetRolloutRequest { rollout_id: id.clone() })).await;
+    if matches!(&answer, Err(s) if s.code() == tonic::Code::NotFound) {
+        let full = ids::resolve("rollout", &id, &known_rollouts(target).await?)?;
+        answer = client.get_rollout(target.request(GetRolloutRequest { rollout_id: full })).await;
+    }
+    answer
         .map_err(|s| failure(&format!("rollout {id}"), s))?
         .into_inner()
         .rollout
         .ok_or_else(|| anyhow!("coordinator answered without a rollout").into())
 }
 
-async fn status(target: &Target, id: String, output: Output) -> CliResult {
+/// Every rollout id the coordinator keeps (newest first), for prefixes and suggestions.
+async fn known_rollouts(target: &Target) -> Result<Vec<String>, Failure> {
+    let mut client = target.connect().await?;
+    let request = target.request(ListRolloutsRequest { active_only: false, limit: 1000 });
+    let rollouts = client.list_rollouts(request).await.map_err(|s| failure("listing rollouts failed", s))?;
+    Ok(rollouts.into_inner().rollouts.into_iter().map(|r| r.rollout_id).collect())
+}
+
+/// The full id `given` names: itself if the coordinator knows it, else the
+/// one rollout it is a prefix of.
+async fn resolve_rollout(target: &Target, given: String) -> Result<String, Failure> {
+    Ok(get(target, given).await?.rollout_id)
+}
+
+async fn status(target: &Target, id: String, output: Output, full: bool) -> CliResult {
     let rollout = get(target, id).await?;
-    if output == Output::Json {
-        print_json(&rollout);
-    } else {
-        print_summary(&rollout);
+    if output.structured() {
+        output.print(&views::rollout(&rollout));
+        return Ok(());
+    }
+    if let Some(frozen) = frozen_line(target).await {
+        println!("{frozen}");
+    }
+    if full {
+        print_spec(&rollout);
+    }
+    print_summary(&rollout);
+    if full {
+        print_plan_notes(&rollout);
+        println!("events:");
+        for event in &rollout.events {
+            println!("  {} {}", format_ms(event.at_ms), event.message);
+        }
     }
     Ok(())
 }
 
+/// `fleet    FROZEN by X: reason`, when the fleet is frozen (asked separately:
+/// a freeze is the fleet's, not the rollout's); nothing if unknown.
+async fn frozen_line(target: &Target) -> Option<String> {
+    let mut client = target.connect().await.ok()?;
+    let status = client.get_freeze(target.request(GetFreezeRequest {})).await.ok()?.into_inner();
+    status.frozen.then(|| {
+        let why = if status.reason.is_empty() { String::new() } else { format!(": {}", status.reason) };
+        format!("fleet    FROZEN by {}{why} (no rollout starts a new step; hotfleet unfreeze)", status.by)
+    })
+}
+
+/// The spec as the flags that would start it again.
+fn print_spec(r: &Rollout) {
+    let Some(spec) = &r.spec else { return };
+    println!(
+        "spec     canary {}  waves {}  selector {}",
+        or(&spec.canary, "1"),
+        spec.waves.join(","),
+        or(&spec.selector, "all")
+    );
+    println!(
+        "         health window {}  step deadline {}  max unhealthy {}  tick p99 factor {}  prepare TTL {}",
+        format_duration_ms(spec.health_window_ms),
+        format_duration_ms(spec.step_deadline_ms),
+        spec.max_unhealthy,
+        spec.tick_p99_factor,
+        if spec.prepare_ttl_seconds == 0 {
+            "agents' default".to_string()
+        } else {
+            format!("{}s", spec.prepare_ttl_seconds)
+        }
+    );
+    println!("created  {} by {}", format_ms(r.created_at_ms), r.created_by);
+    if !spec.description.is_empty() {
+        println!("about    {}", spec.description);
+    }
+}
+
+fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
+    if text.is_empty() {
+        default
+    } else {
+        text
+    }
+}
+
+/// What the rollout is doing right now, in words: why it waits, or how
+/// long the running health window has left.
+pub fn now_doing(r: &Rollout) -> Option<String> {
+    if !r.waiting_reason.is_empty() {
+        return Some(format!("waiting: {}", r.waiting_reason));
+    }
+    let watching = RolloutPhase::try_from(r.phase) == Ok(RolloutPhase::Watching);
+    if watching && r.window_ends_at_ms > 0 {
+        let window = r.spec.as_ref().map(|s| format_duration_ms(s.health_window_ms)).unwrap_or_default();
+        let left = r.window_ends_at_ms.saturating_sub(now_ms());
+        return Some(format!("health window {window}, {} left", format_duration_ms(left.div_ceil(1000) * 1000)));
+    }
+    None
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 async fn action(target: &Target, what: &str, action: Action, output: Output) -> CliResult {
+    let id = resolve_rollout(target, action.id).await?;
     let mut client = target.connect().await?;
-    let request = target.request(RolloutActionRequest { rollout_id: action.id.clone(), reason: action.reason });
+    let request = target.request(RolloutActionRequest { rollout_id: id.clone(), reason: action.reason });
     let result = match what {
         "pause" => client.pause_rollout(request).await,
         "resume" => client.resume_rollout(request).await,
         "promote" => client.promote_rollout(request).await,
         _ => client.abort_rollout(request).await,
     };
-    let rollout =
-        result.map_err(|s| failure(&format!("{what} of rollout {} refused", action.id), s))?.into_inner().rollout;
-    if output == Output::Json {
-        print_json(&rollout);
+    let rollout = result.map_err(|s| failure(&format!("{what} of rollout {id} refused"), s))?.into_inner().rollout;
+    if output.structured() {
+        if let Some(r) = &rollout {
+            output.print(&views::rollout(r));
+        }
     } else if let Some(r) = rollout {
         println!("rollout {}: {what} accepted; now {}", r.rollout_id, phase_name(r.phase));
     }
@@ -253,8 +387,11 @@ const RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// end of the rollout: the watch reconnects (to the new leader, or any
 /// coordinator: they all serve it) and carries on where it was.
 pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
+    let id = resolve_rollout(target, id).await?;
     let mut printed_events = 0;
     let mut last_line = String::new();
+    // On a terminal the tree is redrawn in place; piped, one line per change.
+    let mut tree = (output == Output::Text && std::io::stdout().is_terminal()).then(tree::Redraw::default);
     let mut last: Option<Rollout> = None;
     let mut lost_since: Option<std::time::Instant> = None;
     'watching: loop {
@@ -272,9 +409,18 @@ pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
                 match stream.message().await {
                     Ok(Some(rollout)) => {
                         lost_since = None;
-                        if output == Output::Json {
-                            // One JSON document per line: easy to stream into jq.
-                            println!("{}", serde_json::to_string(&rollout).unwrap_or_default());
+                        if output.structured() {
+                            // One JSON document per line (easy to stream into jq), or a YAML document each.
+                            output.print_streamed(&views::rollout(&rollout));
+                        } else if let Some(tree) = &mut tree {
+                            let events: Vec<String> = rollout
+                                .events
+                                .iter()
+                                .skip(printed_events)
+                                .map(|e| format!("  {} {}", format_ms(e.at_ms), e.message))
+                                .collect();
+                            printed_events = rollout.events.len();
+                            tree.show(&events, &tree::render(&rollout));
                         } else {
                             for event in rollout.events.iter().skip(printed_events) {
                                 println!("  {} {}", format_ms(event.at_ms), event.message);
@@ -354,6 +500,15 @@ pub fn phase_name(phase: i32) -> &'static str {
     }
 }
 
+/// The rollout's nodes: a listing leaves out per-node detail, so count the plan's steps.
+fn node_count(r: &Rollout) -> usize {
+    if r.nodes.is_empty() {
+        r.steps.iter().map(|s| s.node_ids.len()).sum()
+    } else {
+        r.nodes.len()
+    }
+}
+
 fn progress_line(r: &Rollout) -> String {
     let step = r.steps.get(r.current_step as usize).map(|s| s.name.as_str()).unwrap_or("-");
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -362,6 +517,7 @@ fn progress_line(r: &Rollout) -> String {
     }
     let counts: Vec<String> = counts.iter().map(|(state, n)| format!("{state} {n}")).collect();
     let mut line = format!("[{}] {:<8} {}", phase_name(r.phase), step, counts.join(", "));
+    // The countdown is left out: it would make every snapshot a new line.
     if !r.waiting_reason.is_empty() {
         line.push_str(&format!("  (waiting: {})", r.waiting_reason));
     }
@@ -380,11 +536,20 @@ fn print_plan(r: &Rollout) {
     for skipped in &r.skipped {
         println!("  skipped  {}: {}", skipped.node_id, skipped.reason);
     }
+    print_plan_notes(r);
+}
+
+/// How the plan merged the requested waves on this fleet, if it did.
+fn print_plan_notes(r: &Rollout) {
+    for merged in r.events.iter().filter_map(|e| e.message.strip_prefix(MERGED_EVENT)) {
+        println!("  note     {merged}");
+    }
 }
 
 fn print_summary(r: &Rollout) {
     let patch = r.spec.as_ref().map(|s| s.patch_id.clone()).unwrap_or_default();
-    println!("rollout  {}  {}", r.rollout_id, phase_name(r.phase).to_uppercase());
+    let doing = now_doing(r).map(|d| format!("  ({d})")).unwrap_or_default();
+    println!("rollout  {}  {}{doing}", r.rollout_id, phase_name(r.phase).to_uppercase());
     println!("patch    {patch}  (build {})", r.target_build);
     if !r.reason.is_empty() {
         println!("reason   {}", r.reason);

@@ -46,7 +46,7 @@ pub struct Args {
     /// State store backend.
     #[arg(long, env = "HOTFLEET_STORE", value_enum, default_value = "embedded")]
     pub store: StoreKind,
-    /// etcd members, comma-separated (http://host:2379; https:// needs the etcd-tls build).
+    /// etcd members, comma-separated (http://host:2379 or https://host:2379).
     #[arg(long, env = "HOTFLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
     /// Every hotfleet key lives under this etcd key prefix.
@@ -58,10 +58,10 @@ pub struct Args {
     /// etcd password (prefer the environment variable over the flag).
     #[arg(long, env = "HOTFLEET_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
-    /// CA certificate (PEM) to verify etcd with (etcd-tls build).
+    /// CA certificate (PEM) to verify etcd with.
     #[arg(long, env = "HOTFLEET_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd's mutual TLS (etcd-tls build; with --etcd-key).
+    /// Client certificate (PEM) for etcd's mutual TLS (with --etcd-key).
     #[arg(long, env = "HOTFLEET_ETCD_CERT")]
     pub etcd_cert: Option<PathBuf>,
     /// Client key (PEM) for etcd's mutual TLS.
@@ -356,10 +356,6 @@ fn etcd_options(a: &Args) -> Result<Option<EtcdOptions>, ConfigError> {
     if a.etcd_cert.is_some() != a.etcd_key.is_some() {
         return Err(invalid("etcd-cert", "--etcd-cert and --etcd-key go together".into()));
     }
-    let wants_tls = a.etcd_ca.is_some() || a.etcd_cert.is_some() || endpoints.iter().any(|e| e.starts_with("https://"));
-    if wants_tls && !cfg!(feature = "etcd-tls") {
-        return Err(invalid("etcd-ca", crate::store::etcd::TLS_MISSING.into()));
-    }
     for (flag, path) in [("etcd-ca", &a.etcd_ca), ("etcd-cert", &a.etcd_cert), ("etcd-key", &a.etcd_key)] {
         if let Some(path) = path {
             if !path.is_file() {
@@ -441,8 +437,7 @@ mod tests {
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--listen", "0.0.0.0:7700"])
             .contains("--advertise-addr"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-cert", "/x"]).contains("--etcd-key"));
-        if !cfg!(feature = "etcd-tls") {
-            assert!(err(&["--store", "etcd", "--etcd-endpoints", "https://e:1"]).contains("etcd-tls"));
-        }
+        assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-ca", "/no/such/ca.pem"])
+            .contains("does not exist"));
     }
 }

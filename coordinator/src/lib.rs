@@ -37,6 +37,7 @@ pub mod reads;
 pub mod reconcile;
 pub mod registry;
 pub mod rollout;
+pub mod selector;
 pub mod server;
 pub mod store;
 pub mod sweeper;

@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::selector::Selector;
 use crate::{
     input::{self, excerpt, InputError},
     rollout::{RolloutSpec, Skipped, Step},
@@ -22,7 +23,7 @@ pub enum PlanError {
     #[error(transparent)]
     Input(#[from] InputError),
     /// `selector` is already an [`excerpt`] of what was sent.
-    #[error("invalid selector {selector}: {reason} (use \"all\" or \"key=value[,key=value]\")")]
+    #[error("invalid selector {selector}: {reason} (use \"all\", or requirements joined by commas: k=v, k!=v, k in (a,b), k notin (a,b), k, !k)")]
     Selector { selector: String, reason: String },
     /// `text` is already an [`excerpt`] of what was sent.
     #[error("invalid size {text}: {reason} (use a count like \"2\" or a percent like \"25%\")")]
@@ -32,8 +33,9 @@ pub enum PlanError {
         excerpt(selector)
     )]
     NoTargets { selector: String, build: String },
-    #[error("unknown step {} in pause-before; this plan's steps are: {steps}", excerpt(name))]
-    UnknownStep { name: String, steps: String },
+    /// `why` is empty, or says how the waves were merged on this fleet.
+    #[error("unknown step {} in pause-before; this plan's steps are: {steps}{why}", excerpt(name))]
+    UnknownStep { name: String, steps: String, why: String },
     #[error("tick_p99_factor {0} must be >= 1.0")]
     P99Factor(f64),
     #[error("tick_p99_floor_ms {0} must be >= 0")]
@@ -45,51 +47,6 @@ pub enum PlanError {
          for the agents' default)"
     )]
     PrepareTtl { ttl_s: u32, heartbeats: u32, interval_ms: u64, min_ms: u64, min_s: u64 },
-}
-
-/// Label selector: every `k=v` must match; empty means all nodes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Selector {
-    pub labels: BTreeMap<String, String>,
-}
-
-impl Selector {
-    /// Parses `"all"`, `""` or `"k=v,k2=v2"`.
-    pub fn parse(text: &str) -> Result<Self, PlanError> {
-        input::text("selector", text, input::MAX_SELECTOR)?;
-        let trimmed = text.trim();
-        let mut labels = BTreeMap::new();
-        if trimmed.is_empty() || trimmed == "all" || trimmed == "*" {
-            return Ok(Self { labels });
-        }
-        let err = |reason: &str| PlanError::Selector { selector: excerpt(text), reason: reason.to_string() };
-        for part in trimmed.split(',') {
-            let (key, value) =
-                part.split_once('=').ok_or_else(|| err(&format!("{} is not key=value", excerpt(part))))?;
-            let (key, value) = (key.trim(), value.trim());
-            if key.is_empty() {
-                return Err(err("empty label key"));
-            }
-            if labels.insert(key.to_string(), value.to_string()).is_some() {
-                return Err(err(&format!("label {} given twice", excerpt(key))));
-            }
-        }
-        Ok(Self { labels })
-    }
-
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-    }
-}
-
-impl fmt::Display for Selector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.labels.is_empty() {
-            return f.write_str("all");
-        }
-        let parts: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        f.write_str(&parts.join(","))
-    }
 }
 
 /// A step size: an absolute count or a percent.
@@ -154,6 +111,10 @@ pub struct Candidate {
 pub struct Plan {
     pub steps: Vec<Step>,
     pub skipped: Vec<Skipped>,
+    /// How the requested waves were merged on a fleet too small for them
+    /// (each wave keeps its requested number, so `wave-2` always means the
+    /// second wave asked for, and a merged one is absent, not renamed).
+    pub merged: Vec<String>,
 }
 
 impl Plan {
@@ -175,7 +136,10 @@ pub fn plan(candidates: &[Candidate], spec: &RolloutSpec, build: &str) -> Result
     for name in &spec.pause_before {
         if plan.step_index(name).is_none() {
             let steps: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
-            return Err(PlanError::UnknownStep { name: name.clone(), steps: steps.join(", ") });
+            let prefix = format!("{name} ");
+            let why =
+                plan.merged.iter().find(|m| m.starts_with(&prefix)).map(|m| format!(" ({m})")).unwrap_or_default();
+            return Err(PlanError::UnknownStep { name: name.clone(), steps: steps.join(", "), why });
         }
     }
     for step in &mut plan.steps {
@@ -231,28 +195,43 @@ fn select(
         steps.push(Step { name: "canary".into(), nodes: targets, pause_before: false });
     }
 
+    // Wave i keeps the name wave-i; one that adds no node on this fleet is merged away, and said so.
     let mut done = 0usize;
     let mut wave_sizes = Vec::new();
-    for size in waves {
+    let mut empty = Vec::new();
+    for (i, size) in waves.iter().enumerate() {
         let upto = match size {
             Size::Count(n) => done.saturating_add(*n as usize),
             Size::Percent(_) => size.of(rest.len()),
         }
         .min(rest.len());
         if upto > done {
-            wave_sizes.push(upto - done);
+            wave_sizes.push((i + 1, upto - done));
             done = upto;
+        } else {
+            empty.push((i + 1, *size));
         }
     }
     if done < rest.len() {
-        wave_sizes.push(rest.len() - done);
+        wave_sizes.push((waves.len() + 1, rest.len() - done));
     }
+    let merged = empty
+        .into_iter()
+        .map(|(i, size)| {
+            let into = wave_sizes.iter().find(|(j, _)| *j > i).map(|(j, _)| format!("merged into wave-{j}"));
+            format!(
+                "wave-{i} ({size}) adds no node to the {} target(s) after the canary: {}",
+                rest.len(),
+                into.unwrap_or_else(|| "the waves before it already cover them all".into())
+            )
+        })
+        .collect();
     let mut iter = rest.into_iter();
-    for (i, n) in wave_sizes.into_iter().enumerate() {
+    for (i, n) in wave_sizes {
         let nodes = iter.by_ref().take(n).collect();
-        steps.push(Step { name: format!("wave-{}", i + 1), nodes, pause_before: false });
+        steps.push(Step { name: format!("wave-{i}"), nodes, pause_before: false });
     }
-    Ok(Plan { steps, skipped })
+    Ok(Plan { steps, skipped, merged })
 }
 
 #[cfg(test)]
@@ -295,8 +274,8 @@ mod tests {
         assert!(s.matches(&labels));
         assert!(!Selector::parse("zone=b").expect("parse").matches(&labels));
         assert!(Selector::parse("").expect("empty").matches(&labels));
-        assert!(Selector::parse("all").expect("all").labels.is_empty());
-        for bad in ["zone", "=a", "zone=a,zone=b"] {
+        assert!(Selector::parse("all").expect("all").is_all());
+        for bad in ["zone in a", "=a", "zone=a,zone=b"] {
             assert!(Selector::parse(bad).is_err(), "{bad} accepted");
         }
     }
@@ -350,9 +329,28 @@ mod tests {
 
     #[test]
     fn empty_waves_are_dropped() {
-        // 2 non-canary nodes: 10% -> 1, 20% -> still 1 (dropped), 100% -> 2.
+        // 2 non-canary nodes: 10% -> 1, 20% -> still 1 (merged), 100% -> 2.
         let p = select(&fleet(3), &all(), "b1", Size::Count(1), &waves(&["10%", "20%", "100%"])).expect("plan");
-        assert_eq!(sizes(&p), [("canary".into(), 1), ("wave-1".into(), 1), ("wave-2".into(), 1)]);
+        assert_eq!(sizes(&p), [("canary".into(), 1), ("wave-1".into(), 1), ("wave-3".into(), 1)]);
+        assert_eq!(p.merged, ["wave-2 (20%) adds no node to the 2 target(s) after the canary: merged into wave-3"]);
+        let p = select(&fleet(2), &all(), "b1", Size::Count(1), &waves(&["100%", "2"])).expect("plan");
+        assert_eq!(sizes(&p), [("canary".into(), 1), ("wave-1".into(), 1)]);
+        assert!(p.merged[0].starts_with("wave-2 (2) adds no node") && p.merged[0].ends_with("cover them all"));
+    }
+
+    #[test]
+    fn a_gate_before_a_merged_wave_is_refused_saying_why() {
+        let spec = RolloutSpec {
+            waves: waves(&["10%", "50%", "100%"]),
+            pause_before: vec!["wave-2".into()],
+            ..RolloutSpec::new("p")
+        };
+        let err = plan(&fleet(3), &spec, "b1").expect_err("wave-2 was merged").to_string();
+        assert!(err.contains("steps are: canary, wave-1, wave-3"), "{err}");
+        assert!(
+            err.contains("(wave-2 (50%) adds no node to the 2 target(s) after the canary: merged into wave-3)"),
+            "{err}"
+        );
     }
 
     #[test]

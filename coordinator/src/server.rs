@@ -216,7 +216,7 @@ impl Coordinator {
         let limits = &self.config.limits;
         let (builder, incoming) = grpc::limits::apply(Server::builder(), listener, limits);
         let operator = CoordinatorServer::new(operator).max_decoding_message_size(max_message);
-        grpc_server(builder, &self.config.transport, self.authority.clone())?
+        grpc_server(builder, &self.config.transport, limits.handshake_timeout, self.authority.clone())?
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -269,9 +269,10 @@ impl Coordinator {
 fn grpc_server(
     mut builder: Server,
     transport: &Transport,
+    handshake_timeout: Duration,
     authority: Authority,
 ) -> Result<Server<tower::layer::util::Stack<GateLayer<Authority>, tower::layer::util::Identity>>, ServerError> {
-    if let Some(tls) = transport.server_config(ClientCerts::Optional) {
+    if let Some(tls) = transport.server_config(ClientCerts::Optional, handshake_timeout) {
         builder = builder.tls_config(tls)?;
     }
     Ok(builder.layer(GateLayer(authority)))

@@ -25,33 +25,6 @@ impl Keys {
     }
 }
 
-/// Builds a patch with `hotfleet patch build` from a source tree holding a
-/// `zone` package, shipping every module in it. Returns (bundle path, patch id).
-pub fn build_patch(
-    layout: &Layout,
-    source_root: &Path,
-    out: &Path,
-    target_build: &str,
-    description: &str,
-    keys: Option<&Keys>,
-) -> Result<(PathBuf, String)> {
-    build_patch_of(layout, "zone", source_root, out, target_build, description, keys)
-}
-
-/// [`build_patch`] for another game's package (e.g. `arena`).
-pub fn build_patch_of(
-    layout: &Layout,
-    package: &str,
-    source_root: &Path,
-    out: &Path,
-    target_build: &str,
-    description: &str,
-    keys: Option<&Keys>,
-) -> Result<(PathBuf, String)> {
-    let build = PatchBuild { package, source_root, out, target_build, description, keys, parent: None };
-    build_patch_with(layout, &build)
-}
-
 /// What to build with `hotfleet patch build`.
 #[derive(Debug, Clone, Copy)]
 pub struct PatchBuild<'a> {
@@ -66,7 +39,22 @@ pub struct PatchBuild<'a> {
     pub parent: Option<&'a str>,
 }
 
-/// Builds the patch `build` describes. Returns (bundle path, patch id).
+impl<'a> PatchBuild<'a> {
+    /// A first patch for the example `zone` package, shipping every module
+    /// under `source_root/zone`.
+    pub fn zone(
+        source_root: &'a Path,
+        out: &'a Path,
+        target_build: &'a str,
+        description: &'a str,
+        keys: Option<&'a Keys>,
+    ) -> Self {
+        Self { package: "zone", source_root, out, target_build, description, keys, parent: None }
+    }
+}
+
+/// Builds the patch `build` describes with `hotfleet patch build`. Returns
+/// (bundle path, patch id).
 pub fn build_patch_with(layout: &Layout, build: &PatchBuild<'_>) -> Result<(PathBuf, String)> {
     let PatchBuild { package, source_root, out, target_build, description, keys, parent } = *build;
     let mut args = vec![

@@ -151,11 +151,11 @@ impl Fleet {
         wait_for(&format!("{n} nodes registered with their zone servers"), Duration::from_secs(30), None, || {
             let out = self.layout.cli(&["--output", "json", "--coordinator", &urls, "nodes", "list"]).ok()?;
             let nodes: Value = serde_json::from_str(&out).ok()?;
-            let ready = nodes
+            let ready = nodes["items"]
                 .as_array()?
                 .iter()
                 .filter(|node| {
-                    node["liveness"] == "alive" && node["status"]["processes"].as_array().is_some_and(|p| p.len() == 1)
+                    node["liveness"] == "alive" && node["processes"].as_array().is_some_and(|p| p.len() == 1)
                 })
                 .count();
             (ready == n).then_some(())

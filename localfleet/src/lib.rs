@@ -30,7 +30,7 @@ mod zone;
 use std::{path::PathBuf, time::Duration};
 
 pub use agent::AgentProc;
-pub use artifacts::{build_patch, build_patch_of, build_patch_with, Keys, PatchBuild};
+pub use artifacts::{build_patch_with, Keys, PatchBuild};
 pub use certs::{DevCerts, TlsFiles, OPERATORS};
 pub use coordinator::{CoordinatorProc, StoreSpec};
 pub use etcd::EtcdProc;

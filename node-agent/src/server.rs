@@ -158,7 +158,7 @@ pub async fn serve(
     // connects and sends nothing is closed, and at the cap it makes room.
     let incoming = Incoming::new(grpc_listener, AGENT_CONN_LIMITS);
     let mut builder = Server::builder();
-    if let Some(tls) = transport.server_config(ClientCerts::Required) {
+    if let Some(tls) = transport.server_config(ClientCerts::Required, AGENT_CONN_LIMITS.handshake_timeout) {
         builder = builder.tls_config(tls)?;
     }
     let result = builder

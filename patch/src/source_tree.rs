@@ -67,8 +67,12 @@ pub fn changed_against_dir(root: &Path, base: &Path, packages: &[String]) -> Res
     Ok(diff(new, &old))
 }
 
+/// A module of `old` missing from `new` counts as removed only when `new`
+/// holds its top-level package (`zone/__init__.py`): a root holding just
+/// the changed files (an overlay) removes nothing, it leaves the rest alone.
 fn diff(new: BTreeMap<String, String>, old: &BTreeMap<String, String>) -> Picked {
-    let removed = old.keys().filter(|name| !new.contains_key(*name)).cloned().collect();
+    let package_kept = |name: &str| name.split('.').next().is_some_and(|top| top != name && new.contains_key(top));
+    let removed = old.keys().filter(|name| !new.contains_key(*name) && package_kept(name)).cloned().collect();
     let modules = new.into_iter().filter(|(name, src)| old.get(name) != Some(src)).collect();
     Picked { modules, removed }
 }
@@ -159,6 +163,23 @@ mod tests {
         let names: Vec<_> = picked.modules.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["zone.ai.brain", "zone.combat"]);
         assert_eq!(picked.removed, ["zone.gone"]);
+    }
+
+    #[test]
+    fn a_root_of_changed_files_only_removes_nothing() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (old, new) = (tmp.path().join("old/zone"), tmp.path().join("new/zone"));
+        for dir in [&old, &new] {
+            fs::create_dir_all(dir).expect("mkdir");
+        }
+        fs::write(old.join("__init__.py"), "").expect("write");
+        fs::write(old.join("world.py"), "W = 1\n").expect("write");
+        fs::write(old.join("combat.py"), "D = 1\n").expect("write");
+        fs::write(new.join("combat.py"), "D = 2\n").expect("write");
+        let picked =
+            changed_against_dir(&tmp.path().join("new"), &tmp.path().join("old"), &["zone".into()]).expect("diff");
+        assert_eq!(picked.modules.len(), 1);
+        assert!(picked.removed.is_empty(), "{:?}", picked.removed);
     }
 
     #[test]

@@ -25,9 +25,29 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Milliseconds written the way [`parse_duration`] reads them back, in the
+/// largest whole unit: `1h`, `2m`, `90s`, `1500ms` (never `60000 ms`).
+pub fn format_duration_ms(ms: u64) -> String {
+    match ms {
+        0 => "0s".into(),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_in_the_largest_whole_unit_and_reads_back() {
+        for (ms, text) in [(60_000, "1m"), (90_000, "90s"), (3_600_000, "1h"), (1500, "1500ms"), (0, "0s")] {
+            assert_eq!(format_duration_ms(ms), text);
+            assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)));
+        }
+    }
 
     #[test]
     fn parses_units_and_refuses_nonsense() {

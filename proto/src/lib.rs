@@ -1,6 +1,14 @@
 //! hotfleet's contracts: the gRPC services between CLI, coordinator and agents
 //! (`hotfleet/v1/*.proto`), and the messages of the local agent <-> runtime
 //! protocol, which travel as length-prefixed proto3 JSON (see [`local`]).
+//!
+//! Next to the contracts sit the pieces every binary shares to speak them, so
+//! the CLI, agent and coordinator cannot disagree:
+//! - wire formats: [`local`] (framing), [`parts`] (sources in pieces),
+//!   [`duration`] (the duration syntax), [`address`] (what a peer address dials);
+//! - transport: [`tls`] (the TLS flags, server and client configs, who a
+//!   certificate names), [`listener`] (connection cap and handshake deadline),
+//!   [`gate`] (the one tower layer that admits or refuses each request).
 
 pub mod address;
 pub mod duration;

@@ -28,10 +28,6 @@ pub const DEFAULT_COORDINATOR_IDENTITY: &str = "hotfleet-coordinator";
 /// operator certificate its role: `hotfleet-role=operator`.
 pub const ROLE_OU_PREFIX: &str = "hotfleet-role=";
 
-/// A TLS handshake that has not finished in this long is dropped, so a
-/// silent connection cannot hold a server slot forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The transport flags every binary takes.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsArgs {
@@ -157,13 +153,15 @@ impl Transport {
         matches!(self, Transport::Tls(_))
     }
 
-    /// The server side: `None` when insecure (plaintext).
-    pub fn server_config(&self, clients: ClientCerts) -> Option<ServerTlsConfig> {
+    /// The server side: `None` when insecure (plaintext). `handshake_timeout`
+    /// is the listener's own deadline (`ConnLimits`), so one setting governs
+    /// how long a connection may take to become a client.
+    pub fn server_config(&self, clients: ClientCerts, handshake_timeout: Duration) -> Option<ServerTlsConfig> {
         let Transport::Tls(m) = self else { return None };
         let mut config = ServerTlsConfig::new()
             .client_ca_root(m.ca.clone())
             .client_auth_optional(clients == ClientCerts::Optional)
-            .timeout(HANDSHAKE_TIMEOUT);
+            .timeout(handshake_timeout);
         if let Some(identity) = &m.identity {
             config = config.identity(identity.clone());
         }

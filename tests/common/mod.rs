@@ -367,7 +367,7 @@ pub fn step_name(rollout: &Value) -> String {
     rollout["steps"][i]["name"].as_str().unwrap_or_default().to_string()
 }
 
-/// proto3 JSON writes 64-bit integers as strings.
-pub fn epoch_of(rollout: &Value) -> u64 {
-    rollout["epoch"].as_str().and_then(|e| e.parse().ok()).or_else(|| rollout["epoch"].as_u64()).unwrap_or(0)
+/// The epoch a rollout or leader document names.
+pub fn epoch_of(doc: &Value) -> u64 {
+    doc["epoch"].as_u64().unwrap_or(0)
 }

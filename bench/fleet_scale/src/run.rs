@@ -161,7 +161,8 @@ async fn list_nodes(layout: &Layout, url: &str) -> Result<Result<(u64, usize), S
     if !ok {
         return Ok(Err(stderr.lines().next().unwrap_or_default().to_string()));
     }
-    let listed = serde_json::from_str::<Value>(&stdout).ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
+    let listed =
+        serde_json::from_str::<Value>(&stdout).ok().and_then(|v| v["items"].as_array().map(Vec::len)).unwrap_or(0);
     Ok(Ok((ms, listed)))
 }
 

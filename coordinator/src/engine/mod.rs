@@ -313,8 +313,13 @@ impl Engine {
                 return Err(Error::Conflict { rollout: snapshot.rollout.id.clone(), nodes: overlap.join(",") });
             }
         }
-        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let id = format!("ro-{}-{n}", self.inner.fence.epoch);
+        // A dry run takes no id: it names no rollout that will ever exist.
+        let id = if dry_run {
+            String::new()
+        } else {
+            let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            format!("ro-{}-{n}", self.inner.fence.epoch)
+        };
         let state = RolloutState::new(
             id.clone(),
             spec,

@@ -531,7 +531,7 @@ async fn bad_specs_are_refused_clearly() {
     let cases: Vec<(WireSpec, &str)> = vec![
         (WireSpec { patch_id: "nope".into(), ..request() }, "not a patch id"),
         (WireSpec { patch_id: "b".repeat(64), ..request() }, "not found"),
-        (WireSpec { selector: "zone".into(), ..request() }, "invalid selector"),
+        (WireSpec { selector: "zone in a".into(), ..request() }, "invalid selector"),
         (WireSpec { selector: "zone=z".into(), ..request() }, "matches no live node"),
         (WireSpec { waves: vec!["150%".into()], ..request() }, "invalid size"),
         (WireSpec { pause_before: vec!["wave-9".into()], ..request() }, "unknown step"),
@@ -542,7 +542,10 @@ async fn bad_specs_are_refused_clearly() {
         assert!(err.to_string().contains(expected), "{err} (expected {expected})");
     }
     let dry = f.engine.start(request(), "a", true).await.expect("dry run");
-    assert!(f.engine.get(&dry.rollout.id).await.is_err(), "a dry run stores nothing");
+    assert!(dry.rollout.id.is_empty(), "a dry run names no rollout");
+    assert!(f.engine.get("ro-1-1").await.is_err(), "a dry run stores nothing");
+    let real = f.engine.start(request(), "a", false).await.expect("start");
+    assert_eq!(real.rollout.id, "ro-1-1", "the dry run used up no id");
 }
 
 #[tokio::test]

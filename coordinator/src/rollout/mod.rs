@@ -48,6 +48,10 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Prefix of the events saying how the plan merged the requested waves
+/// (shown by `rollout start` and its dry run).
+pub const MERGED_EVENT: &str = "waves merged: ";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub at_ms: u64,
@@ -333,6 +337,9 @@ impl RolloutState {
         let plan_text: Vec<String> =
             rollout.steps.iter().map(|s| format!("{}: {}", s.name, s.nodes.join(","))).collect();
         rollout.event(now_ms, format!("staged by {created_by}: {}", plan_text.join(" | ")));
+        for merged in plan.merged {
+            rollout.event(now_ms, format!("{MERGED_EVENT}{merged}"));
+        }
         Self { rollout, nodes }
     }
 
@@ -562,7 +569,10 @@ impl RolloutState {
             self.set_phase(
                 Phase::Watching { step, started_at_ms: now_ms, ends_at_ms: ends },
                 now_ms,
-                format!("{name}: committed; health window {} ms", self.rollout.spec.health_window_ms),
+                format!(
+                    "{name}: committed; health window {}",
+                    hotfleet_proto::duration::format_duration_ms(self.rollout.spec.health_window_ms)
+                ),
             );
         }
         dedup(changed)

@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(spec.canary, Size::Count(1), "default canary kept");
         assert_eq!(spec.waves, [Size::Percent(25.0), Size::Count(3)]);
         assert_eq!(spec.health_window_ms, RolloutSpec::DEFAULT_HEALTH_WINDOW_MS);
-        for (selector, canary, waves) in [(Some("zone"), None, None), (None, Some("x"), None)] {
+        for (selector, canary, waves) in [(Some("zone in a"), None, None), (None, Some("x"), None)] {
             assert!(RolloutSpec::new("p").with_text(selector, canary, waves).is_err());
         }
         let bad = ["150%".to_string()];

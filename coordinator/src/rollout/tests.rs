@@ -33,6 +33,7 @@ fn plan(pause_before: &[&str]) -> Plan {
     Plan {
         steps: vec![step("canary", &["n1"]), step("wave-1", &["n2", "n3"]), step("wave-2", &["n4", "n5"])],
         skipped: vec![],
+        merged: vec![],
     }
 }
 

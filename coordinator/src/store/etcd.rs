@@ -74,15 +74,15 @@ const MAX_CONFLICT_RETRIES: usize = 16;
 /// Where and how to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
-    /// `http://host:port` (or `https://` with the `etcd-tls` feature), one per member.
+    /// `http://host:port` (or `https://`), one per member.
     pub endpoints: Vec<String>,
     /// Every key lives under it; ends with `/`.
     pub prefix: String,
     /// etcd authentication (user, password).
     pub user: Option<(String, String)>,
-    /// CA bundle to verify etcd's certificate with (`etcd-tls` feature).
+    /// CA bundle to verify etcd's certificate with.
     pub ca: Option<PathBuf>,
-    /// Client certificate and key for etcd's mutual TLS (`etcd-tls` feature).
+    /// Client certificate and key for etcd's mutual TLS.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     /// Deadline of one etcd request.
@@ -500,7 +500,6 @@ impl EtcdStore {
     }
 }
 
-#[cfg(feature = "etcd-tls")]
 fn with_tls(connect: ConnectOptions, opts: &EtcdOptions) -> Result<ConnectOptions, String> {
     use etcd_client::{Certificate, Identity, TlsOptions};
     let uses_tls = opts.endpoints.iter().any(|e| e.starts_with("https://"));
@@ -519,18 +518,6 @@ fn with_tls(connect: ConnectOptions, opts: &EtcdOptions) -> Result<ConnectOption
     }
     Ok(connect.with_tls(tls))
 }
-
-#[cfg(not(feature = "etcd-tls"))]
-fn with_tls(connect: ConnectOptions, opts: &EtcdOptions) -> Result<ConnectOptions, String> {
-    if opts.ca.is_some() || opts.cert.is_some() || opts.endpoints.iter().any(|e| e.starts_with("https://")) {
-        return Err(TLS_MISSING.into());
-    }
-    Ok(connect)
-}
-
-/// Why TLS towards etcd is refused by a build without the feature.
-pub const TLS_MISSING: &str = "this hotfleet-coordinator was built without TLS towards etcd: rebuild it with \
-     `cargo build --release -p hotfleet-coordinator --features etcd-tls` (or use http:// endpoints)";
 
 #[async_trait]
 impl Store for EtcdStore {
