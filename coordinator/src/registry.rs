@@ -41,18 +41,7 @@ pub enum RegistryError {
     Input(#[from] InputError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Admission control: too many registrations at once.
-    #[error("registration deferred: the coordinator is already admitting {limit} registrations; retry after {} ms (with jitter)", retry_after.as_millis())]
-    Saturated { limit: usize, retry_after: Duration },
 }
-
-/// Registrations admitted at once; more are told to come back after
-/// [`REGISTER_RETRY_AFTER`] (agents add up to as much again of jitter), so a
-/// fleet registering all at once queues at the agents, not on the store
-/// while heartbeats of registered nodes wait behind it.
-pub const REGISTERING_AT_ONCE: usize = 64;
-/// The back-off a deferred registration is told.
-pub const REGISTER_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 /// Liveness of a node as the coordinator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,8 +128,6 @@ pub struct Registry {
     lost_timeout: Duration,
     /// Heartbeats' record writes, off the heartbeat's path.
     writes: Arc<WriteBehind>,
-    /// Registration admission ([`REGISTERING_AT_ONCE`] slots).
-    admitting: Arc<tokio::sync::Semaphore>,
 }
 
 fn validate(status: &NodeStatus) -> Result<(), RegistryError> {
@@ -239,16 +226,7 @@ impl Registry {
             );
         }
         let writes = WriteBehind::new(store.clone(), fence);
-        let admitting = Arc::new(tokio::sync::Semaphore::new(REGISTERING_AT_ONCE));
-        Ok(Self {
-            inner: Arc::new(RwLock::new(map)),
-            store,
-            fence,
-            heartbeat_interval,
-            lost_timeout,
-            writes,
-            admitting,
-        })
+        Ok(Self { inner: Arc::new(RwLock::new(map)), store, fence, heartbeat_interval, lost_timeout, writes })
     }
 
     /// The store this term's registry writes to.
@@ -280,15 +258,8 @@ impl Registry {
     }
 
     /// Register (or re-register) a node. Persisted before it is acknowledged.
-    /// Deferred ([`RegistryError::Saturated`]) while [`REGISTERING_AT_ONCE`]
-    /// registrations are in flight.
     pub async fn register(&self, status: NodeStatus) -> Result<(), RegistryError> {
         validate(&status)?;
-        let _admitted = self
-            .admitting
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| RegistryError::Saturated { limit: REGISTERING_AT_ONCE, retry_after: REGISTER_RETRY_AFTER })?;
         let now = now_ms();
         let registered_at_ms = self.lock_read().get(&status.node_id).map(|e| e.registered_at_ms).unwrap_or(now);
         let record = NodeRecord { status: status.clone(), registered_at_ms, last_heartbeat_ms: now };
@@ -577,25 +548,6 @@ mod tests {
         assert!(removing.await.expect("task").expect("remove").is_some());
         reg.flushed().await;
         assert_eq!(stored_stack(&reg, "n1").await, None, "the removal is the last write");
-    }
-
-    #[tokio::test]
-    async fn registrations_past_the_admission_limit_are_deferred_not_queued() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let reg = registry(dir.path(), 1000).await;
-        let busy = reg.admitting.clone().acquire_many_owned(REGISTERING_AT_ONCE as u32).await.expect("slots");
-        let err = reg.register(status("n1")).await.expect_err("saturated");
-        assert!(
-            matches!(err, RegistryError::Saturated { retry_after, .. } if retry_after == REGISTER_RETRY_AFTER),
-            "{err}"
-        );
-        assert!(reg.get("n1").is_none(), "nothing registered");
-        let status_of: tonic::Status = err.into();
-        assert_eq!(status_of.code(), tonic::Code::ResourceExhausted);
-        let hint = status_of.metadata().get(crate::grpc::RETRY_AFTER_HEADER).and_then(|v| v.to_str().ok());
-        assert_eq!(hint, Some("500"));
-        drop(busy);
-        reg.register(status("n1")).await.expect("admitted once a slot is free");
     }
 
     #[tokio::test]

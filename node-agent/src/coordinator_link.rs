@@ -22,7 +22,7 @@ use hotfleet_proto::v1::{HeartbeatRequest, RegisterRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    coordinators::{told_to_back_off, Coordinators, Next},
+    coordinators::{Coordinators, Next},
     participant::Participant,
     reports::NodeReporter,
 };
@@ -72,7 +72,6 @@ pub async fn run(
     let budget = status_budget(interval);
     let (participant, identity) = (reporter.participant(), reporter.identity());
     loop {
-        let mut wait = interval;
         for _ in 0..=LEADER_HOPS {
             let status = reporter.node_status(budget).await;
             let (addr, mut client) = coordinators.current();
@@ -109,12 +108,6 @@ pub async fn run(
                 Err(status) => {
                     // The next coordinator must hear a registration first.
                     registered = false;
-                    // The leader is saturated, not gone: stay, come back when told.
-                    if let Some(back_off) = told_to_back_off(&status) {
-                        tracing::debug!(coordinator = %addr, ?back_off, "registration deferred by the coordinator");
-                        wait = back_off;
-                        break;
-                    }
                     match coordinators.after_error(&addr, &status) {
                         Next::Leader(leader) => {
                             tracing::info!(follower = %addr, %leader, "following the leader");
@@ -132,7 +125,7 @@ pub async fn run(
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(interval) => {}
             // An expired prepare is reported at once, not an interval later;
             // a command naming an unlearned epoch gets its heartbeat now.
             _ = participant.changed() => {}

@@ -18,27 +18,6 @@ use tonic::{transport::Channel, Code, Status};
 
 /// Metadata key a follower names the leader in (the coordinator's `LEADER_HEADER`).
 pub const LEADER_HEADER: &str = "x-hotfleet-leader";
-/// Metadata key of the back-off a saturated coordinator asks for (the
-/// coordinator's `RETRY_AFTER_HEADER`), in milliseconds.
-pub const RETRY_AFTER_HEADER: &str = "x-hotfleet-retry-after-ms";
-
-/// The back-off a coordinator told us to take (`RESOURCE_EXHAUSTED` naming
-/// one), capped at a minute, with jitter: between the hint and twice it, so
-/// agents deferred together do not come back together.
-pub fn told_to_back_off(status: &Status) -> Option<Duration> {
-    if status.code() != Code::ResourceExhausted {
-        return None;
-    }
-    let hint: u64 = status.metadata().get(RETRY_AFTER_HEADER)?.to_str().ok()?.parse().ok()?;
-    let hint = Duration::from_millis(hint.min(60_000));
-    let mut bytes = [0u8; 8];
-    // No randomness available: no jitter, still the back-off.
-    let fraction = match getrandom::fill(&mut bytes) {
-        Ok(()) => (u64::from_le_bytes(bytes) % 1_000) as f64 / 1_000.0,
-        Err(_) => 0.0,
-    };
-    Some(hint + hint.mul_f64(fraction))
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("coordinator address {addr:?} is invalid: {reason}")]
@@ -159,20 +138,6 @@ impl Coordinators {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_deferred_registration_backs_off_between_the_hint_and_twice_it() {
-        let mut status = Status::resource_exhausted("busy");
-        status.metadata_mut().insert(RETRY_AFTER_HEADER, "500".parse().expect("ascii"));
-        for _ in 0..20 {
-            let wait = told_to_back_off(&status).expect("told");
-            assert!(wait >= Duration::from_millis(500) && wait < Duration::from_millis(1000), "{wait:?}");
-        }
-        assert!(told_to_back_off(&Status::resource_exhausted("no hint")).is_none());
-        let mut other = Status::unavailable("down");
-        other.metadata_mut().insert(RETRY_AFTER_HEADER, "500".parse().expect("ascii"));
-        assert!(told_to_back_off(&other).is_none(), "only RESOURCE_EXHAUSTED asks for a back-off");
-    }
 
     fn refused_naming(leader: &str) -> Status {
         let mut status = Status::failed_precondition("follower");

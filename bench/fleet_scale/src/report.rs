@@ -23,18 +23,8 @@ fn secs(ms: Option<f64>) -> String {
 
 fn calls_line(c: &Calls) -> String {
     format!(
-        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} (deferred {}) fetch {} heartbeat-errors {}",
-        c.prepare,
-        c.commit,
-        c.abort,
-        c.rollback,
-        c.health,
-        c.status,
-        c.heartbeat,
-        c.register,
-        c.register_deferred,
-        c.fetch,
-        c.heartbeat_errors
+        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} fetch {} heartbeat-errors {}",
+        c.prepare, c.commit, c.abort, c.rollback, c.health, c.status, c.heartbeat, c.register, c.fetch, c.heartbeat_errors
     )
 }
 

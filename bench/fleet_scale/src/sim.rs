@@ -63,8 +63,6 @@ pub struct Counters {
     pub fetch: AtomicU64,
     /// Heartbeats that failed or were not answered (network, deadline, refusal).
     pub heartbeat_errors: AtomicU64,
-    /// Registrations the coordinator deferred (told to back off).
-    pub register_deferred: AtomicU64,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -80,7 +78,6 @@ pub struct Calls {
     pub register: u64,
     pub fetch: u64,
     pub heartbeat_errors: u64,
-    pub register_deferred: u64,
 }
 
 impl Calls {
@@ -96,7 +93,6 @@ impl Calls {
             register: self.register - earlier.register,
             fetch: self.fetch - earlier.fetch,
             heartbeat_errors: self.heartbeat_errors - earlier.heartbeat_errors,
-            register_deferred: self.register_deferred - earlier.register_deferred,
         }
     }
 }
@@ -222,7 +218,6 @@ impl Fleet {
             register: get(&c.register),
             fetch: get(&c.fetch),
             heartbeat_errors: get(&c.heartbeat_errors),
-            register_deferred: get(&c.register_deferred),
         }
     }
 
@@ -329,15 +324,6 @@ impl Fleet {
                 client.register(request).await.map(|r| (true, r.get_ref().epoch))
             };
             let node = &self.nodes[i];
-            if let Err(status) = &answer {
-                if let Some(hint) = deferred_for(status) {
-                    // Told to back off: the hint plus a per-node share of it
-                    // again, as real agents add random jitter.
-                    self.counters.register_deferred.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(hint + hint.mul_f64((i * 7919 % 1000) as f64 / 1000.0)).await;
-                    continue;
-                }
-            }
             match answer {
                 Ok((known, epoch)) => {
                     let mut state = lock(&node.state);
@@ -486,16 +472,6 @@ impl Agent for Fleet {
             summary: if healthy { "1 processes healthy".into() } else { "1 new unhandled exception".into() },
         }))
     }
-}
-
-/// The back-off a saturated coordinator asked for (`RESOURCE_EXHAUSTED`
-/// with `x-hotfleet-retry-after-ms`), as the agent reads it.
-fn deferred_for(status: &Status) -> Option<Duration> {
-    if status.code() != tonic::Code::ResourceExhausted {
-        return None;
-    }
-    let ms: u64 = status.metadata().get("x-hotfleet-retry-after-ms")?.to_str().ok()?.parse().ok()?;
-    Some(Duration::from_millis(ms.min(60_000)))
 }
 
 /// Node ids of the fleet, by index (the coordinator orders targets by id,

@@ -16,8 +16,6 @@ use crate::{auth::Caller, error::Error, planner::PlanError, registry::RegistryEr
 /// Metadata key on a follower's refusal naming the leader's address, so
 /// agents and the CLI can follow it without parsing the message.
 pub const LEADER_HEADER: &str = "x-hotfleet-leader";
-/// Metadata key of the back-off (milliseconds) a deferred registration is told.
-pub const RETRY_AFTER_HEADER: &str = "x-hotfleet-retry-after-ms";
 
 /// The caller the server's gate attached to a request. Every request of
 /// the operator and agent services has one (the gate refuses the rest); a
@@ -51,7 +49,6 @@ impl From<Error> for Status {
                 Code::FailedPrecondition
             }
             Error::Registry(RegistryError::Invalid(_) | RegistryError::Input(_)) => Code::InvalidArgument,
-            Error::Registry(RegistryError::Saturated { .. }) => Code::ResourceExhausted,
             Error::Registry(RegistryError::Store(StoreError::TooLarge(_))) | Error::Store(StoreError::TooLarge(_)) => {
                 Code::FailedPrecondition
             }
@@ -64,9 +61,6 @@ impl From<Error> for Status {
             tracing::error!(error = %err, "state store returned a corrupt record");
         }
         let mut status = Status::new(code, err.to_string());
-        if let Error::Registry(RegistryError::Saturated { retry_after, .. }) = &err {
-            status.metadata_mut().insert(RETRY_AFTER_HEADER, (retry_after.as_millis() as u64).into());
-        }
         if let Error::NotLeader { leader: Some(leader), .. } = &err {
             if let Ok(value) = tonic::metadata::MetadataValue::try_from(leader.addr.as_str()) {
                 status.metadata_mut().insert(LEADER_HEADER, value);
