@@ -160,7 +160,7 @@ for name in "${rendered[@]}"; do
 done
 PYTHONPATH=$PYLIB "$PY" scripts/check_chart_flags.py \
   --coordinator "$BIN_DIR/hotfleet-coordinator" --agent "$BIN_DIR/hotfleet-agent" \
-  --pending=--metrics-listen --pending=--log-format "${manifests[@]}" \
+  "${manifests[@]}" \
   || die "the chart passes a flag or variable a binary does not have"
 ok "flags"
 

@@ -21,6 +21,7 @@ async fn rollout_over_an_asyncio_game_completes(backend: Backend) {
     let (code, rollout) = s.watch(&id);
     assert_eq!(code, 0, "the health gate gets ticks from asyncio_safe_point: {rollout}");
     assert_eq!(phase(&rollout), "completed");
+    assert_eq!(rollout["spec"]["tickP99FloorMs"], 250.0, "--tick-p99-floor reaches the spec: {rollout}");
     assert_eq!(s.damages(), vec![8; 3], "the hotfix landed everywhere");
     for status in s.agent_statuses().await {
         let health = status.processes[0].health.clone().unwrap_or_default();

@@ -151,21 +151,29 @@ async fn selectors_dry_run_and_merged_waves(backend: Backend) {
     let (_, out, _) = cli(&["nodes", "list", "--selector", "region=ue"]);
     assert_eq!(out.trim(), "no node matches region=ue (3 nodes registered)");
 
-    // A dry run of a bundle the coordinator does not hold: refused, and nothing pushed.
+    // A dry run of a bundle the coordinator does not hold: the plan, and nothing pushed.
     let path = bundle(&s.fleet.layout, s.dir.path(), "hotfix-damage", Some(&s.fleet.keys.secret));
-    let (code, _, err) = cli(&["rollout", "start", &path, "--dry-run"]);
-    assert_eq!(code, 4, "{err}");
-    assert!(err.contains("a dry run pushes nothing") && err.contains("hotfleet patch push"), "{err}");
+    let waves = ["--canary", "1", "--waves", "10%,50%,100%"];
+    let (code, local_plan, err) = cli(&[&["rollout", "start", &path, "--dry-run"], &waves[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(local_plan.starts_with("plan (dry run: nothing started, nothing pushed)"), "{local_plan}");
+    assert!(!local_plan.contains("ro-"), "no rollout id: {local_plan}");
     let (_, patches, _) = cli(&["patch", "list"]);
     assert!(patches.trim().is_empty(), "the dry run pushed nothing: {patches}");
+    // A local bundle that does not verify is refused before anything is sent.
+    let broken = s.dir.path().join("broken.hfpatch");
+    std::fs::write(&broken, b"not a bundle").expect("write");
+    let (code, _, err) = cli(&["rollout", "start", &arg(&broken), "--dry-run"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("is not a valid patch"), "{err}");
 
     let (code, pushed, err) = cli(&["patch", "push", &path]);
     assert_eq!(code, 0, "{err}");
     let id = pushed.split_whitespace().nth(2).expect("staged: patch ID").to_string();
-    let waves = ["--canary", "1", "--waves", "10%,50%,100%"];
     // The 12 digits `nodes list` shows stand for the whole id.
     let (code, plan, err) = cli(&[&["rollout", "start", &id[..12], "--dry-run"], &waves[..]].concat());
     assert_eq!(code, 0, "{err}");
+    assert_eq!(plan, local_plan, "the stored patch plans as its local bundle did");
     assert!(plan.starts_with("plan (dry run: nothing started, nothing pushed)"), "{plan}");
     assert!(!plan.contains("ro-"), "no rollout id: {plan}");
     let steps: Vec<&str> = plan.lines().filter_map(|l| l.split_whitespace().next()).collect();
@@ -192,6 +200,41 @@ async fn selectors_dry_run_and_merged_waves(backend: Backend) {
     let (code, _, err) = cli(&[&args[..], &["--target-build", BUILD, "--out", &arg(&out)]].concat());
     assert_eq!(code, 0);
     assert!(!err.contains("warning"), "{err}");
+}
+
+/// `hotfleet ARGS` against the scenario's fleet with stdout on a terminal
+/// (`script` gives it a pty); what the terminal received.
+fn on_a_terminal(s: &Scenario, args: &[&str]) -> String {
+    let mut command =
+        vec![arg(&s.fleet.layout.bin("hotfleet").expect("bin")), "--coordinator".into(), s.fleet.coordinator_urls()];
+    command.extend(s.fleet.layout.cli_flags.iter().cloned());
+    command.extend(args.iter().map(|a| a.to_string()));
+    let out = Command::new("script").args(["-qec", &command.join(" "), "/dev/null"]).output().expect("script");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `rollout watch` on a terminal: the health window counts down every
+/// second, though the coordinator sends a snapshot only when the rollout
+/// changes (the tree is redrawn from the last one).
+#[test]
+fn watch_on_a_terminal_counts_the_health_window_down() {
+    let mut s = Scenario::start_game(Backend::Embedded, Game::ZoneServer, 2, BUILD);
+    let patch = s.push("hotfix-damage");
+    let started =
+        ok(s.fleet.cli(&["rollout", "start", &patch, "--canary", "1", "--health-window", "4s"]).expect("cli"));
+    let id = started.split_whitespace().nth(2).expect("started rollout ID").to_string();
+    let drawn = on_a_terminal(&s, &["rollout", "watch", &id]);
+    assert!(drawn.contains("COMPLETED"), "{drawn}");
+    // Each countdown value drawn, in order, once per run of equal values.
+    let mut shown: Vec<&str> = drawn
+        .split("(health window 4s, ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(" left)").map(|(left, _)| left))
+        .collect();
+    shown.dedup();
+    for left in ["3s", "2s", "1s"] {
+        assert!(shown.contains(&left), "the countdown moves every second, not only per snapshot: {shown:?}\n{drawn}");
+    }
 }
 
 /// Every command's `-o json` against its schema in `docs/schemas/` (checked
@@ -265,12 +308,7 @@ async fn every_command_prints_json_matching_its_schema() {
     // `watch` on a terminal draws the tree with per-step progress; piped, plain lines.
     let piped = text(&["rollout", "watch", &id]);
     assert!(!piped.contains("├─") && !piped.contains('\x1b'), "{piped}");
-    let mut watch =
-        vec![arg(&s.fleet.layout.bin("hotfleet").expect("bin")), "--coordinator".into(), s.fleet.coordinator_urls()];
-    watch.extend(s.fleet.layout.cli_flags.iter().cloned());
-    watch.extend(["rollout".into(), "watch".into(), id.clone()]);
-    let on_tty = Command::new("script").args(["-qec", &watch.join(" "), "/dev/null"]).output().expect("script");
-    let drawn = String::from_utf8_lossy(&on_tty.stdout);
+    let drawn = on_a_terminal(&s, &["rollout", "watch", &id]);
     for part in ["├─ canary   [##########] 1/1  done", "└─ wave-1   [##########] 2/2  done"] {
         assert!(drawn.contains(part), "{part}: {drawn}");
     }

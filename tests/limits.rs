@@ -96,15 +96,19 @@ async fn a_four_megabyte_selector_is_refused_before_it_reaches_the_store(backend
             selector: format!("zone={}", "z".repeat(4 << 20)),
             ..Default::default()
         };
-        let err =
-            client.start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false }).await.expect_err("refused");
+        let err = client
+            .start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false, target_build: String::new() })
+            .await
+            .expect_err("refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
         assert!(err.message().starts_with("selector is 4194309 bytes long"), "{}", err.message());
         assert!(err.message().len() < 200, "the refusal quotes a short prefix: {} bytes", err.message().len());
     }
     let spec = RolloutSpec { patch_id: patch.clone(), health_window_ms: u64::MAX, ..Default::default() };
-    let err =
-        client.start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false }).await.expect_err("refused");
+    let err = client
+        .start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false, target_build: String::new() })
+        .await
+        .expect_err("refused");
     assert!(err.message().contains("health_window_ms 18446744073709551615 ms is out of range"), "{}", err.message());
 
     let audit = ok(s.fleet.cli(&["--output", "json", "audit", "--limit", "10"]).expect("audit"));

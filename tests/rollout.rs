@@ -108,7 +108,8 @@ async fn health_gate_rolls_back(backend: Backend, patch_name: &str) {
     let mut s = Scenario::start(backend);
     let before = s.damages();
     let patch = s.push(patch_name);
-    let id = s.start_rollout(&patch, "1500ms");
+    // The gate's default margin (20 ms): slow-tick adds 200 ms to every tick.
+    let id = s.start_rollout_with_p99_floor(&patch, "1500ms", "20ms");
     let (code, rollout) = s.watch(&id);
     assert_eq!(code, 3, "{rollout}");
     assert!(rollout["reason"].as_str().unwrap_or_default().contains("health gate"), "{}", rollout["reason"]);

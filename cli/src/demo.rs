@@ -260,7 +260,11 @@ fn bot_seconds(spec: &RolloutSpec, window: Duration) -> f64 {
 async fn start_rollout(target: &Target, spec: RolloutSpec) -> anyhow::Result<String> {
     let mut client = target.connect().await.map_err(|f| f.error)?;
     let rollout = client
-        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: false }))
+        .start_rollout(target.request(StartRolloutRequest {
+            spec: Some(spec),
+            dry_run: false,
+            target_build: String::new(),
+        }))
         .await
         .map_err(|s| anyhow!("the coordinator refused the rollout: {}", s.message()))?
         .into_inner()
@@ -277,7 +281,11 @@ async fn start_rollout(target: &Target, spec: RolloutSpec) -> anyhow::Result<Str
 async fn plan(target: &Target, spec: &RolloutSpec) -> anyhow::Result<Vec<Vec<String>>> {
     let mut client = target.connect().await.map_err(|f| f.error)?;
     let rollout = client
-        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec.clone()), dry_run: true }))
+        .start_rollout(target.request(StartRolloutRequest {
+            spec: Some(spec.clone()),
+            dry_run: true,
+            target_build: String::new(),
+        }))
         .await
         .map_err(|s| anyhow!("planning failed: {}", s.message()))?
         .into_inner()

@@ -99,9 +99,13 @@ pub struct StartArgs {
     /// Fail the health gate when tick p99 exceeds this multiple of the baseline [default: 3].
     #[arg(long)]
     tick_p99_factor: Option<f64>,
+    /// ... and exceeds the baseline by at least this much, so scheduler noise on a busy
+    /// host is not a regression [default: 20ms].
+    #[arg(long, value_parser = parse_duration)]
+    tick_p99_floor: Option<Duration>,
     #[arg(long, default_value = "")]
     description: String,
-    /// Show the plan without starting anything.
+    /// Show the plan without starting anything (a bundle file is read and verified here, not pushed).
     #[arg(long)]
     dry_run: bool,
     /// Follow the rollout until it ends, like `rollout watch`.
@@ -137,9 +141,13 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
     if let Some(selector) = &args.selector {
         crate::fleet_cmd::check_selector(selector)?;
     }
+    // A dry run of a local bundle pushes nothing: the bundle is read and
+    // verified here, and the coordinator plans it with the build it names.
+    let mut target_build = String::new();
     let patch_id = if Path::new(&args.patch).is_file() && args.dry_run {
-        // A dry run pushes nothing: it plans the bundle's id, if already staged.
-        patch_cmd::read_bundle(Path::new(&args.patch))?.id()
+        let bundle = patch_cmd::read_bundle(Path::new(&args.patch))?;
+        target_build = bundle.manifest.target_build.clone();
+        bundle.id()
     } else if Path::new(&args.patch).is_file() {
         patch_cmd::push_file(target, Path::new(&args.patch), Output::Text, output == Output::Text).await?
     } else if hotfleet_patch::is_patch_id(&args.patch) {
@@ -165,24 +173,15 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         max_unhealthy: args.max_unhealthy.unwrap_or_default(),
         pause_before: args.pause_before,
         tick_p99_factor: args.tick_p99_factor.unwrap_or_default(),
+        tick_p99_floor_ms: args.tick_p99_floor.map(|d| d.as_secs_f64() * 1000.0).unwrap_or_default(),
         prepare_ttl_seconds: args.prepare_ttl.unwrap_or_default(),
         description: args.description,
-        ..Default::default()
     };
     let mut client = target.connect().await?;
     let rollout = client
-        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run }))
+        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run, target_build }))
         .await
-        .map_err(|s| {
-            if args.dry_run && s.code() == tonic::Code::NotFound && Path::new(&args.patch).is_file() {
-                let push = format!("hotfleet patch push {}", args.patch);
-                return Failure::refused(anyhow!(
-                    "{}: the coordinator does not hold this bundle yet, and a dry run pushes nothing; stage it with `{push}`, then dry-run again",
-                    args.patch
-                ));
-            }
-            failure("the coordinator refused the rollout", s)
-        })?
+        .map_err(|s| failure("the coordinator refused the rollout", s))?
         .into_inner()
         .rollout
         .ok_or_else(|| anyhow!("coordinator answered without a rollout"))?;
@@ -339,14 +338,14 @@ fn or<'a>(text: &'a str, default: &'a str) -> &'a str {
 
 /// What the rollout is doing right now, in words: why it waits, or how
 /// long the running health window has left.
-pub fn now_doing(r: &Rollout) -> Option<String> {
+pub fn now_doing(r: &Rollout, now_ms: u64) -> Option<String> {
     if !r.waiting_reason.is_empty() {
         return Some(format!("waiting: {}", r.waiting_reason));
     }
     let watching = RolloutPhase::try_from(r.phase) == Ok(RolloutPhase::Watching);
     if watching && r.window_ends_at_ms > 0 {
         let window = r.spec.as_ref().map(|s| format_duration_ms(s.health_window_ms)).unwrap_or_default();
-        let left = r.window_ends_at_ms.saturating_sub(now_ms());
+        let left = r.window_ends_at_ms.saturating_sub(now_ms);
         return Some(format!("health window {window}, {} left", format_duration_ms(left.div_ceil(1000) * 1000)));
     }
     None
@@ -404,9 +403,22 @@ pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
             Err(f) if f.code == crate::exit::UNREACHABLE && last.is_some() => Err(None),
             Err(f) => return Err(f),
         };
+        // On a terminal the health-window countdown moves between snapshots:
+        // the tree is redrawn from the last snapshot every second.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let why = match opened {
             Ok(mut stream) => loop {
-                match stream.message().await {
+                let message = tokio::select! {
+                    message = stream.message() => message,
+                    _ = tick.tick(), if tree.is_some() => {
+                        if let (Some(tree), Some(rollout)) = (&mut tree, &last) {
+                            tree.show(&[], &tree::render(rollout, now_ms()));
+                        }
+                        continue;
+                    }
+                };
+                match message {
                     Ok(Some(rollout)) => {
                         lost_since = None;
                         if output.structured() {
@@ -420,7 +432,7 @@ pub async fn watch(target: &Target, id: String, output: Output) -> CliResult {
                                 .map(|e| format!("  {} {}", format_ms(e.at_ms), e.message))
                                 .collect();
                             printed_events = rollout.events.len();
-                            tree.show(&events, &tree::render(&rollout));
+                            tree.show(&events, &tree::render(&rollout, now_ms()));
                         } else {
                             for event in rollout.events.iter().skip(printed_events) {
                                 println!("  {} {}", format_ms(event.at_ms), event.message);
@@ -548,7 +560,7 @@ fn print_plan_notes(r: &Rollout) {
 
 fn print_summary(r: &Rollout) {
     let patch = r.spec.as_ref().map(|s| s.patch_id.clone()).unwrap_or_default();
-    let doing = now_doing(r).map(|d| format!("  ({d})")).unwrap_or_default();
+    let doing = now_doing(r, now_ms()).map(|d| format!("  ({d})")).unwrap_or_default();
     println!("rollout  {}  {}{doing}", r.rollout_id, phase_name(r.phase).to_uppercase());
     println!("patch    {patch}  (build {})", r.target_build);
     if !r.reason.is_empty() {

@@ -11,9 +11,10 @@ use crate::rollout_cmd::{now_doing, phase_name};
 
 const BAR: usize = 10;
 
-/// The tree for one snapshot.
-pub fn render(r: &Rollout) -> Vec<String> {
-    let doing = now_doing(r).map(|d| format!("  ({d})")).unwrap_or_default();
+/// The tree for one snapshot at `now_ms` (Unix ms): a pure function, so the
+/// countdown can be redrawn between snapshots and tested without a terminal.
+pub fn render(r: &Rollout, now_ms: u64) -> Vec<String> {
+    let doing = now_doing(r, now_ms).map(|d| format!("  ({d})")).unwrap_or_default();
     let mut lines = vec![format!("{}  {}{doing}", r.rollout_id, phase_name(r.phase).to_uppercase())];
     for (i, step) in r.steps.iter().enumerate() {
         let total = step.node_ids.len();
@@ -40,16 +41,20 @@ pub fn render(r: &Rollout) -> Vec<String> {
 /// Redraws the tree in place: events printed since go above it and stay.
 #[derive(Default)]
 pub struct Redraw {
-    drawn: usize,
+    drawn: Vec<String>,
 }
 
 impl Redraw {
     pub fn show(&mut self, events: &[String], tree: &[String]) {
+        // A tick that changes nothing (no window running) draws nothing.
+        if events.is_empty() && tree == self.drawn.as_slice() {
+            return;
+        }
         let mut out = std::io::stdout().lock();
         let mut text = String::new();
-        if self.drawn > 0 {
+        if !self.drawn.is_empty() {
             // Cursor up over the last tree, then clear to the end of the screen.
-            text.push_str(&format!("\x1b[{}A\x1b[J", self.drawn));
+            text.push_str(&format!("\x1b[{}A\x1b[J", self.drawn.len()));
         }
         for line in events.iter().chain(tree) {
             text.push_str(line);
@@ -57,7 +62,7 @@ impl Redraw {
         }
         // A closed terminal ends the CLI by SIGPIPE (see main); nothing to handle here.
         let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
-        self.drawn = tree.len();
+        self.drawn = tree.to_vec();
     }
 }
 
@@ -98,7 +103,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            render(&r),
+            render(&r, 0),
             [
                 "ro-1-1  WAITING  (waiting: manual gate before wave-2 (hotfleet rollout promote))",
                 "├─ canary   [##########] 1/1  done",
@@ -106,5 +111,29 @@ mod tests {
                 "└─ wave-2   [----------] 0/1  pending  [manual gate]",
             ]
         );
+    }
+
+    #[test]
+    fn the_health_window_counts_down_from_one_snapshot() {
+        let r = Rollout {
+            rollout_id: "ro-1-1".into(),
+            phase: RolloutPhase::Watching as i32,
+            window_ends_at_ms: 100_000,
+            spec: Some(hotfleet_proto::v1::RolloutSpec { health_window_ms: 60_000, ..Default::default() }),
+            steps: vec![RolloutStep {
+                name: "canary".into(),
+                node_ids: vec!["a".into()],
+                state: "watching".into(),
+                pause_before: false,
+            }],
+            ..Default::default()
+        };
+        // The same snapshot drawn at three instants: only the countdown moves.
+        let head = |now| render(&r, now)[0].clone();
+        assert_eq!(head(40_000), "ro-1-1  WATCHING  (health window 1m, 1m left)");
+        assert_eq!(head(41_000), "ro-1-1  WATCHING  (health window 1m, 59s left)");
+        assert_eq!(head(99_500), "ro-1-1  WATCHING  (health window 1m, 1s left)");
+        assert_eq!(head(120_000), "ro-1-1  WATCHING  (health window 1m, 0s left)");
+        assert_eq!(render(&r, 41_000)[1..], render(&r, 42_000)[1..], "the steps do not move");
     }
 }

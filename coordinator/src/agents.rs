@@ -19,6 +19,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use hotfleet_obs::grpc::{Grpc, GrpcLayer};
 use hotfleet_proto::tls::Transport;
 use hotfleet_proto::v1::{
     agent_client::AgentClient as ProtoAgentClient, AbortRequest, CommandHeader, CommitRequest, HealthRequest,
@@ -26,6 +27,7 @@ use hotfleet_proto::v1::{
 };
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
+use tower::Layer as _;
 
 use crate::rollout::health::Sample;
 
@@ -200,11 +202,11 @@ impl GrpcAgents {
     /// Runs one call under the concurrency bound and the deadline.
     async fn call<T, F, Fut>(&self, to: &Target, deadline: Duration, f: F) -> Result<T, AgentError>
     where
-        F: FnOnce(ProtoAgentClient<Channel>, Duration) -> Fut,
+        F: FnOnce(ProtoAgentClient<Grpc<Channel>>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = deadline.min(self.call_timeout).max(Duration::from_millis(1));
-        let client = ProtoAgentClient::new(self.channel(to)?);
+        let client = ProtoAgentClient::new(GrpcLayer::client().layer(self.channel(to)?));
         // The deadline starts once a slot is ours and the call goes out: the
         // wait before is the coordinator's backlog, not the agent's silence.
         // (A step's own deadline still bounds the whole step, queue included.)

@@ -128,6 +128,9 @@ pub struct Args {
     /// A client that does not answer a keepalive ping within this is disconnected.
     #[arg(long, env = "HOTFLEET_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub keepalive_timeout: Duration,
+    /// Logs and metrics (`--log-format`, `--metrics-listen`): read by the binary.
+    #[command(flatten)]
+    pub obs: hotfleet_obs::ObsArgs,
 }
 
 /// Why the flags do not make a working coordinator.

@@ -41,6 +41,7 @@ pub mod selector;
 pub mod server;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
 pub mod term;
 
 pub use config::Config;

@@ -8,24 +8,18 @@ use hotfleet_coordinator::{config::Args, Config, Coordinator};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a human at a terminal; log files stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-
-    let config = Config::try_from(Args::parse())?;
+    let args = Args::parse();
+    let obs = hotfleet_obs::start(&args.obs, "hotfleet-coordinator", hotfleet_obs::logs::Stream::Stderr, true).await?;
+    let config = Config::try_from(args)?;
     let listen = config.listen;
     let coordinator = Coordinator::build(config).await.context("starting the coordinator")?;
+    hotfleet_coordinator::telemetry::watch(coordinator.cluster().clone());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding --listen {listen} (in use? pick another address)"))?;
     coordinator.serve(listener, shutdown_signal()).await.context("serving gRPC")?;
     coordinator.drain().await;
+    obs.shutdown().await;
     Ok(())
 }
 

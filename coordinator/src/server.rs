@@ -15,11 +15,13 @@
 //! way round, heartbeats stop arriving while the engine still watches health,
 //! and a healthy fleet is rolled back for "missed heartbeats".
 
+use hotfleet_obs::grpc::GrpcLayer;
 use std::{
     future::Future,
     sync::{Arc, Mutex},
     time::Duration,
 };
+use tower::layer::util::{Identity, Stack};
 
 use hotfleet_patch::{Limits, TrustedKeys};
 use hotfleet_proto::{
@@ -262,6 +264,9 @@ impl Coordinator {
     }
 }
 
+/// Every request passes the gRPC layer (metrics, traces), then the gate.
+type Layers = Stack<GateLayer<Authority>, Stack<GrpcLayer, Identity>>;
+
 /// The server every request passes through: mutual TLS from the config
 /// (client certificates optional, since operators may bring a bearer token
 /// instead), or plaintext with `--insecure`; then the one gate that
@@ -271,11 +276,12 @@ fn grpc_server(
     transport: &Transport,
     handshake_timeout: Duration,
     authority: Authority,
-) -> Result<Server<tower::layer::util::Stack<GateLayer<Authority>, tower::layer::util::Identity>>, ServerError> {
+) -> Result<Server<Layers>, ServerError> {
     if let Some(tls) = transport.server_config(ClientCerts::Optional, handshake_timeout) {
         builder = builder.tls_config(tls)?;
     }
-    Ok(builder.layer(GateLayer(authority)))
+    // Metrics outside the gate: refusals are counted too.
+    Ok(builder.layer(GrpcLayer::server()).layer(GateLayer(authority)))
 }
 
 /// The gRPC services this server runs: what reflection lists, no more. The

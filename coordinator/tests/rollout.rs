@@ -281,7 +281,10 @@ fn spec(patch_id: &str) -> RolloutSpec {
 
 /// Starts a rollout of `spec`; its id.
 async fn started(op: &mut CoordinatorClient<Channel>, spec: RolloutSpec) -> String {
-    let started = op.start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false }).await.expect("start");
+    let started = op
+        .start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false, target_build: String::new() })
+        .await
+        .expect("start");
     started.into_inner().rollout.expect("rollout").rollout_id
 }
 
@@ -317,7 +320,11 @@ async fn a_good_rollout_over_grpc_completes_and_joins_the_patch_stack() {
     let mut op = f.running.operator().await;
 
     let dry = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: true })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec(&f.patch_id)),
+            dry_run: true,
+            target_build: String::new(),
+        })
         .await
         .expect("dry run")
         .into_inner()
@@ -326,7 +333,10 @@ async fn a_good_rollout_over_grpc_completes_and_joins_the_patch_stack() {
     assert_eq!(dry.steps.iter().map(|s| s.node_ids.len()).collect::<Vec<_>>(), [1, 2, 2]);
 
     let started = op
-        .start_rollout(as_actor(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false }, "alice"))
+        .start_rollout(as_actor(
+            StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false, target_build: String::new() },
+            "alice",
+        ))
         .await
         .expect("start")
         .into_inner()
@@ -422,7 +432,11 @@ async fn operator_controls_abort_freeze_conflict_promote() {
 
     // Blast radius.
     let err = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec(&f.patch_id)),
+            dry_run: false,
+            target_build: String::new(),
+        })
         .await
         .expect_err("conflict");
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -480,16 +494,24 @@ async fn operator_controls_abort_freeze_conflict_promote() {
 
     // Frozen: a new rollout is refused with the fix; unfreeze lets it start.
     let err = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec(&f.patch_id)),
+            dry_run: false,
+            target_build: String::new(),
+        })
         .await
         .expect_err("frozen");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("hotfleet unfreeze"), "{}", err.message());
     let thawed = op.unfreeze(UnfreezeRequest {}).await.expect("unfreeze").into_inner();
     assert!(!thawed.frozen);
-    op.start_rollout(StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false })
-        .await
-        .expect("start after unfreeze");
+    op.start_rollout(StartRolloutRequest {
+        spec: Some(spec(&f.patch_id)),
+        dry_run: false,
+        target_build: String::new(),
+    })
+    .await
+    .expect("start after unfreeze");
 
     let audit = op.list_audit(ListAuditRequest::default()).await.expect("audit").into_inner().records;
     for action in ["fleet.freeze", "fleet.unfreeze", "rollout.promote", "rollout.abort"] {

@@ -90,6 +90,10 @@ pub struct AgentConfig {
     /// when it calls a coordinator.
     #[arg(long, env = "HOTFLEET_COORDINATOR_IDENTITY", default_value = DEFAULT_COORDINATOR_IDENTITY)]
     pub coordinator_identity: String,
+
+    /// Logs and metrics (`--log-format`, `--metrics-listen`).
+    #[command(flatten)]
+    pub obs: hotfleet_obs::ObsArgs,
 }
 
 impl AgentConfig {

@@ -98,6 +98,7 @@ pub async fn run(
             };
             match result {
                 Ok((epoch, live_rollouts)) => {
+                    crate::telemetry::heartbeat_answered();
                     follow_leader(participant, epoch, &live_rollouts);
                     if !reachable {
                         tracing::info!(coordinator = %addr, "coordinator reachable again");

@@ -13,8 +13,17 @@ use std::{
     time::Duration,
 };
 
+use hotfleet_obs::grpc::{Grpc, GrpcLayer};
 use hotfleet_proto::{address::endpoint_url, tls::Transport, v1::agent_gateway_client::AgentGatewayClient};
 use tonic::{transport::Channel, Code, Status};
+use tower::Layer as _;
+
+/// The agent's client of a coordinator, every call counted and timed.
+pub type GatewayClient = AgentGatewayClient<Grpc<Channel>>;
+
+fn gateway(channel: Channel) -> GatewayClient {
+    AgentGatewayClient::new(GrpcLayer::client().layer(channel))
+}
 
 /// Metadata key a follower names the leader in (the coordinator's `LEADER_HEADER`).
 pub const LEADER_HEADER: &str = "x-hotfleet-leader";
@@ -92,18 +101,18 @@ impl Coordinators {
     }
 
     /// The coordinator followed now.
-    pub fn current(&self) -> (String, AgentGatewayClient<Channel>) {
+    pub fn current(&self) -> (String, GatewayClient) {
         let state = self.lock();
-        (state.current.0.clone(), AgentGatewayClient::new(state.current.1.clone()))
+        (state.current.0.clone(), gateway(state.current.1.clone()))
     }
 
     /// Every configured coordinator, the followed one first (for reads).
-    pub fn all(&self) -> Vec<(String, AgentGatewayClient<Channel>)> {
+    pub fn all(&self) -> Vec<(String, GatewayClient)> {
         let state = self.lock();
-        let mut out = vec![(state.current.0.clone(), AgentGatewayClient::new(state.current.1.clone()))];
+        let mut out = vec![(state.current.0.clone(), gateway(state.current.1.clone()))];
         for (addr, ch) in &state.configured {
             if *addr != state.current.0 {
-                out.push((addr.clone(), AgentGatewayClient::new(ch.clone())));
+                out.push((addr.clone(), gateway(ch.clone())));
             }
         }
         out

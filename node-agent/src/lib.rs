@@ -38,6 +38,7 @@ pub mod server;
 pub mod service;
 pub mod sessions;
 pub mod stacks;
+pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod testing;
 

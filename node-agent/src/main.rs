@@ -7,11 +7,11 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_target(false)
-        .init();
     let config = AgentConfig::parse();
+    let obs = hotfleet_obs::start(&config.obs, "hotfleet-agent", hotfleet_obs::logs::Stream::Stderr, false).await?;
+    if obs.metrics.is_some() {
+        hotfleet_agent::telemetry::watch();
+    }
     let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another agent running? use --listen)", config.listen))?;
@@ -19,8 +19,10 @@ async fn main() -> anyhow::Result<()> {
         format!("cannot create the runtime socket {} (use --runtime-socket)", config.runtime_socket.display())
     })?;
     if let Some(path) = &config.ready_file {
+        // With --metrics-listen, its bound address too (port 0 picks one).
+        let metrics = obs.metrics.map(|addr| format!(", \"metrics\": \"{addr}\"")).unwrap_or_default();
         let ready = format!(
-            "{{\"grpc\": \"{}\", \"socket\": {:?}, \"pid\": {}}}\n",
+            "{{\"grpc\": \"{}\", \"socket\": {:?}, \"pid\": {}{metrics}}}\n",
             grpc.local_addr()?,
             config.runtime_socket.display().to_string(),
             std::process::id()
@@ -40,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
     let socket_path = config.runtime_socket.clone();
     let result = server::serve(config, grpc, runtime, shutdown).await;
     let _ = std::fs::remove_file(&socket_path);
+    obs.shutdown().await;
     result.context("hotfleet-agent failed")
 }
 

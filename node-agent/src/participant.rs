@@ -23,6 +23,7 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
+use tracing::Instrument;
 
 use futures::future::join_all;
 
@@ -186,10 +187,22 @@ impl Participant {
     pub async fn handle(self: &Arc<Self>, cmd: Command) -> Result<Answer, ParticipantError> {
         let (kind, rollout_id) = (cmd.kind, cmd.rollout_id.clone());
         let this = Arc::clone(self);
-        tokio::spawn(async move { this.run(cmd).await }).await.unwrap_or_else(|err| {
+        // Every line logged for this command names its rollout and node.
+        let trace_id = hotfleet_obs::traces::rollout_trace_id(&rollout_id);
+        let span =
+            tracing::info_span!("command", rollout = %rollout_id, node = %self.node_id, %kind, trace_id = %trace_id);
+        let started = std::time::Instant::now();
+        let result = tokio::spawn(async move { this.run(cmd).await }.instrument(span)).await.unwrap_or_else(|err| {
             tracing::error!(%kind, rollout = %rollout_id, error = %err, "command task failed");
             Err(ParticipantError::Internal { kind, rollout_id, reason: err.to_string() })
-        })
+        });
+        let outcome = match &result {
+            Ok(answer) if answer.ok => "ok",
+            Ok(_) => "refused",
+            Err(_) => "error",
+        };
+        crate::telemetry::command_took(&kind.to_string(), outcome, started.elapsed());
+        result
     }
 
     async fn run(&self, cmd: Command) -> Result<Answer, ParticipantError> {
@@ -424,8 +437,13 @@ impl Participant {
             async move {
                 let mut outcome =
                     ProcessOutcome { process_id: process.process_id.clone(), pid: process.pid, ..Default::default() };
-                match self.runtimes.step(&process.process_id, step, self.runtime_timeout).await {
-                    Ok(reply) => fill_outcome(&mut outcome, reply, what),
+                let span = tracing::info_span!("runtime", process = %process.process_id, step = what);
+                let reply = self.runtimes.step(&process.process_id, step, self.runtime_timeout).instrument(span.clone()).await;
+                match reply {
+                    Ok(reply) => {
+                        span.in_scope(|| crate::telemetry::runtime_step(what, &reply));
+                        fill_outcome(&mut outcome, reply, what)
+                    }
                     Err(err @ SessionError::Disconnected(_)) => outcome.error = format!("{err} during {what}"),
                     Err(err) => outcome.error = err.to_string(),
                 }

@@ -139,7 +139,7 @@ impl PatchSource {
     async fn download_from(
         &self,
         id: &str,
-        mut client: hotfleet_proto::v1::agent_gateway_client::AgentGatewayClient<tonic::transport::Channel>,
+        mut client: crate::coordinators::GatewayClient,
     ) -> Result<Vec<u8>, FetchError> {
         let transport = |message: String| FetchError::Transport { id: id.to_string(), message };
         let bad = |message: String| FetchError::BadStream { id: id.to_string(), message };

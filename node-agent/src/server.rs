@@ -165,6 +165,7 @@ pub async fn serve(
         .timeout(Duration::from_secs(120))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(hotfleet_obs::grpc::GrpcLayer::server())
         .layer(GateLayer(gate))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -93,6 +93,7 @@ mod tests {
         RuntimeFrame {
             id: 7,
             reply_to: 0,
+            traceparent: String::new(),
             body: Some(Body::Hello(Hello {
                 protocol_version: 1,
                 process_id: "42-abcd".into(),

@@ -107,6 +107,7 @@ mod tests {
         let whole = RuntimeFrame {
             id: 9,
             reply_to: 0,
+            traceparent: String::new(),
             body: Some(Body::Prepare(RuntimePrepare {
                 patch_id: "p".into(),
                 modules: modules.iter().cloned().collect(),
@@ -118,7 +119,8 @@ mod tests {
         let mut joined: BTreeMap<String, String> = BTreeMap::new();
         for part in source_parts(&"a".repeat(64), &modules) {
             joined.entry(part.module.clone()).or_default().push_str(&part.text);
-            let frame = RuntimeFrame { id: 9, reply_to: 0, body: Some(Body::SourcePart(part)) };
+            let frame =
+                RuntimeFrame { id: 9, reply_to: 0, traceparent: String::new(), body: Some(Body::SourcePart(part)) };
             let bytes = encode_frame(&frame).expect("every part fits a frame");
             assert!(bytes.len() - 4 <= PART_TEXT_BYTES + 200);
         }

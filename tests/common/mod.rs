@@ -104,6 +104,24 @@ impl Scenario {
         Self::launch(backend, Game::ZoneServer, NODES, BUILD, zone_env)
     }
 
+    /// `nodes` zone-server nodes on the embedded store, the coordinator
+    /// started with `coordinator_flags` (besides listen, store and keys).
+    pub fn start_small(nodes: usize, coordinator_flags: Vec<String>) -> Scenario {
+        let layout = Layout::for_workspace();
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = FleetOptions {
+            nodes,
+            build: BUILD.into(),
+            backend: Backend::Embedded,
+            coordinator_flags,
+            game: Game::ZoneServer,
+        };
+        let fleet = Fleet::start_with(&layout, dir.path(), &options, |_| Vec::new()).expect("start fleet");
+        fleet.wait_registered().expect("fleet registered");
+        let pids = fleet.nodes.iter().map(|n| n.zone.proc.pid()).collect();
+        Scenario { dir, fleet, patch_digests: HashMap::new(), pids }
+    }
+
     /// `nodes` nodes serving `game` of `build`.
     pub fn start_game(backend: Backend, game: Game, nodes: usize, build: &str) -> Scenario {
         Self::launch(backend, game, nodes, build, |_| Vec::new())
@@ -179,6 +197,14 @@ impl Scenario {
 
     /// Starts a rollout (canary 1, waves 25%,50%,100%) and returns its id.
     pub fn start_rollout(&self, patch: &str, health_window: &str) -> String {
+        // These scenarios test rollouts, not the tick-latency gate (unit
+        // tests cover it): on a 2-core CI machine running tests side by
+        // side, a zone's tick p99 can rise by 20 ms from load alone.
+        self.start_rollout_with_p99_floor(patch, health_window, "250ms")
+    }
+
+    /// [`Self::start_rollout`] with the health gate's tick-p99 margin given.
+    pub fn start_rollout_with_p99_floor(&self, patch: &str, health_window: &str, p99_floor: &str) -> String {
         let args = vec![
             "--output",
             "json",
@@ -193,6 +219,8 @@ impl Scenario {
             health_window,
             "--step-deadline",
             "20s",
+            "--tick-p99-floor",
+            p99_floor,
         ];
         let out = ok(self.fleet.cli(&args).expect("rollout start"));
         let rollout: Value = serde_json::from_str(&out).expect("rollout json");

@@ -15,6 +15,7 @@ use std::{
 };
 
 use futures::future::join_all;
+use tracing::Instrument;
 
 use super::{
     lock,
@@ -30,6 +31,7 @@ use crate::{
         Action, NodeResult, Observed, Phase, RolloutState,
     },
     store::StoreError,
+    telemetry,
 };
 
 /// Sends `cmd` to `to`; `Err` carries the agent's reason (or why it could not be asked).
@@ -47,6 +49,23 @@ async fn send(
     retry_for: Duration,
 ) -> Result<(), String> {
     let started = tokio::time::Instant::now();
+    let result = send_until(agents, to, cmd, deadline, retry_for, started).await;
+    let outcome = match &result {
+        Ok(()) => "ok",
+        Err(_) => "failed",
+    };
+    hotfleet_obs::metrics().observe_duration(&telemetry::AGENT_COMMAND, &[cmd.kind.name(), outcome], started.elapsed());
+    result
+}
+
+async fn send_until(
+    agents: &dyn AgentClient,
+    to: &Target,
+    cmd: &Command,
+    deadline: Duration,
+    retry_for: Duration,
+    started: tokio::time::Instant,
+) -> Result<(), String> {
     let budget = retry_for.min(deadline);
     let mut pause = Duration::from_millis(100);
     loop {
@@ -62,6 +81,19 @@ async fn send(
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+/// The driver step an action is timed as (`hotfleet_rollout_step_duration_seconds`).
+fn step_name(action: &Action) -> &'static str {
+    match action {
+        Action::Finished | Action::BeginPrepare => "record",
+        Action::Prepare(_) => "prepare",
+        Action::BeginStep(_) => "baseline",
+        Action::Commit { .. } => "commit",
+        Action::Watch { .. } => "watch",
+        Action::Hold(_) => "hold",
+        Action::Revert { .. } => "revert",
     }
 }
 
@@ -83,28 +115,46 @@ impl Engine {
             let abort_pending = handle.abort.is_cancelled()
                 && !state.rollout.phase.is_terminal()
                 && !matches!(state.rollout.phase, Phase::RollingBack { .. });
-            let step = match action {
-                Action::Finished => break,
-                // An abort was requested but its write did not land: record
-                // it before anything else (no prepare/commit is sent meanwhile).
-                _ if abort_pending => {
-                    let (actor, note) =
-                        lock(&handle.abort_by).clone().unwrap_or_else(|| ("operator".to_string(), String::new()));
-                    self.transact(&handle, Vec::new(), |s| Ok(((), s.abort(&actor, &note, now_ms())?))).await
+            if matches!(action, Action::Finished) {
+                break;
+            }
+            let name = if abort_pending { "record" } else { step_name(&action) };
+            let started = std::time::Instant::now();
+            let wave = match &action {
+                Action::BeginStep(i) | Action::Commit { step: i, .. } | Action::Watch { step: i, .. } => {
+                    state.rollout.steps.get(*i).map(|s| s.name.as_str())
                 }
-                Action::BeginPrepare => {
-                    self.transact(&handle, Vec::new(), |s| Ok(((), s.begin_prepare(now_ms())))).await
-                }
-                Action::Prepare(nodes) => self.prepare(&handle, &state, nodes).await,
-                Action::BeginStep(step) => self.begin_step(&handle, &state, step).await,
-                Action::Commit { step, nodes } => self.commit(&handle, &state, step, nodes).await,
-                Action::Watch { step, ends_at_ms } => self.watch(&handle, step, ends_at_ms).await,
-                Action::Hold(_) => self.hold(&handle, &state).await,
-                Action::Revert { rollback, abort } => {
-                    revert_attempt += 1;
-                    self.revert(&handle, &state, rollback, abort, revert_attempt).await
-                }
+                _ => None,
             };
+            // `wave`: the rollout step acted on (canary, wave-1, ...), where there is one.
+            let span = tracing::info_span!("step", step = name, phase = state.rollout.phase.name(), wave = wave);
+            let step = async {
+                match action {
+                    Action::Finished => Ok(()),
+                    // An abort was requested but its write did not land: record
+                    // it before anything else (no prepare/commit is sent meanwhile).
+                    _ if abort_pending => {
+                        let (actor, note) =
+                            lock(&handle.abort_by).clone().unwrap_or_else(|| ("operator".to_string(), String::new()));
+                        self.transact(&handle, Vec::new(), |s| Ok(((), s.abort(&actor, &note, now_ms())?))).await
+                    }
+                    Action::BeginPrepare => {
+                        self.transact(&handle, Vec::new(), |s| Ok(((), s.begin_prepare(now_ms())))).await
+                    }
+                    Action::Prepare(nodes) => self.prepare(&handle, &state, nodes).await,
+                    Action::BeginStep(step) => self.begin_step(&handle, &state, step).await,
+                    Action::Commit { step, nodes } => self.commit(&handle, &state, step, nodes).await,
+                    Action::Watch { step, ends_at_ms } => self.watch(&handle, step, ends_at_ms).await,
+                    Action::Hold(_) => self.hold(&handle, &state).await,
+                    Action::Revert { rollback, abort } => {
+                        revert_attempt += 1;
+                        self.revert(&handle, &state, rollback, abort, revert_attempt).await
+                    }
+                }
+            }
+            .instrument(span)
+            .await;
+            telemetry::step_took(name, started.elapsed());
             match step {
                 Ok(()) => {}
                 Err(Error::Store(StoreError::Fenced { ours, current })) => {
@@ -133,7 +183,9 @@ impl Engine {
                 }
             }
         }
-        tracing::info!(rollout = %id, outcome = handle.snapshot.borrow().rollout.phase.name(), "rollout finished");
+        let outcome = handle.snapshot.borrow().rollout.phase.name();
+        tracing::info!(rollout = %id, outcome, "rollout finished");
+        hotfleet_obs::metrics().inc(&telemetry::ROLLOUTS, &[outcome]);
         lock(&self.inner.rollouts).remove(id);
     }
 
@@ -214,7 +266,8 @@ impl Engine {
                     Err(_) => Err(format!("no answer within the step deadline ({} ms)", deadline.as_millis())),
                 }
             };
-            async move { (node.clone(), fut.await) }
+            let span = tracing::info_span!("node", node = %node);
+            async move { (node.clone(), fut.await) }.instrument(span)
         });
         let all = join_all(calls);
         if abortable {
@@ -361,6 +414,7 @@ impl Engine {
             };
             let target = self.target(node);
             let agents = self.inner.agents.clone();
+            let span = tracing::info_span!("node", node = %node);
             async move {
                 let result = match target {
                     Ok(t) => match tokio::time::timeout(deadline, agents.health(&t, &since, deadline)).await {
@@ -371,6 +425,7 @@ impl Engine {
                 };
                 (node.clone(), result)
             }
+            .instrument(span)
         });
         join_all(calls).await
     }

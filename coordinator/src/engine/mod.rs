@@ -21,6 +21,7 @@ use std::{
     },
     time::Duration,
 };
+use tracing::Instrument;
 
 use tokio::{
     sync::{watch, Notify},
@@ -163,9 +164,16 @@ impl Engine {
         lock(&self.inner.rollouts).insert(id.clone(), handle.clone());
         let engine = self.clone();
         let driver_handle = handle.clone();
-        let task = tokio::spawn(async move {
-            engine.drive(&id, driver_handle).await;
-        });
+        // Every line the driver logs names its rollout (text and JSON).
+        let trace_id = hotfleet_obs::traces::rollout_trace_id(&id);
+        let span = tracing::info_span!("rollout", rollout = %id, trace_id = %trace_id);
+        hotfleet_obs::traces::join_rollout_trace(&span, &id);
+        let task = tokio::spawn(
+            async move {
+                engine.drive(&id, driver_handle).await;
+            }
+            .instrument(span),
+        );
         let mut tasks = lock(&self.inner.tasks);
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);
@@ -266,7 +274,7 @@ impl Engine {
     /// real start is audited.
     pub async fn start(&self, spec: impl ParseSpec, actor: &str, dry_run: bool) -> Result<RolloutState> {
         let patch_id = spec.patch_id().to_string();
-        let result = self.start_inner(spec, actor, dry_run).await;
+        let result = self.start_inner(spec, actor, dry_run, None).await;
         if let Err(err) = &result {
             if !dry_run {
                 self.audit_refusal(actor, "rollout.start", &patch_id, err).await;
@@ -275,7 +283,26 @@ impl Engine {
         result
     }
 
-    async fn start_inner(&self, spec: impl ParseSpec, actor: &str, dry_run: bool) -> Result<RolloutState> {
+    /// A dry run of a bundle this coordinator may not hold (the operator's
+    /// local file): a stored patch plans with its own build, an unstored one
+    /// with `target_build`, read from the bundle by the caller. Nothing is
+    /// stored or audited, as for any dry run.
+    pub async fn dry_run_unstored(
+        &self,
+        spec: impl ParseSpec,
+        actor: &str,
+        target_build: &str,
+    ) -> Result<RolloutState> {
+        self.start_inner(spec, actor, true, Some(target_build)).await
+    }
+
+    async fn start_inner(
+        &self,
+        spec: impl ParseSpec,
+        actor: &str,
+        dry_run: bool,
+        unstored_build: Option<&str>,
+    ) -> Result<RolloutState> {
         if self.inner.cancel.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -286,16 +313,15 @@ impl Engine {
                 crate::input::excerpt(patch_id)
             )));
         }
-        let patch = self
-            .inner
-            .store
-            .patch(patch_id)
-            .await?
-            .ok_or_else(|| Error::NotFound { what: "patch", id: patch_id.to_string() })?;
+        let target_build = match (self.inner.store.patch(patch_id).await?, unstored_build) {
+            (Some(patch), _) => patch.target_build,
+            (None, Some(build)) if dry_run => build.to_string(),
+            (None, _) => return Err(Error::NotFound { what: "patch", id: patch_id.to_string() }),
+        };
         let spec = spec.parse()?;
         spec.check_prepare_ttl(self.inner.registry.heartbeat_interval())?;
         let candidates: Vec<_> = self.inner.registry.list().iter().map(|n| n.candidate()).collect();
-        let plan = planner::plan(&candidates, &spec, &patch.target_build)?;
+        let plan = planner::plan(&candidates, &spec, &target_build)?;
         let _start = self.inner.start_lock.lock().await;
         if !dry_run {
             if let Some(freeze) = self.freeze_status() {
@@ -323,7 +349,7 @@ impl Engine {
         let state = RolloutState::new(
             id.clone(),
             spec,
-            patch.target_build.clone(),
+            target_build,
             plan,
             actor.to_string(),
             self.inner.fence.epoch,

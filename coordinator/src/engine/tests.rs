@@ -544,6 +544,16 @@ async fn bad_specs_are_refused_clearly() {
     let dry = f.engine.start(request(), "a", true).await.expect("dry run");
     assert!(dry.rollout.id.is_empty(), "a dry run names no rollout");
     assert!(f.engine.get("ro-1-1").await.is_err(), "a dry run stores nothing");
+    // A bundle the coordinator does not hold plans with the build its caller read from it.
+    let unstored = WireSpec { patch_id: "b".repeat(64), ..request() };
+    let dry = f.engine.dry_run_unstored(unstored.clone(), "a", BUILD).await.expect("dry run of a local bundle");
+    assert!(dry.rollout.id.is_empty() && !dry.nodes.is_empty(), "planned, unnamed");
+    assert_eq!(dry.rollout.target_build, BUILD);
+    let err = f.engine.dry_run_unstored(unstored.clone(), "a", "b9").await.expect_err("no node runs b9");
+    assert!(err.to_string().contains("b9"), "{err}");
+    // A stored patch keeps its own build, whatever the caller says.
+    let stored = f.engine.dry_run_unstored(request(), "a", "b9").await.expect("stored");
+    assert_eq!(stored.rollout.target_build, BUILD);
     let real = f.engine.start(request(), "a", false).await.expect("start");
     assert_eq!(real.rollout.id, "ro-1-1", "the dry run used up no id");
 }
@@ -830,4 +840,80 @@ async fn without_pushed_reports_earlier_nodes_are_polled_in_every_window() {
     assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
     let (canary, last) = (f.agents.health_calls("n1"), f.agents.health_calls("n5"));
     assert!(canary > last + 2, "the canary is watched by polls in every later window: {canary} vs {last}");
+}
+
+/// The span tree of a rollout, with an in-memory exporter: one trace (its id
+/// derived from the rollout id), rollout → step → node.
+#[tokio::test]
+async fn a_rollout_is_one_trace_of_steps_and_node_calls() {
+    use opentelemetry::trace::{SpanId, TraceId};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SimpleSpanProcessor, SpanData};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let exporter = InMemorySpanExporter::default();
+    let exporting = hotfleet_obs::traces::Exporting::with_processor(
+        SimpleSpanProcessor::new(exporter.clone()),
+        opentelemetry_sdk::Resource::builder().build(),
+    );
+    // A current-thread runtime: the drivers' tasks see this thread's subscriber.
+    let subscriber =
+        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(exporting.tracer()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let f = fixture(3).await;
+    let state = f.engine.start(request(), "alice", false).await.expect("start");
+    let id = state.rollout.id.clone();
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    let trace_id: TraceId = hotfleet_obs::traces::rollout_trace_id(&id);
+    let ours = || -> Vec<SpanData> {
+        exporter
+            .get_finished_spans()
+            .expect("spans")
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace_id)
+            .collect()
+    };
+    // The rollout span ends when its driver returns, just after the phase is recorded.
+    let until = Instant::now() + Duration::from_secs(5);
+    while !ours().iter().any(|s| s.name == "rollout") {
+        assert!(
+            Instant::now() < until,
+            "no rollout span: {:?}",
+            ours().iter().map(|s| s.name.clone()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let spans = ours();
+    let attr = |s: &SpanData, key: &str| {
+        s.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str().to_string())
+    };
+    let by_id: HashMap<SpanId, &SpanData> = spans.iter().map(|s| (s.span_context.span_id(), s)).collect();
+    let parent = |s: &SpanData| by_id.get(&s.parent_span_id).map(|p| p.name.to_string());
+
+    let rollout: Vec<&SpanData> = spans.iter().filter(|s| s.name == "rollout").collect();
+    assert_eq!(rollout.len(), 1, "one rollout span");
+    assert_eq!(attr(rollout[0], "rollout").as_deref(), Some(id.as_str()));
+    assert_eq!(parent(rollout[0]), None, "its parent is the virtual root derived from the rollout id");
+    let steps: Vec<&SpanData> = spans.iter().filter(|s| s.name == "step").collect();
+    assert!(steps.iter().all(|s| s.parent_span_id == rollout[0].span_context.span_id()), "steps hang off the rollout");
+    let step_names: HashSet<String> = steps.iter().filter_map(|s| attr(s, "step")).collect();
+    for step in ["record", "prepare", "baseline", "commit", "watch"] {
+        assert!(step_names.contains(step), "a {step} step: {step_names:?}");
+    }
+    let waves: HashSet<String> =
+        steps.iter().filter(|s| attr(s, "step").as_deref() == Some("commit")).filter_map(|s| attr(s, "wave")).collect();
+    let expected: HashSet<String> = ["canary", "wave-1", "wave-2"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(waves, expected, "each commit step names its wave");
+    let nodes: Vec<&SpanData> = spans.iter().filter(|s| s.name == "node").collect();
+    assert!(nodes.iter().all(|s| parent(s).as_deref() == Some("step")), "node calls hang off steps");
+    let called = |step: &str| -> HashSet<String> {
+        nodes
+            .iter()
+            .filter(|n| by_id.get(&n.parent_span_id).and_then(|p| attr(p, "step")).as_deref() == Some(step))
+            .filter_map(|n| attr(n, "node"))
+            .collect()
+    };
+    let all: HashSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(called("prepare"), all, "every node is prepared under the prepare step");
+    assert_eq!(called("commit"), all, "and committed under commit steps");
 }

@@ -143,7 +143,13 @@ impl Coordinator for OperatorService {
         let req = request.into_inner();
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("StartRolloutRequest.spec is missing"))?;
         let term = self.leader()?;
-        let view = self.cluster.view(term.engine.start(spec, &who, req.dry_run).await?).await;
+        let state = if req.dry_run && !req.target_build.is_empty() {
+            bounded("target_build", &req.target_build, MAX_BUILD)?;
+            term.engine.dry_run_unstored(spec, &who, &req.target_build).await?
+        } else {
+            term.engine.start(spec, &who, req.dry_run).await?
+        };
+        let view = self.cluster.view(state).await;
         Ok(Response::new(pb::StartRolloutResponse { rollout: Some(encode(&view)) }))
     }
 

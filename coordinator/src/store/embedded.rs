@@ -52,7 +52,9 @@ fn backend<E: std::fmt::Display>(err: E) -> StoreError {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(backend)
+    let bytes = serde_json::to_vec(value).map_err(backend)?;
+    crate::telemetry::store_wrote("embedded", bytes.len());
+    Ok(bytes)
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -161,6 +163,7 @@ fn apply(txn: &redb::WriteTransaction, batch: Batch) -> Result<Vec<u64>, StoreEr
                 patches.insert(record.patch_id.as_str(), encode(&record)?.as_slice()).map_err(backend)?;
                 let mut bundles = txn.open_table(BUNDLES).map_err(backend)?;
                 bundles.insert(record.patch_id.as_str(), bundle.as_slice()).map_err(backend)?;
+                crate::telemetry::store_wrote("embedded", bundle.len());
             }
             Write::PutRollout(rollout) => {
                 let mut t = txn.open_table(ROLLOUTS).map_err(backend)?;

@@ -144,7 +144,9 @@ pub fn node_shard(node_id: &str) -> u64 {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Backend(e.to_string()))
+    let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Backend(e.to_string()))?;
+    crate::telemetry::store_wrote("etcd", bytes.len());
+    Ok(bytes)
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -317,6 +319,7 @@ impl EtcdStore {
                 continue;
             }
             for (i, chunk) in bundle.chunks(CHUNK_BYTES).enumerate() {
+                crate::telemetry::store_wrote("etcd", chunk.len());
                 let op = TxnOp::put(self.chunk_key(&record.patch_id, i as u64), chunk.to_vec(), None);
                 let mut kv = self.kv.clone();
                 let resp = self.call(kv.txn(self.fenced_txn(fence, Vec::new(), vec![op]))).await?;

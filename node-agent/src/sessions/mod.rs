@@ -123,8 +123,10 @@ impl Session {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let _slot = PendingSlot { pending: &self.pending, id };
+        let traceparent = hotfleet_obs::traces::current_traceparent();
         for body in ahead.into_iter().chain([body]) {
-            let frame = RuntimeFrame { id, reply_to: 0, body: Some(body) };
+            // The runtime carries the current (runtime) span's context through.
+            let frame = RuntimeFrame { id, reply_to: 0, traceparent: traceparent.clone(), body: Some(body) };
             if self.closed.is_cancelled() || self.outgoing.send(frame).await.is_err() {
                 return Err(SessionError::Disconnected(self.process_id.clone()));
             }
@@ -268,6 +270,7 @@ async fn run_connection(
     let welcome = RuntimeFrame {
         id: 0,
         reply_to: hello_id,
+        traceparent: String::new(),
         body: Some(Body::Welcome(Welcome {
             protocol_version: RUNTIME_PROTOCOL_VERSION,
             node_id,
@@ -349,7 +352,11 @@ async fn run_connection(
                     // One piece per frame, the end marker last: the frames of one
                     // sender keep their order on the channel.
                     for body in stacks::reply_bodies(stacks.stack_for(query.build).await) {
-                        if outgoing.send(RuntimeFrame { id: 0, reply_to: id, body: Some(body) }).await.is_err() {
+                        if outgoing
+                            .send(RuntimeFrame { id: 0, reply_to: id, traceparent: String::new(), body: Some(body) })
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -384,6 +391,7 @@ fn error_frame(reply_to: u64, code: &str, message: &str) -> RuntimeFrame {
     RuntimeFrame {
         id: 0,
         reply_to,
+        traceparent: String::new(),
         body: Some(Body::Error(ProtocolError { message: message.to_string(), code: code.to_string() })),
     }
 }

@@ -79,9 +79,12 @@ async fn connect(path: &std::path::Path, process_id: &str) -> UnixStream {
         build: "b".into(),
         ..Default::default()
     };
-    write_frame(&mut client, &RuntimeFrame { id: 1, reply_to: 0, body: Some(Body::Hello(hello)) })
-        .await
-        .expect("hello");
+    write_frame(
+        &mut client,
+        &RuntimeFrame { id: 1, reply_to: 0, traceparent: String::new(), body: Some(Body::Hello(hello)) },
+    )
+    .await
+    .expect("hello");
     let welcome = read_frame(&mut client).await.expect("read").expect("frame");
     assert!(matches!(welcome.body, Some(Body::Welcome(_))));
     client
@@ -92,7 +95,9 @@ async fn a_stack_over_one_frame_reaches_the_runtime_one_piece_per_frame() {
     let agent = Agent::start(Arc::new(BigStack), Duration::from_secs(30));
     let mut client = connect(&agent.path, "p1").await;
     let query = Body::StackQuery(hotfleet_proto::v1::StackQuery { build: "b".into() });
-    write_frame(&mut client, &RuntimeFrame { id: 2, reply_to: 0, body: Some(query) }).await.expect("query");
+    write_frame(&mut client, &RuntimeFrame { id: 2, reply_to: 0, traceparent: String::new(), body: Some(query) })
+        .await
+        .expect("query");
 
     let mut sources: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut parts = 0;
@@ -154,9 +159,12 @@ async fn a_prepare_over_one_frame_goes_in_pieces_with_its_id() {
     assert!(sources == modules.into_iter().collect::<BTreeMap<_, _>>(), "the bundle arrives intact");
 
     let ok = RuntimeResult { ok: true, ..Default::default() };
-    write_frame(&mut client, &RuntimeFrame { id: 3, reply_to: id, body: Some(Body::PrepareResult(ok)) })
-        .await
-        .expect("reply");
+    write_frame(
+        &mut client,
+        &RuntimeFrame { id: 3, reply_to: id, traceparent: String::new(), body: Some(Body::PrepareResult(ok)) },
+    )
+    .await
+    .expect("reply");
     assert!(asked.await.expect("task").expect("answered").ok);
 }
 
@@ -185,7 +193,11 @@ async fn a_peer_whose_uid_is_not_allowed_is_told_and_closed_without_a_session() 
     let mut client = UnixStream::connect(&agent.path).await.expect("connect");
     let hello = Hello { protocol_version: RUNTIME_PROTOCOL_VERSION, process_id: "p1".into(), ..Default::default() };
     // The agent may close before the hello is written: that is a refusal too.
-    let _ = write_frame(&mut client, &RuntimeFrame { id: 1, reply_to: 0, body: Some(Body::Hello(hello)) }).await;
+    let _ = write_frame(
+        &mut client,
+        &RuntimeFrame { id: 1, reply_to: 0, traceparent: String::new(), body: Some(Body::Hello(hello)) },
+    )
+    .await;
     let refusal = read_frame(&mut client).await.expect("read").expect("told why");
     let Some(Body::Error(error)) = refusal.body else { panic!("not a refusal: {refusal:?}") };
     assert_eq!(error.code, "forbidden");

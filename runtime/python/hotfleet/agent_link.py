@@ -51,6 +51,7 @@ from .frames import (
     PROTOCOL_VERSION,
     FrameReader,
     decode_frame,
+    decode_frame_traced,
     detail_json,
     encode_frame,
     error_detail_json,
@@ -78,6 +79,7 @@ __all__ = [
     "FrameReader",
     "encode_frame",
     "decode_frame",
+    "decode_frame_traced",
 ]
 
 log = logging.getLogger("hotfleet.agent_link")
@@ -172,6 +174,8 @@ class AgentLink:
         self._inflight: Dict[str, "Future[Any]"] = {}
         self._early: List[bytes] = []  # frames that arrived in the same read as the welcome
         self._current: Optional[Tuple[socket.socket, int]] = None  # (socket, session) being served
+        # request id -> the agent's traceparent, until that request is answered
+        self._traces: Dict[int, str] = {}
         self._handlers: Dict[str, Callable[[int, Dict[str, Any]], None]] = {
             "prepare": self._on_prepare,
             "commit": self._on_commit,
@@ -441,6 +445,7 @@ class AgentLink:
             pending, self._pending = self._pending, {}
             self._outbox.clear()
         self._parts.clear()
+        self._traces.clear()
         for future in pending.values():
             if not future.done():
                 future.set_exception(HotfleetError("connection to hotfleet-agent lost before it answered"))
@@ -455,7 +460,11 @@ class AgentLink:
         sock.sendall(encode_frame(frame))
 
     def _reply(self, sock: socket.socket, reply_to: int, kind: str, body: Dict[str, Any]) -> None:
-        self._send(sock, {"id": self._next_id(), "replyTo": reply_to, kind: body})
+        frame: Dict[str, Any] = {"id": self._next_id(), "replyTo": reply_to, kind: body}
+        traceparent = self._traces.pop(reply_to, "")
+        if traceparent:
+            frame["traceparent"] = traceparent
+        self._send(sock, frame)
 
     def _send_error(self, sock: socket.socket, reply_to: int, code: str, message: str) -> None:
         log.warning("protocol error (%s) on frame %d from the agent: %s", code, reply_to, message)
@@ -578,7 +587,7 @@ class AgentLink:
 
     def _dispatch(self, sock: socket.socket, session: int, payload: bytes) -> None:
         try:
-            frame_id, reply_to, kind, body = decode_frame(payload)
+            frame_id, reply_to, kind, body, traceparent = decode_frame_traced(payload)
             if kind == "sourcePart":  # a piece of the prepare or stackReply that follows
                 self._parts.add(SourceParts.key(frame_id, reply_to), body, frame_id)
                 return
@@ -610,6 +619,9 @@ class AgentLink:
             self._send_error(sock, 0, "malformed", f"{kind} request without an id")
             return
         self._current = (sock, session)
+        if traceparent:
+            # Handed back with this request's reply (now or at a later safe point).
+            self._traces[frame_id] = traceparent
         try:
             if kind == "prepare":
                 body = fill_prepare(body, self._parts.take(SourceParts.key(frame_id, 0), body, frame_id), frame_id)

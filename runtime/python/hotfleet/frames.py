@@ -25,6 +25,7 @@ __all__ = [
     "FrameReader",
     "encode_frame",
     "decode_frame",
+    "decode_frame_traced",
     "parse_uint",
     "get_field",
 ]
@@ -95,8 +96,23 @@ def encode_frame(frame: Mapping[str, Any]) -> bytes:
     return len(payload).to_bytes(_LEN, "big") + payload
 
 
+# A W3C traceparent is 55 characters; anything much longer is not one.
+_MAX_TRACEPARENT = 128
+
+
 def decode_frame(payload: bytes) -> Tuple[int, int, str, Dict[str, Any]]:
-    """Decode one frame's JSON into ``(id, reply_to, body_name, body)``.
+    """Decode one frame's JSON into ``(id, reply_to, body_name, body)``
+    (see :func:`decode_frame_traced`, which also returns its trace context)."""
+    frame_id, reply_to, name, body, _ = decode_frame_traced(payload)
+    return frame_id, reply_to, name, body
+
+
+def decode_frame_traced(payload: bytes) -> Tuple[int, int, str, Dict[str, Any], str]:
+    """Decode one frame's JSON into ``(id, reply_to, body_name, body, traceparent)``.
+
+    ``traceparent`` is the W3C trace context the agent sent with a request (empty
+    when it traces nothing, or when malformed): the runtime only hands it back
+    with its reply, so its timings join the agent's trace.
 
     Raises FrameError with code ``malformed`` (not UTF-8 JSON, not an object, bad ids,
     no body or two bodies) or ``unknown`` (a body this protocol version does not define).
@@ -120,7 +136,7 @@ def decode_frame(payload: bytes) -> Tuple[int, int, str, Dict[str, Any]]:
     bodies: List[str] = []
     unknown: List[str] = []
     for key in frame:
-        if key in ("id", "replyTo", "reply_to"):
+        if key in ("id", "replyTo", "reply_to", "traceparent"):
             continue
         name = _camel(key)
         (bodies if name in BODY_NAMES else unknown).append(name)
@@ -137,7 +153,10 @@ def decode_frame(payload: bytes) -> Tuple[int, int, str, Dict[str, Any]]:
         body = {}
     if not isinstance(body, dict):
         raise FrameError("malformed", f"{name} must be a JSON object", frame_id)
-    return frame_id, reply_to, name, body
+    traceparent = frame.get("traceparent")
+    if not isinstance(traceparent, str) or len(traceparent) > _MAX_TRACEPARENT:
+        traceparent = ""
+    return frame_id, reply_to, name, body, traceparent
 
 
 class FrameReader:

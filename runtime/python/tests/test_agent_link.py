@@ -331,6 +331,11 @@ def test_codec_encodes_length_prefixed_json_and_decodes_proto3_json_variants() -
     assert agent_link.decode_frame(b'{"id":3,"statusQuery":null}') == (3, 0, "statusQuery", {})
     # An unknown field next to a known body is ignored (forward compatibility).
     assert agent_link.decode_frame(b'{"id":3,"statusQuery":{},"traceparent":"x"}')[2] == "statusQuery"
+    # The agent's trace context is returned apart; a non-string or oversized one is dropped.
+    assert agent_link.decode_frame_traced(b'{"id":3,"statusQuery":{},"traceparent":"x"}') == (
+        3, 0, "statusQuery", {}, "x")
+    assert agent_link.decode_frame_traced(b'{"id":3,"statusQuery":{},"traceparent":7}')[4] == ""
+    assert agent_link.decode_frame_traced(b'{"id":3,"statusQuery":{},"traceparent":"%s"}' % (b"a" * 200))[4] == ""
 
     cases = {
         b"\xff\xfe": "malformed",
@@ -502,6 +507,27 @@ def test_prepare_commit_rollback_round_trip_changes_a_real_module(
     assert from_import(5) == 10
     assert counter.bump() == 1
     assert peer.request("statusQuery", {}, "status")["liveDigests"][pkg.modname] == before["liveDigests"][pkg.modname]
+
+
+TRACEPARENT = "00-5c1e0a4b2f3d4e5f60718293a4b5c6d7-0123456789abcdef-01"
+
+
+def test_a_requests_traceparent_comes_back_with_its_reply(
+        rt: Any, pkg: Package, agent: ScriptedAgent, links: Callable[..., AgentLink], game: Game) -> None:
+    link, peer, hello = connect(links, rt, agent)
+    # The prepare is answered at once; the commit at a later safe point: both carry it back.
+    peer.send({"id": 51, "traceparent": TRACEPARENT, "prepare": {"patchId": "p-t", "modules": {pkg.modname: V2}}})
+    frame, prep = peer.expect("prepareResult")
+    assert prep["ok"] is True, prep
+    assert frame["replyTo"] == 51 and frame["traceparent"] == TRACEPARENT
+    peer.send({"id": 52, "traceparent": TRACEPARENT, "commit": {"patchId": "p-t"}})
+    frame, commit = peer.expect("commitResult")
+    assert commit["ok"] is True and commit["pauseMs"] >= 0, commit
+    assert frame["traceparent"] == TRACEPARENT
+    # Without one (an agent that traces nothing) the reply has none.
+    peer.send({"id": 53, "statusQuery": {}})
+    frame, _ = peer.expect("status")
+    assert "traceparent" not in frame
 
 
 def test_commit_runs_on_the_game_thread(rt: Any, pkg: Package, agent: ScriptedAgent,

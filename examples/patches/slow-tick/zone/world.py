@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from zone import combat, inventory, players
 
 #: What the slow respawn placement costs per tick.
-SLOW_TICK_SECONDS = 0.06
+SLOW_TICK_SECONDS = 0.2
 
 #: The zone is the square [-BOUND, BOUND] x [-BOUND, BOUND].
 BOUND = 50
