@@ -138,7 +138,7 @@ async fn prepare_commit_rollback_changes_what_players_see_without_dropping_them(
     let mut agent = agent_client(&node.keys, &node.agent).await;
 
     let prepared = agent
-        .prepare(PrepareRequest { header: header("r1", &patch, 1), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r1", &patch, 1), ttl_seconds: 0, ..Default::default() })
         .await
         .expect("prepare")
         .into_inner();
@@ -208,7 +208,7 @@ async fn a_bundle_over_one_frame_once_escaped_reaches_the_runtimes_in_pieces() {
     let before = damage(&mut node.players[0]);
     let mut agent = agent_client(&node.keys, &node.agent).await;
     let prepared = agent
-        .prepare(PrepareRequest { header: header("r-big", &patch, 1), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r-big", &patch, 1), ttl_seconds: 0, ..Default::default() })
         .await
         .expect("prepare")
         .into_inner();
@@ -230,7 +230,7 @@ async fn failed_prepare_leaves_every_process_untouched() {
     let patch = node.push_uncompiled("syntax-error").await;
     let mut agent = agent_client(&node.keys, &node.agent).await;
     let answer = agent
-        .prepare(PrepareRequest { header: header("r-syntax", &patch, 1), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r-syntax", &patch, 1), ttl_seconds: 0, ..Default::default() })
         .await
         .expect("prepare")
         .into_inner();
@@ -261,7 +261,7 @@ async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
     // Unsigned: the coordinator refuses the upload, so the agent cannot fetch it.
     let unsigned = node.push("hotfix-damage", false).await;
     let answer = agent
-        .prepare(PrepareRequest { header: header("r-unsigned", &unsigned, 1), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r-unsigned", &unsigned, 1), ttl_seconds: 0, ..Default::default() })
         .await
         .expect("prepare")
         .into_inner();
@@ -277,7 +277,7 @@ async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
     std::fs::create_dir_all(cache.parent().expect("dir")).expect("cache dir");
     std::fs::write(&cache, &bytes).expect("plant tampered bundle");
     let answer = agent
-        .prepare(PrepareRequest { header: header("r-tampered", &signed, 1), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r-tampered", &signed, 1), ttl_seconds: 0, ..Default::default() })
         .await
         .expect("prepare")
         .into_inner();
@@ -292,7 +292,7 @@ async fn tampered_or_unsigned_bundles_never_reach_a_runtime() {
     // A patch id the coordinator does not have.
     let unknown = "ab".repeat(32);
     let answer = agent
-        .prepare(PrepareRequest { header: header("r-unknown", &unknown, 1), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r-unknown", &unknown, 1), ttl_seconds: 0, ..Default::default() })
         .await
         .expect("prepare")
         .into_inner();
@@ -322,7 +322,7 @@ async fn stale_epochs_are_refused_even_after_an_agent_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let err = agent
-        .prepare(PrepareRequest { header: header("r-e", &patch, 1), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r-e", &patch, 1), ttl_seconds: 0, ..Default::default() })
         .await
         .expect_err("epoch 1 after 2 must be refused");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -349,7 +349,7 @@ async fn runtime_killed_mid_commit_is_reported_and_the_others_commit() {
     let patch = node.push("hotfix-damage", true).await;
     let mut agent = agent_client(&node.keys, &node.agent).await;
     let prepared = agent
-        .prepare(PrepareRequest { header: header("r-kill", &patch, 1), ttl_seconds: 0 })
+        .prepare(PrepareRequest { header: header("r-kill", &patch, 1), ttl_seconds: 0, ..Default::default() })
         .await
         .expect("prepare")
         .into_inner();

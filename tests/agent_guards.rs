@@ -9,8 +9,9 @@
 //! - a patch the coordinator rolled back cannot be replayed (Prepare +
 //!   Commit of its rollout) onto the agent: the zone server keeps running
 //!   what the store says;
-//! - a patch whose manifest parent is not the top of the processes' stack is
-//!   refused at prepare, naming both.
+//! - a patch whose manifest parent is not the top of the build's stack is
+//!   refused at `rollout start` by the coordinator, and at prepare by each
+//!   agent, naming both.
 //!
 //! Ends with the consistency check of `common`.
 
@@ -34,7 +35,9 @@ async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_
     let learned = std::fs::read(&epoch_file).expect("the epoch learned at registration");
 
     // 1. u64::MAX straight to the agent: refused as unknown, nothing written.
-    let forged = agent.prepare(PrepareRequest { header: header("r-forged", &hotfix, u64::MAX), ttl_seconds: 0 }).await;
+    let forged = agent
+        .prepare(PrepareRequest { header: header("r-forged", &hotfix, u64::MAX), ttl_seconds: 0, ..Default::default() })
+        .await;
     let err = forged.expect_err("an epoch the coordinator never announced");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().contains("unknown epoch"), "{}", err.message());
@@ -57,7 +60,8 @@ async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_
     // 4. Its rollout replayed straight to every agent, at the current epoch: refused.
     for node in &s.fleet.nodes {
         let mut agent = agent_client(&s.fleet.keys, &node.agent).await;
-        let prepare = PrepareRequest { header: header(&bad_rollout, &bad, epoch), ttl_seconds: 0 };
+        let prepare =
+            PrepareRequest { header: header(&bad_rollout, &bad, epoch), ttl_seconds: 0, ..Default::default() };
         let err = agent.prepare(prepare).await.expect_err("a rolled-back patch replayed");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}: {err:?}", node.agent.node_id);
         assert!(err.message().contains("aborted or rolled back"), "{}", err.message());
@@ -65,12 +69,25 @@ async fn a_forged_epoch_a_replayed_rolled_back_patch_and_a_patch_off_its_parent_
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}: {err:?}", node.agent.node_id);
     }
 
-    // 5. A patch built as a build's first (no parent) does not go on top of the hotfix.
+    // 5. A patch built as a build's first (no parent) does not go on top of the hotfix: the
+    //    coordinator refuses its rollout naming the top, and each agent refuses it too.
     let orphan = s.push("slow-tick");
-    let (code, refused) = s.watch(&s.start_rollout(&orphan, "1500ms"));
-    assert_eq!(code, 3, "{refused}");
-    let reason = refused["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("parent none") && reason.contains(&hotfix[..12]), "{reason}");
+    let out = s.fleet.cli(&["rollout", "start", &orphan]).expect("rollout start");
+    assert!(!out.status.success(), "a patch off the top is refused at start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("parent none") && err.contains(&hotfix), "names the top to build on: {err}");
+    for node in &s.fleet.nodes {
+        let mut agent = agent_client(&s.fleet.keys, &node.agent).await;
+        let prepare =
+            PrepareRequest { header: header("r-orphan", &orphan, epoch), ttl_seconds: 0, ..Default::default() };
+        let vote = agent.prepare(prepare).await.expect("a vote").into_inner();
+        let why: Vec<&str> = vote.processes.iter().map(|p| p.error.as_str()).collect();
+        assert!(!vote.vote_yes && vote.reason.contains("parent is not the top"), "{}: {vote:?}", node.agent.node_id);
+        assert!(
+            !why.is_empty() && why.iter().all(|e| e.contains("parent none") && e.contains(&hotfix[..12])),
+            "{why:?}"
+        );
+    }
 
     // Every zone server still runs the hotfix alone, as the store says.
     assert_eq!(s.assert_consistent(&[]).await, vec![hotfix]);

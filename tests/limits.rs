@@ -97,7 +97,12 @@ async fn a_four_megabyte_selector_is_refused_before_it_reaches_the_store(backend
             ..Default::default()
         };
         let err = client
-            .start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false, target_build: String::new() })
+            .start_rollout(StartRolloutRequest {
+                spec: Some(spec),
+                dry_run: false,
+                target_build: String::new(),
+                plan_canary: false,
+            })
             .await
             .expect_err("refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
@@ -106,7 +111,12 @@ async fn a_four_megabyte_selector_is_refused_before_it_reaches_the_store(backend
     }
     let spec = RolloutSpec { patch_id: patch.clone(), health_window_ms: u64::MAX, ..Default::default() };
     let err = client
-        .start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false, target_build: String::new() })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec),
+            dry_run: false,
+            target_build: String::new(),
+            plan_canary: false,
+        })
         .await
         .expect_err("refused");
     assert!(err.message().contains("health_window_ms 18446744073709551615 ms is out of range"), "{}", err.message());

@@ -264,6 +264,7 @@ async fn start_rollout(target: &Target, spec: RolloutSpec) -> anyhow::Result<Str
             spec: Some(spec),
             dry_run: false,
             target_build: String::new(),
+            plan_canary: false,
         }))
         .await
         .map_err(|s| anyhow!("the coordinator refused the rollout: {}", s.message()))?
@@ -285,6 +286,7 @@ async fn plan(target: &Target, spec: &RolloutSpec) -> anyhow::Result<Vec<Vec<Str
             spec: Some(spec.clone()),
             dry_run: true,
             target_build: String::new(),
+            plan_canary: false,
         }))
         .await
         .map_err(|s| anyhow!("planning failed: {}", s.message()))?

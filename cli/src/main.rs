@@ -11,8 +11,10 @@ mod fleet_cmd;
 mod ids;
 mod output;
 mod patch_cmd;
+mod plan_cmd;
 mod pycheck;
 mod rollout_cmd;
+mod stack_cmd;
 mod tree;
 mod views;
 

@@ -45,6 +45,26 @@ pub enum PatchCommand {
         #[arg(long, default_value = "")]
         build: String,
     },
+    /// What a patch would do inside one live game process: the runtime
+    /// prepares it, answers its plan (functions replaced, classes updated,
+    /// data kept or conflicting, hooks, refusals with line numbers), and the
+    /// prepare is aborted: nothing is committed.
+    Plan {
+        /// Patch id (pushed to the coordinator already).
+        patch: String,
+        /// The node whose process(es) of the patch's build prepare it.
+        #[arg(long)]
+        node: String,
+        /// Only this process of the node [default: every process of the build].
+        #[arg(long)]
+        process: Option<String>,
+    },
+    /// A build's patch stack (what every process of the build runs), oldest
+    /// first, with who rolled each patch out and when.
+    Stack {
+        #[arg(long)]
+        build: String,
+    },
     /// Show a bundle's manifest.
     Show {
         bundle: PathBuf,
@@ -119,6 +139,10 @@ pub async fn run(cmd: PatchCommand, target: &Target, output: Output) -> CliResul
     match cmd {
         PatchCommand::Push { bundle } => push_file(target, &bundle, output, true).await.map(|_| ()),
         PatchCommand::List { build } => list(target, build, output).await,
+        PatchCommand::Plan { patch, node, process } => {
+            crate::plan_cmd::plan(target, patch, node, process, output).await
+        }
+        PatchCommand::Stack { build } => crate::stack_cmd::stack(target, build, output).await,
         PatchCommand::Build(args) => build(*args, target, output).await,
         PatchCommand::Sign { bundle, key, out } => sign(&bundle, &key, out.as_deref(), output),
         PatchCommand::Verify { bundle, trusted_keys } => verify(&bundle, &trusted_keys, output),

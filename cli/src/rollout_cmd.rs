@@ -1,4 +1,4 @@
-//! `hotfleet rollout start|list|status|describe|watch|pause|resume|promote|abort`.
+//! `hotfleet rollout start|list|status|describe|watch|pause|resume|promote|abort|cancel`.
 
 use std::{collections::BTreeMap, io::IsTerminal, path::Path, time::Duration};
 
@@ -51,6 +51,8 @@ pub enum RolloutCommand {
     Promote(Action),
     /// Roll everything back now.
     Abort(Action),
+    /// Cancel a scheduled rollout before it starts (an abort: once running, it rolls back).
+    Cancel(Action),
 }
 
 #[derive(Debug, Args)]
@@ -105,12 +107,38 @@ pub struct StartArgs {
     tick_p99_floor: Option<Duration>,
     #[arg(long, default_value = "")]
     description: String,
+    /// Start at this time (RFC 3339, e.g. 2026-12-24T03:00:00Z) instead of now: the
+    /// rollout is stored as SCHEDULED (listed, cancellable with `rollout cancel`)
+    /// and starts within a second of it, on whichever coordinator leads then.
+    #[arg(long, value_parser = parse_at)]
+    at: Option<u64>,
+    /// Allowed window HH:MM-HH:MM (seconds optional), repeatable: no step starts
+    /// outside the windows; one closing mid-rollout pauses it until the next.
+    #[arg(long = "window")]
+    windows: Vec<String>,
+    /// IANA time zone of --window, e.g. Europe/Berlin [default: UTC].
+    #[arg(long, requires = "windows")]
+    window_tz: Option<String>,
+    /// Days the --window(s) open on, e.g. mon-fri or sat,sun [default: every day].
+    #[arg(long, requires = "windows")]
+    window_days: Option<String>,
     /// Show the plan without starting anything (a bundle file is read and verified here, not pushed).
     #[arg(long)]
     dry_run: bool,
+    /// With --dry-run: also show what the patch would do inside the canary's
+    /// game process (the runtime's plan, as `patch plan`; nothing committed).
+    #[arg(long, requires = "dry_run")]
+    plan_canary: bool,
     /// Follow the rollout until it ends, like `rollout watch`.
     #[arg(long)]
     watch: bool,
+}
+
+/// `--at`: an RFC 3339 time as Unix ms (whether it lies ahead is the coordinator's call).
+fn parse_at(text: &str) -> Result<u64, String> {
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time like 2026-12-24T03:00:00Z: {e}"))?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).map_err(|_| format!("{text:?} is before 1970"))
 }
 
 /// `--prepare-ttl`: a duration in whole seconds (rounded up), not zero.
@@ -134,6 +162,7 @@ pub async fn run(target: &Target, cmd: RolloutCommand, output: Output) -> CliRes
         RolloutCommand::Resume(a) => action(target, "resume", a, output).await,
         RolloutCommand::Promote(a) => action(target, "promote", a, output).await,
         RolloutCommand::Abort(a) => action(target, "abort", a, output).await,
+        RolloutCommand::Cancel(a) => action(target, "cancel", a, output).await,
     }
 }
 
@@ -176,15 +205,35 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         tick_p99_floor_ms: args.tick_p99_floor.map(|d| d.as_secs_f64() * 1000.0).unwrap_or_default(),
         prepare_ttl_seconds: args.prepare_ttl.unwrap_or_default(),
         description: args.description,
+        start_at_ms: args.at.unwrap_or_default(),
+        windows: match &args.window_days {
+            Some(days) => args.windows.iter().map(|w| format!("{w} {days}")).collect(),
+            None => args.windows,
+        },
+        window_tz: args.window_tz.unwrap_or_default(),
     };
     let mut client = target.connect().await?;
-    let rollout = client
-        .start_rollout(target.request(StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run, target_build }))
+    let request =
+        StartRolloutRequest { spec: Some(spec), dry_run: args.dry_run, target_build, plan_canary: args.plan_canary };
+    let answer = client
+        .start_rollout(target.request(request))
         .await
         .map_err(|s| failure("the coordinator refused the rollout", s))?
-        .into_inner()
-        .rollout
-        .ok_or_else(|| anyhow!("coordinator answered without a rollout"))?;
+        .into_inner();
+    let rollout = answer.rollout.ok_or_else(|| anyhow!("coordinator answered without a rollout"))?;
+    if let Some(plan) = answer.canary_plan {
+        if output.structured() {
+            output.print(&serde_json::json!({
+                "rollout": views::rollout(&rollout),
+                "canaryPlan": crate::plan_cmd::as_json(&plan),
+            }));
+        } else {
+            println!("plan (dry run: nothing started, nothing pushed)");
+            print_plan(&rollout);
+            crate::plan_cmd::print_text(&plan);
+        }
+        return Ok(());
+    }
     if args.watch && !args.dry_run {
         if output == Output::Text {
             println!("rollout {} started", rollout.rollout_id);
@@ -233,7 +282,7 @@ async fn list(target: &Target, active_only: bool, limit: u32, output: Output) ->
             patch,
             node_count(r),
             format_ms(r.created_at_ms),
-            r.reason
+            scheduled_or_reason(r)
         );
     }
     Ok(())
@@ -360,6 +409,13 @@ async fn action(target: &Target, what: &str, action: Action, output: Output) -> 
     let mut client = target.connect().await?;
     let request = target.request(RolloutActionRequest { rollout_id: id.clone(), reason: action.reason });
     let result = match what {
+        "cancel" => {
+            // A cancel is an abort that says so in the audit log and the rollout's reason.
+            let mut request = request;
+            let reason = &mut request.get_mut().reason;
+            *reason = if reason.is_empty() { "cancelled".into() } else { format!("cancelled: {reason}") };
+            client.abort_rollout(request).await
+        }
         "pause" => client.pause_rollout(request).await,
         "resume" => client.resume_rollout(request).await,
         "promote" => client.promote_rollout(request).await,
@@ -498,8 +554,17 @@ pub fn finished(rollout: &Rollout) -> CliResult {
     }
 }
 
+/// A scheduled rollout's start time, else why it rolled back (if it did).
+fn scheduled_or_reason(r: &Rollout) -> String {
+    match r.spec.as_ref().map(|s| s.start_at_ms) {
+        Some(at) if at > 0 && r.phase == RolloutPhase::Scheduled as i32 => format!("starts {}", format_ms(at)),
+        _ => r.reason.clone(),
+    }
+}
+
 pub fn phase_name(phase: i32) -> &'static str {
     match RolloutPhase::try_from(phase) {
+        Ok(RolloutPhase::Scheduled) => "scheduled",
         Ok(RolloutPhase::Staged) => "staged",
         Ok(RolloutPhase::Preparing) => "preparing",
         Ok(RolloutPhase::Committing) => "committing",
@@ -563,6 +628,9 @@ fn print_summary(r: &Rollout) {
     let doing = now_doing(r, now_ms()).map(|d| format!("  ({d})")).unwrap_or_default();
     println!("rollout  {}  {}{doing}", r.rollout_id, phase_name(r.phase).to_uppercase());
     println!("patch    {patch}  (build {})", r.target_build);
+    if r.phase == RolloutPhase::Scheduled as i32 {
+        println!("starts   {}", scheduled_or_reason(r));
+    }
     if !r.reason.is_empty() {
         println!("reason   {}", r.reason);
     }

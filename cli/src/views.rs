@@ -177,7 +177,7 @@ pub struct Rollout {
     patch_id: String,
     target_build: String,
     /// The word the text shows: `staged`, `preparing`, `committing`,
-    /// `watching`, `waiting`, `completed`, `rolling-back`, `rolled-back`.
+    /// `watching`, `waiting`, `completed`, `rolling-back`, `rolled-back`, `scheduled`.
     phase: &'static str,
     terminal: bool,
     paused: bool,
@@ -213,6 +213,14 @@ pub struct Spec {
     tick_p99_floor_ms: f64,
     prepare_ttl_seconds: u32,
     description: String,
+    /// A scheduled rollout's start (`--at`), Unix ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_at_ms: Option<u64>,
+    /// Allowed windows (`--window`) and their time zone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    windows: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_tz: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -276,6 +284,9 @@ impl From<&pb::Rollout> for Rollout {
                 tick_p99_floor_ms: spec.tick_p99_floor_ms,
                 prepare_ttl_seconds: spec.prepare_ttl_seconds,
                 description: spec.description,
+                start_at_ms: (spec.start_at_ms > 0).then_some(spec.start_at_ms),
+                windows: spec.windows,
+                window_tz: non_empty(&spec.window_tz),
             },
             steps: r
                 .steps

@@ -63,6 +63,9 @@ pub struct Command {
     pub rollout_id: String,
     pub patch_id: String,
     pub epoch: u64,
+    /// Prepare only: just this process prepares (a plan); empty: every
+    /// process of the patch's build on the node.
+    pub process_id: String,
 }
 
 impl Command {
@@ -85,6 +88,19 @@ pub struct Outcome {
     pub ok: bool,
     /// Why not (agent's reason plus failing processes).
     pub reason: String,
+    /// Each process's answer (a prepare's carries the runtime's plan).
+    pub processes: Vec<ProcessReply>,
+}
+
+/// One game process's answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessReply {
+    pub process_id: String,
+    pub pid: u32,
+    pub ok: bool,
+    pub error: String,
+    /// The runtime's JSON: a prepare's plan, a commit's or rollback's report.
+    pub detail_json: String,
 }
 
 /// The agent could not be asked (network, deadline, refusal).
@@ -259,7 +275,17 @@ fn outcome(ok: bool, reason: String, processes: &[hotfleet_proto::v1::ProcessOut
     for p in processes.iter().filter(|p| !p.ok) {
         parts.push(format!("process {} (pid {}): {}", p.process_id, p.pid, p.error));
     }
-    Outcome { ok, reason: parts.join("; ") }
+    let processes = processes
+        .iter()
+        .map(|p| ProcessReply {
+            process_id: p.process_id.clone(),
+            pid: p.pid,
+            ok: p.ok,
+            error: p.error.clone(),
+            detail_json: p.detail_json.clone(),
+        })
+        .collect();
+    Outcome { ok, reason: parts.join("; "), processes }
 }
 
 #[async_trait]
@@ -273,8 +299,10 @@ impl AgentClient for GrpcAgents {
             };
         }
         match cmd.kind {
-            CommandKind::Prepare { ttl_seconds } => rpc!(prepare, PrepareRequest { header, ttl_seconds })
-                .map(|r| outcome(r.vote_yes, r.reason, &r.processes)),
+            CommandKind::Prepare { ttl_seconds } => {
+                rpc!(prepare, PrepareRequest { header, ttl_seconds, process_id: cmd.process_id.clone() })
+                    .map(|r| outcome(r.vote_yes, r.reason, &r.processes))
+            }
             CommandKind::Commit => {
                 rpc!(commit, CommitRequest { header }).map(|r| outcome(r.ok, r.reason, &r.processes))
             }

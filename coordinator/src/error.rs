@@ -6,8 +6,8 @@
 use hotfleet_patch::PatchError;
 
 use crate::{
-    input::InputError, leadership::LeaderInfo, planner::PlanError, registry::RegistryError, rollout::TransitionError,
-    store::StoreError,
+    input::InputError, leadership::LeaderInfo, patch_plan::PlanRefusal, planner::PlanError, registry::RegistryError,
+    rollout::TransitionError, stack::StackError, store::StoreError,
 };
 
 /// `Result` with the coordinator's [`Error`].
@@ -31,6 +31,12 @@ pub enum Error {
     Transition(#[from] TransitionError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A `patch plan` the fleet cannot give ([`crate::patch_plan`]).
+    #[error(transparent)]
+    PatchPlan(#[from] PlanRefusal),
+    /// A rollout the build's patch stack refuses ([`crate::stack`]).
+    #[error(transparent)]
+    Stack(#[from] StackError),
     #[error("refused: node(s) {nodes} are already in active rollout {rollout}; wait for it to finish, abort it, or narrow --selector")]
     Conflict { rollout: String, nodes: String },
     #[error("refused: node {node} is in live rollout(s) {rollouts}; wait for them to finish or abort them, then remove the node")]

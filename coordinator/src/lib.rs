@@ -12,8 +12,10 @@
 //! - [`drift`]: a process's patch stack against its build's; [`reconcile`] repairs drift.
 //! - [`sweeper`]: the leader's housekeeping: lost nodes, node expiry, audit retention.
 //! - [`patches`]: verified patch uploads, stored by digest.
+//! - [`patch_plan`]: a plan from a live process (prepare, answer the runtime's plan, abort).
 //! - [`planner`]: selector → canary and waves (pure).
 //! - [`rollout`]: the rollout state machine and the health gate (pure).
+//! - [`stack`]: each build's patch stack as desired state (what may go on top) and its listing.
 //! - [`engine`]: drives rollouts through [`agents::AgentClient`].
 //! - [`agents`]: the gRPC client side towards agents.
 //! - [`grpc`]: adapters for the `AgentGateway` and operator `Coordinator` services.
@@ -31,6 +33,7 @@ pub mod input;
 pub mod leadership;
 pub mod node;
 pub mod node_writes;
+pub mod patch_plan;
 pub mod patches;
 pub mod planner;
 pub mod reads;
@@ -39,6 +42,7 @@ pub mod registry;
 pub mod rollout;
 pub mod selector;
 pub mod server;
+pub mod stack;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;

@@ -47,6 +47,12 @@ pub enum PlanError {
          for the agents' default)"
     )]
     PrepareTtl { ttl_s: u32, heartbeats: u32, interval_ms: u64, min_ms: u64, min_s: u64 },
+    #[error("start time {at} is in the past (now {now}); give a time to come, or leave --at out to start now")]
+    StartInPast { at: String, now: String },
+    #[error("start time {at} is more than a year away; schedule it closer")]
+    StartTooFar { at: String },
+    #[error(transparent)]
+    Window(#[from] crate::rollout::window::WindowError),
 }
 
 /// A step size: an absolute count or a percent.

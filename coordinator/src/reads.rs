@@ -106,6 +106,11 @@ pub struct AuditPage {
 }
 
 impl Cluster {
+    /// A build's patch stack with its rollouts (from the store, on any coordinator).
+    pub async fn stack(&self, build: &str) -> Result<Vec<crate::stack::StackLine>> {
+        crate::stack::listing(self.store.as_ref(), build).await
+    }
+
     /// At most `limit` audit entries older than `before` (from the store, on
     /// any coordinator).
     pub async fn audit(&self, limit: usize, before: Option<u64>) -> Result<AuditPage> {

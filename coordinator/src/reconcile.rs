@@ -138,7 +138,13 @@ impl Reconciler {
 
     /// A command of this term: its own rollout id per repair, this term's epoch.
     fn command(&self, kind: CommandKind, rollout_id: &str, patch: &str) -> Command {
-        Command { kind, rollout_id: rollout_id.to_string(), patch_id: patch.to_string(), epoch: self.fence.epoch }
+        Command {
+            kind,
+            rollout_id: rollout_id.to_string(),
+            patch_id: patch.to_string(),
+            epoch: self.fence.epoch,
+            process_id: String::new(),
+        }
     }
 
     fn repair_id(&self) -> String {
@@ -248,7 +254,11 @@ mod tests {
         async fn send(&self, _to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
             self.sent.lock().expect("lock").push(cmd.clone());
             let failed = cmd.kind == CommandKind::Commit && self.fail_commit.as_deref() == Some(cmd.patch_id.as_str());
-            Ok(Outcome { ok: !failed, reason: if failed { "hook raised".into() } else { String::new() } })
+            Ok(Outcome {
+                ok: !failed,
+                reason: if failed { "hook raised".into() } else { String::new() },
+                ..Outcome::default()
+            })
         }
 
         async fn health(

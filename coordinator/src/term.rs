@@ -27,10 +27,12 @@ use crate::{
     error::Error,
     leadership::{GuardedAgents, LeaderInfo, LeaderView, LeaseGuard, Tenure, TermStore},
     node::NodeStatus,
+    patch_plan::{self, PatchPlan, PlanContext, PlanRequest},
     patches::audit,
     patches::Patches,
     reconcile::Reconciler,
     registry::{NodeView, Registry, RegistryError},
+    rollout::{ParseSpec, RolloutState},
     store::{AuditRetention, Batch, Fence, Store, StoreError, Write},
     sweeper::Sweeper,
 };
@@ -68,6 +70,9 @@ pub struct Term {
     pub registry: Registry,
     pub patches: Patches,
     pub engine: Engine,
+    /// The term's fenced store and guarded agents (what `patch plan` uses).
+    store: Arc<dyn Store>,
+    agents: Arc<dyn AgentClient>,
     cancel: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -96,7 +101,7 @@ impl Term {
             fence,
             registry: registry.clone(),
             engine: engine.clone(),
-            agents,
+            agents: agents.clone(),
             deadline: ctx.agent_timeout,
         };
         let sweeper = Sweeper {
@@ -107,7 +112,17 @@ impl Term {
             node_expiry: ctx.node_expiry,
             audit: ctx.audit_retention,
         };
-        let term = Arc::new(Term { fence, guard, registry, patches, engine, cancel, tasks: Mutex::new(Vec::new()) });
+        let term = Arc::new(Term {
+            fence,
+            guard,
+            registry,
+            patches,
+            engine,
+            store,
+            agents,
+            cancel,
+            tasks: Mutex::new(Vec::new()),
+        });
         let resumed = match term.engine.resume().await {
             Ok(resumed) => resumed,
             Err(err) => {
@@ -157,6 +172,46 @@ impl Term {
     /// An operator removes a node: refused (and audited) while a live
     /// rollout holds it; otherwise its record goes, audited in the same
     /// batch. Returns the node as it was.
+    /// Starts a rollout (or plans it: `dry_run`); `plan_canary` (dry runs
+    /// only) also asks the first canary node for the runtime's plan.
+    pub async fn start_rollout(
+        &self,
+        spec: impl ParseSpec,
+        actor: &str,
+        dry_run: bool,
+        plan_canary: bool,
+    ) -> Result<(RolloutState, Option<PatchPlan>), Error> {
+        if plan_canary && !dry_run {
+            return Err(Error::InvalidArgument(
+                "--plan-canary goes with --dry-run (a real start prepares the canary anyway)".into(),
+            ));
+        }
+        let state = self.engine.start(spec, actor, dry_run).await?;
+        let canary = state.rollout.steps.first().and_then(|s| s.nodes.first()).cloned();
+        let plan = match canary {
+            Some(node) if plan_canary => {
+                let ask = PlanRequest { patch_id: &state.rollout.patch_id, node_id: &node, process_id: "" };
+                Some(self.plan_patch(ask, actor).await?)
+            }
+            _ => None,
+        };
+        Ok((state, plan))
+    }
+
+    /// A plan from a live process of `req.node_id` ([`crate::patch_plan`]).
+    pub async fn plan_patch(&self, req: PlanRequest<'_>, actor: &str) -> Result<PatchPlan, Error> {
+        let engine = self.engine.clone();
+        let busy = move |node: &str| engine.active_rollout_of(node);
+        let ctx = PlanContext {
+            store: self.store.as_ref(),
+            fence: self.fence,
+            registry: &self.registry,
+            agents: self.agents.as_ref(),
+            busy: &busy,
+        };
+        patch_plan::plan(&ctx, req, actor).await
+    }
+
     pub async fn remove_node(&self, node_id: &str, actor: &str, reason: &str) -> Result<NodeView, Error> {
         let live = self.engine.live_rollouts_of(node_id);
         let note = if reason.is_empty() { String::new() } else { format!(" ({reason})") };

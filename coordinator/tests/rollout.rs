@@ -282,7 +282,12 @@ fn spec(patch_id: &str) -> RolloutSpec {
 /// Starts a rollout of `spec`; its id.
 async fn started(op: &mut CoordinatorClient<Channel>, spec: RolloutSpec) -> String {
     let started = op
-        .start_rollout(StartRolloutRequest { spec: Some(spec), dry_run: false, target_build: String::new() })
+        .start_rollout(StartRolloutRequest {
+            spec: Some(spec),
+            dry_run: false,
+            target_build: String::new(),
+            plan_canary: false,
+        })
         .await
         .expect("start");
     started.into_inner().rollout.expect("rollout").rollout_id
@@ -324,6 +329,7 @@ async fn a_good_rollout_over_grpc_completes_and_joins_the_patch_stack() {
             spec: Some(spec(&f.patch_id)),
             dry_run: true,
             target_build: String::new(),
+            plan_canary: false,
         })
         .await
         .expect("dry run")
@@ -334,7 +340,12 @@ async fn a_good_rollout_over_grpc_completes_and_joins_the_patch_stack() {
 
     let started = op
         .start_rollout(as_actor(
-            StartRolloutRequest { spec: Some(spec(&f.patch_id)), dry_run: false, target_build: String::new() },
+            StartRolloutRequest {
+                spec: Some(spec(&f.patch_id)),
+                dry_run: false,
+                target_build: String::new(),
+                plan_canary: false,
+            },
             "alice",
         ))
         .await
@@ -436,6 +447,7 @@ async fn operator_controls_abort_freeze_conflict_promote() {
             spec: Some(spec(&f.patch_id)),
             dry_run: false,
             target_build: String::new(),
+            plan_canary: false,
         })
         .await
         .expect_err("conflict");
@@ -498,6 +510,7 @@ async fn operator_controls_abort_freeze_conflict_promote() {
             spec: Some(spec(&f.patch_id)),
             dry_run: false,
             target_build: String::new(),
+            plan_canary: false,
         })
         .await
         .expect_err("frozen");
@@ -509,6 +522,7 @@ async fn operator_controls_abort_freeze_conflict_promote() {
         spec: Some(spec(&f.patch_id)),
         dry_run: false,
         target_build: String::new(),
+        plan_canary: false,
     })
     .await
     .expect("start after unfreeze");

@@ -63,6 +63,9 @@ pub struct Command {
     pub epoch: u64,
     /// Prepare only: how long the prepared patch may wait (zero: the agent's default).
     pub ttl: Duration,
+    /// Prepare only: just this process prepares (a plan, `hotfleet patch
+    /// plan --process`); empty: every process of the patch's build.
+    pub process_id: String,
 }
 
 /// The longest rollout id accepted: ids are remembered, on disk too.
@@ -73,7 +76,14 @@ pub type CommandKey = (String, String, Kind);
 
 impl Command {
     pub fn new(kind: Kind, rollout_id: impl Into<String>, patch_id: impl Into<String>, epoch: u64) -> Self {
-        Self { kind, rollout_id: rollout_id.into(), patch_id: patch_id.into(), epoch, ttl: Duration::ZERO }
+        Self {
+            kind,
+            rollout_id: rollout_id.into(),
+            patch_id: patch_id.into(),
+            epoch,
+            ttl: Duration::ZERO,
+            process_id: String::new(),
+        }
     }
 
     pub fn key(&self) -> CommandKey {

@@ -245,7 +245,19 @@ impl Participant {
             }
         };
         let build = bundle.manifest.target_build.clone();
-        let targets: Vec<Process> = self.runtimes.processes().into_iter().filter(|p| p.build == build).collect();
+        let only = &cmd.process_id;
+        let targets: Vec<Process> = self
+            .runtimes
+            .processes()
+            .into_iter()
+            .filter(|p| p.build == build && (only.is_empty() || p.process_id == *only))
+            .collect();
+        if targets.is_empty() && !only.is_empty() {
+            return Answer::refused(format!(
+                "no process {only:?} on node {} runs target build {build:?}",
+                self.node_id
+            ));
+        }
         if targets.is_empty() {
             return Answer::refused(format!("no process on node {} runs target build {build:?}", self.node_id));
         }

@@ -32,10 +32,17 @@ impl AgentService {
         kind: Kind,
         header: Option<CommandHeader>,
         ttl: Duration,
+        process_id: String,
     ) -> Result<(bool, String, Vec<pb::ProcessOutcome>), Status> {
         let header = header.ok_or(ParticipantError::MissingHeader)?;
-        let command =
-            Command { kind, rollout_id: header.rollout_id, patch_id: header.patch_id, epoch: header.epoch, ttl };
+        let command = Command {
+            kind,
+            rollout_id: header.rollout_id,
+            patch_id: header.patch_id,
+            epoch: header.epoch,
+            ttl,
+            process_id,
+        };
         let Answer { ok, reason, processes } = self.reporter.participant().handle(command).await?;
         Ok((ok, reason, processes.into_iter().map(encode_outcome).collect()))
     }
@@ -78,22 +85,25 @@ impl Agent for AgentService {
     async fn prepare(&self, request: Request<PrepareRequest>) -> Result<Response<PrepareResponse>, Status> {
         let request = request.into_inner();
         let ttl = Duration::from_secs(u64::from(request.ttl_seconds));
-        let (vote_yes, reason, processes) = self.run(Kind::Prepare, request.header, ttl).await?;
+        let (vote_yes, reason, processes) = self.run(Kind::Prepare, request.header, ttl, request.process_id).await?;
         Ok(Response::new(PrepareResponse { vote_yes, reason, processes }))
     }
 
     async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
-        let (ok, reason, processes) = self.run(Kind::Commit, request.into_inner().header, Duration::ZERO).await?;
+        let (ok, reason, processes) =
+            self.run(Kind::Commit, request.into_inner().header, Duration::ZERO, String::new()).await?;
         Ok(Response::new(CommitResponse { ok, reason, processes }))
     }
 
     async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
-        let (ok, reason, processes) = self.run(Kind::Abort, request.into_inner().header, Duration::ZERO).await?;
+        let (ok, reason, processes) =
+            self.run(Kind::Abort, request.into_inner().header, Duration::ZERO, String::new()).await?;
         Ok(Response::new(AbortResponse { ok, reason, processes }))
     }
 
     async fn rollback(&self, request: Request<RollbackRequest>) -> Result<Response<RollbackResponse>, Status> {
-        let (ok, reason, processes) = self.run(Kind::Rollback, request.into_inner().header, Duration::ZERO).await?;
+        let (ok, reason, processes) =
+            self.run(Kind::Rollback, request.into_inner().header, Duration::ZERO, String::new()).await?;
         Ok(Response::new(RollbackResponse { ok, reason, processes }))
     }
 

@@ -125,9 +125,9 @@ pub fn need(path: &str) -> Need {
     match method {
         "WhoAmI" => Need::Credential,
         "ListPatches" | "GetPatch" | "ListNodes" | "ListRollouts" | "GetRollout" | "WatchRollout" | "GetFreeze"
-        | "ListAudit" | "GetLeader" => Need::Role(Role::Viewer),
+        | "ListAudit" | "GetLeader" | "ListStack" => Need::Role(Role::Viewer),
         "PushPatch" | "StartRollout" | "PauseRollout" | "ResumeRollout" | "PromoteRollout" | "AbortRollout"
-        | "Freeze" | "Unfreeze" => Need::Role(Role::Operator),
+        | "Freeze" | "Unfreeze" | "PlanPatch" => Need::Role(Role::Operator),
         _ => Need::Role(Role::Admin),
     }
 }
@@ -139,6 +139,8 @@ mod tests {
     #[test]
     fn every_operator_method_needs_the_documented_role() {
         assert_eq!(need("/hotfleet.v1.Coordinator/ListAudit"), Need::Role(Role::Viewer));
+        assert_eq!(need("/hotfleet.v1.Coordinator/ListStack"), Need::Role(Role::Viewer));
+        assert_eq!(need("/hotfleet.v1.Coordinator/PlanPatch"), Need::Role(Role::Operator));
         assert_eq!(need("/hotfleet.v1.Coordinator/StartRollout"), Need::Role(Role::Operator));
         assert_eq!(need("/hotfleet.v1.Coordinator/Freeze"), Need::Role(Role::Operator));
         assert_eq!(need("/hotfleet.v1.Coordinator/RemoveNode"), Need::Role(Role::Admin), "unknown: admin");

@@ -92,7 +92,7 @@ fn step_name(action: &Action) -> &'static str {
         Action::BeginStep(_) => "baseline",
         Action::Commit { .. } => "commit",
         Action::Watch { .. } => "watch",
-        Action::Hold(_) => "hold",
+        Action::Hold(_) | Action::StartAt(_) => "hold",
         Action::Revert { .. } => "revert",
     }
 }
@@ -107,7 +107,7 @@ impl Engine {
             }
             let (action, state) = {
                 let s = handle.state.lock().await;
-                (s.next_action(self.frozen()), s.clone())
+                (s.next_action_at(self.frozen(), now_ms()), s.clone())
             };
             if !matches!(action, Action::Revert { .. }) {
                 revert_attempt = 0;
@@ -146,6 +146,7 @@ impl Engine {
                     Action::Commit { step, nodes } => self.commit(&handle, &state, step, nodes).await,
                     Action::Watch { step, ends_at_ms } => self.watch(&handle, step, ends_at_ms).await,
                     Action::Hold(_) => self.hold(&handle, &state).await,
+                    Action::StartAt(at_ms) => self.start_at(&handle, at_ms).await,
                     Action::Revert { rollback, abort } => {
                         revert_attempt += 1;
                         self.revert(&handle, &state, rollback, abort, revert_attempt).await
@@ -224,6 +225,7 @@ impl Engine {
             rollout_id: state.rollout.id.clone(),
             patch_id: state.rollout.patch_id.clone(),
             epoch: self.inner.fence.epoch,
+            process_id: String::new(),
         }
     }
 
@@ -587,6 +589,26 @@ impl Engine {
 
     /// Held at a gate, a pause or a freeze: wait for a change, and keep an
     /// eye on nodes already committed (a canary can go bad while we wait).
+    /// A scheduled rollout: sleeps until its start time (an abort, a freeze
+    /// or shutdown wakes it earlier), then records Staged. The time is kept
+    /// in the store, so a restarted or new leader waits for the same instant.
+    async fn start_at(&self, handle: &Handle, at_ms: u64) -> Result<()> {
+        let wait = Duration::from_millis(at_ms.saturating_sub(now_ms()));
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = handle.wake.notified() => return Ok(()),
+                _ = handle.abort.cancelled() => return Ok(()),
+                _ = self.inner.cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Re-read under the lock: a freeze that came meanwhile holds it.
+        if self.frozen() {
+            return Ok(());
+        }
+        self.transact(handle, Vec::new(), |s| Ok(((), s.begin_scheduled(now_ms())))).await
+    }
+
     async fn hold(&self, handle: &Handle, state: &RolloutState) -> Result<()> {
         let poll = self.poll_interval(state.rollout.spec.health_window_ms);
         tokio::select! {

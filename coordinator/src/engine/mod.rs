@@ -313,13 +313,19 @@ impl Engine {
                 crate::input::excerpt(patch_id)
             )));
         }
-        let target_build = match (self.inner.store.patch(patch_id).await?, unstored_build) {
-            (Some(patch), _) => patch.target_build,
+        let stored = self.inner.store.patch(patch_id).await?;
+        let target_build = match (&stored, unstored_build) {
+            (Some(patch), _) => patch.target_build.clone(),
             (None, Some(build)) if dry_run => build.to_string(),
             (None, _) => return Err(Error::NotFound { what: "patch", id: patch_id.to_string() }),
         };
         let spec = spec.parse()?;
+        // An unstored bundle's parent is not known here (its dry run plans the waves only).
+        if let Some(patch) = &stored {
+            crate::stack::check_parent(&self.inner.store.patch_stack(&target_build).await?, patch)?;
+        }
         spec.check_prepare_ttl(self.inner.registry.heartbeat_interval())?;
+        spec.check_start_at(now_ms())?;
         let candidates: Vec<_> = self.inner.registry.list().iter().map(|n| n.candidate()).collect();
         let plan = planner::plan(&candidates, &spec, &target_build)?;
         let _start = self.inner.start_lock.lock().await;

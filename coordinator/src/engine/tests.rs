@@ -80,7 +80,7 @@ impl FakeAgents {
 }
 
 fn yes() -> Result<Outcome, AgentError> {
-    Ok(Outcome { ok: true, reason: String::new() })
+    Ok(Outcome { ok: true, ..Outcome::default() })
 }
 
 #[async_trait]
@@ -95,7 +95,7 @@ impl AgentClient for FakeAgents {
                 }
                 if b.prepare_no {
                     let reason = "SyntaxError: invalid syntax (zone/combat.py, line 3)".into();
-                    return Ok(Outcome { ok: false, reason });
+                    return Ok(Outcome { ok: false, reason, ..Outcome::default() });
                 }
             }
             CommandKind::Commit => {
@@ -103,7 +103,11 @@ impl AgentClient for FakeAgents {
                     tokio::time::sleep(delay).await;
                 }
                 if b.commit_fail {
-                    return Ok(Outcome { ok: false, reason: "__reload_instance__ raised KeyError".into() });
+                    return Ok(Outcome {
+                        ok: false,
+                        reason: "__reload_instance__ raised KeyError".into(),
+                        ..Outcome::default()
+                    });
                 }
                 self.committed.lock().expect("lock").insert(to.node_id.clone());
             }
@@ -840,6 +844,34 @@ async fn without_pushed_reports_earlier_nodes_are_polled_in_every_window() {
     assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
     let (canary, last) = (f.agents.health_calls("n1"), f.agents.health_calls("n5"));
     assert!(canary > last + 2, "the canary is watched by polls in every later window: {canary} vs {last}");
+}
+
+#[tokio::test]
+async fn a_scheduled_rollout_starts_at_its_time_and_one_in_the_past_is_refused() {
+    let f = fixture(3).await;
+    let start_at_ms = now_ms() + 400;
+    let id = f.engine.start(WireSpec { start_at_ms, ..request() }, "a", false).await.expect("start").rollout.id;
+    assert!(matches!(f.engine.get(&id).await.expect("get").rollout.phase, Phase::Scheduled { .. }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(f.agents.log().is_empty(), "nothing sent before its time");
+    let staged =
+        wait_for(&f.engine, &id, Duration::from_secs(5), |s| !matches!(s.rollout.phase, Phase::Scheduled { .. })).await;
+    let late = now_ms().saturating_sub(start_at_ms);
+    assert!(staged.rollout.updated_at_ms >= start_at_ms && late < 1000, "started {late} ms late");
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+
+    let err =
+        f.engine.start(WireSpec { start_at_ms: now_ms() - 1000, ..request() }, "a", false).await.expect_err("past");
+    assert!(err.to_string().contains("is in the past"), "{err}");
+
+    // Cancelled while scheduled: nothing is ever sent.
+    let sent = f.agents.log().len();
+    let far = WireSpec { start_at_ms: now_ms() + 60_000, ..request() };
+    let id = f.engine.start(far, "a", false).await.expect("scheduled").rollout.id;
+    f.engine.act(&id, OperatorAction::Abort, "a", "cancelled").await.expect("cancel");
+    let done = finish(&f.engine, &id).await;
+    assert!(rolled_back(&done).0.contains("cancelled"));
+    assert_eq!(f.agents.log().len(), sent, "a cancelled schedule sends nothing");
 }
 
 /// The span tree of a rollout, with an in-memory exporter: one trace (its id

@@ -6,8 +6,10 @@ use hotfleet_proto::v1 as pb;
 use crate::{
     drift::{ProcessDrift, StackState},
     node::{NodeStatus, PreparedPatch, ProcessHealth, ProcessStatus},
+    patch_plan::PatchPlan,
     reads::{NodeListing, NodesSummary},
     rollout::{Phase, RolloutState},
+    stack::StackLine,
     store::{AuditEntry, FreezeRecord, PatchRecord},
 };
 
@@ -24,6 +26,42 @@ pub fn patch_info(p: PatchRecord) -> pb::PatchInfo {
         signer_key_id: p.signer_key_id,
         pushed_by: p.pushed_by,
         pushed_at_ms: p.pushed_at_ms,
+    }
+}
+
+pub fn stack_item(line: StackLine) -> pb::StackItem {
+    let StackLine { entry, rolled_out_by, started_at_ms, modules } = line;
+    pb::StackItem {
+        patch_id: entry.patch_id,
+        parent_patch_id: entry.parent_patch_id,
+        description: entry.description,
+        modules,
+        rollout_id: entry.rollout_id,
+        rolled_out_by,
+        started_at_ms,
+        committed_at_ms: entry.committed_at_ms,
+    }
+}
+
+pub fn patch_plan(plan: PatchPlan) -> pb::PlanPatchResponse {
+    let processes = plan
+        .processes
+        .into_iter()
+        .map(|p| pb::ProcessPlan {
+            process_id: p.process_id,
+            pid: p.pid,
+            ok: p.ok,
+            error: p.error,
+            plan_json: p.detail_json,
+        })
+        .collect();
+    pb::PlanPatchResponse {
+        patch_id: plan.patch_id,
+        node_id: plan.node_id,
+        ok: plan.ok,
+        reason: plan.reason,
+        processes,
+        aborted: plan.aborted,
     }
 }
 
@@ -114,6 +152,7 @@ both_ways!(PreparedPatch, pb::PreparedPatch { rollout_id, patch_id, expires_at_m
 
 fn phase(p: &Phase) -> pb::RolloutPhase {
     match p {
+        Phase::Scheduled { .. } => pb::RolloutPhase::Scheduled,
         Phase::Staged => pb::RolloutPhase::Staged,
         Phase::Preparing => pb::RolloutPhase::Preparing,
         Phase::Waiting { .. } => pb::RolloutPhase::Waiting,
@@ -128,7 +167,7 @@ fn phase(p: &Phase) -> pb::RolloutPhase {
 /// State of step `i` for display.
 fn step_state(s: &RolloutState, i: usize) -> &'static str {
     match &s.rollout.phase {
-        Phase::Staged | Phase::Preparing => "pending",
+        Phase::Scheduled { .. } | Phase::Staged | Phase::Preparing => "pending",
         Phase::Waiting { next_step } => {
             if i < *next_step {
                 "done"
@@ -193,6 +232,9 @@ pub fn rollout(s: &RolloutState, frozen: bool) -> pb::Rollout {
             tick_p99_floor_ms: spec.gate.p99_floor_ms,
             prepare_ttl_seconds: spec.prepare_ttl_seconds,
             description: spec.description.clone(),
+            start_at_ms: spec.start_at_ms,
+            windows: spec.windows.windows.iter().map(|w| w.to_string()).collect(),
+            window_tz: if spec.windows.is_empty() { String::new() } else { spec.windows.tz.clone() },
         }),
         target_build: r.target_build.clone(),
         phase: phase(&r.phase) as i32,

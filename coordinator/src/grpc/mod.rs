@@ -11,7 +11,9 @@ mod spec;
 use hotfleet_patch::PatchError;
 use tonic::{Code, Status};
 
-use crate::{auth::Caller, error::Error, planner::PlanError, registry::RegistryError, store::StoreError};
+use crate::{
+    auth::Caller, error::Error, patch_plan::PlanRefusal, planner::PlanError, registry::RegistryError, store::StoreError,
+};
 
 /// Metadata key on a follower's refusal naming the leader's address, so
 /// agents and the CLI can follow it without parsing the message.
@@ -44,10 +46,14 @@ impl From<Error> for Status {
                 _ => Code::InvalidArgument,
             },
             Error::Plan(PlanError::NoTargets { .. }) => Code::FailedPrecondition,
+            Error::PatchPlan(PlanRefusal::Agent(_)) => Code::Unavailable,
+            Error::PatchPlan(_) => Code::FailedPrecondition,
             Error::Plan(_) => Code::InvalidArgument,
-            Error::Transition(_) | Error::Conflict { .. } | Error::NodeBusy { .. } | Error::Frozen { .. } => {
-                Code::FailedPrecondition
-            }
+            Error::Transition(_)
+            | Error::Stack(_)
+            | Error::Conflict { .. }
+            | Error::NodeBusy { .. }
+            | Error::Frozen { .. } => Code::FailedPrecondition,
             Error::Registry(RegistryError::Invalid(_) | RegistryError::Input(_)) => Code::InvalidArgument,
             Error::Registry(RegistryError::Store(StoreError::TooLarge(_))) | Error::Store(StoreError::TooLarge(_)) => {
                 Code::FailedPrecondition

@@ -19,6 +19,7 @@ use super::{actor, caller, convert};
 use crate::{
     error::Error,
     input::{self, MAX_BUILD, MAX_ID, MAX_REASON},
+    patch_plan::PlanRequest,
     planner::Selector,
     reads::{NodeListing, PageRequest, RolloutView},
     registry::Liveness,
@@ -109,6 +110,30 @@ impl Coordinator for OperatorService {
         Ok(Response::new(pb::GetPatchResponse { patch: Some(convert::patch_info(record)) }))
     }
 
+    async fn list_stack(
+        &self,
+        request: Request<pb::ListStackRequest>,
+    ) -> Result<Response<pb::ListStackResponse>, Status> {
+        let build = request.into_inner().target_build;
+        bounded("target_build", &build, MAX_BUILD)?;
+        let lines = self.cluster.stack(&build).await?;
+        Ok(Response::new(pb::ListStackResponse { patches: lines.into_iter().map(convert::stack_item).collect() }))
+    }
+
+    async fn plan_patch(
+        &self,
+        request: Request<pb::PlanPatchRequest>,
+    ) -> Result<Response<pb::PlanPatchResponse>, Status> {
+        let who = actor(&request)?;
+        let req = request.into_inner();
+        bounded("patch_id", &req.patch_id, MAX_ID)?;
+        bounded("node_id", &req.node_id, MAX_ID)?;
+        bounded("process_id", &req.process_id, MAX_ID)?;
+        let ask = PlanRequest { patch_id: &req.patch_id, node_id: &req.node_id, process_id: &req.process_id };
+        let plan = self.leader()?.plan_patch(ask, &who).await?;
+        Ok(Response::new(convert::patch_plan(plan)))
+    }
+
     async fn list_nodes(
         &self,
         request: Request<pb::ListNodesRequest>,
@@ -143,14 +168,17 @@ impl Coordinator for OperatorService {
         let req = request.into_inner();
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("StartRolloutRequest.spec is missing"))?;
         let term = self.leader()?;
-        let state = if req.dry_run && !req.target_build.is_empty() {
+        let (state, plan) = if req.dry_run && !req.target_build.is_empty() {
             bounded("target_build", &req.target_build, MAX_BUILD)?;
-            term.engine.dry_run_unstored(spec, &who, &req.target_build).await?
+            (term.engine.dry_run_unstored(spec, &who, &req.target_build).await?, None)
         } else {
-            term.engine.start(spec, &who, req.dry_run).await?
+            term.start_rollout(spec, &who, req.dry_run, req.plan_canary).await?
         };
         let view = self.cluster.view(state).await;
-        Ok(Response::new(pb::StartRolloutResponse { rollout: Some(encode(&view)) }))
+        Ok(Response::new(pb::StartRolloutResponse {
+            rollout: Some(encode(&view)),
+            canary_plan: plan.map(convert::patch_plan),
+        }))
     }
 
     async fn list_rollouts(

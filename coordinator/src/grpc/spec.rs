@@ -10,7 +10,7 @@ use hotfleet_proto::v1 as pb;
 use crate::{
     input,
     planner::PlanError,
-    rollout::{health::GateConfig, ParseSpec, RolloutSpec},
+    rollout::{health::GateConfig, window::Windows, ParseSpec, RolloutSpec},
 };
 
 fn given<T: Default + PartialEq>(value: T) -> Option<T> {
@@ -44,6 +44,8 @@ impl ParseSpec for pb::RolloutSpec {
             },
             prepare_ttl_seconds: self.prepare_ttl_seconds,
             description: self.description,
+            start_at_ms: self.start_at_ms,
+            windows: Windows::parse(&self.windows, &self.window_tz)?,
             ..spec
         };
         spec.validate()?;
@@ -97,6 +99,9 @@ mod tests {
             tick_p99_floor_ms: 4.0,
             prepare_ttl_seconds: 30,
             description: "fix".into(),
+            start_at_ms: 1_798_000_000_000,
+            windows: vec!["02:00-05:00 mon-fri".into()],
+            window_tz: "Europe/Berlin".into(),
         };
         let spec = wire.parse().expect("parse");
         assert_eq!(spec.selector.to_string(), "zone=a");
@@ -106,5 +111,7 @@ mod tests {
         assert_eq!(spec.gate, GateConfig { p99_factor: 2.5, p99_floor_ms: 4.0 });
         assert_eq!((spec.prepare_ttl_seconds, spec.description.as_str()), (30, "fix"));
         assert_eq!(spec.pause_before, ["wave-2"]);
+        assert_eq!(spec.start_at_ms, 1_798_000_000_000);
+        assert_eq!(spec.windows.to_string(), "02:00-05:00 mon,tue,wed,thu,fri Europe/Berlin");
     }
 }

@@ -347,7 +347,7 @@ struct CountingAgents {
 impl AgentClient for CountingAgents {
     async fn send(&self, _: &Target, _: &Command, _: Duration) -> Result<Outcome, AgentError> {
         self.sent.fetch_add(1, Ordering::Relaxed);
-        Ok(Outcome { ok: true, reason: String::new() })
+        Ok(Outcome { ok: true, ..Outcome::default() })
     }
     async fn health(
         &self,
@@ -365,7 +365,13 @@ async fn no_command_leaves_once_the_lease_expired() {
     let guard = LeaseGuard::with_deadline(5, Some(Instant::now() + Duration::from_secs(1)));
     let agents = GuardedAgents::new(inner.clone(), guard.clone());
     let to = Target { node_id: "n1".into(), addr: "127.0.0.1:1".into() };
-    let cmd = Command { kind: CommandKind::Commit, rollout_id: "r".into(), patch_id: "p".into(), epoch: 5 };
+    let cmd = Command {
+        kind: CommandKind::Commit,
+        rollout_id: "r".into(),
+        patch_id: "p".into(),
+        epoch: 5,
+        process_id: String::new(),
+    };
     let d = Duration::from_secs(1);
     agents.send(&to, &cmd, d).await.expect("sent while leading");
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -19,6 +19,7 @@
 pub mod health;
 mod operator;
 mod spec;
+pub mod window;
 
 pub use operator::OperatorAction;
 pub use spec::{ParseSpec, RolloutSpec};
@@ -61,6 +62,11 @@ pub struct Event {
 /// Where a rollout is. Serialized into the store as-is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
+    /// Stored with a start time (`rollout start --at`): nothing is sent
+    /// until then; becomes Staged at `start_at_ms` unless a freeze holds it.
+    Scheduled {
+        start_at_ms: u64,
+    },
     Staged,
     Preparing,
     /// Between steps: `next_step` starts unless a gate, pause or freeze holds it.
@@ -93,6 +99,7 @@ impl Phase {
 
     pub fn name(&self) -> &'static str {
         match self {
+            Phase::Scheduled { .. } => "scheduled",
             Phase::Staged => "staged",
             Phase::Preparing => "preparing",
             Phase::Waiting { .. } => "waiting",
@@ -222,7 +229,7 @@ impl Rollout {
     /// The step in progress, or next to start (for display).
     pub fn current_step(&self) -> usize {
         match &self.phase {
-            Phase::Staged | Phase::Preparing => 0,
+            Phase::Scheduled { .. } | Phase::Staged | Phase::Preparing => 0,
             Phase::Waiting { next_step } => *next_step,
             Phase::Committing { step } | Phase::Watching { step, .. } => *step,
             Phase::Completed => self.steps.len().saturating_sub(1),
@@ -254,6 +261,8 @@ pub enum Action {
     Watch { step: usize, ends_at_ms: u64 },
     /// Held: by a manual gate, a pause or the fleet freeze.
     Hold(String),
+    /// Scheduled: wait until this time (Unix ms), then record Staged.
+    StartAt(u64),
     /// Roll back `rollback` (and abort them after), abort `abort`.
     Revert { rollback: Vec<String>, abort: Vec<String> },
     /// Terminal.
@@ -297,6 +306,10 @@ impl RolloutState {
         now_ms: u64,
     ) -> Self {
         let steps = plan.steps;
+        let phase = match spec.start_at_ms {
+            0 => Phase::Staged,
+            start_at_ms => Phase::Scheduled { start_at_ms },
+        };
         let mut nodes = BTreeMap::new();
         for (i, step) in steps.iter().enumerate() {
             for node in &step.nodes {
@@ -324,7 +337,7 @@ impl RolloutState {
             steps,
             skipped: plan.skipped,
             spec,
-            phase: Phase::Staged,
+            phase,
             paused: false,
             promoted: Vec::new(),
             created_by: created_by.clone(),
@@ -339,6 +352,9 @@ impl RolloutState {
         rollout.event(now_ms, format!("staged by {created_by}: {}", plan_text.join(" | ")));
         for merged in plan.merged {
             rollout.event(now_ms, format!("{MERGED_EVENT}{merged}"));
+        }
+        if let Phase::Scheduled { start_at_ms } = rollout.phase {
+            rollout.event(now_ms, format!("scheduled to start at {}", spec::rfc3339(start_at_ms)));
         }
         Self { rollout, nodes }
     }
@@ -378,9 +394,27 @@ impl RolloutState {
         None
     }
 
-    /// Why the rollout is held, if it is.
+    /// [`Self::next_action`] at `now_ms`: a new step (or the prepare) outside
+    /// the spec's windows is held until the next one opens, so a window that
+    /// closes mid-rollout pauses it (nothing fails) and the next resumes it.
+    pub fn next_action_at(&self, frozen: bool, now_ms: u64) -> Action {
+        let action = self.next_action(frozen);
+        if !matches!(action, Action::BeginPrepare | Action::BeginStep(_)) {
+            return action;
+        }
+        match self.rollout.spec.windows.state(now_ms) {
+            window::WindowState::Open => action,
+            window::WindowState::Closed { next_open_ms } => Action::Hold(format!(
+                "outside its window ({}); the next opens at {}",
+                self.rollout.spec.windows,
+                spec::rfc3339(next_open_ms)
+            )),
+        }
+    }
+
+    /// Why the rollout is held, if it is (its windows judged on the clock now).
     pub fn waiting_reason(&self, frozen: bool) -> Option<String> {
-        match self.next_action(frozen) {
+        match self.next_action_at(frozen, crate::clock::now_ms()) {
             Action::Hold(reason) => Some(reason),
             _ => None,
         }
@@ -390,6 +424,10 @@ impl RolloutState {
     /// a restarted coordinator resumes).
     pub fn next_action(&self, frozen: bool) -> Action {
         match &self.rollout.phase {
+            Phase::Scheduled { start_at_ms } => match self.held(None, frozen) {
+                Some(reason) => Action::Hold(format!("scheduled start blocked: {reason}")),
+                None => Action::StartAt(*start_at_ms),
+            },
             Phase::Staged => match self.held(None, frozen) {
                 Some(reason) => Action::Hold(reason),
                 None => Action::BeginPrepare,
@@ -432,6 +470,17 @@ impl RolloutState {
             }
             Phase::Completed | Phase::RolledBack { .. } => Action::Finished,
         }
+    }
+
+    /// Scheduled -> Staged, once its start time has come.
+    pub fn begin_scheduled(&mut self, now_ms: u64) -> Changed {
+        if let Phase::Scheduled { start_at_ms } = self.rollout.phase {
+            if now_ms >= start_at_ms {
+                let late = now_ms - start_at_ms;
+                self.set_phase(Phase::Staged, now_ms, format!("scheduled start reached ({late} ms after its time)"));
+            }
+        }
+        Vec::new()
     }
 
     /// Staged -> Preparing: every target's desired becomes Prepared.

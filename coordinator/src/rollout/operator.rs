@@ -97,7 +97,7 @@ impl RolloutState {
     pub fn promote(&mut self, actor: &str, now_ms: u64) -> Result<String, TransitionError> {
         self.operator_check()?;
         let from = match &self.rollout.phase {
-            Phase::Staged | Phase::Preparing => 0,
+            Phase::Scheduled { .. } | Phase::Staged | Phase::Preparing => 0,
             Phase::Waiting { next_step } => *next_step,
             Phase::Committing { step } | Phase::Watching { step, .. } => step + 1,
             _ => usize::MAX,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::health::GateConfig;
+use super::{health::GateConfig, window::Windows};
 use crate::{
     input,
     planner::{PlanError, Selector, Size},
@@ -31,6 +31,13 @@ pub struct RolloutSpec {
     pub prepare_ttl_seconds: u32,
     #[serde(default)]
     pub description: String,
+    /// Allowed windows: no step starts outside them (none: any time).
+    #[serde(default)]
+    pub windows: Windows,
+    /// When the rollout starts, Unix ms; 0 = at once. Until then it is
+    /// scheduled: stored, listed, cancellable, nothing sent.
+    #[serde(default)]
+    pub start_at_ms: u64,
 }
 
 impl RolloutSpec {
@@ -96,6 +103,25 @@ impl RolloutSpec {
         })
     }
 
+    /// Latest start a schedule may name: a year ahead.
+    pub const MAX_SCHEDULE_AHEAD_MS: u64 = 366 * 24 * 60 * 60 * 1000;
+
+    /// Refuses a start time in the past or beyond [`Self::MAX_SCHEDULE_AHEAD_MS`]
+    /// (0: start now, always fine).
+    pub fn check_start_at(&self, now_ms: u64) -> Result<(), PlanError> {
+        let at = self.start_at_ms;
+        if at == 0 {
+            return Ok(());
+        }
+        if at <= now_ms {
+            return Err(PlanError::StartInPast { at: rfc3339(at), now: rfc3339(now_ms) });
+        }
+        if at - now_ms > Self::MAX_SCHEDULE_AHEAD_MS {
+            return Err(PlanError::StartTooFar { at: rfc3339(at) });
+        }
+        Ok(())
+    }
+
     /// The spec of an operator who named only the patch: every node, a
     /// one-node canary, then the rest in one wave; 10 s health windows, 60 s
     /// per step, no unhealthy node tolerated, the default health gate, no
@@ -113,6 +139,8 @@ impl RolloutSpec {
             gate: GateConfig::default(),
             prepare_ttl_seconds: 0,
             description: String::new(),
+            start_at_ms: 0,
+            windows: Windows::default(),
         }
     }
 
@@ -135,6 +163,15 @@ impl RolloutSpec {
         }
         Ok(self)
     }
+}
+
+/// Unix ms as RFC 3339 UTC (for messages and events).
+pub fn rfc3339(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// A spec as it arrives, parsed by the engine when it starts the rollout:
@@ -196,6 +233,20 @@ mod tests {
             let err = spec.validate().expect_err("out of bounds");
             assert!(err.to_string().len() < 200, "{err}");
         }
+    }
+
+    #[test]
+    fn a_start_time_must_lie_ahead_within_a_year() {
+        let at = |ms| RolloutSpec { start_at_ms: ms, ..RolloutSpec::new("p") };
+        let now = 1_798_000_000_000;
+        at(0).check_start_at(now).expect("now");
+        at(now + 1000).check_start_at(now).expect("a second ahead");
+        let err = at(now - 1000).check_start_at(now).expect_err("past").to_string();
+        assert!(err.contains("is in the past") && err.contains("2026-12-23T"), "{err}");
+        let err = at(now).check_start_at(now).expect_err("now is not ahead").to_string();
+        assert!(err.contains("in the past"), "{err}");
+        let err = at(now + RolloutSpec::MAX_SCHEDULE_AHEAD_MS + 1).check_start_at(now).expect_err("far").to_string();
+        assert!(err.contains("more than a year away"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,8 @@ fn spec(pause_before: &[&str], max_unhealthy: u32) -> RolloutSpec {
         gate: GateConfig::default(),
         prepare_ttl_seconds: 0,
         description: String::new(),
+        start_at_ms: 0,
+        windows: Default::default(),
     }
 }
 
@@ -433,4 +435,46 @@ fn stale_window_and_step_signals_are_ignored() {
     assert!(!s.window_passed(3, 5), "wrong step");
     assert!(s.begin_step(2, BTreeMap::new(), 5).is_empty(), "not waiting for step 2");
     assert!(matches!(s.rollout.phase, Phase::Watching { step: 0, .. }));
+}
+
+#[test]
+fn a_scheduled_rollout_waits_for_its_time_a_freeze_blocks_it_and_an_abort_cancels_it() {
+    let scheduled = || {
+        let spec = RolloutSpec { start_at_ms: 5000, ..spec(&[], 0) };
+        RolloutState::new("ro-1-1".into(), spec, "b1".into(), plan(&[]), "alice".into(), 1, 0)
+    };
+    let mut s = scheduled();
+    assert_eq!(s.rollout.phase, Phase::Scheduled { start_at_ms: 5000 });
+    assert_eq!(s.next_action(false), Action::StartAt(5000));
+    assert!(s.rollout.events.iter().any(|e| e.message.contains("scheduled to start at 1970-01-01T00:00:05Z")));
+    let Action::Hold(reason) = s.next_action(true) else { panic!("a freeze holds it") };
+    assert!(reason.contains("scheduled start blocked") && reason.contains("frozen"), "{reason}");
+    s.begin_scheduled(4999);
+    assert_eq!(s.rollout.phase, Phase::Scheduled { start_at_ms: 5000 }, "not before its time");
+    s.begin_scheduled(5003);
+    assert_eq!(s.next_action(false), Action::BeginPrepare);
+    assert!(s.rollout.events.iter().any(|e| e.message.contains("3 ms after its time")));
+    // Cancelled before its time: rolled back with nothing to revert.
+    let mut s = scheduled();
+    s.abort("bob", "cancelled", 10).expect("abort");
+    assert_eq!(s.next_action(false), Action::Revert { rollback: vec![], abort: vec![] });
+}
+
+#[test]
+fn outside_its_windows_a_rollout_starts_no_new_step_and_says_when_the_next_opens() {
+    let windowed = |point| {
+        let mut s = at(point);
+        s.rollout.spec.windows = window::Windows::parse(&["00:00:10-00:00:20".into()], "UTC").expect("window");
+        s
+    };
+    let s = windowed("waiting");
+    assert_eq!(s.next_action_at(false, 15_000), Action::BeginStep(0), "inside");
+    let Action::Hold(reason) = s.next_action_at(false, 25_000) else { panic!("held outside") };
+    assert!(reason.contains("outside its window (00:00:10-00:00:20 UTC)"), "{reason}");
+    assert!(reason.contains("next opens at 1970-01-02T00:00:10Z"), "{reason}");
+    assert!(matches!(s.next_action_at(true, 15_000), Action::Hold(r) if r.contains("frozen")));
+    assert!(matches!(windowed("staged").next_action_at(false, 25_000), Action::Hold(_)), "the prepare waits too");
+    // A running health window, a commit in flight and a rollback are never held by a window.
+    assert!(matches!(windowed("watching").next_action_at(false, 25_000), Action::Watch { .. }));
+    assert!(matches!(windowed("committing").next_action_at(false, 25_000), Action::Commit { .. }));
 }

@@ -367,3 +367,22 @@ async fn replays_are_refused_after_a_restart_that_forgot_the_answers() {
     assert_eq!(rig.runtimes.count("a", "prepare"), 1);
     assert_eq!(rig.runtimes.count("a", "commit"), 1);
 }
+
+#[tokio::test]
+async fn a_prepare_naming_one_process_reaches_only_that_process() {
+    let rig = rig(&["a", "b"]);
+    let mut plan = rig.cmd(Kind::Prepare, 1);
+    plan.process_id = "b".into();
+    let vote = rig.participant.handle(plan.clone()).await.expect("admitted");
+    assert!(vote.ok && vote.processes.len() == 1 && vote.processes[0].process_id == "b", "{vote:?}");
+    assert_eq!((rig.runtimes.count("a", "prepare"), rig.runtimes.count("b", "prepare")), (0, 1));
+    let abort = Command::new(Kind::Abort, plan.rollout_id.clone(), plan.patch_id.clone(), 1);
+    assert!(rig.participant.handle(abort).await.expect("admitted").ok);
+    assert_eq!(rig.runtimes.count("b", "abort"), 1, "the abort reaches the one that prepared");
+
+    let mut stranger = Command::new(Kind::Prepare, "r9", plan.patch_id.clone(), 1);
+    stranger.process_id = "zz".into();
+    let vote = rig.participant.handle(stranger).await.expect("admitted");
+    assert!(!vote.ok && vote.reason.contains("no process \"zz\""), "{vote:?}");
+    assert_eq!(rig.runtimes.count("a", "prepare") + rig.runtimes.count("b", "prepare"), 1, "nothing more prepared");
+}
