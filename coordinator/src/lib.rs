@@ -32,6 +32,7 @@ pub mod grpc;
 pub mod input;
 pub mod leadership;
 pub mod node;
+pub mod node_writes;
 pub mod patch_plan;
 pub mod patches;
 pub mod planner;

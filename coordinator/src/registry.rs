@@ -22,6 +22,7 @@ use crate::{
     clock::now_ms,
     input::{self, InputError},
     node::NodeStatus,
+    node_writes::WriteBehind,
     planner::Candidate,
     store::{AuditEntry, Batch, Fence, NodeRecord, Store, StoreError, Write},
 };
@@ -125,6 +126,8 @@ pub struct Registry {
     fence: Fence,
     heartbeat_interval: Duration,
     lost_timeout: Duration,
+    /// Heartbeats' record writes, off the heartbeat's path.
+    writes: Arc<WriteBehind>,
 }
 
 fn validate(status: &NodeStatus) -> Result<(), RegistryError> {
@@ -222,7 +225,8 @@ impl Registry {
                 },
             );
         }
-        Ok(Self { inner: Arc::new(RwLock::new(map)), store, fence, heartbeat_interval, lost_timeout })
+        let writes = WriteBehind::new(store.clone(), fence);
+        Ok(Self { inner: Arc::new(RwLock::new(map)), store, fence, heartbeat_interval, lost_timeout, writes })
     }
 
     /// The store this term's registry writes to.
@@ -259,6 +263,7 @@ impl Registry {
         let now = now_ms();
         let registered_at_ms = self.lock_read().get(&status.node_id).map(|e| e.registered_at_ms).unwrap_or(now);
         let record = NodeRecord { status: status.clone(), registered_at_ms, last_heartbeat_ms: now };
+        let _order = self.writes.exclusive(&status.node_id).await;
         self.store.write(self.fence, Batch::new().with(Write::PutNode(record))).await?;
         let was_lost = self.lock_write().insert(
             status.node_id.clone(),
@@ -300,7 +305,8 @@ impl Registry {
             persist.then_some(NodeRecord { status, registered_at_ms: entry.registered_at_ms, last_heartbeat_ms: now })
         };
         if let Some(record) = persist {
-            self.store.write(self.fence, Batch::new().with(Write::PutNode(record))).await?;
+            // Written behind: a heartbeat is answered without waiting on the store.
+            self.writes.put(record);
         }
         Ok(true)
     }
@@ -342,10 +348,28 @@ impl Registry {
     pub async fn remove(&self, node_id: &str, audit: AuditEntry) -> Result<Option<NodeView>, StoreError> {
         let Some(node) = self.get(node_id) else { return Ok(None) };
         let batch = Batch::new().with(Write::RemoveNode(node_id.to_string())).with(Write::Audit(audit));
+        let _order = self.writes.exclusive(node_id).await;
         self.store.write(self.fence, batch).await?;
         self.lock_write().remove(node_id);
         tracing::info!(node = %node_id, liveness = node.liveness.name(), "node removed");
         Ok(Some(node))
+    }
+
+    /// Waits until heartbeats' record writes so far have reached the store.
+    pub async fn flushed(&self) {
+        self.writes.flushed().await
+    }
+
+    /// The term drains: heartbeats' records still queued are written, later
+    /// ones are not (see [`WriteBehind::close`]).
+    pub async fn close_writes(&self) {
+        self.writes.close().await
+    }
+
+    /// `f` of a node's last reported status and when it was heard, without
+    /// copying the status (the health gate reads thousands per check).
+    pub fn with_status<R>(&self, node_id: &str, f: impl FnOnce(&NodeStatus, u64) -> R) -> Option<R> {
+        self.lock_read().get(node_id).map(|e| f(&e.status, e.last_heartbeat_ms))
     }
 
     pub fn get(&self, node_id: &str) -> Option<NodeView> {
@@ -470,6 +494,60 @@ mod tests {
         reg.sweep();
         assert_eq!(reg.expired(Duration::from_millis(50)), ["n2"]);
         assert!(reg.expired(Duration::from_secs(60)).is_empty());
+    }
+
+    fn with_stack(id: &str, stack: &[&str]) -> NodeStatus {
+        let process = crate::node::ProcessStatus {
+            process_id: "p".into(),
+            patch_stack: stack.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        NodeStatus { processes: vec![process], ..status(id) }
+    }
+
+    async fn stored_stack(reg: &Registry, id: &str) -> Option<Vec<String>> {
+        let nodes = reg.store.nodes().await.expect("nodes");
+        let node = nodes.into_iter().find(|r| r.node_id() == id)?;
+        Some(node.status.processes.first().map(|p| p.patch_stack.clone()).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_never_waits_on_its_record_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path(), 1000).await;
+        reg.register(with_stack("n1", &[])).await.expect("register");
+        // Every write of node records held back, as behind a busy store.
+        let held = reg.writes.exclusive("someone-else").await;
+        for stack in [&["p1"][..], &["p1", "p2"]] {
+            let beat = tokio::time::timeout(Duration::from_secs(1), reg.heartbeat(with_stack("n1", stack)));
+            assert!(beat.await.expect("answered at once").expect("hb"));
+        }
+        assert_eq!(stored_stack(&reg, "n1").await, Some(vec![]), "not written yet");
+        assert_eq!(reg.writes.backlog(), 1, "coalesced: only the newest record waits");
+        drop(held);
+        reg.flushed().await;
+        assert_eq!(stored_stack(&reg, "n1").await, Some(vec!["p1".to_string(), "p2".to_string()]));
+    }
+
+    #[tokio::test]
+    async fn a_record_written_behind_never_lands_after_the_nodes_removal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path(), 1000).await;
+        reg.register(with_stack("n1", &[])).await.expect("register");
+        let held = reg.writes.exclusive("someone-else").await;
+        let removing = {
+            let reg = reg.clone();
+            tokio::spawn(
+                async move { reg.remove("n1", crate::patches::audit("sre", "node.remove", "n1", "", true)).await },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Heard while the removal waits its turn: queued behind it.
+        assert!(reg.heartbeat(with_stack("n1", &["p1"])).await.expect("hb"));
+        drop(held);
+        assert!(removing.await.expect("task").expect("remove").is_some());
+        reg.flushed().await;
+        assert_eq!(stored_stack(&reg, "n1").await, None, "the removal is the last write");
     }
 
     #[tokio::test]

@@ -254,12 +254,13 @@ impl Term {
     pub async fn drain(&self, timeout: Duration) {
         self.cancel.cancel();
         let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        let engine = self.engine.clone();
+        let (engine, registry) = (self.engine.clone(), self.registry.clone());
         let all = async move {
             engine.join().await;
             for task in tasks {
                 let _ = task.await;
             }
+            registry.close_writes().await;
         };
         if tokio::time::timeout(timeout, all).await.is_err() {
             tracing::warn!(?timeout, "drain timed out; exiting with work in flight (it resumes on the next leader)");

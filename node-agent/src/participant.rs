@@ -360,6 +360,9 @@ impl Participant {
             // The commit happened: its answer must still reach the coordinator.
             tracing::error!(error = %err, rollout = %cmd.rollout_id, "commit not recorded durably: a replay after a restart would not be recognised");
         }
+        // The stack changed: heartbeat now, so the coordinator judges this
+        // node's later health from the pushed report instead of polling it.
+        self.changed.notify_one();
         Answer::from_outcomes(outcomes)
     }
 

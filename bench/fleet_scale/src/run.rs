@@ -168,15 +168,23 @@ async fn list_nodes(layout: &Layout, url: &str) -> Result<Result<(u64, usize), S
 
 /// Runs the whole scenario once.
 pub async fn run_once(plan: &Plan) -> Result<RunResult> {
-    let dir = TempDir::new().context("creating a temp dir")?;
+    let temp = TempDir::new().context("creating a temp dir")?;
+    // Kept from the start with --keep, so a failed run leaves its logs too.
+    let (dir, _temp) = if plan.keep {
+        let kept = temp.keep();
+        eprintln!("keeping {}", kept.display());
+        (kept, None)
+    } else {
+        (temp.path().to_path_buf(), Some(temp))
+    };
     let layout = Layout {
         bin_dir: plan.bin_dir.clone(),
         repo: plan.repo.clone(),
         python: "python3".into(),
         cli_flags: Vec::new(),
     };
-    let keys = Keys::generate(&layout, dir.path())?;
-    let etcd = if plan.etcd { Some(EtcdProc::start(dir.path())?) } else { None };
+    let keys = Keys::generate(&layout, dir.as_path())?;
+    let etcd = if plan.etcd { Some(EtcdProc::start(dir.as_path())?) } else { None };
     let store = match &etcd {
         Some(e) => StoreSpec::Etcd { endpoints: e.url(), prefix: "/hotfleet-bench/".into() },
         None => StoreSpec::Embedded,
@@ -186,15 +194,15 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     // listener, so they cannot each show a node's certificate).
     let coordinator = CoordinatorProc::start_insecure_on(
         &layout,
-        dir.path(),
+        dir.as_path(),
         &keys,
         free_port()?,
         &store,
         &["--heartbeat-interval", &interval],
     )?;
     let url = coordinator.url();
-    let (p1_path, p1) = build_patch(&layout, dir.path(), &keys, 1, None)?;
-    let (p2_path, p2) = build_patch(&layout, dir.path(), &keys, 2, Some(&p1))?;
+    let (p1_path, p1) = build_patch(&layout, dir.as_path(), &keys, 1, None)?;
+    let (p2_path, p2) = build_patch(&layout, dir.as_path(), &keys, 2, Some(&p1))?;
     for path in [&p1_path, &p2_path] {
         cli_ok(&layout, &url, &["patch", "push", &path.display().to_string()]).await?;
     }
@@ -261,10 +269,6 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     server.abort();
     drop(coordinator);
     drop(etcd);
-    if plan.keep {
-        let kept = dir.keep();
-        eprintln!("kept {}", kept.display());
-    }
     Ok(RunResult {
         register_ms,
         nodes_list,

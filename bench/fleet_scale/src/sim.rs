@@ -111,6 +111,8 @@ struct SimNode {
     addr: SocketAddr,
     pid: u32,
     state: Mutex<NodeState>,
+    /// Its stack changed: heartbeat now, as a real agent does after a commit.
+    changed: tokio::sync::Notify,
 }
 
 impl SimNode {
@@ -162,6 +164,7 @@ impl Fleet {
                     addr: SocketAddr::new(IpAddr::V4(node_ip(i)), port),
                     pid: 100_000 + i as u32,
                     state: Mutex::new(NodeState::default()),
+                    changed: tokio::sync::Notify::new(),
                 })
             })
             .collect();
@@ -306,7 +309,7 @@ impl Fleet {
     pub async fn run_node(self: Arc<Self>, i: usize, interval: Duration) {
         let mut client = AgentGatewayClient::new(self.channel(i));
         let mut registered = false;
-        let mut next = tokio::time::Instant::now();
+        let mut next = tokio::time::Instant::now() + interval;
         loop {
             let status = self.status_of(i);
             let answer = if registered {
@@ -333,8 +336,10 @@ impl Fleet {
                     lock(&node.state).known = false;
                 }
             }
-            next += interval;
-            tokio::time::sleep_until(next.max(tokio::time::Instant::now())).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.max(tokio::time::Instant::now())) => next += interval,
+                _ = node.changed.notified() => {}
+            }
         }
     }
 
@@ -414,6 +419,7 @@ impl Agent for Fleet {
             state.stack.push(header.patch_id.clone());
         }
         drop(state);
+        node.changed.notify_one();
         Ok(Response::new(CommitResponse { ok: true, reason: String::new(), processes: self.outcome(&node, true, "") }))
     }
 

@@ -17,7 +17,11 @@ use std::{
 use futures::future::join_all;
 use tracing::Instrument;
 
-use super::{lock, Engine, Handle};
+use super::{
+    lock,
+    pushed::{self, Pushed},
+    Engine, Handle,
+};
 use crate::{
     agents::{AgentClient, AgentError, Command, CommandKind, HealthSample, Target},
     clock::now_ms,
@@ -339,6 +343,8 @@ impl Engine {
                                 mark: h.mark,
                                 tick_p99_ms: h.sample.tick_p99_ms,
                                 game_ok: h.sample.game_ok,
+                                // Asked with no marks: counted from the process's start.
+                                exceptions_total: h.sample.exceptions_since,
                             },
                         );
                     }
@@ -374,7 +380,9 @@ impl Engine {
         let Some(results) = results else { return Ok(()) };
         // Window start: where each watched process's tick count stands now,
         // so the final check can tell "ticked during the window" apart.
-        let mut watch: BTreeSet<String> = state.watched_nodes().into_iter().collect();
+        // Earlier steps' nodes judged from pushed reports need no start.
+        let mut watch: BTreeSet<String> =
+            state.watched_nodes().into_iter().filter(|n| self.pushed_samples(state, n, Some(step)).is_none()).collect();
         watch.extend(results.iter().filter(|(_, r)| r.is_ok()).map(|(n, _)| n.clone()));
         let watch: Vec<String> = watch.into_iter().collect();
         let mut window_start = BTreeMap::new();
@@ -424,8 +432,31 @@ impl Engine {
         join_all(calls).await
     }
 
+    /// Samples for `node` from its agent's last pushed report, when that can
+    /// stand in for a poll (see [`pushed`]): only for a node committed in an
+    /// earlier step than `current` (the step being committed or watched; none
+    /// while held between steps).
+    fn pushed_samples(&self, state: &RolloutState, node: &str, current: Option<usize>) -> Option<Vec<health::Sample>> {
+        let ns = state.nodes.get(node)?;
+        if current.is_some_and(|step| ns.step >= step) {
+            return None;
+        }
+        // Two heartbeats missed: a report that old is no news.
+        let fresh_ms = 2 * self.inner.registry.heartbeat_interval().as_millis() as u64 + 1_000;
+        let now = now_ms();
+        self.inner
+            .registry
+            .with_status(node, |status, heard_at_ms| {
+                let report = Pushed { status, heard_at_ms };
+                pushed::samples(report, &ns.baselines, &state.rollout.patch_id, now, fresh_ms)
+            })
+            .flatten()
+    }
+
     /// One health check of every watched node; records verdicts (which may
-    /// roll the rollout back).
+    /// roll the rollout back). Nodes of earlier steps are judged from their
+    /// pushed reports when fresh ones are there (hard failures only: their
+    /// own window has passed); the rest are polled.
     async fn check_health(&self, handle: &Handle, check: Check) -> Result<()> {
         let expired = self.expired_prepares(&handle.state.lock().await.clone());
         if !expired.is_empty() {
@@ -442,7 +473,30 @@ impl Engine {
         let gate: GateConfig = state.rollout.spec.gate;
         let mut verdicts = Vec::new();
         let mut lost = Vec::new();
-        let samples = self.sample(&state, &watched, true).await;
+        let current = match state.rollout.phase {
+            Phase::Watching { step, .. } | Phase::Committing { step } => Some(step),
+            _ => None,
+        };
+        // A pushed report changes once per heartbeat: while a window runs,
+        // earlier steps' nodes are judged at its end (or while held), not
+        // at every poll of the step's own nodes.
+        let judge_pushed = check == Check::Final || current.is_none();
+        let mut polled = Vec::new();
+        for node in watched {
+            if self.inner.registry.is_lost(&node) {
+                lost.push(node);
+                continue;
+            }
+            match (self.pushed_samples(&state, &node, current), state.nodes.get(&node)) {
+                (Some(_), Some(_)) if !judge_pushed => {}
+                (Some(samples), Some(ns)) => {
+                    let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, Check::Interim);
+                    verdicts.push((node, verdict));
+                }
+                _ => polled.push(node),
+            }
+        }
+        let samples = self.sample(&state, &polled, true).await;
         if self.stopping() {
             // Whatever was observed may be the shutdown itself.
             return Ok(());
@@ -480,12 +534,10 @@ impl Engine {
             .values()
             .filter(|n| n.observed == Observed::Prepared)
             .filter(|n| {
-                self.inner.registry.get(&n.node_id).is_some_and(|view| {
-                    view.status
-                        .expired
-                        .iter()
-                        .any(|e| e.rollout_id == state.rollout.id && e.patch_id == state.rollout.patch_id)
-                })
+                // Read in place: thousands of nodes wait prepared in a big rollout.
+                self.inner.registry.with_status(&n.node_id, |status, _| {
+                    status.expired.iter().any(|e| e.rollout_id == state.rollout.id && e.patch_id == state.rollout.patch_id)
+                }) == Some(true)
             })
             .map(|n| {
                 let detail = format!(

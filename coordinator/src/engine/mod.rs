@@ -470,5 +470,6 @@ impl Engine {
 }
 
 mod driver;
+pub mod pushed;
 #[cfg(test)]
 mod tests;

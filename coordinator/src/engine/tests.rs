@@ -49,6 +49,8 @@ struct FakeAgents {
     log: Mutex<Vec<(String, String, u64)>>,
     committed: Mutex<HashSet<String>>,
     ticks: AtomicU64,
+    /// Health queries, by node.
+    health_calls: Mutex<HashMap<String, u32>>,
 }
 
 impl FakeAgents {
@@ -70,6 +72,10 @@ impl FakeAgents {
 
     fn log(&self) -> Vec<(String, String, u64)> {
         self.log.lock().expect("lock").clone()
+    }
+
+    fn health_calls(&self, node: &str) -> u32 {
+        self.health_calls.lock().expect("lock").get(node).copied().unwrap_or(0)
     }
 }
 
@@ -130,6 +136,7 @@ impl AgentClient for FakeAgents {
         _since: &BTreeMap<String, u64>,
         _d: Duration,
     ) -> Result<Vec<HealthSample>, AgentError> {
+        *self.health_calls.lock().expect("lock").entry(to.node_id.clone()).or_default() += 1;
         let b = self.behaviour(&to.node_id);
         if let Some(delay) = b.slow_health {
             tokio::time::sleep(delay).await;
@@ -773,6 +780,70 @@ async fn the_sweeper_never_expires_a_node_a_live_rollout_holds_and_forgets_it_af
     let kept = f.engine.inner.store.audit(1000, None).await.expect("audit");
     assert_eq!(kept.len(), 2);
     assert_eq!(kept[0].action, "node.expire", "the newest stay");
+}
+
+/// Heartbeats like a real agent: every 20 ms each node reports its process's
+/// health (counted from its start, with `exceptions` once committed) and,
+/// once committed, the patch on its stack.
+fn push_health(f: &Fixture, nodes: usize, exceptions: HashMap<String, u64>) -> tokio::task::JoinHandle<()> {
+    let (registry, agents) = (f.registry.clone(), f.agents.clone());
+    tokio::spawn(async move {
+        loop {
+            for i in 1..=nodes {
+                let id = format!("n{i}");
+                let mut status = node(&id, if i % 2 == 0 { "b" } else { "a" });
+                if agents.committed.lock().expect("lock").contains(&id) {
+                    let process = &mut status.processes[0];
+                    process.patch_stack = vec![PATCH.into()];
+                    process.health = Some(crate::node::ProcessHealth {
+                        alive: true,
+                        ticks: 1_000,
+                        tick_p99_ms: 2.0,
+                        exceptions_since: exceptions.get(&id).copied().unwrap_or(0),
+                        game_ok: true,
+                        ..Default::default()
+                    });
+                }
+                let _ = registry.heartbeat(status).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn nodes_of_earlier_steps_are_judged_from_pushed_reports_not_polled_again() {
+    let f = fixture(5).await;
+    let pusher = push_health(&f, 5, HashMap::new());
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    pusher.abort();
+    // The canary (n1) watched through three windows, a last-wave node
+    // (n5) through one: each is polled for its own window only.
+    let (canary, last) = (f.agents.health_calls("n1"), f.agents.health_calls("n5"));
+    assert!(canary >= 3, "baseline, window start and final: {canary}");
+    assert!(canary <= last + 2, "the canary was polled again in later windows: {canary} vs {last}");
+}
+
+#[tokio::test]
+async fn an_exception_pushed_by_an_earlier_node_rolls_back_in_a_later_window() {
+    let f = fixture(3).await;
+    // Polls of n1 never show the exception; only its heartbeats do.
+    let pusher = push_health(&f, 3, [("n1".to_string(), 1)].into());
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    let (reason, faulty) = rolled_back(&finish(&f.engine, &id).await);
+    pusher.abort();
+    assert!(reason.contains("1 new unhandled exception"), "{reason}");
+    assert_eq!(faulty, ["n1"]);
+}
+
+#[tokio::test]
+async fn without_pushed_reports_earlier_nodes_are_polled_in_every_window() {
+    let f = fixture(5).await;
+    let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    let (canary, last) = (f.agents.health_calls("n1"), f.agents.health_calls("n5"));
+    assert!(canary > last + 2, "the canary is watched by polls in every later window: {canary} vs {last}");
 }
 
 #[tokio::test]

@@ -36,6 +36,11 @@ pub struct Baseline {
     pub mark: u64,
     pub tick_p99_ms: f64,
     pub game_ok: bool,
+    /// Unhandled exceptions the process had counted at the mark: a report
+    /// pushed with a heartbeat counts from the process's start, so this
+    /// turns it into "since the baseline".
+    #[serde(default)]
+    pub exceptions_total: u64,
 }
 
 /// One process's figures as an agent reported them (since the baseline mark).
@@ -140,7 +145,8 @@ mod tests {
     use super::*;
 
     fn base(p99: f64) -> BTreeMap<String, Baseline> {
-        [("p1".to_string(), Baseline { pid: 100, mark: 7, tick_p99_ms: p99, game_ok: true })].into()
+        [("p1".to_string(), Baseline { pid: 100, mark: 7, tick_p99_ms: p99, game_ok: true, exceptions_total: 0 })]
+            .into()
     }
 
     fn sample() -> Sample {

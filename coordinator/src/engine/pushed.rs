@@ -1,0 +1,120 @@
+//! Health pushed with heartbeats, for nodes whose own health window has
+//! passed.
+//!
+//! Every heartbeat carries each process's health (counted from the process's
+//! start), and an agent heartbeats at once when its patch stack changes, so
+//! soon after a commit the coordinator holds a report of the patched
+//! process. A node committed in an earlier step is judged from that report
+//! instead of being polled again at the start and end of every later window
+//! (which made health work grow with nodes x steps). A report is used only
+//! when it is fresh (heard within `fresh_ms`) and shows this rollout's patch
+//! on every baselined process's stack; anything else (a process missing, a
+//! stale or pre-commit report) returns `None` and the node is polled as
+//! before, so no health data still never passes.
+
+use std::collections::BTreeMap;
+
+use crate::{
+    node::NodeStatus,
+    rollout::health::{Baseline, Sample},
+};
+
+/// The newest pushed report about a node, as the registry holds it.
+#[derive(Debug, Clone, Copy)]
+pub struct Pushed<'a> {
+    pub status: &'a NodeStatus,
+    pub heard_at_ms: u64,
+}
+
+/// Samples (counted from `baselines`) for the health gate from a pushed
+/// report, or `None` when the report cannot stand in for a poll.
+pub fn samples(
+    report: Pushed<'_>,
+    baselines: &BTreeMap<String, Baseline>,
+    patch_id: &str,
+    now_ms: u64,
+    fresh_ms: u64,
+) -> Option<Vec<Sample>> {
+    if baselines.is_empty() || now_ms.saturating_sub(report.heard_at_ms) > fresh_ms {
+        return None;
+    }
+    let mut samples = Vec::with_capacity(baselines.len());
+    for (process_id, base) in baselines {
+        let process = report.status.processes.iter().find(|p| &p.process_id == process_id)?;
+        // A report from before the commit says nothing about the patch.
+        if !process.patch_stack.iter().any(|p| p == patch_id) {
+            return None;
+        }
+        let health = process.health.as_ref()?;
+        samples.push(Sample {
+            process_id: process_id.clone(),
+            pid: process.pid,
+            reachable: true,
+            alive: health.alive,
+            ticks_since: health.ticks,
+            tick_p99_ms: health.tick_p99_ms,
+            // Heartbeats count from the process's start; the baseline holds
+            // the count at its mark.
+            exceptions_since: health.exceptions_since.saturating_sub(base.exceptions_total),
+            game_ok: health.game_ok,
+            game_detail: health.game_detail.clone(),
+            error: String::new(),
+        });
+    }
+    Some(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::node::{ProcessHealth, ProcessStatus};
+
+    use super::*;
+
+    fn baselines(exceptions_total: u64) -> BTreeMap<String, Baseline> {
+        let base = Baseline { pid: 7, mark: 40, tick_p99_ms: 2.0, game_ok: true, exceptions_total };
+        [("p1".to_string(), base)].into()
+    }
+
+    fn status(stack: &[&str], exceptions: u64) -> NodeStatus {
+        let health = ProcessHealth {
+            alive: true,
+            ticks: 500,
+            tick_p99_ms: 2.5,
+            exceptions_since: exceptions,
+            game_ok: true,
+            ..Default::default()
+        };
+        let process = ProcessStatus {
+            process_id: "p1".into(),
+            pid: 7,
+            patch_stack: stack.iter().map(|s| s.to_string()).collect(),
+            health: Some(health),
+            ..Default::default()
+        };
+        NodeStatus { node_id: "n1".into(), processes: vec![process], ..Default::default() }
+    }
+
+    #[test]
+    fn a_fresh_report_with_the_patch_counts_exceptions_from_the_baseline() {
+        let s = status(&["a", "b"], 5);
+        let got = samples(Pushed { status: &s, heard_at_ms: 1_000 }, &baselines(3), "b", 1_500, 4_000).expect("usable");
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].exceptions_since, got[0].pid, got[0].alive, got[0].reachable), (2, 7, true, true));
+    }
+
+    #[test]
+    fn a_stale_or_pre_commit_report_or_a_missing_process_means_a_poll() {
+        let s = status(&["a", "b"], 0);
+        let stale = Pushed { status: &s, heard_at_ms: 1_000 };
+        assert!(samples(stale, &baselines(0), "b", 6_000, 4_000).is_none(), "stale");
+        let before = status(&["a"], 0);
+        assert!(samples(Pushed { status: &before, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
+        let mut gone = status(&["a", "b"], 0);
+        gone.processes[0].process_id = "p2".into();
+        assert!(samples(Pushed { status: &gone, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
+        let mut silent = status(&["a", "b"], 0);
+        silent.processes[0].health = None;
+        assert!(samples(Pushed { status: &silent, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
+        assert!(samples(Pushed { status: &s, heard_at_ms: 1_000 }, &BTreeMap::new(), "b", 1_000, 4_000).is_none());
+    }
+}
