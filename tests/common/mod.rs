@@ -332,7 +332,22 @@ impl Scenario {
                 continue;
             }
             let mut agent = agent_client(&self.fleet.keys, &node.agent).await;
-            let status = agent.status(StatusRequest {}).await.expect("agent status").into_inner().node.expect("node");
+            // A status answers from the agent's cache for a process that is slow to
+            // answer, so right after a rollback it may still show the digests of a
+            // query answered before it: ask again (a few refreshes) before judging.
+            let mut status = None;
+            for attempt in 0..10 {
+                let now = agent.status(StatusRequest {}).await.expect("agent status").into_inner().node.expect("node");
+                let settled = now.processes.len() == 1
+                    && now.processes[0].patch_stack == stack
+                    && expected.iter().all(|(m, d)| now.processes[0].live_digests.get(m) == Some(d));
+                status = Some(now);
+                if settled || attempt == 9 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let status = status.expect("asked at least once");
             assert_eq!(status.processes.len(), 1, "{}: one zone process", node.agent.node_id);
             let process = &status.processes[0];
             assert_eq!(process.pid, self.pids[i], "{}: the zone server was restarted", node.agent.node_id);
