@@ -89,6 +89,11 @@ impl<'a> BuildStacks<'a> {
         Ok(stack)
     }
 
+    /// Every build's stack read so far.
+    pub fn into_read(self) -> HashMap<String, Vec<String>> {
+        self.read
+    }
+
     /// Every process of `node`; `in_rollout` when an active rollout owns it.
     /// A stack that cannot be read makes its processes `Unknown` (logged).
     pub async fn judge(&mut self, node: &NodeStatus, in_rollout: bool) -> Vec<ProcessDrift> {

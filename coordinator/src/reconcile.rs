@@ -24,9 +24,16 @@
 //! this coordinator started, one after the other, both show it, and no
 //! rollout owns the node; a coordinator that just started (and is resuming
 //! rollouts from the store) waits one interval before its first look.
+//!
+//! An idle fleet costs a pass nothing per node: a pass judges only the nodes
+//! the registry reports changed ([`Registry::take_changed`]) plus the ones it
+//! is still watching (suspected drift, owned by a rollout, not heard from
+//! since this coordinator started). Every node is judged again only when a
+//! build's stored stack moved (one store read per build per pass) or a pass
+//! could not read the store.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -73,6 +80,13 @@ struct Memory {
     suspects: HashMap<(String, Repair), u64>,
     /// (node, repair) -> when it was last sent.
     attempts: HashMap<(String, Repair), Instant>,
+    /// Every node was judged once against `stacks`; until then (and after a
+    /// pass the store failed) the next pass judges them all.
+    judged_all: bool,
+    /// Each build's stack as the last pass read it.
+    stacks: HashMap<String, Vec<String>>,
+    /// Nodes to judge next pass even if their report does not change.
+    watch: HashSet<String>,
 }
 
 pub struct Reconciler {
@@ -94,29 +108,51 @@ impl Reconciler {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tick.tick() => self.pass(&mut memory).await,
+                _ = tick.tick() => {
+                    self.pass(&mut memory).await;
+                }
             }
         }
     }
 
-    async fn pass(&self, memory: &mut Memory) {
+    /// One pass; returns how many nodes it judged.
+    async fn pass(&self, memory: &mut Memory) -> usize {
         memory.attempts.retain(|_, at| at.elapsed() < RETRY_AFTER);
-        let mut seen_now = HashMap::new();
+        let changed = self.registry.take_changed();
         let mut stacks = BuildStacks::new(self.store.as_ref());
-        for node in self.registry.list() {
-            let node_id = node.status.node_id.clone();
-            if node.liveness != Liveness::Alive
-                || node.last_heartbeat_ms < memory.started_ms
-                || self.engine.active_rollout_of(&node_id).is_some()
-            {
+        let mut judge_all = !memory.judged_all;
+        for (build, seen) in &memory.stacks {
+            match stacks.of(build).await {
+                Ok(now) => judge_all |= now != *seen,
+                Err(err) => {
+                    tracing::warn!(%build, error = %err, "cannot read the build's patch stack");
+                    memory.judged_all = false;
+                    return 0;
+                }
+            }
+        }
+        let to_judge: Vec<String> = if judge_all {
+            self.registry.ids()
+        } else {
+            changed.into_iter().chain(std::mem::take(&mut memory.watch)).collect::<HashSet<_>>().into_iter().collect()
+        };
+        let mut watch = HashSet::new();
+        let mut seen_now = HashMap::new();
+        for node_id in &to_judge {
+            // A lost node is judged again once it is back (that is a change).
+            let Some(node) = self.registry.get(node_id).filter(|n| n.liveness == Liveness::Alive) else { continue };
+            if node.last_heartbeat_ms < memory.started_ms || self.engine.active_rollout_of(node_id).is_some() {
+                watch.insert(node_id.clone());
                 continue;
             }
             for process in stacks.judge(&node.status, false).await {
                 if process.state == StackState::Unknown {
-                    // The store is unreachable: judge nothing until it answers.
-                    return;
+                    // The store is unreachable: judge nothing until it answers, then everything.
+                    memory.judged_all = false;
+                    return 0;
                 }
                 let Some(repair) = Repair::of(&process.state) else { continue };
+                watch.insert(node_id.clone());
                 let key = (node_id.clone(), repair.clone());
                 seen_now.insert(key.clone(), node.last_heartbeat_ms);
                 let confirmed = memory.suspects.get(&key).is_some_and(|first| *first < node.last_heartbeat_ms);
@@ -131,9 +167,14 @@ impl Reconciler {
                 }
             }
         }
-        // Keep the first sighting of drift that persists; forget drift that went away.
+        // Keep the first sighting of drift that persists; forget drift that
+        // went away (every suspect is watched, so each was judged again).
         memory.suspects =
             seen_now.into_iter().map(|(k, ts)| (k.clone(), memory.suspects.get(&k).copied().unwrap_or(ts))).collect();
+        memory.watch = watch;
+        memory.stacks = stacks.into_read();
+        memory.judged_all = true;
+        to_judge.len()
     }
 
     /// A command of this term: its own rollout id per repair, this term's epoch.
@@ -377,6 +418,40 @@ mod tests {
         r.pass(&mut memory).await;
         assert_eq!(agents.sent(), vec![("rollback".to_string(), "x".to_string())]);
         assert_eq!(audited(&r, "reconcile.rollback").await, [true]);
+    }
+
+    #[tokio::test]
+    async fn an_idle_pass_judges_only_nodes_that_changed_unless_a_stack_moved() {
+        let agents = Arc::new(Recorder::default());
+        let (_dir, r) = reconciler(agents.clone(), &["p1"], &["p1"]).await;
+        let other = |id: &str| NodeStatus { node_id: id.into(), advertise_addr: format!("{id}:1"), ..status(&["p1"]) };
+        for id in ["n2", "n3"] {
+            r.registry.register(other(id)).await.expect("register");
+        }
+        let mut memory = Memory::default();
+        assert_eq!(r.pass(&mut memory).await, 3, "the first pass judges every node");
+        assert_eq!(r.pass(&mut memory).await, 0, "nothing changed: nothing judged");
+        heartbeat(&r, &["p1"]).await;
+        assert_eq!(r.pass(&mut memory).await, 0, "a heartbeat with the same stack is no change");
+        heartbeat(&r, &["p1", "x"]).await;
+        assert_eq!(r.pass(&mut memory).await, 1, "n1's stack changed");
+        assert!(agents.sent().is_empty(), "one sighting is not enough");
+        heartbeat(&r, &["p1", "x"]).await;
+        assert_eq!(r.pass(&mut memory).await, 1, "a suspect is watched without a change");
+        assert_eq!(agents.sent(), vec![("rollback".to_string(), "x".to_string())]);
+        heartbeat(&r, &["p1"]).await;
+        assert_eq!(r.pass(&mut memory).await, 1, "repaired: judged once more");
+        assert_eq!(r.pass(&mut memory).await, 0, "in sync: no longer watched");
+        let entry = StackEntry {
+            patch_id: "p2".into(),
+            target_build: "b1".into(),
+            parent_patch_id: "p1".into(),
+            description: String::new(),
+            rollout_id: "r2".into(),
+            committed_at_ms: 2,
+        };
+        r.store.write(r.fence, Batch::new().with(Write::PushStack(entry))).await.expect("push");
+        assert_eq!(r.pass(&mut memory).await, 3, "the build's stack moved: every node is judged");
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //! that rounded-up interval.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -128,6 +128,10 @@ pub struct Registry {
     lost_timeout: Duration,
     /// Heartbeats' record writes, off the heartbeat's path.
     writes: Arc<WriteBehind>,
+    /// Nodes whose stacks, builds or liveness changed since the last
+    /// [`take_changed`](Self::take_changed): what the reconciler judges again
+    /// (an idle fleet changes nothing, so an idle pass copies nothing).
+    changed: Arc<Mutex<HashSet<String>>>,
 }
 
 fn validate(status: &NodeStatus) -> Result<(), RegistryError> {
@@ -226,7 +230,15 @@ impl Registry {
             );
         }
         let writes = WriteBehind::new(store.clone(), fence);
-        Ok(Self { inner: Arc::new(RwLock::new(map)), store, fence, heartbeat_interval, lost_timeout, writes })
+        Ok(Self {
+            inner: Arc::new(RwLock::new(map)),
+            store,
+            fence,
+            heartbeat_interval,
+            lost_timeout,
+            writes,
+            changed: Arc::default(),
+        })
     }
 
     /// The store this term's registry writes to.
@@ -275,6 +287,7 @@ impl Registry {
                 lost: false,
             },
         );
+        self.mark_changed(&status.node_id);
         tracing::info!(
             node = %status.node_id,
             addr = %status.advertise_addr,
@@ -297,6 +310,9 @@ impl Registry {
             let persist = identity_changed(&entry.status, &status);
             if entry.lost {
                 tracing::info!(node = %status.node_id, "lost node is back");
+            }
+            if persist || entry.lost {
+                self.mark_changed(&status.node_id);
             }
             entry.status = status.clone();
             entry.last_heartbeat_ms = now;
@@ -378,6 +394,22 @@ impl Registry {
 
     pub fn is_lost(&self, node_id: &str) -> bool {
         self.lock_read().get(node_id).is_none_or(|e| e.lost)
+    }
+
+    /// Every node's id (unsorted): no status is copied.
+    pub fn ids(&self) -> Vec<String> {
+        self.lock_read().keys().cloned().collect()
+    }
+
+    /// Nodes registered, back from lost, or whose processes, builds or patch
+    /// stacks changed since the last call (figures alone are not a change).
+    /// One reader per term: the reconciler.
+    pub fn take_changed(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.changed.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn mark_changed(&self, node_id: &str) {
+        self.changed.lock().unwrap_or_else(|e| e.into_inner()).insert(node_id.to_string());
     }
 
     /// Every node, sorted by id.
