@@ -3,8 +3,9 @@
 //! [`AgentClient`] is the seam between the rollout engine and the network:
 //! the engine only sees domain answers ([`Outcome`], health
 //! [`Sample`]s), so it is tested with an in-memory double. [`GrpcAgents`] is
-//! the real thing: one lazily connected tonic channel per agent address,
-//! every call under a deadline that starts when the call is sent (sent as
+//! the real thing: a lazily connected tonic channel per agent, open while it
+//! is used (`agent_channels.rs` closes the least recently used and the idle
+//! ones), every call under a deadline that starts when the call is sent (sent as
 //! `grpc-timeout` *and* enforced here, so a silent agent costs at most its
 //! deadline; waiting for a slot does not count, or a healthy node at the back
 //! of a long queue would "time out" before it was asked) and a global bound
@@ -17,6 +18,8 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
+
+pub use crate::agent_channels::AgentChannels;
 
 use async_trait::async_trait;
 use hotfleet_obs::grpc::{Grpc, GrpcLayer};
@@ -152,7 +155,8 @@ pub fn in_flight_limit(floor: usize, agents: usize) -> usize {
 
 /// The real [`AgentClient`] over gRPC.
 pub struct GrpcAgents {
-    channels: Mutex<Channels>,
+    channels: AgentChannels,
+    bound: Mutex<Bound>,
     call_timeout: Duration,
     in_flight: Arc<Semaphore>,
     /// With TLS, each agent must present the certificate of the node it
@@ -160,10 +164,8 @@ pub struct GrpcAgents {
     transport: Transport,
 }
 
-/// One channel per agent (node id and address: the TLS server name is the
-/// node id), and the call bound they have grown the semaphore to.
-struct Channels {
-    by_addr: HashMap<(String, String), Channel>,
+/// The configured floor and the call bound the fleet has grown the semaphore to.
+struct Bound {
     floor: usize,
     limit: usize,
 }
@@ -174,7 +176,8 @@ impl GrpcAgents {
     pub fn new(call_timeout: Duration, min_in_flight: usize, transport: Transport) -> Self {
         let limit = in_flight_limit(min_in_flight, 0);
         Self {
-            channels: Mutex::new(Channels { by_addr: HashMap::new(), floor: min_in_flight, limit }),
+            channels: AgentChannels::new(),
+            bound: Mutex::new(Bound { floor: min_in_flight, limit }),
             call_timeout,
             in_flight: Arc::new(Semaphore::new(limit)),
             transport,
@@ -183,34 +186,37 @@ impl GrpcAgents {
 
     /// Calls allowed in flight now.
     pub fn in_flight_bound(&self) -> usize {
-        self.channels.lock().unwrap_or_else(|e| e.into_inner()).limit
+        self.bound.lock().unwrap_or_else(|e| e.into_inner()).limit
+    }
+
+    /// Channels open now.
+    pub fn open_channels(&self) -> usize {
+        self.channels.open_count()
     }
 
     fn channel(&self, to: &Target) -> Result<Channel, AgentError> {
-        let mut guard = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        let channels = &mut *guard;
-        // Keyed by node too: the TLS server name is the node id.
+        // Keyed by node too: the TLS server name is the node id. As many
+        // open as calls may be in flight: a call holds its own clone.
         let key = (to.node_id.clone(), to.addr.clone());
-        if let Some(ch) = channels.by_addr.get(&key) {
-            return Ok(ch.clone());
-        }
-        // The server name verified is the node id: an address that now
-        // answers with another node's certificate is not this node.
-        let endpoint = self.transport.endpoint(&to.addr, &to.node_id).map_err(|e| AgentError::Unreachable {
-            node: to.node_id.clone(),
-            addr: to.addr.clone(),
-            reason: format!("bad advertise_addr: {e}"),
+        let (channel, agents) = self.channels.get_or_open(&key, self.in_flight_bound(), || {
+            // The server name verified is the node id: an address that now
+            // answers with another node's certificate is not this node.
+            let endpoint = self.transport.endpoint(&to.addr, &to.node_id).map_err(|e| AgentError::Unreachable {
+                node: to.node_id.clone(),
+                addr: to.addr.clone(),
+                reason: format!("bad advertise_addr: {e}"),
+            })?;
+            Ok(endpoint
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .connect_lazy())
         })?;
-        let channel = endpoint
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .connect_lazy();
-        channels.by_addr.insert(key, channel.clone());
-        let wanted = in_flight_limit(channels.floor, channels.by_addr.len());
-        if wanted > channels.limit {
-            self.in_flight.add_permits(wanted - channels.limit);
-            channels.limit = wanted;
+        let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted = in_flight_limit(bound.floor, agents);
+        if wanted > bound.limit {
+            self.in_flight.add_permits(wanted - bound.limit);
+            bound.limit = wanted;
         }
         Ok(channel)
     }

@@ -17,10 +17,11 @@
 //! - [`rollout`]: the rollout state machine and the health gate (pure).
 //! - [`stack`]: each build's patch stack as desired state (what may go on top) and its listing.
 //! - [`engine`]: drives rollouts through [`agents::AgentClient`].
-//! - [`agents`]: the gRPC client side towards agents.
+//! - [`agents`]: the gRPC client side towards agents; [`agent_channels`]: which connections to them stay open.
 //! - [`grpc`]: adapters for the `AgentGateway` and operator `Coordinator` services.
 //! - [`server`]: assembles all of it and serves on a bound listener.
 
+pub mod agent_channels;
 pub mod agents;
 pub mod auth;
 pub mod clock;
