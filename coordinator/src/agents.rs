@@ -131,6 +131,14 @@ pub trait AgentClient: Send + Sync + 'static {
         since: &BTreeMap<String, u64>,
         deadline: Duration,
     ) -> Result<Vec<HealthSample>, AgentError>;
+
+    /// How many calls to `agents` agents this client runs at once; a
+    /// fan-out keeps no more than this waiting at a time (each waiting call
+    /// holds its request and state machine: ~10 KB, times the whole fleet
+    /// when every call was started at once). Default: all of them.
+    fn width(&self, agents: usize) -> usize {
+        agents.max(1)
+    }
 }
 
 /// A health sample plus what a baseline needs from it.
@@ -189,6 +197,13 @@ impl GrpcAgents {
         self.bound.lock().unwrap_or_else(|e| e.into_inner()).limit
     }
 
+    /// The bound these agents will have grown the semaphore to (a fan-out
+    /// over the fleet's first rollout asks before any channel is open).
+    fn fan_out_width(&self, agents: usize) -> usize {
+        let bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        bound.limit.max(in_flight_limit(bound.floor, agents))
+    }
+
     /// Channels open now.
     pub fn open_channels(&self) -> usize {
         self.channels.open_count()
@@ -228,7 +243,6 @@ impl GrpcAgents {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = deadline.min(self.call_timeout).max(Duration::from_millis(1));
-        let client = ProtoAgentClient::new(GrpcLayer::client().layer(self.channel(to)?));
         // The deadline starts once a slot is ours and the call goes out: the
         // wait before is the coordinator's backlog, not the agent's silence.
         // (A step's own deadline still bounds the whole step, queue included.)
@@ -237,6 +251,9 @@ impl GrpcAgents {
             addr: to.addr.clone(),
             reason: "coordinator shutting down".into(),
         })?;
+        // The channel only once the slot is ours: a queued call holding one
+        // would keep it (and its buffers) open past the pool's bound.
+        let client = ProtoAgentClient::new(GrpcLayer::client().layer(self.channel(to)?));
         let work = f(client, deadline);
         match tokio::time::timeout(deadline, work).await {
             Ok(result) => result.map(|r| r.into_inner()).map_err(|status| status_error(to, deadline, status)),
@@ -317,6 +334,10 @@ impl AgentClient for GrpcAgents {
                 rpc!(rollback, RollbackRequest { header }).map(|r| outcome(r.ok, r.reason, &r.processes))
             }
         }
+    }
+
+    fn width(&self, agents: usize) -> usize {
+        self.fan_out_width(agents)
     }
 
     async fn health(

@@ -77,6 +77,15 @@ async fn the_semaphore_grows_as_agents_are_first_called() {
 }
 
 #[tokio::test]
+async fn a_fan_out_over_the_fleet_is_as_wide_as_the_bound_will_grow() {
+    let agents = GrpcAgents::new(Duration::from_secs(1), 64, Transport::Insecure);
+    assert_eq!(agents.width(10), 64, "the floor for a small fleet");
+    assert_eq!(agents.width(1_000), 250, "before any channel is open");
+    assert_eq!(agents.width(10_000), MAX_SCALED_IN_FLIGHT);
+    assert_eq!(agents.open_channels(), 0);
+}
+
+#[tokio::test]
 async fn waiting_for_a_slot_does_not_count_against_the_deadline() {
     // One slot, three calls of 200 ms each under a 350 ms deadline: they run
     // one after another (the last is sent ~400 ms after it was asked for),

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use futures::future::join_all;
+use futures::{stream, StreamExt};
 use tracing::Instrument;
 
 use super::{
@@ -240,7 +240,9 @@ impl Engine {
         Duration::from_millis(state.rollout.spec.step_deadline_ms.max(1))
     }
 
-    /// Sends one command per node concurrently, each under the step deadline.
+    /// Sends one command per node concurrently, each under the step deadline
+    /// (counted from the fan-out's start, queue included); no more calls are
+    /// started at once than the agent client runs (see [`AgentClient::width`]).
     /// With `abortable`, nothing is sent once the abort token is cancelled and
     /// calls in flight are dropped (their nodes are reverted anyway, since
     /// desired was recorded first). Returns `None` if aborted.
@@ -256,6 +258,7 @@ impl Engine {
         F: Fn(Target) -> Fut,
         Fut: std::future::Future<Output = Result<(), String>>,
     {
+        let step_end = tokio::time::Instant::now() + deadline;
         let calls = nodes.iter().map(|node| {
             let target = self.target(node);
             let fut = async {
@@ -263,7 +266,7 @@ impl Engine {
                 if abortable && handle.abort.is_cancelled() {
                     return Err("aborted before send".to_string());
                 }
-                match tokio::time::timeout(deadline, call(target)).await {
+                match tokio::time::timeout_at(step_end, call(target)).await {
                     Ok(result) => result,
                     Err(_) => Err(format!("no answer within the step deadline ({} ms)", deadline.as_millis())),
                 }
@@ -271,7 +274,11 @@ impl Engine {
             let span = tracing::info_span!("node", node = %node);
             async move { (node.clone(), fut.await) }.instrument(span)
         });
-        let all = join_all(calls);
+        // Collected first: a stream over the borrowing map is not provably
+        // Send. An unstarted call is small; what it allocates once started
+        // is what the width bounds.
+        let calls: Vec<_> = calls.collect();
+        let all = stream::iter(calls).buffered(self.inner.agents.width(nodes.len())).collect::<Vec<_>>();
         if abortable {
             tokio::select! {
                 biased;
@@ -404,6 +411,8 @@ impl Engine {
         from_baseline: bool,
     ) -> Vec<(String, Result<Vec<HealthSample>, String>)> {
         let deadline = Self::step_deadline(state).min(Duration::from_secs(10));
+        // One deadline for the whole poll, as when every call started at once.
+        let poll_end = tokio::time::Instant::now() + deadline;
         let calls = nodes.iter().map(|node| {
             let since: BTreeMap<String, u64> = if from_baseline {
                 state
@@ -419,7 +428,7 @@ impl Engine {
             let span = tracing::info_span!("node", node = %node);
             async move {
                 let result = match target {
-                    Ok(t) => match tokio::time::timeout(deadline, agents.health(&t, &since, deadline)).await {
+                    Ok(t) => match tokio::time::timeout_at(poll_end, agents.health(&t, &since, deadline)).await {
                         Ok(r) => r.map_err(|e| e.to_string()),
                         Err(_) => Err(format!("health query timed out after {} ms", deadline.as_millis())),
                     },
@@ -429,7 +438,8 @@ impl Engine {
             }
             .instrument(span)
         });
-        join_all(calls).await
+        let calls: Vec<_> = calls.collect();
+        stream::iter(calls).buffered(self.inner.agents.width(nodes.len())).collect().await
     }
 
     /// Samples for `node` from its agent's last pushed report, when that can

@@ -51,6 +51,28 @@ struct FakeAgents {
     ticks: AtomicU64,
     /// Health queries, by node.
     health_calls: Mutex<HashMap<String, u32>>,
+    /// What `width` answers (None: every agent at once).
+    width: Option<usize>,
+    /// Commands being answered now, and the most at any moment.
+    busy: AtomicU64,
+    most_busy: AtomicU64,
+}
+
+/// Counts a command as busy while it lives.
+struct Busy<'a>(&'a FakeAgents);
+
+impl<'a> Busy<'a> {
+    fn start(agents: &'a FakeAgents) -> Self {
+        let now = agents.busy.fetch_add(1, Ordering::SeqCst) + 1;
+        agents.most_busy.fetch_max(now, Ordering::SeqCst);
+        Self(agents)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl FakeAgents {
@@ -85,7 +107,12 @@ fn yes() -> Result<Outcome, AgentError> {
 
 #[async_trait]
 impl AgentClient for FakeAgents {
+    fn width(&self, agents: usize) -> usize {
+        self.width.unwrap_or(agents.max(1))
+    }
+
     async fn send(&self, to: &Target, cmd: &Command, _d: Duration) -> Result<Outcome, AgentError> {
+        let _busy = Busy::start(self);
         self.record(cmd.kind.name(), to, cmd);
         let b = self.behaviour(&to.node_id);
         match cmd.kind {
@@ -307,6 +334,23 @@ async fn good_rollout_prepares_everywhere_then_commits_canary_then_waves() {
     // And the start is audited.
     let audit = f.engine.inner.store.audit(10, None).await.expect("audit");
     assert!(audit.iter().any(|a| a.action == "rollout.start" && a.actor == "alice"));
+}
+
+#[tokio::test]
+async fn a_fan_out_starts_no_more_calls_at_once_than_the_client_runs() {
+    let agents = Arc::new(FakeAgents { width: Some(2), ..FakeAgents::default() });
+    for i in 1..=6 {
+        agents
+            .set(&format!("n{i}"), Behaviour { slow_prepare: Some(Duration::from_millis(30)), ..Behaviour::default() });
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    let f = fixture_at(Some(dir), path, agents, 6).await;
+    let state = f.engine.start(request(), "alice", false).await.expect("start");
+    let done = finish(&f.engine, &state.rollout.id).await;
+    assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
+    assert_eq!(f.agents.sent("prepare").len(), 6);
+    assert_eq!(f.agents.most_busy.load(Ordering::SeqCst), 2, "six slow prepares, two at a time");
 }
 
 #[tokio::test]
