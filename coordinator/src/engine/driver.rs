@@ -278,7 +278,7 @@ impl Engine {
         // Send. An unstarted call is small; what it allocates once started
         // is what the width bounds.
         let calls: Vec<_> = calls.collect();
-        let all = stream::iter(calls).buffered(self.inner.agents.width(nodes.len())).collect::<Vec<_>>();
+        let all = bounded(calls, self.inner.agents.width(nodes.len()));
         if abortable {
             tokio::select! {
                 biased;
@@ -439,7 +439,7 @@ impl Engine {
             .instrument(span)
         });
         let calls: Vec<_> = calls.collect();
-        stream::iter(calls).buffered(self.inner.agents.width(nodes.len())).collect().await
+        bounded(calls, self.inner.agents.width(nodes.len())).await
     }
 
     /// Samples for `node` from its agent's last pushed report, when that can
@@ -680,4 +680,14 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Runs `calls` with at most `width` started at once; answers in input
+/// order. Unordered underneath: ordered buffering counts calls that finished
+/// behind a slow one as still running, so one slow node would hold back the rest.
+async fn bounded<T>(calls: Vec<impl std::future::Future<Output = T>>, width: usize) -> Vec<T> {
+    let numbered = calls.into_iter().enumerate().map(|(i, call)| async move { (i, call.await) });
+    let mut done: Vec<(usize, T)> = stream::iter(numbered).buffer_unordered(width.max(1)).collect().await;
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, answer)| answer).collect()
 }
