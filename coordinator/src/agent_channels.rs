@@ -2,15 +2,15 @@
 //!
 //! Each open channel is an HTTP/2 connection with its own read and write
 //! buffers plus tonic's request buffer and its task: ~40 KB of coordinator
-//! memory (measured at 1,000 nodes, see docs/performance.md), and an HTTP/2
-//! keep-alive ping every 20 s. One per agent, kept forever, was most of the
-//! coordinator's memory during and after a rollout and per-node work when
-//! idle. So a channel is opened on first use, the least recently used are
-//! closed once more are open than calls may be in flight (a call holds its
-//! own clone: closing the pool's copy never cuts a call short), and a
-//! sweeper closes channels unused for [`IDLE_CLOSE`], then stops itself
-//! when none is left, so an idle coordinator holds no agent connection and
-//! does no work for one.
+//! memory (measured, see docs/performance.md), and an HTTP/2 keep-alive ping
+//! every 20 s. Kept forever, one per agent, they were most of the
+//! coordinator's memory after a rollout and per-node work when idle. So a
+//! channel is opened on first use, a sweeper closes channels unused for
+//! [`IDLE_CLOSE`] and stops itself when none is left (an idle coordinator
+//! holds no agent connection and does no work for one), and an operator
+//! may cap how many are open (`--agent-channels`): beyond it the least
+//! recently used are closed, trading reconnects for memory. A call holds its
+//! own clone, so closing the pool's copy never cuts a call short.
 //!
 //! The pool also counts the agents it has been asked for (a hash each): the
 //! in-flight bound grows with the fleet, not with what happens to be open.
@@ -66,7 +66,7 @@ impl AgentChannels {
     }
 
     /// The open channel for `key`, or one made by `open` (then kept, closing
-    /// the least recently used beyond `max_open`). Returns it and the number
+    /// the least recently used beyond `max_open`, at least [`MIN_OPEN`]). Returns it and the number
     /// of distinct agents asked for so far.
     pub fn get_or_open<E>(
         &self,

@@ -4,8 +4,8 @@
 //! the engine only sees domain answers ([`Outcome`], health
 //! [`Sample`]s), so it is tested with an in-memory double. [`GrpcAgents`] is
 //! the real thing: a lazily connected tonic channel per agent, open while it
-//! is used (`agent_channels.rs` closes the least recently used and the idle
-//! ones), every call under a deadline that starts when the call is sent (sent as
+//! is used (`agent_channels.rs` closes idle ones, and the least recently
+//! used beyond an optional cap), every call under a deadline that starts when the call is sent (sent as
 //! `grpc-timeout` *and* enforced here, so a silent agent costs at most its
 //! deadline; waiting for a slot does not count, or a healthy node at the back
 //! of a long queue would "time out" before it was asked) and a global bound
@@ -164,6 +164,8 @@ pub fn in_flight_limit(floor: usize, agents: usize) -> usize {
 /// The real [`AgentClient`] over gRPC.
 pub struct GrpcAgents {
     channels: AgentChannels,
+    /// Channels kept open at most (0: one per agent; idle ones close anyway).
+    channel_cap: usize,
     bound: Mutex<Bound>,
     call_timeout: Duration,
     in_flight: Arc<Semaphore>,
@@ -185,11 +187,18 @@ impl GrpcAgents {
         let limit = in_flight_limit(min_in_flight, 0);
         Self {
             channels: AgentChannels::new(),
+            channel_cap: 0,
             bound: Mutex::new(Bound { floor: min_in_flight, limit }),
             call_timeout,
             in_flight: Arc::new(Semaphore::new(limit)),
             transport,
         }
+    }
+
+    /// At most `cap` channels open (0: no cap); see `agent_channels.rs`.
+    pub fn with_channel_cap(mut self, cap: usize) -> Self {
+        self.channel_cap = cap;
+        self
     }
 
     /// Calls allowed in flight now.
@@ -210,10 +219,10 @@ impl GrpcAgents {
     }
 
     fn channel(&self, to: &Target) -> Result<Channel, AgentError> {
-        // Keyed by node too: the TLS server name is the node id. As many
-        // open as calls may be in flight: a call holds its own clone.
+        // Keyed by node too: the TLS server name is the node id.
         let key = (to.node_id.clone(), to.addr.clone());
-        let (channel, agents) = self.channels.get_or_open(&key, self.in_flight_bound(), || {
+        let max_open = if self.channel_cap == 0 { usize::MAX } else { self.channel_cap };
+        let (channel, agents) = self.channels.get_or_open(&key, max_open, || {
             // The server name verified is the node id: an address that now
             // answers with another node's certificate is not this node.
             let endpoint = self.transport.endpoint(&to.addr, &to.node_id).map_err(|e| AgentError::Unreachable {

@@ -87,6 +87,11 @@ pub struct Args {
     /// the bound grows with the fleet (one per 4 agents, up to 1024).
     #[arg(long, env = "HOTFLEET_AGENT_CONCURRENCY", default_value_t = 64)]
     pub agent_concurrency: usize,
+    /// Agent connections kept open at most (0: one per agent); beyond it the
+    /// least recently used are closed (less memory, more reconnects). Any
+    /// connection unused for 15 s is closed either way.
+    #[arg(long, env = "HOTFLEET_AGENT_CHANNELS", default_value_t = 0)]
+    pub agent_channels: usize,
     /// How long shutdown waits for in-flight work.
     #[arg(long, env = "HOTFLEET_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -158,6 +163,8 @@ pub struct Config {
     pub max_patch_bytes: usize,
     pub agent_timeout: Duration,
     pub agent_concurrency: usize,
+    /// Agent connections kept open at most; 0: no cap.
+    pub agent_channels: usize,
     pub drain_timeout: Duration,
     /// Connection and time limits of the gRPC server.
     pub limits: ServeLimits,
@@ -204,6 +211,7 @@ impl Config {
             max_patch_bytes: 8 * 1024 * 1024,
             agent_timeout: Duration::from_secs(30),
             agent_concurrency: 64,
+            agent_channels: 0,
             drain_timeout: Duration::from_secs(10),
             limits: ServeLimits::default(),
             node_expiry: Duration::from_secs(24 * 3600),
@@ -299,6 +307,7 @@ impl TryFrom<Args> for Config {
             max_patch_bytes: a.max_patch_bytes,
             agent_timeout: a.agent_timeout,
             agent_concurrency: a.agent_concurrency,
+            agent_channels: a.agent_channels,
             drain_timeout: a.drain_timeout,
             limits: ServeLimits {
                 request_timeout: a.request_timeout,

@@ -73,8 +73,10 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the configured store and builds everything with real agent clients.
     pub async fn build(config: Config) -> Result<Self, ServerError> {
-        let agents =
-            Arc::new(GrpcAgents::new(config.agent_timeout, config.agent_concurrency, config.transport.clone()));
+        let agents = Arc::new(
+            GrpcAgents::new(config.agent_timeout, config.agent_concurrency, config.transport.clone())
+                .with_channel_cap(config.agent_channels),
+        );
         match config.store {
             StoreKind::Embedded => {
                 let store = Arc::new(EmbeddedStore::open(&config.data_dir)?);

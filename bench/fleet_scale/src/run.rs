@@ -166,6 +166,15 @@ async fn list_nodes(layout: &Layout, url: &str) -> Result<Result<(u64, usize), S
     Ok(Ok((ms, listed)))
 }
 
+/// Accept queue of the fleet's one listener (the kernel caps it at `net.core.somaxconn`).
+const FLEET_BACKLOG: u32 = 8192;
+
+/// A failed rollout's last events, each cut short (a gate failure lists every node).
+fn events(timeline: &crate::timeline::Timeline) -> String {
+    let cut = |m: &String| if m.len() > 300 { format!("{}...", &m[..m.floor_char_boundary(300)]) } else { m.clone() };
+    timeline.last_events.iter().map(cut).collect::<Vec<_>>().join(" / ")
+}
+
 /// Runs the whole scenario once.
 pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     let temp = TempDir::new().context("creating a temp dir")?;
@@ -211,7 +220,12 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     let base = proc_stats(pid);
     // The fleet: one listener for every agent address, then each agent's
     // registration and heartbeats.
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", 0)).await.context("binding the fleet's port")?;
+    // A deep accept queue: every simulated agent shares this one listener,
+    // where a real fleet has one per agent, so a burst of the coordinator's
+    // connects must not overflow tokio's default backlog (1,024) here.
+    let socket = tokio::net::TcpSocket::new_v4().context("the fleet's socket")?;
+    socket.bind(std::net::SocketAddr::from(([0, 0, 0, 0], 0))).context("binding the fleet's port")?;
+    let listener = socket.listen(FLEET_BACKLOG).context("listening on the fleet's port")?;
     let port = listener.local_addr()?.port();
     let fleet = Fleet::new(plan.nodes, port, BUILD, &url, plan.heartbeat_conns, plan.modules)?;
     let server = tokio::spawn(fleet.clone().serve(listener));
@@ -246,15 +260,20 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
 
     let first = rollout(plan, &layout, &url, &fleet, &p1).await?;
     if !first.timeline.completed || fleet.on_top(Some(&p1)) != plan.nodes {
-        bail!("the first rollout did not complete on every node ({} have it)", fleet.on_top(Some(&p1)));
+        bail!(
+            "the first rollout did not complete on every node ({} have it); its last events: {}",
+            fleet.on_top(Some(&p1)),
+            events(&first.timeline)
+        );
     }
     fleet.set_faults(Faults { fail_health: Some((plan.nodes - 1, p2.clone())), ..Faults::default() });
     let second = rollout(plan, &layout, &url, &fleet, &p2).await?;
     if !second.timeline.rolled_back || fleet.on_top(Some(&p1)) != plan.nodes {
         bail!(
-            "the second rollout did not roll back everywhere ({} of {} back on the first patch)",
+            "the second rollout did not roll back everywhere ({} of {} back on the first patch); its last events: {}",
             fleet.on_top(Some(&p1)),
-            plan.nodes
+            plan.nodes,
+            events(&second.timeline)
         );
     }
     let end = proc_stats(pid);

@@ -14,6 +14,8 @@ pub struct Timeline {
     pub rollback_ms: Option<u64>,
     pub completed: bool,
     pub rolled_back: bool,
+    /// The last few events (what a failed run reports).
+    pub last_events: Vec<String>,
 }
 
 fn num(v: &Value) -> Option<u64> {
@@ -50,6 +52,7 @@ pub fn from_status(status: &Value) -> Timeline {
     }
     timeline.completed = at(&|m| m.contains("rollout completed")).is_some();
     timeline.rolled_back = at(&|m| m.starts_with("rolled back")).is_some();
+    timeline.last_events = events.iter().rev().take(4).rev().map(|(_, m)| m.clone()).collect();
     timeline
 }
 
@@ -74,5 +77,6 @@ mod tests {
         assert_eq!(t.steps, vec![("canary".to_string(), 80)]);
         assert_eq!(t.rollback_ms, Some(150));
         assert!(t.rolled_back && !t.completed);
+        assert_eq!(t.last_events.last().map(String::as_str), Some("rolled back: health gate failed"));
     }
 }
