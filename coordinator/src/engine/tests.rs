@@ -782,6 +782,41 @@ async fn the_sweeper_never_expires_a_node_a_live_rollout_holds_and_forgets_it_af
     assert_eq!(kept[0].action, "node.expire", "the newest stay");
 }
 
+#[tokio::test]
+async fn the_sweeper_compacts_finished_rollouts_only_and_they_read_back_the_same() {
+    let f = fixture(3).await;
+    let store = f.engine.inner.store.clone();
+    let done_id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &done_id).await.rollout.phase, Phase::Completed);
+    let before = store.rollout_nodes(&done_id).await.expect("nodes");
+    assert!(before.values().any(|n| !n.baselines.is_empty()), "a finished rollout keeps its baselines until compacted");
+    let mut req = request();
+    req.pause_before = vec!["wave-1".into()];
+    let live_id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &live_id, Duration::from_secs(5), |s| s.waiting_reason(false).is_some()).await;
+    let live_before = store.rollout_nodes(&live_id).await.expect("nodes");
+    let sweeper = crate::sweeper::Sweeper {
+        registry: f.registry.clone(),
+        engine: f.engine.clone(),
+        store: store.clone(),
+        fence: f.engine.inner.fence,
+        node_expiry: Duration::from_secs(3600),
+        audit: Default::default(),
+    };
+    let mut done = HashSet::new();
+    assert_eq!(sweeper.compact_finished(&mut done).await, 1);
+    assert_eq!(done, HashSet::from([done_id.clone()]));
+    // Every node still answers its final state, without the baselines.
+    let expected: BTreeMap<String, _> = before.iter().map(|(id, n)| (id.clone(), n.summary())).collect();
+    assert_eq!(store.rollout_nodes(&done_id).await.expect("nodes"), expected);
+    let got = f.engine.get(&done_id).await.expect("get");
+    assert_eq!(got.nodes.values().filter(|n| n.observed == Observed::Committed).count(), 3);
+    // The live rollout is untouched, asked directly or by a new term's sweep.
+    assert!(!store.compact_rollout(f.engine.inner.fence, &live_id).await.expect("compact"));
+    assert_eq!(sweeper.compact_finished(&mut HashSet::new()).await, 0, "nothing left to fold");
+    assert_eq!(store.rollout_nodes(&live_id).await.expect("nodes"), live_before);
+}
+
 /// Heartbeats like a real agent: every 20 ms each node reports its process's
 /// health (counted from its start, with `exceptions` once committed) and,
 /// once committed, the patch on its stack.

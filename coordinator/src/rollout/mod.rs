@@ -194,6 +194,15 @@ pub struct NodeState {
     pub updated_at_ms: u64,
 }
 
+impl NodeState {
+    /// What a finished rollout keeps of this node ([`crate::store::Store::compact_rollout`]):
+    /// everything shown about it, without the per-process health baselines
+    /// and window marks only a running health gate needs.
+    pub fn summary(&self) -> NodeState {
+        NodeState { baselines: BTreeMap::new(), window_start: BTreeMap::new(), ..self.clone() }
+    }
+}
+
 /// The persisted rollout record (node states live beside it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {

@@ -29,6 +29,9 @@ const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("patch_bundle
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 /// Key: `<rollout id>/<node id>`; a rollout's nodes are one key range.
 const ROLLOUT_NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("rollout_nodes");
+/// Rollouts whose node states were compacted (value: when, Unix ms), so a
+/// sweep does not read a finished rollout's nodes again.
+const COMPACTED: TableDefinition<&str, u64> = TableDefinition::new("rollouts_compacted");
 const STACKS: TableDefinition<&str, &[u8]> = TableDefinition::new("patch_stacks");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const SINGLETONS: TableDefinition<&str, &[u8]> = TableDefinition::new("singletons");
@@ -80,6 +83,7 @@ impl EmbeddedStore {
                 txn.open_table(BUNDLES)?;
                 txn.open_table(ROLLOUTS)?;
                 txn.open_table(ROLLOUT_NODES)?;
+                txn.open_table(COMPACTED)?;
                 txn.open_table(STACKS)?;
                 txn.open_table(AUDIT)?;
                 txn.open_table(SINGLETONS)?;
@@ -349,6 +353,60 @@ impl Store for EmbeddedStore {
 
     async fn freeze(&self) -> Result<Option<FreezeRecord>, StoreError> {
         self.read_one(SINGLETONS, FREEZE_KEY).await
+    }
+
+    async fn compact_rollout(&self, fence: Fence, rollout_id: &str) -> Result<bool, StoreError> {
+        let id = rollout_id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let current = {
+                let meta = txn.open_table(META).map_err(backend)?;
+                let current = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0);
+                current
+            };
+            if current != fence.epoch {
+                txn.abort().map_err(backend)?;
+                return Err(StoreError::Fenced { ours: fence.epoch, current });
+            }
+            let finished = {
+                let rollouts = txn.open_table(ROLLOUTS).map_err(backend)?;
+                let compacted = txn.open_table(COMPACTED).map_err(backend)?;
+                let rollout: Option<Rollout> = match rollouts.get(id.as_str()).map_err(backend)? {
+                    Some(value) => Some(decode(&id, value.value())?),
+                    None => None,
+                };
+                let done = compacted.get(id.as_str()).map_err(backend)?.is_some();
+                !done && rollout.is_some_and(|r| r.phase.is_terminal())
+            };
+            if !finished {
+                txn.abort().map_err(backend)?;
+                return Ok(false);
+            }
+            {
+                let prefix = format!("{id}/");
+                let mut table = txn.open_table(ROLLOUT_NODES).map_err(backend)?;
+                let mut folded = Vec::new();
+                for row in table.range(prefix.as_str()..).map_err(backend)? {
+                    let (key, value) = row.map_err(backend)?;
+                    if !key.value().starts_with(&prefix) {
+                        break;
+                    }
+                    let node: NodeState = decode(key.value(), value.value())?;
+                    let summary = node.summary();
+                    if summary != node {
+                        folded.push((key.value().to_string(), summary));
+                    }
+                }
+                for (key, summary) in folded {
+                    table.insert(key.as_str(), encode(&summary)?.as_slice()).map_err(backend)?;
+                }
+                let mut compacted = txn.open_table(COMPACTED).map_err(backend)?;
+                compacted.insert(id.as_str(), crate::clock::now_ms()).map_err(backend)?;
+            }
+            txn.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
     }
 }
 

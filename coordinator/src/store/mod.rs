@@ -7,7 +7,18 @@
 //!
 //! - **All writes are batches.** [`Store::write`] applies a [`Batch`] atomically
 //!   (one redb transaction, one etcd `Txn`). The engine writes one batch per
-//!   transition of a rollout step, never one per node.
+//!   transition of a rollout step, never one per node, and a batch carries
+//!   only the node states the transition changed. One exception, on etcd
+//!   only: node states too many for one etcd transaction land first, in
+//!   fenced transactions of their own, and the rest of the batch (the
+//!   rollout record) last. A failure in between is reported like any failed
+//!   write; the node states already written are ahead of their rollout
+//!   record, which resuming treats as it treats any desired state (an
+//!   over-approximation: see `crate::rollout`). So a batch is never refused
+//!   for the number of nodes it moves.
+//! - **Finished rollouts are compacted.** [`Store::compact_rollout`] folds a
+//!   finished rollout's node states into a summary (each node's final state
+//!   without its health baselines); the leader's sweeper runs it.
 //! - **All writes are fenced.** A writer holds a [`Fence`] (its epoch); every
 //!   batch carries it and the store refuses it ([`StoreError::Fenced`]) once a
 //!   newer writer exists. For the embedded store the epoch is a counter in the
@@ -182,7 +193,8 @@ pub enum Write {
         bundle: Vec<u8>,
     },
     PutRollout(Box<Rollout>),
-    /// Per-node state of one rollout; only the nodes listed are replaced.
+    /// Per-node state of one rollout; only the nodes listed are replaced
+    /// (one key per node: what a step did not change is not rewritten).
     PutRolloutNodes {
         rollout_id: String,
         nodes: Vec<NodeState>,
@@ -265,4 +277,11 @@ pub trait Store: Send + Sync + 'static {
     async fn trim_audit(&self, fence: Fence, retention: AuditRetention, now_ms: u64) -> Result<u64, StoreError>;
 
     async fn freeze(&self) -> Result<Option<FreezeRecord>, StoreError>;
+
+    /// Folds the node states of a finished rollout into its compact summary
+    /// ([`NodeState::summary`]: the final state without health baselines),
+    /// if `fence` still owns the store. An unfinished, unknown or already
+    /// compacted rollout is left alone. Returns whether anything changed;
+    /// [`Store::rollout_nodes`] then answers the summary.
+    async fn compact_rollout(&self, fence: Fence, rollout_id: &str) -> Result<bool, StoreError>;
 }
