@@ -147,6 +147,24 @@ pub struct EtcdStore {
     timeout: Duration,
 }
 
+/// Refuses a transaction of `ops` operations, `compares` comparisons and
+/// `bytes` bytes that etcd's default limits would refuse.
+fn check_size(ops: usize, compares: usize, bytes: usize) -> Result<(), StoreError> {
+    if ops > MAX_TXN_OPS || compares > MAX_TXN_OPS {
+        return Err(StoreError::TooLarge(format!(
+            "{ops} writes and {compares} comparisons in one transaction exceed etcd's default --max-txn-ops {MAX_TXN_OPS}"
+        )));
+    }
+    if bytes > MAX_TXN_BYTES {
+        return Err(StoreError::TooLarge(format!(
+            "{bytes} bytes in one transaction exceed etcd's default --max-request-bytes (1.5 MiB): \
+             a single record (the rollout's, with its plan) is too big for one etcd request; \
+             split the rollout with --selector"
+        )));
+    }
+    Ok(())
+}
+
 /// How a batch's node-state puts are spread over transactions: `last` go
 /// with the rest of the batch (its final transaction, which already holds
 /// `used_ops` operations and `used_bytes` bytes), `leading` are sent before
@@ -550,20 +568,7 @@ impl EtcdStore {
                 }
             })
             .collect();
-        if ops.len() > MAX_TXN_OPS || compares.len() + 1 > MAX_TXN_OPS {
-            return Err(StoreError::TooLarge(format!(
-                "{} writes and {} comparisons in one transaction exceed etcd's default --max-txn-ops {MAX_TXN_OPS}",
-                ops.len(),
-                compares.len() + 1
-            )));
-        }
-        if bytes > MAX_TXN_BYTES {
-            return Err(StoreError::TooLarge(format!(
-                "{bytes} bytes in one transaction exceed etcd's default --max-request-bytes (1.5 MiB): \
-                 a single record (the rollout's, with its plan) is too big for one etcd request; \
-                 split the rollout with --selector"
-            )));
-        }
+        check_size(ops.len(), compares.len() + 1, bytes)?;
         let mut kv = self.kv.clone();
         let resp = self.call(kv.txn(self.fenced_txn(fence, compares, ops))).await?;
         if resp.succeeded() {
@@ -653,6 +658,9 @@ impl Store for EtcdStore {
         self.stage_bundles(fence, &batch).await?;
         let mut first = Some(self.plan(&batch).await?);
         let (ops, bytes) = first.as_ref().map_or((0, 0), Plan::size);
+        // A batch whose other records cannot fit is refused before any of its
+        // node states is sent.
+        check_size(ops, 0, bytes)?;
         // Room for a re-planned final transaction to grow a little (an audit
         // sequence number, a stack entry pushed meanwhile).
         let packing = pack_nodes(self.node_puts(&batch)?, ops, bytes + REPLAN_SLACK_BYTES)?;
