@@ -218,6 +218,9 @@ async fn a_step_writes_only_the_node_states_it_changed() {
     // A wave: half the nodes change; only their keys are written.
     let untouched = format!("{}rollout-nodes/ro-1-1/n/{}", store.prefix(), all[999].node_id);
     let (rev_before, untouched_before) = revisions(&store, &untouched).await;
+    let plan_key = format!("{}rollout-plans/ro-1-1", store.prefix());
+    let (_, plan_before) = revisions(&store, &plan_key).await;
+    assert!(plan_before > 0, "the plan is stored apart from the record");
     let wave: Vec<NodeState> = all
         .iter()
         .take(500)
@@ -226,6 +229,7 @@ async fn a_step_writes_only_the_node_states_it_changed() {
     store.write(tenure.fence, Batch::rollout(&state.rollout, wave)).await.expect("wave batch");
     let (rev_after, untouched_after) = revisions(&store, &untouched).await;
     assert_eq!(untouched_after, untouched_before, "a node the step did not change is not rewritten");
+    assert_eq!(revisions(&store, &plan_key).await.1, plan_before, "nor is the plan, fixed at the start");
     // 500 puts + the record: 4 transactions of at most 128 operations.
     assert_eq!(rev_after - rev_before, 4, "one etcd revision per transaction");
     let stored = store.rollout_nodes("ro-1-1").await.expect("nodes");
@@ -278,7 +282,11 @@ async fn finished_rollouts_compact_and_the_previous_shard_layout_still_reads() {
         let key = format!("{}rollout-nodes/ro-1-1/{shard}", store.prefix());
         kv.put(key, serde_json::to_vec(nodes).expect("json"), None).await.expect("put");
     }
-    store.write(tenure.fence, Batch::rollout(&state.rollout, Vec::new())).await.expect("record");
+    // ... and the record with its plan inline.
+    let record_key = format!("{}rollouts/ro-1-1", store.prefix());
+    kv.put(record_key, serde_json::to_vec(&state.rollout).expect("json"), None).await.expect("put");
+    assert_eq!(store.rollout("ro-1-1").await.expect("read"), Some(state.rollout.clone()));
+    assert_eq!(store.rollouts().await.expect("list"), vec![state.rollout.clone()]);
     assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), state.nodes, "shards read as before");
     // A resumed rollout writes per-node keys, which override its shards.
     let first = state.nodes.keys().next().expect("a node").clone();
@@ -289,6 +297,7 @@ async fn finished_rollouts_compact_and_the_previous_shard_layout_still_reads() {
     assert!(!store.compact_rollout(tenure.fence, "ro-1-1").await.expect("compact"), "not finished yet");
     store.write(tenure.fence, Batch::rollout(&state.rollout, vec![moved])).await.expect("step");
     assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), state.nodes);
+    assert_eq!(store.rollouts().await.expect("list"), vec![state.rollout.clone()], "rewritten in the new layout");
 
     // A stale writer folds nothing.
     let stale = Fence { epoch: tenure.fence.epoch + 1 };

@@ -17,8 +17,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::{
-    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError,
-    Write, AUDIT_TRIM_BATCH,
+    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, RolloutPlan, StackEntry, Store,
+    StoreError, Write, AUDIT_TRIM_BATCH,
 };
 use crate::rollout::{NodeState, Rollout};
 
@@ -27,6 +27,8 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const PATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("patches");
 const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("patch_bundles");
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+/// A rollout's plan ([`RolloutPlan`]), apart from its often rewritten record.
+const ROLLOUT_PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollout_plans");
 /// Key: `<rollout id>/<node id>`; a rollout's nodes are one key range.
 const ROLLOUT_NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("rollout_nodes");
 /// Rollouts whose node states were compacted (value: when, Unix ms), so a
@@ -82,6 +84,7 @@ impl EmbeddedStore {
                 txn.open_table(PATCHES)?;
                 txn.open_table(BUNDLES)?;
                 txn.open_table(ROLLOUTS)?;
+                txn.open_table(ROLLOUT_PLANS)?;
                 txn.open_table(ROLLOUT_NODES)?;
                 txn.open_table(COMPACTED)?;
                 txn.open_table(STACKS)?;
@@ -170,8 +173,17 @@ fn apply(txn: &redb::WriteTransaction, batch: Batch) -> Result<Vec<u64>, StoreEr
                 crate::telemetry::store_wrote("embedded", bundle.len());
             }
             Write::PutRollout(rollout) => {
+                let (record, plan) = RolloutPlan::split(&rollout);
+                let plan = serde_json::to_vec(&plan).map_err(backend)?;
+                let mut plans = txn.open_table(ROLLOUT_PLANS).map_err(backend)?;
+                let same =
+                    plans.get(rollout.id.as_str()).map_err(backend)?.is_some_and(|v| v.value() == plan.as_slice());
+                if !same {
+                    crate::telemetry::store_wrote("embedded", plan.len());
+                    plans.insert(rollout.id.as_str(), plan.as_slice()).map_err(backend)?;
+                }
                 let mut t = txn.open_table(ROLLOUTS).map_err(backend)?;
-                t.insert(rollout.id.as_str(), encode(&rollout)?.as_slice()).map_err(backend)?;
+                t.insert(rollout.id.as_str(), encode(&record)?.as_slice()).map_err(backend)?;
             }
             Write::PutRolloutNodes { rollout_id, nodes } => {
                 let mut t = txn.open_table(ROLLOUT_NODES).map_err(backend)?;
@@ -270,11 +282,38 @@ impl Store for EmbeddedStore {
     }
 
     async fn rollout(&self, rollout_id: &str) -> Result<Option<Rollout>, StoreError> {
-        self.read_one(ROLLOUTS, rollout_id).await
+        let id = rollout_id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let records = txn.open_table(ROLLOUTS).map_err(backend)?;
+            let plans = txn.open_table(ROLLOUT_PLANS).map_err(backend)?;
+            let Some(record) = records.get(id.as_str()).map_err(backend)? else { return Ok(None) };
+            let plan = match plans.get(id.as_str()).map_err(backend)? {
+                Some(plan) => Some(decode(&format!("plan {id}"), plan.value())?),
+                None => None,
+            };
+            Ok(Some(RolloutPlan::join(decode(&id, record.value())?, plan)))
+        })
+        .await
     }
 
     async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        self.read_all(ROLLOUTS).await
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let records = txn.open_table(ROLLOUTS).map_err(backend)?;
+            let plans = txn.open_table(ROLLOUT_PLANS).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in records.iter().map_err(backend)? {
+                let (key, value) = row.map_err(backend)?;
+                let plan = match plans.get(key.value()).map_err(backend)? {
+                    Some(plan) => Some(decode(&format!("plan {}", key.value()), plan.value())?),
+                    None => None,
+                };
+                out.push(RolloutPlan::join(decode(key.value(), value.value())?, plan));
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn rollout_nodes(&self, rollout_id: &str) -> Result<BTreeMap<String, NodeState>, StoreError> {

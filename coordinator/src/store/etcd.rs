@@ -9,7 +9,8 @@
 //! | `P nodes/<node>` | [`NodeRecord`] |
 //! | `P patches/<id>` | [`PatchRecord`] |
 //! | `P bundles/<id>/meta`, `P bundles/<id>/chunk-<i>` | bundle size + sha256, then the bytes in chunks of at most [`CHUNK_BYTES`] |
-//! | `P rollouts/<id>` | [`Rollout`] |
+//! | `P rollouts/<id>` | [`Rollout`] without its plan (rewritten on every transition; a record written before plans were stored apart carries its own) |
+//! | `P rollout-plans/<id>` | the rollout's plan, `RolloutPlan` (its steps and skipped nodes: fixed at the start, written once per leader) |
 //! | `P rollout-nodes/<id>/n/<node>` | [`NodeState`] of one node of the rollout: written only when that node's state changed |
 //! | `P rollout-nodes/<id>/s/<i>` (5 digits) | a finished rollout's node states once compacted ([`Store::compact_rollout`]): `{node id: NodeState}` without baselines, at most [`SUMMARY_CHUNK_BYTES`] each |
 //! | `P rollout-nodes/<id>/<shard>` (2 digits) | the previous layout (read, never written): `{node id: NodeState}` of the nodes hashing to that shard |
@@ -57,6 +58,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -69,8 +71,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError,
-    Write, AUDIT_TRIM_BATCH,
+    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, RolloutPlan, StackEntry, Store,
+    StoreError, Write, AUDIT_TRIM_BATCH,
 };
 use crate::rollout::{NodeState, Rollout};
 
@@ -145,6 +147,9 @@ pub struct EtcdStore {
     prefix: String,
     endpoints: String,
     timeout: Duration,
+    /// Digest of the plan this process last wrote per rollout: a plan is
+    /// written again only when it differs (or after a restart, once).
+    plans_written: Arc<Mutex<HashMap<String, [u8; 32]>>>,
 }
 
 /// Refuses a transaction of `ops` operations, `compares` comparisons and
@@ -243,6 +248,8 @@ struct Plan {
     /// Keys that must still be absent (put-if-absent).
     absent: Vec<String>,
     seqs: Vec<u64>,
+    /// Plans this batch writes, by rollout id: remembered once it commits.
+    plans: Vec<(String, [u8; 32])>,
 }
 
 impl Plan {
@@ -290,6 +297,7 @@ impl EtcdStore {
             prefix: normalize_prefix(&opts.prefix),
             endpoints: opts.endpoints.join(","),
             timeout: opts.timeout,
+            plans_written: Arc::default(),
         })
     }
 
@@ -313,6 +321,11 @@ impl EtcdStore {
 
     fn rollout_nodes_prefix(&self, rollout_id: &str) -> String {
         self.key(&format!("rollout-nodes/{rollout_id}/"))
+    }
+
+    fn plans_written(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
+        // One insert or lookup per critical section: a poisoned lock holds no half-update.
+        self.plans_written.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn node_key(&self, rollout_id: &str, node_id: &str) -> String {
@@ -455,7 +468,15 @@ impl EtcdStore {
                     plan.absent.push(key);
                 }
                 Write::PutRollout(rollout) => {
-                    plan.puts.insert(self.key(&format!("rollouts/{}", rollout.id)), Some(encode(rollout)?));
+                    let (record, rollout_plan) = RolloutPlan::split(rollout);
+                    let bytes = serde_json::to_vec(&rollout_plan).map_err(|e| StoreError::Backend(e.to_string()))?;
+                    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+                    if self.plans_written().get(&rollout.id) != Some(&digest) {
+                        crate::telemetry::store_wrote("etcd", bytes.len());
+                        plan.puts.insert(self.key(&format!("rollout-plans/{}", rollout.id)), Some(bytes));
+                        plan.plans.push((rollout.id.clone(), digest));
+                    }
+                    plan.puts.insert(self.key(&format!("rollouts/{}", rollout.id)), Some(encode(&record)?));
                 }
                 // Packed separately (see `node_puts`): they may need transactions of their own.
                 Write::PutRolloutNodes { .. } => {}
@@ -679,7 +700,10 @@ impl Store for EtcdStore {
                 plan.puts.insert(key.clone(), Some(value.clone()));
             }
             match self.commit(fence, &plan).await? {
-                Outcome::Committed => return Ok(plan.seqs),
+                Outcome::Committed => {
+                    self.plans_written().extend(plan.plans);
+                    return Ok(plan.seqs);
+                }
                 Outcome::Conflict => tokio::task::yield_now().await,
             }
         }
@@ -730,11 +754,29 @@ impl Store for EtcdStore {
     }
 
     async fn rollout(&self, rollout_id: &str) -> Result<Option<Rollout>, StoreError> {
-        self.get_json(&self.key(&format!("rollouts/{rollout_id}"))).await
+        let Some(record) = self.get_json::<Rollout>(&self.key(&format!("rollouts/{rollout_id}"))).await? else {
+            return Ok(None);
+        };
+        let plan = self.get_json(&self.key(&format!("rollout-plans/{rollout_id}"))).await?;
+        Ok(Some(RolloutPlan::join(record, plan)))
     }
 
     async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        self.list_json("rollouts/").await
+        let plans_prefix = self.key("rollout-plans/");
+        let mut plans: HashMap<String, RolloutPlan> = HashMap::new();
+        for kv in self.get_prefix(&plans_prefix, GetOptions::new()).await? {
+            let key = String::from_utf8_lossy(kv.key()).to_string();
+            let plan = decode(&key, kv.value())?;
+            plans.insert(key[plans_prefix.len()..].to_string(), plan);
+        }
+        let records: Vec<Rollout> = self.list_json("rollouts/").await?;
+        Ok(records
+            .into_iter()
+            .map(|r| {
+                let plan = plans.remove(&r.id);
+                RolloutPlan::join(r, plan)
+            })
+            .collect())
     }
 
     async fn rollout_nodes(&self, rollout_id: &str) -> Result<BTreeMap<String, NodeState>, StoreError> {

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     node::NodeStatus,
-    rollout::{NodeState, Rollout},
+    rollout::{NodeState, Rollout, Skipped, Step},
 };
 
 /// Proof of write authority: the epoch this writer acquired.
@@ -179,6 +179,38 @@ pub struct FreezeRecord {
     pub reason: String,
     pub by: String,
     pub since_ms: u64,
+}
+
+/// A rollout's plan (its steps, which name every node, and the nodes it
+/// skipped), stored apart from the rollout record: the plan is fixed at the
+/// start while the record is rewritten on every transition, so keeping them
+/// together rewrote every node id on every step. Both backends store a
+/// [`Write::PutRollout`] as the record without its plan plus this, written
+/// only when it differs from what is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RolloutPlan {
+    pub steps: Vec<Step>,
+    #[serde(default)]
+    pub skipped: Vec<Skipped>,
+}
+
+impl RolloutPlan {
+    /// The record as stored (plan left out) and its plan.
+    pub fn split(rollout: &Rollout) -> (Rollout, RolloutPlan) {
+        let plan = RolloutPlan { steps: rollout.steps.clone(), skipped: rollout.skipped.clone() };
+        let record = Rollout { steps: Vec::new(), skipped: Vec::new(), ..rollout.clone() };
+        (record, plan)
+    }
+
+    /// A stored record with its plan put back. A record without a stored
+    /// plan was written before plans were stored apart and carries its own.
+    pub fn join(mut record: Rollout, plan: Option<RolloutPlan>) -> Rollout {
+        if let Some(plan) = plan {
+            record.steps = plan.steps;
+            record.skipped = plan.skipped;
+        }
+        record
+    }
 }
 
 /// One write inside a [`Batch`].
