@@ -146,6 +146,23 @@ impl EmbeddedStore {
     }
 }
 
+/// A write transaction, if `fence` still owns the store. The fence check
+/// and the writes share it: nothing can bump the epoch in between (redb has a
+/// single writer at a time).
+fn fenced_write(db: &Database, fence: Fence) -> Result<redb::WriteTransaction, StoreError> {
+    let txn = db.begin_write().map_err(backend)?;
+    let current = {
+        let meta = txn.open_table(META).map_err(backend)?;
+        let current = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0);
+        current
+    };
+    if current != fence.epoch {
+        txn.abort().map_err(backend)?;
+        return Err(StoreError::Fenced { ours: fence.epoch, current });
+    }
+    Ok(txn)
+}
+
 fn rollout_node_key(rollout_id: &str, node_id: &str) -> String {
     format!("{rollout_id}/{node_id}")
 }
@@ -240,18 +257,7 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            // The fence check and the writes share one transaction: nothing can
-            // bump the epoch in between (redb has a single writer at a time).
-            let current = {
-                let meta = txn.open_table(META).map_err(backend)?;
-                let current = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0);
-                current
-            };
-            if current != fence.epoch {
-                txn.abort().map_err(backend)?;
-                return Err(StoreError::Fenced { ours: fence.epoch, current });
-            }
+            let txn = fenced_write(db, fence)?;
             let seqs = apply(&txn, batch)?;
             txn.commit().map_err(backend)?;
             Ok(seqs)
@@ -397,16 +403,7 @@ impl Store for EmbeddedStore {
     async fn compact_rollout(&self, fence: Fence, rollout_id: &str) -> Result<bool, StoreError> {
         let id = rollout_id.to_string();
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            let current = {
-                let meta = txn.open_table(META).map_err(backend)?;
-                let current = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0);
-                current
-            };
-            if current != fence.epoch {
-                txn.abort().map_err(backend)?;
-                return Err(StoreError::Fenced { ours: fence.epoch, current });
-            }
+            let txn = fenced_write(db, fence)?;
             let finished = {
                 let rollouts = txn.open_table(ROLLOUTS).map_err(backend)?;
                 let compacted = txn.open_table(COMPACTED).map_err(backend)?;
