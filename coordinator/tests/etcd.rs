@@ -19,7 +19,7 @@ use hotfleet_coordinator::{
     rollout::{health::Baseline, Desired, NodeState, Observed, RolloutSpec, RolloutState},
     store::{
         etcd::{EtcdOptions, EtcdStore, CHUNK_BYTES},
-        AuditEntry, Batch, Fence, FreezeRecord, PatchRecord, StackEntry, Store, StoreError, Write,
+        AuditEntry, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError, Write,
     },
 };
 use hotfleet_localfleet::EtcdProc;
@@ -264,6 +264,34 @@ async fn a_batch_of_ten_thousand_node_states_is_split_never_refused() {
     }
     assert!(store.rollout("ro-huge").await.expect("read").is_none());
     assert!(keys_under(&store, "rollout-nodes/ro-huge/").await.is_empty(), "nothing of the refused batch landed");
+}
+
+#[tokio::test]
+async fn a_batch_of_many_node_records_is_split_and_a_removal_still_wins() {
+    let etcd = etcd();
+    let store = store(&etcd, "/hotfleet/").await;
+    let (_e, tenure) = lead(&store, "http://a").await;
+    // What the heartbeat write-behind sends: up to 512 KiB of records, far
+    // more than etcd's 128 operations per transaction.
+    let records: Vec<NodeRecord> = (0..1000)
+        .map(|i| NodeRecord {
+            status: hotfleet_coordinator::node::NodeStatus {
+                node_id: format!("zone-node-{i:05}"),
+                advertise_addr: format!("http://10.0.{}.{}:7701", i / 250, i % 250),
+                ..Default::default()
+            },
+            registered_at_ms: 1,
+            last_heartbeat_ms: 2,
+        })
+        .collect();
+    let mut batch = records.iter().cloned().fold(Batch::new(), |b, r| b.with(Write::PutNode(r)));
+    // A removal later in the same batch wins over the node's put.
+    batch.push(Write::RemoveNode("zone-node-00007".into()));
+    store.write(tenure.fence, batch).await.expect("split, not refused");
+    let stored = store.nodes().await.expect("nodes");
+    assert_eq!(stored.len(), 999);
+    assert!(stored.iter().all(|r| r.node_id() != "zone-node-00007"));
+    assert_eq!(stored[0], records[0]);
 }
 
 #[tokio::test]

@@ -37,9 +37,9 @@
 //! **Node states, one key per node.** A step writes the states of the nodes it
 //! changed and nothing else, so the bytes a rollout writes grow with what
 //! changed (not nodes × steps, as the 16 rewritten shards of the previous
-//! layout did; see docs/decisions.md). A batch whose node states do not fit
-//! one transaction is split ([`pack_nodes`]): the node states that do not fit
-//! go first, in as many fenced transactions as needed (each within
+//! layout did; see docs/decisions.md). A batch whose per-node records (node
+//! states, and node records from heartbeats) do not fit one transaction is
+//! split ([`pack_nodes`]): the records that do not fit go first, in as many fenced transactions as needed (each within
 //! [`MAX_TXN_OPS`] and [`MAX_TXN_BYTES`]), and the rest of the batch, with the
 //! rollout record, goes last. The last transaction is the commit point: a
 //! crash or a fenced write before it leaves some node states ahead of their
@@ -198,7 +198,7 @@ pub fn pack_nodes(puts: Vec<(String, Vec<u8>)>, used_ops: usize, used_bytes: usi
         let cost = put_cost(&key, &value);
         if cost > MAX_TXN_BYTES {
             return Err(StoreError::TooLarge(format!(
-                "the node state under {key} is {cost} bytes, over etcd's default --max-request-bytes (1.5 MiB)"
+                "the record under {key} is {cost} bytes, over etcd's default --max-request-bytes (1.5 MiB)"
             )));
         }
         if last_ops < MAX_TXN_OPS && last_bytes + cost <= MAX_TXN_BYTES {
@@ -446,12 +446,9 @@ impl EtcdStore {
         let mut audit_seq: Option<u64> = None;
         for write in &batch.writes {
             match write {
-                Write::PutNode(node) => {
-                    plan.puts.insert(self.key(&format!("nodes/{}", node.node_id())), Some(encode(node)?));
-                }
-                Write::RemoveNode(id) => {
-                    plan.puts.insert(self.key(&format!("nodes/{id}")), None);
-                }
+                // Per-node records are packed separately (see `per_node_writes`):
+                // they may need transactions of their own.
+                Write::PutNode(_) | Write::RemoveNode(_) | Write::PutRolloutNodes { .. } => {}
                 Write::PutPatch { record, bundle } => {
                     let key = self.key(&format!("patches/{}", record.patch_id));
                     if plan.puts.contains_key(&key) || self.get_kv(&key).await?.is_some() {
@@ -478,8 +475,6 @@ impl EtcdStore {
                     }
                     plan.puts.insert(self.key(&format!("rollouts/{}", rollout.id)), Some(encode(&record)?));
                 }
-                // Packed separately (see `node_puts`): they may need transactions of their own.
-                Write::PutRolloutNodes { .. } => {}
                 Write::PushStack(stack_entry) => {
                     let key = self.key(&format!("stacks/{}", stack_entry.target_build));
                     let entry = self.rmw(&mut plan, &key).await?;
@@ -542,18 +537,29 @@ impl EtcdStore {
         Ok(plan)
     }
 
-    /// Every node state of `batch`, encoded under its key (the last state
-    /// given for a node wins, as a batch applies in order).
-    fn node_puts(&self, batch: &Batch) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut puts = BTreeMap::new();
+    /// The per-node records of `batch` (rollout node states and node
+    /// records), in batch order, under their keys: the last write of a key
+    /// wins (`None` deletes). These are the writes the store may split over
+    /// transactions: each is a whole record of one node, read by key alone.
+    fn per_node_writes(&self, batch: &Batch) -> Result<BTreeMap<String, Option<Vec<u8>>>, StoreError> {
+        let mut writes = BTreeMap::new();
         for write in &batch.writes {
-            if let Write::PutRolloutNodes { rollout_id, nodes } = write {
-                for node in nodes {
-                    puts.insert(self.node_key(rollout_id, &node.node_id), encode(node)?);
+            match write {
+                Write::PutRolloutNodes { rollout_id, nodes } => {
+                    for node in nodes {
+                        writes.insert(self.node_key(rollout_id, &node.node_id), Some(encode(node)?));
+                    }
                 }
+                Write::PutNode(node) => {
+                    writes.insert(self.key(&format!("nodes/{}", node.node_id())), Some(encode(node)?));
+                }
+                Write::RemoveNode(id) => {
+                    writes.insert(self.key(&format!("nodes/{id}")), None);
+                }
+                _ => {}
             }
         }
-        Ok(puts.into_iter().collect())
+        Ok(writes)
     }
 
     /// Blind puts and deletes in one fenced transaction (keys only the
@@ -678,13 +684,21 @@ impl Store for EtcdStore {
         }
         self.stage_bundles(fence, &batch).await?;
         let mut first = Some(self.plan(&batch).await?);
-        let (ops, bytes) = first.as_ref().map_or((0, 0), Plan::size);
+        let (mut ops, mut bytes) = first.as_ref().map_or((0, 0), Plan::size);
+        // Deletes stay in the final transaction: a node removed with its
+        // audit entry goes in one.
+        let (puts, deletes): (Vec<_>, Vec<_>) =
+            self.per_node_writes(&batch)?.into_iter().partition(|(_, v)| v.is_some());
+        let deletes: Vec<String> = deletes.into_iter().map(|(key, _)| key).collect();
+        ops += deletes.len();
+        bytes += deletes.iter().map(|key| put_cost(key, &[])).sum::<usize>();
         // A batch whose other records cannot fit is refused before any of its
-        // node states is sent.
+        // per-node records is sent.
         check_size(ops, 0, bytes)?;
+        let puts = puts.into_iter().filter_map(|(key, value)| Some((key, value?))).collect();
         // Room for a re-planned final transaction to grow a little (an audit
         // sequence number, a stack entry pushed meanwhile).
-        let packing = pack_nodes(self.node_puts(&batch)?, ops, bytes + REPLAN_SLACK_BYTES)?;
+        let packing = pack_nodes(puts, ops, bytes + REPLAN_SLACK_BYTES)?;
         // Node states that do not fit the final transaction land first: the
         // final one, with the rollout record, is the commit point.
         for txn in packing.leading {
@@ -698,6 +712,9 @@ impl Store for EtcdStore {
             };
             for (key, value) in &packing.last {
                 plan.puts.insert(key.clone(), Some(value.clone()));
+            }
+            for key in &deletes {
+                plan.puts.insert(key.clone(), None);
             }
             match self.commit(fence, &plan).await? {
                 Outcome::Committed => {

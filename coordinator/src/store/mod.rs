@@ -9,9 +9,10 @@
 //!   (one redb transaction, one etcd `Txn`). The engine writes one batch per
 //!   transition of a rollout step, never one per node, and a batch carries
 //!   only the node states the transition changed. One exception, on etcd
-//!   only: node states too many for one etcd transaction land first, in
-//!   fenced transactions of their own, and the rest of the batch (the
-//!   rollout record) last. A failure in between is reported like any failed
+//!   only: per-node records (rollout node states, node records) too many
+//!   for one etcd transaction land first, in fenced transactions of their
+//!   own, and the rest of the batch (the rollout record, node removals,
+//!   audit) last. A failure in between is reported like any failed
 //!   write; the node states already written are ahead of their rollout
 //!   record, which resuming treats as it treats any desired state (an
 //!   over-approximation: see `crate::rollout`). So a batch is never refused
