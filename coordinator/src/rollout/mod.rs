@@ -255,6 +255,22 @@ impl Rollout {
     }
 }
 
+/// Nodes a step's line in the "staged by" event names one by one.
+const EVENT_NODES: usize = 10;
+
+/// A step as the "staged by" event shows it: its nodes by name while they
+/// are few, else their count and the first and last. The event is part of
+/// the rollout record, rewritten on every transition; the full plan is in
+/// the steps (stored once).
+fn step_text(step: &Step) -> String {
+    match step.nodes.as_slice() {
+        [first, .., last] if step.nodes.len() > EVENT_NODES => {
+            format!("{}: {} nodes ({first} … {last})", step.name, step.nodes.len())
+        }
+        nodes => format!("{}: {}", step.name, nodes.join(",")),
+    }
+}
+
 /// What the driver should do next (see [`RolloutState::next_action`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -356,8 +372,7 @@ impl RolloutState {
             generation: 0,
             events: Vec::new(),
         };
-        let plan_text: Vec<String> =
-            rollout.steps.iter().map(|s| format!("{}: {}", s.name, s.nodes.join(","))).collect();
+        let plan_text: Vec<String> = rollout.steps.iter().map(step_text).collect();
         rollout.event(now_ms, format!("staged by {created_by}: {}", plan_text.join(" | ")));
         for merged in plan.merged {
             rollout.event(now_ms, format!("{MERGED_EVENT}{merged}"));
