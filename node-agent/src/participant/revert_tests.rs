@@ -28,7 +28,7 @@ async fn a_revert_goes_only_to_processes_that_run_the_patch_and_takes_it_off() {
     assert_eq!(rig.runtimes.count("a", "prepare"), 0, "no patch prepare: the runtime stages the revert itself");
     let done = rig.participant.handle(cmd(Kind::Commit, "rv", &id2, RolloutKind::Revert)).await.expect("admitted");
     assert!(done.ok && done.processes.len() == 1, "{done:?}");
-    assert_eq!(rig.runtimes.processes()[0].patch_stack, [id1.clone()]);
+    assert_eq!(rig.runtimes.processes()[0].patch_stack, std::slice::from_ref(&id1));
     // Its rollback undoes the revert (every process is asked; each knows whether it holds one).
     let undo = rig.participant.handle(cmd(Kind::Rollback, "rv", &id2, RolloutKind::Revert)).await.expect("admitted");
     assert!(undo.ok, "{undo:?}");
