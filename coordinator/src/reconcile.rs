@@ -144,6 +144,7 @@ impl Reconciler {
             patch_id: patch.to_string(),
             epoch: self.fence.epoch,
             process_id: String::new(),
+            rollout_kind: Default::default(),
         }
     }
 

@@ -16,7 +16,10 @@ use std::collections::BTreeMap;
 
 use crate::{
     node::NodeStatus,
-    rollout::health::{Baseline, Sample},
+    rollout::{
+        health::{Baseline, Sample},
+        RolloutKind,
+    },
 };
 
 /// The newest pushed report about a node, as the registry holds it.
@@ -32,6 +35,7 @@ pub fn samples(
     report: Pushed<'_>,
     baselines: &BTreeMap<String, Baseline>,
     patch_id: &str,
+    kind: RolloutKind,
     now_ms: u64,
     fresh_ms: u64,
 ) -> Option<Vec<Sample>> {
@@ -41,8 +45,8 @@ pub fn samples(
     let mut samples = Vec::with_capacity(baselines.len());
     for (process_id, base) in baselines {
         let process = report.status.processes.iter().find(|p| &p.process_id == process_id)?;
-        // A report from before the commit says nothing about the patch.
-        if !process.patch_stack.iter().any(|p| p == patch_id) {
+        // A report from before the commit says nothing about the change.
+        if !kind.done_on(&process.patch_stack, patch_id) {
             return None;
         }
         let health = process.health.as_ref()?;
@@ -97,7 +101,9 @@ mod tests {
     #[test]
     fn a_fresh_report_with_the_patch_counts_exceptions_from_the_baseline() {
         let s = status(&["a", "b"], 5);
-        let got = samples(Pushed { status: &s, heard_at_ms: 1_000 }, &baselines(3), "b", 1_500, 4_000).expect("usable");
+        let got =
+            samples(Pushed { status: &s, heard_at_ms: 1_000 }, &baselines(3), "b", RolloutKind::Apply, 1_500, 4_000)
+                .expect("usable");
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].exceptions_since, got[0].pid, got[0].alive, got[0].reachable), (2, 7, true, true));
     }
@@ -106,15 +112,60 @@ mod tests {
     fn a_stale_or_pre_commit_report_or_a_missing_process_means_a_poll() {
         let s = status(&["a", "b"], 0);
         let stale = Pushed { status: &s, heard_at_ms: 1_000 };
-        assert!(samples(stale, &baselines(0), "b", 6_000, 4_000).is_none(), "stale");
+        assert!(samples(stale, &baselines(0), "b", RolloutKind::Apply, 6_000, 4_000).is_none(), "stale");
         let before = status(&["a"], 0);
-        assert!(samples(Pushed { status: &before, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
+        assert!(samples(
+            Pushed { status: &before, heard_at_ms: 1_000 },
+            &baselines(0),
+            "b",
+            RolloutKind::Apply,
+            1_000,
+            4_000
+        )
+        .is_none());
         let mut gone = status(&["a", "b"], 0);
         gone.processes[0].process_id = "p2".into();
-        assert!(samples(Pushed { status: &gone, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
+        assert!(samples(
+            Pushed { status: &gone, heard_at_ms: 1_000 },
+            &baselines(0),
+            "b",
+            RolloutKind::Apply,
+            1_000,
+            4_000
+        )
+        .is_none());
         let mut silent = status(&["a", "b"], 0);
         silent.processes[0].health = None;
-        assert!(samples(Pushed { status: &silent, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
-        assert!(samples(Pushed { status: &s, heard_at_ms: 1_000 }, &BTreeMap::new(), "b", 1_000, 4_000).is_none());
+        assert!(samples(
+            Pushed { status: &silent, heard_at_ms: 1_000 },
+            &baselines(0),
+            "b",
+            RolloutKind::Apply,
+            1_000,
+            4_000
+        )
+        .is_none());
+        assert!(samples(
+            Pushed { status: &s, heard_at_ms: 1_000 },
+            &BTreeMap::new(),
+            "b",
+            RolloutKind::Apply,
+            1_000,
+            4_000
+        )
+        .is_none());
+        // A revert is done where the patch is gone: the report from before it says nothing.
+        let reverted = status(&["a"], 0);
+        let pushed = Pushed { status: &reverted, heard_at_ms: 1_000 };
+        assert!(samples(pushed, &baselines(0), "b", RolloutKind::Revert, 1_000, 4_000).is_some());
+        assert!(samples(
+            Pushed { status: &s, heard_at_ms: 1_000 },
+            &baselines(0),
+            "b",
+            RolloutKind::Revert,
+            1_000,
+            4_000
+        )
+        .is_none());
     }
 }
