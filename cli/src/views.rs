@@ -175,6 +175,8 @@ pub struct Rollout {
     /// Null for a dry run's plan: it names no rollout.
     rollout_id: Option<String>,
     patch_id: String,
+    /// `apply`, `revert` (`rollout revert`) or `rebase` (`rollout start --rebase`).
+    kind: &'static str,
     target_build: String,
     /// The word the text shows: `staged`, `preparing`, `committing`,
     /// `watching`, `waiting`, `completed`, `rolling-back`, `rolled-back`, `scheduled`.
@@ -263,6 +265,7 @@ impl From<&pb::Rollout> for Rollout {
         Rollout {
             rollout_id: non_empty(&r.rollout_id),
             patch_id: spec.patch_id.clone(),
+            kind: crate::rollout_cmd::kind_name(spec.kind()),
             target_build: r.target_build.clone(),
             phase: crate::rollout_cmd::phase_name(r.phase),
             terminal: r.terminal,
