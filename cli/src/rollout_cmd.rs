@@ -7,8 +7,8 @@ use clap::{Args, Subcommand};
 use hotfleet_proto::{
     duration::{format_duration_ms, parse_duration},
     v1::{
-        GetFreezeRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutActionRequest, RolloutPhase,
-        RolloutKind, RolloutSpec, StartRolloutRequest, WatchRolloutRequest,
+        GetFreezeRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutActionRequest, RolloutKind,
+        RolloutPhase, RolloutSpec, StartRolloutRequest, WatchRolloutRequest,
     },
 };
 
