@@ -331,7 +331,7 @@ async fn reverting_the_top_brings_the_old_behaviour_back_and_later_processes_sta
     let id = start_kind(&s, "revert", &hotfix, &[]);
     let (code, done) = s.watch(&id);
     assert_eq!(code, 0, "the revert completes: {done}");
-    assert_eq!(done["kind"], "revert", "{done}");
+    assert_eq!(done["rolloutKind"], "revert", "{done}");
     assert_eq!(s.damages(), before, "players see the old damage again");
     assert!(stack_ids(&s).is_empty(), "the build's stack no longer holds it");
     let listed = ok(s.fleet.cli(&["rollout", "list"]).expect("list"));
@@ -391,6 +391,6 @@ async fn a_deeper_independent_patch_is_reverted_and_one_a_later_patch_depends_on
     assert!(!out.status.success() && err.contains("top of build"), "{err}");
     let (code, done) = s.watch(&start_kind(&s, "start", &motd, &["--rebase"]));
     assert_eq!(code, 0, "{done}");
-    assert_eq!(done["kind"], "rebase", "{done}");
+    assert_eq!(done["rolloutKind"], "rebase", "{done}");
     assert_eq!(s.assert_consistent(&[]).await, [hotfix, note, motd]);
 }
