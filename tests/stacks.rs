@@ -328,6 +328,14 @@ async fn reverting_the_top_brings_the_old_behaviour_back_and_later_processes_sta
     assert_eq!(code, 0, "{done}");
     assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs");
 
+    // The canary's plan of the revert says what it restores; nothing changes.
+    let out = s.fleet.cli(&["--output", "json", "rollout", "revert", &hotfix, "--dry-run", "--plan-canary"]);
+    let dry: serde_json::Value = serde_json::from_str(&ok(out.expect("dry run"))).expect("json");
+    let notes = dry["canaryPlan"]["processes"][0]["plan"]["notes"].to_string();
+    assert!(notes.contains("restores code, not instance data"), "{dry}");
+    assert_eq!(dry["rollout"]["rolloutKind"], "revert", "{dry}");
+    assert_eq!(stack_ids(&s), [hotfix.clone()], "a dry run changes nothing");
+
     let id = start_kind(&s, "revert", &hotfix, &[]);
     let (code, done) = s.watch(&id);
     assert_eq!(code, 0, "the revert completes: {done}");
