@@ -98,12 +98,14 @@ mod tests {
         NodeStatus { node_id: "n1".into(), processes: vec![process], ..Default::default() }
     }
 
+    /// The samples a report of `status` heard at 1 s gives at `now_ms` (fresh for 4 s).
+    fn from(status: &NodeStatus, exceptions_total: u64, kind: RolloutKind, now_ms: u64) -> Option<Vec<Sample>> {
+        samples(Pushed { status, heard_at_ms: 1_000 }, &baselines(exceptions_total), "b", kind, now_ms, 4_000)
+    }
+
     #[test]
     fn a_fresh_report_with_the_patch_counts_exceptions_from_the_baseline() {
-        let s = status(&["a", "b"], 5);
-        let got =
-            samples(Pushed { status: &s, heard_at_ms: 1_000 }, &baselines(3), "b", RolloutKind::Apply, 1_500, 4_000)
-                .expect("usable");
+        let got = from(&status(&["a", "b"], 5), 3, RolloutKind::Apply, 1_500).expect("usable");
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].exceptions_since, got[0].pid, got[0].alive, got[0].reachable), (2, 7, true, true));
     }
@@ -111,61 +113,19 @@ mod tests {
     #[test]
     fn a_stale_or_pre_commit_report_or_a_missing_process_means_a_poll() {
         let s = status(&["a", "b"], 0);
-        let stale = Pushed { status: &s, heard_at_ms: 1_000 };
-        assert!(samples(stale, &baselines(0), "b", RolloutKind::Apply, 6_000, 4_000).is_none(), "stale");
-        let before = status(&["a"], 0);
-        assert!(samples(
-            Pushed { status: &before, heard_at_ms: 1_000 },
-            &baselines(0),
-            "b",
-            RolloutKind::Apply,
-            1_000,
-            4_000
-        )
-        .is_none());
+        assert!(from(&s, 0, RolloutKind::Apply, 6_000).is_none(), "stale");
+        assert!(from(&status(&["a"], 0), 0, RolloutKind::Apply, 1_000).is_none(), "before the commit");
         let mut gone = status(&["a", "b"], 0);
         gone.processes[0].process_id = "p2".into();
-        assert!(samples(
-            Pushed { status: &gone, heard_at_ms: 1_000 },
-            &baselines(0),
-            "b",
-            RolloutKind::Apply,
-            1_000,
-            4_000
-        )
-        .is_none());
+        assert!(from(&gone, 0, RolloutKind::Apply, 1_000).is_none());
         let mut silent = status(&["a", "b"], 0);
         silent.processes[0].health = None;
-        assert!(samples(
-            Pushed { status: &silent, heard_at_ms: 1_000 },
-            &baselines(0),
-            "b",
-            RolloutKind::Apply,
-            1_000,
-            4_000
-        )
-        .is_none());
-        assert!(samples(
-            Pushed { status: &s, heard_at_ms: 1_000 },
-            &BTreeMap::new(),
-            "b",
-            RolloutKind::Apply,
-            1_000,
-            4_000
-        )
-        .is_none());
+        assert!(from(&silent, 0, RolloutKind::Apply, 1_000).is_none());
+        let nothing =
+            samples(Pushed { status: &s, heard_at_ms: 1_000 }, &BTreeMap::new(), "b", RolloutKind::Apply, 1_000, 4_000);
+        assert!(nothing.is_none(), "no baseline");
         // A revert is done where the patch is gone: the report from before it says nothing.
-        let reverted = status(&["a"], 0);
-        let pushed = Pushed { status: &reverted, heard_at_ms: 1_000 };
-        assert!(samples(pushed, &baselines(0), "b", RolloutKind::Revert, 1_000, 4_000).is_some());
-        assert!(samples(
-            Pushed { status: &s, heard_at_ms: 1_000 },
-            &baselines(0),
-            "b",
-            RolloutKind::Revert,
-            1_000,
-            4_000
-        )
-        .is_none());
+        assert!(from(&status(&["a"], 0), 0, RolloutKind::Revert, 1_000).is_some());
+        assert!(from(&s, 0, RolloutKind::Revert, 1_000).is_none());
     }
 }

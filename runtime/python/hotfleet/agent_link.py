@@ -669,18 +669,23 @@ class AgentLink:
                 "detailJson": detail_json({"already_committed": True, "patch_id": patch_id}),
             })
             return
+        self._prepare_reply(frame_id, f"{patch_id} ({len(modules)} modules)", started,
+                            lambda: self._rt.prepare(modules, txn_id=patch_id))
+
+    def _prepare_reply(self, frame_id: int, what: str, started: float, prepare: Callable[[], Any]) -> None:
+        """Run ``prepare`` (a transaction or a revert) and answer with its plan or refusal."""
         try:
-            txn = self._rt.prepare(modules, txn_id=patch_id)
+            txn = prepare()
         except HotfleetError as exc:  # PrepareError, or another runtime refusal
-            log.warning("prepare of %s refused: %s", patch_id, exc)
+            log.warning("prepare of %s refused: %s", what, exc)
             result = {"ok": False, "error": str(exc), "errorKind": "prepare", "elapsedMs": _ms(started),
                       "detailJson": error_detail_json(exc)}
         except Exception as exc:  # a runtime bug; the live process is untouched by prepare
-            log.exception("prepare of %s crashed", patch_id)
+            log.exception("prepare of %s crashed", what)
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "errorKind": "internal",
                       "elapsedMs": _ms(started)}
         else:
-            log.info("prepared %s (%d modules) in %.1f ms", patch_id, len(modules), _ms(started))
+            log.info("prepared %s in %.1f ms", what, _ms(started))
             result = {"ok": True, "elapsedMs": _ms(started), "detailJson": detail_json(txn.plan.to_dict())}
         self._result(frame_id, "prepareResult", result)
 
@@ -694,20 +699,8 @@ class AgentLink:
                                            "reason": "patch is not on this process's stack"}),
             })
             return
-        try:
-            txn = self._rt.prepare_revert(patch_id)
-        except HotfleetError as exc:
-            log.warning("revert of %s refused: %s", patch_id, exc)
-            result = {"ok": False, "error": str(exc), "errorKind": "prepare", "elapsedMs": _ms(started),
-                      "detailJson": error_detail_json(exc)}
-        except Exception as exc:  # a runtime bug; the live process is untouched by prepare
-            log.exception("revert prepare of %s crashed", patch_id)
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "errorKind": "internal",
-                      "elapsedMs": _ms(started)}
-        else:
-            log.info("prepared the revert of %s in %.1f ms", patch_id, _ms(started))
-            result = {"ok": True, "elapsedMs": _ms(started), "detailJson": detail_json(txn.plan.to_dict())}
-        self._result(frame_id, "prepareResult", result)
+        self._prepare_reply(frame_id, f"the revert of {patch_id}", started,
+                            lambda: self._rt.prepare_revert(patch_id))
 
     def _on_commit_revert(self, frame_id: int, patch_id: str) -> None:
         started = time.perf_counter()

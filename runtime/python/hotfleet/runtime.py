@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .courtesy import for_thread
 from .errors import CommitError, HotfleetError, PrepareError, RollbackError
@@ -97,6 +97,21 @@ class RollbackReport:
             "conflicts": list(self.conflicts),
             "errors": list(self.errors),
         }
+
+
+def _undo(journal: Journal) -> Tuple[List[Any], List[str], float]:
+    """Undo ``journal`` non-strictly: (conflicts, errors, pause in ms). The collector is off
+    meanwhile, as in commit, so the pause does not grow with the heap."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    t0 = time.perf_counter()
+    try:
+        conflicts, errors = journal.undo(strict=False)
+    finally:
+        pause = (time.perf_counter() - t0) * 1000.0
+        if gc_was_enabled:
+            gc.enable()
+    return conflicts, errors, pause
 
 
 class _Tick:
@@ -424,15 +439,7 @@ class Runtime:
                 record = self._reverted.get(patch_id)
             if record is None:
                 raise RollbackError(f"patch {patch_id} has no revert in force in this process")
-            gc_was_enabled = gc.isenabled()
-            gc.disable()
-            t0 = time.perf_counter()
-            try:
-                conflicts, errors = record.journal.undo(strict=False)
-            finally:
-                pause = (time.perf_counter() - t0) * 1000.0
-                if gc_was_enabled:
-                    gc.enable()
+            conflicts, errors, pause = _undo(record.journal)
             with self._lock:
                 del self._reverted[patch_id]
                 record.txn.state = ROLLED_BACK
@@ -490,15 +497,7 @@ class Runtime:
                 if not self._stack:
                     raise RollbackError("nothing to roll back: the patch stack is empty")
                 entry = self._stack[-1]
-            gc_was_enabled = gc.isenabled()
-            gc.disable()  # as in commit: keep the pause independent of the heap size
-            t0 = time.perf_counter()
-            try:
-                conflicts, errors = entry.journal.undo(strict=False)
-            finally:
-                pause = (time.perf_counter() - t0) * 1000.0
-                if gc_was_enabled:
-                    gc.enable()
+            conflicts, errors, pause = _undo(entry.journal)
             with self._lock:
                 self._stack.pop()
                 entry.txn.state = ROLLED_BACK
