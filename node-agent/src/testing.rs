@@ -161,13 +161,16 @@ impl Runtimes for FakeRuntimes {
     }
 
     async fn status(&self, process_id: &str, timeout: Duration) -> Result<LiveStatus, SessionError> {
-        self.behave(process_id, "status", timeout).await?;
+        // The answer describes the process as it was when asked: one held back
+        // (`Behaviour::Wait`) can arrive after a commit or rollback changed it.
         let stack = lock(&self.processes)
             .iter()
             .find(|p| p.process_id == process_id)
             .map(|p| p.patch_stack.clone())
             .unwrap_or_default();
-        Ok(LiveStatus { patch_stack: stack, live_digests: HashMap::new() })
+        self.behave(process_id, "status", timeout).await?;
+        let digest = format!("digest-of[{}]", stack.join(","));
+        Ok(LiveStatus { patch_stack: stack, live_digests: HashMap::from([("zone.combat".to_string(), digest)]) })
     }
 
     async fn health(&self, process_id: &str, _since: u64, timeout: Duration) -> Result<ProcessHealth, SessionError> {
