@@ -111,6 +111,7 @@ fn rollout(n: usize) -> RolloutState {
         description: String::new(),
         start_at_ms: 0,
         windows: Default::default(),
+        kind: Default::default(),
     };
     let plan = planner::plan(&candidates, &spec, "b1").expect("plan");
     let mut state = RolloutState::new("ro-1-1".into(), spec, "b1".into(), plan, "sre".into(), 1, 1);

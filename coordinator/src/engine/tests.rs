@@ -51,6 +51,8 @@ struct FakeAgents {
     ticks: AtomicU64,
     /// Health queries, by node.
     health_calls: Mutex<HashMap<String, u32>>,
+    /// The rollout kind every command named, in send order.
+    kinds: Mutex<Vec<crate::rollout::RolloutKind>>,
 }
 
 impl FakeAgents {
@@ -63,6 +65,7 @@ impl FakeAgents {
     }
 
     fn record(&self, kind: &str, to: &Target, cmd: &Command) {
+        self.kinds.lock().expect("lock").push(cmd.rollout_kind);
         self.log.lock().expect("lock").push((kind.into(), to.node_id.clone(), cmd.epoch));
     }
 
@@ -307,6 +310,48 @@ async fn good_rollout_prepares_everywhere_then_commits_canary_then_waves() {
     // And the start is audited.
     let audit = f.engine.inner.store.audit(10, None).await.expect("audit");
     assert!(audit.iter().any(|a| a.action == "rollout.start" && a.actor == "alice"));
+}
+
+#[tokio::test]
+async fn a_revert_is_a_rollout_of_its_own_kind_that_takes_the_patch_off_the_stack() {
+    use crate::rollout::RolloutKind;
+    let f = fixture(3).await;
+    let revert = || WireSpec { kind: hotfleet_proto::v1::RolloutKind::Revert.into(), ..request() };
+    // Nothing to revert yet: refused before any node is touched, naming the empty stack.
+    let err = f.engine.start(revert(), "alice", false).await.expect_err("not on the stack").to_string();
+    assert!(err.contains("is not on build b1's patch stack (it is empty)"), "{err}");
+    assert!(f.agents.log().is_empty());
+
+    let id = f.engine.start(request(), "alice", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    let applied = f.agents.log().len();
+    let state = f.engine.start(revert(), "bob", false).await.expect("revert");
+    assert_eq!(state.rollout.spec.kind, RolloutKind::Revert);
+    let done = finish(&f.engine, &state.rollout.id).await;
+    assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
+    assert!(done.nodes.values().all(|n| n.observed == Observed::Committed), "the revert committed everywhere");
+
+    let kinds = f.agents.kinds.lock().expect("lock").clone();
+    assert!(kinds[..applied].iter().all(|k| *k == RolloutKind::Apply));
+    assert!(kinds[applied..].iter().all(|k| *k == RolloutKind::Revert), "every command of the revert says so");
+    assert!(f.engine.inner.store.patch_stack(BUILD).await.expect("stack").is_empty(), "off the stack");
+    let audit = f.engine.inner.store.audit(10, None).await.expect("audit");
+    assert!(audit.iter().any(|a| a.action == "rollout.start" && a.detail.starts_with("revert of patch")));
+}
+
+#[tokio::test]
+async fn a_revert_rolled_back_leaves_the_patch_on_the_stack() {
+    let f = fixture(3).await;
+    let id = f.engine.start(request(), "alice", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    f.agents.set("n2", Behaviour { commit_fail: true, ..Default::default() });
+    let revert = WireSpec { kind: hotfleet_proto::v1::RolloutKind::Revert.into(), ..request() };
+    let id = f.engine.start(revert, "bob", false).await.expect("revert").rollout.id;
+    let done = finish(&f.engine, &id).await;
+    rolled_back(&done);
+    assert!(!f.agents.sent("rollback").is_empty(), "the revert itself was rolled back");
+    let stack = f.engine.inner.store.patch_stack(BUILD).await.expect("stack");
+    assert_eq!(stack.iter().map(|e| e.patch_id.as_str()).collect::<Vec<_>>(), [PATCH]);
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ mod spec;
 pub mod window;
 
 pub use operator::OperatorAction;
-pub use spec::{ParseSpec, RolloutSpec};
+pub use spec::{ParseSpec, RolloutKind, RolloutSpec};
 
 use std::collections::BTreeMap;
 

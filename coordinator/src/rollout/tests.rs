@@ -22,6 +22,7 @@ fn spec(pause_before: &[&str], max_unhealthy: u32) -> RolloutSpec {
         description: String::new(),
         start_at_ms: 0,
         windows: Default::default(),
+        kind: Default::default(),
     }
 }
 

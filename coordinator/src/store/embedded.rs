@@ -221,6 +221,17 @@ fn apply(txn: &redb::WriteTransaction, batch: Batch) -> Result<Vec<u64>, StoreEr
                     t.insert(key.as_str(), encode(&stack)?.as_slice()).map_err(backend)?;
                 }
             }
+            Write::DropStack { target_build, patch_id } => {
+                let mut t = txn.open_table(STACKS).map_err(backend)?;
+                let stack: Option<Vec<StackEntry>> = match t.get(target_build.as_str()).map_err(backend)? {
+                    Some(v) => Some(decode(&target_build, v.value())?),
+                    None => None,
+                };
+                if let Some(mut stack) = stack.filter(|s| s.iter().any(|e| e.patch_id == patch_id)) {
+                    stack.retain(|e| e.patch_id != patch_id);
+                    t.insert(target_build.as_str(), encode(&stack)?.as_slice()).map_err(backend)?;
+                }
+            }
             Write::Audit(mut entry) => {
                 let mut meta = txn.open_table(META).map_err(backend)?;
                 let seq = meta.get(AUDIT_SEQ_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0) + 1;
@@ -569,8 +580,16 @@ mod tests {
         for _ in 0..2 {
             store.write(fence, Batch::new().with(Write::PushStack(entry.clone()))).await.expect("push");
         }
-        assert_eq!(store.patch_stack("b1").await.expect("stack"), vec![entry]);
+        assert_eq!(store.patch_stack("b1").await.expect("stack"), vec![entry.clone()]);
         assert!(store.patch_stack("other").await.expect("stack").is_empty());
+        // A completed revert takes it off, once (a resumed completion changes nothing).
+        let second = StackEntry { patch_id: "p2".into(), ..entry.clone() };
+        store.write(fence, Batch::new().with(Write::PushStack(second.clone()))).await.expect("push");
+        for _ in 0..2 {
+            let drop = Write::DropStack { target_build: "b1".into(), patch_id: "p1".into() };
+            store.write(fence, Batch::new().with(drop)).await.expect("drop");
+        }
+        assert_eq!(store.patch_stack("b1").await.expect("stack"), vec![second]);
 
         let freeze = FreezeRecord { reason: "incident".into(), by: "sre".into(), since_ms: 9 };
         store.write(fence, Batch::new().with(Write::SetFreeze(Some(freeze.clone())))).await.expect("freeze");

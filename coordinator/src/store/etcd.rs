@@ -489,6 +489,19 @@ impl EtcdStore {
                         entry.dirty = true;
                     }
                 }
+                Write::DropStack { target_build, patch_id } => {
+                    let key = self.key(&format!("stacks/{target_build}"));
+                    let entry = self.rmw(&mut plan, &key).await?;
+                    let mut stack: Vec<StackEntry> = match &entry.value {
+                        Some(bytes) => decode(&key, bytes)?,
+                        None => Vec::new(),
+                    };
+                    if stack.iter().any(|e| &e.patch_id == patch_id) {
+                        stack.retain(|e| &e.patch_id != patch_id);
+                        entry.value = Some(encode(&stack)?);
+                        entry.dirty = true;
+                    }
+                }
                 Write::Audit(audit) => {
                     let seq = match audit_seq {
                         Some(seq) => seq + 1,

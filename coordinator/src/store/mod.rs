@@ -235,6 +235,12 @@ pub enum Write {
     /// Appends to the build's patch stack unless the patch is already on it
     /// (so a resumed completion cannot push twice).
     PushStack(StackEntry),
+    /// Takes a patch off the build's stack (a completed revert); a patch not
+    /// on it leaves the stack as it is (so a resumed completion changes nothing).
+    DropStack {
+        target_build: String,
+        patch_id: String,
+    },
     /// Appended with the next sequence number.
     Audit(AuditEntry),
     /// `None` unfreezes.
