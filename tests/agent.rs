@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 const BUILD: &str = "zone-1.0";
 
 fn header(rollout: &str, patch: &str, epoch: u64) -> Option<CommandHeader> {
-    Some(CommandHeader { rollout_id: rollout.into(), patch_id: patch.into(), epoch })
+    Some(CommandHeader { rollout_id: rollout.into(), patch_id: patch.into(), epoch, ..Default::default() })
 }
 
 async fn agent_client(keys: &Keys, agent: &AgentProc) -> AgentClient<Channel> {

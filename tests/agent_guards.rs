@@ -22,7 +22,7 @@ use common::*;
 use hotfleet_proto::v1::{CommandHeader, CommitRequest, PrepareRequest, StatusRequest};
 
 fn header(rollout: &str, patch: &str, epoch: u64) -> Option<CommandHeader> {
-    Some(CommandHeader { rollout_id: rollout.into(), patch_id: patch.into(), epoch })
+    Some(CommandHeader { rollout_id: rollout.into(), patch_id: patch.into(), epoch, ..Default::default() })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

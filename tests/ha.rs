@@ -278,8 +278,14 @@ async fn a_leader_paused_past_its_lease_is_fenced_out_when_it_wakes() {
     // deposed leader that never noticed would send) are refused by every agent.
     for node in &s.fleet.nodes {
         let mut agent = agent_client(&s.fleet.keys, &node.agent).await;
-        let header =
-            || Some(CommandHeader { rollout_id: id.clone(), patch_id: patch.clone(), epoch: old_status.epoch });
+        let header = || {
+            Some(CommandHeader {
+                rollout_id: id.clone(),
+                patch_id: patch.clone(),
+                epoch: old_status.epoch,
+                ..Default::default()
+            })
+        };
         let commit = agent.commit(CommitRequest { header: header() }).await.expect_err("stale commit");
         assert_eq!(commit.code(), Code::FailedPrecondition, "{}: {commit:?}", node.agent.node_id);
         assert!(commit.message().contains("stale epoch"), "{}", commit.message());

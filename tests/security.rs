@@ -148,7 +148,12 @@ async fn an_agent_refuses_commands_from_anyone_but_the_coordinator() {
     let s = Secured::start().await;
     let url = s.agent.url();
     let commit = || CommitRequest {
-        header: Some(CommandHeader { rollout_id: "r-x".into(), patch_id: "0".repeat(64), epoch: u64::MAX }),
+        header: Some(CommandHeader {
+            rollout_id: "r-x".into(),
+            patch_id: "0".repeat(64),
+            epoch: u64::MAX,
+            ..Default::default()
+        }),
     };
     // An operator with every role, another node, both of the right CA: not the coordinator.
     for who in [s.keys.tls.operator("sre"), s.keys.tls.node(&s.layout, "node-2").expect("node-2 cert")] {

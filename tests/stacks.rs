@@ -7,7 +7,12 @@
 //! scheduled with `--at` waits, listed as scheduled, survives its leader
 //! going away, starts within a second of its time; one cancelled before its
 //! time sends nothing. A window closing mid-rollout pauses it and the next
-//! window completes it (windows of seconds). Both stores.
+//! window completes it (windows of seconds). `rollout revert` takes the top
+//! off (players see the old damage again, stay connected; a zone server
+//! restarted afterwards starts without it), or a deeper patch nothing above
+//! depends on; a revert under a patch touching its modules is refused,
+//! naming it, and changes nothing; `--rebase` puts a patch built on an
+//! ancestor back on top. Both stores.
 //!
 //! Ends with the consistency check of `common`.
 
@@ -23,6 +28,8 @@ on_both_stores!(
     a_plan_from_a_live_zone_server_shows_the_changes_and_commits_nothing,
     a_scheduled_rollout_starts_on_time_after_its_leader_goes_away,
     a_window_closing_mid_rollout_pauses_it_and_the_next_window_completes_it,
+    reverting_the_top_brings_the_old_behaviour_back_and_later_processes_start_without_it,
+    a_deeper_independent_patch_is_reverted_and_one_a_later_patch_depends_on_is_refused,
 );
 
 /// The same on two coordinators sharing etcd: the leader is killed before
@@ -280,4 +287,118 @@ async fn a_window_closing_mid_rollout_pauses_it_and_the_next_window_completes_it
     assert!(wave_at >= w2_open_ms, "wave-1 waited for the second window ({wave_at} < {w2_open_ms})");
     assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs everywhere");
     assert_eq!(s.assert_consistent(&[]).await, vec![hotfix]);
+}
+
+/// Runs `hotfleet rollout ARGS…` (json) with short windows and a lenient tick
+/// gate (load on a shared CI machine is not what these tests judge); its id.
+fn start_kind(s: &Scenario, verb: &str, patch: &str, extra: &[&str]) -> String {
+    let mut args = vec!["--output", "json", "rollout", verb, patch, "--canary", "1", "--waves", "100%"];
+    args.extend(["--health-window", "1s", "--step-deadline", "20s", "--tick-p99-floor", "250ms"]);
+    args.extend(extra);
+    let out = ok(s.fleet.cli(&args).expect("rollout"));
+    serde_json::from_str::<serde_json::Value>(&out).expect("json")["rolloutId"].as_str().expect("id").to_string()
+}
+
+fn stack_ids(s: &Scenario) -> Vec<String> {
+    stack(s).as_array().into_iter().flatten().map(|e| e["patchId"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// A patch tree of the zone server's `module` (e.g. "players.py") as shipped
+/// (or as `from` patches it), plus a harmless function appended: a patch of
+/// that module that changes no behaviour a test measures.
+fn tree_touching(s: &Scenario, name: &str, module: &str, from: Option<&str>) -> std::path::PathBuf {
+    let repo = &s.fleet.layout.repo;
+    let source = match from {
+        Some(patch) => repo.join("examples/patches").join(patch).join("zone").join(module),
+        None => repo.join("examples/zone_server/zone").join(module),
+    };
+    let text = std::fs::read_to_string(&source).expect("zone module");
+    let root = s.dir.path().join("trees").join(name);
+    std::fs::create_dir_all(root.join("zone")).expect("tree");
+    let added = format!("{text}\n\ndef {}() -> str:\n    return {name:?}\n", name.replace('-', "_"));
+    std::fs::write(root.join("zone").join(module), added).expect("write module");
+    root
+}
+
+async fn reverting_the_top_brings_the_old_behaviour_back_and_later_processes_start_without_it(backend: Backend) {
+    let mut s = Scenario::start_game(backend, Game::ZoneServer, 2, BUILD);
+    let before = s.damages();
+    let hotfix = s.push("hotfix-damage");
+    let (code, done) = s.watch(&start_kind(&s, "start", &hotfix, &[]));
+    assert_eq!(code, 0, "{done}");
+    assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs");
+
+    // The canary's plan of the revert says what it restores; nothing changes.
+    let out = s.fleet.cli(&["--output", "json", "rollout", "revert", &hotfix, "--dry-run", "--plan-canary"]);
+    let dry: serde_json::Value = serde_json::from_str(&ok(out.expect("dry run"))).expect("json");
+    let notes = dry["canaryPlan"]["processes"][0]["plan"]["notes"].to_string();
+    assert!(notes.contains("restores code, not instance data"), "{dry}");
+    assert_eq!(dry["rollout"]["rolloutKind"], "revert", "{dry}");
+    assert_eq!(stack_ids(&s), std::slice::from_ref(&hotfix), "a dry run changes nothing");
+
+    let id = start_kind(&s, "revert", &hotfix, &[]);
+    let (code, done) = s.watch(&id);
+    assert_eq!(code, 0, "the revert completes: {done}");
+    assert_eq!(done["rolloutKind"], "revert", "{done}");
+    assert_eq!(s.damages(), before, "players see the old damage again");
+    assert!(stack_ids(&s).is_empty(), "the build's stack no longer holds it");
+    let listed = ok(s.fleet.cli(&["rollout", "list"]).expect("list"));
+    let line = listed.lines().find(|l| l.starts_with(&id)).unwrap_or_default().to_string();
+    assert!(line.contains("completed") && line.contains("revert"), "{listed}");
+    let shown = ok(s.fleet.cli(&["rollout", "describe", &id]).expect("describe"));
+    assert!(shown.contains("kind revert"), "{shown}");
+    // Nothing left to revert: refused, naming the empty stack.
+    let out = s.fleet.cli(&["rollout", "revert", &hotfix]).expect("revert");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is not on build") && err.contains("(it is empty)"), "{err}");
+    // Every process runs the shipped code (digests), players stayed connected.
+    assert!(s.assert_consistent(&[]).await.is_empty());
+
+    // A zone server started after the revert gets the stack without it.
+    let dir = s.dir.path().to_path_buf();
+    s.pids[1] = s.fleet.restart_zone(1, &dir, &[]).expect("zone-2 restarted");
+    assert_eq!(s.fleet.nodes[1].probe.hit_dummy().expect("first hit"), before[1], "the shipped damage");
+    assert!(s.assert_consistent(&[]).await.is_empty(), "the restarted process runs the shipped code");
+}
+
+async fn a_deeper_independent_patch_is_reverted_and_one_a_later_patch_depends_on_is_refused(backend: Backend) {
+    let mut s = Scenario::start_game(backend, Game::ZoneServer, 2, BUILD);
+    let before = s.damages();
+    // hotfix (combat) <- motd (players) <- combat-note (combat, on the hotfix's code).
+    let hotfix = s.push("hotfix-damage");
+    let motd_tree = tree_touching(&s, "motd", "players.py", None);
+    let motd = s.push_tree_on(&motd_tree, "motd", Some(&hotfix));
+    let note_tree = tree_touching(&s, "combat-note", "combat.py", Some("hotfix-damage"));
+    let note = s.push_tree_on(&note_tree, "combat-note", Some(&motd));
+    for patch in [&hotfix, &motd, &note] {
+        let (code, done) = s.watch(&start_kind(&s, "start", patch, &[]));
+        assert_eq!(code, 0, "{done}");
+    }
+    let fixed = s.damages();
+    assert!(fixed.iter().zip(&before).all(|(a, b)| a < b), "the hotfix runs");
+    let rollouts = ok(s.fleet.cli(&["--output", "json", "rollout", "list"]).expect("list"));
+
+    // The hotfix is under combat-note, which touches its module: refused, naming it; nothing changes.
+    let out = s.fleet.cli(&["rollout", "revert", &hotfix]).expect("revert");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&note[..12]) && err.contains("touch its modules"), "{err}");
+    assert!(!err.contains(&motd[..12]), "motd touches other modules: not in the way: {err}");
+    assert_eq!(ok(s.fleet.cli(&["--output", "json", "rollout", "list"]).expect("list")), rollouts, "nothing started");
+    assert_eq!(stack_ids(&s), [hotfix.clone(), motd.clone(), note.clone()]);
+
+    // motd is deeper but nothing above it touches players.py: reverted.
+    let (code, done) = s.watch(&start_kind(&s, "revert", &motd, &[]));
+    assert_eq!(code, 0, "{done}");
+    assert_eq!(stack_ids(&s), [hotfix.clone(), note.clone()]);
+    assert_eq!(s.damages(), fixed, "the patches above stay");
+    assert_eq!(s.assert_consistent(&[]).await, [hotfix.clone(), note.clone()], "digests: motd is gone everywhere");
+
+    // motd is built on the hotfix, now below the top: only --rebase puts it back on.
+    let out = s.fleet.cli(&["rollout", "start", &motd]).expect("start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("top of build"), "{err}");
+    let (code, done) = s.watch(&start_kind(&s, "start", &motd, &["--rebase"]));
+    assert_eq!(code, 0, "{done}");
+    assert_eq!(done["rolloutKind"], "rebase", "{done}");
+    assert_eq!(s.assert_consistent(&[]).await, [hotfix, note, motd]);
 }

@@ -7,8 +7,8 @@ use clap::{Args, Subcommand};
 use hotfleet_proto::{
     duration::{format_duration_ms, parse_duration},
     v1::{
-        GetFreezeRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutActionRequest, RolloutPhase,
-        RolloutSpec, StartRolloutRequest, WatchRolloutRequest,
+        GetFreezeRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutActionRequest, RolloutKind,
+        RolloutPhase, RolloutSpec, StartRolloutRequest, WatchRolloutRequest,
     },
 };
 
@@ -26,6 +26,12 @@ use crate::{
 pub enum RolloutCommand {
     /// Start a rollout of a staged patch (an id, or a bundle file to push first).
     Start(Box<StartArgs>),
+    /// Take a completed patch off every process of its build, as a rollout
+    /// (the same canary, waves, health gates and automatic rollback): the top
+    /// of the build's stack, or a deeper patch when the patches above it touch
+    /// none of its modules. On completion the build's stack no longer holds it.
+    /// Restores code, not data its hooks migrated.
+    Revert(Box<StartArgs>),
     /// Rollouts, newest first.
     List {
         /// Only rollouts still running.
@@ -132,6 +138,11 @@ pub struct StartArgs {
     /// Follow the rollout until it ends, like `rollout watch`.
     #[arg(long)]
     watch: bool,
+    /// (start only) The patch was built on an ancestor of the top of its
+    /// build's stack, not the top: accepted when the patches above that
+    /// ancestor touch none of its modules (refused otherwise, naming them).
+    #[arg(long)]
+    rebase: bool,
 }
 
 /// `--at`: an RFC 3339 time as Unix ms (whether it lies ahead is the coordinator's call).
@@ -153,7 +164,14 @@ fn parse_ttl(text: &str) -> Result<u32, String> {
 
 pub async fn run(target: &Target, cmd: RolloutCommand, output: Output) -> CliResult {
     match cmd {
-        RolloutCommand::Start(args) => start(target, *args, output).await,
+        RolloutCommand::Start(args) => {
+            let kind = if args.rebase { RolloutKind::Rebase } else { RolloutKind::Apply };
+            start(target, *args, kind, output).await
+        }
+        RolloutCommand::Revert(args) if args.rebase => {
+            Err(Failure::refused(anyhow!("--rebase is for `rollout start`; a revert takes a patch off the stack")))
+        }
+        RolloutCommand::Revert(args) => start(target, *args, RolloutKind::Revert, output).await,
         RolloutCommand::List { active, limit } => list(target, active, limit, output).await,
         RolloutCommand::Status { id } => status(target, id, output, false).await,
         RolloutCommand::Describe { id } => status(target, id, output, true).await,
@@ -166,14 +184,17 @@ pub async fn run(target: &Target, cmd: RolloutCommand, output: Output) -> CliRes
     }
 }
 
-async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
+async fn start(target: &Target, args: StartArgs, kind: RolloutKind, output: Output) -> CliResult {
     if let Some(selector) = &args.selector {
         crate::fleet_cmd::check_selector(selector)?;
     }
     // A dry run of a local bundle pushes nothing: the bundle is read and
     // verified here, and the coordinator plans it with the build it names.
     let mut target_build = String::new();
-    let patch_id = if Path::new(&args.patch).is_file() && args.dry_run {
+    let patch_id = if Path::new(&args.patch).is_file() && kind == RolloutKind::Revert {
+        // A revert names a patch the coordinator holds: its bundle only says which.
+        patch_cmd::read_bundle(Path::new(&args.patch))?.id()
+    } else if Path::new(&args.patch).is_file() && args.dry_run {
         let bundle = patch_cmd::read_bundle(Path::new(&args.patch))?;
         target_build = bundle.manifest.target_build.clone();
         bundle.id()
@@ -211,6 +232,7 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
             None => args.windows,
         },
         window_tz: args.window_tz.unwrap_or_default(),
+        kind: kind.into(),
     };
     let mut client = target.connect().await?;
     let request =
@@ -236,7 +258,7 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
     }
     if args.watch && !args.dry_run {
         if output == Output::Text {
-            println!("rollout {} started", rollout.rollout_id);
+            println!("{}rollout {} started", kind_label(&rollout), rollout.rollout_id);
             print_plan(&rollout);
         }
         return watch(target, rollout.rollout_id, output).await;
@@ -247,7 +269,7 @@ async fn start(target: &Target, args: StartArgs, output: Output) -> CliResult {
         if args.dry_run {
             println!("plan (dry run: nothing started, nothing pushed)");
         } else {
-            println!("started rollout {}", rollout.rollout_id);
+            println!("started {}rollout {}", kind_label(&rollout), rollout.rollout_id);
         }
         print_plan(&rollout);
         if !args.dry_run {
@@ -276,9 +298,10 @@ async fn list(target: &Target, active_only: bool, limit: u32, output: Output) ->
         let patch =
             r.spec.as_ref().map(|s| s.patch_id.get(..12).unwrap_or(&s.patch_id).to_string()).unwrap_or_default();
         println!(
-            "{:<28} {:<13} patch {} nodes {:<4} {} {}",
+            "{:<28} {:<13} {:<6} patch {} nodes {:<4} {} {}",
             r.rollout_id,
             phase_name(r.phase),
+            kind_name(r.spec.as_ref().map(|s| s.kind()).unwrap_or_default()),
             patch,
             node_count(r),
             format_ms(r.created_at_ms),
@@ -623,11 +646,30 @@ fn print_plan_notes(r: &Rollout) {
     }
 }
 
+/// The word a rollout's kind shows as (`rollout list`, `get`, `-o json`).
+pub fn kind_name(kind: RolloutKind) -> &'static str {
+    match kind {
+        RolloutKind::Apply => "apply",
+        RolloutKind::Revert => "revert",
+        RolloutKind::Rebase => "rebase",
+    }
+}
+
+/// "revert " / "rebase " before "rollout" in a start's first line; nothing for a plain one.
+fn kind_label(r: &Rollout) -> &'static str {
+    match r.spec.as_ref().map(|s| s.kind()).unwrap_or_default() {
+        RolloutKind::Apply => "",
+        RolloutKind::Revert => "revert ",
+        RolloutKind::Rebase => "rebase ",
+    }
+}
+
 fn print_summary(r: &Rollout) {
     let patch = r.spec.as_ref().map(|s| s.patch_id.clone()).unwrap_or_default();
     let doing = now_doing(r, now_ms()).map(|d| format!("  ({d})")).unwrap_or_default();
     println!("rollout  {}  {}{doing}", r.rollout_id, phase_name(r.phase).to_uppercase());
-    println!("patch    {patch}  (build {})", r.target_build);
+    let kind = r.spec.as_ref().map(|s| s.kind()).unwrap_or_default();
+    println!("patch    {patch}  (build {})  kind {}", r.target_build, kind_name(kind));
     if r.phase == RolloutPhase::Scheduled as i32 {
         println!("starts   {}", scheduled_or_reason(r));
     }

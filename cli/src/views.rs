@@ -175,6 +175,9 @@ pub struct Rollout {
     /// Null for a dry run's plan: it names no rollout.
     rollout_id: Option<String>,
     patch_id: String,
+    /// `apply`, `revert` (`rollout revert`) or `rebase` (`rollout start --rebase`)
+    /// (not `kind`: that names the document).
+    rollout_kind: &'static str,
     target_build: String,
     /// The word the text shows: `staged`, `preparing`, `committing`,
     /// `watching`, `waiting`, `completed`, `rolling-back`, `rolled-back`, `scheduled`.
@@ -263,6 +266,7 @@ impl From<&pb::Rollout> for Rollout {
         Rollout {
             rollout_id: non_empty(&r.rollout_id),
             patch_id: spec.patch_id.clone(),
+            rollout_kind: crate::rollout_cmd::kind_name(spec.kind()),
             target_build: r.target_build.clone(),
             phase: crate::rollout_cmd::phase_name(r.phase),
             terminal: r.terminal,
@@ -549,6 +553,7 @@ mod tests {
         let json = serde_json::to_value(rollout(&wire)).expect("encode");
         assert_eq!(json["apiVersion"], "hotfleet/v1");
         assert_eq!(json["kind"], "Rollout");
+        assert_eq!(json["rolloutKind"], "apply");
         assert_eq!(json["phase"], "watching");
         assert_eq!(json["generation"], 61);
         assert_eq!(json["windowEndsAtMs"], 1_000);

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use tower::Layer as _;
 
-use crate::rollout::health::Sample;
+use crate::rollout::{health::Sample, RolloutKind};
 
 /// Which two-phase-commit command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +69,8 @@ pub struct Command {
     /// Prepare only: just this process prepares (a plan); empty: every
     /// process of the patch's build on the node.
     pub process_id: String,
+    /// What the command's rollout does with the patch.
+    pub rollout_kind: RolloutKind,
 }
 
 impl Command {
@@ -289,7 +291,17 @@ fn status_error(to: &Target, deadline: Duration, status: tonic::Status) -> Agent
 }
 
 fn header(cmd: &Command) -> Option<CommandHeader> {
-    Some(CommandHeader { rollout_id: cmd.rollout_id.clone(), patch_id: cmd.patch_id.clone(), epoch: cmd.epoch })
+    let kind = match cmd.rollout_kind {
+        RolloutKind::Apply => hotfleet_proto::v1::RolloutKind::Apply,
+        RolloutKind::Revert => hotfleet_proto::v1::RolloutKind::Revert,
+        RolloutKind::Rebase => hotfleet_proto::v1::RolloutKind::Rebase,
+    };
+    Some(CommandHeader {
+        rollout_id: cmd.rollout_id.clone(),
+        patch_id: cmd.patch_id.clone(),
+        epoch: cmd.epoch,
+        kind: kind.into(),
+    })
 }
 
 fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {

@@ -73,8 +73,8 @@ pub struct Args {
     /// Leader lease (etcd): a dead leader is replaced within about this long; whole seconds, at least 2s.
     #[arg(long, env = "HOTFLEET_LEADER_LEASE", default_value = "10s", value_parser = parse_duration)]
     pub leader_lease: Duration,
-    /// Address followers name as the leader's, and agents and the CLI then call
-    /// (default: http://<--listen>).
+    /// Address followers name as the leader's, and agents and the CLI then call:
+    /// host:port or a URL (default: http://<--listen>).
     #[arg(long, env = "HOTFLEET_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
     /// Largest patch bundle accepted, in bytes.
@@ -277,8 +277,16 @@ impl TryFrom<Args> for Config {
             return Err(invalid("etcd-timeout", "must be at least 100ms"));
         }
         if let Some(addr) = &a.advertise_addr {
-            if !(addr.starts_with("http://") || addr.starts_with("https://")) {
-                return Err(invalid("advertise-addr", "must be a URL such as http://10.0.0.5:7700"));
+            // Read as every other peer address is (`host:port` or a URL), so the
+            // agent's and the coordinator's flags take the same spelling.
+            let url = hotfleet_proto::address::endpoint_url(addr);
+            let dialable = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.parse::<tonic::transport::Uri>().is_ok_and(|u| u.port_u16().is_some());
+            if !dialable {
+                return Err(invalid(
+                    "advertise-addr",
+                    "must be host:port or an http(s):// URL with a port, such as 10.0.0.5:7700 or https://coord-1:7700",
+                ));
             }
         } else if a.store == StoreKind::Etcd && a.listen.ip().is_unspecified() {
             return Err(invalid(
@@ -303,7 +311,7 @@ impl TryFrom<Args> for Config {
             store: a.store,
             etcd,
             leader_lease: a.leader_lease,
-            advertise_addr: a.advertise_addr,
+            advertise_addr: a.advertise_addr.as_deref().map(hotfleet_proto::address::endpoint_url),
             max_patch_bytes: a.max_patch_bytes,
             agent_timeout: a.agent_timeout,
             agent_concurrency: a.agent_concurrency,
@@ -448,6 +456,15 @@ mod tests {
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--leader-lease", "1s"]).contains("--leader-lease"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--listen", "0.0.0.0:7700"])
             .contains("--advertise-addr"));
+        // host:port is read as the agent's flag reads it; a URL is kept as given.
+        assert_eq!(parse(&["--advertise-addr", "coord-1:7700"]).expect("valid").advertise(), "http://coord-1:7700");
+        assert_eq!(
+            parse(&["--advertise-addr", "https://coord-1:7700"]).expect("valid").advertise(),
+            "https://coord-1:7700"
+        );
+        for bad in ["coord-1", "ftp://coord-1:7700", "http://coord 1:7700", ""] {
+            assert!(err(&["--advertise-addr", bad]).contains("--advertise-addr"), "{bad:?}");
+        }
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-cert", "/x"]).contains("--etcd-key"));
         assert!(err(&["--store", "etcd", "--etcd-endpoints", "e:1", "--etcd-ca", "/no/such/ca.pem"])
             .contains("does not exist"));

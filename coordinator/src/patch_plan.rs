@@ -16,6 +16,7 @@ use crate::{
     error::{Error, Result},
     patches::audit,
     registry::{Liveness, Registry},
+    rollout::RolloutKind,
     store::{Batch, Fence, Store, Write},
 };
 
@@ -58,6 +59,8 @@ pub struct PlanRequest<'a> {
     pub node_id: &'a str,
     /// One process, or empty: the node's processes of the patch's build.
     pub process_id: &'a str,
+    /// The plan of applying the patch, or of reverting it (a revert's dry run).
+    pub rollout_kind: RolloutKind,
 }
 
 /// Where a plan runs: the leader's store, registry and (guarded) agents;
@@ -116,6 +119,7 @@ pub async fn plan(ctx: &PlanContext<'_>, req: PlanRequest<'_>, actor: &str) -> R
         patch_id: patch.patch_id.clone(),
         epoch: ctx.fence.epoch,
         process_id: req.process_id.to_string(),
+        rollout_kind: req.rollout_kind,
     };
     let answer = ctx.agents.send(&target, &prepare, PLAN_DEADLINE).await;
     // Abort whatever the answer: a prepare that timed out may still have landed.
@@ -219,7 +223,8 @@ mod tests {
         let agents = Agents::default();
         let free = |_: &str| None;
         let ctx = PlanContext { store: store.as_ref(), fence, registry: &registry, agents: &agents, busy: &free };
-        let ask = |process_id| PlanRequest { patch_id: &patch, node_id: "n1", process_id };
+        let ask =
+            |process_id| PlanRequest { patch_id: &patch, node_id: "n1", process_id, rollout_kind: RolloutKind::Apply };
 
         let got = plan(&ctx, ask("p2"), "sre").await.expect("plan");
         assert!(got.ok && got.aborted && got.processes.len() == 1, "{got:?}");

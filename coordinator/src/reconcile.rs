@@ -185,6 +185,9 @@ impl Reconciler {
             patch_id: patch.to_string(),
             epoch: self.fence.epoch,
             process_id: String::new(),
+            // Missing patches go on in stack order; a rebased one's parent is
+            // below the top, which the rebase rule allows (and an ordinary one passes).
+            rollout_kind: crate::rollout::RolloutKind::Rebase,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The leader's housekeeping, one task per term: silent nodes are marked
 //! lost (the registry judges), nodes lost for longer than `--node-expiry` are
-//! forgotten, and the audit log is trimmed to its retention (on either store).
+//! forgotten, the audit log is trimmed to its retention and finished
+//! rollouts' node states are compacted (on either store).
 //!
 //! Why here: each of these is a periodic judgement of stored state that only
 //! the leader may write, so it runs with the term, behind the term's fenced
@@ -8,7 +9,7 @@
 //! the rollout judges a lost node itself, and a record the driver still
 //! needs must not vanish under it.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
@@ -71,11 +72,45 @@ impl Sweeper {
         }
     }
 
+    /// Folds the node states of every finished rollout not in `done` into
+    /// their summary ([`Store::compact_rollout`]) and adds it to `done`, so a
+    /// term reads each finished rollout once. Returns how many were folded.
+    pub async fn compact_finished(&self, done: &mut HashSet<String>) -> usize {
+        let rollouts = match self.store.rollouts().await {
+            Ok(rollouts) => rollouts,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not list rollouts to compact; retrying later");
+                return 0;
+            }
+        };
+        let mut folded = 0;
+        for rollout in rollouts {
+            if !rollout.phase.is_terminal() || done.contains(&rollout.id) {
+                continue;
+            }
+            match self.store.compact_rollout(self.fence, &rollout.id).await {
+                Ok(changed) => {
+                    if changed {
+                        tracing::info!(rollout = %rollout.id, "finished rollout's node states compacted");
+                        folded += 1;
+                    }
+                    done.insert(rollout.id);
+                }
+                Err(err) => {
+                    tracing::warn!(rollout = %rollout.id, error = %err, "could not compact a finished rollout; retrying later");
+                    break;
+                }
+            }
+        }
+        folded
+    }
+
     /// Sweeps every [`Registry::sweep_interval`] until `cancel`.
     pub async fn run(self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.registry.sweep_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweeps = 0u64;
+        let mut compacted = HashSet::new();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -85,6 +120,7 @@ impl Sweeper {
             self.expire_nodes().await;
             if sweeps.is_multiple_of(TRIM_EVERY) {
                 self.trim_audit().await;
+                self.compact_finished(&mut compacted).await;
             }
             sweeps += 1;
         }

@@ -190,7 +190,12 @@ impl Term {
         let canary = state.rollout.steps.first().and_then(|s| s.nodes.first()).cloned();
         let plan = match canary {
             Some(node) if plan_canary => {
-                let ask = PlanRequest { patch_id: &state.rollout.patch_id, node_id: &node, process_id: "" };
+                let ask = PlanRequest {
+                    patch_id: &state.rollout.patch_id,
+                    node_id: &node,
+                    process_id: "",
+                    rollout_kind: state.rollout.spec.kind,
+                };
                 Some(self.plan_patch(ask, actor).await?)
             }
             _ => None,

@@ -1,8 +1,9 @@
 //! The etcd store and the election against a real etcd (started on loopback
 //! with a temporary data dir, at etcd's default request and transaction
 //! limits): batches round-trip, bundles bigger than one etcd request are
-//! chunked, a big rollout's step stays one transaction, concurrent batches
-//! lose nothing, and a deposed leader's write fails the transaction compare
+//! chunked, a step writes only the node states it changed (10,000 of them
+//! split over transactions, never refused), finished rollouts compact, the
+//! previous shard layout still reads, concurrent batches lose nothing, and a deposed leader's write fails the transaction compare
 //! and lands nothing. Two real coordinators on loopback show what a follower
 //! serves and refuses, and a graceful hand-over.
 
@@ -18,7 +19,7 @@ use hotfleet_coordinator::{
     rollout::{health::Baseline, Desired, NodeState, Observed, RolloutSpec, RolloutState},
     store::{
         etcd::{EtcdOptions, EtcdStore, CHUNK_BYTES},
-        AuditEntry, Batch, Fence, FreezeRecord, PatchRecord, StackEntry, Store, StoreError, Write,
+        AuditEntry, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError, Write,
     },
 };
 use hotfleet_localfleet::EtcdProc;
@@ -110,6 +111,7 @@ fn rollout(n: usize) -> RolloutState {
         description: String::new(),
         start_at_ms: 0,
         windows: Default::default(),
+        kind: Default::default(),
     };
     let plan = planner::plan(&candidates, &spec, "b1").expect("plan");
     let mut state = RolloutState::new("ro-1-1".into(), spec, "b1".into(), plan, "sre".into(), 1, 1);
@@ -188,36 +190,158 @@ async fn bundles_larger_than_one_etcd_request_are_chunked() {
     assert_eq!(store.patch_bundle("big").await.expect("read").expect("present"), bundle);
 }
 
+/// etcd's current revision and the mod revision of `key` (0: absent).
+async fn revisions(store: &EtcdStore, key: &str) -> (i64, i64) {
+    let mut kv = store.client().kv_client();
+    let resp = kv.get(key, None).await.expect("get");
+    let header = resp.header().expect("header").revision();
+    (header, resp.kvs().first().map_or(0, |kv| kv.mod_revision()))
+}
+
+/// Keys under `relative` (below the store's prefix), in key order.
+async fn keys_under(store: &EtcdStore, relative: &str) -> Vec<String> {
+    let mut kv = store.client().kv_client();
+    let prefix = format!("{}{relative}", store.prefix());
+    let options = etcd_client::GetOptions::new().with_prefix().with_keys_only();
+    let resp = kv.get(prefix.as_str(), Some(options)).await.expect("get");
+    resp.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key())[prefix.len()..].to_string()).collect()
+}
+
 #[tokio::test]
-async fn a_step_of_a_thousand_node_rollout_is_one_transaction_under_etcds_limits() {
+async fn a_step_writes_only_the_node_states_it_changed() {
     let etcd = etcd();
     let store = store(&etcd, "/hotfleet/").await;
     let (_e, tenure) = lead(&store, "http://a").await;
     let state = rollout(1000);
     let all: Vec<NodeState> = state.nodes.values().cloned().collect();
-    // The start: the record and every node, one batch (etcd allows 128 operations).
     store.write(tenure.fence, Batch::rollout(&state.rollout, all.clone())).await.expect("start batch");
-    // A wave: half the nodes change, one batch.
+    assert_eq!(keys_under(&store, "rollout-nodes/ro-1-1/n/").await.len(), 1000, "one key per node");
+    // A wave: half the nodes change; only their keys are written.
+    let untouched = format!("{}rollout-nodes/ro-1-1/n/{}", store.prefix(), all[999].node_id);
+    let (rev_before, untouched_before) = revisions(&store, &untouched).await;
+    let plan_key = format!("{}rollout-plans/ro-1-1", store.prefix());
+    let (_, plan_before) = revisions(&store, &plan_key).await;
+    assert!(plan_before > 0, "the plan is stored apart from the record");
     let wave: Vec<NodeState> = all
         .iter()
         .take(500)
         .map(|n| NodeState { desired: Desired::Committed, observed: Observed::Committed, ..n.clone() })
         .collect();
     store.write(tenure.fence, Batch::rollout(&state.rollout, wave)).await.expect("wave batch");
+    let (rev_after, untouched_after) = revisions(&store, &untouched).await;
+    assert_eq!(untouched_after, untouched_before, "a node the step did not change is not rewritten");
+    assert_eq!(revisions(&store, &plan_key).await.1, plan_before, "nor is the plan, fixed at the start");
+    // 500 puts + the record: 4 transactions of at most 128 operations.
+    assert_eq!(rev_after - rev_before, 4, "one etcd revision per transaction");
     let stored = store.rollout_nodes("ro-1-1").await.expect("nodes");
     assert_eq!(stored.len(), 1000);
     assert_eq!(stored.values().filter(|n| n.observed == Observed::Committed).count(), 500);
     assert_eq!(store.rollout("ro-1-1").await.expect("read").expect("present").steps.len(), state.rollout.steps.len());
-    // Past what one etcd request can carry: refused here, clearly, and nothing sent.
-    let huge = rollout(12_000);
-    let nodes: Vec<NodeState> = huge.nodes.values().cloned().collect();
-    let mut record = huge.rollout.clone();
+}
+
+#[tokio::test]
+async fn a_batch_of_ten_thousand_node_states_is_split_never_refused() {
+    let etcd = etcd();
+    let store = store(&etcd, "/hotfleet/").await;
+    let (_e, tenure) = lead(&store, "http://a").await;
+    // ~4.5 MB of node states: three times etcd's request limit.
+    let state = rollout(10_000);
+    let nodes: Vec<NodeState> = state.nodes.values().cloned().collect();
+    let bytes: usize = nodes.iter().map(|n| serde_json::to_vec(n).expect("json").len()).sum();
+    assert!(bytes > 3 * 1024 * 1024, "{bytes} bytes");
+    store.write(tenure.fence, Batch::rollout(&state.rollout, nodes)).await.expect("split, not refused");
+    assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), state.nodes);
+    assert_eq!(store.rollout("ro-1-1").await.expect("read").expect("present"), state.rollout);
+
+    // Only a single record too big for any request is refused, clearly, and
+    // before any node state of its batch is sent.
+    let mut record = state.rollout.clone();
     record.id = "ro-huge".into();
-    match store.write(tenure.fence, Batch::rollout(&record, nodes)).await {
+    record.spec.description = "x".repeat(2 * 1024 * 1024);
+    let few: Vec<NodeState> = state.nodes.values().take(300).cloned().collect();
+    match store.write(tenure.fence, Batch::rollout(&record, few)).await {
         Err(StoreError::TooLarge(why)) => assert!(why.contains("--max-request-bytes"), "{why}"),
         other => panic!("expected TooLarge, got {other:?}"),
     }
     assert!(store.rollout("ro-huge").await.expect("read").is_none());
+    assert!(keys_under(&store, "rollout-nodes/ro-huge/").await.is_empty(), "nothing of the refused batch landed");
+}
+
+#[tokio::test]
+async fn a_batch_of_many_node_records_is_split_and_a_removal_still_wins() {
+    let etcd = etcd();
+    let store = store(&etcd, "/hotfleet/").await;
+    let (_e, tenure) = lead(&store, "http://a").await;
+    // What the heartbeat write-behind sends: up to 512 KiB of records, far
+    // more than etcd's 128 operations per transaction.
+    let records: Vec<NodeRecord> = (0..1000)
+        .map(|i| NodeRecord {
+            status: hotfleet_coordinator::node::NodeStatus {
+                node_id: format!("zone-node-{i:05}"),
+                advertise_addr: format!("http://10.0.{}.{}:7701", i / 250, i % 250),
+                ..Default::default()
+            },
+            registered_at_ms: 1,
+            last_heartbeat_ms: 2,
+        })
+        .collect();
+    let mut batch = records.iter().cloned().fold(Batch::new(), |b, r| b.with(Write::PutNode(r)));
+    // A removal later in the same batch wins over the node's put.
+    batch.push(Write::RemoveNode("zone-node-00007".into()));
+    store.write(tenure.fence, batch).await.expect("split, not refused");
+    let stored = store.nodes().await.expect("nodes");
+    assert_eq!(stored.len(), 999);
+    assert!(stored.iter().all(|r| r.node_id() != "zone-node-00007"));
+    assert_eq!(stored[0], records[0]);
+}
+
+#[tokio::test]
+async fn finished_rollouts_compact_and_the_previous_shard_layout_still_reads() {
+    let etcd = etcd();
+    let store = store(&etcd, "/hotfleet/").await;
+    let (_e, tenure) = lead(&store, "http://a").await;
+    let mut state = rollout(300);
+    // The previous layout: node states in shard keys `rollout-nodes/<id>/<NN>`.
+    let mut shards: BTreeMap<String, BTreeMap<String, NodeState>> = BTreeMap::new();
+    for (i, node) in state.nodes.values().enumerate() {
+        shards.entry(format!("{:02}", i % 16)).or_default().insert(node.node_id.clone(), node.clone());
+    }
+    let mut kv = store.client().kv_client();
+    for (shard, nodes) in &shards {
+        let key = format!("{}rollout-nodes/ro-1-1/{shard}", store.prefix());
+        kv.put(key, serde_json::to_vec(nodes).expect("json"), None).await.expect("put");
+    }
+    // ... and the record with its plan inline.
+    let record_key = format!("{}rollouts/ro-1-1", store.prefix());
+    kv.put(record_key, serde_json::to_vec(&state.rollout).expect("json"), None).await.expect("put");
+    assert_eq!(store.rollout("ro-1-1").await.expect("read"), Some(state.rollout.clone()));
+    assert_eq!(store.rollouts().await.expect("list"), vec![state.rollout.clone()]);
+    assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), state.nodes, "shards read as before");
+    // A resumed rollout writes per-node keys, which override its shards.
+    let first = state.nodes.keys().next().expect("a node").clone();
+    let moved = state.nodes.get_mut(&first).expect("node");
+    moved.observed = Observed::Committed;
+    let moved = moved.clone();
+    state.rollout.phase = hotfleet_coordinator::rollout::Phase::Completed;
+    assert!(!store.compact_rollout(tenure.fence, "ro-1-1").await.expect("compact"), "not finished yet");
+    store.write(tenure.fence, Batch::rollout(&state.rollout, vec![moved])).await.expect("step");
+    assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), state.nodes);
+    assert_eq!(store.rollouts().await.expect("list"), vec![state.rollout.clone()], "rewritten in the new layout");
+
+    // A stale writer folds nothing.
+    let stale = Fence { epoch: tenure.fence.epoch + 1 };
+    let before = keys_under(&store, "rollout-nodes/ro-1-1/").await;
+    assert!(matches!(store.compact_rollout(stale, "ro-1-1").await, Err(StoreError::Fenced { .. })));
+    assert_eq!(keys_under(&store, "rollout-nodes/ro-1-1/").await, before);
+
+    // Finished: folded into summary keys, shards and node keys gone.
+    assert!(store.compact_rollout(tenure.fence, "ro-1-1").await.expect("compact"));
+    let keys = keys_under(&store, "rollout-nodes/ro-1-1/").await;
+    assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("s/")), "{keys:?}");
+    let summary: BTreeMap<String, NodeState> = state.nodes.iter().map(|(id, n)| (id.clone(), n.summary())).collect();
+    assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), summary);
+    assert!(summary.values().all(|n| n.baselines.is_empty() && !n.health.is_empty()));
+    assert!(!store.compact_rollout(tenure.fence, "ro-1-1").await.expect("compact"), "already compact");
 }
 
 #[tokio::test]

@@ -53,6 +53,20 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// What the command's rollout does with its patch (the same for every
+/// command of a rollout).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum RolloutKind {
+    /// On top of the stack: the manifest's parent must be the top.
+    #[default]
+    Apply,
+    /// Off the stack (`rollout revert`): each process restores what lies beneath it.
+    Revert,
+    /// On top although the manifest's parent is an ancestor of the top, when
+    /// the patches above that parent touch none of its modules.
+    Rebase,
+}
+
 /// One command from the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
@@ -66,6 +80,7 @@ pub struct Command {
     /// Prepare only: just this process prepares (a plan, `hotfleet patch
     /// plan --process`); empty: every process of the patch's build.
     pub process_id: String,
+    pub rollout_kind: RolloutKind,
 }
 
 /// The longest rollout id accepted: ids are remembered, on disk too.
@@ -83,7 +98,13 @@ impl Command {
             epoch,
             ttl: Duration::ZERO,
             process_id: String::new(),
+            rollout_kind: RolloutKind::Apply,
         }
+    }
+
+    /// The same command for a rollout of another kind.
+    pub fn of_kind(self, rollout_kind: RolloutKind) -> Self {
+        Self { rollout_kind, ..self }
     }
 
     pub fn key(&self) -> CommandKey {

@@ -37,6 +37,7 @@ pub mod runtimes;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod stack_rules;
 pub mod stacks;
 pub mod telemetry;
 #[cfg(test)]

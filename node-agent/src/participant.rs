@@ -29,7 +29,7 @@ use futures::future::join_all;
 
 use crate::{
     answers::Answers,
-    command::{Answer, Command, Kind, ParticipantError, ProcessOutcome},
+    command::{Answer, Command, Kind, ParticipantError, ProcessOutcome, RolloutKind},
     epoch::{EpochError, EpochFence},
     finished::{Ending, Finished},
     lock,
@@ -37,9 +37,12 @@ use crate::{
     prepared::{Expired, Prepared, PreparedTable},
     runtimes::{self, Process, Runtimes, Step, StepReply},
     sessions::SessionError,
+    stack_rules::{self, Above},
 };
 
 mod admission;
+#[cfg(test)]
+mod revert_tests;
 #[cfg(test)]
 mod tests;
 
@@ -261,17 +264,29 @@ impl Participant {
         if targets.is_empty() {
             return Answer::refused(format!("no process on node {} runs target build {build:?}", self.node_id));
         }
-        let misfits = self.misfits(&targets, &cmd.patch_id, bundle.manifest.parent.as_deref()).await;
+        let kind = cmd.rollout_kind;
+        let modules: Vec<String> = bundle.modules.iter().map(|(name, _)| name.clone()).collect();
+        let (targets, misfits) =
+            self.fitting(kind, &targets, &cmd.patch_id, bundle.manifest.parent.as_deref(), &modules).await;
         if !misfits.is_empty() {
+            let why = match kind {
+                RolloutKind::Apply => "its manifest's parent is not the top of their patch stack",
+                RolloutKind::Rebase => "patches above its parent touch its modules, or the parent is missing",
+                RolloutKind::Revert => "patches above it touch its modules",
+            };
+            let what = if kind == RolloutKind::Revert { "the revert of patch" } else { "patch" };
             let reason = format!(
-                "{} of {} process(es) cannot take patch {}: its manifest's parent is not the top of their patch stack (nothing was prepared)",
+                "{} process(es) cannot take {what} {}: {why} (nothing was prepared)",
                 misfits.len(),
-                targets.len(),
                 short(&cmd.patch_id)
             );
             return Answer { ok: false, reason, processes: misfits };
         }
-        let step = Step::Prepare { patch_id: cmd.patch_id.clone(), modules: bundle.modules };
+        let step = match kind {
+            // The runtime stages the sources beneath the patch itself: no code travels.
+            RolloutKind::Revert => Step::Prepare { patch_id: cmd.patch_id.clone(), modules: Vec::new() }.of(kind),
+            _ => Step::Prepare { patch_id: cmd.patch_id.clone(), modules: bundle.modules },
+        };
         let outcomes = self.ask_all(&targets, step).await;
         let answer = Answer::from_outcomes(outcomes);
         let ttl = if cmd.ttl.is_zero() { self.default_ttl } else { cmd.ttl };
@@ -282,6 +297,7 @@ impl Participant {
                 processes: targets.iter().map(|p| p.process_id.clone()).collect(),
                 ttl,
                 expires_at: SystemTime::now() + ttl,
+                rollout_kind: kind,
             });
         } else {
             // Drop what did prepare right away; the coordinator's abort will find nothing left.
@@ -289,35 +305,86 @@ impl Participant {
                 .into_iter()
                 .filter(|t| answer.processes.iter().any(|o| o.ok && o.process_id == t.process_id))
                 .collect();
-            self.ask_all(&prepared, Step::Abort { patch_id: cmd.patch_id.clone() }).await;
+            self.ask_all(&prepared, Step::Abort { patch_id: cmd.patch_id.clone() }.of(kind)).await;
         }
         answer
     }
 
-    /// The targets the patch does not go on top of, each asked live for its
-    /// stack (the one known from its last reply may be older than a sync of
-    /// its own); one that cannot say counts as a misfit.
-    async fn misfits(&self, targets: &[Process], patch_id: &str, parent: Option<&str>) -> Vec<ProcessOutcome> {
+    /// The targets the change goes on, and those it does not fit (each
+    /// asked live for its stack: the one known from its last reply may be
+    /// older than a sync of its own; one that cannot say is a misfit). A
+    /// revert goes only on processes that run the patch (the others have
+    /// nothing to do); a deeper revert or a rebase only where the patches
+    /// above touch none of `modules` ([`stack_rules`]).
+    async fn fitting(
+        &self,
+        kind: RolloutKind,
+        targets: &[Process],
+        patch_id: &str,
+        parent: Option<&str>,
+        modules: &[String],
+    ) -> (Vec<Process>, Vec<ProcessOutcome>) {
         let stacks = join_all(targets.iter().map(|p| self.runtimes.status(&p.process_id, self.runtime_timeout))).await;
-        targets
-            .iter()
-            .zip(stacks)
-            .filter_map(|(process, stack)| {
-                let error = match stack {
-                    Ok(live) => runtimes::misfit(&live.patch_stack, patch_id, parent)
-                        .map(|why| format!("process {}: {why}", process.process_id))?,
-                    Err(err) => {
-                        format!("cannot read process {}'s patch stack before prepare: {err}", process.process_id)
-                    }
-                };
-                Some(ProcessOutcome {
+        let (mut fit, mut misfits) = (Vec::new(), Vec::new());
+        for (process, stack) in targets.iter().zip(stacks) {
+            let verdict = match stack {
+                Ok(live) => self.fits(kind, &live.patch_stack, patch_id, parent, modules).await,
+                Err(err) => {
+                    Err(format!("cannot read process {}'s patch stack before prepare: {err}", process.process_id))
+                }
+            };
+            match verdict {
+                Ok(true) => fit.push(process.clone()),
+                Ok(false) => {}
+                Err(why) => misfits.push(ProcessOutcome {
                     process_id: process.process_id.clone(),
                     pid: process.pid,
-                    error,
+                    error: format!("process {}: {why}", process.process_id),
                     ..Default::default()
-                })
-            })
-            .collect()
+                }),
+            }
+        }
+        (fit, misfits)
+    }
+
+    /// Whether the change goes on `stack` (`Ok(false)`: nothing to do there), or why not.
+    async fn fits(
+        &self,
+        kind: RolloutKind,
+        stack: &[String],
+        patch_id: &str,
+        parent: Option<&str>,
+        modules: &[String],
+    ) -> Result<bool, String> {
+        let above = match kind {
+            RolloutKind::Apply => return runtimes::misfit(stack, patch_id, parent).map_or(Ok(true), Err),
+            RolloutKind::Rebase => match stack_rules::above_parent(stack, patch_id, parent)? {
+                Some(above) => above,
+                None => return Ok(true),
+            },
+            RolloutKind::Revert => match stack_rules::above_reverted(stack, patch_id) {
+                Some(above) => above,
+                None => return Ok(false),
+            },
+        };
+        let mut touched = Vec::with_capacity(above.len());
+        for id in above {
+            let bundle = self
+                .patches
+                .fetch(id)
+                .await
+                .map_err(|err| format!("cannot read the modules of patch {}: {err}", short(id)))?;
+            touched.push(Above {
+                patch_id: id.clone(),
+                modules: bundle.modules.into_iter().map(|(name, _)| name).collect(),
+            });
+        }
+        let blocking = stack_rules::in_the_way(modules, &touched);
+        if blocking.is_empty() {
+            return Ok(true);
+        }
+        let what = if kind == RolloutKind::Revert { "revert" } else { "rebase" };
+        Err(stack_rules::refusal(what, patch_id, &blocking))
     }
 
     /// Phase 2: every process that prepared applies the patch at its safe point.
@@ -355,7 +422,8 @@ impl Participant {
                 }),
             }
         }
-        outcomes.extend(self.ask_all(&live, Step::Commit { patch_id: cmd.patch_id.clone() }).await);
+        let step = Step::Commit { patch_id: cmd.patch_id.clone() }.of(prepared.rollout_kind);
+        outcomes.extend(self.ask_all(&live, step).await);
         if let Err(err) = self.state().finished.record(&cmd.rollout_id, &cmd.patch_id, Ending::Committed) {
             // The commit happened: its answer must still reach the coordinator.
             tracing::error!(error = %err, rollout = %cmd.rollout_id, "commit not recorded durably: a replay after a restart would not be recognised");
@@ -375,7 +443,8 @@ impl Participant {
             .flat_map(|p| p.processes.iter())
             .filter_map(|id| connected.iter().find(|p| p.process_id == *id).cloned())
             .collect();
-        let outcomes = self.ask_all(&holders, Step::Abort { patch_id: cmd.patch_id.clone() }).await;
+        let kind = dropped.as_ref().map_or(cmd.rollout_kind, |p| p.rollout_kind);
+        let outcomes = self.ask_all(&holders, Step::Abort { patch_id: cmd.patch_id.clone() }.of(kind)).await;
         // A process that vanished holds nothing prepared any more: abort is satisfied.
         Answer { ok: true, reason: String::new(), processes: outcomes }
     }
@@ -396,6 +465,13 @@ impl Participant {
         }
         // A rollback also cancels a prepare still waiting on this node.
         self.state().prepared.remove(&cmd.rollout_id, &cmd.patch_id);
+        if cmd.rollout_kind == RolloutKind::Revert {
+            // Undo the revert wherever it is in force: each runtime knows
+            // whether it is (and drops a revert still prepared); the others answer done.
+            let targets = self.runtimes.processes();
+            let step = Step::Rollback { patch_id: cmd.patch_id.clone() }.of(RolloutKind::Revert);
+            return Ok(Answer::from_outcomes(self.ask_all(&targets, step).await));
+        }
         let mut outcomes = Vec::new();
         let mut targets = Vec::new();
         for process in self.runtimes.processes() {
@@ -437,7 +513,7 @@ impl Participant {
             tracing::warn!(rollout = %prepared.rollout_id, patch = %short(&prepared.patch_id), ttl = ?prepared.ttl, "prepared patch expired without commit or abort; presuming abort");
             let holders: Vec<Process> =
                 connected.iter().filter(|p| prepared.processes.contains(&p.process_id)).cloned().collect();
-            self.ask_all(&holders, Step::Abort { patch_id: prepared.patch_id.clone() }).await;
+            self.ask_all(&holders, Step::Abort { patch_id: prepared.patch_id.clone() }.of(prepared.rollout_kind)).await;
         }
     }
 

@@ -20,6 +20,9 @@ pub struct Prepared {
     /// How long it waits from its prepare or its rollout's latest command.
     pub ttl: Duration,
     pub expires_at: SystemTime,
+    /// A revert's prepare is dropped as a revert (the runtime holds the
+    /// revert's transaction, not the patch's).
+    pub rollout_kind: crate::command::RolloutKind,
 }
 
 impl Prepared {
@@ -103,6 +106,7 @@ mod tests {
 
     fn prepared(rollout: &str, ttl_s: u64, now: SystemTime) -> Prepared {
         Prepared {
+            rollout_kind: Default::default(),
             rollout_id: rollout.into(),
             patch_id: "p".into(),
             processes: vec!["a".into()],

@@ -8,6 +8,12 @@
 //! is reported from the cache. A process whose query failed or timed out is
 //! reported as that process's problem (not alive, with the reason) until it
 //! answers again.
+//!
+//! A cached answer describes the process at one patch stack. Once a commit or
+//! rollback has changed that stack (the session's stack is kept current by
+//! both), the answer's live digests are no longer reported: an answer that was
+//! composed before a rollback and delivered after it would otherwise show the
+//! code that was just taken off. The digests come back with the next answer.
 
 use std::{
     collections::HashMap,
@@ -102,6 +108,11 @@ impl ProcessStatusCache {
 }
 
 fn status_of(process: Process, entry: Option<&Entry>) -> ProcessStatus {
+    let live_digests = entry
+        .and_then(|e| e.live.as_ref())
+        .filter(|live| live.patch_stack == process.patch_stack)
+        .map(|live| live.live_digests.clone())
+        .unwrap_or_default();
     let mut health = entry.and_then(|e| e.health.clone());
     if let Some(problem) = entry.and_then(|e| e.problem.as_ref()) {
         // The wire status has no error field: a process that cannot answer
@@ -120,9 +131,42 @@ fn status_of(process: Process, entry: Option<&Entry>) -> ProcessStatus {
         build: process.build,
         // The session's stack: kept current by status answers and by commits alike.
         patch_stack: process.patch_stack,
-        live_digests: entry.and_then(|e| e.live.as_ref()).map(|l| l.live_digests.clone()).unwrap_or_default(),
+        live_digests,
         health,
         runtime_version: process.runtime_version,
         python_version: process.python_version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Behaviour, FakeRuntimes};
+
+    fn digests(statuses: &[ProcessStatus]) -> Vec<(String, String)> {
+        statuses[0].live_digests.iter().map(|(m, d)| (m.clone(), d.clone())).collect()
+    }
+
+    #[tokio::test]
+    async fn an_answer_from_before_a_commit_or_rollback_never_reports_its_digests() {
+        let runtimes = FakeRuntimes::new(&["a"]);
+        let cache = ProcessStatusCache::new(runtimes.clone(), Duration::from_secs(5));
+        // Asked with an empty stack; the answer is held back.
+        runtimes.script("a", "status", Behaviour::Wait);
+        assert!(digests(&cache.statuses(Duration::from_millis(10)).await).is_empty());
+        // A commit lands, then the answer from before it arrives.
+        runtimes.set_stack("a", vec!["p1".into()]);
+        runtimes.release.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The next report's own query is slow too: the cache holds only the stale answer.
+        let status = cache.statuses(Duration::from_millis(10)).await;
+        assert_eq!(status[0].patch_stack, vec!["p1".to_string()]);
+        assert!(digests(&status).is_empty(), "digests of the stack before the commit: {:?}", digests(&status));
+        // Once the process answers at its current stack, its digests are reported again.
+        runtimes.release.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        runtimes.script("a", "status", Behaviour::Hang);
+        let status = cache.statuses(Duration::from_millis(10)).await;
+        assert_eq!(digests(&status), vec![("zone.combat".to_string(), "digest-of[p1]".to_string())]);
     }
 }

@@ -67,6 +67,9 @@ pub enum Step {
     Rollback {
         patch_id: String,
     },
+    /// The same step for the revert of `patch_id` (a prepare carries no
+    /// modules: the runtime stages the sources beneath the patch itself).
+    Revert(Box<Step>),
 }
 
 impl Step {
@@ -77,6 +80,15 @@ impl Step {
             Step::Commit { .. } => "commit",
             Step::Abort { .. } => "abort",
             Step::Rollback { .. } => "rollback",
+            Step::Revert(step) => step.name(),
+        }
+    }
+
+    /// This step for a rollout of `kind`: a revert's is wrapped.
+    pub fn of(self, kind: crate::command::RolloutKind) -> Self {
+        match kind {
+            crate::command::RolloutKind::Revert => Step::Revert(Box::new(self)),
+            _ => self,
         }
     }
 
@@ -88,11 +100,22 @@ impl Step {
             Step::Prepare { patch_id, modules } => {
                 let ahead: Vec<Body> = source_parts(&patch_id, &modules).into_iter().map(Body::SourcePart).collect();
                 let parts = ahead.len() as u32;
-                (ahead, Body::Prepare(RuntimePrepare { patch_id, modules: Default::default(), parts }))
+                (ahead, Body::Prepare(RuntimePrepare { patch_id, modules: Default::default(), parts, revert: false }))
             }
-            Step::Commit { patch_id } => (Vec::new(), Body::Commit(RuntimeCommit { patch_id })),
-            Step::Abort { patch_id } => (Vec::new(), Body::Abort(RuntimeAbort { patch_id })),
-            Step::Rollback { patch_id } => (Vec::new(), Body::Rollback(RuntimeRollback { patch_id })),
+            Step::Commit { patch_id } => (Vec::new(), Body::Commit(RuntimeCommit { patch_id, revert: false })),
+            Step::Abort { patch_id } => (Vec::new(), Body::Abort(RuntimeAbort { patch_id, revert: false })),
+            Step::Rollback { patch_id } => (Vec::new(), Body::Rollback(RuntimeRollback { patch_id, revert: false })),
+            Step::Revert(step) => {
+                let (ahead, mut body) = step.into_bodies();
+                match &mut body {
+                    Body::Prepare(b) => b.revert = true,
+                    Body::Commit(b) => b.revert = true,
+                    Body::Abort(b) => b.revert = true,
+                    Body::Rollback(b) => b.revert = true,
+                    _ => {}
+                }
+                (ahead, body)
+            }
         }
     }
 }
@@ -177,7 +200,10 @@ impl Runtimes for Sessions {
     async fn step(&self, process_id: &str, step: Step, timeout: Duration) -> Result<StepReply, SessionError> {
         let session = self.get(process_id).ok_or_else(|| SessionError::Disconnected(process_id.to_string()))?;
         let what = step.name();
-        let updates_stack = matches!(step, Step::Commit { .. } | Step::Rollback { .. });
+        let updates_stack = match &step {
+            Step::Revert(inner) => matches!(**inner, Step::Commit { .. } | Step::Rollback { .. }),
+            other => matches!(other, Step::Commit { .. } | Step::Rollback { .. }),
+        };
         let (ahead, body) = step.into_bodies();
         match session.request_after(ahead, body, timeout).await? {
             Body::PrepareResult(result)

@@ -12,7 +12,7 @@ use hotfleet_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    command::{Answer, Command, Kind, ParticipantError},
+    command::{Answer, Command, Kind, ParticipantError, RolloutKind},
     epoch::EpochError,
     reports::{self, NodeReporter, STATUS_BUDGET},
 };
@@ -35,6 +35,11 @@ impl AgentService {
         process_id: String,
     ) -> Result<(bool, String, Vec<pb::ProcessOutcome>), Status> {
         let header = header.ok_or(ParticipantError::MissingHeader)?;
+        let rollout_kind = match header.kind() {
+            pb::RolloutKind::Apply => RolloutKind::Apply,
+            pb::RolloutKind::Revert => RolloutKind::Revert,
+            pb::RolloutKind::Rebase => RolloutKind::Rebase,
+        };
         let command = Command {
             kind,
             rollout_id: header.rollout_id,
@@ -42,6 +47,7 @@ impl AgentService {
             epoch: header.epoch,
             ttl,
             process_id,
+            rollout_kind,
         };
         let Answer { ok, reason, processes } = self.reporter.participant().handle(command).await?;
         Ok((ok, reason, processes.into_iter().map(encode_outcome).collect()))

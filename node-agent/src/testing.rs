@@ -130,7 +130,14 @@ impl Runtimes for FakeRuntimes {
     }
 
     async fn step(&self, process_id: &str, step: Step, timeout: Duration) -> Result<StepReply, SessionError> {
-        let what = step.name();
+        // A revert's steps are counted apart ("revert-commit", ...).
+        let what = match (&step, step.name()) {
+            (Step::Revert(_), "prepare") => "revert-prepare",
+            (Step::Revert(_), "commit") => "revert-commit",
+            (Step::Revert(_), "abort") => "revert-abort",
+            (Step::Revert(_), _) => "revert-rollback",
+            (_, name) => name,
+        };
         if self.behave(process_id, what, timeout).await? == Behaviour::Fail {
             return Ok(StepReply { ok: false, error: format!("{what} failed in {process_id}"), ..Default::default() });
         }
@@ -142,6 +149,11 @@ impl Runtimes for FakeRuntimes {
         match &step {
             Step::Commit { patch_id } => stack.push(patch_id.clone()),
             Step::Rollback { patch_id } => stack.retain(|id| id != patch_id),
+            Step::Revert(inner) => match inner.as_ref() {
+                Step::Commit { patch_id } => stack.retain(|id| id != patch_id),
+                Step::Rollback { patch_id } if !stack.contains(patch_id) => stack.push(patch_id.clone()),
+                _ => {}
+            },
             _ => {}
         }
         self.set_stack(process_id, stack.clone());
@@ -149,13 +161,16 @@ impl Runtimes for FakeRuntimes {
     }
 
     async fn status(&self, process_id: &str, timeout: Duration) -> Result<LiveStatus, SessionError> {
-        self.behave(process_id, "status", timeout).await?;
+        // The answer describes the process as it was when asked: one held back
+        // (`Behaviour::Wait`) can arrive after a commit or rollback changed it.
         let stack = lock(&self.processes)
             .iter()
             .find(|p| p.process_id == process_id)
             .map(|p| p.patch_stack.clone())
             .unwrap_or_default();
-        Ok(LiveStatus { patch_stack: stack, live_digests: HashMap::new() })
+        self.behave(process_id, "status", timeout).await?;
+        let digest = format!("digest-of[{}]", stack.join(","));
+        Ok(LiveStatus { patch_stack: stack, live_digests: HashMap::from([("zone.combat".to_string(), digest)]) })
     }
 
     async fn health(&self, process_id: &str, _since: u64, timeout: Duration) -> Result<ProcessHealth, SessionError> {
@@ -192,6 +207,11 @@ pub(crate) fn bundle(body: &str) -> Bundle {
 
 /// A patch whose manifest names `parent` (None: a build's first patch).
 pub(crate) fn bundle_on(body: &str, parent: Option<&str>) -> Bundle {
+    bundle_touching(body, parent, "zone.combat")
+}
+
+/// [`bundle_on`] replacing `module`.
+pub(crate) fn bundle_touching(body: &str, parent: Option<&str>, module: &str) -> Bundle {
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         target_build: BUILD.into(),
@@ -202,7 +222,7 @@ pub(crate) fn bundle_on(body: &str, parent: Option<&str>) -> Bundle {
         created_at: "2026-12-01T00:00:00Z".into(),
         description: "test patch".into(),
     };
-    Bundle::create(manifest, vec![("zone.combat".into(), format!("def f():\n    return {body}\n"))]).expect("bundle")
+    Bundle::create(manifest, vec![(module.into(), format!("def f():\n    return {body}\n"))]).expect("bundle")
 }
 
 pub(crate) struct Rig {

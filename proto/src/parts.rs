@@ -112,6 +112,7 @@ mod tests {
                 patch_id: "p".into(),
                 modules: modules.iter().cloned().collect(),
                 parts: 0,
+                revert: false,
             })),
         };
         assert!(matches!(encode_frame(&whole), Err(FrameError::TooLarge { .. })), "one frame would be refused");

@@ -333,8 +333,8 @@ impl Scenario {
             }
             let mut agent = agent_client(&self.fleet.keys, &node.agent).await;
             // A status answers from the agent's cache for a process that is slow to
-            // answer, so right after a rollback it may still show the digests of a
-            // query answered before it: ask again (a few refreshes) before judging.
+            // answer; right after a rollback the process's digests are left out until
+            // it answers at its new stack: ask again (a few refreshes) before judging.
             let mut status = None;
             for attempt in 0..10 {
                 let now = agent.status(StatusRequest {}).await.expect("agent status").into_inner().node.expect("node");

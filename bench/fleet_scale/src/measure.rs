@@ -1,7 +1,8 @@
 //! What the benchmark reads about the coordinator process and its store:
 //! peak and current RSS, CPU seconds, bytes written (Linux `/proc`), the
-//! embedded store's file size, and etcd's revision and database size (its
-//! JSON gateway, with `curl`). A reading that is not available is `None`,
+//! embedded store's file size, etcd's revision and database size (its
+//! JSON gateway, with `curl`), and the coordinator's own count of store
+//! batches and bytes (its Prometheus metrics, with `curl`). A reading that is not available is `None`,
 //! never a made-up zero.
 
 use std::{path::Path, process::Command};
@@ -79,4 +80,51 @@ pub fn etcd_stats(url: &str) -> EtcdStats {
     // The gateway prints 64-bit integers as strings.
     let num = |v: &serde_json::Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
     EtcdStats { revision: num(&v["header"]["revision"]), db_bytes: num(&v["dbSize"]) }
+}
+
+/// The coordinator's store counters, from its `/metrics`: fenced batches
+/// written (every result) and bytes of records it encoded for the store.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct StoreCounters {
+    pub batches: Option<f64>,
+    pub bytes: Option<f64>,
+}
+
+pub fn store_counters(metrics_addr: &str) -> StoreCounters {
+    let out = Command::new("curl").args(["-s", "-m", "5", &format!("http://{metrics_addr}/metrics")]).output();
+    let Ok(out) = out else { return StoreCounters::default() };
+    parse_store_counters(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Sums the samples of `hotfleet_store_write_duration_seconds_count` and
+/// `hotfleet_store_written_bytes_total` over their labels.
+fn parse_store_counters(text: &str) -> StoreCounters {
+    let sum = |name: &str| {
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    };
+    StoreCounters {
+        batches: sum("hotfleet_store_write_duration_seconds_count"),
+        bytes: sum("hotfleet_store_written_bytes_total"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_counters_sum_over_labels() {
+        let text = "# TYPE x counter\n\
+            hotfleet_store_write_duration_seconds_count{backend=\"etcd\",result=\"ok\"} 40\n\
+            hotfleet_store_write_duration_seconds_count{backend=\"etcd\",result=\"error\"} 2\n\
+            hotfleet_store_write_duration_seconds_sum{backend=\"etcd\",result=\"ok\"} 0.5\n\
+            hotfleet_store_written_bytes_total{backend=\"etcd\"} 123456\n";
+        assert_eq!(parse_store_counters(text), StoreCounters { batches: Some(42.0), bytes: Some(123_456.0) });
+        assert_eq!(parse_store_counters(""), StoreCounters::default());
+    }
 }

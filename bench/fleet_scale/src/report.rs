@@ -46,6 +46,8 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
     let writes = med(runs, |r| Some((r.end.write_bytes? - r.idle.write_bytes?) as f64));
     let revisions = med(runs, |r| Some((r.etcd_end.revision? - r.etcd_idle.revision?) as f64));
     let store_bytes = med(runs, |r| r.store_bytes.map(|v| v as f64));
+    let batches = med(runs, |r| Some(r.counters_end.batches? - r.counters_idle.batches?));
+    let encoded = med(runs, |r| Some(r.counters_end.bytes? - r.counters_idle.bytes?));
     let lost = runs.iter().map(|r| r.rollout.lost + r.rollback.lost).max().unwrap_or(0);
     println!();
     println!("| nodes | store | runs | register | prepare | rollout | rollback | peak RSS | RSS idle | CPU s (2 rollouts) | written (2 rollouts) | etcd revisions | store size | lost |");
@@ -63,6 +65,11 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
         writes.map_or("n/a".into(), |v| format!("{:.1} MB", v / 1e6)),
         revisions.map_or("n/a".into(), |v| format!("{v:.0}")),
         store_bytes.map_or("n/a".into(), |v| format!("{:.1} MB", v / 1e6)),
+    );
+    println!(
+        "store, over the two rollouts (medians, the coordinator's metrics): {} batches, {} of records written",
+        batches.map_or("n/a".into(), |v| format!("{v:.0}")),
+        encoded.map_or("n/a".into(), |v| format!("{:.2} MB", v / 1e6)),
     );
     for (i, r) in runs.iter().enumerate() {
         match &r.nodes_list {

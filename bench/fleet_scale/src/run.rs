@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
-    measure::{dir_bytes, etcd_stats, proc_stats, EtcdStats, ProcStats},
+    measure::{dir_bytes, etcd_stats, proc_stats, store_counters, EtcdStats, ProcStats, StoreCounters},
     sim::{Calls, Faults, Fleet},
     timeline::{self, Timeline},
 };
@@ -67,6 +67,9 @@ pub struct RunResult {
     pub store_bytes: Option<u64>,
     pub etcd_idle: EtcdStats,
     pub etcd_end: EtcdStats,
+    /// The coordinator's store counters with the fleet registered and after both rollouts.
+    pub counters_idle: StoreCounters,
+    pub counters_end: StoreCounters,
 }
 
 async fn cli(layout: &Layout, url: &str, args: &[&str]) -> Result<(bool, String, String)> {
@@ -171,7 +174,13 @@ const FLEET_BACKLOG: u32 = 8192;
 
 /// A failed rollout's last events, each cut short (a gate failure lists every node).
 fn events(timeline: &crate::timeline::Timeline) -> String {
-    let cut = |m: &String| if m.len() > 300 { format!("{}...", &m[..m.floor_char_boundary(300)]) } else { m.clone() };
+    let cut = |m: &String| {
+        if m.chars().count() > 300 {
+            format!("{}...", m.chars().take(300).collect::<String>())
+        } else {
+            m.clone()
+        }
+    };
     timeline.last_events.iter().map(cut).collect::<Vec<_>>().join(" / ")
 }
 
@@ -199,6 +208,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         None => StoreSpec::Embedded,
     };
     let interval = format!("{}s", plan.heartbeat.as_secs().max(1));
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     // Plaintext: see bench/README.md (the simulated agents share one
     // listener, so they cannot each show a node's certificate).
     let coordinator = CoordinatorProc::start_insecure_on(
@@ -207,7 +217,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         &keys,
         free_port()?,
         &store,
-        &["--heartbeat-interval", &interval],
+        &["--heartbeat-interval", &interval, "--metrics-listen", &metrics_addr],
     )?;
     let url = coordinator.url();
     let (p1_path, p1) = build_patch(&layout, dir.as_path(), &keys, 1, None)?;
@@ -257,6 +267,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     }
     let idle = proc_stats(pid);
     let etcd_idle = etcd.as_ref().map(|e| etcd_stats(&e.url())).unwrap_or_default();
+    let counters_idle = store_counters(&metrics_addr);
 
     let first = rollout(plan, &layout, &url, &fleet, &p1).await?;
     if !first.timeline.completed || fleet.on_top(Some(&p1)) != plan.nodes {
@@ -278,6 +289,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     }
     let end = proc_stats(pid);
     let etcd_end = etcd.as_ref().map(|e| etcd_stats(&e.url())).unwrap_or_default();
+    let counters_end = store_counters(&metrics_addr);
     let store_bytes = match &etcd {
         Some(_) => etcd_end.db_bytes,
         None => dir_bytes(&coordinator.data_dir),
@@ -299,5 +311,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         store_bytes,
         etcd_idle,
         etcd_end,
+        counters_idle,
+        counters_end,
     })
 }

@@ -226,6 +226,7 @@ impl Engine {
             patch_id: state.rollout.patch_id.clone(),
             epoch: self.inner.fence.epoch,
             process_id: String::new(),
+            rollout_kind: state.rollout.spec.kind,
         }
     }
 
@@ -458,7 +459,7 @@ impl Engine {
             .registry
             .with_status(node, |status, heard_at_ms| {
                 let report = Pushed { status, heard_at_ms };
-                pushed::samples(report, &ns.baselines, &state.rollout.patch_id, now, fresh_ms)
+                pushed::samples(report, &ns.baselines, &state.rollout.patch_id, state.rollout.spec.kind, now, fresh_ms)
             })
             .flatten()
     }

@@ -36,7 +36,7 @@ use crate::{
     patches::audit,
     planner,
     registry::Registry,
-    rollout::{Changed, OperatorAction, ParseSpec, Phase, RolloutState},
+    rollout::{Changed, OperatorAction, ParseSpec, Phase, RolloutKind, RolloutState},
     store::{AuditEntry, Batch, Fence, FreezeRecord, StackEntry, Store, StoreError, Write},
 };
 
@@ -238,7 +238,17 @@ impl Engine {
         for write in extra {
             batch.push(write);
         }
-        if next.rollout.phase == Phase::Completed && guard.rollout.phase != Phase::Completed {
+        if next.rollout.phase == Phase::Completed
+            && guard.rollout.phase != Phase::Completed
+            && next.rollout.spec.kind == RolloutKind::Revert
+        {
+            // A completed revert leaves the stack in the same transaction:
+            // processes that start later get the stack without it.
+            batch.push(Write::DropStack {
+                target_build: next.rollout.target_build.clone(),
+                patch_id: next.rollout.patch_id.clone(),
+            });
+        } else if next.rollout.phase == Phase::Completed && guard.rollout.phase != Phase::Completed {
             // The patch joins the fleet's stack in the same transaction that
             // completes the rollout: late-starting processes never miss it.
             let patch = self.inner.store.patch(&next.rollout.patch_id).await?;
@@ -322,7 +332,7 @@ impl Engine {
         let spec = spec.parse()?;
         // An unstored bundle's parent is not known here (its dry run plans the waves only).
         if let Some(patch) = &stored {
-            crate::stack::check_parent(&self.inner.store.patch_stack(&target_build).await?, patch)?;
+            crate::stack::check_start(self.inner.store.as_ref(), patch, spec.kind).await?;
         }
         spec.check_prepare_ttl(self.inner.registry.heartbeat_interval())?;
         spec.check_start_at(now_ms())?;
@@ -365,7 +375,12 @@ impl Engine {
             return Ok(state);
         }
         let nodes: Vec<_> = state.nodes.values().cloned().collect();
-        let detail = format!("patch {} on {} node(s)", state.rollout.patch_id, nodes.len());
+        let what = match state.rollout.spec.kind {
+            RolloutKind::Apply => "patch",
+            RolloutKind::Revert => "revert of patch",
+            RolloutKind::Rebase => "rebased patch",
+        };
+        let detail = format!("{what} {} on {} node(s)", state.rollout.patch_id, nodes.len());
         let batch =
             Batch::rollout(&state.rollout, nodes).with(Write::Audit(audit(actor, "rollout.start", &id, detail, true)));
         self.inner.store.write(self.inner.fence, batch).await?;

@@ -16,7 +16,10 @@ use std::collections::BTreeMap;
 
 use crate::{
     node::NodeStatus,
-    rollout::health::{Baseline, Sample},
+    rollout::{
+        health::{Baseline, Sample},
+        RolloutKind,
+    },
 };
 
 /// The newest pushed report about a node, as the registry holds it.
@@ -32,6 +35,7 @@ pub fn samples(
     report: Pushed<'_>,
     baselines: &BTreeMap<String, Baseline>,
     patch_id: &str,
+    kind: RolloutKind,
     now_ms: u64,
     fresh_ms: u64,
 ) -> Option<Vec<Sample>> {
@@ -41,8 +45,8 @@ pub fn samples(
     let mut samples = Vec::with_capacity(baselines.len());
     for (process_id, base) in baselines {
         let process = report.status.processes.iter().find(|p| &p.process_id == process_id)?;
-        // A report from before the commit says nothing about the patch.
-        if !process.patch_stack.iter().any(|p| p == patch_id) {
+        // A report from before the commit says nothing about the change.
+        if !kind.done_on(&process.patch_stack, patch_id) {
             return None;
         }
         let health = process.health.as_ref()?;
@@ -94,10 +98,14 @@ mod tests {
         NodeStatus { node_id: "n1".into(), processes: vec![process], ..Default::default() }
     }
 
+    /// The samples a report of `status` heard at 1 s gives at `now_ms` (fresh for 4 s).
+    fn from(status: &NodeStatus, exceptions_total: u64, kind: RolloutKind, now_ms: u64) -> Option<Vec<Sample>> {
+        samples(Pushed { status, heard_at_ms: 1_000 }, &baselines(exceptions_total), "b", kind, now_ms, 4_000)
+    }
+
     #[test]
     fn a_fresh_report_with_the_patch_counts_exceptions_from_the_baseline() {
-        let s = status(&["a", "b"], 5);
-        let got = samples(Pushed { status: &s, heard_at_ms: 1_000 }, &baselines(3), "b", 1_500, 4_000).expect("usable");
+        let got = from(&status(&["a", "b"], 5), 3, RolloutKind::Apply, 1_500).expect("usable");
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].exceptions_since, got[0].pid, got[0].alive, got[0].reachable), (2, 7, true, true));
     }
@@ -105,16 +113,19 @@ mod tests {
     #[test]
     fn a_stale_or_pre_commit_report_or_a_missing_process_means_a_poll() {
         let s = status(&["a", "b"], 0);
-        let stale = Pushed { status: &s, heard_at_ms: 1_000 };
-        assert!(samples(stale, &baselines(0), "b", 6_000, 4_000).is_none(), "stale");
-        let before = status(&["a"], 0);
-        assert!(samples(Pushed { status: &before, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
+        assert!(from(&s, 0, RolloutKind::Apply, 6_000).is_none(), "stale");
+        assert!(from(&status(&["a"], 0), 0, RolloutKind::Apply, 1_000).is_none(), "before the commit");
         let mut gone = status(&["a", "b"], 0);
         gone.processes[0].process_id = "p2".into();
-        assert!(samples(Pushed { status: &gone, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
+        assert!(from(&gone, 0, RolloutKind::Apply, 1_000).is_none());
         let mut silent = status(&["a", "b"], 0);
         silent.processes[0].health = None;
-        assert!(samples(Pushed { status: &silent, heard_at_ms: 1_000 }, &baselines(0), "b", 1_000, 4_000).is_none());
-        assert!(samples(Pushed { status: &s, heard_at_ms: 1_000 }, &BTreeMap::new(), "b", 1_000, 4_000).is_none());
+        assert!(from(&silent, 0, RolloutKind::Apply, 1_000).is_none());
+        let nothing =
+            samples(Pushed { status: &s, heard_at_ms: 1_000 }, &BTreeMap::new(), "b", RolloutKind::Apply, 1_000, 4_000);
+        assert!(nothing.is_none(), "no baseline");
+        // A revert is done where the patch is gone: the report from before it says nothing.
+        assert!(from(&status(&["a"], 0), 0, RolloutKind::Revert, 1_000).is_some());
+        assert!(from(&s, 0, RolloutKind::Revert, 1_000).is_none());
     }
 }

@@ -56,6 +56,8 @@ struct FakeAgents {
     /// Commands being answered now, and the most at any moment.
     busy: AtomicU64,
     most_busy: AtomicU64,
+    /// The rollout kind every command named, in send order.
+    kinds: Mutex<Vec<crate::rollout::RolloutKind>>,
 }
 
 /// Counts a command as busy while it lives.
@@ -85,6 +87,7 @@ impl FakeAgents {
     }
 
     fn record(&self, kind: &str, to: &Target, cmd: &Command) {
+        self.kinds.lock().expect("lock").push(cmd.rollout_kind);
         self.log.lock().expect("lock").push((kind.into(), to.node_id.clone(), cmd.epoch));
     }
 
@@ -351,6 +354,48 @@ async fn a_fan_out_starts_no_more_calls_at_once_than_the_client_runs() {
     assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
     assert_eq!(f.agents.sent("prepare").len(), 6);
     assert_eq!(f.agents.most_busy.load(Ordering::SeqCst), 2, "six slow prepares, two at a time");
+}
+
+#[tokio::test]
+async fn a_revert_is_a_rollout_of_its_own_kind_that_takes_the_patch_off_the_stack() {
+    use crate::rollout::RolloutKind;
+    let f = fixture(3).await;
+    let revert = || WireSpec { kind: hotfleet_proto::v1::RolloutKind::Revert.into(), ..request() };
+    // Nothing to revert yet: refused before any node is touched, naming the empty stack.
+    let err = f.engine.start(revert(), "alice", false).await.expect_err("not on the stack").to_string();
+    assert!(err.contains("is not on build b1's patch stack (it is empty)"), "{err}");
+    assert!(f.agents.log().is_empty());
+
+    let id = f.engine.start(request(), "alice", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    let applied = f.agents.log().len();
+    let state = f.engine.start(revert(), "bob", false).await.expect("revert");
+    assert_eq!(state.rollout.spec.kind, RolloutKind::Revert);
+    let done = finish(&f.engine, &state.rollout.id).await;
+    assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
+    assert!(done.nodes.values().all(|n| n.observed == Observed::Committed), "the revert committed everywhere");
+
+    let kinds = f.agents.kinds.lock().expect("lock").clone();
+    assert!(kinds[..applied].iter().all(|k| *k == RolloutKind::Apply));
+    assert!(kinds[applied..].iter().all(|k| *k == RolloutKind::Revert), "every command of the revert says so");
+    assert!(f.engine.inner.store.patch_stack(BUILD).await.expect("stack").is_empty(), "off the stack");
+    let audit = f.engine.inner.store.audit(10, None).await.expect("audit");
+    assert!(audit.iter().any(|a| a.action == "rollout.start" && a.detail.starts_with("revert of patch")));
+}
+
+#[tokio::test]
+async fn a_revert_rolled_back_leaves_the_patch_on_the_stack() {
+    let f = fixture(3).await;
+    let id = f.engine.start(request(), "alice", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    f.agents.set("n2", Behaviour { commit_fail: true, ..Default::default() });
+    let revert = WireSpec { kind: hotfleet_proto::v1::RolloutKind::Revert.into(), ..request() };
+    let id = f.engine.start(revert, "bob", false).await.expect("revert").rollout.id;
+    let done = finish(&f.engine, &id).await;
+    rolled_back(&done);
+    assert!(!f.agents.sent("rollback").is_empty(), "the revert itself was rolled back");
+    let stack = f.engine.inner.store.patch_stack(BUILD).await.expect("stack");
+    assert_eq!(stack.iter().map(|e| e.patch_id.as_str()).collect::<Vec<_>>(), [PATCH]);
 }
 
 #[tokio::test]
@@ -824,6 +869,41 @@ async fn the_sweeper_never_expires_a_node_a_live_rollout_holds_and_forgets_it_af
     let kept = f.engine.inner.store.audit(1000, None).await.expect("audit");
     assert_eq!(kept.len(), 2);
     assert_eq!(kept[0].action, "node.expire", "the newest stay");
+}
+
+#[tokio::test]
+async fn the_sweeper_compacts_finished_rollouts_only_and_they_read_back_the_same() {
+    let f = fixture(3).await;
+    let store = f.engine.inner.store.clone();
+    let done_id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &done_id).await.rollout.phase, Phase::Completed);
+    let before = store.rollout_nodes(&done_id).await.expect("nodes");
+    assert!(before.values().any(|n| !n.baselines.is_empty()), "a finished rollout keeps its baselines until compacted");
+    let mut req = request();
+    req.pause_before = vec!["wave-1".into()];
+    let live_id = f.engine.start(req, "a", false).await.expect("start").rollout.id;
+    wait_for(&f.engine, &live_id, Duration::from_secs(5), |s| s.waiting_reason(false).is_some()).await;
+    let live_before = store.rollout_nodes(&live_id).await.expect("nodes");
+    let sweeper = crate::sweeper::Sweeper {
+        registry: f.registry.clone(),
+        engine: f.engine.clone(),
+        store: store.clone(),
+        fence: f.engine.inner.fence,
+        node_expiry: Duration::from_secs(3600),
+        audit: Default::default(),
+    };
+    let mut done = HashSet::new();
+    assert_eq!(sweeper.compact_finished(&mut done).await, 1);
+    assert_eq!(done, HashSet::from([done_id.clone()]));
+    // Every node still answers its final state, without the baselines.
+    let expected: BTreeMap<String, _> = before.iter().map(|(id, n)| (id.clone(), n.summary())).collect();
+    assert_eq!(store.rollout_nodes(&done_id).await.expect("nodes"), expected);
+    let got = f.engine.get(&done_id).await.expect("get");
+    assert_eq!(got.nodes.values().filter(|n| n.observed == Observed::Committed).count(), 3);
+    // The live rollout is untouched, asked directly or by a new term's sweep.
+    assert!(!store.compact_rollout(f.engine.inner.fence, &live_id).await.expect("compact"));
+    assert_eq!(sweeper.compact_finished(&mut HashSet::new()).await, 0, "nothing left to fold");
+    assert_eq!(store.rollout_nodes(&live_id).await.expect("nodes"), live_before);
 }
 
 /// Heartbeats like a real agent: every 20 ms each node reports its process's

@@ -8,7 +8,7 @@ use crate::{
     node::{NodeStatus, PreparedPatch, ProcessHealth, ProcessStatus},
     patch_plan::PatchPlan,
     reads::{NodeListing, NodesSummary},
-    rollout::{Phase, RolloutState},
+    rollout::{Phase, RolloutKind, RolloutState},
     stack::StackLine,
     store::{AuditEntry, FreezeRecord, PatchRecord},
 };
@@ -235,6 +235,12 @@ pub fn rollout(s: &RolloutState, frozen: bool) -> pb::Rollout {
             start_at_ms: spec.start_at_ms,
             windows: spec.windows.windows.iter().map(|w| w.to_string()).collect(),
             window_tz: if spec.windows.is_empty() { String::new() } else { spec.windows.tz.clone() },
+            kind: match spec.kind {
+                RolloutKind::Apply => pb::RolloutKind::Apply,
+                RolloutKind::Revert => pb::RolloutKind::Revert,
+                RolloutKind::Rebase => pb::RolloutKind::Rebase,
+            }
+            .into(),
         }),
         target_build: r.target_build.clone(),
         phase: phase(&r.phase) as i32,

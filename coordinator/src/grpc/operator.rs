@@ -129,7 +129,12 @@ impl Coordinator for OperatorService {
         bounded("patch_id", &req.patch_id, MAX_ID)?;
         bounded("node_id", &req.node_id, MAX_ID)?;
         bounded("process_id", &req.process_id, MAX_ID)?;
-        let ask = PlanRequest { patch_id: &req.patch_id, node_id: &req.node_id, process_id: &req.process_id };
+        let ask = PlanRequest {
+            patch_id: &req.patch_id,
+            node_id: &req.node_id,
+            process_id: &req.process_id,
+            rollout_kind: crate::rollout::RolloutKind::Apply,
+        };
         let plan = self.leader()?.plan_patch(ask, &who).await?;
         Ok(Response::new(convert::patch_plan(plan)))
     }

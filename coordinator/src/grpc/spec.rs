@@ -10,7 +10,7 @@ use hotfleet_proto::v1 as pb;
 use crate::{
     input,
     planner::PlanError,
-    rollout::{health::GateConfig, window::Windows, ParseSpec, RolloutSpec},
+    rollout::{health::GateConfig, window::Windows, ParseSpec, RolloutKind, RolloutSpec},
 };
 
 fn given<T: Default + PartialEq>(value: T) -> Option<T> {
@@ -30,6 +30,11 @@ impl ParseSpec for pb::RolloutSpec {
         input::count("waves", self.waves.len(), input::MAX_STEPS)?;
         input::count("pause_before", self.pause_before.len(), input::MAX_STEPS)?;
         input::text("description", &self.description, input::MAX_DESCRIPTION)?;
+        let kind = match self.kind() {
+            pb::RolloutKind::Apply => RolloutKind::Apply,
+            pb::RolloutKind::Revert => RolloutKind::Revert,
+            pb::RolloutKind::Rebase => RolloutKind::Rebase,
+        };
         let defaults = RolloutSpec::new(self.patch_id);
         let waves = (!self.waves.is_empty()).then_some(self.waves.as_slice());
         let spec = defaults.with_text(Some(&self.selector), given_text(&self.canary), waves)?;
@@ -46,6 +51,7 @@ impl ParseSpec for pb::RolloutSpec {
             description: self.description,
             start_at_ms: self.start_at_ms,
             windows: Windows::parse(&self.windows, &self.window_tz)?,
+            kind,
             ..spec
         };
         spec.validate()?;
@@ -102,6 +108,7 @@ mod tests {
             start_at_ms: 1_798_000_000_000,
             windows: vec!["02:00-05:00 mon-fri".into()],
             window_tz: "Europe/Berlin".into(),
+            kind: pb::RolloutKind::Revert.into(),
         };
         let spec = wire.parse().expect("parse");
         assert_eq!(spec.selector.to_string(), "zone=a");
@@ -113,5 +120,6 @@ mod tests {
         assert_eq!(spec.pause_before, ["wave-2"]);
         assert_eq!(spec.start_at_ms, 1_798_000_000_000);
         assert_eq!(spec.windows.to_string(), "02:00-05:00 mon,tue,wed,thu,fri Europe/Berlin");
+        assert_eq!(spec.kind, RolloutKind::Revert);
     }
 }

@@ -117,6 +117,13 @@ impl Store for TermStore {
         result
     }
 
+    async fn compact_rollout(&self, fence: Fence, rollout_id: &str) -> Result<bool, StoreError> {
+        self.check(fence)?;
+        let result = self.inner.compact_rollout(fence, rollout_id).await;
+        self.fenced(&result);
+        result
+    }
+
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.inner.nodes().await
     }

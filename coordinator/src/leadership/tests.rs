@@ -371,6 +371,7 @@ async fn no_command_leaves_once_the_lease_expired() {
         patch_id: "p".into(),
         epoch: 5,
         process_id: String::new(),
+        rollout_kind: Default::default(),
     };
     let d = Duration::from_secs(1);
     agents.send(&to, &cmd, d).await.expect("sent while leading");

@@ -22,7 +22,7 @@ mod spec;
 pub mod window;
 
 pub use operator::OperatorAction;
-pub use spec::{ParseSpec, RolloutSpec};
+pub use spec::{ParseSpec, RolloutKind, RolloutSpec};
 
 use std::collections::BTreeMap;
 
@@ -194,6 +194,15 @@ pub struct NodeState {
     pub updated_at_ms: u64,
 }
 
+impl NodeState {
+    /// What a finished rollout keeps of this node ([`crate::store::Store::compact_rollout`]):
+    /// everything shown about it, without the per-process health baselines
+    /// and window marks only a running health gate needs.
+    pub fn summary(&self) -> NodeState {
+        NodeState { baselines: BTreeMap::new(), window_start: BTreeMap::new(), ..self.clone() }
+    }
+}
+
 /// The persisted rollout record (node states live beside it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
@@ -243,6 +252,22 @@ impl Rollout {
             let excess = self.events.len() - MAX_EVENTS;
             self.events.drain(..excess);
         }
+    }
+}
+
+/// Nodes a step's line in the "staged by" event names one by one.
+const EVENT_NODES: usize = 10;
+
+/// A step as the "staged by" event shows it: its nodes by name while they
+/// are few, else their count and the first and last. The event is part of
+/// the rollout record, rewritten on every transition; the full plan is in
+/// the steps (stored once).
+fn step_text(step: &Step) -> String {
+    match step.nodes.as_slice() {
+        [first, .., last] if step.nodes.len() > EVENT_NODES => {
+            format!("{}: {} nodes ({first} … {last})", step.name, step.nodes.len())
+        }
+        nodes => format!("{}: {}", step.name, nodes.join(",")),
     }
 }
 
@@ -347,8 +372,7 @@ impl RolloutState {
             generation: 0,
             events: Vec::new(),
         };
-        let plan_text: Vec<String> =
-            rollout.steps.iter().map(|s| format!("{}: {}", s.name, s.nodes.join(","))).collect();
+        let plan_text: Vec<String> = rollout.steps.iter().map(step_text).collect();
         rollout.event(now_ms, format!("staged by {created_by}: {}", plan_text.join(" | ")));
         for merged in plan.merged {
             rollout.event(now_ms, format!("{MERGED_EVENT}{merged}"));

@@ -13,6 +13,39 @@ use crate::{
     planner::{PlanError, Selector, Size},
 };
 
+/// What a rollout does with its patch. One engine path for all three: the
+/// same planner, waves, health gates, two-phase commit and automatic
+/// rollback; only where the patch goes on (or comes off) the stack differs
+/// (checked by [`crate::stack`] at start, and by every agent again).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutKind {
+    /// On top of the build's stack (its manifest names the top as parent).
+    #[default]
+    Apply,
+    /// Off the build's stack (`rollout revert`): each process restores the
+    /// sources beneath the patch; on completion the stack no longer holds it.
+    Revert,
+    /// On top although its parent is an ancestor of the top (`--rebase`):
+    /// the patches above that parent touch none of its modules.
+    Rebase,
+}
+
+impl RolloutKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RolloutKind::Apply => "apply",
+            RolloutKind::Revert => "revert",
+            RolloutKind::Rebase => "rebase",
+        }
+    }
+
+    /// Whether a process whose stack is `stack` shows the change done.
+    pub fn done_on(self, stack: &[String], patch_id: &str) -> bool {
+        stack.iter().any(|p| p == patch_id) != (self == RolloutKind::Revert)
+    }
+}
+
 /// What an operator asked for, with defaults applied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutSpec {
@@ -38,6 +71,9 @@ pub struct RolloutSpec {
     /// scheduled: stored, listed, cancellable, nothing sent.
     #[serde(default)]
     pub start_at_ms: u64,
+    /// Apply (the default), revert or rebase.
+    #[serde(default)]
+    pub kind: RolloutKind,
 }
 
 impl RolloutSpec {
@@ -141,6 +177,7 @@ impl RolloutSpec {
             description: String::new(),
             start_at_ms: 0,
             windows: Windows::default(),
+            kind: RolloutKind::Apply,
         }
     }
 
@@ -233,6 +270,20 @@ mod tests {
             let err = spec.validate().expect_err("out of bounds");
             assert!(err.to_string().len() < 200, "{err}");
         }
+    }
+
+    #[test]
+    fn a_revert_is_done_where_the_patch_is_gone_the_others_where_it_runs() {
+        let stack = ["a".to_string(), "b".to_string()];
+        assert!(RolloutKind::Apply.done_on(&stack, "b") && RolloutKind::Rebase.done_on(&stack, "a"));
+        assert!(!RolloutKind::Apply.done_on(&stack, "c"));
+        assert!(RolloutKind::Revert.done_on(&stack, "c") && !RolloutKind::Revert.done_on(&stack, "b"));
+        assert_eq!(serde_json::to_string(&RolloutKind::Revert).expect("json"), "\"revert\"");
+        let old: RolloutSpec = serde_json::from_str(
+            &serde_json::to_string(&RolloutSpec::new("p")).expect("json").replace(",\"kind\":\"apply\"", ""),
+        )
+        .expect("a spec stored before kinds existed");
+        assert_eq!(old.kind, RolloutKind::Apply);
     }
 
     #[test]

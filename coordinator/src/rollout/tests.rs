@@ -22,6 +22,7 @@ fn spec(pause_before: &[&str], max_unhealthy: u32) -> RolloutSpec {
         description: String::new(),
         start_at_ms: 0,
         windows: Default::default(),
+        kind: Default::default(),
     }
 }
 
@@ -477,4 +478,12 @@ fn outside_its_windows_a_rollout_starts_no_new_step_and_says_when_the_next_opens
     // A running health window, a commit in flight and a rollback are never held by a window.
     assert!(matches!(windowed("watching").next_action_at(false, 25_000), Action::Watch { .. }));
     assert!(matches!(windowed("committing").next_action_at(false, 25_000), Action::Commit { .. }));
+}
+
+#[test]
+fn the_staged_event_names_few_nodes_and_counts_many() {
+    let state = new_state(&[], 0);
+    assert_eq!(state.rollout.events[0].message, "staged by alice: canary: n1 | wave-1: n2,n3 | wave-2: n4,n5");
+    let big = Step { name: "wave-1".into(), nodes: (0..2000).map(|i| format!("n{i}")).collect(), pause_before: false };
+    assert_eq!(step_text(&big), "wave-1: 2000 nodes (n0 … n1999)");
 }

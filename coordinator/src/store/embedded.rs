@@ -17,8 +17,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::{
-    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError,
-    Write, AUDIT_TRIM_BATCH,
+    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, RolloutPlan, StackEntry, Store,
+    StoreError, Write, AUDIT_TRIM_BATCH,
 };
 use crate::rollout::{NodeState, Rollout};
 
@@ -27,8 +27,13 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const PATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("patches");
 const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("patch_bundles");
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+/// A rollout's plan ([`RolloutPlan`]), apart from its often rewritten record.
+const ROLLOUT_PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollout_plans");
 /// Key: `<rollout id>/<node id>`; a rollout's nodes are one key range.
 const ROLLOUT_NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("rollout_nodes");
+/// Rollouts whose node states were compacted (value: when, Unix ms), so a
+/// sweep does not read a finished rollout's nodes again.
+const COMPACTED: TableDefinition<&str, u64> = TableDefinition::new("rollouts_compacted");
 const STACKS: TableDefinition<&str, &[u8]> = TableDefinition::new("patch_stacks");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const SINGLETONS: TableDefinition<&str, &[u8]> = TableDefinition::new("singletons");
@@ -79,7 +84,9 @@ impl EmbeddedStore {
                 txn.open_table(PATCHES)?;
                 txn.open_table(BUNDLES)?;
                 txn.open_table(ROLLOUTS)?;
+                txn.open_table(ROLLOUT_PLANS)?;
                 txn.open_table(ROLLOUT_NODES)?;
+                txn.open_table(COMPACTED)?;
                 txn.open_table(STACKS)?;
                 txn.open_table(AUDIT)?;
                 txn.open_table(SINGLETONS)?;
@@ -139,6 +146,23 @@ impl EmbeddedStore {
     }
 }
 
+/// A write transaction, if `fence` still owns the store. The fence check
+/// and the writes share it: nothing can bump the epoch in between (redb has a
+/// single writer at a time).
+fn fenced_write(db: &Database, fence: Fence) -> Result<redb::WriteTransaction, StoreError> {
+    let txn = db.begin_write().map_err(backend)?;
+    let current = {
+        let meta = txn.open_table(META).map_err(backend)?;
+        let current = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0);
+        current
+    };
+    if current != fence.epoch {
+        txn.abort().map_err(backend)?;
+        return Err(StoreError::Fenced { ours: fence.epoch, current });
+    }
+    Ok(txn)
+}
+
 fn rollout_node_key(rollout_id: &str, node_id: &str) -> String {
     format!("{rollout_id}/{node_id}")
 }
@@ -166,8 +190,17 @@ fn apply(txn: &redb::WriteTransaction, batch: Batch) -> Result<Vec<u64>, StoreEr
                 crate::telemetry::store_wrote("embedded", bundle.len());
             }
             Write::PutRollout(rollout) => {
+                let (record, plan) = RolloutPlan::split(&rollout);
+                let plan = serde_json::to_vec(&plan).map_err(backend)?;
+                let mut plans = txn.open_table(ROLLOUT_PLANS).map_err(backend)?;
+                let same =
+                    plans.get(rollout.id.as_str()).map_err(backend)?.is_some_and(|v| v.value() == plan.as_slice());
+                if !same {
+                    crate::telemetry::store_wrote("embedded", plan.len());
+                    plans.insert(rollout.id.as_str(), plan.as_slice()).map_err(backend)?;
+                }
                 let mut t = txn.open_table(ROLLOUTS).map_err(backend)?;
-                t.insert(rollout.id.as_str(), encode(&rollout)?.as_slice()).map_err(backend)?;
+                t.insert(rollout.id.as_str(), encode(&record)?.as_slice()).map_err(backend)?;
             }
             Write::PutRolloutNodes { rollout_id, nodes } => {
                 let mut t = txn.open_table(ROLLOUT_NODES).map_err(backend)?;
@@ -186,6 +219,17 @@ fn apply(txn: &redb::WriteTransaction, batch: Batch) -> Result<Vec<u64>, StoreEr
                 if !stack.iter().any(|e| e.patch_id == entry.patch_id) {
                     stack.push(entry);
                     t.insert(key.as_str(), encode(&stack)?.as_slice()).map_err(backend)?;
+                }
+            }
+            Write::DropStack { target_build, patch_id } => {
+                let mut t = txn.open_table(STACKS).map_err(backend)?;
+                let stack: Option<Vec<StackEntry>> = match t.get(target_build.as_str()).map_err(backend)? {
+                    Some(v) => Some(decode(&target_build, v.value())?),
+                    None => None,
+                };
+                if let Some(mut stack) = stack.filter(|s| s.iter().any(|e| e.patch_id == patch_id)) {
+                    stack.retain(|e| e.patch_id != patch_id);
+                    t.insert(target_build.as_str(), encode(&stack)?.as_slice()).map_err(backend)?;
                 }
             }
             Write::Audit(mut entry) => {
@@ -224,18 +268,7 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            // The fence check and the writes share one transaction: nothing can
-            // bump the epoch in between (redb has a single writer at a time).
-            let current = {
-                let meta = txn.open_table(META).map_err(backend)?;
-                let current = meta.get(EPOCH_KEY).map_err(backend)?.map(|v| v.value()).unwrap_or(0);
-                current
-            };
-            if current != fence.epoch {
-                txn.abort().map_err(backend)?;
-                return Err(StoreError::Fenced { ours: fence.epoch, current });
-            }
+            let txn = fenced_write(db, fence)?;
             let seqs = apply(&txn, batch)?;
             txn.commit().map_err(backend)?;
             Ok(seqs)
@@ -266,11 +299,38 @@ impl Store for EmbeddedStore {
     }
 
     async fn rollout(&self, rollout_id: &str) -> Result<Option<Rollout>, StoreError> {
-        self.read_one(ROLLOUTS, rollout_id).await
+        let id = rollout_id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let records = txn.open_table(ROLLOUTS).map_err(backend)?;
+            let plans = txn.open_table(ROLLOUT_PLANS).map_err(backend)?;
+            let Some(record) = records.get(id.as_str()).map_err(backend)? else { return Ok(None) };
+            let plan = match plans.get(id.as_str()).map_err(backend)? {
+                Some(plan) => Some(decode(&format!("plan {id}"), plan.value())?),
+                None => None,
+            };
+            Ok(Some(RolloutPlan::join(decode(&id, record.value())?, plan)))
+        })
+        .await
     }
 
     async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        self.read_all(ROLLOUTS).await
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let records = txn.open_table(ROLLOUTS).map_err(backend)?;
+            let plans = txn.open_table(ROLLOUT_PLANS).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in records.iter().map_err(backend)? {
+                let (key, value) = row.map_err(backend)?;
+                let plan = match plans.get(key.value()).map_err(backend)? {
+                    Some(plan) => Some(decode(&format!("plan {}", key.value()), plan.value())?),
+                    None => None,
+                };
+                out.push(RolloutPlan::join(decode(key.value(), value.value())?, plan));
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn rollout_nodes(&self, rollout_id: &str) -> Result<BTreeMap<String, NodeState>, StoreError> {
@@ -349,6 +409,51 @@ impl Store for EmbeddedStore {
 
     async fn freeze(&self) -> Result<Option<FreezeRecord>, StoreError> {
         self.read_one(SINGLETONS, FREEZE_KEY).await
+    }
+
+    async fn compact_rollout(&self, fence: Fence, rollout_id: &str) -> Result<bool, StoreError> {
+        let id = rollout_id.to_string();
+        self.blocking(move |db| {
+            let txn = fenced_write(db, fence)?;
+            let finished = {
+                let rollouts = txn.open_table(ROLLOUTS).map_err(backend)?;
+                let compacted = txn.open_table(COMPACTED).map_err(backend)?;
+                let rollout: Option<Rollout> = match rollouts.get(id.as_str()).map_err(backend)? {
+                    Some(value) => Some(decode(&id, value.value())?),
+                    None => None,
+                };
+                let done = compacted.get(id.as_str()).map_err(backend)?.is_some();
+                !done && rollout.is_some_and(|r| r.phase.is_terminal())
+            };
+            if !finished {
+                txn.abort().map_err(backend)?;
+                return Ok(false);
+            }
+            {
+                let prefix = format!("{id}/");
+                let mut table = txn.open_table(ROLLOUT_NODES).map_err(backend)?;
+                let mut folded = Vec::new();
+                for row in table.range(prefix.as_str()..).map_err(backend)? {
+                    let (key, value) = row.map_err(backend)?;
+                    if !key.value().starts_with(&prefix) {
+                        break;
+                    }
+                    let node: NodeState = decode(key.value(), value.value())?;
+                    let summary = node.summary();
+                    if summary != node {
+                        folded.push((key.value().to_string(), summary));
+                    }
+                }
+                for (key, summary) in folded {
+                    table.insert(key.as_str(), encode(&summary)?.as_slice()).map_err(backend)?;
+                }
+                let mut compacted = txn.open_table(COMPACTED).map_err(backend)?;
+                compacted.insert(id.as_str(), crate::clock::now_ms()).map_err(backend)?;
+            }
+            txn.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
     }
 }
 
@@ -475,8 +580,16 @@ mod tests {
         for _ in 0..2 {
             store.write(fence, Batch::new().with(Write::PushStack(entry.clone()))).await.expect("push");
         }
-        assert_eq!(store.patch_stack("b1").await.expect("stack"), vec![entry]);
+        assert_eq!(store.patch_stack("b1").await.expect("stack"), vec![entry.clone()]);
         assert!(store.patch_stack("other").await.expect("stack").is_empty());
+        // A completed revert takes it off, once (a resumed completion changes nothing).
+        let second = StackEntry { patch_id: "p2".into(), ..entry.clone() };
+        store.write(fence, Batch::new().with(Write::PushStack(second.clone()))).await.expect("push");
+        for _ in 0..2 {
+            let drop = Write::DropStack { target_build: "b1".into(), patch_id: "p1".into() };
+            store.write(fence, Batch::new().with(drop)).await.expect("drop");
+        }
+        assert_eq!(store.patch_stack("b1").await.expect("stack"), vec![second]);
 
         let freeze = FreezeRecord { reason: "incident".into(), by: "sre".into(), since_ms: 9 };
         store.write(fence, Batch::new().with(Write::SetFreeze(Some(freeze.clone())))).await.expect("freeze");

@@ -9,8 +9,11 @@
 //! | `P nodes/<node>` | [`NodeRecord`] |
 //! | `P patches/<id>` | [`PatchRecord`] |
 //! | `P bundles/<id>/meta`, `P bundles/<id>/chunk-<i>` | bundle size + sha256, then the bytes in chunks of at most [`CHUNK_BYTES`] |
-//! | `P rollouts/<id>` | [`Rollout`] |
-//! | `P rollout-nodes/<id>/<shard>` | `{node id: NodeState}` of the rollout's nodes hashing to that shard ([`NODE_SHARDS`] shards) |
+//! | `P rollouts/<id>` | [`Rollout`] without its plan (rewritten on every transition; a record written before plans were stored apart carries its own) |
+//! | `P rollout-plans/<id>` | the rollout's plan, `RolloutPlan` (its steps and skipped nodes: fixed at the start, written once per leader) |
+//! | `P rollout-nodes/<id>/n/<node>` | [`NodeState`] of one node of the rollout: written only when that node's state changed |
+//! | `P rollout-nodes/<id>/s/<i>` (5 digits) | a finished rollout's node states once compacted ([`Store::compact_rollout`]): `{node id: NodeState}` without baselines, at most [`SUMMARY_CHUNK_BYTES`] each |
+//! | `P rollout-nodes/<id>/<shard>` (2 digits) | the previous layout (read, never written): `{node id: NodeState}` of the nodes hashing to that shard |
 //! | `P stacks/<build>` | the build's patch stack, `[StackEntry]` |
 //! | `P audit/<seq>` (20 digits), `P audit-seq` | [`AuditEntry`]s and the last sequence number |
 //! | `P freeze` | [`FreezeRecord`] |
@@ -29,15 +32,33 @@
 //! chunk its own fenced transaction, *before* the batch that stores the patch
 //! record; a patch exists only once its record does (a coordinator dying in
 //! between leaves invisible, content-addressed chunks that the next push
-//! overwrites). A rollout's node states live in at most [`NODE_SHARDS`] keys,
-//! so a step's batch is at most ~25 operations however many nodes it moves.
-//! Its byte size is what bounds a rollout: every node state of a rollout fits
-//! one request (a few thousand nodes at etcd's default limit, see the README);
-//! a batch over the limit is refused here with a clear error, never half-sent.
+//! overwrites).
+//!
+//! **Node states, one key per node.** A step writes the states of the nodes it
+//! changed and nothing else, so the bytes a rollout writes grow with what
+//! changed (not nodes × steps, as the 16 rewritten shards of the previous
+//! layout did; see docs/decisions.md). A batch whose per-node records (node
+//! states, and node records from heartbeats) do not fit one transaction is
+//! split ([`pack_nodes`]): the records that do not fit go first, in as many fenced transactions as needed (each within
+//! [`MAX_TXN_OPS`] and [`MAX_TXN_BYTES`]), and the rest of the batch, with the
+//! rollout record, goes last. The last transaction is the commit point: a
+//! crash or a fenced write before it leaves some node states ahead of their
+//! rollout record, which is safe because a node's desired state is an
+//! over-approximation anyway (written before its command is sent; resuming
+//! re-sends the phase's idempotent command, a rollback reverts whatever may
+//! have been committed) and the write reports the failure, so the engine
+//! does not move on. Only a single record too big for one request (a rollout
+//! record of a few hundred thousand nodes) is refused, with [`StoreError::TooLarge`].
+//!
+//! **Previous layout.** A store written with node-state shards stays
+//! readable: shard maps are read first and per-node keys and compacted
+//! summaries override them, so a rollout resumed across the upgrade carries on
+//! with per-node keys. Compaction deletes the shards with the rest.
 
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -50,17 +71,16 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError,
-    Write, AUDIT_TRIM_BATCH,
+    AuditEntry, AuditRetention, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, RolloutPlan, StackEntry, Store,
+    StoreError, Write, AUDIT_TRIM_BATCH,
 };
 use crate::rollout::{NodeState, Rollout};
 
 /// Bytes per stored bundle chunk: one chunk per transaction, well under
 /// etcd's 1.5 MiB request limit.
 pub const CHUNK_BYTES: usize = 1024 * 1024;
-/// Keys a rollout's node states are spread over (by a stable hash of the
-/// node id): bounds the operations of any step's transaction.
-pub const NODE_SHARDS: u64 = 16;
+/// Largest compacted summary key of a finished rollout's node states.
+pub const SUMMARY_CHUNK_BYTES: usize = 512 * 1024;
 /// Largest transaction sent, in key + value bytes: etcd's default
 /// `--max-request-bytes` (1.5 MiB) less room for the request's framing.
 pub const MAX_TXN_BYTES: usize = 1_400_000;
@@ -68,6 +88,8 @@ pub const MAX_TXN_BYTES: usize = 1_400_000;
 pub const MAX_TXN_OPS: usize = 128;
 /// Largest response accepted from etcd (a prefix read of many records).
 const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+/// Room left in a batch's final transaction for its re-plan to grow.
+const REPLAN_SLACK_BYTES: usize = 4096;
 /// Re-plans of a batch whose read-modify-write keys changed under it.
 const MAX_CONFLICT_RETRIES: usize = 16;
 
@@ -125,22 +147,77 @@ pub struct EtcdStore {
     prefix: String,
     endpoints: String,
     timeout: Duration,
+    /// Digest of the plan this process last wrote per rollout: a plan is
+    /// written again only when it differs (or after a restart, once).
+    plans_written: Arc<Mutex<HashMap<String, [u8; 32]>>>,
 }
 
-/// Stable across processes and releases (unlike std's randomised hasher):
-/// the shard of a node must never move.
-fn fnv1a(text: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+/// Refuses a transaction of `ops` operations, `compares` comparisons and
+/// `bytes` bytes that etcd's default limits would refuse.
+fn check_size(ops: usize, compares: usize, bytes: usize) -> Result<(), StoreError> {
+    if ops > MAX_TXN_OPS || compares > MAX_TXN_OPS {
+        return Err(StoreError::TooLarge(format!(
+            "{ops} writes and {compares} comparisons in one transaction exceed etcd's default --max-txn-ops {MAX_TXN_OPS}"
+        )));
     }
-    hash
+    if bytes > MAX_TXN_BYTES {
+        return Err(StoreError::TooLarge(format!(
+            "{bytes} bytes in one transaction exceed etcd's default --max-request-bytes (1.5 MiB): \
+             a single record (the rollout's, with its plan) is too big for one etcd request; \
+             split the rollout with --selector"
+        )));
+    }
+    Ok(())
 }
 
-/// The shard key suffix of `node_id` within a rollout.
-pub fn node_shard(node_id: &str) -> u64 {
-    fnv1a(node_id) % NODE_SHARDS
+/// How a batch's node-state puts are spread over transactions: `last` go
+/// with the rest of the batch (its final transaction, which already holds
+/// `used_ops` operations and `used_bytes` bytes), `leading` are sent before
+/// it, each its own transaction within etcd's limits. Puts are `(key, value)`.
+#[derive(Debug, Default, PartialEq)]
+pub struct NodePacking {
+    pub leading: Vec<Vec<(String, Vec<u8>)>>,
+    pub last: Vec<(String, Vec<u8>)>,
+}
+
+/// Bytes one put costs in a transaction (key, value and framing).
+fn put_cost(key: &str, value: &[u8]) -> usize {
+    key.len() + value.len() + 16
+}
+
+/// Splits `puts` so that every transaction stays within [`MAX_TXN_OPS`] and
+/// [`MAX_TXN_BYTES`]: as many as fit join the final transaction, the rest
+/// fill leading ones in key order. A put too big for any transaction is
+/// refused (a node state is a few hundred bytes; only a corrupt one could be).
+pub fn pack_nodes(puts: Vec<(String, Vec<u8>)>, used_ops: usize, used_bytes: usize) -> Result<NodePacking, StoreError> {
+    let mut packing = NodePacking::default();
+    let (mut last_ops, mut last_bytes) = (used_ops, used_bytes);
+    let mut current: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut current_bytes = 0usize;
+    for (key, value) in puts {
+        let cost = put_cost(&key, &value);
+        if cost > MAX_TXN_BYTES {
+            return Err(StoreError::TooLarge(format!(
+                "the record under {key} is {cost} bytes, over etcd's default --max-request-bytes (1.5 MiB)"
+            )));
+        }
+        if last_ops < MAX_TXN_OPS && last_bytes + cost <= MAX_TXN_BYTES {
+            last_ops += 1;
+            last_bytes += cost;
+            packing.last.push((key, value));
+            continue;
+        }
+        if current.len() == MAX_TXN_OPS || current_bytes + cost > MAX_TXN_BYTES {
+            packing.leading.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current_bytes += cost;
+        current.push((key, value));
+    }
+    if !current.is_empty() {
+        packing.leading.push(current);
+    }
+    Ok(packing)
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -171,6 +248,16 @@ struct Plan {
     /// Keys that must still be absent (put-if-absent).
     absent: Vec<String>,
     seqs: Vec<u64>,
+    /// Plans this batch writes, by rollout id: remembered once it commits.
+    plans: Vec<(String, [u8; 32])>,
+}
+
+impl Plan {
+    /// Operations and bytes of the transaction this plan becomes.
+    fn size(&self) -> (usize, usize) {
+        let bytes = self.puts.iter().map(|(key, value)| put_cost(key, value.as_deref().unwrap_or_default())).sum();
+        (self.puts.len(), bytes)
+    }
 }
 
 enum Outcome {
@@ -210,6 +297,7 @@ impl EtcdStore {
             prefix: normalize_prefix(&opts.prefix),
             endpoints: opts.endpoints.join(","),
             timeout: opts.timeout,
+            plans_written: Arc::default(),
         })
     }
 
@@ -235,8 +323,17 @@ impl EtcdStore {
         self.key(&format!("rollout-nodes/{rollout_id}/"))
     }
 
-    fn shard_key(&self, rollout_id: &str, shard: u64) -> String {
-        format!("{}{shard:02}", self.rollout_nodes_prefix(rollout_id))
+    fn plans_written(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
+        // One insert or lookup per critical section: a poisoned lock holds no half-update.
+        self.plans_written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn node_key(&self, rollout_id: &str, node_id: &str) -> String {
+        format!("{}n/{node_id}", self.rollout_nodes_prefix(rollout_id))
+    }
+
+    fn summary_key(&self, rollout_id: &str, i: usize) -> String {
+        format!("{}s/{i:05}", self.rollout_nodes_prefix(rollout_id))
     }
 
     fn bundle_meta_key(&self, patch_id: &str) -> String {
@@ -349,12 +446,9 @@ impl EtcdStore {
         let mut audit_seq: Option<u64> = None;
         for write in &batch.writes {
             match write {
-                Write::PutNode(node) => {
-                    plan.puts.insert(self.key(&format!("nodes/{}", node.node_id())), Some(encode(node)?));
-                }
-                Write::RemoveNode(id) => {
-                    plan.puts.insert(self.key(&format!("nodes/{id}")), None);
-                }
+                // Per-node records are packed separately (see `per_node_writes`):
+                // they may need transactions of their own.
+                Write::PutNode(_) | Write::RemoveNode(_) | Write::PutRolloutNodes { .. } => {}
                 Write::PutPatch { record, bundle } => {
                     let key = self.key(&format!("patches/{}", record.patch_id));
                     if plan.puts.contains_key(&key) || self.get_kv(&key).await?.is_some() {
@@ -371,26 +465,15 @@ impl EtcdStore {
                     plan.absent.push(key);
                 }
                 Write::PutRollout(rollout) => {
-                    plan.puts.insert(self.key(&format!("rollouts/{}", rollout.id)), Some(encode(rollout)?));
-                }
-                Write::PutRolloutNodes { rollout_id, nodes } => {
-                    let mut by_shard: BTreeMap<u64, Vec<&NodeState>> = BTreeMap::new();
-                    for node in nodes {
-                        by_shard.entry(node_shard(&node.node_id)).or_default().push(node);
+                    let (record, rollout_plan) = RolloutPlan::split(rollout);
+                    let bytes = serde_json::to_vec(&rollout_plan).map_err(|e| StoreError::Backend(e.to_string()))?;
+                    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+                    if self.plans_written().get(&rollout.id) != Some(&digest) {
+                        crate::telemetry::store_wrote("etcd", bytes.len());
+                        plan.puts.insert(self.key(&format!("rollout-plans/{}", rollout.id)), Some(bytes));
+                        plan.plans.push((rollout.id.clone(), digest));
                     }
-                    for (shard, nodes) in by_shard {
-                        let key = self.shard_key(rollout_id, shard);
-                        let entry = self.rmw(&mut plan, &key).await?;
-                        let mut states: BTreeMap<String, NodeState> = match &entry.value {
-                            Some(bytes) => decode(&key, bytes)?,
-                            None => BTreeMap::new(),
-                        };
-                        for node in nodes {
-                            states.insert(node.node_id.clone(), node.clone());
-                        }
-                        entry.value = Some(encode(&states)?);
-                        entry.dirty = true;
-                    }
+                    plan.puts.insert(self.key(&format!("rollouts/{}", rollout.id)), Some(encode(&record)?));
                 }
                 Write::PushStack(stack_entry) => {
                     let key = self.key(&format!("stacks/{}", stack_entry.target_build));
@@ -402,6 +485,19 @@ impl EtcdStore {
                     // A resumed completion must not push the same patch twice.
                     if !stack.iter().any(|e| e.patch_id == stack_entry.patch_id) {
                         stack.push(stack_entry.clone());
+                        entry.value = Some(encode(&stack)?);
+                        entry.dirty = true;
+                    }
+                }
+                Write::DropStack { target_build, patch_id } => {
+                    let key = self.key(&format!("stacks/{target_build}"));
+                    let entry = self.rmw(&mut plan, &key).await?;
+                    let mut stack: Vec<StackEntry> = match &entry.value {
+                        Some(bytes) => decode(&key, bytes)?,
+                        None => Vec::new(),
+                    };
+                    if stack.iter().any(|e| &e.patch_id == patch_id) {
+                        stack.retain(|e| &e.patch_id != patch_id);
                         entry.value = Some(encode(&stack)?);
                         entry.dirty = true;
                     }
@@ -454,6 +550,42 @@ impl EtcdStore {
         Ok(plan)
     }
 
+    /// The per-node records of `batch` (rollout node states and node
+    /// records), in batch order, under their keys: the last write of a key
+    /// wins (`None` deletes). These are the writes the store may split over
+    /// transactions: each is a whole record of one node, read by key alone.
+    fn per_node_writes(&self, batch: &Batch) -> Result<BTreeMap<String, Option<Vec<u8>>>, StoreError> {
+        let mut writes = BTreeMap::new();
+        for write in &batch.writes {
+            match write {
+                Write::PutRolloutNodes { rollout_id, nodes } => {
+                    for node in nodes {
+                        writes.insert(self.node_key(rollout_id, &node.node_id), Some(encode(node)?));
+                    }
+                }
+                Write::PutNode(node) => {
+                    writes.insert(self.key(&format!("nodes/{}", node.node_id())), Some(encode(node)?));
+                }
+                Write::RemoveNode(id) => {
+                    writes.insert(self.key(&format!("nodes/{id}")), None);
+                }
+                _ => {}
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Blind puts and deletes in one fenced transaction (keys only the
+    /// leader writes, nothing read first).
+    async fn fenced_ops(&self, fence: Fence, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+        let mut kv = self.kv.clone();
+        let resp = self.call(kv.txn(self.fenced_txn(fence, Vec::new(), ops))).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::Fenced { ours: fence.epoch, current: Self::current_epoch_of(&resp) });
+        }
+        Ok(())
+    }
+
     async fn commit(&self, fence: Fence, plan: &Plan) -> Result<Outcome, StoreError> {
         let mut compares = Vec::new();
         for (key, entry) in &plan.rmw {
@@ -469,27 +601,14 @@ impl EtcdStore {
             .puts
             .iter()
             .map(|(key, value)| {
-                bytes += key.len() + value.as_ref().map_or(0, Vec::len) + 16;
+                bytes += put_cost(key, value.as_deref().unwrap_or_default());
                 match value {
                     Some(value) => TxnOp::put(key.as_str(), value.clone(), None::<PutOptions>),
                     None => TxnOp::delete(key.as_str(), None),
                 }
             })
             .collect();
-        if ops.len() > MAX_TXN_OPS || compares.len() + 1 > MAX_TXN_OPS {
-            return Err(StoreError::TooLarge(format!(
-                "{} writes and {} comparisons in one transaction exceed etcd's default --max-txn-ops {MAX_TXN_OPS}",
-                ops.len(),
-                compares.len() + 1
-            )));
-        }
-        if bytes > MAX_TXN_BYTES {
-            return Err(StoreError::TooLarge(format!(
-                "{bytes} bytes in one transaction exceed etcd's default --max-request-bytes (1.5 MiB): \
-                 the rollout holds too many nodes for one etcd request; split it with --selector, \
-                 or raise --max-request-bytes on every etcd member"
-            )));
-        }
+        check_size(ops.len(), compares.len() + 1, bytes)?;
         let mut kv = self.kv.clone();
         let resp = self.call(kv.txn(self.fenced_txn(fence, compares, ops))).await?;
         if resp.succeeded() {
@@ -501,6 +620,50 @@ impl EtcdStore {
         }
         Ok(Outcome::Conflict)
     }
+}
+
+/// A rollout's node states from every key under `prefix` (its
+/// `rollout-nodes/<id>/`): the previous layout's shards first, then compacted
+/// summaries, then per-node keys, each overriding the one before.
+fn merge_node_keys(prefix: &str, kvs: &[KeyValue]) -> Result<BTreeMap<String, NodeState>, StoreError> {
+    let (mut shards, mut summaries, mut loose) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key());
+        let relative = key.strip_prefix(prefix).unwrap_or(&key);
+        if relative.starts_with("n/") {
+            let node: NodeState = decode(&key, kv.value())?;
+            loose.insert(node.node_id.clone(), node);
+        } else if relative.starts_with("s/") {
+            summaries.extend(decode::<BTreeMap<String, NodeState>>(&key, kv.value())?);
+        } else {
+            shards.extend(decode::<BTreeMap<String, NodeState>>(&key, kv.value())?);
+        }
+    }
+    shards.extend(summaries);
+    shards.extend(loose);
+    Ok(shards)
+}
+
+/// `states` as JSON maps of at most [`SUMMARY_CHUNK_BYTES`] each (a state is
+/// measured alone; the map adds a few bytes per entry).
+fn summary_chunks(states: impl Iterator<Item = NodeState>) -> Result<Vec<Vec<u8>>, StoreError> {
+    let mut chunks = Vec::new();
+    let mut current: BTreeMap<String, NodeState> = BTreeMap::new();
+    let mut bytes = 0;
+    for state in states {
+        let size =
+            serde_json::to_vec(&state).map_err(|e| StoreError::Backend(e.to_string()))?.len() + state.node_id.len() + 4;
+        if !current.is_empty() && bytes + size > SUMMARY_CHUNK_BYTES {
+            chunks.push(encode(&std::mem::take(&mut current))?);
+            bytes = 0;
+        }
+        bytes += size;
+        current.insert(state.node_id.clone(), state);
+    }
+    if !current.is_empty() {
+        chunks.push(encode(&current)?);
+    }
+    Ok(chunks)
 }
 
 fn with_tls(connect: ConnectOptions, opts: &EtcdOptions) -> Result<ConnectOptions, String> {
@@ -533,10 +696,44 @@ impl Store for EtcdStore {
             return Ok(Vec::new());
         }
         self.stage_bundles(fence, &batch).await?;
+        let mut first = Some(self.plan(&batch).await?);
+        let (mut ops, mut bytes) = first.as_ref().map_or((0, 0), Plan::size);
+        // Deletes stay in the final transaction: a node removed with its
+        // audit entry goes in one.
+        let (puts, deletes): (Vec<_>, Vec<_>) =
+            self.per_node_writes(&batch)?.into_iter().partition(|(_, v)| v.is_some());
+        let deletes: Vec<String> = deletes.into_iter().map(|(key, _)| key).collect();
+        ops += deletes.len();
+        bytes += deletes.iter().map(|key| put_cost(key, &[])).sum::<usize>();
+        // A batch whose other records cannot fit is refused before any of its
+        // per-node records is sent.
+        check_size(ops, 0, bytes)?;
+        let puts = puts.into_iter().filter_map(|(key, value)| Some((key, value?))).collect();
+        // Room for a re-planned final transaction to grow a little (an audit
+        // sequence number, a stack entry pushed meanwhile).
+        let packing = pack_nodes(puts, ops, bytes + REPLAN_SLACK_BYTES)?;
+        // Node states that do not fit the final transaction land first: the
+        // final one, with the rollout record, is the commit point.
+        for txn in packing.leading {
+            let ops = txn.into_iter().map(|(key, value)| TxnOp::put(key, value, None)).collect();
+            self.fenced_ops(fence, ops).await?;
+        }
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let plan = self.plan(&batch).await?;
+            let mut plan = match first.take() {
+                Some(plan) => plan,
+                None => self.plan(&batch).await?,
+            };
+            for (key, value) in &packing.last {
+                plan.puts.insert(key.clone(), Some(value.clone()));
+            }
+            for key in &deletes {
+                plan.puts.insert(key.clone(), None);
+            }
             match self.commit(fence, &plan).await? {
-                Outcome::Committed => return Ok(plan.seqs),
+                Outcome::Committed => {
+                    self.plans_written().extend(plan.plans);
+                    return Ok(plan.seqs);
+                }
                 Outcome::Conflict => tokio::task::yield_now().await,
             }
         }
@@ -587,20 +784,67 @@ impl Store for EtcdStore {
     }
 
     async fn rollout(&self, rollout_id: &str) -> Result<Option<Rollout>, StoreError> {
-        self.get_json(&self.key(&format!("rollouts/{rollout_id}"))).await
+        let Some(record) = self.get_json::<Rollout>(&self.key(&format!("rollouts/{rollout_id}"))).await? else {
+            return Ok(None);
+        };
+        let plan = self.get_json(&self.key(&format!("rollout-plans/{rollout_id}"))).await?;
+        Ok(Some(RolloutPlan::join(record, plan)))
     }
 
     async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        self.list_json("rollouts/").await
+        let plans_prefix = self.key("rollout-plans/");
+        let mut plans: HashMap<String, RolloutPlan> = HashMap::new();
+        for kv in self.get_prefix(&plans_prefix, GetOptions::new()).await? {
+            let key = String::from_utf8_lossy(kv.key()).to_string();
+            let plan = decode(&key, kv.value())?;
+            plans.insert(key[plans_prefix.len()..].to_string(), plan);
+        }
+        let records: Vec<Rollout> = self.list_json("rollouts/").await?;
+        Ok(records
+            .into_iter()
+            .map(|r| {
+                let plan = plans.remove(&r.id);
+                RolloutPlan::join(r, plan)
+            })
+            .collect())
     }
 
     async fn rollout_nodes(&self, rollout_id: &str) -> Result<BTreeMap<String, NodeState>, StoreError> {
-        let mut out = BTreeMap::new();
-        for kv in self.get_prefix(&self.rollout_nodes_prefix(rollout_id), GetOptions::new()).await? {
-            let shard: BTreeMap<String, NodeState> = decode(&String::from_utf8_lossy(kv.key()), kv.value())?;
-            out.extend(shard);
+        let prefix = self.rollout_nodes_prefix(rollout_id);
+        merge_node_keys(&prefix, &self.get_prefix(&prefix, GetOptions::new()).await?)
+    }
+
+    async fn compact_rollout(&self, fence: Fence, rollout_id: &str) -> Result<bool, StoreError> {
+        match self.rollout(rollout_id).await? {
+            Some(rollout) if rollout.phase.is_terminal() => {}
+            _ => return Ok(false),
         }
-        Ok(out)
+        let prefix = self.rollout_nodes_prefix(rollout_id);
+        let kvs = self.get_prefix(&prefix, GetOptions::new()).await?;
+        let loose =
+            kvs.iter().any(|kv| !kv.key().strip_prefix(prefix.as_bytes()).unwrap_or_default().starts_with(b"s/"));
+        if !loose {
+            return Ok(false);
+        }
+        let states = merge_node_keys(&prefix, &kvs)?;
+        let chunks = summary_chunks(states.values().map(NodeState::summary))?;
+        // The summary lands first (a node key, where still present, overrides
+        // it with the same state), then one transaction deletes the node keys,
+        // the previous layout's shards and any summary chunk past the new ones.
+        for (i, chunk) in chunks.iter().enumerate() {
+            let op = TxnOp::put(self.summary_key(rollout_id, i), chunk.clone(), None);
+            self.fenced_ops(fence, vec![op]).await?;
+        }
+        let summaries = format!("{prefix}s/");
+        let deletes = vec![
+            TxnOp::delete(prefix.as_str(), Some(DeleteOptions::new().with_range(summaries.as_str()))),
+            TxnOp::delete(
+                self.summary_key(rollout_id, chunks.len()),
+                Some(DeleteOptions::new().with_range(format!("{prefix}s0"))),
+            ),
+        ];
+        self.fenced_ops(fence, deletes).await?;
+        Ok(true)
     }
 
     async fn patch_stack(&self, target_build: &str) -> Result<Vec<StackEntry>, StoreError> {
@@ -666,13 +910,41 @@ mod tests {
         assert_eq!(normalize_prefix(""), "/");
     }
 
+    fn puts(n: usize, value_bytes: usize) -> Vec<(String, Vec<u8>)> {
+        (0..n).map(|i| (format!("/hotfleet/rollout-nodes/r/n/node-{i:05}"), vec![b'x'; value_bytes])).collect()
+    }
+
     #[test]
-    fn shards_are_stable_and_spread() {
-        // Pinned: a shard that moved between releases would hide node states.
-        assert_eq!(node_shard("node-1"), fnv1a("node-1") % NODE_SHARDS);
-        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
-        let used: std::collections::BTreeSet<u64> = (0..200).map(|i| node_shard(&format!("node-{i}"))).collect();
-        assert_eq!(used.len() as u64, NODE_SHARDS, "200 nodes touch every shard");
+    fn node_states_that_fit_ride_with_the_batch() {
+        let packing = pack_nodes(puts(100, 400), 2, 10_000).expect("pack");
+        assert!(packing.leading.is_empty());
+        assert_eq!(packing.last.len(), 100);
+    }
+
+    #[test]
+    fn a_batch_of_ten_thousand_node_states_is_split_within_etcds_limits() {
+        let all = puts(10_000, 600);
+        let packing = pack_nodes(all.clone(), 3, 20_000).expect("pack");
+        assert_eq!(packing.last.len(), MAX_TXN_OPS - 3, "the final transaction is filled first");
+        for txn in &packing.leading {
+            assert!(txn.len() <= MAX_TXN_OPS);
+            assert!(txn.iter().map(|(k, v)| put_cost(k, v)).sum::<usize>() <= MAX_TXN_BYTES);
+        }
+        // Every put exactly once, none lost.
+        let mut seen: Vec<_> = packing.leading.into_iter().flatten().chain(packing.last).collect();
+        seen.sort();
+        assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn big_node_states_split_by_bytes_and_an_impossible_one_is_refused() {
+        let packing = pack_nodes(puts(10, 500_000), 0, 0).expect("pack");
+        assert_eq!(packing.last.len(), 2);
+        assert!(
+            packing.leading.iter().all(|t| t.len() == 2),
+            "{:?}",
+            packing.leading.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert!(matches!(pack_nodes(puts(1, MAX_TXN_BYTES), 0, 0), Err(StoreError::TooLarge(_))));
     }
 }

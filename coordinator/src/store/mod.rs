@@ -7,7 +7,19 @@
 //!
 //! - **All writes are batches.** [`Store::write`] applies a [`Batch`] atomically
 //!   (one redb transaction, one etcd `Txn`). The engine writes one batch per
-//!   transition of a rollout step, never one per node.
+//!   transition of a rollout step, never one per node, and a batch carries
+//!   only the node states the transition changed. One exception, on etcd
+//!   only: per-node records (rollout node states, node records) too many
+//!   for one etcd transaction land first, in fenced transactions of their
+//!   own, and the rest of the batch (the rollout record, node removals,
+//!   audit) last. A failure in between is reported like any failed
+//!   write; the node states already written are ahead of their rollout
+//!   record, which resuming treats as it treats any desired state (an
+//!   over-approximation: see `crate::rollout`). So a batch is never refused
+//!   for the number of nodes it moves.
+//! - **Finished rollouts are compacted.** [`Store::compact_rollout`] folds a
+//!   finished rollout's node states into a summary (each node's final state
+//!   without its health baselines); the leader's sweeper runs it.
 //! - **All writes are fenced.** A writer holds a [`Fence`] (its epoch); every
 //!   batch carries it and the store refuses it ([`StoreError::Fenced`]) once a
 //!   newer writer exists. For the embedded store the epoch is a counter in the
@@ -29,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     node::NodeStatus,
-    rollout::{NodeState, Rollout},
+    rollout::{NodeState, Rollout, Skipped, Step},
 };
 
 /// Proof of write authority: the epoch this writer acquired.
@@ -170,6 +182,38 @@ pub struct FreezeRecord {
     pub since_ms: u64,
 }
 
+/// A rollout's plan (its steps, which name every node, and the nodes it
+/// skipped), stored apart from the rollout record: the plan is fixed at the
+/// start while the record is rewritten on every transition, so keeping them
+/// together rewrote every node id on every step. Both backends store a
+/// [`Write::PutRollout`] as the record without its plan plus this, written
+/// only when it differs from what is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RolloutPlan {
+    pub steps: Vec<Step>,
+    #[serde(default)]
+    pub skipped: Vec<Skipped>,
+}
+
+impl RolloutPlan {
+    /// The record as stored (plan left out) and its plan.
+    pub fn split(rollout: &Rollout) -> (Rollout, RolloutPlan) {
+        let plan = RolloutPlan { steps: rollout.steps.clone(), skipped: rollout.skipped.clone() };
+        let record = Rollout { steps: Vec::new(), skipped: Vec::new(), ..rollout.clone() };
+        (record, plan)
+    }
+
+    /// A stored record with its plan put back. A record without a stored
+    /// plan was written before plans were stored apart and carries its own.
+    pub fn join(mut record: Rollout, plan: Option<RolloutPlan>) -> Rollout {
+        if let Some(plan) = plan {
+            record.steps = plan.steps;
+            record.skipped = plan.skipped;
+        }
+        record
+    }
+}
+
 /// One write inside a [`Batch`].
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -182,7 +226,8 @@ pub enum Write {
         bundle: Vec<u8>,
     },
     PutRollout(Box<Rollout>),
-    /// Per-node state of one rollout; only the nodes listed are replaced.
+    /// Per-node state of one rollout; only the nodes listed are replaced
+    /// (one key per node: what a step did not change is not rewritten).
     PutRolloutNodes {
         rollout_id: String,
         nodes: Vec<NodeState>,
@@ -190,6 +235,12 @@ pub enum Write {
     /// Appends to the build's patch stack unless the patch is already on it
     /// (so a resumed completion cannot push twice).
     PushStack(StackEntry),
+    /// Takes a patch off the build's stack (a completed revert); a patch not
+    /// on it leaves the stack as it is (so a resumed completion changes nothing).
+    DropStack {
+        target_build: String,
+        patch_id: String,
+    },
     /// Appended with the next sequence number.
     Audit(AuditEntry),
     /// `None` unfreezes.
@@ -265,4 +316,11 @@ pub trait Store: Send + Sync + 'static {
     async fn trim_audit(&self, fence: Fence, retention: AuditRetention, now_ms: u64) -> Result<u64, StoreError>;
 
     async fn freeze(&self) -> Result<Option<FreezeRecord>, StoreError>;
+
+    /// Folds the node states of a finished rollout into its compact summary
+    /// ([`NodeState::summary`]: the final state without health baselines),
+    /// if `fence` still owns the store. An unfinished, unknown or already
+    /// compacted rollout is left alone. Returns whether anything changed;
+    /// [`Store::rollout_nodes`] then answers the summary.
+    async fn compact_rollout(&self, fence: Fence, rollout_id: &str) -> Result<bool, StoreError>;
 }

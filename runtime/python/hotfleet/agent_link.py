@@ -63,6 +63,7 @@ from .frames import (
     uint,
 )
 from .parts import SourceParts, fill_prepare, fill_stack_reply
+from .revert import revert_id
 from .stack_sync import StackPatch, StackSync
 
 if TYPE_CHECKING:  # annotations only: the runtime imports this module lazily
@@ -93,16 +94,17 @@ ENV_BUILD = "HOTFLEET_BUILD"
 class _Completion:
     """A commit or rollback future that finished; the link thread turns it into a reply."""
 
-    __slots__ = ("session", "frame_id", "kind", "future", "started", "patch_id")
+    __slots__ = ("session", "frame_id", "kind", "future", "started", "patch_id", "revert")
 
     def __init__(self, session: int, frame_id: int, kind: str, future: "Future[Any]",
-                 started: float, patch_id: str) -> None:
+                 started: float, patch_id: str, revert: bool = False) -> None:
         self.session = session
         self.frame_id = frame_id
         self.kind = kind
         self.future = future
         self.started = started
         self.patch_id = patch_id
+        self.revert = revert  # the commit or undo of a revert of patch_id
 
 
 class AgentLink:
@@ -654,6 +656,9 @@ class AgentLink:
         self._reply(sock, frame_id, kind, body)
 
     def _on_prepare(self, frame_id: int, body: Dict[str, Any]) -> None:
+        if get_field(body, "revert", False):
+            self._on_prepare_revert(frame_id, require_str(body, "patchId", frame_id))
+            return
         patch_id = require_str(body, "patchId", frame_id)
         modules = require_modules(body, frame_id)
         started = time.perf_counter()
@@ -664,23 +669,71 @@ class AgentLink:
                 "detailJson": detail_json({"already_committed": True, "patch_id": patch_id}),
             })
             return
+        self._prepare_reply(frame_id, f"{patch_id} ({len(modules)} modules)", started,
+                            lambda: self._rt.prepare(modules, txn_id=patch_id))
+
+    def _prepare_reply(self, frame_id: int, what: str, started: float, prepare: Callable[[], Any]) -> None:
+        """Run ``prepare`` (a transaction or a revert) and answer with its plan or refusal."""
         try:
-            txn = self._rt.prepare(modules, txn_id=patch_id)
+            txn = prepare()
         except HotfleetError as exc:  # PrepareError, or another runtime refusal
-            log.warning("prepare of %s refused: %s", patch_id, exc)
+            log.warning("prepare of %s refused: %s", what, exc)
             result = {"ok": False, "error": str(exc), "errorKind": "prepare", "elapsedMs": _ms(started),
                       "detailJson": error_detail_json(exc)}
         except Exception as exc:  # a runtime bug; the live process is untouched by prepare
-            log.exception("prepare of %s crashed", patch_id)
+            log.exception("prepare of %s crashed", what)
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "errorKind": "internal",
                       "elapsedMs": _ms(started)}
         else:
-            log.info("prepared %s (%d modules) in %.1f ms", patch_id, len(modules), _ms(started))
+            log.info("prepared %s in %.1f ms", what, _ms(started))
             result = {"ok": True, "elapsedMs": _ms(started), "detailJson": detail_json(txn.plan.to_dict())}
         self._result(frame_id, "prepareResult", result)
 
+    def _on_prepare_revert(self, frame_id: int, patch_id: str) -> None:
+        """Stage taking ``patch_id`` off the stack; a process that does not run it has nothing to do."""
+        started = time.perf_counter()
+        if patch_id not in self._stack_ids():
+            self._result(frame_id, "prepareResult", {
+                "ok": True, "elapsedMs": _ms(started),
+                "detailJson": detail_json({"noop": True, "patch_id": patch_id,
+                                           "reason": "patch is not on this process's stack"}),
+            })
+            return
+        self._prepare_reply(frame_id, f"the revert of {patch_id}", started,
+                            lambda: self._rt.prepare_revert(patch_id))
+
+    def _on_commit_revert(self, frame_id: int, patch_id: str) -> None:
+        started = time.perf_counter()
+        key = revert_id(patch_id)
+        future = self._inflight.get(key)
+        if future is None:
+            txn = self._rt.prepared(key)
+            if txn is None:
+                stack = self._stack_ids()
+                done = patch_id not in stack  # reverted already, or never ran here
+                self._result(frame_id, "commitResult", {
+                    "ok": done, "elapsedMs": _ms(started), "patchStack": stack,
+                    **({"detailJson": detail_json({"noop": True, "patch_id": patch_id})} if done else
+                       {"errorKind": "commit", "error": f"the revert of {patch_id} is not prepared in this process"}),
+                })
+                return
+            try:
+                future = self._rt.request_commit(txn)
+            except HotfleetError as exc:
+                self._result(frame_id, "commitResult", {
+                    "ok": False, "errorKind": "commit", "error": str(exc), "elapsedMs": _ms(started),
+                    "patchStack": self._stack_ids(), "detailJson": error_detail_json(exc),
+                })
+                return
+            self._inflight[key] = future
+            log.info("commit of the revert of %s requested; it lands at the next safe point", patch_id)
+        self._await(future, frame_id, "commitResult", started, patch_id, revert=True)
+
     def _on_commit(self, frame_id: int, body: Dict[str, Any]) -> None:
         patch_id = require_str(body, "patchId", frame_id)
+        if get_field(body, "revert", False):
+            self._on_commit_revert(frame_id, patch_id)
+            return
         started = time.perf_counter()
         future = self._inflight.get(patch_id)
         if future is None:
@@ -713,6 +766,8 @@ class AgentLink:
     def _on_abort(self, frame_id: int, body: Dict[str, Any]) -> None:
         patch_id = require_str(body, "patchId", frame_id)
         started = time.perf_counter()
+        if get_field(body, "revert", False):
+            patch_id = revert_id(patch_id)  # the revert's own transaction
         if patch_id in self._inflight:
             self._result(frame_id, "abortResult", {
                 "ok": False, "errorKind": "abort", "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
@@ -737,6 +792,9 @@ class AgentLink:
     def _on_rollback(self, frame_id: int, body: Dict[str, Any]) -> None:
         patch_id = str(get_field(body, "patchId", "") or "")
         started = time.perf_counter()
+        if patch_id and get_field(body, "revert", False):
+            self._on_undo_revert(frame_id, patch_id, started)
+            return
         if patch_id and patch_id not in self._inflight and patch_id not in self._stack_ids():
             # This process does not run the patch (its commit failed and restored, or never
             # happened): rolling back must not undo the patch beneath it. Drop it if prepared.
@@ -750,6 +808,20 @@ class AgentLink:
         future = self._rt.request_rollback(expected_id=patch_id or None)
         log.info("rollback of %s requested; it lands at the next safe point", patch_id or "the newest patch")
         self._await(future, frame_id, "rollbackResult", started, patch_id)
+
+    def _on_undo_revert(self, frame_id: int, patch_id: str, started: float) -> None:
+        """Undo the revert of ``patch_id`` where it is in force; elsewhere the goal holds already."""
+        if self._rt.reverted(patch_id) is None and revert_id(patch_id) not in self._inflight:
+            self._abort_prepared(revert_id(patch_id))
+            self._result(frame_id, "rollbackResult", {
+                "ok": True, "elapsedMs": _ms(started), "patchStack": self._stack_ids(),
+                "detailJson": detail_json({"noop": True, "patch_id": patch_id,
+                                           "reason": "no revert of the patch in force in this process"}),
+            })
+            return
+        future = self._rt.request_undo_revert(patch_id)
+        log.info("undoing the revert of %s requested; it lands at the next safe point", patch_id)
+        self._await(future, frame_id, "rollbackResult", started, patch_id, revert=True)
 
     def _on_health_query(self, frame_id: int, body: Dict[str, Any]) -> None:
         since = parse_uint(get_field(body, "since"), "since", frame_id)
@@ -776,9 +848,10 @@ class AgentLink:
 
     # -- commit/rollback completion ---------------------------------------------------------
 
-    def _await(self, future: "Future[Any]", frame_id: int, kind: str, started: float, patch_id: str) -> None:
+    def _await(self, future: "Future[Any]", frame_id: int, kind: str, started: float, patch_id: str,
+               revert: bool = False) -> None:
         session = self._session
-        done = _Completion(session, frame_id, kind, future, started, patch_id)
+        done = _Completion(session, frame_id, kind, future, started, patch_id, revert)
 
         def on_done(_: "Future[Any]") -> None:
             # Runs on the game thread (or here, if already done): queue and wake, nothing more.
@@ -795,7 +868,7 @@ class AgentLink:
         try:
             report = future.result()
         except (CommitError, RollbackError, HotfleetError) as exc:
-            if what == "rollback" and done.patch_id and done.patch_id not in stack:
+            if what == "rollback" and not done.revert and done.patch_id and done.patch_id not in stack:
                 # The patch is not running here (e.g. its queued commit failed): the goal
                 # of the rollback holds, and nothing beneath it was touched.
                 result.update(ok=True, detailJson=detail_json({"noop": True, "patch_id": done.patch_id,
@@ -811,8 +884,9 @@ class AgentLink:
                           detailJson=detail_json(report.to_dict() if hasattr(report, "to_dict") else {}))
             log.info("%s of %s done (pause %.3f ms); patch stack %s", what, done.patch_id or "newest patch",
                      result["pauseMs"], stack)
-        if done.kind == "commitResult" and self._inflight.get(done.patch_id) is future:
-            del self._inflight[done.patch_id]
+        key = revert_id(done.patch_id) if done.revert else done.patch_id
+        if done.kind == "commitResult" and self._inflight.get(key) is future:
+            del self._inflight[key]
         if done.session != session:
             log.info("%s of %s finished after the agent connection that asked for it was lost "
                      "(ok=%s); the agent sees the result in hello/status", what, done.patch_id, result["ok"])

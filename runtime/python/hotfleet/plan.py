@@ -152,6 +152,8 @@ class Plan:
 
     txn_id: str
     modules: List[ModulePlan] = field(default_factory=list)
+    #: What the whole transaction means beyond its modules (a revert says what it restores)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def refusals(self) -> List[Refusal]:
@@ -177,15 +179,19 @@ class Plan:
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able form."""
-        return {
+        out = {
             "txn_id": self.txn_id,
             "counts": self.counts(),
             "modules": [m.to_dict() for m in self.modules],
             "refusals": [r.to_dict() for r in self.refusals],
         }
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
 
     def __str__(self) -> str:
         """Human-readable plan (what ``print(txn.plan)`` shows)."""
         lines = [f"hotfleet plan {self.txn_id[:16]}"]
         lines.extend(str(m) for m in self.modules)
+        lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)

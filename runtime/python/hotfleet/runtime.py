@@ -19,13 +19,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .courtesy import for_thread
 from .errors import CommitError, HotfleetError, PrepareError, RollbackError
 from .health import GameHealth, HealthMonitor
 from .instances import InstanceTracker, hook_classes
 from .plan import Plan
+from .revert import RevertRecord, revert_id, revert_sources
 from .safepoint import Request, RequestQueue
 from .snapshot import Journal
 from .sources import RecordingFinder, SourceRegistry, iter_managed_modules, read_live_source, verify_record
@@ -98,6 +99,21 @@ class RollbackReport:
         }
 
 
+def _undo(journal: Journal) -> Tuple[List[Any], List[str], float]:
+    """Undo ``journal`` non-strictly: (conflicts, errors, pause in ms). The collector is off
+    meanwhile, as in commit, so the pause does not grow with the heap."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    t0 = time.perf_counter()
+    try:
+        conflicts, errors = journal.undo(strict=False)
+    finally:
+        pause = (time.perf_counter() - t0) * 1000.0
+        if gc_was_enabled:
+            gc.enable()
+    return conflicts, errors, pause
+
+
 class _Tick:
     """Context manager returned by ``Runtime.tick()``."""
 
@@ -168,6 +184,8 @@ class Runtime:
         self._preparing: Optional[str] = None
         self._stack: List[StackEntry] = []
         self._txns: Dict[str, Transaction] = {}
+        # reverted patch id -> its committed revert, until undone or the patch comes back
+        self._reverted: Dict[str, RevertRecord] = {}
         self._game_thread: Optional[int] = None
         self._in_safe_point = False
         self._closed = False
@@ -338,6 +356,24 @@ class Runtime:
             with self._lock:
                 self._preparing = None
 
+    def prepare_revert(self, patch_id: str) -> Transaction:
+        """Stage taking ``patch_id`` off the stack (see :mod:`hotfleet.revert`); nothing live
+        is touched. Its commit restores the patch's modules and removes its stack entry."""
+        with self._lock:
+            stack = list(self._stack)
+        sources, added = revert_sources(stack, patch_id)
+        txn = self.prepare(sources, txn_id=revert_id(patch_id))
+        txn.reverts = patch_id
+        txn.plan.notes = [
+            f"reverts patch {patch_id}: restores code, not instance data its hooks migrated"
+        ] + [f"module {name} was added by the patch and stays loaded, unreferenced" for name in added]
+        return txn
+
+    def reverted(self, patch_id: str) -> Optional[RevertRecord]:
+        """The committed revert of ``patch_id``, if it is in force."""
+        with self._lock:
+            return self._reverted.get(patch_id)
+
     def _check_thread(self, what: str, error: type) -> None:
         game = self._game_thread
         if game is not None and game != threading.get_ident():
@@ -358,6 +394,11 @@ class Runtime:
                         f"transaction {txn.id} is {txn.state}; only a prepared transaction can be committed",
                         hint="prepare the patch again" if txn.state in (ABORTED, FAILED, ROLLED_BACK) else None,
                     )
+            reverts = txn.reverts
+            if reverts is not None and not any(e.id == reverts for e in self.patch_stack):
+                with self._lock:
+                    self._settle(txn, FAILED)
+                raise CommitError(f"patch {reverts} left the patch stack since the revert was prepared")
             try:
                 report, journal = apply_transaction(self._commit_target, txn)
             except CommitError as exc:
@@ -369,11 +410,59 @@ class Runtime:
             with self._lock:
                 txn.report = report
                 self._settle(txn, COMMITTED)
-                self._stack.append(
-                    StackEntry(txn.id, txn.digests, txn.base_digests, report.committed_at, report, txn, journal)
-                )
+                if reverts is not None:
+                    self._take_off(txn, reverts, report, journal)
+                else:
+                    self._reverted.pop(txn.id, None)
+                    self._stack.append(
+                        StackEntry(txn.id, txn.digests, txn.base_digests, report.committed_at, report, txn, journal)
+                    )
             log.info("committed %s, pause %.3f ms, %s", txn.id[:16], report.pause_ms, report.counts)
             return report
+
+    def _take_off(self, txn: Transaction, patch_id: str, report: CommitReport, journal: Journal) -> None:
+        """A revert committed (the caller holds ``_lock``): its patch leaves the stack, and
+        what undoes the revert is kept instead of the revert's own stack entry."""
+        index = next(i for i, e in enumerate(self._stack) if e.id == patch_id)
+        entry = self._stack.pop(index)
+        entry.txn.state = ROLLED_BACK
+        self._txns.pop(patch_id, None)
+        self._txns.pop(txn.id, None)
+        self._reverted[patch_id] = RevertRecord(index, entry, txn, journal, report)
+
+    def undo_revert(self, patch_id: str) -> RollbackReport:
+        """Undo the committed revert of ``patch_id`` exactly: its code back, its stack entry
+        back where it was (game thread only). Data changed since is kept, as a conflict."""
+        self._check_thread("rollback", RollbackError)
+        with self._commit_lock:
+            with self._lock:
+                record = self._reverted.get(patch_id)
+            if record is None:
+                raise RollbackError(f"patch {patch_id} has no revert in force in this process")
+            conflicts, errors, pause = _undo(record.journal)
+            with self._lock:
+                del self._reverted[patch_id]
+                record.txn.state = ROLLED_BACK
+                record.entry.txn.state = COMMITTED
+                self._stack.insert(min(record.index, len(self._stack)), record.entry)
+                self._txns[patch_id] = record.entry.txn
+            report = RollbackReport(
+                record.txn.id, pause, dict(record.txn.base_digests), [c.to_dict() for c in conflicts], errors
+            )
+            if errors:
+                raise RollbackError(
+                    f"undoing the revert of {patch_id} could not restore everything: {errors[0]}",
+                    details=[{"message": e} for e in errors],
+                    hint="the process may be inconsistent; restart it",
+                )
+            log.info("undid the revert of %s, pause %.3f ms", patch_id[:16], pause)
+            return report
+
+    def request_undo_revert(self, patch_id: str) -> "concurrent.futures.Future[RollbackReport]":
+        """Queue :meth:`undo_revert` for the next safe point (any thread); returns a future."""
+        future: "concurrent.futures.Future[RollbackReport]" = concurrent.futures.Future()
+        self._queue.put(Request("unrevert", patch_id, future))
+        return future
 
     def _settle(self, txn: Transaction, state: str) -> None:
         """``txn`` leaves the prepared state (the caller holds ``_lock``); only a committed
@@ -408,15 +497,7 @@ class Runtime:
                 if not self._stack:
                     raise RollbackError("nothing to roll back: the patch stack is empty")
                 entry = self._stack[-1]
-            gc_was_enabled = gc.isenabled()
-            gc.disable()  # as in commit: keep the pause independent of the heap size
-            t0 = time.perf_counter()
-            try:
-                conflicts, errors = entry.journal.undo(strict=False)
-            finally:
-                pause = (time.perf_counter() - t0) * 1000.0
-                if gc_was_enabled:
-                    gc.enable()
+            conflicts, errors, pause = _undo(entry.journal)
             with self._lock:
                 self._stack.pop()
                 entry.txn.state = ROLLED_BACK
@@ -483,6 +564,8 @@ class Runtime:
                 try:
                     if request.kind == "commit":
                         result: Any = self.commit_transaction(request.target)
+                    elif request.kind == "unrevert":
+                        result = self.undo_revert(request.target)
                     else:
                         expected = request.target
                         with self._lock:

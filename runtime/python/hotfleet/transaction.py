@@ -132,6 +132,8 @@ class Transaction:
         self.prepared_at = time.time()
         self.report: Optional[CommitReport] = None
         self.error: Optional[CommitError] = None
+        #: The patch id this transaction takes off the stack (a revert), else None.
+        self.reverts: Optional[str] = None
 
     @property
     def owner(self) -> TransactionOwner:

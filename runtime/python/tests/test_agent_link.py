@@ -1143,3 +1143,37 @@ def test_a_sync_round_that_breaks_unexpectedly_leaves_the_process_not_current(rt
     with pytest.raises(hotfleet.HotfleetError, match="RuntimeError: bug in the fetch"):
         sync.join(0.2, lambda: False)
     assert sync.wait(0.05, lambda: False) is False
+
+
+def test_revert_prepare_commit_and_undo_over_the_link(
+        rt: Any, pkg: Package, agent: ScriptedAgent, links: Callable[..., AgentLink], game: Game) -> None:
+    link, peer, hello = connect(links, rt, agent)
+    base = peer.request("statusQuery", {}, "status")["liveDigests"][pkg.modname]
+    assert peer.request("prepare", {"patchId": "p-fix", "modules": {pkg.modname: V2}}, "prepareResult")["ok"]
+    assert peer.request("commit", {"patchId": "p-fix"}, "commitResult")["ok"]
+    assert pkg.module.damage(5) == 11
+
+    # A process that does not run the patch has nothing to revert.
+    noop = peer.request("prepare", {"patchId": "p-other", "revert": True}, "prepareResult")
+    assert noop["ok"] is True and json.loads(noop["detailJson"])["noop"] is True
+
+    prep = peer.request("prepare", {"patchId": "p-fix", "revert": True}, "prepareResult")
+    assert prep["ok"] is True, prep
+    assert "notes" in json.loads(prep["detailJson"]) and pkg.module.damage(5) == 11
+    commit = peer.request("commit", {"patchId": "p-fix", "revert": True}, "commitResult")
+    assert commit["ok"] is True and commit["patchStack"] == [], commit
+    assert pkg.module.damage(5) == 10
+    assert peer.request("statusQuery", {}, "status")["liveDigests"][pkg.modname] == base
+    again = peer.request("commit", {"patchId": "p-fix", "revert": True}, "commitResult")
+    assert again["ok"] is True and again["patchStack"] == []
+
+    undo = peer.request("rollback", {"patchId": "p-fix", "revert": True}, "rollbackResult")
+    assert undo["ok"] is True and undo["patchStack"] == ["p-fix"], undo
+    assert pkg.module.damage(5) == 11
+    twice = peer.request("rollback", {"patchId": "p-fix", "revert": True}, "rollbackResult")
+    assert twice["ok"] is True and json.loads(twice["detailJson"])["noop"] is True
+
+    # An aborted revert leaves the patch running.
+    assert peer.request("prepare", {"patchId": "p-fix", "revert": True}, "prepareResult")["ok"]
+    assert peer.request("abort", {"patchId": "p-fix", "revert": True}, "abortResult")["ok"]
+    assert rt.pending is None and pkg.module.damage(5) == 11
