@@ -392,6 +392,12 @@ async fn a_deeper_independent_patch_is_reverted_and_one_a_later_patch_depends_on
     assert_eq!(stack_ids(&s), [hotfix.clone(), note.clone()]);
     assert_eq!(s.damages(), fixed, "the patches above stay");
     assert_eq!(s.assert_consistent(&[]).await, [hotfix.clone(), note.clone()], "digests: motd is gone everywhere");
+    // A zone server started now gets the stack without motd, though combat-note's
+    // manifest names motd as its parent.
+    let dir = s.dir.path().to_path_buf();
+    s.pids[0] = s.fleet.restart_zone(0, &dir, &[]).expect("zone-1 restarted");
+    assert_eq!(s.fleet.nodes[0].probe.hit_dummy().expect("first hit"), fixed[0], "the hotfix from its first hit");
+    assert_eq!(s.assert_consistent(&[]).await, [hotfix.clone(), note.clone()], "the restarted process too");
 
     // motd is built on the hotfix, now below the top: only --rebase puts it back on.
     let out = s.fleet.cli(&["rollout", "start", &motd]).expect("start");
