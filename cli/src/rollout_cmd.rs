@@ -72,7 +72,7 @@ pub struct Action {
 /// its defaults (one place for them), stated here only for the help text.
 #[derive(Debug, Args)]
 pub struct StartArgs {
-    /// Patch id, or a path to a .hfpatch bundle (pushed first).
+    /// Patch id, or a path to a .hfpatch bundle (`start` pushes it first; `revert` only reads its id).
     patch: String,
     /// Canary size: a count or a percent of the targets [default: 1].
     #[arg(long)]
