@@ -238,17 +238,15 @@ impl Engine {
         for write in extra {
             batch.push(write);
         }
-        if next.rollout.phase == Phase::Completed
-            && guard.rollout.phase != Phase::Completed
-            && next.rollout.spec.kind == RolloutKind::Revert
-        {
+        let completed_now = next.rollout.phase == Phase::Completed && guard.rollout.phase != Phase::Completed;
+        if completed_now && next.rollout.spec.kind == RolloutKind::Revert {
             // A completed revert leaves the stack in the same transaction:
             // processes that start later get the stack without it.
             batch.push(Write::DropStack {
                 target_build: next.rollout.target_build.clone(),
                 patch_id: next.rollout.patch_id.clone(),
             });
-        } else if next.rollout.phase == Phase::Completed && guard.rollout.phase != Phase::Completed {
+        } else if completed_now {
             // The patch joins the fleet's stack in the same transaction that
             // completes the rollout: late-starting processes never miss it.
             let patch = self.inner.store.patch(&next.rollout.patch_id).await?;
