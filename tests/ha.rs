@@ -11,7 +11,10 @@
 //!   over and proceeds; the old one resumes (SIGCONT) and nothing it sends is
 //!   applied, nothing it writes lands;
 //! - etcd is down for 10 s mid-rollout: the coordinator sends nothing it could
-//!   not record, then finishes once etcd is back, with nothing lost.
+//!   not record, then finishes once etcd is back, with nothing lost;
+//! - a registration storm while etcd stalls: the registrations the
+//!   coordinator cannot take now are told when to come back, the agents wait
+//!   and come back, and every node registers once the store answers.
 //!
 //! Each ends with the consistency check of `common` (no process runs code the
 //! store does not record; PIDs unchanged; players connected).
@@ -424,4 +427,52 @@ async fn etcd_down_ten_seconds_mid_rollout_holds_still_then_finishes_with_nothin
     assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
     let audit = ok(s.fleet.cli(&["--output", "json", "audit"]).expect("audit"));
     assert!(audit.contains("rollout.start") && audit.contains("patch.push"), "audit survived: {audit}");
+}
+
+/// Every agent restarts (a registration storm) while etcd is stopped
+/// (SIGSTOP, shorter than the lease): the coordinator serves one registration
+/// at a time (`--registrations-in-flight 1`), the one it took waits on the
+/// store, and the others are told to come back later instead of queueing.
+/// The agents wait the time asked (jittered) and register once etcd answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_storm_while_etcd_stalls_is_told_to_come_back_and_every_node_registers() {
+    let flags = ["--heartbeat-interval", "500ms", "--leader-lease", "3s", "--registrations-in-flight", "1"];
+    let mut s =
+        Scenario::start_small_on(Backend::Etcd { coordinators: 1 }, 4, flags.iter().map(|f| f.to_string()).collect());
+    let keys = s.fleet.keys.clone();
+    s.fleet.etcd.as_ref().expect("etcd").proc.signal("STOP").expect("SIGSTOP etcd");
+    let stalled = Instant::now();
+    for i in 0..4 {
+        s.restart_agent(i, &keys);
+    }
+    // Long enough for every restarted agent to have asked at least once.
+    let busy = |s: &Scenario| {
+        s.fleet.nodes.iter().filter(|n| n.agent.proc.log_text().contains("coordinator busy with registrations")).count()
+    };
+    while busy(&s) == 0 && stalled.elapsed() < Duration::from_millis(2_500) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let told = busy(&s);
+    s.fleet.etcd.as_ref().expect("etcd").proc.signal("CONT").expect("SIGCONT etcd");
+    assert!(told >= 1, "no agent was told to come back while one registration waited on the store");
+    // Each restarted agent registers again (its log keeps its first life's lines).
+    let registered = |s: &Scenario| {
+        s.fleet
+            .nodes
+            .iter()
+            .filter(|n| n.agent.proc.log_text().matches("registered with the coordinator").count() >= 2)
+            .count()
+    };
+    let resumed = Instant::now();
+    while registered(&s) < 4 {
+        assert!(resumed.elapsed() < Duration::from_secs(30), "only {} of 4 agents registered again", registered(&s));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.fleet.wait_registered().expect("every node alive with its zone server");
+    let listed = ok(s.fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));
+    let doc: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    let items = doc["items"].as_array().expect("items");
+    assert_eq!(items.len(), 4, "{listed}");
+    assert!(items.iter().all(|n| n["liveness"] == "alive"), "every node alive: {listed}");
+    eprintln!("REGISTRATION STORM: {told} of 4 agents told to come back while etcd was stopped");
 }

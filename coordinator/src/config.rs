@@ -121,6 +121,10 @@ pub struct Args {
     /// Operator requests in flight at once; more are refused RESOURCE_EXHAUSTED.
     #[arg(long, env = "HOTFLEET_OPERATOR_CONCURRENCY", default_value_t = 64)]
     pub operator_concurrency: usize,
+    /// Agent registrations served at once; more are told to come back later
+    /// (RESOURCE_EXHAUSTED with a wait that grows with the backlog).
+    #[arg(long, env = "HOTFLEET_REGISTRATIONS_IN_FLIGHT", default_value_t = 256)]
+    pub registrations_in_flight: usize,
     /// Open client connections at most (lowered to fit the open-files limit).
     #[arg(long, env = "HOTFLEET_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -256,6 +260,9 @@ impl TryFrom<Args> for Config {
         if a.operator_concurrency == 0 {
             return Err(invalid("operator-concurrency", "must be at least 1"));
         }
+        if a.registrations_in_flight == 0 {
+            return Err(invalid("registrations-in-flight", "must be at least 1"));
+        }
         if a.max_connections < 16 {
             return Err(invalid("max-connections", "must be at least 16"));
         }
@@ -320,6 +327,7 @@ impl TryFrom<Args> for Config {
             limits: ServeLimits {
                 request_timeout: a.request_timeout,
                 operator_concurrency: a.operator_concurrency,
+                registrations_in_flight: a.registrations_in_flight,
                 max_connections: a.max_connections,
                 handshake_timeout: a.handshake_timeout,
                 keepalive_interval: a.keepalive_interval,

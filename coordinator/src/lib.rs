@@ -8,7 +8,8 @@
 //! - [`term`]: what runs only while this coordinator leads, and the role the gRPC adapters consult.
 //! - [`reads`]: the operator's read path (the leader's engine or the store, decided once).
 //! - [`input`]: bounds on every field callers send, and the one way to quote their input.
-//! - [`registry`]: agents, their addresses, what they run, liveness.
+//! - [`registry`]: agents, their addresses, what they run, liveness; [`node_writes`]: their records' writes,
+//!   grouped; [`admission`]: how many registrations are served at once, and when the rest come back.
 //! - [`drift`]: a process's patch stack against its build's; [`reconcile`] repairs drift.
 //! - [`sweeper`]: the leader's housekeeping: lost nodes, node expiry, audit retention.
 //! - [`patches`]: verified patch uploads, stored by digest.
@@ -21,6 +22,7 @@
 //! - [`grpc`]: adapters for the `AgentGateway` and operator `Coordinator` services.
 //! - [`server`]: assembles all of it and serves on a bound listener.
 
+pub mod admission;
 pub mod agent_channels;
 pub mod agents;
 pub mod auth;

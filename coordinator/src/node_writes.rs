@@ -9,18 +9,26 @@
 //! the newest is written) and flushed by one task at a time in batches that
 //! fit any store's request limit. A failed write is retried unless a newer
 //! record replaced it; a fenced or deposed writer drops what is pending (the
-//! next leader hears every node again). Register and remove go through
+//! next leader hears every node again). Remove goes through
 //! [`WriteBehind::exclusive`], so a pending older record can never land
-//! after them.
+//! after it.
+//!
+//! Registrations are acknowledged only once written, but they need not be
+//! written one by one: [`WriteBehind::put_durable`] groups the ones that
+//! arrive together into one batch (a storm of N registrations costs about N
+//! over the batch size writes, not N), and drops a pending heartbeat record
+//! of the node that is not newer, so it cannot land after the registration.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet, VecDeque},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, Weak,
     },
     time::Duration,
 };
+
+use tokio::sync::oneshot;
 
 use crate::store::{Batch, Fence, NodeRecord, Store, StoreError, Write};
 
@@ -37,12 +45,21 @@ enum Next {
     Done,
 }
 
+/// A registration's record and who waits for it to be written.
+struct Durable {
+    record: NodeRecord,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
 /// Pending node records and the one flush that writes them.
 pub struct WriteBehind {
     store: Arc<dyn Store>,
     fence: Fence,
     pending: Mutex<HashMap<String, NodeRecord>>,
     flushing: AtomicBool,
+    /// Registrations waiting for their group write, oldest first.
+    durable: Mutex<VecDeque<Durable>>,
+    durable_flushing: AtomicBool,
     /// The term is draining: later records are dropped (the next leader
     /// hears every node again).
     closed: AtomicBool,
@@ -58,6 +75,8 @@ impl WriteBehind {
             fence,
             pending: Mutex::new(HashMap::new()),
             flushing: AtomicBool::new(false),
+            durable: Mutex::new(VecDeque::new()),
+            durable_flushing: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             order: tokio::sync::Mutex::new(()),
         })
@@ -66,6 +85,87 @@ impl WriteBehind {
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeRecord>> {
         // Every update is a single insert or removal: a poisoned map is whole.
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn durable(&self) -> std::sync::MutexGuard<'_, VecDeque<Durable>> {
+        self.durable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ending(&self, reason: &str) -> StoreError {
+        StoreError::NotLeading { epoch: self.fence.epoch, reason: reason.into() }
+    }
+
+    /// Writes `record` with the registrations that arrive with it and waits
+    /// until it is in the store (see the module docs).
+    pub async fn put_durable(self: &Arc<Self>, record: NodeRecord) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.ending("the term is ending"));
+        }
+        let (done, written) = oneshot::channel();
+        self.durable().push_back(Durable { record, done });
+        if !self.durable_flushing.swap(true, Ordering::AcqRel) {
+            // Spawned: a caller that goes away must not strand the others.
+            tokio::spawn(Self::drain_durable(Arc::downgrade(self)));
+        }
+        written.await.unwrap_or_else(|_| Err(self.ending("the term ended before the write")))
+    }
+
+    async fn drain_durable(writer: Weak<Self>) {
+        loop {
+            let Some(me) = writer.upgrade() else { return };
+            let order = me.order.lock().await;
+            let batch = me.take_durable();
+            if batch.is_empty() {
+                drop(order);
+                me.durable_flushing.store(false, Ordering::Release);
+                // A put between the take and the store above: carry on for it
+                // unless another drain took over.
+                if me.durable().is_empty() || me.durable_flushing.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                continue;
+            }
+            {
+                let mut pending = me.pending();
+                for d in &batch {
+                    let id = d.record.node_id();
+                    if pending.get(id).is_some_and(|p| p.last_heartbeat_ms <= d.record.last_heartbeat_ms) {
+                        pending.remove(id);
+                    }
+                }
+            }
+            let writes = batch.iter().fold(Batch::new(), |b, d| b.with(Write::PutNode(d.record.clone())));
+            let result = me.store.write(me.fence, writes).await.map(|_| ());
+            drop(order);
+            if let Err(err) = &result {
+                tracing::warn!(error = %err, registrations = batch.len(), "registrations not written");
+            }
+            for d in batch {
+                // The caller may have gone (its agent asks again).
+                let _ = d.done.send(result.clone());
+            }
+        }
+    }
+
+    /// Takes waiting registrations up to [`BATCH_BYTES`] (at least one),
+    /// stopping before a second record of one node: a store transaction may
+    /// not name a key twice.
+    fn take_durable(&self) -> Vec<Durable> {
+        let mut queue = self.durable();
+        let mut nodes = HashSet::new();
+        let mut bytes = 0usize;
+        let mut count = 0usize;
+        for d in queue.iter() {
+            let size = serde_json::to_vec(&d.record).map(|v| v.len()).unwrap_or(BATCH_BYTES);
+            let id = d.record.node_id();
+            if count > 0 && (bytes + size > BATCH_BYTES || nodes.contains(id)) {
+                break;
+            }
+            nodes.insert(id);
+            bytes += size;
+            count += 1;
+        }
+        queue.drain(..count).collect()
     }
 
     /// Queues `record` (replacing an older one of its node) and makes sure a
@@ -103,7 +203,11 @@ impl WriteBehind {
 
     /// Waits until everything queued so far is written (or dropped).
     pub async fn flushed(&self) {
-        while self.flushing.load(Ordering::Acquire) || self.backlog() > 0 {
+        while self.flushing.load(Ordering::Acquire)
+            || self.backlog() > 0
+            || self.durable_flushing.load(Ordering::Acquire)
+            || !self.durable().is_empty()
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -179,5 +283,107 @@ impl WriteBehind {
             ids.push(id.clone());
         }
         ids.iter().filter_map(|id| pending.remove(id)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{node::NodeStatus, store::embedded::EmbeddedStore};
+
+    fn record(id: &str, heard_ms: u64, addr: &str) -> NodeRecord {
+        let status = NodeStatus { node_id: id.into(), advertise_addr: addr.into(), ..Default::default() };
+        NodeRecord { status, registered_at_ms: 1, last_heartbeat_ms: heard_ms }
+    }
+
+    async fn writer(dir: &std::path::Path) -> Arc<WriteBehind> {
+        let store = Arc::new(EmbeddedStore::open(dir).expect("open"));
+        let fence = store.acquire_epoch().await.expect("epoch");
+        WriteBehind::new(store, fence)
+    }
+
+    async fn stored_addr(w: &WriteBehind, id: &str) -> Option<String> {
+        let nodes = w.store.nodes().await.expect("nodes");
+        nodes.into_iter().find(|r| r.node_id() == id).map(|r| r.status.advertise_addr)
+    }
+
+    #[tokio::test]
+    async fn registrations_that_arrive_together_are_written_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = writer(dir.path()).await;
+        // The store busy with another batch while 300 agents register.
+        let held = w.order.lock().await;
+        let waiting: Vec<_> = (0..300)
+            .map(|i| {
+                let w = w.clone();
+                tokio::spawn(async move { w.put_durable(record(&format!("n{i}"), 1, "10.0.0.1:1")).await })
+            })
+            .collect();
+        while w.durable().len() < 300 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(stored_addr(&w, "n0").await.is_none(), "nothing acknowledged before it is written");
+        drop(held);
+        for task in waiting {
+            task.await.expect("task").expect("written");
+        }
+        assert_eq!(w.store.nodes().await.expect("nodes").len(), 300);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_before_a_second_record_of_one_node_and_at_its_byte_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = writer(dir.path()).await;
+        let queue = |records: Vec<NodeRecord>| {
+            let mut q = w.durable();
+            for record in records {
+                q.push_back(Durable { record, done: oneshot::channel().0 });
+            }
+        };
+        queue((0..5).map(|i| record(&format!("n{i}"), 1, "a:1")).chain([record("n2", 2, "a:1")]).collect());
+        assert_eq!(w.take_durable().len(), 5, "n2's second record waits for the next batch");
+        assert_eq!(w.take_durable().len(), 1);
+        // Records of ~100 KB: five fit under the limit, the sixth does not.
+        let big = "x".repeat(100 * 1024);
+        queue((0..8).map(|i| record(&format!("b{i}"), 1, &big)).collect());
+        assert_eq!(w.take_durable().len(), 5);
+        assert_eq!(w.take_durable().len(), 3);
+        assert!(w.take_durable().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_registration_drops_an_older_pending_record_and_keeps_a_newer_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = writer(dir.path()).await;
+        let held = w.order.lock().await;
+        // Heartbeat records queued behind the busy store (no flush started).
+        w.pending().insert("old".into(), record("old", 5, "heartbeat:1"));
+        w.pending().insert("new".into(), record("new", 50, "heartbeat:1"));
+        let registering: Vec<_> = [("old", 10), ("new", 10)]
+            .into_iter()
+            .map(|(id, at)| {
+                let w = w.clone();
+                tokio::spawn(async move { w.put_durable(record(id, at, "register:1")).await })
+            })
+            .collect();
+        while w.durable().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(held);
+        for task in registering {
+            task.await.expect("task").expect("written");
+        }
+        let pending: Vec<String> = w.pending().keys().cloned().collect();
+        assert_eq!(pending, ["new"], "the older heartbeat record is dropped, the newer one still waits");
+        assert_eq!(stored_addr(&w, "old").await.as_deref(), Some("register:1"));
+    }
+
+    #[tokio::test]
+    async fn a_closed_writer_refuses_registrations_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = writer(dir.path()).await;
+        w.close().await;
+        let err = w.put_durable(record("n", 1, "a:1")).await.expect_err("closed");
+        assert!(err.to_string().contains("no longer leads"), "{err}");
     }
 }

@@ -275,8 +275,7 @@ impl Registry {
         let now = now_ms();
         let registered_at_ms = self.lock_read().get(&status.node_id).map(|e| e.registered_at_ms).unwrap_or(now);
         let record = NodeRecord { status: status.clone(), registered_at_ms, last_heartbeat_ms: now };
-        let _order = self.writes.exclusive(&status.node_id).await;
-        self.store.write(self.fence, Batch::new().with(Write::PutNode(record))).await?;
+        self.writes.put_durable(record).await?;
         let was_lost = self.lock_write().insert(
             status.node_id.clone(),
             Entry {

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, transport::Server};
 
 use crate::{
+    admission::Admission,
     agents::{AgentClient, GrpcAgents},
     auth::{credentials::Credentials, gate::Authority},
     config::{Config, StoreKind},
@@ -205,7 +206,10 @@ impl Coordinator {
     /// then stops leading (see the module docs) while still serving, and
     /// only then stops the gRPC server.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let gateway = GatewayService { cluster: self.cluster.clone() };
+        let gateway = GatewayService {
+            cluster: self.cluster.clone(),
+            admission: Admission::new(self.config.limits.registrations_in_flight),
+        };
         let operator = OperatorService { cluster: self.cluster.clone() };
         // Uploads carry a whole bundle in one message: allow the bundle limit
         // plus room for framing, so an oversized bundle meets our clear error

@@ -11,6 +11,11 @@
 //! rises (a command's epoch field never raises it): a command naming a newer
 //! epoch wakes this loop for an immediate heartbeat that learns it.
 //!
+//! A leader too busy to take the registration now (a registration storm)
+//! answers with when to come back ([`hotfleet_proto::pushback`]): the agent
+//! waits that long, jittered so the refused agents spread out, and asks the
+//! same coordinator again; it is not a reason to try another coordinator.
+//!
 //! The leader's answer also lists the unfinished rollouts it drives on this
 //! node; their prepared patches are renewed for another TTL, so a prepare
 //! lives as long as its rollout while a leader answers, and presumed abort
@@ -18,7 +23,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use hotfleet_proto::v1::{HeartbeatRequest, RegisterRequest};
+use hotfleet_proto::{
+    pushback,
+    v1::{HeartbeatRequest, RegisterRequest},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -107,6 +115,14 @@ pub async fn run(
                     break;
                 }
                 Err(status) => {
+                    if let Some(wait) = pushback::wait_of(&status) {
+                        let wait = pushback::jittered(wait);
+                        tracing::info!(coordinator = %addr, wait_ms = wait.as_millis() as u64, "coordinator busy with registrations; registering again after the wait it asked for");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => continue,
+                            _ = shutdown.cancelled() => return,
+                        }
+                    }
                     // The next coordinator must hear a registration first.
                     registered = false;
                     match coordinators.after_error(&addr, &status) {

@@ -8,7 +8,8 @@
 //!   [`duration`] (the duration syntax), [`address`] (what a peer address dials);
 //! - transport: [`tls`] (the TLS flags, server and client configs, who a
 //!   certificate names), [`listener`] (connection cap and handshake deadline),
-//!   [`gate`] (the one tower layer that admits or refuses each request).
+//!   [`gate`] (the one tower layer that admits or refuses each request),
+//!   [`pushback`] (a busy coordinator's "come back in N ms").
 
 pub mod address;
 pub mod duration;
@@ -16,6 +17,7 @@ pub mod gate;
 pub mod listener;
 pub mod local;
 pub mod parts;
+pub mod pushback;
 pub mod tls;
 
 /// Generated code for package `hotfleet.v1`.

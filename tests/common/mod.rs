@@ -107,15 +107,15 @@ impl Scenario {
     /// `nodes` zone-server nodes on the embedded store, the coordinator
     /// started with `coordinator_flags` (besides listen, store and keys).
     pub fn start_small(nodes: usize, coordinator_flags: Vec<String>) -> Scenario {
+        Self::start_small_on(Backend::Embedded, nodes, coordinator_flags)
+    }
+
+    /// `nodes` zone-server nodes on `backend`, the coordinator started with
+    /// `coordinator_flags` (besides listen, store and keys).
+    pub fn start_small_on(backend: Backend, nodes: usize, coordinator_flags: Vec<String>) -> Scenario {
         let layout = Layout::for_workspace();
         let dir = tempfile::tempdir().expect("tmp");
-        let options = FleetOptions {
-            nodes,
-            build: BUILD.into(),
-            backend: Backend::Embedded,
-            coordinator_flags,
-            game: Game::ZoneServer,
-        };
+        let options = FleetOptions { nodes, build: BUILD.into(), backend, coordinator_flags, game: Game::ZoneServer };
         let fleet = Fleet::start_with(&layout, dir.path(), &options, |_| Vec::new()).expect("start fleet");
         fleet.wait_registered().expect("fleet registered");
         let pids = fleet.nodes.iter().map(|n| n.zone.proc.pid()).collect();

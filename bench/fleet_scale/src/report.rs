@@ -23,8 +23,18 @@ fn secs(ms: Option<f64>) -> String {
 
 fn calls_line(c: &Calls) -> String {
     format!(
-        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} fetch {} heartbeat-errors {}",
-        c.prepare, c.commit, c.abort, c.rollback, c.health, c.status, c.heartbeat, c.register, c.fetch, c.heartbeat_errors
+        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} fetch {} heartbeat-errors {} pushbacks {}",
+        c.prepare,
+        c.commit,
+        c.abort,
+        c.rollback,
+        c.health,
+        c.status,
+        c.heartbeat,
+        c.register,
+        c.fetch,
+        c.heartbeat_errors,
+        c.pushbacks
     )
 }
 
@@ -76,6 +86,13 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
             Ok((ms, listed)) => println!("run {}: nodes list: {listed} nodes in {ms} ms", i + 1),
             Err(why) => println!("run {}: nodes list FAILED: {why}", i + 1),
         }
+        println!(
+            "run {}: registration: {} ms, {} registrations sent, {} told to come back later",
+            i + 1,
+            r.register_ms,
+            r.register_calls.register,
+            r.register_calls.pushbacks
+        );
         let steps: Vec<String> = r.rollout.timeline.steps.iter().map(|(s, ms)| format!("{s} {ms}")).collect();
         println!(
             "run {}: rollout {} ms (prepare {} ms; steps ms: {}); rollback rollout {} ms, rollback {} ms",

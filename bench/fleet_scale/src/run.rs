@@ -53,6 +53,8 @@ pub struct RolloutRun {
 pub struct RunResult {
     /// Simulated fleet start to every node registered and heard.
     pub register_ms: u64,
+    /// The fleet's calls until then (registrations, pushbacks).
+    pub register_calls: Calls,
     /// `hotfleet nodes list --output json` with the fleet registered: its
     /// time and the nodes it printed, or why it failed.
     pub nodes_list: Result<(u64, usize), String>,
@@ -249,6 +251,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let register_ms = registering.elapsed().as_millis() as u64;
+    let register_calls = fleet.calls();
     // One more heartbeat round so the coordinator's view is settled.
     tokio::time::sleep(plan.heartbeat).await;
     let nodes_list = list_nodes(&layout, &url).await?;
@@ -302,6 +305,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     drop(etcd);
     Ok(RunResult {
         register_ms,
+        register_calls,
         nodes_list,
         rollout: first,
         rollback: second,

@@ -63,6 +63,8 @@ pub struct Counters {
     pub fetch: AtomicU64,
     /// Heartbeats that failed or were not answered (network, deadline, refusal).
     pub heartbeat_errors: AtomicU64,
+    /// Registrations told to come back later (admission control).
+    pub pushbacks: AtomicU64,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -78,6 +80,7 @@ pub struct Calls {
     pub register: u64,
     pub fetch: u64,
     pub heartbeat_errors: u64,
+    pub pushbacks: u64,
 }
 
 impl Calls {
@@ -93,6 +96,7 @@ impl Calls {
             register: self.register - earlier.register,
             fetch: self.fetch - earlier.fetch,
             heartbeat_errors: self.heartbeat_errors - earlier.heartbeat_errors,
+            pushbacks: self.pushbacks - earlier.pushbacks,
         }
     }
 }
@@ -218,6 +222,7 @@ impl Fleet {
             register: get(&c.register),
             fetch: get(&c.fetch),
             heartbeat_errors: get(&c.heartbeat_errors),
+            pushbacks: get(&c.pushbacks),
         }
     }
 
@@ -331,7 +336,14 @@ impl Fleet {
                     state.highest_epoch = state.highest_epoch.max(epoch);
                     registered = known;
                 }
-                Err(_) => {
+                Err(status) => {
+                    // Told to come back later (admission control): as the
+                    // real agent does, wait that long, jittered, and ask again.
+                    if let Some(wait) = hotfleet_proto::pushback::wait_of(&status) {
+                        self.counters.pushbacks.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(hotfleet_proto::pushback::jittered(wait)).await;
+                        continue;
+                    }
                     self.counters.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
                     lock(&node.state).known = false;
                 }

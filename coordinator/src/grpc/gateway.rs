@@ -5,19 +5,25 @@
 //! liveness, and its answer names the rollouts whose prepares the agent
 //! renews); a follower refuses them naming the leader, and the agent
 //! follows. Patch downloads and patch stacks are reads: any coordinator
-//! serves them from the store.
+//! serves them from the store. A registration storm is served at the pace
+//! the coordinator can take ([`crate::admission`]): the rest are told when to
+//! come back.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
-use hotfleet_proto::v1::{
-    agent_gateway_server::AgentGateway, FetchPatchRequest, GetPatchStackRequest, GetPatchStackResponse,
-    HeartbeatRequest, HeartbeatResponse, PatchChunk, PatchRef, RegisterRequest, RegisterResponse,
+use hotfleet_proto::{
+    pushback,
+    v1::{
+        agent_gateway_server::AgentGateway, FetchPatchRequest, GetPatchStackRequest, GetPatchStackResponse,
+        HeartbeatRequest, HeartbeatResponse, PatchChunk, PatchRef, RegisterRequest, RegisterResponse,
+    },
 };
 use tonic::{Request, Response, Status};
 
 use super::caller;
 use crate::{
+    admission::Admission,
     error::Error,
     input::{self, MAX_BUILD, MAX_ID},
     term::Cluster,
@@ -45,6 +51,8 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 pub struct GatewayService {
     pub cluster: Cluster,
+    /// How many registrations are served at once ([`crate::admission`]).
+    pub admission: Arc<Admission>,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<PatchChunk, Status>> + Send + 'static>>;
@@ -56,6 +64,7 @@ impl AgentGateway for GatewayService {
         check_node(&request, &node_id)?;
         let node =
             request.into_inner().node.ok_or_else(|| Status::invalid_argument("RegisterRequest.node is missing"))?;
+        let _admitted = self.admission.enter().map_err(|busy| pushback::busy(busy.message(), busy.wait))?;
         let answer = self.cluster.leader_term()?.register(node.into()).await?;
         Ok(Response::new(RegisterResponse {
             heartbeat_interval_seconds: answer.heartbeat_interval_seconds,

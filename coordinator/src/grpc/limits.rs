@@ -10,6 +10,9 @@
 //!   refused at once with `RESOURCE_EXHAUSTED` instead of queueing. Agents'
 //!   heartbeats are not counted, so an operator flood never makes the fleet
 //!   look lost.
+//! - **Registration admission** (`--registrations-in-flight`,
+//!   [`crate::admission`]): at most that many registrations served at once;
+//!   more are told when to come back (`RESOURCE_EXHAUSTED` with a pushback).
 //! - **HTTP/2**: keepalive pings (`--keepalive-interval`/`--keepalive-timeout`)
 //!   close connections whose peer stopped answering; at most
 //!   [`MAX_STREAMS_PER_CONNECTION`] concurrent streams per connection.
@@ -45,6 +48,7 @@ const RESERVED_FDS: u64 = 256;
 pub struct ServeLimits {
     pub request_timeout: Duration,
     pub operator_concurrency: usize,
+    pub registrations_in_flight: usize,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub keepalive_interval: Duration,
@@ -56,6 +60,7 @@ impl Default for ServeLimits {
         Self {
             request_timeout: Duration::from_secs(60),
             operator_concurrency: 64,
+            registrations_in_flight: 256,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),

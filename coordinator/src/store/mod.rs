@@ -56,7 +56,7 @@ pub struct Fence {
 
 /// What can go wrong talking to the store. Every variant names the store and,
 /// where it helps, what to do.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("state store is fenced: this coordinator holds epoch {ours} but epoch {current} now owns the store (another coordinator took over; this one must stop writing)")]
     Fenced { ours: u64, current: u64 },
