@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step says how far into the run it starts (bash's SECONDS), so a slow
+# CI run shows where its time went.
+step() { printf '\n==> %s  [%ds]\n' "$*" "$SECONDS"; }
 
 # ---- Pythons -----------------------------------------------------------------
 # Every CPython 3.9-3.13 found (pyenv installs first, then the PATH), deduplicated.
@@ -88,8 +90,10 @@ for py in "${PYTHONS[@]}"; do
 done
 
 if [ -f bench/runtime_pause.py ]; then
+  # One shape, every contender, with and without gc.freeze, and the hook
+  # path: enough to show the benchmark runs (the --quick plan is ~2.5 min).
   step "runtime benchmark smoke run (figures: see README, full run is separate)"
-  "${PYTHONS[0]}" bench/runtime_pause.py --quick
+  "${PYTHONS[0]}" bench/runtime_pause.py --quick --shapes inplace --filler-mb 0
 fi
 
 step "fleet-scale benchmark smoke run (100 simulated nodes; figures: docs/performance.md)"

@@ -86,7 +86,7 @@ impl NodesSummary {
 pub async fn stored_rollout(store: &dyn Store, id: &str) -> Result<RolloutState> {
     let rollout = store.rollout(id).await?.ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
     let nodes = store.rollout_nodes(id).await?;
-    Ok(RolloutState { rollout, nodes })
+    Ok(RolloutState::from_store(rollout, nodes))
 }
 
 /// Newest first (ties by id), unfinished only with `active_only`, at most `limit`.
@@ -157,12 +157,12 @@ impl Cluster {
                 out.push(live);
                 continue;
             }
-            let nodes = if rollout.phase.is_terminal() {
-                BTreeMap::new()
+            if rollout.phase.is_terminal() {
+                out.push(RolloutState { rollout, nodes: BTreeMap::new() });
             } else {
-                self.store.rollout_nodes(&rollout.id).await?
-            };
-            out.push(RolloutState { rollout, nodes });
+                let nodes = self.store.rollout_nodes(&rollout.id).await?;
+                out.push(RolloutState::from_store(rollout, nodes));
+            }
         }
         Ok(out)
     }

@@ -145,7 +145,7 @@ impl Engine {
             }
             let nodes = self.inner.store.rollout_nodes(&rollout.id).await?;
             tracing::info!(rollout = %rollout.id, phase = rollout.phase.name(), "resuming rollout from the store");
-            self.spawn(RolloutState { rollout, nodes });
+            self.spawn(RolloutState::from_store(rollout, nodes));
             resumed += 1;
         }
         Ok(resumed)
@@ -372,15 +372,21 @@ impl Engine {
         if dry_run {
             return Ok(state);
         }
-        let nodes: Vec<_> = state.nodes.values().cloned().collect();
         let what = match state.rollout.spec.kind {
             RolloutKind::Apply => "patch",
             RolloutKind::Revert => "revert of patch",
             RolloutKind::Rebase => "rebased patch",
         };
-        let detail = format!("{what} {} on {} node(s)", state.rollout.patch_id, nodes.len());
-        let batch =
-            Batch::rollout(&state.rollout, nodes).with(Write::Audit(audit(actor, "rollout.start", &id, detail, true)));
+        let detail = format!("{what} {} on {} node(s)", state.rollout.patch_id, state.nodes.len());
+        // No node state is written: each follows from the plan until the
+        // first step moves it (`RolloutState::from_store`).
+        let batch = Batch::rollout(&state.rollout, Vec::new()).with(Write::Audit(audit(
+            actor,
+            "rollout.start",
+            &id,
+            detail,
+            true,
+        )));
         self.inner.store.write(self.inner.fence, batch).await?;
         tracing::info!(rollout = %id, patch = %state.rollout.patch_id, %actor, "rollout started");
         self.spawn(state.clone());

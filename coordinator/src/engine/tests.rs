@@ -688,6 +688,40 @@ async fn a_crash_mid_wave_resumes_and_finishes_under_a_new_epoch() {
     assert_eq!(after.len(), 2, "only wave-2 was committed by the new incarnation: {after:?}");
 }
 
+/// The start writes the rollout's record and no node state (each node's first
+/// state follows from the plan): the store's reads show every planned node,
+/// and a coordinator that crashed before any node moved resumes them all.
+#[tokio::test]
+async fn a_start_writes_no_node_state_and_a_crash_before_any_node_moved_resumes_them_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    let agents = Arc::new(FakeAgents::default());
+    let (id, started) = {
+        let f = fixture_at(None, path.clone(), agents.clone(), 4).await;
+        let soon = WireSpec { start_at_ms: now_ms() + 600, ..request() };
+        let started = f.engine.start(soon, "a", false).await.expect("scheduled");
+        let id = started.rollout.id.clone();
+        let store = f.registry.store();
+        assert!(store.rollout_nodes(&id).await.expect("nodes").is_empty(), "no node state written at start");
+        let stored = crate::reads::stored_rollout(store.as_ref(), &id).await.expect("stored");
+        assert_eq!(stored.nodes, started.nodes, "every planned node reads as it was started");
+        f.cancel.cancel();
+        f.engine.abort_all();
+        (id, started)
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let f = fixture_at(Some(dir), path, agents.clone(), 0).await;
+    for i in 1..=4 {
+        f.registry.register(node(&format!("n{i}"), "a")).await.expect("re-register");
+    }
+    let resumed = f.engine.get(&id).await.expect("resumed");
+    assert_eq!(resumed.nodes.len(), started.nodes.len());
+    let done = finish(&f.engine, &id).await;
+    assert_eq!(done.rollout.phase, Phase::Completed, "{:#?}", done.rollout.events);
+    let commits: HashSet<String> = agents.sent("commit").into_iter().collect();
+    assert_eq!(commits.len(), 4, "every planned node committed: {commits:?}");
+}
+
 #[tokio::test]
 async fn a_crash_while_rolling_back_resumes_the_rollback() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -195,6 +195,22 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// A node of step `step` before anything was sent to it.
+    pub fn planned(node_id: &str, step: usize, now_ms: u64) -> NodeState {
+        NodeState {
+            node_id: node_id.to_string(),
+            step,
+            desired: Desired::None,
+            observed: Observed::Pending,
+            commit_sent: false,
+            error: String::new(),
+            health: String::new(),
+            baselines: BTreeMap::new(),
+            window_start: BTreeMap::new(),
+            updated_at_ms: now_ms,
+        }
+    }
+
     /// What a finished rollout keeps of this node ([`crate::store::Store::compact_rollout`]):
     /// everything shown about it, without the per-process health baselines
     /// and window marks only a running health gate needs.
@@ -321,6 +337,21 @@ pub type Changed = Vec<String>;
 #[allow(clippy::too_many_arguments)]
 impl RolloutState {
     /// A new, staged rollout of `spec` from its plan ([`crate::planner::plan`]).
+    /// A rollout as the store holds it: its record (with its plan) and the
+    /// node states written since it started. The start writes none (a
+    /// node's first state follows from the plan), so a planned node without
+    /// a stored state is one nothing has been sent to yet.
+    pub fn from_store(rollout: Rollout, mut nodes: BTreeMap<String, NodeState>) -> Self {
+        for (i, step) in rollout.steps.iter().enumerate() {
+            for node in &step.nodes {
+                if !nodes.contains_key(node) {
+                    nodes.insert(node.clone(), NodeState::planned(node, i, rollout.created_at_ms));
+                }
+            }
+        }
+        RolloutState { rollout, nodes }
+    }
+
     pub fn new(
         id: String,
         spec: RolloutSpec,
@@ -338,21 +369,7 @@ impl RolloutState {
         let mut nodes = BTreeMap::new();
         for (i, step) in steps.iter().enumerate() {
             for node in &step.nodes {
-                nodes.insert(
-                    node.clone(),
-                    NodeState {
-                        node_id: node.clone(),
-                        step: i,
-                        desired: Desired::None,
-                        observed: Observed::Pending,
-                        commit_sent: false,
-                        error: String::new(),
-                        health: String::new(),
-                        baselines: BTreeMap::new(),
-                        window_start: BTreeMap::new(),
-                        updated_at_ms: now_ms,
-                    },
-                );
+                nodes.insert(node.clone(), NodeState::planned(node, i, now_ms));
             }
         }
         let mut rollout = Rollout {

@@ -487,3 +487,20 @@ fn the_staged_event_names_few_nodes_and_counts_many() {
     let big = Step { name: "wave-1".into(), nodes: (0..2000).map(|i| format!("n{i}")).collect(), pause_before: false };
     assert_eq!(step_text(&big), "wave-1: 2000 nodes (n0 … n1999)");
 }
+
+#[test]
+fn a_state_read_from_the_store_fills_planned_nodes_nothing_was_written_for() {
+    let fresh = new_state(&[], 0);
+    // The start stored no node state; a later step stored n2's.
+    let mut n2 = fresh.nodes["n2"].clone();
+    n2.desired = Desired::Prepared;
+    n2.observed = Observed::Prepared;
+    let stored: BTreeMap<String, NodeState> = [("n2".to_string(), n2.clone())].into();
+    let read = RolloutState::from_store(fresh.rollout.clone(), stored);
+    assert_eq!(read.nodes.len(), all_nodes().len());
+    assert_eq!(read.nodes["n2"], n2, "a stored state wins");
+    for n in ["n1", "n3", "n4", "n5"] {
+        assert_eq!(read.nodes[n], fresh.nodes[n], "{n} reads as planned");
+    }
+    assert_eq!(RolloutState::from_store(fresh.rollout.clone(), BTreeMap::new()).nodes, fresh.nodes);
+}
