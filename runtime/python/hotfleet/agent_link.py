@@ -702,54 +702,16 @@ class AgentLink:
         self._prepare_reply(frame_id, f"the revert of {patch_id}", started,
                             lambda: self._rt.prepare_revert(patch_id))
 
-    def _on_commit_revert(self, frame_id: int, patch_id: str) -> None:
+    def _on_commit(self, frame_id: int, body: Dict[str, Any]) -> None:
+        patch_id = require_str(body, "patchId", frame_id)
+        revert = bool(get_field(body, "revert", False))
         started = time.perf_counter()
-        key = revert_id(patch_id)
+        key = revert_id(patch_id) if revert else patch_id  # a revert is its own transaction
         future = self._inflight.get(key)
         if future is None:
             txn = self._rt.prepared(key)
             if txn is None:
-                stack = self._stack_ids()
-                done = patch_id not in stack  # reverted already, or never ran here
-                self._result(frame_id, "commitResult", {
-                    "ok": done, "elapsedMs": _ms(started), "patchStack": stack,
-                    **({"detailJson": detail_json({"noop": True, "patch_id": patch_id})} if done else
-                       {"errorKind": "commit", "error": f"the revert of {patch_id} is not prepared in this process"}),
-                })
-                return
-            try:
-                future = self._rt.request_commit(txn)
-            except HotfleetError as exc:
-                self._result(frame_id, "commitResult", {
-                    "ok": False, "errorKind": "commit", "error": str(exc), "elapsedMs": _ms(started),
-                    "patchStack": self._stack_ids(), "detailJson": error_detail_json(exc),
-                })
-                return
-            self._inflight[key] = future
-            log.info("commit of the revert of %s requested; it lands at the next safe point", patch_id)
-        self._await(future, frame_id, "commitResult", started, patch_id, revert=True)
-
-    def _on_commit(self, frame_id: int, body: Dict[str, Any]) -> None:
-        patch_id = require_str(body, "patchId", frame_id)
-        if get_field(body, "revert", False):
-            self._on_commit_revert(frame_id, patch_id)
-            return
-        started = time.perf_counter()
-        future = self._inflight.get(patch_id)
-        if future is None:
-            txn = self._rt.prepared(patch_id)
-            if txn is None:
-                stack = self._stack_ids()
-                if patch_id in stack:  # a repeated commit answers like the first
-                    self._result(frame_id, "commitResult", {
-                        "ok": True, "elapsedMs": _ms(started), "patchStack": stack,
-                        "detailJson": detail_json({"already_committed": True, "patch_id": patch_id}),
-                    })
-                else:
-                    self._result(frame_id, "commitResult", {
-                        "ok": False, "errorKind": "commit", "elapsedMs": _ms(started), "patchStack": stack,
-                        "error": f"patch {patch_id} is not prepared in this process (prepare it first)",
-                    })
+                self._answer_unprepared_commit(frame_id, patch_id, revert, started)
                 return
             try:
                 future = self._rt.request_commit(txn)
@@ -759,9 +721,29 @@ class AgentLink:
                     "patchStack": self._stack_ids(), "detailJson": error_detail_json(exc),
                 })
                 return
-            self._inflight[patch_id] = future
-            log.info("commit of %s requested; it lands at the next safe point", patch_id)
-        self._await(future, frame_id, "commitResult", started, patch_id)
+            self._inflight[key] = future
+            what = f"the revert of {patch_id}" if revert else patch_id
+            log.info("commit of %s requested; it lands at the next safe point", what)
+        self._await(future, frame_id, "commitResult", started, patch_id, revert=revert)
+
+    def _answer_unprepared_commit(self, frame_id: int, patch_id: str, revert: bool, started: float) -> None:
+        """No transaction to commit: a repeat of a commit that already landed
+        answers like the first (the patch is on the stack, or a revert's patch
+        is off it); anything else is refused."""
+        stack = self._stack_ids()
+        landed = (patch_id not in stack) if revert else (patch_id in stack)
+        if landed:
+            detail = {"noop": True} if revert else {"already_committed": True}
+            self._result(frame_id, "commitResult", {
+                "ok": True, "elapsedMs": _ms(started), "patchStack": stack,
+                "detailJson": detail_json({**detail, "patch_id": patch_id}),
+            })
+            return
+        error = (f"the revert of {patch_id} is not prepared in this process" if revert
+                 else f"patch {patch_id} is not prepared in this process (prepare it first)")
+        self._result(frame_id, "commitResult", {
+            "ok": False, "errorKind": "commit", "elapsedMs": _ms(started), "patchStack": stack, "error": error,
+        })
 
     def _on_abort(self, frame_id: int, body: Dict[str, Any]) -> None:
         patch_id = require_str(body, "patchId", frame_id)
