@@ -74,7 +74,7 @@ pub struct Command {
 }
 
 impl Command {
-    /// The same command identity, another kind (a revert sends rollback, then abort).
+    /// The same command identity, another kind (a plan prepares, then aborts).
     pub fn with_kind(&self, kind: CommandKind) -> Self {
         Self { kind, ..self.clone() }
     }

@@ -463,8 +463,10 @@ impl Participant {
                 short(&cmd.patch_id)
             )));
         }
-        // A rollback also cancels a prepare still waiting on this node.
-        self.state().prepared.remove(&cmd.rollout_id, &cmd.patch_id);
+        // A rollback also cancels a prepare still waiting on this node (its
+        // commit never arrived): the processes holding it are told below.
+        let holders = self.state().prepared.remove(&cmd.rollout_id, &cmd.patch_id).map(|p| p.processes);
+        let holds = |process_id: &str| holders.as_ref().is_some_and(|h| h.iter().any(|id| id == process_id));
         if cmd.rollout_kind == RolloutKind::Revert {
             // Undo the revert wherever it is in force: each runtime knows
             // whether it is (and drops a revert still prepared); the others answer done.
@@ -476,6 +478,9 @@ impl Participant {
         let mut targets = Vec::new();
         for process in self.runtimes.processes() {
             match process.patch_stack.iter().position(|id| *id == cmd.patch_id) {
+                // Not committed here but prepared: the runtime's rollback of a
+                // patch it does not run drops its prepared copy and undoes nothing.
+                None if holds(&process.process_id) => targets.push(process),
                 None => {}
                 Some(pos) if pos + 1 == process.patch_stack.len() => targets.push(process),
                 Some(_) => outcomes.push(ProcessOutcome {

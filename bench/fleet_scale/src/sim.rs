@@ -451,6 +451,8 @@ impl Agent for Fleet {
         if state.stack.last() == Some(&header.patch_id) {
             state.stack.pop();
         }
+        // As the agent: a rollback also drops the patch where it is only prepared.
+        state.prepared.retain(|p| p.patch_id != header.patch_id);
         drop(state);
         Ok(Response::new(RollbackResponse {
             ok: true,

@@ -646,16 +646,14 @@ impl Engine {
         // The first attempt waits out an agent that is restarting; later
         // ones are quick, so a node that is gone for good costs the budget once.
         let retry_for = if attempt <= 1 { self.inner.config.unavailable_retry_for } else { Duration::ZERO };
+        // One command per node: an agent's rollback also drops the patch
+        // where it is only prepared (a node whose commit never landed).
         let rollback_results = self.fan_out(handle, &rollback, deadline, false, |t| {
-            let (agents, rollback_cmd, abort_cmd) = (agents.clone(), rollback_cmd.clone(), abort_cmd.clone());
+            let (agents, rollback_cmd) = (agents.clone(), rollback_cmd.clone());
             async move {
-                let result = send(agents.as_ref(), &t, &rollback_cmd, deadline, retry_for).await;
-                // Also drop any prepared copy: a node whose commit never
-                // landed holds the patch prepared, not committed. Best
-                // effort: an agent the rollback could not reach is not waited for twice.
-                let again = if result.is_ok() { retry_for } else { Duration::ZERO };
-                let _ = send(agents.as_ref(), &t, &abort_cmd, deadline, again).await;
-                result.map_err(|e| format!("rollback failed: {e}"))
+                send(agents.as_ref(), &t, &rollback_cmd, deadline, retry_for)
+                    .await
+                    .map_err(|e| format!("rollback failed: {e}"))
             }
         });
         let abort_results = self.fan_out(handle, &abort, deadline, false, |t| {

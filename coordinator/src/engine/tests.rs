@@ -428,6 +428,8 @@ async fn a_commit_failure_in_wave_two_rolls_back_canary_and_wave_one() {
     let mut rolled = f.agents.sent("rollback");
     rolled.sort();
     assert_eq!(rolled, ["n1", "n2", "n3", "n4", "n5"]);
+    // One command per node: the agent's rollback also drops a prepare whose commit never landed.
+    assert_eq!(f.agents.sent("abort"), Vec::<String>::new());
     assert!(f.agents.committed.lock().expect("lock").is_empty(), "nothing left committed");
     assert!(done.nodes.values().all(|n| n.observed == Observed::RolledBack));
 }

@@ -386,3 +386,23 @@ async fn a_prepare_naming_one_process_reaches_only_that_process() {
     assert!(!vote.ok && vote.reason.contains("no process \"zz\""), "{vote:?}");
     assert_eq!(rig.runtimes.count("a", "prepare") + rig.runtimes.count("b", "prepare"), 1, "nothing more prepared");
 }
+
+#[tokio::test]
+async fn a_rollback_of_a_node_whose_commit_never_arrived_drops_the_runtimes_prepared_copy() {
+    // The coordinator rolls back every node a commit was sent to, then aborts
+    // it: a node whose commit was lost on the way holds the patch prepared in
+    // its runtimes, and they must be told to drop it, or the next prepare
+    // finds a transaction still pending.
+    let rig = rig(&["a", "b"]);
+    assert!(rig.run(Kind::Prepare).await.ok);
+    let answer = rig.run(Kind::Rollback).await;
+    assert!(answer.ok, "{answer:?}");
+    let answer = rig.run(Kind::Abort).await;
+    assert!(answer.ok, "{answer:?}");
+    assert!(rig.participant.prepared().is_empty());
+    for p in ["a", "b"] {
+        let dropped = rig.runtimes.count(p, "abort") + rig.runtimes.count(p, "rollback");
+        assert_eq!(dropped, 1, "process {p} was told to drop its prepared copy once");
+        assert_eq!(rig.runtimes.count(p, "commit"), 0);
+    }
+}

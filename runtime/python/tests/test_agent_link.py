@@ -597,6 +597,19 @@ def test_a_prepared_patch_survives_an_agent_reconnect(rt: Any, pkg: Package, age
     assert pkg.module.damage(5) == 11
 
 
+def test_rollback_of_a_patch_only_prepared_here_drops_it_so_the_next_prepare_goes_through(
+        rt: Any, pkg: Package, agent: ScriptedAgent, links: Callable[..., AgentLink], game: Game) -> None:
+    # The fleet rolls back a patch whose commit never reached this process.
+    _, peer, _ = connect(links, rt, agent)
+    assert peer.request("prepare", {"patchId": "p-lost", "modules": {pkg.modname: V2}}, "prepareResult")["ok"]
+    result = peer.request("rollback", {"patchId": "p-lost"}, "rollbackResult")
+    assert result["ok"] is True and json.loads(result["detailJson"])["noop"] is True
+    assert result["patchStack"] == [] and rt.pending is None
+    assert pkg.module.damage(5) == 10
+    # Nothing is left pending in the way of the next patch.
+    assert peer.request("prepare", {"patchId": "p-next", "modules": {pkg.modname: V3}}, "prepareResult")["ok"]
+
+
 def test_rollback_of_a_patch_this_process_does_not_run_touches_nothing(
         rt: Any, pkg: Package, agent: ScriptedAgent, links: Callable[..., AgentLink], game: Game) -> None:
     _, peer, _ = connect(links, rt, agent)
