@@ -389,8 +389,11 @@ impl Engine {
         // Window start: where each watched process's tick count stands now,
         // so the final check can tell "ticked during the window" apart.
         // Earlier steps' nodes judged from pushed reports need no start.
-        let mut watch: BTreeSet<String> =
-            state.watched_nodes().into_iter().filter(|n| self.pushed_samples(state, n, Some(step)).is_none()).collect();
+        let mut watch: BTreeSet<String> = state
+            .watched_nodes()
+            .into_iter()
+            .filter(|n| self.pushed_samples(state, n, Some(step), Check::Interim).is_none())
+            .collect();
         watch.extend(results.iter().filter(|(_, r)| r.is_ok()).map(|(n, _)| n.clone()));
         let watch: Vec<String> = watch.into_iter().collect();
         let mut window_start = BTreeMap::new();
@@ -444,12 +447,20 @@ impl Engine {
     }
 
     /// Samples for `node` from its agent's last pushed report, when that can
-    /// stand in for a poll (see [`pushed`]): only for a node committed in an
+    /// stand in for a poll (see [`pushed`]): for a node committed in an
     /// earlier step than `current` (the step being committed or watched; none
-    /// while held between steps).
-    fn pushed_samples(&self, state: &RolloutState, node: &str, current: Option<usize>) -> Option<Vec<health::Sample>> {
+    /// while held between steps), and for one of `current` itself until its
+    /// window's final check, which polls (it counts the ticks since the
+    /// window's start, and a report may be up to a heartbeat old).
+    fn pushed_samples(
+        &self,
+        state: &RolloutState,
+        node: &str,
+        current: Option<usize>,
+        check: Check,
+    ) -> Option<Vec<health::Sample>> {
         let ns = state.nodes.get(node)?;
-        if current.is_some_and(|step| ns.step >= step) {
+        if current.is_some_and(|step| ns.step > step || (ns.step == step && check == Check::Final)) {
             return None;
         }
         // Two heartbeats missed: a report that old is no news.
@@ -467,7 +478,10 @@ impl Engine {
     /// One health check of every watched node; records verdicts (which may
     /// roll the rollout back). Nodes of earlier steps are judged from their
     /// pushed reports when fresh ones are there (hard failures only: their
-    /// own window has passed); the rest are polled.
+    /// own window has passed), and so are the step's own nodes between the
+    /// first report after their commit and their window's final check (a
+    /// window of minutes polled every second was most of a rollout's calls);
+    /// the rest are polled.
     async fn check_health(&self, handle: &Handle, check: Check) -> Result<()> {
         let expired = self.expired_prepares(&handle.state.lock().await.clone());
         if !expired.is_empty() {
@@ -498,8 +512,8 @@ impl Engine {
                 lost.push(node);
                 continue;
             }
-            match (self.pushed_samples(&state, &node, current), state.nodes.get(&node)) {
-                (Some(_), Some(_)) if !judge_pushed => {}
+            match (self.pushed_samples(&state, &node, current, check), state.nodes.get(&node)) {
+                (Some(_), Some(ns)) if !judge_pushed && current.is_some_and(|step| ns.step < step) => {}
                 (Some(samples), Some(ns)) => {
                     let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, Check::Interim);
                     verdicts.push((node, verdict));

@@ -998,6 +998,33 @@ async fn an_exception_pushed_by_an_earlier_node_rolls_back_in_a_later_window() {
 }
 
 #[tokio::test]
+async fn in_a_long_window_the_steps_own_nodes_are_judged_from_pushed_reports_until_its_final_check() {
+    let f = fixture(5).await;
+    let pusher = push_health(&f, 5, HashMap::new());
+    // Checked every 50 ms through a 1 s window: ~20 checks of each step's nodes.
+    let spec = WireSpec { health_window_ms: 1_000, step_deadline_ms: 3_000, ..request() };
+    let id = f.engine.start(spec, "a", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    pusher.abort();
+    // Baseline and final, plus the checks before the first report after the
+    // commit arrived (heartbeats every 20 ms here).
+    for node in ["n1", "n3", "n5"] {
+        let polls = f.agents.health_calls(node);
+        assert!((2..=5).contains(&polls), "{node} was polled {polls} times in its window");
+    }
+}
+
+#[tokio::test]
+async fn without_pushed_reports_the_steps_own_nodes_are_polled_through_the_window() {
+    let f = fixture(3).await;
+    let spec = WireSpec { health_window_ms: 1_000, step_deadline_ms: 3_000, ..request() };
+    let id = f.engine.start(spec, "a", false).await.expect("start").rollout.id;
+    assert_eq!(finish(&f.engine, &id).await.rollout.phase, Phase::Completed);
+    let polls = f.agents.health_calls("n3");
+    assert!(polls >= 10, "a last-wave node with no report is watched by polls: {polls}");
+}
+
+#[tokio::test]
 async fn without_pushed_reports_earlier_nodes_are_polled_in_every_window() {
     let f = fixture(5).await;
     let id = f.engine.start(request(), "a", false).await.expect("start").rollout.id;
