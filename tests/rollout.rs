@@ -25,6 +25,7 @@ on_both_stores!(
     agent_killed_mid_wave_rolls_back_under_the_default_policy,
     coordinator_killed_mid_wave_resumes_and_ends_consistent,
     a_gate_held_for_ten_prepare_ttls_then_promoted_completes,
+    an_agent_restarted_while_prepared_leaves_no_transaction_pending_after_the_rollback,
 );
 
 async fn hotfix_rolls_out_in_canary_and_waves_with_players_connected(backend: Backend) {
@@ -300,4 +301,40 @@ fn held_at_gate(s: &Scenario, started: std::process::Output, step: &str) -> Stri
     let gate = format!("gate before {step}");
     s.wait_until(&id, &gate, |r| r["waitingReason"].as_str().is_some_and(|w| w.contains(&gate)));
     id
+}
+
+/// An agent restarted while its node holds the patch prepared forgets the
+/// prepare; its zone server does not. The commit then finds nothing prepared
+/// and the rollout rolls back: the rollback must drop the zone server's
+/// prepared copy, or that server refuses every later patch ("transaction …
+/// is still pending") until it restarts.
+async fn an_agent_restarted_while_prepared_leaves_no_transaction_pending_after_the_rollback(backend: Backend) {
+    let mut s = Scenario::start(backend);
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let id = s.start_rollout(&patch, "3s");
+    let at = s.wait_until(&id, "wave-1 health window", |r| step_name(r) == "wave-1" && phase(r) == "watching");
+    let waiting = node_states(&at)
+        .into_iter()
+        .position(|(_, _, observed)| observed == "prepared")
+        .expect("a node of a later wave waits prepared");
+    let keys = s.fleet.keys.clone();
+    s.restart_agent(waiting, &keys);
+    let (code, rollout) = s.watch(&id);
+    assert_eq!(code, 3, "the restarted agent's node cannot commit what it forgot: {rollout}");
+    assert_eq!(s.damages(), before, "every node is back on the old code");
+    // Another patch (the same module, one function more) must prepare and
+    // commit everywhere, the restarted agent's zone server included.
+    let source = s.fleet.layout.repo.join("examples/patches/hotfix-damage/zone/combat.py");
+    let text = std::fs::read_to_string(source).expect("combat.py");
+    let root = s.dir.path().join("trees").join("hotfix-again");
+    std::fs::create_dir_all(root.join("zone")).expect("tree");
+    std::fs::write(root.join("zone/combat.py"), format!("{text}\n\ndef hotfix_again() -> bool:\n    return True\n"))
+        .expect("write combat.py");
+    let again = s.push_tree(&root, "hotfix-again");
+    let id = s.start_rollout(&again, "1s");
+    let (code, rollout) = s.watch(&id);
+    assert_eq!(code, 0, "a later patch goes through on every node: {rollout}");
+    assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b));
+    assert_eq!(s.assert_consistent(&[]).await, vec![again]);
 }

@@ -438,11 +438,17 @@ impl Participant {
     async fn abort(&self, cmd: &Command) -> Answer {
         let dropped = self.state().prepared.remove(&cmd.rollout_id, &cmd.patch_id);
         let connected = self.runtimes.processes();
-        let holders: Vec<Process> = dropped
-            .iter()
-            .flat_map(|p| p.processes.iter())
-            .filter_map(|id| connected.iter().find(|p| p.process_id == *id).cloned())
-            .collect();
+        let holders: Vec<Process> = match &dropped {
+            Some(prepared) => prepared
+                .processes
+                .iter()
+                .filter_map(|id| connected.iter().find(|p| p.process_id == *id).cloned())
+                .collect(),
+            // No record: this agent may have restarted since the prepare while
+            // its processes kept it. A runtime drops what it holds and takes
+            // an abort of what it does not hold as done.
+            None => self.unaccounted(connected, &cmd.patch_id),
+        };
         let kind = dropped.as_ref().map_or(cmd.rollout_kind, |p| p.rollout_kind);
         let outcomes = self.ask_all(&holders, Step::Abort { patch_id: cmd.patch_id.clone() }.of(kind)).await;
         // A process that vanished holds nothing prepared any more: abort is satisfied.
@@ -476,7 +482,13 @@ impl Participant {
         }
         let mut outcomes = Vec::new();
         let mut targets = Vec::new();
-        for process in self.runtimes.processes() {
+        // With no record of the prepare (a restarted agent forgets it; its
+        // processes do not), every other process is asked too, best effort:
+        // its answer is logged, not part of the rollback's.
+        let connected = self.runtimes.processes();
+        let mut unknown =
+            if holders.is_none() { self.unaccounted(connected.clone(), &cmd.patch_id) } else { Vec::new() };
+        for process in connected {
             match process.patch_stack.iter().position(|id| *id == cmd.patch_id) {
                 // Not committed here but prepared: the runtime's rollback of a
                 // patch it does not run drops its prepared copy and undoes nothing.
@@ -496,7 +508,25 @@ impl Participant {
             }
         }
         outcomes.extend(self.ask_all(&targets, Step::Rollback { patch_id: cmd.patch_id.clone() }).await);
+        unknown.retain(|p| {
+            !targets.iter().any(|t| t.process_id == p.process_id) && !p.patch_stack.contains(&cmd.patch_id)
+        });
+        self.ask_all(&unknown, Step::Rollback { patch_id: cmd.patch_id.clone() }).await;
         Ok(Answer::from_outcomes(outcomes))
+    }
+
+    /// The processes among `connected` that no waiting prepare of `patch_id`
+    /// under another rollout accounts for: a cleanup must not drop those.
+    fn unaccounted(&self, connected: Vec<Process>, patch_id: &str) -> Vec<Process> {
+        let state = self.state();
+        let held: Vec<&String> = state
+            .prepared
+            .waiting()
+            .iter()
+            .filter(|p| p.patch_id == patch_id)
+            .flat_map(|p| p.processes.iter())
+            .collect();
+        connected.into_iter().filter(|p| !held.contains(&&p.process_id)).collect()
     }
 
     /// Presumed abort: drops prepared patches whose TTL ran out (between

@@ -389,20 +389,51 @@ async fn a_prepare_naming_one_process_reaches_only_that_process() {
 
 #[tokio::test]
 async fn a_rollback_of_a_node_whose_commit_never_arrived_drops_the_runtimes_prepared_copy() {
-    // The coordinator rolls back every node a commit was sent to, then aborts
-    // it: a node whose commit was lost on the way holds the patch prepared in
-    // its runtimes, and they must be told to drop it, or the next prepare
-    // finds a transaction still pending.
+    // The coordinator rolls back every node a commit was sent to: a node
+    // whose commit was lost on the way holds the patch prepared in its
+    // runtimes, and they must be told to drop it, or the next prepare finds
+    // a transaction still pending.
     let rig = rig(&["a", "b"]);
     assert!(rig.run(Kind::Prepare).await.ok);
     let answer = rig.run(Kind::Rollback).await;
     assert!(answer.ok, "{answer:?}");
-    let answer = rig.run(Kind::Abort).await;
-    assert!(answer.ok, "{answer:?}");
+    assert_eq!(answer.processes.len(), 2, "both holders answer: {answer:?}");
     assert!(rig.participant.prepared().is_empty());
     for p in ["a", "b"] {
-        let dropped = rig.runtimes.count(p, "abort") + rig.runtimes.count(p, "rollback");
-        assert_eq!(dropped, 1, "process {p} was told to drop its prepared copy once");
+        assert_eq!(rig.runtimes.count(p, "rollback"), 1, "process {p} was told to drop its prepared copy");
         assert_eq!(rig.runtimes.count(p, "commit"), 0);
     }
+}
+
+#[tokio::test]
+async fn with_no_record_of_the_prepare_every_process_is_told_to_drop_it() {
+    // A restarted agent has forgotten its prepares; its processes have not.
+    let rig = rig(&["a", "b", "c"]);
+    rig.runtimes.set_stack("a", vec![rig.patch.clone()]);
+    let answer = rig.run(Kind::Rollback).await;
+    assert!(answer.ok, "{answer:?}");
+    assert_eq!(answer.processes.len(), 1, "only the undo is the rollback's answer: {answer:?}");
+    for p in ["a", "b", "c"] {
+        assert_eq!(rig.runtimes.count(p, "rollback"), 1, "process {p}");
+    }
+    let answer = rig.participant.handle(Command::new(Kind::Abort, "r2", rig.patch.clone(), 1)).await.expect("abort");
+    assert!(answer.ok, "{answer:?}");
+    for p in ["a", "b", "c"] {
+        assert_eq!(rig.runtimes.count(p, "abort"), 1, "process {p}");
+    }
+}
+
+#[tokio::test]
+async fn a_cleanup_never_drops_a_prepare_another_rollout_holds() {
+    let rig = rig(&["a", "b"]);
+    assert!(rig.run(Kind::Prepare).await.ok);
+    // Another rollout's abort of the same patch, with no record of its own.
+    let answer =
+        rig.participant.handle(Command::new(Kind::Abort, "r-other", rig.patch.clone(), 1)).await.expect("abort");
+    assert!(answer.ok, "{answer:?}");
+    for p in ["a", "b"] {
+        assert_eq!(rig.runtimes.count(p, "abort"), 0, "process {p} holds r1's prepare");
+    }
+    assert_eq!(rig.participant.prepared().len(), 1);
+    assert!(rig.run(Kind::Commit).await.ok, "r1 still commits");
 }
