@@ -48,6 +48,10 @@ mod tests;
 
 pub use admission::EPOCH_LEARN_WAIT;
 
+/// How long a process may take to drop a prepare the agent has no record of
+/// (a cleanup after a restart; a live runtime answers at once).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the participant keeps between commands. Only ever locked for plain
 /// reads and updates, never across a runtime call, so status reads and
 /// heartbeats never wait for a command in progress.
@@ -447,10 +451,15 @@ impl Participant {
             // No record: this agent may have restarted since the prepare while
             // its processes kept it. A runtime drops what it holds and takes
             // an abort of what it does not hold as done.
-            None => self.unaccounted(connected, &cmd.patch_id),
+            None if self.forgot_prepare(cmd) => self.unaccounted(connected, &cmd.patch_id),
+            None => Vec::new(),
         };
         let kind = dropped.as_ref().map_or(cmd.rollout_kind, |p| p.rollout_kind);
-        let outcomes = self.ask_all(&holders, Step::Abort { patch_id: cmd.patch_id.clone() }.of(kind)).await;
+        // A cleanup is quick for a live runtime (no safe point to wait for):
+        // a stuck process must not hold the answer for a runtime timeout.
+        let timeout = if dropped.is_some() { self.runtime_timeout } else { CLEANUP_TIMEOUT };
+        let step = Step::Abort { patch_id: cmd.patch_id.clone() }.of(kind);
+        let outcomes = self.ask_all_within(&holders, step, timeout).await;
         // A process that vanished holds nothing prepared any more: abort is satisfied.
         Answer { ok: true, reason: String::new(), processes: outcomes }
     }
@@ -486,8 +495,11 @@ impl Participant {
         // processes do not), every other process is asked too, best effort:
         // its answer is logged, not part of the rollback's.
         let connected = self.runtimes.processes();
-        let mut unknown =
-            if holders.is_none() { self.unaccounted(connected.clone(), &cmd.patch_id) } else { Vec::new() };
+        let mut unknown = if holders.is_none() && self.forgot_prepare(cmd) {
+            self.unaccounted(connected.clone(), &cmd.patch_id)
+        } else {
+            Vec::new()
+        };
         for process in connected {
             match process.patch_stack.iter().position(|id| *id == cmd.patch_id) {
                 // Not committed here but prepared: the runtime's rollback of a
@@ -511,8 +523,16 @@ impl Participant {
         unknown.retain(|p| {
             !targets.iter().any(|t| t.process_id == p.process_id) && !p.patch_stack.contains(&cmd.patch_id)
         });
-        self.ask_all(&unknown, Step::Rollback { patch_id: cmd.patch_id.clone() }).await;
+        self.ask_all_within(&unknown, Step::Rollback { patch_id: cmd.patch_id.clone() }, CLEANUP_TIMEOUT).await;
         Ok(Answer::from_outcomes(outcomes))
+    }
+
+    /// Neither a prepare of `cmd`'s rollout and patch waiting nor its answer
+    /// remembered: this agent never saw it, or restarted since (its
+    /// processes may still hold it prepared).
+    fn forgot_prepare(&self, cmd: &Command) -> bool {
+        let key = (cmd.rollout_id.clone(), cmd.patch_id.clone(), Kind::Prepare);
+        self.state().answers.get(&key).is_none()
     }
 
     /// The processes among `connected` that no waiting prepare of `patch_id`
@@ -554,6 +574,10 @@ impl Participant {
 
     /// Sends one step to several runtimes at once and gathers their outcomes.
     async fn ask_all(&self, processes: &[Process], step: Step) -> Vec<ProcessOutcome> {
+        self.ask_all_within(processes, step, self.runtime_timeout).await
+    }
+
+    async fn ask_all_within(&self, processes: &[Process], step: Step, timeout: Duration) -> Vec<ProcessOutcome> {
         let what = step.name();
         join_all(processes.iter().map(|process| {
             let step = step.clone();
@@ -561,7 +585,7 @@ impl Participant {
                 let mut outcome =
                     ProcessOutcome { process_id: process.process_id.clone(), pid: process.pid, ..Default::default() };
                 let span = tracing::info_span!("runtime", process = %process.process_id, step = what);
-                let reply = self.runtimes.step(&process.process_id, step, self.runtime_timeout).instrument(span.clone()).await;
+                let reply = self.runtimes.step(&process.process_id, step, timeout).instrument(span.clone()).await;
                 match reply {
                     Ok(reply) => {
                         span.in_scope(|| crate::telemetry::runtime_step(what, &reply));
