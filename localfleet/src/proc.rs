@@ -126,8 +126,26 @@ impl Drop for Proc {
     }
 }
 
-/// A free loopback port (bound, then released: a tiny race, fine locally).
+/// Where [`free_port`] picks from: below Linux's ephemeral range (32768–60999
+/// by default).
+const PICK_FROM: u16 = 20_000;
+const PICK_SPAN: u64 = 12_000;
+
+/// A free loopback port (bound, then released). Picked at random below the
+/// ephemeral range: a port the kernel chose (`:0`) is free only until the
+/// next outgoing connection takes it as its local port, and tests running
+/// side by side open many, so an etcd could find its port taken before it
+/// bound it. Falls back to a kernel-chosen port.
 pub fn free_port() -> Result<u16> {
+    use std::hash::{BuildHasher, RandomState};
+    let seed = RandomState::new();
+    for attempt in 0..64u32 {
+        let n = seed.hash_one((std::process::id(), attempt, Instant::now()));
+        let port = PICK_FROM + (n % PICK_SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
