@@ -451,8 +451,7 @@ impl Participant {
             // No record: this agent may have restarted since the prepare while
             // its processes kept it. A runtime drops what it holds and takes
             // an abort of what it does not hold as done.
-            None if self.forgot_prepare(cmd) => self.unaccounted(connected, &cmd.patch_id),
-            None => Vec::new(),
+            None => self.orphan_holders(cmd, connected),
         };
         let kind = dropped.as_ref().map_or(cmd.rollout_kind, |p| p.rollout_kind);
         // A cleanup is quick for a live runtime (no safe point to wait for):
@@ -491,21 +490,14 @@ impl Participant {
         }
         let mut outcomes = Vec::new();
         let mut targets = Vec::new();
-        // With no record of the prepare (a restarted agent forgets it; its
-        // processes do not), every other process is asked too, best effort:
-        // its answer is logged, not part of the rollback's.
-        let connected = self.runtimes.processes();
-        let mut unknown = if holders.is_none() && self.forgot_prepare(cmd) {
-            self.unaccounted(connected.clone(), &cmd.patch_id)
-        } else {
-            Vec::new()
-        };
-        for process in connected {
+        // Processes that neither run the patch nor, by the agent's record, hold it.
+        let mut others = Vec::new();
+        for process in self.runtimes.processes() {
             match process.patch_stack.iter().position(|id| *id == cmd.patch_id) {
                 // Not committed here but prepared: the runtime's rollback of a
                 // patch it does not run drops its prepared copy and undoes nothing.
                 None if holds(&process.process_id) => targets.push(process),
-                None => {}
+                None => others.push(process),
                 Some(pos) if pos + 1 == process.patch_stack.len() => targets.push(process),
                 Some(_) => outcomes.push(ProcessOutcome {
                     error: format!(
@@ -520,33 +512,33 @@ impl Participant {
             }
         }
         outcomes.extend(self.ask_all(&targets, Step::Rollback { patch_id: cmd.patch_id.clone() }).await);
-        unknown.retain(|p| {
-            !targets.iter().any(|t| t.process_id == p.process_id) && !p.patch_stack.contains(&cmd.patch_id)
-        });
-        self.ask_all_within(&unknown, Step::Rollback { patch_id: cmd.patch_id.clone() }, CLEANUP_TIMEOUT).await;
+        if holders.is_none() {
+            // Best effort: the answers are logged, not part of the rollback's.
+            let orphans = self.orphan_holders(cmd, others);
+            self.ask_all_within(&orphans, Step::Rollback { patch_id: cmd.patch_id.clone() }, CLEANUP_TIMEOUT).await;
+        }
         Ok(Answer::from_outcomes(outcomes))
     }
 
-    /// Neither a prepare of `cmd`'s rollout and patch waiting nor its answer
-    /// remembered: this agent never saw it, or restarted since (its
-    /// processes may still hold it prepared).
-    fn forgot_prepare(&self, cmd: &Command) -> bool {
-        let key = (cmd.rollout_id.clone(), cmd.patch_id.clone(), Kind::Prepare);
-        self.state().answers.get(&key).is_none()
-    }
-
-    /// The processes among `connected` that no waiting prepare of `patch_id`
-    /// under another rollout accounts for: a cleanup must not drop those.
-    fn unaccounted(&self, connected: Vec<Process>, patch_id: &str) -> Vec<Process> {
+    /// A prepare the agent has no waiting record of: of `candidates`, the
+    /// processes to ask to drop it. None when the agent remembers answering
+    /// it (it knows where it went); otherwise the agent never saw it or
+    /// restarted since, and its processes may still hold it, except those a
+    /// waiting prepare of the patch under another rollout accounts for.
+    fn orphan_holders(&self, cmd: &Command, candidates: Vec<Process>) -> Vec<Process> {
         let state = self.state();
+        let key = (cmd.rollout_id.clone(), cmd.patch_id.clone(), Kind::Prepare);
+        if state.answers.get(&key).is_some() {
+            return Vec::new();
+        }
         let held: Vec<&String> = state
             .prepared
             .waiting()
             .iter()
-            .filter(|p| p.patch_id == patch_id)
+            .filter(|p| p.patch_id == cmd.patch_id)
             .flat_map(|p| p.processes.iter())
             .collect();
-        connected.into_iter().filter(|p| !held.contains(&&p.process_id)).collect()
+        candidates.into_iter().filter(|p| !held.contains(&&p.process_id)).collect()
     }
 
     /// Presumed abort: drops prepared patches whose TTL ran out (between
