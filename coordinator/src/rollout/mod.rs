@@ -338,14 +338,21 @@ pub type Changed = Vec<String>;
 impl RolloutState {
     /// A new, staged rollout of `spec` from its plan ([`crate::planner::plan`]).
     /// A rollout as the store holds it: its record (with its plan) and the
-    /// node states written since it started. The start writes none (a
-    /// node's first state follows from the plan), so a planned node without
-    /// a stored state is one nothing has been sent to yet.
+    /// node states written since it started. Neither the start nor the
+    /// prepare's begin writes any (a node's first state follows from the plan
+    /// and the phase), so a planned node without a stored state is one
+    /// nothing has been answered by yet: desired prepared once the rollout
+    /// is past staging (a prepare may have been sent), nothing before.
     pub fn from_store(rollout: Rollout, mut nodes: BTreeMap<String, NodeState>) -> Self {
+        let prepare_begun = !matches!(rollout.phase, Phase::Scheduled { .. } | Phase::Staged);
         for (i, step) in rollout.steps.iter().enumerate() {
             for node in &step.nodes {
                 if !nodes.contains_key(node) {
-                    nodes.insert(node.clone(), NodeState::planned(node, i, rollout.created_at_ms));
+                    let mut planned = NodeState::planned(node, i, rollout.created_at_ms);
+                    if prepare_begun {
+                        planned.desired = Desired::Prepared;
+                    }
+                    nodes.insert(node.clone(), planned);
                 }
             }
         }
@@ -524,19 +531,20 @@ impl RolloutState {
         Vec::new()
     }
 
-    /// Staged -> Preparing: every target's desired becomes Prepared.
+    /// Staged -> Preparing: every target's desired becomes Prepared. Only
+    /// the rollout record is written: the phase says it for every node
+    /// ([`Self::from_store`]), so the first write of a node is its vote
+    /// (a node-state write per target fewer, before any prepare is sent).
     pub fn begin_prepare(&mut self, now_ms: u64) -> Changed {
         if self.rollout.phase != Phase::Staged {
             return Vec::new();
         }
-        let changed: Changed = self.nodes.keys().cloned().collect();
         for n in self.nodes.values_mut() {
             n.desired = Desired::Prepared;
-            n.updated_at_ms = now_ms;
         }
-        let count = changed.len();
+        let count = self.nodes.len();
         self.set_phase(Phase::Preparing, now_ms, format!("preparing on {count} node(s)"));
-        changed
+        Vec::new()
     }
 
     /// Records the answers of one phase's command on nodes that still want

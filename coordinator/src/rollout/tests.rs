@@ -126,7 +126,7 @@ fn happy_path_goes_canary_then_waves_then_completed() {
     let mut s = new_state(&[], 0);
     assert_eq!(s.next_action(false), Action::BeginPrepare);
     let changed = s.begin_prepare(1);
-    assert_eq!(changed.len(), 5, "desired=prepared written for every target before any prepare");
+    assert!(changed.is_empty(), "the phase says desired=prepared for every target: no node state written");
     assert!(s.nodes.values().all(|n| n.desired == Desired::Prepared));
     assert_eq!(s.next_action(false), Action::Prepare(all_nodes().iter().map(|s| s.to_string()).collect()));
     s.record_prepare(ok(&all_nodes()), 2);
@@ -503,4 +503,66 @@ fn a_state_read_from_the_store_fills_planned_nodes_nothing_was_written_for() {
         assert_eq!(read.nodes[n], fresh.nodes[n], "{n} reads as planned");
     }
     assert_eq!(RolloutState::from_store(fresh.rollout.clone(), BTreeMap::new()).nodes, fresh.nodes);
+}
+
+/// What the engine stores of a transition: the record, and the node states it
+/// returned as changed.
+fn store(stored: &mut BTreeMap<String, NodeState>, s: &RolloutState, changed: Changed) {
+    for id in changed {
+        stored.insert(id.clone(), s.nodes[&id].clone());
+    }
+}
+
+#[test]
+fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
+    // A new leader resumes from the store alone: at every point of a rollout
+    // that completes, and of one that fails in its prepare, the stored record
+    // plus the node states written so far must read back as the whole state.
+    for fail_prepare in [false, true] {
+        let mut s = new_state(&[], 0);
+        let mut stored = BTreeMap::new();
+        let mut t = 10;
+        loop {
+            t += 1;
+            let changed = match s.next_action(false) {
+                Action::BeginPrepare => s.begin_prepare(t),
+                Action::Prepare(nodes) => {
+                    let mut results = ok(&nodes.iter().map(String::as_str).collect::<Vec<_>>());
+                    if fail_prepare {
+                        results[2].1 = Err("hook failed".into());
+                    }
+                    s.record_prepare(results, t)
+                }
+                Action::BeginStep(step) => s.begin_step(step, BTreeMap::new(), t),
+                Action::Commit { step, nodes } => {
+                    s.record_commit(step, ok(&nodes.iter().map(String::as_str).collect::<Vec<_>>()), BTreeMap::new(), t)
+                }
+                Action::Watch { step, .. } => {
+                    let changed = s.record_health(healthy(&s.watched_nodes()), vec![], t);
+                    s.window_passed(step, t);
+                    changed
+                }
+                Action::Revert { rollback, abort } => {
+                    let results = rollback.iter().chain(&abort).map(|n| (n.clone(), Ok(()))).collect();
+                    s.record_revert(results, false, t)
+                }
+                Action::Finished => break,
+                other => panic!("unexpected {other:?}"),
+            };
+            store(&mut stored, &s, changed);
+            let read = RolloutState::from_store(s.rollout.clone(), stored.clone());
+            assert_eq!(read, s, "after {} (failed prepare: {fail_prepare})", s.rollout.phase.name());
+        }
+        let last = if fail_prepare { "rolled-back" } else { "completed" };
+        assert_eq!(s.rollout.phase.name(), last);
+    }
+    // The prepare's begin writes no node state, and one read back mid-prepare
+    // still prepares every node (and aborts every one in a rollback).
+    let mut s = at("staged");
+    assert!(s.begin_prepare(1).is_empty());
+    let read = RolloutState::from_store(s.rollout.clone(), BTreeMap::new());
+    assert_eq!(read.next_action(false), Action::Prepare(all_nodes().iter().map(|n| n.to_string()).collect()));
+    s.fail("coordinator lost its lease".into(), vec![], 2);
+    let Action::Revert { abort, .. } = s.next_action(false) else { panic!("a revert") };
+    assert_eq!(abort.len(), all_nodes().len(), "every node may hold the prepare");
 }
