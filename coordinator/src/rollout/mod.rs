@@ -341,10 +341,13 @@ impl RolloutState {
     /// node states written since it started. Neither the start nor the
     /// prepare's begin writes any (a node's first state follows from the plan
     /// and the phase), so a planned node without a stored state is one
-    /// nothing has been answered by yet: desired prepared once the rollout
-    /// is past staging (a prepare may have been sent), nothing before.
+    /// nothing has been answered by yet: desired prepared while the rollout
+    /// prepares (a prepare may have been sent), nothing otherwise. Every
+    /// later phase was reached by a transition that wrote every node a
+    /// prepare was meant for (its vote, or its revert), so a node still
+    /// without a state there was never sent anything (a cancelled schedule).
     pub fn from_store(rollout: Rollout, mut nodes: BTreeMap<String, NodeState>) -> Self {
-        let prepare_begun = !matches!(rollout.phase, Phase::Scheduled { .. } | Phase::Staged);
+        let prepare_begun = rollout.phase == Phase::Preparing;
         for (i, step) in rollout.steps.iter().enumerate() {
             for node in &step.nodes {
                 if !nodes.contains_key(node) {

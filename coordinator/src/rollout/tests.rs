@@ -556,6 +556,17 @@ fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
         let last = if fail_prepare { "rolled-back" } else { "completed" };
         assert_eq!(s.rollout.phase.name(), last);
     }
+    // Cancelled before its prepare: nothing was, or reads back as, sent.
+    for point in ["staged", "preparing"] {
+        let mut s = at(point);
+        let mut stored = BTreeMap::new();
+        let changed = s.fail("cancelled by sre".into(), vec![], 2);
+        store(&mut stored, &s, changed);
+        let read = RolloutState::from_store(s.rollout.clone(), stored);
+        assert_eq!(read, s, "cancelled while {point}");
+        let want = if point == "staged" { Desired::None } else { Desired::Reverted };
+        assert!(read.nodes.values().all(|n| n.desired == want), "{point}: {:?}", read.nodes);
+    }
     // The prepare's begin writes no node state, and one read back mid-prepare
     // still prepares every node (and aborts every one in a rollback).
     let mut s = at("staged");
