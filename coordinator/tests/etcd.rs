@@ -118,7 +118,14 @@ fn rollout(n: usize) -> RolloutState {
     for node in state.nodes.values_mut() {
         node.baselines.insert(
             format!("{}:zone", node.node_id),
-            Baseline { pid: 4242, mark: 123_456, tick_p99_ms: 3.25, game_ok: true, exceptions_total: 0 },
+            Baseline {
+                pid: 4242,
+                mark: 123_456,
+                tick_p99_ms: 3.25,
+                game_ok: true,
+                exceptions_total: 0,
+                ticks_total: Some(98_765),
+            },
         );
         node.health = "p99 3.1 ms (baseline 3.3 ms), 0 new exceptions, game ok".into();
         node.error = "process zone (pid 4242): prepare took 812 ms".into();

@@ -353,6 +353,7 @@ impl Engine {
                                 game_ok: h.sample.game_ok,
                                 // Asked with no marks: counted from the process's start.
                                 exceptions_total: h.sample.exceptions_since,
+                                ticks_total: Some(h.sample.ticks_since),
                             },
                         );
                     }
@@ -388,16 +389,31 @@ impl Engine {
         let Some(results) = results else { return Ok(()) };
         // Window start: where each watched process's tick count stands now,
         // so the final check can tell "ticked during the window" apart.
-        // Earlier steps' nodes judged from pushed reports need no start.
+        // Earlier steps' nodes judged from pushed reports need no start; a
+        // committed node whose agent already pushed a report with the patch
+        // takes it from there (the agent heartbeats as soon as its stack
+        // changes); the rest are polled.
         let mut watch: BTreeSet<String> = state
             .watched_nodes()
             .into_iter()
             .filter(|n| self.pushed_samples(state, n, Some(step), Check::Interim).is_none())
             .collect();
         watch.extend(results.iter().filter(|(_, r)| r.is_ok()).map(|(n, _)| n.clone()));
-        let watch: Vec<String> = watch.into_iter().collect();
         let mut window_start = BTreeMap::new();
-        for (node, result) in self.sample(state, &watch, true).await {
+        let mut poll = Vec::new();
+        for node in watch {
+            let from_report = state.nodes.get(&node).filter(|ns| ns.step == step).and_then(|ns| {
+                let samples = self.pushed_samples(state, &node, Some(step), Check::Interim)?;
+                pushed::window_start(&samples, &ns.baselines)
+            });
+            match from_report {
+                Some(ticks) => {
+                    window_start.insert(node, ticks);
+                }
+                None => poll.push(node),
+            }
+        }
+        for (node, result) in self.sample(state, &poll, true).await {
             if let Ok(list) = result {
                 window_start
                     .insert(node, list.into_iter().map(|h| (h.sample.process_id, h.sample.ticks_since)).collect());

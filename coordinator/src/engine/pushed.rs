@@ -68,6 +68,20 @@ pub fn samples(
     Some(samples)
 }
 
+/// Each process's ticks since its baseline mark, from samples of a pushed
+/// report ([`samples`]: their tick counts are from the process's start): the
+/// window's start without polling the node. `None` when a process restarted
+/// since its baseline (another pid) or its baseline has no tick count.
+pub fn window_start(samples: &[Sample], baselines: &BTreeMap<String, Baseline>) -> Option<BTreeMap<String, u64>> {
+    samples
+        .iter()
+        .map(|s| {
+            let base = baselines.get(&s.process_id).filter(|b| b.pid == s.pid)?;
+            Some((s.process_id.clone(), s.ticks_since.checked_sub(base.ticks_total?)?))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use crate::node::{ProcessHealth, ProcessStatus};
@@ -75,7 +89,8 @@ mod tests {
     use super::*;
 
     fn baselines(exceptions_total: u64) -> BTreeMap<String, Baseline> {
-        let base = Baseline { pid: 7, mark: 40, tick_p99_ms: 2.0, game_ok: true, exceptions_total };
+        let base =
+            Baseline { pid: 7, mark: 40, tick_p99_ms: 2.0, game_ok: true, exceptions_total, ticks_total: Some(420) };
         [("p1".to_string(), base)].into()
     }
 
@@ -127,5 +142,22 @@ mod tests {
         // A revert is done where the patch is gone: the report from before it says nothing.
         assert!(from(&status(&["a"], 0), 0, RolloutKind::Revert, 1_000).is_some());
         assert!(from(&s, 0, RolloutKind::Revert, 1_000).is_none());
+    }
+
+    #[test]
+    fn a_report_after_the_commit_gives_the_window_start_counted_from_the_baseline() {
+        let s = status(&["a", "b"], 0);
+        let got = from(&s, 0, RolloutKind::Apply, 1_500).expect("usable");
+        // 500 ticks since the start, 420 of them before the baseline.
+        assert_eq!(window_start(&got, &baselines(0)), Some([("p1".to_string(), 80)].into()));
+        let mut restarted = got.clone();
+        restarted[0].pid = 8;
+        assert_eq!(window_start(&restarted, &baselines(0)), None, "another process since the baseline");
+        let mut old = baselines(0);
+        old.get_mut("p1").expect("p1").ticks_total = None;
+        assert_eq!(window_start(&got, &old), None, "a baseline without its tick count");
+        let mut behind = got;
+        behind[0].ticks_since = 10;
+        assert_eq!(window_start(&behind, &baselines(0)), None, "a count below the baseline's is not this process's");
     }
 }

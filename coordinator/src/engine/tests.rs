@@ -36,6 +36,9 @@ struct Behaviour {
     no_ticks: bool,
     slow_prepare: Option<Duration>,
     slow_commit: Option<Duration>,
+    /// The commit is applied at once, its answer arrives this much later
+    /// (a node early in a long fan-out).
+    late_commit_answer: Option<Duration>,
     /// Health answers take this long.
     slow_health: Option<Duration>,
     /// This many rollbacks are answered "unavailable" (an agent restarting).
@@ -140,6 +143,9 @@ impl AgentClient for FakeAgents {
                     });
                 }
                 self.committed.lock().expect("lock").insert(to.node_id.clone());
+                if let Some(delay) = b.late_commit_answer {
+                    tokio::time::sleep(delay).await;
+                }
             }
             CommandKind::Rollback => {
                 if b.unavailable_rollbacks > 0 {
@@ -957,7 +963,8 @@ fn push_health(f: &Fixture, nodes: usize, exceptions: HashMap<String, u64>) -> t
                     process.patch_stack = vec![PATCH.into()];
                     process.health = Some(crate::node::ProcessHealth {
                         alive: true,
-                        ticks: 1_000,
+                        // The double's tick counter, as polls count it (from the process's start).
+                        ticks: agents.ticks.load(Ordering::Relaxed),
                         tick_p99_ms: 2.0,
                         exceptions_since: exceptions.get(&id).copied().unwrap_or(0),
                         game_ok: true,
@@ -1011,6 +1018,27 @@ async fn in_a_long_window_the_steps_own_nodes_are_judged_from_pushed_reports_unt
     for node in ["n1", "n3", "n5"] {
         let polls = f.agents.health_calls(node);
         assert!((2..=5).contains(&polls), "{node} was polled {polls} times in its window");
+    }
+}
+
+#[tokio::test]
+async fn a_report_pushed_before_the_commit_fan_out_ends_stands_for_the_window_start_poll() {
+    let f = fixture(3).await;
+    // Commits answer after 300 ms: the report pushed every 20 ms shows the
+    // patch before the step's fan-out ends (as a wave's first nodes' do).
+    for node in ["n1", "n2", "n3"] {
+        f.agents.set(node, Behaviour { late_commit_answer: Some(Duration::from_millis(300)), ..Default::default() });
+    }
+    let pusher = push_health(&f, 3, HashMap::new());
+    let spec = WireSpec { health_window_ms: 200, step_deadline_ms: 3_000, ..request() };
+    let id = f.engine.start(spec, "a", false).await.expect("start").rollout.id;
+    let done = finish(&f.engine, &id).await;
+    pusher.abort();
+    assert_eq!(done.rollout.phase, Phase::Completed);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(f.agents.health_calls(node), 2, "{node}: the baseline and the final check only");
+        let ns = &done.nodes[node];
+        assert!(!ns.window_start.is_empty(), "{node} has a window start");
     }
 }
 

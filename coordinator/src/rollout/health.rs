@@ -41,6 +41,12 @@ pub struct Baseline {
     /// turns it into "since the baseline".
     #[serde(default)]
     pub exceptions_total: u64,
+    /// Ticks the process had completed at the mark: turns a pushed report's
+    /// count (from the process's start) into ticks since the baseline, so a
+    /// report after the commit can stand for the window-start poll. `None`
+    /// in baselines stored before it was kept: such a window start is polled.
+    #[serde(default)]
+    pub ticks_total: Option<u64>,
 }
 
 /// One process's figures as an agent reported them (since the baseline mark).
@@ -145,8 +151,11 @@ mod tests {
     use super::*;
 
     fn base(p99: f64) -> BTreeMap<String, Baseline> {
-        [("p1".to_string(), Baseline { pid: 100, mark: 7, tick_p99_ms: p99, game_ok: true, exceptions_total: 0 })]
-            .into()
+        [(
+            "p1".to_string(),
+            Baseline { pid: 100, mark: 7, tick_p99_ms: p99, game_ok: true, exceptions_total: 0, ticks_total: None },
+        )]
+        .into()
     }
 
     fn sample() -> Sample {
