@@ -491,6 +491,31 @@ impl Engine {
             .flatten()
     }
 
+    /// The final check of a node of the step being watched, from its agent's
+    /// pushed report instead of a poll: only from a report heard within the
+    /// window's last quarter and last heartbeat (plus a second), so it saw
+    /// nearly all of the window, and that shows every process ticked since
+    /// the window's start ([`pushed::final_samples`]). Anything else is
+    /// polled: "no tick in the window" (a stuck loop, or a report from too
+    /// early) is always the agent's answer, never a report's. So a window of
+    /// minutes costs no final poll, and one shorter than a heartbeat still
+    /// polls.
+    fn final_from_report(&self, state: &RolloutState, node: &str, step: usize) -> Option<Vec<health::Sample>> {
+        let ns = state.nodes.get(node).filter(|ns| ns.step == step)?;
+        let last_heartbeat_ms = self.inner.registry.heartbeat_interval().as_millis() as u64 + 1_000;
+        let recent_ms = last_heartbeat_ms.min(state.rollout.spec.health_window_ms / 4);
+        let now = now_ms();
+        self.inner
+            .registry
+            .with_status(node, |status, heard_at_ms| {
+                let report = Pushed { status, heard_at_ms };
+                let (patch, kind) = (&state.rollout.patch_id, state.rollout.spec.kind);
+                let samples = pushed::samples(report, &ns.baselines, patch, kind, now, recent_ms)?;
+                pushed::final_samples(samples, &ns.baselines, &ns.window_start)
+            })
+            .flatten()
+    }
+
     /// One health check of every watched node; records verdicts (which may
     /// roll the rollout back). Nodes of earlier steps are judged from their
     /// pushed reports when fresh ones are there (hard failures only: their
@@ -528,9 +553,17 @@ impl Engine {
                 lost.push(node);
                 continue;
             }
-            match (self.pushed_samples(&state, &node, current, check), state.nodes.get(&node)) {
-                (Some(_), Some(ns)) if !judge_pushed && current.is_some_and(|step| ns.step < step) => {}
-                (Some(samples), Some(ns)) => {
+            let final_report = match (check, current) {
+                (Check::Final, Some(step)) => self.final_from_report(&state, &node, step),
+                _ => None,
+            };
+            match (final_report, self.pushed_samples(&state, &node, current, check), state.nodes.get(&node)) {
+                (Some(samples), _, Some(ns)) => {
+                    let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, Check::Final);
+                    verdicts.push((node, verdict));
+                }
+                (None, Some(_), Some(ns)) if !judge_pushed && current.is_some_and(|step| ns.step < step) => {}
+                (None, Some(samples), Some(ns)) => {
                     let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, Check::Interim);
                     verdicts.push((node, verdict));
                 }

@@ -68,16 +68,38 @@ pub fn samples(
     Some(samples)
 }
 
+/// A pushed sample's ticks (counted from the process's start) counted from
+/// its baseline mark instead, as a poll counts them. `None` when the process
+/// restarted since its baseline (another pid) or the baseline has no tick count.
+fn ticks_since_baseline(sample: &Sample, baselines: &BTreeMap<String, Baseline>) -> Option<u64> {
+    let base = baselines.get(&sample.process_id).filter(|b| b.pid == sample.pid)?;
+    sample.ticks_since.checked_sub(base.ticks_total?)
+}
+
 /// Each process's ticks since its baseline mark, from samples of a pushed
-/// report ([`samples`]: their tick counts are from the process's start): the
-/// window's start without polling the node. `None` when a process restarted
-/// since its baseline (another pid) or its baseline has no tick count.
+/// report ([`samples`]): the window's start without polling the node.
 pub fn window_start(samples: &[Sample], baselines: &BTreeMap<String, Baseline>) -> Option<BTreeMap<String, u64>> {
+    samples.iter().map(|s| Some((s.process_id.clone(), ticks_since_baseline(s, baselines)?))).collect()
+}
+
+/// Samples of a pushed report for a window's final check, their ticks
+/// counted from the baseline like a poll's, only when every process ticked
+/// since the window's start: a report that shows no tick there (too early,
+/// or a stuck loop) is `None`, and a poll confirms it.
+pub fn final_samples(
+    samples: Vec<Sample>,
+    baselines: &BTreeMap<String, Baseline>,
+    window_start: &BTreeMap<String, u64>,
+) -> Option<Vec<Sample>> {
     samples
-        .iter()
-        .map(|s| {
-            let base = baselines.get(&s.process_id).filter(|b| b.pid == s.pid)?;
-            Some((s.process_id.clone(), s.ticks_since.checked_sub(base.ticks_total?)?))
+        .into_iter()
+        .map(|mut s| {
+            let ticks = ticks_since_baseline(&s, baselines)?;
+            if ticks <= *window_start.get(&s.process_id)? {
+                return None;
+            }
+            s.ticks_since = ticks;
+            Some(s)
         })
         .collect()
 }
@@ -159,5 +181,17 @@ mod tests {
         let mut behind = got;
         behind[0].ticks_since = 10;
         assert_eq!(window_start(&behind, &baselines(0)), None, "a count below the baseline's is not this process's");
+    }
+
+    #[test]
+    fn a_final_check_from_a_report_counts_ticks_from_the_baseline_and_needs_a_tick_in_the_window() {
+        let got = from(&status(&["a", "b"], 0), 0, RolloutKind::Apply, 1_500).expect("usable");
+        // 500 ticks since the start, 420 before the baseline: 80 since it.
+        let start = |ticks: u64| -> BTreeMap<String, u64> { [("p1".to_string(), ticks)].into() };
+        let judged = final_samples(got.clone(), &baselines(0), &start(30)).expect("ticked since 30");
+        assert_eq!(judged[0].ticks_since, 80);
+        assert_eq!(final_samples(got.clone(), &baselines(0), &start(80)), None, "no tick since the window's start");
+        assert_eq!(final_samples(got.clone(), &BTreeMap::new(), &start(30)), None, "no baseline");
+        assert_eq!(final_samples(got, &baselines(0), &BTreeMap::new()), None, "no window start");
     }
 }
