@@ -242,6 +242,11 @@ pub struct Rollout {
     pub epoch: u64,
     /// Bumped on every stored change.
     pub generation: u64,
+    /// True once the prepare began (a prepare may have reached any node):
+    /// with the phase, it says what every node is desired to be until the
+    /// node's own answer is stored ([`RolloutState::from_store`]).
+    #[serde(default)]
+    pub prepare_begun: bool,
     #[serde(default)]
     pub events: Vec<Event>,
 }
@@ -338,25 +343,29 @@ pub type Changed = Vec<String>;
 impl RolloutState {
     /// A new, staged rollout of `spec` from its plan ([`crate::planner::plan`]).
     /// A rollout as the store holds it: its record (with its plan) and the
-    /// node states written since it started. Neither the start nor the
-    /// prepare's begin writes any (a node's first state follows from the plan
-    /// and the phase), so a planned node without a stored state is one
-    /// nothing has been answered by yet: desired prepared while the rollout
-    /// prepares (a prepare may have been sent), nothing otherwise. Every
-    /// later phase was reached by a transition that wrote every node a
-    /// prepare was meant for (its vote, or its revert), so a node still
-    /// without a state there was never sent anything (a cancelled schedule).
+    /// node states written since it started. Transitions write what a node
+    /// answered, not what it is desired to be when the record says so for
+    /// every node at once: nothing at start (the plan), nothing when the
+    /// prepare begins (desired prepared), nothing when a rollback begins
+    /// (desired reverted, for every node anything was meant for). So a
+    /// planned node with no stored state is desired prepared once the
+    /// prepare began, and in a rollback every node is desired reverted but
+    /// those nothing was ever meant for (a schedule cancelled before its time).
     pub fn from_store(rollout: Rollout, mut nodes: BTreeMap<String, NodeState>) -> Self {
-        let prepare_begun = rollout.phase == Phase::Preparing;
         for (i, step) in rollout.steps.iter().enumerate() {
             for node in &step.nodes {
                 if !nodes.contains_key(node) {
                     let mut planned = NodeState::planned(node, i, rollout.created_at_ms);
-                    if prepare_begun {
+                    if rollout.prepare_begun {
                         planned.desired = Desired::Prepared;
                     }
                     nodes.insert(node.clone(), planned);
                 }
+            }
+        }
+        if matches!(rollout.phase, Phase::RollingBack { .. } | Phase::RolledBack { .. }) {
+            for n in nodes.values_mut().filter(|n| n.desired != Desired::None) {
+                n.desired = Desired::Reverted;
             }
         }
         RolloutState { rollout, nodes }
@@ -397,6 +406,7 @@ impl RolloutState {
             updated_at_ms: now_ms,
             epoch,
             generation: 0,
+            prepare_begun: false,
             events: Vec::new(),
         };
         let plan_text: Vec<String> = rollout.steps.iter().map(step_text).collect();
@@ -545,6 +555,7 @@ impl RolloutState {
         for n in self.nodes.values_mut() {
             n.desired = Desired::Prepared;
         }
+        self.rollout.prepare_begun = true;
         let count = self.nodes.len();
         self.set_phase(Phase::Preparing, now_ms, format!("preparing on {count} node(s)"));
         Vec::new()
@@ -800,18 +811,17 @@ impl RolloutState {
         self.start_revert(reason, faulty, now_ms)
     }
 
+    /// Every node anything was meant for is desired reverted. Only the
+    /// record is written: its phase says so for every node at once
+    /// ([`Self::from_store`]), so the first rollback goes out without a
+    /// write of the whole fleet before it.
     fn start_revert(&mut self, reason: String, faulty: Vec<String>, now_ms: u64) -> Changed {
-        let mut changed = Vec::new();
-        for n in self.nodes.values_mut() {
-            if n.desired != Desired::None && n.desired != Desired::Reverted {
-                n.desired = Desired::Reverted;
-                n.updated_at_ms = now_ms;
-                changed.push(n.node_id.clone());
-            }
+        for n in self.nodes.values_mut().filter(|n| n.desired != Desired::None) {
+            n.desired = Desired::Reverted;
         }
         let message = format!("rolling back: {reason}");
         self.set_phase(Phase::RollingBack { reason, faulty }, now_ms, message);
-        changed
+        Vec::new()
     }
 
     /// Revert outcomes. `last_attempt`: nodes still failing are given up on

@@ -516,9 +516,10 @@ fn store(stored: &mut BTreeMap<String, NodeState>, s: &RolloutState, changed: Ch
 #[test]
 fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
     // A new leader resumes from the store alone: at every point of a rollout
-    // that completes, and of one that fails in its prepare, the stored record
-    // plus the node states written so far must read back as the whole state.
-    for fail_prepare in [false, true] {
+    // that completes, and of ones that fail in their prepare, in a commit and
+    // in a health window, the stored record plus the node states written so
+    // far must read back as the whole state.
+    for fault in ["none", "prepare", "commit", "health"] {
         let mut s = new_state(&[], 0);
         let mut stored = BTreeMap::new();
         let mut t = 10;
@@ -528,17 +529,25 @@ fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
                 Action::BeginPrepare => s.begin_prepare(t),
                 Action::Prepare(nodes) => {
                     let mut results = ok(&nodes.iter().map(String::as_str).collect::<Vec<_>>());
-                    if fail_prepare {
+                    if fault == "prepare" {
                         results[2].1 = Err("hook failed".into());
                     }
                     s.record_prepare(results, t)
                 }
                 Action::BeginStep(step) => s.begin_step(step, BTreeMap::new(), t),
                 Action::Commit { step, nodes } => {
-                    s.record_commit(step, ok(&nodes.iter().map(String::as_str).collect::<Vec<_>>()), BTreeMap::new(), t)
+                    let mut results = ok(&nodes.iter().map(String::as_str).collect::<Vec<_>>());
+                    if fault == "commit" && step == 1 {
+                        results[0].1 = Err("commit failed".into());
+                    }
+                    s.record_commit(step, results, BTreeMap::new(), t)
                 }
                 Action::Watch { step, .. } => {
-                    let changed = s.record_health(healthy(&s.watched_nodes()), vec![], t);
+                    let mut verdicts = healthy(&s.watched_nodes());
+                    if fault == "health" && step == 2 {
+                        verdicts.push(sick("n4", "1 new unhandled exception"));
+                    }
+                    let changed = s.record_health(verdicts, vec![], t);
                     s.window_passed(step, t);
                     changed
                 }
@@ -551,16 +560,24 @@ fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
             };
             store(&mut stored, &s, changed);
             let read = RolloutState::from_store(s.rollout.clone(), stored.clone());
-            assert_eq!(read, s, "after {} (failed prepare: {fail_prepare})", s.rollout.phase.name());
+            assert_eq!(read, s, "after {} (fault: {fault})", s.rollout.phase.name());
         }
-        let last = if fail_prepare { "rolled-back" } else { "completed" };
-        assert_eq!(s.rollout.phase.name(), last);
+        let last = if fault == "none" { "completed" } else { "rolled-back" };
+        assert_eq!(s.rollout.phase.name(), last, "fault: {fault}");
     }
-    // Cancelled before its prepare: nothing was, or reads back as, sent.
-    for point in ["staged", "preparing"] {
+    // A rollback's start writes the record only, cancelled before its
+    // prepare (nothing was, or reads back as, sent) or later (every node
+    // reads back as to be reverted).
+    for point in ["staged", "preparing", "watching"] {
         let mut s = at(point);
-        let mut stored = BTreeMap::new();
+        let mut stored: BTreeMap<String, NodeState> = s
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.observed != Observed::Pending)
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect();
         let changed = s.fail("cancelled by sre".into(), vec![], 2);
+        assert!(changed.is_empty(), "{point}: {changed:?}");
         store(&mut stored, &s, changed);
         let read = RolloutState::from_store(s.rollout.clone(), stored);
         assert_eq!(read, s, "cancelled while {point}");
