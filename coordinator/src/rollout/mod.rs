@@ -341,7 +341,6 @@ pub type Changed = Vec<String>;
 
 #[allow(clippy::too_many_arguments)]
 impl RolloutState {
-    /// A new, staged rollout of `spec` from its plan ([`crate::planner::plan`]).
     /// A rollout as the store holds it: its record (with its plan) and the
     /// node states written since it started. Transitions write what a node
     /// answered, not what it is desired to be when the record says so for
@@ -371,6 +370,7 @@ impl RolloutState {
         RolloutState { rollout, nodes }
     }
 
+    /// A new, staged rollout of `spec` from its plan ([`crate::planner::plan`]).
     pub fn new(
         id: String,
         spec: RolloutSpec,
