@@ -349,7 +349,8 @@ impl RolloutState {
     /// (desired reverted, for every node anything was meant for). So a
     /// planned node with no stored state is desired prepared once the
     /// prepare began, and in a rollback every node is desired reverted but
-    /// those nothing was ever meant for (a schedule cancelled before its time).
+    /// those nothing was ever meant for (a schedule cancelled before its time);
+    /// once rolled back, every such node not stored as failed was reverted.
     pub fn from_store(rollout: Rollout, mut nodes: BTreeMap<String, NodeState>) -> Self {
         for (i, step) in rollout.steps.iter().enumerate() {
             for node in &step.nodes {
@@ -365,6 +366,15 @@ impl RolloutState {
         if matches!(rollout.phase, Phase::RollingBack { .. } | Phase::RolledBack { .. }) {
             for n in nodes.values_mut().filter(|n| n.desired != Desired::None) {
                 n.desired = Desired::Reverted;
+            }
+        }
+        if matches!(rollout.phase, Phase::RolledBack { .. }) {
+            // The pass that ended the rollback wrote only the nodes it could
+            // not revert: every other one was.
+            for n in nodes.values_mut().filter(|n| n.desired == Desired::Reverted) {
+                if !matches!(n.observed, Observed::RolledBack | Observed::Aborted | Observed::RevertFailed) {
+                    n.observed = if n.commit_sent { Observed::RolledBack } else { Observed::Aborted };
+                }
             }
         }
         RolloutState { rollout, nodes }
@@ -825,11 +835,19 @@ impl RolloutState {
     }
 
     /// Revert outcomes. `last_attempt`: nodes still failing are given up on
-    /// (recorded revert-failed) and the rollout ends.
+    /// (recorded revert-failed) and the rollout ends. The pass that ends the
+    /// rollback writes only the nodes whose outcome is not "reverted" (and
+    /// those stored as failed by an earlier pass): a rolled-back record says
+    /// every other node was reverted ([`Self::from_store`]), so a rollback
+    /// that succeeds at once writes no node state at all.
     pub fn record_revert(&mut self, results: Vec<NodeResult>, last_attempt: bool, now_ms: u64) -> Changed {
-        let mut changed = Vec::new();
+        let mut answered = Vec::new();
+        let mut failed_before = Vec::new();
         for (id, result) in results {
             let Some(n) = self.nodes.get_mut(&id) else { continue };
+            if n.observed == Observed::RevertFailed {
+                failed_before.push(id.clone());
+            }
             match result {
                 Ok(()) => {
                     n.observed = if n.commit_sent { Observed::RolledBack } else { Observed::Aborted };
@@ -839,29 +857,45 @@ impl RolloutState {
                     n.error = err;
                 }
             }
-            n.updated_at_ms = now_ms;
-            changed.push(id);
+            answered.push(id);
         }
-        let Phase::RollingBack { reason, faulty } = self.rollout.phase.clone() else {
-            return changed;
-        };
-        let pending: Vec<String> = self
-            .nodes
-            .values()
-            .filter(|n| {
-                n.desired == Desired::Reverted && !matches!(n.observed, Observed::RolledBack | Observed::Aborted)
-            })
-            .map(|n| n.node_id.clone())
-            .collect();
-        if pending.is_empty() {
-            self.set_phase(
-                Phase::RolledBack { reason: reason.clone(), faulty: faulty.clone() },
-                now_ms,
-                format!("rolled back: {reason}"),
-            );
-        } else if last_attempt {
-            let message = format!("rolled back, but {} could not be reverted (their prepared patch expires by TTL; committed code stays until they are reachable and rolled back)", pending.join(","));
-            self.set_phase(Phase::RolledBack { reason, faulty }, now_ms, message);
+        let mut changed = answered.clone();
+        if let Phase::RollingBack { reason, faulty } = self.rollout.phase.clone() {
+            let pending: Vec<String> = self
+                .nodes
+                .values()
+                .filter(|n| {
+                    n.desired == Desired::Reverted && !matches!(n.observed, Observed::RolledBack | Observed::Aborted)
+                })
+                .map(|n| n.node_id.clone())
+                .collect();
+            if pending.is_empty() || last_attempt {
+                for id in &pending {
+                    if let Some(n) = self.nodes.get_mut(id) {
+                        if n.observed != Observed::RevertFailed {
+                            n.observed = Observed::RevertFailed;
+                            n.error = "no answer to the rollback".into();
+                        }
+                    }
+                }
+                changed = pending.iter().chain(&failed_before).cloned().collect();
+            }
+            if pending.is_empty() {
+                self.set_phase(
+                    Phase::RolledBack { reason: reason.clone(), faulty: faulty.clone() },
+                    now_ms,
+                    format!("rolled back: {reason}"),
+                );
+            } else if last_attempt {
+                let message = format!("rolled back, but {} could not be reverted (their prepared patch expires by TTL; committed code stays until they are reachable and rolled back)", pending.join(","));
+                self.set_phase(Phase::RolledBack { reason, faulty }, now_ms, message);
+            }
+        }
+        let changed = dedup(changed);
+        for id in &changed {
+            if let Some(n) = self.nodes.get_mut(id) {
+                n.updated_at_ms = now_ms;
+            }
         }
         changed
     }

@@ -519,10 +519,11 @@ fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
     // that completes, and of ones that fail in their prepare, in a commit and
     // in a health window, the stored record plus the node states written so
     // far must read back as the whole state.
-    for fault in ["none", "prepare", "commit", "health"] {
+    for fault in ["none", "prepare", "commit", "health", "revert-retried", "revert-given-up"] {
         let mut s = new_state(&[], 0);
         let mut stored = BTreeMap::new();
         let mut t = 10;
+        let mut revert_passes = 0;
         loop {
             t += 1;
             let changed = match s.next_action(false) {
@@ -544,7 +545,7 @@ fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
                 }
                 Action::Watch { step, .. } => {
                     let mut verdicts = healthy(&s.watched_nodes());
-                    if fault == "health" && step == 2 {
+                    if (fault == "health" || fault.starts_with("revert")) && step == 2 {
                         verdicts.push(sick("n4", "1 new unhandled exception"));
                     }
                     let changed = s.record_health(verdicts, vec![], t);
@@ -552,8 +553,18 @@ fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
                     changed
                 }
                 Action::Revert { rollback, abort } => {
-                    let results = rollback.iter().chain(&abort).map(|n| (n.clone(), Ok(()))).collect();
-                    s.record_revert(results, false, t)
+                    revert_passes += 1;
+                    let fails = (fault == "revert-retried" && revert_passes == 1) || fault == "revert-given-up";
+                    let results = rollback
+                        .iter()
+                        .chain(&abort)
+                        .map(|n| (n.clone(), if fails && n == "n4" { Err("unreachable".into()) } else { Ok(()) }))
+                        .collect();
+                    let changed = s.record_revert(results, revert_passes == 3, t);
+                    if fault == "health" {
+                        assert!(changed.is_empty(), "a rollback that succeeds at once writes no node: {changed:?}");
+                    }
+                    changed
                 }
                 Action::Finished => break,
                 other => panic!("unexpected {other:?}"),
@@ -564,6 +575,11 @@ fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
         }
         let last = if fault == "none" { "completed" } else { "rolled-back" };
         assert_eq!(s.rollout.phase.name(), last, "fault: {fault}");
+        let n4 = if fault == "revert-given-up" { Observed::RevertFailed } else { Observed::RolledBack };
+        if fault.starts_with("revert") {
+            assert_eq!(s.nodes["n4"].observed, n4, "fault: {fault}");
+            assert_eq!(s.nodes["n5"].observed, Observed::RolledBack, "fault: {fault}");
+        }
     }
     // A rollback's start writes the record only, cancelled before its
     // prepare (nothing was, or reads back as, sent) or later (every node
