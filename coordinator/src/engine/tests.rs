@@ -1036,11 +1036,14 @@ async fn in_a_long_window_the_steps_own_nodes_are_judged_from_pushed_reports_unt
 #[tokio::test]
 async fn the_final_check_is_judged_from_a_report_of_the_windows_last_quarter_that_shows_ticks() {
     let f = fixture(3).await;
+    // Reports every 20 ms: one shows the patch before the commits are
+    // answered, and one falls in each window's last 250 ms (with room for a
+    // loaded test machine).
     for node in ["n1", "n2", "n3"] {
-        f.agents.set(node, Behaviour { late_commit_answer: Some(Duration::from_millis(100)), ..Default::default() });
+        f.agents.set(node, Behaviour { late_commit_answer: Some(Duration::from_millis(300)), ..Default::default() });
     }
     let pusher = push_health(&f, 3, HashMap::new());
-    let spec = WireSpec { health_window_ms: 300, step_deadline_ms: 3_000, ..request() };
+    let spec = WireSpec { health_window_ms: 1_000, step_deadline_ms: 3_000, ..request() };
     let id = f.engine.start(spec, "a", false).await.expect("start").rollout.id;
     let done = finish(&f.engine, &id).await;
     pusher.abort();
