@@ -481,6 +481,13 @@ impl Engine {
         }
         // Two heartbeats missed: a report that old is no news.
         let fresh_ms = 2 * self.inner.registry.heartbeat_interval().as_millis() as u64 + 1_000;
+        self.reported(state, node, fresh_ms)
+    }
+
+    /// Samples from `node`'s last pushed report if it was heard within
+    /// `fresh_ms` and shows this rollout's patch ([`pushed::samples`]).
+    fn reported(&self, state: &RolloutState, node: &str, fresh_ms: u64) -> Option<Vec<health::Sample>> {
+        let ns = state.nodes.get(node)?;
         let now = now_ms();
         self.inner
             .registry
@@ -504,16 +511,8 @@ impl Engine {
         let ns = state.nodes.get(node).filter(|ns| ns.step == step)?;
         let last_heartbeat_ms = self.inner.registry.heartbeat_interval().as_millis() as u64 + 1_000;
         let recent_ms = last_heartbeat_ms.min(state.rollout.spec.health_window_ms / 4);
-        let now = now_ms();
-        self.inner
-            .registry
-            .with_status(node, |status, heard_at_ms| {
-                let report = Pushed { status, heard_at_ms };
-                let (patch, kind) = (&state.rollout.patch_id, state.rollout.spec.kind);
-                let samples = pushed::samples(report, &ns.baselines, patch, kind, now, recent_ms)?;
-                pushed::final_samples(samples, &ns.baselines, &ns.window_start)
-            })
-            .flatten()
+        let samples = self.reported(state, node, recent_ms)?;
+        pushed::final_samples(samples, &ns.baselines, &ns.window_start)
     }
 
     /// One health check of every watched node; records verdicts (which may
@@ -553,18 +552,18 @@ impl Engine {
                 lost.push(node);
                 continue;
             }
-            let final_report = match (check, current) {
-                (Check::Final, Some(step)) => self.final_from_report(&state, &node, step),
+            // A report that stands for the final check is judged as one; any
+            // other usable report, as an interim check.
+            let report = match (check, current) {
+                (Check::Final, Some(step)) => self.final_from_report(&state, &node, step).map(|s| (s, Check::Final)),
                 _ => None,
-            };
-            match (final_report, self.pushed_samples(&state, &node, current, check), state.nodes.get(&node)) {
-                (Some(samples), _, Some(ns)) => {
-                    let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, Check::Final);
-                    verdicts.push((node, verdict));
-                }
-                (None, Some(_), Some(ns)) if !judge_pushed && current.is_some_and(|step| ns.step < step) => {}
-                (None, Some(samples), Some(ns)) => {
-                    let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, Check::Interim);
+            }
+            .or_else(|| self.pushed_samples(&state, &node, current, check).map(|s| (s, Check::Interim)));
+            match (report, state.nodes.get(&node)) {
+                (Some((_, Check::Interim)), Some(ns))
+                    if !judge_pushed && current.is_some_and(|step| ns.step < step) => {}
+                (Some((samples, as_check)), Some(ns)) => {
+                    let verdict = health::evaluate(&gate, &ns.baselines, &ns.window_start, &samples, as_check);
                     verdicts.push((node, verdict));
                 }
                 _ => polled.push(node),

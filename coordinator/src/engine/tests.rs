@@ -1033,21 +1033,28 @@ async fn in_a_long_window_the_steps_own_nodes_are_judged_from_pushed_reports_unt
     }
 }
 
-#[tokio::test]
-async fn the_final_check_is_judged_from_a_report_of_the_windows_last_quarter_that_shows_ticks() {
+/// A rollout of three nodes whose commits are answered 300 ms after they
+/// land, with reports pushed every 20 ms: one shows the patch before the
+/// step's commits are all answered (as a wave's first nodes' do).
+async fn with_reports_and_late_commit_answers(window_ms: u64) -> (Fixture, RolloutState) {
     let f = fixture(3).await;
-    // Reports every 20 ms: one shows the patch before the commits are
-    // answered, and one falls in each window's last 250 ms (with room for a
-    // loaded test machine).
     for node in ["n1", "n2", "n3"] {
         f.agents.set(node, Behaviour { late_commit_answer: Some(Duration::from_millis(300)), ..Default::default() });
     }
     let pusher = push_health(&f, 3, HashMap::new());
-    let spec = WireSpec { health_window_ms: 1_000, step_deadline_ms: 3_000, ..request() };
+    let spec = WireSpec { health_window_ms: window_ms, step_deadline_ms: 3_000, ..request() };
     let id = f.engine.start(spec, "a", false).await.expect("start").rollout.id;
     let done = finish(&f.engine, &id).await;
     pusher.abort();
     assert_eq!(done.rollout.phase, Phase::Completed);
+    (f, done)
+}
+
+#[tokio::test]
+async fn the_final_check_is_judged_from_a_report_of_the_windows_last_quarter_that_shows_ticks() {
+    // A report falls in each window's last 250 ms (with room for a loaded
+    // test machine).
+    let (f, _) = with_reports_and_late_commit_answers(1_000).await;
     for node in ["n1", "n2", "n3"] {
         assert_eq!(f.agents.health_calls(node), 1, "{node}: its baseline only");
     }
@@ -1069,18 +1076,7 @@ async fn a_report_that_shows_no_tick_in_the_window_is_confirmed_by_a_poll_and_fa
 
 #[tokio::test]
 async fn a_report_pushed_before_the_commit_fan_out_ends_stands_for_the_window_start_poll() {
-    let f = fixture(3).await;
-    // Commits answer after 300 ms: the report pushed every 20 ms shows the
-    // patch before the step's fan-out ends (as a wave's first nodes' do).
-    for node in ["n1", "n2", "n3"] {
-        f.agents.set(node, Behaviour { late_commit_answer: Some(Duration::from_millis(300)), ..Default::default() });
-    }
-    let pusher = push_health(&f, 3, HashMap::new());
-    let spec = WireSpec { health_window_ms: 200, step_deadline_ms: 3_000, ..request() };
-    let id = f.engine.start(spec, "a", false).await.expect("start").rollout.id;
-    let done = finish(&f.engine, &id).await;
-    pusher.abort();
-    assert_eq!(done.rollout.phase, Phase::Completed);
+    let (f, done) = with_reports_and_late_commit_answers(200).await;
     for node in ["n1", "n2", "n3"] {
         assert!(f.agents.health_calls(node) <= 2, "{node}: the baseline and at most the final check");
         let ns = &done.nodes[node];

@@ -363,16 +363,14 @@ impl RolloutState {
                 }
             }
         }
-        if matches!(rollout.phase, Phase::RollingBack { .. } | Phase::RolledBack { .. }) {
+        let rolled_back = matches!(rollout.phase, Phase::RolledBack { .. });
+        if rolled_back || matches!(rollout.phase, Phase::RollingBack { .. }) {
             for n in nodes.values_mut().filter(|n| n.desired != Desired::None) {
                 n.desired = Desired::Reverted;
-            }
-        }
-        if matches!(rollout.phase, Phase::RolledBack { .. }) {
-            // The pass that ended the rollback wrote only the nodes it could
-            // not revert: every other one was.
-            for n in nodes.values_mut().filter(|n| n.desired == Desired::Reverted) {
-                if !matches!(n.observed, Observed::RolledBack | Observed::Aborted | Observed::RevertFailed) {
+                // The pass that ended the rollback wrote only the nodes it
+                // could not revert: every other one was.
+                let done = matches!(n.observed, Observed::RolledBack | Observed::Aborted | Observed::RevertFailed);
+                if rolled_back && !done {
                     n.observed = if n.commit_sent { Observed::RolledBack } else { Observed::Aborted };
                 }
             }
