@@ -51,6 +51,12 @@ impl AgentClient for GuardedAgents {
     ) -> Result<Vec<HealthSample>, AgentError> {
         self.inner.health(to, since, deadline).await
     }
+
+    // The inner client's bound, or a fan-out would start every call at once
+    // and hold each waiting one's state (~10 KB a node).
+    fn width(&self, agents: usize) -> usize {
+        self.inner.width(agents)
+    }
 }
 
 /// The store as one term sees it: refuses every write once the term is lost

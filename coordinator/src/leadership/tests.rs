@@ -16,8 +16,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use hotfleet_proto::tls::Transport;
 use crate::{
-    agents::{AgentClient, AgentError, Command, CommandKind, HealthSample, Outcome, Target},
+    agents::{AgentClient, AgentError, Command, CommandKind, GrpcAgents, HealthSample, Outcome, Target},
     store::{embedded::EmbeddedStore, Batch, Store, StoreError, Write},
 };
 
@@ -385,4 +386,14 @@ async fn no_command_leaves_once_the_lease_expired() {
     assert_eq!(inner.sent.load(Ordering::Relaxed), 1, "nothing sent after the lease expired");
     assert!(agents.health(&to, &BTreeMap::new(), d).await.is_ok(), "reads still pass");
     assert!(guard.lost_token().is_cancelled());
+}
+
+#[test]
+fn the_guard_keeps_the_inner_clients_bound_on_calls_at_once() {
+    let inner = Arc::new(GrpcAgents::new(Duration::from_secs(1), 64, Transport::Insecure));
+    let agents = GuardedAgents::new(inner.clone(), LeaseGuard::with_deadline(5, None));
+    for fleet in [10, 1_000, 10_000] {
+        assert_eq!(agents.width(fleet), inner.width(fleet), "{fleet} agents");
+    }
+    assert!(agents.width(10_000) < 10_000, "a fan-out over 10,000 agents is bounded");
 }
