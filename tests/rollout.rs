@@ -338,3 +338,30 @@ async fn an_agent_restarted_while_prepared_leaves_no_transaction_pending_after_t
     assert!(s.damages().iter().zip(&before).all(|(a, b)| a < b));
     assert_eq!(s.assert_consistent(&[]).await, vec![again]);
 }
+
+/// Every agent advertises a port where nothing listens, so the coordinator
+/// cannot dial a single one: the rollout still prepares, commits and checks
+/// the health of every node, down the connection each agent opened to the
+/// coordinator (`AgentGateway.Attach`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_the_coordinator_cannot_dial_get_their_commands_down_their_own_connection() {
+    // Inherited by the agents this starts (the agent reads it as --advertise-addr),
+    // and removed once they run.
+    std::env::set_var("HOTFLEET_AGENT_ADVERTISE", "127.0.0.1:9");
+    let mut s = Scenario::start(Backend::Embedded);
+    std::env::remove_var("HOTFLEET_AGENT_ADVERTISE");
+    for agent in s.agent_statuses().await {
+        assert_eq!(agent.advertise_addr, "127.0.0.1:9", "{} is not reachable at what it advertises", agent.node_id);
+    }
+    let before = s.damages();
+    let patch = s.push("hotfix-damage");
+    let id = s.start_rollout(&patch, "1s");
+    let (code, rollout) = s.watch(&id);
+    assert_eq!(code, 0, "completed rollouts exit 0: {rollout}");
+    assert!(node_states(&rollout).iter().all(|(_, d, o)| d == "committed" && o == "committed"), "{rollout}");
+    let after = s.damages();
+    for (b, a) in before.iter().zip(&after) {
+        assert!(a < b, "damage {b} -> {a}: the hotfix must have landed everywhere");
+    }
+    assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
+}

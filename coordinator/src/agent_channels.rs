@@ -12,8 +12,9 @@
 //! recently used are closed, trading reconnects for memory. A call holds its
 //! own clone, so closing the pool's copy never cuts a call short.
 //!
-//! The pool also counts the agents it has been asked for (a hash each): the
-//! in-flight bound grows with the fleet, not with what happens to be open.
+//! The pool also counts the agents it has been asked for (a hash each,
+//! attached agents included): the in-flight bound grows with the fleet, not
+//! with what happens to be open.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -65,24 +66,30 @@ impl AgentChannels {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Counts `key` among the agents asked for (attached agents too, which
+    /// never get a channel); returns how many distinct agents that makes.
+    pub fn note(&self, key: &Key) -> usize {
+        let hash = self.hasher.hash_one(key);
+        let mut state = self.lock();
+        state.seen.insert(hash);
+        state.seen.len()
+    }
+
     /// The open channel for `key`, or one made by `open` (then kept, closing
-    /// the least recently used beyond `max_open`, at least [`MIN_OPEN`]). Returns it and the number
-    /// of distinct agents asked for so far.
+    /// the least recently used beyond `max_open`, at least [`MIN_OPEN`]).
     pub fn get_or_open<E>(
         &self,
         key: &Key,
         max_open: usize,
         open: impl FnOnce() -> Result<Channel, E>,
-    ) -> Result<(Channel, usize), E> {
+    ) -> Result<Channel, E> {
         let now = Instant::now();
         let mut state = self.lock();
         if let Some(entry) = state.open.get_mut(key) {
             entry.last_used = now;
-            let channel = entry.channel.clone();
-            return Ok((channel, state.seen.len()));
+            return Ok(entry.channel.clone());
         }
         let channel = open()?;
-        state.seen.insert(self.hasher.hash_one(key));
         state.open.insert(key.clone(), Open { channel: channel.clone(), last_used: now });
         let max_open = max_open.max(MIN_OPEN);
         if state.open.len() > max_open {
@@ -92,7 +99,7 @@ impl AgentChannels {
             state.sweeping = true;
             tokio::spawn(sweep(Arc::downgrade(&self.state)));
         }
-        Ok((channel, state.seen.len()))
+        Ok(channel)
     }
 
     /// Channels open now.
@@ -144,13 +151,12 @@ mod tests {
         let pool = AgentChannels::new();
         let mut opened = 0;
         for _ in 0..3 {
-            let (_, seen) = pool
-                .get_or_open(&key(1), 100, || {
-                    opened += 1;
-                    lazy(1)
-                })
-                .expect("channel");
-            assert_eq!(seen, 1);
+            pool.get_or_open(&key(1), 100, || {
+                opened += 1;
+                lazy(1)
+            })
+            .expect("channel");
+            assert_eq!(pool.note(&key(1)), 1);
         }
         assert_eq!(opened, 1);
         assert_eq!(pool.open_count(), 1);
@@ -162,7 +168,8 @@ mod tests {
         let mut seen = 0;
         for i in 0..300 {
             tokio::time::advance(Duration::from_millis(1)).await;
-            seen = pool.get_or_open(&key(i), 100, || lazy(i)).expect("channel").1;
+            pool.get_or_open(&key(i), 100, || lazy(i)).expect("channel");
+            seen = pool.note(&key(i));
             // Node 0 is used all along: it is never the least recent.
             pool.get_or_open(&key(0), 100, || lazy(0)).expect("channel");
         }

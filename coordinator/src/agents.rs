@@ -20,19 +20,23 @@ use std::{
 };
 
 pub use crate::agent_channels::AgentChannels;
+pub use crate::agent_links::AgentLinks;
 
 use async_trait::async_trait;
-use hotfleet_obs::grpc::{Grpc, GrpcLayer};
-use hotfleet_proto::tls::Transport;
+use hotfleet_obs::grpc::{record_call, Grpc, GrpcLayer, Side};
 use hotfleet_proto::v1::{
-    agent_client::AgentClient as ProtoAgentClient, AbortRequest, CommandHeader, CommitRequest, HealthRequest,
-    PrepareRequest, RollbackRequest,
+    agent_answer::Answer, agent_call::Call, agent_client::AgentClient as ProtoAgentClient, AbortRequest, CommandHeader,
+    CommitRequest, HealthRequest, PrepareRequest, RollbackRequest,
 };
+use hotfleet_proto::{attach::method_of, tls::Transport};
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use tower::Layer as _;
 
-use crate::rollout::{health::Sample, RolloutKind};
+use crate::{
+    agent_links::LinkError,
+    rollout::{health::Sample, RolloutKind},
+};
 
 /// Which two-phase-commit command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +145,12 @@ pub trait AgentClient: Send + Sync + 'static {
     fn width(&self, agents: usize) -> usize {
         agents.max(1)
     }
+
+    /// Where agents that attach (`AgentGateway.Attach`) leave their links
+    /// for this client to send down; `None`: this client only dials.
+    fn links(&self) -> Option<AgentLinks> {
+        None
+    }
 }
 
 /// A health sample plus what a baseline needs from it.
@@ -174,6 +184,8 @@ pub struct GrpcAgents {
     /// With TLS, each agent must present the certificate of the node it
     /// registered as, and sees ours (the coordinator's) in return.
     transport: Transport,
+    /// Attached agents: asked down their own connection, not dialled.
+    links: AgentLinks,
 }
 
 /// The configured floor and the call bound the fleet has grown the semaphore to.
@@ -194,6 +206,7 @@ impl GrpcAgents {
             call_timeout,
             in_flight: Arc::new(Semaphore::new(limit)),
             transport,
+            links: AgentLinks::new(),
         }
     }
 
@@ -224,7 +237,7 @@ impl GrpcAgents {
         // Keyed by node too: the TLS server name is the node id.
         let key = (to.node_id.clone(), to.addr.clone());
         let max_open = if self.channel_cap == 0 { usize::MAX } else { self.channel_cap };
-        let (channel, agents) = self.channels.get_or_open(&key, max_open, || {
+        self.channels.get_or_open(&key, max_open, || {
             // The server name verified is the node id: an address that now
             // answers with another node's certificate is not this node.
             let endpoint = self.transport.endpoint(&to.addr, &to.node_id).map_err(|e| AgentError::Unreachable {
@@ -237,23 +250,26 @@ impl GrpcAgents {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(20))
                 .connect_lazy())
-        })?;
+        })
+    }
+
+    /// Counts `to` among the agents asked, growing the bound on calls in
+    /// flight with the fleet (attached or dialled alike).
+    fn grow_bound(&self, to: &Target) {
+        let agents = self.channels.note(&(to.node_id.clone(), to.addr.clone()));
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         let wanted = in_flight_limit(bound.floor, agents);
         if wanted > bound.limit {
             self.in_flight.add_permits(wanted - bound.limit);
             bound.limit = wanted;
         }
-        Ok(channel)
     }
 
-    /// Runs one call under the concurrency bound and the deadline.
-    async fn call<T, F, Fut>(&self, to: &Target, deadline: Duration, f: F) -> Result<T, AgentError>
-    where
-        F: FnOnce(ProtoAgentClient<Grpc<Channel>>, Duration) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
+    /// Asks `to` one call under the concurrency bound and the deadline:
+    /// down its attached stream if it has one, else over a dialled channel.
+    async fn ask(&self, to: &Target, deadline: Duration, call: Call) -> Result<Answer, AgentError> {
         let deadline = deadline.min(self.call_timeout).max(Duration::from_millis(1));
+        self.grow_bound(to);
         // The deadline starts once a slot is ours and the call goes out: the
         // wait before is the coordinator's backlog, not the agent's silence.
         // (A step's own deadline still bounds the whole step, queue included.)
@@ -262,14 +278,87 @@ impl GrpcAgents {
             addr: to.addr.clone(),
             reason: "coordinator shutting down".into(),
         })?;
-        // The channel only once the slot is ours: a queued call holding one
-        // would keep it (and its buffers) open past the pool's bound.
-        let client = ProtoAgentClient::new(GrpcLayer::client().layer(self.channel(to)?));
-        let work = f(client, deadline);
-        match tokio::time::timeout(deadline, work).await {
-            Ok(result) => result.map(|r| r.into_inner()).map_err(|status| status_error(to, deadline, status)),
-            Err(_) => Err(AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 }),
+        let answer = match self.links.get(&to.node_id) {
+            Some(link) => {
+                let (method, started) = (method_of(&call), std::time::Instant::now());
+                let answered = tokio::time::timeout(deadline, link.call(call, deadline)).await;
+                // Counted as the dialled call it stands for would be.
+                let code = match &answered {
+                    Ok(Ok(Answer::Failed(failed))) => tonic::Code::from(failed.code),
+                    Ok(Ok(_)) => tonic::Code::Ok,
+                    Ok(Err(LinkError::Closed)) => tonic::Code::Unavailable,
+                    Err(_) => tonic::Code::DeadlineExceeded,
+                };
+                record_call(Side::Client, method, code, started);
+                match answered {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(LinkError::Closed)) => {
+                        return Err(AgentError::Unreachable {
+                            node: to.node_id.clone(),
+                            addr: to.addr.clone(),
+                            reason: LinkError::Closed.to_string(),
+                        })
+                    }
+                    Err(_) => {
+                        return Err(AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 })
+                    }
+                }
+            }
+            None => {
+                // The channel only once the slot is ours: a queued call holding one
+                // would keep it (and its buffers) open past the pool's bound.
+                let client = ProtoAgentClient::new(GrpcLayer::client().layer(self.channel(to)?));
+                match tokio::time::timeout(deadline, dial(client, call, deadline)).await {
+                    Ok(result) => result.map_err(|status| status_error(to, deadline, status))?,
+                    Err(_) => {
+                        return Err(AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 })
+                    }
+                }
+            }
+        };
+        match answer {
+            // A call the attached agent failed is judged as the same status on a unary call.
+            Answer::Failed(failed) => {
+                Err(status_error(to, deadline, tonic::Status::new(tonic::Code::from(failed.code), failed.message)))
+            }
+            answer => Ok(answer),
         }
+    }
+}
+
+/// One call as a unary RPC to a dialled agent.
+async fn dial(
+    mut client: ProtoAgentClient<Grpc<Channel>>,
+    call: Call,
+    deadline: Duration,
+) -> Result<Answer, tonic::Status> {
+    let d = deadline;
+    Ok(match call {
+        Call::Prepare(r) => Answer::Prepare(client.prepare(with_deadline(r, d)).await?.into_inner()),
+        Call::Commit(r) => Answer::Commit(client.commit(with_deadline(r, d)).await?.into_inner()),
+        Call::Abort(r) => Answer::Abort(client.abort(with_deadline(r, d)).await?.into_inner()),
+        Call::Rollback(r) => Answer::Rollback(client.rollback(with_deadline(r, d)).await?.into_inner()),
+        Call::Health(r) => Answer::Health(client.health(with_deadline(r, d)).await?.into_inner()),
+    })
+}
+
+/// What an answer answers, for the error when it is not what was asked.
+fn answer_name(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Hello(_) => "a hello",
+        Answer::Prepare(_) => "a prepare answer",
+        Answer::Commit(_) => "a commit answer",
+        Answer::Abort(_) => "an abort answer",
+        Answer::Rollback(_) => "a rollback answer",
+        Answer::Health(_) => "a health answer",
+        Answer::Failed(_) => "a failure",
+    }
+}
+
+fn mismatched(to: &Target, asked: &str, answer: &Answer) -> AgentError {
+    AgentError::Refused {
+        node: to.node_id.clone(),
+        reason: format!("asked {asked}, answered with {}", answer_name(answer)),
     }
 }
 
@@ -336,29 +425,30 @@ fn outcome(ok: bool, reason: String, processes: &[hotfleet_proto::v1::ProcessOut
 impl AgentClient for GrpcAgents {
     async fn send(&self, to: &Target, cmd: &Command, deadline: Duration) -> Result<Outcome, AgentError> {
         let header = header(cmd);
-        // One RPC per kind; each answers ok-or-not, a reason and per-process outcomes.
-        macro_rules! rpc {
-            ($method:ident, $request:expr) => {
-                self.call(to, deadline, |mut c, d| async move { c.$method(with_deadline($request, d)).await }).await
-            };
-        }
-        match cmd.kind {
+        let call = match cmd.kind {
             CommandKind::Prepare { ttl_seconds } => {
-                rpc!(prepare, PrepareRequest { header, ttl_seconds, process_id: cmd.process_id.clone() })
-                    .map(|r| outcome(r.vote_yes, r.reason, &r.processes))
+                Call::Prepare(PrepareRequest { header, ttl_seconds, process_id: cmd.process_id.clone() })
             }
-            CommandKind::Commit => {
-                rpc!(commit, CommitRequest { header }).map(|r| outcome(r.ok, r.reason, &r.processes))
-            }
-            CommandKind::Abort => rpc!(abort, AbortRequest { header }).map(|r| outcome(r.ok, r.reason, &r.processes)),
-            CommandKind::Rollback => {
-                rpc!(rollback, RollbackRequest { header }).map(|r| outcome(r.ok, r.reason, &r.processes))
-            }
+            CommandKind::Commit => Call::Commit(CommitRequest { header }),
+            CommandKind::Abort => Call::Abort(AbortRequest { header }),
+            CommandKind::Rollback => Call::Rollback(RollbackRequest { header }),
+        };
+        // Each kind answers ok-or-not, a reason and per-process outcomes.
+        match (cmd.kind, self.ask(to, deadline, call).await?) {
+            (CommandKind::Prepare { .. }, Answer::Prepare(r)) => Ok(outcome(r.vote_yes, r.reason, &r.processes)),
+            (CommandKind::Commit, Answer::Commit(r)) => Ok(outcome(r.ok, r.reason, &r.processes)),
+            (CommandKind::Abort, Answer::Abort(r)) => Ok(outcome(r.ok, r.reason, &r.processes)),
+            (CommandKind::Rollback, Answer::Rollback(r)) => Ok(outcome(r.ok, r.reason, &r.processes)),
+            (kind, other) => Err(mismatched(to, kind.name(), &other)),
         }
     }
 
     fn width(&self, agents: usize) -> usize {
         self.fan_out_width(agents)
+    }
+
+    fn links(&self) -> Option<AgentLinks> {
+        Some(self.links.clone())
     }
 
     async fn health(
@@ -368,9 +458,10 @@ impl AgentClient for GrpcAgents {
         deadline: Duration,
     ) -> Result<Vec<HealthSample>, AgentError> {
         let since: HashMap<String, u64> = since.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let r = self
-            .call(to, deadline, |mut c, d| async move { c.health(with_deadline(HealthRequest { since }, d)).await })
-            .await?;
+        let r = match self.ask(to, deadline, Call::Health(HealthRequest { since })).await? {
+            Answer::Health(r) => r,
+            other => return Err(mismatched(to, "health", &other)),
+        };
         Ok(r.processes
             .into_iter()
             .map(|p| {

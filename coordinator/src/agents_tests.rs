@@ -1,6 +1,7 @@
 //! [`GrpcAgents`] against a loopback agent whose Health answers slowly: the
 //! call bound grows with the fleet, and a call's deadline starts when it is
-//! sent, not while it waits for a slot.
+//! sent, not while it waits for a slot. And against an attached agent: its
+//! calls go down its link, never over a dialled channel.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -65,12 +66,12 @@ fn the_call_bound_grows_with_the_fleet_up_to_a_cap() {
 }
 
 #[tokio::test]
-async fn the_semaphore_grows_as_agents_are_first_called() {
+async fn the_semaphore_grows_as_agents_are_first_asked() {
     let agents = GrpcAgents::new(Duration::from_secs(1), 2, Transport::Insecure);
     assert_eq!(agents.in_flight_bound(), 2);
     for i in 0..40 {
         let target = Target { node_id: format!("n{i}"), addr: format!("127.0.0.1:{}", 1 + i) };
-        agents.channel(&target).expect("channel");
+        agents.grow_bound(&target);
     }
     assert_eq!(agents.in_flight_bound(), 10);
     assert_eq!(agents.in_flight.available_permits(), 10);
@@ -112,4 +113,72 @@ async fn a_call_still_ends_at_its_deadline_once_sent() {
     let err = agents.health(&target, &BTreeMap::new(), Duration::from_millis(200)).await.expect_err("deadline");
     assert!(matches!(err, AgentError::Deadline { .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+fn commit_cmd() -> Command {
+    Command {
+        kind: CommandKind::Commit,
+        rollout_id: "r1".into(),
+        patch_id: "p1".into(),
+        epoch: 3,
+        process_id: String::new(),
+        rollout_kind: RolloutKind::Apply,
+    }
+}
+
+#[tokio::test]
+async fn an_attached_agent_is_asked_down_its_link_and_its_failures_read_as_a_unary_calls() {
+    use hotfleet_proto::v1::{agent_answer::Answer, agent_call::Call, AgentAnswer, CallFailed};
+    let agents = GrpcAgents::new(Duration::from_secs(5), 4, Transport::Insecure);
+    let links = agents.links().expect("the gRPC client takes attached agents");
+    let (link, mut calls) = links.attach("n1");
+    // Answers by what it is asked: a commit succeeds, an abort fails as a
+    // stale epoch would, a rollback gets the wrong kind of answer.
+    tokio::spawn(async move {
+        while let Some(call) = calls.recv().await {
+            let answer = match call.call {
+                Some(Call::Commit(r)) => {
+                    assert_eq!(r.header.as_ref().map(|h| h.epoch), Some(3));
+                    Answer::Commit(CommitResponse { ok: true, ..Default::default() })
+                }
+                Some(Call::Abort(_)) => Answer::Failed(CallFailed {
+                    code: tonic::Code::FailedPrecondition as i32,
+                    message: "epoch 3 is older than 4".into(),
+                }),
+                _ => Answer::Health(Default::default()),
+            };
+            link.answer(AgentAnswer { call_id: call.call_id, answer: Some(answer) });
+        }
+    });
+    // Nothing listens at this address: only the link can answer.
+    let to = Target { node_id: "n1".into(), addr: "127.0.0.1:9".into() };
+    let d = Duration::from_secs(2);
+    let committed = agents.send(&to, &commit_cmd(), d).await.expect("answered down the link");
+    assert!(committed.ok);
+    let refused = agents.send(&to, &commit_cmd().with_kind(CommandKind::Abort), d).await;
+    assert!(matches!(&refused, Err(AgentError::Refused { reason, .. }) if reason.contains("older")), "{refused:?}");
+    let mismatched = agents.send(&to, &commit_cmd().with_kind(CommandKind::Rollback), d).await;
+    assert!(
+        matches!(&mismatched, Err(AgentError::Refused { reason, .. }) if reason.contains("health answer")),
+        "{mismatched:?}"
+    );
+    assert_eq!(agents.open_channels(), 0, "no connection was dialled");
+    // Detached: the next call dials (and finds nobody there).
+    links.detach("n1", &links.get("n1").expect("attached"));
+    let dialled = agents.send(&to, &commit_cmd(), d).await;
+    assert!(matches!(dialled, Err(AgentError::Unreachable { .. })), "{dialled:?}");
+    assert_eq!(agents.open_channels(), 1);
+}
+
+#[tokio::test]
+async fn an_attached_agent_that_never_answers_costs_its_deadline_and_no_more() {
+    let agents = GrpcAgents::new(Duration::from_secs(5), 4, Transport::Insecure);
+    let links = agents.links().expect("links");
+    let (_link, _calls) = links.attach("n1");
+    let to = Target { node_id: "n1".into(), addr: "127.0.0.1:9".into() };
+    let started = tokio::time::Instant::now();
+    let silent = agents.send(&to, &commit_cmd(), Duration::from_millis(200)).await;
+    assert!(matches!(silent, Err(AgentError::Deadline { ms: 200, .. })), "{silent:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(links.get("n1").map(|l| l.waiting()), Some(0), "the given-up call left nothing behind");
 }

@@ -24,6 +24,7 @@
 
 pub mod admission;
 pub mod agent_channels;
+pub mod agent_links;
 pub mod agents;
 pub mod auth;
 pub mod clock;

@@ -35,7 +35,7 @@ use tonic::{server::NamedService, transport::Server};
 
 use crate::{
     admission::Admission,
-    agents::{AgentClient, GrpcAgents},
+    agents::{AgentClient, AgentLinks, GrpcAgents},
     auth::{credentials::Credentials, gate::Authority},
     config::{Config, StoreKind},
     grpc::{self, gateway::GatewayService, operator::OperatorService},
@@ -69,6 +69,9 @@ pub struct Coordinator {
     shutdown: CancellationToken,
     /// Taken by whichever of `stop_leading`/`abandon` runs first.
     leadership: Mutex<Option<JoinHandle<()>>>,
+    /// Where attaching agents leave their links for the agent client
+    /// (`None`: the client only dials, and attaching is refused).
+    links: Option<AgentLinks>,
 }
 
 impl Coordinator {
@@ -139,6 +142,7 @@ impl Coordinator {
             tracing::warn!("no --trusted-key given: every patch upload will be refused");
         }
         let limits = Limits { max_bundle_bytes: config.max_patch_bytes, ..Limits::default() };
+        let links = agents.links();
         let ctx = Arc::new(TermContext {
             store: store.clone(),
             agents,
@@ -181,7 +185,7 @@ impl Coordinator {
         );
         let drain_timeout = config.drain_timeout;
         let leadership = tokio::spawn(lead(ctx, elector, term_tx, shutdown.clone(), first, drain_timeout));
-        Ok(Self { config, cluster, authority, shutdown, leadership: Mutex::new(Some(leadership)) })
+        Ok(Self { config, cluster, authority, shutdown, leadership: Mutex::new(Some(leadership)), links })
     }
 
     /// The epoch of the current term, while this coordinator leads.
@@ -209,6 +213,7 @@ impl Coordinator {
         let gateway = GatewayService {
             cluster: self.cluster.clone(),
             admission: Admission::new(self.config.limits.registrations_in_flight),
+            links: self.links.clone(),
         };
         let operator = OperatorService { cluster: self.cluster.clone() };
         // Uploads carry a whole bundle in one message: allow the bundle limit

@@ -17,9 +17,11 @@
 //!   (only the coordinator's certificate may call it);
 //! - [`coordinators`]: the coordinator list, and following the leader among them;
 //! - [`coordinator_link`]: registration and heartbeats;
+//! - [`attach`]: commands down the agent's own connection to the leader;
 //! - [`server`]: wires it all together under one shutdown signal.
 
 pub mod answers;
+pub mod attach;
 pub mod command;
 pub mod config;
 pub mod coordinator_link;

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::{
-    coordinator_link,
+    attach, coordinator_link,
     coordinators::{Coordinators, Dial},
     epoch::EpochFence,
     finished::Finished,
@@ -121,6 +121,13 @@ pub async fn serve(
         shutdown.clone(),
     ));
     if let Some(client) = gateway {
+        tasks.spawn(attach::run(
+            client.clone(),
+            AgentService::new(reporter.clone()),
+            reporter.identity().node_id.clone(),
+            config.heartbeat_interval,
+            shutdown.clone(),
+        ));
         tasks.spawn(coordinator_link::run(client, reporter.clone(), config.heartbeat_interval, shutdown.clone()));
     } else {
         tracing::warn!("no --coordinator given: running standalone (no registration, no patch downloads)");

@@ -152,11 +152,38 @@ fn record(side: Side, method: &str, code: &str, started: Instant) {
     registry.observe_duration(latency, &[method], started.elapsed());
 }
 
+/// Counts and times one call that passed through no [`GrpcLayer`]: a unary
+/// call carried down an attached stream (`AgentGateway.Attach`), counted
+/// under the method it stands for, so dashboards see one kind of call.
+pub fn record_call(side: Side, method: &str, code: tonic::Code, started: Instant) {
+    record(side, method, code_str(code), started);
+}
+
+/// The span a server answers such a call in: as the layer's, a child of the
+/// caller's `traceparent` (if any). Disabled while traces are not exported.
+pub fn server_span(method: &str, traceparent: &str) -> tracing::Span {
+    if !traces::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("grpc", method = %method, otel.kind = "server");
+    if let Ok(value) = http::HeaderValue::from_str(traceparent) {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", value);
+        traces::adopt(&span, &headers);
+    }
+    span
+}
+
 /// The status code's name (`OK`, `Unavailable`, ...) from response headers.
 fn code_name(headers: &http::HeaderMap) -> &'static str {
     let Some(value) = headers.get("grpc-status") else { return "OK" };
     let number = value.to_str().ok().and_then(|s| s.parse::<i32>().ok()).unwrap_or(2);
-    match tonic::Code::from_i32(number) {
+    code_str(tonic::Code::from_i32(number))
+}
+
+/// A status code's name as the metrics label it.
+pub fn code_str(code: tonic::Code) -> &'static str {
+    match code {
         tonic::Code::Ok => "OK",
         tonic::Code::Cancelled => "Cancelled",
         tonic::Code::Unknown => "Unknown",

@@ -12,6 +12,7 @@
 //!   [`pushback`] (a busy coordinator's "come back in N ms").
 
 pub mod address;
+pub mod attach;
 pub mod duration;
 pub mod gate;
 pub mod listener;

@@ -42,6 +42,10 @@ struct Args {
     /// Connections the simulated agents share for register/heartbeat/fetch.
     #[arg(long, default_value_t = 64)]
     heartbeat_conns: usize,
+    /// The simulated agents do not attach: the coordinator dials each one
+    /// (the path of agents that predate `AgentGateway.Attach`).
+    #[arg(long)]
+    dial: bool,
     /// Modules each simulated process reports a digest of (status size: ~100 bytes each).
     #[arg(long, default_value_t = 0)]
     modules: usize,
@@ -77,6 +81,7 @@ fn main() -> Result<()> {
         repo,
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         heartbeat_conns: args.heartbeat_conns,
+        attach: !args.dial,
         modules: args.modules,
         health_window: args.health_window,
         waves: args.waves,

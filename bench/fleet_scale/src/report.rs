@@ -23,7 +23,7 @@ fn secs(ms: Option<f64>) -> String {
 
 fn calls_line(c: &Calls) -> String {
     format!(
-        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} fetch {} heartbeat-errors {} pushbacks {}",
+        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} fetch {} heartbeat-errors {} pushbacks {} detached {}",
         c.prepare,
         c.commit,
         c.abort,
@@ -34,7 +34,8 @@ fn calls_line(c: &Calls) -> String {
         c.register,
         c.fetch,
         c.heartbeat_errors,
-        c.pushbacks
+        c.pushbacks,
+        c.detached
     )
 }
 

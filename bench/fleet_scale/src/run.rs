@@ -30,6 +30,8 @@ pub struct Plan {
     pub repo: PathBuf,
     pub heartbeat: Duration,
     pub heartbeat_conns: usize,
+    /// The agents attach (commands down their heartbeat connections).
+    pub attach: bool,
     pub modules: usize,
     pub health_window: String,
     pub waves: String,
@@ -239,7 +241,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     socket.bind(std::net::SocketAddr::from(([0, 0, 0, 0], 0))).context("binding the fleet's port")?;
     let listener = socket.listen(FLEET_BACKLOG).context("listening on the fleet's port")?;
     let port = listener.local_addr()?.port();
-    let fleet = Fleet::new(plan.nodes, port, BUILD, &url, plan.heartbeat_conns, plan.modules)?;
+    let fleet = Fleet::new(plan.nodes, port, BUILD, &url, plan.heartbeat_conns, plan.attach, plan.modules)?;
     let server = tokio::spawn(fleet.clone().serve(listener));
     let registering = Instant::now();
     let nodes: Vec<_> = (0..fleet.len()).map(|i| tokio::spawn(fleet.clone().run_node(i, plan.heartbeat))).collect();

@@ -11,6 +11,10 @@
 //! code runs), commit and rollback take no time, and a patch is fetched once
 //! per patch for the whole fleet (not once per node). Heartbeats share a pool
 //! of connections to the coordinator (a real fleet has one per node).
+//!
+//! Each agent attaches as the real one does (`AgentGateway.Attach` over its
+//! heartbeat connection) and answers the calls that come down it with the
+//! same handlers; with `--dial` it does not, and the coordinator dials it.
 
 use std::{
     collections::HashMap,
@@ -23,18 +27,19 @@ use std::{
 };
 
 use hotfleet_proto::v1::{
+    agent_answer,
     agent_gateway_client::AgentGatewayClient,
     agent_server::{Agent, AgentServer},
-    AbortRequest, AbortResponse, CommandHeader, CommitRequest, CommitResponse, FetchPatchRequest, HealthRequest,
-    HealthResponse, HeartbeatRequest, NodeStatus, PrepareRequest, PrepareResponse, PreparedPatch, ProcessHealth,
-    ProcessHealthReport, ProcessOutcome, ProcessStatus, RegisterRequest, RollbackRequest, RollbackResponse,
-    StatusRequest, StatusResponse,
+    AbortRequest, AbortResponse, AgentAnswer, AttachHello, CommandHeader, CommitRequest, CommitResponse,
+    FetchPatchRequest, HealthRequest, HealthResponse, HeartbeatRequest, NodeStatus, PrepareRequest, PrepareResponse,
+    PreparedPatch, ProcessHealth, ProcessHealthReport, ProcessOutcome, ProcessStatus, RegisterRequest, RollbackRequest,
+    RollbackResponse, StatusRequest, StatusResponse,
 };
 use tokio::sync::OnceCell;
 use tokio_stream::StreamExt;
 use tonic::{
     transport::{Channel, Endpoint, Server},
-    Request, Response, Status,
+    Extensions, Request, Response, Status,
 };
 
 /// Milliseconds per simulated game tick (20 Hz).
@@ -65,6 +70,8 @@ pub struct Counters {
     pub heartbeat_errors: AtomicU64,
     /// Registrations told to come back later (admission control).
     pub pushbacks: AtomicU64,
+    /// Attached streams that ended or were refused (each attaches again).
+    pub detached: AtomicU64,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -81,6 +88,7 @@ pub struct Calls {
     pub fetch: u64,
     pub heartbeat_errors: u64,
     pub pushbacks: u64,
+    pub detached: u64,
 }
 
 impl Calls {
@@ -97,6 +105,7 @@ impl Calls {
             fetch: self.fetch - earlier.fetch,
             heartbeat_errors: self.heartbeat_errors - earlier.heartbeat_errors,
             pushbacks: self.pushbacks - earlier.pushbacks,
+            detached: self.detached - earlier.detached,
         }
     }
 }
@@ -134,6 +143,8 @@ pub struct Fleet {
     faults: Mutex<Faults>,
     fetched: Mutex<HashMap<String, Arc<OnceCell<bool>>>>,
     coordinator: Vec<Channel>,
+    /// Agents attach for their commands rather than being dialled.
+    attach: bool,
     /// What each process reports as `live_digests` (module -> sha256), for statuses of a realistic size.
     digests: HashMap<String, String>,
     pub counters: Counters,
@@ -159,6 +170,7 @@ impl Fleet {
         build: &str,
         coordinator_url: &str,
         heartbeat_conns: usize,
+        attach: bool,
         modules: usize,
     ) -> Result<Arc<Self>, tonic::transport::Error> {
         let nodes: Vec<Arc<SimNode>> = (0..nodes)
@@ -185,6 +197,7 @@ impl Fleet {
             faults: Mutex::new(Faults::default()),
             fetched: Mutex::new(HashMap::new()),
             coordinator,
+            attach,
             digests: (0..modules).map(|m| (format!("simgame.module_{m:03}"), format!("{m:064x}"))).collect(),
             counters: Counters::default(),
         }))
@@ -223,6 +236,7 @@ impl Fleet {
             fetch: get(&c.fetch),
             heartbeat_errors: get(&c.heartbeat_errors),
             pushbacks: get(&c.pushbacks),
+            detached: get(&c.detached),
         }
     }
 
@@ -235,6 +249,10 @@ impl Fleet {
     }
 
     fn node_for<T>(&self, request: &Request<T>) -> Result<(usize, Arc<SimNode>), Status> {
+        // A call down an attached stream names its node; a dialled one arrived at its address.
+        if let Some(SimIndex(i)) = request.extensions().get::<SimIndex>() {
+            return Ok((*i, self.nodes[*i].clone()));
+        }
         let ip = request.local_addr().map(|a| a.ip()).ok_or_else(|| Status::internal("no local address"))?;
         let i = *self.by_ip.get(&ip).ok_or_else(|| Status::not_found(format!("no simulated agent at {ip}")))?;
         Ok((i, self.nodes[i].clone()))
@@ -310,8 +328,37 @@ impl Fleet {
             .await
     }
 
-    /// Registers node `i`, then heartbeats every `interval` until the process ends.
+    /// Keeps node `i` attached, answering the calls that come down its stream.
+    async fn attach_node(self: Arc<Self>, i: usize, retry: Duration) {
+        let mut client = AgentGatewayClient::new(self.channel(i));
+        let mut extensions = Extensions::new();
+        extensions.insert(SimIndex(i));
+        loop {
+            let (answers, outgoing) = tokio::sync::mpsc::channel(16);
+            let hello = AgentAnswer {
+                call_id: 0,
+                answer: Some(agent_answer::Answer::Hello(AttachHello { node_id: node_id(i) })),
+            };
+            let _ = answers.send(hello).await;
+            if let Ok(calls) = client.attach(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await {
+                let mut calls = calls.into_inner();
+                while let Ok(Some(call)) = calls.message().await {
+                    let (fleet, answers, extensions) = (self.clone(), answers.clone(), extensions.clone());
+                    tokio::spawn(async move {
+                        let _ = answers.send(hotfleet_agent::attach::answer(&*fleet, call, &extensions).await).await;
+                    });
+                }
+            }
+            self.counters.detached.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(hotfleet_proto::pushback::jittered(retry)).await;
+        }
+    }
+
+    /// Registers node `i` (and attaches it), then heartbeats every `interval` until the process ends.
     pub async fn run_node(self: Arc<Self>, i: usize, interval: Duration) {
+        if self.attach {
+            tokio::spawn(self.clone().attach_node(i, interval));
+        }
         let mut client = AgentGatewayClient::new(self.channel(i));
         let mut registered = false;
         let mut next = tokio::time::Instant::now() + interval;
@@ -487,6 +534,10 @@ impl Agent for Fleet {
         }))
     }
 }
+
+/// Which node a call down an attached stream is for.
+#[derive(Debug, Clone, Copy)]
+struct SimIndex(usize);
 
 /// Node ids of the fleet, by index (the coordinator orders targets by id,
 /// so the last index is in the last wave).

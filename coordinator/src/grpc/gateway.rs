@@ -1,5 +1,5 @@
 //! `AgentGateway`: what agents call (register, heartbeat, fetch a patch, get
-//! the fleet's patch stack).
+//! the fleet's patch stack, attach for commands).
 //!
 //! Registration and heartbeats go to the leader (its registry judges
 //! liveness, and its answer names the rollouts whose prepares the agent
@@ -7,33 +7,44 @@
 //! follows. Patch downloads and patch stacks are reads: any coordinator
 //! serves them from the store. A registration storm is served at the pace
 //! the coordinator can take ([`crate::admission`]): the rest are told when to
-//! come back.
+//! come back. An agent attached to the leader gets its commands down its
+//! own connection ([`crate::agent_links`]).
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use hotfleet_proto::{
     pushback,
     v1::{
-        agent_gateway_server::AgentGateway, FetchPatchRequest, GetPatchStackRequest, GetPatchStackResponse,
-        HeartbeatRequest, HeartbeatResponse, PatchChunk, PatchRef, RegisterRequest, RegisterResponse,
+        agent_answer, agent_gateway_server::AgentGateway, AgentAnswer, AgentCall, AttachHello, FetchPatchRequest,
+        GetPatchStackRequest, GetPatchStackResponse, HeartbeatRequest, HeartbeatResponse, PatchChunk, PatchRef,
+        RegisterRequest, RegisterResponse,
     },
 };
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use super::caller;
 use crate::{
     admission::Admission,
+    agent_links::AgentLinks,
+    auth::Caller,
     error::Error,
     input::{self, MAX_BUILD, MAX_ID},
     term::Cluster,
 };
 
+/// How long an attaching agent has to say who it is.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+
 /// Registration and heartbeats speak for one node: only that node's
 /// certificate may send them, so a node id can be neither invented nor
 /// taken over from another address.
 fn check_node<T>(request: &Request<T>, node_id: &str) -> Result<(), Status> {
-    let caller = caller(request)?;
+    may_speak_for(&caller(request)?, node_id)
+}
+
+fn may_speak_for(caller: &Caller, node_id: &str) -> Result<(), Status> {
     if caller.speaks_for_node(node_id) {
         return Ok(());
     }
@@ -53,9 +64,29 @@ pub struct GatewayService {
     pub cluster: Cluster,
     /// How many registrations are served at once ([`crate::admission`]).
     pub admission: Arc<Admission>,
+    /// Attached agents' links (`None`: this coordinator only dials agents).
+    pub links: Option<AgentLinks>,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<PatchChunk, Status>> + Send + 'static>>;
+type CallStream = Pin<Box<dyn Stream<Item = Result<AgentCall, Status>> + Send + 'static>>;
+
+/// The attaching agent's first message: which node it speaks for.
+async fn hello(answers: &mut Streaming<AgentAnswer>) -> Result<String, Status> {
+    let first = tokio::time::timeout(HELLO_WAIT, answers.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded("no hello within 10 s: an attaching agent first says which node it is")
+        })??
+        .ok_or_else(|| Status::invalid_argument("the stream ended before the hello"))?;
+    match first.answer {
+        Some(agent_answer::Answer::Hello(AttachHello { node_id })) => {
+            input::text("node_id", &node_id, MAX_ID).map_err(Error::from)?;
+            Ok(node_id)
+        }
+        _ => Err(Status::invalid_argument("the first message on Attach must be the hello naming the node")),
+    }
+}
 
 #[tonic::async_trait]
 impl AgentGateway for GatewayService {
@@ -84,6 +115,49 @@ impl AgentGateway for GatewayService {
             epoch: answer.epoch,
             live_rollouts: answer.live_rollouts,
         }))
+    }
+
+    type AttachStream = CallStream;
+
+    async fn attach(&self, request: Request<Streaming<AgentAnswer>>) -> Result<Response<CallStream>, Status> {
+        let caller = caller(&request)?;
+        let Some(links) = self.links.clone() else {
+            return Err(Status::unimplemented("this coordinator dials its agents: it takes no attached agents"));
+        };
+        let mut answers = request.into_inner();
+        let node_id = hello(&mut answers).await?;
+        may_speak_for(&caller, &node_id)?;
+        // A follower refuses naming the leader, as it does heartbeats.
+        let term = self.cluster.leader_term()?;
+        let (link, calls) = links.attach(&node_id);
+        tracing::debug!(node = %node_id, attached = links.len(), "agent attached");
+        let ended = term.ended();
+        tokio::spawn(async move {
+            loop {
+                let answer = tokio::select! {
+                    answer = answers.message() => answer,
+                    _ = ended.cancelled() => break,
+                };
+                match answer {
+                    Ok(Some(answer)) => {
+                        let call_id = answer.call_id;
+                        if !link.answer(answer) {
+                            tracing::debug!(node = %node_id, call_id, "an answer no call waits for (given up on, or never sent)");
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(node = %node_id, error = %status.message(), "attached stream broke");
+                        break;
+                    }
+                }
+            }
+            links.detach(&node_id, &link);
+            tracing::debug!(node = %node_id, attached = links.len(), "agent detached");
+        });
+        // The calls end with the term: the agent then attaches to whoever leads.
+        let calls = ReceiverStream::new(calls).map(|call| Ok(*call)).take_until(term.ended().cancelled_owned());
+        Ok(Response::new(Box::pin(calls)))
     }
 
     type FetchPatchStream = ChunkStream;

@@ -57,6 +57,10 @@ impl AgentClient for GuardedAgents {
     fn width(&self, agents: usize) -> usize {
         self.inner.width(agents)
     }
+
+    fn links(&self) -> Option<crate::agents::AgentLinks> {
+        self.inner.links()
+    }
 }
 
 /// The store as one term sees it: refuses every write once the term is lost

@@ -16,11 +16,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use hotfleet_proto::tls::Transport;
 use crate::{
     agents::{AgentClient, AgentError, Command, CommandKind, GrpcAgents, HealthSample, Outcome, Target},
     store::{embedded::EmbeddedStore, Batch, Store, StoreError, Write},
 };
+use hotfleet_proto::tls::Transport;
 
 const TTL: Duration = Duration::from_secs(3);
 
