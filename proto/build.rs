@@ -19,7 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor_path = out_dir.join("hotfleet_descriptor.bin");
     fs::write(&descriptor_path, descriptors.encode_to_vec())?;
 
-    tonic_prost_build::configure().file_descriptor_set_path(&descriptor_path).compile_fds(descriptors)?;
+    // Every service on prost with small first buffers (src/codec.rs).
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptor_path)
+        .codec_path("crate::codec::SmallBuffers")
+        .compile_fds(descriptors)?;
 
     let descriptor_bytes = fs::read(&descriptor_path)?;
     pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".hotfleet.v1"])?;

@@ -80,14 +80,20 @@ fn failed(status: &Status) -> Answer {
     Answer::Failed(CallFailed { code: status.code() as i32, message: status.message().to_string() })
 }
 
-/// Keeps this node attached to the coordinator it follows until `shutdown`.
+/// Keeps this node attached to the coordinator it follows until `shutdown`,
+/// from its first registration on (`registered`: see `coordinator_link`).
 pub async fn run(
     coordinators: Coordinators,
     service: AgentService,
     node_id: String,
     retry: Duration,
+    mut registered: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
+    tokio::select! {
+        _ = registered.wait_for(|done| *done) => {}
+        _ = shutdown.cancelled() => return,
+    }
     let service = Arc::new(service);
     let mut refused_before = None;
     loop {

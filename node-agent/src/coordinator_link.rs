@@ -68,10 +68,14 @@ fn follow_leader(participant: &Participant, epoch: u64, live_rollouts: &[String]
     }
 }
 
+/// Registers and heartbeats until `shutdown`; `registered` turns true once
+/// a coordinator has taken this node's registration (the attached stream
+/// waits for it: in a registration storm it would only add to the load).
 pub async fn run(
     coordinators: Coordinators,
     reporter: Arc<NodeReporter>,
     interval: Duration,
+    registered_once: tokio::sync::watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
     let mut registered = false;
@@ -101,6 +105,7 @@ pub async fn run(
                     let r = r.into_inner();
                     tracing::info!(node = %identity.node_id, coordinator = %addr, epoch = r.epoch, "registered with the coordinator");
                     registered = true;
+                    registered_once.send_replace(true);
                     (r.epoch, r.live_rollouts)
                 })
             };

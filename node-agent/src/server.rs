@@ -121,14 +121,22 @@ pub async fn serve(
         shutdown.clone(),
     ));
     if let Some(client) = gateway {
+        let (registered_tx, registered_rx) = tokio::sync::watch::channel(false);
         tasks.spawn(attach::run(
             client.clone(),
             AgentService::new(reporter.clone()),
             reporter.identity().node_id.clone(),
             config.heartbeat_interval,
+            registered_rx,
             shutdown.clone(),
         ));
-        tasks.spawn(coordinator_link::run(client, reporter.clone(), config.heartbeat_interval, shutdown.clone()));
+        tasks.spawn(coordinator_link::run(
+            client,
+            reporter.clone(),
+            config.heartbeat_interval,
+            registered_tx,
+            shutdown.clone(),
+        ));
     } else {
         tracing::warn!("no --coordinator given: running standalone (no registration, no patch downloads)");
     }

@@ -13,6 +13,7 @@
 
 pub mod address;
 pub mod attach;
+pub mod codec;
 pub mod duration;
 pub mod gate;
 pub mod listener;

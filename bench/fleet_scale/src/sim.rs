@@ -354,11 +354,10 @@ impl Fleet {
         }
     }
 
-    /// Registers node `i` (and attaches it), then heartbeats every `interval` until the process ends.
+    /// Registers node `i` (then attaches it, as the agent does), then
+    /// heartbeats every `interval` until the process ends.
     pub async fn run_node(self: Arc<Self>, i: usize, interval: Duration) {
-        if self.attach {
-            tokio::spawn(self.clone().attach_node(i, interval));
-        }
+        let mut attach = self.attach;
         let mut client = AgentGatewayClient::new(self.channel(i));
         let mut registered = false;
         let mut next = tokio::time::Instant::now() + interval;
@@ -382,6 +381,9 @@ impl Fleet {
                     state.known = known;
                     state.highest_epoch = state.highest_epoch.max(epoch);
                     registered = known;
+                    if std::mem::take(&mut attach) {
+                        tokio::spawn(self.clone().attach_node(i, interval));
+                    }
                 }
                 Err(status) => {
                     // Told to come back later (admission control): as the
