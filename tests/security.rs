@@ -6,6 +6,7 @@
 //! - a viewer certificate cannot start a rollout (the error names role operator);
 //! - an agent refuses a command from a client that is not the coordinator;
 //! - a fake node cannot register, nor take over an existing node id;
+//! - a node cannot attach as another node (to take its commands), nor attach without the hello;
 //! - the audit actor is the certificate identity even when the old header is sent;
 //! - a bearer token (stored hashed) acts with its role; an unknown one is refused;
 //! - a server without TLS flags and without --insecure refuses to start.
@@ -18,9 +19,9 @@ use common::*;
 use hotfleet_proto::{
     tls::{OwnCert, TlsArgs, DEFAULT_COORDINATOR_IDENTITY},
     v1::{
-        agent_client::AgentClient, agent_gateway_client::AgentGatewayClient, coordinator_client::CoordinatorClient,
-        CommandHeader, CommitRequest, FreezeRequest, ListAuditRequest, ListNodesRequest, NodeStatus, RegisterRequest,
-        StatusRequest, UnfreezeRequest, WhoAmIRequest,
+        agent_answer, agent_client::AgentClient, agent_gateway_client::AgentGatewayClient,
+        coordinator_client::CoordinatorClient, AgentAnswer, AttachHello, CommandHeader, CommitRequest, FreezeRequest,
+        ListAuditRequest, ListNodesRequest, NodeStatus, RegisterRequest, StatusRequest, UnfreezeRequest, WhoAmIRequest,
     },
 };
 use tonic::{transport::Channel, Code};
@@ -199,6 +200,29 @@ async fn a_fake_node_cannot_register_or_take_over_a_node_id() {
     let ids: Vec<&str> = statuses.iter().map(|n| n.node_id.as_str()).collect();
     assert_eq!(ids, ["node-1"], "no node was invented");
     assert_eq!(statuses[0].advertise_addr, s.agent.grpc.to_string(), "node-1 still points at its own agent");
+}
+
+/// Attaching speaks for a node as registering does: another node's
+/// certificate cannot take node-1's commands, an operator's cannot either,
+/// and a stream that does not start by naming its node is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_attach_as_another_nor_without_the_hello() {
+    let s = Secured::start().await;
+    let hello = |node_id: &str| AgentAnswer {
+        call_id: 0,
+        answer: Some(agent_answer::Answer::Hello(AttachHello { node_id: node_id.into() })),
+    };
+    let node2 = s.keys.tls.node(&s.layout, "node-2").expect("node-2 cert");
+    let mut fake = s.gateway_as(&node2).await;
+    let takeover = fake.attach(tokio_stream::iter(vec![hello("node-1")])).await.expect_err("take node-1's commands");
+    assert_eq!(takeover.code(), Code::PermissionDenied, "{takeover:?}");
+    let garbage = AgentAnswer { call_id: 7, answer: None };
+    let no_hello = fake.attach(tokio_stream::iter(vec![garbage])).await.expect_err("no hello");
+    assert_eq!(no_hello.code(), Code::InvalidArgument, "{no_hello:?}");
+    assert!(no_hello.message().contains("hello"), "{no_hello:?}");
+    let mut admin = s.gateway_as(&s.keys.tls.operator("sre")).await;
+    let operator = admin.attach(tokio_stream::iter(vec![hello("node-1")])).await.expect_err("an operator");
+    assert_eq!(operator.code(), Code::PermissionDenied, "{operator:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,7 @@ use std::{
 
 use hotfleet_proto::v1::{agent_answer, agent_call, AgentAnswer, AgentCall};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// Calls queued for one agent's stream before a caller waits for room.
 const QUEUED_CALLS: usize = 8;
@@ -42,6 +43,9 @@ pub enum LinkError {
 /// One attached agent's stream.
 pub struct Link {
     generation: u64,
+    /// Cancelled when a newer attachment of the node replaces this one: its
+    /// stream then ends rather than lingering unused until the agent goes.
+    replaced: CancellationToken,
     /// Boxed: a channel allocates its slots in blocks of 32, and a call
     /// inline would make each idle link's first block several KB.
     calls: mpsc::Sender<Box<AgentCall>>,
@@ -94,6 +98,11 @@ impl Link {
     pub fn waiting(&self) -> usize {
         lock(&self.pending).len()
     }
+
+    /// Cancelled once a newer attachment of the same node replaced this link.
+    pub fn replaced(&self) -> CancellationToken {
+        self.replaced.clone()
+    }
 }
 
 /// The links of the agents attached to this coordinator. Shared, cheap to clone.
@@ -119,11 +128,13 @@ impl AgentLinks {
         let (calls, outgoing) = mpsc::channel(QUEUED_CALLS);
         let link = Arc::new(Link {
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
+            replaced: CancellationToken::new(),
             calls,
             pending: Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(0),
         });
         if let Some(earlier) = lock(&self.links).insert(node_id.to_string(), link.clone()) {
+            earlier.replaced.cancel();
             fail_waiting(&earlier);
         }
         (link, outgoing)
@@ -240,6 +251,8 @@ mod tests {
         let links = AgentLinks::new();
         let (old, _old_out) = links.attach("n1");
         let (new, _new_out) = links.attach("n1");
+        assert!(old.replaced().is_cancelled(), "the old stream is told to end");
+        assert!(!new.replaced().is_cancelled());
         links.detach("n1", &old);
         assert!(links.get("n1").is_some_and(|l| Arc::ptr_eq(&l, &new)), "the old stream's end keeps the new link");
         links.detach("n1", &new);

@@ -131,12 +131,23 @@ impl AgentGateway for GatewayService {
         let term = self.cluster.leader_term()?;
         let (link, calls) = links.attach(&node_id);
         tracing::debug!(node = %node_id, attached = links.len(), "agent attached");
-        let ended = term.ended();
+        // The stream ends with the term, or once the node attached again.
+        let (ended, replaced) = (term.ended(), link.replaced());
+        let over = {
+            let (ended, replaced) = (ended.clone(), replaced.clone());
+            async move {
+                tokio::select! {
+                    _ = ended.cancelled() => {}
+                    _ = replaced.cancelled() => {}
+                }
+            }
+        };
         tokio::spawn(async move {
             loop {
                 let answer = tokio::select! {
                     answer = answers.message() => answer,
                     _ = ended.cancelled() => break,
+                    _ = replaced.cancelled() => break,
                 };
                 match answer {
                     Ok(Some(answer)) => {
@@ -155,8 +166,8 @@ impl AgentGateway for GatewayService {
             links.detach(&node_id, &link);
             tracing::debug!(node = %node_id, attached = links.len(), "agent detached");
         });
-        // The calls end with the term: the agent then attaches to whoever leads.
-        let calls = ReceiverStream::new(calls).map(|call| Ok(*call)).take_until(term.ended().cancelled_owned());
+        // When the calls end the agent attaches again (to whoever leads).
+        let calls = ReceiverStream::new(calls).map(|call| Ok(*call)).take_until(over);
         Ok(Response::new(Box::pin(calls)))
     }
 
