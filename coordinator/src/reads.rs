@@ -261,7 +261,7 @@ struct Follower {
 
 impl Follower {
     async fn run(mut self, first: RolloutState) {
-        if !self.send(first).await {
+        if !self.send(Arc::new(first)).await {
             return;
         }
         loop {
@@ -272,7 +272,7 @@ impl Follower {
             }
             match stored_rollout(self.cluster.store.as_ref(), &self.id).await {
                 Ok(state) => {
-                    if !self.send(state).await {
+                    if !self.send(Arc::new(state)).await {
                         return;
                     }
                 }
@@ -292,7 +292,7 @@ impl Follower {
     }
 
     /// The engine's snapshots, while this coordinator leads and drives it.
-    fn live(&self) -> Option<(Arc<Term>, watch::Receiver<RolloutState>)> {
+    fn live(&self) -> Option<(Arc<Term>, watch::Receiver<Arc<RolloutState>>)> {
         let term = self.cluster.term()?;
         let rx = term.engine.subscribe(&self.id)?;
         Some((term, rx))
@@ -300,7 +300,7 @@ impl Follower {
 
     /// `false` once the watch is over; `true` when the driver finished or
     /// the term ended: the store has the rest.
-    async fn follow_live(&mut self, term: &Term, mut rx: watch::Receiver<RolloutState>) -> bool {
+    async fn follow_live(&mut self, term: &Term, mut rx: watch::Receiver<Arc<RolloutState>>) -> bool {
         let ended = term.ended();
         loop {
             let state = rx.borrow_and_update().clone();
@@ -316,12 +316,13 @@ impl Follower {
 
     /// Sends `state` unless it was sent already. `false` once the rollout
     /// is over or nobody listens any more.
-    async fn send(&mut self, state: RolloutState) -> bool {
+    async fn send(&mut self, state: Arc<RolloutState>) -> bool {
         let key = (state.rollout.generation, state.rollout.epoch);
         let terminal = state.rollout.phase.is_terminal();
         if self.last != Some(key) {
             self.last = Some(key);
-            let view = self.cluster.view(state).await;
+            // A live snapshot is shared with the engine: copied only when it goes out.
+            let view = self.cluster.view(Arc::unwrap_or_clone(state)).await;
             if self.tx.send(view).await.is_err() {
                 return false;
             }

@@ -69,8 +69,10 @@ impl Default for EngineConfig {
 /// One active rollout: its state behind a lock, the latest persisted
 /// snapshot for readers, and the signals the driver waits on.
 struct Handle {
-    state: tokio::sync::Mutex<RolloutState>,
-    snapshot: watch::Sender<RolloutState>,
+    /// Shared with `snapshot` and with the driver's reads: at 10,000 nodes a
+    /// copy of the state is megabytes, so only a transition makes one.
+    state: tokio::sync::Mutex<Arc<RolloutState>>,
+    snapshot: watch::Sender<Arc<RolloutState>>,
     /// Cancelled when an abort is accepted: prepare/commit stop at once.
     abort: CancellationToken,
     /// Who asked for the abort and why, set before `abort` is cancelled (the
@@ -153,6 +155,7 @@ impl Engine {
 
     fn spawn(&self, state: RolloutState) -> Arc<Handle> {
         let id = state.rollout.id.clone();
+        let state = Arc::new(state);
         let (snapshot, _) = watch::channel(state.clone());
         let handle = Arc::new(Handle {
             state: tokio::sync::Mutex::new(state),
@@ -226,9 +229,9 @@ impl Engine {
         f: impl FnOnce(&mut RolloutState) -> std::result::Result<(R, Changed), Error>,
     ) -> Result<R> {
         let mut guard = handle.state.lock().await;
-        let mut next = guard.clone();
+        let mut next = RolloutState::clone(&guard);
         let (value, changed) = f(&mut next)?;
-        if next == *guard && extra.is_empty() {
+        if next == **guard && extra.is_empty() {
             return Ok(value);
         }
         next.rollout.generation += 1;
@@ -263,7 +266,7 @@ impl Engine {
         if next.rollout.phase != guard.rollout.phase {
             tracing::info!(rollout = %next.rollout.id, from = guard.rollout.phase.name(), to = next.rollout.phase.name(), generation = next.rollout.generation, "rollout transition");
         }
-        *guard = next;
+        *guard = Arc::new(next);
         handle.snapshot.send_replace(guard.clone());
         Ok(value)
     }
@@ -403,11 +406,11 @@ impl Engine {
 
     /// The latest state of an active rollout; `None` if it is not active.
     pub fn snapshot(&self, id: &str) -> Option<RolloutState> {
-        self.handle(id).map(|h| h.snapshot.borrow().clone())
+        self.handle(id).map(|h| RolloutState::clone(&h.snapshot.borrow()))
     }
 
     /// A receiver of snapshots for an active rollout; `None` if it is not active.
-    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<RolloutState>> {
+    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Arc<RolloutState>>> {
         self.handle(id).map(|h| h.snapshot.subscribe())
     }
 
@@ -456,7 +459,7 @@ impl Engine {
             self.transact(&handle, vec![Write::Audit(entry)], |s| Ok(((), s.apply(action, actor, note, now_ms())?)))
                 .await?;
             handle.wake.notify_one();
-            let snapshot = handle.snapshot.borrow().clone();
+            let snapshot = RolloutState::clone(&handle.snapshot.borrow());
             Ok(snapshot)
         }
         .await;
