@@ -3,9 +3,10 @@
 //! [`AgentClient`] is the seam between the rollout engine and the network:
 //! the engine only sees domain answers ([`Outcome`], health
 //! [`Sample`]s), so it is tested with an in-memory double. [`GrpcAgents`] is
-//! the real thing: a lazily connected tonic channel per agent, open while it
-//! is used (`agent_channels.rs` closes idle ones, and the least recently
-//! used beyond an optional cap), every call under a deadline that starts when the call is sent (sent as
+//! the real thing: an attached agent is asked down the stream it opened
+//! (`agent_links.rs`); any other over a lazily connected tonic channel, open
+//! while it is used (`agent_channels.rs` closes idle ones, and the least
+//! recently used beyond an optional cap). Every call is under a deadline that starts when the call is sent (sent as
 //! `grpc-timeout` *and* enforced here, so a silent agent costs at most its
 //! deadline; waiting for a slot does not count, or a healthy node at the back
 //! of a long queue would "time out" before it was asked) and a global bound
@@ -34,7 +35,7 @@ use tonic::transport::Channel;
 use tower::Layer as _;
 
 use crate::{
-    agent_links::LinkError,
+    agent_links::{Link, LinkError},
     rollout::{health::Sample, RolloutKind},
 };
 
@@ -279,40 +280,14 @@ impl GrpcAgents {
             reason: "coordinator shutting down".into(),
         })?;
         let answer = match self.links.get(&to.node_id) {
-            Some(link) => {
-                let (method, started) = (method_of(&call), std::time::Instant::now());
-                let answered = tokio::time::timeout(deadline, link.call(call, deadline)).await;
-                // Counted as the dialled call it stands for would be.
-                let code = match &answered {
-                    Ok(Ok(Answer::Failed(failed))) => tonic::Code::from(failed.code),
-                    Ok(Ok(_)) => tonic::Code::Ok,
-                    Ok(Err(LinkError::Closed)) => tonic::Code::Unavailable,
-                    Err(_) => tonic::Code::DeadlineExceeded,
-                };
-                record_call(Side::Client, method, code, started);
-                match answered {
-                    Ok(Ok(answer)) => answer,
-                    Ok(Err(LinkError::Closed)) => {
-                        return Err(AgentError::Unreachable {
-                            node: to.node_id.clone(),
-                            addr: to.addr.clone(),
-                            reason: LinkError::Closed.to_string(),
-                        })
-                    }
-                    Err(_) => {
-                        return Err(AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 })
-                    }
-                }
-            }
+            Some(link) => down_link(to, &link, call, deadline).await?,
             None => {
                 // The channel only once the slot is ours: a queued call holding one
                 // would keep it (and its buffers) open past the pool's bound.
                 let client = ProtoAgentClient::new(GrpcLayer::client().layer(self.channel(to)?));
                 match tokio::time::timeout(deadline, dial(client, call, deadline)).await {
                     Ok(result) => result.map_err(|status| status_error(to, deadline, status))?,
-                    Err(_) => {
-                        return Err(AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 })
-                    }
+                    Err(_) => return Err(deadline_error(to, deadline)),
                 }
             }
         };
@@ -324,6 +299,31 @@ impl GrpcAgents {
             answer => Ok(answer),
         }
     }
+}
+
+/// One call down an attached agent's link, counted in the gRPC metrics as
+/// the dialled call it stands for would be.
+async fn down_link(to: &Target, link: &Link, call: Call, deadline: Duration) -> Result<Answer, AgentError> {
+    let (method, started) = (method_of(&call), std::time::Instant::now());
+    let answered = tokio::time::timeout(deadline, link.call(call, deadline)).await;
+    let code = match &answered {
+        Ok(Ok(Answer::Failed(failed))) => tonic::Code::from(failed.code),
+        Ok(Ok(_)) => tonic::Code::Ok,
+        Ok(Err(LinkError::Closed)) => tonic::Code::Unavailable,
+        Err(_) => tonic::Code::DeadlineExceeded,
+    };
+    record_call(Side::Client, method, code, started);
+    match answered {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(closed)) => {
+            Err(AgentError::Unreachable { node: to.node_id.clone(), addr: to.addr.clone(), reason: closed.to_string() })
+        }
+        Err(_) => Err(deadline_error(to, deadline)),
+    }
+}
+
+fn deadline_error(to: &Target, deadline: Duration) -> AgentError {
+    AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 }
 }
 
 /// One call as a unary RPC to a dialled agent.
@@ -366,15 +366,13 @@ fn status_error(to: &Target, deadline: Duration, status: tonic::Status) -> Agent
     use tonic::Code;
     match status.code() {
         // tonic's client enforces the grpc-timeout it sends and reports it so.
-        Code::Cancelled if status.message().contains("Timeout expired") => {
-            AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 }
-        }
+        Code::Cancelled if status.message().contains("Timeout expired") => deadline_error(to, deadline),
         Code::Unavailable | Code::Unknown | Code::Cancelled => AgentError::Unreachable {
             node: to.node_id.clone(),
             addr: to.addr.clone(),
             reason: status.message().to_string(),
         },
-        Code::DeadlineExceeded => AgentError::Deadline { node: to.node_id.clone(), ms: deadline.as_millis() as u64 },
+        Code::DeadlineExceeded => deadline_error(to, deadline),
         code => AgentError::Refused { node: to.node_id.clone(), reason: format!("{code:?}: {}", status.message()) },
     }
 }
