@@ -43,9 +43,10 @@ pub enum LinkError {
 /// One attached agent's stream.
 pub struct Link {
     generation: u64,
-    /// Cancelled when a newer attachment of the node replaces this one: its
-    /// stream then ends rather than lingering unused until the agent goes.
-    replaced: CancellationToken,
+    /// Cancelled when the stream is to end: the term it was opened under
+    /// ended, or a newer attachment of the node replaced this one (rather
+    /// than leaving it open and unused until the agent goes).
+    over: CancellationToken,
     /// Boxed: a channel allocates its slots in blocks of 32, and a call
     /// inline would make each idle link's first block several KB.
     calls: mpsc::Sender<Box<AgentCall>>,
@@ -99,9 +100,9 @@ impl Link {
         lock(&self.pending).len()
     }
 
-    /// Cancelled once a newer attachment of the same node replaced this link.
-    pub fn replaced(&self) -> CancellationToken {
-        self.replaced.clone()
+    /// Cancelled once this link's stream is to end (see the field).
+    pub fn over(&self) -> CancellationToken {
+        self.over.clone()
     }
 }
 
@@ -122,19 +123,20 @@ impl AgentLinks {
         lock(&self.links).get(node_id).cloned()
     }
 
-    /// Attaches `node_id`, replacing any earlier link (its stream ends once
-    /// nothing sends on it). Returns the link and the calls to stream to the agent.
-    pub fn attach(&self, node_id: &str) -> (Arc<Link>, mpsc::Receiver<Box<AgentCall>>) {
+    /// Attaches `node_id` for as long as `term` is not cancelled, replacing
+    /// any earlier link (whose stream is then over). Returns the link and
+    /// the calls to stream to the agent.
+    pub fn attach(&self, node_id: &str, term: &CancellationToken) -> (Arc<Link>, mpsc::Receiver<Box<AgentCall>>) {
         let (calls, outgoing) = mpsc::channel(QUEUED_CALLS);
         let link = Arc::new(Link {
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
-            replaced: CancellationToken::new(),
+            over: term.child_token(),
             calls,
             pending: Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(0),
         });
         if let Some(earlier) = lock(&self.links).insert(node_id.to_string(), link.clone()) {
-            earlier.replaced.cancel();
+            earlier.over.cancel();
             fail_waiting(&earlier);
         }
         (link, outgoing)
@@ -186,7 +188,7 @@ mod tests {
     #[tokio::test]
     async fn each_answer_reaches_the_call_it_names() {
         let links = AgentLinks::new();
-        let (link, mut outgoing) = links.attach("n1");
+        let (link, mut outgoing) = links.attach("n1", &CancellationToken::new());
         let agent = tokio::spawn(async move {
             let mut calls = Vec::new();
             for _ in 0..2 {
@@ -221,7 +223,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_stream_fails_the_waiting_calls_and_detaches() {
         let links = AgentLinks::new();
-        let (link, mut outgoing) = links.attach("n1");
+        let (link, mut outgoing) = links.attach("n1", &CancellationToken::new());
         let caller = {
             let link = link.clone();
             tokio::spawn(async move { link.call(commit(), Duration::from_secs(5)).await })
@@ -235,7 +237,7 @@ mod tests {
     #[tokio::test]
     async fn answers_nobody_waits_for_are_dropped() {
         let links = AgentLinks::new();
-        let (link, _outgoing) = links.attach("n1");
+        let (link, _outgoing) = links.attach("n1", &CancellationToken::new());
         assert!(!link.answer(answered(7)), "an id never sent");
         assert!(!link.answer(AgentAnswer { call_id: 1, answer: None }), "no body");
         // A call given up on (its caller's deadline) leaves nothing behind.
@@ -249,10 +251,10 @@ mod tests {
     #[tokio::test]
     async fn attaching_again_replaces_the_link_and_only_the_current_one_detaches() {
         let links = AgentLinks::new();
-        let (old, _old_out) = links.attach("n1");
-        let (new, _new_out) = links.attach("n1");
-        assert!(old.replaced().is_cancelled(), "the old stream is told to end");
-        assert!(!new.replaced().is_cancelled());
+        let (old, _old_out) = links.attach("n1", &CancellationToken::new());
+        let (new, _new_out) = links.attach("n1", &CancellationToken::new());
+        assert!(old.over().is_cancelled(), "the old stream is told to end");
+        assert!(!new.over().is_cancelled());
         links.detach("n1", &old);
         assert!(links.get("n1").is_some_and(|l| Arc::ptr_eq(&l, &new)), "the old stream's end keeps the new link");
         links.detach("n1", &new);

@@ -131,7 +131,7 @@ async fn an_attached_agent_is_asked_down_its_link_and_its_failures_read_as_a_una
     use hotfleet_proto::v1::{agent_answer::Answer, agent_call::Call, AgentAnswer, CallFailed};
     let agents = GrpcAgents::new(Duration::from_secs(5), 4, Transport::Insecure);
     let links = agents.links().expect("the gRPC client takes attached agents");
-    let (link, mut calls) = links.attach("n1");
+    let (link, mut calls) = links.attach("n1", &tokio_util::sync::CancellationToken::new());
     // Answers by what it is asked: a commit succeeds, an abort fails as a
     // stale epoch would, a rollback gets the wrong kind of answer.
     tokio::spawn(async move {
@@ -174,7 +174,7 @@ async fn an_attached_agent_is_asked_down_its_link_and_its_failures_read_as_a_una
 async fn an_attached_agent_that_never_answers_costs_its_deadline_and_no_more() {
     let agents = GrpcAgents::new(Duration::from_secs(5), 4, Transport::Insecure);
     let links = agents.links().expect("links");
-    let (_link, _calls) = links.attach("n1");
+    let (_link, _calls) = links.attach("n1", &tokio_util::sync::CancellationToken::new());
     let to = Target { node_id: "n1".into(), addr: "127.0.0.1:9".into() };
     let started = tokio::time::Instant::now();
     let silent = agents.send(&to, &commit_cmd(), Duration::from_millis(200)).await;

@@ -27,7 +27,7 @@ use hotfleet_proto::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{metadata::MetadataMap, Code, Extensions, Request, Status};
+use tonic::{metadata::MetadataMap, Code, Extensions, Request, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{coordinators::Coordinators, service::AgentService};
@@ -80,6 +80,35 @@ fn failed(status: &Status) -> Answer {
     Answer::Failed(CallFailed { code: status.code() as i32, message: status.message().to_string() })
 }
 
+/// The request side of an attachment, the hello naming `node_id` already
+/// queued: the sender takes the answers, the stream goes to `Attach`.
+pub fn opening(node_id: &str) -> (mpsc::Sender<AgentAnswer>, ReceiverStream<AgentAnswer>) {
+    let (answers, outgoing) = mpsc::channel(QUEUED_ANSWERS);
+    let hello = AgentAnswer { call_id: 0, answer: Some(Answer::Hello(AttachHello { node_id: node_id.to_string() })) };
+    // Cannot fail: the receiver is right here and the queue is empty.
+    let _ = answers.try_send(hello);
+    (answers, ReceiverStream::new(outgoing))
+}
+
+/// Answers every call of an open attachment, each in its own task (a slow
+/// commit never holds up a health query), until the stream ends: `Ok` when
+/// the coordinator ended it, the status when it broke.
+pub async fn answer_calls<A: Agent>(
+    mut calls: Streaming<AgentCall>,
+    service: Arc<A>,
+    answers: mpsc::Sender<AgentAnswer>,
+    extensions: Extensions,
+) -> Result<(), Status> {
+    while let Some(call) = calls.message().await? {
+        let (service, answers, extensions) = (service.clone(), answers.clone(), extensions.clone());
+        tokio::spawn(async move {
+            // The stream may be gone by now: the coordinator counts that call unanswered.
+            let _ = answers.send(answer(&*service, call, &extensions).await).await;
+        });
+    }
+    Ok(())
+}
+
 /// Keeps this node attached to the coordinator it follows until `shutdown`,
 /// from its first registration on (`registered`: see `coordinator_link`).
 pub async fn run(
@@ -98,41 +127,25 @@ pub async fn run(
     let mut refused_before = None;
     loop {
         let (addr, mut client) = coordinators.current();
-        let (answers, outgoing) = mpsc::channel(QUEUED_ANSWERS);
-        let hello = AgentAnswer { call_id: 0, answer: Some(Answer::Hello(AttachHello { node_id: node_id.clone() })) };
-        // Cannot fail: the receiver is right here.
-        let _ = answers.send(hello).await;
+        let (answers, outgoing) = opening(&node_id);
         let opened = tokio::select! {
-            opened = client.attach(ReceiverStream::new(outgoing)) => opened,
+            opened = client.attach(outgoing) => opened,
             _ = shutdown.cancelled() => return,
         };
         match opened {
             Ok(calls) => {
                 tracing::info!(coordinator = %addr, "attached: commands come down this agent's own connection");
                 refused_before = None;
-                let mut calls = calls.into_inner();
-                loop {
-                    let next = tokio::select! {
-                        next = calls.message() => next,
-                        _ = shutdown.cancelled() => return,
-                    };
-                    match next {
-                        Ok(Some(call)) => {
-                            let (service, answers) = (service.clone(), answers.clone());
-                            // Each call on its own: a slow commit never holds up a health query.
-                            tokio::spawn(async move {
-                                // The stream may be gone by now: the coordinator counts that call unanswered.
-                                let _ = answers.send(answer(&*service, call, &Extensions::new()).await).await;
-                            });
-                        }
-                        Ok(None) => {
-                            tracing::info!(coordinator = %addr, "the coordinator ended the attached stream (its term ended); attaching again");
-                            break;
-                        }
-                        Err(status) => {
-                            tracing::info!(coordinator = %addr, error = %status.message(), "the attached stream broke; attaching again");
-                            break;
-                        }
+                let ended = tokio::select! {
+                    ended = answer_calls(calls.into_inner(), service.clone(), answers, Extensions::new()) => ended,
+                    _ = shutdown.cancelled() => return,
+                };
+                match ended {
+                    Ok(()) => {
+                        tracing::info!(coordinator = %addr, "the coordinator ended the attached stream (its term ended); attaching again");
+                    }
+                    Err(status) => {
+                        tracing::info!(coordinator = %addr, error = %status.message(), "the attached stream broke; attaching again");
                     }
                 }
             }

@@ -26,14 +26,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hotfleet_agent::attach;
 use hotfleet_proto::v1::{
-    agent_answer,
     agent_gateway_client::AgentGatewayClient,
     agent_server::{Agent, AgentServer},
-    AbortRequest, AbortResponse, AgentAnswer, AttachHello, CommandHeader, CommitRequest, CommitResponse,
-    FetchPatchRequest, HealthRequest, HealthResponse, HeartbeatRequest, NodeStatus, PrepareRequest, PrepareResponse,
-    PreparedPatch, ProcessHealth, ProcessHealthReport, ProcessOutcome, ProcessStatus, RegisterRequest, RollbackRequest,
-    RollbackResponse, StatusRequest, StatusResponse,
+    AbortRequest, AbortResponse, CommandHeader, CommitRequest, CommitResponse, FetchPatchRequest, HealthRequest,
+    HealthResponse, HeartbeatRequest, NodeStatus, PrepareRequest, PrepareResponse, PreparedPatch, ProcessHealth,
+    ProcessHealthReport, ProcessOutcome, ProcessStatus, RegisterRequest, RollbackRequest, RollbackResponse,
+    StatusRequest, StatusResponse,
 };
 use tokio::sync::OnceCell;
 use tokio_stream::StreamExt;
@@ -334,20 +334,9 @@ impl Fleet {
         let mut extensions = Extensions::new();
         extensions.insert(SimIndex(i));
         loop {
-            let (answers, outgoing) = tokio::sync::mpsc::channel(16);
-            let hello = AgentAnswer {
-                call_id: 0,
-                answer: Some(agent_answer::Answer::Hello(AttachHello { node_id: node_id(i) })),
-            };
-            let _ = answers.send(hello).await;
-            if let Ok(calls) = client.attach(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await {
-                let mut calls = calls.into_inner();
-                while let Ok(Some(call)) = calls.message().await {
-                    let (fleet, answers, extensions) = (self.clone(), answers.clone(), extensions.clone());
-                    tokio::spawn(async move {
-                        let _ = answers.send(hotfleet_agent::attach::answer(&*fleet, call, &extensions).await).await;
-                    });
-                }
+            let (answers, outgoing) = attach::opening(&node_id(i));
+            if let Ok(calls) = client.attach(outgoing).await {
+                let _ = attach::answer_calls(calls.into_inner(), self.clone(), answers, extensions.clone()).await;
             }
             self.counters.detached.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(hotfleet_proto::pushback::jittered(retry)).await;

@@ -129,25 +129,16 @@ impl AgentGateway for GatewayService {
         may_speak_for(&caller, &node_id)?;
         // A follower refuses naming the leader, as it does heartbeats.
         let term = self.cluster.leader_term()?;
-        let (link, calls) = links.attach(&node_id);
+        let (link, calls) = links.attach(&node_id, &term.ended());
         tracing::debug!(node = %node_id, attached = links.len(), "agent attached");
-        // The stream ends with the term, or once the node attached again.
-        let (ended, replaced) = (term.ended(), link.replaced());
-        let over = {
-            let (ended, replaced) = (ended.clone(), replaced.clone());
-            async move {
-                tokio::select! {
-                    _ = ended.cancelled() => {}
-                    _ = replaced.cancelled() => {}
-                }
-            }
-        };
+        // Over with the term, or once the node attached again.
+        let over = link.over();
         tokio::spawn(async move {
+            let over = link.over();
             loop {
                 let answer = tokio::select! {
                     answer = answers.message() => answer,
-                    _ = ended.cancelled() => break,
-                    _ = replaced.cancelled() => break,
+                    _ = over.cancelled() => break,
                 };
                 match answer {
                     Ok(Some(answer)) => {
@@ -167,7 +158,7 @@ impl AgentGateway for GatewayService {
             tracing::debug!(node = %node_id, attached = links.len(), "agent detached");
         });
         // When the calls end the agent attaches again (to whoever leads).
-        let calls = ReceiverStream::new(calls).map(|call| Ok(*call)).take_until(over);
+        let calls = ReceiverStream::new(calls).map(|call| Ok(*call)).take_until(over.cancelled_owned());
         Ok(Response::new(Box::pin(calls)))
     }
 
