@@ -42,6 +42,12 @@ pub fn proc_stats(pid: u32) -> ProcStats {
     }
 }
 
+/// Starts the process's `VmHWM` over from its current RSS (Linux 4.0+), so the
+/// next reading's peak is that of what ran since. False if the kernel refused.
+pub fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after ") ".

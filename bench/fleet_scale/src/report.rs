@@ -46,7 +46,11 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
     let prepare = med(runs, |r| r.rollout.timeline.prepare_ms.map(|v| v as f64));
     let rollback = med(runs, |r| r.rollback.timeline.rollback_ms.map(|v| v as f64));
     let register = med(runs, |r| Some(r.register_ms as f64));
+    // Where the kernel could not start the peak over, the rollouts' column
+    // is the whole run's and says so.
+    let peak_registering = med(runs, |r| r.idle.peak_rss_kb.map(|v| v as f64));
     let peak = med(runs, |r| r.end.peak_rss_kb.map(|v| v as f64));
+    let rollouts_alone = runs.iter().all(|r| r.peak_reset);
     let idle = med(runs, |r| r.idle.rss_kb.map(|v| v as f64));
     // Per node: above the coordinator's footprint with no node at all.
     let per_node = |v: Option<f64>| {
@@ -61,16 +65,18 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
     let encoded = med(runs, |r| Some(r.counters_end.bytes? - r.counters_idle.bytes?));
     let lost = runs.iter().map(|r| r.rollout.lost + r.rollback.lost).max().unwrap_or(0);
     println!();
-    println!("| nodes | store | runs | register | prepare | rollout | rollback | peak RSS | RSS idle | CPU s (2 rollouts) | written (2 rollouts) | etcd revisions | store size | lost |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| nodes | store | runs | register | prepare | rollout | rollback | peak RSS registering | peak RSS rollouts | RSS idle | CPU s (2 rollouts) | written (2 rollouts) | etcd revisions | store size | lost |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| {nodes} | {store} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {lost} |",
+        "| {nodes} | {store} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {lost} |",
         runs.len(),
         secs(register),
         secs(prepare),
         secs(rollout),
         secs(rollback),
+        per_node(peak_registering),
         per_node(peak),
+        if rollouts_alone { "" } else { " (whole run)" },
         per_node(idle),
         cpu.map_or("n/a".into(), |v| format!("{v:.1}")),
         writes.map_or("n/a".into(), |v| format!("{:.1} MB", v / 1e6)),
@@ -103,6 +109,15 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
             steps.join(", "),
             r.rollback.wall_ms,
             r.rollback.timeline.rollback_ms.unwrap_or(0),
+        );
+        let kb = |v: Option<u64>| v.map_or("n/a".into(), |v| format!("{:.1} MB", v as f64 / 1024.0));
+        println!(
+            "  coordinator RSS: {} before the fleet, peak {} registering and listing, {} idle, peak {} in the rollouts{}",
+            kb(r.base.rss_kb),
+            kb(r.idle.peak_rss_kb),
+            kb(r.idle.rss_kb),
+            kb(r.end.peak_rss_kb),
+            if r.peak_reset { "" } else { " (could not start the peak over: the whole run's)" },
         );
         println!("  calls in the rollout: {}", calls_line(&r.rollout.calls));
         println!("  calls in the rollback: {}", calls_line(&r.rollback.calls));

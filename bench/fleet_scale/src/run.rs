@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
-    measure::{dir_bytes, etcd_stats, proc_stats, store_counters, EtcdStats, ProcStats, StoreCounters},
+    measure::{dir_bytes, etcd_stats, proc_stats, reset_peak_rss, store_counters, EtcdStats, ProcStats, StoreCounters},
     sim::{Calls, Faults, Fleet},
     timeline::{self, Timeline},
 };
@@ -66,8 +66,10 @@ pub struct RunResult {
     pub base: ProcStats,
     /// With the fleet registered, before any rollout.
     pub idle: ProcStats,
-    /// After both rollouts.
+    /// After both rollouts; its peak is theirs alone when `peak_reset`.
     pub end: ProcStats,
+    /// Whether the peak was started over between `idle` and the rollouts.
+    pub peak_reset: bool,
     pub store_bytes: Option<u64>,
     pub etcd_idle: EtcdStats,
     pub etcd_end: EtcdStats,
@@ -273,6 +275,9 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     let idle = proc_stats(pid);
     let etcd_idle = etcd.as_ref().map(|e| etcd_stats(&e.url())).unwrap_or_default();
     let counters_idle = store_counters(&metrics_addr);
+    // The peak of the registration storm and the listing is `idle`'s; from
+    // here on it is the rollouts' own.
+    let peak_reset = reset_peak_rss(pid);
 
     let first = rollout(plan, &layout, &url, &fleet, &p1).await?;
     if !first.timeline.completed || fleet.on_top(Some(&p1)) != plan.nodes {
@@ -319,5 +324,6 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         etcd_end,
         counters_idle,
         counters_end,
+        peak_reset,
     })
 }
