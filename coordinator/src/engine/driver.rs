@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{stream, StreamExt};
+use futures::{stream, FutureExt, StreamExt};
 use tracing::Instrument;
 
 use super::{
@@ -260,7 +260,7 @@ impl Engine {
         Fut: std::future::Future<Output = Result<(), String>>,
     {
         let step_end = tokio::time::Instant::now() + deadline;
-        let calls = nodes.iter().map(|node| {
+        let all = bounded(nodes.iter(), self.inner.agents.width(nodes.len()), |node| {
             let target = self.target(node);
             let fut = async {
                 let target = target?;
@@ -275,11 +275,6 @@ impl Engine {
             let span = tracing::info_span!("node", node = %node);
             async move { (node.clone(), fut.await) }.instrument(span)
         });
-        // Collected first: a stream over the borrowing map is not provably
-        // Send. An unstarted call is small; what it allocates once started
-        // is what the width bounds.
-        let calls: Vec<_> = calls.collect();
-        let all = bounded(calls, self.inner.agents.width(nodes.len()));
         if abortable {
             tokio::select! {
                 biased;
@@ -433,7 +428,7 @@ impl Engine {
         let deadline = Self::step_deadline(state).min(Duration::from_secs(10));
         // One deadline for the whole poll, as when every call started at once.
         let poll_end = tokio::time::Instant::now() + deadline;
-        let calls = nodes.iter().map(|node| {
+        bounded(nodes.iter(), self.inner.agents.width(nodes.len()), |node| {
             let since: BTreeMap<String, u64> = if from_baseline {
                 state
                     .nodes
@@ -457,9 +452,8 @@ impl Engine {
                 (node.clone(), result)
             }
             .instrument(span)
-        });
-        let calls: Vec<_> = calls.collect();
-        bounded(calls, self.inner.agents.width(nodes.len())).await
+        })
+        .await
     }
 
     /// Samples for `node` from its agent's last pushed report, when that can
@@ -743,12 +737,51 @@ impl Engine {
     }
 }
 
-/// Runs `calls` with at most `width` started at once; answers in input
-/// order. Unordered underneath: ordered buffering counts calls that finished
-/// behind a slow one as still running, so one slow node would hold back the rest.
-async fn bounded<T>(calls: Vec<impl std::future::Future<Output = T>>, width: usize) -> Vec<T> {
-    let numbered = calls.into_iter().enumerate().map(|(i, call)| async move { (i, call.await) });
-    let mut done: Vec<(usize, T)> = stream::iter(numbered).buffer_unordered(width.max(1)).collect().await;
+/// Starts `start(input)` for each of `inputs`, at most `width` at once;
+/// answers in input order. A call is built only when a slot frees: an
+/// unstarted future is as large as its largest await (~2 KB here), so
+/// building one per node up front cost ~20 MB at 10,000 nodes. Unordered
+/// underneath: ordered buffering counts calls that finished behind a slow
+/// one as still running, so one slow node would hold back the rest.
+async fn bounded<I, Fut>(inputs: I, width: usize, mut start: impl FnMut(I::Item) -> Fut) -> Vec<Fut::Output>
+where
+    I: IntoIterator,
+    Fut: std::future::Future,
+{
+    let numbered = inputs.into_iter().enumerate().map(|(i, input)| start(input).map(move |answer| (i, answer)));
+    let mut done: Vec<(usize, Fut::Output)> = stream::iter(numbered).buffer_unordered(width.max(1)).collect().await;
     done.sort_unstable_by_key(|(i, _)| *i);
     done.into_iter().map(|(_, answer)| answer).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+
+    use super::bounded;
+
+    #[tokio::test]
+    async fn a_fan_out_builds_no_more_calls_than_it_runs_at_once() {
+        // Each built call is as large as its largest await: built up front,
+        // 10,000 of them were ~20 MB held for the whole fan-out.
+        let built = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let answers = bounded(0..100, 4, |i| {
+            let now = built.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let built = built.clone();
+            async move {
+                // Later calls finish first: answers still come in input order.
+                tokio::time::sleep(std::time::Duration::from_millis(((100 - i) % 7) as u64)).await;
+                built.fetch_sub(1, Ordering::SeqCst);
+                i * 2
+            }
+        })
+        .await;
+        assert_eq!(answers, (0..100).map(|i| i * 2).collect::<Vec<_>>());
+        assert_eq!(most.load(Ordering::SeqCst), 4, "never more calls built than running");
+    }
 }
