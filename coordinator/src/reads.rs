@@ -29,7 +29,8 @@ const STORE_POLL: Duration = Duration::from_millis(300);
 /// holds it (which the state alone does not say).
 #[derive(Debug, Clone)]
 pub struct RolloutView {
-    pub state: RolloutState,
+    /// Shared with the engine's snapshot when live: a watch copies no state.
+    pub state: Arc<RolloutState>,
     pub frozen: bool,
 }
 
@@ -136,7 +137,7 @@ impl Cluster {
     }
 
     /// `state` with the freeze flag an operator is shown beside it.
-    pub async fn view(&self, state: RolloutState) -> RolloutView {
+    pub async fn view(&self, state: Arc<RolloutState>) -> RolloutView {
         RolloutView { frozen: self.frozen().await, state }
     }
 
@@ -321,8 +322,7 @@ impl Follower {
         let terminal = state.rollout.phase.is_terminal();
         if self.last != Some(key) {
             self.last = Some(key);
-            // A live snapshot is shared with the engine: copied only when it goes out.
-            let view = self.cluster.view(Arc::unwrap_or_clone(state)).await;
+            let view = self.cluster.view(state).await;
             if self.tx.send(view).await.is_err() {
                 return false;
             }

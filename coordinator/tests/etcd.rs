@@ -16,7 +16,7 @@ use hotfleet_coordinator::{
     leadership::{Elector, EtcdBackend, LeaseElection, LeaseGuard, Tenure, TermStore},
     patches,
     planner::{self, Candidate, Selector, Size},
-    rollout::{health::Baseline, Desired, NodeState, Observed, RolloutSpec, RolloutState},
+    rollout::{health::Baseline, shared, Desired, NodeState, Observed, RolloutSpec, RolloutState},
     store::{
         etcd::{EtcdOptions, EtcdStore, CHUNK_BYTES},
         AuditEntry, Batch, Fence, FreezeRecord, NodeRecord, PatchRecord, StackEntry, Store, StoreError, Write,
@@ -115,7 +115,7 @@ fn rollout(n: usize) -> RolloutState {
     };
     let plan = planner::plan(&candidates, &spec, "b1").expect("plan");
     let mut state = RolloutState::new("ro-1-1".into(), spec, "b1".into(), plan, "sre".into(), 1, 1);
-    for node in state.nodes.values_mut() {
+    for node in state.nodes.values_mut().map(Arc::make_mut) {
         node.baselines.insert(
             format!("{}:zone", node.node_id),
             Baseline {
@@ -220,7 +220,7 @@ async fn a_step_writes_only_the_node_states_it_changed() {
     let store = store(&etcd, "/hotfleet/").await;
     let (_e, tenure) = lead(&store, "http://a").await;
     let state = rollout(1000);
-    let all: Vec<NodeState> = state.nodes.values().cloned().collect();
+    let all: Vec<NodeState> = state.nodes.values().map(|n| NodeState::clone(n)).collect();
     store.write(tenure.fence, Batch::rollout(&state.rollout, all.clone())).await.expect("start batch");
     assert_eq!(keys_under(&store, "rollout-nodes/ro-1-1/n/").await.len(), 1000, "one key per node");
     // A wave: half the nodes change; only their keys are written.
@@ -253,11 +253,11 @@ async fn a_batch_of_ten_thousand_node_states_is_split_never_refused() {
     let (_e, tenure) = lead(&store, "http://a").await;
     // ~4.5 MB of node states: three times etcd's request limit.
     let state = rollout(10_000);
-    let nodes: Vec<NodeState> = state.nodes.values().cloned().collect();
+    let nodes: Vec<NodeState> = state.nodes.values().map(|n| NodeState::clone(n)).collect();
     let bytes: usize = nodes.iter().map(|n| serde_json::to_vec(n).expect("json").len()).sum();
     assert!(bytes > 3 * 1024 * 1024, "{bytes} bytes");
     store.write(tenure.fence, Batch::rollout(&state.rollout, nodes)).await.expect("split, not refused");
-    assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), state.nodes);
+    assert_eq!(shared(store.rollout_nodes("ro-1-1").await.expect("nodes")), state.nodes);
     assert_eq!(store.rollout("ro-1-1").await.expect("read").expect("present"), state.rollout);
 
     // Only a single record too big for any request is refused, clearly, and
@@ -265,7 +265,7 @@ async fn a_batch_of_ten_thousand_node_states_is_split_never_refused() {
     let mut record = state.rollout.clone();
     record.id = "ro-huge".into();
     record.spec.description = "x".repeat(2 * 1024 * 1024);
-    let few: Vec<NodeState> = state.nodes.values().take(300).cloned().collect();
+    let few: Vec<NodeState> = state.nodes.values().take(300).map(|n| NodeState::clone(n)).collect();
     match store.write(tenure.fence, Batch::rollout(&record, few)).await {
         Err(StoreError::TooLarge(why)) => assert!(why.contains("--max-request-bytes"), "{why}"),
         other => panic!("expected TooLarge, got {other:?}"),
@@ -311,7 +311,7 @@ async fn finished_rollouts_compact_and_the_previous_shard_layout_still_reads() {
     // The previous layout: node states in shard keys `rollout-nodes/<id>/<NN>`.
     let mut shards: BTreeMap<String, BTreeMap<String, NodeState>> = BTreeMap::new();
     for (i, node) in state.nodes.values().enumerate() {
-        shards.entry(format!("{:02}", i % 16)).or_default().insert(node.node_id.clone(), node.clone());
+        shards.entry(format!("{:02}", i % 16)).or_default().insert(node.node_id.clone(), NodeState::clone(node));
     }
     let mut kv = store.client().kv_client();
     for (shard, nodes) in &shards {
@@ -323,16 +323,16 @@ async fn finished_rollouts_compact_and_the_previous_shard_layout_still_reads() {
     kv.put(record_key, serde_json::to_vec(&state.rollout).expect("json"), None).await.expect("put");
     assert_eq!(store.rollout("ro-1-1").await.expect("read"), Some(state.rollout.clone()));
     assert_eq!(store.rollouts().await.expect("list"), vec![state.rollout.clone()]);
-    assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), state.nodes, "shards read as before");
+    assert_eq!(shared(store.rollout_nodes("ro-1-1").await.expect("nodes")), state.nodes, "shards read as before");
     // A resumed rollout writes per-node keys, which override its shards.
     let first = state.nodes.keys().next().expect("a node").clone();
-    let moved = state.nodes.get_mut(&first).expect("node");
+    let moved = Arc::make_mut(state.nodes.get_mut(&first).expect("node"));
     moved.observed = Observed::Committed;
     let moved = moved.clone();
     state.rollout.phase = hotfleet_coordinator::rollout::Phase::Completed;
     assert!(!store.compact_rollout(tenure.fence, "ro-1-1").await.expect("compact"), "not finished yet");
     store.write(tenure.fence, Batch::rollout(&state.rollout, vec![moved])).await.expect("step");
-    assert_eq!(store.rollout_nodes("ro-1-1").await.expect("nodes"), state.nodes);
+    assert_eq!(shared(store.rollout_nodes("ro-1-1").await.expect("nodes")), state.nodes);
     assert_eq!(store.rollouts().await.expect("list"), vec![state.rollout.clone()], "rewritten in the new layout");
 
     // A stale writer folds nothing.

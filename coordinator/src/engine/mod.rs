@@ -36,7 +36,7 @@ use crate::{
     patches::audit,
     planner,
     registry::Registry,
-    rollout::{Changed, OperatorAction, ParseSpec, Phase, RolloutKind, RolloutState},
+    rollout::{Changed, NodeState, OperatorAction, ParseSpec, Phase, RolloutKind, RolloutState},
     store::{AuditEntry, Batch, Fence, FreezeRecord, StackEntry, Store, StoreError, Write},
 };
 
@@ -236,7 +236,7 @@ impl Engine {
         }
         next.rollout.generation += 1;
         next.rollout.epoch = self.inner.fence.epoch;
-        let nodes = changed.iter().filter_map(|id| next.nodes.get(id).cloned()).collect();
+        let nodes = changed.iter().filter_map(|id| next.nodes.get(id).map(|n| NodeState::clone(n))).collect();
         let mut batch = Batch::rollout(&next.rollout, nodes);
         for write in extra {
             batch.push(write);
