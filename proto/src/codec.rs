@@ -15,8 +15,11 @@ use std::marker::PhantomData;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
-/// Bytes each buffer starts with (a heartbeat or a command fits).
-const FIRST_BUFFER: usize = 1024;
+/// Bytes each buffer starts with: a command or an answer on an attached
+/// stream fits; a heartbeat grows it once or twice. 1 KiB cost ~1.5 KB per
+/// attached agent at the coordinator for buffers mostly empty (measured:
+/// docs/performance.md, ninth part).
+const FIRST_BUFFER: usize = 256;
 /// tonic's default: how much an encoder writes before yielding.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
