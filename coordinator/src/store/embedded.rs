@@ -66,6 +66,13 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError>
     serde_json::from_slice(bytes).map_err(|err| StoreError::Corrupt { key: key.to_string(), reason: err.to_string() })
 }
 
+/// redb's page cache. Its default is 1 GiB, a ceiling it fills with every
+/// page a registration storm or a rollout touches, kept for the life of the
+/// process: ~3 KB per node of the coordinator's memory (docs/performance.md,
+/// ninth part). The store is read at a term's start and by the sweeper; the
+/// operating system's file cache serves those reads as well.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 impl EmbeddedStore {
     /// Opens (creating if needed) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
@@ -73,7 +80,9 @@ impl EmbeddedStore {
             |reason: String| StoreError::Open { path: data_dir.join(FILE_NAME).display().to_string(), reason };
         std::fs::create_dir_all(data_dir).map_err(|e| open_err(format!("cannot create the data directory: {e}")))?;
         let path = data_dir.join(FILE_NAME);
-        let db = Database::create(&path)
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
             .map_err(|e| open_err(format!("{e} (is another hotfleet-coordinator using this --data-dir?)")))?;
         // Create every table up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
