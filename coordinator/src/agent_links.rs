@@ -18,7 +18,7 @@
 //! its earlier link.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
@@ -27,7 +27,7 @@ use std::{
 };
 
 use hotfleet_proto::v1::{agent_answer, agent_call, AgentAnswer, AgentCall};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// Calls queued for one agent's stream before a caller waits for room.
@@ -47,11 +47,23 @@ pub struct Link {
     /// ended, or a newer attachment of the node replaced this one (rather
     /// than leaving it open and unused until the agent goes).
     over: CancellationToken,
-    /// Boxed: a channel allocates its slots in blocks of 32, and a call
-    /// inline would make each idle link's first block several KB.
-    calls: mpsc::Sender<Box<AgentCall>>,
+    /// Calls not yet taken by the stream. A queue of its own rather than a
+    /// tokio channel: a channel allocates ~800 bytes up front (a block of 32
+    /// slots, cache-padded ends), for as long as its agent stays attached.
+    /// Boxed: a queue keeps its capacity, and a call inline is several hundred bytes.
+    queue: Mutex<Queue>,
+    /// Room left in `queue`: a caller beyond it waits.
+    room: Semaphore,
+    queued: Notify,
     pending: Mutex<HashMap<u64, oneshot::Sender<agent_answer::Answer>>>,
     next_call: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    calls: VecDeque<Box<AgentCall>>,
+    /// The stream is gone: nothing more is queued.
+    closed: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -83,7 +95,17 @@ impl Link {
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         let traceparent = hotfleet_obs::traces::current_traceparent();
         let message = Box::new(AgentCall { call_id, timeout_ms, call: Some(call), traceparent });
-        self.calls.send(message).await.map_err(|_| LinkError::Closed)?;
+        let room = self.room.acquire().await.map_err(|_| LinkError::Closed)?;
+        {
+            let mut queue = lock(&self.queue);
+            if queue.closed {
+                return Err(LinkError::Closed);
+            }
+            queue.calls.push_back(message);
+        }
+        // Given back when the stream takes the call.
+        room.forget();
+        self.queued.notify_one();
         rx.await.map_err(|_| LinkError::Closed)
     }
 
@@ -103,6 +125,55 @@ impl Link {
     /// Cancelled once this link's stream is to end (see the field).
     pub fn over(&self) -> CancellationToken {
         self.over.clone()
+    }
+
+    /// Queues nothing more, and fails the callers waiting for room and
+    /// those whose call was queued but never sent.
+    fn close_queue(&self) {
+        let unsent: Vec<Box<AgentCall>> = {
+            let mut queue = lock(&self.queue);
+            queue.closed = true;
+            queue.calls.drain(..).collect()
+        };
+        self.room.close();
+        self.queued.notify_one();
+        let mut pending = lock(&self.pending);
+        for call in unsent {
+            pending.remove(&call.call_id);
+        }
+    }
+}
+
+/// The calls of one link, in the order sent, for its agent's stream. Dropped
+/// when the stream ends: calls not yet queued then fail at once.
+pub struct Outgoing {
+    link: Arc<Link>,
+}
+
+impl Outgoing {
+    /// The next call; `None` once the link is closed.
+    pub async fn recv(&mut self) -> Option<Box<AgentCall>> {
+        loop {
+            {
+                let mut queue = lock(&self.link.queue);
+                if let Some(call) = queue.calls.pop_front() {
+                    drop(queue);
+                    self.link.room.add_permits(1);
+                    return Some(call);
+                }
+                if queue.closed {
+                    return None;
+                }
+            }
+            // A call queued since the check left a permit: no wake-up is lost.
+            self.link.queued.notified().await;
+        }
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        self.link.close_queue();
     }
 }
 
@@ -126,12 +197,13 @@ impl AgentLinks {
     /// Attaches `node_id` for as long as `term` is not cancelled, replacing
     /// any earlier link (whose stream is then over). Returns the link and
     /// the calls to stream to the agent.
-    pub fn attach(&self, node_id: &str, term: &CancellationToken) -> (Arc<Link>, mpsc::Receiver<Box<AgentCall>>) {
-        let (calls, outgoing) = mpsc::channel(QUEUED_CALLS);
+    pub fn attach(&self, node_id: &str, term: &CancellationToken) -> (Arc<Link>, Outgoing) {
         let link = Arc::new(Link {
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
             over: term.child_token(),
-            calls,
+            queue: Mutex::new(Queue::default()),
+            room: Semaphore::new(QUEUED_CALLS),
+            queued: Notify::new(),
             pending: Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(0),
         });
@@ -139,6 +211,7 @@ impl AgentLinks {
             earlier.over.cancel();
             fail_waiting(&earlier);
         }
+        let outgoing = Outgoing { link: link.clone() };
         (link, outgoing)
     }
 
@@ -165,6 +238,7 @@ impl AgentLinks {
 
 /// Dropping the senders wakes each waiting caller with [`LinkError::Closed`].
 fn fail_waiting(link: &Link) {
+    link.close_queue();
     lock(&link.pending).clear();
 }
 
@@ -232,6 +306,36 @@ mod tests {
         links.detach("n1", &link);
         assert_eq!(caller.await.expect("caller"), Err(LinkError::Closed));
         assert!(links.get("n1").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_holds_callers_until_the_stream_takes_a_call_and_its_end_fails_them() {
+        let links = AgentLinks::new();
+        let (link, mut outgoing) = links.attach("n1", &CancellationToken::new());
+        let callers: Vec<_> = (0..QUEUED_CALLS + 2)
+            .map(|_| {
+                let link = link.clone();
+                tokio::spawn(async move { link.call(commit(), Duration::from_secs(5)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(lock(&link.queue).calls.len(), QUEUED_CALLS, "two callers wait for room");
+        let taken = outgoing.recv().await.expect("a call");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(lock(&link.queue).calls.len(), QUEUED_CALLS, "taking one made room for one more");
+        assert!(link.answer(answered(taken.call_id)));
+        // The stream ends: every caller whose call was not sent fails at
+        // once, queued or waiting for room, and so does a call made after.
+        drop(outgoing);
+        let mut answered_calls = 0;
+        for caller in callers {
+            match caller.await.expect("caller") {
+                Ok(_) => answered_calls += 1,
+                Err(e) => assert_eq!(e, LinkError::Closed),
+            }
+        }
+        assert_eq!(answered_calls, 1);
+        assert_eq!(link.call(commit(), Duration::from_secs(5)).await, Err(LinkError::Closed));
     }
 
     #[tokio::test]

@@ -21,7 +21,6 @@ use hotfleet_proto::{
         RegisterRequest, RegisterResponse,
     },
 };
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::caller;
@@ -158,7 +157,12 @@ impl AgentGateway for GatewayService {
             tracing::debug!(node = %node_id, attached = links.len(), "agent detached");
         });
         // When the calls end the agent attaches again (to whoever leads).
-        let calls = ReceiverStream::new(calls).map(|call| Ok(*call)).take_until(over.cancelled_owned());
+        let calls =
+            futures::stream::unfold(
+                calls,
+                |mut calls| async move { calls.recv().await.map(|call| (Ok(*call), calls)) },
+            )
+            .take_until(over.cancelled_owned());
         Ok(Response::new(Box::pin(calls)))
     }
 
