@@ -28,7 +28,7 @@ use crate::{
     error::{Error, Result},
     rollout::{
         health::{self, Baseline, Check, GateConfig, Verdict},
-        Action, NodeResult, Observed, Phase, RolloutState,
+        Action, NodeResult, Observed, Phase, ProcessMap, RolloutState,
     },
     store::StoreError,
     telemetry,
@@ -327,7 +327,7 @@ impl Engine {
         for (node, result) in samples {
             match result {
                 Ok(list) => {
-                    let mut per_process = BTreeMap::new();
+                    let mut per_process = ProcessMap::new();
                     for h in list {
                         if !h.sample.reachable {
                             failures.push((

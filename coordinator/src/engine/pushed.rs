@@ -12,13 +12,11 @@
 //! stale or pre-commit report) returns `None` and the node is polled as
 //! before, so no health data still never passes.
 
-use std::collections::BTreeMap;
-
 use crate::{
     node::NodeStatus,
     rollout::{
         health::{Baseline, Sample},
-        RolloutKind,
+        ProcessMap, RolloutKind,
     },
 };
 
@@ -33,7 +31,7 @@ pub struct Pushed<'a> {
 /// report, or `None` when the report cannot stand in for a poll.
 pub fn samples(
     report: Pushed<'_>,
-    baselines: &BTreeMap<String, Baseline>,
+    baselines: &ProcessMap<Baseline>,
     patch_id: &str,
     kind: RolloutKind,
     now_ms: u64,
@@ -71,14 +69,14 @@ pub fn samples(
 /// A pushed sample's ticks (counted from the process's start) counted from
 /// its baseline mark instead, as a poll counts them. `None` when the process
 /// restarted since its baseline (another pid) or the baseline has no tick count.
-fn ticks_since_baseline(sample: &Sample, baselines: &BTreeMap<String, Baseline>) -> Option<u64> {
+fn ticks_since_baseline(sample: &Sample, baselines: &ProcessMap<Baseline>) -> Option<u64> {
     let base = baselines.get(&sample.process_id).filter(|b| b.pid == sample.pid)?;
     sample.ticks_since.checked_sub(base.ticks_total?)
 }
 
 /// Each process's ticks since its baseline mark, from samples of a pushed
 /// report ([`samples`]): the window's start without polling the node.
-pub fn window_start(samples: &[Sample], baselines: &BTreeMap<String, Baseline>) -> Option<BTreeMap<String, u64>> {
+pub fn window_start(samples: &[Sample], baselines: &ProcessMap<Baseline>) -> Option<ProcessMap<u64>> {
     samples.iter().map(|s| Some((s.process_id.clone(), ticks_since_baseline(s, baselines)?))).collect()
 }
 
@@ -88,8 +86,8 @@ pub fn window_start(samples: &[Sample], baselines: &BTreeMap<String, Baseline>) 
 /// or a stuck loop) is `None`, and a poll confirms it.
 pub fn final_samples(
     samples: Vec<Sample>,
-    baselines: &BTreeMap<String, Baseline>,
-    window_start: &BTreeMap<String, u64>,
+    baselines: &ProcessMap<Baseline>,
+    window_start: &ProcessMap<u64>,
 ) -> Option<Vec<Sample>> {
     samples
         .into_iter()
@@ -110,7 +108,7 @@ mod tests {
 
     use super::*;
 
-    fn baselines(exceptions_total: u64) -> BTreeMap<String, Baseline> {
+    fn baselines(exceptions_total: u64) -> ProcessMap<Baseline> {
         let base =
             Baseline { pid: 7, mark: 40, tick_p99_ms: 2.0, game_ok: true, exceptions_total, ticks_total: Some(420) };
         [("p1".to_string(), base)].into()
@@ -158,8 +156,14 @@ mod tests {
         let mut silent = status(&["a", "b"], 0);
         silent.processes[0].health = None;
         assert!(from(&silent, 0, RolloutKind::Apply, 1_000).is_none());
-        let nothing =
-            samples(Pushed { status: &s, heard_at_ms: 1_000 }, &BTreeMap::new(), "b", RolloutKind::Apply, 1_000, 4_000);
+        let nothing = samples(
+            Pushed { status: &s, heard_at_ms: 1_000 },
+            &ProcessMap::new(),
+            "b",
+            RolloutKind::Apply,
+            1_000,
+            4_000,
+        );
         assert!(nothing.is_none(), "no baseline");
         // A revert is done where the patch is gone: the report from before it says nothing.
         assert!(from(&status(&["a"], 0), 0, RolloutKind::Revert, 1_000).is_some());
@@ -187,11 +191,11 @@ mod tests {
     fn a_final_check_from_a_report_counts_ticks_from_the_baseline_and_needs_a_tick_in_the_window() {
         let got = from(&status(&["a", "b"], 0), 0, RolloutKind::Apply, 1_500).expect("usable");
         // 500 ticks since the start, 420 before the baseline: 80 since it.
-        let start = |ticks: u64| -> BTreeMap<String, u64> { [("p1".to_string(), ticks)].into() };
+        let start = |ticks: u64| -> ProcessMap<u64> { [("p1".to_string(), ticks)].into() };
         let judged = final_samples(got.clone(), &baselines(0), &start(30)).expect("ticked since 30");
         assert_eq!(judged[0].ticks_since, 80);
         assert_eq!(final_samples(got.clone(), &baselines(0), &start(80)), None, "no tick since the window's start");
-        assert_eq!(final_samples(got.clone(), &BTreeMap::new(), &start(30)), None, "no baseline");
-        assert_eq!(final_samples(got, &baselines(0), &BTreeMap::new()), None, "no window start");
+        assert_eq!(final_samples(got.clone(), &ProcessMap::new(), &start(30)), None, "no baseline");
+        assert_eq!(final_samples(got, &baselines(0), &ProcessMap::new()), None, "no window start");
     }
 }

@@ -10,8 +10,7 @@
 //! data is a failure, never a pass, and a node that had no process at its
 //! commit (nothing ran the patch there) never passes.
 
-use std::collections::BTreeMap;
-
+use super::ProcessMap;
 use serde::{Deserialize, Serialize};
 
 /// Thresholds of the gate.
@@ -96,8 +95,8 @@ impl Verdict {
 /// `window_start` holds each process's `ticks_since` at the window's start.
 pub fn evaluate(
     config: &GateConfig,
-    baselines: &BTreeMap<String, Baseline>,
-    window_start: &BTreeMap<String, u64>,
+    baselines: &ProcessMap<Baseline>,
+    window_start: &ProcessMap<u64>,
     samples: &[Sample],
     check: Check,
 ) -> Verdict {
@@ -150,7 +149,7 @@ pub fn evaluate(
 mod tests {
     use super::*;
 
-    fn base(p99: f64) -> BTreeMap<String, Baseline> {
+    fn base(p99: f64) -> ProcessMap<Baseline> {
         [(
             "p1".to_string(),
             Baseline { pid: 100, mark: 7, tick_p99_ms: p99, game_ok: true, exceptions_total: 0, ticks_total: None },
@@ -174,7 +173,7 @@ mod tests {
     }
 
     fn judge(baseline_p99: f64, s: Sample, check: Check) -> Verdict {
-        evaluate(&GateConfig::default(), &base(baseline_p99), &BTreeMap::new(), &[s], check)
+        evaluate(&GateConfig::default(), &base(baseline_p99), &ProcessMap::new(), &[s], check)
     }
 
     #[test]
@@ -185,7 +184,7 @@ mod tests {
 
     #[test]
     fn missing_process_fails() {
-        let v = evaluate(&GateConfig::default(), &base(2.0), &BTreeMap::new(), &[], Check::Interim);
+        let v = evaluate(&GateConfig::default(), &base(2.0), &ProcessMap::new(), &[], Check::Interim);
         assert!(v.summary().contains("disappeared"), "{}", v.summary());
     }
 
@@ -221,7 +220,7 @@ mod tests {
     fn custom_thresholds_apply() {
         let cfg = GateConfig { p99_factor: 1.5, p99_floor_ms: 1.0 };
         let v =
-            evaluate(&cfg, &base(10.0), &BTreeMap::new(), &[Sample { tick_p99_ms: 16.0, ..sample() }], Check::Final);
+            evaluate(&cfg, &base(10.0), &ProcessMap::new(), &[Sample { tick_p99_ms: 16.0, ..sample() }], Check::Final);
         assert!(!v.healthy());
     }
 
@@ -234,13 +233,13 @@ mod tests {
         if let Some(b) = was_bad.get_mut("p1") {
             b.game_ok = false;
         }
-        assert!(evaluate(&GateConfig::default(), &was_bad, &BTreeMap::new(), &[bad], Check::Final).healthy());
+        assert!(evaluate(&GateConfig::default(), &was_bad, &ProcessMap::new(), &[bad], Check::Final).healthy());
     }
 
     #[test]
     fn no_ticks_in_window_fails_only_at_the_end() {
         let idle = Sample { ticks_since: 10, ..sample() };
-        let start: BTreeMap<String, u64> = [("p1".to_string(), 10)].into();
+        let start: ProcessMap<u64> = [("p1".to_string(), 10)].into();
         assert!(
             evaluate(&GateConfig::default(), &base(2.0), &start, std::slice::from_ref(&idle), Check::Interim).healthy()
         );
@@ -259,10 +258,10 @@ mod tests {
     #[test]
     fn a_node_without_processes_never_passes() {
         for check in [Check::Interim, Check::Final] {
-            let v = evaluate(&GateConfig::default(), &BTreeMap::new(), &BTreeMap::new(), &[], check);
+            let v = evaluate(&GateConfig::default(), &ProcessMap::new(), &ProcessMap::new(), &[], check);
             assert!(v.summary().contains("no game process"), "{}", v.summary());
             // Made-up samples for processes that had no baseline change nothing.
-            let v = evaluate(&GateConfig::default(), &BTreeMap::new(), &BTreeMap::new(), &[sample()], check);
+            let v = evaluate(&GateConfig::default(), &ProcessMap::new(), &ProcessMap::new(), &[sample()], check);
             assert!(!v.healthy());
         }
     }

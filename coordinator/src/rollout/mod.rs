@@ -18,8 +18,11 @@
 
 pub mod health;
 mod operator;
+mod process_map;
 mod spec;
 pub mod window;
+
+pub use process_map::ProcessMap;
 
 pub use operator::OperatorAction;
 pub use spec::{ParseSpec, RolloutKind, RolloutSpec};
@@ -186,11 +189,11 @@ pub struct NodeState {
     pub health: String,
     /// Per process, taken just before commit.
     #[serde(default)]
-    pub baselines: BTreeMap<String, Baseline>,
+    pub baselines: ProcessMap<Baseline>,
     /// Per process `ticks_since` (from the baseline mark) at the start of the
     /// running health window.
     #[serde(default)]
-    pub window_start: BTreeMap<String, u64>,
+    pub window_start: ProcessMap<u64>,
     pub updated_at_ms: u64,
 }
 
@@ -205,8 +208,8 @@ impl NodeState {
             commit_sent: false,
             error: String::new(),
             health: String::new(),
-            baselines: BTreeMap::new(),
-            window_start: BTreeMap::new(),
+            baselines: ProcessMap::new(),
+            window_start: ProcessMap::new(),
             updated_at_ms: now_ms,
         }
     }
@@ -215,7 +218,7 @@ impl NodeState {
     /// everything shown about it, without the per-process health baselines
     /// and window marks only a running health gate needs.
     pub fn summary(&self) -> NodeState {
-        NodeState { baselines: BTreeMap::new(), window_start: BTreeMap::new(), ..self.clone() }
+        NodeState { baselines: ProcessMap::new(), window_start: ProcessMap::new(), ..self.clone() }
     }
 }
 
@@ -637,7 +640,7 @@ impl RolloutState {
     pub fn begin_step(
         &mut self,
         step: usize,
-        baselines: BTreeMap<String, BTreeMap<String, Baseline>>,
+        baselines: BTreeMap<String, ProcessMap<Baseline>>,
         now_ms: u64,
     ) -> Changed {
         if self.rollout.phase != (Phase::Waiting { next_step: step }) {
@@ -662,7 +665,7 @@ impl RolloutState {
         &mut self,
         step: usize,
         results: Vec<NodeResult>,
-        window_start: BTreeMap<String, BTreeMap<String, u64>>,
+        window_start: BTreeMap<String, ProcessMap<u64>>,
         now_ms: u64,
     ) -> Changed {
         let (mut changed, mut failed) =
