@@ -15,8 +15,8 @@ use std::marker::PhantomData;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
-/// Bytes each buffer starts with: a command or an answer on an attached
-/// stream fits; a heartbeat grows it once or twice. 1 KiB cost ~1.5 KB per
+/// Bytes each buffer starts with: commands, answers and heartbeats are a
+/// few hundred bytes, and a buffer grows to the message. 1 KiB cost ~1.5 KB per
 /// attached agent at the coordinator for buffers mostly empty (measured:
 /// docs/performance.md, ninth part).
 const FIRST_BUFFER: usize = 256;
