@@ -313,11 +313,17 @@ impl Registry {
             if persist || entry.lost {
                 self.mark_changed(&status.node_id);
             }
-            entry.status = status.clone();
+            // Copied only for a record to write: most heartbeats change nothing stored.
+            let record = persist.then(|| NodeRecord {
+                status: status.clone(),
+                registered_at_ms: entry.registered_at_ms,
+                last_heartbeat_ms: now,
+            });
+            entry.status = status;
             entry.last_heartbeat_ms = now;
             entry.last_seen = Instant::now();
             entry.lost = false;
-            persist.then_some(NodeRecord { status, registered_at_ms: entry.registered_at_ms, last_heartbeat_ms: now })
+            record
         };
         if let Some(record) = persist {
             // Written behind: a heartbeat is answered without waiting on the store.
