@@ -145,7 +145,7 @@ impl Link {
 }
 
 /// The calls of one link, in the order sent, for its agent's stream. Dropped
-/// when the stream ends: calls not yet queued then fail at once.
+/// when the stream ends: calls not yet sent then fail at once.
 pub struct Outgoing {
     link: Arc<Link>,
 }
