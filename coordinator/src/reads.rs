@@ -137,8 +137,8 @@ impl Cluster {
     }
 
     /// `state` with the freeze flag an operator is shown beside it.
-    pub async fn view(&self, state: Arc<RolloutState>) -> RolloutView {
-        RolloutView { frozen: self.frozen().await, state }
+    pub async fn view(&self, state: impl Into<Arc<RolloutState>>) -> RolloutView {
+        RolloutView { frozen: self.frozen().await, state: state.into() }
     }
 
     /// A rollout's current state: live on the leader, from the store elsewhere.

@@ -75,7 +75,7 @@ impl OperatorService {
         bounded("rollout_id", &req.rollout_id, MAX_ID)?;
         bounded("reason", &req.reason, MAX_REASON)?;
         let state = self.leader()?.engine.act(&req.rollout_id, action, &who, &req.reason).await?;
-        let view = self.cluster.view(Arc::new(state)).await;
+        let view = self.cluster.view(state).await;
         Ok(Response::new(pb::RolloutActionResponse { rollout: Some(encode(&view)) }))
     }
 }
@@ -179,7 +179,7 @@ impl Coordinator for OperatorService {
         } else {
             term.start_rollout(spec, &who, req.dry_run, req.plan_canary).await?
         };
-        let view = self.cluster.view(Arc::new(state)).await;
+        let view = self.cluster.view(state).await;
         Ok(Response::new(pb::StartRolloutResponse {
             rollout: Some(encode(&view)),
             canary_plan: plan.map(convert::patch_plan),
@@ -204,7 +204,7 @@ impl Coordinator for OperatorService {
     ) -> Result<Response<pb::GetRolloutResponse>, Status> {
         let rollout_id = request.into_inner().rollout_id;
         bounded("rollout_id", &rollout_id, MAX_ID)?;
-        let view = self.cluster.view(Arc::new(self.cluster.rollout(&rollout_id).await?)).await;
+        let view = self.cluster.view(self.cluster.rollout(&rollout_id).await?).await;
         Ok(Response::new(pb::GetRolloutResponse { rollout: Some(encode(&view)) }))
     }
 

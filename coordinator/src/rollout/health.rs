@@ -10,8 +10,9 @@
 //! data is a failure, never a pass, and a node that had no process at its
 //! commit (nothing ran the patch there) never passes.
 
-use super::ProcessMap;
 use serde::{Deserialize, Serialize};
+
+use super::ProcessMap;
 
 /// Thresholds of the gate.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

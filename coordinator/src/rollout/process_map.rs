@@ -63,7 +63,7 @@ impl<V> ProcessMap<V> {
 
     /// In process id order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
-        self.0.iter().map(|(id, v)| (id, v))
+        self.into_iter()
     }
 }
 
