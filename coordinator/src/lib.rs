@@ -35,6 +35,7 @@ pub mod error;
 pub mod grpc;
 pub mod input;
 pub mod leadership;
+pub mod memory;
 pub mod node;
 pub mod node_writes;
 pub mod patch_plan;

@@ -4,12 +4,24 @@
 
 use anyhow::Context;
 use clap::Parser;
-use hotfleet_coordinator::{config::Args, Config, Coordinator};
+use hotfleet_coordinator::{config::Args, memory, Config, Coordinator};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let workers = worker_threads();
+    // Before the runtime starts its threads (see `memory`).
+    let arenas = memory::bound_arenas(workers);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(arenas))
+}
+
+async fn run(arenas: memory::Arenas) -> anyhow::Result<()> {
     let args = Args::parse();
     let obs = hotfleet_obs::start(&args.obs, "hotfleet-coordinator", hotfleet_obs::logs::Stream::Stderr, true).await?;
+    tracing::debug!(?arenas, "allocator arenas");
     let config = Config::try_from(args)?;
     let listen = config.listen;
     let coordinator = Coordinator::build(config).await.context("starting the coordinator")?;
@@ -21,6 +33,16 @@ async fn main() -> anyhow::Result<()> {
     coordinator.drain().await;
     obs.shutdown().await;
     Ok(())
+}
+
+/// tokio's own rule for its workers: `TOKIO_WORKER_THREADS`, else one per
+/// core (as the container's CPU limit allows).
+fn worker_threads() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 /// Resolves on SIGINT or SIGTERM.
