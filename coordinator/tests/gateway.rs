@@ -378,3 +378,53 @@ async fn the_embedded_audit_log_pages_and_keeps_its_retention() {
     let fence = store.acquire_epoch().await.expect("epoch");
     audit_paging_and_retention(&store, fence, stale).await;
 }
+
+/// An attached agent gets its commands down its own stream. When it goes
+/// away with a command unanswered, the caller learns at once, not at the
+/// 30 s deadline, and the node is attached no more.
+#[tokio::test]
+async fn an_attached_stream_that_ends_fails_its_unanswered_call_at_once() {
+    use hotfleet_proto::v1::{agent_answer, agent_call, AgentAnswer, AttachHello, PlanPatchRequest};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = key_in(&dir.path().join("keys"));
+    let running = start(config(&dir.path().join("data"), vec![public])).await;
+    let mut gw = running.gateway().await;
+    let mut op = running.operator().await;
+    gw.register(RegisterRequest { node: Some(node("n1", "a")) }).await.expect("register");
+    let patch = bundle("planned", Some(&key));
+    op.push_patch(push(patch.encode(), "alice")).await.expect("push");
+
+    let (answers, outgoing) = tokio::sync::mpsc::channel(4);
+    let hello =
+        AgentAnswer { call_id: 0, answer: Some(agent_answer::Answer::Hello(AttachHello { node_id: "n1".into() })) };
+    answers.send(hello).await.expect("queued");
+    let mut calls =
+        gw.attach(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await.expect("attached").into_inner();
+
+    let plan = tokio::spawn(async move {
+        op.plan_patch(PlanPatchRequest { patch_id: patch.id(), node_id: "n1".into(), process_id: String::new() }).await
+    });
+    let call = tokio::time::timeout(Duration::from_secs(10), calls.message())
+        .await
+        .expect("a call within 10 s")
+        .expect("the stream holds")
+        .expect("a call");
+    assert!(matches!(call.call, Some(agent_call::Call::Prepare(_))), "{call:?}");
+
+    // The agent goes away without answering.
+    let gone = std::time::Instant::now();
+    drop(answers);
+    drop(calls);
+    let planned = tokio::time::timeout(Duration::from_secs(10), plan).await.expect("answered at once").expect("task");
+    assert!(gone.elapsed() < Duration::from_secs(5), "took {:?}", gone.elapsed());
+    let failed = match planned {
+        Ok(reply) => {
+            let reply = reply.into_inner();
+            assert!(!reply.ok, "{reply:?}");
+            reply.reason
+        }
+        Err(status) => status.message().to_string(),
+    };
+    assert!(failed.contains("attached stream closed before it answered"), "{failed}");
+}
