@@ -57,6 +57,12 @@ pub static STORE_WRITE_BYTES: Def = Def {
     kind: Kind::Counter,
     labels: &["backend"],
 };
+pub static STORE_RECORDS: Def = Def {
+    name: "hotfleet_store_records_written_total",
+    help: "Records in the fenced batches the state store took, by backend and kind (node, node_state, rollout, patch, stack, audit, freeze, node_removal).",
+    kind: Kind::Counter,
+    labels: &["backend", "record"],
+};
 pub static LEADER: Def =
     Def { name: "hotfleet_leader", help: "1 while this coordinator leads, else 0.", kind: Kind::Gauge, labels: &[] };
 pub static LEADER_EPOCH: Def = Def {
@@ -75,6 +81,13 @@ pub fn step_took(step: &'static str, took: Duration) {
 /// encoded, so nothing is encoded twice to be measured).
 pub fn store_wrote(backend: &'static str, bytes: usize) {
     metrics().add(&STORE_WRITE_BYTES, &[backend], bytes as f64);
+}
+
+/// Counts the records of a batch the store took (`records` from [`crate::store::Batch::records`]).
+pub fn store_took(backend: &'static str, records: &[(&'static str, usize)]) {
+    for (record, count) in records {
+        metrics().add(&STORE_RECORDS, &[backend, record], *count as f64);
+    }
 }
 
 /// Reads nodes and leadership from `cluster` before each scrape (the binary

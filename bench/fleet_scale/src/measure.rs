@@ -89,11 +89,14 @@ pub fn etcd_stats(url: &str) -> EtcdStats {
 }
 
 /// The coordinator's store counters, from its `/metrics`: fenced batches
-/// written (every result) and bytes of records it encoded for the store.
+/// written (every result), bytes of records it encoded for the store, and
+/// the node records and rollout node states in the batches it took.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct StoreCounters {
     pub batches: Option<f64>,
     pub bytes: Option<f64>,
+    pub node_records: Option<f64>,
+    pub node_states: Option<f64>,
 }
 
 pub fn store_counters(metrics_addr: &str) -> StoreCounters {
@@ -102,20 +105,24 @@ pub fn store_counters(metrics_addr: &str) -> StoreCounters {
     parse_store_counters(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// Sums the samples of `hotfleet_store_write_duration_seconds_count` and
-/// `hotfleet_store_written_bytes_total` over their labels.
+/// Sums the samples of `hotfleet_store_write_duration_seconds_count`,
+/// `hotfleet_store_written_bytes_total` and, by its `record` label,
+/// `hotfleet_store_records_written_total` over their other labels.
 fn parse_store_counters(text: &str) -> StoreCounters {
-    let sum = |name: &str| {
+    let sum = |name: &str, label: &str| {
         let values: Vec<f64> = text
             .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
             .collect();
         (!values.is_empty()).then(|| values.iter().sum())
     };
+    const RECORDS: &str = "hotfleet_store_records_written_total";
     StoreCounters {
-        batches: sum("hotfleet_store_write_duration_seconds_count"),
-        bytes: sum("hotfleet_store_written_bytes_total"),
+        batches: sum("hotfleet_store_write_duration_seconds_count", ""),
+        bytes: sum("hotfleet_store_written_bytes_total", ""),
+        node_records: sum(RECORDS, "record=\"node\""),
+        node_states: sum(RECORDS, "record=\"node_state\""),
     }
 }
 
@@ -129,8 +136,19 @@ mod tests {
             hotfleet_store_write_duration_seconds_count{backend=\"etcd\",result=\"ok\"} 40\n\
             hotfleet_store_write_duration_seconds_count{backend=\"etcd\",result=\"error\"} 2\n\
             hotfleet_store_write_duration_seconds_sum{backend=\"etcd\",result=\"ok\"} 0.5\n\
-            hotfleet_store_written_bytes_total{backend=\"etcd\"} 123456\n";
-        assert_eq!(parse_store_counters(text), StoreCounters { batches: Some(42.0), bytes: Some(123_456.0) });
+            hotfleet_store_written_bytes_total{backend=\"etcd\"} 123456\n\
+            hotfleet_store_records_written_total{backend=\"etcd\",record=\"node\"} 20\n\
+            hotfleet_store_records_written_total{backend=\"etcd\",record=\"node_state\"} 700\n\
+            hotfleet_store_records_written_total{backend=\"etcd\",record=\"node_removal\"} 3\n";
+        assert_eq!(
+            parse_store_counters(text),
+            StoreCounters {
+                batches: Some(42.0),
+                bytes: Some(123_456.0),
+                node_records: Some(20.0),
+                node_states: Some(700.0)
+            }
+        );
         assert_eq!(parse_store_counters(""), StoreCounters::default());
     }
 }

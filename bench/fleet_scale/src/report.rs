@@ -63,6 +63,10 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
     let store_bytes = med(runs, |r| r.store_bytes.map(|v| v as f64));
     let batches = med(runs, |r| Some(r.counters_end.batches? - r.counters_idle.batches?));
     let encoded = med(runs, |r| Some(r.counters_end.bytes? - r.counters_idle.bytes?));
+    // Per node and per rollout: the second rollout writes its node states too.
+    let per_node_rollout = |v: f64| v / n / 2.0;
+    let node_states = med(runs, |r| Some(r.counters_end.node_states? - r.counters_idle.node_states.unwrap_or(0.0)));
+    let node_records = med(runs, |r| Some(r.counters_end.node_records? - r.counters_idle.node_records?));
     let lost = runs.iter().map(|r| r.rollout.lost + r.rollback.lost).max().unwrap_or(0);
     println!();
     println!("| nodes | store | runs | register | prepare | rollout | rollback | peak RSS registering | peak RSS rollouts | RSS idle | CPU s (2 rollouts) | written (2 rollouts) | etcd revisions | store size | lost |");
@@ -84,9 +88,13 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
         store_bytes.map_or("n/a".into(), |v| format!("{:.1} MB", v / 1e6)),
     );
     println!(
-        "store, over the two rollouts (medians, the coordinator's metrics): {} batches, {} of records written",
+        "store, over the two rollouts (medians, the coordinator's metrics): {} batches, {} of records written; \
+         node states {} ({} per node per rollout), node records {}",
         batches.map_or("n/a".into(), |v| format!("{v:.0}")),
         encoded.map_or("n/a".into(), |v| format!("{:.2} MB", v / 1e6)),
+        node_states.map_or("n/a".into(), |v| format!("{v:.0}")),
+        node_states.map_or("n/a".into(), |v| format!("{:.2}", per_node_rollout(v))),
+        node_records.map_or("n/a".into(), |v| format!("{v:.0}")),
     );
     for (i, r) in runs.iter().enumerate() {
         match &r.nodes_list {

@@ -108,9 +108,13 @@ impl Store for TermStore {
     async fn write(&self, fence: Fence, batch: Batch) -> Result<Vec<u64>, StoreError> {
         self.check(fence)?;
         let started = std::time::Instant::now();
+        let records = batch.records();
         let result = self.inner.write(fence, batch).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         let backend = self.inner.backend();
+        if result.is_ok() {
+            crate::telemetry::store_took(backend, &records);
+        }
         hotfleet_obs::metrics().observe_duration(
             &crate::telemetry::STORE_WRITE,
             &[backend, outcome],

@@ -247,6 +247,23 @@ pub enum Write {
     SetFreeze(Option<FreezeRecord>),
 }
 
+impl Write {
+    /// What kind of record this write puts (or removes), and how many: the
+    /// `record` label of `hotfleet_store_records_written_total`.
+    pub fn records(&self) -> (&'static str, usize) {
+        match self {
+            Write::PutNode(_) => ("node", 1),
+            Write::RemoveNode(_) => ("node_removal", 1),
+            Write::PutPatch { .. } => ("patch", 1),
+            Write::PutRollout(_) => ("rollout", 1),
+            Write::PutRolloutNodes { nodes, .. } => ("node_state", nodes.len()),
+            Write::PushStack(_) | Write::DropStack { .. } => ("stack", 1),
+            Write::Audit(_) => ("audit", 1),
+            Write::SetFreeze(_) => ("freeze", 1),
+        }
+    }
+}
+
 /// Writes applied atomically, all or nothing.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
@@ -269,6 +286,18 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
+    }
+
+    /// Records by kind, summed over the batch's writes (see [`Write::records`]).
+    pub fn records(&self) -> Vec<(&'static str, usize)> {
+        let mut by_kind: Vec<(&'static str, usize)> = Vec::new();
+        for (kind, count) in self.writes.iter().map(Write::records) {
+            match by_kind.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, total)) => *total += count,
+                None => by_kind.push((kind, count)),
+            }
+        }
+        by_kind
     }
 
     /// The rollout record and the given node states, as one batch.
@@ -323,4 +352,30 @@ pub trait Store: Send + Sync + 'static {
     /// compacted rollout is left alone. Returns whether anything changed;
     /// [`Store::rollout_nodes`] then answers the summary.
     async fn compact_rollout(&self, fence: Fence, rollout_id: &str) -> Result<bool, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_counts_its_records_by_kind() {
+        let node = |id: &str| NodeState::planned(id, 0, 0);
+        let batch = Batch::new()
+            .with(Write::PutRolloutNodes { rollout_id: "r".into(), nodes: vec![node("a"), node("b"), node("c")] })
+            .with(Write::Audit(AuditEntry {
+                seq: 0,
+                at_ms: 0,
+                actor: "alice".into(),
+                action: "rollout.start".into(),
+                target: "r".into(),
+                detail: String::new(),
+                ok: true,
+            }))
+            .with(Write::PutRolloutNodes { rollout_id: "r".into(), nodes: vec![node("d"), node("e")] })
+            .with(Write::DropStack { target_build: "b".into(), patch_id: "p".into() })
+            .with(Write::RemoveNode("x".into()));
+        assert_eq!(batch.records(), [("node_state", 5), ("audit", 1), ("stack", 1), ("node_removal", 1)]);
+        assert!(Batch::new().records().is_empty());
+    }
 }
