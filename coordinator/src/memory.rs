@@ -16,7 +16,7 @@ pub enum Arenas {
     /// `MALLOC_ARENA_MAX` is set: the operator's choice stands.
     FromEnvironment,
     /// Not glibc, or glibc refused the setting: its default stands.
-    Default,
+    AllocatorDefault,
 }
 
 /// The bound to set, if any: one arena per worker thread (at least one),
@@ -35,7 +35,7 @@ pub fn bound_arenas(worker_threads: usize) -> Arenas {
     if set_arena_max(bound) {
         Arenas::Bounded(bound)
     } else {
-        Arenas::Default
+        Arenas::AllocatorDefault
     }
 }
 

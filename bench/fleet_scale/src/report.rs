@@ -65,6 +65,7 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
     let encoded = med(runs, |r| Some(r.counters_end.bytes? - r.counters_idle.bytes?));
     // Per node and per rollout: the second rollout writes its node states too.
     let per_node_rollout = |v: f64| v / n / 2.0;
+    // No rollout before them: the counter has no sample yet when idle.
     let node_states = med(runs, |r| Some(r.counters_end.node_states? - r.counters_idle.node_states.unwrap_or(0.0)));
     let node_records = med(runs, |r| Some(r.counters_end.node_records? - r.counters_idle.node_records?));
     let lost = runs.iter().map(|r| r.rollout.lost + r.rollback.lost).max().unwrap_or(0);
