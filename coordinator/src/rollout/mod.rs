@@ -27,7 +27,10 @@ pub use process_map::ProcessMap;
 pub use operator::OperatorAction;
 pub use spec::{ParseSpec, RolloutKind, RolloutSpec};
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -214,6 +217,18 @@ impl NodeState {
         }
     }
 
+    /// This planned node as `rollout`'s record says it is while nothing of
+    /// the node's own is stored ([`RolloutState::from_store`]).
+    fn unwritten(self, rollout: &Rollout) -> NodeState {
+        match (rollout.prepare_begun, rollout.all_prepared_at_ms) {
+            (false, _) => self,
+            (true, 0) => NodeState { desired: Desired::Prepared, ..self },
+            (true, at) => {
+                NodeState { desired: Desired::Prepared, observed: Observed::Prepared, updated_at_ms: at, ..self }
+            }
+        }
+    }
+
     /// What a finished rollout keeps of this node ([`crate::store::Store::compact_rollout`]):
     /// everything shown about it, without the per-process health baselines
     /// and window marks only a running health gate needs.
@@ -250,8 +265,16 @@ pub struct Rollout {
     /// node's own answer is stored ([`RolloutState::from_store`]).
     #[serde(default)]
     pub prepare_begun: bool,
+    /// When every target voted yes (0 until then): a node with no state
+    /// stored since is prepared, as of then ([`RolloutState::from_store`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub all_prepared_at_ms: u64,
     #[serde(default)]
     pub events: Vec<Event>,
+}
+
+fn is_zero(ms: &u64) -> bool {
+    *ms == 0
 }
 
 impl Rollout {
@@ -355,21 +378,20 @@ impl RolloutState {
     /// node states written since it started. Transitions write what a node
     /// answered, not what it is desired to be when the record says so for
     /// every node at once: nothing at start (the plan), nothing when the
-    /// prepare begins (desired prepared), nothing when a rollback begins
+    /// prepare begins (desired prepared), no vote when every vote was yes
+    /// (the record's `all_prepared_at_ms`), nothing when a rollback begins
     /// (desired reverted, for every node anything was meant for). So a
     /// planned node with no stored state is desired prepared once the
-    /// prepare began, and in a rollback every node is desired reverted but
-    /// those nothing was ever meant for (a schedule cancelled before its time);
-    /// once rolled back, every such node not stored as failed was reverted.
+    /// prepare began, and prepared once every target was; in a rollback
+    /// every node is desired reverted but those nothing was ever meant for
+    /// (a schedule cancelled before its time); once rolled back, every such
+    /// node not stored as failed was reverted.
     pub fn from_store(rollout: Rollout, mut nodes: BTreeMap<String, NodeState>) -> Self {
         for (i, step) in rollout.steps.iter().enumerate() {
             for node in &step.nodes {
                 if !nodes.contains_key(node) {
-                    let mut planned = NodeState::planned(node, i, rollout.created_at_ms);
-                    if rollout.prepare_begun {
-                        planned.desired = Desired::Prepared;
-                    }
-                    nodes.insert(node.clone(), planned);
+                    let planned = NodeState::planned(node, i, rollout.created_at_ms);
+                    nodes.insert(node.clone(), planned.unwritten(&rollout));
                 }
             }
         }
@@ -425,6 +447,7 @@ impl RolloutState {
             epoch,
             generation: 0,
             prepare_begun: false,
+            all_prepared_at_ms: 0,
             events: Vec::new(),
         };
         let plan_text: Vec<String> = rollout.steps.iter().map(step_text).collect();
@@ -618,7 +641,20 @@ impl RolloutState {
     }
 
     /// Prepare votes. Any no (or timeout): roll back; all yes: wait for step 0.
+    /// All yes writes only the record (`all_prepared_at_ms`) and the nodes
+    /// that had a state of their own stored before their vote: the record
+    /// says every other node is prepared ([`Self::from_store`]), a
+    /// node-state write per target fewer.
     pub fn record_prepare(&mut self, results: Vec<NodeResult>, now_ms: u64) -> Changed {
+        let untouched: BTreeSet<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                let planned = NodeState::planned(&n.node_id, n.step, self.rollout.created_at_ms);
+                ***n == planned.unwritten(&self.rollout)
+            })
+            .map(|n| n.node_id.clone())
+            .collect();
         let (mut changed, mut failed) =
             self.record_results(results, Desired::Prepared, Observed::Prepared, Observed::PrepareFailed, now_ms);
         if self.rollout.phase != Phase::Preparing {
@@ -631,7 +667,9 @@ impl RolloutState {
             let reason = format!("prepare failed on {}", failed.join("; "));
             changed.extend(self.start_revert(reason, faulty, now_ms));
         } else if self.nodes.values().all(|n| n.observed == Observed::Prepared) {
+            self.rollout.all_prepared_at_ms = now_ms;
             self.set_phase(Phase::Waiting { next_step: 0 }, now_ms, "every target prepared (phase 1 complete)");
+            changed.retain(|id| !untouched.contains(id));
         }
         dedup(changed)
     }

@@ -515,6 +515,43 @@ fn store(stored: &mut BTreeMap<String, NodeState>, s: &RolloutState, changed: Ch
 }
 
 #[test]
+fn a_prepare_every_target_voted_yes_to_writes_no_node_but_one_stored_before() {
+    // All yes: the record says every node is prepared; no node state is written.
+    let mut s = new_state(&[], 1);
+    s.begin_prepare(1);
+    let changed = s.record_prepare(ok(&all_nodes()), 2);
+    assert!(changed.is_empty(), "{changed:?}");
+    assert_eq!(s.rollout.all_prepared_at_ms, 2);
+    let read = RolloutState::from_store(s.rollout.clone(), BTreeMap::new());
+    assert_eq!(read, s);
+    assert_eq!(read.next_action(false), Action::BeginStep(0));
+    assert!(read.nodes.values().all(|n| n.observed == Observed::Prepared));
+
+    // A node stored on its own before its vote (lost mid-prepare, then it
+    // answered yes) is written again, or it would read back lost.
+    let mut s = new_state(&[], 1);
+    s.begin_prepare(1);
+    let mut stored = BTreeMap::new();
+    let lost = s.record_health(vec![], vec!["n2".into()], 2);
+    assert_eq!(lost, ["n2"]);
+    store(&mut stored, &s, lost);
+    let changed = s.record_prepare(ok(&all_nodes()), 3);
+    assert_eq!(changed, ["n2"]);
+    store(&mut stored, &s, changed);
+    let read = RolloutState::from_store(s.rollout.clone(), stored);
+    assert_eq!(read, s);
+    assert_eq!(read.nodes["n2"].observed, Observed::Prepared);
+
+    // One no: every vote is written, as before.
+    let mut s = new_state(&[], 1);
+    s.begin_prepare(1);
+    let mut votes = ok(&all_nodes());
+    votes[0].1 = Err("hook failed".into());
+    assert_eq!(s.record_prepare(votes, 2).len(), all_nodes().len());
+    assert_eq!(s.rollout.all_prepared_at_ms, 0);
+}
+
+#[test]
 fn what_each_transition_stores_reads_back_as_the_state_the_engine_holds() {
     // A new leader resumes from the store alone: at every point of a rollout
     // that completes, and of ones that fail in their prepare, in a commit and
