@@ -39,7 +39,7 @@ use crate::{
     auth::{credentials::Credentials, gate::Authority},
     config::{Config, StoreKind},
     grpc::{self, gateway::GatewayService, operator::OperatorService},
-    leadership::{Elector, EtcdBackend, LeaseElection, SoloElector},
+    leadership::{Elector, EtcdBackend, Holding, LeaseElection, SoloElector},
     patches::Patches,
     store::{embedded::EmbeddedStore, etcd::EtcdStore, Store, StoreError},
     term::{Cluster, Term, TermContext},
@@ -160,9 +160,16 @@ impl Coordinator {
             let Some(tenure) = elector.campaign(&shutdown).await else {
                 return Err(ServerError::Config("shut down before leading".into()));
             };
-            let term = Term::start(&ctx, &tenure).await?;
+            let holding = Holding::start(elector.clone(), tenure, &shutdown);
+            let term = match Term::start(&ctx, &holding.tenure).await {
+                Ok(term) => term,
+                Err(err) => {
+                    holding.resign(&*elector).await;
+                    return Err(err.into());
+                }
+            };
             term_tx.send_replace(Some(term.clone()));
-            Some((tenure, term))
+            Some((holding, term))
         } else {
             None
         };
@@ -178,7 +185,7 @@ impl Coordinator {
             store = store.backend(),
             data_dir = %config.data_dir.display(),
             advertise = %config.advertise(),
-            epoch = first.as_ref().map(|(t, _)| t.fence.epoch).unwrap_or(0),
+            epoch = first.as_ref().map(|(held, _)| held.tenure.fence.epoch).unwrap_or(0),
             trusted_keys = ?trusted.ids(),
             tls = config.transport.is_tls(),
             "coordinator ready"
@@ -337,21 +344,22 @@ async fn lead(
     elector: Arc<dyn Elector>,
     term_tx: watch::Sender<Option<Arc<Term>>>,
     shutdown: CancellationToken,
-    mut first: Option<(crate::leadership::Tenure, Arc<Term>)>,
+    mut first: Option<(Holding, Arc<Term>)>,
     drain_timeout: Duration,
 ) {
     let retry = Duration::from_secs(1);
     loop {
-        let (mut tenure, term) = match first.take() {
+        let (mut holding, term) = match first.take() {
             Some(started) => started,
             None => {
                 let Some(tenure) = elector.campaign(&shutdown).await else { return };
-                match Term::start(&ctx, &tenure).await {
-                    Ok(term) => (tenure, term),
+                let holding = Holding::start(elector.clone(), tenure, &shutdown);
+                match Term::start(&ctx, &holding.tenure).await {
+                    Ok(term) => (holding, term),
                     Err(err) => {
                         // Won, but cannot read the store: let someone else try.
                         tracing::warn!(error = %err, "elected but cannot start the term; resigning");
-                        elector.resign(&tenure).await;
+                        holding.resign(&*elector).await;
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = tokio::time::sleep(retry) => continue,
@@ -361,16 +369,17 @@ async fn lead(
             }
         };
         term_tx.send_replace(Some(term.clone()));
-        let lost = elector.hold(&mut tenure, &shutdown).await;
+        let lost = holding.ended().await;
         term_tx.send_replace(None);
+        let epoch = holding.tenure.fence.epoch;
         match lost {
             Some(reason) => {
                 term.stop_now();
-                tracing::warn!(epoch = tenure.fence.epoch, %reason, "no longer leading: term stopped; campaigning again");
+                tracing::warn!(epoch, %reason, "no longer leading: term stopped; campaigning again");
             }
             None => {
                 term.drain(drain_timeout).await;
-                elector.resign(&tenure).await;
+                elector.resign(&holding.tenure).await;
                 return;
             }
         }

@@ -320,10 +320,16 @@ impl Cluster {
 
     /// Who leads, as far as this coordinator knows.
     pub fn leader(&self) -> Option<LeaderInfo> {
+        self.leadership().1
+    }
+
+    /// Whether this coordinator leads, and who does, from one read of the
+    /// term (so the two never disagree).
+    pub fn leadership(&self) -> (bool, Option<LeaderInfo>) {
         if let Some(term) = self.term() {
-            return Some(LeaderInfo { addr: self.self_addr.clone(), epoch: term.fence.epoch });
+            return (true, Some(LeaderInfo { addr: self.self_addr.clone(), epoch: term.fence.epoch }));
         }
-        self.view.borrow().leader.clone().filter(|l| l.addr != self.self_addr)
+        (false, self.view.borrow().leader.clone().filter(|l| l.addr != self.self_addr))
     }
 
     pub fn backend(&self) -> &'static str {

@@ -2,10 +2,13 @@
 //! [`Elector`] contract, the embedded store's [`SoloElector`] and the
 //! lease-bound [`LeaseElection`] over an [`ElectionBackend`].
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
-use tokio::{sync::watch, time::Instant};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{LeaderInfo, LeaderRecord, LeaderView, LeaseClock, LeaseGuard};
@@ -34,6 +37,49 @@ pub trait Elector: Send + Sync + 'static {
     async fn resign(&self, tenure: &Tenure);
     /// Who leads, as this coordinator last saw it.
     fn view(&self) -> watch::Receiver<LeaderView>;
+}
+
+/// A tenure renewed by its own task from the moment it is won: a term that
+/// takes longer than the lease to start (a large fleet to load, a slow or
+/// busy store) must not lose the lease before it has acted once.
+pub struct Holding {
+    /// The tenure as won (the task renews its own copy; the guard is shared).
+    pub tenure: Tenure,
+    stop: CancellationToken,
+    task: JoinHandle<Option<String>>,
+}
+
+impl Holding {
+    /// Starts renewing `tenure` now; `shutdown` ends it as `hold` would.
+    pub fn start(elector: Arc<dyn Elector>, tenure: Tenure, shutdown: &CancellationToken) -> Self {
+        let stop = shutdown.child_token();
+        let mut held = tenure.clone();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { elector.hold(&mut held, &stop).await }
+        });
+        Self { tenure, stop, task }
+    }
+
+    /// Waits until the tenure ends: why it was lost, or `None` on shutdown.
+    pub async fn ended(&mut self) -> Option<String> {
+        match (&mut self.task).await {
+            Ok(lost) => lost,
+            Err(err) => {
+                // The renewals stopped: nothing may act on this lease any more.
+                let reason = format!("the lease keeper failed: {err}");
+                self.tenure.guard.lose(reason.clone());
+                Some(reason)
+            }
+        }
+    }
+
+    /// Stops renewing and gives the tenure up (a term that could not start).
+    pub async fn resign(mut self, elector: &dyn Elector) {
+        self.stop.cancel();
+        self.ended().await;
+        elector.resign(&self.tenure).await;
+    }
 }
 
 // ---- the embedded store: one coordinator, leader from the start ----------------

@@ -3,7 +3,8 @@
 //!
 //! - [`Elector`] hands out [`Tenure`]s: `campaign` returns once this
 //!   coordinator leads, `hold` keeps the lease alive and returns the moment it
-//!   is lost, `resign` gives it up on shutdown. The embedded store's
+//!   is lost, `resign` gives it up on shutdown. [`Holding`] runs `hold` from
+//!   the moment an election is won, while the term is still starting. The embedded store's
 //!   [`SoloElector`] leads at once and forever (one coordinator per store);
 //!   [`LeaseElection`] campaigns for a lease-bound key through an
 //!   [`ElectionBackend`] ([`EtcdElection`] against etcd; the unit tests in
@@ -32,7 +33,7 @@ mod lease;
 
 use serde::{Deserialize, Serialize};
 
-pub use election::{Acquire, ElectionBackend, ElectionError, Elector, LeaseElection, SoloElector, Tenure};
+pub use election::{Acquire, ElectionBackend, ElectionError, Elector, Holding, LeaseElection, SoloElector, Tenure};
 pub use etcd::{EtcdBackend, EtcdElection};
 pub use guards::{GuardedAgents, TermStore};
 pub use lease::{LeaseClock, LeaseGuard};

@@ -251,6 +251,40 @@ async fn renewals_keep_a_leader_and_a_lost_lease_hands_over_with_a_higher_epoch(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_term_slower_to_start_than_its_lease_still_leads_when_it_is_ready() {
+    let fake = Fake::default();
+    let a: Arc<LeaseElection<Fake>> = Arc::new(election(&fake, "http://a"));
+    let shutdown = CancellationToken::new();
+    let tenure = a.campaign(&shutdown).await.expect("a leads");
+    let mut holding = Holding::start(a.clone(), tenure, &shutdown);
+    // The term loads a large fleet from a busy store: three leases' worth.
+    tokio::time::sleep(TTL * 3).await;
+    assert!(holding.tenure.guard.check().is_ok(), "renewed while the term started");
+    assert!(a.view().borrow().this_leads);
+    assert!(fake.keep_alives.load(Ordering::Relaxed) >= 8, "renewed about every TTL/3");
+    assert!(fake.leader_lease().is_some(), "etcd still holds a's key");
+    shutdown.cancel();
+    assert_eq!(holding.ended().await, None, "shutdown ends holding without a loss");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_term_that_cannot_start_gives_its_lease_up_at_once() {
+    let fake = Fake::default();
+    let (a, b) = (Arc::new(election(&fake, "http://a")), election(&fake, "http://b"));
+    let shutdown = CancellationToken::new();
+    let tenure = a.campaign(&shutdown).await.expect("a leads");
+    let epoch = tenure.fence.epoch;
+    let holding = Holding::start(a.clone(), tenure, &shutdown);
+    let guard = holding.tenure.guard.clone();
+    holding.resign(&*a).await;
+    assert!(guard.check().is_err(), "nothing acts on a resigned tenure");
+    let started = Instant::now();
+    let next = b.campaign(&shutdown).await.expect("b takes over");
+    assert!(started.elapsed() < TTL, "without waiting for the lease to run out");
+    assert!(next.fence.epoch > epoch);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_fenced_write_ends_the_tenure_at_once() {
     let fake = Fake::default();
     let a = election(&fake, "http://a");
