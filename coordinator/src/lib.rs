@@ -29,6 +29,7 @@ pub mod agents;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod digests;
 pub mod drift;
 pub mod engine;
 pub mod error;

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::digests::Digests;
+
 /// A node's last report: identity, labels, address, processes and fencing
 /// counters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -58,8 +60,9 @@ pub struct ProcessStatus {
     pub build: String,
     /// Committed patch ids, oldest first.
     pub patch_stack: Vec<String>,
-    /// module → sha256 of the source the process runs.
-    pub live_digests: BTreeMap<String, String>,
+    /// module → sha256 of the source the process runs (shared between
+    /// processes that report the same map: see [`crate::digests`]).
+    pub live_digests: Digests,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<ProcessHealth>,
     pub runtime_version: String,

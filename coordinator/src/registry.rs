@@ -20,6 +20,7 @@ use std::{
 
 use crate::{
     clock::now_ms,
+    digests::DigestPool,
     input::{self, InputError},
     node::NodeStatus,
     node_writes::WriteBehind,
@@ -128,6 +129,8 @@ pub struct Registry {
     lost_timeout: Duration,
     /// Heartbeats' record writes, off the heartbeat's path.
     writes: Arc<WriteBehind>,
+    /// One copy of each distinct module-digest map the fleet reports.
+    digests: Arc<DigestPool>,
     /// Nodes whose stacks, builds or liveness changed since the last
     /// [`take_changed`](Self::take_changed): what the reconciler judges again
     /// (an idle fleet changes nothing, so an idle pass copies nothing).
@@ -175,7 +178,7 @@ fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
             text("patch_stack entry", patch, input::MAX_ID)?;
         }
         count("live_digests", p.live_digests.len(), input::MAX_MODULES)?;
-        for (module, digest) in &p.live_digests {
+        for (module, digest) in p.live_digests.iter() {
             text("module name", module, input::MAX_SHORT_TEXT)?;
             text("module digest", digest, input::MAX_SHORT_TEXT)?;
         }
@@ -191,6 +194,21 @@ fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
         }
     }
     Ok(())
+}
+
+/// Points each process's digests at a shared copy: the one the node already
+/// holds when unchanged (most heartbeats: no pool lookup), else the pool's.
+fn share_digests(pool: &DigestPool, status: &mut NodeStatus, before: Option<&NodeStatus>) {
+    for process in &mut status.processes {
+        let held = before
+            .and_then(|b| b.processes.iter().find(|p| p.process_id == process.process_id))
+            .map(|p| &p.live_digests)
+            .filter(|held| **held == process.live_digests);
+        process.live_digests = match held {
+            Some(held) => held.clone(),
+            None => pool.share(std::mem::take(&mut process.live_digests)),
+        };
+    }
 }
 
 /// Whether a status change is worth a store write (identity, not figures).
@@ -217,7 +235,9 @@ impl Registry {
         let now = Instant::now();
         let grace_from = now.checked_add(STARTUP_GRACE).unwrap_or(now);
         let mut map = HashMap::new();
-        for record in store.nodes().await? {
+        let digests = Arc::new(DigestPool::default());
+        for mut record in store.nodes().await? {
+            share_digests(&digests, &mut record.status, None);
             map.insert(
                 record.status.node_id.clone(),
                 Entry {
@@ -237,6 +257,7 @@ impl Registry {
             heartbeat_interval,
             lost_timeout,
             writes,
+            digests,
             changed: Arc::default(),
         })
     }
@@ -270,8 +291,9 @@ impl Registry {
     }
 
     /// Register (or re-register) a node. Persisted before it is acknowledged.
-    pub async fn register(&self, status: NodeStatus) -> Result<(), RegistryError> {
+    pub async fn register(&self, mut status: NodeStatus) -> Result<(), RegistryError> {
         validate(&status)?;
+        share_digests(&self.digests, &mut status, None);
         let now = now_ms();
         let registered_at_ms = self.lock_read().get(&status.node_id).map(|e| e.registered_at_ms).unwrap_or(now);
         let record = NodeRecord { status: status.clone(), registered_at_ms, last_heartbeat_ms: now };
@@ -298,7 +320,7 @@ impl Registry {
     }
 
     /// A heartbeat. `Ok(false)`: unknown node (it must re-register).
-    pub async fn heartbeat(&self, status: NodeStatus) -> Result<bool, RegistryError> {
+    pub async fn heartbeat(&self, mut status: NodeStatus) -> Result<bool, RegistryError> {
         validate(&status)?;
         let now = now_ms();
         let persist = {
@@ -306,6 +328,7 @@ impl Registry {
             let Some(entry) = map.get_mut(&status.node_id) else {
                 return Ok(false);
             };
+            share_digests(&self.digests, &mut status, Some(&entry.status));
             let persist = identity_changed(&entry.status, &status);
             if entry.lost {
                 tracing::info!(node = %status.node_id, "lost node is back");
@@ -476,6 +499,51 @@ mod tests {
         assert!(reg.sweep().is_empty(), "reported once");
         assert!(reg.heartbeat(status("n1")).await.expect("hb"));
         assert!(!reg.is_lost("n1"), "a heartbeat revives a lost node");
+    }
+
+    fn with_digests(id: &str, patch: &str) -> NodeStatus {
+        let mut s = status(id);
+        s.processes.push(crate::node::ProcessStatus {
+            process_id: format!("{id}-p"),
+            patch_stack: vec![patch.into()],
+            live_digests: (0..32).map(|m| (format!("game.mod_{m}"), format!("{patch}-{m:060}"))).collect(),
+            ..Default::default()
+        });
+        s
+    }
+
+    fn digests_of(reg: &Registry, id: &str) -> crate::digests::Digests {
+        reg.get(id).expect("known").status.processes[0].live_digests.clone()
+    }
+
+    #[tokio::test]
+    async fn nodes_on_one_stack_share_one_digest_map_before_and_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
+        {
+            let reg = registry(dir.path(), 1000).await;
+            for id in &ids {
+                reg.register(with_digests(id, "p1")).await.expect("register");
+                assert!(reg.heartbeat(with_digests(id, "p1")).await.expect("hb"));
+            }
+            let first = digests_of(&reg, "n0");
+            assert!(ids.iter().all(|id| digests_of(&reg, id).shares(&first)), "one map for 50 nodes");
+            // Half the fleet moves to the next patch: two maps, each shared.
+            for id in &ids[..25] {
+                assert!(reg.heartbeat(with_digests(id, "p2")).await.expect("hb"));
+            }
+            let moved = digests_of(&reg, "n0");
+            assert!(!moved.shares(&first));
+            assert!(ids[..25].iter().all(|id| digests_of(&reg, id).shares(&moved)));
+            assert!(ids[25..].iter().all(|id| digests_of(&reg, id).shares(&digests_of(&reg, "n49"))));
+            assert_eq!(moved.len(), 32, "the map itself is whole");
+            reg.flushed().await;
+        }
+        // A new term loads the same sharing from the store.
+        let reg = registry(dir.path(), 1000).await;
+        let (a, b) = (digests_of(&reg, "n0"), digests_of(&reg, "n49"));
+        assert!(ids[..25].iter().all(|id| digests_of(&reg, id).shares(&a)));
+        assert!(ids[25..].iter().all(|id| digests_of(&reg, id).shares(&b)));
     }
 
     #[tokio::test]
