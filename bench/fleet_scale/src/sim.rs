@@ -44,6 +44,9 @@ use tonic::{
 
 /// Milliseconds per simulated game tick (20 Hz).
 const TICK_MS: u64 = 50;
+/// The simulated game's module names (`simgame.module_000`, …).
+const MODULE_PREFIX: &str = "simgame.module_";
+const FIRST_MODULE: &str = "simgame.module_000";
 
 /// Injected failures.
 #[derive(Debug, Default, Clone)]
@@ -198,7 +201,7 @@ impl Fleet {
             fetched: Mutex::new(HashMap::new()),
             coordinator,
             attach,
-            digests: (0..modules).map(|m| (format!("simgame.module_{m:03}"), format!("{m:064x}"))).collect(),
+            digests: (0..modules).map(|m| (format!("{MODULE_PREFIX}{m:03}"), format!("{m:064x}"))).collect(),
             counters: Counters::default(),
         }))
     }
@@ -279,6 +282,16 @@ impl Fleet {
         }
     }
 
+    /// A real process's digests change with its stack (the patched modules'
+    /// do): the first module's digest follows the top patch.
+    fn digests_for(&self, stack: &[String]) -> HashMap<String, String> {
+        let mut digests = self.digests.clone();
+        if let (Some(top), Some(first)) = (stack.last(), digests.get_mut(FIRST_MODULE)) {
+            first.clone_from(top);
+        }
+        digests
+    }
+
     fn status_of(&self, i: usize) -> NodeStatus {
         let node = &self.nodes[i];
         let health = self.health_of(i, node, 0);
@@ -292,7 +305,7 @@ impl Fleet {
                 pid: node.pid,
                 build: self.build.clone(),
                 patch_stack: state.stack.clone(),
-                live_digests: self.digests.clone(),
+                live_digests: self.digests_for(&state.stack),
                 health: Some(health),
                 runtime_version: "sim".into(),
                 python_version: "sim".into(),
