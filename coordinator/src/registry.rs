@@ -517,7 +517,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn nodes_on_one_stack_share_one_digest_map_before_and_after_a_restart() {
+    async fn nodes_on_one_stack_share_one_digest_map_and_a_new_term_learns_it_from_heartbeats() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ids: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
         {
@@ -539,9 +539,14 @@ mod tests {
             assert_eq!(moved.len(), 32, "the map itself is whole");
             reg.flushed().await;
         }
-        // A new term loads the same sharing from the store.
+        // Digests are not stored: a new term knows them from the next heartbeat on.
         let reg = registry(dir.path(), 1000).await;
+        assert!(ids.iter().all(|id| digests_of(&reg, id).is_empty()));
+        for (i, id) in ids.iter().enumerate() {
+            assert!(reg.heartbeat(with_digests(id, if i < 25 { "p2" } else { "p1" })).await.expect("hb"));
+        }
         let (a, b) = (digests_of(&reg, "n0"), digests_of(&reg, "n49"));
+        assert!(!a.shares(&b));
         assert!(ids[..25].iter().all(|id| digests_of(&reg, id).shares(&a)));
         assert!(ids[25..].iter().all(|id| digests_of(&reg, id).shares(&b)));
     }
