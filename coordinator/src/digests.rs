@@ -118,12 +118,9 @@ impl DigestPool {
     }
 
     /// Distinct maps held (some may no longer be in use until the next sweep).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).maps.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -39,7 +39,7 @@ use crate::{
     auth::{credentials::Credentials, gate::Authority},
     config::{Config, StoreKind},
     grpc::{self, gateway::GatewayService, operator::OperatorService},
-    leadership::{Elector, EtcdBackend, Holding, LeaseElection, SoloElector},
+    leadership::{Elector, EtcdBackend, Holding, LeaseElection, SoloElector, Tenure},
     patches::Patches,
     store::{embedded::EmbeddedStore, etcd::EtcdStore, Store, StoreError},
     term::{Cluster, Term, TermContext},
@@ -160,14 +160,7 @@ impl Coordinator {
             let Some(tenure) = elector.campaign(&shutdown).await else {
                 return Err(ServerError::Config("shut down before leading".into()));
             };
-            let holding = Holding::start(elector.clone(), tenure, &shutdown);
-            let term = match Term::start(&ctx, &holding.tenure).await {
-                Ok(term) => term,
-                Err(err) => {
-                    holding.resign(&*elector).await;
-                    return Err(err.into());
-                }
-            };
+            let (holding, term) = take_office(&ctx, &elector, tenure, &shutdown).await?;
             term_tx.send_replace(Some(term.clone()));
             Some((holding, term))
         } else {
@@ -339,6 +332,24 @@ fn reflection() -> Result<
 }
 
 /// The leadership loop (see the module docs).
+/// Starts the term of a won `tenure`, its lease renewed from the start; a
+/// term that cannot start gives the tenure up at once.
+async fn take_office(
+    ctx: &TermContext,
+    elector: &Arc<dyn Elector>,
+    tenure: Tenure,
+    shutdown: &CancellationToken,
+) -> Result<(Holding, Arc<Term>), StoreError> {
+    let holding = Holding::start(elector.clone(), tenure, shutdown);
+    match Term::start(ctx, &holding.tenure).await {
+        Ok(term) => Ok((holding, term)),
+        Err(err) => {
+            holding.resign(&**elector).await;
+            Err(err)
+        }
+    }
+}
+
 async fn lead(
     ctx: Arc<TermContext>,
     elector: Arc<dyn Elector>,
@@ -353,13 +364,11 @@ async fn lead(
             Some(started) => started,
             None => {
                 let Some(tenure) = elector.campaign(&shutdown).await else { return };
-                let holding = Holding::start(elector.clone(), tenure, &shutdown);
-                match Term::start(&ctx, &holding.tenure).await {
-                    Ok(term) => (holding, term),
+                match take_office(&ctx, &elector, tenure, &shutdown).await {
+                    Ok(started) => started,
                     Err(err) => {
                         // Won, but cannot read the store: let someone else try.
-                        tracing::warn!(error = %err, "elected but cannot start the term; resigning");
-                        holding.resign(&*elector).await;
+                        tracing::warn!(error = %err, "elected but cannot start the term; resigned");
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = tokio::time::sleep(retry) => continue,

@@ -94,13 +94,9 @@ pub fn store_took(backend: &'static str, records: &[(&'static str, usize)]) {
 /// calls this once; library users and tests need not).
 pub fn watch(cluster: Cluster) {
     metrics().on_scrape(move |registry| {
-        let term = cluster.term();
-        let epoch = match &term {
-            Some(term) => term.fence.epoch,
-            None => cluster.leader().map_or(0, |l| l.epoch),
-        };
+        let (term, leader) = cluster.leadership();
         registry.set(&LEADER, &[], if term.is_some() { 1.0 } else { 0.0 });
-        registry.set(&LEADER_EPOCH, &[], epoch as f64);
+        registry.set(&LEADER_EPOCH, &[], leader.map_or(0.0, |l| l.epoch as f64));
         registry.clear(&NODES);
         for state in ["alive", "lost"] {
             registry.set(&NODES, &[state], 0.0);

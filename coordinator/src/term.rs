@@ -323,13 +323,15 @@ impl Cluster {
         self.leadership().1
     }
 
-    /// Whether this coordinator leads, and who does, from one read of the
-    /// term (so the two never disagree).
-    pub fn leadership(&self) -> (bool, Option<LeaderInfo>) {
-        if let Some(term) = self.term() {
-            return (true, Some(LeaderInfo { addr: self.self_addr.clone(), epoch: term.fence.epoch }));
-        }
-        (false, self.view.borrow().leader.clone().filter(|l| l.addr != self.self_addr))
+    /// This coordinator's term (while it leads) and who leads, from one read
+    /// of the term (so the two never disagree).
+    pub fn leadership(&self) -> (Option<Arc<Term>>, Option<LeaderInfo>) {
+        let term = self.term();
+        let leader = match &term {
+            Some(term) => Some(LeaderInfo { addr: self.self_addr.clone(), epoch: term.fence.epoch }),
+            None => self.view.borrow().leader.clone().filter(|l| l.addr != self.self_addr),
+        };
+        (term, leader)
     }
 
     pub fn backend(&self) -> &'static str {

@@ -294,9 +294,9 @@ impl Coordinator for OperatorService {
     async fn get_leader(&self, _request: Request<pb::GetLeaderRequest>) -> Result<Response<pb::LeaderStatus>, Status> {
         // One read answers both fields: the term can start or end between
         // two reads, and "leads, epoch 0" would be a contradiction.
-        let (is_leader, leader) = self.cluster.leadership();
+        let (term, leader) = self.cluster.leadership();
         Ok(Response::new(pb::LeaderStatus {
-            is_leader,
+            is_leader: term.is_some(),
             self_addr: self.cluster.self_addr.clone(),
             leader_addr: leader.as_ref().map(|l| l.addr.clone()).unwrap_or_default(),
             epoch: leader.map(|l| l.epoch).unwrap_or(0),
