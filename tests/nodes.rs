@@ -78,8 +78,14 @@ async fn a_node_silent_past_the_node_expiry_is_forgotten(backend: Backend) {
     if let Backend::Etcd { .. } = backend {
         flags.extend(["--leader-lease".to_string(), format!("{}s", LEASE.as_secs())]);
     }
-    let options =
-        FleetOptions { nodes: 2, build: BUILD.into(), backend, coordinator_flags: flags, game: Game::ZoneServer };
+    let options = FleetOptions {
+        nodes: 2,
+        build: BUILD.into(),
+        backend,
+        coordinator_flags: flags,
+        game: Game::ZoneServer,
+        relay: false,
+    };
     let mut fleet = Fleet::start_with(&layout, dir.path(), &options, |_| Vec::new()).expect("fleet");
     fleet.wait_registered().expect("registered");
     fleet.nodes[1].agent.proc.kill();

@@ -7,6 +7,7 @@
 //! DIR/coordinator/{ca.crt,tls.crt,tls.key}   CN/DNS hotfleet-coordinator, localhost, 127.0.0.1
 //! DIR/nodes/<node-id>/...          CN/DNS the node id
 //! DIR/operators/<name>/...         CN the name, OU hotfleet-role=<role>
+//! DIR/relays/<name>/...            CN/DNS the name, localhost, 127.0.0.1 (a hotfleet-relay)
 //! ```
 //!
 //! Run again on the same DIR, it issues more certificates from the same CA
@@ -45,6 +46,10 @@ pub struct DevArgs {
     /// NAME:ROLE of an operator certificate (role viewer, operator or admin). Repeatable.
     #[arg(long = "operator", value_parser = parse_operator)]
     pub operators: Vec<(String, String)>,
+    /// The name of a `hotfleet-relay` certificate (the coordinator trusts it
+    /// with `--relay NAME`; agents behind it verify `--relay-identity NAME`). Repeatable.
+    #[arg(long = "relay")]
+    pub relays: Vec<String>,
     /// The coordinator's identity (CN and DNS name of its certificate).
     #[arg(long, default_value = DEFAULT_COORDINATOR_IDENTITY)]
     pub coordinator_identity: String,
@@ -88,6 +93,13 @@ fn issue_all(args: &DevArgs) -> anyhow::Result<()> {
             bail!("--operator {name}: the name is taken by the coordinator or a node");
         }
     }
+    // A relay named like a node could register as it; like an operator, hold its role.
+    for name in &args.relays {
+        check_name(name).map_err(|e| anyhow!("--relay {e}"))?;
+        if name == identity || args.nodes.contains(name) || args.operators.iter().any(|(o, _)| o == name) {
+            bail!("--relay {name}: the name is taken by the coordinator, a node or an operator");
+        }
+    }
     if args.nodes.contains(identity) {
         bail!("--node {identity}: that is the coordinator's identity");
     }
@@ -104,6 +116,12 @@ fn issue_all(args: &DevArgs) -> anyhow::Result<()> {
         let dir = args.out.join("nodes").join(node);
         ca.issue(&dir, node, None, vec![node.clone()])?;
         println!("node          {}", dir.display());
+    }
+    for name in &args.relays {
+        let dir = args.out.join("relays").join(name);
+        let sans = vec![name.clone(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+        ca.issue(&dir, name, None, sans)?;
+        println!("relay         {}", dir.display());
     }
     for (name, role) in &args.operators {
         let dir = args.out.join("operators").join(name);
@@ -222,6 +240,7 @@ mod tests {
             out: out.clone(),
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
             operators: ops.iter().map(|(n, r)| (n.to_string(), r.to_string())).collect(),
+            relays: Vec::new(),
             coordinator_identity: DEFAULT_COORDINATOR_IDENTITY.into(),
             coordinator_sans: Vec::new(),
         };
@@ -247,5 +266,25 @@ mod tests {
         }
         assert!(dev(args(&[DEFAULT_COORDINATOR_IDENTITY], &[])).is_err(), "a node may not take the coordinator's name");
         assert!(parse_operator("bob:root").is_err() && parse_operator("../x:viewer").is_err());
+    }
+
+    #[test]
+    fn issues_relay_certificates_under_names_of_their_own() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("certs");
+        let args = |relays: &[&str], nodes: &[&str]| DevArgs {
+            out: out.clone(),
+            nodes: nodes.iter().map(|s| s.to_string()).collect(),
+            operators: Vec::new(),
+            relays: relays.iter().map(|s| s.to_string()).collect(),
+            coordinator_identity: DEFAULT_COORDINATOR_IDENTITY.into(),
+            coordinator_sans: Vec::new(),
+        };
+        dev(args(&["rack-1"], &[])).expect("issue");
+        let relay = PeerCert::from_der(&pem_der(&out.join("relays/rack-1/tls.crt"))).expect("parse");
+        assert!(relay.is("rack-1") && relay.dns_names.contains(&"localhost".into()) && relay.org_units.is_empty());
+        let taken = issue_all(&args(&["node-1"], &["node-1"])).expect_err("a relay may not take a node's name");
+        assert!(taken.to_string().contains("--relay node-1"), "{taken}");
+        assert!(issue_all(&args(&["../up"], &[])).is_err());
     }
 }

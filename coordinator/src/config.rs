@@ -106,6 +106,11 @@ pub struct Args {
     /// Bearer tokens, lines `SHA256HEX NAME ROLE` (hashes only; see `hotfleet auth token create`).
     #[arg(long, env = "HOTFLEET_TOKENS")]
     pub tokens: Option<PathBuf>,
+    /// Certificate name of a `hotfleet-relay` trusted to forward its agents'
+    /// calls, each on behalf of the agent certificate that relay verified.
+    /// Repeatable; none by default (a relayed identity is then refused).
+    #[arg(long = "relay", env = "HOTFLEET_RELAYS", value_delimiter = ',')]
+    pub relays: Vec<String>,
     /// A node lost (no heartbeat) for longer than this is forgotten: its record is removed, audited.
     #[arg(long, env = "HOTFLEET_NODE_EXPIRY", default_value = "24h", value_parser = parse_duration)]
     pub node_expiry: Duration,
@@ -183,6 +188,8 @@ pub struct Config {
     pub operators: Option<PathBuf>,
     /// `--tokens`: hashed bearer tokens.
     pub tokens: Option<PathBuf>,
+    /// `--relay`: certificate names of the relays trusted to speak for agents.
+    pub relays: Vec<String>,
 }
 
 impl Config {
@@ -224,6 +231,7 @@ impl Config {
             transport: Transport::Insecure,
             operators: None,
             tokens: None,
+            relays: Vec::new(),
         }
     }
 }
@@ -339,6 +347,7 @@ impl TryFrom<Args> for Config {
             transport,
             operators: a.operators,
             tokens: a.tokens,
+            relays: a.relays,
         })
     }
 }

@@ -130,7 +130,8 @@ impl Coordinator {
         lead_first: bool,
     ) -> Result<Self, ServerError> {
         let credentials = Credentials::load(config.operators.as_deref(), config.tokens.as_deref())
-            .map_err(|e| ServerError::Config(e.to_string()))?;
+            .map_err(|e| ServerError::Config(e.to_string()))?
+            .with_relays(&config.relays);
         let authority = Authority::new(!config.transport.is_tls(), credentials);
         if !config.transport.is_tls() {
             tracing::warn!(

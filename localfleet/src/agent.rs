@@ -4,12 +4,9 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
-use serde_json::Value;
-
-use crate::{io, wait_for, FleetError, Keys, Layout, Proc, Result};
+use crate::{io, proc::ready_grpc_addr, Keys, Layout, Proc, Result};
 
 /// A running `hotfleet-agent`.
 pub struct AgentProc {
@@ -30,6 +27,19 @@ impl AgentProc {
         coordinator: Option<&str>,
         keys: &Keys,
         labels: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::start_with_flags(layout, dir, node_id, coordinator, keys, labels, &[])
+    }
+
+    /// [`AgentProc::start`] with more flags (e.g. a relay's identity).
+    pub fn start_with_flags(
+        layout: &Layout,
+        dir: &Path,
+        node_id: &str,
+        coordinator: Option<&str>,
+        keys: &Keys,
+        labels: &[(&str, &str)],
+        extra: &[String],
     ) -> Result<Self> {
         let node_dir = dir.join(node_id);
         std::fs::create_dir_all(&node_dir).map_err(io(format!("creating {}", node_dir.display())))?;
@@ -54,17 +64,12 @@ impl AgentProc {
         if let Some(addr) = coordinator {
             cmd.args(["--coordinator", addr]);
         }
+        cmd.args(extra);
         for (k, v) in labels {
             cmd.args(["--label", &format!("{k}={v}")]);
         }
         let proc = Proc::spawn(&format!("agent-{node_id}"), cmd, &node_dir)?;
-        let info: Value = wait_for("the agent's ready file", Duration::from_secs(20), Some(&proc.log), || {
-            std::fs::read_to_string(&ready).ok().and_then(|t| serde_json::from_str(&t).ok())
-        })?;
-        let grpc = info["grpc"].as_str().and_then(|a| a.parse().ok()).ok_or_else(|| FleetError::Io {
-            what: format!("reading {}", ready.display()),
-            source: std::io::Error::other("no grpc address"),
-        })?;
+        let grpc = ready_grpc_addr(&proc, &ready, "the agent's ready file")?;
         Ok(AgentProc { proc, node_id: node_id.to_string(), grpc, socket, node_dir, data_dir })
     }
 

@@ -65,12 +65,22 @@ impl DevCerts {
         TlsFiles::in_dir(&self.dir.join("operators").join(name))
     }
 
+    /// Relay `name`'s files, issued from the same CA on first use.
+    pub fn relay(&self, layout: &Layout, name: &str) -> Result<TlsFiles> {
+        self.issued(layout, "relays", "--relay", name)
+    }
+
     /// Node `node_id`'s files, issued from the same CA on first use.
     pub fn node(&self, layout: &Layout, node_id: &str) -> Result<TlsFiles> {
-        let files = TlsFiles::in_dir(&self.dir.join("nodes").join(node_id));
+        self.issued(layout, "nodes", "--node", node_id)
+    }
+
+    /// The files of `name` under `kind/`, issued with `hotfleet certs dev FLAG NAME` if missing.
+    fn issued(&self, layout: &Layout, kind: &str, flag: &str, name: &str) -> Result<TlsFiles> {
+        let files = TlsFiles::in_dir(&self.dir.join(kind).join(name));
         if !files.cert.is_file() {
             let out = self.dir.display().to_string();
-            layout.cli(&["certs", "dev", "--out", &out, "--node", node_id])?;
+            layout.cli(&["certs", "dev", "--out", &out, flag, name])?;
         }
         Ok(files)
     }

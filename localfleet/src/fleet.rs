@@ -7,8 +7,12 @@ use std::{path::Path, process::Output, time::Duration};
 use serde_json::Value;
 
 use crate::{
-    free_port, wait_for, AgentProc, CoordinatorProc, EtcdProc, Game, Keys, Layout, Player, Result, StoreSpec, ZoneProc,
+    free_port, wait_for, AgentProc, CoordinatorProc, EtcdProc, Game, Keys, Layout, Player, RelayProc, Result,
+    StoreSpec, ZoneProc,
 };
+
+/// The certificate name of a fleet's relay, which its coordinators trust (`--relay`).
+pub const RELAY_NAME: &str = "relay-1";
 
 /// One node of a local fleet: its agent, its zone server, and a probe player
 /// connected to that server.
@@ -37,6 +41,9 @@ pub struct FleetOptions {
     pub coordinator_flags: Vec<String>,
     /// The game every node serves.
     pub game: Game,
+    /// Agents call through one `hotfleet-relay` ([`RELAY_NAME`]) instead of
+    /// each holding its own connection to the coordinators.
+    pub relay: bool,
 }
 
 /// Coordinator(s) plus `n` nodes `node-1..node-n` (labels `region` eu/us
@@ -55,6 +62,8 @@ pub struct Fleet {
     pub coordinator_flags: Vec<String>,
     pub build: String,
     pub game: Game,
+    /// The relay every agent calls through, when [`FleetOptions::relay`].
+    pub relay: Option<RelayProc>,
 }
 
 impl Fleet {
@@ -74,6 +83,7 @@ impl Fleet {
             backend: Backend::Embedded,
             coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
             game: Game::ZoneServer,
+            relay: false,
         };
         Self::start_with(layout, dir, &options, zone_env)
     }
@@ -95,24 +105,34 @@ impl Fleet {
                 (Some(etcd), store, coordinators.max(1))
             }
         };
-        let flags: Vec<&str> = options.coordinator_flags.iter().map(String::as_str).collect();
+        let mut coordinator_flags = options.coordinator_flags.clone();
+        if options.relay {
+            coordinator_flags.extend(["--relay".to_string(), RELAY_NAME.to_string()]);
+        }
+        let flags: Vec<&str> = coordinator_flags.iter().map(String::as_str).collect();
         let mut coordinators = Vec::with_capacity(count);
         for _ in 0..count {
             coordinators.push(CoordinatorProc::start_on(layout, dir, &keys, free_port()?, &store, &flags)?);
         }
         let urls = coordinators.iter().map(CoordinatorProc::url).collect::<Vec<_>>().join(",");
+        let relay = match options.relay {
+            true => Some(RelayProc::start(layout, dir, RELAY_NAME, ([127, 0, 0, 1], 0).into(), &urls, &keys)?),
+            false => None,
+        };
+        let (target, agent_flags) = agent_target(&urls, relay.as_ref());
         let mut nodes = Vec::with_capacity(options.nodes);
         for i in 1..=options.nodes {
             let node_id = format!("node-{i}");
             let zone_name = format!("zone-{i}");
             let region = if i % 2 == 1 { "eu" } else { "us" };
-            let agent = AgentProc::start(
+            let agent = AgentProc::start_with_flags(
                 layout,
                 dir,
                 &node_id,
-                Some(&urls),
+                Some(&target),
                 &keys,
                 &[("region", region), ("zone", &zone_name)],
+                &agent_flags,
             )?;
             let env = zone_env(i);
             let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -128,9 +148,10 @@ impl Fleet {
             etcd,
             store,
             nodes,
-            coordinator_flags: options.coordinator_flags.clone(),
+            coordinator_flags,
             build: options.build.clone(),
             game: options.game,
+            relay,
         })
     }
 
@@ -142,6 +163,12 @@ impl Fleet {
     /// Every coordinator's URL, comma-separated (what agents and the CLI get).
     pub fn coordinator_urls(&self) -> String {
         self.coordinators.iter().map(CoordinatorProc::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// What an agent of this fleet calls (the relay, or every coordinator),
+    /// and the flags that go with it.
+    pub fn agent_target(&self) -> (String, Vec<String>) {
+        agent_target(&self.coordinator_urls(), self.relay.as_ref())
     }
 
     /// Waits until every node is registered, alive, with its one zone process.
@@ -199,5 +226,18 @@ impl Fleet {
         let mut full = vec!["--coordinator", urls];
         full.extend_from_slice(args);
         self.layout.cli_raw(&full)
+    }
+}
+
+fn agent_target(coordinator_urls: &str, relay: Option<&RelayProc>) -> (String, Vec<String>) {
+    match relay {
+        Some(relay) => {
+            // Behind a relay, agents are commanded down the streams they open
+            // through it; an advertised address nobody answers proves it.
+            let mut flags = relay.agent_flags();
+            flags.extend(["--advertise-addr".to_string(), "127.0.0.1:9".to_string()]);
+            (relay.url(), flags)
+        }
+        None => (coordinator_urls.to_string(), Vec::new()),
     }
 }

@@ -12,7 +12,7 @@
 //! One file per kind: `layout.rs` (where binaries, the repository and Python
 //! are; the CLI), `proc.rs` (a child process and waiting on it), `artifacts.rs`
 //! (keys and patches made with the CLI), `coordinator.rs`, `etcd.rs`,
-//! `agent.rs`, `zone.rs` (a game server process, of the [`Game`] in `game.rs`),
+//! `agent.rs`, `relay.rs`, `zone.rs` (a game server process, of the [`Game`] in `game.rs`),
 //! `player.rs`, and `fleet.rs` putting them together.
 
 mod agent;
@@ -25,6 +25,7 @@ mod game;
 mod layout;
 mod player;
 mod proc;
+mod relay;
 mod zone;
 
 use std::{path::PathBuf, time::Duration};
@@ -34,11 +35,12 @@ pub use artifacts::{build_patch_with, Keys, PatchBuild};
 pub use certs::{DevCerts, TlsFiles, OPERATORS};
 pub use coordinator::{CoordinatorProc, StoreSpec};
 pub use etcd::EtcdProc;
-pub use fleet::{Backend, Fleet, FleetNode, FleetOptions};
+pub use fleet::{Backend, Fleet, FleetNode, FleetOptions, RELAY_NAME};
 pub use game::Game;
 pub use layout::Layout;
 pub use player::Player;
 pub use proc::{free_port, wait_for, Proc};
+pub use relay::RelayProc;
 pub use tempfile::TempDir;
 pub use zone::ZoneProc;
 

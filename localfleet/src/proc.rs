@@ -32,6 +32,18 @@ pub fn wait_for<T>(
     }
 }
 
+/// Waits for the ready file `ready` that `proc` writes once listening, and
+/// returns the gRPC address it names (agents and relays write one).
+pub fn ready_grpc_addr(proc: &Proc, ready: &Path, what: &str) -> Result<std::net::SocketAddr> {
+    let info: serde_json::Value = wait_for(what, Duration::from_secs(20), Some(&proc.log), || {
+        std::fs::read_to_string(ready).ok().and_then(|t| serde_json::from_str(&t).ok())
+    })?;
+    info["grpc"].as_str().and_then(|a| a.parse().ok()).ok_or_else(|| FleetError::Io {
+        what: format!("reading {}", ready.display()),
+        source: std::io::Error::other("no grpc address"),
+    })
+}
+
 /// A child process, killed (SIGKILL) when dropped; its output goes to a log file.
 pub struct Proc {
     pub name: String,

@@ -91,6 +91,12 @@ pub struct AgentConfig {
     #[arg(long, env = "HOTFLEET_COORDINATOR_IDENTITY", default_value = DEFAULT_COORDINATOR_IDENTITY)]
     pub coordinator_identity: String,
 
+    /// When --coordinator is a `hotfleet-relay`: the relay's certificate
+    /// identity, which this agent verifies when it calls (commands still come
+    /// from the coordinator, through the relay).
+    #[arg(long, env = "HOTFLEET_RELAY_IDENTITY")]
+    pub relay_identity: Option<String>,
+
     /// Logs and metrics (`--log-format`, `--metrics-listen`).
     #[command(flatten)]
     pub obs: hotfleet_obs::ObsArgs,

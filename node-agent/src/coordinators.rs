@@ -106,6 +106,12 @@ impl Coordinators {
         (state.current.0.clone(), gateway(state.current.1.clone()))
     }
 
+    /// The coordinator followed now, as its bare channel (a relay forwards
+    /// agents' calls on it as they came).
+    pub fn current_channel(&self) -> (String, Channel) {
+        self.lock().current.clone()
+    }
+
     /// Every configured coordinator, the followed one first (for reads).
     pub fn all(&self) -> Vec<(String, GatewayClient)> {
         let state = self.lock();

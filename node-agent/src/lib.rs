@@ -18,7 +18,9 @@
 //! - [`coordinators`]: the coordinator list, and following the leader among them;
 //! - [`coordinator_link`]: registration and heartbeats;
 //! - [`attach`]: commands down the agent's own connection to the leader;
-//! - [`server`]: wires it all together under one shutdown signal.
+//! - [`server`]: wires it all together under one shutdown signal;
+//! - [`relay`]: `hotfleet-relay`, which carries many agents' calls to the
+//!   coordinator over a few connections.
 
 pub mod answers;
 pub mod attach;
@@ -33,6 +35,7 @@ pub mod participant;
 pub mod patches;
 pub mod prepared;
 pub mod process_status;
+pub mod relay;
 pub mod reports;
 pub mod runtime_socket;
 pub mod runtimes;

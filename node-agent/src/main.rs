@@ -27,15 +27,13 @@ async fn main() -> anyhow::Result<()> {
             config.runtime_socket.display().to_string(),
             std::process::id()
         );
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, ready)
-            .and_then(|()| std::fs::rename(&tmp, path))
+        server::write_ready_file(path, &ready)
             .with_context(|| format!("cannot write the ready file {}", path.display()))?;
     }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        server::wait_for_signal().await;
         tracing::info!("shutting down");
         signal.cancel();
     });
@@ -44,18 +42,4 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket_path);
     obs.shutdown().await;
     result.context("hotfleet-agent failed")
-}
-
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -82,7 +82,9 @@ pub async fn serve(
         .coordinator
         .as_deref()
         .map(|list| {
-            let dial = Dial { transport: transport.clone(), coordinator_identity: config.coordinator_identity.clone() };
+            // Through a relay, the server at --coordinator is the relay.
+            let server = config.relay_identity.as_ref().unwrap_or(&config.coordinator_identity);
+            let dial = Dial { transport: transport.clone(), coordinator_identity: server.clone() };
             Coordinators::parse(list, dial)
         })
         .transpose()
@@ -200,4 +202,26 @@ const AGENT_CONN_LIMITS: ConnLimits = ConnLimits { max_connections: 256, handsha
 pub fn bind_runtime_socket(config: &AgentConfig) -> std::io::Result<UnixListener> {
     let mode = PeerPolicy::new(&config.runtime_allowed_uids).socket_mode();
     runtime_socket::bind(&config.runtime_socket, mode)
+}
+
+/// Until SIGINT or SIGTERM (the agent's and the relay's shutdown signal).
+pub async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Writes `contents` to the ready file `path` whole (through a rename), so
+/// a supervisor polling it never reads half a line.
+pub fn write_ready_file(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).and_then(|()| std::fs::rename(&tmp, path))
 }

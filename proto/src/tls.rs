@@ -28,6 +28,11 @@ pub const DEFAULT_COORDINATOR_IDENTITY: &str = "hotfleet-coordinator";
 /// operator certificate its role: `hotfleet-role=operator`.
 pub const ROLE_OU_PREFIX: &str = "hotfleet-role=";
 
+/// Request metadata in which a `hotfleet-relay` hands the coordinator the
+/// client certificate (DER, hex) of the agent it forwards a call for. A
+/// coordinator believes it only from a relay it trusts (`--relay`).
+pub const RELAYED_CERT_HEADER: &str = "x-hotfleet-relayed-cert";
+
 /// The transport flags every binary takes.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsArgs {
@@ -203,9 +208,15 @@ pub struct PeerCert {
 impl PeerCert {
     /// The client certificate of the connection `request` came on, if any.
     pub fn of<B>(request: &http::Request<B>) -> Option<PeerCert> {
+        PeerCert::from_der(&PeerCert::der_of(request)?)
+    }
+
+    /// The client certificate of the connection `request` came on, as DER
+    /// (what a relay hands on).
+    pub fn der_of<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
         let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
         let certs = info.peer_certs()?;
-        PeerCert::from_der(certs.first()?.as_ref())
+        Some(certs.first()?.as_ref().to_vec())
     }
 
     /// Reads a DER certificate; `None` when it does not parse.

@@ -115,7 +115,14 @@ impl Scenario {
     pub fn start_small_on(backend: Backend, nodes: usize, coordinator_flags: Vec<String>) -> Scenario {
         let layout = Layout::for_workspace();
         let dir = tempfile::tempdir().expect("tmp");
-        let options = FleetOptions { nodes, build: BUILD.into(), backend, coordinator_flags, game: Game::ZoneServer };
+        let options = FleetOptions {
+            nodes,
+            build: BUILD.into(),
+            backend,
+            coordinator_flags,
+            game: Game::ZoneServer,
+            relay: false,
+        };
         let fleet = Fleet::start_with(&layout, dir.path(), &options, |_| Vec::new()).expect("start fleet");
         fleet.wait_registered().expect("fleet registered");
         let pids = fleet.nodes.iter().map(|n| n.zone.proc.pid()).collect();
@@ -127,11 +134,28 @@ impl Scenario {
         Self::launch(backend, game, nodes, build, |_| Vec::new())
     }
 
+    /// [`NODES`] zone-server nodes on `backend` whose agents all call through
+    /// one `hotfleet-relay` (the coordinators trust it with `--relay`).
+    pub fn start_relayed(backend: Backend) -> Scenario {
+        Self::launch_with(backend, Game::ZoneServer, NODES, BUILD, true, |_| Vec::new())
+    }
+
     fn launch(
         backend: Backend,
         game: Game,
         nodes: usize,
         build: &str,
+        zone_env: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> Scenario {
+        Self::launch_with(backend, game, nodes, build, false, zone_env)
+    }
+
+    fn launch_with(
+        backend: Backend,
+        game: Game,
+        nodes: usize,
+        build: &str,
+        relay: bool,
         zone_env: impl Fn(usize) -> Vec<(String, String)>,
     ) -> Scenario {
         let layout = Layout::for_workspace();
@@ -140,7 +164,7 @@ impl Scenario {
         if let Backend::Etcd { .. } = backend {
             coordinator_flags.extend(["--leader-lease".to_string(), format!("{}s", LEASE.as_secs())]);
         }
-        let options = FleetOptions { nodes, build: build.into(), backend, coordinator_flags, game };
+        let options = FleetOptions { nodes, build: build.into(), backend, coordinator_flags, game, relay };
         let fleet = Fleet::start_with(&layout, dir.path(), &options, zone_env).expect("start fleet");
         fleet.wait_registered().expect("fleet registered");
         let pids = fleet.nodes.iter().map(|n| n.zone.proc.pid()).collect();
@@ -270,19 +294,22 @@ impl Scenario {
         self.fleet.nodes.iter_mut().map(|n| n.probe.hit_dummy().expect("probe attack")).collect()
     }
 
-    /// Restarts node `i`'s agent (0-based) pointing at every coordinator.
+    /// Restarts node `i`'s agent (0-based) pointing at every coordinator
+    /// (or the fleet's relay).
     pub fn restart_agent(&mut self, i: usize, keys: &Keys) {
         let node_id = format!("node-{}", i + 1);
         let zone = format!("zone-{}", i + 1);
         let region = if (i + 1) % 2 == 1 { "eu" } else { "us" };
+        let (target, flags) = self.fleet.agent_target();
         self.fleet.nodes[i].agent.proc.kill();
-        self.fleet.nodes[i].agent = AgentProc::start(
+        self.fleet.nodes[i].agent = AgentProc::start_with_flags(
             &self.fleet.layout,
             self.dir.path(),
             &node_id,
-            Some(&self.fleet.coordinator_urls()),
+            Some(&target),
             keys,
             &[("region", region), ("zone", &zone)],
+            &flags,
         )
         .expect("agent restart");
     }

@@ -8,7 +8,7 @@
 //! shared with other systems cannot hand out hotfleet roles by accident.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
 };
 
@@ -36,6 +36,8 @@ pub struct Credentials {
     operators: Option<HashMap<String, Role>>,
     /// Token hash → (name, role).
     tokens: HashMap<String, (String, Role)>,
+    /// Certificate names of the relays trusted to speak for agents (`--relay`).
+    relays: HashSet<String>,
 }
 
 impl Credentials {
@@ -60,6 +62,17 @@ impl Credentials {
             }
         }
         Ok(credentials)
+    }
+
+    /// Trusts the relays named `names` (certificate names) to forward agents' calls.
+    pub fn with_relays(mut self, names: &[String]) -> Self {
+        self.relays.extend(names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()));
+        self
+    }
+
+    /// Whether a certificate named `name` is a trusted relay.
+    pub fn is_relay(&self, name: &str) -> bool {
+        self.relays.contains(name)
     }
 
     /// The caller a bearer token stands for, if the token is known.

@@ -6,10 +6,13 @@
 
 use std::sync::Arc;
 
-use hotfleet_proto::{gate::Gate, tls::PeerCert};
+use hotfleet_proto::{
+    gate::Gate,
+    tls::{PeerCert, RELAYED_CERT_HEADER},
+};
 use tonic::{codegen::http, Status};
 
-use super::{credentials::Credentials, need, Caller, Credential, Need};
+use super::{credentials::Credentials, need, Caller, Credential, Need, GATEWAY};
 
 /// How to present a credential, for refusals.
 const HOW: &str = "present a client certificate of the hotfleet CA (--tls-cert, --tls-key) or a bearer token (--token)";
@@ -26,19 +29,46 @@ impl Authority {
         Self { insecure, credentials: Arc::new(credentials) }
     }
 
-    /// Who sent `request`: `Err` for a token nobody issued, `None` for nobody.
-    fn caller<B>(&self, request: &http::Request<B>) -> Result<Option<Caller>, Status> {
+    /// Who sent a request for `path` with `headers`, on a connection whose
+    /// client certificate is `peer`: `Err` for a token nobody issued or a
+    /// relayed identity not to be believed, `None` for nobody.
+    fn caller(&self, path: &str, headers: &http::HeaderMap, peer: Option<PeerCert>) -> Result<Option<Caller>, Status> {
         if self.insecure {
             return Ok(Some(Caller::insecure()));
         }
-        if let Some(value) = request.headers().get(http::header::AUTHORIZATION) {
+        if let Some(relayed) = headers.get(RELAYED_CERT_HEADER) {
+            return self.relayed(path, relayed, peer).map(Some);
+        }
+        if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
             return match self.credentials.token(token) {
                 Some(caller) => Ok(Some(caller)),
                 None => Err(Status::unauthenticated("unknown bearer token (revoked, or never issued)")),
             };
         }
-        Ok(PeerCert::of(request).and_then(|cert| self.credentials.certificate(cert)))
+        Ok(peer.and_then(|cert| self.credentials.certificate(cert)))
+    }
+
+    /// The agent a relay forwards a call for: believed only from a relay this
+    /// coordinator trusts (`--relay`), only for the agents' own service, and
+    /// never with a role (an operator certificate behind a relay is an agent).
+    fn relayed(&self, path: &str, value: &http::HeaderValue, peer: Option<PeerCert>) -> Result<Caller, Status> {
+        let relay = peer.as_ref().and_then(PeerCert::name).unwrap_or("an anonymous caller");
+        if !self.credentials.is_relay(relay) {
+            return Err(Status::permission_denied(format!(
+                "{relay} is not a trusted relay (coordinator --relay): it may not speak for another certificate"
+            )));
+        }
+        if !path.starts_with(GATEWAY) {
+            return Err(Status::permission_denied(format!("relay {relay} may forward agents' calls only, not {path}")));
+        }
+        let cert = hex::decode(value.as_bytes())
+            .ok()
+            .and_then(|der| PeerCert::from_der(&der))
+            .filter(|cert| cert.name().is_some())
+            .ok_or_else(|| Status::invalid_argument(format!("relay {relay} sent a malformed {RELAYED_CERT_HEADER}")))?;
+        let name = cert.name().unwrap_or_default().to_string();
+        Ok(Caller { name, role: None, credential: Credential::Certificate(cert) })
     }
 }
 
@@ -47,7 +77,7 @@ impl Gate for Authority {
         let path = request.uri().path();
         let needed = need(path);
         let method = path.rsplit('/').next().unwrap_or(path).to_string();
-        let caller = self.caller(request)?;
+        let caller = self.caller(path, request.headers(), PeerCert::of(request))?;
         check(needed, caller.as_ref(), &method)?;
         if let Some(caller) = caller {
             request.extensions_mut().insert(caller);
@@ -122,5 +152,60 @@ mod tests {
         assert_eq!(secure.admit(&mut request).expect_err("unknown token").code(), Code::Unauthenticated);
         let mut bare = http::Request::builder().uri("/hotfleet.v1.Coordinator/Freeze").body(()).expect("request");
         assert_eq!(secure.admit(&mut bare).expect_err("anonymous").code(), Code::Unauthenticated);
+    }
+
+    /// A certificate's DER as a relay sends it, and the fields the gate reads.
+    fn relayed_cert(cn: &str, ou: Option<&str>) -> (String, PeerCert) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec![cn.to_string()]).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        if let Some(ou) = ou {
+            params.distinguished_name.push(rcgen::DnType::OrganizationalUnitName, ou);
+        }
+        let der = params.self_signed(&key).expect("cert").der().to_vec();
+        (hex::encode(&der), PeerCert::from_der(&der).expect("parses"))
+    }
+
+    fn peer(cn: &str) -> Option<PeerCert> {
+        Some(PeerCert { common_name: Some(cn.into()), ..PeerCert::default() })
+    }
+
+    #[test]
+    fn a_relayed_agent_is_believed_only_from_a_trusted_relay_and_only_for_the_agent_service() {
+        let authority = Authority::new(false, Credentials::default().with_relays(&["relay-1".into()]));
+        let register = "/hotfleet.v1.AgentGateway/Register";
+        let (hex_der, _) = relayed_cert("node-7", None);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(RELAYED_CERT_HEADER, hex_der.parse().expect("ascii"));
+
+        let caller = authority.caller(register, &headers, peer("relay-1")).expect("trusted").expect("someone");
+        assert_eq!((caller.name.as_str(), caller.role), ("node-7", None));
+        assert!(caller.speaks_for_node("node-7") && !caller.speaks_for_node("relay-1"));
+
+        // An agent (or anyone not named by --relay) claiming to relay is refused.
+        let forged = authority.caller(register, &headers, peer("node-1")).expect_err("untrusted");
+        assert_eq!(forged.code(), Code::PermissionDenied);
+        assert!(forged.message().contains("node-1 is not a trusted relay"), "{}", forged.message());
+        assert!(authority.caller(register, &headers, None).is_err(), "no certificate, no relay");
+        // A trusted relay forwards agents' calls only.
+        let operator = authority.caller("/hotfleet.v1.Coordinator/Freeze", &headers, peer("relay-1"));
+        assert_eq!(operator.expect_err("not the agent service").code(), Code::PermissionDenied);
+        // Garbage in the header changes nothing.
+        headers.insert(RELAYED_CERT_HEADER, "zz-not-hex".parse().expect("ascii"));
+        let garbage = authority.caller(register, &headers, peer("relay-1")).expect_err("garbage");
+        assert_eq!(garbage.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn an_operator_certificate_behind_a_relay_has_no_role() {
+        let authority = Authority::new(false, Credentials::default().with_relays(&["relay-1".into()]));
+        let (hex_der, cert) = relayed_cert("alice", Some("hotfleet-role=admin"));
+        assert_eq!(Credentials::default().certificate(cert).expect("named").role, Some(Role::Admin), "direct: admin");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(RELAYED_CERT_HEADER, hex_der.parse().expect("ascii"));
+        let caller =
+            authority.caller("/hotfleet.v1.AgentGateway/Heartbeat", &headers, peer("relay-1")).expect("ok").expect("x");
+        assert_eq!(caller.role, None);
+        assert!(check(Need::Role(Role::Viewer), Some(&caller), "ListNodes").is_err());
     }
 }

@@ -112,7 +112,7 @@ pub enum Need {
 }
 
 const COORDINATOR: &str = "/hotfleet.v1.Coordinator/";
-const GATEWAY: &str = "/hotfleet.v1.AgentGateway/";
+pub(crate) const GATEWAY: &str = "/hotfleet.v1.AgentGateway/";
 
 /// What a request to `path` (`/package.Service/Method`) must bring. An
 /// operator method this table does not know needs admin: a new method is

@@ -1,0 +1,277 @@
+//! `hotfleet-relay`: the agents of a rack (or a host with many agents) call
+//! the coordinator through one relay, which carries their calls over a few
+//! HTTP/2 connections instead of one per agent. Each connection costs the
+//! coordinator ~25 KB of HTTP/2 buffers whatever it carries
+//! (`docs/performance.md`); a relay makes that cost per relay, not per node.
+//!
+//! What it does to a call, and nothing more (the payloads pass untouched):
+//! - only the agents' service (`hotfleet.v1.AgentGateway`) is relayed, and
+//!   with TLS only from a client certificate of the fleet's CA;
+//! - it hands the coordinator the certificate of the agent it forwards for
+//!   ([`RELAYED_CERT_HEADER`]), after dropping whatever the agent sent under
+//!   that name; the coordinator believes it only from a relay it names
+//!   (`--relay`), and only for the agents' service;
+//! - it follows the leader itself: a follower's "the leader is X" moves the
+//!   relay, and the agent is told only to retry (it must keep calling the
+//!   relay, not go around it);
+//! - each upstream connection carries at most [`ATTACHED_PER_CONNECTION`]
+//!   attached agents (the coordinator allows 256 streams per connection);
+//!   an agent past `--upstream-connections` × that is told to come back
+//!   later rather than queued behind streams that never end.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use hotfleet_proto::{
+    listener::{ConnLimits, Incoming},
+    tls::{ClientCerts, OwnCert, PeerCert, TlsArgs, RELAYED_CERT_HEADER},
+};
+use http_body_util::BodyExt as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    body::Body,
+    codegen::{http, Service},
+    server::NamedService,
+    transport::{Channel, Server},
+    Code, Status,
+};
+use tower::ServiceExt as _;
+
+use crate::coordinators::{Coordinators, Dial, LEADER_HEADER};
+
+/// Attached agents one upstream connection carries: under the coordinator's
+/// 256 streams per connection, leaving room for heartbeats and downloads.
+pub const ATTACHED_PER_CONNECTION: usize = 192;
+const ATTACH_PATH: &str = "/hotfleet.v1.AgentGateway/Attach";
+
+/// `hotfleet-relay` flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "hotfleet-relay",
+    version,
+    about = "Carries many agents' calls to the hotfleet coordinator over a few connections"
+)]
+pub struct RelayConfig {
+    /// Address agents call (their `--coordinator`).
+    #[arg(long, env = "HOTFLEET_RELAY_LISTEN", default_value = "0.0.0.0:7702")]
+    pub listen: SocketAddr,
+    /// Coordinator URL, or a comma-separated list of every coordinator of an
+    /// HA deployment (the relay follows the leader).
+    #[arg(long, env = "HOTFLEET_COORDINATOR")]
+    pub coordinator: String,
+    /// The coordinator's certificate identity (CN or DNS name).
+    #[arg(long, env = "HOTFLEET_COORDINATOR_IDENTITY", default_value = hotfleet_proto::tls::DEFAULT_COORDINATOR_IDENTITY)]
+    pub coordinator_identity: String,
+    /// HTTP/2 connections to the coordinator; each carries up to 192 attached agents.
+    #[arg(long, env = "HOTFLEET_RELAY_UPSTREAM_CONNECTIONS", default_value_t = 4)]
+    pub upstream_connections: usize,
+    /// Agent connections at most (the rest wait in the kernel's backlog).
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Once listening, write {"grpc": ADDR, "pid": PID} here (supervisors, tests).
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Mutual TLS (the relay's certificate, which the coordinator names in
+    /// `--relay` and agents verify with `--relay-identity`) or --insecure.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Logs and metrics (`--log-format`, `--metrics-listen`).
+    #[command(flatten)]
+    pub obs: hotfleet_obs::ObsArgs,
+}
+
+/// Why the relay cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Tls(#[from] hotfleet_proto::tls::TlsError),
+    #[error("--coordinator: {0}")]
+    Coordinator(#[from] crate::coordinators::BadAddress),
+    #[error("--upstream-connections must be at least 1")]
+    NoConnections,
+    #[error("serving: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// One upstream connection: the coordinator it follows, and room for attached agents.
+struct Upstream {
+    coordinators: Coordinators,
+    attached: Arc<Semaphore>,
+}
+
+/// The relayed service: every agent call, forwarded as it came.
+#[derive(Clone)]
+pub struct Relay {
+    upstreams: Arc<Vec<Upstream>>,
+    next: Arc<AtomicUsize>,
+    tls: bool,
+}
+
+impl NamedService for Relay {
+    const NAME: &'static str = "hotfleet.v1.AgentGateway";
+}
+
+impl Relay {
+    /// `connections` upstream connections to `coordinators` (the `--coordinator` list).
+    pub fn new(coordinators: &str, dial: Dial, connections: usize) -> Result<Self, RelayError> {
+        if connections == 0 {
+            return Err(RelayError::NoConnections);
+        }
+        let tls = dial.transport.is_tls();
+        let mut upstreams = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            // Each `Coordinators` dials its own channels: one connection per upstream.
+            upstreams.push(Upstream {
+                coordinators: Coordinators::parse(coordinators, dial.clone())?,
+                attached: Arc::new(Semaphore::new(ATTACHED_PER_CONNECTION)),
+            });
+        }
+        Ok(Relay { upstreams: Arc::new(upstreams), next: Arc::new(AtomicUsize::new(0)), tls })
+    }
+
+    /// Agents attached through this relay now.
+    pub fn attached(&self) -> usize {
+        self.upstreams.iter().map(|u| ATTACHED_PER_CONNECTION - u.attached.available_permits()).sum()
+    }
+
+    /// What goes upstream: the agent's certificate in our header (never
+    /// theirs), no credentials of its own, no connection details.
+    fn rewrite(&self, request: &mut http::Request<Body>) -> Result<(), Status> {
+        let cert = PeerCert::der_of(request);
+        let headers = request.headers_mut();
+        headers.remove(RELAYED_CERT_HEADER);
+        headers.remove(http::header::AUTHORIZATION);
+        if self.tls {
+            let der = cert
+                .ok_or_else(|| Status::unauthenticated("the relay forwards only agents with a client certificate"))?;
+            let value = http::HeaderValue::from_str(&hex::encode(der))
+                .map_err(|_| Status::internal("a certificate hex-encoded is not a header value"))?;
+            headers.insert(RELAYED_CERT_HEADER, value);
+        }
+        *request.extensions_mut() = http::Extensions::new();
+        Ok(())
+    }
+
+    /// The upstream for a call: round robin, and for an attach the next one
+    /// with room (its permit held until the stream ends).
+    fn pick(&self, attach: bool) -> Result<(usize, Option<tokio::sync::OwnedSemaphorePermit>), Status> {
+        let n = self.upstreams.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        if !attach {
+            return Ok((start, None));
+        }
+        for i in (0..n).map(|k| (start + k) % n) {
+            if let Ok(permit) = self.upstreams[i].attached.clone().try_acquire_owned() {
+                return Ok((i, Some(permit)));
+            }
+        }
+        Err(Status::resource_exhausted(format!(
+            "relay full: {} agents attached ({n} upstream connections x {ATTACHED_PER_CONNECTION}; raise --upstream-connections)",
+            n * ATTACHED_PER_CONNECTION
+        )))
+    }
+
+    /// After a call to `from` failed with `status` (a transport error, or a
+    /// follower naming the leader): every upstream following `from` moves on.
+    fn redirect(&self, from: &str, status: &Status) {
+        for upstream in self.upstreams.iter() {
+            upstream.coordinators.after_error(from, status);
+        }
+    }
+
+    async fn forward(self, mut request: http::Request<Body>) -> http::Response<Body> {
+        if let Err(status) = self.rewrite(&mut request) {
+            return status.into_http();
+        }
+        let (slot, permit) = match self.pick(request.uri().path() == ATTACH_PATH) {
+            Ok(picked) => picked,
+            Err(status) => return status.into_http(),
+        };
+        let (from, channel): (String, Channel) = self.upstreams[slot].coordinators.current_channel();
+        let answer = match channel.oneshot(request).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                let status = Status::unavailable(format!("relay: coordinator {from} unreachable: {err}"));
+                self.redirect(&from, &status);
+                return status.into_http();
+            }
+        };
+        let (mut parts, body) = answer.into_parts();
+        if let Some(status) = Status::from_header_map(&parts.headers) {
+            let named_leader = parts.headers.contains_key(LEADER_HEADER);
+            if status.code() == Code::Unavailable || (status.code() == Code::FailedPrecondition && named_leader) {
+                self.redirect(&from, &status);
+                tracing::info!(coordinator = %from, code = ?status.code(), "following the leader");
+            }
+            // The agent retries at the relay; a leader's address would take it around.
+            parts.headers.remove(LEADER_HEADER);
+        }
+        let body = match permit {
+            // The permit goes with the body: the attached stream holds its room until it ends.
+            Some(permit) => Body::new(body.map_frame(move |frame| {
+                let _held = &permit;
+                frame
+            })),
+            None => body,
+        };
+        http::Response::from_parts(parts, body)
+    }
+}
+
+impl Service<http::Request<Body>> for Relay {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let relay = self.clone();
+        Box::pin(async move { Ok(relay.forward(request).await) })
+    }
+}
+
+/// Serves `config` on `listener` until `shutdown`.
+pub async fn serve(
+    config: &RelayConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
+    let transport = config.tls.transport(OwnCert::Required)?;
+    let dial = Dial { transport: transport.clone(), coordinator_identity: config.coordinator_identity.clone() };
+    let relay = Relay::new(&config.coordinator, dial, config.upstream_connections)?;
+    let handshake = Duration::from_secs(10);
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = transport.server_config(ClientCerts::Required, handshake) {
+        builder = builder.tls_config(tls)?;
+    }
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        coordinator = %config.coordinator,
+        upstream_connections = config.upstream_connections,
+        tls = transport.is_tls(),
+        "hotfleet-relay serving"
+    );
+    let incoming =
+        Incoming::new(listener, ConnLimits { max_connections: config.max_connections, handshake_timeout: handshake });
+    builder
+        .layer(hotfleet_obs::grpc::GrpcLayer::server())
+        .add_service(relay)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await?;
+    Ok(())
+}
