@@ -202,6 +202,7 @@ impl Relay {
             Ok(answer) => answer,
             Err(err) => {
                 let status = Status::unavailable(format!("relay: coordinator {from} unreachable: {err}"));
+                tracing::warn!(coordinator = %from, error = %err, "coordinator unreachable: trying the next");
                 self.redirect(&from, &status);
                 return status.into_http();
             }
@@ -274,4 +275,52 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(connections: usize) -> Relay {
+        Relay::new("127.0.0.1:1", Dial::insecure(), connections).expect("relay")
+    }
+
+    #[tokio::test]
+    async fn attached_agents_fill_each_connection_to_its_bound_then_are_told_to_come_back() {
+        let relay = relay(2);
+        let mut held = Vec::new();
+        for _ in 0..2 * ATTACHED_PER_CONNECTION {
+            let (_, permit) = relay.pick(true).expect("room");
+            held.push(permit.expect("an attach holds a permit"));
+        }
+        assert_eq!(relay.attached(), 2 * ATTACHED_PER_CONNECTION);
+        let full = relay.pick(true).expect_err("full");
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert!(full.message().contains("--upstream-connections"), "{}", full.message());
+        // Heartbeats and downloads still go through, and a stream that ends frees its room.
+        assert!(relay.pick(false).expect("unary calls are not bounded here").1.is_none());
+        held.pop();
+        assert!(relay.pick(true).is_ok());
+        assert!(Relay::new("127.0.0.1:1", Dial::insecure(), 0).is_err(), "no connection is refused");
+    }
+
+    #[tokio::test]
+    async fn an_agent_cannot_send_its_own_relayed_certificate_or_credentials() {
+        let relay = relay(1);
+        let mut request = http::Request::builder()
+            .uri("/hotfleet.v1.AgentGateway/Register")
+            .header(RELAYED_CERT_HEADER, "00ff")
+            .header(http::header::AUTHORIZATION, "Bearer stolen")
+            .body(Body::empty())
+            .expect("request");
+        relay.rewrite(&mut request).expect("plaintext relays forward");
+        assert!(request.headers().get(RELAYED_CERT_HEADER).is_none());
+        assert!(request.headers().get(http::header::AUTHORIZATION).is_none());
+
+        // With TLS, a call without the agent's certificate is not forwarded.
+        let tls = Relay { tls: true, ..relay };
+        let mut bare =
+            http::Request::builder().uri("/hotfleet.v1.AgentGateway/Register").body(Body::empty()).expect("request");
+        assert_eq!(tls.rewrite(&mut bare).expect_err("no certificate").code(), Code::Unauthenticated);
+    }
 }
