@@ -13,7 +13,8 @@ pub struct RelayProc {
 
 impl RelayProc {
     /// Starts relay `name` on `addr` (port 0 picks one) in front of
-    /// `coordinators` (a comma-separated list); its files live in `dir/<name>`.
+    /// `coordinators` (a comma-separated list), with TLS under the relay
+    /// certificate `name`; its files live in `dir/<name>`.
     pub fn start(
         layout: &Layout,
         dir: &Path,
@@ -22,14 +23,39 @@ impl RelayProc {
         coordinators: &str,
         keys: &Keys,
     ) -> Result<Self> {
+        let tls = keys.tls.relay(layout, name)?;
+        Self::spawn(layout, dir, name, addr, coordinators, tls.flags())
+    }
+
+    /// A plaintext relay (`--insecure`) in front of a plaintext coordinator,
+    /// with `extra` flags: the fleet-scale benchmark's.
+    pub fn start_insecure(
+        layout: &Layout,
+        dir: &Path,
+        name: &str,
+        coordinators: &str,
+        extra: &[String],
+    ) -> Result<Self> {
+        let mut flags = vec!["--insecure".to_string()];
+        flags.extend_from_slice(extra);
+        Self::spawn(layout, dir, name, ([127, 0, 0, 1], 0).into(), coordinators, flags)
+    }
+
+    fn spawn(
+        layout: &Layout,
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        coordinators: &str,
+        flags: Vec<String>,
+    ) -> Result<Self> {
         let relay_dir = dir.join(name);
         std::fs::create_dir_all(&relay_dir).map_err(io(format!("creating {}", relay_dir.display())))?;
         let ready = relay_dir.join("relay.ready");
         let _ = std::fs::remove_file(&ready);
-        let tls = keys.tls.relay(layout, name)?;
         let mut cmd = Command::new(layout.bin("hotfleet-relay")?);
         cmd.args(["--listen", &addr.to_string(), "--coordinator", coordinators])
-            .args(tls.flags())
+            .args(flags)
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));

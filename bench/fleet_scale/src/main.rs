@@ -42,6 +42,11 @@ struct Args {
     /// Connections the simulated agents share for register/heartbeat/fetch.
     #[arg(long, default_value_t = 64)]
     heartbeat_conns: usize,
+    /// Agents call through this many real `hotfleet-relay` processes, each
+    /// agent on a connection of its own to its relay (the shape of a fleet
+    /// behind relays); 0: straight to the coordinator over --heartbeat-conns.
+    #[arg(long, default_value_t = 0)]
+    relays: usize,
     /// The simulated agents do not attach: the coordinator dials each one
     /// (the path of agents that predate `AgentGateway.Attach`).
     #[arg(long)]
@@ -82,6 +87,7 @@ fn main() -> Result<()> {
         repo,
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         heartbeat_conns: args.heartbeat_conns,
+        relays: args.relays,
         attach: !args.dial,
         modules: args.modules,
         health_window: args.health_window,

@@ -128,6 +128,21 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
             kb(r.end.peak_rss_kb),
             if r.peak_reset { "" } else { " (could not start the peak over: the whole run's)" },
         );
+        if !r.relays_end.is_empty() {
+            let sum = |stats: &[crate::measure::ProcStats], f: fn(&crate::measure::ProcStats) -> Option<u64>| {
+                stats.iter().filter_map(f).sum::<u64>()
+            };
+            let cpu = |stats: &[crate::measure::ProcStats]| stats.iter().filter_map(|s| s.cpu_seconds).sum::<f64>();
+            println!(
+                "  relays ({}): CPU {:.1} s over the rollouts; RSS {:.1} MB idle, {:.1} MB at the end, peaks summed {:.1} MB ({:.1} KB per node)",
+                r.relays_end.len(),
+                cpu(&r.relays_end) - cpu(&r.relays_idle),
+                sum(&r.relays_idle, |s| s.rss_kb) as f64 / 1024.0,
+                sum(&r.relays_end, |s| s.rss_kb) as f64 / 1024.0,
+                sum(&r.relays_end, |s| s.peak_rss_kb) as f64 / 1024.0,
+                sum(&r.relays_end, |s| s.peak_rss_kb) as f64 / nodes as f64,
+            );
+        }
         println!("  calls in the rollout: {}", calls_line(&r.rollout.calls));
         println!("  calls in the rollback: {}", calls_line(&r.rollback.calls));
     }

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hotfleet_localfleet::{
-    build_patch_with, free_port, CoordinatorProc, EtcdProc, Keys, Layout, PatchBuild, StoreSpec, TempDir,
+    build_patch_with, free_port, CoordinatorProc, EtcdProc, Keys, Layout, PatchBuild, RelayProc, StoreSpec, TempDir,
 };
 use serde_json::Value;
 use tokio::time::Instant;
@@ -30,6 +30,8 @@ pub struct Plan {
     pub repo: PathBuf,
     pub heartbeat: Duration,
     pub heartbeat_conns: usize,
+    /// Real relays the agents call through (0: none).
+    pub relays: usize,
     /// The agents attach (commands down their heartbeat connections).
     pub attach: bool,
     pub modules: usize,
@@ -76,6 +78,9 @@ pub struct RunResult {
     /// The coordinator's store counters with the fleet registered and after both rollouts.
     pub counters_idle: StoreCounters,
     pub counters_end: StoreCounters,
+    /// The relays' RSS summed, with the fleet registered and at the end (with their peaks).
+    pub relays_idle: Vec<ProcStats>,
+    pub relays_end: Vec<ProcStats>,
 }
 
 async fn cli(layout: &Layout, url: &str, args: &[&str]) -> Result<(bool, String, String)> {
@@ -243,7 +248,13 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     socket.bind(std::net::SocketAddr::from(([0, 0, 0, 0], 0))).context("binding the fleet's port")?;
     let listener = socket.listen(FLEET_BACKLOG).context("listening on the fleet's port")?;
     let port = listener.local_addr()?.port();
-    let fleet = Fleet::new(plan.nodes, port, BUILD, &url, plan.heartbeat_conns, plan.attach, plan.modules)?;
+    let relays = start_relays(plan, &layout, dir.as_path(), &url)?;
+    let (targets, conns) = match relays.is_empty() {
+        true => (vec![url.clone()], plan.heartbeat_conns),
+        // Behind relays, every agent holds a connection of its own, as a real one does.
+        false => (relays.iter().map(RelayProc::url).collect(), plan.nodes),
+    };
+    let fleet = Fleet::new(plan.nodes, port, BUILD, &targets, conns, plan.attach, plan.modules)?;
     let server = tokio::spawn(fleet.clone().serve(listener));
     let registering = Instant::now();
     let nodes: Vec<_> = (0..fleet.len()).map(|i| tokio::spawn(fleet.clone().run_node(i, plan.heartbeat))).collect();
@@ -273,6 +284,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         }
     }
     let idle = proc_stats(pid);
+    let relays_idle: Vec<ProcStats> = relays.iter().map(|r| proc_stats(r.proc.pid())).collect();
     let etcd_idle = etcd.as_ref().map(|e| etcd_stats(&e.url())).unwrap_or_default();
     let counters_idle = store_counters(&metrics_addr);
     // The peak of the registration storm and the listing is `idle`'s; from
@@ -298,6 +310,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         );
     }
     let end = proc_stats(pid);
+    let relays_end: Vec<ProcStats> = relays.iter().map(|r| proc_stats(r.proc.pid())).collect();
     let etcd_end = etcd.as_ref().map(|e| etcd_stats(&e.url())).unwrap_or_default();
     let counters_end = store_counters(&metrics_addr);
     let store_bytes = match &etcd {
@@ -308,6 +321,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         node.abort();
     }
     server.abort();
+    drop(relays);
     drop(coordinator);
     drop(etcd);
     Ok(RunResult {
@@ -325,5 +339,23 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         counters_idle,
         counters_end,
         peak_reset,
+        relays_idle,
+        relays_end,
     })
+}
+
+/// The relays of `plan` in front of the coordinator at `url`, each with
+/// enough upstream connections for its share of the fleet's attached streams.
+fn start_relays(plan: &Plan, layout: &Layout, dir: &std::path::Path, url: &str) -> Result<Vec<RelayProc>> {
+    if plan.relays == 0 {
+        return Ok(Vec::new());
+    }
+    let per_relay = plan.nodes.div_ceil(plan.relays);
+    let upstream = per_relay.div_ceil(128).max(1).to_string();
+    let mut relays = Vec::with_capacity(plan.relays);
+    for i in 0..plan.relays {
+        let extra = ["--upstream-connections".to_string(), upstream.clone()];
+        relays.push(RelayProc::start_insecure(layout, dir, &format!("relay-{i}"), url, &extra)?);
+    }
+    Ok(relays)
 }

@@ -165,13 +165,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Fleet {
     /// A fleet of `nodes` agents on `port`, every one running `build`,
-    /// heartbeating to `coordinator_url` over `heartbeat_conns` connections,
+    /// heartbeating to `coordinator_urls` (in turn) over `heartbeat_conns` connections,
     /// each process reporting the digests of `modules` modules.
     pub fn new(
         nodes: usize,
         port: u16,
         build: &str,
-        coordinator_url: &str,
+        coordinator_urls: &[String],
         heartbeat_conns: usize,
         attach: bool,
         modules: usize,
@@ -188,10 +188,13 @@ impl Fleet {
             })
             .collect();
         let by_ip = nodes.iter().enumerate().map(|(i, n)| (n.addr.ip(), i)).collect();
-        let endpoint = Endpoint::from_shared(coordinator_url.to_string())?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(3));
-        let coordinator = (0..heartbeat_conns.max(1)).map(|_| endpoint.connect_lazy()).collect();
+        // Connection k goes to target k mod targets (the coordinator, or the relays in turn).
+        let mut endpoints = Vec::with_capacity(coordinator_urls.len());
+        for url in coordinator_urls {
+            endpoints
+                .push(Endpoint::from_shared(url.clone())?.tcp_nodelay(true).connect_timeout(Duration::from_secs(3)));
+        }
+        let coordinator = (0..heartbeat_conns.max(1)).map(|k| endpoints[k % endpoints.len()].connect_lazy()).collect();
         Ok(Arc::new(Fleet {
             nodes,
             by_ip,
@@ -395,7 +398,17 @@ impl Fleet {
                         tokio::time::sleep(hotfleet_proto::pushback::jittered(wait)).await;
                         continue;
                     }
-                    self.counters.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                    let errors = self.counters.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                    // The first few say why, for a reader chasing a lost node.
+                    if errors < 10 {
+                        eprintln!(
+                            "  heartbeat error at {:.1} s, {}: {:?} {}",
+                            self.started.elapsed().as_secs_f64(),
+                            node.id,
+                            status.code(),
+                            status.message()
+                        );
+                    }
                     lock(&node.state).known = false;
                 }
             }
