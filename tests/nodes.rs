@@ -2,7 +2,9 @@
 //! while a live rollout holds the node, and once allowed the node's record
 //! is gone for good (a restarted coordinator does not bring it back), each
 //! attempt audited. And the coordinator's own removal of a node silent past
-//! `--node-expiry`.
+//! `--node-expiry`. And every process's module digests as the coordinator
+//! lists them: held although heartbeats leave them out, and asked for again
+//! by a restarted coordinator.
 
 #[macro_use]
 mod common;
@@ -15,7 +17,73 @@ use std::time::{Duration, Instant};
 on_both_stores!(
     a_node_is_removed_only_outside_live_rollouts_and_stays_removed,
     a_node_silent_past_the_node_expiry_is_forgotten,
+    the_coordinator_lists_each_process_s_digests_after_a_rollout_and_after_its_restart,
 );
+
+/// Each node's process digests as the coordinator lists them, sorted.
+async fn listed_digests(s: &Scenario) -> Vec<Vec<(String, String)>> {
+    let mut client = coordinator_client(&s.fleet.keys, &s.fleet.coordinator_urls()).await;
+    let nodes = client.list_nodes(hotfleet_proto::v1::ListNodesRequest::default()).await.expect("list").into_inner();
+    let mut by_node: Vec<(String, Vec<(String, String)>)> = nodes
+        .nodes
+        .into_iter()
+        .filter_map(|n| n.status)
+        .map(|n| {
+            let mut digests: Vec<(String, String)> =
+                n.processes.into_iter().flat_map(|p| p.live_digests.into_iter()).collect();
+            digests.sort();
+            (n.node_id, digests)
+        })
+        .collect();
+    by_node.sort();
+    by_node.into_iter().map(|(_, d)| d).collect()
+}
+
+/// Each node's process digests as its agent reports them, sorted.
+async fn agents_digests(s: &Scenario) -> Vec<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for status in s.agent_statuses().await {
+        let mut digests: Vec<(String, String)> =
+            status.processes.into_iter().flat_map(|p| p.live_digests.into_iter()).collect();
+        digests.sort();
+        out.push(digests);
+    }
+    out
+}
+
+/// Polls until the coordinator lists what the agents run, for up to `within`.
+async fn await_listed_as_run(s: &Scenario, within: Duration, what: &str) {
+    let until = Instant::now() + within;
+    loop {
+        let (listed, run) = (listed_digests(s).await, agents_digests(s).await);
+        if listed == run && run.iter().all(|d| !d.is_empty()) {
+            return;
+        }
+        assert!(Instant::now() < until, "{what}: the coordinator lists {listed:?}, the agents run {run:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn the_coordinator_lists_each_process_s_digests_after_a_rollout_and_after_its_restart(backend: Backend) {
+    let mut s = Scenario::start_game(backend, Game::ZoneServer, 2, BUILD);
+    await_listed_as_run(&s, Duration::from_secs(10), "registered").await;
+    let before = listed_digests(&s).await;
+    let patch = s.push("hotfix-damage");
+    let (code, rollout) = s.watch(&s.start_rollout(&patch, "500ms"));
+    assert_eq!(code, 0, "{rollout}");
+    // The patched module's digest changed; the heartbeat that says so carries the map.
+    await_listed_as_run(&s, Duration::from_secs(10), "after the rollout").await;
+    assert_ne!(listed_digests(&s).await, before, "the listing follows the patch");
+    // Heartbeats now leave the unchanged maps out, and the coordinator keeps them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    await_listed_as_run(&s, Duration::from_secs(1), "while heartbeats leave them out").await;
+
+    // A restarted coordinator (the only one, or on etcd the new term) holds none:
+    // it asks for them, and lists them again within a few heartbeats.
+    let dir = s.dir.path().to_path_buf();
+    s.fleet.restart_coordinator(&dir).expect("restart");
+    await_listed_as_run(&s, Duration::from_secs(20), "after the restart").await;
+}
 
 fn node_ids(s: &Scenario) -> Vec<String> {
     let out = ok(s.fleet.cli(&["--output", "json", "nodes", "list"]).expect("nodes list"));

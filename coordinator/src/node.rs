@@ -66,6 +66,10 @@ pub struct ProcessStatus {
     /// record with 32 modules. Records stored with them still read.
     #[serde(skip_serializing)]
     pub live_digests: Digests,
+    /// In a heartbeat only: the agent left `live_digests` out because this
+    /// leader already holds them (see [`crate::registry`]). Never kept.
+    #[serde(skip)]
+    pub live_digests_unchanged: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<ProcessHealth>,
     pub runtime_version: String,
@@ -171,6 +175,7 @@ mod tests {
                     build: "b1".into(),
                     patch_stack: vec!["p1".into(), "p2".into()],
                     live_digests: [("game.mod".to_string(), "ab12".to_string())].into(),
+                    live_digests_unchanged: false,
                     health: Some(ProcessHealth {
                         alive: true,
                         ticks: u64::MAX,

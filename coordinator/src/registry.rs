@@ -117,6 +117,19 @@ struct Entry {
     /// period counts from: in the future by [`STARTUP_GRACE`].
     last_seen: Instant,
     lost: bool,
+    /// The processes' digests were heard in this term (registered, or a
+    /// heartbeat carried them): not so for a record loaded from the store,
+    /// which keeps none.
+    digests_heard: bool,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    /// False: unknown node (it must register again).
+    pub known: bool,
+    /// The agent left out digests this registry does not hold.
+    pub send_digests: bool,
 }
 
 /// Shared, cheap to clone.
@@ -198,17 +211,25 @@ fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
 
 /// Points each process's digests at a shared copy: the one the node already
 /// holds when unchanged (most heartbeats: no pool lookup), else the pool's.
-fn share_digests(pool: &DigestPool, status: &mut NodeStatus, before: Option<&NodeStatus>) {
+/// A process the agent marked unchanged (its map left out) keeps the map
+/// held; returns true when one was marked so and none is held (the agent
+/// must send them all again).
+fn share_digests(pool: &DigestPool, status: &mut NodeStatus, before: Option<&NodeStatus>) -> bool {
+    let mut missing = false;
     for process in &mut status.processes {
         let held = before
             .and_then(|b| b.processes.iter().find(|p| p.process_id == process.process_id))
-            .map(|p| &p.live_digests)
-            .filter(|held| **held == process.live_digests);
+            .map(|p| &p.live_digests);
+        let unchanged = std::mem::take(&mut process.live_digests_unchanged);
         process.live_digests = match held {
-            Some(held) => held.clone(),
-            None => pool.share(std::mem::take(&mut process.live_digests)),
+            Some(held) if unchanged || *held == process.live_digests => held.clone(),
+            _ => {
+                missing |= unchanged;
+                pool.share(std::mem::take(&mut process.live_digests))
+            }
         };
     }
+    missing
 }
 
 /// Whether a status change is worth a store write (identity, not figures).
@@ -246,6 +267,7 @@ impl Registry {
                     status: record.status,
                     last_seen: grace_from,
                     lost: false,
+                    digests_heard: false,
                 },
             );
         }
@@ -306,6 +328,7 @@ impl Registry {
                 last_heartbeat_ms: now,
                 last_seen: Instant::now(),
                 lost: false,
+                digests_heard: true,
             },
         );
         self.mark_changed(&status.node_id);
@@ -320,15 +343,22 @@ impl Registry {
     }
 
     /// A heartbeat. `Ok(false)`: unknown node (it must re-register).
-    pub async fn heartbeat(&self, mut status: NodeStatus) -> Result<bool, RegistryError> {
+    pub async fn heartbeat(&self, status: NodeStatus) -> Result<bool, RegistryError> {
+        Ok(self.hear(status).await?.known)
+    }
+
+    /// A heartbeat, and whether the agent must send its digests again.
+    pub async fn hear(&self, mut status: NodeStatus) -> Result<Heard, RegistryError> {
         validate(&status)?;
         let now = now_ms();
-        let persist = {
+        let (persist, send_digests) = {
             let mut map = self.lock_write();
             let Some(entry) = map.get_mut(&status.node_id) else {
-                return Ok(false);
+                return Ok(Heard { known: false, send_digests: false });
             };
-            share_digests(&self.digests, &mut status, Some(&entry.status));
+            let before = entry.digests_heard.then_some(&entry.status);
+            let send_digests = share_digests(&self.digests, &mut status, before);
+            entry.digests_heard = !send_digests;
             let persist = identity_changed(&entry.status, &status);
             if entry.lost {
                 tracing::info!(node = %status.node_id, "lost node is back");
@@ -346,13 +376,13 @@ impl Registry {
             entry.last_heartbeat_ms = now;
             entry.last_seen = Instant::now();
             entry.lost = false;
-            record
+            (record, send_digests)
         };
         if let Some(record) = persist {
             // Written behind: a heartbeat is answered without waiting on the store.
             self.writes.put(record);
         }
-        Ok(true)
+        Ok(Heard { known: true, send_digests })
     }
 
     /// Marks nodes lost that were silent longer than the lost timeout;
@@ -549,6 +579,45 @@ mod tests {
         assert!(!a.shares(&b));
         assert!(ids[..25].iter().all(|id| digests_of(&reg, id).shares(&a)));
         assert!(ids[25..].iter().all(|id| digests_of(&reg, id).shares(&b)));
+    }
+
+    /// The heartbeat of an agent whose leader holds its digests: left out.
+    fn unchanged(id: &str, patch: &str) -> NodeStatus {
+        let mut s = with_digests(id, patch);
+        s.processes[0].live_digests = Default::default();
+        s.processes[0].live_digests_unchanged = true;
+        s
+    }
+
+    #[tokio::test]
+    async fn digests_left_out_as_unchanged_are_kept_and_a_term_without_them_asks_for_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let reg = registry(dir.path(), 1000).await;
+            reg.register(with_digests("n1", "p1")).await.expect("register");
+            let heard = reg.hear(unchanged("n1", "p1")).await.expect("hb");
+            assert_eq!(heard, Heard { known: true, send_digests: false });
+            assert_eq!(digests_of(&reg, "n1").len(), 32, "the map held is kept");
+            assert!(!reg.get("n1").expect("known").status.processes[0].live_digests_unchanged, "never kept");
+            // A changed map comes whole and replaces it.
+            assert!(!reg.hear(with_digests("n1", "p2")).await.expect("hb").send_digests);
+            assert_eq!(digests_of(&reg, "n1"), with_digests("x", "p2").processes[0].live_digests);
+            reg.flushed().await;
+        }
+        // A new term holds no digests (they are not stored): it asks for them,
+        // keeps none meanwhile, and holds them from the next full heartbeat.
+        let reg = registry(dir.path(), 1000).await;
+        assert_eq!(reg.hear(unchanged("n1", "p2")).await.expect("hb"), Heard { known: true, send_digests: true });
+        assert!(digests_of(&reg, "n1").is_empty());
+        assert!(reg.hear(unchanged("n1", "p2")).await.expect("hb").send_digests, "asked again until they come");
+        assert!(!reg.hear(with_digests("n1", "p2")).await.expect("hb").send_digests);
+        assert_eq!(digests_of(&reg, "n1").len(), 32);
+        assert!(!reg.hear(unchanged("n1", "p2")).await.expect("hb").send_digests);
+        assert_eq!(digests_of(&reg, "n1").len(), 32);
+        // A process it never heard of, marked unchanged, is asked for too.
+        let mut other = unchanged("n1", "p2");
+        other.processes[0].process_id = "n1-new".into();
+        assert!(reg.hear(other).await.expect("hb").send_digests);
     }
 
     #[tokio::test]

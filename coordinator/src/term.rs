@@ -61,6 +61,8 @@ pub struct LinkAnswer {
     /// The unfinished rollouts this term drives on the node, whose prepares
     /// the agent renews: prepared state lives as long as its rollout.
     pub live_rollouts: Vec<String>,
+    /// The heartbeat left out digests this term does not hold.
+    pub send_digests: bool,
 }
 
 /// Everything that runs while this coordinator leads.
@@ -156,8 +158,8 @@ impl Term {
     /// An agent's heartbeat.
     pub async fn heartbeat(&self, status: NodeStatus) -> Result<LinkAnswer, RegistryError> {
         let node_id = status.node_id.clone();
-        let known = self.registry.heartbeat(status).await?;
-        Ok(self.link_answer(known, &node_id))
+        let heard = self.registry.hear(status).await?;
+        Ok(LinkAnswer { send_digests: heard.send_digests, ..self.link_answer(heard.known, &node_id) })
     }
 
     fn link_answer(&self, known: bool, node_id: &str) -> LinkAnswer {
@@ -166,6 +168,7 @@ impl Term {
             epoch: self.registry.epoch(),
             heartbeat_interval_seconds: self.registry.heartbeat_interval_seconds(),
             live_rollouts: if known { self.engine.live_rollouts_of(node_id) } else { Vec::new() },
+            send_digests: false,
         }
     }
 

@@ -20,12 +20,19 @@
 //! node; their prepared patches are renewed for another TTL, so a prepare
 //! lives as long as its rollout while a leader answers, and presumed abort
 //! comes a TTL after the last leader went silent.
+//!
+//! A process's module digests (most of a heartbeat's size: ~3.5 KB with 32
+//! modules) are sent only when the leader does not hold them yet: once a
+//! leader has answered a heartbeat or registration carrying them, later
+//! heartbeats to it mark them unchanged and leave them out ([`HeldDigests`]);
+//! a new leader, a new epoch or an answer asking for them (`send_digests`)
+//! sends them all again.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use hotfleet_proto::{
     pushback,
-    v1::{HeartbeatRequest, RegisterRequest},
+    v1::{HeartbeatRequest, NodeStatus, RegisterRequest},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +75,57 @@ fn follow_leader(participant: &Participant, epoch: u64, live_rollouts: &[String]
     }
 }
 
+/// The module digests of each process the coordinator followed now holds:
+/// those it took in an answered heartbeat or registration, under its epoch.
+#[derive(Debug, Default)]
+pub struct HeldDigests {
+    coordinator: String,
+    epoch: u64,
+    by_process: HashMap<String, HashMap<String, String>>,
+}
+
+/// A status about to be sent: the digests it stands for, whichever it carries.
+pub struct Outgoing {
+    coordinator: String,
+    epoch: u64,
+    digests: HashMap<String, HashMap<String, String>>,
+}
+
+impl HeldDigests {
+    /// Leaves out of `status` the digests `coordinator` holds already, and
+    /// returns what the status stands for (to remember once answered).
+    pub fn strip(&self, coordinator: &str, status: &mut NodeStatus) -> Outgoing {
+        let mut digests = HashMap::with_capacity(status.processes.len());
+        for process in &mut status.processes {
+            let held = self.coordinator == coordinator
+                && self.by_process.get(&process.process_id) == Some(&process.live_digests);
+            let full = if held {
+                process.live_digests_unchanged = true;
+                std::mem::take(&mut process.live_digests)
+            } else {
+                process.live_digests.clone()
+            };
+            digests.insert(process.process_id.clone(), full);
+        }
+        Outgoing { coordinator: coordinator.to_string(), epoch: self.epoch, digests }
+    }
+
+    /// `sent` was answered under `epoch`: the coordinator holds its digests,
+    /// unless it asked for them again or is a new term (which holds none).
+    pub fn answered(&mut self, sent: Outgoing, epoch: u64, send_digests: bool) {
+        if send_digests || (sent.epoch != 0 && epoch != sent.epoch) {
+            *self = HeldDigests::default();
+            return;
+        }
+        *self = HeldDigests { coordinator: sent.coordinator, epoch, by_process: sent.digests };
+    }
+
+    /// Nothing is held (no answer, or the next call goes to a registration).
+    pub fn forget(&mut self) {
+        *self = HeldDigests::default();
+    }
+}
+
 /// Registers and heartbeats until `shutdown`; `registered` turns true once
 /// a coordinator has taken this node's registration (the attached stream
 /// waits for it: in a registration storm it would only add to the load).
@@ -83,10 +141,15 @@ pub async fn run(
     let timeout = call_timeout(interval);
     let budget = status_budget(interval);
     let (participant, identity) = (reporter.participant(), reporter.identity());
+    let mut held = HeldDigests::default();
     loop {
         for _ in 0..=LEADER_HOPS {
-            let status = reporter.node_status(budget).await;
+            let mut status = reporter.node_status(budget).await;
             let (addr, mut client) = coordinators.current();
+            if !registered {
+                held.forget();
+            }
+            let sent = held.strip(&addr, &mut status);
             let result = if registered {
                 let mut request = tonic::Request::new(HeartbeatRequest { node: Some(status) });
                 request.set_timeout(timeout);
@@ -96,7 +159,7 @@ pub async fn run(
                         tracing::info!(coordinator = %addr, "coordinator does not know this node; registering again");
                         registered = false;
                     }
-                    (r.epoch, r.live_rollouts)
+                    (r.epoch, r.live_rollouts, r.send_digests || !r.known)
                 })
             } else {
                 let mut request = tonic::Request::new(RegisterRequest { node: Some(status) });
@@ -106,11 +169,12 @@ pub async fn run(
                     tracing::info!(node = %identity.node_id, coordinator = %addr, epoch = r.epoch, "registered with the coordinator");
                     registered = true;
                     registered_once.send_replace(true);
-                    (r.epoch, r.live_rollouts)
+                    (r.epoch, r.live_rollouts, false)
                 })
             };
             match result {
-                Ok((epoch, live_rollouts)) => {
+                Ok((epoch, live_rollouts, send_digests)) => {
+                    held.answered(sent, epoch, send_digests);
                     crate::telemetry::heartbeat_answered();
                     follow_leader(participant, epoch, &live_rollouts);
                     if !reachable {
@@ -196,5 +260,54 @@ mod tests {
         rig.participant.expire_prepared().await;
         assert!(rig.participant.prepared().is_empty());
         assert_eq!(rig.participant.recently_expired().len(), 1);
+    }
+
+    fn status(digests: &[(&str, &str)]) -> NodeStatus {
+        NodeStatus {
+            node_id: "n1".into(),
+            processes: vec![hotfleet_proto::v1::ProcessStatus {
+                process_id: "p".into(),
+                live_digests: digests.iter().map(|(m, d)| (m.to_string(), d.to_string())).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn digests_the_leader_holds_are_left_out_until_they_change_or_it_asks() {
+        let mut held = HeldDigests::default();
+        let v1 = [("game.a", "aa"), ("game.b", "bb")];
+        let first = |held: &HeldDigests, addr: &str, digests: &[(&str, &str)]| {
+            let mut s = status(digests);
+            let sent = held.strip(addr, &mut s);
+            (s.processes[0].live_digests_unchanged, s.processes[0].live_digests.len(), sent)
+        };
+        let (unchanged, n, sent) = first(&held, "c1", &v1);
+        assert_eq!((unchanged, n), (false, 2), "nothing held yet: sent whole");
+        held.answered(sent, 7, false);
+        let (unchanged, n, sent) = first(&held, "c1", &v1);
+        assert_eq!((unchanged, n), (true, 0), "held: left out");
+        held.answered(sent, 7, false);
+        let (unchanged, n, _) = first(&held, "c1", &[("game.a", "a2"), ("game.b", "bb")]);
+        assert_eq!((unchanged, n), (false, 2), "changed: sent whole");
+        let (unchanged, _, _) = first(&held, "c2", &v1);
+        assert!(!unchanged, "another coordinator holds nothing of ours");
+
+        // The leader asks for them (a new term loaded without them): all again.
+        let (_, _, sent) = first(&held, "c1", &v1);
+        held.answered(sent, 7, true);
+        assert!(!first(&held, "c1", &v1).0);
+        // A new epoch at the same address is a new term: it holds none.
+        let (_, _, sent) = first(&held, "c1", &v1);
+        held.answered(sent, 7, false);
+        let (_, _, sent) = first(&held, "c1", &v1);
+        held.answered(sent, 8, false);
+        assert!(!first(&held, "c1", &v1).0);
+        // Registering again sends them whole.
+        let (_, _, sent) = first(&held, "c1", &v1);
+        held.answered(sent, 8, false);
+        held.forget();
+        assert!(!first(&held, "c1", &v1).0);
     }
 }

@@ -135,6 +135,7 @@ fn status_of(process: Process, entry: Option<&Entry>) -> ProcessStatus {
         health,
         runtime_version: process.runtime_version,
         python_version: process.python_version,
+        live_digests_unchanged: false,
     }
 }
 

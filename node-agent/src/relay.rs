@@ -32,7 +32,7 @@ use std::{
 
 use futures::future::BoxFuture;
 use hotfleet_proto::{
-    listener::{ConnLimits, Incoming},
+    listener::{fit_max_connections, ConnLimits, Incoming},
     tls::{ClientCerts, OwnCert, PeerCert, TlsArgs, RELAYED_CERT_HEADER},
 };
 use http_body_util::BodyExt as _;
@@ -267,8 +267,9 @@ pub async fn serve(
         tls = transport.is_tls(),
         "hotfleet-relay serving"
     );
-    let incoming =
-        Incoming::new(listener, ConnLimits { max_connections: config.max_connections, handshake_timeout: handshake });
+    // Descriptors kept free of agents' connections: the upstream ones, logs.
+    let max_connections = fit_max_connections(config.max_connections, 64 + config.upstream_connections as u64);
+    let incoming = Incoming::new(listener, ConnLimits { max_connections, handshake_timeout: handshake });
     builder
         .layer(hotfleet_obs::grpc::GrpcLayer::server())
         .add_service(relay)

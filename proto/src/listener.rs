@@ -267,6 +267,30 @@ impl Stream for Incoming {
     }
 }
 
+/// `requested` connections, or fewer if the open-files limit (raised to its
+/// hard limit first) cannot hold them beside `reserved` other descriptors;
+/// a lowered figure is logged with how to raise it.
+#[cfg(unix)]
+pub fn fit_max_connections(requested: usize, reserved: u64) -> usize {
+    match raise_nofile_limit() {
+        Ok(soft) if (requested as u64).saturating_add(reserved) > soft => {
+            let fitting = soft.saturating_sub(reserved).max(1) as usize;
+            tracing::warn!(
+                requested,
+                open_files_limit = soft,
+                max_connections = fitting,
+                "--max-connections lowered to fit the open-files limit (raise `ulimit -Hn` for more)"
+            );
+            fitting
+        }
+        Ok(_) => requested,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read or raise the open-files limit");
+            requested
+        }
+    }
+}
+
 /// Raises this process's soft limit on open files to its hard limit, so
 /// `--max-connections` is not cut short by a low default (often 1024).
 /// Returns the soft limit now in force.

@@ -55,6 +55,10 @@ struct Args {
     /// a real game has dozens to hundreds. 0 reproduces the figures before the eleventh part.
     #[arg(long, default_value_t = 32)]
     modules: usize,
+    /// Every heartbeat carries every module digest, as agents did before they
+    /// left out those the leader holds (the figures before the thirteenth part).
+    #[arg(long)]
+    full_digests: bool,
     #[arg(long, default_value = "50ms")]
     health_window: String,
     #[arg(long, default_value = "20%,40%,60%,80%,100%")]
@@ -89,6 +93,7 @@ fn main() -> Result<()> {
         heartbeat_conns: args.heartbeat_conns,
         relays: args.relays,
         attach: !args.dial,
+        full_digests: args.full_digests,
         modules: args.modules,
         health_window: args.health_window,
         waves: args.waves,

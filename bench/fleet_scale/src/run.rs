@@ -34,6 +34,8 @@ pub struct Plan {
     pub relays: usize,
     /// The agents attach (commands down their heartbeat connections).
     pub attach: bool,
+    /// Every heartbeat carries every module digest (the protocol before the thirteenth part).
+    pub full_digests: bool,
     pub modules: usize,
     pub health_window: String,
     pub waves: String,
@@ -255,6 +257,9 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         false => (relays.iter().map(RelayProc::url).collect(), plan.nodes),
     };
     let fleet = Fleet::new(plan.nodes, port, BUILD, &targets, conns, plan.attach, plan.modules)?;
+    if plan.full_digests {
+        fleet.send_full_digests();
+    }
     let server = tokio::spawn(fleet.clone().serve(listener));
     let registering = Instant::now();
     let nodes: Vec<_> = (0..fleet.len()).map(|i| tokio::spawn(fleet.clone().run_node(i, plan.heartbeat))).collect();

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hotfleet_agent::attach;
+use hotfleet_agent::{attach, coordinator_link::HeldDigests};
 use hotfleet_proto::v1::{
     agent_gateway_client::AgentGatewayClient,
     agent_server::{Agent, AgentServer},
@@ -150,6 +150,8 @@ pub struct Fleet {
     attach: bool,
     /// What each process reports as `live_digests` (module -> sha256), for statuses of a realistic size.
     digests: HashMap<String, String>,
+    /// Every heartbeat carries every digest (agents before `live_digests_unchanged`).
+    full_digests: std::sync::atomic::AtomicBool,
     pub counters: Counters,
 }
 
@@ -205,8 +207,15 @@ impl Fleet {
             coordinator,
             attach,
             digests: (0..modules).map(|m| (format!("{MODULE_PREFIX}{m:03}"), format!("{m:064x}"))).collect(),
+            full_digests: std::sync::atomic::AtomicBool::new(false),
             counters: Counters::default(),
         }))
+    }
+
+    /// Heartbeats carry every digest, as agents did before they left out
+    /// those the leader holds.
+    pub fn send_full_digests(&self) {
+        self.full_digests.store(true, Ordering::Relaxed);
     }
 
     pub fn len(&self) -> usize {
@@ -312,6 +321,7 @@ impl Fleet {
                 health: Some(health),
                 runtime_version: "sim".into(),
                 python_version: "sim".into(),
+                live_digests_unchanged: false,
             }],
             highest_epoch: state.highest_epoch,
             prepared: state.prepared.clone(),
@@ -365,23 +375,33 @@ impl Fleet {
         let mut attach = self.attach;
         let mut client = AgentGatewayClient::new(self.channel(i));
         let mut registered = false;
+        // As a real agent: digests the leader holds are left out (coordinator_link.rs).
+        let mut held = HeldDigests::default();
         let mut next = tokio::time::Instant::now() + interval;
         loop {
-            let status = self.status_of(i);
+            let mut status = self.status_of(i);
+            if !registered || self.full_digests.load(Ordering::Relaxed) {
+                held.forget();
+            }
+            let sent = held.strip("coordinator", &mut status);
             let answer = if registered {
                 self.counters.heartbeat.fetch_add(1, Ordering::Relaxed);
                 let mut request = Request::new(HeartbeatRequest { node: Some(status) });
                 request.set_timeout(Duration::from_secs(5));
-                client.heartbeat(request).await.map(|r| (r.get_ref().known, r.get_ref().epoch))
+                client.heartbeat(request).await.map(|r| {
+                    let r = r.get_ref();
+                    (r.known, r.epoch, r.send_digests || !r.known)
+                })
             } else {
                 self.counters.register.fetch_add(1, Ordering::Relaxed);
                 let mut request = Request::new(RegisterRequest { node: Some(status) });
                 request.set_timeout(Duration::from_secs(30));
-                client.register(request).await.map(|r| (true, r.get_ref().epoch))
+                client.register(request).await.map(|r| (true, r.get_ref().epoch, false))
             };
             let node = &self.nodes[i];
             match answer {
-                Ok((known, epoch)) => {
+                Ok((known, epoch, send_digests)) => {
+                    held.answered(sent, epoch, send_digests);
                     let mut state = lock(&node.state);
                     state.known = known;
                     state.highest_epoch = state.highest_epoch.max(epoch);

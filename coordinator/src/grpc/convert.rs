@@ -139,7 +139,7 @@ both_ways!(NodeStatus, pb::NodeStatus {
 });
 
 both_ways!(ProcessStatus, pb::ProcessStatus {
-    process_id, pid, build, patch_stack, runtime_version, python_version;
+    process_id, pid, build, patch_stack, runtime_version, python_version, live_digests_unchanged;
     live_digests: |v| v.into_iter().collect(),
     health: |v| v.map(Into::into),
 });

@@ -113,6 +113,7 @@ impl AgentGateway for GatewayService {
             known: answer.known,
             epoch: answer.epoch,
             live_rollouts: answer.live_rollouts,
+            send_digests: answer.send_digests,
         }))
     }
 

@@ -77,23 +77,7 @@ pub fn apply(builder: Server, listener: TcpListener, limits: &ServeLimits) -> (S
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
-    let max_connections = match listener::raise_nofile_limit() {
-        Ok(soft) if (limits.max_connections as u64).saturating_add(RESERVED_FDS) > soft => {
-            let fitting = soft.saturating_sub(RESERVED_FDS).max(1) as usize;
-            tracing::warn!(
-                requested = limits.max_connections,
-                open_files_limit = soft,
-                max_connections = fitting,
-                "--max-connections lowered to fit the open-files limit (raise `ulimit -Hn` for more)"
-            );
-            fitting
-        }
-        Ok(_) => limits.max_connections,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot read or raise the open-files limit");
-            limits.max_connections
-        }
-    };
+    let max_connections = listener::fit_max_connections(limits.max_connections, RESERVED_FDS);
     let incoming = Incoming::new(listener, ConnLimits { max_connections, handshake_timeout: limits.handshake_timeout });
     (builder, incoming)
 }
