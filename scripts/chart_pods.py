@@ -54,12 +54,14 @@ def run(cmd, **kw):
 class Layout:
     """The files each volume would hold, made locally."""
 
-    def __init__(self, work, hotfleet, nodes):
+    def __init__(self, work, hotfleet, nodes, relays=()):
         self.work = work
         run(
             [hotfleet, "certs", "dev", "--out", self.path("pki"), "--operator", f"{OPERATOR}:operator"]
             + [arg for node in nodes for arg in ("--node", node)]
+            + [arg for relay in relays for arg in ("--relay", relay)]
         )
+        self.relays = list(relays)
         run([hotfleet, "keygen", "--out", self.path("release")])
         os.makedirs(self.path("keys"))
         os.link(self.path("release/hotfleet.pub"), self.path("keys/hotfleet.pub"))
@@ -93,6 +95,8 @@ class Layout:
                 return self.path("keys")
             if name == "tls":
                 return self.path("pki/coordinator")
+            if name == "relay-tls" and self.relays:
+                return self.path(f"pki/relays/{self.relays[0]}")
             if name in ("operators", "tokens"):
                 d = self.path(f"vol-{name}")
                 os.makedirs(d, exist_ok=True)

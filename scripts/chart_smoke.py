@@ -17,7 +17,11 @@ cannot: that the flags, file names and identities the chart wires together
 are the ones the binaries accept. How a pod is laid out locally is
 chart_pods.py's.
 
-Usage: chart_smoke.py --bin-dir DIR [--etcd BIN] --coordinator MANIFEST --agent MANIFEST...
+With `--relay MANIFEST` the relay Deployment's container runs too (one
+replica), under the relay certificate the coordinator names in `--relay`,
+and the agents reach the coordinator through it.
+
+Usage: chart_smoke.py --bin-dir DIR [--etcd BIN] --coordinator MANIFEST [--relay MANIFEST] --agent MANIFEST...
 Needs PyYAML (yamllint brings it).
 """
 
@@ -149,6 +153,7 @@ def main():
     parser.add_argument("--etcd", help="etcd binary, for a coordinator on --store=etcd")
     parser.add_argument("--coordinator", required=True, metavar="MANIFEST")
     parser.add_argument("--agent", required=True, action="append", metavar="MANIFEST")
+    parser.add_argument("--relay", metavar="MANIFEST", help="a manifest with the relay Deployment")
     opts = parser.parse_args()
     # Ports are picked free, then bound by the binaries a moment later; on a
     # busy machine another process can take one in between: try again then.
@@ -166,6 +171,11 @@ def smoke(opts):
 
     nodes = [f"game-node-{i + 1}" for i in range(len(opts.agent))]
     cports = [free_port() for _ in range(replicas(opts.coordinator))]
+    rport = free_port()
+    # The relay's certificate is the one the coordinator trusts to speak for agents.
+    relays = [a.split("=", 1)[1] for a in container_args(opts.coordinator) if a.startswith("--relay=")]
+    if opts.relay and not relays:
+        sys.exit("--relay given, but the coordinator trusts no relay (no --relay=NAME in its args)")
     base_env = {"POD_IP": "127.0.0.1", "POD_NAMESPACE": "hotfleet"}
     # Each replica's stable name is that replica; the Service is the first.
     cluster_addrs = [
@@ -174,10 +184,11 @@ def smoke(opts):
             lambda m: f"127.0.0.1:{cports[int(m.group(1))]}",
         ),
         (r"[a-z0-9.-]+\.svc:7700", f"127.0.0.1:{cports[0]}"),
+        (r"[a-z0-9.-]+-relay\.[a-z0-9.-]+\.svc:7702", f"127.0.0.1:{rport}"),
     ]
     procs, games = [], []
     with tempfile.TemporaryDirectory(prefix="hotfleet-chart-") as work:
-        layout = Layout(work, binary("hotfleet"), nodes)
+        layout = Layout(work, binary("hotfleet"), nodes, relays)
         env_out = dict(os.environ, NO_COLOR="1")
 
         def logs():
@@ -200,6 +211,11 @@ def smoke(opts):
                 procs.append(
                     (name, start([binary("hotfleet-coordinator")] + args, layout.path(f"{name}.log"), env_out))
                 )
+            if opts.relay:
+                container, pod = pod_spec(opts.relay, "hotfleet-relay")
+                addrs = [(r"0\.0\.0\.0:7702\b", f"127.0.0.1:{rport}")] + cluster_addrs
+                args = local_args(container, pod, layout, dict(base_env), addrs)
+                procs.append(("relay", start([binary("hotfleet-relay")] + args, layout.path("relay.log"), env_out)))
             for node, manifest in zip(nodes, opts.agent):
                 container, pod = pod_spec(manifest, "hotfleet-agent")
                 aport = free_port()
@@ -251,7 +267,7 @@ def smoke(opts):
                 time.sleep(0.5)
             else:
                 raise SystemExit(f"not every agent registered within 30 s:\n{listing}\n{logs()}")
-            checked = [f"{len(nodes)} agents registered over mutual TLS"]
+            checked = [f"{len(nodes)} agents registered over mutual TLS" + (" through the relay" if opts.relay else "")]
             if games:
                 checked.append(f"{len(games)} game process(es) reached the sidecar through the chart's socket")
             if len(cports) > 1:

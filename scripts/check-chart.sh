@@ -150,7 +150,8 @@ done
 step "every flag the chart passes is one the binaries have"
 BUILT=${CARGO_TARGET_DIR:-$ROOT/target}/debug
 BIN_DIR=${HOTFLEET_BIN_DIR:-$BUILT}
-if [ ! -x "$BIN_DIR/hotfleet-coordinator" ] || [ ! -x "$BIN_DIR/hotfleet-agent" ] || [ ! -x "$BIN_DIR/hotfleet" ]; then
+if [ ! -x "$BIN_DIR/hotfleet-coordinator" ] || [ ! -x "$BIN_DIR/hotfleet-agent" ] || [ ! -x "$BIN_DIR/hotfleet-relay" ] \
+  || [ ! -x "$BIN_DIR/hotfleet" ]; then
   cargo build --locked -p hotfleet-coordinator -p hotfleet-agent -p hotfleet-cli --bins
   BIN_DIR=$BUILT
 fi
@@ -159,7 +160,7 @@ for name in "${rendered[@]}"; do
   [ "${name##*-}" = "${KUBE_VERSIONS[0]}" ] && manifests+=("$OUT/$name.yaml")
 done
 PYTHONPATH=$PYLIB "$PY" scripts/check_chart_flags.py \
-  --coordinator "$BIN_DIR/hotfleet-coordinator" --agent "$BIN_DIR/hotfleet-agent" \
+  --coordinator "$BIN_DIR/hotfleet-coordinator" --agent "$BIN_DIR/hotfleet-agent" --relay "$BIN_DIR/hotfleet-relay" \
   "${manifests[@]}" \
   || die "the chart passes a flag or variable a binary does not have"
 ok "flags"
@@ -171,6 +172,11 @@ k=${KUBE_VERSIONS[0]}
 PYTHONPATH=$PYLIB "$PY" scripts/chart_smoke.py --bin-dir "$BIN_DIR" --coordinator "$OUT/single-$k.yaml" \
   --agent "$OUT/single-$k.yaml" --agent "$OUT/agent-daemonset-$k.yaml" --agent "$OUT/example-game-$k.yaml" \
   || die "the coordinator and agents do not work together as the chart starts them"
+PASSED=$((PASSED + 1))
+# Agents through the relay, which the coordinator trusts to speak for them.
+PYTHONPATH=$PYLIB "$PY" scripts/chart_smoke.py --bin-dir "$BIN_DIR" --coordinator "$OUT/relay-$k.yaml" \
+  --relay "$OUT/relay-$k.yaml" --agent "$OUT/relay-$k.yaml" \
+  || die "the coordinator, the relay and an agent do not work together as the chart starts them"
 PASSED=$((PASSED + 1))
 # Three replicas on one local etcd (test-all.sh installs it; so does this).
 if ! command -v etcd >/dev/null 2>&1; then
@@ -198,6 +204,8 @@ refuse() {
 }
 refuse "an unknown store" "value must be one of 'embedded', 'etcd'" --set coordinator.store.type=redis
 refuse "an unknown agent mode" "value must be one of 'daemonset', 'sidecar'" --set agent.mode=host
+refuse "a relay without this release's coordinator" "relay.enabled needs coordinator.enabled" \
+  --set relay.enabled=true --set coordinator.enabled=false --set agent.coordinatorAddress=coord.other.svc:7700
 refuse "a misspelt key" "additional properties 'replica' not allowed" --set coordinator.replica=3
 refuse "a bad duration" "heartbeatInterval" --set coordinator.heartbeatInterval=2seconds
 refuse "3 replicas on the embedded store" "needs coordinator.store.type=etcd" --set coordinator.replicas=3

@@ -5,7 +5,7 @@ compares every `--flag` in their args, and every HOTFLEET_* environment
 variable they set for the binary, with what the binary's own `--help` lists.
 A renamed or misspelt flag then fails here, not in a crash-looping pod.
 
-Usage: check_chart_flags.py --coordinator BIN --agent BIN [--pending=FLAG]... MANIFEST...
+Usage: check_chart_flags.py --coordinator BIN --agent BIN --relay BIN [--pending=FLAG]... MANIFEST...
 `--pending` names flags another change is adding right now: accepted (and
 reported) while the binary lacks them. Needs PyYAML (yamllint brings it).
 """
@@ -18,7 +18,7 @@ import sys
 import yaml
 
 # Container name in the chart -> which binary runs in it.
-CONTAINERS = {"coordinator": "coordinator", "hotfleet-agent": "agent"}
+CONTAINERS = {"coordinator": "coordinator", "hotfleet-agent": "agent", "hotfleet-relay": "relay"}
 
 
 def help_text(binary):
@@ -70,16 +70,21 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--agent", required=True)
+    parser.add_argument("--relay", required=True)
     parser.add_argument("--pending", action="append", default=[])
     parser.add_argument("manifests", nargs="+")
     args = parser.parse_args()
-    helps = {"coordinator": help_text(args.coordinator), "agent": help_text(args.agent)}
+    helps = {
+        "coordinator": help_text(args.coordinator),
+        "agent": help_text(args.agent),
+        "relay": help_text(args.relay),
+    }
     found, errors, used_pending = 0, [], set()
     for path, container in containers(args.manifests):
         found += 1
         errors += [f"{path}: {p}" for p in problems(container, helps, set(args.pending), used_pending)]
     if found == 0:
-        errors.append("no coordinator or agent container in the manifests")
+        errors.append("no coordinator, agent or relay container in the manifests")
     for flag in sorted(used_pending):
         print(f"note {flag}: not in this binary yet (pending change), accepted")
     for e in errors:

@@ -113,6 +113,9 @@ hotfleet.io/agent: "true"
     {{- end }}
     {{- if $v.tls.enabled }}
     - --coordinator-identity={{ $v.tls.coordinatorIdentity }}
+    {{- with include "hotfleet.agent.relayIdentity" . }}
+    - --relay-identity={{ . }}
+    {{- end }}
     {{- end }}
     {{- /* perNode: one Secret, a certificate per node id as <id>.crt/<id>.key. */}}
     {{- $certName := ternary "$(HOTFLEET_NODE_ID)" "tls" (eq $a.tls.source "perNode") }}

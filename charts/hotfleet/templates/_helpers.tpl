@@ -37,6 +37,10 @@ here agree in both places (the chart name is fixed, not read from .Chart).
 {{- printf "%s-agent" (include "hotfleet.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "hotfleet.relay.fullname" -}}
+{{- printf "%s-relay" (include "hotfleet.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "hotfleet.serviceAccountName" -}}
 {{- if .values.serviceAccount.create -}}
 {{- default (include "hotfleet.fullname" .) .values.serviceAccount.name -}}
@@ -51,6 +55,10 @@ here agree in both places (the chart name is fixed, not read from .Chart).
 
 {{- define "hotfleet.agentSecret" -}}
 {{- default (printf "%s-agent-tls" (include "hotfleet.fullname" .)) .values.tls.agentSecret -}}
+{{- end -}}
+
+{{- define "hotfleet.relaySecret" -}}
+{{- default (printf "%s-relay-tls" (include "hotfleet.fullname" .)) .values.tls.relaySecret -}}
 {{- end -}}
 
 {{/* Labels every object carries. */}}
@@ -69,6 +77,11 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 {{- define "hotfleet.coordinator.selectorLabels" -}}
 {{ include "hotfleet.selectorLabels" . }}
 app.kubernetes.io/component: coordinator
+{{- end -}}
+
+{{- define "hotfleet.relay.selectorLabels" -}}
+{{ include "hotfleet.selectorLabels" . }}
+app.kubernetes.io/component: relay
 {{- end -}}
 
 {{/* Pods running an agent (DaemonSet pods, and game pods with the sidecar):
@@ -92,13 +105,24 @@ chart including the sidecar has its own appVersion, so it must set the tag. */}}
 {{- end -}}
 
 {{/*
-Where agents find the coordinators: the one Service on the embedded store;
-every replica's stable DNS name on etcd (the agent follows the leader).
+Where agents find the coordinators: agent.coordinatorAddress if set, else
+this release's relay Service with relay.enabled, else the coordinators.
 */}}
 {{- define "hotfleet.coordinatorAddress" -}}
 {{- if .values.agent.coordinatorAddress -}}
 {{- .values.agent.coordinatorAddress -}}
+{{- else if .values.relay.enabled -}}
+{{- printf "%s.%s.svc:%d" (include "hotfleet.relay.fullname" .) .root.Release.Namespace (int .values.relay.port) -}}
 {{- else -}}
+{{- include "hotfleet.coordinators" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+This release's coordinators: the one Service on the embedded store; every
+replica's stable DNS name on etcd (clients follow the leader).
+*/}}
+{{- define "hotfleet.coordinators" -}}
 {{- $ns := .root.Release.Namespace -}}
 {{- $port := int .values.coordinator.port -}}
 {{- if eq .values.coordinator.store.type "etcd" -}}
@@ -112,6 +136,14 @@ every replica's stable DNS name on etcd (the agent follows the leader).
 {{- else -}}
 {{- printf "%s.%s.svc:%d" (include "hotfleet.coordinator.fullname" .) $ns $port -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The identity an agent verifies when it calls (--relay-identity), if a relay. */}}
+{{- define "hotfleet.agent.relayIdentity" -}}
+{{- if .values.agent.relayIdentity -}}
+{{- .values.agent.relayIdentity -}}
+{{- else if and .values.relay.enabled (not .values.agent.coordinatorAddress) -}}
+{{- .values.relay.identity -}}
 {{- end -}}
 {{- end -}}
 
@@ -192,6 +224,9 @@ to change.
 {{- end -}}
 {{- if and $v.trustedKeys.existingSecret $v.trustedKeys.existingConfigMap -}}
 {{- fail "set only one of trustedKeys.existingSecret and trustedKeys.existingConfigMap" -}}
+{{- end -}}
+{{- if and $v.relay.enabled (not $v.coordinator.enabled) -}}
+{{- fail "relay.enabled needs coordinator.enabled: the relays carry this release's agents to this release's coordinators" -}}
 {{- end -}}
 {{- if and $v.agent.enabled (not $v.coordinator.enabled) (not $v.agent.coordinatorAddress) -}}
 {{- fail "coordinator.enabled=false: set agent.coordinatorAddress to the coordinator release's Service (NAME.NAMESPACE.svc:7700), or every replica's address on etcd" -}}
