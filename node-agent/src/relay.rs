@@ -49,6 +49,25 @@ use tower::ServiceExt as _;
 
 use crate::coordinators::{Coordinators, Dial, LEADER_HEADER};
 
+pub static ATTACHED: hotfleet_obs::Def = hotfleet_obs::Def {
+    name: "hotfleet_relay_attached_agents",
+    help: "Agents attached through this relay now (each holds a stream on an upstream connection).",
+    kind: hotfleet_obs::Kind::Gauge,
+    labels: &[],
+};
+pub static CAPACITY: hotfleet_obs::Def = hotfleet_obs::Def {
+    name: "hotfleet_relay_attach_capacity",
+    help: "Agents this relay can attach: --upstream-connections x 192.",
+    kind: hotfleet_obs::Kind::Gauge,
+    labels: &[],
+};
+pub static UNREACHABLE: hotfleet_obs::Def = hotfleet_obs::Def {
+    name: "hotfleet_relay_coordinator_unreachable_total",
+    help: "Calls the relay could not carry because the coordinator it followed was unreachable.",
+    kind: hotfleet_obs::Kind::Counter,
+    labels: &[],
+};
+
 /// Attached agents one upstream connection carries: under the coordinator's
 /// 256 streams per connection, leaving room for heartbeats and downloads.
 pub const ATTACHED_PER_CONNECTION: usize = 192;
@@ -139,6 +158,15 @@ impl Relay {
         Ok(Relay { upstreams: Arc::new(upstreams), next: Arc::new(AtomicUsize::new(0)), tls })
     }
 
+    /// Keeps its gauges in `registry` current at each scrape.
+    pub fn watch(&self, registry: &hotfleet_obs::Registry) {
+        let watched = self.clone();
+        registry.on_scrape(move |registry| {
+            registry.set(&ATTACHED, &[], watched.attached() as f64);
+            registry.set(&CAPACITY, &[], (watched.upstreams.len() * ATTACHED_PER_CONNECTION) as f64);
+        });
+    }
+
     /// Agents attached through this relay now.
     pub fn attached(&self) -> usize {
         self.upstreams.iter().map(|u| ATTACHED_PER_CONNECTION - u.attached.available_permits()).sum()
@@ -203,6 +231,7 @@ impl Relay {
             Err(err) => {
                 let status = Status::unavailable(format!("relay: coordinator {from} unreachable: {err}"));
                 tracing::warn!(coordinator = %from, error = %err, "coordinator unreachable: trying the next");
+                hotfleet_obs::metrics().inc(&UNREACHABLE, &[]);
                 self.redirect(&from, &status);
                 return status.into_http();
             }
@@ -253,6 +282,7 @@ pub async fn serve(
     let transport = config.tls.transport(OwnCert::Required)?;
     let dial = Dial { transport: transport.clone(), coordinator_identity: config.coordinator_identity.clone() };
     let relay = Relay::new(&config.coordinator, dial, config.upstream_connections)?;
+    relay.watch(hotfleet_obs::metrics());
     let handshake = Duration::from_secs(10);
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -303,6 +333,17 @@ mod tests {
         held.pop();
         assert!(relay.pick(true).is_ok());
         assert!(Relay::new("127.0.0.1:1", Dial::insecure(), 0).is_err(), "no connection is refused");
+    }
+
+    #[tokio::test]
+    async fn its_gauges_say_how_full_it_is_at_each_scrape() {
+        let relay = relay(3);
+        let registry = hotfleet_obs::Registry::default();
+        relay.watch(&registry);
+        let _held: Vec<_> = (0..5).map(|_| relay.pick(true).expect("room")).collect();
+        let text = registry.render();
+        assert!(text.contains("hotfleet_relay_attached_agents 5"), "{text}");
+        assert!(text.contains(&format!("hotfleet_relay_attach_capacity {}", 3 * ATTACHED_PER_CONNECTION)), "{text}");
     }
 
     #[tokio::test]
