@@ -94,6 +94,9 @@ pub struct RelayConfig {
     /// HTTP/2 connections to the coordinator; each carries up to 192 attached agents.
     #[arg(long, env = "HOTFLEET_RELAY_UPSTREAM_CONNECTIONS", default_value_t = 4)]
     pub upstream_connections: usize,
+    /// Threads carrying calls; 0: one per core.
+    #[arg(long, env = "HOTFLEET_RELAY_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// Agent connections at most (the rest wait in the kernel's backlog).
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,

@@ -5,9 +5,20 @@ use clap::Parser;
 use hotfleet_agent::relay::{self, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = RelayConfig::parse();
+    let mut runtime = match config.worker_threads {
+        // One thread: no hand-offs between threads for a call's several tasks.
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if config.worker_threads > 1 {
+        runtime.worker_threads(config.worker_threads);
+    }
+    runtime.enable_all().build().context("starting the runtime")?.block_on(relay(config))
+}
+
+async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     let obs = hotfleet_obs::start(&config.obs, "hotfleet-relay", hotfleet_obs::logs::Stream::Stderr, false).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
