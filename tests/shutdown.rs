@@ -138,7 +138,9 @@ async fn sigterm_to_the_leader_of_three_hands_over_at_once_and_the_rollout_compl
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("watch printed no snapshot: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(out.status.code(), Some(0), "the watch exits with the real outcome: {rollout}");
+    // What the watch said on the way (its reconnections), for a failure to explain itself.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "the watch exits with the real outcome: {rollout}\nits stderr: {said}");
     assert_eq!(phase(&rollout), "completed");
     assert_eq!(epoch_of(&rollout), new_epoch, "finished by the new leader");
     assert!(!rollout["events"].to_string().contains("lost"), "no node was blamed: {}", rollout["events"]);
