@@ -208,15 +208,13 @@ pub struct PeerCert {
 impl PeerCert {
     /// The client certificate of the connection `request` came on, if any.
     pub fn of<B>(request: &http::Request<B>) -> Option<PeerCert> {
-        PeerCert::from_der(&PeerCert::der_of(request)?)
+        with_client_der(request, PeerCert::from_der).flatten()
     }
 
     /// The client certificate of the connection `request` came on, as DER
     /// (what a relay hands on).
     pub fn der_of<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
-        let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
-        let certs = info.peer_certs()?;
-        Some(certs.first()?.as_ref().to_vec())
+        with_client_der(request, <[u8]>::to_vec)
     }
 
     /// Reads a DER certificate; `None` when it does not parse.
@@ -244,6 +242,15 @@ impl PeerCert {
     pub fn is(&self, identity: &str) -> bool {
         self.common_name.as_deref() == Some(identity) || self.dns_names.iter().any(|n| n == identity)
     }
+}
+
+/// `read` applied to the DER of the client certificate of the connection
+/// `request` came on, borrowed: every request of a TLS server reads it, so
+/// it is not copied unless the caller keeps it.
+fn with_client_der<B, T>(request: &http::Request<B>, read: impl FnOnce(&[u8]) -> T) -> Option<T> {
+    let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    let certs = info.peer_certs()?;
+    Some(read(certs.first()?.as_ref()))
 }
 
 /// Just enough DER to read the attributes of an X.501 Name (webpki hands

@@ -53,12 +53,13 @@ impl Authority {
     /// coordinator trusts (`--relay`), only for the agents' own service, and
     /// never with a role (an operator certificate behind a relay is an agent).
     fn relayed(&self, path: &str, value: &http::HeaderValue, peer: Option<PeerCert>) -> Result<Caller, Status> {
-        let relay = peer.as_ref().and_then(PeerCert::name).unwrap_or("an anonymous caller");
-        if !self.credentials.is_relay(relay) {
+        let named = peer.as_ref().and_then(PeerCert::name);
+        let Some(relay) = named.filter(|name| self.credentials.is_relay(name)) else {
             return Err(Status::permission_denied(format!(
-                "{relay} is not a trusted relay (coordinator --relay): it may not speak for another certificate"
+                "{} is not a trusted relay (coordinator --relay): it may not speak for another certificate",
+                named.unwrap_or("an anonymous caller")
             )));
-        }
+        };
         if !path.starts_with(GATEWAY) {
             return Err(Status::permission_denied(format!("relay {relay} may forward agents' calls only, not {path}")));
         }
