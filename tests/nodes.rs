@@ -71,7 +71,9 @@ async fn the_coordinator_lists_each_process_s_digests_after_a_rollout_and_after_
     let patch = s.push("hotfix-damage");
     let (code, rollout) = s.watch(&s.start_rollout(&patch, "500ms"));
     assert_eq!(code, 0, "{rollout}");
-    // The patched module's digest changed; the heartbeat that says so carries the map.
+    // The patched module's digest changed: the heartbeat that says so names the new
+    // map by fingerprint; the leader asks the first node for it whole, and the
+    // other takes that copy (or sends it whole too, if it asked first).
     await_listed_as_run(&s, Duration::from_secs(10), "after the rollout").await;
     assert_ne!(listed_digests(&s).await, before, "the listing follows the patch");
     // Heartbeats now leave the unchanged maps out, and the coordinator keeps them.

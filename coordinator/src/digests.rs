@@ -8,7 +8,7 @@
 //! one map per distinct stack and each process a pointer.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap},
     fmt,
     ops::Deref,
     sync::{Arc, Mutex},
@@ -86,7 +86,9 @@ impl<'de> Deserialize<'de> for Digests {
 /// since the last sweep (and never below this many).
 const SWEEP_FROM: usize = 64;
 
-/// One copy of each distinct digest map in use.
+/// One copy of each distinct digest map in use, found by its fingerprint
+/// ([`hotfleet_proto::digests::fingerprint`]), which agents send in place
+/// of a map that changed (a fleet's processes change to the same map at once).
 #[derive(Default)]
 pub struct DigestPool {
     inner: Mutex<Pool>,
@@ -94,33 +96,49 @@ pub struct DigestPool {
 
 #[derive(Default)]
 struct Pool {
-    maps: HashSet<Digests>,
+    maps: HashMap<String, Digests>,
     sweep_at: usize,
 }
 
 impl DigestPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The pool's copy of `digests` (adding it if new).
     pub fn share(&self, digests: Digests) -> Digests {
         if digests.is_empty() {
             return digests;
         }
-        let mut pool = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(shared) = pool.maps.get(&digests) {
-            return shared.clone();
+        // Hashed outside the lock: ~3.5 KB with 32 modules, and only a map
+        // sent whole (a first registration, a map the pool lacked) gets here.
+        let fingerprint = hotfleet_proto::digests::fingerprint(digests.iter());
+        let mut pool = self.lock();
+        match pool.maps.get(&fingerprint) {
+            Some(shared) if *shared == digests => return shared.clone(),
+            // Two maps on one 128-bit fingerprint: keep the first, this one unshared.
+            Some(_) => return digests,
+            None => {}
         }
         if pool.maps.len() >= pool.sweep_at {
             // The pool's own reference is the last one: no process runs it.
-            pool.maps.retain(|m| Arc::strong_count(&m.0) > 1);
+            pool.maps.retain(|_, m| Arc::strong_count(&m.0) > 1);
             pool.sweep_at = (pool.maps.len() * 2).max(SWEEP_FROM);
         }
-        pool.maps.insert(digests.clone());
+        pool.maps.insert(fingerprint, digests.clone());
         digests
+    }
+
+    /// The map of this fingerprint, if some process sent it whole and it is
+    /// still held.
+    pub fn named(&self, fingerprint: &str) -> Option<Digests> {
+        self.lock().maps.get(fingerprint).cloned()
     }
 
     /// Distinct maps held (some may no longer be in use until the next sweep).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).maps.len()
+        self.lock().maps.len()
     }
 }
 
@@ -140,6 +158,22 @@ mod tests {
         assert!(held.iter().all(|d| d.shares(&first)), "one map for every process on one stack");
         assert_eq!(pool.len(), 1);
         assert!(!pool.share(stack(2, 32)).shares(&first), "another stack, another map");
+    }
+
+    #[test]
+    fn a_map_one_process_sent_is_found_by_its_fingerprint_until_none_holds_it() {
+        let pool = DigestPool::default();
+        let name = |d: &Digests| hotfleet_proto::digests::fingerprint(d.iter());
+        assert_eq!(pool.named(&name(&stack(1, 32))), None, "nobody sent it yet");
+        let sent = pool.share(stack(1, 32));
+        let found = pool.named(&name(&stack(1, 32))).expect("named after one process sent it");
+        assert!(found.shares(&sent), "the same shared copy");
+        assert_eq!(pool.named(&name(&stack(2, 32))), None, "another stack's map is not this one");
+        drop((sent, found));
+        // The fleet moves on: once swept, the old map is asked for whole again.
+        let live: Vec<Digests> = (2..(2 + SWEEP_FROM as u32 + 1)).map(|p| pool.share(stack(p, 2))).collect();
+        assert_eq!(pool.named(&name(&stack(1, 32))), None);
+        assert!(pool.named(&name(&live[0])).is_some());
     }
 
     #[test]

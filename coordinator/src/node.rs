@@ -70,6 +70,10 @@ pub struct ProcessStatus {
     /// leader already holds them (see [`crate::registry`]). Never kept.
     #[serde(skip)]
     pub live_digests_unchanged: bool,
+    /// In a heartbeat or registration only: the agent named its map by this
+    /// fingerprint instead of sending it (see [`crate::registry`]). Never kept.
+    #[serde(skip)]
+    pub live_digests_fingerprint: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<ProcessHealth>,
     pub runtime_version: String,
@@ -176,6 +180,7 @@ mod tests {
                     patch_stack: vec!["p1".into(), "p2".into()],
                     live_digests: [("game.mod".to_string(), "ab12".to_string())].into(),
                     live_digests_unchanged: false,
+                    live_digests_fingerprint: String::new(),
                     health: Some(ProcessHealth {
                         alive: true,
                         ticks: u64::MAX,

@@ -18,6 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hotfleet_proto::digests::FINGERPRINT_LEN;
+
 use crate::{
     clock::now_ms,
     digests::DigestPool,
@@ -123,7 +125,7 @@ struct Entry {
     digests_heard: bool,
 }
 
-/// What a heartbeat found.
+/// What a heartbeat or registration found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heard {
     /// False: unknown node (it must register again).
@@ -191,6 +193,7 @@ fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
             text("patch_stack entry", patch, input::MAX_ID)?;
         }
         count("live_digests", p.live_digests.len(), input::MAX_MODULES)?;
+        text("live_digests_fingerprint", &p.live_digests_fingerprint, FINGERPRINT_LEN)?;
         for (module, digest) in p.live_digests.iter() {
             text("module name", module, input::MAX_SHORT_TEXT)?;
             text("module digest", digest, input::MAX_SHORT_TEXT)?;
@@ -212,8 +215,9 @@ fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
 /// Points each process's digests at a shared copy: the one the node already
 /// holds when unchanged (most heartbeats: no pool lookup), else the pool's.
 /// A process the agent marked unchanged (its map left out) keeps the map
-/// held; returns true when one was marked so and none is held (the agent
-/// must send them all again).
+/// held; one named by fingerprint takes the pool's map of that fingerprint.
+/// Returns true when a map left out is not held (the agent must send them
+/// all again); that process lists no digests until it does.
 fn share_digests(pool: &DigestPool, status: &mut NodeStatus, before: Option<&NodeStatus>) -> bool {
     let mut missing = false;
     for process in &mut status.processes {
@@ -221,8 +225,14 @@ fn share_digests(pool: &DigestPool, status: &mut NodeStatus, before: Option<&Nod
             .and_then(|b| b.processes.iter().find(|p| p.process_id == process.process_id))
             .map(|p| &p.live_digests);
         let unchanged = std::mem::take(&mut process.live_digests_unchanged);
+        let fingerprint = std::mem::take(&mut process.live_digests_fingerprint);
+        let named = !fingerprint.is_empty() && process.live_digests.is_empty();
         process.live_digests = match held {
-            Some(held) if unchanged || *held == process.live_digests => held.clone(),
+            Some(held) if unchanged || (!named && *held == process.live_digests) => held.clone(),
+            _ if named => pool.named(&fingerprint).unwrap_or_else(|| {
+                missing = true;
+                Default::default()
+            }),
             _ => {
                 missing |= unchanged;
                 pool.share(std::mem::take(&mut process.live_digests))
@@ -313,9 +323,10 @@ impl Registry {
     }
 
     /// Register (or re-register) a node. Persisted before it is acknowledged.
-    pub async fn register(&self, mut status: NodeStatus) -> Result<(), RegistryError> {
+    /// `send_digests` when it named a map by fingerprint this leader does not hold.
+    pub async fn register(&self, mut status: NodeStatus) -> Result<Heard, RegistryError> {
         validate(&status)?;
-        share_digests(&self.digests, &mut status, None);
+        let send_digests = share_digests(&self.digests, &mut status, None);
         let now = now_ms();
         let registered_at_ms = self.lock_read().get(&status.node_id).map(|e| e.registered_at_ms).unwrap_or(now);
         let record = NodeRecord { status: status.clone(), registered_at_ms, last_heartbeat_ms: now };
@@ -328,7 +339,7 @@ impl Registry {
                 last_heartbeat_ms: now,
                 last_seen: Instant::now(),
                 lost: false,
-                digests_heard: true,
+                digests_heard: !send_digests,
             },
         );
         self.mark_changed(&status.node_id);
@@ -339,7 +350,7 @@ impl Registry {
             rejoined = was_lost.is_some_and(|e| e.lost),
             "node registered"
         );
-        Ok(())
+        Ok(Heard { known: true, send_digests })
     }
 
     /// A heartbeat. `Ok(false)`: unknown node (it must re-register).
@@ -618,6 +629,42 @@ mod tests {
         let mut other = unchanged("n1", "p2");
         other.processes[0].process_id = "n1-new".into();
         assert!(reg.hear(other).await.expect("hb").send_digests);
+    }
+
+    /// A status naming its map by fingerprint, as an agent sends a changed one.
+    fn named(id: &str, patch: &str) -> NodeStatus {
+        let mut s = with_digests(id, patch);
+        let map = std::mem::take(&mut s.processes[0].live_digests);
+        s.processes[0].live_digests_fingerprint = hotfleet_proto::digests::fingerprint(map.iter());
+        s
+    }
+
+    #[tokio::test]
+    async fn a_map_named_by_fingerprint_is_the_one_another_node_sent_and_an_unheard_one_is_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path(), 1000).await;
+        // Nobody sent p1's map: the registration is taken, its digests asked for.
+        assert_eq!(reg.register(named("n1", "p1")).await.expect("register"), Heard { known: true, send_digests: true });
+        assert!(digests_of(&reg, "n1").is_empty(), "no digests listed rather than wrong ones");
+        assert!(!reg.hear(with_digests("n1", "p1")).await.expect("hb").send_digests, "sent whole: held");
+        // Every other node names it and gets the shared copy.
+        for id in ["n2", "n3"] {
+            assert!(!reg.register(named(id, "p1")).await.expect("register").send_digests);
+            assert!(digests_of(&reg, id).shares(&digests_of(&reg, "n1")));
+        }
+        assert!(reg.get("n2").expect("known").status.processes[0].live_digests_fingerprint.is_empty(), "never kept");
+        // A patch lands: the first to report names a map nobody sent yet.
+        assert!(reg.hear(named("n1", "p2")).await.expect("hb").send_digests);
+        assert!(digests_of(&reg, "n1").is_empty(), "the old map is not listed for the new stack");
+        assert!(!reg.hear(with_digests("n1", "p2")).await.expect("hb").send_digests);
+        assert!(!reg.hear(named("n2", "p2")).await.expect("hb").send_digests, "the others name it");
+        assert!(digests_of(&reg, "n2").shares(&digests_of(&reg, "n1")));
+        assert_eq!(digests_of(&reg, "n2"), with_digests("x", "p2").processes[0].live_digests);
+        // A fingerprint that is not one is refused, and changes nothing.
+        let mut bad = named("n3", "p2");
+        bad.processes[0].live_digests_fingerprint = "f".repeat(hotfleet_proto::digests::FINGERPRINT_LEN + 1);
+        assert!(matches!(reg.hear(bad).await, Err(RegistryError::Input(_))));
+        assert_eq!(digests_of(&reg, "n3"), with_digests("x", "p1").processes[0].live_digests);
     }
 
     #[tokio::test]

@@ -151,8 +151,8 @@ impl Term {
     /// An agent registers (persisted before it is acknowledged).
     pub async fn register(&self, status: NodeStatus) -> Result<LinkAnswer, RegistryError> {
         let node_id = status.node_id.clone();
-        self.registry.register(status).await?;
-        Ok(self.link_answer(true, &node_id))
+        let heard = self.registry.register(status).await?;
+        Ok(LinkAnswer { send_digests: heard.send_digests, ..self.link_answer(true, &node_id) })
     }
 
     /// An agent's heartbeat.

@@ -26,7 +26,9 @@
 //! leader has answered a heartbeat or registration carrying them, later
 //! heartbeats to it mark them unchanged and leave them out ([`HeldDigests`]);
 //! a new leader, a new epoch or an answer asking for them (`send_digests`)
-//! sends them all again.
+//! sends them all again. A map the leader does not hold yet (a patch landed,
+//! or a registration) goes by its fingerprint first: a fleet on one stack
+//! runs one map, which the leader holds once one process sent it whole.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -77,11 +79,22 @@ fn follow_leader(participant: &Participant, epoch: u64, live_rollouts: &[String]
 
 /// The module digests of each process the coordinator followed now holds:
 /// those it took in an answered heartbeat or registration, under its epoch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HeldDigests {
     coordinator: String,
     epoch: u64,
     by_process: HashMap<String, HashMap<String, String>>,
+    /// The last answer asked for the maps: the next status carries them whole.
+    send_whole: bool,
+    /// A map the leader does not hold goes by fingerprint first (off: whole,
+    /// as agents did before fingerprints; the benchmark's comparison).
+    by_fingerprint: bool,
+}
+
+impl Default for HeldDigests {
+    fn default() -> Self {
+        Self::new(true)
+    }
 }
 
 /// A status about to be sent: the digests it stands for, whichever it carries.
@@ -89,40 +102,68 @@ pub struct Outgoing {
     coordinator: String,
     epoch: u64,
     digests: HashMap<String, HashMap<String, String>>,
+    named: bool,
+}
+
+impl Outgoing {
+    /// Whether some map went by fingerprint alone.
+    pub fn named(&self) -> bool {
+        self.named
+    }
 }
 
 impl HeldDigests {
-    /// Leaves out of `status` the digests `coordinator` holds already, and
-    /// returns what the status stands for (to remember once answered).
+    fn new(by_fingerprint: bool) -> Self {
+        Self { coordinator: String::new(), epoch: 0, by_process: HashMap::new(), send_whole: false, by_fingerprint }
+    }
+
+    /// Maps not held are always sent whole (the protocol before fingerprints).
+    pub fn without_fingerprints() -> Self {
+        Self::new(false)
+    }
+
+    /// Leaves out of `status` the digests `coordinator` holds already (marked
+    /// unchanged), names a map it does not hold by fingerprint (the leader
+    /// likely has it from another process on the same stack), and returns
+    /// what the status stands for (to remember once answered).
     pub fn strip(&self, coordinator: &str, status: &mut NodeStatus) -> Outgoing {
         let mut digests = HashMap::with_capacity(status.processes.len());
+        let mut named = false;
         for process in &mut status.processes {
             let held = self.coordinator == coordinator
                 && self.by_process.get(&process.process_id) == Some(&process.live_digests);
             let full = if held {
                 process.live_digests_unchanged = true;
                 std::mem::take(&mut process.live_digests)
+            } else if self.by_fingerprint && !self.send_whole && !process.live_digests.is_empty() {
+                process.live_digests_fingerprint = hotfleet_proto::digests::fingerprint(&process.live_digests);
+                named = true;
+                std::mem::take(&mut process.live_digests)
             } else {
                 process.live_digests.clone()
             };
             digests.insert(process.process_id.clone(), full);
         }
-        Outgoing { coordinator: coordinator.to_string(), epoch: self.epoch, digests }
+        Outgoing { coordinator: coordinator.to_string(), epoch: self.epoch, digests, named }
     }
 
     /// `sent` was answered under `epoch`: the coordinator holds its digests,
-    /// unless it asked for them again or is a new term (which holds none).
+    /// unless it asked for them (the next status sends them whole) or is a
+    /// new term (which holds none).
     pub fn answered(&mut self, sent: Outgoing, epoch: u64, send_digests: bool) {
+        let by_fingerprint = self.by_fingerprint;
         if send_digests || (sent.epoch != 0 && epoch != sent.epoch) {
-            *self = HeldDigests::default();
+            *self = HeldDigests { send_whole: send_digests, ..Self::new(by_fingerprint) };
             return;
         }
-        *self = HeldDigests { coordinator: sent.coordinator, epoch, by_process: sent.digests };
+        *self =
+            HeldDigests { coordinator: sent.coordinator, epoch, by_process: sent.digests, ..Self::new(by_fingerprint) };
     }
 
-    /// Nothing is held (no answer, or the next call goes to a registration).
+    /// Nothing is held (no answer, or the next call goes to a registration);
+    /// maps asked for are still sent whole.
     pub fn forget(&mut self) {
-        *self = HeldDigests::default();
+        *self = HeldDigests { send_whole: self.send_whole, ..Self::new(self.by_fingerprint) };
     }
 }
 
@@ -169,17 +210,22 @@ pub async fn run(
                     tracing::info!(node = %identity.node_id, coordinator = %addr, epoch = r.epoch, "registered with the coordinator");
                     registered = true;
                     registered_once.send_replace(true);
-                    (r.epoch, r.live_rollouts, false)
+                    (r.epoch, r.live_rollouts, r.send_digests)
                 })
             };
             match result {
                 Ok((epoch, live_rollouts, send_digests)) => {
+                    // A map named by fingerprint the leader lacks goes whole now, not an interval later.
+                    let again = send_digests && sent.named();
                     held.answered(sent, epoch, send_digests);
                     crate::telemetry::heartbeat_answered();
                     follow_leader(participant, epoch, &live_rollouts);
                     if !reachable {
                         tracing::info!(coordinator = %addr, "coordinator reachable again");
                         reachable = true;
+                    }
+                    if again {
+                        continue;
                     }
                     break;
                 }
@@ -274,40 +320,67 @@ mod tests {
         }
     }
 
+    /// What a status carried for its one process: (unchanged, whole map's size, fingerprint).
+    fn carried(held: &HeldDigests, addr: &str, digests: &[(&str, &str)]) -> ((bool, usize, String), Outgoing) {
+        let mut s = status(digests);
+        let sent = held.strip(addr, &mut s);
+        let p = &s.processes[0];
+        ((p.live_digests_unchanged, p.live_digests.len(), p.live_digests_fingerprint.clone()), sent)
+    }
+
     #[test]
-    fn digests_the_leader_holds_are_left_out_until_they_change_or_it_asks() {
+    fn digests_the_leader_holds_are_left_out_and_others_named_until_it_asks_for_them_whole() {
         let mut held = HeldDigests::default();
         let v1 = [("game.a", "aa"), ("game.b", "bb")];
-        let first = |held: &HeldDigests, addr: &str, digests: &[(&str, &str)]| {
-            let mut s = status(digests);
-            let sent = held.strip(addr, &mut s);
-            (s.processes[0].live_digests_unchanged, s.processes[0].live_digests.len(), sent)
+        let v2 = [("game.a", "a2"), ("game.b", "bb")];
+        let name = |d: &[(&str, &str)]| {
+            let map: HashMap<String, String> = d.iter().map(|(m, v)| (m.to_string(), v.to_string())).collect();
+            hotfleet_proto::digests::fingerprint(&map)
         };
-        let (unchanged, n, sent) = first(&held, "c1", &v1);
-        assert_eq!((unchanged, n), (false, 2), "nothing held yet: sent whole");
+        let (what, sent) = carried(&held, "c1", &v1);
+        assert_eq!(what, (false, 0, name(&v1)), "nothing held yet: named by fingerprint");
+        assert!(sent.named());
         held.answered(sent, 7, false);
-        let (unchanged, n, sent) = first(&held, "c1", &v1);
-        assert_eq!((unchanged, n), (true, 0), "held: left out");
+        let (what, sent) = carried(&held, "c1", &v1);
+        assert_eq!(what, (true, 0, String::new()), "held: left out");
+        assert!(!sent.named());
         held.answered(sent, 7, false);
-        let (unchanged, n, _) = first(&held, "c1", &[("game.a", "a2"), ("game.b", "bb")]);
-        assert_eq!((unchanged, n), (false, 2), "changed: sent whole");
-        let (unchanged, _, _) = first(&held, "c2", &v1);
-        assert!(!unchanged, "another coordinator holds nothing of ours");
+        let (what, _) = carried(&held, "c1", &v2);
+        assert_eq!(what, (false, 0, name(&v2)), "changed (a patch landed): named");
+        let (what, _) = carried(&held, "c2", &v1);
+        assert!(!what.0, "another coordinator holds nothing of ours");
 
-        // The leader asks for them (a new term loaded without them): all again.
-        let (_, _, sent) = first(&held, "c1", &v1);
+        // The leader lacks the map named (or a new term holds none): whole, once.
+        let (_, sent) = carried(&held, "c1", &v2);
         held.answered(sent, 7, true);
-        assert!(!first(&held, "c1", &v1).0);
-        // A new epoch at the same address is a new term: it holds none.
-        let (_, _, sent) = first(&held, "c1", &v1);
+        let (what, sent) = carried(&held, "c1", &v2);
+        assert_eq!(what, (false, 2, String::new()), "asked for: sent whole");
         held.answered(sent, 7, false);
-        let (_, _, sent) = first(&held, "c1", &v1);
+        assert_eq!(carried(&held, "c1", &v2).0, (true, 0, String::new()));
+        // Asked, then registering again (the node was unknown): still whole.
+        let (_, sent) = carried(&held, "c1", &v2);
+        held.answered(sent, 7, true);
+        held.forget();
+        assert_eq!(carried(&held, "c1", &v2).0, (false, 2, String::new()));
+        // A new epoch at the same address is a new term: it holds none.
+        let (_, sent) = carried(&held, "c1", &v1);
+        held.answered(sent, 7, false);
+        let (_, sent) = carried(&held, "c1", &v1);
         held.answered(sent, 8, false);
-        assert!(!first(&held, "c1", &v1).0);
-        // Registering again sends them whole.
-        let (_, _, sent) = first(&held, "c1", &v1);
+        assert_eq!(carried(&held, "c1", &v1).0, (false, 0, name(&v1)));
+        // Registering again names them again.
+        let (_, sent) = carried(&held, "c1", &v1);
         held.answered(sent, 8, false);
         held.forget();
-        assert!(!first(&held, "c1", &v1).0);
+        assert_eq!(carried(&held, "c1", &v1).0, (false, 0, name(&v1)));
+
+        // Without fingerprints (the protocol before them), a map not held goes whole.
+        let mut old = HeldDigests::without_fingerprints();
+        let (what, sent) = carried(&old, "c1", &v1);
+        assert_eq!(what, (false, 2, String::new()));
+        old.answered(sent, 7, false);
+        assert_eq!(carried(&old, "c1", &v1).0, (true, 0, String::new()));
+        old.forget();
+        assert_eq!(carried(&old, "c1", &v1).0, (false, 2, String::new()));
     }
 }

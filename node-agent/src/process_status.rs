@@ -136,6 +136,7 @@ fn status_of(process: Process, entry: Option<&Entry>) -> ProcessStatus {
         runtime_version: process.runtime_version,
         python_version: process.python_version,
         live_digests_unchanged: false,
+        live_digests_fingerprint: String::new(),
     }
 }
 

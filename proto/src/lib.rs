@@ -5,6 +5,7 @@
 //! Next to the contracts sit the pieces every binary shares to speak them, so
 //! the CLI, agent and coordinator cannot disagree:
 //! - wire formats: [`local`] (framing), [`parts`] (sources in pieces),
+//!   [`digests`] (the fingerprint naming a map of module digests),
 //!   [`duration`] (the duration syntax), [`address`] (what a peer address dials);
 //! - transport: [`tls`] (the TLS flags, server and client configs, who a
 //!   certificate names), [`listener`] (connection cap and handshake deadline),
@@ -14,6 +15,7 @@
 pub mod address;
 pub mod attach;
 pub mod codec;
+pub mod digests;
 pub mod duration;
 pub mod gate;
 pub mod listener;

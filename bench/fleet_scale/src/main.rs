@@ -14,6 +14,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use sim::DigestProtocol;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,8 +58,12 @@ struct Args {
     modules: usize,
     /// Every heartbeat carries every module digest, as agents did before they
     /// left out those the leader holds (the figures before the thirteenth part).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "whole_maps")]
     full_digests: bool,
+    /// A changed map is sent whole rather than named by its fingerprint, as
+    /// agents did before fingerprints (the figures before the fourteenth part).
+    #[arg(long)]
+    whole_maps: bool,
     #[arg(long, default_value = "50ms")]
     health_window: String,
     #[arg(long, default_value = "20%,40%,60%,80%,100%")]
@@ -93,7 +98,11 @@ fn main() -> Result<()> {
         heartbeat_conns: args.heartbeat_conns,
         relays: args.relays,
         attach: !args.dial,
-        full_digests: args.full_digests,
+        digests: match (args.full_digests, args.whole_maps) {
+            (true, _) => DigestProtocol::Full,
+            (false, true) => DigestProtocol::WholeMaps,
+            (false, false) => DigestProtocol::Fingerprints,
+        },
         modules: args.modules,
         health_window: args.health_window,
         waves: args.waves,

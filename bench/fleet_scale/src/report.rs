@@ -23,7 +23,7 @@ fn secs(ms: Option<f64>) -> String {
 
 fn calls_line(c: &Calls) -> String {
     format!(
-        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} fetch {} heartbeat-errors {} pushbacks {} detached {}",
+        "prepare {} commit {} abort {} rollback {} health {} status {} heartbeat {} register {} fetch {} heartbeat-errors {} pushbacks {} detached {} digests-asked {}",
         c.prepare,
         c.commit,
         c.abort,
@@ -35,7 +35,8 @@ fn calls_line(c: &Calls) -> String {
         c.fetch,
         c.heartbeat_errors,
         c.pushbacks,
-        c.detached
+        c.detached,
+        c.digests_asked
     )
 }
 

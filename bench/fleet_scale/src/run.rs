@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::{
     measure::{dir_bytes, etcd_stats, proc_stats, reset_peak_rss, store_counters, EtcdStats, ProcStats, StoreCounters},
-    sim::{Calls, Faults, Fleet},
+    sim::{Calls, DigestProtocol, Faults, Fleet},
     timeline::{self, Timeline},
 };
 
@@ -34,8 +34,8 @@ pub struct Plan {
     pub relays: usize,
     /// The agents attach (commands down their heartbeat connections).
     pub attach: bool,
-    /// Every heartbeat carries every module digest (the protocol before the thirteenth part).
-    pub full_digests: bool,
+    /// How the simulated agents send their module digests.
+    pub digests: DigestProtocol,
     pub modules: usize,
     pub health_window: String,
     pub waves: String,
@@ -257,9 +257,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         false => (relays.iter().map(RelayProc::url).collect(), plan.nodes),
     };
     let fleet = Fleet::new(plan.nodes, port, BUILD, &targets, conns, plan.attach, plan.modules)?;
-    if plan.full_digests {
-        fleet.send_full_digests();
-    }
+    fleet.send_digests_as(plan.digests);
     let server = tokio::spawn(fleet.clone().serve(listener));
     let registering = Instant::now();
     let nodes: Vec<_> = (0..fleet.len()).map(|i| tokio::spawn(fleet.clone().run_node(i, plan.heartbeat))).collect();

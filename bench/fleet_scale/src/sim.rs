@@ -75,6 +75,8 @@ pub struct Counters {
     pub pushbacks: AtomicU64,
     /// Attached streams that ended or were refused (each attaches again).
     pub detached: AtomicU64,
+    /// Answers asking for digest maps whole (a map named by fingerprint the leader lacked, a new term).
+    pub digests_asked: AtomicU64,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -92,6 +94,7 @@ pub struct Calls {
     pub heartbeat_errors: u64,
     pub pushbacks: u64,
     pub detached: u64,
+    pub digests_asked: u64,
 }
 
 impl Calls {
@@ -109,6 +112,7 @@ impl Calls {
             heartbeat_errors: self.heartbeat_errors - earlier.heartbeat_errors,
             pushbacks: self.pushbacks - earlier.pushbacks,
             detached: self.detached - earlier.detached,
+            digests_asked: self.digests_asked - earlier.digests_asked,
         }
     }
 }
@@ -150,9 +154,22 @@ pub struct Fleet {
     attach: bool,
     /// What each process reports as `live_digests` (module -> sha256), for statuses of a realistic size.
     digests: HashMap<String, String>,
-    /// Every heartbeat carries every digest (agents before `live_digests_unchanged`).
-    full_digests: std::sync::atomic::AtomicBool,
+    /// How statuses carry the digests (set before the nodes start).
+    digest_protocol: Mutex<DigestProtocol>,
     pub counters: Counters,
+}
+
+/// How simulated agents send their module digests: the protocols real agents
+/// spoke over time, for before/after figures from one build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DigestProtocol {
+    /// Maps the leader holds left out, others named by fingerprint (agents now).
+    #[default]
+    Fingerprints,
+    /// Maps the leader holds left out, others sent whole (before fingerprints).
+    WholeMaps,
+    /// Every status carries every map (before the thirteenth part).
+    Full,
 }
 
 /// Node `i`'s address: 127.1.0.0 + i + 1 (loopback, so every node is reachable
@@ -207,15 +224,14 @@ impl Fleet {
             coordinator,
             attach,
             digests: (0..modules).map(|m| (format!("{MODULE_PREFIX}{m:03}"), format!("{m:064x}"))).collect(),
-            full_digests: std::sync::atomic::AtomicBool::new(false),
+            digest_protocol: Mutex::new(DigestProtocol::default()),
             counters: Counters::default(),
         }))
     }
 
-    /// Heartbeats carry every digest, as agents did before they left out
-    /// those the leader holds.
-    pub fn send_full_digests(&self) {
-        self.full_digests.store(true, Ordering::Relaxed);
+    /// Statuses carry the digests as `protocol` says (before the nodes start).
+    pub fn send_digests_as(&self, protocol: DigestProtocol) {
+        *lock(&self.digest_protocol) = protocol;
     }
 
     pub fn len(&self) -> usize {
@@ -252,6 +268,7 @@ impl Fleet {
             heartbeat_errors: get(&c.heartbeat_errors),
             pushbacks: get(&c.pushbacks),
             detached: get(&c.detached),
+            digests_asked: get(&c.digests_asked),
         }
     }
 
@@ -322,6 +339,7 @@ impl Fleet {
                 runtime_version: "sim".into(),
                 python_version: "sim".into(),
                 live_digests_unchanged: false,
+                live_digests_fingerprint: String::new(),
             }],
             highest_epoch: state.highest_epoch,
             prepared: state.prepared.clone(),
@@ -375,12 +393,17 @@ impl Fleet {
         let mut attach = self.attach;
         let mut client = AgentGatewayClient::new(self.channel(i));
         let mut registered = false;
-        // As a real agent: digests the leader holds are left out (coordinator_link.rs).
-        let mut held = HeldDigests::default();
+        // As a real agent: digests the leader holds are left out, others
+        // named by fingerprint (coordinator_link.rs).
+        let protocol = *lock(&self.digest_protocol);
+        let mut held = match protocol {
+            DigestProtocol::Fingerprints => HeldDigests::default(),
+            DigestProtocol::WholeMaps | DigestProtocol::Full => HeldDigests::without_fingerprints(),
+        };
         let mut next = tokio::time::Instant::now() + interval;
         loop {
             let mut status = self.status_of(i);
-            if !registered || self.full_digests.load(Ordering::Relaxed) {
+            if !registered || protocol == DigestProtocol::Full {
                 held.forget();
             }
             let sent = held.strip("coordinator", &mut status);
@@ -396,11 +419,13 @@ impl Fleet {
                 self.counters.register.fetch_add(1, Ordering::Relaxed);
                 let mut request = Request::new(RegisterRequest { node: Some(status) });
                 request.set_timeout(Duration::from_secs(30));
-                client.register(request).await.map(|r| (true, r.get_ref().epoch, false))
+                client.register(request).await.map(|r| (true, r.get_ref().epoch, r.get_ref().send_digests))
             };
             let node = &self.nodes[i];
             match answer {
                 Ok((known, epoch, send_digests)) => {
+                    // As the agent: a map named that the leader lacks goes whole at once.
+                    let again = send_digests && sent.named();
                     held.answered(sent, epoch, send_digests);
                     let mut state = lock(&node.state);
                     state.known = known;
@@ -408,6 +433,12 @@ impl Fleet {
                     registered = known;
                     if std::mem::take(&mut attach) {
                         tokio::spawn(self.clone().attach_node(i, interval));
+                    }
+                    if send_digests {
+                        self.counters.digests_asked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if again {
+                        continue;
                     }
                 }
                 Err(status) => {

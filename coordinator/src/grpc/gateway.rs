@@ -100,6 +100,7 @@ impl AgentGateway for GatewayService {
             heartbeat_interval_seconds: answer.heartbeat_interval_seconds,
             epoch: answer.epoch,
             live_rollouts: answer.live_rollouts,
+            send_digests: answer.send_digests,
         }))
     }
 
