@@ -7,144 +7,49 @@
 //! 10,000 nodes (docs/performance.md, eleventh part); shared, the fleet holds
 //! one map per distinct stack and each process a pointer.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-    ops::Deref,
-    sync::{Arc, Mutex},
-};
+use std::collections::BTreeMap;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use crate::interned::{Pool, Shared};
 
 /// Module → digest, cheap to clone (copies share the map). Stored and
 /// serialized as the plain JSON object it always was.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct Digests(Arc<BTreeMap<String, String>>);
-
-impl Digests {
-    /// Whether both point at the same shared map (not just equal ones).
-    pub fn shares(&self, other: &Digests) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Deref for Digests {
-    type Target = BTreeMap<String, String>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Digests {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl From<BTreeMap<String, String>> for Digests {
-    fn from(map: BTreeMap<String, String>) -> Self {
-        Self(Arc::new(map))
-    }
-}
-
-impl<const N: usize> From<[(String, String); N]> for Digests {
-    fn from(entries: [(String, String); N]) -> Self {
-        entries.into_iter().collect()
-    }
-}
-
-impl FromIterator<(String, String)> for Digests {
-    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
-        Self(Arc::new(iter.into_iter().collect()))
-    }
-}
-
-impl IntoIterator for Digests {
-    type Item = (String, String);
-    type IntoIter = std::collections::btree_map::IntoIter<String, String>;
-
-    /// Takes the map when this is its last holder, copies it otherwise.
-    fn into_iter(self) -> Self::IntoIter {
-        Arc::unwrap_or_clone(self.0).into_iter()
-    }
-}
-
-impl Serialize for Digests {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Digests {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        BTreeMap::deserialize(d).map(Self::from)
-    }
-}
-
-/// Maps no process holds any more are dropped once the pool has doubled
-/// since the last sweep (and never below this many).
-const SWEEP_FROM: usize = 64;
+pub type Digests = Shared<BTreeMap<String, String>>;
 
 /// One copy of each distinct digest map in use, found by its fingerprint
 /// ([`hotfleet_proto::digests::fingerprint`]), which agents send in place
 /// of a map that changed (a fleet's processes change to the same map at once).
 #[derive(Default)]
-pub struct DigestPool {
-    inner: Mutex<Pool>,
-}
-
-#[derive(Default)]
-struct Pool {
-    maps: HashMap<String, Digests>,
-    sweep_at: usize,
-}
+pub struct DigestPool(Pool<String, BTreeMap<String, String>>);
 
 impl DigestPool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The pool's copy of `digests` (adding it if new).
     pub fn share(&self, digests: Digests) -> Digests {
         if digests.is_empty() {
             return digests;
         }
-        // Hashed outside the lock: ~3.5 KB with 32 modules, and only a map
-        // sent whole (a first registration, a map the pool lacked) gets here.
+        // ~3.5 KB hashed with 32 modules, and only for a map sent whole (a
+        // first registration, a map the pool lacked).
         let fingerprint = hotfleet_proto::digests::fingerprint(digests.iter());
-        let mut pool = self.lock();
-        match pool.maps.get(&fingerprint) {
-            Some(shared) if *shared == digests => return shared.clone(),
-            // Two maps on one 128-bit fingerprint: keep the first, this one unshared.
-            Some(_) => return digests,
-            None => {}
-        }
-        if pool.maps.len() >= pool.sweep_at {
-            // The pool's own reference is the last one: no process runs it.
-            pool.maps.retain(|_, m| Arc::strong_count(&m.0) > 1);
-            pool.sweep_at = (pool.maps.len() * 2).max(SWEEP_FROM);
-        }
-        pool.maps.insert(fingerprint, digests.clone());
-        digests
+        Shared(self.0.share(fingerprint, digests.0))
     }
 
     /// The map of this fingerprint, if some process sent it whole and it is
     /// still held.
     pub fn named(&self, fingerprint: &str) -> Option<Digests> {
-        self.lock().maps.get(fingerprint).cloned()
+        self.0.get(fingerprint).map(Shared)
     }
 
     /// Distinct maps held (some may no longer be in use until the next sweep).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.lock().maps.len()
+        self.0.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interned::SWEEP_FROM;
 
     fn stack(patch: u32, modules: u32) -> Digests {
         (0..modules).map(|m| (format!("game.mod_{m}"), format!("{patch:08}{m:056x}"))).collect()

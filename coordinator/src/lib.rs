@@ -35,6 +35,7 @@ pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod input;
+pub mod interned;
 pub mod leadership;
 pub mod memory;
 pub mod node;

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digests::Digests;
+use crate::{digests::Digests, interned::PatchStack};
 
 /// A node's last report: identity, labels, address, processes and fencing
 /// counters.
@@ -58,8 +58,9 @@ pub struct ProcessStatus {
     pub process_id: String,
     pub pid: u32,
     pub build: String,
-    /// Committed patch ids, oldest first.
-    pub patch_stack: Vec<String>,
+    /// Committed patch ids, oldest first (shared between processes on the
+    /// same stack: see [`crate::interned`]).
+    pub patch_stack: PatchStack,
     /// module → sha256 of the source the process runs (shared between
     /// processes that report the same map: see [`crate::digests`]). Not
     /// stored: a live figure every heartbeat reports again, and ~3.5 KB of a
@@ -177,8 +178,8 @@ mod tests {
                     process_id: "n1-p".into(),
                     pid: 4242,
                     build: "b1".into(),
-                    patch_stack: vec!["p1".into(), "p2".into()],
-                    live_digests: [("game.mod".to_string(), "ab12".to_string())].into(),
+                    patch_stack: vec!["p1".into(), "p2".into()].into(),
+                    live_digests: [("game.mod".to_string(), "ab12".to_string())].into_iter().collect(),
                     live_digests_unchanged: false,
                     live_digests_fingerprint: String::new(),
                     health: Some(ProcessHealth {

@@ -323,7 +323,7 @@ mod tests {
                 process_id: "n1-p".into(),
                 pid: 100,
                 build: "b1".into(),
-                patch_stack: ids(running),
+                patch_stack: ids(running).into(),
                 ..Default::default()
             }],
             ..Default::default()

@@ -24,6 +24,7 @@ use crate::{
     clock::now_ms,
     digests::DigestPool,
     input::{self, InputError},
+    interned::StackPool,
     node::NodeStatus,
     node_writes::WriteBehind,
     planner::Candidate,
@@ -144,8 +145,8 @@ pub struct Registry {
     lost_timeout: Duration,
     /// Heartbeats' record writes, off the heartbeat's path.
     writes: Arc<WriteBehind>,
-    /// One copy of each distinct module-digest map the fleet reports.
-    digests: Arc<DigestPool>,
+    /// One copy of each distinct digest map and patch stack the fleet reports.
+    alike: Arc<Alike>,
     /// Nodes whose stacks, builds or liveness changed since the last
     /// [`take_changed`](Self::take_changed): what the reconciler judges again
     /// (an idle fleet changes nothing, so an idle pass copies nothing).
@@ -189,7 +190,7 @@ fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
         text("runtime_version", &p.runtime_version, input::MAX_SHORT_TEXT)?;
         text("python_version", &p.python_version, input::MAX_SHORT_TEXT)?;
         count("patch_stack", p.patch_stack.len(), input::MAX_STACK)?;
-        for patch in &p.patch_stack {
+        for patch in p.patch_stack.iter() {
             text("patch_stack entry", patch, input::MAX_ID)?;
         }
         count("live_digests", p.live_digests.len(), input::MAX_MODULES)?;
@@ -212,18 +213,31 @@ fn check_bounds(status: &NodeStatus) -> Result<(), InputError> {
     Ok(())
 }
 
-/// Points each process's digests at a shared copy: the one the node already
-/// holds when unchanged (most heartbeats: no pool lookup), else the pool's.
+/// What many nodes report alike, held once (see [`crate::interned`]).
+#[derive(Default)]
+struct Alike {
+    digests: DigestPool,
+    stacks: StackPool,
+}
+
+/// Points each process's digests and patch stack at a shared copy: the one
+/// the node already holds when unchanged (most heartbeats: no pool lookup),
+/// else the pool's. `before` is the node's status held, if any, and
+/// `digests_heard` whether its digests were heard in this term.
 /// A process the agent marked unchanged (its map left out) keeps the map
 /// held; one named by fingerprint takes the pool's map of that fingerprint.
 /// Returns true when a map left out is not held (the agent must send them
 /// all again); that process lists no digests until it does.
-fn share_digests(pool: &DigestPool, status: &mut NodeStatus, before: Option<&NodeStatus>) -> bool {
+fn share_alike(alike: &Alike, status: &mut NodeStatus, before: Option<&NodeStatus>, digests_heard: bool) -> bool {
     let mut missing = false;
     for process in &mut status.processes {
-        let held = before
-            .and_then(|b| b.processes.iter().find(|p| p.process_id == process.process_id))
-            .map(|p| &p.live_digests);
+        let previous = before.and_then(|b| b.processes.iter().find(|p| p.process_id == process.process_id));
+        process.patch_stack = match previous {
+            Some(p) if p.patch_stack == process.patch_stack => p.patch_stack.clone(),
+            _ => alike.stacks.share(std::mem::take(&mut process.patch_stack)),
+        };
+        let pool = &alike.digests;
+        let held = previous.filter(|_| digests_heard).map(|p| &p.live_digests);
         let unchanged = std::mem::take(&mut process.live_digests_unchanged);
         let fingerprint = std::mem::take(&mut process.live_digests_fingerprint);
         let named = !fingerprint.is_empty() && process.live_digests.is_empty();
@@ -266,9 +280,9 @@ impl Registry {
         let now = Instant::now();
         let grace_from = now.checked_add(STARTUP_GRACE).unwrap_or(now);
         let mut map = HashMap::new();
-        let digests = Arc::new(DigestPool::default());
+        let alike = Arc::new(Alike::default());
         for mut record in store.nodes().await? {
-            share_digests(&digests, &mut record.status, None);
+            share_alike(&alike, &mut record.status, None, false);
             map.insert(
                 record.status.node_id.clone(),
                 Entry {
@@ -289,7 +303,7 @@ impl Registry {
             heartbeat_interval,
             lost_timeout,
             writes,
-            digests,
+            alike,
             changed: Arc::default(),
         })
     }
@@ -326,7 +340,7 @@ impl Registry {
     /// `send_digests` when it named a map by fingerprint this leader does not hold.
     pub async fn register(&self, mut status: NodeStatus) -> Result<Heard, RegistryError> {
         validate(&status)?;
-        let send_digests = share_digests(&self.digests, &mut status, None);
+        let send_digests = share_alike(&self.alike, &mut status, None, false);
         let now = now_ms();
         let registered_at_ms = self.lock_read().get(&status.node_id).map(|e| e.registered_at_ms).unwrap_or(now);
         let record = NodeRecord { status: status.clone(), registered_at_ms, last_heartbeat_ms: now };
@@ -367,8 +381,7 @@ impl Registry {
             let Some(entry) = map.get_mut(&status.node_id) else {
                 return Ok(Heard { known: false, send_digests: false });
             };
-            let before = entry.digests_heard.then_some(&entry.status);
-            let send_digests = share_digests(&self.digests, &mut status, before);
+            let send_digests = share_alike(&self.alike, &mut status, Some(&entry.status), entry.digests_heard);
             entry.digests_heard = !send_digests;
             let persist = identity_changed(&entry.status, &status);
             if entry.lost {
@@ -546,7 +559,7 @@ mod tests {
         let mut s = status(id);
         s.processes.push(crate::node::ProcessStatus {
             process_id: format!("{id}-p"),
-            patch_stack: vec![patch.into()],
+            patch_stack: vec![patch.into()].into(),
             live_digests: (0..32).map(|m| (format!("game.mod_{m}"), format!("{patch}-{m:060}"))).collect(),
             ..Default::default()
         });
@@ -557,8 +570,12 @@ mod tests {
         reg.get(id).expect("known").status.processes[0].live_digests.clone()
     }
 
+    fn stack_of(reg: &Registry, id: &str) -> crate::interned::PatchStack {
+        reg.get(id).expect("known").status.processes[0].patch_stack.clone()
+    }
+
     #[tokio::test]
-    async fn nodes_on_one_stack_share_one_digest_map_and_a_new_term_learns_it_from_heartbeats() {
+    async fn nodes_on_one_stack_share_one_digest_map_and_one_stack_and_a_new_term_learns_the_map_from_heartbeats() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ids: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
         {
@@ -569,6 +586,8 @@ mod tests {
             }
             let first = digests_of(&reg, "n0");
             assert!(ids.iter().all(|id| digests_of(&reg, id).shares(&first)), "one map for 50 nodes");
+            let stack = stack_of(&reg, "n0");
+            assert!(ids.iter().all(|id| stack_of(&reg, id).shares(&stack)), "one patch stack for 50 nodes");
             // Half the fleet moves to the next patch: two maps, each shared.
             for id in &ids[..25] {
                 assert!(reg.heartbeat(with_digests(id, "p2")).await.expect("hb"));
@@ -577,6 +596,9 @@ mod tests {
             assert!(!moved.shares(&first));
             assert!(ids[..25].iter().all(|id| digests_of(&reg, id).shares(&moved)));
             assert!(ids[25..].iter().all(|id| digests_of(&reg, id).shares(&digests_of(&reg, "n49"))));
+            let moved_stack = stack_of(&reg, "n0");
+            assert!(!moved_stack.shares(&stack) && *moved_stack == ["p2".to_string()]);
+            assert!(ids[..25].iter().all(|id| stack_of(&reg, id).shares(&moved_stack)));
             assert_eq!(moved.len(), 32, "the map itself is whole");
             reg.flushed().await;
         }
@@ -586,6 +608,10 @@ mod tests {
         for (i, id) in ids.iter().enumerate() {
             assert!(reg.heartbeat(with_digests(id, if i < 25 { "p2" } else { "p1" })).await.expect("hb"));
         }
+        assert!(
+            ids[1..25].iter().all(|id| stack_of(&reg, id).shares(&stack_of(&reg, "n0"))),
+            "loaded stacks are shared too"
+        );
         let (a, b) = (digests_of(&reg, "n0"), digests_of(&reg, "n49"));
         assert!(!a.shares(&b));
         assert!(ids[..25].iter().all(|id| digests_of(&reg, id).shares(&a)));
@@ -734,7 +760,7 @@ mod tests {
     async fn stored_stack(reg: &Registry, id: &str) -> Option<Vec<String>> {
         let nodes = reg.store.nodes().await.expect("nodes");
         let node = nodes.into_iter().find(|r| r.node_id() == id)?;
-        Some(node.status.processes.first().map(|p| p.patch_stack.clone()).unwrap_or_default())
+        Some(node.status.processes.first().map(|p| p.patch_stack.to_vec()).unwrap_or_default())
     }
 
     #[tokio::test]

@@ -64,6 +64,10 @@ struct Args {
     /// agents did before fingerprints (the figures before the fourteenth part).
     #[arg(long)]
     whole_maps: bool,
+    /// Completing rollouts after the two measured ones (each a new patch on
+    /// top), printing the coordinator's RSS after each: does it keep growing?
+    #[arg(long, default_value_t = 0)]
+    more_rollouts: u32,
     #[arg(long, default_value = "50ms")]
     health_window: String,
     #[arg(long, default_value = "20%,40%,60%,80%,100%")]
@@ -104,6 +108,7 @@ fn main() -> Result<()> {
             (false, false) => DigestProtocol::Fingerprints,
         },
         modules: args.modules,
+        more_rollouts: args.more_rollouts,
         health_window: args.health_window,
         waves: args.waves,
         keep: args.keep,

@@ -129,6 +129,20 @@ pub fn print(nodes: usize, store: &str, runs: &[RunResult]) {
             kb(r.end.peak_rss_kb),
             if r.peak_reset { "" } else { " (could not start the peak over: the whole run's)" },
         );
+        for (k, (run, stats)) in r.more.iter().enumerate() {
+            let per_node = |v: Option<u64>| {
+                v.zip(r.base.rss_kb).map_or("n/a".into(), |(v, base)| {
+                    format!("{:.1} MB ({:.1} KB/node)", v as f64 / 1024.0, v.saturating_sub(base) as f64 / nodes as f64)
+                })
+            };
+            println!(
+                "  rollout {}: {} ms; coordinator RSS then {}, peak so far {}",
+                k + 3,
+                run.wall_ms,
+                per_node(stats.rss_kb),
+                per_node(stats.peak_rss_kb)
+            );
+        }
         if !r.relays_end.is_empty() {
             let sum = |stats: &[crate::measure::ProcStats], f: fn(&crate::measure::ProcStats) -> Option<u64>| {
                 stats.iter().filter_map(f).sum::<u64>()

@@ -36,6 +36,9 @@ pub struct Plan {
     pub attach: bool,
     /// How the simulated agents send their module digests.
     pub digests: DigestProtocol,
+    /// Completing rollouts after the two measured ones, each a new patch on
+    /// top: whether the coordinator's memory keeps growing rollout after rollout.
+    pub more_rollouts: u32,
     pub modules: usize,
     pub health_window: String,
     pub waves: String,
@@ -80,6 +83,8 @@ pub struct RunResult {
     /// The coordinator's store counters with the fleet registered and after both rollouts.
     pub counters_idle: StoreCounters,
     pub counters_end: StoreCounters,
+    /// After each of `Plan::more_rollouts`: how it went, and the coordinator then.
+    pub more: Vec<(RolloutRun, ProcStats)>,
     /// The relays' RSS summed, with the fleet registered and at the end (with their peaks).
     pub relays_idle: Vec<ProcStats>,
     pub relays_end: Vec<ProcStats>,
@@ -320,6 +325,19 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         Some(_) => etcd_end.db_bytes,
         None => dir_bytes(&coordinator.data_dir),
     };
+    fleet.set_faults(Faults::default());
+    let mut more = Vec::new();
+    let mut top = p1.clone();
+    for n in 3..3 + plan.more_rollouts {
+        let (path, patch) = build_patch(&layout, dir.as_path(), &keys, n, Some(&top))?;
+        cli_ok(&layout, &url, &["patch", "push", &path.display().to_string()]).await?;
+        let run = rollout(plan, &layout, &url, &fleet, &patch).await?;
+        if !run.timeline.completed || fleet.on_top(Some(&patch)) != plan.nodes {
+            bail!("rollout {n} did not complete on every node; its last events: {}", events(&run.timeline));
+        }
+        more.push((run, proc_stats(pid)));
+        top = patch;
+    }
     for node in nodes {
         node.abort();
     }
@@ -342,6 +360,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         counters_idle,
         counters_end,
         peak_reset,
+        more,
         relays_idle,
         relays_end,
     })

@@ -967,7 +967,7 @@ fn push_health(f: &Fixture, nodes: usize, exceptions: HashMap<String, u64>) -> t
                 let mut status = node(&id, if i % 2 == 0 { "b" } else { "a" });
                 if agents.committed.lock().expect("lock").contains(&id) {
                     let process = &mut status.processes[0];
-                    process.patch_stack = vec![PATCH.into()];
+                    process.patch_stack = vec![PATCH.into()].into();
                     process.health = Some(crate::node::ProcessHealth {
                         alive: true,
                         // The double's tick counter, as polls count it

@@ -139,8 +139,9 @@ both_ways!(NodeStatus, pb::NodeStatus {
 });
 
 both_ways!(ProcessStatus, pb::ProcessStatus {
-    process_id, pid, build, patch_stack, runtime_version, python_version, live_digests_unchanged,
+    process_id, pid, build, runtime_version, python_version, live_digests_unchanged,
     live_digests_fingerprint;
+    patch_stack: |v| v.into_iter().collect(),
     live_digests: |v| v.into_iter().collect(),
     health: |v| v.map(Into::into),
 });
