@@ -8,9 +8,9 @@
 //! stacks ([`PatchStack`]) by a hash of the stack.
 
 use std::{
-    collections::HashMap,
+    collections::{hash_map::RandomState, HashMap},
     fmt,
-    hash::{Hash, Hasher},
+    hash::{BuildHasher, Hash},
     ops::Deref,
     sync::{Arc, Mutex},
 };
@@ -152,8 +152,13 @@ pub type PatchStack = Shared<Vec<String>>;
 /// One copy of each distinct patch stack in use. Each rollout puts one more
 /// patch on every node's stack: held per process, 10,000 nodes grew ~0.9 MB
 /// per rollout, rollout after rollout (docs/performance.md, fourteenth part).
+/// Hashed with keys of its own (a stack is an agent's input: one crafted to
+/// collide with another's would only go unshared, never be taken for it).
 #[derive(Default)]
-pub struct StackPool(Pool<u64, Vec<String>>);
+pub struct StackPool {
+    pool: Pool<u64, Vec<String>>,
+    keys: RandomState,
+}
 
 impl StackPool {
     /// The pool's copy of `stack` (adding it if new).
@@ -161,14 +166,12 @@ impl StackPool {
         if stack.is_empty() {
             return stack;
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        stack.0.hash(&mut hasher);
-        Shared(self.0.share(hasher.finish(), stack.0))
+        Shared(self.pool.share(self.keys.hash_one(&*stack.0), stack.0))
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.0.len()
+        self.pool.len()
     }
 }
 
