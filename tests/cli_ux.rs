@@ -74,6 +74,35 @@ fn a_closed_pipe_ends_the_cli_quietly() {
     assert_eq!(status.signal(), Some(13), "{status:?}");
 }
 
+/// A coordinator going away mid-call must be an error the CLI handles (a
+/// watch reconnects), never SIGPIPE: the sockets are written with `writev`,
+/// which raises it on a connection the peer has just closed. Found as a
+/// `rollout watch` that died silently (killed by a signal, no output) when
+/// the leader it watched was stopped.
+#[test]
+fn the_cli_ignores_sigpipe_while_it_talks_to_a_coordinator() {
+    let layout = Layout::for_workspace();
+    // A "coordinator" that takes the connection and never answers: the CLI waits.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", silent.local_addr().expect("addr"));
+    let mut child = Command::new(layout.bin("hotfleet").expect("bin"))
+        .args(["--insecure", "--coordinator", &url, "rollout", "watch", "ro-1-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let _held = silent.accept().expect("the CLI connects");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("proc status");
+    let _ = child.kill();
+    let _ = child.wait();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .expect("SigIgn in /proc/PID/status");
+    assert_ne!(ignored & (1 << (13 - 1)), 0, "SIGPIPE (13) is ignored: SigIgn {ignored:#x}");
+}
+
 #[test]
 fn patch_build_refuses_syntax_errors_and_an_overlay_base_removes_nothing() {
     let layout = Layout::for_workspace();

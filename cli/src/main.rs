@@ -139,24 +139,17 @@ async fn dispatch(cli: Cli) -> CliResult {
             clap_complete::generate(shell, &mut Cli::command(), "hotfleet", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
-            .map_err(|e| anyhow::anyhow!("cannot write the manual page: {e}").into()),
-    }
-}
-
-/// A closed pipe ends the CLI quietly, as it ends `ls` or `kubectl`
-/// (`hotfleet patch show X | head -1`): Rust ignores SIGPIPE by default, which
-/// turns every later `println!` into a panic.
-fn restore_sigpipe() {
-    // SAFETY: setting a signal's disposition to the default before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        Command::Man => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                output::stdout_closed();
+            }
+            anyhow::anyhow!("cannot write the manual page: {e}").into()
+        }),
     }
 }
 
 fn main() {
-    restore_sigpipe();
+    output::end_quietly_when_stdout_closes();
     let cli = Cli::parse();
     let output = cli.output;
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -10,6 +10,42 @@ use serde_json::Value;
 /// The version of every object the CLI prints under `-o json|yaml`.
 pub const API_VERSION: &str = "hotfleet/v1";
 
+/// A closed stdout ends the CLI quietly, by SIGPIPE, as it ends `ls` or
+/// `kubectl` (`hotfleet patch show X | head -1`; a shell reports 141).
+///
+/// SIGPIPE itself stays ignored, Rust's default: the CLI's sockets are
+/// written with `writev`, which raises SIGPIPE on a connection the peer has
+/// just closed. With SIGPIPE at its default, a leader stopping mid-`rollout
+/// watch` killed the watch silently instead of letting it reconnect. So a
+/// write to the closed stdout panics in `println!`, and this hook turns that
+/// one panic (and only a broken pipe's) into the signal.
+pub fn end_quietly_when_stdout_closes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("Broken pipe") || message.contains("BrokenPipe") {
+            stdout_closed();
+        }
+        default(info);
+    }));
+}
+
+/// Ends the process by SIGPIPE: whoever read our output has gone.
+pub fn stdout_closed() -> ! {
+    // SAFETY: restoring the signal's default action and raising it on this
+    // thread; nothing runs after it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    std::process::exit(141)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
     Text,

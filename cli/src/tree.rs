@@ -60,8 +60,12 @@ impl Redraw {
             text.push_str(line);
             text.push('\n');
         }
-        // A closed terminal ends the CLI by SIGPIPE (see main); nothing to handle here.
-        let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+        // A closed terminal ends the CLI, as a closed pipe does (see `output`).
+        if let Err(err) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            if err.kind() == std::io::ErrorKind::BrokenPipe {
+                crate::output::stdout_closed();
+            }
+        }
         self.drawn = tree.to_vec();
     }
 }
