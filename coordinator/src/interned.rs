@@ -70,12 +70,9 @@ impl<K: Hash + Eq, V: PartialEq> Pool<K, V> {
     }
 
     /// Distinct values held (some may no longer be in use until the next sweep).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.lock().values.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
