@@ -71,6 +71,13 @@ async fn a_rollout_moves_both_binaries_metrics_and_their_logs_name_it() {
     assert_eq!(value(&before, "hotfleet_leader"), 1.0, "{before}");
     assert!(value(&before, "hotfleet_leader_epoch") >= 1.0, "{before}");
     assert_eq!(value(&before, "hotfleet_nodes{state=\"alive\"}"), 2.0, "{before}");
+    // Each agent attaches on a stream of its own once registered.
+    let attached = wait_for("both agents attached", Duration::from_secs(15), None, || {
+        let text = scrape(coordinator_metrics);
+        (value(&text, "hotfleet_attached_agents{via=\"own\"}") == 2.0).then_some(text)
+    })
+    .expect("both agents attached on their own streams");
+    assert_eq!(value(&attached, "hotfleet_attached_agents{via=\"relay\"}"), 0.0, "{attached}");
     assert!(
         total(&before, "hotfleet_grpc_server_requests_total", &["AgentGateway", "code=\"OK\""]) > 0.0,
         "agents' registrations and heartbeats are counted: {before}"

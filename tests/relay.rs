@@ -39,6 +39,8 @@ async fn a_rollout_through_a_relay_lands_everywhere_with_players_connected(backe
     assert_eq!(s.assert_consistent(&[]).await, vec![patch]);
     let relay_log = s.fleet.relay.as_ref().expect("relayed fleet").proc.log_text();
     assert!(relay_log.contains("hotfleet-relay serving"), "{relay_log}");
+    // The agents' commands came down the relay's shared stream, not one stream each.
+    assert!(relay_log.contains("carrying attached agents on one stream"), "{relay_log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,4 +153,71 @@ async fn only_a_named_relay_speaks_for_another_certificate_and_a_relayed_agent_o
     let nodes: serde_json::Value = serde_json::from_str(&out).expect("json");
     let node2 = nodes["items"].as_array().expect("items").iter().find(|n| n["nodeId"] == "node-2").expect("node-2");
     assert_ne!(node2["address"], "127.0.0.1:1", "{node2}");
+}
+
+/// A relay's shared stream of agents: only a trusted relay opens it, never
+/// through a relay; an agent on it attaches only with a certificate naming
+/// its node, and one refused is told so down the stream while the others
+/// stay attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_trusted_relay_opens_a_shared_stream_and_each_agent_on_it_speaks_only_for_itself() {
+    use hotfleet_proto::v1::{agent_answer, AgentAnswer, AttachHello, RelayedAnswer};
+    let s = Scenario::start_relayed(Backend::Embedded);
+    let keys = &s.fleet.keys;
+    let coordinator = s.fleet.coordinator().url();
+    let der_of = |node: &str| {
+        use rustls_pki_types::{pem::PemObject, CertificateDer};
+        let files = keys.tls.node(&s.fleet.layout, node).expect("node cert");
+        CertificateDer::from_pem_file(&files.cert).expect("pem").as_ref().to_vec()
+    };
+    let hello = |node_id: &str, cert: Vec<u8>| RelayedAnswer {
+        node_id: node_id.into(),
+        answer: Some(AgentAnswer {
+            call_id: 0,
+            answer: Some(agent_answer::Answer::Hello(AttachHello { node_id: node_id.into() })),
+        }),
+        agent_cert: cert,
+        detached: false,
+    };
+
+    // An agent's certificate, straight to the coordinator: not a relay.
+    let node1 = keys.tls.node(&s.fleet.layout, "node-1").expect("node-1 cert");
+    let channel = tls_channel(&node1, &coordinator, DEFAULT_COORDINATOR_IDENTITY).await.expect("channel");
+    let refused = AgentGatewayClient::new(channel)
+        .attach_relayed(tokio_stream::iter(vec![hello("node-2", der_of("node-2"))]))
+        .await
+        .expect_err("an agent is not a relay");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("not a trusted relay"), "{refused:?}");
+
+    // The same through the relay: the relay does not carry it.
+    let relay = s.fleet.relay.as_ref().expect("relayed fleet");
+    let channel = tls_channel(&node1, &relay.url(), RELAY_NAME).await.expect("channel to the relay");
+    let refused = AgentGatewayClient::new(channel)
+        .attach_relayed(tokio_stream::iter(vec![hello("node-2", der_of("node-2"))]))
+        .await
+        .expect_err("not through a relay");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // The trusted relay's certificate: node-2 with node-1's certificate is
+    // refused down the stream, and nothing attaches for it.
+    let relay_cert = keys.tls.relay(&s.fleet.layout, RELAY_NAME).expect("relay cert");
+    let channel = tls_channel(&relay_cert, &coordinator, DEFAULT_COORDINATOR_IDENTITY).await.expect("channel");
+    let (up, answers) = tokio::sync::mpsc::unbounded_channel();
+    up.send(hello("node-2", der_of("node-1"))).expect("queued");
+    let mut calls = AgentGatewayClient::new(channel)
+        .attach_relayed(tokio_stream::wrappers::UnboundedReceiverStream::new(answers))
+        .await
+        .expect("the trusted relay opens it")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), calls.message())
+        .await
+        .expect("an answer in time")
+        .expect("the stream stays open")
+        .expect("a message");
+    assert_eq!(first.node_id, "node-2");
+    let ended = first.ended.expect("node-2's attachment is refused");
+    assert_eq!(Code::from(ended.code), Code::PermissionDenied, "{ended:?}");
+    assert!(ended.message.contains("may not speak for node"), "{ended:?}");
+    drop(up);
 }

@@ -20,13 +20,13 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::Duration,
 };
 
-use hotfleet_proto::v1::{agent_answer, agent_call, AgentAnswer, AgentCall};
+use hotfleet_proto::v1::{agent_answer, agent_call, AgentAnswer, AgentCall, CallFailed};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -40,30 +40,52 @@ pub enum LinkError {
     Closed,
 }
 
-/// One attached agent's stream.
+/// One attached agent: its calls and the answers they wait for.
 pub struct Link {
+    node_id: Arc<str>,
     generation: u64,
-    /// Cancelled when the stream is to end: the term it was opened under
-    /// ended, or a newer attachment of the node replaced this one (rather
-    /// than leaving it open and unused until the agent goes).
+    /// Cancelled when the agent's own stream is to end: the term it was
+    /// opened under ended, or a newer attachment of the node replaced this
+    /// one (rather than leaving it open and unused until the agent goes).
     over: CancellationToken,
-    /// Calls not yet taken by the stream. A queue of its own rather than a
-    /// tokio channel: a channel allocates ~800 bytes up front (a block of 32
-    /// slots, cache-padded ends), for as long as its agent stays attached.
-    /// Boxed: a queue keeps its capacity, and a call inline is several hundred bytes.
-    queue: Mutex<Queue>,
-    /// Room left in `queue`: a caller beyond it waits.
+    /// The stream its calls go down: the agent's own, or a relay's shared
+    /// by many agents.
+    outbox: Arc<Outbox>,
+    /// Nothing more is sent: the link was replaced or detached.
+    closed: AtomicBool,
+    /// On a relay's shared stream rather than the agent's own.
+    relayed: bool,
+    /// Room left for this link's calls in the outbox: a caller beyond it waits.
     room: Semaphore,
-    queued: Notify,
     pending: Mutex<HashMap<u64, oneshot::Sender<agent_answer::Answer>>>,
     next_call: AtomicU64,
 }
 
+/// Calls not yet taken by a stream, in the order sent. A queue of its own
+/// rather than a tokio channel: a channel allocates ~800 bytes up front (a
+/// block of 32 slots, cache-padded ends), for as long as its agent stays
+/// attached.
 #[derive(Default)]
-struct Queue {
-    calls: VecDeque<Box<AgentCall>>,
+struct Outbox {
+    queue: Mutex<OutQueue>,
+    queued: Notify,
+}
+
+#[derive(Default)]
+struct OutQueue {
+    items: VecDeque<Outbound>,
     /// The stream is gone: nothing more is queued.
     closed: bool,
+}
+
+/// One item for a stream.
+pub enum Outbound {
+    /// A call for the link's agent (boxed: a call inline is several hundred
+    /// bytes, and a queue keeps its capacity).
+    Call(Arc<Link>, Box<AgentCall>),
+    /// `node_id`'s attachment on this stream is over: replaced by a newer
+    /// one (code 0) or refused. A relay ends that agent's stream with it.
+    Ended { node_id: Arc<str>, why: CallFailed },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,10 +106,51 @@ impl Drop for Waiting<'_> {
     }
 }
 
+impl Outbox {
+    /// Queues `item` unless the stream is gone.
+    fn push(&self, item: Outbound) -> Result<(), LinkError> {
+        {
+            let mut queue = lock(&self.queue);
+            if queue.closed {
+                return Err(LinkError::Closed);
+            }
+            queue.items.push_back(item);
+        }
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// Queues nothing more, and closes the links whose calls were queued
+    /// but never sent: those callers, and any waiting for room behind
+    /// them, fail at once.
+    fn close(&self) {
+        let unsent: Vec<Outbound> = {
+            let mut queue = lock(&self.queue);
+            queue.closed = true;
+            queue.items.drain(..).collect()
+        };
+        self.queued.notify_one();
+        for item in unsent {
+            if let Outbound::Call(link, _) = item {
+                link.close();
+            }
+        }
+    }
+}
+
 impl Link {
+    /// The node this link attaches.
+    pub fn node_id(&self) -> &Arc<str> {
+        &self.node_id
+    }
+
     /// Sends `call` and waits for its answer. The caller bounds the wait
     /// (its deadline); `timeout` tells the agent how long it has.
-    pub async fn call(&self, call: agent_call::Call, timeout: Duration) -> Result<agent_answer::Answer, LinkError> {
+    pub async fn call(
+        self: &Arc<Self>,
+        call: agent_call::Call,
+        timeout: Duration,
+    ) -> Result<agent_answer::Answer, LinkError> {
         let call_id = self.next_call.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(call_id, tx);
@@ -96,16 +159,12 @@ impl Link {
         let traceparent = hotfleet_obs::traces::current_traceparent();
         let message = Box::new(AgentCall { call_id, timeout_ms, call: Some(call), traceparent });
         let room = self.room.acquire().await.map_err(|_| LinkError::Closed)?;
-        {
-            let mut queue = lock(&self.queue);
-            if queue.closed {
-                return Err(LinkError::Closed);
-            }
-            queue.calls.push_back(message);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(LinkError::Closed);
         }
+        self.outbox.push(Outbound::Call(self.clone(), message))?;
         // Given back when the stream takes the call.
         room.forget();
-        self.queued.notify_one();
         rx.await.map_err(|_| LinkError::Closed)
     }
 
@@ -122,65 +181,64 @@ impl Link {
         lock(&self.pending).len()
     }
 
-    /// Cancelled once this link's stream is to end (see the field).
+    /// Cancelled once this link's own stream is to end (see the field).
     pub fn over(&self) -> CancellationToken {
         self.over.clone()
     }
 
-    /// Queues nothing more, and fails the callers waiting for room and
-    /// those whose call was queued but never sent.
-    fn close_queue(&self) {
-        let unsent: Vec<Box<AgentCall>> = {
-            let mut queue = lock(&self.queue);
-            queue.closed = true;
-            queue.calls.drain(..).collect()
-        };
+    /// Sends nothing more: fails the callers waiting for room and every
+    /// call waiting for an answer (dropping the senders wakes each with
+    /// [`LinkError::Closed`]).
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         self.room.close();
-        self.queued.notify_one();
-        let mut pending = lock(&self.pending);
-        for call in unsent {
-            pending.remove(&call.call_id);
-        }
+        lock(&self.pending).clear();
     }
 }
 
-/// The calls of one link, in the order sent, for its agent's stream. Dropped
-/// when the stream ends: calls not yet sent then fail at once.
+/// The items of one stream, in the order sent: one agent's own, or every
+/// agent a relay carries on it. Dropped when the stream ends: calls not
+/// yet sent then fail at once.
 pub struct Outgoing {
-    link: Arc<Link>,
+    outbox: Arc<Outbox>,
 }
 
 impl Outgoing {
-    /// The next call; `None` once the link is closed.
-    pub async fn recv(&mut self) -> Option<Box<AgentCall>> {
+    /// The next item; `None` once the stream is closed. A call of a link
+    /// closed since it was queued is skipped (its caller has already failed).
+    pub async fn recv(&mut self) -> Option<Outbound> {
         loop {
             {
-                let mut queue = lock(&self.link.queue);
-                if let Some(call) = queue.calls.pop_front() {
-                    drop(queue);
-                    self.link.room.add_permits(1);
-                    return Some(call);
+                let mut queue = lock(&self.outbox.queue);
+                while let Some(item) = queue.items.pop_front() {
+                    if let Outbound::Call(link, _) = &item {
+                        link.room.add_permits(1);
+                        if link.closed.load(Ordering::Acquire) {
+                            continue;
+                        }
+                    }
+                    return Some(item);
                 }
                 if queue.closed {
                     return None;
                 }
             }
-            // A call queued since the check left a permit: no wake-up is lost.
-            self.link.queued.notified().await;
+            // A push since the check left a permit: no wake-up is lost.
+            self.outbox.queued.notified().await;
         }
     }
 }
 
 impl Drop for Outgoing {
     fn drop(&mut self) {
-        self.link.close_queue();
+        self.outbox.close();
     }
 }
 
 /// The links of the agents attached to this coordinator. Shared, cheap to clone.
 #[derive(Clone, Default)]
 pub struct AgentLinks {
-    links: Arc<Mutex<HashMap<String, Arc<Link>>>>,
+    links: Arc<Mutex<HashMap<Arc<str>, Arc<Link>>>>,
     generations: Arc<AtomicU64>,
 }
 
@@ -194,25 +252,44 @@ impl AgentLinks {
         lock(&self.links).get(node_id).cloned()
     }
 
-    /// Attaches `node_id` for as long as `term` is not cancelled, replacing
-    /// any earlier link (whose stream is then over). Returns the link and
-    /// the calls to stream to the agent.
+    /// Attaches `node_id` on a stream of its own for as long as `term` is
+    /// not cancelled, replacing any earlier link (whose stream is then
+    /// over). Returns the link and the calls to stream to the agent.
     pub fn attach(&self, node_id: &str, term: &CancellationToken) -> (Arc<Link>, Outgoing) {
+        let outbox = Arc::new(Outbox::default());
+        let link = self.attach_to(node_id, term, &outbox, false);
+        (link, Outgoing { outbox })
+    }
+
+    /// A stream a relay carries many agents' attachments on
+    /// ([`RelayedLinks::attach`]).
+    pub fn relayed(&self) -> (RelayedLinks, Outgoing) {
+        let outbox = Arc::new(Outbox::default());
+        (RelayedLinks { links: self.clone(), outbox: outbox.clone(), attached: HashMap::new() }, Outgoing { outbox })
+    }
+
+    fn attach_to(&self, node_id: &str, term: &CancellationToken, outbox: &Arc<Outbox>, relayed: bool) -> Arc<Link> {
+        let node_id: Arc<str> = node_id.into();
         let link = Arc::new(Link {
+            node_id: node_id.clone(),
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
             over: term.child_token(),
-            queue: Mutex::new(Queue::default()),
+            outbox: outbox.clone(),
+            closed: AtomicBool::new(false),
+            relayed,
             room: Semaphore::new(QUEUED_CALLS),
-            queued: Notify::new(),
             pending: Mutex::new(HashMap::new()),
             next_call: AtomicU64::new(0),
         });
-        if let Some(earlier) = lock(&self.links).insert(node_id.to_string(), link.clone()) {
+        if let Some(earlier) = lock(&self.links).insert(node_id, link.clone()) {
+            earlier.close();
             earlier.over.cancel();
-            fail_waiting(&earlier);
+            // A relay carrying it ends that agent's stream; an agent's own
+            // stream ends with `over`, and a closed one takes nothing more.
+            let why = CallFailed { code: 0, message: "the node attached again elsewhere".into() };
+            let _ = earlier.outbox.push(Outbound::Ended { node_id: earlier.node_id.clone(), why });
         }
-        let outgoing = Outgoing { link: link.clone() };
-        (link, outgoing)
+        link
     }
 
     /// The stream of `link` ended: forget it (unless a newer attachment
@@ -223,7 +300,7 @@ impl AgentLinks {
             links.remove(node_id);
         }
         drop(links);
-        fail_waiting(link);
+        link.close();
     }
 
     /// Agents attached now.
@@ -231,15 +308,73 @@ impl AgentLinks {
         lock(&self.links).len()
     }
 
+    /// Agents attached now on their own streams, and on relays' streams.
+    pub fn counts(&self) -> (usize, usize) {
+        let links = lock(&self.links);
+        let relayed = links.values().filter(|link| link.relayed).count();
+        (links.len() - relayed, relayed)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
-/// Dropping the senders wakes each waiting caller with [`LinkError::Closed`].
-fn fail_waiting(link: &Link) {
-    link.close_queue();
-    lock(&link.pending).clear();
+/// The agents a relay attached over one stream (`AgentGateway.AttachRelayed`):
+/// each a [`Link`] like an agent on its own stream, their calls all going
+/// down the relay's. Dropped when the stream ends: every agent still on it
+/// is detached.
+pub struct RelayedLinks {
+    links: AgentLinks,
+    outbox: Arc<Outbox>,
+    attached: HashMap<Arc<str>, Arc<Link>>,
+}
+
+impl RelayedLinks {
+    /// Attaches `node_id` on this stream for as long as `term` is not
+    /// cancelled. The same node attaching again on it ends its earlier
+    /// attachment first (its agent's stream to the relay was replaced).
+    pub fn attach(&mut self, node_id: &str, term: &CancellationToken) {
+        self.detach(node_id);
+        let link = self.links.attach_to(node_id, term, &self.outbox, true);
+        self.attached.insert(link.node_id.clone(), link);
+    }
+
+    /// Hands an answer of `node_id`'s agent to the call waiting for it;
+    /// false when the node is not attached on this stream or no call waits.
+    pub fn answer(&self, node_id: &str, answer: AgentAnswer) -> bool {
+        self.attached.get(node_id).is_some_and(|link| link.answer(answer))
+    }
+
+    /// Tells the relay `node_id`'s agent may not attach, and why.
+    pub fn refuse(&self, node_id: &str, status: &tonic::Status) {
+        let why = CallFailed { code: status.code() as i32, message: status.message().to_string() };
+        let _ = self.outbox.push(Outbound::Ended { node_id: node_id.into(), why });
+    }
+
+    /// `node_id`'s agent left the relay: its attachment is over.
+    pub fn detach(&mut self, node_id: &str) {
+        if let Some(link) = self.attached.remove(node_id) {
+            self.links.detach(node_id, &link);
+        }
+    }
+
+    /// Agents attached on this stream now.
+    pub fn len(&self) -> usize {
+        self.attached.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attached.is_empty()
+    }
+}
+
+impl Drop for RelayedLinks {
+    fn drop(&mut self) {
+        for (node_id, link) in self.attached.drain() {
+            self.links.detach(&node_id, &link);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -266,7 +401,7 @@ mod tests {
         let agent = tokio::spawn(async move {
             let mut calls = Vec::new();
             for _ in 0..2 {
-                calls.push(outgoing.recv().await.expect("a call"));
+                calls.push(sent_call(outgoing.recv().await));
             }
             // Answered out of order.
             for call in calls.iter().rev() {
@@ -319,10 +454,10 @@ mod tests {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(lock(&link.queue).calls.len(), QUEUED_CALLS, "two callers wait for room");
-        let taken = outgoing.recv().await.expect("a call");
+        assert_eq!(lock(&link.outbox.queue).items.len(), QUEUED_CALLS, "two callers wait for room");
+        let taken = sent_call(outgoing.recv().await);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(lock(&link.queue).calls.len(), QUEUED_CALLS, "taking one made room for one more");
+        assert_eq!(lock(&link.outbox.queue).items.len(), QUEUED_CALLS, "taking one made room for one more");
         assert!(link.answer(answered(taken.call_id)));
         // The stream ends: every caller whose call was not sent fails at
         // once, queued or waiting for room, and so does a call made after.
@@ -363,5 +498,130 @@ mod tests {
         assert!(links.get("n1").is_some_and(|l| Arc::ptr_eq(&l, &new)), "the old stream's end keeps the new link");
         links.detach("n1", &new);
         assert!(links.is_empty());
+    }
+
+    fn sent_call(item: Option<Outbound>) -> Box<AgentCall> {
+        match item {
+            Some(Outbound::Call(_, call)) => call,
+            _ => panic!("a call"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_agent_is_named_down_the_relays_stream_and_nothing_is_attached() {
+        let links = AgentLinks::new();
+        let (relayed, mut outgoing) = links.relayed();
+        relayed.refuse("n9", &tonic::Status::permission_denied("not yours"));
+        match outgoing.recv().await {
+            Some(Outbound::Ended { node_id, why }) => {
+                assert_eq!(
+                    (&*node_id, why.code, why.message.as_str()),
+                    ("n9", tonic::Code::PermissionDenied as i32, "not yours")
+                )
+            }
+            _ => panic!("the refusal"),
+        }
+        assert!(links.is_empty());
+    }
+
+    fn health_answer(call_id: u64) -> AgentAnswer {
+        AgentAnswer { call_id, answer: Some(agent_answer::Answer::Health(Default::default())) }
+    }
+
+    #[tokio::test]
+    async fn a_relays_stream_carries_each_agents_calls_and_routes_each_answer_to_its_node() {
+        let links = AgentLinks::new();
+        let term = CancellationToken::new();
+        let (mut relayed, mut outgoing) = links.relayed();
+        relayed.attach("n1", &term);
+        relayed.attach("n2", &term);
+        assert_eq!((links.len(), relayed.len()), (2, 2));
+        let (_own_link, _own) = links.attach("n3", &term);
+        assert_eq!(links.counts(), (1, 2), "one on its own stream, two on the relay's");
+        let (n1, n2) = (links.get("n1").expect("n1"), links.get("n2").expect("n2"));
+        let c1 = tokio::spawn(async move { n1.call(commit(), Duration::from_secs(1)).await });
+        let c2 = tokio::spawn(async move {
+            n2.call(agent_call::Call::Health(HealthRequest::default()), Duration::from_secs(1)).await
+        });
+        let mut sent = Vec::new();
+        for _ in 0..2 {
+            match outgoing.recv().await {
+                Some(Outbound::Call(link, call)) => sent.push((link.node_id().to_string(), call.call_id)),
+                _ => panic!("a call"),
+            }
+        }
+        sent.sort();
+        // Both links numbered their first call 1: only the node tells them apart.
+        assert_eq!(sent, vec![("n1".to_string(), 1), ("n2".to_string(), 1)]);
+        assert!(relayed.answer("n2", health_answer(1)));
+        assert!(relayed.answer("n1", answered(1)));
+        assert!(!relayed.answer("n3", answered(1)), "a node not on this stream");
+        assert!(matches!(c1.await.expect("c1"), Ok(agent_answer::Answer::Commit(_))));
+        assert!(matches!(c2.await.expect("c2"), Ok(agent_answer::Answer::Health(_))));
+    }
+
+    #[tokio::test]
+    async fn a_relayed_agent_that_leaves_fails_its_calls_and_the_relays_end_detaches_the_rest() {
+        let links = AgentLinks::new();
+        let term = CancellationToken::new();
+        let (mut relayed, mut outgoing) = links.relayed();
+        relayed.attach("n1", &term);
+        relayed.attach("n2", &term);
+        let n1 = links.get("n1").expect("n1");
+        let waiting = tokio::spawn(async move { n1.call(commit(), Duration::from_secs(5)).await });
+        outgoing.recv().await.expect("sent");
+        relayed.detach("n1");
+        assert_eq!(waiting.await.expect("caller"), Err(LinkError::Closed));
+        assert!(links.get("n1").is_none());
+        assert!(links.get("n2").is_some(), "the other agent stays attached");
+        let n2 = links.get("n2").expect("n2");
+        drop((relayed, outgoing));
+        assert!(links.is_empty(), "the relay's stream ended: every agent on it is detached");
+        assert_eq!(n2.call(commit(), Duration::from_secs(5)).await, Err(LinkError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_node_attaching_elsewhere_ends_its_relayed_attachment_and_its_unsent_calls_are_never_sent() {
+        let links = AgentLinks::new();
+        let term = CancellationToken::new();
+        let (mut relayed, mut outgoing) = links.relayed();
+        relayed.attach("n1", &term);
+        let old = links.get("n1").expect("n1");
+        let queued = {
+            let old = old.clone();
+            tokio::spawn(async move { old.call(commit(), Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The agent reached the leader another way (its own stream, another relay).
+        let (_new, _own) = links.attach("n1", &term);
+        assert_eq!(queued.await.expect("caller"), Err(LinkError::Closed));
+        // The queued call is skipped, and the relay is told n1's attachment ended.
+        match outgoing.recv().await {
+            Some(Outbound::Ended { node_id, why }) => assert_eq!((&*node_id, why.code), ("n1", 0)),
+            _ => panic!("the end of n1's attachment"),
+        }
+        // The relay's detach of its n1 then leaves the new link alone.
+        relayed.detach("n1");
+        assert!(links.get("n1").is_some_and(|l| !Arc::ptr_eq(&l, &old)));
+    }
+
+    #[tokio::test]
+    async fn the_same_node_attaching_again_on_a_relays_stream_replaces_its_link_without_an_end() {
+        let links = AgentLinks::new();
+        let term = CancellationToken::new();
+        let (mut relayed, mut outgoing) = links.relayed();
+        relayed.attach("n1", &term);
+        let first = links.get("n1").expect("n1");
+        relayed.attach("n1", &term);
+        let second = links.get("n1").expect("n1");
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(first.call(commit(), Duration::from_secs(1)).await, Err(LinkError::Closed));
+        let call = {
+            let second = second.clone();
+            tokio::spawn(async move { second.call(commit(), Duration::from_secs(1)).await })
+        };
+        assert!(matches!(outgoing.recv().await, Some(Outbound::Call(..))), "the new link's call, and no end before it");
+        assert!(relayed.answer("n1", answered(1)));
+        assert!(call.await.expect("caller").is_ok());
     }
 }

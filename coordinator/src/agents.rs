@@ -303,7 +303,7 @@ impl GrpcAgents {
 
 /// One call down an attached agent's link, counted in the gRPC metrics as
 /// the dialled call it stands for would be.
-async fn down_link(to: &Target, link: &Link, call: Call, deadline: Duration) -> Result<Answer, AgentError> {
+async fn down_link(to: &Target, link: &Arc<Link>, call: Call, deadline: Duration) -> Result<Answer, AgentError> {
     let (method, started) = (method_of(&call), std::time::Instant::now());
     let answered = tokio::time::timeout(deadline, link.call(call, deadline)).await;
     let code = match &answered {

@@ -135,7 +135,7 @@ async fn an_attached_agent_is_asked_down_its_link_and_its_failures_read_as_a_una
     // Answers by what it is asked: a commit succeeds, an abort fails as a
     // stale epoch would, a rollback gets the wrong kind of answer.
     tokio::spawn(async move {
-        while let Some(call) = calls.recv().await {
+        while let Some(crate::agent_links::Outbound::Call(_, call)) = calls.recv().await {
             let answer = match call.call {
                 Some(Call::Commit(r)) => {
                     assert_eq!(r.header.as_ref().map(|h| h.epoch), Some(3));

@@ -25,7 +25,7 @@ async fn run(arenas: memory::Arenas) -> anyhow::Result<()> {
     let config = Config::try_from(args)?;
     let listen = config.listen;
     let coordinator = Coordinator::build(config).await.context("starting the coordinator")?;
-    hotfleet_coordinator::telemetry::watch(coordinator.cluster().clone());
+    hotfleet_coordinator::telemetry::watch(coordinator.cluster().clone(), coordinator.links());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding --listen {listen} (in use? pick another address)"))?;

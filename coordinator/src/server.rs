@@ -203,6 +203,11 @@ impl Coordinator {
         &self.cluster
     }
 
+    /// The attached agents' links (`None`: this coordinator dials its agents).
+    pub fn links(&self) -> Option<AgentLinks> {
+        self.links.clone()
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.cluster.store
     }

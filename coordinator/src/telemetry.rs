@@ -13,7 +13,7 @@ use hotfleet_obs::{
     Def, Kind,
 };
 
-use crate::term::Cluster;
+use crate::{agent_links::AgentLinks, term::Cluster};
 
 pub static ROLLOUTS: Def = Def {
     name: "hotfleet_rollouts_total",
@@ -63,6 +63,12 @@ pub static STORE_RECORDS: Def = Def {
     kind: Kind::Counter,
     labels: &["backend", "record"],
 };
+pub static ATTACHED: Def = Def {
+    name: "hotfleet_attached_agents",
+    help: "Agents attached to this coordinator for their commands, by stream (own: the agent's Attach; relay: a relay's shared AttachRelayed stream). The rest are dialled.",
+    kind: Kind::Gauge,
+    labels: &["via"],
+};
 pub static LEADER: Def =
     Def { name: "hotfleet_leader", help: "1 while this coordinator leads, else 0.", kind: Kind::Gauge, labels: &[] };
 pub static LEADER_EPOCH: Def = Def {
@@ -90,10 +96,16 @@ pub fn store_took(backend: &'static str, records: &[(&'static str, usize)]) {
     }
 }
 
-/// Reads nodes and leadership from `cluster` before each scrape (the binary
-/// calls this once; library users and tests need not).
-pub fn watch(cluster: Cluster) {
+/// Reads nodes and leadership from `cluster`, and attached agents from
+/// `links`, before each scrape (the binary calls this once; library users
+/// and tests need not).
+pub fn watch(cluster: Cluster, links: Option<AgentLinks>) {
     metrics().on_scrape(move |registry| {
+        if let Some(links) = &links {
+            let (own, relayed) = links.counts();
+            registry.set(&ATTACHED, &["own"], own as f64);
+            registry.set(&ATTACHED, &["relay"], relayed as f64);
+        }
         let (term, leader) = cluster.leadership();
         registry.set(&LEADER, &[], if term.is_some() { 1.0 } else { 0.0 });
         registry.set(&LEADER_EPOCH, &[], leader.map_or(0.0, |l| l.epoch as f64));

@@ -36,6 +36,7 @@ pub mod patches;
 pub mod prepared;
 pub mod process_status;
 pub mod relay;
+pub mod relay_attach;
 pub mod reports;
 pub mod runtime_socket;
 pub mod runtimes;

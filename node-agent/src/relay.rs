@@ -47,7 +47,10 @@ use tonic::{
 };
 use tower::ServiceExt as _;
 
-use crate::coordinators::{Coordinators, Dial, LEADER_HEADER};
+use crate::{
+    coordinators::{Coordinators, Dial, LEADER_HEADER},
+    relay_attach::Carrier,
+};
 
 pub static ATTACHED: hotfleet_obs::Def = hotfleet_obs::Def {
     name: "hotfleet_relay_attached_agents",
@@ -72,6 +75,7 @@ pub static UNREACHABLE: hotfleet_obs::Def = hotfleet_obs::Def {
 /// 256 streams per connection, leaving room for heartbeats and downloads.
 pub const ATTACHED_PER_CONNECTION: usize = 192;
 const ATTACH_PATH: &str = "/hotfleet.v1.AgentGateway/Attach";
+const ATTACH_RELAYED_PATH: &str = "/hotfleet.v1.AgentGateway/AttachRelayed";
 
 /// `hotfleet-relay` flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -129,6 +133,8 @@ pub enum RelayError {
 struct Upstream {
     coordinators: Coordinators,
     attached: Arc<Semaphore>,
+    /// Its attached agents' shared stream (`relay_attach.rs`).
+    carrier: Carrier,
 }
 
 /// The relayed service: every agent call, forwarded as it came.
@@ -153,8 +159,10 @@ impl Relay {
         let mut upstreams = Vec::with_capacity(connections);
         for _ in 0..connections {
             // Each `Coordinators` dials its own channels: one connection per upstream.
+            let coordinators = Coordinators::parse(coordinators, dial.clone())?;
             upstreams.push(Upstream {
-                coordinators: Coordinators::parse(coordinators, dial.clone())?,
+                carrier: Carrier::new(coordinators.clone()),
+                coordinators,
                 attached: Arc::new(Semaphore::new(ATTACHED_PER_CONNECTION)),
             });
         }
@@ -221,13 +229,34 @@ impl Relay {
     }
 
     async fn forward(self, mut request: http::Request<Body>) -> http::Response<Body> {
+        if request.uri().path() == ATTACH_RELAYED_PATH {
+            return Status::permission_denied("an agent may not attach others: only a relay does").into_http();
+        }
+        let cert = PeerCert::der_of(&request);
         if let Err(status) = self.rewrite(&mut request) {
             return status.into_http();
         }
-        let (slot, permit) = match self.pick(request.uri().path() == ATTACH_PATH) {
+        let attach = request.uri().path() == ATTACH_PATH;
+        let (slot, permit) = match self.pick(attach) {
             Ok(picked) => picked,
             Err(status) => return status.into_http(),
         };
+        if attach {
+            // On the upstream's shared stream; forwarded as it came only to
+            // a coordinator from before that stream.
+            match self.upstreams[slot].carrier.stream().await {
+                Ok(carried) => {
+                    let cert = cert.unwrap_or_default();
+                    return self.upstreams[slot].carrier.serve(carried, cert, permit, request).await;
+                }
+                Err((_, status)) if status.code() == Code::Unimplemented => {}
+                Err((from, status)) => {
+                    tracing::warn!(coordinator = %from, error = %status.message(), "could not open the shared attached stream");
+                    self.redirect(&from, &status);
+                    return Status::unavailable(format!("relay: coordinator {from}: {}", status.message())).into_http();
+                }
+            }
+        }
         let (from, channel): (String, Channel) = self.upstreams[slot].coordinators.current_channel();
         let answer = match channel.oneshot(request).await {
             Ok(answer) => answer,

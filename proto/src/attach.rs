@@ -1,6 +1,32 @@
-//! What the calls of an attached stream (`AgentGateway.Attach`) stand for.
+//! What the calls of an attached stream (`AgentGateway.Attach`) stand for,
+//! and its first message.
 
-use crate::v1::agent_call::Call;
+use std::time::Duration;
+
+use tonic::{Status, Streaming};
+
+use crate::v1::{agent_answer::Answer, agent_call::Call, AgentAnswer};
+
+/// How long an attaching agent has to say who it is.
+pub const HELLO_WAIT: Duration = Duration::from_secs(10);
+
+/// The attaching agent's first message, its hello naming the node it
+/// speaks for (the whole message, as a relay carries it on), and that node.
+pub async fn hello(answers: &mut Streaming<AgentAnswer>) -> Result<(AgentAnswer, String), Status> {
+    let first = tokio::time::timeout(HELLO_WAIT, answers.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded("no hello within 10 s: an attaching agent first says which node it is")
+        })??
+        .ok_or_else(|| Status::invalid_argument("the stream ended before the hello"))?;
+    match &first.answer {
+        Some(Answer::Hello(hello)) => {
+            let node_id = hello.node_id.clone();
+            Ok((first, node_id))
+        }
+        _ => Err(Status::invalid_argument("the first message on Attach must be the hello naming the node")),
+    }
+}
 
 /// The `Agent` method a call carried down an attached stream stands for
 /// (the path a dialled call would have), for metrics and traces.

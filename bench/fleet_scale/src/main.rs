@@ -14,7 +14,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use sim::DigestProtocol;
+use sim::{Attach, DigestProtocol};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,8 +50,15 @@ struct Args {
     relays: usize,
     /// The simulated agents do not attach: the coordinator dials each one
     /// (the path of agents that predate `AgentGateway.Attach`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "own_streams")]
     dial: bool,
+    /// Each simulated agent on a shared connection attaches on a stream of
+    /// its own (`AgentGateway.Attach`, as an agent straight to the
+    /// coordinator does) rather than as a relay carries agents, one
+    /// `AttachRelayed` stream per connection (the figures before the
+    /// fifteenth part).
+    #[arg(long)]
+    own_streams: bool,
     /// Modules each simulated process reports a digest of (status size: ~100 bytes each);
     /// a real game has dozens to hundreds. 0 reproduces the figures before the eleventh part.
     #[arg(long, default_value_t = 32)]
@@ -101,7 +108,11 @@ fn main() -> Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         heartbeat_conns: args.heartbeat_conns,
         relays: args.relays,
-        attach: !args.dial,
+        attach: match (args.dial, args.own_streams) {
+            (true, _) => Attach::Dial,
+            (false, true) => Attach::OwnStreams,
+            (false, false) => Attach::Relayed,
+        },
         digests: match (args.full_digests, args.whole_maps) {
             (true, _) => DigestProtocol::Full,
             (false, true) => DigestProtocol::WholeMaps,

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::{
     measure::{dir_bytes, etcd_stats, proc_stats, reset_peak_rss, store_counters, EtcdStats, ProcStats, StoreCounters},
-    sim::{Calls, DigestProtocol, Faults, Fleet},
+    sim::{Attach, Calls, DigestProtocol, Faults, Fleet},
     timeline::{self, Timeline},
 };
 
@@ -32,8 +32,9 @@ pub struct Plan {
     pub heartbeat_conns: usize,
     /// Real relays the agents call through (0: none).
     pub relays: usize,
-    /// The agents attach (commands down their heartbeat connections).
-    pub attach: bool,
+    /// How the agents get their commands (behind relays, `Relayed` is each
+    /// agent's own stream to its relay, which carries it on).
+    pub attach: Attach,
     /// How the simulated agents send their module digests.
     pub digests: DigestProtocol,
     /// Completing rollouts after the two measured ones, each a new patch on
@@ -261,7 +262,11 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         // Behind relays, every agent holds a connection of its own, as a real one does.
         false => (relays.iter().map(RelayProc::url).collect(), plan.nodes),
     };
-    let fleet = Fleet::new(plan.nodes, port, BUILD, &targets, conns, plan.attach, plan.modules)?;
+    let attach = match plan.attach {
+        Attach::Relayed if !relays.is_empty() => Attach::OwnStreams,
+        attach => attach,
+    };
+    let fleet = Fleet::new(plan.nodes, port, BUILD, &targets, conns, attach, plan.modules)?;
     fleet.send_digests_as(plan.digests);
     let server = tokio::spawn(fleet.clone().serve(listener));
     let registering = Instant::now();

@@ -12,9 +12,15 @@
 //! per patch for the whole fleet (not once per node). Heartbeats share a pool
 //! of connections to the coordinator (a real fleet has one per node).
 //!
-//! Each agent attaches as the real one does (`AgentGateway.Attach` over its
-//! heartbeat connection) and answers the calls that come down it with the
-//! same handlers; with `--dial` it does not, and the coordinator dials it.
+//! Each agent attaches for its commands and answers the calls that come down
+//! with the same handlers as the real one. On the shared connections the
+//! simulated agents attach as a relay attaches the agents it carries (one
+//! `AgentGateway.AttachRelayed` stream per connection: what the coordinator
+//! holds for a fleet behind relays); with `--own-streams` each opens
+//! `AgentGateway.Attach` of its own, as an agent straight to the coordinator
+//! does; behind the benchmark's real relays each agent attaches to its relay
+//! as the real agent does; with `--dial` no agent attaches, and the
+//! coordinator dials each.
 
 use std::{
     collections::HashMap,
@@ -28,12 +34,13 @@ use std::{
 
 use hotfleet_agent::{attach, coordinator_link::HeldDigests};
 use hotfleet_proto::v1::{
+    agent_answer::Answer,
     agent_gateway_client::AgentGatewayClient,
     agent_server::{Agent, AgentServer},
-    AbortRequest, AbortResponse, CommandHeader, CommitRequest, CommitResponse, FetchPatchRequest, HealthRequest,
-    HealthResponse, HeartbeatRequest, NodeStatus, PrepareRequest, PrepareResponse, PreparedPatch, ProcessHealth,
-    ProcessHealthReport, ProcessOutcome, ProcessStatus, RegisterRequest, RollbackRequest, RollbackResponse,
-    StatusRequest, StatusResponse,
+    AbortRequest, AbortResponse, AgentAnswer, AttachHello, CommandHeader, CommitRequest, CommitResponse,
+    FetchPatchRequest, HealthRequest, HealthResponse, HeartbeatRequest, NodeStatus, PrepareRequest, PrepareResponse,
+    PreparedPatch, ProcessHealth, ProcessHealthReport, ProcessOutcome, ProcessStatus, RegisterRequest, RelayedAnswer,
+    RollbackRequest, RollbackResponse, StatusRequest, StatusResponse,
 };
 use tokio::sync::OnceCell;
 use tokio_stream::StreamExt;
@@ -150,8 +157,10 @@ pub struct Fleet {
     faults: Mutex<Faults>,
     fetched: Mutex<HashMap<String, Arc<OnceCell<bool>>>>,
     coordinator: Vec<Channel>,
-    /// Agents attach for their commands rather than being dialled.
-    attach: bool,
+    /// How the agents get their commands.
+    attach: Attach,
+    /// With [`Attach::Relayed`]: each shared connection's stream of its agents.
+    relayed: Vec<RelayedStream>,
     /// What each process reports as `live_digests` (module -> sha256), for statuses of a realistic size.
     digests: HashMap<String, String>,
     /// How statuses carry the digests (set before the nodes start).
@@ -170,6 +179,39 @@ pub enum DigestProtocol {
     WholeMaps,
     /// Every status carries every map (before the thirteenth part).
     Full,
+}
+
+/// How the simulated agents get their commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// Not attached: the coordinator dials each agent.
+    Dial,
+    /// Each agent on an `Attach` stream of its own.
+    OwnStreams,
+    /// The agents of each shared connection on one `AttachRelayed` stream,
+    /// as a relay carries them.
+    Relayed,
+}
+
+/// One shared connection's `AttachRelayed` stream: the nodes attached on it
+/// (announced again whenever it is opened again) and where their answers go.
+#[derive(Default)]
+struct RelayedStream {
+    state: Mutex<RelayedState>,
+}
+
+#[derive(Default)]
+struct RelayedState {
+    nodes: Vec<usize>,
+    /// The open stream's sender (`None` until opened, and between openings).
+    up: Option<tokio::sync::mpsc::UnboundedSender<RelayedAnswer>>,
+    opened: bool,
+}
+
+fn relayed_hello(i: usize) -> RelayedAnswer {
+    let node_id = node_id(i);
+    let hello = AgentAnswer { call_id: 0, answer: Some(Answer::Hello(AttachHello { node_id: node_id.clone() })) };
+    RelayedAnswer { node_id, answer: Some(hello), agent_cert: Vec::new(), detached: false }
 }
 
 /// Node `i`'s address: 127.1.0.0 + i + 1 (loopback, so every node is reachable
@@ -192,7 +234,7 @@ impl Fleet {
         build: &str,
         coordinator_urls: &[String],
         heartbeat_conns: usize,
-        attach: bool,
+        attach: Attach,
         modules: usize,
     ) -> Result<Arc<Self>, tonic::transport::Error> {
         let nodes: Vec<Arc<SimNode>> = (0..nodes)
@@ -213,7 +255,12 @@ impl Fleet {
             endpoints
                 .push(Endpoint::from_shared(url.clone())?.tcp_nodelay(true).connect_timeout(Duration::from_secs(3)));
         }
-        let coordinator = (0..heartbeat_conns.max(1)).map(|k| endpoints[k % endpoints.len()].connect_lazy()).collect();
+        let coordinator: Vec<Channel> =
+            (0..heartbeat_conns.max(1)).map(|k| endpoints[k % endpoints.len()].connect_lazy()).collect();
+        let relayed = match attach {
+            Attach::Relayed => coordinator.iter().map(|_| RelayedStream::default()).collect(),
+            _ => Vec::new(),
+        };
         Ok(Arc::new(Fleet {
             nodes,
             by_ip,
@@ -223,6 +270,7 @@ impl Fleet {
             fetched: Mutex::new(HashMap::new()),
             coordinator,
             attach,
+            relayed,
             digests: (0..modules).map(|m| (format!("{MODULE_PREFIX}{m:03}"), format!("{m:064x}"))).collect(),
             digest_protocol: Mutex::new(DigestProtocol::default()),
             counters: Counters::default(),
@@ -387,10 +435,73 @@ impl Fleet {
         }
     }
 
+    /// Attaches node `i` on its shared connection's relayed stream, opening
+    /// that stream with the first node on it.
+    fn attach_relayed(self: &Arc<Self>, i: usize, retry: Duration) {
+        let k = i % self.relayed.len();
+        let mut state = lock(&self.relayed[k].state);
+        state.nodes.push(i);
+        if let Some(up) = &state.up {
+            let _ = up.send(relayed_hello(i));
+        }
+        if !std::mem::replace(&mut state.opened, true) {
+            tokio::spawn(self.clone().keep_relayed(k, retry));
+        }
+    }
+
+    /// Keeps shared connection `k`'s relayed stream open, answering each
+    /// call that comes down it for the node it names.
+    async fn keep_relayed(self: Arc<Self>, k: usize, retry: Duration) {
+        let mut client = AgentGatewayClient::new(self.coordinator[k].clone());
+        loop {
+            let (up, outgoing) = tokio::sync::mpsc::unbounded_channel();
+            {
+                let mut state = lock(&self.relayed[k].state);
+                for &i in &state.nodes {
+                    let _ = up.send(relayed_hello(i));
+                }
+                state.up = Some(up.clone());
+            }
+            if let Ok(calls) =
+                client.attach_relayed(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing)).await
+            {
+                let mut calls = calls.into_inner();
+                while let Ok(Some(relayed)) = calls.message().await {
+                    let Some(i) = index_of(&relayed.node_id).filter(|&i| i < self.nodes.len()) else { continue };
+                    if let Some(call) = relayed.call {
+                        let (fleet, up) = (self.clone(), up.clone());
+                        tokio::spawn(async move {
+                            let mut extensions = Extensions::new();
+                            extensions.insert(SimIndex(i));
+                            let answer = attach::answer(&*fleet, call, &extensions).await;
+                            let _ = up.send(RelayedAnswer {
+                                node_id: node_id(i),
+                                answer: Some(answer),
+                                agent_cert: Vec::new(),
+                                detached: false,
+                            });
+                        });
+                    } else if relayed.ended.is_some() {
+                        // Attach it again on this stream, as a relay's agent would.
+                        self.counters.detached.fetch_add(1, Ordering::Relaxed);
+                        let _ = up.send(relayed_hello(i));
+                    }
+                }
+            }
+            let attached = {
+                let mut state = lock(&self.relayed[k].state);
+                state.up = None;
+                state.nodes.len()
+            };
+            self.counters.detached.fetch_add(attached as u64, Ordering::Relaxed);
+            tokio::time::sleep(hotfleet_proto::pushback::jittered(retry)).await;
+        }
+    }
+
     /// Registers node `i` (then attaches it, as the agent does), then
     /// heartbeats every `interval` until the process ends.
     pub async fn run_node(self: Arc<Self>, i: usize, interval: Duration) {
-        let mut attach = self.attach;
+        let mut attach = self.attach != Attach::Dial;
         let mut client = AgentGatewayClient::new(self.channel(i));
         let mut registered = false;
         // As a real agent: digests the leader holds are left out, others
@@ -432,7 +543,10 @@ impl Fleet {
                     state.highest_epoch = state.highest_epoch.max(epoch);
                     registered = known;
                     if std::mem::take(&mut attach) {
-                        tokio::spawn(self.clone().attach_node(i, interval));
+                        match self.attach {
+                            Attach::Relayed => self.attach_relayed(i, interval),
+                            _ => drop(tokio::spawn(self.clone().attach_node(i, interval))),
+                        }
                     }
                     if send_digests {
                         self.counters.digests_asked.fetch_add(1, Ordering::Relaxed);
@@ -606,6 +720,11 @@ impl Agent for Fleet {
 /// Which node a call down an attached stream is for.
 #[derive(Debug, Clone, Copy)]
 struct SimIndex(usize);
+
+/// The index of a node id of the fleet.
+fn index_of(node_id: &str) -> Option<usize> {
+    node_id.strip_prefix("sim-")?.parse().ok()
+}
 
 /// Node ids of the fleet, by index (the coordinator orders targets by id,
 /// so the last index is in the last wave).

@@ -63,14 +63,45 @@ impl Authority {
         if !path.starts_with(GATEWAY) {
             return Err(Status::permission_denied(format!("relay {relay} may forward agents' calls only, not {path}")));
         }
-        let cert = hex::decode(value.as_bytes())
-            .ok()
-            .and_then(|der| PeerCert::from_der(&der))
-            .filter(|cert| cert.name().is_some())
-            .ok_or_else(|| Status::invalid_argument(format!("relay {relay} sent a malformed {RELAYED_CERT_HEADER}")))?;
-        let name = cert.name().unwrap_or_default().to_string();
-        Ok(Caller { name, role: None, credential: Credential::Certificate(cert) })
+        let der = hex::decode(value.as_bytes())
+            .map_err(|_| Status::invalid_argument(format!("relay {relay} sent a malformed {RELAYED_CERT_HEADER}")))?;
+        relayed_caller(relay, &der)
     }
+
+    /// A relay's stream of many agents (`AttachRelayed`) only from a relay
+    /// this coordinator trusts: each agent on it is then believed from the
+    /// certificate the relay names with its hello ([`relayed_caller`]).
+    fn check_relay_stream(&self, path: &str, headers: &http::HeaderMap, peer: Option<&PeerCert>) -> Result<(), Status> {
+        if self.insecure || path != ATTACH_RELAYED {
+            return Ok(());
+        }
+        if headers.contains_key(RELAYED_CERT_HEADER) {
+            // An agent's call a relay forwards: the agent may not attach others.
+            return Err(Status::permission_denied("an agent behind a relay may not attach other agents"));
+        }
+        let named = peer.and_then(PeerCert::name);
+        match named.filter(|name| self.credentials.is_relay(name)) {
+            Some(_) => Ok(()),
+            None => Err(Status::permission_denied(format!(
+                "{} is not a trusted relay (coordinator --relay): only a relay attaches other agents",
+                named.unwrap_or("an anonymous caller")
+            ))),
+        }
+    }
+}
+
+/// The full path of the relays' stream of many agents.
+const ATTACH_RELAYED: &str = "/hotfleet.v1.AgentGateway/AttachRelayed";
+
+/// The agent a trusted relay speaks for, from the certificate (DER) the
+/// agent presented to it; never with a role (an operator certificate
+/// behind a relay is an agent).
+pub fn relayed_caller(relay: &str, der: &[u8]) -> Result<Caller, Status> {
+    let cert = PeerCert::from_der(der)
+        .filter(|cert| cert.name().is_some())
+        .ok_or_else(|| Status::invalid_argument(format!("relay {relay} sent a malformed agent certificate")))?;
+    let name = cert.name().unwrap_or_default().to_string();
+    Ok(Caller { name, role: None, credential: Credential::Certificate(cert) })
 }
 
 impl Gate for Authority {
@@ -78,7 +109,9 @@ impl Gate for Authority {
         let path = request.uri().path();
         let needed = need(path);
         let method = path.rsplit('/').next().unwrap_or(path).to_string();
-        let caller = self.caller(path, request.headers(), PeerCert::of(request))?;
+        let peer = PeerCert::of(request);
+        self.check_relay_stream(path, request.headers(), peer.as_ref())?;
+        let caller = self.caller(path, request.headers(), peer)?;
         check(needed, caller.as_ref(), &method)?;
         if let Some(caller) = caller {
             request.extensions_mut().insert(caller);

@@ -10,7 +10,7 @@
 //! come back. An agent attached to the leader gets its commands down its
 //! own connection ([`crate::agent_links`]).
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use hotfleet_proto::{
@@ -18,7 +18,7 @@ use hotfleet_proto::{
     v1::{
         agent_answer, agent_gateway_server::AgentGateway, AgentAnswer, AgentCall, AttachHello, FetchPatchRequest,
         GetPatchStackRequest, GetPatchStackResponse, HeartbeatRequest, HeartbeatResponse, PatchChunk, PatchRef,
-        RegisterRequest, RegisterResponse,
+        RegisterRequest, RegisterResponse, RelayedAnswer, RelayedCall,
     },
 };
 use tonic::{Request, Response, Status, Streaming};
@@ -26,15 +26,12 @@ use tonic::{Request, Response, Status, Streaming};
 use super::caller;
 use crate::{
     admission::Admission,
-    agent_links::AgentLinks,
-    auth::Caller,
+    agent_links::{AgentLinks, Outbound, RelayedLinks},
+    auth::{Caller, Credential},
     error::Error,
     input::{self, MAX_BUILD, MAX_ID},
     term::Cluster,
 };
-
-/// How long an attaching agent has to say who it is.
-const HELLO_WAIT: Duration = Duration::from_secs(10);
 
 /// Registration and heartbeats speak for one node: only that node's
 /// certificate may send them, so a node id can be neither invented nor
@@ -69,22 +66,75 @@ pub struct GatewayService {
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<PatchChunk, Status>> + Send + 'static>>;
 type CallStream = Pin<Box<dyn Stream<Item = Result<AgentCall, Status>> + Send + 'static>>;
+type RelayedCallStream = Pin<Box<dyn Stream<Item = Result<RelayedCall, Status>> + Send + 'static>>;
 
 /// The attaching agent's first message: which node it speaks for.
 async fn hello(answers: &mut Streaming<AgentAnswer>) -> Result<String, Status> {
-    let first = tokio::time::timeout(HELLO_WAIT, answers.message())
-        .await
-        .map_err(|_| {
-            Status::deadline_exceeded("no hello within 10 s: an attaching agent first says which node it is")
-        })??
-        .ok_or_else(|| Status::invalid_argument("the stream ended before the hello"))?;
-    match first.answer {
-        Some(agent_answer::Answer::Hello(AttachHello { node_id })) => {
-            input::text("node_id", &node_id, MAX_ID).map_err(Error::from)?;
-            Ok(node_id)
+    let (_, node_id) = hotfleet_proto::attach::hello(answers).await?;
+    input::text("node_id", &node_id, MAX_ID).map_err(Error::from)?;
+    Ok(node_id)
+}
+
+/// Reads a relay's stream: each agent's hello attaches it (once its
+/// certificate, which the relay verified, speaks for the node), each answer
+/// goes to its call, and an agent's end detaches it; the stream's end
+/// detaches every agent still on it. An agent refused is told so down the
+/// stream, and the others stay attached.
+async fn relayed_answers(
+    mut answers: Streaming<RelayedAnswer>,
+    mut relayed: RelayedLinks,
+    relay: Caller,
+    term: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            message = answers.message() => message,
+            _ = term.cancelled() => break,
+        };
+        let RelayedAnswer { node_id, answer, agent_cert, detached } = match message {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(relay = %relay.name, error = %status.message(), "relay's stream broke");
+                break;
+            }
+        };
+        if detached {
+            relayed.detach(&node_id);
+            continue;
         }
-        _ => Err(Status::invalid_argument("the first message on Attach must be the hello naming the node")),
+        match answer {
+            Some(AgentAnswer { answer: Some(agent_answer::Answer::Hello(hello)), .. }) => {
+                match relayed_agent(&relay, &node_id, &hello, &agent_cert) {
+                    Ok(()) => relayed.attach(&node_id, &term),
+                    Err(status) => relayed.refuse(&node_id, &status),
+                }
+            }
+            Some(answer) => {
+                let call_id = answer.call_id;
+                if !relayed.answer(&node_id, answer) {
+                    tracing::debug!(relay = %relay.name, node = %node_id, call_id, "an answer no call waits for");
+                }
+            }
+            None => tracing::debug!(relay = %relay.name, node = %node_id, "a relayed message with no answer"),
+        }
     }
+    tracing::debug!(relay = %relay.name, agents = relayed.len(), "relay detached");
+}
+
+/// Whether the agent a relay attaches may speak for `node_id`: the hello
+/// names the node the message does, and the certificate the agent showed
+/// the relay names it (any node through an --insecure coordinator).
+fn relayed_agent(relay: &Caller, node_id: &str, hello: &AttachHello, agent_cert: &[u8]) -> Result<(), Status> {
+    input::text("node_id", node_id, MAX_ID).map_err(Error::from)?;
+    if hello.node_id != node_id {
+        return Err(Status::invalid_argument("the hello names another node than its relayed message"));
+    }
+    if relay.credential == Credential::Insecure {
+        return Ok(());
+    }
+    let agent = crate::auth::gate::relayed_caller(&relay.name, agent_cert)?;
+    may_speak_for(&agent, node_id)
 }
 
 #[tonic::async_trait]
@@ -159,12 +209,45 @@ impl AgentGateway for GatewayService {
             tracing::debug!(node = %node_id, attached = links.len(), "agent detached");
         });
         // When the calls end the agent attaches again (to whoever leads).
-        let calls =
-            futures::stream::unfold(
-                calls,
-                |mut calls| async move { calls.recv().await.map(|call| (Ok(*call), calls)) },
-            )
-            .take_until(over.cancelled_owned());
+        let calls = futures::stream::unfold(calls, |mut calls| async move {
+            match calls.recv().await? {
+                Outbound::Call(_, call) => Some((Ok(*call), calls)),
+                // A newer attachment replaced this one.
+                Outbound::Ended { .. } => None,
+            }
+        })
+        .take_until(over.cancelled_owned());
+        Ok(Response::new(Box::pin(calls)))
+    }
+
+    type AttachRelayedStream = RelayedCallStream;
+
+    async fn attach_relayed(
+        &self,
+        request: Request<Streaming<RelayedAnswer>>,
+    ) -> Result<Response<RelayedCallStream>, Status> {
+        let relay = caller(&request)?;
+        let Some(links) = self.links.clone() else {
+            return Err(Status::unimplemented("this coordinator dials its agents: it takes no attached agents"));
+        };
+        let term = self.cluster.leader_term()?;
+        let ended = term.ended();
+        let (relayed, calls) = links.relayed();
+        tracing::debug!(relay = %relay.name, "relay attached");
+        tokio::spawn(relayed_answers(request.into_inner(), relayed, relay, ended.clone()));
+        let calls = futures::stream::unfold(calls, |mut calls| async move {
+            let relayed = match calls.recv().await? {
+                Outbound::Call(link, call) => {
+                    RelayedCall { node_id: link.node_id().to_string(), call: Some(*call), ended: None }
+                }
+                Outbound::Ended { node_id, why } => {
+                    RelayedCall { node_id: node_id.to_string(), call: None, ended: Some(why) }
+                }
+            };
+            Some((Ok(relayed), calls))
+        })
+        // When the term ends the relay's agents attach again (to whoever leads).
+        .take_until(ended.cancelled_owned());
         Ok(Response::new(Box::pin(calls)))
     }
 

@@ -1,0 +1,217 @@
+//! The relay's attached agents, carried on one stream per upstream connection.
+//!
+//! An agent attaches to its relay as it would to the coordinator
+//! (`AgentGateway.Attach`, its hello first). The relay does not forward that
+//! stream as one HTTP/2 stream of its own: every agent on an upstream
+//! connection goes on that connection's `AgentGateway.AttachRelayed`
+//! stream, each message naming its node, and the relay hands each call that
+//! comes down to its agent's stream. An attached stream held ~3.7 KB of the
+//! coordinator per agent idle (h2's stream, hyper's task, the reader, the
+//! codec: `docs/performance.md`); on the shared stream an agent is a link.
+//!
+//! The shared stream is opened with the first agent and again after it
+//! ends; its end (the leader's term, the connection, the coordinator) ends
+//! every agent's stream on it, and they attach again, as they would to a
+//! coordinator. A coordinator from before `AttachRelayed` answers
+//! UNIMPLEMENTED: the relay then forwards the agent's own stream as before.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use futures::{future::BoxFuture, stream::BoxStream, StreamExt as _};
+use hotfleet_proto::{
+    codec::SmallBuffers,
+    v1::{AgentAnswer, AgentCall, RelayedAnswer, RelayedCall},
+};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::{body::Body, codegen::http, Code, Request, Response, Status, Streaming};
+
+use crate::coordinators::Coordinators;
+
+/// Calls queued for one agent's stream; a call beyond (the agent reads too
+/// slowly) is dropped, and the coordinator's deadline ends it.
+const CALLS_PER_AGENT: usize = 32;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update is a single map operation: a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where one agent's calls go: its stream to the relay.
+type AgentCalls = mpsc::Sender<Result<AgentCall, Status>>;
+
+/// One upstream connection's shared stream, opened when needed.
+pub struct Carrier {
+    coordinators: Coordinators,
+    open: tokio::sync::Mutex<Option<Arc<Carried>>>,
+    generations: AtomicU64,
+}
+
+/// An open shared stream and the agents on it.
+pub struct Carried {
+    /// The coordinator it was opened to.
+    from: String,
+    up: mpsc::UnboundedSender<RelayedAnswer>,
+    /// Each agent's calls, by node, with the generation of its attachment
+    /// (an agent attaching again replaces its earlier stream).
+    agents: Mutex<HashMap<String, (u64, AgentCalls)>>,
+    closed: AtomicBool,
+}
+
+impl Carrier {
+    pub fn new(coordinators: Coordinators) -> Self {
+        Self { coordinators, open: tokio::sync::Mutex::new(None), generations: AtomicU64::new(0) }
+    }
+
+    /// The open shared stream, opened now if there is none. `Err` with the
+    /// coordinator asked when it could not be opened.
+    pub async fn stream(&self) -> Result<Arc<Carried>, (String, Status)> {
+        let mut open = self.open.lock().await;
+        if let Some(carried) = open.as_ref().filter(|c| !c.closed.load(Ordering::Acquire)) {
+            return Ok(carried.clone());
+        }
+        let (from, mut client) = self.coordinators.current();
+        let (up, answers) = mpsc::unbounded_channel();
+        let calls = match client.attach_relayed(UnboundedReceiverStream::new(answers)).await {
+            Ok(calls) => calls.into_inner(),
+            Err(status) => return Err((from, status)),
+        };
+        tracing::info!(coordinator = %from, "carrying attached agents on one stream");
+        let carried =
+            Arc::new(Carried { from, up, agents: Mutex::new(HashMap::new()), closed: AtomicBool::new(false) });
+        tokio::spawn(carry_calls(self.coordinators.clone(), carried.clone(), calls));
+        *open = Some(carried.clone());
+        Ok(carried)
+    }
+
+    /// Serves one agent's `Attach` (the HTTP request as it came) on
+    /// `carried`; `cert` is the client certificate the agent presented (DER,
+    /// none without TLS), `permit` its room on the upstream connection, held
+    /// while it stays attached.
+    pub async fn serve(
+        &self,
+        carried: Arc<Carried>,
+        cert: Vec<u8>,
+        permit: Option<OwnedSemaphorePermit>,
+        request: http::Request<Body>,
+    ) -> http::Response<Body> {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        let agent = AgentAttach { carried, cert, permit, generation };
+        tonic::server::Grpc::new(SmallBuffers::<AgentCall, AgentAnswer>::default()).streaming(agent, request).await
+    }
+}
+
+/// Hands each call down the shared stream to its agent, until the stream
+/// ends; then ends every agent's stream (they attach again) and, when it
+/// broke, moves on from that coordinator as any failed call does.
+async fn carry_calls(coordinators: Coordinators, carried: Arc<Carried>, mut calls: Streaming<RelayedCall>) {
+    let broke = loop {
+        match calls.message().await {
+            Ok(Some(relayed)) => carried.deliver(relayed),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    carried.closed.store(true, Ordering::Release);
+    let agents = std::mem::take(&mut *lock(&carried.agents));
+    tracing::info!(coordinator = %carried.from, agents = agents.len(), "the shared attached stream ended; its agents attach again");
+    drop(agents);
+    if let Some(status) = broke {
+        coordinators.after_error(&carried.from, &status);
+    }
+}
+
+impl Carried {
+    fn deliver(&self, relayed: RelayedCall) {
+        let mut agents = lock(&self.agents);
+        match (relayed.call, relayed.ended) {
+            (Some(call), _) => {
+                let Some((_, calls)) = agents.get(&relayed.node_id) else { return };
+                if calls.try_send(Ok(call)).is_err() {
+                    tracing::warn!(node = %relayed.node_id, "an agent's calls queue is full: the call is dropped (its deadline ends it)");
+                }
+            }
+            // The coordinator ended this agent's attachment: end its stream,
+            // with the reason when it is one (code 0: attach again).
+            (None, Some(why)) => {
+                if let Some((_, calls)) = agents.remove(&relayed.node_id) {
+                    if why.code != 0 {
+                        let _ = calls.try_send(Err(Status::new(Code::from(why.code), why.message)));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn send(&self, node_id: &str, answer: Option<AgentAnswer>, agent_cert: Vec<u8>, detached: bool) -> bool {
+        self.up.send(RelayedAnswer { node_id: node_id.to_string(), answer, agent_cert, detached }).is_ok()
+    }
+}
+
+/// One agent's `Attach` to the relay.
+struct AgentAttach {
+    carried: Arc<Carried>,
+    cert: Vec<u8>,
+    permit: Option<OwnedSemaphorePermit>,
+    generation: u64,
+}
+
+type CallStream = BoxStream<'static, Result<AgentCall, Status>>;
+
+impl tonic::server::StreamingService<AgentAnswer> for AgentAttach {
+    type Response = AgentCall;
+    type ResponseStream = CallStream;
+    type Future = BoxFuture<'static, Result<Response<CallStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<AgentAnswer>>) -> Self::Future {
+        let (carried, cert, permit, generation) =
+            (self.carried.clone(), std::mem::take(&mut self.cert), self.permit.take(), self.generation);
+        Box::pin(async move {
+            let mut answers = request.into_inner();
+            let (hello, node_id) = hotfleet_proto::attach::hello(&mut answers).await?;
+            let (calls, outgoing) = mpsc::channel(CALLS_PER_AGENT);
+            // An earlier stream of the same node on this one is replaced
+            // (its sender dropped: it ends); the coordinator does the same.
+            lock(&carried.agents).insert(node_id.clone(), (generation, calls));
+            if !carried.send(&node_id, Some(hello), cert, false) {
+                return Err(Status::unavailable("relay: the coordinator's stream just ended; attach again"));
+            }
+            tokio::spawn(carry_answers(carried, node_id, generation, answers, permit));
+            Ok(Response::new(ReceiverStream::new(outgoing).boxed()))
+        })
+    }
+}
+
+/// Carries one agent's answers up the shared stream until its stream ends,
+/// then tells the coordinator it left (unless a newer stream of the same
+/// node replaced it, or the coordinator ended it).
+async fn carry_answers(
+    carried: Arc<Carried>,
+    node_id: String,
+    generation: u64,
+    mut answers: Streaming<AgentAnswer>,
+    _permit: Option<OwnedSemaphorePermit>,
+) {
+    while let Ok(Some(answer)) = answers.message().await {
+        if !carried.send(&node_id, Some(answer), Vec::new(), false) {
+            break;
+        }
+    }
+    let current = {
+        let mut agents = lock(&carried.agents);
+        match agents.get(&node_id) {
+            Some((g, _)) if *g == generation => agents.remove(&node_id).is_some(),
+            _ => false,
+        }
+    };
+    if current {
+        carried.send(&node_id, None, Vec::new(), true);
+    }
+}
