@@ -14,10 +14,15 @@
 //! - it follows the leader itself: a follower's "the leader is X" moves the
 //!   relay, and the agent is told only to retry (it must keep calling the
 //!   relay, not go around it);
-//! - each upstream connection carries at most [`ATTACHED_PER_CONNECTION`]
-//!   attached agents (the coordinator allows 256 streams per connection);
-//!   an agent past `--upstream-connections` × that is told to come back
-//!   later rather than queued behind streams that never end.
+//! - an agent's attached command stream is not forwarded as a stream of
+//!   its own: every agent on an upstream connection goes on its one shared
+//!   stream (`relay_attach.rs`), so the coordinator holds a link per agent,
+//!   not an HTTP/2 stream; only to a coordinator from before that stream is
+//!   the agent's forwarded, and then each upstream connection carries at
+//!   most [`ATTACHED_PER_CONNECTION`] of them (the coordinator allows 256
+//!   streams per connection): an agent past `--upstream-connections` × that
+//!   is told to come back later rather than queued behind streams that never
+//!   end.
 
 use std::{
     convert::Infallible,
@@ -60,7 +65,7 @@ pub static ATTACHED: hotfleet_obs::Def = hotfleet_obs::Def {
 };
 pub static CAPACITY: hotfleet_obs::Def = hotfleet_obs::Def {
     name: "hotfleet_relay_attach_capacity",
-    help: "Agents this relay can attach: --upstream-connections x 192.",
+    help: "Agents this relay can attach on streams of their own (to a coordinator without AttachRelayed): --upstream-connections x 192. The shared streams have no such bound.",
     kind: hotfleet_obs::Kind::Gauge,
     labels: &[],
 };
@@ -71,8 +76,9 @@ pub static UNREACHABLE: hotfleet_obs::Def = hotfleet_obs::Def {
     labels: &[],
 };
 
-/// Attached agents one upstream connection carries: under the coordinator's
-/// 256 streams per connection, leaving room for heartbeats and downloads.
+/// Attached agents one upstream connection carries on streams of their own
+/// (to a coordinator without the shared stream): under the coordinator's 256
+/// streams per connection, leaving room for heartbeats and downloads.
 pub const ATTACHED_PER_CONNECTION: usize = 192;
 const ATTACH_PATH: &str = "/hotfleet.v1.AgentGateway/Attach";
 const ATTACH_RELAYED_PATH: &str = "/hotfleet.v1.AgentGateway/AttachRelayed";
@@ -95,7 +101,7 @@ pub struct RelayConfig {
     /// The coordinator's certificate identity (CN or DNS name).
     #[arg(long, env = "HOTFLEET_COORDINATOR_IDENTITY", default_value = hotfleet_proto::tls::DEFAULT_COORDINATOR_IDENTITY)]
     pub coordinator_identity: String,
-    /// HTTP/2 connections to the coordinator; each carries up to 192 attached agents.
+    /// HTTP/2 connections to the coordinator; the attached agents are spread over them.
     #[arg(long, env = "HOTFLEET_RELAY_UPSTREAM_CONNECTIONS", default_value_t = 4)]
     pub upstream_connections: usize,
     /// Threads carrying calls; 0: one per core.
@@ -180,7 +186,9 @@ impl Relay {
 
     /// Agents attached through this relay now.
     pub fn attached(&self) -> usize {
-        self.upstreams.iter().map(|u| ATTACHED_PER_CONNECTION - u.attached.available_permits()).sum()
+        let forwarded: usize =
+            self.upstreams.iter().map(|u| ATTACHED_PER_CONNECTION - u.attached.available_permits()).sum();
+        forwarded + self.upstreams.iter().map(|u| u.carrier.attached()).sum::<usize>()
     }
 
     /// What goes upstream: the agent's certificate in our header (never
@@ -237,18 +245,12 @@ impl Relay {
             return status.into_http();
         }
         let attach = request.uri().path() == ATTACH_PATH;
-        let (slot, permit) = match self.pick(attach) {
-            Ok(picked) => picked,
-            Err(status) => return status.into_http(),
-        };
         if attach {
-            // On the upstream's shared stream; forwarded as it came only to
+            // On an upstream's shared stream; forwarded as it came only to
             // a coordinator from before that stream.
-            match self.upstreams[slot].carrier.stream().await {
-                Ok(carried) => {
-                    let cert = cert.unwrap_or_default();
-                    return self.upstreams[slot].carrier.serve(carried, cert, permit, request).await;
-                }
+            let carrier = &self.upstreams[self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len()].carrier;
+            match carrier.stream().await {
+                Ok(carried) => return carrier.serve(carried, cert.unwrap_or_default(), request).await,
                 Err((_, status)) if status.code() == Code::Unimplemented => {}
                 Err((from, status)) => {
                     tracing::warn!(coordinator = %from, error = %status.message(), "could not open the shared attached stream");
@@ -257,6 +259,10 @@ impl Relay {
                 }
             }
         }
+        let (slot, permit) = match self.pick(attach) {
+            Ok(picked) => picked,
+            Err(status) => return status.into_http(),
+        };
         let (from, channel): (String, Channel) = self.upstreams[slot].coordinators.current_channel();
         let answer = match channel.oneshot(request).await {
             Ok(answer) => answer,

@@ -28,7 +28,7 @@ use hotfleet_proto::{
     codec::SmallBuffers,
     v1::{AgentAnswer, AgentCall, RelayedAnswer, RelayedCall},
 };
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{body::Body, codegen::http, Code, Request, Response, Status, Streaming};
 
@@ -43,8 +43,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Where one agent's calls go: its stream to the relay.
-type AgentCalls = mpsc::Sender<Result<AgentCall, Status>>;
+/// Where one agent's calls go: its stream to the relay. Boxed: a channel
+/// allocates a block of 32 slots up front, and a call inline (or a status)
+/// is a few hundred bytes.
+type AgentCalls = mpsc::Sender<Box<Result<AgentCall, Status>>>;
 
 /// One upstream connection's shared stream, opened when needed.
 pub struct Carrier {
@@ -90,19 +92,26 @@ impl Carrier {
         Ok(carried)
     }
 
+    /// Agents on the open shared stream now.
+    pub fn attached(&self) -> usize {
+        match self.open.try_lock() {
+            Ok(open) => open.as_ref().map_or(0, |carried| lock(&carried.agents).len()),
+            // Being opened: no agent is on it yet.
+            Err(_) => 0,
+        }
+    }
+
     /// Serves one agent's `Attach` (the HTTP request as it came) on
     /// `carried`; `cert` is the client certificate the agent presented (DER,
-    /// none without TLS), `permit` its room on the upstream connection, held
-    /// while it stays attached.
+    /// none without TLS).
     pub async fn serve(
         &self,
         carried: Arc<Carried>,
         cert: Vec<u8>,
-        permit: Option<OwnedSemaphorePermit>,
         request: http::Request<Body>,
     ) -> http::Response<Body> {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
-        let agent = AgentAttach { carried, cert, permit, generation };
+        let agent = AgentAttach { carried, cert, generation };
         tonic::server::Grpc::new(SmallBuffers::<AgentCall, AgentAnswer>::default()).streaming(agent, request).await
     }
 }
@@ -133,8 +142,13 @@ impl Carried {
         match (relayed.call, relayed.ended) {
             (Some(call), _) => {
                 let Some((_, calls)) = agents.get(&relayed.node_id) else { return };
-                if calls.try_send(Ok(call)).is_err() {
-                    tracing::warn!(node = %relayed.node_id, "an agent's calls queue is full: the call is dropped (its deadline ends it)");
+                match calls.try_send(Box::new(Ok(call))) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(node = %relayed.node_id, "an agent reads its calls too slowly: one is dropped (its deadline ends it)");
+                    }
+                    // The agent's stream just ended: its detach is on its way up.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
             // The coordinator ended this agent's attachment: end its stream,
@@ -142,11 +156,27 @@ impl Carried {
             (None, Some(why)) => {
                 if let Some((_, calls)) = agents.remove(&relayed.node_id) {
                     if why.code != 0 {
-                        let _ = calls.try_send(Err(Status::new(Code::from(why.code), why.message)));
+                        let _ = calls.try_send(Box::new(Err(Status::new(Code::from(why.code), why.message))));
                     }
                 }
             }
             (None, None) => {}
+        }
+    }
+
+    /// The agent's stream of `generation` ended: tells the coordinator it
+    /// left, unless a newer stream of the node replaced it or the
+    /// coordinator ended it (then its entry is not this one's).
+    fn leave(&self, node_id: &str, generation: u64) {
+        let current = {
+            let mut agents = lock(&self.agents);
+            match agents.get(node_id) {
+                Some((g, _)) if *g == generation => agents.remove(node_id).is_some(),
+                _ => false,
+            }
+        };
+        if current {
+            self.send(node_id, None, Vec::new(), true);
         }
     }
 
@@ -159,7 +189,6 @@ impl Carried {
 struct AgentAttach {
     carried: Arc<Carried>,
     cert: Vec<u8>,
-    permit: Option<OwnedSemaphorePermit>,
     generation: u64,
 }
 
@@ -171,8 +200,7 @@ impl tonic::server::StreamingService<AgentAnswer> for AgentAttach {
     type Future = BoxFuture<'static, Result<Response<CallStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<AgentAnswer>>) -> Self::Future {
-        let (carried, cert, permit, generation) =
-            (self.carried.clone(), std::mem::take(&mut self.cert), self.permit.take(), self.generation);
+        let (carried, cert, generation) = (self.carried.clone(), std::mem::take(&mut self.cert), self.generation);
         Box::pin(async move {
             let mut answers = request.into_inner();
             let (hello, node_id) = hotfleet_proto::attach::hello(&mut answers).await?;
@@ -183,8 +211,8 @@ impl tonic::server::StreamingService<AgentAnswer> for AgentAttach {
             if !carried.send(&node_id, Some(hello), cert, false) {
                 return Err(Status::unavailable("relay: the coordinator's stream just ended; attach again"));
             }
-            tokio::spawn(carry_answers(carried, node_id, generation, answers, permit));
-            Ok(Response::new(ReceiverStream::new(outgoing).boxed()))
+            tokio::spawn(carry_answers(carried, node_id, generation, answers));
+            Ok(Response::new(ReceiverStream::new(outgoing).map(|call| *call).boxed()))
         })
     }
 }
@@ -192,26 +220,88 @@ impl tonic::server::StreamingService<AgentAnswer> for AgentAttach {
 /// Carries one agent's answers up the shared stream until its stream ends,
 /// then tells the coordinator it left (unless a newer stream of the same
 /// node replaced it, or the coordinator ended it).
-async fn carry_answers(
-    carried: Arc<Carried>,
-    node_id: String,
-    generation: u64,
-    mut answers: Streaming<AgentAnswer>,
-    _permit: Option<OwnedSemaphorePermit>,
-) {
+async fn carry_answers(carried: Arc<Carried>, node_id: String, generation: u64, mut answers: Streaming<AgentAnswer>) {
     while let Ok(Some(answer)) = answers.message().await {
         if !carried.send(&node_id, Some(answer), Vec::new(), false) {
             break;
         }
     }
-    let current = {
-        let mut agents = lock(&carried.agents);
-        match agents.get(&node_id) {
-            Some((g, _)) if *g == generation => agents.remove(&node_id).is_some(),
-            _ => false,
+    carried.leave(&node_id, generation);
+}
+
+#[cfg(test)]
+mod tests {
+    use hotfleet_proto::v1::CallFailed;
+
+    use super::*;
+
+    fn carried() -> (Arc<Carried>, mpsc::UnboundedReceiver<RelayedAnswer>) {
+        let (up, answers) = mpsc::unbounded_channel();
+        let carried = Arc::new(Carried {
+            from: "c1".into(),
+            up,
+            agents: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        });
+        (carried, answers)
+    }
+
+    fn agent(carried: &Carried, node: &str, generation: u64) -> mpsc::Receiver<Box<Result<AgentCall, Status>>> {
+        let (calls, received) = mpsc::channel(CALLS_PER_AGENT);
+        lock(&carried.agents).insert(node.into(), (generation, calls));
+        received
+    }
+
+    fn call(node: &str, call_id: u64) -> RelayedCall {
+        RelayedCall { node_id: node.into(), call: Some(AgentCall { call_id, ..Default::default() }), ended: None }
+    }
+
+    fn ended(node: &str, code: Code) -> RelayedCall {
+        RelayedCall {
+            node_id: node.into(),
+            call: None,
+            ended: Some(CallFailed { code: code as i32, message: "because".into() }),
         }
-    };
-    if current {
-        carried.send(&node_id, None, Vec::new(), true);
+    }
+
+    #[tokio::test]
+    async fn each_call_reaches_the_agent_it_names_and_no_other() {
+        let (carried, _up) = carried();
+        let (mut n1, mut n2) = (agent(&carried, "n1", 1), agent(&carried, "n2", 2));
+        carried.deliver(call("n2", 7));
+        carried.deliver(call("n1", 3));
+        carried.deliver(call("n9", 1));
+        assert_eq!(n1.recv().await.map(|c| c.map(|c| c.call_id).ok()), Some(Some(3)));
+        assert_eq!(n2.recv().await.map(|c| c.map(|c| c.call_id).ok()), Some(Some(7)));
+        assert!(n1.try_recv().is_err() && n2.try_recv().is_err(), "a call for a node not here goes nowhere");
+    }
+
+    #[tokio::test]
+    async fn an_ended_attachment_ends_the_agents_stream_with_its_reason_or_quietly() {
+        let (carried, _up) = carried();
+        let (mut refused, mut replaced) = (agent(&carried, "n1", 1), agent(&carried, "n2", 2));
+        carried.deliver(ended("n1", Code::PermissionDenied));
+        carried.deliver(ended("n2", Code::Ok));
+        let status = refused.recv().await.expect("the refusal").expect_err("a status");
+        assert_eq!((status.code(), status.message()), (Code::PermissionDenied, "because"));
+        assert!(refused.recv().await.is_none(), "then the stream ends");
+        assert!(replaced.recv().await.is_none(), "ended quietly: the agent attaches again");
+        assert!(lock(&carried.agents).is_empty());
+    }
+
+    #[tokio::test]
+    async fn only_the_current_stream_of_a_node_leaving_detaches_it() {
+        let (carried, mut up) = carried();
+        let _old = agent(&carried, "n1", 1);
+        let _new = agent(&carried, "n1", 2);
+        carried.leave("n1", 1);
+        assert!(up.try_recv().is_err(), "the replaced stream's end sends nothing up");
+        assert!(lock(&carried.agents).contains_key("n1"), "and leaves the new one");
+        carried.leave("n1", 2);
+        let left = up.try_recv().expect("the current stream's end is sent up");
+        assert_eq!((left.node_id.as_str(), left.detached), ("n1", true));
+        carried.deliver(ended("n2", Code::Ok));
+        carried.leave("n2", 3);
+        assert!(up.try_recv().is_err(), "an agent the coordinator ended is not detached again");
     }
 }
