@@ -262,8 +262,11 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         // Behind relays, every agent holds a connection of its own, as a real one does.
         false => (relays.iter().map(RelayProc::url).collect(), plan.nodes),
     };
+    // Behind real relays, or with a connection per agent (agents straight
+    // to the coordinator), each agent attaches on its own stream as the real
+    // one does; only shared connections stand for a relay's.
     let attach = match plan.attach {
-        Attach::Relayed if !relays.is_empty() => Attach::OwnStreams,
+        Attach::Relayed if !relays.is_empty() || conns >= plan.nodes => Attach::OwnStreams,
         attach => attach,
     };
     let fleet = Fleet::new(plan.nodes, port, BUILD, &targets, conns, attach, plan.modules)?;
