@@ -199,6 +199,16 @@ async fn only_a_trusted_relay_opens_a_shared_stream_and_each_agent_on_it_speaks_
         .expect_err("not through a relay");
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 
+    // node-1 attaching through the relay as node-2: refused at the relay.
+    let channel = tls_channel(&node1, &relay.url(), RELAY_NAME).await.expect("channel to the relay");
+    let as_node2 =
+        AgentAnswer { call_id: 0, answer: Some(agent_answer::Answer::Hello(AttachHello { node_id: "node-2".into() })) };
+    let refused = AgentGatewayClient::new(channel)
+        .attach(tokio_stream::iter(vec![as_node2]))
+        .await
+        .expect_err("node-1 may not attach as node-2");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
     // The trusted relay's certificate: node-2 with node-1's certificate is
     // refused down the stream, and nothing attaches for it.
     let relay_cert = keys.tls.relay(&s.fleet.layout, RELAY_NAME).expect("relay cert");

@@ -26,6 +26,7 @@ use std::{
 use futures::{future::BoxFuture, stream::BoxStream, StreamExt as _};
 use hotfleet_proto::{
     codec::SmallBuffers,
+    tls::PeerCert,
     v1::{AgentAnswer, AgentCall, RelayedAnswer, RelayedCall},
 };
 use tokio::sync::mpsc;
@@ -204,6 +205,14 @@ impl tonic::server::StreamingService<AgentAnswer> for AgentAttach {
         Box::pin(async move {
             let mut answers = request.into_inner();
             let (hello, node_id) = hotfleet_proto::attach::hello(&mut answers).await?;
+            // The coordinator judges the certificate too; judged here first,
+            // an agent naming another node cannot displace that node's stream.
+            if !cert.is_empty() && !PeerCert::from_der(&cert).is_some_and(|c| c.is(&node_id)) {
+                return Err(Status::permission_denied(format!(
+                    "this certificate may not attach node {:?}: an agent attaches with its own node certificate",
+                    node_id.chars().take(128).collect::<String>()
+                )));
+            }
             let (calls, outgoing) = mpsc::channel(CALLS_PER_AGENT);
             // An earlier stream of the same node on this one is replaced
             // (its sender dropped: it ends); the coordinator does the same.
