@@ -10,7 +10,13 @@
 //! before (`agents.rs`): an agent of an older build, or one between two
 //! attachments.
 //!
-//! A link lives as long as its stream: the agent going away, the stream
+//! A relay carries the agents it serves on one stream per connection
+//! (`AgentGateway.AttachRelayed`, [`RelayedLinks`]): each of them is a link
+//! like any other, its calls queued with the others of that stream and each
+//! named by its node, so an agent there costs the leader a link rather than
+//! an HTTP/2 stream with its tasks and buffers.
+//!
+//! A link lives as long as its attachment: the agent going away, the stream
 //! breaking or the leader's term ending detaches it, and every call still
 //! waiting on it fails at once as unreachable (the engine retries or rolls
 //! back as it does for a lost reply: commands are idempotent per rollout,
