@@ -403,4 +403,43 @@ mod tests {
             http::Request::builder().uri("/hotfleet.v1.AgentGateway/Register").body(Body::empty()).expect("request");
         assert_eq!(tls.rewrite(&mut bare).expect_err("no certificate").code(), Code::Unauthenticated);
     }
+    /// A coordinator from before the shared stream answers it UNIMPLEMENTED:
+    /// the agent's own stream is then forwarded as it came, and the
+    /// coordinator's answer to it reaches the agent.
+    #[tokio::test]
+    async fn to_a_coordinator_without_the_shared_stream_an_agents_attach_is_forwarded_as_it_came() {
+        use prost::Message as _;
+        // A gRPC server that serves no AgentGateway at all stands in for it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let relay = Relay::new(&format!("http://{addr}"), Dial::insecure(), 1).expect("relay");
+        let hello = hotfleet_proto::v1::AgentAnswer {
+            call_id: 0,
+            answer: Some(hotfleet_proto::v1::agent_answer::Answer::Hello(hotfleet_proto::v1::AttachHello {
+                node_id: "node-1".into(),
+            })),
+        };
+        let encoded = hello.encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&encoded);
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(ATTACH_PATH)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Body::new(http_body_util::Full::new(tonic::codegen::Bytes::from(framed))))
+            .expect("request");
+        let answer = relay.clone().forward(request).await;
+        let status = Status::from_header_map(answer.headers()).expect("a trailers-only answer");
+        // Forwarded: the server's own refusal, not the relay's "unavailable".
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+        assert!(!status.message().contains("relay:"), "{status:?}");
+    }
 }
