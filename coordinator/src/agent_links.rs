@@ -413,10 +413,7 @@ mod tests {
             for call in calls.iter().rev() {
                 let body = match call.call {
                     Some(agent_call::Call::Commit(_)) => answered(call.call_id),
-                    _ => AgentAnswer {
-                        call_id: call.call_id,
-                        answer: Some(agent_answer::Answer::Health(Default::default())),
-                    },
+                    _ => health_answer(call.call_id),
                 };
                 assert!(link.answer(body));
             }

@@ -37,6 +37,7 @@ use std::{
 
 use futures::future::BoxFuture;
 use hotfleet_proto::{
+    attach::{ATTACH_PATH, ATTACH_RELAYED_PATH},
     listener::{fit_max_connections, ConnLimits, Incoming},
     tls::{ClientCerts, OwnCert, PeerCert, TlsArgs, RELAYED_CERT_HEADER},
 };
@@ -80,8 +81,6 @@ pub static UNREACHABLE: hotfleet_obs::Def = hotfleet_obs::Def {
 /// (to a coordinator without the shared stream): under the coordinator's 256
 /// streams per connection, leaving room for heartbeats and downloads.
 pub const ATTACHED_PER_CONNECTION: usize = 192;
-const ATTACH_PATH: &str = "/hotfleet.v1.AgentGateway/Attach";
-const ATTACH_RELAYED_PATH: &str = "/hotfleet.v1.AgentGateway/AttachRelayed";
 
 /// `hotfleet-relay` flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -240,11 +239,13 @@ impl Relay {
         if request.uri().path() == ATTACH_RELAYED_PATH {
             return Status::permission_denied("an agent may not attach others: only a relay does").into_http();
         }
-        let cert = PeerCert::der_of(&request);
+        let attach = request.uri().path() == ATTACH_PATH;
+        // Taken before `rewrite` clears the connection's details; only an
+        // attach served here needs it (every other call carries it in the header).
+        let cert = if attach { PeerCert::der_of(&request) } else { None };
         if let Err(status) = self.rewrite(&mut request) {
             return status.into_http();
         }
-        let attach = request.uri().path() == ATTACH_PATH;
         if attach {
             // On an upstream's shared stream; forwarded as it came only to
             // a coordinator from before that stream.

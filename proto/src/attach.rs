@@ -7,6 +7,11 @@ use tonic::{Status, Streaming};
 
 use crate::v1::{agent_answer::Answer, agent_call::Call, AgentAnswer};
 
+/// The full paths of the agent's own attached stream and of a relay's
+/// stream of many agents (what a gate or a relay matches on).
+pub const ATTACH_PATH: &str = "/hotfleet.v1.AgentGateway/Attach";
+pub const ATTACH_RELAYED_PATH: &str = "/hotfleet.v1.AgentGateway/AttachRelayed";
+
 /// How long an attaching agent has to say who it is.
 pub const HELLO_WAIT: Duration = Duration::from_secs(10);
 

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use hotfleet_proto::{
+    attach::ATTACH_RELAYED_PATH,
     gate::Gate,
     tls::{PeerCert, RELAYED_CERT_HEADER},
 };
@@ -72,7 +73,7 @@ impl Authority {
     /// this coordinator trusts: each agent on it is then believed from the
     /// certificate the relay names with its hello ([`relayed_caller`]).
     fn check_relay_stream(&self, path: &str, headers: &http::HeaderMap, peer: Option<&PeerCert>) -> Result<(), Status> {
-        if self.insecure || path != ATTACH_RELAYED {
+        if self.insecure || path != ATTACH_RELAYED_PATH {
             return Ok(());
         }
         if headers.contains_key(RELAYED_CERT_HEADER) {
@@ -89,9 +90,6 @@ impl Authority {
         }
     }
 }
-
-/// The full path of the relays' stream of many agents.
-const ATTACH_RELAYED: &str = "/hotfleet.v1.AgentGateway/AttachRelayed";
 
 /// The agent a trusted relay speaks for, from the certificate (DER) the
 /// agent presented to it; never with a role (an operator certificate

@@ -75,6 +75,19 @@ async fn hello(answers: &mut Streaming<AgentAnswer>) -> Result<String, Status> {
     Ok(node_id)
 }
 
+/// The next message of an attached stream (`from`: the node or relay, for
+/// the log), or `None` once it ends, breaks or `over` is cancelled.
+async fn next_until<T>(stream: &mut Streaming<T>, over: &tokio_util::sync::CancellationToken, from: &str) -> Option<T> {
+    let message = tokio::select! {
+        message = stream.message() => message,
+        _ = over.cancelled() => return None,
+    };
+    message.unwrap_or_else(|status| {
+        tracing::debug!(from, error = %status.message(), "attached stream broke");
+        None
+    })
+}
+
 /// Reads a relay's stream: each agent's hello attaches it (once its
 /// certificate, which the relay verified, speaks for the node), each answer
 /// goes to its call, and an agent's end detaches it; the stream's end
@@ -86,19 +99,8 @@ async fn relayed_answers(
     relay: Caller,
     term: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        let message = tokio::select! {
-            message = answers.message() => message,
-            _ = term.cancelled() => break,
-        };
-        let RelayedAnswer { node_id, answer, agent_cert, detached } = match message {
-            Ok(Some(message)) => message,
-            Ok(None) => break,
-            Err(status) => {
-                tracing::debug!(relay = %relay.name, error = %status.message(), "relay's stream broke");
-                break;
-            }
-        };
+    while let Some(message) = next_until(&mut answers, &term, &relay.name).await {
+        let RelayedAnswer { node_id, answer, agent_cert, detached } = message;
         if detached {
             relayed.detach(&node_id);
             continue;
@@ -186,23 +188,10 @@ impl AgentGateway for GatewayService {
         let over = link.over();
         tokio::spawn(async move {
             let over = link.over();
-            loop {
-                let answer = tokio::select! {
-                    answer = answers.message() => answer,
-                    _ = over.cancelled() => break,
-                };
-                match answer {
-                    Ok(Some(answer)) => {
-                        let call_id = answer.call_id;
-                        if !link.answer(answer) {
-                            tracing::debug!(node = %node_id, call_id, "an answer no call waits for (given up on, or never sent)");
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(node = %node_id, error = %status.message(), "attached stream broke");
-                        break;
-                    }
+            while let Some(answer) = next_until(&mut answers, &over, &node_id).await {
+                let call_id = answer.call_id;
+                if !link.answer(answer) {
+                    tracing::debug!(node = %node_id, call_id, "an answer no call waits for (given up on, or never sent)");
                 }
             }
             links.detach(&node_id, &link);
